@@ -1,0 +1,50 @@
+//! Live rotation of A0 material: swapping certificate, key, trust anchors and CRLs (or the
+//! trust policy) for future handshakes.
+//!
+//! A reload is validated completely before it is published, and published atomically (an
+//! `ArcSwap` store). Handshakes already running keep the material they started with; established
+//! streams are never touched. This module must not close or re-check live connections — that is
+//! the domus's job, which knows them.
+
+use std::sync::Arc;
+
+use super::identity::TrustPolicy;
+use super::material::AuthConfig;
+use super::tls::LoadedMaterial;
+use super::Transport;
+use crate::error::{Error, ErrorId};
+
+impl Transport {
+    /// Replaces certificate chain, private key, trust anchors and CRLs for every future
+    /// handshake, on every listener and dial of this transport.
+    ///
+    /// The new leaf must name the same [`DomusId`](super::DomusId) as the current one: a domus
+    /// does not change identity while running. On any error nothing changes.
+    pub fn reload_auth(&self, auth: AuthConfig) -> Result<(), Error> {
+        let loaded = LoadedMaterial::load(&auth, &self.shared.ctx.provider)?;
+        drop(auth);
+        let current = self.local_id();
+        if loaded.local_id != current {
+            return Err(Error::new(
+                ErrorId::InvalidAuthMaterial,
+                format!(
+                    "the new certificate names {}, but this domus is {current}; a domus keeps its identity across reloads",
+                    loaded.local_id
+                ),
+            ));
+        }
+        self.shared.material.store(Arc::new(loaded));
+        tracing::info!(id = %current, "A0 material reloaded");
+        Ok(())
+    }
+
+    /// Replaces the trust policy for every future handshake.
+    pub fn set_trust_policy(&self, policy: TrustPolicy) {
+        self.shared.policy.store(Arc::new(policy));
+    }
+
+    /// The trust policy in force.
+    pub fn trust_policy(&self) -> TrustPolicy {
+        TrustPolicy::clone(&self.shared.policy.load())
+    }
+}

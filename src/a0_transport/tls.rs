@@ -1,0 +1,401 @@
+//! TLS 1.3 configuration and the mutual handshake itself, identical over TCP and Unix sockets.
+//!
+//! Configs are built with `builder_with_provider` from an explicit crypto provider (the library
+//! never installs a process-wide default) and allow TLS 1.3 only; rustls' `tls12` feature is not
+//! compiled in. Every callis runs a full handshake: session tickets and resumption are off, so a
+//! certificate is verified on every connection. ALPN `vicus/1` is required on both sides.
+//!
+//! After the TLS handshake the listener sends a 4-byte **A0 verdict** (`docs/wire-protocol.md`),
+//! and the dialer hands out its stream only after reading it. In TLS 1.3 the client finishes
+//! its handshake before the server has checked the client's certificate; without the verdict a
+//! dialer whose certificate was refused would believe it was connected.
+//!
+//! This module never touches the clock directly except through tokio's deadlines and rustls'
+//! own time provider, and holds no lock across an `.await`.
+
+use std::io;
+use std::sync::Arc;
+
+use rustls::client::Resumption;
+use rustls::crypto::CryptoProvider;
+use rustls::crypto::hash::{Hash, HashAlgorithm};
+use rustls::pki_types::ServerName;
+use rustls::server::NoServerSessionStorage;
+use rustls::sign::{CertifiedKey, SingleCertAndKey};
+use rustls::{AlertDescription, ClientConfig, ServerConfig};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::time::Instant;
+use tokio_rustls::{TlsAcceptor, TlsConnector};
+
+use super::identity::{CertFingerprint, DomusId, PeerIdentity, TrustPolicy, UnixCredentials};
+use super::material::AuthConfig;
+use super::stream::{AuthenticatedStream, Socket};
+use super::verifier::{PeerVerifier, TrustStore, domus_id_of};
+use crate::error::{Error, ErrorId};
+
+/// The ALPN protocol id every vicus connection negotiates.
+pub const ALPN_PROTOCOL: &[u8] = b"vicus/1";
+
+/// The A0 verdict the listener sends after a successful handshake: magic `VA`, version 1,
+/// status 0 (accepted).
+const VERDICT_ACCEPTED: [u8; 4] = [b'V', b'A', 1, 0];
+
+/// SNI is disabled; rustls still needs a syntactically valid name for the client side.
+const PLACEHOLDER_SERVER_NAME: &str = "vicus.invalid";
+
+/// The crypto provider vicus uses unless told otherwise: aws-lc-rs (post-quantum hybrid key
+/// exchange X25519MLKEM768 preferred) with feature `aws-lc-rs`, else ring with feature `ring`.
+#[cfg(feature = "aws-lc-rs")]
+pub fn default_crypto_provider() -> Arc<CryptoProvider> {
+    Arc::new(rustls::crypto::aws_lc_rs::default_provider())
+}
+
+/// The crypto provider vicus uses unless told otherwise: aws-lc-rs (post-quantum hybrid key
+/// exchange X25519MLKEM768 preferred) with feature `aws-lc-rs`, else ring with feature `ring`.
+#[cfg(all(feature = "ring", not(feature = "aws-lc-rs")))]
+pub fn default_crypto_provider() -> Arc<CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+#[cfg(not(any(feature = "aws-lc-rs", feature = "ring")))]
+compile_error!("vicus needs a crypto provider: enable feature `aws-lc-rs` (default) or `ring`");
+
+/// Everything derived from one [`AuthConfig`], swapped as a whole on reload.
+pub(crate) struct LoadedMaterial {
+    pub(crate) local_id: DomusId,
+    certified: Arc<CertifiedKey>,
+    store: Arc<TrustStore>,
+}
+
+impl LoadedMaterial {
+    /// Parses and checks `auth`: trust anchors and CRLs usable, leaf names exactly one valid
+    /// URI SAN, private key loadable and matching the leaf.
+    pub(crate) fn load(auth: &AuthConfig, provider: &CryptoProvider) -> Result<Self, Error> {
+        let store = TrustStore::new(auth, provider.signature_verification_algorithms)?;
+        let leaf = auth.chain.first().ok_or_else(|| {
+            Error::new(ErrorId::InvalidAuthMaterial, "the certificate chain is empty")
+        })?;
+        let parsed = webpki::EndEntityCert::try_from(leaf).map_err(|e| {
+            Error::new(
+                ErrorId::InvalidAuthMaterial,
+                format!("our leaf certificate cannot be parsed: {e}"),
+            )
+        })?;
+        let local_id = domus_id_of(&parsed).map_err(|e| {
+            Error::new(
+                ErrorId::InvalidAuthMaterial,
+                format!(
+                    "our own leaf certificate is unusable: {}",
+                    e.message().replace("the peer's", "its")
+                ),
+            )
+        })?;
+        let signing_key = provider
+            .key_provider
+            .load_private_key(auth.key.clone_key())
+            .map_err(|e| {
+                Error::new(
+                    ErrorId::InvalidAuthMaterial,
+                    format!("the private key cannot be loaded: {e}"),
+                )
+            })?;
+        let certified = CertifiedKey::new(auth.chain.clone(), signing_key);
+        match certified.keys_match() {
+            Ok(()) => {}
+            Err(rustls::Error::InconsistentKeys(rustls::InconsistentKeys::Unknown)) => {}
+            Err(_) => {
+                return Err(Error::new(
+                    ErrorId::InvalidAuthMaterial,
+                    format!("the private key does not match the leaf certificate for {local_id}"),
+                ));
+            }
+        }
+        Ok(Self {
+            local_id,
+            certified: Arc::new(certified),
+            store: Arc::new(store),
+        })
+    }
+}
+
+/// The SHA-256 implementation of `provider`, found through its TLS 1.3 cipher suites.
+pub(crate) fn sha256_of(provider: &CryptoProvider) -> Result<&'static dyn Hash, Error> {
+    provider
+        .cipher_suites
+        .iter()
+        .filter_map(|suite| suite.tls13())
+        .map(|suite| suite.common.hash_provider)
+        .find(|hash| hash.algorithm() == HashAlgorithm::SHA256)
+        .ok_or_else(|| {
+            Error::invalid_config(
+                "crypto provider",
+                "it offers no TLS 1.3 cipher suite with SHA-256",
+            )
+        })
+}
+
+fn tls13_only(provider: &Arc<CryptoProvider>) -> Result<(), Error> {
+    ServerConfig::builder_with_provider(provider.clone())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map(|_| ())
+        .map_err(|e| Error::invalid_config("crypto provider", format!("it cannot do TLS 1.3: {e}")))
+}
+
+/// The parts of a handshake that do not change per connection.
+pub(crate) struct HandshakeContext {
+    pub(crate) provider: Arc<CryptoProvider>,
+    pub(crate) sha256: &'static dyn Hash,
+}
+
+impl HandshakeContext {
+    pub(crate) fn new(provider: Arc<CryptoProvider>) -> Result<Self, Error> {
+        tls13_only(&provider)?;
+        let sha256 = sha256_of(&provider)?;
+        Ok(Self { provider, sha256 })
+    }
+
+    fn server_config(
+        &self,
+        material: &LoadedMaterial,
+        verifier: Arc<PeerVerifier>,
+    ) -> Result<ServerConfig, Error> {
+        let mut config = ServerConfig::builder_with_provider(self.provider.clone())
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .map_err(|e| Error::new(ErrorId::HandshakeFailed, e.to_string()))?
+            .with_client_cert_verifier(verifier)
+            .with_cert_resolver(Arc::new(SingleCertAndKey::from(
+                material.certified.clone(),
+            )));
+        config.alpn_protocols = vec![ALPN_PROTOCOL.to_vec()];
+        config.session_storage = Arc::new(NoServerSessionStorage {});
+        config.send_tls13_tickets = 0;
+        Ok(config)
+    }
+
+    fn client_config(
+        &self,
+        material: &LoadedMaterial,
+        verifier: Arc<PeerVerifier>,
+    ) -> Result<ClientConfig, Error> {
+        let mut config = ClientConfig::builder_with_provider(self.provider.clone())
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .map_err(|e| Error::new(ErrorId::HandshakeFailed, e.to_string()))?
+            .dangerous()
+            .with_custom_certificate_verifier(verifier)
+            .with_client_cert_resolver(Arc::new(SingleCertAndKey::from(
+                material.certified.clone(),
+            )));
+        config.alpn_protocols = vec![ALPN_PROTOCOL.to_vec()];
+        config.resumption = Resumption::disabled();
+        config.enable_sni = false;
+        Ok(config)
+    }
+
+    fn fingerprint(&self, der: &[u8]) -> CertFingerprint {
+        let digest = self.sha256.hash(der);
+        let mut out = [0u8; 32];
+        for (dst, src) in out.iter_mut().zip(digest.as_ref()) {
+            *dst = *src;
+        }
+        CertFingerprint(out)
+    }
+
+    /// Runs the listener side of the handshake on an admitted socket, until `deadline`.
+    pub(crate) async fn accept(
+        &self,
+        material: &LoadedMaterial,
+        policy: Arc<TrustPolicy>,
+        socket: Socket,
+        unix: Option<UnixCredentials>,
+        deadline: Instant,
+        timeout: std::time::Duration,
+    ) -> Result<AuthenticatedStream, Error> {
+        let verifier = Arc::new(PeerVerifier::new(material.store.clone(), policy, None));
+        let config = self.server_config(material, verifier.clone())?;
+        let acceptor = TlsAcceptor::from(Arc::new(config));
+        let work = async {
+            let mut tls = acceptor
+                .accept(socket)
+                .await
+                .map_err(|e| handshake_error(&e, &verifier))?;
+            let (_, conn) = tls.get_ref();
+            let peer = self.peer_identity(conn, unix)?;
+            tls.write_all(&VERDICT_ACCEPTED)
+                .await
+                .map_err(|e| handshake_error(&e, &verifier))?;
+            tls.flush()
+                .await
+                .map_err(|e| handshake_error(&e, &verifier))?;
+            Ok(AuthenticatedStream::new(tokio_rustls::TlsStream::Server(tls), peer))
+        };
+        tokio::time::timeout_at(deadline, work)
+            .await
+            .map_err(|_| Error::handshake_timeout(timeout))?
+    }
+
+    /// Runs the dialer side of the handshake on a connected socket, until `deadline`.
+    pub(crate) async fn connect(
+        &self,
+        material: &LoadedMaterial,
+        policy: Arc<TrustPolicy>,
+        expected: Option<DomusId>,
+        socket: Socket,
+        unix: Option<UnixCredentials>,
+        deadline: Instant,
+        timeout: std::time::Duration,
+    ) -> Result<AuthenticatedStream, Error> {
+        let verifier = Arc::new(PeerVerifier::new(material.store.clone(), policy, expected));
+        let config = self.client_config(material, verifier.clone())?;
+        let connector = TlsConnector::from(Arc::new(config));
+        let name = ServerName::try_from(PLACEHOLDER_SERVER_NAME)
+            .map_err(|e| Error::new(ErrorId::HandshakeFailed, e.to_string()))?;
+        let work = async {
+            let mut tls = connector
+                .connect(name, socket)
+                .await
+                .map_err(|e| handshake_error(&e, &verifier))?;
+            let (_, conn) = tls.get_ref();
+            let peer = self.peer_identity(conn, unix)?;
+            let mut verdict = [0u8; 4];
+            tls.read_exact(&mut verdict)
+                .await
+                .map_err(|e| handshake_error(&e, &verifier))?;
+            check_verdict(verdict)?;
+            Ok(AuthenticatedStream::new(tokio_rustls::TlsStream::Client(tls), peer))
+        };
+        tokio::time::timeout_at(deadline, work)
+            .await
+            .map_err(|_| Error::handshake_timeout(timeout))?
+    }
+
+    fn peer_identity(
+        &self,
+        conn: &rustls::CommonState,
+        unix: Option<UnixCredentials>,
+    ) -> Result<PeerIdentity, Error> {
+        if conn.protocol_version() != Some(rustls::ProtocolVersion::TLSv1_3) {
+            return Err(Error::new(
+                ErrorId::HandshakeFailed,
+                "the handshake did not negotiate TLS 1.3",
+            ));
+        }
+        if conn.alpn_protocol() != Some(ALPN_PROTOCOL) {
+            return Err(Error::new(
+                ErrorId::HandshakeFailed,
+                "the peer did not negotiate ALPN vicus/1; it is not a vicus node",
+            ));
+        }
+        // The verifier accepted exactly these certificates during this handshake; read the
+        // identity back from the same leaf.
+        let leaf = conn
+            .peer_certificates()
+            .and_then(|certs| certs.first())
+            .ok_or_else(|| {
+                Error::new(
+                    ErrorId::PeerCertificateRejected,
+                    "the peer presented no certificate",
+                )
+            })?;
+        let parsed = webpki::EndEntityCert::try_from(leaf).map_err(|e| {
+            Error::new(ErrorId::PeerCertificateRejected, format!("unparsable peer certificate: {e}"))
+        })?;
+        let id = domus_id_of(&parsed)?;
+        Ok(PeerIdentity::new(id, self.fingerprint(leaf), unix))
+    }
+}
+
+fn check_verdict(verdict: [u8; 4]) -> Result<(), Error> {
+    match verdict {
+        VERDICT_ACCEPTED => Ok(()),
+        [b'V', b'A', 1, code] => Err(Error::new(
+            ErrorId::AdmissionRefused,
+            format!("the listener refused the connection after the handshake (A0 code {code})"),
+        )),
+        other => Err(Error::new(
+            ErrorId::HandshakeFailed,
+            format!("the peer sent an invalid A0 verdict {other:02x?}; it is not a vicus node or speaks another version"),
+        )),
+    }
+}
+
+/// Turns a failed handshake into the most specific [`Error`] this side can know.
+fn handshake_error(err: &io::Error, verifier: &PeerVerifier) -> Error {
+    if let Some(detail) = verifier.take_detail() {
+        return detail;
+    }
+    let Some(tls) = err.get_ref().and_then(|e| e.downcast_ref::<rustls::Error>()) else {
+        return match err.kind() {
+            io::ErrorKind::UnexpectedEof
+            | io::ErrorKind::ConnectionReset
+            | io::ErrorKind::BrokenPipe => Error::new(
+                ErrorId::HandshakeFailed,
+                format!(
+                    "the peer closed the connection during the handshake ({err}); it may have refused us before TLS (admission limits, Unix uid) or is not a vicus node"
+                ),
+            ),
+            _ => Error::new(ErrorId::HandshakeFailed, format!("handshake I/O failed: {err}")),
+        };
+    };
+    tls_error(tls)
+}
+
+fn tls_error(tls: &rustls::Error) -> Error {
+    use rustls::Error as T;
+    match tls {
+        T::AlertReceived(alert) => alert_error(*alert),
+        T::NoCertificatesPresented => Error::new(
+            ErrorId::PeerCertificateRejected,
+            "the peer presented no client certificate; every vicus node must authenticate with one",
+        ),
+        T::PeerIncompatible(why) => Error::new(
+            ErrorId::HandshakeFailed,
+            format!("the peer cannot do what vicus requires (TLS 1.3 with a shared cipher suite and key exchange): {why:?}"),
+        ),
+        T::NoApplicationProtocol => Error::new(
+            ErrorId::HandshakeFailed,
+            "the peer does not offer ALPN vicus/1; it is not a vicus node",
+        ),
+        T::InvalidCertificate(why) => Error::new(
+            ErrorId::PeerCertificateRejected,
+            format!("the peer's certificate was refused: {why:?}"),
+        ),
+        T::InvalidMessage(_) | T::InappropriateMessage { .. } | T::InappropriateHandshakeMessage { .. } => {
+            Error::new(
+                ErrorId::HandshakeFailed,
+                format!("the peer sent bytes that are not a valid TLS 1.3 handshake ({tls})"),
+            )
+        }
+        other => Error::new(ErrorId::HandshakeFailed, format!("TLS handshake failed: {other}")),
+    }
+}
+
+fn alert_error(alert: AlertDescription) -> Error {
+    use AlertDescription as A;
+    let refused = |hint: &str| {
+        Error::new(
+            ErrorId::CertificateRefusedByPeer,
+            format!("the peer refused our certificate (TLS alert {alert:?}): {hint}"),
+        )
+    };
+    match alert {
+        A::CertificateExpired => refused("it has expired or is not yet valid; renew it"),
+        A::CertificateRevoked => refused("it has been revoked"),
+        A::UnknownCA => refused("it is not signed by a CA the peer trusts"),
+        A::CertificateRequired => refused("we sent none, and the peer requires one"),
+        A::BadCertificate | A::UnsupportedCertificate | A::CertificateUnknown | A::AccessDenied => refused(
+            "its identity is not one the peer accepts (trust policy or expected identity), or its usage/chain is wrong",
+        ),
+        A::ProtocolVersion => Error::new(
+            ErrorId::HandshakeFailed,
+            "the peer refused our TLS version; vicus speaks TLS 1.3 only",
+        ),
+        A::NoApplicationProtocol => Error::new(
+            ErrorId::HandshakeFailed,
+            "the peer does not speak ALPN vicus/1",
+        ),
+        other => Error::new(
+            ErrorId::HandshakeFailed,
+            format!("the peer aborted the handshake (TLS alert {other:?})"),
+        ),
+    }
+}

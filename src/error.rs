@@ -1,0 +1,284 @@
+//! The crate's single public error type and its stable numeric [`ErrorId`]s.
+//!
+//! Every failure a caller can see is an [`Error`]: a stable [`ErrorId`] to match on and a bounded,
+//! human-readable message that says what to fix. Ids `1..=26` keep the numbers aurelia 0.2 gives
+//! its errors of the same meaning, so its users can map theirs; vicus's own ids start at 100.
+//!
+//! This module must not hold a peer-controlled string unbounded or unescaped: everything that
+//! comes from the wire or from a certificate goes through [`untrusted`] first.
+
+use std::fmt;
+use std::time::Duration;
+
+/// A `Result` whose error is [`Error`].
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// The longest message an [`Error`] carries, in bytes; longer messages are cut at a character
+/// boundary and end in `…`.
+pub const ERROR_MESSAGE_MAX_LEN: usize = 1024;
+
+/// The longest rendering of a single peer-controlled string (a SAN, a peer's reason text) inside
+/// an error message.
+const UNTRUSTED_MAX_CHARS: usize = 200;
+
+macro_rules! error_ids {
+    ($( $(#[$doc:meta])* $name:ident = $num:literal, )*) => {
+        /// A stable numeric identifier for each kind of failure.
+        ///
+        /// The numbers never change meaning once released. `1..=26` are the numbers aurelia 0.2
+        /// uses for the same failures; vicus's own start at 100 (A0 transport: 100–149).
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+        #[non_exhaustive]
+        #[repr(u32)]
+        pub enum ErrorId {
+            $( $(#[$doc])* $name = $num, )*
+        }
+
+        impl ErrorId {
+            /// Every id, in numeric order.
+            pub const ALL: &'static [ErrorId] = &[$(ErrorId::$name,)*];
+
+            /// The stable number of this id.
+            pub const fn as_u32(self) -> u32 {
+                self as u32
+            }
+
+            /// The variant's name, e.g. `"HandshakeTimeout"`.
+            pub const fn name(self) -> &'static str {
+                match self {
+                    $(ErrorId::$name => stringify!($name),)*
+                }
+            }
+        }
+
+        impl TryFrom<u32> for ErrorId {
+            type Error = u32;
+
+            /// Maps a number back to its id; unknown numbers are returned as the error.
+            fn try_from(value: u32) -> std::result::Result<Self, u32> {
+                match value {
+                    $($num => Ok(ErrorId::$name),)*
+                    other => Err(other),
+                }
+            }
+        }
+    };
+}
+
+error_ids! {
+    /// The target taberna is not registered.
+    UnknownTaberna = 1,
+    /// The local outbound queue is full.
+    LocalQueueFull = 2,
+    /// The peer cannot be reached.
+    PeerUnavailable = 3,
+    /// The remote taberna rejected the delivery.
+    RemoteTabernaRejected = 4,
+    /// The connection was lost.
+    ConnectionLost = 5,
+    /// The peer restarted; work retained for its previous session is lost.
+    PeerRestarted = 6,
+    /// The peer broke the wire protocol.
+    ProtocolViolation = 7,
+    /// The peer speaks a protocol version we do not support.
+    UnsupportedVersion = 8,
+    /// Encoding an outgoing message failed.
+    EncodeFailure = 9,
+    /// Decoding an incoming message failed.
+    DecodeFailure = 10,
+    /// The destination taberna's inbox is full.
+    TabernaBusy = 11,
+    /// A send did not complete within its timeout.
+    SendTimeout = 12,
+    /// A blob callis arrived without a primary callis.
+    BlobCallisWithoutPrimary = 13,
+    /// A peer sent blob data beyond its credit.
+    BlobAckWindowExceeded = 14,
+    /// A blob stream id is unknown.
+    BlobStreamNotFound = 15,
+    /// A blob chunk arrived out of order.
+    BlobStreamOutOfOrder = 16,
+    /// A blob stream was idle for too long.
+    BlobStreamIdleTimeout = 17,
+    /// A blob chunk is missing.
+    BlobStreamMissingChunk = 18,
+    /// The blob byte budget is exhausted.
+    BlobBufferFull = 19,
+    /// A peer's address does not match what was expected.
+    AddressMismatch = 20,
+    /// A taberna with this id is already registered.
+    TabernaAlreadyRegistered = 21,
+    /// A configuration value is invalid.
+    InvalidConfig = 22,
+    /// The domus has been shut down.
+    DomusClosed = 23,
+    /// A receive did not complete within its timeout.
+    ReceiveTimeout = 24,
+    /// A reporting snapshot is not available.
+    SnapshotNotAvailable = 25,
+    /// The destination taberna is shutting down.
+    TabernaShutdown = 26,
+
+    /// Key material (certificates, key, CA bundle, CRLs) could not be read or is unusable.
+    InvalidAuthMaterial = 100,
+    /// A string is not a valid [`DomusId`](crate::DomusId).
+    InvalidDomusId = 101,
+    /// The peer's certificate was refused by our verification (chain, validity, revocation,
+    /// identity or trust policy).
+    PeerCertificateRejected = 102,
+    /// The peer refused our certificate (it sent a TLS alert).
+    CertificateRefusedByPeer = 103,
+    /// The peer presented a valid identity, but not the one we dialled.
+    IdentityMismatch = 104,
+    /// The TLS handshake failed for a reason other than a certificate.
+    HandshakeFailed = 105,
+    /// The whole handshake did not finish within its deadline.
+    HandshakeTimeout = 106,
+    /// The TCP or Unix-socket connect failed.
+    ConnectFailed = 107,
+    /// The connect did not finish within its deadline.
+    ConnectTimeout = 108,
+    /// A connection was turned away before any TLS work (admission limits).
+    AdmissionRefused = 109,
+    /// A Unix-socket peer's uid is not allowed.
+    UnixPeerNotAllowed = 110,
+    /// Something already listens on the Unix-socket path.
+    SocketPathInUse = 111,
+    /// The Unix-socket path holds something that is not a stale socket of ours.
+    SocketPathOccupied = 112,
+    /// An address could not be parsed or resolved.
+    InvalidAddress = 113,
+    /// A socket operation failed.
+    Io = 114,
+}
+
+impl fmt::Display for ErrorId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} ({})", self.name(), self.as_u32())
+    }
+}
+
+/// The error type of every fallible vicus operation.
+///
+/// Match on [`Error::id`]; the message is for people. Messages are bounded to
+/// [`ERROR_MESSAGE_MAX_LEN`] bytes and never contain key material.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Error {
+    id: ErrorId,
+    message: Box<str>,
+}
+
+impl Error {
+    /// Creates an error with the given id and message (cut to [`ERROR_MESSAGE_MAX_LEN`]).
+    pub fn new(id: ErrorId, message: impl Into<String>) -> Self {
+        let mut message: String = message.into();
+        truncate_at_char_boundary(&mut message, ERROR_MESSAGE_MAX_LEN);
+        Self {
+            id,
+            message: message.into_boxed_str(),
+        }
+    }
+
+    /// The stable id of this failure.
+    pub fn id(&self) -> ErrorId {
+        self.id
+    }
+
+    /// The human-readable message (without the id).
+    pub fn message(&self) -> &str {
+        &self.message
+    }
+
+    pub(crate) fn io(what: impl fmt::Display, err: &std::io::Error) -> Self {
+        Self::new(ErrorId::Io, format!("{what}: {err}"))
+    }
+
+    pub(crate) fn invalid_config(field: &str, problem: impl fmt::Display) -> Self {
+        Self::new(ErrorId::InvalidConfig, format!("{field}: {problem}"))
+    }
+
+    pub(crate) fn handshake_timeout(after: Duration) -> Self {
+        Self::new(
+            ErrorId::HandshakeTimeout,
+            format!(
+                "handshake did not finish within {after:?} (handshake_timeout); the peer is slow, stalled or not speaking vicus"
+            ),
+        )
+    }
+}
+
+impl fmt::Debug for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Error")
+            .field("id", &self.id)
+            .field("message", &self.message)
+            .finish()
+    }
+}
+
+impl fmt::Display for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.id.name(), self.message)
+    }
+}
+
+impl std::error::Error for Error {}
+
+fn truncate_at_char_boundary(s: &mut String, max: usize) {
+    if s.len() <= max {
+        return;
+    }
+    let mut cut = max.saturating_sub('…'.len_utf8());
+    while !s.is_char_boundary(cut) {
+        cut = cut.saturating_sub(1);
+    }
+    s.truncate(cut);
+    s.push('…');
+}
+
+/// Renders a peer-controlled string for a log line or an error message: escaped (no newlines,
+/// control characters or terminal escapes survive) and capped in length.
+pub(crate) fn untrusted(s: &str) -> String {
+    let mut out = String::with_capacity(s.len().min(UNTRUSTED_MAX_CHARS) + 2);
+    for (n, c) in s.chars().enumerate() {
+        if n >= UNTRUSTED_MAX_CHARS {
+            out.push('…');
+            break;
+        }
+        out.extend(c.escape_debug());
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_round_trip_and_are_unique() {
+        let mut seen = std::collections::HashSet::new();
+        for id in ErrorId::ALL {
+            assert!(seen.insert(id.as_u32()), "duplicate number for {id}");
+            assert_eq!(ErrorId::try_from(id.as_u32()), Ok(*id));
+        }
+        assert_eq!(ErrorId::try_from(0), Err(0));
+        assert_eq!(ErrorId::UnknownTaberna.as_u32(), 1);
+        assert_eq!(ErrorId::TabernaShutdown.as_u32(), 26);
+    }
+
+    #[test]
+    fn messages_are_bounded_at_a_char_boundary() {
+        let e = Error::new(ErrorId::Io, "é".repeat(ERROR_MESSAGE_MAX_LEN));
+        assert!(e.message().len() <= ERROR_MESSAGE_MAX_LEN);
+        assert!(e.message().ends_with('…'));
+    }
+
+    #[test]
+    fn t30_untrusted_strings_are_escaped_and_capped() {
+        let s = untrusted("spiffe://x/\n\u{1b}[31mred");
+        assert!(!s.contains('\n') && !s.contains('\u{1b}'));
+        assert!(s.contains("\\n") && s.contains("\\u{1b}"));
+        let long = untrusted(&"a".repeat(10_000));
+        assert!(long.chars().count() <= UNTRUSTED_MAX_CHARS + 1);
+    }
+}

@@ -1,0 +1,125 @@
+//! Shared support for the loopback integration tests: a CA and identities minted per test,
+//! a deadline wrapper every async test runs under, and small socket helpers.
+#![allow(dead_code, unreachable_pub)]
+
+use std::future::Future;
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use vicus::a0_transport::{AuthenticatedStream, Listener, Transport, TransportConfig};
+use vicus::dev_certs::DevCa;
+use vicus::{DomusAddr, DomusId, Error};
+
+/// The bound on any single test; generous so a loaded CI machine never flakes.
+pub const TEST_DEADLINE: Duration = Duration::from_secs(30);
+
+/// Runs `fut` under [`TEST_DEADLINE`]; a hang fails the test instead of stalling the suite.
+pub async fn within<F: Future>(fut: F) -> F::Output {
+    tokio::time::timeout(TEST_DEADLINE, fut)
+        .await
+        .expect("test exceeded its deadline")
+}
+
+/// A fresh development CA for one test.
+pub fn ca() -> DevCa {
+    ca_named("vicus test CA")
+}
+
+/// A fresh development CA with the given common name.
+pub fn ca_named(name: &str) -> DevCa {
+    DevCa::new(name).expect("mint CA")
+}
+
+/// A transport for `spiffe://vicus.dev/domus/<name>` signed by `ca`.
+pub fn transport(ca: &mut DevCa, name: &str) -> Transport {
+    transport_with(ca, name, TransportConfig::default())
+}
+
+/// Like [`transport`], with a config.
+pub fn transport_with(ca: &mut DevCa, name: &str, config: TransportConfig) -> Transport {
+    let (auth, id) = ca.domus_auth(name).expect("mint leaf");
+    let t = Transport::new(auth, config).expect("transport");
+    assert_eq!(t.local_id(), id);
+    t
+}
+
+pub fn id(name: &str) -> DomusId {
+    DomusId::spiffe("vicus.dev", name).expect("valid id")
+}
+
+/// A TCP listener on an ephemeral loopback port.
+pub async fn listen_tcp(t: &Transport) -> Listener {
+    t.listen(&DomusAddr::tcp(([127, 0, 0, 1], 0)))
+        .await
+        .expect("listen")
+}
+
+/// Accepts one connection and runs its handshake.
+pub async fn accept_one(l: &Listener) -> Result<AuthenticatedStream, Error> {
+    l.accept().await?.handshake().await
+}
+
+/// Dials `l` from `dialer` while `l` accepts; returns (dialer result, listener result).
+pub async fn handshake_pair(
+    dialer: &Transport,
+    l: &Listener,
+    expected: Option<&DomusId>,
+) -> (
+    Result<AuthenticatedStream, Error>,
+    Result<AuthenticatedStream, Error>,
+) {
+    tokio::join!(dialer.dial(l.local_addr(), expected), accept_one(l))
+}
+
+/// Proves a stream pair carries bytes both ways.
+pub async fn ping_pong(a: &mut AuthenticatedStream, b: &mut AuthenticatedStream) {
+    a.write_all(b"ping").await.expect("write ping");
+    a.flush().await.expect("flush");
+    let mut buf = [0u8; 4];
+    b.read_exact(&mut buf).await.expect("read ping");
+    assert_eq!(&buf, b"ping");
+    b.write_all(b"pong").await.expect("write pong");
+    b.flush().await.expect("flush");
+    a.read_exact(&mut buf).await.expect("read pong");
+    assert_eq!(&buf, b"pong");
+}
+
+/// Reads until EOF or error; true when the peer closed (EOF or reset) within `limit`.
+pub async fn closed_within(s: &mut tokio::net::TcpStream, limit: Duration) -> bool {
+    let mut buf = [0u8; 1024];
+    let read_to_end = async {
+        loop {
+            match s.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            }
+        }
+    };
+    tokio::time::timeout(limit, read_to_end).await.is_ok()
+}
+
+/// An [`vicus::AuthConfig`] that presents `leaf` and trusts only `trusted`.
+pub fn auth_trusting(trusted: &DevCa, leaf: &vicus::dev_certs::DevLeaf) -> vicus::AuthConfig {
+    vicus::AuthConfig::from_der(
+        vec![trusted.cert_der().clone()],
+        vec![leaf.cert_der().clone()],
+        leaf.key_der(),
+    )
+    .expect("auth config")
+}
+
+/// A fresh private directory under the system temp dir, removed at process exit is not
+/// guaranteed; names are unique per call.
+pub fn tempdir() -> std::path::PathBuf {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static N: AtomicU64 = AtomicU64::new(0);
+    let dir = std::env::temp_dir().join(format!(
+        "vicus-test-{}-{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    ));
+    std::fs::create_dir_all(&dir).expect("create temp dir");
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700)).expect("chmod");
+    dir
+}
