@@ -29,7 +29,10 @@ use crate::error::{Error, ErrorId};
 pub const DEV_TRUST_DOMAIN: &str = "vicus.dev";
 
 fn mint_error(e: impl fmt::Display) -> Error {
-    Error::new(ErrorId::InvalidAuthMaterial, format!("minting a development certificate failed: {e}"))
+    Error::new(
+        ErrorId::InvalidAuthMaterial,
+        format!("minting a development certificate failed: {e}"),
+    )
 }
 
 /// A development certificate authority held in memory.
@@ -42,7 +45,9 @@ pub struct DevCa {
 
 impl fmt::Debug for DevCa {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("DevCa").field("key", &"[redacted]").finish_non_exhaustive()
+        f.debug_struct("DevCa")
+            .field("key", &"[redacted]")
+            .finish_non_exhaustive()
     }
 }
 
@@ -170,15 +175,21 @@ impl DevCa {
             let uri = uri.as_str().try_into().map_err(mint_error)?;
             params.subject_alt_names.push(SanType::URI(uri));
         }
-        params.distinguished_name.push(DnType::CommonName, "vicus dev domus");
+        params
+            .distinguished_name
+            .push(DnType::CommonName, "vicus dev domus");
         params.not_before = spec.not_before.into();
         params.not_after = spec.not_after.into();
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
         if spec.client_auth {
-            params.extended_key_usages.push(ExtendedKeyUsagePurpose::ClientAuth);
+            params
+                .extended_key_usages
+                .push(ExtendedKeyUsagePurpose::ClientAuth);
         }
         if spec.server_auth {
-            params.extended_key_usages.push(ExtendedKeyUsagePurpose::ServerAuth);
+            params
+                .extended_key_usages
+                .push(ExtendedKeyUsagePurpose::ServerAuth);
         }
         let serial = self.next_serial;
         self.next_serial = self.next_serial.wrapping_add(1);

@@ -22,8 +22,11 @@ use vicus::{DomusAddr, ErrorId};
 
 fn transport_from_spec(ca: &mut DevCa, spec: &LeafSpec) -> Transport {
     let leaf = ca.leaf_with(spec).expect("mint leaf");
-    Transport::new(ca.auth_config(&leaf).expect("auth"), TransportConfig::default())
-        .expect("transport")
+    Transport::new(
+        ca.auth_config(&leaf).expect("auth"),
+        TransportConfig::default(),
+    )
+    .expect("transport")
 }
 
 #[tokio::test]
@@ -83,7 +86,11 @@ async fn handshake_over_unix_socket_both_sides_see_identity_and_credentials() {
         let l = b.listen(&DomusAddr::unix(&path)).await.expect("listen");
         use std::os::unix::fs::PermissionsExt;
         let mode = std::fs::metadata(&path).expect("stat").permissions().mode();
-        assert_eq!(mode & 0o777, 0o600, "T10: the socket gets the configured mode");
+        assert_eq!(
+            mode & 0o777,
+            0o600,
+            "T10: the socket gets the configured mode"
+        );
         let (dialed, accepted) = handshake_pair(&a, &l, Some(&id("b"))).await;
         let (mut dialed, mut accepted) = (dialed.expect("dial"), accepted.expect("accept"));
         assert_eq!(dialed.peer().id(), &id("b"));
@@ -95,7 +102,10 @@ async fn handshake_over_unix_socket_both_sides_see_identity_and_credentials() {
         assert_eq!(dialed.peer().unix_credentials().map(|c| c.uid), Some(me));
         ping_pong(&mut dialed, &mut accepted).await;
         drop(l);
-        assert!(!path.exists(), "the listener removes its socket file when dropped");
+        assert!(
+            !path.exists(),
+            "the listener removes its socket file when dropped"
+        );
     })
     .await;
 }
@@ -108,13 +118,19 @@ async fn t01_client_certificate_from_another_ca_refused() {
         let server = transport(&mut ca_a, "server");
         // The URI of a legitimate node, but signed by a CA the server does not trust.
         let rogue_leaf = ca_b.leaf("a").expect("mint");
-        let rogue =
-            Transport::new(auth_trusting(&ca_a, &rogue_leaf), TransportConfig::default())
-                .expect("transport");
+        let rogue = Transport::new(
+            auth_trusting(&ca_a, &rogue_leaf),
+            TransportConfig::default(),
+        )
+        .expect("transport");
         let l = listen_tcp(&server).await;
         let (dialed, accepted) = handshake_pair(&rogue, &l, None).await;
         let accepted = accepted.expect_err("server must refuse");
-        assert_eq!(accepted.id(), ErrorId::PeerCertificateRejected, "{accepted}");
+        assert_eq!(
+            accepted.id(),
+            ErrorId::PeerCertificateRejected,
+            "{accepted}"
+        );
         assert!(accepted.message().contains("unknown issuer"), "{accepted}");
         assert!(
             accepted.message().contains("spiffe://vicus.dev/domus/a"),
@@ -133,7 +149,11 @@ async fn t01_client_certificate_from_another_ca_refused() {
                 .expect("transport");
         let (dialed, accepted) = handshake_pair(&twin_client, &l, None).await;
         let accepted = accepted.expect_err("server must refuse the twin");
-        assert_eq!(accepted.id(), ErrorId::PeerCertificateRejected, "{accepted}");
+        assert_eq!(
+            accepted.id(),
+            ErrorId::PeerCertificateRejected,
+            "{accepted}"
+        );
         assert!(accepted.message().contains("does not verify"), "{accepted}");
         assert!(dialed.is_err());
         // (d) a well-behaved peer is unaffected.
@@ -152,16 +172,22 @@ async fn t01_server_certificate_from_another_ca_refused() {
         let client = transport(&mut ca_a, "client");
         let rogue_leaf = ca_b.leaf("b").expect("mint");
         // The rogue server trusts CA-A, so it would happily accept the client.
-        let rogue_server =
-            Transport::new(auth_trusting(&ca_a, &rogue_leaf), TransportConfig::default())
-                .expect("transport");
+        let rogue_server = Transport::new(
+            auth_trusting(&ca_a, &rogue_leaf),
+            TransportConfig::default(),
+        )
+        .expect("transport");
         let l = listen_tcp(&rogue_server).await;
         let (dialed, accepted) = handshake_pair(&client, &l, Some(&id("b"))).await;
         let dialed = dialed.expect_err("client must refuse the server");
         assert_eq!(dialed.id(), ErrorId::PeerCertificateRejected, "{dialed}");
         assert!(dialed.message().contains("unknown issuer"), "{dialed}");
         let accepted = accepted.expect_err("server learns it was refused");
-        assert_eq!(accepted.id(), ErrorId::CertificateRefusedByPeer, "{accepted}");
+        assert_eq!(
+            accepted.id(),
+            ErrorId::CertificateRefusedByPeer,
+            "{accepted}"
+        );
     })
     .await;
 }
@@ -295,9 +321,19 @@ async fn t05_client_without_certificate_refused() {
         let connector = raw_tls_client(None);
         let (client, accepted) = tokio::join!(raw_handshake(&connector, &l), accept_one(&l));
         let accepted = accepted.expect_err("no certificate, no stream");
-        assert_eq!(accepted.id(), ErrorId::PeerCertificateRejected, "{accepted}");
-        assert!(accepted.message().contains("no client certificate"), "{accepted}");
-        assert!(client.is_err(), "the client gets an alert instead of a verdict");
+        assert_eq!(
+            accepted.id(),
+            ErrorId::PeerCertificateRejected,
+            "{accepted}"
+        );
+        assert!(
+            accepted.message().contains("no client certificate"),
+            "{accepted}"
+        );
+        assert!(
+            client.is_err(),
+            "the client gets an alert instead of a verdict"
+        );
         assert_eq!(l.stats().handshakes_failed, 1);
     })
     .await;
@@ -313,8 +349,11 @@ async fn t03_leaf_without_uri_san_refused() {
         spec.dns_names = vec!["x.vicus.dev".into()];
         let leaf = ca.leaf_with(&spec).expect("mint");
         // Our own transport refuses such material outright...
-        let own = Transport::new(ca.auth_config(&leaf).expect("auth"), TransportConfig::default())
-            .expect_err("a domus needs a URI SAN");
+        let own = Transport::new(
+            ca.auth_config(&leaf).expect("auth"),
+            TransportConfig::default(),
+        )
+        .expect_err("a domus needs a URI SAN");
         assert_eq!(own.id(), ErrorId::InvalidAuthMaterial);
         assert!(own.message().contains("no URI SAN"), "{own}");
         // ...and a hand-built client presenting it is refused by the listener.
@@ -322,9 +361,709 @@ async fn t03_leaf_without_uri_san_refused() {
         let connector = raw_tls_client(Some(&leaf));
         let (client, accepted) = tokio::join!(raw_handshake(&connector, &l), accept_one(&l));
         let accepted = accepted.expect_err("no URI SAN, no stream");
-        assert_eq!(accepted.id(), ErrorId::PeerCertificateRejected, "{accepted}");
+        assert_eq!(
+            accepted.id(),
+            ErrorId::PeerCertificateRejected,
+            "{accepted}"
+        );
         assert!(accepted.message().contains("no URI SAN"), "{accepted}");
         assert!(client.is_err());
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn t03_server_identity_not_the_expected_one_refused() {
+    within(async {
+        let mut ca = ca();
+        let client = transport(&mut ca, "client");
+        let a = transport(&mut ca, "a");
+        let l = listen_tcp(&a).await;
+        // The resolver said "b lives here", but a answers.
+        let (dialed, accepted) = handshake_pair(&client, &l, Some(&id("b"))).await;
+        let dialed = dialed.expect_err("wrong identity, no stream");
+        assert_eq!(dialed.id(), ErrorId::IdentityMismatch, "{dialed}");
+        assert!(
+            dialed.message().contains(
+                "peer presented spiffe://vicus.dev/domus/a, expected spiffe://vicus.dev/domus/b"
+            ),
+            "{dialed}"
+        );
+        let accepted = accepted.expect_err("server learns it was refused");
+        assert_eq!(
+            accepted.id(),
+            ErrorId::CertificateRefusedByPeer,
+            "{accepted}"
+        );
+    })
+    .await;
+}
+
+/// A TLS 1.2-only ClientHello, written by hand so the tree never compiles rustls' TLS 1.2.
+fn tls12_only_client_hello() -> Vec<u8> {
+    let mut body = vec![0x03, 0x03]; // client_version TLS 1.2
+    body.extend_from_slice(&[0x42; 32]); // random
+    body.push(0); // no session id
+    body.extend_from_slice(&[0x00, 0x04, 0xc0, 0x2f, 0xc0, 0x2b]); // two ECDHE-GCM suites
+    body.extend_from_slice(&[0x01, 0x00]); // null compression
+    let extensions: &[u8] = &[
+        0x00, 0x0a, 0x00, 0x04, 0x00, 0x02, 0x00, 0x1d, // supported_groups: x25519
+        0x00, 0x0b, 0x00, 0x02, 0x01, 0x00, // ec_point_formats: uncompressed
+        0x00, 0x0d, 0x00, 0x06, 0x00, 0x04, 0x04, 0x03, 0x08, 0x04, // signature_algorithms
+    ];
+    body.extend_from_slice(&(extensions.len() as u16).to_be_bytes());
+    body.extend_from_slice(extensions);
+    let mut handshake = vec![0x01, 0x00];
+    handshake.extend_from_slice(&(body.len() as u16).to_be_bytes());
+    handshake.extend_from_slice(&body);
+    let mut record = vec![0x16, 0x03, 0x01];
+    record.extend_from_slice(&(handshake.len() as u16).to_be_bytes());
+    record.extend_from_slice(&handshake);
+    record
+}
+
+#[tokio::test]
+async fn t06_tls12_only_client_refused() {
+    within(async {
+        let mut ca = ca();
+        let server = transport(&mut ca, "server");
+        let l = listen_tcp(&server).await;
+        let DomusAddr::Tcp(addr) = l.local_addr().clone() else {
+            unreachable!()
+        };
+        let client = async {
+            let mut tcp = TcpStream::connect(addr).await.expect("connect");
+            tcp.write_all(&tls12_only_client_hello())
+                .await
+                .expect("write");
+            let mut reply = Vec::new();
+            let _ = tcp.read_to_end(&mut reply).await;
+            reply
+        };
+        let (reply, accepted) = tokio::join!(client, accept_one(&l));
+        let accepted = accepted.expect_err("TLS 1.2 refused");
+        assert_eq!(accepted.id(), ErrorId::HandshakeFailed, "{accepted}");
+        assert!(accepted.message().contains("TLS 1.3"), "{accepted}");
+        // The client is told why: a fatal protocol_version alert (record type 21, alert 70).
+        assert_eq!(reply.first(), Some(&0x15), "{reply:02x?}");
+        assert_eq!(reply.last(), Some(&70), "{reply:02x?}");
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn t10_unix_peer_uid_not_allowed_closed_before_tls() {
+    within(async {
+        let dir = tempdir();
+        let path = dir.join("strict.sock");
+        let mut ca = ca();
+        let me = rustix::process::geteuid().as_raw();
+        let mut config = TransportConfig::default();
+        config.unix_allowed_uids = Some(BTreeSet::from([me.wrapping_add(4242)]));
+        let server = transport_with(&mut ca, "server", config);
+        let client = transport(&mut ca, "client");
+        let l = server
+            .listen(&DomusAddr::unix(&path))
+            .await
+            .expect("listen");
+        let accepted = tokio::spawn(async move {
+            let r = tokio::time::timeout(Duration::from_millis(500), l.accept()).await;
+            (r.is_err(), l.stats())
+        });
+        let dialed = client
+            .dial(&DomusAddr::unix(&path), None)
+            .await
+            .expect_err("uid not allowed");
+        assert_eq!(dialed.id(), ErrorId::HandshakeFailed, "{dialed}");
+        assert!(
+            dialed.message().contains("closed the connection"),
+            "{dialed}"
+        );
+        let (nothing_accepted, stats) = accepted.await.expect("join");
+        assert!(
+            nothing_accepted,
+            "a refused uid never reaches accept()'s caller"
+        );
+        assert_eq!((stats.refused_uid, stats.admitted), (1, 0));
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn t12_trust_policy_excluding_the_peer_trust_domain_refuses_it() {
+    within(async {
+        let mut ca = ca();
+        let mut config = TransportConfig::default();
+        config.trust_policy = TrustPolicy::trust_domain("vicus.dev");
+        let server = transport_with(&mut ca, "server", config);
+        let outsider =
+            transport_from_spec(&mut ca, &LeafSpec::uri("spiffe://other.example/domus/x"));
+        let l = listen_tcp(&server).await;
+        let (dialed, accepted) = handshake_pair(&outsider, &l, None).await;
+        let accepted = accepted.expect_err("other trust domain refused");
+        assert_eq!(
+            accepted.id(),
+            ErrorId::PeerCertificateRejected,
+            "{accepted}"
+        );
+        assert!(
+            accepted
+                .message()
+                .contains("not allowed by the trust policy"),
+            "{accepted}"
+        );
+        assert_eq!(
+            dialed.expect_err("client learns it").id(),
+            ErrorId::CertificateRefusedByPeer
+        );
+        // A peer from the allowed domain still gets in, and the policy can change live.
+        let insider = transport(&mut ca, "insider");
+        let (ok, _) = handshake_pair(&insider, &l, None).await;
+        ok.expect("allowed domain");
+        server.set_trust_policy(TrustPolicy::any());
+        let (ok, _) = handshake_pair(&outsider, &l, None).await;
+        ok.expect("policy relaxed live");
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn t12_other_uri_scheme_refused_by_scheme_prefix_policy() {
+    within(async {
+        let mut ca = ca();
+        let mut config = TransportConfig::default();
+        config.trust_policy = TrustPolicy::prefixes(["spiffe://vicus.dev/domus/"]);
+        let server = transport_with(&mut ca, "server", config);
+        let other = transport_from_spec(&mut ca, &LeafSpec::uri("https://vicus.dev/domus/x"));
+        let l = listen_tcp(&server).await;
+        let (_, accepted) = handshake_pair(&other, &l, None).await;
+        assert_eq!(
+            accepted.expect_err("other scheme").id(),
+            ErrorId::PeerCertificateRejected
+        );
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn t12_certificate_without_client_auth_usage_refused_as_client() {
+    within(async {
+        let mut ca = ca();
+        let server = transport(&mut ca, "server");
+        let mut spec = LeafSpec::domus("server-only");
+        spec.client_auth = false;
+        let server_only = transport_from_spec(&mut ca, &spec);
+        let l = listen_tcp(&server).await;
+        let (_, accepted) = handshake_pair(&server_only, &l, None).await;
+        let accepted = accepted.expect_err("no clientAuth EKU");
+        assert_eq!(accepted.id(), ErrorId::PeerCertificateRejected);
+        assert!(
+            accepted.message().contains("extended key usage"),
+            "{accepted}"
+        );
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn t04_revoked_client_certificate_refused() {
+    within(async {
+        let mut ca = ca();
+        let revoked_leaf = ca.leaf("revoked").expect("mint");
+        let good_leaf = ca.leaf("good").expect("mint");
+        let server_leaf = ca.leaf("server").expect("mint");
+        let crl = ca
+            .crl(
+                &[&revoked_leaf],
+                SystemTime::now() + Duration::from_secs(3600),
+            )
+            .expect("crl");
+        let server = Transport::new(
+            ca.auth_config(&server_leaf)
+                .expect("auth")
+                .with_crls(vec![crl]),
+            TransportConfig::default(),
+        )
+        .expect("transport");
+        let l = listen_tcp(&server).await;
+        let revoked = Transport::new(
+            ca.auth_config(&revoked_leaf).expect("auth"),
+            TransportConfig::default(),
+        )
+        .expect("transport");
+        let (dialed, accepted) = handshake_pair(&revoked, &l, None).await;
+        let accepted = accepted.expect_err("revoked");
+        assert_eq!(accepted.id(), ErrorId::PeerCertificateRejected);
+        assert!(accepted.message().contains("revoked"), "{accepted}");
+        assert!(
+            dialed
+                .expect_err("told")
+                .message()
+                .contains("CertificateRevoked")
+        );
+        let good = Transport::new(
+            ca.auth_config(&good_leaf).expect("auth"),
+            TransportConfig::default(),
+        )
+        .expect("transport");
+        let (ok, _) = handshake_pair(&good, &l, None).await;
+        ok.expect("an unrevoked peer still connects");
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn t07_silent_client_dropped_at_timeout_without_delaying_a_good_client() {
+    within(async {
+        let mut ca = ca();
+        let mut config = TransportConfig::default();
+        config.handshake_timeout = Duration::from_millis(1500);
+        let server = transport_with(&mut ca, "server", config);
+        let good = transport(&mut ca, "good");
+        let l = Arc::new(listen_tcp(&server).await);
+        let DomusAddr::Tcp(addr) = l.local_addr().clone() else {
+            unreachable!()
+        };
+        // The silent client connects first and never says a word.
+        let mut silent = TcpStream::connect(addr).await.expect("connect");
+        let silent_incoming = l.accept().await.expect("admitted");
+        let started = tokio::time::Instant::now();
+        let silent_task = tokio::spawn(silent_incoming.handshake());
+        // Meanwhile a good client handshakes normally.
+        let (dialed, accepted) = handshake_pair(&good, &l, None).await;
+        dialed.expect("good client dials");
+        accepted.expect("good client accepted");
+        assert!(
+            !silent_task.is_finished(),
+            "the good handshake finished while the silent one was still waiting"
+        );
+        let silent_result = silent_task
+            .await
+            .expect("join")
+            .expect_err("silent times out");
+        assert_eq!(
+            silent_result.id(),
+            ErrorId::HandshakeTimeout,
+            "{silent_result}"
+        );
+        assert!(started.elapsed() >= Duration::from_millis(1000));
+        assert!(closed_within(&mut silent, Duration::from_secs(5)).await);
+        let stats = l.stats();
+        assert_eq!(
+            (
+                stats.handshake_timeouts,
+                stats.handshakes_ok,
+                stats.pending_handshakes
+            ),
+            (1, 1, 0)
+        );
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn t07_full_pre_auth_gate_closes_the_next_connection_at_once() {
+    within(async {
+        let mut ca = ca();
+        let mut config = TransportConfig::default();
+        config.max_pending_handshakes = 2;
+        config.max_pending_handshakes_per_source = 2;
+        let server = transport_with(&mut ca, "server", config);
+        let l = listen_tcp(&server).await;
+        let DomusAddr::Tcp(addr) = l.local_addr().clone() else {
+            unreachable!()
+        };
+        let _s1 = TcpStream::connect(addr).await.expect("connect");
+        let _s2 = TcpStream::connect(addr).await.expect("connect");
+        let held1 = l.accept().await.expect("first admitted");
+        let held2 = l.accept().await.expect("second admitted");
+        assert_eq!(l.stats().pending_handshakes, 2);
+        let mut third = TcpStream::connect(addr).await.expect("connect");
+        let l = Arc::new(l);
+        let acceptor = {
+            let l = l.clone();
+            tokio::spawn(async move { l.accept().await?.handshake().await })
+        };
+        assert!(
+            closed_within(&mut third, Duration::from_secs(2)).await,
+            "over-limit connection closed at once"
+        );
+        assert_eq!(l.stats().refused_global, 1);
+        // Freeing a slot lets the next client in.
+        drop(held1);
+        let mut ca2 = ca;
+        let good = transport(&mut ca2, "good");
+        let dialed = good.dial(l.local_addr(), None);
+        let (dialed, accepted) = tokio::join!(dialed, async { acceptor.await.expect("join") });
+        dialed.expect("a freed slot admits the next client");
+        accepted.expect("and it authenticates");
+        drop(held2);
+        assert_eq!(l.stats().pending_handshakes, 0);
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn t07_per_source_limit_leaves_other_sources_unaffected() {
+    within(async {
+        let mut ca = ca();
+        let mut config = TransportConfig::default();
+        config.max_pending_handshakes_per_source = 1;
+        let server = transport_with(&mut ca, "server", config);
+        let l = server
+            .listen(&DomusAddr::tcp(([0, 0, 0, 0], 0)))
+            .await
+            .expect("listen");
+        let DomusAddr::Tcp(bound) = l.local_addr().clone() else {
+            unreachable!()
+        };
+        let addr: std::net::SocketAddr = ([127, 0, 0, 1], bound.port()).into();
+        let connect_from = |src: [u8; 4]| async move {
+            let sock = tokio::net::TcpSocket::new_v4().expect("socket");
+            sock.bind((src, 0).into()).expect("bind source");
+            sock.connect(addr).await.expect("connect")
+        };
+        let _first = connect_from([127, 0, 0, 2]).await;
+        let held = l.accept().await.expect("admitted");
+        let mut second = connect_from([127, 0, 0, 2]).await;
+        let _other = connect_from([127, 0, 0, 3]).await;
+        let other_incoming = l.accept().await.expect("another source is admitted");
+        assert_eq!(
+            other_incoming.remote_addr().map(|a| a.ip()),
+            Some([127, 0, 0, 3].into())
+        );
+        assert!(closed_within(&mut second, Duration::from_secs(2)).await);
+        let stats = l.stats();
+        assert_eq!((stats.refused_per_source, stats.pending_handshakes), (1, 2));
+        drop((held, other_incoming));
+        assert_eq!(l.stats().pending_handshakes, 0);
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn t14_garbage_instead_of_client_hello_closes_without_panic() {
+    within(async {
+        let mut ca = ca();
+        let server = transport(&mut ca, "server");
+        let l = listen_tcp(&server).await;
+        let DomusAddr::Tcp(addr) = l.local_addr().clone() else {
+            unreachable!()
+        };
+        for garbage in [
+            b"GET / HTTP/1.1\r\nHost: x\r\n\r\n".to_vec(),
+            vec![0xff; 4096],
+            vec![0x16, 0x03, 0x01, 0xff, 0xff, 0x01],
+        ] {
+            let client = async {
+                let mut tcp = TcpStream::connect(addr).await.expect("connect");
+                let _ = tcp.write_all(&garbage).await;
+                closed_within(&mut tcp, Duration::from_secs(5)).await
+            };
+            let (closed, accepted) = tokio::join!(client, accept_one(&l));
+            assert_eq!(
+                accepted.expect_err("garbage").id(),
+                ErrorId::HandshakeFailed
+            );
+            assert!(closed, "the connection is closed");
+        }
+        let stats = l.stats();
+        assert_eq!((stats.handshakes_failed, stats.pending_handshakes), (3, 0));
+        let good = transport(&mut ca, "good");
+        let (ok, _) = handshake_pair(&good, &l, None).await;
+        ok.expect("the listener still serves good clients");
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn reload_switches_new_handshakes_to_new_certificate_and_keeps_established_streams() {
+    within(async {
+        let mut ca = ca();
+        let server = transport(&mut ca, "server");
+        let client = transport(&mut ca, "client");
+        let l = listen_tcp(&server).await;
+        let (before_d, before_a) = handshake_pair(&client, &l, None).await;
+        let (mut before_d, mut before_a) = (before_d.expect("dial"), before_a.expect("accept"));
+        let old_fp = before_d.peer().fingerprint();
+
+        // Rotate to a new leaf (same identity) signed by a new CA, trusting both CAs.
+        let mut new_ca = ca_named("vicus test CA 2");
+        let new_leaf = new_ca.leaf("server").expect("mint");
+        let rotated = vicus::AuthConfig::from_der(
+            vec![ca.cert_der().clone(), new_ca.cert_der().clone()],
+            vec![new_leaf.cert_der().clone()],
+            new_leaf.key_der(),
+        )
+        .expect("auth");
+        server.reload_auth(rotated).expect("reload");
+
+        // The old client does not trust the new CA yet: proof the new certificate is in use.
+        let (refused, _) = handshake_pair(&client, &l, None).await;
+        assert_eq!(
+            refused.expect_err("old trust").id(),
+            ErrorId::PeerCertificateRejected
+        );
+        let fresh_leaf = ca.leaf("client2").expect("mint");
+        let new_client = Transport::new(
+            vicus::AuthConfig::from_der(
+                vec![new_ca.cert_der().clone()],
+                vec![fresh_leaf.cert_der().clone()],
+                fresh_leaf.key_der(),
+            )
+            .expect("auth"),
+            TransportConfig::default(),
+        )
+        .expect("transport");
+        let (after_d, _after_a) = handshake_pair(&new_client, &l, Some(&id("server"))).await;
+        let after_d = after_d.expect("new handshake with new certificate");
+        assert_ne!(after_d.peer().fingerprint(), old_fp);
+        assert_eq!(
+            after_d.peer().fingerprint(),
+            fingerprint_of(new_leaf.cert_der())
+        );
+
+        // The stream established before the reload still works.
+        ping_pong(&mut before_d, &mut before_a).await;
+    })
+    .await;
+}
+
+fn fingerprint_of(der: &CertificateDer<'_>) -> vicus::a0_transport::CertFingerprint {
+    let hash = vicus::a0_transport::default_crypto_provider()
+        .cipher_suites
+        .iter()
+        .filter_map(|s| s.tls13())
+        .map(|s| s.common.hash_provider)
+        .find(|h| h.algorithm() == rustls::crypto::hash::HashAlgorithm::SHA256)
+        .expect("sha256");
+    let digest = hash.hash(der.as_ref());
+    vicus::a0_transport::CertFingerprint(digest.as_ref().try_into().expect("32 bytes"))
+}
+
+#[tokio::test]
+async fn t29_invalid_reloads_are_refused_and_change_nothing() {
+    within(async {
+        let mut ca = ca();
+        let server = transport(&mut ca, "server");
+        let client = transport(&mut ca, "client");
+        // Another identity.
+        let (other, _) = ca.domus_auth("someone-else").expect("mint");
+        let e = server
+            .reload_auth(other)
+            .expect_err("identity change refused");
+        assert_eq!(e.id(), ErrorId::InvalidAuthMaterial);
+        assert!(e.message().contains("keeps its identity"), "{e}");
+        // A key that does not belong to the certificate.
+        let leaf = ca.leaf("server").expect("mint");
+        let stranger = ca.leaf("stranger").expect("mint");
+        let mismatched = vicus::AuthConfig::from_der(
+            vec![ca.cert_der().clone()],
+            vec![leaf.cert_der().clone()],
+            stranger.key_der(),
+        )
+        .expect("parses");
+        let e = server
+            .reload_auth(mismatched)
+            .expect_err("mismatched key refused");
+        assert!(e.message().contains("does not match"), "{e}");
+        // The old material keeps working.
+        let l = listen_tcp(&server).await;
+        let (ok, _) = handshake_pair(&client, &l, Some(&id("server"))).await;
+        ok.expect("old material still serves");
+    })
+    .await;
+}
+
+#[test]
+fn t27_debug_of_auth_config_shows_no_key_bytes() {
+    let mut ca = ca();
+    let leaf = ca.leaf("a").expect("mint");
+    let auth = vicus::AuthConfig::from_pem(
+        ca.cert_pem().as_bytes(),
+        leaf.cert_pem().as_bytes(),
+        leaf.key_pem().as_bytes(),
+    )
+    .expect("pem");
+    let shown = format!("{auth:?} {auth:#?}");
+    assert!(shown.contains("[redacted]"), "{shown}");
+    let key_der = leaf.key_der();
+    let key = key_der.secret_der();
+    // No run of 8 key bytes, in decimal list or hex form, and no line of the PEM body.
+    for window in key.windows(8).step_by(8) {
+        let as_list = format!("{:?}", window).trim_matches(['[', ']']).to_owned();
+        assert!(!shown.contains(&as_list), "key bytes leaked: {shown}");
+        let hex: String = window.iter().map(|b| format!("{b:02x}")).collect();
+        assert!(!shown.contains(&hex));
+    }
+    for line in leaf.key_pem().lines().filter(|l| !l.starts_with("-----")) {
+        assert!(!shown.contains(line));
+    }
+}
+
+#[test]
+fn config_validation_names_the_field() {
+    let mut c = TransportConfig::default();
+    c.handshake_timeout = Duration::ZERO;
+    let e = c.validate().expect_err("zero timeout");
+    assert_eq!(e.id(), ErrorId::InvalidConfig);
+    assert!(e.message().starts_with("handshake_timeout"), "{e}");
+    let mut c = TransportConfig::default();
+    c.max_pending_handshakes_per_source = c.max_pending_handshakes + 1;
+    assert!(
+        c.validate()
+            .expect_err("per source > total")
+            .message()
+            .starts_with("max_pending_handshakes_per_source")
+    );
+    let mut c = TransportConfig::default();
+    c.unix_socket_mode = 0o4777;
+    assert!(c.validate().is_err());
+    let mut c = TransportConfig::default();
+    c.unix_allowed_uids = Some(BTreeSet::new());
+    assert!(c.validate().is_err());
+    assert!(TransportConfig::default().validate().is_ok());
+}
+
+#[tokio::test]
+async fn t10_socket_path_stale_socket_replaced_live_socket_and_other_files_kept() {
+    within(async {
+        let dir = tempdir();
+        let mut ca = ca();
+        let server = transport(&mut ca, "server");
+
+        // (3) A stale socket (its listener is gone, the file is left) is replaced.
+        let stale = dir.join("stale.sock");
+        drop(std::os::unix::net::UnixListener::bind(&stale).expect("bind"));
+        assert!(stale.exists());
+        let l = server
+            .listen(&DomusAddr::unix(&stale))
+            .await
+            .expect("stale replaced");
+
+        // A live socket is never replaced.
+        let e = server
+            .listen(&DomusAddr::unix(&stale))
+            .await
+            .expect_err("in use");
+        assert_eq!(e.id(), ErrorId::SocketPathInUse, "{e}");
+        drop(l);
+
+        // (5) A regular file is not deleted.
+        let file = dir.join("file.sock");
+        std::fs::write(&file, b"precious").expect("write");
+        let e = server
+            .listen(&DomusAddr::unix(&file))
+            .await
+            .expect_err("file");
+        assert_eq!(e.id(), ErrorId::SocketPathOccupied, "{e}");
+        assert!(e.message().contains("not a socket"), "{e}");
+        assert_eq!(std::fs::read(&file).expect("still there"), b"precious");
+
+        // (4) A symlink is neither followed nor removed, even when it points at a stale socket.
+        let target = dir.join("victim.sock");
+        drop(std::os::unix::net::UnixListener::bind(&target).expect("bind"));
+        let link = dir.join("link.sock");
+        std::os::unix::fs::symlink(&target, &link).expect("symlink");
+        let e = server
+            .listen(&DomusAddr::unix(&link))
+            .await
+            .expect_err("symlink");
+        assert_eq!(e.id(), ErrorId::SocketPathOccupied, "{e}");
+        assert!(
+            std::fs::symlink_metadata(&link)
+                .expect("link kept")
+                .file_type()
+                .is_symlink()
+        );
+        assert!(target.exists(), "the symlink's target is untouched");
+
+        // A directory is not touched either.
+        let sub = dir.join("dir.sock");
+        std::fs::create_dir(&sub).expect("mkdir");
+        let e = server
+            .listen(&DomusAddr::unix(&sub))
+            .await
+            .expect_err("dir");
+        assert_eq!(e.id(), ErrorId::SocketPathOccupied);
+        assert!(sub.is_dir());
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn dial_errors_are_typed_and_bounded() {
+    within(async {
+        let mut ca = ca();
+        let client = transport(&mut ca, "client");
+        // Nothing listens on this port (bind then drop to find a free one).
+        let free = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let addr = free.local_addr().expect("addr");
+        drop(free);
+        let e = client
+            .dial(&DomusAddr::Tcp(addr), None)
+            .await
+            .expect_err("refused");
+        assert_eq!(e.id(), ErrorId::ConnectFailed, "{e}");
+        let e = client
+            .dial(&DomusAddr::unix("/nonexistent/vicus.sock"), None)
+            .await
+            .expect_err("no socket");
+        assert_eq!(e.id(), ErrorId::ConnectFailed, "{e}");
+        // A listener that accepts TCP but never speaks TLS: the dial ends at the handshake
+        // timeout, not never.
+        let mut config = TransportConfig::default();
+        config.handshake_timeout = Duration::from_millis(300);
+        let impatient = transport_with(&mut ca, "impatient", config);
+        let mute = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let mute_addr = mute.local_addr().expect("addr");
+        let _keep = tokio::spawn(async move {
+            let held = mute.accept().await;
+            tokio::time::sleep(Duration::from_secs(10)).await;
+            drop(held);
+        });
+        let e = impatient
+            .dial(&DomusAddr::Tcp(mute_addr), None)
+            .await
+            .expect_err("timeout");
+        assert_eq!(e.id(), ErrorId::HandshakeTimeout, "{e}");
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn pem_files_load_and_handshake() {
+    within(async {
+        let dir = tempdir();
+        let mut ca = ca();
+        let leaf = ca.leaf("from-files").expect("mint");
+        std::fs::write(dir.join("ca.pem"), ca.cert_pem()).expect("write");
+        std::fs::write(dir.join("leaf.pem"), leaf.cert_pem()).expect("write");
+        std::fs::write(dir.join("leaf.key"), leaf.key_pem()).expect("write");
+        let auth = vicus::AuthConfig::from_pem_files(
+            dir.join("ca.pem"),
+            dir.join("leaf.pem"),
+            dir.join("leaf.key"),
+        )
+        .expect("load PEM files");
+        let from_files = Transport::new(auth, TransportConfig::default()).expect("transport");
+        assert_eq!(from_files.local_id(), id("from-files"));
+        let server = transport(&mut ca, "server");
+        let l = listen_tcp(&server).await;
+        let (dialed, accepted) = handshake_pair(&from_files, &l, Some(&id("server"))).await;
+        dialed.expect("dial");
+        assert_eq!(accepted.expect("accept").peer().id(), &id("from-files"));
+        // A key file holding a certificate is refused with a message naming the file.
+        let e = vicus::AuthConfig::from_pem_files(
+            dir.join("ca.pem"),
+            dir.join("leaf.pem"),
+            dir.join("leaf.pem"),
+        )
+        .expect_err("no key in a certificate file");
+        assert_eq!(e.id(), ErrorId::InvalidAuthMaterial);
+        assert!(e.message().contains("leaf.pem"), "{e}");
     })
     .await;
 }

@@ -145,7 +145,11 @@ impl AdmissionPermit {
 
 impl Drop for AdmissionPermit {
     fn drop(&mut self) {
-        let mut table = self.gate.table.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut table = self
+            .gate
+            .table
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
         table.total = table.total.saturating_sub(1);
         if let Some(count) = table.per_source.get_mut(&self.source) {
             *count = count.saturating_sub(1);
@@ -174,7 +178,14 @@ mod tests {
         drop((p1, p2, p3));
         let stats = gate.stats();
         assert_eq!(stats.pending_handshakes, 0);
-        assert_eq!((stats.admitted, stats.refused_global, stats.refused_per_source), (3, 1, 1));
+        assert_eq!(
+            (
+                stats.admitted,
+                stats.refused_global,
+                stats.refused_per_source
+            ),
+            (3, 1, 1)
+        );
         assert!(gate.table.lock().unwrap().per_source.is_empty());
         let _again = gate.try_admit(a).unwrap();
     }

@@ -59,7 +59,8 @@ impl DomusId {
     /// The authority: for SPIFFE ids, the trust domain (e.g. `acme.internal`).
     pub fn trust_domain(&self) -> &str {
         let rest = self.0.split_once("://").map_or("", |(_, rest)| rest);
-        rest.split_once('/').map_or(rest, |(authority, _)| authority)
+        rest.split_once('/')
+            .map_or(rest, |(authority, _)| authority)
     }
 
     /// The path after the authority, including its leading `/` (empty when there is none).
@@ -168,7 +169,9 @@ fn validate_authority(authority: &str) -> Result<(), &'static str> {
         .bytes()
         .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"._-".contains(&b))
     {
-        return Err("the authority may only contain a-z, 0-9, '.', '_' and '-' (no user-info, no upper case)");
+        return Err(
+            "the authority may only contain a-z, 0-9, '.', '_' and '-' (no user-info, no upper case)",
+        );
     }
     if let Some(port) = port {
         if port.is_empty() || port.len() > 5 || !port.bytes().all(|b| b.is_ascii_digit()) {
@@ -359,7 +362,11 @@ impl fmt::Debug for TrustPolicy {
             Rule::TrustDomains(d) => write!(f, "trust domains {d:?}"),
             Rule::Prefixes(p) => write!(f, "prefixes {p:?}"),
             Rule::AllowList(ids) if ids.len() <= 8 => {
-                write!(f, "allow-list {:?}", ids.iter().map(DomusId::as_str).collect::<Vec<_>>())
+                write!(
+                    f,
+                    "allow-list {:?}",
+                    ids.iter().map(DomusId::as_str).collect::<Vec<_>>()
+                )
             }
             Rule::AllowList(ids) => write!(f, "allow-list of {} ids", ids.len()),
         }
@@ -442,6 +449,10 @@ mod tests {
         assert!(list.check(&evil).is_err());
         let scheme_only = TrustPolicy::prefixes(["spiffe://"]);
         assert!(scheme_only.check(&a).is_ok());
-        assert!(scheme_only.check(&DomusId::new("vicus://a").unwrap()).is_err());
+        assert!(
+            scheme_only
+                .check(&DomusId::new("vicus://a").unwrap())
+                .is_err()
+        );
     }
 }

@@ -120,7 +120,6 @@ impl AuthConfig {
         }
         Ok(self.with_crls(crls))
     }
-
 }
 
 impl Clone for AuthConfig {
@@ -170,9 +169,8 @@ fn key_from_pem(pem: &[u8]) -> Result<PrivateKeyDer<'static>, Error> {
 }
 
 fn read_material_file(path: &Path) -> Result<Zeroizing<Vec<u8>>, Error> {
-    let file = fs::File::open(path).map_err(|e| {
-        material_error(format!("cannot open {}: {e}", path.display()))
-    })?;
+    let file = fs::File::open(path)
+        .map_err(|e| material_error(format!("cannot open {}: {e}", path.display())))?;
     let mut buf = Zeroizing::new(Vec::new());
     file.take(MAX_MATERIAL_FILE_LEN + 1)
         .read_to_end(&mut buf)
@@ -209,8 +207,12 @@ mod tests {
         let e = AuthConfig::from_pem(b"", b"", b"").unwrap_err();
         assert_eq!(e.id(), ErrorId::InvalidAuthMaterial);
         assert!(e.message().contains("CA bundle"), "{e}");
-        let e = AuthConfig::from_pem(b"-----BEGIN CERTIFICATE-----\n!!\n-----END CERTIFICATE-----\n", b"", b"")
-            .unwrap_err();
+        let e = AuthConfig::from_pem(
+            b"-----BEGIN CERTIFICATE-----\n!!\n-----END CERTIFICATE-----\n",
+            b"",
+            b"",
+        )
+        .unwrap_err();
         assert_eq!(e.id(), ErrorId::InvalidAuthMaterial);
     }
 

@@ -39,7 +39,6 @@ use std::time::Duration;
 use arc_swap::ArcSwap;
 use rustls::crypto::CryptoProvider;
 use tokio::net::{TcpListener, UnixListener};
-use tokio::time::Instant;
 
 pub use admission::ListenerStats;
 pub use identity::{
@@ -51,7 +50,7 @@ pub use tls::{ALPN_PROTOCOL, default_crypto_provider};
 
 use admission::{AdmissionPermit, Counters, Gate, Source};
 use stream::Socket;
-use tls::{HandshakeContext, LoadedMaterial};
+use tls::{Deadline, HandshakeContext, LoadedMaterial};
 
 use crate::error::{Error, ErrorId};
 
@@ -151,7 +150,11 @@ impl TransportConfig {
                 ),
             ));
         }
-        if self.unix_allowed_uids.as_ref().is_some_and(BTreeSet::is_empty) {
+        if self
+            .unix_allowed_uids
+            .as_ref()
+            .is_some_and(BTreeSet::is_empty)
+        {
             return Err(Error::invalid_config(
                 "unix_allowed_uids",
                 "an empty set would refuse every peer; use None to allow any uid",
@@ -238,7 +241,11 @@ impl Transport {
             }
             DomusAddr::Unix(path) => {
                 let (l, guard) = unix::bind(path, config.unix_socket_mode)?;
-                (ListenSocket::Unix(l), DomusAddr::Unix(path.clone()), Some(guard))
+                (
+                    ListenSocket::Unix(l),
+                    DomusAddr::Unix(path.clone()),
+                    Some(guard),
+                )
             }
         };
         tracing::debug!(addr = %local_addr, id = %self.local_id(), "listening");
@@ -288,7 +295,7 @@ impl Transport {
                     ),
                 )
             })??;
-        let deadline = deadline_after(config.handshake_timeout);
+        let deadline = Deadline::after(config.handshake_timeout);
         let material = self.shared.material.load_full();
         let policy = self.shared.policy.load_full();
         self.shared
@@ -300,16 +307,10 @@ impl Transport {
                 socket,
                 creds,
                 deadline,
-                config.handshake_timeout,
             )
             .await
             .map_err(|e| Error::new(e.id(), format!("dialling {addr}: {}", e.message())))
     }
-}
-
-fn deadline_after(d: Duration) -> Instant {
-    let now = Instant::now();
-    now.checked_add(d).unwrap_or(now)
 }
 
 fn listen_addr(l: &TcpListener) -> Result<SocketAddr, Error> {
@@ -383,7 +384,10 @@ impl Listener {
                     if let Some(allowed) = &self.shared.config.unix_allowed_uids {
                         if !allowed.contains(&creds.uid) {
                             Counters::bump(&self.gate.counters.refused_uid);
-                            tracing::debug!(uid = creds.uid, "Unix peer uid not allowed; closed before TLS");
+                            tracing::debug!(
+                                uid = creds.uid,
+                                "Unix peer uid not allowed; closed before TLS"
+                            );
                             continue;
                         }
                     }
@@ -396,13 +400,17 @@ impl Listener {
                         socket,
                         unix_creds,
                         remote,
-                        deadline: deadline_after(self.shared.config.handshake_timeout),
+                        deadline: Deadline::after(self.shared.config.handshake_timeout),
                         permit,
                         shared: self.shared.clone(),
                     });
                 }
                 Err(refusal) => {
-                    tracing::debug!(?source, ?refusal, "pre-auth limit reached; closed before TLS");
+                    tracing::debug!(
+                        ?source,
+                        ?refusal,
+                        "pre-auth limit reached; closed before TLS"
+                    );
                     drop(socket);
                 }
             }
@@ -417,7 +425,7 @@ pub struct Incoming {
     socket: Socket,
     unix_creds: Option<UnixCredentials>,
     remote: Option<SocketAddr>,
-    deadline: Instant,
+    deadline: Deadline,
     permit: AdmissionPermit,
     shared: Arc<Shared>,
 }
@@ -457,14 +465,7 @@ impl Incoming {
         let policy = shared.policy.load_full();
         let result = shared
             .ctx
-            .accept(
-                &material,
-                policy,
-                socket,
-                unix_creds,
-                deadline,
-                shared.config.handshake_timeout,
-            )
+            .accept(&material, policy, socket, unix_creds, deadline)
             .await;
         let counters = &permit.gate().counters;
         match &result {

@@ -8,10 +8,10 @@
 
 use std::sync::Arc;
 
+use super::Transport;
 use super::identity::TrustPolicy;
 use super::material::AuthConfig;
 use super::tls::LoadedMaterial;
-use super::Transport;
 use crate::error::{Error, ErrorId};
 
 impl Transport {

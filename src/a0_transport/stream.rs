@@ -55,7 +55,10 @@ impl FromStr for DomusAddr {
         let bad = |why: &str| {
             Error::new(
                 ErrorId::InvalidAddress,
-                format!("\"{}\" is not a domus address: {why}", crate::error::untrusted(s)),
+                format!(
+                    "\"{}\" is not a domus address: {why}",
+                    crate::error::untrusted(s)
+                ),
             )
         };
         if let Some(path) = s.strip_prefix("unix:") {
@@ -211,7 +214,9 @@ impl AuthenticatedStream {
 
     /// The negotiated key-exchange group (X25519MLKEM768 with the default aws-lc-rs provider).
     pub fn key_exchange_group(&self) -> Option<rustls::NamedGroup> {
-        self.common().negotiated_key_exchange_group().map(|g| g.name())
+        self.common()
+            .negotiated_key_exchange_group()
+            .map(|g| g.name())
     }
 
     /// Whether this side dialled the connection.

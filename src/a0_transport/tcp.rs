@@ -56,7 +56,10 @@ pub(crate) async fn connect(addrs: &[SocketAddr]) -> Result<TcpStream, Error> {
         }
     }
     Err(match last {
-        Some((addr, e)) => Error::new(ErrorId::ConnectFailed, format!("cannot connect to {addr}: {e}")),
+        Some((addr, e)) => Error::new(
+            ErrorId::ConnectFailed,
+            format!("cannot connect to {addr}: {e}"),
+        ),
         None => Error::new(ErrorId::InvalidAddress, "no address to connect to"),
     })
 }

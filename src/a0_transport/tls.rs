@@ -15,6 +15,7 @@
 
 use std::io;
 use std::sync::Arc;
+use std::time::Duration;
 
 use rustls::client::Resumption;
 use rustls::crypto::CryptoProvider;
@@ -73,7 +74,10 @@ impl LoadedMaterial {
     pub(crate) fn load(auth: &AuthConfig, provider: &CryptoProvider) -> Result<Self, Error> {
         let store = TrustStore::new(auth, provider.signature_verification_algorithms)?;
         let leaf = auth.chain.first().ok_or_else(|| {
-            Error::new(ErrorId::InvalidAuthMaterial, "the certificate chain is empty")
+            Error::new(
+                ErrorId::InvalidAuthMaterial,
+                "the certificate chain is empty",
+            )
         })?;
         let parsed = webpki::EndEntityCert::try_from(leaf).map_err(|e| {
             Error::new(
@@ -141,6 +145,24 @@ fn tls13_only(provider: &Arc<CryptoProvider>) -> Result<(), Error> {
         .map_err(|e| Error::invalid_config("crypto provider", format!("it cannot do TLS 1.3: {e}")))
 }
 
+/// When a handshake must be finished, and the budget it was given (for the error message).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Deadline {
+    pub(crate) at: Instant,
+    pub(crate) budget: Duration,
+}
+
+impl Deadline {
+    /// The deadline `budget` from now.
+    pub(crate) fn after(budget: Duration) -> Self {
+        let now = Instant::now();
+        Self {
+            at: now.checked_add(budget).unwrap_or(now),
+            budget,
+        }
+    }
+}
+
 /// The parts of a handshake that do not change per connection.
 pub(crate) struct HandshakeContext {
     pub(crate) provider: Arc<CryptoProvider>,
@@ -163,9 +185,7 @@ impl HandshakeContext {
             .with_protocol_versions(&[&rustls::version::TLS13])
             .map_err(|e| Error::new(ErrorId::HandshakeFailed, e.to_string()))?
             .with_client_cert_verifier(verifier)
-            .with_cert_resolver(Arc::new(SingleCertAndKey::from(
-                material.certified.clone(),
-            )));
+            .with_cert_resolver(Arc::new(SingleCertAndKey::from(material.certified.clone())));
         config.alpn_protocols = vec![ALPN_PROTOCOL.to_vec()];
         config.session_storage = Arc::new(NoServerSessionStorage {});
         config.send_tls13_tickets = 0;
@@ -207,8 +227,7 @@ impl HandshakeContext {
         policy: Arc<TrustPolicy>,
         socket: Socket,
         unix: Option<UnixCredentials>,
-        deadline: Instant,
-        timeout: std::time::Duration,
+        deadline: Deadline,
     ) -> Result<AuthenticatedStream, Error> {
         let verifier = Arc::new(PeerVerifier::new(material.store.clone(), policy, None));
         let config = self.server_config(material, verifier.clone())?;
@@ -226,11 +245,14 @@ impl HandshakeContext {
             tls.flush()
                 .await
                 .map_err(|e| handshake_error(&e, &verifier))?;
-            Ok(AuthenticatedStream::new(tokio_rustls::TlsStream::Server(tls), peer))
+            Ok(AuthenticatedStream::new(
+                tokio_rustls::TlsStream::Server(tls),
+                peer,
+            ))
         };
-        tokio::time::timeout_at(deadline, work)
+        tokio::time::timeout_at(deadline.at, work)
             .await
-            .map_err(|_| Error::handshake_timeout(timeout))?
+            .map_err(|_| Error::handshake_timeout(deadline.budget))?
     }
 
     /// Runs the dialer side of the handshake on a connected socket, until `deadline`.
@@ -241,8 +263,7 @@ impl HandshakeContext {
         expected: Option<DomusId>,
         socket: Socket,
         unix: Option<UnixCredentials>,
-        deadline: Instant,
-        timeout: std::time::Duration,
+        deadline: Deadline,
     ) -> Result<AuthenticatedStream, Error> {
         let verifier = Arc::new(PeerVerifier::new(material.store.clone(), policy, expected));
         let config = self.client_config(material, verifier.clone())?;
@@ -261,11 +282,14 @@ impl HandshakeContext {
                 .await
                 .map_err(|e| handshake_error(&e, &verifier))?;
             check_verdict(verdict)?;
-            Ok(AuthenticatedStream::new(tokio_rustls::TlsStream::Client(tls), peer))
+            Ok(AuthenticatedStream::new(
+                tokio_rustls::TlsStream::Client(tls),
+                peer,
+            ))
         };
-        tokio::time::timeout_at(deadline, work)
+        tokio::time::timeout_at(deadline.at, work)
             .await
-            .map_err(|_| Error::handshake_timeout(timeout))?
+            .map_err(|_| Error::handshake_timeout(deadline.budget))?
     }
 
     fn peer_identity(
@@ -297,7 +321,10 @@ impl HandshakeContext {
                 )
             })?;
         let parsed = webpki::EndEntityCert::try_from(leaf).map_err(|e| {
-            Error::new(ErrorId::PeerCertificateRejected, format!("unparsable peer certificate: {e}"))
+            Error::new(
+                ErrorId::PeerCertificateRejected,
+                format!("unparsable peer certificate: {e}"),
+            )
         })?;
         let id = domus_id_of(&parsed)?;
         Ok(PeerIdentity::new(id, self.fingerprint(leaf), unix))
@@ -313,7 +340,9 @@ fn check_verdict(verdict: [u8; 4]) -> Result<(), Error> {
         )),
         other => Err(Error::new(
             ErrorId::HandshakeFailed,
-            format!("the peer sent an invalid A0 verdict {other:02x?}; it is not a vicus node or speaks another version"),
+            format!(
+                "the peer sent an invalid A0 verdict {other:02x?}; it is not a vicus node or speaks another version"
+            ),
         )),
     }
 }
@@ -323,7 +352,10 @@ fn handshake_error(err: &io::Error, verifier: &PeerVerifier) -> Error {
     if let Some(detail) = verifier.take_detail() {
         return detail;
     }
-    let Some(tls) = err.get_ref().and_then(|e| e.downcast_ref::<rustls::Error>()) else {
+    let Some(tls) = err
+        .get_ref()
+        .and_then(|e| e.downcast_ref::<rustls::Error>())
+    else {
         return match err.kind() {
             io::ErrorKind::UnexpectedEof
             | io::ErrorKind::ConnectionReset
@@ -333,7 +365,10 @@ fn handshake_error(err: &io::Error, verifier: &PeerVerifier) -> Error {
                     "the peer closed the connection during the handshake ({err}); it may have refused us before TLS (admission limits, Unix uid) or is not a vicus node"
                 ),
             ),
-            _ => Error::new(ErrorId::HandshakeFailed, format!("handshake I/O failed: {err}")),
+            _ => Error::new(
+                ErrorId::HandshakeFailed,
+                format!("handshake I/O failed: {err}"),
+            ),
         };
     };
     tls_error(tls)
@@ -349,7 +384,9 @@ fn tls_error(tls: &rustls::Error) -> Error {
         ),
         T::PeerIncompatible(why) => Error::new(
             ErrorId::HandshakeFailed,
-            format!("the peer cannot do what vicus requires (TLS 1.3 with a shared cipher suite and key exchange): {why:?}"),
+            format!(
+                "the peer cannot do what vicus requires (TLS 1.3 with a shared cipher suite and key exchange): {why:?}"
+            ),
         ),
         T::NoApplicationProtocol => Error::new(
             ErrorId::HandshakeFailed,
@@ -359,13 +396,16 @@ fn tls_error(tls: &rustls::Error) -> Error {
             ErrorId::PeerCertificateRejected,
             format!("the peer's certificate was refused: {why:?}"),
         ),
-        T::InvalidMessage(_) | T::InappropriateMessage { .. } | T::InappropriateHandshakeMessage { .. } => {
-            Error::new(
-                ErrorId::HandshakeFailed,
-                format!("the peer sent bytes that are not a valid TLS 1.3 handshake ({tls})"),
-            )
-        }
-        other => Error::new(ErrorId::HandshakeFailed, format!("TLS handshake failed: {other}")),
+        T::InvalidMessage(_)
+        | T::InappropriateMessage { .. }
+        | T::InappropriateHandshakeMessage { .. } => Error::new(
+            ErrorId::HandshakeFailed,
+            format!("the peer sent bytes that are not a valid TLS 1.3 handshake ({tls})"),
+        ),
+        other => Error::new(
+            ErrorId::HandshakeFailed,
+            format!("TLS handshake failed: {other}"),
+        ),
     }
 }
 
@@ -382,9 +422,11 @@ fn alert_error(alert: AlertDescription) -> Error {
         A::CertificateRevoked => refused("it has been revoked"),
         A::UnknownCA => refused("it is not signed by a CA the peer trusts"),
         A::CertificateRequired => refused("we sent none, and the peer requires one"),
-        A::BadCertificate | A::UnsupportedCertificate | A::CertificateUnknown | A::AccessDenied => refused(
-            "its identity is not one the peer accepts (trust policy or expected identity), or its usage/chain is wrong",
-        ),
+        A::BadCertificate | A::UnsupportedCertificate | A::CertificateUnknown | A::AccessDenied => {
+            refused(
+                "its identity is not one the peer accepts (trust policy or expected identity), or its usage/chain is wrong",
+            )
+        }
         A::ProtocolVersion => Error::new(
             ErrorId::HandshakeFailed,
             "the peer refused our TLS version; vicus speaks TLS 1.3 only",

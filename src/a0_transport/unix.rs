@@ -21,10 +21,16 @@ pub(crate) fn bind(path: &Path, mode: u32) -> Result<(UnixListener, SocketFileGu
     clear_stale_socket(path)?;
     let listener = UnixListener::bind(path).map_err(|e| match e.kind() {
         io::ErrorKind::AddrInUse => in_use(path),
-        _ => Error::io(format_args!("cannot bind Unix socket {}", path.display()), &e),
+        _ => Error::io(
+            format_args!("cannot bind Unix socket {}", path.display()),
+            &e,
+        ),
     })?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).map_err(|e| {
-        Error::io(format_args!("cannot chmod {:o} {}", mode, path.display()), &e)
+        Error::io(
+            format_args!("cannot chmod {:o} {}", mode, path.display()),
+            &e,
+        )
     })?;
     let meta = std::fs::symlink_metadata(path)
         .map_err(|e| Error::io(format_args!("cannot stat {}", path.display()), &e))?;
@@ -52,7 +58,12 @@ fn clear_stale_socket(path: &Path) -> Result<(), Error> {
     let meta = match std::fs::symlink_metadata(path) {
         Ok(meta) => meta,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
-        Err(e) => return Err(Error::io(format_args!("cannot stat {}", path.display()), &e)),
+        Err(e) => {
+            return Err(Error::io(
+                format_args!("cannot stat {}", path.display()),
+                &e,
+            ));
+        }
     };
     let occupied = |what: &str| {
         Error::new(
@@ -77,7 +88,10 @@ fn clear_stale_socket(path: &Path) -> Result<(), Error> {
         Ok(_) => Err(in_use(path)),
         Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => {
             std::fs::remove_file(path).map_err(|e| {
-                Error::io(format_args!("cannot remove stale socket {}", path.display()), &e)
+                Error::io(
+                    format_args!("cannot remove stale socket {}", path.display()),
+                    &e,
+                )
             })?;
             tracing::debug!(path = %path.display(), "replaced a stale Unix socket");
             Ok(())

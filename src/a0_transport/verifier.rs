@@ -52,7 +52,10 @@ impl TrustStore {
             let anchor = webpki::anchor_from_trusted_cert(ca).map_err(|e| {
                 Error::new(
                     ErrorId::InvalidAuthMaterial,
-                    format!("CA certificate #{} in the bundle cannot be used as a trust anchor: {e}", n + 1),
+                    format!(
+                        "CA certificate #{} in the bundle cannot be used as a trust anchor: {e}",
+                        n.saturating_add(1)
+                    ),
                 )
             })?;
             roots.push(anchor.to_owned());
@@ -62,7 +65,7 @@ impl TrustStore {
             let owned = OwnedCertRevocationList::from_der(crl).map_err(|e| {
                 Error::new(
                     ErrorId::InvalidAuthMaterial,
-                    format!("CRL #{} cannot be parsed: {e}", n + 1),
+                    format!("CRL #{} cannot be parsed: {e}", n.saturating_add(1)),
                 )
             })?;
             crls.push(CertRevocationList::from(owned));
@@ -146,7 +149,12 @@ pub(crate) fn domus_id_of(cert: &EndEntityCert<'_>) -> Result<DomusId, Error> {
             untrusted(first)
         )));
     }
-    DomusId::new(first).map_err(|e| rejected(format!("the peer's URI SAN is not a usable domus id: {}", e.message())))
+    DomusId::new(first).map_err(|e| {
+        rejected(format!(
+            "the peer's URI SAN is not a usable domus id: {}",
+            e.message()
+        ))
+    })
 }
 
 fn map_webpki_error(e: webpki::Error, subject: &str) -> (rustls::Error, Error) {
@@ -176,7 +184,9 @@ fn map_webpki_error(e: webpki::Error, subject: &str) -> (rustls::Error, Error) {
         ),
         W::CertRevoked => (
             CertificateError::Revoked.into(),
-            rejected(format!("{subject} has been revoked (listed in a configured CRL)")),
+            rejected(format!(
+                "{subject} has been revoked (listed in a configured CRL)"
+            )),
         ),
         W::UnknownRevocationStatus => (
             CertificateError::UnknownRevocationStatus.into(),
@@ -225,6 +235,9 @@ pub(crate) fn rfc3339(t: UnixTime) -> String {
 }
 
 /// Days since 1970-01-01 to a (year, month, day) in the proleptic Gregorian calendar.
+// `days` is at most u64::MAX / 86 400 (about 2.1e14), so no step below can overflow or
+// underflow: every subtraction removes a part of the value it is subtracted from.
+#[allow(clippy::arithmetic_side_effects)]
 fn civil_from_days(days: u64) -> (u64, u64, u64) {
     // Shift the epoch to 0000-03-01 so leap days fall at the end of each 400-year era.
     let z = days + 719_468;
@@ -279,12 +292,9 @@ impl PeerVerifier {
             .store
             .verify(end_entity, intermediates, now, usage)
             .and_then(|id| {
-                self.policy.check(&id).map_err(|e| {
-                    (
-                        CertificateError::ApplicationVerificationFailure.into(),
-                        e,
-                    )
-                })?;
+                self.policy
+                    .check(&id)
+                    .map_err(|e| (CertificateError::ApplicationVerificationFailure.into(), e))?;
                 match &self.expected {
                     Some(expected) if *expected != id => Err((
                         CertificateError::ApplicationVerificationFailure.into(),
@@ -422,9 +432,13 @@ mod tests {
 
     #[test]
     fn rfc3339_formats_known_instants() {
-        let at = |s| rfc3339(UnixTime::since_unix_epoch(std::time::Duration::from_secs(s)));
+        let at = |s| {
+            rfc3339(UnixTime::since_unix_epoch(std::time::Duration::from_secs(
+                s,
+            )))
+        };
         assert_eq!(at(0), "1970-01-01T00:00:00Z");
         assert_eq!(at(951_782_400), "2000-02-29T00:00:00Z");
-        assert_eq!(at(1_795_000_000), "2026-11-18T09:46:40Z");
+        assert_eq!(at(1_795_000_000), "2026-11-18T11:06:40Z");
     }
 }
