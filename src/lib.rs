@@ -109,6 +109,7 @@
 //! spiffe://…/b`. Ids `1..=26` keep aurelia 0.2's numbers.
 
 pub mod a0_transport;
+pub mod a1_callis;
 mod error;
 
 #[cfg(feature = "dev-certs")]

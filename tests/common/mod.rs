@@ -123,3 +123,4 @@ pub fn tempdir() -> std::path::PathBuf {
     std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700)).expect("chmod");
     dir
 }
+pub mod proxy;

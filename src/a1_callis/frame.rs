@@ -1,0 +1,717 @@
+//! The A1 frame codec: bytes ⇄ [`Frame`]s, byte for byte as `docs/wire-protocol.md` says.
+//!
+//! Pure code: no tokio, no IO, no clock, no allocation beyond what a frame needs. Decoding
+//! follows tokio-util's `Decoder` contract — `Ok(None)` means "need more bytes", `Err` means the
+//! stream is corrupt and the callis must close — and checks every declared length against a
+//! limit before anything is reserved. Payloads are zero-copy slices of the read buffer.
+//!
+//! Every frame is a 6-byte header — body length (`u32`), type (`u8`), flags (`u8`) — and a
+//! body. Types `0x80..=0xBF` are reserved and skippable: a decoder that does not know one skips
+//! it (the session counts it against its frame budget). Any other unknown type, and any flag bit
+//! a type does not define, is a protocol violation.
+
+use std::fmt;
+
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+
+/// The wire protocol version carried in [`Hello`].
+pub const PROTOCOL_VERSION: u16 = 1;
+
+/// Length of the frame header: body length `u32`, type `u8`, flags `u8`.
+pub const HEADER_LEN: usize = 6;
+
+/// Fixed part of a MESSAGE body: id, destination, source, message type.
+pub const MESSAGE_FIXED_LEN: usize = 8 + 8 + 8 + 4;
+
+/// Longest reason text in CLOSE and REJECT frames, in bytes.
+pub const MAX_REASON_LEN: usize = 256;
+
+/// Longest [`DomusId`](crate::DomusId) text in a HELLO.
+const MAX_HELLO_ID_LEN: usize = crate::a0_transport::DOMUS_ID_MAX_LEN;
+
+/// A frame type: an open set of named constants.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct FrameType(pub u8);
+
+impl FrameType {
+    /// First frame on a callis, both directions: version, identity, epoch, limits.
+    pub const HELLO: Self = Self(0x01);
+    /// Keepalive probe; the peer answers with PONG carrying the same nonce.
+    pub const PING: Self = Self(0x02);
+    /// Answer to PING.
+    pub const PONG: Self = Self(0x03);
+    /// The sender closes the callis, with a reason code and text.
+    pub const CLOSE: Self = Self(0x04);
+    /// An application or service message to a taberna.
+    pub const MESSAGE: Self = Self(0x10);
+    /// Batched acceptance of messages by id.
+    pub const ACCEPTED: Self = Self(0x11);
+    /// A reply (with payload) to one message.
+    pub const REPLY: Self = Self(0x12);
+    /// A rejection of one message, with error id, application code and reason.
+    pub const REJECT: Self = Self(0x13);
+
+    /// Whether this type lies in the reserved, skippable range `0x80..=0xBF`.
+    pub const fn is_skippable(self) -> bool {
+        self.0 >= 0x80 && self.0 <= 0xBF
+    }
+
+    fn name(self) -> Option<&'static str> {
+        Some(match self {
+            Self::HELLO => "HELLO",
+            Self::PING => "PING",
+            Self::PONG => "PONG",
+            Self::CLOSE => "CLOSE",
+            Self::MESSAGE => "MESSAGE",
+            Self::ACCEPTED => "ACCEPTED",
+            Self::REPLY => "REPLY",
+            Self::REJECT => "REJECT",
+            _ => return None,
+        })
+    }
+}
+
+impl fmt::Debug for FrameType {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.name() {
+            Some(name) => f.write_str(name),
+            None => write!(f, "FrameType({:#04x})", self.0),
+        }
+    }
+}
+
+/// The HELLO frame: what a side says about itself when a callis opens.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Hello {
+    /// Protocol version ([`PROTOCOL_VERSION`]).
+    pub version: u16,
+    /// Random per-domus-run epoch; a changed epoch means the peer restarted.
+    pub epoch: u64,
+    /// The longest frame body the sender accepts.
+    pub max_frame_len: u32,
+    /// How many message ids past its oldest unanswered one the sender's peer may use: the
+    /// sender's dedupe window.
+    pub window: u32,
+    /// The sender's [`DomusId`](crate::DomusId), which must equal its certificate's.
+    pub domus_id: String,
+}
+
+/// A decoded frame.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Frame {
+    /// HELLO.
+    Hello(Hello),
+    /// PING with its nonce.
+    Ping(u64),
+    /// PONG with the nonce of the PING it answers.
+    Pong(u64),
+    /// CLOSE: a reason code (an [`ErrorId`](crate::ErrorId) number) and text.
+    Close {
+        /// The reason code.
+        code: u32,
+        /// Human-readable reason (at most [`MAX_REASON_LEN`] bytes).
+        reason: String,
+    },
+    /// MESSAGE.
+    Message(MessageFrame),
+    /// ACCEPTED: the ids of accepted messages.
+    Accepted(AcceptedIds),
+    /// REPLY.
+    Reply {
+        /// The message id answered.
+        id: u64,
+        /// The reply payload.
+        payload: Bytes,
+    },
+    /// REJECT.
+    Reject(RejectFrame),
+    /// A frame of a reserved, skippable type that this decoder does not know.
+    Skipped(FrameType),
+}
+
+/// A MESSAGE frame.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MessageFrame {
+    /// The sender's id for this message (per sender epoch).
+    pub id: u64,
+    /// The destination taberna.
+    pub dst: u64,
+    /// The source taberna on the sender.
+    pub src: u64,
+    /// The message type.
+    pub msg_type: u32,
+    /// The payload.
+    pub payload: Bytes,
+}
+
+/// A REJECT frame.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RejectFrame {
+    /// The message id answered.
+    pub id: u64,
+    /// Why: an [`ErrorId`](crate::ErrorId) number (`RemoteTabernaRejected` for an application
+    /// reject, `UnknownTaberna`, `TabernaBusy`, …).
+    pub error: u32,
+    /// The application's reject code (0 when the rejection is not the application's).
+    pub code: u32,
+    /// Human-readable reason (at most [`MAX_REASON_LEN`] bytes).
+    pub reason: String,
+}
+
+/// The ids of an ACCEPTED frame, kept as the raw body and read lazily.
+#[derive(Clone, PartialEq, Eq)]
+pub struct AcceptedIds(Bytes);
+
+impl AcceptedIds {
+    /// How many ids.
+    pub fn len(&self) -> usize {
+        self.0.len() / 8
+    }
+
+    /// Whether there are none (never true for a decoded frame).
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// The ids, in the order they were written.
+    pub fn iter(&self) -> impl Iterator<Item = u64> + '_ {
+        self.0.chunks_exact(8).map(|c| {
+            let mut b = [0u8; 8];
+            b.copy_from_slice(c);
+            u64::from_be_bytes(b)
+        })
+    }
+}
+
+impl fmt::Debug for AcceptedIds {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_list().entries(self.iter()).finish()
+    }
+}
+
+/// Why a byte stream is not valid A1.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum FrameError {
+    /// A declared body length is over the limit (checked before reading the body).
+    TooLong {
+        /// The frame type.
+        frame_type: FrameType,
+        /// The declared length.
+        len: u32,
+        /// The limit.
+        max: u32,
+    },
+    /// A type outside every known and skippable range.
+    UnknownType(FrameType),
+    /// Flag bits the type does not define.
+    BadFlags {
+        /// The frame type.
+        frame_type: FrameType,
+        /// The flags byte.
+        flags: u8,
+    },
+    /// A body that does not match its type's layout.
+    Malformed {
+        /// The frame type.
+        frame_type: FrameType,
+        /// What is wrong.
+        what: &'static str,
+    },
+}
+
+impl fmt::Display for FrameError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::TooLong {
+                frame_type,
+                len,
+                max,
+            } => write!(f, "{frame_type:?} frame declares {len} bytes, limit {max}"),
+            Self::UnknownType(t) => write!(f, "unknown frame type {:#04x}", t.0),
+            Self::BadFlags { frame_type, flags } => {
+                write!(f, "{frame_type:?} frame has undefined flags {flags:#04x}")
+            }
+            Self::Malformed { frame_type, what } => {
+                write!(f, "malformed {frame_type:?} frame: {what}")
+            }
+        }
+    }
+}
+
+impl std::error::Error for FrameError {}
+
+/// Decodes one frame from the front of `buf`, whose bodies may be at most `max_frame_len`
+/// bytes. `Ok(None)`: not enough bytes yet (nothing consumed). `Err`: corrupt stream.
+pub fn decode(buf: &mut BytesMut, max_frame_len: u32) -> Result<Option<Frame>, FrameError> {
+    let Some(header) = buf.get(..HEADER_LEN) else {
+        return Ok(None);
+    };
+    let mut header = header;
+    let len = header.get_u32();
+    let frame_type = FrameType(header.get_u8());
+    let flags = header.get_u8();
+    check_header(frame_type, flags, len, max_frame_len)?;
+    let total = HEADER_LEN.saturating_add(len as usize);
+    if buf.len() < total {
+        // Nothing is reserved for the announced body: the reader grows the buffer as bytes
+        // actually arrive, so a header alone cannot make us allocate.
+        return Ok(None);
+    }
+    buf.advance(HEADER_LEN);
+    let body = buf.split_to(len as usize).freeze();
+    decode_body(frame_type, body).map(Some)
+}
+
+/// Validates a header before its body is read.
+fn check_header(
+    frame_type: FrameType,
+    flags: u8,
+    len: u32,
+    max_frame_len: u32,
+) -> Result<(), FrameError> {
+    if frame_type.name().is_none() && !frame_type.is_skippable() {
+        return Err(FrameError::UnknownType(frame_type));
+    }
+    // No known type defines a flag yet; skippable types may carry any.
+    if flags != 0 && !frame_type.is_skippable() {
+        return Err(FrameError::BadFlags { frame_type, flags });
+    }
+    let max = match frame_type {
+        FrameType::PING | FrameType::PONG => 8,
+        FrameType::CLOSE => 4 + 2 + MAX_REASON_LEN as u32,
+        FrameType::HELLO => 2 + 8 + 4 + 4 + 2 + MAX_HELLO_ID_LEN as u32,
+        _ => max_frame_len,
+    };
+    if len > max {
+        return Err(FrameError::TooLong {
+            frame_type,
+            len,
+            max,
+        });
+    }
+    Ok(())
+}
+
+fn malformed(frame_type: FrameType, what: &'static str) -> FrameError {
+    FrameError::Malformed { frame_type, what }
+}
+
+fn need(body: &Bytes, n: usize, t: FrameType, what: &'static str) -> Result<(), FrameError> {
+    if body.remaining() < n {
+        Err(malformed(t, what))
+    } else {
+        Ok(())
+    }
+}
+
+fn finish(body: &Bytes, t: FrameType) -> Result<(), FrameError> {
+    if body.has_remaining() {
+        Err(malformed(t, "trailing bytes after the body"))
+    } else {
+        Ok(())
+    }
+}
+
+/// Reads a `u16`-length-prefixed UTF-8 string of at most `max` bytes.
+fn get_text(body: &mut Bytes, t: FrameType, max: usize) -> Result<String, FrameError> {
+    need(body, 2, t, "truncated text length")?;
+    let len = body.get_u16() as usize;
+    if len > max {
+        return Err(malformed(t, "text longer than allowed"));
+    }
+    need(body, len, t, "text shorter than its length")?;
+    let raw = body.split_to(len);
+    String::from_utf8(raw.to_vec()).map_err(|_| malformed(t, "text is not UTF-8"))
+}
+
+fn decode_body(t: FrameType, mut body: Bytes) -> Result<Frame, FrameError> {
+    let frame = match t {
+        FrameType::HELLO => {
+            need(&body, 2 + 8 + 4 + 4, t, "truncated HELLO")?;
+            let version = body.get_u16();
+            let epoch = body.get_u64();
+            let max_frame_len = body.get_u32();
+            let window = body.get_u32();
+            let domus_id = get_text(&mut body, t, MAX_HELLO_ID_LEN)?;
+            Frame::Hello(Hello {
+                version,
+                epoch,
+                max_frame_len,
+                window,
+                domus_id,
+            })
+        }
+        FrameType::PING | FrameType::PONG => {
+            need(&body, 8, t, "a nonce is 8 bytes")?;
+            let nonce = body.get_u64();
+            if t == FrameType::PING {
+                Frame::Ping(nonce)
+            } else {
+                Frame::Pong(nonce)
+            }
+        }
+        FrameType::CLOSE => {
+            need(&body, 4, t, "truncated CLOSE")?;
+            let code = body.get_u32();
+            let reason = get_text(&mut body, t, MAX_REASON_LEN)?;
+            Frame::Close { code, reason }
+        }
+        FrameType::MESSAGE => {
+            need(&body, MESSAGE_FIXED_LEN, t, "truncated MESSAGE header")?;
+            let id = body.get_u64();
+            let dst = body.get_u64();
+            let src = body.get_u64();
+            let msg_type = body.get_u32();
+            return Ok(Frame::Message(MessageFrame {
+                id,
+                dst,
+                src,
+                msg_type,
+                payload: body,
+            }));
+        }
+        FrameType::ACCEPTED => {
+            if body.is_empty() || body.len() % 8 != 0 {
+                return Err(malformed(t, "the body must be one or more 8-byte ids"));
+            }
+            return Ok(Frame::Accepted(AcceptedIds(body)));
+        }
+        FrameType::REPLY => {
+            need(&body, 8, t, "truncated REPLY")?;
+            let id = body.get_u64();
+            return Ok(Frame::Reply { id, payload: body });
+        }
+        FrameType::REJECT => {
+            need(&body, 8 + 4 + 4, t, "truncated REJECT")?;
+            let id = body.get_u64();
+            let error = body.get_u32();
+            let code = body.get_u32();
+            let reason = get_text(&mut body, t, MAX_REASON_LEN)?;
+            Frame::Reject(RejectFrame {
+                id,
+                error,
+                code,
+                reason,
+            })
+        }
+        other if other.is_skippable() => return Ok(Frame::Skipped(other)),
+        other => return Err(FrameError::UnknownType(other)),
+    };
+    finish(&body, t)?;
+    Ok(frame)
+}
+
+fn put_header(out: &mut BytesMut, t: FrameType, body_len: usize) {
+    // Callers never build a body over u32::MAX: payload sizes are checked against
+    // `max_frame_len` (a u32) before a message is queued.
+    let len = u32::try_from(body_len).unwrap_or(u32::MAX);
+    out.put_u32(len);
+    out.put_u8(t.0);
+    out.put_u8(0);
+}
+
+/// Cuts `s` to at most `max` bytes at a character boundary.
+fn capped(s: &str, max: usize) -> &str {
+    if s.len() <= max {
+        return s;
+    }
+    let mut cut = max;
+    while !s.is_char_boundary(cut) {
+        cut = cut.saturating_sub(1);
+    }
+    s.get(..cut).unwrap_or_default()
+}
+
+fn put_text(out: &mut BytesMut, s: &str) {
+    out.put_u16(s.len() as u16);
+    out.put_slice(s.as_bytes());
+}
+
+/// Encodes a HELLO.
+pub fn encode_hello(out: &mut BytesMut, hello: &Hello) {
+    let id = capped(&hello.domus_id, MAX_HELLO_ID_LEN);
+    put_header(out, FrameType::HELLO, 2 + 8 + 4 + 4 + 2 + id.len());
+    out.put_u16(hello.version);
+    out.put_u64(hello.epoch);
+    out.put_u32(hello.max_frame_len);
+    out.put_u32(hello.window);
+    put_text(out, id);
+}
+
+/// Encodes a PING.
+pub fn encode_ping(out: &mut BytesMut, nonce: u64) {
+    put_header(out, FrameType::PING, 8);
+    out.put_u64(nonce);
+}
+
+/// Encodes a PONG.
+pub fn encode_pong(out: &mut BytesMut, nonce: u64) {
+    put_header(out, FrameType::PONG, 8);
+    out.put_u64(nonce);
+}
+
+/// Encodes a CLOSE; the reason is cut to [`MAX_REASON_LEN`] bytes.
+pub fn encode_close(out: &mut BytesMut, code: u32, reason: &str) {
+    let reason = capped(reason, MAX_REASON_LEN);
+    put_header(out, FrameType::CLOSE, 4 + 2 + reason.len());
+    out.put_u32(code);
+    put_text(out, reason);
+}
+
+/// Encodes a MESSAGE.
+pub fn encode_message(
+    out: &mut BytesMut,
+    id: u64,
+    dst: u64,
+    src: u64,
+    msg_type: u32,
+    payload: &[u8],
+) {
+    out.reserve(HEADER_LEN + MESSAGE_FIXED_LEN + payload.len());
+    put_header(out, FrameType::MESSAGE, MESSAGE_FIXED_LEN + payload.len());
+    out.put_u64(id);
+    out.put_u64(dst);
+    out.put_u64(src);
+    out.put_u32(msg_type);
+    out.put_slice(payload);
+}
+
+/// Encodes an ACCEPTED frame for `ids` (which must not be empty).
+pub fn encode_accepted(out: &mut BytesMut, ids: &[u64]) {
+    put_header(out, FrameType::ACCEPTED, ids.len().saturating_mul(8));
+    for id in ids {
+        out.put_u64(*id);
+    }
+}
+
+/// Encodes a REPLY.
+pub fn encode_reply(out: &mut BytesMut, id: u64, payload: &[u8]) {
+    put_header(out, FrameType::REPLY, 8 + payload.len());
+    out.put_u64(id);
+    out.put_slice(payload);
+}
+
+/// Encodes a REJECT; the reason is cut to [`MAX_REASON_LEN`] bytes.
+pub fn encode_reject(out: &mut BytesMut, id: u64, error: u32, code: u32, reason: &str) {
+    let reason = capped(reason, MAX_REASON_LEN);
+    put_header(out, FrameType::REJECT, 8 + 4 + 4 + 2 + reason.len());
+    out.put_u64(id);
+    out.put_u32(error);
+    out.put_u32(code);
+    put_text(out, reason);
+}
+
+impl Frame {
+    /// Encodes this frame (for tests and tools; the session uses the `encode_*` functions).
+    pub fn encode(&self, out: &mut BytesMut) {
+        match self {
+            Frame::Hello(h) => encode_hello(out, h),
+            Frame::Ping(n) => encode_ping(out, *n),
+            Frame::Pong(n) => encode_pong(out, *n),
+            Frame::Close { code, reason } => encode_close(out, *code, reason),
+            Frame::Message(m) => encode_message(out, m.id, m.dst, m.src, m.msg_type, &m.payload),
+            Frame::Accepted(ids) => {
+                put_header(out, FrameType::ACCEPTED, ids.0.len());
+                out.put_slice(&ids.0);
+            }
+            Frame::Reply { id, payload } => encode_reply(out, *id, payload),
+            Frame::Reject(r) => encode_reject(out, r.id, r.error, r.code, &r.reason),
+            Frame::Skipped(t) => put_header(out, *t, 0),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    const MAX: u32 = 1 << 20;
+
+    fn decode_all(mut buf: BytesMut) -> Result<Vec<Frame>, FrameError> {
+        let mut out = Vec::new();
+        while let Some(f) = decode(&mut buf, MAX)? {
+            out.push(f);
+        }
+        assert!(buf.is_empty(), "{} bytes left over", buf.len());
+        Ok(out)
+    }
+
+    fn arb_text(max: usize) -> impl Strategy<Value = String> {
+        proptest::collection::vec(any::<char>(), 0..max / 4).prop_map(|c| c.into_iter().collect())
+    }
+
+    fn arb_frame() -> impl Strategy<Value = Frame> {
+        let bytes = || proptest::collection::vec(any::<u8>(), 0..300).prop_map(Bytes::from);
+        prop_oneof![
+            (any::<u16>(), any::<u64>(), any::<u32>(), any::<u32>(), arb_text(200)).prop_map(
+                |(version, epoch, max_frame_len, window, domus_id)| Frame::Hello(Hello {
+                    version,
+                    epoch,
+                    max_frame_len,
+                    window,
+                    domus_id
+                })
+            ),
+            any::<u64>().prop_map(Frame::Ping),
+            any::<u64>().prop_map(Frame::Pong),
+            (any::<u32>(), arb_text(MAX_REASON_LEN))
+                .prop_map(|(code, reason)| Frame::Close { code, reason }),
+            (any::<u64>(), any::<u64>(), any::<u64>(), any::<u32>(), bytes()).prop_map(
+                |(id, dst, src, msg_type, payload)| Frame::Message(MessageFrame {
+                    id,
+                    dst,
+                    src,
+                    msg_type,
+                    payload
+                })
+            ),
+            proptest::collection::vec(any::<u64>(), 1..50).prop_map(|ids| {
+                let mut b = BytesMut::new();
+                encode_accepted(&mut b, &ids);
+                b.advance(HEADER_LEN);
+                Frame::Accepted(AcceptedIds(b.freeze()))
+            }),
+            (any::<u64>(), bytes()).prop_map(|(id, payload)| Frame::Reply { id, payload }),
+            (any::<u64>(), any::<u32>(), any::<u32>(), arb_text(MAX_REASON_LEN)).prop_map(
+                |(id, error, code, reason)| Frame::Reject(RejectFrame {
+                    id,
+                    error,
+                    code,
+                    reason
+                })
+            ),
+        ]
+    }
+
+    proptest! {
+        #[test]
+        fn encode_decode_round_trips(frames in proptest::collection::vec(arb_frame(), 1..8)) {
+            let mut buf = BytesMut::new();
+            for f in &frames {
+                f.encode(&mut buf);
+            }
+            prop_assert_eq!(decode_all(buf).unwrap(), frames);
+        }
+
+        #[test]
+        fn t14_truncation_at_every_offset_needs_more_bytes(frame in arb_frame()) {
+            let mut full = BytesMut::new();
+            frame.encode(&mut full);
+            for cut in 0..full.len() {
+                let mut part = BytesMut::from(&full[..cut]);
+                prop_assert_eq!(decode(&mut part, MAX), Ok(None));
+                prop_assert_eq!(part.len(), cut, "nothing consumed on a partial frame");
+            }
+        }
+
+        #[test]
+        fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
+            let mut buf = BytesMut::from(&bytes[..]);
+            while let Ok(Some(_)) = decode(&mut buf, 1024) {}
+        }
+    }
+
+    #[test]
+    fn t13_oversized_length_is_refused_before_allocation() {
+        let mut buf = BytesMut::new();
+        buf.put_u32(u32::MAX);
+        buf.put_u8(FrameType::MESSAGE.0);
+        buf.put_u8(0);
+        let cap_before = buf.capacity();
+        let err = decode(&mut buf, MAX).unwrap_err();
+        assert!(matches!(err, FrameError::TooLong { len: u32::MAX, .. }), "{err}");
+        assert_eq!(buf.capacity(), cap_before, "nothing reserved for a refused frame");
+        // Control frames have their own small limits, whatever max_frame_len is.
+        for t in [FrameType::PING, FrameType::CLOSE, FrameType::HELLO] {
+            let mut buf = BytesMut::new();
+            buf.put_u32(70_000);
+            buf.put_u8(t.0);
+            buf.put_u8(0);
+            assert!(matches!(
+                decode(&mut buf, u32::MAX),
+                Err(FrameError::TooLong { .. })
+            ));
+        }
+    }
+
+    #[test]
+    fn t13_nested_lengths_must_match_the_outer_length() {
+        // A REJECT whose reason claims more bytes than the body has.
+        let mut buf = BytesMut::new();
+        put_header(&mut buf, FrameType::REJECT, 8 + 4 + 4 + 2 + 3);
+        buf.put_u64(1);
+        buf.put_u32(4);
+        buf.put_u32(0);
+        buf.put_u16(200);
+        buf.put_slice(b"abc");
+        assert!(matches!(decode(&mut buf, MAX), Err(FrameError::Malformed { .. })));
+        // A PING with trailing bytes.
+        let mut buf = BytesMut::new();
+        put_header(&mut buf, FrameType::PING, 8);
+        buf.put_u64(7);
+        let mut bad = BytesMut::new();
+        put_header(&mut bad, FrameType::CLOSE, 4 + 2 + 1 + 1);
+        bad.put_u32(0);
+        bad.put_u16(1);
+        bad.put_slice(b"xy");
+        assert!(decode(&mut buf, MAX).unwrap().is_some());
+        assert!(matches!(decode(&mut bad, MAX), Err(FrameError::Malformed { .. })));
+        // An ACCEPTED body that is not a whole number of ids.
+        let mut buf = BytesMut::new();
+        put_header(&mut buf, FrameType::ACCEPTED, 12);
+        buf.put_slice(&[0; 12]);
+        assert!(matches!(decode(&mut buf, MAX), Err(FrameError::Malformed { .. })));
+    }
+
+    #[test]
+    fn t15_every_type_id_has_a_defined_outcome() {
+        for t in 0u8..=255 {
+            for flags in [0u8, 1, 0x80] {
+                let mut buf = BytesMut::new();
+                buf.put_u32(0);
+                buf.put_u8(t);
+                buf.put_u8(flags);
+                let outcome = decode(&mut buf, MAX);
+                let ft = FrameType(t);
+                match outcome {
+                    Ok(Some(Frame::Skipped(s))) => {
+                        assert!(ft.is_skippable() && s == ft);
+                    }
+                    Err(FrameError::UnknownType(_)) => {
+                        assert!(ft.name().is_none() && !ft.is_skippable())
+                    }
+                    Err(FrameError::BadFlags { .. }) => assert!(flags != 0 && ft.name().is_some()),
+                    // Known types with an empty body are malformed.
+                    Err(FrameError::Malformed { .. }) => {
+                        assert!(flags == 0 && ft.name().is_some())
+                    }
+                    other => panic!("type {t:#04x} flags {flags:#04x}: {other:?}"),
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn payloads_are_zero_copy_slices() {
+        let mut buf = BytesMut::new();
+        encode_message(&mut buf, 1, 2, 3, 4, &[9; 64]);
+        let base = buf.as_ptr() as usize;
+        let Some(Frame::Message(m)) = decode(&mut buf, MAX).unwrap() else {
+            panic!()
+        };
+        assert_eq!(m.payload.as_ptr() as usize, base + HEADER_LEN + MESSAGE_FIXED_LEN);
+    }
+
+    #[test]
+    fn reasons_are_capped_at_a_char_boundary() {
+        let mut buf = BytesMut::new();
+        encode_close(&mut buf, 7, &"é".repeat(400));
+        let Some(Frame::Close { reason, .. }) = decode(&mut buf, MAX).unwrap() else {
+            panic!()
+        };
+        assert!(reason.len() <= MAX_REASON_LEN && reason.chars().all(|c| c == 'é'));
+    }
+}

@@ -1,0 +1,18 @@
+//! **A1: the callis.** One authenticated connection per peer carries HELLO, keepalive,
+//! messages and their answers, framed by a pure codec ([`frame`]) and driven by a sans-IO
+//! session state machine ([`session`]).
+//!
+//! This layer must not know about TLS, certificates or sockets (it receives bytes and returns
+//! bytes), nor read the clock: time is always passed in.
+
+#![cfg_attr(
+    not(test),
+    deny(
+        clippy::unwrap_used,
+        clippy::expect_used,
+        clippy::indexing_slicing,
+        clippy::arithmetic_side_effects
+    )
+)]
+
+pub mod frame;
