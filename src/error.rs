@@ -26,7 +26,7 @@ macro_rules! error_ids {
         /// A stable numeric identifier for each kind of failure.
         ///
         /// The numbers never change meaning once released. `1..=26` are the numbers aurelia 0.2
-        /// uses for the same failures; vicus's own start at 100 (A0 transport: 100–149).
+        /// uses for the same failures; vicus's own start at 100 (A0 transport: 100–149, A1 delivery: 150–199).
         #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
         #[non_exhaustive]
         #[repr(u32)]
@@ -150,6 +150,20 @@ error_ids! {
     InvalidAddress = 113,
     /// A socket operation failed.
     Io = 114,
+
+    /// A payload is larger than the peer (or this domus) accepts in one frame.
+    PayloadTooLarge = 150,
+    /// The destination taberna does not accept messages from this peer (its allow-list).
+    Forbidden = 151,
+    /// The destination taberna does not accept this message type.
+    MessageTypeNotAccepted = 152,
+    /// The message type is outside the range the caller may use (applications send A3 only).
+    InvalidMessageType = 153,
+    /// A reply was produced but could not be kept for a resend after a reconnect (the
+    /// per-peer reply retention budget was exhausted).
+    ReplyLost = 154,
+    /// The handler dropped the request without answering it.
+    RequestDropped = 155,
 }
 
 impl fmt::Display for ErrorId {

@@ -29,6 +29,17 @@ pub const MAX_REASON_LEN: usize = 256;
 /// Longest [`DomusId`](crate::DomusId) text in a HELLO.
 const MAX_HELLO_ID_LEN: usize = crate::a0_transport::DOMUS_ID_MAX_LEN;
 
+/// Fixed part of a HELLO body: version, epoch, max frame length, window, id length.
+const HELLO_FIXED_LEN: usize = 2 + 8 + 4 + 4 + 2;
+/// Longest HELLO body.
+const HELLO_MAX_LEN: u32 = (HELLO_FIXED_LEN + MAX_HELLO_ID_LEN) as u32;
+/// Fixed part of a CLOSE body: code, reason length.
+const CLOSE_FIXED_LEN: usize = 4 + 2;
+/// Longest CLOSE body.
+const CLOSE_MAX_LEN: u32 = (CLOSE_FIXED_LEN + MAX_REASON_LEN) as u32;
+/// Fixed part of a REJECT body: id, error, code, reason length.
+const REJECT_FIXED_LEN: usize = 8 + 4 + 4 + 2;
+
 /// A frame type: an open set of named constants.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct FrameType(pub u8);
@@ -280,8 +291,8 @@ fn check_header(
     }
     let max = match frame_type {
         FrameType::PING | FrameType::PONG => 8,
-        FrameType::CLOSE => 4 + 2 + MAX_REASON_LEN as u32,
-        FrameType::HELLO => 2 + 8 + 4 + 4 + 2 + MAX_HELLO_ID_LEN as u32,
+        FrameType::CLOSE => CLOSE_MAX_LEN,
+        FrameType::HELLO => HELLO_MAX_LEN,
         _ => max_frame_len,
     };
     if len > max {
@@ -329,7 +340,7 @@ fn get_text(body: &mut Bytes, t: FrameType, max: usize) -> Result<String, FrameE
 fn decode_body(t: FrameType, mut body: Bytes) -> Result<Frame, FrameError> {
     let frame = match t {
         FrameType::HELLO => {
-            need(&body, 2 + 8 + 4 + 4, t, "truncated HELLO")?;
+            need(&body, HELLO_FIXED_LEN - 2, t, "truncated HELLO")?;
             let version = body.get_u16();
             let epoch = body.get_u64();
             let max_frame_len = body.get_u32();
@@ -384,7 +395,7 @@ fn decode_body(t: FrameType, mut body: Bytes) -> Result<Frame, FrameError> {
             return Ok(Frame::Reply { id, payload: body });
         }
         FrameType::REJECT => {
-            need(&body, 8 + 4 + 4, t, "truncated REJECT")?;
+            need(&body, REJECT_FIXED_LEN - 2, t, "truncated REJECT")?;
             let id = body.get_u64();
             let error = body.get_u32();
             let code = body.get_u32();
@@ -432,7 +443,7 @@ fn put_text(out: &mut BytesMut, s: &str) {
 /// Encodes a HELLO.
 pub fn encode_hello(out: &mut BytesMut, hello: &Hello) {
     let id = capped(&hello.domus_id, MAX_HELLO_ID_LEN);
-    put_header(out, FrameType::HELLO, 2 + 8 + 4 + 4 + 2 + id.len());
+    put_header(out, FrameType::HELLO, HELLO_FIXED_LEN.saturating_add(id.len()));
     out.put_u16(hello.version);
     out.put_u64(hello.epoch);
     out.put_u32(hello.max_frame_len);
@@ -455,7 +466,7 @@ pub fn encode_pong(out: &mut BytesMut, nonce: u64) {
 /// Encodes a CLOSE; the reason is cut to [`MAX_REASON_LEN`] bytes.
 pub fn encode_close(out: &mut BytesMut, code: u32, reason: &str) {
     let reason = capped(reason, MAX_REASON_LEN);
-    put_header(out, FrameType::CLOSE, 4 + 2 + reason.len());
+    put_header(out, FrameType::CLOSE, CLOSE_FIXED_LEN.saturating_add(reason.len()));
     out.put_u32(code);
     put_text(out, reason);
 }
@@ -469,8 +480,9 @@ pub fn encode_message(
     msg_type: u32,
     payload: &[u8],
 ) {
-    out.reserve(HEADER_LEN + MESSAGE_FIXED_LEN + payload.len());
-    put_header(out, FrameType::MESSAGE, MESSAGE_FIXED_LEN + payload.len());
+    let body = MESSAGE_FIXED_LEN.saturating_add(payload.len());
+    out.reserve(HEADER_LEN.saturating_add(body));
+    put_header(out, FrameType::MESSAGE, body);
     out.put_u64(id);
     out.put_u64(dst);
     out.put_u64(src);
@@ -488,7 +500,7 @@ pub fn encode_accepted(out: &mut BytesMut, ids: &[u64]) {
 
 /// Encodes a REPLY.
 pub fn encode_reply(out: &mut BytesMut, id: u64, payload: &[u8]) {
-    put_header(out, FrameType::REPLY, 8 + payload.len());
+    put_header(out, FrameType::REPLY, payload.len().saturating_add(8));
     out.put_u64(id);
     out.put_slice(payload);
 }
@@ -496,7 +508,7 @@ pub fn encode_reply(out: &mut BytesMut, id: u64, payload: &[u8]) {
 /// Encodes a REJECT; the reason is cut to [`MAX_REASON_LEN`] bytes.
 pub fn encode_reject(out: &mut BytesMut, id: u64, error: u32, code: u32, reason: &str) {
     let reason = capped(reason, MAX_REASON_LEN);
-    put_header(out, FrameType::REJECT, 8 + 4 + 4 + 2 + reason.len());
+    put_header(out, FrameType::REJECT, REJECT_FIXED_LEN.saturating_add(reason.len()));
     out.put_u64(id);
     out.put_u32(error);
     out.put_u32(code);
@@ -546,28 +558,42 @@ mod tests {
     fn arb_frame() -> impl Strategy<Value = Frame> {
         let bytes = || proptest::collection::vec(any::<u8>(), 0..300).prop_map(Bytes::from);
         prop_oneof![
-            (any::<u16>(), any::<u64>(), any::<u32>(), any::<u32>(), arb_text(200)).prop_map(
-                |(version, epoch, max_frame_len, window, domus_id)| Frame::Hello(Hello {
-                    version,
-                    epoch,
-                    max_frame_len,
-                    window,
-                    domus_id
-                })
-            ),
+            (
+                any::<u16>(),
+                any::<u64>(),
+                any::<u32>(),
+                any::<u32>(),
+                arb_text(200)
+            )
+                .prop_map(|(version, epoch, max_frame_len, window, domus_id)| {
+                    Frame::Hello(Hello {
+                        version,
+                        epoch,
+                        max_frame_len,
+                        window,
+                        domus_id,
+                    })
+                }),
             any::<u64>().prop_map(Frame::Ping),
             any::<u64>().prop_map(Frame::Pong),
             (any::<u32>(), arb_text(MAX_REASON_LEN))
                 .prop_map(|(code, reason)| Frame::Close { code, reason }),
-            (any::<u64>(), any::<u64>(), any::<u64>(), any::<u32>(), bytes()).prop_map(
-                |(id, dst, src, msg_type, payload)| Frame::Message(MessageFrame {
-                    id,
-                    dst,
-                    src,
-                    msg_type,
-                    payload
-                })
-            ),
+            (
+                any::<u64>(),
+                any::<u64>(),
+                any::<u64>(),
+                any::<u32>(),
+                bytes()
+            )
+                .prop_map(|(id, dst, src, msg_type, payload)| Frame::Message(
+                    MessageFrame {
+                        id,
+                        dst,
+                        src,
+                        msg_type,
+                        payload
+                    }
+                )),
             proptest::collection::vec(any::<u64>(), 1..50).prop_map(|ids| {
                 let mut b = BytesMut::new();
                 encode_accepted(&mut b, &ids);
@@ -575,14 +601,18 @@ mod tests {
                 Frame::Accepted(AcceptedIds(b.freeze()))
             }),
             (any::<u64>(), bytes()).prop_map(|(id, payload)| Frame::Reply { id, payload }),
-            (any::<u64>(), any::<u32>(), any::<u32>(), arb_text(MAX_REASON_LEN)).prop_map(
-                |(id, error, code, reason)| Frame::Reject(RejectFrame {
+            (
+                any::<u64>(),
+                any::<u32>(),
+                any::<u32>(),
+                arb_text(MAX_REASON_LEN)
+            )
+                .prop_map(|(id, error, code, reason)| Frame::Reject(RejectFrame {
                     id,
                     error,
                     code,
                     reason
-                })
-            ),
+                })),
         ]
     }
 
@@ -622,8 +652,15 @@ mod tests {
         buf.put_u8(0);
         let cap_before = buf.capacity();
         let err = decode(&mut buf, MAX).unwrap_err();
-        assert!(matches!(err, FrameError::TooLong { len: u32::MAX, .. }), "{err}");
-        assert_eq!(buf.capacity(), cap_before, "nothing reserved for a refused frame");
+        assert!(
+            matches!(err, FrameError::TooLong { len: u32::MAX, .. }),
+            "{err}"
+        );
+        assert_eq!(
+            buf.capacity(),
+            cap_before,
+            "nothing reserved for a refused frame"
+        );
         // Control frames have their own small limits, whatever max_frame_len is.
         for t in [FrameType::PING, FrameType::CLOSE, FrameType::HELLO] {
             let mut buf = BytesMut::new();
@@ -647,7 +684,10 @@ mod tests {
         buf.put_u32(0);
         buf.put_u16(200);
         buf.put_slice(b"abc");
-        assert!(matches!(decode(&mut buf, MAX), Err(FrameError::Malformed { .. })));
+        assert!(matches!(
+            decode(&mut buf, MAX),
+            Err(FrameError::Malformed { .. })
+        ));
         // A PING with trailing bytes.
         let mut buf = BytesMut::new();
         put_header(&mut buf, FrameType::PING, 8);
@@ -658,12 +698,18 @@ mod tests {
         bad.put_u16(1);
         bad.put_slice(b"xy");
         assert!(decode(&mut buf, MAX).unwrap().is_some());
-        assert!(matches!(decode(&mut bad, MAX), Err(FrameError::Malformed { .. })));
+        assert!(matches!(
+            decode(&mut bad, MAX),
+            Err(FrameError::Malformed { .. })
+        ));
         // An ACCEPTED body that is not a whole number of ids.
         let mut buf = BytesMut::new();
         put_header(&mut buf, FrameType::ACCEPTED, 12);
         buf.put_slice(&[0; 12]);
-        assert!(matches!(decode(&mut buf, MAX), Err(FrameError::Malformed { .. })));
+        assert!(matches!(
+            decode(&mut buf, MAX),
+            Err(FrameError::Malformed { .. })
+        ));
     }
 
     #[test]
@@ -702,7 +748,10 @@ mod tests {
         let Some(Frame::Message(m)) = decode(&mut buf, MAX).unwrap() else {
             panic!()
         };
-        assert_eq!(m.payload.as_ptr() as usize, base + HEADER_LEN + MESSAGE_FIXED_LEN);
+        assert_eq!(
+            m.payload.as_ptr() as usize,
+            base + HEADER_LEN + MESSAGE_FIXED_LEN
+        );
     }
 
     #[test]

@@ -1,0 +1,663 @@
+//! Two sessions back to back in memory on a virtual clock: the `Pair` harness and the
+//! protocol tests that run on it (replay, dedupe, keepalive, priority, batching, epochs).
+//! Everything here takes microseconds and cannot flake: no sockets, no real time.
+
+use std::time::{Duration, Instant};
+
+use bytes::{Bytes, BytesMut};
+
+use super::*;
+use crate::a1_callis::frame::{self, Frame, FrameType};
+
+const A: &str = "spiffe://t/domus/a";
+const B: &str = "spiffe://t/domus/b";
+const APP: u32 = A3_MESSAGE_TYPE_BASE + 1;
+const SERVICE: u32 = 0x0001_0000;
+
+/// Two sessions wired back to back. Bytes written by one side are decoded by the other after
+/// `latency` of virtual time; either direction can be stalled.
+struct Pair {
+    a: Session,
+    b: Session,
+    now: Instant,
+    latency: Duration,
+    stall_a_to_b: bool,
+    stall_b_to_a: bool,
+    a_events: Vec<Event>,
+    b_events: Vec<Event>,
+    /// Frame types as they went over the wire, per direction.
+    a_wire: Vec<Frame>,
+    b_wire: Vec<Frame>,
+    /// When set, b answers every delivery with this at once.
+    b_auto: Option<Answer>,
+}
+
+impl Pair {
+    fn new(config: SessionConfig) -> Self {
+        Self {
+            a: Session::new(config.clone(), A.into(), 1),
+            b: Session::new(config, B.into(), 2),
+            now: Instant::now(),
+            latency: Duration::from_micros(50),
+            stall_a_to_b: false,
+            stall_b_to_a: false,
+            a_events: Vec::new(),
+            b_events: Vec::new(),
+            a_wire: Vec::new(),
+            b_wire: Vec::new(),
+            b_auto: None,
+        }
+    }
+
+    fn connect(&mut self) {
+        self.a.connected(self.now, B);
+        self.b.connected(self.now, A);
+        self.pump();
+    }
+
+    fn cut(&mut self) {
+        self.a.disconnected(self.now);
+        self.b.disconnected(self.now);
+        self.drain_events();
+    }
+
+    fn send(&mut self, msg_type: u32, payload: &'static [u8], timeout: Duration) -> u64 {
+        self.a
+            .send(Outgoing {
+                dst: 7,
+                src: 3,
+                msg_type,
+                payload: Bytes::from_static(payload),
+                deadline: self.now + timeout,
+            })
+            .expect("send accepted")
+    }
+
+    fn drain_events(&mut self) {
+        while let Some(e) = self.a.poll_event() {
+            self.a_events.push(e);
+        }
+        while let Some(e) = self.b.poll_event() {
+            if let (
+                Some(answer),
+                Event::Deliver {
+                    peer_epoch,
+                    message,
+                },
+            ) = (&self.b_auto, &e)
+            {
+                self.b.answer(*peer_epoch, message.id, answer.clone());
+            }
+            self.b_events.push(e);
+        }
+    }
+
+    /// Moves bytes both ways until neither side has anything to say.
+    fn pump(&mut self) {
+        for _ in 0..10_000 {
+            self.drain_events();
+            let mut moved = false;
+            let mut buf = BytesMut::new();
+            if !self.stall_a_to_b && self.a.poll_transmit(self.now, &mut buf) {
+                moved = true;
+                self.now += self.latency;
+                record(&mut self.a_wire, &buf);
+                self.b.recv_buf().extend_from_slice(&buf);
+                self.b.handle_input(self.now);
+            }
+            let mut buf = BytesMut::new();
+            if !self.stall_b_to_a && self.b.poll_transmit(self.now, &mut buf) {
+                moved = true;
+                self.now += self.latency;
+                record(&mut self.b_wire, &buf);
+                self.a.recv_buf().extend_from_slice(&buf);
+                self.a.handle_input(self.now);
+            }
+            self.drain_events();
+            if !moved {
+                return;
+            }
+        }
+        panic!("the pair never went quiet");
+    }
+
+    /// Advances virtual time, firing both sides' timers, and pumps.
+    fn advance(&mut self, by: Duration) {
+        let end = self.now + by;
+        loop {
+            let next = [self.a.poll_timeout(), self.b.poll_timeout()]
+                .into_iter()
+                .flatten()
+                .filter(|t| *t <= end)
+                .min();
+            let Some(t) = next else { break };
+            self.now = self.now.max(t);
+            self.a.handle_timeout(self.now);
+            self.b.handle_timeout(self.now);
+            self.pump();
+        }
+        self.now = end;
+        self.a.handle_timeout(self.now);
+        self.b.handle_timeout(self.now);
+        self.pump();
+    }
+
+    fn delivered_ids(&self) -> Vec<u64> {
+        self.b_events
+            .iter()
+            .filter_map(|e| match e {
+                Event::Deliver { message, .. } => Some(message.id),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn finished(&self) -> Vec<(u64, Outcome)> {
+        self.a_events
+            .iter()
+            .filter_map(|e| match e {
+                Event::Finished { id, outcome } => Some((*id, outcome.clone())),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn answer_all(&mut self, answer: Answer) {
+        let pending: Vec<(u64, u64)> = self
+            .b_events
+            .iter()
+            .filter_map(|e| match e {
+                Event::Deliver {
+                    peer_epoch,
+                    message,
+                } => Some((*peer_epoch, message.id)),
+                _ => None,
+            })
+            .collect();
+        for (epoch, id) in pending {
+            self.b.answer(epoch, id, answer.clone());
+        }
+    }
+}
+
+fn record(wire: &mut Vec<Frame>, bytes: &[u8]) {
+    let mut buf = BytesMut::from(bytes);
+    while let Ok(Some(f)) = frame::decode(&mut buf, u32::MAX) {
+        wire.push(f);
+    }
+}
+
+fn frame_types(wire: &[Frame]) -> Vec<FrameType> {
+    wire.iter()
+        .map(|f| match f {
+            Frame::Hello(_) => FrameType::HELLO,
+            Frame::Ping(_) => FrameType::PING,
+            Frame::Pong(_) => FrameType::PONG,
+            Frame::Close { .. } => FrameType::CLOSE,
+            Frame::Message(_) => FrameType::MESSAGE,
+            Frame::Accepted(_) => FrameType::ACCEPTED,
+            Frame::Reply { .. } => FrameType::REPLY,
+            Frame::Reject(_) => FrameType::REJECT,
+            Frame::Skipped(t) => *t,
+        })
+        .collect()
+}
+
+fn accepted() -> Outcome {
+    Outcome::Answered(Answer::Accepted)
+}
+
+fn failed_with(o: &Outcome) -> Option<ErrorId> {
+    match o {
+        Outcome::Failed(e) => Some(e.id()),
+        Outcome::Answered(_) => None,
+    }
+}
+
+fn closed_with(events: &[Event]) -> Option<ErrorId> {
+    events.iter().find_map(|e| match e {
+        Event::Close(err) => Some(err.id()),
+        _ => None,
+    })
+}
+
+#[test]
+fn hello_opens_both_sides() {
+    let mut p = Pair::new(SessionConfig::default());
+    p.connect();
+    assert!(p.a.is_open() && p.b.is_open());
+    assert!(p.a_events.contains(&Event::Connected {
+        peer_epoch: 2,
+        restarted: false
+    }));
+    assert_eq!(p.b.peer_epoch(), Some(1));
+}
+
+#[test]
+fn messages_are_delivered_in_order_and_acks_are_batched() {
+    let mut p = Pair::new(SessionConfig::default());
+    p.connect();
+    let ids: Vec<u64> = (0..100)
+        .map(|_| p.send(APP, b"hello", Duration::from_secs(5)))
+        .collect();
+    p.pump();
+    assert_eq!(p.delivered_ids(), ids);
+    p.answer_all(Answer::Accepted);
+    p.pump();
+    let finished = p.finished();
+    assert_eq!(finished.len(), 100);
+    assert!(finished.iter().all(|(_, o)| *o == accepted()));
+    let acks: Vec<&Frame> = p
+        .b_wire
+        .iter()
+        .filter(|f| matches!(f, Frame::Accepted(_)))
+        .collect();
+    assert_eq!(
+        acks.len(),
+        1,
+        "one ACCEPTED frame answers all 100: {acks:?}"
+    );
+    assert_eq!(p.a.in_flight(), 0);
+}
+
+#[test]
+fn replies_and_rejects_reach_the_sender() {
+    let mut p = Pair::new(SessionConfig::default());
+    p.connect();
+    let r = p.send(APP, b"q", Duration::from_secs(5));
+    let j = p.send(APP, b"q", Duration::from_secs(5));
+    p.pump();
+    let epoch = p.b.peer_epoch().expect("epoch");
+    p.b.answer(epoch, r, Answer::Replied(Bytes::from_static(b"answer")));
+    let reject = Answer::Rejected {
+        error: ErrorId::RemoteTabernaRejected.as_u32(),
+        code: 42,
+        reason: "no thanks".into(),
+    };
+    p.b.answer(epoch, j, reject.clone());
+    p.pump();
+    let finished = p.finished();
+    assert!(finished.contains(&(
+        r,
+        Outcome::Answered(Answer::Replied(Bytes::from_static(b"answer")))
+    )));
+    assert!(finished.contains(&(j, Outcome::Answered(reject))));
+}
+
+#[test]
+fn t26_replay_after_a_cut_keeps_order_deadlines_and_exactly_once() {
+    let mut p = Pair::new(SessionConfig::default());
+    p.connect();
+    let ids: Vec<u64> = (0..10)
+        .map(|_| p.send(APP, b"m", Duration::from_secs(5)))
+        .collect();
+    p.pump();
+    assert_eq!(p.delivered_ids(), ids);
+    // b answers the first five, but the answers never leave b before the cut.
+    let epoch = p.b.peer_epoch().expect("epoch");
+    p.stall_b_to_a = true;
+    for id in &ids[..5] {
+        p.b.answer(epoch, *id, Answer::Accepted);
+    }
+    p.pump();
+    p.cut();
+    p.stall_b_to_a = false;
+    p.a_wire.clear();
+    p.connect();
+    // a replays all ten in their original order; b suppresses the duplicates and re-sends
+    // the five answers it had.
+    let replayed: Vec<u64> = p
+        .a_wire
+        .iter()
+        .filter_map(|f| match f {
+            Frame::Message(m) => Some(m.id),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(replayed, ids);
+    assert_eq!(p.delivered_ids(), ids, "nothing delivered twice");
+    assert_eq!(p.b.stats().duplicates_suppressed, 10);
+    assert_eq!(p.finished().len(), 5);
+    // The other five are answered on the new callis.
+    for id in &ids[5..] {
+        p.b.answer(epoch, *id, Answer::Accepted);
+    }
+    p.pump();
+    let mut finished: Vec<u64> = p.finished().iter().map(|(id, _)| *id).collect();
+    finished.sort_unstable();
+    assert_eq!(finished, ids, "every send finished exactly once");
+    assert_eq!(p.a.stats().messages_replayed, 10);
+
+    // A replayed message keeps its original deadline.
+    let late = p.send(APP, b"late", Duration::from_secs(5));
+    p.pump();
+    p.cut();
+    p.advance(Duration::from_secs(4));
+    p.connect();
+    assert!(p.finished().iter().all(|(id, _)| *id != late));
+    p.advance(Duration::from_millis(1100));
+    let outcome = p
+        .finished()
+        .into_iter()
+        .find(|(id, _)| *id == late)
+        .expect("finished");
+    assert_eq!(failed_with(&outcome.1), Some(ErrorId::SendTimeout));
+}
+
+#[test]
+fn t19_a_duplicate_id_is_answered_again_never_delivered_twice() {
+    let mut p = Pair::new(SessionConfig::default());
+    p.connect();
+    p.b_auto = Some(Answer::Accepted);
+    let id = p.send(APP, b"once", Duration::from_secs(5));
+    p.pump();
+    // A hostile (or replaying) peer sends the same id again.
+    let mut dup = BytesMut::new();
+    frame::encode_message(&mut dup, id, 7, 3, APP, b"once");
+    p.b.recv_buf().extend_from_slice(&dup);
+    p.b.handle_input(p.now);
+    p.b_wire.clear();
+    p.pump();
+    assert_eq!(p.delivered_ids(), vec![id]);
+    assert!(
+        p.b_wire
+            .iter()
+            .any(|f| matches!(f, Frame::Accepted(ids) if ids.iter().eq([id]))),
+        "the duplicate is answered again: {:?}",
+        p.b_wire
+    );
+}
+
+#[test]
+fn t19_ids_far_outside_the_window_are_a_violation() {
+    let config = SessionConfig {
+        window: 16,
+        ..SessionConfig::default()
+    };
+    let mut p = Pair::new(config);
+    p.connect();
+    let mut buf = BytesMut::new();
+    frame::encode_message(&mut buf, 100, 7, 3, APP, b"x");
+    frame::encode_message(&mut buf, 50, 7, 3, APP, b"x");
+    p.b.recv_buf().extend_from_slice(&buf);
+    p.b.handle_input(p.now);
+    p.drain_events();
+    assert_eq!(closed_with(&p.b_events), Some(ErrorId::ProtocolViolation));
+    assert_eq!(p.delivered_ids(), vec![100]);
+    // The CLOSE goes out with the violation's id as its code.
+    let mut out = BytesMut::new();
+    p.b.poll_transmit(p.now, &mut out);
+    assert!(matches!(
+        frame::decode(&mut out, u32::MAX),
+        Ok(Some(Frame::Close { code, .. })) if code == ErrorId::ProtocolViolation.as_u32()
+    ));
+    assert!(p.b.is_closing());
+}
+
+#[test]
+fn t19_ids_near_2_pow_32_and_the_end_of_the_id_space() {
+    let mut p = Pair::new(SessionConfig::default());
+    p.a = Session::new(SessionConfig::default(), A.into(), 1).with_first_id((1 << 32) - 5);
+    p.b_auto = Some(Answer::Accepted);
+    p.connect();
+    for _ in 0..10 {
+        p.send(APP, b"x", Duration::from_secs(5));
+    }
+    p.pump();
+    assert_eq!(p.delivered_ids().len(), 10);
+    assert_eq!(p.finished().len(), 10);
+    let mut s = Session::new(SessionConfig::default(), A.into(), 1).with_first_id(u64::MAX - 2);
+    let msg = || Outgoing {
+        dst: 1,
+        src: 1,
+        msg_type: APP,
+        payload: Bytes::new(),
+        deadline: Instant::now() + Duration::from_secs(1),
+    };
+    assert!(s.send(msg()).is_ok());
+    assert!(s.send(msg()).is_ok());
+    assert_eq!(
+        s.send(msg()).expect_err("ids exhausted").id(),
+        ErrorId::LocalQueueFull
+    );
+}
+
+#[test]
+fn the_sender_never_runs_more_than_a_window_ahead() {
+    let config = SessionConfig {
+        window: 4,
+        ..SessionConfig::default()
+    };
+    let mut p = Pair::new(config);
+    p.connect();
+    let ids: Vec<u64> = (0..10)
+        .map(|_| p.send(APP, b"w", Duration::from_secs(5)))
+        .collect();
+    p.pump();
+    assert_eq!(p.delivered_ids(), ids[..4].to_vec());
+    let epoch = p.b.peer_epoch().expect("epoch");
+    p.b.answer(epoch, ids[0], Answer::Accepted);
+    p.pump();
+    assert_eq!(p.delivered_ids(), ids[..5].to_vec());
+}
+
+#[test]
+fn keepalive_measures_rtt_and_idle_timeout_closes() {
+    let mut p = Pair::new(SessionConfig::default());
+    p.latency = Duration::from_millis(3);
+    p.connect();
+    p.advance(Duration::from_secs(5));
+    let rtt = p.a.rtt().expect("rtt measured");
+    assert!(rtt >= Duration::from_millis(6), "{rtt:?}");
+    // Keepalives keep an idle but healthy callis open well past idle_timeout.
+    p.advance(Duration::from_secs(60));
+    assert!(p.a.is_open() && p.b.is_open());
+    assert_eq!(closed_with(&p.a_events), None);
+    // A peer that goes silent is closed after idle_timeout.
+    p.stall_b_to_a = true;
+    p.advance(Duration::from_secs(19));
+    assert!(p.a.is_open());
+    p.advance(Duration::from_secs(2));
+    assert_eq!(closed_with(&p.a_events), Some(ErrorId::ConnectionLost));
+}
+
+#[test]
+fn missing_hello_closes_at_hello_timeout() {
+    let mut p = Pair::new(SessionConfig::default());
+    p.stall_b_to_a = true;
+    p.connect();
+    p.advance(Duration::from_secs(11));
+    assert_eq!(closed_with(&p.a_events), Some(ErrorId::ProtocolViolation));
+}
+
+#[test]
+fn t20_control_and_answers_go_before_a2_before_a3() {
+    let mut p = Pair::new(SessionConfig::default());
+    // Queued before the callis exists: A3 first, then A2.
+    let a3: Vec<u64> = (0..5)
+        .map(|_| p.send(APP, b"app", Duration::from_secs(5)))
+        .collect();
+    let a2: Vec<u64> = (0..5)
+        .map(|_| p.send(SERVICE, b"svc", Duration::from_secs(5)))
+        .collect();
+    p.connect();
+    let expected: Vec<u64> = a2.iter().chain(&a3).copied().collect();
+    assert_eq!(p.delivered_ids(), expected, "A2 overtakes A3");
+    // b owes answers and has its own messages queued: answers go first.
+    for _ in 0..3 {
+        p.b.send(Outgoing {
+            dst: 1,
+            src: 1,
+            msg_type: APP,
+            payload: Bytes::from_static(b"from b"),
+            deadline: p.now + Duration::from_secs(5),
+        })
+        .expect("send");
+    }
+    p.answer_all(Answer::Accepted);
+    let mut out = BytesMut::new();
+    p.b.poll_transmit(p.now, &mut out);
+    let mut wire = Vec::new();
+    record(&mut wire, &out);
+    assert_eq!(
+        frame_types(&wire),
+        vec![
+            FrameType::ACCEPTED,
+            FrameType::MESSAGE,
+            FrameType::MESSAGE,
+            FrameType::MESSAGE
+        ]
+    );
+}
+
+#[test]
+fn epoch_change_fails_retained_sends_with_peer_restarted() {
+    let mut p = Pair::new(SessionConfig::default());
+    p.connect();
+    let sent: Vec<u64> = (0..5)
+        .map(|_| p.send(APP, b"m", Duration::from_secs(30)))
+        .collect();
+    p.pump();
+    p.cut();
+    // Queued while down: never transmitted, so it survives the restart.
+    let queued = p.send(APP, b"q", Duration::from_secs(30));
+    // b restarts: same identity, new epoch, no memory.
+    p.b = Session::new(SessionConfig::default(), B.into(), 99);
+    p.b_events.clear();
+    p.b_auto = Some(Answer::Accepted);
+    p.connect();
+    assert!(p.a_events.contains(&Event::Connected {
+        peer_epoch: 99,
+        restarted: true
+    }));
+    let finished = p.finished();
+    for id in &sent {
+        let (_, outcome) = finished.iter().find(|(i, _)| i == id).expect("finished");
+        assert_eq!(failed_with(outcome), Some(ErrorId::PeerRestarted));
+    }
+    assert!(finished.contains(&(queued, accepted())));
+    // New sends work.
+    let fresh = p.send(APP, b"new", Duration::from_secs(5));
+    p.pump();
+    assert!(p.finished().contains(&(fresh, accepted())));
+}
+
+#[test]
+fn answers_for_an_old_peer_epoch_are_dropped() {
+    let mut p = Pair::new(SessionConfig::default());
+    p.connect();
+    let id = p.send(APP, b"m", Duration::from_secs(5));
+    p.pump();
+    let old_epoch = p.b.peer_epoch().expect("epoch");
+    // a restarts; b's handler answers afterwards with the old epoch.
+    p.cut();
+    p.a = Session::new(SessionConfig::default(), A.into(), 77);
+    p.connect();
+    p.b.answer(old_epoch, id, Answer::Accepted);
+    p.b_wire.clear();
+    p.pump();
+    assert!(
+        !p.b_wire.iter().any(|f| matches!(f, Frame::Accepted(_))),
+        "{:?}",
+        p.b_wire
+    );
+}
+
+#[test]
+fn a_hello_that_lies_about_identity_or_version_closes() {
+    let mut p = Pair::new(SessionConfig::default());
+    p.a.connected(p.now, "spiffe://t/domus/someone-else");
+    p.b.connected(p.now, A);
+    p.pump();
+    assert_eq!(closed_with(&p.a_events), Some(ErrorId::ProtocolViolation));
+
+    let mut s = Session::new(SessionConfig::default(), A.into(), 1);
+    s.connected(Instant::now(), B);
+    let mut buf = BytesMut::new();
+    frame::encode_hello(
+        &mut buf,
+        &frame::Hello {
+            version: 9,
+            epoch: 1,
+            max_frame_len: 1 << 20,
+            window: 16,
+            domus_id: B.into(),
+        },
+    );
+    s.recv_buf().extend_from_slice(&buf);
+    s.handle_input(Instant::now());
+    assert!(
+        matches!(s.poll_event(), Some(Event::Close(e)) if e.id() == ErrorId::UnsupportedVersion)
+    );
+}
+
+#[test]
+fn local_refusals_are_immediate_and_typed() {
+    let config = SessionConfig {
+        max_frame_len: 1024,
+        max_in_flight: 2,
+        ..SessionConfig::default()
+    };
+    let mut s = Session::new(config, A.into(), 1);
+    let msg = |len: usize, msg_type: u32| Outgoing {
+        dst: 1,
+        src: 1,
+        msg_type,
+        payload: Bytes::from(vec![0u8; len]),
+        deadline: Instant::now() + Duration::from_secs(1),
+    };
+    let e = s.send(msg(2000, APP)).expect_err("too large");
+    assert_eq!(e.id(), ErrorId::PayloadTooLarge);
+    assert!(e.message().contains("2000 bytes"), "{e}");
+    assert_eq!(
+        s.send(msg(1, 5)).expect_err("A1 type").id(),
+        ErrorId::InvalidMessageType
+    );
+    s.send(msg(1, APP)).expect("1");
+    s.send(msg(1, APP)).expect("2");
+    assert_eq!(
+        s.send(msg(1, APP)).expect_err("full").id(),
+        ErrorId::LocalQueueFull
+    );
+}
+
+#[test]
+fn a_reply_over_the_retention_budget_becomes_reply_lost_on_replay() {
+    let config = SessionConfig {
+        max_retained_reply_bytes: 4,
+        ..SessionConfig::default()
+    };
+    let mut p = Pair::new(config);
+    p.connect();
+    let id = p.send(APP, b"q", Duration::from_secs(5));
+    p.pump();
+    let epoch = p.b.peer_epoch().expect("epoch");
+    p.stall_b_to_a = true;
+    p.b.answer(
+        epoch,
+        id,
+        Answer::Replied(Bytes::from_static(b"too big to keep")),
+    );
+    p.pump();
+    p.cut();
+    p.stall_b_to_a = false;
+    p.connect();
+    let (_, outcome) = p.finished().pop().expect("finished");
+    assert!(matches!(
+        outcome,
+        Outcome::Answered(Answer::Rejected { error, .. }) if error == ErrorId::ReplyLost.as_u32()
+    ));
+}
+
+#[test]
+fn t15_skippable_frames_are_counted_not_fatal() {
+    let mut p = Pair::new(SessionConfig::default());
+    p.connect();
+    let mut buf = BytesMut::new();
+    Frame::Skipped(FrameType(0x90)).encode(&mut buf);
+    p.b.recv_buf().extend_from_slice(&buf);
+    p.b.handle_input(p.now);
+    p.drain_events();
+    assert_eq!(closed_with(&p.b_events), None);
+    assert_eq!(p.b.stats().frames_skipped, 1);
+}

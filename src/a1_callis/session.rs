@@ -1,0 +1,970 @@
+//! The sans-IO A1 session with one peer: HELLO, keepalive, message ids, retention and replay,
+//! deduplication, answers, and transmit scheduling.
+//!
+//! A `Session` lives as long as the peer relationship, across any number of calles: when a
+//! callis drops, every unanswered message is kept and replayed in its original order on the
+//! next one; a changed peer epoch fails what was transmitted with `PeerRestarted`.
+//!
+//! It never reads a clock, touches a socket or spawns anything: time comes in as `now`, bytes
+//! come in through [`Session::recv_buf`] + [`Session::handle_input`] and go out through
+//! [`Session::poll_transmit`]. The driver calls, in any order and as often as it likes:
+//!
+//! 1. [`connected`](Session::connected) when a callis is authenticated,
+//!    [`disconnected`](Session::disconnected) when it is gone;
+//! 2. [`send`](Session::send) / [`answer`](Session::answer) for work from the application;
+//! 3. `recv_buf().extend(..)` then [`handle_input`](Session::handle_input) for bytes read;
+//! 4. [`handle_timeout`](Session::handle_timeout) when [`poll_timeout`](Session::poll_timeout)
+//!    passes;
+//! 5. then drains [`poll_event`](Session::poll_event) and
+//!    [`poll_transmit`](Session::poll_transmit) (write everything it returns in one write).
+//!
+//! Delivery contract: a message is retained until the peer answers it (ACCEPTED, REPLY or
+//! REJECT) or its deadline passes. The receiver remembers every id inside its dedupe window
+//! (ring of `window` slots) with its answer, so a replayed duplicate is answered again and never
+//! delivered twice. The sender never uses an id `window` or more past its oldest unanswered
+//! one, which is what makes the ring safe.
+
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::time::{Duration, Instant};
+
+use bytes::{Bytes, BytesMut};
+
+use super::frame::{self, Frame, Hello, MessageFrame, PROTOCOL_VERSION, RejectFrame};
+use crate::error::{Error, ErrorId, untrusted};
+
+/// The last message type of the A1 (transport control) range; never valid in a MESSAGE frame.
+pub const A1_MESSAGE_TYPE_MAX: u32 = 0x0000_FFFF;
+/// The first message type of the A3 (application) range; below it (and above A1) is A2.
+pub const A3_MESSAGE_TYPE_BASE: u32 = 0x0100_0000;
+
+/// Limits and timers of a session. Validated by the domus configuration.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SessionConfig {
+    /// The longest frame body this side accepts (and so the longest payload plus 28 bytes).
+    pub max_frame_len: u32,
+    /// This side's dedupe window: how many ids past the oldest unanswered one the peer may use.
+    pub window: u32,
+    /// The most messages this side retains (queued or unanswered) for the peer.
+    pub max_in_flight: u32,
+    /// How often an open callis is probed with PING.
+    pub keepalive_interval: Duration,
+    /// A callis that receives nothing for this long is closed.
+    pub idle_timeout: Duration,
+    /// How long the peer has to send its HELLO once the callis is up.
+    pub hello_timeout: Duration,
+    /// Reply payload bytes kept per peer for resending after a reconnect.
+    pub max_retained_reply_bytes: usize,
+    /// A soft cap on the bytes one [`Session::poll_transmit`] call produces.
+    pub transmit_batch_bytes: usize,
+}
+
+impl Default for SessionConfig {
+    fn default() -> Self {
+        Self {
+            max_frame_len: 4 * 1024 * 1024,
+            window: 8192,
+            max_in_flight: 4096,
+            keepalive_interval: Duration::from_secs(5),
+            idle_timeout: Duration::from_secs(20),
+            hello_timeout: Duration::from_secs(10),
+            max_retained_reply_bytes: 8 * 1024 * 1024,
+            transmit_batch_bytes: 256 * 1024,
+        }
+    }
+}
+
+/// A message the application wants delivered.
+#[derive(Debug, Clone)]
+pub struct Outgoing {
+    /// Destination taberna.
+    pub dst: u64,
+    /// Source taberna.
+    pub src: u64,
+    /// Message type (A2 or A3).
+    pub msg_type: u32,
+    /// Payload.
+    pub payload: Bytes,
+    /// When the send gives up with `SendTimeout`.
+    pub deadline: Instant,
+}
+
+/// How a receiver answers a delivered message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Answer {
+    /// Accepted without a reply payload.
+    Accepted,
+    /// Answered with a reply payload.
+    Replied(Bytes),
+    /// Refused: an [`ErrorId`] number, the application's code and a reason.
+    Rejected {
+        /// `ErrorId` number (`RemoteTabernaRejected` for an application reject).
+        error: u32,
+        /// Application code (0 when the refusal is not the application's).
+        code: u32,
+        /// Reason text (capped on the wire).
+        reason: String,
+    },
+}
+
+/// How one of our sends ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// The peer answered.
+    Answered(Answer),
+    /// It failed locally (timeout, peer restarted, session closed).
+    Failed(Error),
+}
+
+/// What the session tells its driver.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Event {
+    /// HELLO exchanged; the callis is open. `restarted` when the peer's epoch changed since
+    /// the previous callis.
+    Connected {
+        /// The peer's epoch.
+        peer_epoch: u64,
+        /// Whether it differs from the previous one.
+        restarted: bool,
+    },
+    /// A new message for a local taberna; answer it with [`Session::answer`] using this epoch.
+    Deliver {
+        /// The peer epoch the id belongs to.
+        peer_epoch: u64,
+        /// The message.
+        message: MessageFrame,
+    },
+    /// One of our sends ended.
+    Finished {
+        /// The id [`Session::send`] returned.
+        id: u64,
+        /// How it ended.
+        outcome: Outcome,
+    },
+    /// The callis must be closed (protocol violation, idle, the peer closed it, hello
+    /// timeout). Unanswered work stays retained for the next callis.
+    Close(Error),
+}
+
+#[derive(Debug)]
+struct Retained {
+    dst: u64,
+    src: u64,
+    msg_type: u32,
+    payload: Bytes,
+    deadline: Instant,
+    /// Written on the current callis (cleared when it drops, so the message is replayed).
+    transmitted: bool,
+    /// Written at least once in the peer's current epoch: the peer may have it.
+    ever_transmitted: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Link {
+    Down,
+    AwaitingHello {
+        deadline: Instant,
+    },
+    Open,
+    /// A close was decided; nothing more is read, only the CLOSE frame goes out.
+    Closing,
+}
+
+#[derive(Debug, Clone, Default)]
+enum SlotState {
+    #[default]
+    Pending,
+    Answered(Answer),
+    /// Answered with a reply that was not kept (retention budget).
+    ReplyLost,
+}
+
+#[derive(Debug, Clone, Default)]
+struct Slot {
+    id: u64,
+    state: SlotState,
+}
+
+/// The receiver's dedupe window: slot `id % len` remembers id and answer.
+#[derive(Debug)]
+struct DedupeRing {
+    slots: Vec<Slot>,
+    highest: u64,
+    retained_reply_bytes: usize,
+}
+
+enum Seen {
+    New,
+    Duplicate,
+    OutsideWindow,
+}
+
+impl DedupeRing {
+    fn new(window: u32) -> Self {
+        Self {
+            slots: vec![Slot::default(); window.max(1) as usize],
+            highest: 0,
+            retained_reply_bytes: 0,
+        }
+    }
+
+    fn index(&self, id: u64) -> usize {
+        // The ring is never empty (`new` makes at least one slot).
+        id.checked_rem(self.slots.len() as u64).unwrap_or(0) as usize
+    }
+
+    fn slot_mut(&mut self, id: u64) -> Option<&mut Slot> {
+        let i = self.index(id);
+        self.slots.get_mut(i).filter(|s| s.id == id)
+    }
+
+    fn observe(&mut self, id: u64) -> Seen {
+        let window = self.slots.len() as u64;
+        if id == 0 || (self.highest >= window && id <= self.highest.saturating_sub(window)) {
+            return Seen::OutsideWindow;
+        }
+        let i = self.index(id);
+        let Some(slot) = self.slots.get_mut(i) else {
+            return Seen::OutsideWindow;
+        };
+        if slot.id == id {
+            return Seen::Duplicate;
+        }
+        if let SlotState::Answered(Answer::Replied(old)) = &slot.state {
+            self.retained_reply_bytes = self.retained_reply_bytes.saturating_sub(old.len());
+        }
+        *slot = Slot {
+            id,
+            state: SlotState::Pending,
+        };
+        self.highest = self.highest.max(id);
+        Seen::New
+    }
+
+    fn reset(&mut self) {
+        for slot in &mut self.slots {
+            *slot = Slot::default();
+        }
+        self.highest = 0;
+        self.retained_reply_bytes = 0;
+    }
+}
+
+/// The answers waiting to be written.
+#[derive(Debug, Default)]
+struct AnswerQueue {
+    accepted: Vec<u64>,
+    others: VecDeque<(u64, Answer)>,
+}
+
+/// Counters a session keeps (cumulative).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SessionStats {
+    /// MESSAGE frames written (replays included).
+    pub messages_sent: u64,
+    /// Messages replayed on a later callis.
+    pub messages_replayed: u64,
+    /// New messages delivered to the application.
+    pub messages_delivered: u64,
+    /// Duplicate messages suppressed by the dedupe window.
+    pub duplicates_suppressed: u64,
+    /// Reserved frames skipped.
+    pub frames_skipped: u64,
+    /// Callis opened (HELLO exchanged).
+    pub opened: u64,
+}
+
+/// The A1 session with one peer. See the module docs for the calling order.
+#[derive(Debug)]
+pub struct Session {
+    config: SessionConfig,
+    local_id: String,
+    local_epoch: u64,
+    link: Link,
+    /// The id the peer's certificate names; its HELLO must say the same.
+    peer_cert_id: Option<String>,
+    peer_epoch: Option<u64>,
+    peer_max_frame_len: u32,
+    peer_window: u32,
+    hello_pending: bool,
+    close_pending: Option<(u32, String)>,
+    // Outbound.
+    next_id: u64,
+    retained: BTreeMap<u64, Retained>,
+    deadlines: BTreeSet<(Instant, u64)>,
+    queue_a2: VecDeque<u64>,
+    queue_a3: VecDeque<u64>,
+    // Inbound.
+    ring: DedupeRing,
+    answers: AnswerQueue,
+    read_buf: BytesMut,
+    // Keepalive.
+    last_rx: Option<Instant>,
+    next_ping: Option<Instant>,
+    ping_outstanding: Option<(u64, Instant)>,
+    ping_to_send: Option<u64>,
+    pings_sent: u64,
+    pongs: Vec<u64>,
+    rtt: Option<Duration>,
+    events: VecDeque<Event>,
+    stats: SessionStats,
+}
+
+impl Session {
+    /// A session for a domus named `local_id` running with epoch `local_epoch`.
+    pub fn new(config: SessionConfig, local_id: String, local_epoch: u64) -> Self {
+        let ring = DedupeRing::new(config.window);
+        Self {
+            peer_max_frame_len: config.max_frame_len,
+            peer_window: 1,
+            config,
+            local_id,
+            local_epoch,
+            link: Link::Down,
+            peer_cert_id: None,
+            peer_epoch: None,
+            hello_pending: false,
+            close_pending: None,
+            next_id: 1,
+            retained: BTreeMap::new(),
+            deadlines: BTreeSet::new(),
+            queue_a2: VecDeque::new(),
+            queue_a3: VecDeque::new(),
+            ring,
+            answers: AnswerQueue::default(),
+            read_buf: BytesMut::new(),
+            last_rx: None,
+            next_ping: None,
+            ping_outstanding: None,
+            ping_to_send: None,
+            pings_sent: 0,
+            pongs: Vec::new(),
+            rtt: None,
+            events: VecDeque::new(),
+            stats: SessionStats::default(),
+        }
+    }
+
+    /// Starts the ids at `first` (tests of id arithmetic).
+    pub fn with_first_id(mut self, first: u64) -> Self {
+        self.next_id = first.max(1);
+        self
+    }
+
+    /// Whether HELLO has been exchanged on the current callis.
+    pub fn is_open(&self) -> bool {
+        self.link == Link::Open
+    }
+
+    /// The last measured round-trip time.
+    pub fn rtt(&self) -> Option<Duration> {
+        self.rtt
+    }
+
+    /// Messages retained (queued or unanswered).
+    pub fn in_flight(&self) -> usize {
+        self.retained.len()
+    }
+
+    /// Counters.
+    pub fn stats(&self) -> SessionStats {
+        self.stats
+    }
+
+    /// The peer's epoch, once a HELLO has been seen.
+    pub fn peer_epoch(&self) -> Option<u64> {
+        self.peer_epoch
+    }
+
+    /// The longest payload the peer accepts in one message.
+    pub fn max_payload_len(&self) -> usize {
+        (self.peer_max_frame_len.min(self.config.max_frame_len) as usize)
+            .saturating_sub(frame::MESSAGE_FIXED_LEN)
+    }
+
+    /// A new callis to the peer is authenticated; `peer_cert_id` is the id its certificate
+    /// names. Queues our HELLO.
+    pub fn connected(&mut self, now: Instant, peer_cert_id: &str) {
+        self.read_buf.clear();
+        self.answers = AnswerQueue::default();
+        self.pongs.clear();
+        self.ping_outstanding = None;
+        self.ping_to_send = None;
+        self.next_ping = None;
+        self.close_pending = None;
+        self.peer_cert_id = Some(peer_cert_id.to_owned());
+        self.hello_pending = true;
+        self.last_rx = Some(now);
+        self.link = Link::AwaitingHello {
+            deadline: now.checked_add(self.config.hello_timeout).unwrap_or(now),
+        };
+    }
+
+    /// The current callis is gone. Everything unanswered is kept for the next one.
+    pub fn disconnected(&mut self, _now: Instant) {
+        self.link = Link::Down;
+        self.hello_pending = false;
+        self.close_pending = None;
+        self.read_buf.clear();
+        self.answers = AnswerQueue::default();
+        self.pongs.clear();
+        self.ping_outstanding = None;
+        self.ping_to_send = None;
+        self.next_ping = None;
+        self.requeue_all();
+    }
+
+    /// Rebuilds the transmit queues from everything retained, in id (= send) order.
+    fn requeue_all(&mut self) {
+        self.queue_a2.clear();
+        self.queue_a3.clear();
+        for (id, r) in &mut self.retained {
+            if r.transmitted {
+                self.stats.messages_replayed = self.stats.messages_replayed.saturating_add(1);
+            }
+            r.transmitted = false;
+            if r.msg_type < A3_MESSAGE_TYPE_BASE {
+                self.queue_a2.push_back(*id);
+            } else {
+                self.queue_a3.push_back(*id);
+            }
+        }
+    }
+
+    /// Queues a message; returns its id. Fails at once when the payload is too large or
+    /// `max_in_flight` messages are already retained.
+    pub fn send(&mut self, msg: Outgoing) -> Result<u64, Error> {
+        if msg.msg_type <= A1_MESSAGE_TYPE_MAX {
+            return Err(Error::new(
+                ErrorId::InvalidMessageType,
+                format!(
+                    "message type {:#x} is in the reserved A1 range",
+                    msg.msg_type
+                ),
+            ));
+        }
+        let max = self.max_payload_len();
+        if msg.payload.len() > max {
+            return Err(Error::new(
+                ErrorId::PayloadTooLarge,
+                format!(
+                    "payload of {} bytes exceeds the {max}-byte limit for one message (max_frame_len); send large data as a blob",
+                    msg.payload.len()
+                ),
+            ));
+        }
+        if self.retained.len() >= self.config.max_in_flight as usize {
+            return Err(Error::new(
+                ErrorId::LocalQueueFull,
+                format!(
+                    "{} messages to this peer are already in flight (max_in_flight)",
+                    self.retained.len()
+                ),
+            ));
+        }
+        let id = self.next_id;
+        if id == u64::MAX {
+            return Err(Error::new(
+                ErrorId::LocalQueueFull,
+                "this session used up its 2^64 message ids; restart the domus for a new epoch",
+            ));
+        }
+        self.next_id = id.saturating_add(1);
+        if msg.msg_type < A3_MESSAGE_TYPE_BASE {
+            self.queue_a2.push_back(id);
+        } else {
+            self.queue_a3.push_back(id);
+        }
+        self.deadlines.insert((msg.deadline, id));
+        self.retained.insert(
+            id,
+            Retained {
+                dst: msg.dst,
+                src: msg.src,
+                msg_type: msg.msg_type,
+                payload: msg.payload,
+                deadline: msg.deadline,
+                transmitted: false,
+                ever_transmitted: false,
+            },
+        );
+        Ok(id)
+    }
+
+    /// Gives up on a send (its caller went away). Nothing is reported for it.
+    pub fn cancel(&mut self, id: u64) {
+        if let Some(r) = self.retained.remove(&id) {
+            self.deadlines.remove(&(r.deadline, id));
+        }
+    }
+
+    /// Answers a message delivered with `peer_epoch`. Answers for an older epoch (the peer
+    /// restarted since) or for ids no longer in the window are dropped.
+    pub fn answer(&mut self, peer_epoch: u64, id: u64, answer: Answer) {
+        if self.peer_epoch != Some(peer_epoch) {
+            return;
+        }
+        let budget = self.config.max_retained_reply_bytes;
+        let mut reply_bytes = self.ring.retained_reply_bytes;
+        let Some(slot) = self.ring.slot_mut(id) else {
+            return;
+        };
+        if !matches!(slot.state, SlotState::Pending) {
+            return;
+        }
+        slot.state = match &answer {
+            Answer::Replied(p) if reply_bytes.saturating_add(p.len()) > budget => {
+                SlotState::ReplyLost
+            }
+            Answer::Replied(p) => {
+                reply_bytes = reply_bytes.saturating_add(p.len());
+                SlotState::Answered(answer.clone())
+            }
+            _ => SlotState::Answered(answer.clone()),
+        };
+        self.ring.retained_reply_bytes = reply_bytes;
+        if self.link == Link::Open {
+            self.queue_answer(id, answer);
+        }
+    }
+
+    fn queue_answer(&mut self, id: u64, answer: Answer) {
+        match answer {
+            Answer::Accepted => self.answers.accepted.push(id),
+            other => self.answers.others.push_back((id, other)),
+        }
+    }
+
+    /// The buffer the driver reads socket bytes into before calling
+    /// [`handle_input`](Self::handle_input).
+    pub fn recv_buf(&mut self) -> &mut BytesMut {
+        &mut self.read_buf
+    }
+
+    /// Decodes and handles every complete frame in the receive buffer.
+    pub fn handle_input(&mut self, now: Instant) {
+        if matches!(self.link, Link::Down | Link::Closing) {
+            self.read_buf.clear();
+            return;
+        }
+        if !self.read_buf.is_empty() {
+            self.last_rx = Some(now);
+        }
+        loop {
+            if matches!(self.link, Link::Down | Link::Closing) {
+                self.read_buf.clear();
+                return;
+            }
+            match frame::decode(&mut self.read_buf, self.config.max_frame_len) {
+                Ok(Some(f)) => self.handle_frame(now, f),
+                Ok(None) => return,
+                Err(e) => {
+                    self.violation(&e);
+                    return;
+                }
+            }
+        }
+    }
+
+    fn violation(&mut self, e: &dyn std::fmt::Display) {
+        self.close(Error::new(
+            ErrorId::ProtocolViolation,
+            format!("the peer broke the A1 protocol: {e}"),
+        ));
+    }
+
+    /// Closes the current callis with `error` (its id goes on the wire as the reason code).
+    pub fn close(&mut self, error: Error) {
+        if matches!(self.link, Link::Down | Link::Closing) {
+            return;
+        }
+        self.close_pending = Some((error.id().as_u32(), error.message().to_owned()));
+        self.link = Link::Closing;
+        self.events.push_back(Event::Close(error));
+    }
+
+    fn handle_frame(&mut self, now: Instant, f: Frame) {
+        if let Link::AwaitingHello { .. } = self.link {
+            match f {
+                Frame::Hello(h) => self.handle_hello(now, h),
+                Frame::Close { code, reason } => self.peer_closed(code, &reason),
+                other => self.violation(&format_args!("{other:?} before HELLO")),
+            }
+            return;
+        }
+        match f {
+            Frame::Hello(_) => self.violation(&"a second HELLO"),
+            Frame::Ping(nonce) => {
+                // At most a few PONGs are owed at once; a peer that pings faster than we
+                // write is coalesced to its newest nonce.
+                if self.pongs.len() >= 8 {
+                    self.pongs.clear();
+                }
+                self.pongs.push(nonce);
+            }
+            Frame::Pong(nonce) => {
+                if let Some((sent_nonce, sent_at)) = self.ping_outstanding {
+                    if sent_nonce == nonce {
+                        self.rtt = Some(now.saturating_duration_since(sent_at));
+                        self.ping_outstanding = None;
+                    }
+                }
+            }
+            Frame::Close { code, reason } => self.peer_closed(code, &reason),
+            Frame::Message(m) => self.handle_message(m),
+            Frame::Accepted(ids) => {
+                for id in ids.iter() {
+                    self.finish_from_peer(id, Answer::Accepted);
+                }
+            }
+            Frame::Reply { id, payload } => self.finish_from_peer(id, Answer::Replied(payload)),
+            Frame::Reject(RejectFrame {
+                id,
+                error,
+                code,
+                reason,
+            }) => self.finish_from_peer(
+                id,
+                Answer::Rejected {
+                    error,
+                    code,
+                    reason,
+                },
+            ),
+            Frame::Skipped(_) => {
+                self.stats.frames_skipped = self.stats.frames_skipped.saturating_add(1);
+            }
+        }
+    }
+
+    fn peer_closed(&mut self, code: u32, reason: &str) {
+        let id = ErrorId::try_from(code).unwrap_or(ErrorId::ConnectionLost);
+        self.link = Link::Closing;
+        self.close_pending = None;
+        self.events.push_back(Event::Close(Error::new(
+            ErrorId::ConnectionLost,
+            format!(
+                "the peer closed the callis ({}): {}",
+                id.name(),
+                untrusted(reason)
+            ),
+        )));
+    }
+
+    fn handle_hello(&mut self, now: Instant, h: Hello) {
+        if h.version != PROTOCOL_VERSION {
+            self.close(Error::new(
+                ErrorId::UnsupportedVersion,
+                format!(
+                    "the peer speaks A1 version {}, this domus speaks {PROTOCOL_VERSION}",
+                    h.version
+                ),
+            ));
+            return;
+        }
+        if self.peer_cert_id.as_deref() != Some(h.domus_id.as_str()) {
+            let cert = self.peer_cert_id.clone().unwrap_or_default();
+            self.violation(&format_args!(
+                "its HELLO names {} but its certificate names {cert}",
+                untrusted(&h.domus_id)
+            ));
+            return;
+        }
+        if h.window == 0 || h.max_frame_len < frame::MESSAGE_FIXED_LEN as u32 {
+            self.violation(&"HELLO limits are zero");
+            return;
+        }
+        let restarted = self.peer_epoch.is_some_and(|e| e != h.epoch);
+        if restarted {
+            self.peer_restarted();
+        }
+        self.peer_epoch = Some(h.epoch);
+        self.peer_max_frame_len = h.max_frame_len;
+        self.peer_window = h.window;
+        self.link = Link::Open;
+        self.next_ping = now.checked_add(self.config.keepalive_interval);
+        self.stats.opened = self.stats.opened.saturating_add(1);
+        self.requeue_all();
+        self.events.push_back(Event::Connected {
+            peer_epoch: h.epoch,
+            restarted,
+        });
+    }
+
+    /// The peer's epoch changed: what it may have received is unknowable, and its dedupe
+    /// state is gone.
+    fn peer_restarted(&mut self) {
+        let lost: Vec<u64> = self
+            .retained
+            .iter()
+            .filter(|(_, r)| r.ever_transmitted)
+            .map(|(id, _)| *id)
+            .collect();
+        for id in lost {
+            self.fail(
+                id,
+                Error::new(
+                    ErrorId::PeerRestarted,
+                    "the peer restarted while this message was unanswered; it may or may not have been delivered",
+                ),
+            );
+        }
+        self.ring.reset();
+    }
+
+    fn fail(&mut self, id: u64, error: Error) {
+        if let Some(r) = self.retained.remove(&id) {
+            self.deadlines.remove(&(r.deadline, id));
+            self.events.push_back(Event::Finished {
+                id,
+                outcome: Outcome::Failed(error),
+            });
+        }
+    }
+
+    fn finish_from_peer(&mut self, id: u64, answer: Answer) {
+        if id >= self.next_id || id == 0 {
+            self.violation(&format_args!(
+                "an answer for message {id}, which was never sent"
+            ));
+            return;
+        }
+        // Answers to messages we no longer hold (timed out, or answered twice after a
+        // replay) are ignored.
+        if let Some(r) = self.retained.remove(&id) {
+            self.deadlines.remove(&(r.deadline, id));
+            self.events.push_back(Event::Finished {
+                id,
+                outcome: Outcome::Answered(answer),
+            });
+        }
+    }
+
+    fn handle_message(&mut self, m: MessageFrame) {
+        if m.msg_type <= A1_MESSAGE_TYPE_MAX {
+            self.violation(&format_args!(
+                "message type {:#x} is reserved for A1",
+                m.msg_type
+            ));
+            return;
+        }
+        match self.ring.observe(m.id) {
+            Seen::OutsideWindow => {
+                let (highest, window) = (self.ring.highest, self.ring.slots.len());
+                self.violation(&format_args!(
+                    "message id {} is outside the dedupe window (highest {highest}, window {window})",
+                    m.id
+                ));
+            }
+            Seen::Duplicate => {
+                self.stats.duplicates_suppressed =
+                    self.stats.duplicates_suppressed.saturating_add(1);
+                let state = self.ring.slot_mut(m.id).map(|s| s.state.clone());
+                match state {
+                    Some(SlotState::Answered(a)) => self.queue_answer(m.id, a),
+                    Some(SlotState::ReplyLost) => self.queue_answer(
+                        m.id,
+                        Answer::Rejected {
+                            error: ErrorId::ReplyLost.as_u32(),
+                            code: 0,
+                            reason: "the reply was produced but not retained across the reconnect"
+                                .into(),
+                        },
+                    ),
+                    // Still with the handler: its answer will go out when it comes.
+                    Some(SlotState::Pending) | None => {}
+                }
+            }
+            Seen::New => {
+                self.stats.messages_delivered = self.stats.messages_delivered.saturating_add(1);
+                let peer_epoch = self.peer_epoch.unwrap_or_default();
+                self.events.push_back(Event::Deliver {
+                    peer_epoch,
+                    message: m,
+                });
+            }
+        }
+    }
+
+    /// Handles everything due at `now`: send deadlines, HELLO deadline, keepalive, idle.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        while let Some(&(deadline, id)) = self.deadlines.first() {
+            if deadline > now {
+                break;
+            }
+            self.fail(
+                id,
+                Error::new(
+                    ErrorId::SendTimeout,
+                    "no answer before the send's deadline (the message may or may not have been delivered)",
+                ),
+            );
+        }
+        match self.link {
+            Link::AwaitingHello { deadline } if now >= deadline => {
+                self.close(Error::new(
+                    ErrorId::ProtocolViolation,
+                    "the peer sent no HELLO within hello_timeout",
+                ));
+            }
+            Link::Open => {
+                if let Some(last) = self.last_rx {
+                    if now.saturating_duration_since(last) >= self.config.idle_timeout {
+                        self.close(Error::new(
+                            ErrorId::ConnectionLost,
+                            format!(
+                                "nothing received for {:?} (idle_timeout); the peer is gone or stalled",
+                                self.config.idle_timeout
+                            ),
+                        ));
+                        return;
+                    }
+                }
+                let due = self.next_ping.is_some_and(|t| now >= t);
+                if due {
+                    self.next_ping = now.checked_add(self.config.keepalive_interval);
+                    // One probe at a time; a missing PONG is caught by the idle timeout.
+                    if self.ping_outstanding.is_none() {
+                        self.pings_sent = self.pings_sent.wrapping_add(1);
+                        self.ping_outstanding = Some((self.pings_sent, now));
+                        self.ping_to_send = Some(self.pings_sent);
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// The next instant [`handle_timeout`](Self::handle_timeout) has work.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        let mut next = self.deadlines.first().map(|(t, _)| *t);
+        let mut consider = |t: Option<Instant>| {
+            if let Some(t) = t {
+                next = Some(next.map_or(t, |n| n.min(t)));
+            }
+        };
+        match self.link {
+            Link::AwaitingHello { deadline } => consider(Some(deadline)),
+            Link::Open => {
+                consider(
+                    self.last_rx
+                        .and_then(|t| t.checked_add(self.config.idle_timeout)),
+                );
+                consider(self.next_ping);
+            }
+            _ => {}
+        }
+        next
+    }
+
+    /// The next event, if any.
+    pub fn poll_event(&mut self) -> Option<Event> {
+        self.events.pop_front()
+    }
+
+    /// Whether the driver should close the socket once the pending bytes are written.
+    pub fn is_closing(&self) -> bool {
+        self.link == Link::Closing
+    }
+
+    /// Appends frames to `out` in priority order — control (HELLO, CLOSE, PONG, PING), then
+    /// answers, then A2 messages, then A3 — until about `transmit_batch_bytes`. Returns
+    /// whether anything was written.
+    pub fn poll_transmit(&mut self, _now: Instant, out: &mut BytesMut) -> bool {
+        let start = out.len();
+        if self.link == Link::Down {
+            return false;
+        }
+        if self.hello_pending {
+            self.hello_pending = false;
+            frame::encode_hello(
+                out,
+                &Hello {
+                    version: PROTOCOL_VERSION,
+                    epoch: self.local_epoch,
+                    max_frame_len: self.config.max_frame_len,
+                    window: self.config.window,
+                    domus_id: self.local_id.clone(),
+                },
+            );
+        }
+        if let Some((code, reason)) = self.close_pending.take() {
+            frame::encode_close(out, code, &reason);
+            return out.len() > start;
+        }
+        if self.link != Link::Open {
+            return out.len() > start;
+        }
+        for nonce in self.pongs.drain(..) {
+            frame::encode_pong(out, nonce);
+        }
+        if let Some(nonce) = self.ping_to_send.take() {
+            frame::encode_ping(out, nonce);
+        }
+        self.write_answers(out);
+        let limit = start.saturating_add(self.config.transmit_batch_bytes);
+        self.write_messages(out, limit);
+        out.len() > start
+    }
+}
+
+impl Session {
+    /// ACCEPTED ids (batched, one frame per up to 8192 ids), then REPLY and REJECT frames.
+    fn write_answers(&mut self, out: &mut BytesMut) {
+        for chunk in self.answers.accepted.chunks(8192) {
+            frame::encode_accepted(out, chunk);
+        }
+        self.answers.accepted.clear();
+        while let Some((id, answer)) = self.answers.others.pop_front() {
+            match answer {
+                Answer::Replied(payload) => frame::encode_reply(out, id, &payload),
+                Answer::Rejected {
+                    error,
+                    code,
+                    reason,
+                } => frame::encode_reject(out, id, error, code, &reason),
+                Answer::Accepted => frame::encode_accepted(out, &[id]),
+            }
+        }
+    }
+
+    /// MESSAGE frames, A2 before A3, never an id `peer_window` or more past the oldest
+    /// unanswered one.
+    fn write_messages(&mut self, out: &mut BytesMut, limit: usize) {
+        let Some(&oldest) = self.retained.keys().next() else {
+            self.queue_a2.clear();
+            self.queue_a3.clear();
+            return;
+        };
+        let span_end = oldest.saturating_add(u64::from(self.peer_window));
+        while out.len() < limit {
+            let from_a2 = match (self.queue_a2.front(), self.queue_a3.front()) {
+                (Some(&a2), _) if a2 < span_end => true,
+                (_, Some(&a3)) if a3 < span_end => false,
+                _ => return,
+            };
+            let queue = if from_a2 {
+                &mut self.queue_a2
+            } else {
+                &mut self.queue_a3
+            };
+            let Some(id) = queue.pop_front() else {
+                return;
+            };
+            // Ids finished or cancelled since they were queued are skipped.
+            let Some(r) = self.retained.get_mut(&id) else {
+                continue;
+            };
+            if r.transmitted {
+                continue;
+            }
+            frame::encode_message(out, id, r.dst, r.src, r.msg_type, &r.payload);
+            r.transmitted = true;
+            r.ever_transmitted = true;
+            self.stats.messages_sent = self.stats.messages_sent.saturating_add(1);
+        }
+    }
+}
+
+#[cfg(test)]
+#[path = "pair_tests.rs"]
+mod pair_tests;
