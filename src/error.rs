@@ -180,6 +180,16 @@ impl fmt::Display for ErrorId {
 pub struct Error {
     id: ErrorId,
     message: Box<str>,
+    rejection: Option<Box<Rejection>>,
+}
+
+/// What a receiving taberna said when it rejected a delivery.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rejection {
+    /// The application's reject code.
+    pub code: u32,
+    /// The application's reason (bounded, escaped).
+    pub reason: String,
 }
 
 impl Error {
@@ -190,7 +200,25 @@ impl Error {
         Self {
             id,
             message: message.into_boxed_str(),
+            rejection: None,
         }
+    }
+
+    /// An application rejection: id [`ErrorId::RemoteTabernaRejected`], carrying the
+    /// receiver's code and reason.
+    pub(crate) fn rejected(code: u32, reason: &str, context: impl fmt::Display) -> Self {
+        let reason = untrusted(reason);
+        let mut e = Self::new(
+            ErrorId::RemoteTabernaRejected,
+            format!("{context} rejected the message with code {code}: {reason}"),
+        );
+        e.rejection = Some(Box::new(Rejection { code, reason }));
+        e
+    }
+
+    /// The receiver's code and reason, when this is an application rejection.
+    pub fn rejection(&self) -> Option<&Rejection> {
+        self.rejection.as_deref()
     }
 
     /// The stable id of this failure.
@@ -223,10 +251,12 @@ impl Error {
 
 impl fmt::Debug for Error {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Error")
-            .field("id", &self.id)
-            .field("message", &self.message)
-            .finish()
+        let mut d = f.debug_struct("Error");
+        d.field("id", &self.id).field("message", &self.message);
+        if let Some(r) = &self.rejection {
+            d.field("rejection", r);
+        }
+        d.finish()
     }
 }
 
@@ -259,7 +289,15 @@ pub(crate) fn untrusted(s: &str) -> String {
             out.push('…');
             break;
         }
-        out.extend(c.escape_debug());
+        // Control characters (newlines, ESC of terminal sequences) and invisible
+        // formatting characters (bidi overrides) are escaped; everything else is kept.
+        if c.is_control()
+            || matches!(c, '\u{200b}'..='\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
+        {
+            out.extend(c.escape_debug());
+        } else {
+            out.push(c);
+        }
     }
     out
 }

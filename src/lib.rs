@@ -110,10 +110,17 @@
 
 pub mod a0_transport;
 pub mod a1_callis;
+pub mod domus;
 mod error;
+pub mod taberna;
 
 #[cfg(feature = "dev-certs")]
 pub mod dev_certs;
 
 pub use a0_transport::{AuthConfig, DomusAddr, DomusId, PeerIdentity, TrustPolicy};
-pub use error::{ERROR_MESSAGE_MAX_LEN, Error, ErrorId, Result};
+pub use domus::{
+    Delivery, Domus, DomusBuilder, DomusConfig, MessageCodec, Receipt, Route, RouteResolver,
+    SendOptions, SimpleResolver,
+};
+pub use error::{ERROR_MESSAGE_MAX_LEN, Error, ErrorId, Rejection, Result};
+pub use taberna::{MessageType, Taberna, TabernaId, TabernaOptions, TabernaRequest};

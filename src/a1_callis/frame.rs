@@ -443,7 +443,11 @@ fn put_text(out: &mut BytesMut, s: &str) {
 /// Encodes a HELLO.
 pub fn encode_hello(out: &mut BytesMut, hello: &Hello) {
     let id = capped(&hello.domus_id, MAX_HELLO_ID_LEN);
-    put_header(out, FrameType::HELLO, HELLO_FIXED_LEN.saturating_add(id.len()));
+    put_header(
+        out,
+        FrameType::HELLO,
+        HELLO_FIXED_LEN.saturating_add(id.len()),
+    );
     out.put_u16(hello.version);
     out.put_u64(hello.epoch);
     out.put_u32(hello.max_frame_len);
@@ -466,7 +470,11 @@ pub fn encode_pong(out: &mut BytesMut, nonce: u64) {
 /// Encodes a CLOSE; the reason is cut to [`MAX_REASON_LEN`] bytes.
 pub fn encode_close(out: &mut BytesMut, code: u32, reason: &str) {
     let reason = capped(reason, MAX_REASON_LEN);
-    put_header(out, FrameType::CLOSE, CLOSE_FIXED_LEN.saturating_add(reason.len()));
+    put_header(
+        out,
+        FrameType::CLOSE,
+        CLOSE_FIXED_LEN.saturating_add(reason.len()),
+    );
     out.put_u32(code);
     put_text(out, reason);
 }
@@ -508,7 +516,11 @@ pub fn encode_reply(out: &mut BytesMut, id: u64, payload: &[u8]) {
 /// Encodes a REJECT; the reason is cut to [`MAX_REASON_LEN`] bytes.
 pub fn encode_reject(out: &mut BytesMut, id: u64, error: u32, code: u32, reason: &str) {
     let reason = capped(reason, MAX_REASON_LEN);
-    put_header(out, FrameType::REJECT, REJECT_FIXED_LEN.saturating_add(reason.len()));
+    put_header(
+        out,
+        FrameType::REJECT,
+        REJECT_FIXED_LEN.saturating_add(reason.len()),
+    );
     out.put_u64(id);
     out.put_u32(error);
     out.put_u32(code);

@@ -15,5 +15,6 @@
     )
 )]
 
+pub(crate) mod driver;
 pub mod frame;
 pub mod session;

@@ -490,6 +490,17 @@ impl Session {
         Ok(id)
     }
 
+    /// Fails every retained message with `error` (the peer is unreachable, or the domus is
+    /// closing).
+    pub fn fail_all(&mut self, error: Error) {
+        let ids: Vec<u64> = self.retained.keys().copied().collect();
+        for id in ids {
+            self.fail(id, error.clone());
+        }
+        self.queue_a2.clear();
+        self.queue_a3.clear();
+    }
+
     /// Gives up on a send (its caller went away). Nothing is reported for it.
     pub fn cancel(&mut self, id: u64) {
         if let Some(r) = self.retained.remove(&id) {

@@ -14,7 +14,7 @@
 use std::io;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -53,6 +53,14 @@ struct Shared {
     generation: Mutex<CancellationToken>,
 }
 
+impl Shared {
+    fn generation(&self) -> MutexGuard<'_, CancellationToken> {
+        self.generation
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
 impl Proxy {
     /// Binds 127.0.0.1:0 and relays every accepted connection to `upstream`.
     pub async fn start(upstream: SocketAddr) -> Proxy {
@@ -70,12 +78,8 @@ impl Proxy {
             accepted: AtomicU64::new(0),
             generation: Mutex::new(stop.child_token()),
         });
-        let accept_task = tokio::spawn(accept_loop(
-            listener,
-            upstream,
-            Arc::clone(&shared),
-            stop.clone(),
-        ));
+        let accept = accept_loop(listener, upstream, Arc::clone(&shared), stop.clone());
+        let accept_task = tokio::spawn(accept);
         Proxy {
             addr,
             shared,
@@ -91,11 +95,7 @@ impl Proxy {
 
     /// Resets (RST) every connection open now, on both sides; new connections are still accepted.
     pub fn cut_all(&self) {
-        let mut current = self
-            .shared
-            .generation
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
+        let mut current = self.shared.generation();
         let old = std::mem::replace(&mut *current, self.stop.child_token());
         drop(current);
         old.cancel();
@@ -144,15 +144,8 @@ impl Drop for Proxy {
     }
 }
 
-/// Keeps `Shared::open` equal to the number of live relays, even when a relay is aborted.
+/// Decrements `Shared::open` when its relay ends, even by abort (the accept loop increments).
 struct OpenGuard(Arc<Shared>);
-
-impl OpenGuard {
-    fn new(shared: &Arc<Shared>) -> OpenGuard {
-        shared.open.fetch_add(1, Ordering::SeqCst);
-        OpenGuard(Arc::clone(shared))
-    }
-}
 
 impl Drop for OpenGuard {
     fn drop(&mut self) {
@@ -182,12 +175,9 @@ async fn accept_loop(
                     reset(&client);
                     continue;
                 }
-                let cut = shared
-                    .generation
-                    .lock()
-                    .unwrap_or_else(PoisonError::into_inner)
-                    .clone();
-                let open = OpenGuard::new(&shared);
+                let cut = shared.generation().clone();
+                shared.open.fetch_add(1, Ordering::SeqCst);
+                let open = OpenGuard(Arc::clone(&shared));
                 relays.spawn(relay(client, upstream, open, cut));
             }
         }
@@ -196,7 +186,12 @@ async fn accept_loop(
 
 /// Relays one connection until both directions end cleanly (then closes normally), or until a
 /// cut, a byte limit or an IO error (then resets both sockets).
-async fn relay(mut client: TcpStream, upstream: SocketAddr, open: OpenGuard, cut: CancellationToken) {
+async fn relay(
+    mut client: TcpStream,
+    upstream: SocketAddr,
+    open: OpenGuard,
+    cut: CancellationToken,
+) {
     let shared = &open.0;
     let connect = tokio::time::timeout(CONNECT_DEADLINE, TcpStream::connect(upstream));
     let mut server = tokio::select! {

@@ -1,0 +1,557 @@
+//! The peer driver: the one task that owns a peer's [`Session`] and its current callis.
+//!
+//! It is the only async code of A1. Each wake-up it takes commands (sends, answers, new
+//! calles), reads whatever the socket has into the session, fires the session's timers,
+//! dispatches the session's events (deliveries to tabernas, answers to waiting senders), and
+//! writes everything the session has ready in one buffer — many frames per TLS record. When
+//! the callis drops it keeps the session (and so every unanswered message) and dials again:
+//! immediately the first time, then with exponential backoff and jitter.
+//!
+//! It holds no lock across an `.await` (it holds no lock at all), and every wait it makes is
+//! a socket, a channel or a timer the session scheduled.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::BytesMut;
+use tokio::io::AsyncWrite;
+use tokio::sync::{OwnedSemaphorePermit, mpsc, oneshot};
+use tokio::time::{Instant, Sleep};
+use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
+
+use super::session::{Answer, Event, Outcome, Outgoing, Session};
+use crate::a0_transport::{AuthenticatedStream, DomusAddr, DomusId, PeerIdentity, Transport};
+use crate::domus::Delivery;
+use crate::error::{Error, ErrorId, untrusted};
+use crate::taberna::{AnswerSink, MessageType, Registry, TabernaId, TabernaRequest};
+
+/// What the rest of the domus asks of a peer's driver.
+pub(crate) enum PeerCommand {
+    /// Deliver a message; `done` gets the outcome; `permit` is its in-flight slot.
+    Send {
+        msg: Outgoing,
+        done: oneshot::Sender<Result<Delivery, Error>>,
+        permit: OwnedSemaphorePermit,
+    },
+    /// A local taberna answered a delivery from this peer.
+    Answer { epoch: u64, id: u64, answer: Answer },
+    /// A freshly authenticated callis with this peer.
+    Attach(AuthenticatedStream),
+    /// Learn (or change) the address to dial.
+    SetAddr(DomusAddr),
+    /// Finish pending writes, close the callis, fail what is left, and stop.
+    Shutdown,
+}
+
+/// What a driver needs from its domus.
+pub(crate) struct DriverContext {
+    pub(crate) transport: Transport,
+    pub(crate) registry: Arc<Registry>,
+    pub(crate) local_id: DomusId,
+    pub(crate) reconnect_backoff_min: Duration,
+    pub(crate) reconnect_backoff_max: Duration,
+}
+
+type DialFuture = Pin<Box<dyn Future<Output = Result<AuthenticatedStream, Error>> + Send>>;
+
+struct PendingSend {
+    done: oneshot::Sender<Result<Delivery, Error>>,
+    _permit: OwnedSemaphorePermit,
+    dst: u64,
+}
+
+/// Bytes read per wake-up before other work gets a turn.
+const READ_BUDGET: usize = 1 << 20;
+/// Commands taken per wake-up before other work gets a turn.
+const COMMAND_BUDGET: usize = 4096;
+/// Read buffer growth step.
+const READ_RESERVE: usize = 64 * 1024;
+
+/// One peer's task. Poll it to completion (`tokio::spawn`).
+pub(crate) struct PeerDriver {
+    peer_id: DomusId,
+    addr: Option<DomusAddr>,
+    ctx: Arc<DriverContext>,
+    commands: mpsc::UnboundedReceiver<PeerCommand>,
+    commands_tx: mpsc::UnboundedSender<PeerCommand>,
+    session: Session,
+    pending: HashMap<u64, PendingSend>,
+    stream: Option<AuthenticatedStream>,
+    peer_identity: Option<Arc<PeerIdentity>>,
+    write_buf: BytesMut,
+    write_pos: usize,
+    flushed: bool,
+    dial: Option<DialFuture>,
+    backoff: Option<Pin<Box<Sleep>>>,
+    backoff_next: Duration,
+    last_dial_error: Option<Error>,
+    timer: Pin<Box<Sleep>>,
+    timer_at: Option<Instant>,
+    shutting_down: bool,
+    cancelled: Pin<Box<WaitForCancellationFutureOwned>>,
+}
+
+impl PeerDriver {
+    pub(crate) fn new(
+        peer_id: DomusId,
+        addr: Option<DomusAddr>,
+        ctx: Arc<DriverContext>,
+        session: Session,
+        commands: mpsc::UnboundedReceiver<PeerCommand>,
+        commands_tx: mpsc::UnboundedSender<PeerCommand>,
+        cancel: CancellationToken,
+    ) -> Self {
+        let backoff_next = ctx.reconnect_backoff_min;
+        Self {
+            peer_id,
+            addr,
+            ctx,
+            commands,
+            commands_tx,
+            session,
+            pending: HashMap::new(),
+            stream: None,
+            peer_identity: None,
+            write_buf: BytesMut::with_capacity(64 * 1024),
+            write_pos: 0,
+            flushed: true,
+            dial: None,
+            backoff: None,
+            backoff_next,
+            last_dial_error: None,
+            timer: Box::pin(tokio::time::sleep_until(Instant::now())),
+            timer_at: None,
+            shutting_down: false,
+            cancelled: Box::pin(cancel.cancelled_owned()),
+        }
+    }
+
+    fn now() -> std::time::Instant {
+        Instant::now().into_std()
+    }
+
+    fn handle_command(&mut self, cmd: PeerCommand) {
+        match cmd {
+            PeerCommand::Send { msg, done, permit } => {
+                if self.shutting_down {
+                    let _ = done.send(Err(closed()));
+                    return;
+                }
+                let dst = msg.dst;
+                match self.session.send(msg) {
+                    Ok(id) => {
+                        self.pending.insert(
+                            id,
+                            PendingSend {
+                                done,
+                                _permit: permit,
+                                dst,
+                            },
+                        );
+                    }
+                    Err(e) => {
+                        let _ = done.send(Err(e));
+                    }
+                }
+            }
+            PeerCommand::Answer { epoch, id, answer } => self.session.answer(epoch, id, answer),
+            PeerCommand::Attach(stream) => self.attach(stream),
+            PeerCommand::SetAddr(addr) => self.addr = Some(addr),
+            PeerCommand::Shutdown => self.begin_shutdown(),
+        }
+    }
+
+    fn begin_shutdown(&mut self) {
+        if self.shutting_down {
+            return;
+        }
+        self.shutting_down = true;
+        self.dial = None;
+        self.backoff = None;
+        if self.stream.is_some() {
+            self.session.close(Error::new(
+                ErrorId::DomusClosed,
+                "the domus is shutting down",
+            ));
+        }
+    }
+
+    /// Which side dialled `stream`.
+    fn dialer_of<'a>(&'a self, stream: &AuthenticatedStream) -> &'a DomusId {
+        if stream.is_dialer() {
+            &self.ctx.local_id
+        } else {
+            &self.peer_id
+        }
+    }
+
+    /// Adopts a new callis, or keeps the current one. When both sides dialled at once, the
+    /// callis dialled by the smaller id survives (both ends apply the same rule); a new callis
+    /// dialled by the same side as the current one replaces it (the old one is likely dead).
+    fn attach(&mut self, new: AuthenticatedStream) {
+        if self.shutting_down {
+            return;
+        }
+        if let Some(current) = &self.stream {
+            let keep_current = {
+                let current_dialer = self.dialer_of(current);
+                let new_dialer = self.dialer_of(&new);
+                current_dialer != new_dialer && current_dialer < new_dialer
+            };
+            if keep_current {
+                tracing::debug!(peer = %self.peer_id, "duplicate callis closed; keeping the one dialled by the smaller id");
+                return;
+            }
+            tracing::debug!(peer = %self.peer_id, "switching to a newer callis");
+            self.drop_stream();
+        }
+        self.dial = None;
+        self.backoff = None;
+        self.peer_identity = Some(Arc::new(new.peer().clone()));
+        self.session.connected(Self::now(), self.peer_id.as_str());
+        self.stream = Some(new);
+        self.write_buf.clear();
+        self.write_pos = 0;
+        self.flushed = true;
+    }
+
+    fn drop_stream(&mut self) {
+        self.stream = None;
+        self.write_buf.clear();
+        self.write_pos = 0;
+        self.flushed = true;
+        self.session.disconnected(Self::now());
+    }
+
+    fn maybe_dial(&mut self) {
+        if self.shutting_down
+            || self.stream.is_some()
+            || self.dial.is_some()
+            || self.backoff.is_some()
+            || self.session.in_flight() == 0
+        {
+            return;
+        }
+        let Some(addr) = self.addr.clone() else {
+            return;
+        };
+        let transport = self.ctx.transport.clone();
+        let expected = self.peer_id.clone();
+        self.dial = Some(Box::pin(async move {
+            transport.dial(&addr, Some(&expected)).await
+        }));
+    }
+
+    fn dial_failed(&mut self, error: Error) {
+        let permanent = matches!(
+            error.id(),
+            ErrorId::IdentityMismatch
+                | ErrorId::PeerCertificateRejected
+                | ErrorId::CertificateRefusedByPeer
+                | ErrorId::InvalidAddress
+        );
+        tracing::debug!(peer = %self.peer_id, error = %error, permanent, "dial failed");
+        if permanent {
+            self.session.fail_all(Error::new(
+                ErrorId::PeerUnavailable,
+                format!("{} is unreachable: {}", self.peer_id, error.message()),
+            ));
+        }
+        self.last_dial_error = Some(error);
+        let delay = jitter(self.backoff_next);
+        self.backoff = Some(Box::pin(tokio::time::sleep(delay)));
+        self.backoff_next = self
+            .backoff_next
+            .saturating_mul(2)
+            .min(self.ctx.reconnect_backoff_max);
+    }
+
+    fn dispatch_events(&mut self) {
+        while let Some(event) = self.session.poll_event() {
+            match event {
+                Event::Connected {
+                    peer_epoch,
+                    restarted,
+                } => {
+                    self.backoff_next = self.ctx.reconnect_backoff_min;
+                    self.last_dial_error = None;
+                    tracing::debug!(peer = %self.peer_id, peer_epoch, restarted, "callis open");
+                }
+                Event::Deliver {
+                    peer_epoch,
+                    message,
+                } => {
+                    let Some(peer) = self.peer_identity.clone() else {
+                        continue;
+                    };
+                    let request = TabernaRequest::new(
+                        peer,
+                        TabernaId(message.src),
+                        TabernaId(message.dst),
+                        MessageType(message.msg_type),
+                        message.payload,
+                        AnswerSink::Remote {
+                            tx: self.commands_tx.clone(),
+                            epoch: peer_epoch,
+                            id: message.id,
+                        },
+                    );
+                    self.ctx.registry.deliver(request);
+                }
+                Event::Finished { id, outcome } => {
+                    if let Some(p) = self.pending.remove(&id) {
+                        let result = self.outcome_to_result(p.dst, outcome);
+                        let _ = p.done.send(result);
+                    }
+                }
+                Event::Close(error) => {
+                    tracing::debug!(peer = %self.peer_id, error = %error, "closing callis");
+                }
+            }
+        }
+    }
+
+    fn outcome_to_result(&self, dst: u64, outcome: Outcome) -> Result<Delivery, Error> {
+        match outcome {
+            Outcome::Answered(Answer::Accepted) => Ok(Delivery::Accepted),
+            Outcome::Answered(Answer::Replied(payload)) => Ok(Delivery::Replied(payload)),
+            Outcome::Answered(Answer::Rejected {
+                error,
+                code,
+                reason,
+            }) => {
+                let context = format!("taberna {dst} on {}", self.peer_id);
+                match ErrorId::try_from(error) {
+                    Ok(ErrorId::RemoteTabernaRejected) => {
+                        Err(Error::rejected(code, &reason, context))
+                    }
+                    Ok(id) => Err(Error::new(id, format!("{context}: {}", untrusted(&reason)))),
+                    Err(n) => Err(Error::new(
+                        ErrorId::RemoteTabernaRejected,
+                        format!(
+                            "{context} refused the message with unknown error {n}: {}",
+                            untrusted(&reason)
+                        ),
+                    )),
+                }
+            }
+            Outcome::Failed(e) if e.id() == ErrorId::SendTimeout && self.stream.is_none() => {
+                match &self.last_dial_error {
+                    Some(dial) => Err(Error::new(
+                        ErrorId::PeerUnavailable,
+                        format!(
+                            "no answer before the deadline: {} could not be reached ({})",
+                            self.peer_id,
+                            dial.message()
+                        ),
+                    )),
+                    None => Err(e),
+                }
+            }
+            Outcome::Failed(e) => Err(e),
+        }
+    }
+
+    /// Reads what the socket has; false when the callis ended.
+    fn poll_read(&mut self, cx: &mut Context<'_>) -> (bool, bool) {
+        let mut progressed = false;
+        let mut read = 0usize;
+        let Some(stream) = self.stream.as_mut() else {
+            return (false, true);
+        };
+        while read < READ_BUDGET {
+            let buf = self.session.recv_buf();
+            if buf.capacity().saturating_sub(buf.len()) < 4096 {
+                buf.reserve(READ_RESERVE);
+            }
+            match tokio_util::io::poll_read_buf(Pin::new(&mut *stream), cx, buf) {
+                Poll::Ready(Ok(0)) => return (true, false),
+                Poll::Ready(Ok(n)) => {
+                    read = read.saturating_add(n);
+                    progressed = true;
+                    self.session.handle_input(Self::now());
+                    if self.session.is_closing() {
+                        break;
+                    }
+                }
+                Poll::Ready(Err(e)) => {
+                    tracing::debug!(peer = %self.peer_id, error = %e, "callis read failed");
+                    return (true, false);
+                }
+                Poll::Pending => break,
+            }
+        }
+        (progressed, true)
+    }
+
+    /// Writes what the session has ready; returns (progressed, alive).
+    fn poll_write(&mut self, cx: &mut Context<'_>) -> (bool, bool) {
+        let mut progressed = false;
+        let Some(stream) = self.stream.as_mut() else {
+            return (false, true);
+        };
+        loop {
+            if self.write_pos >= self.write_buf.len() {
+                self.write_buf.clear();
+                self.write_pos = 0;
+                if !self.session.poll_transmit(Self::now(), &mut self.write_buf) {
+                    break;
+                }
+                self.flushed = false;
+            }
+            let Some(chunk) = self.write_buf.get(self.write_pos..) else {
+                break;
+            };
+            match Pin::new(&mut *stream).poll_write(cx, chunk) {
+                Poll::Ready(Ok(0)) => return (true, false),
+                Poll::Ready(Ok(n)) => {
+                    self.write_pos = self.write_pos.saturating_add(n);
+                    progressed = true;
+                }
+                Poll::Ready(Err(e)) => {
+                    tracing::debug!(peer = %self.peer_id, error = %e, "callis write failed");
+                    return (true, false);
+                }
+                Poll::Pending => return (progressed, true),
+            }
+        }
+        if !self.flushed {
+            match Pin::new(&mut *stream).poll_flush(cx) {
+                Poll::Ready(Ok(())) => self.flushed = true,
+                Poll::Ready(Err(_)) => return (true, false),
+                Poll::Pending => {}
+            }
+        }
+        (progressed, true)
+    }
+
+    fn reset_timer(&mut self, cx: &mut Context<'_>) -> bool {
+        let wanted = self.session.poll_timeout().map(Instant::from_std);
+        if wanted != self.timer_at {
+            self.timer_at = wanted;
+            if let Some(at) = wanted {
+                self.timer.as_mut().reset(at);
+            }
+        }
+        if self.timer_at.is_some() && self.timer.as_mut().poll(cx).is_ready() {
+            self.timer_at = None;
+            self.session.handle_timeout(Self::now());
+            return true;
+        }
+        false
+    }
+
+    fn finish(&mut self) {
+        self.session.fail_all(closed());
+        self.dispatch_events();
+        for (_, p) in self.pending.drain() {
+            let _ = p.done.send(Err(closed()));
+        }
+    }
+}
+
+fn closed() -> Error {
+    Error::new(ErrorId::DomusClosed, "the domus has been shut down")
+}
+
+/// `d` scaled by a random factor in [0.5, 1.5).
+fn jitter(d: Duration) -> Duration {
+    let r = rand_u64() % 1000;
+    d.mul_f64(0.5 + r as f64 / 1000.0)
+}
+
+/// A non-cryptographic random number (jitter and epochs need unpredictability across
+/// processes, not secrecy): std's randomly seeded SipHash over a counter.
+pub(crate) fn rand_u64() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u64(COUNTER.fetch_add(1, Ordering::Relaxed));
+    h.finish()
+}
+
+impl Future for PeerDriver {
+    type Output = ();
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        let this = self.get_mut();
+        for _ in 0..32 {
+            if this.cancelled.as_mut().poll(cx).is_ready() {
+                this.finish();
+                return Poll::Ready(());
+            }
+            let mut progressed = false;
+            // Commands.
+            for _ in 0..COMMAND_BUDGET {
+                match this.commands.poll_recv(cx) {
+                    Poll::Ready(Some(cmd)) => {
+                        this.handle_command(cmd);
+                        progressed = true;
+                    }
+                    Poll::Ready(None) => {
+                        this.finish();
+                        return Poll::Ready(());
+                    }
+                    Poll::Pending => break,
+                }
+            }
+            // Dialling and backoff.
+            if let Some(b) = this.backoff.as_mut() {
+                if b.as_mut().poll(cx).is_ready() {
+                    this.backoff = None;
+                    progressed = true;
+                }
+            }
+            this.maybe_dial();
+            if let Some(d) = this.dial.as_mut() {
+                if let Poll::Ready(result) = d.as_mut().poll(cx) {
+                    this.dial = None;
+                    progressed = true;
+                    match result {
+                        Ok(stream) => this.attach(stream),
+                        Err(e) => this.dial_failed(e),
+                    }
+                }
+            }
+            // Reading.
+            let (read_progress, read_alive) = this.poll_read(cx);
+            progressed |= read_progress;
+            if !read_alive {
+                this.drop_stream();
+            }
+            // Timers, then events.
+            progressed |= this.reset_timer(cx);
+            this.dispatch_events();
+            // Writing.
+            let (write_progress, write_alive) = this.poll_write(cx);
+            progressed |= write_progress;
+            if !write_alive {
+                this.drop_stream();
+            }
+            this.dispatch_events();
+            // A close the session decided takes effect once its CLOSE frame is out.
+            if this.session.is_closing() && this.write_pos >= this.write_buf.len() && this.flushed {
+                if this.stream.is_some() {
+                    this.drop_stream();
+                    progressed = true;
+                }
+            }
+            if this.shutting_down && this.stream.is_none() {
+                this.finish();
+                return Poll::Ready(());
+            }
+            progressed |= this.reset_timer(cx);
+            if !progressed {
+                return Poll::Pending;
+            }
+        }
+        // Plenty of work: let other tasks run, then continue.
+        cx.waker().wake_by_ref();
+        Poll::Pending
+    }
+}

@@ -1,0 +1,212 @@
+//! [`DomusConfig`]: every limit and timer of a domus in one plain struct, with its default, its
+//! range and the reason for it, validated before a domus starts.
+//!
+//! Pure data and checks; no IO. Fields are fixed once the domus is built (live changes come
+//! with the live-configuration work); [`TransportConfig`] holds the A0 limits.
+
+use std::time::Duration;
+
+use crate::a0_transport::TransportConfig;
+use crate::a1_callis::frame::MESSAGE_FIXED_LEN;
+use crate::a1_callis::session::SessionConfig;
+use crate::error::Error;
+
+/// The configuration of a domus. Build it with `default()` and set fields.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct DomusConfig {
+    /// A0: handshake and connect deadlines, admission limits, trust policy.
+    pub transport: TransportConfig,
+    /// How long a send waits for its answer (including waiting for capacity and for a
+    /// callis) unless `SendOptions::timeout` says otherwise. Default 10 s; 1 ms to 1 h.
+    pub send_timeout: Duration,
+    /// The bound on one resolver call. Default 2 s; 1 ms to 1 min.
+    pub resolve_timeout: Duration,
+    /// The largest message payload this domus sends or accepts. Default 1 MiB; 0 to 64 MiB.
+    /// Larger data belongs in a blob.
+    pub max_message_len: usize,
+    /// Messages in flight (queued or unanswered) per peer; `send` waits for a slot, `try_send`
+    /// fails with `LocalQueueFull`. Default 4096; 1 to 1 048 576.
+    pub max_in_flight_per_peer: u32,
+    /// The receiver's dedupe window in message ids (each slot remembers one answer). Default
+    /// 8192; at least `max_in_flight_per_peer`, at most 1 048 576.
+    pub dedupe_window: u32,
+    /// Reply bytes kept per peer so a reply survives a reconnect. Default 8 MiB.
+    pub max_retained_reply_bytes: usize,
+    /// How often an open callis is probed with a PING (RTT is measured from it). Default
+    /// 5 s; 10 ms to 10 min.
+    pub keepalive_interval: Duration,
+    /// A callis that receives nothing for this long is closed. Default 20 s; more than
+    /// `keepalive_interval`, at most 1 h.
+    pub idle_timeout: Duration,
+    /// How long a peer has to send its HELLO. Default 10 s; 10 ms to 5 min.
+    pub hello_timeout: Duration,
+    /// The first reconnect delay after a failed dial; it doubles (with jitter) up to
+    /// `reconnect_backoff_max`. Default 50 ms; 1 ms to 1 min.
+    pub reconnect_backoff_min: Duration,
+    /// The longest reconnect delay. Default 5 s; at least `reconnect_backoff_min`, at most 10 min.
+    pub reconnect_backoff_max: Duration,
+    /// The inbox depth of a taberna registered without one. Default 1024; 1 to 1 048 576.
+    pub default_inbox_depth: usize,
+    /// How long `shutdown()` waits for pending work before it stops everything. Default 5 s;
+    /// 1 ms to 10 min.
+    pub shutdown_timeout: Duration,
+}
+
+impl Default for DomusConfig {
+    fn default() -> Self {
+        Self {
+            transport: TransportConfig::default(),
+            send_timeout: Duration::from_secs(10),
+            resolve_timeout: Duration::from_secs(2),
+            max_message_len: 1024 * 1024,
+            max_in_flight_per_peer: 4096,
+            dedupe_window: 8192,
+            max_retained_reply_bytes: 8 * 1024 * 1024,
+            keepalive_interval: Duration::from_secs(5),
+            idle_timeout: Duration::from_secs(20),
+            hello_timeout: Duration::from_secs(10),
+            reconnect_backoff_min: Duration::from_millis(50),
+            reconnect_backoff_max: Duration::from_secs(5),
+            default_inbox_depth: 1024,
+            shutdown_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+fn within(field: &str, v: Duration, lo: Duration, hi: Duration) -> Result<(), Error> {
+    if v < lo || v > hi {
+        return Err(Error::invalid_config(
+            field,
+            format!("{v:?} is outside {lo:?}..={hi:?}"),
+        ));
+    }
+    Ok(())
+}
+
+fn count(field: &str, v: u64, lo: u64, hi: u64) -> Result<(), Error> {
+    if v < lo || v > hi {
+        return Err(Error::invalid_config(
+            field,
+            format!("{v} is outside {lo}..={hi}"),
+        ));
+    }
+    Ok(())
+}
+
+const MS: Duration = Duration::from_millis(1);
+const MIN: Duration = Duration::from_secs(60);
+
+impl DomusConfig {
+    /// Checks every field and relation; the error names the field.
+    pub fn validate(&self) -> Result<(), Error> {
+        self.transport.validate()?;
+        within("send_timeout", self.send_timeout, MS, 60 * MIN)?;
+        within("resolve_timeout", self.resolve_timeout, MS, MIN)?;
+        count("max_message_len", self.max_message_len as u64, 0, 64 << 20)?;
+        count(
+            "max_in_flight_per_peer",
+            u64::from(self.max_in_flight_per_peer),
+            1,
+            1 << 20,
+        )?;
+        count("dedupe_window", u64::from(self.dedupe_window), 1, 1 << 20)?;
+        if self.dedupe_window < self.max_in_flight_per_peer {
+            return Err(Error::invalid_config(
+                "dedupe_window",
+                format!(
+                    "{} must be at least max_in_flight_per_peer ({})",
+                    self.dedupe_window, self.max_in_flight_per_peer
+                ),
+            ));
+        }
+        count(
+            "max_retained_reply_bytes",
+            self.max_retained_reply_bytes as u64,
+            0,
+            1 << 34,
+        )?;
+        within(
+            "keepalive_interval",
+            self.keepalive_interval,
+            10 * MS,
+            10 * MIN,
+        )?;
+        within(
+            "idle_timeout",
+            self.idle_timeout,
+            self.keepalive_interval.saturating_add(MS),
+            60 * MIN,
+        )?;
+        within("hello_timeout", self.hello_timeout, 10 * MS, 5 * MIN)?;
+        within("reconnect_backoff_min", self.reconnect_backoff_min, MS, MIN)?;
+        within(
+            "reconnect_backoff_max",
+            self.reconnect_backoff_max,
+            self.reconnect_backoff_min,
+            10 * MIN,
+        )?;
+        count(
+            "default_inbox_depth",
+            self.default_inbox_depth as u64,
+            1,
+            1 << 20,
+        )?;
+        within("shutdown_timeout", self.shutdown_timeout, MS, 10 * MIN)?;
+        Ok(())
+    }
+
+    pub(crate) fn session(&self) -> SessionConfig {
+        SessionConfig {
+            max_frame_len: u32::try_from(self.max_message_len.saturating_add(MESSAGE_FIXED_LEN))
+                .unwrap_or(u32::MAX),
+            window: self.dedupe_window,
+            max_in_flight: self.max_in_flight_per_peer,
+            keepalive_interval: self.keepalive_interval,
+            idle_timeout: self.idle_timeout,
+            hello_timeout: self.hello_timeout,
+            max_retained_reply_bytes: self.max_retained_reply_bytes,
+            transmit_batch_bytes: 256 * 1024,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_valid_and_bad_values_name_their_field() {
+        DomusConfig::default().validate().unwrap();
+        let cases: Vec<(&str, Box<dyn Fn(&mut DomusConfig)>)> = vec![
+            (
+                "send_timeout",
+                Box::new(|c| c.send_timeout = Duration::ZERO),
+            ),
+            (
+                "max_in_flight_per_peer",
+                Box::new(|c| c.max_in_flight_per_peer = 0),
+            ),
+            ("dedupe_window", Box::new(|c| c.dedupe_window = 10)),
+            (
+                "idle_timeout",
+                Box::new(|c| c.idle_timeout = Duration::from_secs(1)),
+            ),
+            (
+                "reconnect_backoff_max",
+                Box::new(|c| c.reconnect_backoff_max = MS),
+            ),
+            ("max_message_len", Box::new(|c| c.max_message_len = 1 << 30)),
+            (
+                "default_inbox_depth",
+                Box::new(|c| c.default_inbox_depth = 0),
+            ),
+        ];
+        for (field, change) in cases {
+            let mut c = DomusConfig::default();
+            change(&mut c);
+            let e = c.validate().unwrap_err();
+            assert!(e.message().starts_with(field), "{field}: {e}");
+        }
+    }
+}

@@ -1,0 +1,471 @@
+//! Tabernas: named inbound endpoints. A [`Taberna`] is a bounded inbox of [`TabernaRequest`]s
+//! that several workers may share; every request is answered exactly once — accepted, replied
+//! or rejected — and dropping one unanswered rejects it.
+//!
+//! This module owns the registry of local tabernas and the admission checks a delivery passes
+//! before a handler sees it (allow-list, accepted types, inbox capacity). It must not block:
+//! deliveries are offered with `try_send`, and a full inbox is a `TabernaBusy` answer at once.
+
+use std::collections::{BTreeSet, HashMap};
+use std::fmt;
+use std::ops::RangeInclusive;
+use std::pin::Pin;
+use std::sync::{Arc, RwLock};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use tokio::sync::{mpsc, oneshot};
+
+use crate::a0_transport::{DomusId, PeerIdentity};
+use crate::a1_callis::session::{A1_MESSAGE_TYPE_MAX, A3_MESSAGE_TYPE_BASE, Answer};
+use crate::error::{Error, ErrorId};
+
+/// The id of a taberna, unique within its domus and routed by the resolver.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct TabernaId(pub u64);
+
+impl fmt::Display for TabernaId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "taberna {}", self.0)
+    }
+}
+
+/// A message type. `0x0000_0000..=0x0000_FFFF` is reserved for A1, `0x0001_0000..=0x00FF_FFFF`
+/// for A2 mesh services, and `0x0100_0000..` is the application's (A3); applications send A3
+/// only.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct MessageType(pub u32);
+
+/// The priority class of a message type.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MessageClass {
+    /// Transport control; never carried in a message.
+    A1,
+    /// Mesh services: sent before A3.
+    A2,
+    /// Applications.
+    A3,
+}
+
+impl MessageType {
+    /// The A3 type `0x0100_0000 + offset`; `None` when that would overflow.
+    pub const fn app(offset: u32) -> Option<Self> {
+        match A3_MESSAGE_TYPE_BASE.checked_add(offset) {
+            Some(t) => Some(Self(t)),
+            None => None,
+        }
+    }
+
+    /// This type's class.
+    pub const fn class(self) -> MessageClass {
+        if self.0 <= A1_MESSAGE_TYPE_MAX {
+            MessageClass::A1
+        } else if self.0 < A3_MESSAGE_TYPE_BASE {
+            MessageClass::A2
+        } else {
+            MessageClass::A3
+        }
+    }
+}
+
+/// Options of a taberna.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct TabernaOptions {
+    /// Requests waiting for a worker; when full, new deliveries are answered `TabernaBusy` at
+    /// once. Default: the domus's `default_inbox_depth`.
+    pub inbox_depth: Option<usize>,
+    /// When set, only these peers may deliver; others get `Forbidden` and the handler never
+    /// sees them. Default: any authenticated peer.
+    pub allowed_peers: Option<BTreeSet<DomusId>>,
+    /// When set, only these message types are accepted; others get `MessageTypeNotAccepted`.
+    pub accepted_types: Option<RangeInclusive<u32>>,
+}
+
+impl Default for TabernaOptions {
+    fn default() -> Self {
+        Self {
+            inbox_depth: None,
+            allowed_peers: None,
+            accepted_types: None,
+        }
+    }
+}
+
+impl TabernaOptions {
+    /// Sets the inbox depth.
+    pub fn inbox_depth(mut self, depth: usize) -> Self {
+        self.inbox_depth = Some(depth);
+        self
+    }
+
+    /// Restricts senders to `peers`.
+    pub fn allowed_peers(mut self, peers: impl IntoIterator<Item = DomusId>) -> Self {
+        self.allowed_peers = Some(peers.into_iter().collect());
+        self
+    }
+
+    /// Restricts message types to `types`.
+    pub fn accepted_types(mut self, types: RangeInclusive<u32>) -> Self {
+        self.accepted_types = Some(types);
+        self
+    }
+}
+
+/// Where an answer goes.
+pub(crate) enum AnswerSink {
+    /// Back to a remote sender, through its peer task.
+    Remote {
+        tx: mpsc::UnboundedSender<crate::a1_callis::driver::PeerCommand>,
+        epoch: u64,
+        id: u64,
+    },
+    /// Back to a local sender.
+    Local(oneshot::Sender<Answer>),
+}
+
+impl AnswerSink {
+    fn send(self, answer: Answer) {
+        match self {
+            // A closed channel means the peer task or the sender is gone; there is no one
+            // left to tell.
+            AnswerSink::Remote { tx, epoch, id } => {
+                let _ =
+                    tx.send(crate::a1_callis::driver::PeerCommand::Answer { epoch, id, answer });
+            }
+            AnswerSink::Local(tx) => {
+                let _ = tx.send(answer);
+            }
+        }
+    }
+}
+
+/// One delivery to a taberna, waiting for its answer.
+///
+/// End it with exactly one of [`accept`](Self::accept), [`reply`](Self::reply) or
+/// [`reject`](Self::reject). Dropping it unanswered rejects it with
+/// [`ErrorId::RequestDropped`].
+pub struct TabernaRequest {
+    peer: Arc<PeerIdentity>,
+    source: TabernaId,
+    destination: TabernaId,
+    message_type: MessageType,
+    payload: Bytes,
+    sink: Option<AnswerSink>,
+}
+
+impl fmt::Debug for TabernaRequest {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("TabernaRequest")
+            .field("peer", &self.peer.id())
+            .field("source", &self.source)
+            .field("destination", &self.destination)
+            .field("message_type", &self.message_type)
+            .field("payload_len", &self.payload.len())
+            .finish()
+    }
+}
+
+impl TabernaRequest {
+    pub(crate) fn new(
+        peer: Arc<PeerIdentity>,
+        source: TabernaId,
+        destination: TabernaId,
+        message_type: MessageType,
+        payload: Bytes,
+        sink: AnswerSink,
+    ) -> Self {
+        Self {
+            peer,
+            source,
+            destination,
+            message_type,
+            payload,
+            sink: Some(sink),
+        }
+    }
+
+    /// Who sent it (verified from the peer's certificate).
+    pub fn peer(&self) -> &PeerIdentity {
+        &self.peer
+    }
+
+    /// The taberna on the sender's side it came from.
+    pub fn source(&self) -> TabernaId {
+        self.source
+    }
+
+    /// The taberna it was sent to.
+    pub fn destination(&self) -> TabernaId {
+        self.destination
+    }
+
+    /// Its message type.
+    pub fn message_type(&self) -> MessageType {
+        self.message_type
+    }
+
+    /// Its payload (zero-copy).
+    pub fn payload(&self) -> &Bytes {
+        &self.payload
+    }
+
+    /// Takes the payload out (leaving the request answerable).
+    pub fn take_payload(&mut self) -> Bytes {
+        std::mem::take(&mut self.payload)
+    }
+
+    /// Accepts it: the sender's `send` returns `Delivery::Accepted`.
+    pub fn accept(mut self) {
+        self.finish(Answer::Accepted);
+    }
+
+    /// Answers it with a payload: the sender's `send` returns `Delivery::Replied`.
+    pub fn reply(mut self, payload: Bytes) {
+        self.finish(Answer::Replied(payload));
+    }
+
+    /// Rejects it with an application code and reason (at most 256 bytes go on the wire):
+    /// the sender's `send` fails with [`ErrorId::RemoteTabernaRejected`] carrying both.
+    pub fn reject(mut self, code: u32, reason: &str) {
+        self.finish(Answer::Rejected {
+            error: ErrorId::RemoteTabernaRejected.as_u32(),
+            code,
+            reason: reason.to_owned(),
+        });
+    }
+
+    fn finish(&mut self, answer: Answer) {
+        if let Some(sink) = self.sink.take() {
+            sink.send(answer);
+        }
+    }
+}
+
+impl Drop for TabernaRequest {
+    fn drop(&mut self) {
+        self.finish(system_rejection(
+            ErrorId::RequestDropped,
+            "the handler dropped the request without answering",
+        ));
+    }
+}
+
+/// A rejection decided by vicus rather than by the application.
+pub(crate) fn system_rejection(error: ErrorId, reason: &str) -> Answer {
+    Answer::Rejected {
+        error: error.as_u32(),
+        code: 0,
+        reason: reason.to_owned(),
+    }
+}
+
+/// A registered taberna's admission rules and inbox.
+struct Entry {
+    options: TabernaOptions,
+    inbox: async_channel::Sender<TabernaRequest>,
+}
+
+/// The local tabernas of one domus. Reads (every delivery) take a short read lock; writes
+/// happen only when tabernas are added or removed. No lock is held across an `.await`.
+#[derive(Default)]
+pub(crate) struct Registry {
+    entries: RwLock<HashMap<TabernaId, Entry>>,
+}
+
+impl Registry {
+    pub(crate) fn contains(&self, id: TabernaId) -> bool {
+        self.entries
+            .read()
+            .map(|e| e.contains_key(&id))
+            .unwrap_or(false)
+    }
+
+    pub(crate) fn register(
+        self: &Arc<Self>,
+        id: TabernaId,
+        options: TabernaOptions,
+        depth: usize,
+    ) -> Result<Taberna, Error> {
+        let mut entries = self
+            .entries
+            .write()
+            .map_err(|_| Error::new(ErrorId::DomusClosed, "the taberna registry is unusable"))?;
+        if entries.contains_key(&id) {
+            return Err(Error::new(
+                ErrorId::TabernaAlreadyRegistered,
+                format!("{id} is already registered on this domus"),
+            ));
+        }
+        let (tx, rx) = async_channel::bounded(depth.max(1));
+        entries.insert(id, Entry { options, inbox: tx });
+        Ok(Taberna {
+            id,
+            inbox: Box::pin(rx),
+            registry: Arc::downgrade(self),
+        })
+    }
+
+    fn unregister(&self, id: TabernaId) {
+        if let Ok(mut entries) = self.entries.write() {
+            entries.remove(&id);
+        }
+    }
+
+    /// Closes every inbox (shutdown): workers see the end of their stream.
+    pub(crate) fn close_all(&self) {
+        if let Ok(mut entries) = self.entries.write() {
+            for entry in entries.values() {
+                entry.inbox.close();
+            }
+            entries.clear();
+        }
+    }
+
+    /// Offers a request to its taberna. On refusal the request is answered (rejected) here.
+    pub(crate) fn deliver(&self, request: TabernaRequest) {
+        let refusal = {
+            let Ok(entries) = self.entries.read() else {
+                return;
+            };
+            match entries.get(&request.destination) {
+                None => Some((
+                    ErrorId::UnknownTaberna,
+                    "no such taberna on the receiving domus",
+                )),
+                Some(entry) => {
+                    if entry
+                        .options
+                        .allowed_peers
+                        .as_ref()
+                        .is_some_and(|allowed| !allowed.contains(request.peer.id()))
+                    {
+                        Some((
+                            ErrorId::Forbidden,
+                            "the sender is not on this taberna's allow-list",
+                        ))
+                    } else if entry
+                        .options
+                        .accepted_types
+                        .as_ref()
+                        .is_some_and(|types| !types.contains(&request.message_type.0))
+                    {
+                        Some((
+                            ErrorId::MessageTypeNotAccepted,
+                            "this taberna does not accept this message type",
+                        ))
+                    } else {
+                        match entry.inbox.try_send(request) {
+                            Ok(()) => return,
+                            Err(async_channel::TrySendError::Full(mut r)) => {
+                                r.finish(system_rejection(
+                                    ErrorId::TabernaBusy,
+                                    "the taberna's inbox is full",
+                                ));
+                                return;
+                            }
+                            Err(async_channel::TrySendError::Closed(mut r)) => {
+                                r.finish(system_rejection(
+                                    ErrorId::TabernaShutdown,
+                                    "the taberna is shutting down",
+                                ));
+                                return;
+                            }
+                        }
+                    }
+                }
+            }
+        };
+        if let Some((error, reason)) = refusal {
+            let mut request = request;
+            request.finish(system_rejection(error, reason));
+        }
+    }
+}
+
+/// A registered taberna: a bounded inbox of [`TabernaRequest`]s.
+///
+/// Clone it to share the inbox between workers; each request goes to exactly one. It is also
+/// a `Stream`. The taberna is unregistered when the last clone is dropped.
+pub struct Taberna {
+    id: TabernaId,
+    // Boxed so `Taberna` is `Unpin` (the receiver's stream state is self-referential).
+    inbox: Pin<Box<async_channel::Receiver<TabernaRequest>>>,
+    registry: std::sync::Weak<Registry>,
+}
+
+impl Clone for Taberna {
+    fn clone(&self) -> Self {
+        Self {
+            id: self.id,
+            inbox: Box::pin(async_channel::Receiver::clone(&self.inbox)),
+            registry: self.registry.clone(),
+        }
+    }
+}
+
+impl fmt::Debug for Taberna {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Taberna")
+            .field("id", &self.id)
+            .field("queued", &self.inbox.len())
+            .finish()
+    }
+}
+
+impl Taberna {
+    /// Its id.
+    pub fn id(&self) -> TabernaId {
+        self.id
+    }
+
+    /// Requests waiting in the inbox.
+    pub fn queued(&self) -> usize {
+        self.inbox.len()
+    }
+
+    /// The next request; `None` once the domus shut down.
+    pub async fn recv(&self) -> Option<TabernaRequest> {
+        self.inbox.recv().await.ok()
+    }
+
+    /// The next request, waiting at most `timeout`.
+    pub async fn recv_timeout(&self, timeout: Duration) -> Result<TabernaRequest, Error> {
+        match tokio::time::timeout(timeout, self.inbox.recv()).await {
+            Ok(Ok(r)) => Ok(r),
+            Ok(Err(_)) => Err(Error::new(
+                ErrorId::TabernaShutdown,
+                format!("{} was shut down", self.id),
+            )),
+            Err(_) => Err(Error::new(
+                ErrorId::ReceiveTimeout,
+                format!("nothing arrived at {} within {timeout:?}", self.id),
+            )),
+        }
+    }
+
+    /// A request if one is waiting.
+    pub fn try_recv(&self) -> Option<TabernaRequest> {
+        self.inbox.try_recv().ok()
+    }
+}
+
+impl Drop for Taberna {
+    fn drop(&mut self) {
+        // The registry's sender plus this receiver: when this is the last receiver, unregister.
+        if self.inbox.receiver_count() == 1 {
+            if let Some(registry) = self.registry.upgrade() {
+                registry.unregister(self.id);
+            }
+        }
+    }
+}
+
+impl futures_core::Stream for Taberna {
+    type Item = TabernaRequest;
+
+    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<TabernaRequest>> {
+        self.get_mut().inbox.as_mut().poll_next(cx)
+    }
+}
