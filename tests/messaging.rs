@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use common::*;
+use vicus::DomusAddr;
 use vicus::dev_certs::DevCa;
 use vicus::{
     Delivery, Domus, DomusConfig, ErrorId, MessageType, SendOptions, SimpleResolver, TabernaId,
@@ -55,14 +56,18 @@ impl Mesh {
 }
 
 /// A worker that answers every request: payload "echo:<payload>" as a reply.
-fn spawn_echo(t: vicus::Taberna) {
+fn spawn_echo(t: vicus::Taberna) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         while let Some(req) = t.recv().await {
             let mut reply = b"echo:".to_vec();
             reply.extend_from_slice(req.payload());
             req.reply(Bytes::from(reply));
         }
-    });
+    })
+}
+
+fn send_opts(timeout_ms: u64) -> SendOptions {
+    SendOptions::default().timeout(Duration::from_millis(timeout_ms))
 }
 
 #[tokio::test]
@@ -137,6 +142,555 @@ async fn ten_thousand_pipelined_sends_all_accepted_exactly_once() {
             assert_eq!(r.await.expect("accepted"), Delivery::Accepted);
         }
         assert_eq!(counter.await.expect("join"), 10_000);
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn reject_code_and_reason_reach_the_sender() {
+    within(async {
+        let mut mesh = Mesh::new();
+        let a = mesh.domus("a").await;
+        let b = mesh.domus("b").await;
+        mesh.route(10, &b);
+        let t = b.taberna(TabernaId(10)).expect("taberna");
+        tokio::spawn(async move {
+            let req = t.recv().await.expect("request");
+            req.reject(451, "unavailable for legal reasons");
+        });
+        let err = a
+            .send(TabernaId(10), APP, Bytes::new(), SendOptions::default())
+            .await
+            .expect_err("rejected");
+        assert_eq!(err.id(), ErrorId::RemoteTabernaRejected, "{err}");
+        let rejection = err.rejection().expect("carries the rejection");
+        assert_eq!(rejection.code, 451);
+        assert_eq!(rejection.reason, "unavailable for legal reasons");
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn t24_unknown_tabernas_get_typed_errors_and_nothing_leaks() {
+    within(async {
+        let mut mesh = Mesh::new();
+        let a = mesh.domus("a").await;
+        let b = mesh.domus("b").await;
+        for id in [0, u64::MAX, 77] {
+            mesh.route(id, &b);
+        }
+        let gone = b.taberna(TabernaId(78)).expect("taberna");
+        mesh.route(78, &b);
+        drop(gone);
+        for id in [0, u64::MAX, 77, 78] {
+            let err = a
+                .send(TabernaId(id), APP, Bytes::new(), send_opts(5_000))
+                .await
+                .expect_err("unknown");
+            assert_eq!(err.id(), ErrorId::UnknownTaberna, "{id}: {err}");
+        }
+        // No route at all.
+        let err = a
+            .send(TabernaId(12345), APP, Bytes::new(), send_opts(5_000))
+            .await
+            .expect_err("no route");
+        assert_eq!(err.id(), ErrorId::UnknownTaberna, "{err}");
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn t25_full_inbox_answers_taberna_busy_at_once() {
+    within(async {
+        let mut mesh = Mesh::new();
+        let a = mesh.domus("a").await;
+        let b = mesh.domus("b").await;
+        mesh.route(10, &b);
+        let t = b
+            .taberna_with(
+                TabernaId(10),
+                vicus::TabernaOptions::default().inbox_depth(2),
+            )
+            .expect("taberna");
+        // Nobody reads: two fill the inbox, the third is refused at once.
+        let r1 = a
+            .admit(TabernaId(10), APP, Bytes::new(), send_opts(10_000))
+            .await
+            .expect("1");
+        let r2 = a
+            .admit(TabernaId(10), APP, Bytes::new(), send_opts(10_000))
+            .await
+            .expect("2");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let started = tokio::time::Instant::now();
+        let err = a
+            .send(TabernaId(10), APP, Bytes::new(), send_opts(10_000))
+            .await
+            .expect_err("busy");
+        assert_eq!(err.id(), ErrorId::TabernaBusy, "{err}");
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "refused at once, not at the timeout"
+        );
+        assert_eq!(t.queued(), 2);
+        for _ in 0..2 {
+            t.recv().await.expect("queued").accept();
+        }
+        assert_eq!(r1.await.expect("1"), Delivery::Accepted);
+        assert_eq!(r2.await.expect("2"), Delivery::Accepted);
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_peer_not_on_the_allow_list_is_refused_before_the_handler() {
+    within(async {
+        let mut mesh = Mesh::new();
+        let a = mesh.domus("a").await;
+        let c = mesh.domus("c").await;
+        let b = mesh.domus("b").await;
+        mesh.route(10, &b);
+        let t = b
+            .taberna_with(
+                TabernaId(10),
+                vicus::TabernaOptions::default().allowed_peers([c.identity().clone()]),
+            )
+            .expect("taberna");
+        let err = a
+            .send(TabernaId(10), APP, Bytes::new(), send_opts(5_000))
+            .await
+            .expect_err("forbidden");
+        assert_eq!(err.id(), ErrorId::Forbidden, "{err}");
+        assert_eq!(t.queued(), 0, "the handler never saw it");
+        spawn_echo(t);
+        let ok = c
+            .send(
+                TabernaId(10),
+                APP,
+                Bytes::from_static(b"hi"),
+                send_opts(5_000),
+            )
+            .await
+            .expect("allowed peer");
+        assert_eq!(ok, Delivery::Replied(Bytes::from_static(b"echo:hi")));
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_handler_that_never_answers_ends_in_send_timeout() {
+    within(async {
+        let mut mesh = Mesh::new();
+        let a = mesh.domus("a").await;
+        let b = mesh.domus("b").await;
+        mesh.route(10, &b);
+        let t = b.taberna(TabernaId(10)).expect("taberna");
+        let holder = tokio::spawn(async move {
+            let req = t.recv().await.expect("request");
+            tokio::time::sleep(Duration::from_secs(3)).await;
+            drop(req);
+        });
+        let started = tokio::time::Instant::now();
+        let err = a
+            .send(TabernaId(10), APP, Bytes::new(), send_opts(300))
+            .await
+            .expect_err("timeout");
+        assert_eq!(err.id(), ErrorId::SendTimeout, "{err}");
+        let took = started.elapsed();
+        assert!(
+            took >= Duration::from_millis(290) && took < Duration::from_secs(3),
+            "{took:?}"
+        );
+        holder.abort();
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn oversized_payloads_and_non_application_types_are_refused_locally() {
+    within(async {
+        let mut mesh = Mesh::new();
+        let mut config = DomusConfig::default();
+        config.max_message_len = 1000;
+        let a = mesh.domus_with("a", config).await;
+        let b = mesh.domus("b").await;
+        mesh.route(10, &b);
+        let err = a
+            .send(
+                TabernaId(10),
+                APP,
+                Bytes::from(vec![0u8; 1001]),
+                send_opts(5_000),
+            )
+            .await
+            .expect_err("too large");
+        assert_eq!(err.id(), ErrorId::PayloadTooLarge);
+        assert!(err.message().contains("1001 bytes"), "{err}");
+        assert!(err.message().contains("max_message_len"), "{err}");
+        let err = a
+            .send(
+                TabernaId(10),
+                MessageType(0x0001_0000),
+                Bytes::new(),
+                send_opts(5_000),
+            )
+            .await
+            .expect_err("A2 is not for applications");
+        assert_eq!(err.id(), ErrorId::InvalidMessageType);
+        assert_eq!(b.peer_count(), 0, "nothing was sent");
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn try_send_fails_fast_when_the_peer_has_no_free_slot() {
+    within(async {
+        let mut mesh = Mesh::new();
+        let mut config = DomusConfig::default();
+        config.max_in_flight_per_peer = 2;
+        let a = mesh.domus_with("a", config).await;
+        let b = mesh.domus("b").await;
+        mesh.route(10, &b);
+        let t = b.taberna(TabernaId(10)).expect("taberna");
+        let r1 = a
+            .admit(TabernaId(10), APP, Bytes::new(), send_opts(10_000))
+            .await
+            .expect("1");
+        let r2 = a
+            .admit(TabernaId(10), APP, Bytes::new(), send_opts(10_000))
+            .await
+            .expect("2");
+        let err = a
+            .try_send(TabernaId(10), APP, Bytes::new(), send_opts(10_000))
+            .await
+            .expect_err("full");
+        assert_eq!(err.id(), ErrorId::LocalQueueFull, "{err}");
+        spawn_echo(t);
+        assert!(r1.await.is_ok() && r2.await.is_ok());
+        a.try_send(TabernaId(10), APP, Bytes::new(), send_opts(10_000))
+            .await
+            .expect("a slot is free again");
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn local_short_circuit_has_the_same_semantics() {
+    within(async {
+        let mut mesh = Mesh::new();
+        let a = mesh.domus("a").await;
+        let t = a.taberna(TabernaId(5)).expect("taberna");
+        spawn_echo(t);
+        let out = a
+            .send(
+                TabernaId(5),
+                APP,
+                Bytes::from_static(b"x"),
+                send_opts(5_000),
+            )
+            .await
+            .expect("local");
+        assert_eq!(out, Delivery::Replied(Bytes::from_static(b"echo:x")));
+        let r = a.taberna(TabernaId(6)).expect("taberna");
+        let rejecter = tokio::spawn(async move {
+            let req = r.recv().await.expect("request");
+            assert_eq!(req.peer().id().as_str(), "spiffe://vicus.dev/domus/a");
+            req.reject(7, "local no");
+        });
+        let err = a
+            .send(TabernaId(6), APP, Bytes::new(), send_opts(5_000))
+            .await
+            .expect_err("rejected");
+        assert_eq!(err.rejection().map(|r| r.code), Some(7));
+        rejecter.await.expect("join");
+        let busy = a
+            .taberna_with(
+                TabernaId(8),
+                vicus::TabernaOptions::default().inbox_depth(1),
+            )
+            .expect("taberna");
+        let _held = a
+            .admit(TabernaId(8), APP, Bytes::new(), send_opts(5_000))
+            .await
+            .expect("1");
+        let err = a
+            .send(TabernaId(8), APP, Bytes::new(), send_opts(5_000))
+            .await
+            .expect_err("busy");
+        assert_eq!(err.id(), ErrorId::TabernaBusy);
+        drop(busy);
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn t26_a_connection_cut_mid_burst_loses_nothing_and_hangs_nothing() {
+    within(async {
+        let mut mesh = Mesh::new();
+        let mut config = DomusConfig::default();
+        config.reconnect_backoff_min = Duration::from_millis(5);
+        config.reconnect_backoff_max = Duration::from_millis(50);
+        let a = mesh.domus_with("a", config).await;
+        let b = mesh.domus("b").await;
+        let DomusAddr::Tcp(b_addr) = b.local_addr().clone() else {
+            unreachable!()
+        };
+        let proxy = proxy::Proxy::start(b_addr).await;
+        mesh.resolver.insert(
+            TabernaId(10),
+            DomusAddr::Tcp(proxy.addr()),
+            Some(b.identity().clone()),
+        );
+        let t = b
+            .taberna_with(
+                TabernaId(10),
+                vicus::TabernaOptions::default().inbox_depth(10_000),
+            )
+            .expect("taberna");
+        let delivered = Arc::new(std::sync::Mutex::new(
+            std::collections::HashMap::<u32, u32>::new(),
+        ));
+        let seen = delivered.clone();
+        tokio::spawn(async move {
+            while let Some(req) = t.recv().await {
+                let n = u32::from_be_bytes(req.payload()[..4].try_into().expect("4 bytes"));
+                *seen.lock().expect("lock").entry(n).or_default() += 1;
+                req.accept();
+            }
+        });
+        let mut receipts = Vec::new();
+        for n in 0u32..3000 {
+            if n % 500 == 250 {
+                proxy.cut_all();
+            }
+            receipts.push(
+                a.admit(
+                    TabernaId(10),
+                    APP,
+                    Bytes::copy_from_slice(&n.to_be_bytes()),
+                    send_opts(15_000),
+                )
+                .await
+                .expect("admitted"),
+            );
+            if n % 100 == 0 {
+                tokio::task::yield_now().await;
+            }
+        }
+        let mut accepted = Vec::new();
+        for (n, r) in receipts.into_iter().enumerate() {
+            match r.await {
+                Ok(Delivery::Accepted) => accepted.push(n as u32),
+                Ok(other) => panic!("unexpected {other:?}"),
+                Err(e) => panic!("message {n} failed: {e}"),
+            }
+        }
+        let delivered = delivered.lock().expect("lock");
+        for n in &accepted {
+            assert_eq!(
+                delivered.get(n),
+                Some(&1),
+                "message {n} delivered exactly once"
+            );
+        }
+        assert_eq!(accepted.len(), 3000);
+        assert!(
+            proxy.total_accepted() > 1,
+            "the callis was really cut and re-dialled"
+        );
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_restarted_peer_fails_retained_sends_with_peer_restarted_and_new_sends_work() {
+    within(async {
+        let mut mesh = Mesh::new();
+        let mut config = DomusConfig::default();
+        config.reconnect_backoff_min = Duration::from_millis(10);
+        config.reconnect_backoff_max = Duration::from_millis(100);
+        let a = mesh.domus_with("a", config).await;
+        let (auth_b, _) = mesh.ca.domus_auth("b").expect("mint");
+        let auth_b2 = auth_b.clone();
+        let b = Domus::builder(auth_b).build().await.expect("b");
+        let addr = b.local_addr().clone();
+        mesh.route(10, &b);
+        let t = b.taberna(TabernaId(10)).expect("taberna");
+        // b receives five messages and never answers them.
+        let holder = tokio::spawn(async move {
+            let mut held = Vec::new();
+            for _ in 0..5 {
+                held.push(t.recv().await.expect("request"));
+            }
+            held
+        });
+        let receipts: Vec<_> = futures_join(&a, 5).await;
+        let held = holder.await.expect("join");
+        let first_epoch = b.epoch();
+        b.shutdown().await;
+        drop(held);
+        drop(b);
+        // Same address, same identity, new epoch.
+        let b2 = Domus::builder(auth_b2)
+            .bind(addr)
+            .build()
+            .await
+            .expect("b2");
+        assert_ne!(b2.epoch(), first_epoch);
+        let t2 = b2.taberna(TabernaId(10)).expect("taberna");
+        spawn_echo(t2);
+        for r in receipts {
+            let err = r.await.expect_err("retained sends fail");
+            assert_eq!(err.id(), ErrorId::PeerRestarted, "{err}");
+        }
+        let out = a
+            .send(
+                TabernaId(10),
+                APP,
+                Bytes::from_static(b"again"),
+                send_opts(5_000),
+            )
+            .await
+            .expect("new sends work");
+        assert_eq!(out, Delivery::Replied(Bytes::from_static(b"echo:again")));
+    })
+    .await;
+}
+
+async fn futures_join(a: &Domus, n: usize) -> Vec<vicus::Receipt> {
+    let mut out = Vec::new();
+    for _ in 0..n {
+        out.push(
+            a.admit(TabernaId(10), APP, Bytes::new(), send_opts(10_000))
+                .await
+                .expect("admitted"),
+        );
+    }
+    out
+}
+
+#[tokio::test]
+async fn two_domus_dialling_each_other_at_once_end_with_one_callis() {
+    within(async {
+        let mut mesh = Mesh::new();
+        let a = mesh.domus("a").await;
+        let b = mesh.domus("b").await;
+        let DomusAddr::Tcp(a_addr) = a.local_addr().clone() else {
+            unreachable!()
+        };
+        let DomusAddr::Tcp(b_addr) = b.local_addr().clone() else {
+            unreachable!()
+        };
+        let to_a = proxy::Proxy::start(a_addr).await;
+        let to_b = proxy::Proxy::start(b_addr).await;
+        mesh.resolver.insert(
+            TabernaId(1),
+            DomusAddr::Tcp(to_a.addr()),
+            Some(a.identity().clone()),
+        );
+        mesh.resolver.insert(
+            TabernaId(2),
+            DomusAddr::Tcp(to_b.addr()),
+            Some(b.identity().clone()),
+        );
+        spawn_echo(a.taberna(TabernaId(1)).expect("taberna"));
+        spawn_echo(b.taberna(TabernaId(2)).expect("taberna"));
+        for round in 0..3 {
+            let (x, y) = tokio::join!(
+                a.send(
+                    TabernaId(2),
+                    APP,
+                    Bytes::from_static(b"ab"),
+                    send_opts(5_000)
+                ),
+                b.send(
+                    TabernaId(1),
+                    APP,
+                    Bytes::from_static(b"ba"),
+                    send_opts(5_000)
+                ),
+            );
+            x.unwrap_or_else(|e| panic!("round {round} a->b: {e}"));
+            y.unwrap_or_else(|e| panic!("round {round} b->a: {e}"));
+        }
+        // Let the losing callis close.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        while to_a.connections() + to_b.connections() != 1 && tokio::time::Instant::now() < deadline
+        {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(
+            to_a.connections() + to_b.connections(),
+            1,
+            "exactly one callis survives (a side {} / b side {})",
+            to_a.connections(),
+            to_b.connections()
+        );
+        let (x, y) = tokio::join!(
+            a.send(TabernaId(2), APP, Bytes::new(), send_opts(5_000)),
+            b.send(TabernaId(1), APP, Bytes::new(), send_opts(5_000)),
+        );
+        assert!(x.is_ok() && y.is_ok());
+        assert_eq!(to_a.connections() + to_b.connections(), 1);
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn shutdown_finishes_within_its_bound_and_refuses_new_work() {
+    within(async {
+        let mut mesh = Mesh::new();
+        let a = mesh.domus("a").await;
+        let b = mesh.domus("b").await;
+        mesh.route(10, &b);
+        spawn_echo(b.taberna(TabernaId(10)).expect("taberna"));
+        for _ in 0..50 {
+            a.send(TabernaId(10), APP, Bytes::new(), send_opts(5_000))
+                .await
+                .expect("send");
+        }
+        let started = tokio::time::Instant::now();
+        b.shutdown().await;
+        a.shutdown().await;
+        let took = started.elapsed();
+        assert!(took < Duration::from_secs(2), "shutdown took {took:?}");
+        assert_eq!(a.task_count(), 0);
+        let err = a
+            .send(TabernaId(10), APP, Bytes::new(), send_opts(5_000))
+            .await
+            .expect_err("closed");
+        assert_eq!(err.id(), ErrorId::DomusClosed);
+        assert_eq!(
+            a.taberna(TabernaId(11)).expect_err("closed").id(),
+            ErrorId::DomusClosed
+        );
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn dropping_a_domus_leaves_no_task_running() {
+    within(async {
+        let metrics = tokio::runtime::Handle::current().metrics();
+        let baseline = metrics.num_alive_tasks();
+        {
+            let mut mesh = Mesh::new();
+            let a = mesh.domus("a").await;
+            let b = mesh.domus("b").await;
+            mesh.route(10, &b);
+            spawn_echo(b.taberna(TabernaId(10)).expect("taberna"));
+            for _ in 0..20 {
+                a.send(TabernaId(10), APP, Bytes::new(), send_opts(5_000))
+                    .await
+                    .expect("send");
+            }
+            assert!(metrics.num_alive_tasks() > baseline);
+        }
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        while metrics.num_alive_tasks() > baseline && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(metrics.num_alive_tasks(), baseline, "every task ended");
     })
     .await;
 }

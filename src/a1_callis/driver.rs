@@ -209,7 +209,8 @@ impl PeerDriver {
             tracing::debug!(peer = %self.peer_id, "switching to a newer callis");
             self.drop_stream();
         }
-        self.dial = None;
+        // A dial of ours still in progress is left to finish: the peer may already hold that
+        // callis, and both ends must judge the same pair of calles by the same rule.
         self.backoff = None;
         self.peer_identity = Some(Arc::new(new.peer().clone()));
         self.session.connected(Self::now(), self.peer_id.as_str());
