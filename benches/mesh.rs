@@ -1,2 +1,792 @@
-//! Placeholder replaced by the benchmark harness (see the messaging issue).
-fn main() {}
+//! Messaging benchmark: vicus against a raw mutual-TLS baseline.
+//!
+//! Every scenario runs over loopback TCP inside this one process (client and server share the
+//! tokio multi-thread runtime), on connections made with the crate's own A0 transport, so the
+//! baseline pays exactly the TLS 1.3 and certificate costs vicus pays. The **raw** scenarios put
+//! length-prefixed frames (`u32` big-endian length, then the payload) straight on the
+//! [`AuthenticatedStream`]: the sender packs many frames into ~64 KiB writes, the receiver
+//! parses them out of a read buffer and counts them, and there are no acknowledgements. They
+//! are the ceiling a messaging layer on the same transport can approach.
+//!
+//! | scenario        | what is measured                                                            |
+//! |-----------------|-----------------------------------------------------------------------------|
+//! | `one_way_64b`   | one connection, N pipelined 64-byte messages; msg/s from the first write to the receiver parsing the last one |
+//! | `ping_pong_64b` | one connection, sequential 64-byte request/echo round trips after a warm-up; p50/p99 latency |
+//! | `fan_in_64x`    | 64 client connections (one identity each) sending N/64 messages each to one server at once; total msg/s |
+//!
+//! Each scenario also reports the process's peak resident memory (`VmHWM`), reset before the
+//! scenario where the kernel allows it. Every scenario runs under a deadline; a failure or a
+//! timeout becomes an error row instead of a hang.
+//!
+//! Run it with the release profile:
+//!
+//! ```text
+//! cargo bench --bench mesh
+//! VICUS_BENCH_SCALE=0.1 cargo bench --bench mesh   # quicker, noisier
+//! VICUS_BENCH_SCALE=4 cargo bench --bench mesh     # longer, steadier
+//! ```
+//!
+//! `VICUS_BENCH_SCALE` (default 1) multiplies the message and round-trip counts. The results go
+//! to stdout as markdown (machine facts, then the table); progress goes to stderr.
+//!
+//! Adding a vicus scenario: write `async fn vicus_<scenario>(cfg: &BenchConfig) ->
+//! BenchResult<Measurement>` that does the same work through the vicus API, and pass
+//! `Some(run_scenario("vicus <scenario>", vicus_<scenario>(&cfg)).await)` as the row's `vicus`
+//! outcome in `main`; the table then shows the vicus/raw ratios.
+
+use std::error::Error;
+use std::fmt::Write as _;
+use std::future::Future;
+use std::time::{Duration, Instant};
+
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::task::{JoinHandle, JoinSet};
+use vicus::DomusAddr;
+use vicus::a0_transport::{AuthenticatedStream, Listener, Transport, TransportConfig};
+use vicus::dev_certs::DevCa;
+
+/// Any error a scenario can end with; `Send + Sync` so spawned tasks can return it.
+type BoxError = Box<dyn Error + Send + Sync>;
+/// The result of a scenario or helper.
+type BenchResult<T> = Result<T, BoxError>;
+
+/// The payload size of every message in these scenarios.
+const PAYLOAD_LEN: usize = 64;
+/// The frame header: the payload length as a big-endian `u32`.
+const FRAME_HEADER_LEN: usize = 4;
+/// Frames longer than this are treated as a corrupt stream.
+const MAX_FRAME_LEN: usize = 16 << 20;
+/// The sender flushes its batch buffer to the stream when the next frame would exceed this.
+const WRITE_BATCH: usize = 64 * 1024;
+/// The receiver keeps at least this much free space in its read buffer before each read.
+const READ_CHUNK: usize = 64 * 1024;
+
+/// One-way messages at scale 1 (`one_way_64b` in total, `fan_in_64x` across all clients);
+/// sized so the raw one-connection run takes about 1 s on a 2-core machine (the raw fan-in
+/// takes 2–3 s).
+const BASE_ONE_WAY_MESSAGES: f64 = 20_000_000.0;
+/// Measured round trips at scale 1.
+const BASE_ROUND_TRIPS: f64 = 50_000.0;
+/// Unmeasured round trips before the measured ones.
+const WARMUP_ROUND_TRIPS: usize = 5_000;
+/// Client connections in the fan-in scenario.
+const FAN_IN_CLIENTS: usize = 64;
+/// The deadline for one whole scenario, set-up included.
+const SCENARIO_DEADLINE: Duration = Duration::from_secs(60);
+
+// ---------------------------------------------------------------------------------------------
+// Configuration and results
+// ---------------------------------------------------------------------------------------------
+
+/// Workload sizes, derived from `VICUS_BENCH_SCALE`.
+#[derive(Debug, Clone, Copy)]
+struct BenchConfig {
+    /// The multiplier applied to the base message and round-trip counts.
+    scale: f64,
+}
+
+impl BenchConfig {
+    /// Reads `VICUS_BENCH_SCALE` (a positive number, default 1).
+    fn from_env() -> BenchResult<Self> {
+        let scale = match std::env::var("VICUS_BENCH_SCALE") {
+            Ok(s) => s
+                .trim()
+                .parse::<f64>()
+                .map_err(|e| format!("VICUS_BENCH_SCALE={s:?} is not a number: {e}"))?,
+            Err(std::env::VarError::NotPresent) => 1.0,
+            Err(e) => return Err(format!("VICUS_BENCH_SCALE: {e}").into()),
+        };
+        if !(scale.is_finite() && scale > 0.0 && scale <= 1_000.0) {
+            return Err(format!("VICUS_BENCH_SCALE={scale} must be in (0, 1000]").into());
+        }
+        Ok(Self { scale })
+    }
+
+    /// N: the messages of `one_way_64b`, and the total of `fan_in_64x`.
+    fn one_way_messages(&self) -> u64 {
+        scaled(BASE_ONE_WAY_MESSAGES, self.scale, FAN_IN_CLIENTS as u64)
+    }
+
+    /// The messages each `fan_in_64x` client sends (N / 64, rounded up).
+    fn fan_in_messages_per_client(&self) -> u64 {
+        self.one_way_messages().div_ceil(FAN_IN_CLIENTS as u64)
+    }
+
+    /// The measured round trips of `ping_pong_64b`.
+    fn round_trips(&self) -> usize {
+        usize::try_from(scaled(BASE_ROUND_TRIPS, self.scale, 100)).unwrap_or(usize::MAX)
+    }
+}
+
+/// `base * scale`, rounded, and at least `min`.
+fn scaled(base: f64, scale: f64, min: u64) -> u64 {
+    // `as` saturates for floats; the scale is bounded in `from_env` anyway.
+    ((base * scale).round() as u64).max(min)
+}
+
+/// What one scenario measured. Every scenario, raw or vicus, returns one of these; fields that
+/// do not apply stay `None` and show as `-` in the table.
+#[derive(Debug, Clone, Default)]
+struct Measurement {
+    /// Messages delivered in the timed interval (for request/reply scenarios: round trips).
+    messages: u64,
+    /// The timed interval (set-up and handshakes excluded).
+    elapsed: Duration,
+    /// Round-trip latency, for request/reply scenarios.
+    latency: Option<Latency>,
+    /// Peak resident set size of the process in kB (`VmHWM`); filled in by [`run_scenario`].
+    peak_rss_kb: Option<u64>,
+}
+
+impl Measurement {
+    /// A throughput-only measurement.
+    fn throughput(messages: u64, elapsed: Duration) -> Self {
+        Self {
+            messages,
+            elapsed,
+            ..Self::default()
+        }
+    }
+
+    /// Messages (or round trips) per second over the timed interval.
+    fn per_second(&self) -> f64 {
+        let secs = self.elapsed.as_secs_f64();
+        if secs > 0.0 {
+            self.messages as f64 / secs
+        } else {
+            0.0
+        }
+    }
+}
+
+/// Round-trip latency percentiles (nearest rank).
+#[derive(Debug, Clone, Copy)]
+struct Latency {
+    p50: Duration,
+    p99: Duration,
+}
+
+impl Latency {
+    /// Percentiles of `samples`; `None` when there are none.
+    fn from_samples(mut samples: Vec<Duration>) -> Option<Self> {
+        samples.sort_unstable();
+        Some(Self {
+            p50: percentile(&samples, 0.50)?,
+            p99: percentile(&samples, 0.99)?,
+        })
+    }
+}
+
+/// The nearest-rank percentile `q` (0..=1) of sorted `samples`.
+fn percentile(sorted: &[Duration], q: f64) -> Option<Duration> {
+    let rank = ((q * sorted.len() as f64).ceil() as usize).max(1);
+    sorted.get(rank - 1).copied()
+}
+
+/// A scenario's outcome: its measurement, or why it has none (error or timeout).
+type Outcome = Result<Measurement, String>;
+
+/// One line of the results table: a scenario's raw baseline and, once written, its vicus run.
+struct Row {
+    name: &'static str,
+    raw: Outcome,
+    vicus: Option<Outcome>,
+}
+
+/// Runs one scenario under [`SCENARIO_DEADLINE`] and records the peak RSS it reached.
+///
+/// The peak is reset first (`/proc/self/clear_refs`), so it covers this scenario only, the
+/// memory the process already held included. Tasks a scenario spawns must be owned by it (a
+/// [`JoinSet`] or a [`Task`]), so a timed-out scenario leaves nothing running.
+async fn run_scenario<F>(label: &str, scenario: F) -> Outcome
+where
+    F: Future<Output = BenchResult<Measurement>>,
+{
+    eprintln!("running {label} ...");
+    reset_peak_rss();
+    let outcome = match tokio::time::timeout(SCENARIO_DEADLINE, scenario).await {
+        Ok(Ok(mut m)) => {
+            m.peak_rss_kb = peak_rss_kb();
+            Ok(m)
+        }
+        Ok(Err(e)) => Err(format!("error: {e}")),
+        Err(_) => Err(format!("timed out after {SCENARIO_DEADLINE:?}")),
+    };
+    match &outcome {
+        Ok(m) => eprintln!(
+            "  {label}: {} messages in {:.3} s",
+            m.messages,
+            m.elapsed.as_secs_f64()
+        ),
+        Err(e) => eprintln!("  {label}: {e}"),
+    }
+    outcome
+}
+
+// ---------------------------------------------------------------------------------------------
+// Main
+// ---------------------------------------------------------------------------------------------
+
+#[tokio::main]
+async fn main() -> Result<(), BoxError> {
+    let cfg = BenchConfig::from_env()?;
+    let rss_reset = reset_peak_rss();
+    let tls = tokio::time::timeout(SCENARIO_DEADLINE, describe_tls())
+        .await
+        .unwrap_or_else(|_| Err("timed out".into()))
+        .unwrap_or_else(|e| format!("unknown ({e})"));
+
+    // The lead adds `vicus: Some(run_scenario("vicus ...", vicus_...(&cfg)).await)` per row.
+    let rows = vec![
+        Row {
+            name: "one_way_64b",
+            raw: run_scenario("raw one_way_64b", raw_one_way_64b(&cfg)).await,
+            vicus: None,
+        },
+        Row {
+            name: "ping_pong_64b",
+            raw: run_scenario("raw ping_pong_64b", raw_ping_pong_64b(&cfg)).await,
+            vicus: None,
+        },
+        Row {
+            name: "fan_in_64x",
+            raw: run_scenario("raw fan_in_64x", raw_fan_in_64x(&cfg)).await,
+            vicus: None,
+        },
+    ];
+
+    print!("{}", machine_facts(&cfg, &tls, rss_reset));
+    println!();
+    print!("{}", render_table(&rows));
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// Raw baseline scenarios
+// ---------------------------------------------------------------------------------------------
+
+/// `one_way_64b`: N pipelined 64-byte frames on one connection, no acknowledgements.
+async fn raw_one_way_64b(cfg: &BenchConfig) -> BenchResult<Measurement> {
+    let mut ca = DevCa::new("vicus bench CA")?;
+    let (mut client, mut server) = connect_pair(&mut ca).await?;
+    let n = cfg.one_way_messages();
+
+    let receiver = Task::spawn(async move { receive_frames(&mut server, n).await });
+    let start = Instant::now();
+    let sender = Task::spawn(async move {
+        send_frames(&mut client, &[0xA5; PAYLOAD_LEN], n).await?;
+        // Keep the connection open until the receiver is done with it.
+        Ok::<_, BoxError>(client)
+    });
+    let end = receiver.join().await??;
+    let _client = sender.join().await??;
+    Ok(Measurement::throughput(n, end.duration_since(start)))
+}
+
+/// `ping_pong_64b`: sequential 64-byte request/echo round trips on one connection.
+async fn raw_ping_pong_64b(cfg: &BenchConfig) -> BenchResult<Measurement> {
+    let mut ca = DevCa::new("vicus bench CA")?;
+    let (mut client, mut server) = connect_pair(&mut ca).await?;
+    let rounds = cfg.round_trips();
+
+    let echo = Task::spawn(async move { echo_frames(&mut server).await });
+    let pinger = Task::spawn(async move {
+        ping_pong(
+            &mut client,
+            &[0x5A; PAYLOAD_LEN],
+            WARMUP_ROUND_TRIPS,
+            rounds,
+        )
+        .await
+    });
+    let (samples, elapsed) = pinger.join().await??;
+    let echoed = echo.join().await??;
+    let expected = (WARMUP_ROUND_TRIPS + rounds) as u64;
+    if echoed != expected {
+        return Err(format!("server echoed {echoed} frames, expected {expected}").into());
+    }
+    Ok(Measurement {
+        messages: samples.len() as u64,
+        elapsed,
+        latency: Latency::from_samples(samples),
+        peak_rss_kb: None,
+    })
+}
+
+/// `fan_in_64x`: 64 clients, one identity and connection each, each sending N/64 64-byte frames
+/// to one server at the same time; one server task per connection counts its frames.
+async fn raw_fan_in_64x(cfg: &BenchConfig) -> BenchResult<Measurement> {
+    let mut ca = DevCa::new("vicus bench CA")?;
+    let mut server_config = TransportConfig::default();
+    server_config.max_pending_handshakes = 256;
+    server_config.max_pending_handshakes_per_source = 256;
+    let server = transport(&mut ca, "server", server_config)?;
+    let clients = (0..FAN_IN_CLIENTS)
+        .map(|i| {
+            transport(
+                &mut ca,
+                &format!("client-{i:02}"),
+                TransportConfig::default(),
+            )
+        })
+        .collect::<BenchResult<Vec<_>>>()?;
+    let listener = listen_loopback(&server).await?;
+    let (dialed, accepted) = connect_many(&listener, &clients).await?;
+    let per_client = cfg.fan_in_messages_per_client();
+
+    // Receivers return the instant they parsed their last frame; senders return `None`.
+    let mut tasks: JoinSet<BenchResult<Option<Instant>>> = JoinSet::new();
+    for mut stream in accepted {
+        tasks.spawn(async move { receive_frames(&mut stream, per_client).await.map(Some) });
+    }
+    let start = Instant::now();
+    for mut stream in dialed {
+        tasks.spawn(async move {
+            send_frames(&mut stream, &[0xC3; PAYLOAD_LEN], per_client).await?;
+            Ok(None)
+        });
+    }
+    let mut end = start;
+    while let Some(joined) = tasks.join_next().await {
+        if let Some(done) = joined?? {
+            end = end.max(done);
+        }
+    }
+    let total = per_client * FAN_IN_CLIENTS as u64;
+    Ok(Measurement::throughput(total, end.duration_since(start)))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Connections
+// ---------------------------------------------------------------------------------------------
+
+/// A transport for `spiffe://vicus.dev/domus/<name>`, signed by `ca`.
+fn transport(ca: &mut DevCa, name: &str, config: TransportConfig) -> BenchResult<Transport> {
+    let (auth, _id) = ca.domus_auth(name)?;
+    Ok(Transport::new(auth, config)?)
+}
+
+/// A TCP listener on an ephemeral loopback port.
+async fn listen_loopback(t: &Transport) -> BenchResult<Listener> {
+    Ok(t.listen(&DomusAddr::tcp(([127, 0, 0, 1], 0))).await?)
+}
+
+/// One authenticated connection between two fresh identities: `(dialer side, listener side)`.
+async fn connect_pair(ca: &mut DevCa) -> BenchResult<(AuthenticatedStream, AuthenticatedStream)> {
+    let server = transport(ca, "server", TransportConfig::default())?;
+    let client = transport(ca, "client", TransportConfig::default())?;
+    let listener = listen_loopback(&server).await?;
+    let (dialed, accepted) = tokio::join!(client.dial(listener.local_addr(), None), async {
+        listener.accept().await?.handshake().await
+    });
+    Ok((dialed?, accepted?))
+}
+
+/// Dials `listener` once from each of `clients`, all at once, while it accepts them (each
+/// handshake on its own task). Returns `(dialer sides, listener sides)`, in completion order.
+async fn connect_many(
+    listener: &Listener,
+    clients: &[Transport],
+) -> BenchResult<(Vec<AuthenticatedStream>, Vec<AuthenticatedStream>)> {
+    let mut dials = JoinSet::new();
+    for client in clients {
+        let client = client.clone();
+        let addr = listener.local_addr().clone();
+        dials.spawn(async move { client.dial(&addr, None).await });
+    }
+    let dial_all = async {
+        let mut streams = Vec::with_capacity(clients.len());
+        while let Some(joined) = dials.join_next().await {
+            streams.push(joined??);
+        }
+        Ok::<_, BoxError>(streams)
+    };
+    let accept_all = async {
+        let mut handshakes = JoinSet::new();
+        for _ in 0..clients.len() {
+            let incoming = listener.accept().await?;
+            handshakes.spawn(incoming.handshake());
+        }
+        let mut streams = Vec::with_capacity(clients.len());
+        while let Some(joined) = handshakes.join_next().await {
+            streams.push(joined??);
+        }
+        Ok::<_, BoxError>(streams)
+    };
+    tokio::try_join!(dial_all, accept_all)
+}
+
+/// A spawned task that is aborted when dropped, so a scenario that fails or times out leaves
+/// nothing running behind it.
+struct Task<T>(JoinHandle<T>);
+
+impl<T: Send + 'static> Task<T> {
+    fn spawn<F>(fut: F) -> Self
+    where
+        F: Future<Output = T> + Send + 'static,
+    {
+        Self(tokio::spawn(fut))
+    }
+
+    /// Waits for the task's output; a panic or abort becomes an error.
+    async fn join(mut self) -> BenchResult<T> {
+        Ok((&mut self.0).await?)
+    }
+}
+
+impl<T> Drop for Task<T> {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Framing
+// ---------------------------------------------------------------------------------------------
+
+/// Appends one frame (`u32` big-endian length, then `payload`) to `buf`.
+fn put_frame(buf: &mut BytesMut, payload: &[u8]) -> BenchResult<()> {
+    let len = u32::try_from(payload.len()).map_err(|_| "payload longer than u32::MAX")?;
+    buf.put_u32(len);
+    buf.put_slice(payload);
+    Ok(())
+}
+
+/// Splits the next complete frame's payload off the front of `buf`, if it holds one.
+fn next_frame(buf: &mut BytesMut) -> BenchResult<Option<Bytes>> {
+    let Some(header) = buf.first_chunk::<FRAME_HEADER_LEN>() else {
+        return Ok(None);
+    };
+    let len = usize::try_from(u32::from_be_bytes(*header))?;
+    if len > MAX_FRAME_LEN {
+        return Err(format!("frame of {len} bytes exceeds {MAX_FRAME_LEN}").into());
+    }
+    if buf.len() < FRAME_HEADER_LEN + len {
+        return Ok(None);
+    }
+    buf.advance(FRAME_HEADER_LEN);
+    Ok(Some(buf.split_to(len).freeze()))
+}
+
+/// Reads whatever is available into `buf`, keeping at least [`READ_CHUNK`] / 4 bytes free.
+/// Returns the bytes read; 0 means end of stream.
+async fn read_some<R: AsyncRead + Unpin>(r: &mut R, buf: &mut BytesMut) -> BenchResult<usize> {
+    if buf.capacity() - buf.len() < READ_CHUNK / 4 {
+        buf.reserve(READ_CHUNK);
+    }
+    Ok(r.read_buf(buf).await?)
+}
+
+/// Reads the next frame, waiting for more bytes as needed; end of stream is an error.
+async fn read_frame<R: AsyncRead + Unpin>(r: &mut R, buf: &mut BytesMut) -> BenchResult<Bytes> {
+    loop {
+        if let Some(frame) = next_frame(buf)? {
+            return Ok(frame);
+        }
+        if read_some(r, buf).await? == 0 {
+            return Err("peer closed the connection in the middle of the exchange".into());
+        }
+    }
+}
+
+/// Sends `count` frames of `payload`, packed into writes of up to [`WRITE_BATCH`] bytes, then
+/// flushes.
+async fn send_frames<W: AsyncWrite + Unpin>(
+    w: &mut W,
+    payload: &[u8],
+    count: u64,
+) -> BenchResult<()> {
+    let frame_len = FRAME_HEADER_LEN + payload.len();
+    let mut batch = BytesMut::with_capacity(WRITE_BATCH.max(frame_len));
+    for _ in 0..count {
+        if batch.len() + frame_len > WRITE_BATCH && !batch.is_empty() {
+            w.write_all(&batch).await?;
+            batch.clear();
+        }
+        put_frame(&mut batch, payload)?;
+    }
+    if !batch.is_empty() {
+        w.write_all(&batch).await?;
+    }
+    w.flush().await?;
+    Ok(())
+}
+
+/// Parses and counts frames of [`PAYLOAD_LEN`] bytes until `count` have arrived; returns the
+/// instant the last one was parsed. A short stream, a wrong size or extra bytes are errors.
+async fn receive_frames<R: AsyncRead + Unpin>(r: &mut R, count: u64) -> BenchResult<Instant> {
+    let mut buf = BytesMut::with_capacity(READ_CHUNK);
+    let mut seen = 0u64;
+    while seen < count {
+        if read_some(r, &mut buf).await? == 0 {
+            return Err(format!("stream ended after {seen} of {count} frames").into());
+        }
+        while let Some(frame) = next_frame(&mut buf)? {
+            if frame.len() != PAYLOAD_LEN {
+                return Err(
+                    format!("frame of {} bytes, expected {PAYLOAD_LEN}", frame.len()).into(),
+                );
+            }
+            seen += 1;
+        }
+    }
+    let done = Instant::now();
+    if seen != count || !buf.is_empty() {
+        return Err(format!("received more than the {count} frames sent").into());
+    }
+    Ok(done)
+}
+
+/// Client side of a ping-pong: `warmup` unmeasured and then `rounds` measured round trips of
+/// one `payload` frame each, then a clean shutdown. Returns every measured round trip and the
+/// wall time of the measured part.
+async fn ping_pong(
+    stream: &mut AuthenticatedStream,
+    payload: &[u8],
+    warmup: usize,
+    rounds: usize,
+) -> BenchResult<(Vec<Duration>, Duration)> {
+    let mut out = BytesMut::with_capacity(FRAME_HEADER_LEN + payload.len());
+    let mut input = BytesMut::with_capacity(READ_CHUNK);
+    let mut samples = Vec::with_capacity(rounds);
+    let mut measured_from = Instant::now();
+    for i in 0..warmup + rounds {
+        if i == warmup {
+            measured_from = Instant::now();
+        }
+        let sent = Instant::now();
+        out.clear();
+        put_frame(&mut out, payload)?;
+        stream.write_all(&out).await?;
+        stream.flush().await?;
+        let reply = read_frame(stream, &mut input).await?;
+        let rtt = sent.elapsed();
+        if reply.as_ref() != payload {
+            return Err("the echo differs from the request".into());
+        }
+        if i >= warmup {
+            samples.push(rtt);
+        }
+    }
+    let elapsed = measured_from.elapsed();
+    stream.shutdown().await?;
+    Ok((samples, elapsed))
+}
+
+/// Server side of a ping-pong: echoes every frame back until the client shuts down; returns
+/// how many it echoed.
+async fn echo_frames(stream: &mut AuthenticatedStream) -> BenchResult<u64> {
+    let mut input = BytesMut::with_capacity(READ_CHUNK);
+    let mut out = BytesMut::with_capacity(READ_CHUNK);
+    let mut echoed = 0u64;
+    loop {
+        while let Some(frame) = next_frame(&mut input)? {
+            put_frame(&mut out, &frame)?;
+            echoed += 1;
+        }
+        if !out.is_empty() {
+            stream.write_all(&out).await?;
+            stream.flush().await?;
+            out.clear();
+        }
+        if read_some(stream, &mut input).await? == 0 {
+            if input.is_empty() {
+                return Ok(echoed);
+            }
+            return Err("stream ended inside a frame".into());
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Machine facts and memory
+// ---------------------------------------------------------------------------------------------
+
+/// Resets the process's peak RSS (`VmHWM`) to its current RSS; best effort (Linux ≥ 4.0).
+fn reset_peak_rss() -> bool {
+    std::fs::write("/proc/self/clear_refs", "5").is_ok()
+}
+
+/// The process's peak RSS in kB, from `/proc/self/status`.
+fn peak_rss_kb() -> Option<u64> {
+    proc_status_kb("VmHWM:")
+}
+
+/// A `kB` field of `/proc/self/status`.
+fn proc_status_kb(field: &str) -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with(field))?;
+    line.trim_start_matches(field)
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
+}
+
+/// The negotiated TLS parameters, from one throwaway connection.
+async fn describe_tls() -> BenchResult<String> {
+    let mut ca = DevCa::new("vicus bench CA")?;
+    let (client, _server) = connect_pair(&mut ca).await?;
+    let show = |v: Option<String>| v.unwrap_or_else(|| "?".to_owned());
+    Ok(format!(
+        "{}, {}, {}",
+        show(client.protocol_version().map(|v| format!("{v:?}"))),
+        show(client.cipher_suite().map(|v| format!("{v:?}"))),
+        show(client.key_exchange_group().map(|v| format!("{v:?}"))),
+    ))
+}
+
+/// The markdown "machine" section: CPU, cores, kernel, runtime, workload sizes.
+fn machine_facts(cfg: &BenchConfig, tls: &str, rss_reset: bool) -> String {
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let cpu = cpuinfo
+        .lines()
+        .find(|l| l.starts_with("model name"))
+        .and_then(|l| l.split_once(':'))
+        .map_or("unknown", |(_, v)| v.trim());
+    let logical = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease")
+        .map_or_else(|_| "unknown".to_owned(), |s| s.trim().to_owned());
+    let workers = tokio::runtime::Handle::current().metrics().num_workers();
+    let profile = if cfg!(debug_assertions) {
+        "debug (numbers are meaningless; use `cargo bench`)"
+    } else {
+        "release"
+    };
+
+    let mut s = String::new();
+    let _ = writeln!(s, "## Machine\n");
+    let _ = writeln!(s, "- CPU: {cpu}");
+    let _ = writeln!(s, "- cores: {logical} (available to this process)");
+    let _ = writeln!(s, "- kernel: Linux {kernel}");
+    let _ = writeln!(s, "- runtime: tokio multi-thread, {workers} workers");
+    let _ = writeln!(s, "- build: {profile}");
+    let _ = writeln!(s, "- TLS: {tls}");
+    let _ = writeln!(
+        s,
+        "- peak RSS: VmHWM, {}",
+        if rss_reset {
+            "reset before each scenario"
+        } else {
+            "NOT resettable here (cumulative since start)"
+        }
+    );
+    let _ = writeln!(
+        s,
+        "- workload (VICUS_BENCH_SCALE={}): one_way N={}, ping_pong {} round trips after {} warm-up, fan_in {} clients x {} messages",
+        cfg.scale,
+        cfg.one_way_messages(),
+        cfg.round_trips(),
+        WARMUP_ROUND_TRIPS,
+        FAN_IN_CLIENTS,
+        cfg.fan_in_messages_per_client(),
+    );
+    s
+}
+
+// ---------------------------------------------------------------------------------------------
+// Table
+// ---------------------------------------------------------------------------------------------
+
+/// How a metric is printed.
+#[derive(Clone, Copy)]
+enum Unit {
+    PerSecond,
+    Micros,
+    MiB,
+}
+
+/// The metrics a measurement has, in table order.
+fn metrics(m: &Measurement) -> Vec<(&'static str, Unit, f64)> {
+    let mut out = vec![("msg/s", Unit::PerSecond, m.per_second())];
+    if let Some(l) = m.latency {
+        out.push(("p50 µs", Unit::Micros, l.p50.as_secs_f64() * 1e6));
+        out.push(("p99 µs", Unit::Micros, l.p99.as_secs_f64() * 1e6));
+    }
+    if let Some(kb) = m.peak_rss_kb {
+        out.push(("peak RSS MiB", Unit::MiB, kb as f64 / 1024.0));
+    }
+    out
+}
+
+/// `value` in `unit`'s format.
+fn format_value(unit: Unit, value: f64) -> String {
+    match unit {
+        Unit::PerSecond => thousands(value.round() as u64),
+        Unit::Micros => format!("{value:.1}"),
+        Unit::MiB => format!("{value:.1}"),
+    }
+}
+
+/// `1234567` as `1 234 567`.
+fn thousands(n: u64) -> String {
+    let digits = n.to_string();
+    let mut out = String::with_capacity(digits.len() + digits.len() / 3);
+    for (i, c) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i) % 3 == 0 {
+            out.push(' ');
+        }
+        out.push(c);
+    }
+    out
+}
+
+/// Text safe inside a markdown table cell.
+fn cell(text: &str) -> String {
+    text.replace('|', "\\|").replace('\n', " ")
+}
+
+/// The results as a markdown table: one line per scenario and metric, with the vicus/raw ratio
+/// (`-` while the vicus scenario is missing), or one error line per failed run.
+fn render_table(rows: &[Row]) -> String {
+    let mut s = String::new();
+    let _ = writeln!(s, "## Results\n");
+    let _ = writeln!(s, "| scenario | metric | raw | vicus | vicus/raw |");
+    let _ = writeln!(s, "|---|---|---:|---:|---:|");
+    for row in rows {
+        let vicus = row.vicus.as_ref().and_then(|v| v.as_ref().ok());
+        let shape = match (&row.raw, vicus) {
+            (Ok(raw), _) => Some(raw),
+            (Err(_), Some(v)) => Some(v),
+            (Err(_), None) => None,
+        };
+        if let Some(shape) = shape {
+            for (name, unit, _) in metrics(shape) {
+                let find = |m: &Measurement| {
+                    metrics(m)
+                        .into_iter()
+                        .find(|(n, _, _)| *n == name)
+                        .map(|(_, _, v)| v)
+                };
+                let raw_v = row.raw.as_ref().ok().and_then(find);
+                let vicus_v = vicus.and_then(find);
+                let show =
+                    |v: Option<f64>| v.map_or_else(|| "-".to_owned(), |v| format_value(unit, v));
+                let ratio = match (raw_v, vicus_v) {
+                    (Some(r), Some(v)) if r > 0.0 => format!("{:.2}", v / r),
+                    _ => "-".to_owned(),
+                };
+                let _ = writeln!(
+                    s,
+                    "| {} | {name} | {} | {} | {ratio} |",
+                    row.name,
+                    show(raw_v),
+                    show(vicus_v)
+                );
+            }
+        }
+        if let Err(e) = &row.raw {
+            let _ = writeln!(s, "| {} | raw failed | {} | - | - |", row.name, cell(e));
+        }
+        if let Some(Err(e)) = &row.vicus {
+            let _ = writeln!(s, "| {} | vicus failed | - | {} | - |", row.name, cell(e));
+        }
+    }
+    let _ = writeln!(
+        s,
+        "\nmsg/s: higher is better (ping_pong counts round trips). µs and MiB: lower is better. \
+         Peak RSS covers the whole process (client and server sides)."
+    );
+    s
+}

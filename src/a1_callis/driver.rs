@@ -40,7 +40,7 @@ pub(crate) enum PeerCommand {
     /// A local taberna answered a delivery from this peer.
     Answer { epoch: u64, id: u64, answer: Answer },
     /// A freshly authenticated callis with this peer.
-    Attach(AuthenticatedStream),
+    Attach(Box<AuthenticatedStream>),
     /// Learn (or change) the address to dial.
     SetAddr(DomusAddr),
     /// Finish pending writes, close the callis, fail what is left, and stop.
@@ -159,7 +159,7 @@ impl PeerDriver {
                 }
             }
             PeerCommand::Answer { epoch, id, answer } => self.session.answer(epoch, id, answer),
-            PeerCommand::Attach(stream) => self.attach(stream),
+            PeerCommand::Attach(stream) => self.attach(*stream),
             PeerCommand::SetAddr(addr) => self.addr = Some(addr),
             PeerCommand::Shutdown => self.begin_shutdown(),
         }
@@ -536,11 +536,13 @@ impl Future for PeerDriver {
             }
             this.dispatch_events();
             // A close the session decided takes effect once its CLOSE frame is out.
-            if this.session.is_closing() && this.write_pos >= this.write_buf.len() && this.flushed {
-                if this.stream.is_some() {
-                    this.drop_stream();
-                    progressed = true;
-                }
+            if this.session.is_closing()
+                && this.write_pos >= this.write_buf.len()
+                && this.flushed
+                && this.stream.is_some()
+            {
+                this.drop_stream();
+                progressed = true;
             }
             if this.shutting_down && this.stream.is_none() {
                 this.finish();

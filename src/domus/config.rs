@@ -46,7 +46,9 @@ pub struct DomusConfig {
     pub reconnect_backoff_min: Duration,
     /// The longest reconnect delay. Default 5 s; at least `reconnect_backoff_min`, at most 10 min.
     pub reconnect_backoff_max: Duration,
-    /// The inbox depth of a taberna registered without one. Default 1024; 1 to 1 048 576.
+    /// The inbox depth of a taberna registered without one. Default 4096 (one peer's whole
+    /// in-flight window fits, so a single fast sender is never told `TabernaBusy` by a taberna
+    /// that keeps up on average); 1 to 1 048 576.
     pub default_inbox_depth: usize,
     /// How long `shutdown()` waits for pending work before it stops everything. Default 5 s;
     /// 1 ms to 10 min.
@@ -68,7 +70,7 @@ impl Default for DomusConfig {
             hello_timeout: Duration::from_secs(10),
             reconnect_backoff_min: Duration::from_millis(50),
             reconnect_backoff_max: Duration::from_secs(5),
-            default_inbox_depth: 1024,
+            default_inbox_depth: 4096,
             shutdown_timeout: Duration::from_secs(5),
         }
     }
@@ -178,7 +180,8 @@ mod tests {
     #[test]
     fn defaults_are_valid_and_bad_values_name_their_field() {
         DomusConfig::default().validate().unwrap();
-        let cases: Vec<(&str, Box<dyn Fn(&mut DomusConfig)>)> = vec![
+        type Change = Box<dyn Fn(&mut DomusConfig)>;
+        let cases: Vec<(&str, Change)> = vec![
             (
                 "send_timeout",
                 Box::new(|c| c.send_timeout = Duration::ZERO),

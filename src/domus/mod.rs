@@ -594,7 +594,7 @@ impl Shared {
             .unwrap_or_else(PoisonError::into_inner)
             .insert(addr.clone(), id.clone());
         let (tx, _) = self.peer(&id, Some(addr.clone()));
-        let _ = tx.send(PeerCommand::Attach(stream));
+        let _ = tx.send(PeerCommand::Attach(Box::new(stream)));
         Ok(id)
     }
 
@@ -709,6 +709,6 @@ impl Shared {
         }
         let id = stream.peer().id().clone();
         let (tx, _) = self.peer(&id, None);
-        let _ = tx.send(PeerCommand::Attach(stream));
+        let _ = tx.send(PeerCommand::Attach(Box::new(stream)));
     }
 }

@@ -70,7 +70,7 @@ impl MessageType {
 }
 
 /// Options of a taberna.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct TabernaOptions {
     /// Requests waiting for a worker; when full, new deliveries are answered `TabernaBusy` at
@@ -81,16 +81,6 @@ pub struct TabernaOptions {
     pub allowed_peers: Option<BTreeSet<DomusId>>,
     /// When set, only these message types are accepted; others get `MessageTypeNotAccepted`.
     pub accepted_types: Option<RangeInclusive<u32>>,
-}
-
-impl Default for TabernaOptions {
-    fn default() -> Self {
-        Self {
-            inbox_depth: None,
-            allowed_peers: None,
-            accepted_types: None,
-        }
-    }
 }
 
 impl TabernaOptions {
