@@ -203,6 +203,13 @@ async fn run_scenario<F>(label: &str, scenario: F) -> Outcome
 where
     F: Future<Output = BenchResult<Measurement>>,
 {
+    // `VICUS_BENCH_ONLY=vicus` (any substring of the label) runs only the matching scenarios,
+    // e.g. under a profiler.
+    if let Ok(only) = std::env::var("VICUS_BENCH_ONLY") {
+        if !label.contains(only.as_str()) {
+            return Err("skipped (VICUS_BENCH_ONLY)".to_owned());
+        }
+    }
     eprintln!("running {label} ...");
     reset_peak_rss();
     let outcome = match tokio::time::timeout(SCENARIO_DEADLINE, scenario).await {
@@ -242,17 +249,17 @@ async fn main() -> Result<(), BoxError> {
         Row {
             name: "one_way_64b",
             raw: run_scenario("raw one_way_64b", raw_one_way_64b(&cfg)).await,
-            vicus: None,
+            vicus: Some(run_scenario("vicus one_way_64b", vicus_one_way_64b(&cfg)).await),
         },
         Row {
             name: "ping_pong_64b",
             raw: run_scenario("raw ping_pong_64b", raw_ping_pong_64b(&cfg)).await,
-            vicus: None,
+            vicus: Some(run_scenario("vicus ping_pong_64b", vicus_ping_pong_64b(&cfg)).await),
         },
         Row {
             name: "fan_in_64x",
             raw: run_scenario("raw fan_in_64x", raw_fan_in_64x(&cfg)).await,
-            vicus: None,
+            vicus: Some(run_scenario("vicus fan_in_64x", vicus_fan_in_64x(&cfg)).await),
         },
     ];
 
@@ -260,6 +267,203 @@ async fn main() -> Result<(), BoxError> {
     println!();
     print!("{}", render_table(&rows));
     Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// vicus scenarios
+// ---------------------------------------------------------------------------------------------
+
+/// vicus sends fewer messages than the raw runs (every one is individually acknowledged, so
+/// the same count would take far longer); the comparison is per second, so counts may differ.
+const VICUS_COUNT_DIVISOR: u64 = 20;
+/// Receipts kept outstanding by one sending task in the one-way scenarios.
+const VICUS_PIPELINE: usize = 4096;
+/// The A3 message type the scenarios use.
+const BENCH_TYPE: vicus::MessageType = vicus::MessageType(0x0100_0001);
+/// The taberna the server registers.
+const BENCH_TABERNA: vicus::TabernaId = vicus::TabernaId(1);
+
+/// A domus named `name` routing through `routes`.
+async fn bench_domus(
+    ca: &mut DevCa,
+    name: &str,
+    routes: &std::sync::Arc<vicus::SimpleResolver>,
+    config: vicus::DomusConfig,
+) -> BenchResult<vicus::Domus> {
+    let (auth, _) = ca.domus_auth(name)?;
+    Ok(vicus::Domus::builder(auth)
+        .resolver(routes.clone())
+        .config(config)
+        .build()
+        .await?)
+}
+
+/// A server domus with `workers` tasks accepting (or echoing, when `reply`) every request.
+async fn bench_server(
+    ca: &mut DevCa,
+    routes: &std::sync::Arc<vicus::SimpleResolver>,
+    workers: usize,
+    reply: bool,
+    config: vicus::DomusConfig,
+) -> BenchResult<(vicus::Domus, JoinSet<()>)> {
+    let server = bench_domus(ca, "server", routes, config).await?;
+    routes.insert(
+        BENCH_TABERNA,
+        server.local_addr().clone(),
+        Some(server.identity().clone()),
+    );
+    let taberna = server.taberna(BENCH_TABERNA)?;
+    let mut set = JoinSet::new();
+    for _ in 0..workers {
+        let t = taberna.clone();
+        set.spawn(async move {
+            while let Some(req) = t.recv().await {
+                if reply {
+                    let payload = req.payload().clone();
+                    req.reply(payload);
+                } else {
+                    req.accept();
+                }
+            }
+        });
+    }
+    Ok((server, set))
+}
+
+/// Sends `count` 64-byte messages from `client`, keeping [`VICUS_PIPELINE`] receipts
+/// outstanding; every one must come back accepted.
+async fn vicus_pipelined_burst(client: &vicus::Domus, count: u64) -> BenchResult<u64> {
+    let payload = bytes::Bytes::from(vec![7u8; PAYLOAD_LEN]);
+    let mut outstanding = std::collections::VecDeque::with_capacity(VICUS_PIPELINE);
+    let mut accepted = 0u64;
+    for _ in 0..count {
+        if outstanding.len() >= VICUS_PIPELINE {
+            if let Some(r) = outstanding.pop_front() {
+                let _: vicus::Receipt = r;
+                if r.await? == vicus::Delivery::Accepted {
+                    accepted += 1;
+                }
+            }
+        }
+        let receipt = client
+            .admit(
+                BENCH_TABERNA,
+                BENCH_TYPE,
+                payload.clone(),
+                vicus::SendOptions::default(),
+            )
+            .await?;
+        outstanding.push_back(receipt);
+    }
+    for r in outstanding {
+        if r.await? == vicus::Delivery::Accepted {
+            accepted += 1;
+        }
+    }
+    Ok(accepted)
+}
+
+/// `one_way_64b` through vicus: pipelined sends, each accepted by the receiving taberna.
+async fn vicus_one_way_64b(cfg: &BenchConfig) -> BenchResult<Measurement> {
+    let count = (cfg.one_way_messages() / VICUS_COUNT_DIVISOR).max(1);
+    let mut ca = DevCa::new("vicus bench CA")?;
+    let routes = std::sync::Arc::new(vicus::SimpleResolver::new());
+    let (server, _workers) =
+        bench_server(&mut ca, &routes, 1, false, vicus::DomusConfig::default()).await?;
+    let client = bench_domus(&mut ca, "client", &routes, vicus::DomusConfig::default()).await?;
+    // Warm up: open the callis.
+    vicus_pipelined_burst(&client, 100).await?;
+    let started = Instant::now();
+    let accepted = vicus_pipelined_burst(&client, count).await?;
+    let elapsed = started.elapsed();
+    if accepted != count {
+        return Err(format!("{accepted} of {count} accepted").into());
+    }
+    client.shutdown().await;
+    server.shutdown().await;
+    Ok(Measurement::throughput(count, elapsed))
+}
+
+/// `ping_pong_64b` through vicus: sequential request/reply round trips.
+async fn vicus_ping_pong_64b(cfg: &BenchConfig) -> BenchResult<Measurement> {
+    let mut ca = DevCa::new("vicus bench CA")?;
+    let routes = std::sync::Arc::new(vicus::SimpleResolver::new());
+    let (server, _workers) =
+        bench_server(&mut ca, &routes, 1, true, vicus::DomusConfig::default()).await?;
+    let client = bench_domus(&mut ca, "client", &routes, vicus::DomusConfig::default()).await?;
+    let payload = bytes::Bytes::from(vec![7u8; PAYLOAD_LEN]);
+    let round_trip = || {
+        client.send(
+            BENCH_TABERNA,
+            BENCH_TYPE,
+            payload.clone(),
+            vicus::SendOptions::default(),
+        )
+    };
+    for _ in 0..WARMUP_ROUND_TRIPS {
+        round_trip().await?;
+    }
+    let n = cfg.round_trips();
+    let mut samples = Vec::with_capacity(n);
+    let started = Instant::now();
+    for _ in 0..n {
+        let t0 = Instant::now();
+        match round_trip().await? {
+            vicus::Delivery::Replied(p) if p.len() == PAYLOAD_LEN => {}
+            other => return Err(format!("unexpected answer {other:?}").into()),
+        }
+        samples.push(t0.elapsed());
+    }
+    let elapsed = started.elapsed();
+    client.shutdown().await;
+    server.shutdown().await;
+    let mut m = Measurement::throughput(n as u64, elapsed);
+    m.latency = Latency::from_samples(samples);
+    Ok(m)
+}
+
+/// `fan_in_64x` through vicus: 64 client domus send concurrently to one server domus.
+async fn vicus_fan_in_64x(cfg: &BenchConfig) -> BenchResult<Measurement> {
+    let per_client = (cfg.fan_in_messages_per_client() / VICUS_COUNT_DIVISOR).max(1);
+    let mut ca = DevCa::new("vicus bench CA")?;
+    let routes = std::sync::Arc::new(vicus::SimpleResolver::new());
+    let mut server_config = vicus::DomusConfig::default();
+    server_config.transport.max_pending_handshakes = 256;
+    server_config.transport.max_pending_handshakes_per_source = 256;
+    server_config.default_inbox_depth = 1 << 18;
+    let (server, _workers) = bench_server(&mut ca, &routes, 2, false, server_config).await?;
+    let mut clients = Vec::with_capacity(FAN_IN_CLIENTS);
+    for i in 0..FAN_IN_CLIENTS {
+        let client = bench_domus(
+            &mut ca,
+            &format!("client-{i}"),
+            &routes,
+            vicus::DomusConfig::default(),
+        )
+        .await?;
+        vicus_pipelined_burst(&client, 1).await?;
+        clients.push(client);
+    }
+    let started = Instant::now();
+    let mut set = JoinSet::new();
+    for client in &clients {
+        let client = client.clone();
+        set.spawn(async move { vicus_pipelined_burst(&client, per_client).await });
+    }
+    let mut total = 0u64;
+    while let Some(r) = set.join_next().await {
+        total += r??;
+    }
+    let elapsed = started.elapsed();
+    let expected = per_client * FAN_IN_CLIENTS as u64;
+    if total != expected {
+        return Err(format!("{total} of {expected} accepted").into());
+    }
+    for c in clients {
+        c.shutdown().await;
+    }
+    server.shutdown().await;
+    Ok(Measurement::throughput(total, elapsed))
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -112,6 +112,8 @@ pub mod a0_transport;
 pub mod a1_callis;
 pub mod domus;
 mod error;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod taberna;
 
 #[cfg(feature = "dev-certs")]

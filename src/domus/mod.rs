@@ -208,6 +208,8 @@ impl DomusBuilder {
 struct PeerHandle {
     tx: mpsc::UnboundedSender<PeerCommand>,
     slots: Arc<Semaphore>,
+    /// The address last given to the driver (told again only when it changes).
+    addr: Option<DomusAddr>,
 }
 
 struct Shared {
@@ -475,20 +477,7 @@ impl Shared {
         if self.registry.contains(taberna) {
             return Ok(self.send_local(taberna, source, msg_type, payload, timeout));
         }
-        let route = tokio::time::timeout_at(
-            deadline.min(tokio::time::Instant::now() + self.config.resolve_timeout),
-            self.resolver.resolve(taberna),
-        )
-        .await
-        .map_err(|_| {
-            Error::new(
-                ErrorId::PeerUnavailable,
-                format!(
-                    "the resolver did not answer for {taberna} within {:?} (resolve_timeout)",
-                    self.config.resolve_timeout
-                ),
-            )
-        })??;
+        let route = self.resolve(taberna, deadline).await?;
         let peer_id = match route.identity {
             Some(id) => id,
             None => self.learn_identity(&route.addr, deadline).await?,
@@ -562,6 +551,36 @@ impl Shared {
         Receipt { rx }
     }
 
+    /// Asks the resolver, bounded by `resolve_timeout` (and the send's deadline). An in-memory
+    /// resolver answers on the first poll, which then costs no timer.
+    async fn resolve(
+        &self,
+        taberna: TabernaId,
+        deadline: tokio::time::Instant,
+    ) -> Result<Route, Error> {
+        let mut lookup = self.resolver.resolve(taberna);
+        let first = lookup
+            .as_mut()
+            .poll(&mut Context::from_waker(std::task::Waker::noop()));
+        if let Poll::Ready(route) = first {
+            return route;
+        }
+        tokio::time::timeout_at(
+            deadline.min(tokio::time::Instant::now() + self.config.resolve_timeout),
+            lookup,
+        )
+        .await
+        .map_err(|_| {
+            Error::new(
+                ErrorId::PeerUnavailable,
+                format!(
+                    "the resolver did not answer for {taberna} within {:?} (resolve_timeout)",
+                    self.config.resolve_timeout
+                ),
+            )
+        })?
+    }
+
     /// Dials a route that names no identity, pins the identity it presents to that address,
     /// and hands the callis to the peer's driver.
     async fn learn_identity(
@@ -605,10 +624,13 @@ impl Shared {
         addr: Option<DomusAddr>,
     ) -> (mpsc::UnboundedSender<PeerCommand>, Arc<Semaphore>) {
         let mut peers = self.peers.lock().unwrap_or_else(PoisonError::into_inner);
-        if let Some(p) = peers.get(id) {
+        if let Some(p) = peers.get_mut(id) {
             if !p.tx.is_closed() {
-                if let Some(addr) = addr {
-                    let _ = p.tx.send(PeerCommand::SetAddr(addr));
+                if addr.is_some() && addr != p.addr {
+                    if let Some(addr) = &addr {
+                        let _ = p.tx.send(PeerCommand::SetAddr(addr.clone()));
+                    }
+                    p.addr = addr;
                 }
                 return (p.tx.clone(), p.slots.clone());
             }
@@ -624,7 +646,7 @@ impl Shared {
         );
         let driver = PeerDriver::new(
             id.clone(),
-            addr,
+            addr.clone(),
             self.driver_ctx.clone(),
             session,
             rx,
@@ -637,6 +659,7 @@ impl Shared {
             PeerHandle {
                 tx: tx.clone(),
                 slots: slots.clone(),
+                addr,
             },
         );
         (tx, slots)

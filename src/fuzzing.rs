@@ -1,0 +1,635 @@
+//! Entry points shared by the fuzz targets (`fuzz/fuzz_targets/`) and the regression test
+//! (`tests/fuzz_regressions.rs`); not a public API.
+//!
+//! Each function takes arbitrary bytes and must never panic on its own account: a panic means
+//! the code under test broke one of the properties asserted here, and that panic is the finding.
+//! Both functions bound their own work, so no input can make them loop for long.
+//!
+//! This module must not do IO, spawn threads or read the clock more than once:
+//! [`session_input`] reads `Instant::now()` a single time as the origin of a virtual clock and
+//! only adds durations to it.
+
+use std::collections::{BTreeSet, HashSet, VecDeque};
+use std::time::{Duration, Instant};
+
+use bytes::{Bytes, BytesMut};
+
+use crate::a1_callis::frame::{self, Frame, FrameType, HEADER_LEN, Hello, PROTOCOL_VERSION};
+use crate::a1_callis::session::{
+    A3_MESSAGE_TYPE_BASE, Answer, Event, Outgoing, Session, SessionConfig,
+};
+
+/// The frame limit [`frame_decoder`] decodes with first (a modest 64 KiB).
+const DECODER_MAX_FRAME_LEN: u32 = 64 * 1024;
+
+/// Decodes `data` as an A1 byte stream, twice: with a 64 KiB frame limit, and with the limit
+/// named by the first four bytes (big-endian) over the bytes that follow them.
+///
+/// Checked for every decoded frame: re-encoding it gives back exactly the bytes it was decoded
+/// from (the wire format is canonical; a skippable frame keeps only its type), decoding that
+/// encoding gives the same frame, and no strict prefix of it decodes. `Ok(None)` must consume
+/// nothing and only happen when the buffer really holds no complete frame.
+pub fn frame_decoder(data: &[u8]) {
+    decode_stream(data, DECODER_MAX_FRAME_LEN);
+    if let Some((limit, rest)) = data.split_first_chunk::<4>() {
+        decode_stream(rest, u32::from_be_bytes(*limit));
+    }
+}
+
+/// Decodes frames from `input` until the decoder asks for more bytes or reports corruption.
+/// Every successful decode consumes at least a header, so this ends.
+fn decode_stream(input: &[u8], max_frame_len: u32) {
+    let mut buf = BytesMut::from(input);
+    loop {
+        let before = buf.len();
+        match frame::decode(&mut buf, max_frame_len) {
+            Ok(Some(f)) => {
+                let consumed = before.saturating_sub(buf.len());
+                assert!(
+                    consumed >= HEADER_LEN,
+                    "{f:?} consumed only {consumed} bytes"
+                );
+                let start = input.len().saturating_sub(before);
+                let raw = input
+                    .get(start..start.saturating_add(consumed))
+                    .unwrap_or_default();
+                check_round_trip(&f, raw, max_frame_len);
+            }
+            Ok(None) => {
+                assert_eq!(buf.len(), before, "Ok(None) consumed bytes");
+                if let Some(header) = buf.first_chunk::<4>() {
+                    if buf.len() >= HEADER_LEN {
+                        let body = u32::from_be_bytes(*header) as usize;
+                        assert!(
+                            buf.len() < HEADER_LEN.saturating_add(body),
+                            "Ok(None) with a complete {body}-byte frame in {} bytes",
+                            buf.len()
+                        );
+                    }
+                }
+                return;
+            }
+            Err(_) => return,
+        }
+    }
+}
+
+/// `raw` is the exact wire form `f` was decoded from.
+fn check_round_trip(f: &Frame, raw: &[u8], max_frame_len: u32) {
+    let mut encoded = BytesMut::new();
+    f.encode(&mut encoded);
+    let wire = encoded.to_vec();
+    match f {
+        // The body and flags of a skipped frame are not kept; only its type is.
+        Frame::Skipped(t) => {
+            assert!(t.is_skippable(), "skipped a non-reserved type {t:?}");
+            assert_eq!(raw.get(4), Some(&t.0), "skipped frame changed type");
+        }
+        _ => assert_eq!(wire, raw, "{f:?} does not re-encode to its own bytes"),
+    }
+    assert_eq!(
+        frame::decode(&mut encoded, max_frame_len),
+        Ok(Some(f.clone())),
+        "decode(encode(f)) != f"
+    );
+    assert!(encoded.is_empty(), "re-encoded {f:?} left bytes behind");
+    let mut prefix = BytesMut::from(wire.get(..wire.len().saturating_sub(1)).unwrap_or_default());
+    let prefix_len = prefix.len();
+    assert_eq!(
+        frame::decode(&mut prefix, max_frame_len),
+        Ok(None),
+        "a strict prefix of {f:?} decoded"
+    );
+    assert_eq!(prefix.len(), prefix_len, "a strict prefix was consumed");
+}
+
+/// The local side of the session under test.
+const LOCAL_ID: &str = "spiffe://t/domus/a";
+const LOCAL_EPOCH: u64 = 1;
+/// The peer the script plays; its certificate names this id.
+const PEER_ID: &str = "spiffe://t/domus/b";
+const PEER_EPOCH: u64 = 2;
+/// At most this many script operations per input.
+const MAX_STEPS: usize = 1024;
+/// `poll_transmit` must run dry within this many calls (at most 8 messages are retained, and
+/// every call writes at least one when any is queued).
+const MAX_TRANSMITS: usize = 64;
+/// Deliveries whose answer is postponed; past this many, they are answered at once.
+const MAX_DEFERRED: usize = 32;
+/// A2 (service) message type base.
+const A2_MESSAGE_TYPE_BASE: u32 = 0x0001_0000;
+
+fn fuzz_config() -> SessionConfig {
+    SessionConfig {
+        max_frame_len: 4096,
+        window: 16,
+        max_in_flight: 8,
+        keepalive_interval: Duration::from_secs(1),
+        idle_timeout: Duration::from_secs(3),
+        hello_timeout: Duration::from_secs(2),
+        max_retained_reply_bytes: 256,
+        transmit_batch_bytes: 1024,
+    }
+}
+
+/// Drives one [`Session`] with `data` as the peer's bytes and as a script of driver calls.
+///
+/// After `connected`, a valid HELLO from the peer is fed unless the first byte is odd (then the
+/// session only gets what the script feeds). The rest of `data` is a script, one operation per
+/// byte with its arguments taken from the following bytes: raw chunks through
+/// `recv_buf` + `handle_input` (sizes from the data), well-formed frames (MESSAGE, answers,
+/// PING/PONG, HELLO, CLOSE, reserved), virtual time steps with `handle_timeout`, `send`,
+/// postponed answers, reconnects, `cancel` and `fail_all`. Every `Deliver` is answered
+/// (Accepted, Replied or Rejected, now or later) and events and transmits are drained after
+/// every operation.
+///
+/// Checked: everything `poll_transmit` writes decodes cleanly under the session's own frame
+/// limit; the first frame after `connected` is our HELLO and no other HELLO is written; no
+/// MESSAGE exceeds what the peer said it accepts or carries an id we do not retain; answers
+/// only name delivered ids; a message is delivered at most once per peer epoch; every `send`
+/// finishes exactly once (or is cancelled), `in_flight` matches, and all of them finish once
+/// their deadlines pass; `poll_transmit` runs dry; after `handle_timeout(now)`,
+/// `poll_timeout` is never `now` or earlier.
+pub fn session_input(data: &[u8]) {
+    let mut h = Harness::new(data);
+    h.session.connected(h.now(), PEER_ID);
+    h.expect_hello = true;
+    let hello_first = data.first().is_some_and(|b| b % 2 == 0);
+    h.script.byte();
+    if hello_first {
+        h.feed_hello(PEER_EPOCH, 16, 4096, PEER_ID, PROTOCOL_VERSION);
+    }
+    h.drain();
+    for _ in 0..MAX_STEPS {
+        if h.script.is_empty() {
+            break;
+        }
+        h.step();
+        h.drain();
+        h.check_accounting();
+    }
+    // Answer what is still postponed, then let every deadline pass: nothing may stay in flight.
+    while let Some((epoch, id)) = h.deferred.pop_front() {
+        let answer = h.answer_from_script();
+        h.session.answer(epoch, id, answer);
+    }
+    h.drain();
+    h.advance(Duration::from_secs(3600));
+    h.drain();
+    h.check_accounting();
+    assert!(
+        h.outstanding.is_empty(),
+        "sends never finished although their deadlines passed: {:?}",
+        h.outstanding
+    );
+}
+
+/// The fuzz input read front to back; reads past the end give zeros.
+struct Script<'a> {
+    data: &'a [u8],
+}
+
+impl<'a> Script<'a> {
+    fn is_empty(&self) -> bool {
+        self.data.is_empty()
+    }
+
+    fn byte(&mut self) -> u8 {
+        match self.data.split_first() {
+            Some((b, rest)) => {
+                self.data = rest;
+                *b
+            }
+            None => 0,
+        }
+    }
+
+    fn u16(&mut self) -> u16 {
+        u16::from_be_bytes([self.byte(), self.byte()])
+    }
+
+    fn take(&mut self, n: usize) -> &'a [u8] {
+        let (head, rest) = self.data.split_at(n.min(self.data.len()));
+        self.data = rest;
+        head
+    }
+}
+
+struct Harness<'a> {
+    script: Script<'a>,
+    session: Session,
+    origin: Instant,
+    elapsed: Duration,
+    /// The epoch the scripted peer announces in well-formed HELLOs.
+    peer_epoch: u64,
+    /// Ids `send` returned that have neither finished nor been cancelled.
+    outstanding: BTreeSet<u64>,
+    /// The highest id `send` returned.
+    last_sent: u64,
+    /// Ids delivered in the current peer epoch.
+    delivered: HashSet<u64>,
+    /// Ids delivered in any epoch.
+    ever_delivered: HashSet<u64>,
+    /// Deliveries not answered yet: (peer epoch, id).
+    deferred: VecDeque<(u64, u64)>,
+    /// `connected` was called and our HELLO has not been written yet.
+    expect_hello: bool,
+}
+
+impl<'a> Harness<'a> {
+    fn new(data: &'a [u8]) -> Self {
+        Self {
+            script: Script { data },
+            session: Session::new(fuzz_config(), LOCAL_ID.to_owned(), LOCAL_EPOCH),
+            origin: Instant::now(),
+            elapsed: Duration::ZERO,
+            peer_epoch: PEER_EPOCH,
+            outstanding: BTreeSet::new(),
+            last_sent: 0,
+            delivered: HashSet::new(),
+            ever_delivered: HashSet::new(),
+            deferred: VecDeque::new(),
+            expect_hello: false,
+        }
+    }
+
+    fn now(&self) -> Instant {
+        self.origin + self.elapsed
+    }
+
+    fn feed(&mut self, bytes: &[u8]) {
+        let now = self.now();
+        self.session.recv_buf().extend_from_slice(bytes);
+        self.session.handle_input(now);
+    }
+
+    fn feed_hello(&mut self, epoch: u64, window: u32, max_frame_len: u32, id: &str, version: u16) {
+        let mut buf = BytesMut::new();
+        frame::encode_hello(
+            &mut buf,
+            &Hello {
+                version,
+                epoch,
+                max_frame_len,
+                window,
+                domus_id: id.to_owned(),
+            },
+        );
+        self.feed(&buf);
+    }
+
+    fn reconnect(&mut self) {
+        let now = self.now();
+        self.session.disconnected(now);
+        self.session.connected(now, PEER_ID);
+        self.expect_hello = true;
+    }
+
+    /// Moves the virtual clock forward by `by` and fires the timers.
+    fn advance(&mut self, by: Duration) {
+        self.elapsed = self.elapsed.saturating_add(by);
+        self.fire_timers();
+    }
+
+    fn fire_timers(&mut self) {
+        let now = self.now();
+        self.session.handle_timeout(now);
+        if let Some(next) = self.session.poll_timeout() {
+            assert!(
+                next > now,
+                "poll_timeout is {:?} after handle_timeout at {:?}: the driver would spin",
+                next.saturating_duration_since(self.origin),
+                self.elapsed
+            );
+        }
+    }
+
+    /// One script operation.
+    fn step(&mut self) {
+        let op = self.script.byte();
+        match op % 16 {
+            // Raw bytes from the peer, in a chunk whose size the data gives.
+            0..=4 => {
+                let len = usize::from(self.script.byte());
+                let chunk = self.script.take(len);
+                self.feed(chunk);
+            }
+            5 => self.feed_message(),
+            6 => self.feed_answer(),
+            7 => {
+                let b = self.script.byte();
+                let mut buf = BytesMut::new();
+                if b % 2 == 0 {
+                    frame::encode_ping(&mut buf, u64::from(b / 2));
+                } else {
+                    frame::encode_pong(&mut buf, u64::from(b / 2 % 8));
+                }
+                self.feed(&buf);
+            }
+            8 => self.feed_control(),
+            9 => {
+                let ms = u64::from(self.script.byte()) * 25;
+                self.advance(Duration::from_millis(ms));
+            }
+            // As a driver does: sleep until poll_timeout, then handle_timeout.
+            10 => {
+                let now = self.now();
+                if let Some(at) = self.session.poll_timeout() {
+                    self.elapsed = self
+                        .elapsed
+                        .saturating_add(at.saturating_duration_since(now));
+                }
+                self.fire_timers();
+            }
+            11 | 12 => self.send(),
+            13 => {
+                let all = self.script.byte() % 2 == 1;
+                while let Some((epoch, id)) = self.deferred.pop_front() {
+                    let answer = self.answer_from_script();
+                    self.session.answer(epoch, id, answer);
+                    if !all {
+                        break;
+                    }
+                }
+            }
+            14 => {
+                let b = self.script.byte();
+                self.reconnect();
+                if b % 4 == 1 {
+                    self.peer_epoch = self.peer_epoch.wrapping_add(1);
+                }
+                if b % 4 != 3 {
+                    self.feed_hello(self.peer_epoch, 16, 4096, PEER_ID, PROTOCOL_VERSION);
+                }
+            }
+            _ => {
+                let b = self.script.byte();
+                let now = self.now();
+                match b % 5 {
+                    0 => {
+                        let id = u64::from(self.script.byte() % 16);
+                        self.session.cancel(id);
+                        self.outstanding.remove(&id);
+                    }
+                    1 => self.session.fail_all(crate::Error::new(
+                        crate::ErrorId::PeerUnavailable,
+                        "fuzz: the peer is unreachable",
+                    )),
+                    // `connected` again without `disconnected` in between.
+                    2 => {
+                        self.session.connected(now, PEER_ID);
+                        self.expect_hello = true;
+                    }
+                    3 => {
+                        self.session.disconnected(now);
+                        self.expect_hello = false;
+                    }
+                    _ => {
+                        // Everything the script has left, in one read.
+                        let rest = self.script.take(usize::MAX);
+                        self.feed(rest);
+                    }
+                }
+            }
+        }
+    }
+
+    /// A well-formed MESSAGE from the peer with small ids, some of them invalid.
+    fn feed_message(&mut self) {
+        let id = u64::from(self.script.byte() % 48);
+        let b = self.script.byte();
+        let msg_type = match b % 4 {
+            0 => u32::from(b),
+            1 => A2_MESSAGE_TYPE_BASE | u32::from(b),
+            _ => A3_MESSAGE_TYPE_BASE | u32::from(b),
+        };
+        let len = usize::from(self.script.byte() % 64);
+        let payload = self.script.take(len);
+        let mut buf = BytesMut::new();
+        frame::encode_message(&mut buf, id, u64::from(b / 4), 3, msg_type, payload);
+        self.feed(&buf);
+    }
+
+    /// A well-formed ACCEPTED, REPLY or REJECT for ids near the ones we sent.
+    fn feed_answer(&mut self) {
+        let b = self.script.byte();
+        let span = self.last_sent.saturating_add(2);
+        let id = u64::from(self.script.byte()) % span;
+        let mut buf = BytesMut::new();
+        match b % 3 {
+            0 => {
+                let more = u64::from(b / 3 % 3);
+                let ids: Vec<u64> = (0..=more).map(|k| id.saturating_add(k) % span).collect();
+                frame::encode_accepted(&mut buf, &ids);
+            }
+            1 => frame::encode_reply(&mut buf, id, &[b; 5]),
+            _ => frame::encode_reject(&mut buf, id, u32::from(b), 7, "no"),
+        }
+        self.feed(&buf);
+    }
+
+    /// A well-formed HELLO (with varied limits, epoch, id and version), CLOSE or reserved frame.
+    fn feed_control(&mut self) {
+        let b = self.script.byte();
+        match b % 4 {
+            0 | 1 => {
+                let c = self.script.byte();
+                let epoch = match c % 4 {
+                    0 => PEER_EPOCH,
+                    1 => self.peer_epoch.wrapping_add(1),
+                    _ => self.peer_epoch,
+                };
+                self.peer_epoch = epoch;
+                let window = [16, 1, 0, 4][usize::from(c / 4 % 4)];
+                let max_frame_len =
+                    [4096, 28, 27, 100, 65536, 4096, 4096, 1000][usize::from(c / 16 % 8)];
+                let (id, version) = match c / 128 {
+                    0 => (PEER_ID, PROTOCOL_VERSION),
+                    _ if b % 8 == 1 => ("spiffe://t/domus/c", PROTOCOL_VERSION),
+                    _ if b % 8 == 5 => (PEER_ID, PROTOCOL_VERSION.wrapping_add(1)),
+                    _ => (PEER_ID, PROTOCOL_VERSION),
+                };
+                self.feed_hello(epoch, window, max_frame_len, id, version);
+            }
+            2 => {
+                let mut buf = BytesMut::new();
+                frame::encode_close(&mut buf, u32::from(b / 4), "bye");
+                self.feed(&buf);
+            }
+            _ => {
+                let t = FrameType(0x80 | (b / 4 % 64));
+                let len = self.script.byte() % 16;
+                let mut buf = BytesMut::new();
+                buf.extend_from_slice(&u32::from(len).to_be_bytes());
+                buf.extend_from_slice(&[t.0, b]);
+                buf.extend_from_slice(&[0xAA; 16][..usize::from(len)]);
+                self.feed(&buf);
+            }
+        }
+    }
+
+    fn send(&mut self) {
+        let b = self.script.byte();
+        let msg_type = match b % 4 {
+            0 => u32::from(b),
+            1 => A2_MESSAGE_TYPE_BASE | u32::from(b),
+            _ => A3_MESSAGE_TYPE_BASE | u32::from(b),
+        };
+        let len = usize::from(self.script.u16() % 4200);
+        let timeout = Duration::from_millis(u64::from(self.script.byte()) * 100);
+        let fits = b % 4 != 0
+            && len <= self.session.max_payload_len()
+            && self.session.in_flight() < fuzz_config().max_in_flight as usize;
+        let result = self.session.send(Outgoing {
+            dst: 7,
+            src: u64::from(b),
+            msg_type,
+            payload: Bytes::from(vec![b; len]),
+            deadline: self.now() + timeout,
+        });
+        match result {
+            Ok(id) => {
+                assert!(fits, "send accepted what it should have refused");
+                assert!(id > self.last_sent, "send reused id {id}");
+                self.last_sent = id;
+                self.outstanding.insert(id);
+            }
+            Err(e) => assert!(!fits, "send refused a message that fits: {e}"),
+        }
+    }
+
+    /// An answer whose kind and contents the script chooses.
+    fn answer_from_script(&mut self) -> Answer {
+        let b = self.script.byte();
+        match b % 3 {
+            0 => Answer::Accepted,
+            1 => Answer::Replied(Bytes::from(vec![b; usize::from(b % 64)])),
+            _ => Answer::Rejected {
+                error: u32::from(b / 3),
+                code: u32::from(b),
+                // Up to 510 bytes of two-byte characters: the wire cap cuts between them.
+                reason: "é".repeat(usize::from(self.script.byte())),
+            },
+        }
+    }
+
+    fn on_event(&mut self, event: Event) {
+        match event {
+            Event::Connected { restarted, .. } => {
+                if restarted {
+                    self.delivered.clear();
+                }
+            }
+            Event::Deliver {
+                peer_epoch,
+                message,
+            } => {
+                let id = message.id;
+                assert!(
+                    self.delivered.insert(id),
+                    "message {id} delivered twice in peer epoch {peer_epoch}"
+                );
+                self.ever_delivered.insert(id);
+                if self.script.byte() % 4 == 3 && self.deferred.len() < MAX_DEFERRED {
+                    self.deferred.push_back((peer_epoch, id));
+                } else {
+                    let answer = self.answer_from_script();
+                    self.session.answer(peer_epoch, id, answer);
+                }
+            }
+            Event::Finished { id, .. } => {
+                assert!(
+                    self.outstanding.remove(&id),
+                    "send {id} finished but was not outstanding (twice, cancelled or never sent)"
+                );
+            }
+            Event::Close(_) => {}
+        }
+    }
+
+    /// Drains events (answering deliveries), then transmits until the session runs dry.
+    fn drain(&mut self) {
+        while let Some(event) = self.session.poll_event() {
+            self.on_event(event);
+        }
+        let now = self.now();
+        for _ in 0..MAX_TRANSMITS {
+            let mut out = BytesMut::new();
+            let wrote = self.session.poll_transmit(now, &mut out);
+            assert_eq!(wrote, !out.is_empty(), "poll_transmit's result is wrong");
+            if !wrote {
+                return;
+            }
+            self.check_transmit(out);
+        }
+        panic!("poll_transmit still had bytes after {MAX_TRANSMITS} calls");
+    }
+
+    fn check_transmit(&mut self, mut out: BytesMut) {
+        let limit = fuzz_config().max_frame_len;
+        let max_payload = self.session.max_payload_len();
+        loop {
+            let f = match frame::decode(&mut out, limit) {
+                Ok(Some(f)) => f,
+                Ok(None) => break,
+                Err(e) => panic!("the session wrote a corrupt frame: {e}"),
+            };
+            if std::mem::take(&mut self.expect_hello) {
+                match &f {
+                    Frame::Hello(h) => {
+                        assert_eq!(h.domus_id, LOCAL_ID);
+                        assert_eq!(h.epoch, LOCAL_EPOCH);
+                        assert_eq!(h.version, PROTOCOL_VERSION);
+                    }
+                    other => panic!("first frame after connected is {other:?}, not HELLO"),
+                }
+                continue;
+            }
+            match f {
+                Frame::Hello(h) => panic!("a HELLO not right after connected: {h:?}"),
+                Frame::Message(m) => {
+                    assert!(
+                        self.outstanding.contains(&m.id),
+                        "MESSAGE {} is not retained",
+                        m.id
+                    );
+                    assert!(
+                        m.payload.len() <= max_payload,
+                        "MESSAGE {} carries {} payload bytes, but the peer accepts at most {max_payload}",
+                        m.id,
+                        m.payload.len()
+                    );
+                }
+                Frame::Accepted(ids) => {
+                    for id in ids.iter() {
+                        self.check_answered(id);
+                    }
+                }
+                Frame::Reply { id, .. } => self.check_answered(id),
+                Frame::Reject(r) => self.check_answered(r.id),
+                Frame::Skipped(t) => panic!("the session wrote a reserved frame {t:?}"),
+                Frame::Ping(_) | Frame::Pong(_) | Frame::Close { .. } => {}
+            }
+        }
+        assert!(
+            out.is_empty(),
+            "poll_transmit ended in a partial frame ({} bytes)",
+            out.len()
+        );
+    }
+
+    fn check_answered(&self, id: u64) {
+        assert!(
+            self.ever_delivered.contains(&id),
+            "an answer for message {id}, which was never delivered"
+        );
+    }
+
+    fn check_accounting(&self) {
+        assert_eq!(
+            self.session.in_flight(),
+            self.outstanding.len(),
+            "in_flight disagrees with the sends that have not finished"
+        );
+    }
+}
