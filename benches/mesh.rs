@@ -339,7 +339,6 @@ async fn vicus_pipelined_burst(client: &vicus::Domus, count: u64) -> BenchResult
     for _ in 0..count {
         if outstanding.len() >= VICUS_PIPELINE {
             if let Some(r) = outstanding.pop_front() {
-                let _: vicus::Receipt = r;
                 if r.await? == vicus::Delivery::Accepted {
                     accepted += 1;
                 }
