@@ -12,42 +12,48 @@
 //! | **A0** | transport authentication (TLS), complete before any A1 byte |
 //! | **A1** | messages and blobs over calles |
 //!
-//! **Status.** This release contains the A0 transport ([`a0_transport`]): identities,
-//! key material, the verifier, listeners and dialers over TCP and Unix sockets, admission limits
-//! and material rotation. The A1 callis, tabernas and the `Domus` API build on it.
-//!
 //! ## Getting started
 //!
 //! ```no_run
 //! # async fn run() -> Result<(), vicus::Error> {
-//! use vicus::a0_transport::{Transport, TransportConfig};
-//! use vicus::{AuthConfig, DomusAddr, DomusId};
+//! use std::sync::Arc;
+//! use bytes::Bytes;
+//! use vicus::{AuthConfig, Delivery, Domus, MessageType, SendOptions, SimpleResolver, TabernaId};
 //!
+//! let routes = Arc::new(SimpleResolver::new());
 //! let auth = AuthConfig::from_pem_files("ca.pem", "alpha.pem", "alpha.key")?;
-//! let transport = Transport::new(auth, TransportConfig::default())?;
+//! let domus = Domus::builder(auth)
+//!     .bind("127.0.0.1:7000".parse()?)
+//!     .resolver(routes.clone())
+//!     .build()
+//!     .await?;
 //!
-//! // Accept: admit through the pre-auth gate, then handshake on its own task.
-//! let listener = transport.listen(&"127.0.0.1:7000".parse()?).await?;
+//! // An endpoint: every request is accepted, replied to or rejected.
+//! let inbox = domus.taberna(TabernaId(1))?;
 //! tokio::spawn(async move {
-//!     while let Ok(incoming) = listener.accept().await {
-//!         tokio::spawn(async move {
-//!             if let Ok(stream) = incoming.handshake().await {
-//!                 println!("authenticated {}", stream.peer());
-//!             }
-//!         });
+//!     while let Some(request) = inbox.recv().await {
+//!         println!("{} sent {} bytes", request.peer().id(), request.payload().len());
+//!         request.reply(Bytes::from_static(b"thanks"));
 //!     }
 //! });
 //!
-//! // Dial, requiring the peer to be exactly `beta`.
-//! let beta = DomusId::new("spiffe://vicus.dev/domus/beta")?;
-//! let stream = transport.dial(&DomusAddr::unix("/run/beta/beta.sock"), Some(&beta)).await?;
-//! assert_eq!(stream.peer().id(), &beta);
+//! // Taberna 2 lives on beta; the route pins beta's identity.
+//! routes.insert(TabernaId(2), "10.0.0.2:7000".parse()?, Some("spiffe://vicus.dev/domus/beta".parse()?));
+//! let kind = MessageType::app(1).expect("A3 type");
+//! match domus.send(TabernaId(2), kind, Bytes::from_static(b"hi"), SendOptions::default()).await? {
+//!     Delivery::Accepted => println!("accepted"),
+//!     Delivery::Replied(answer) => println!("replied {answer:?}"),
+//! }
+//! domus.shutdown().await;
 //! # Ok(()) }
 //! ```
 //!
-//! `cargo run --example handshake` runs two nodes in one process with certificates minted at
-//! start-up (module `dev_certs`, feature `dev-certs`); `cargo run --example certs-dev` writes
-//! insecure development certificates to disk.
+//! `cargo run --example quickstart` runs two domus in one process with certificates minted at
+//! start-up (module `dev_certs`, feature `dev-certs`); `cargo run --example handshake` shows the
+//! A0 handshake alone over TCP and a Unix socket; `cargo run --example certs-dev` writes
+//! insecure development certificates to disk. The lower layers are public too:
+//! [`a0_transport::Transport`] (authenticated streams) and [`a1_callis`] (the codec and the
+//! sans-IO session).
 //!
 //! ## Identity and security model
 //!
@@ -83,23 +89,48 @@
 //!
 //! ## Delivery semantics
 //!
-//! Not yet part of this release: the A1 callis (acknowledged messages, replay across
-//! reconnects) is built on the streams this crate hands out today.
+//! * A send ends exactly once: `Ok(Delivery::Accepted)`, `Ok(Delivery::Replied(bytes))`, or an
+//!   [`Error`] — the receiver's rejection (`RemoteTabernaRejected`, with
+//!   [`Error::rejection`] carrying its code and reason), vicus's refusal (`UnknownTaberna`,
+//!   `TabernaBusy`, `Forbidden`, …), or a local failure (`SendTimeout`, `PeerRestarted`,
+//!   `PeerUnavailable`, `DomusClosed`, …).
+//! * *Accepted* means the receiving taberna's handler accepted it. Nothing is acknowledged
+//!   before a handler answered, and nothing accepted is lost.
+//! * A message is retained until answered. If the callis drops, unanswered messages are
+//!   replayed in order on the next callis with their original deadlines; the receiver's dedupe
+//!   window (by sender epoch and message id) answers duplicates without delivering them twice.
+//! * A timeout or `PeerRestarted` means **unknown outcome**: the message may or may not have
+//!   been delivered. Make handlers idempotent where that matters.
+//! * Messages to one peer are delivered in send order within a priority class (A2 before A3);
+//!   answers may come back in any order.
+//! * A send to a taberna on the same domus takes the same path minus the network: same
+//!   checks, same answers, same errors.
+//! * The typed layer ([`MessageCodec`], [`Domus::send_typed`]) encodes and decodes around the
+//!   byte API.
 //!
 //! ## Flow control
 //!
-//! Not yet part of this release (A1 and blobs). At A0, every wait is bounded: connects by
-//! `connect_timeout`, handshakes by `handshake_timeout`, and concurrent handshakes by
-//! `max_pending_handshakes` and `max_pending_handshakes_per_source`.
+//! * Each peer has `max_in_flight_per_peer` slots (default 4096). `send` and `admit` wait for a
+//!   slot until the send's deadline; `try_send` fails at once with `LocalQueueFull`.
+//! * `admit` returns a [`Receipt`] to await later: one task can keep thousands of sends in
+//!   flight without spawning a task per message, and send futures never borrow the domus.
+//! * A taberna's inbox is bounded (`inbox_depth`, default 4096); when it is full a delivery is
+//!   answered `TabernaBusy` at once instead of queueing.
+//! * Payloads are limited to `max_message_len` (default 1 MiB) and refused locally with
+//!   `PayloadTooLarge` before anything is sent.
+//! * Every wait is bounded: connects by `connect_timeout`, handshakes by `handshake_timeout`,
+//!   resolver calls by `resolve_timeout`, sends by their timeout, shutdown by
+//!   `shutdown_timeout`; concurrent handshakes by `max_pending_handshakes` (global and per
+//!   source).
 //!
 //! ## Live configuration
 //!
-//! [`a0_transport::Transport::reload_auth`] swaps certificate chain, key, trust anchors and
-//! CRLs for every future handshake, atomically and after full validation (the identity must
-//! stay the same); established streams are untouched.
+//! [`a0_transport::Transport::reload_auth`] (reached through [`Domus::transport`]) swaps
+//! certificate chain, key, trust anchors and CRLs for every future handshake, atomically and
+//! after full validation (the identity must stay the same); established calles are untouched.
 //! [`a0_transport::Transport::set_trust_policy`] replaces the trust policy the same way. The
-//! other [`a0_transport::TransportConfig`] fields are fixed when the transport is built; each is
-//! documented with its default and range.
+//! other [`DomusConfig`] fields are fixed when the domus is built; each is documented with its
+//! default and range.
 //!
 //! ## Errors
 //!
