@@ -10,7 +10,6 @@
 //! It holds no lock across an `.await` (it holds no lock at all), and every wait it makes is
 //! a socket, a channel or a timer the session scheduled.
 
-use std::collections::HashMap;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -24,6 +23,7 @@ use tokio::time::{Instant, Sleep};
 use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 
 use super::session::{Answer, Event, Outcome, Outgoing, Session};
+use super::window::IdQueue;
 use crate::a0_transport::{AuthenticatedStream, DomusAddr, DomusId, PeerIdentity, Transport};
 use crate::domus::Delivery;
 use crate::error::{Error, ErrorId, untrusted};
@@ -79,7 +79,7 @@ pub(crate) struct PeerDriver {
     commands: mpsc::UnboundedReceiver<PeerCommand>,
     commands_tx: mpsc::UnboundedSender<PeerCommand>,
     session: Session,
-    pending: HashMap<u64, PendingSend>,
+    pending: IdQueue<PendingSend>,
     stream: Option<AuthenticatedStream>,
     peer_identity: Option<Arc<PeerIdentity>>,
     write_buf: BytesMut,
@@ -113,7 +113,7 @@ impl PeerDriver {
             commands,
             commands_tx,
             session,
-            pending: HashMap::new(),
+            pending: IdQueue::default(),
             stream: None,
             peer_identity: None,
             write_buf: BytesMut::with_capacity(64 * 1024),
@@ -144,7 +144,8 @@ impl PeerDriver {
                 let dst = msg.dst;
                 match self.session.send(msg) {
                     Ok(id) => {
-                        self.pending.insert(
+                        // Session ids only grow, so this cannot be refused.
+                        self.pending.push(
                             id,
                             PendingSend {
                                 done,
@@ -304,7 +305,7 @@ impl PeerDriver {
                     self.ctx.registry.deliver(request);
                 }
                 Event::Finished { id, outcome } => {
-                    if let Some(p) = self.pending.remove(&id) {
+                    if let Some(p) = self.pending.remove(id) {
                         let result = self.outcome_to_result(p.dst, outcome);
                         let _ = p.done.send(result);
                     }

@@ -18,3 +18,4 @@
 pub(crate) mod driver;
 pub mod frame;
 pub mod session;
+mod window;

@@ -661,3 +661,31 @@ fn t15_skippable_frames_are_counted_not_fatal() {
     assert_eq!(closed_with(&p.b_events), None);
     assert_eq!(p.b.stats().frames_skipped, 1);
 }
+
+#[test]
+fn sends_with_shorter_timeouts_expire_first() {
+    let mut p = Pair::new(SessionConfig::default());
+    p.connect();
+    let long1 = p.send(APP, b"1", Duration::from_secs(5));
+    let short = p.send(APP, b"2", Duration::from_secs(1));
+    let long2 = p.send(APP, b"3", Duration::from_secs(5));
+    p.pump();
+    p.advance(Duration::from_millis(1500));
+    let finished = p.finished();
+    assert_eq!(finished.len(), 1, "{finished:?}");
+    assert_eq!(finished[0].0, short);
+    assert_eq!(failed_with(&finished[0].1), Some(ErrorId::SendTimeout));
+    // Answering the first one leaves the last one's deadline in force.
+    let epoch = p.b.peer_epoch().expect("epoch");
+    p.b.answer(epoch, long1, Answer::Accepted);
+    p.pump();
+    p.advance(Duration::from_secs(4));
+    let finished = p.finished();
+    assert!(finished.contains(&(long1, accepted())));
+    let last = finished
+        .iter()
+        .find(|(id, _)| *id == long2)
+        .expect("expired");
+    assert_eq!(failed_with(&last.1), Some(ErrorId::SendTimeout));
+    assert_eq!(p.a.in_flight(), 0);
+}

@@ -24,12 +24,13 @@
 //! delivered twice. The sender never uses an id `window` or more past its oldest unanswered
 //! one, which is what makes the ring safe.
 
-use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::collections::{BTreeSet, VecDeque};
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 
 use super::frame::{self, Frame, Hello, MessageFrame, PROTOCOL_VERSION, RejectFrame};
+use super::window::IdQueue;
 use crate::error::{Error, ErrorId, untrusted};
 
 /// The last message type of the A1 (transport control) range; never valid in a MESSAGE frame.
@@ -289,8 +290,12 @@ pub struct Session {
     close_pending: Option<(u32, String)>,
     // Outbound.
     next_id: u64,
-    retained: BTreeMap<u64, Retained>,
-    deadlines: BTreeSet<(Instant, u64)>,
+    retained: IdQueue<Retained>,
+    /// Deadlines in send order while they do not decrease (the usual case: one timeout for
+    /// all sends); entries of finished messages are dropped lazily from the front.
+    deadlines: VecDeque<(Instant, u64)>,
+    /// Deadlines earlier than one already queued (a shorter per-send timeout).
+    late_deadlines: BTreeSet<(Instant, u64)>,
     queue_a2: VecDeque<u64>,
     queue_a3: VecDeque<u64>,
     // Inbound.
@@ -325,8 +330,9 @@ impl Session {
             hello_pending: false,
             close_pending: None,
             next_id: 1,
-            retained: BTreeMap::new(),
-            deadlines: BTreeSet::new(),
+            retained: IdQueue::default(),
+            deadlines: VecDeque::new(),
+            late_deadlines: BTreeSet::new(),
             queue_a2: VecDeque::new(),
             queue_a3: VecDeque::new(),
             ring,
@@ -417,15 +423,15 @@ impl Session {
     fn requeue_all(&mut self) {
         self.queue_a2.clear();
         self.queue_a3.clear();
-        for (id, r) in &mut self.retained {
+        for (id, r) in self.retained.iter_mut() {
             if r.transmitted {
                 self.stats.messages_replayed = self.stats.messages_replayed.saturating_add(1);
             }
             r.transmitted = false;
             if r.msg_type < A3_MESSAGE_TYPE_BASE {
-                self.queue_a2.push_back(*id);
+                self.queue_a2.push_back(id);
             } else {
-                self.queue_a3.push_back(*id);
+                self.queue_a3.push_back(id);
             }
         }
     }
@@ -474,8 +480,16 @@ impl Session {
         } else {
             self.queue_a3.push_back(id);
         }
-        self.deadlines.insert((msg.deadline, id));
-        self.retained.insert(
+        if self
+            .deadlines
+            .back()
+            .is_none_or(|(last, _)| *last <= msg.deadline)
+        {
+            self.deadlines.push_back((msg.deadline, id));
+        } else {
+            self.late_deadlines.insert((msg.deadline, id));
+        }
+        self.retained.push(
             id,
             Retained {
                 dst: msg.dst,
@@ -493,7 +507,7 @@ impl Session {
     /// Fails every retained message with `error` (the peer is unreachable, or the domus is
     /// closing).
     pub fn fail_all(&mut self, error: Error) {
-        let ids: Vec<u64> = self.retained.keys().copied().collect();
+        let ids: Vec<u64> = self.retained.iter().map(|(id, _)| id).collect();
         for id in ids {
             self.fail(id, error.clone());
         }
@@ -503,8 +517,31 @@ impl Session {
 
     /// Gives up on a send (its caller went away). Nothing is reported for it.
     pub fn cancel(&mut self, id: u64) {
-        if let Some(r) = self.retained.remove(&id) {
-            self.deadlines.remove(&(r.deadline, id));
+        if let Some(r) = self.retained.remove(id) {
+            self.forget_deadline(r.deadline, id);
+        }
+    }
+
+    /// Drops the deadline of a message that finished.
+    fn forget_deadline(&mut self, deadline: Instant, id: u64) {
+        if !self.late_deadlines.is_empty() {
+            self.late_deadlines.remove(&(deadline, id));
+        }
+        while let Some(&(at, front)) = self.deadlines.front() {
+            if self.retained.get(front).is_some_and(|r| r.deadline == at) {
+                break;
+            }
+            self.deadlines.pop_front();
+        }
+    }
+
+    /// The earliest deadline of a retained message.
+    fn earliest_deadline(&self) -> Option<(Instant, u64)> {
+        let in_order = self.deadlines.front().copied();
+        let late = self.late_deadlines.first().copied();
+        match (in_order, late) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
         }
     }
 
@@ -708,7 +745,7 @@ impl Session {
             .retained
             .iter()
             .filter(|(_, r)| r.ever_transmitted)
-            .map(|(id, _)| *id)
+            .map(|(id, _)| id)
             .collect();
         for id in lost {
             self.fail(
@@ -723,8 +760,8 @@ impl Session {
     }
 
     fn fail(&mut self, id: u64, error: Error) {
-        if let Some(r) = self.retained.remove(&id) {
-            self.deadlines.remove(&(r.deadline, id));
+        if let Some(r) = self.retained.remove(id) {
+            self.forget_deadline(r.deadline, id);
             self.events.push_back(Event::Finished {
                 id,
                 outcome: Outcome::Failed(error),
@@ -741,8 +778,8 @@ impl Session {
         }
         // Answers to messages we no longer hold (timed out, or answered twice after a
         // replay) are ignored.
-        if let Some(r) = self.retained.remove(&id) {
-            self.deadlines.remove(&(r.deadline, id));
+        if let Some(r) = self.retained.remove(id) {
+            self.forget_deadline(r.deadline, id);
             self.events.push_back(Event::Finished {
                 id,
                 outcome: Outcome::Answered(answer),
@@ -798,9 +835,17 @@ impl Session {
 
     /// Handles everything due at `now`: send deadlines, HELLO deadline, keepalive, idle.
     pub fn handle_timeout(&mut self, now: Instant) {
-        while let Some(&(deadline, id)) = self.deadlines.first() {
+        while let Some((deadline, id)) = self.earliest_deadline() {
             if deadline > now {
                 break;
+            }
+            if self.retained.get(id).is_none_or(|r| r.deadline != deadline) {
+                // A stale entry (finished behind the front): drop it and look again.
+                self.late_deadlines.remove(&(deadline, id));
+                if self.deadlines.front() == Some(&(deadline, id)) {
+                    self.deadlines.pop_front();
+                }
+                continue;
             }
             self.fail(
                 id,
@@ -847,7 +892,7 @@ impl Session {
 
     /// The next instant [`handle_timeout`](Self::handle_timeout) has work.
     pub fn poll_timeout(&self) -> Option<Instant> {
-        let mut next = self.deadlines.first().map(|(t, _)| *t);
+        let mut next = self.earliest_deadline().map(|(t, _)| t);
         let mut consider = |t: Option<Instant>| {
             if let Some(t) = t {
                 next = Some(next.map_or(t, |n| n.min(t)));
@@ -941,7 +986,7 @@ impl Session {
     /// MESSAGE frames, A2 before A3, never an id `peer_window` or more past the oldest
     /// unanswered one.
     fn write_messages(&mut self, out: &mut BytesMut, limit: usize) {
-        let Some(&oldest) = self.retained.keys().next() else {
+        let Some(oldest) = self.retained.first_id() else {
             self.queue_a2.clear();
             self.queue_a3.clear();
             return;
@@ -962,7 +1007,7 @@ impl Session {
                 return;
             };
             // Ids finished or cancelled since they were queued are skipped.
-            let Some(r) = self.retained.get_mut(&id) else {
+            let Some(r) = self.retained.get_mut(id) else {
                 continue;
             };
             if r.transmitted {
