@@ -689,3 +689,41 @@ fn sends_with_shorter_timeouts_expire_first() {
     assert_eq!(failed_with(&last.1), Some(ErrorId::SendTimeout));
     assert_eq!(p.a.in_flight(), 0);
 }
+
+#[test]
+fn t14_a_frame_trickled_byte_by_byte_is_closed_at_frame_read_timeout() {
+    let mut p = Pair::new(SessionConfig::default());
+    p.connect();
+    let mut frame_bytes = BytesMut::new();
+    frame::encode_message(&mut frame_bytes, 1, 7, 3, APP, &[0u8; 100]);
+    // One byte every 5 s: never idle for 20 s, but the frame takes minutes.
+    for byte in frame_bytes.iter().take(8) {
+        p.b.recv_buf().extend_from_slice(&[*byte]);
+        p.b.handle_input(p.now);
+        p.advance(Duration::from_secs(5));
+    }
+    assert_eq!(closed_with(&p.b_events), Some(ErrorId::ProtocolViolation));
+    assert!(p.delivered_ids().is_empty());
+}
+
+#[test]
+fn continuous_traffic_never_trips_the_frame_read_timeout() {
+    let mut p = Pair::new(SessionConfig::default());
+    p.b_auto = Some(Answer::Accepted);
+    p.connect();
+    // Frames split across reads so a partial frame is always pending, for two minutes.
+    let mut stream = BytesMut::new();
+    for id in 1..=200u64 {
+        frame::encode_message(&mut stream, id, 7, 3, APP, &[1u8; 50]);
+    }
+    let chunks: Vec<Vec<u8>> = stream.chunks(37).map(<[u8]>::to_vec).collect();
+    for chunk in chunks {
+        p.b.recv_buf().extend_from_slice(&chunk);
+        p.b.handle_input(p.now);
+        p.now += Duration::from_millis(600);
+        p.b.handle_timeout(p.now);
+        p.drain_events();
+    }
+    assert_eq!(closed_with(&p.b_events), None);
+    assert_eq!(p.delivered_ids().len(), 200);
+}

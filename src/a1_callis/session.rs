@@ -57,6 +57,9 @@ pub struct SessionConfig {
     pub max_retained_reply_bytes: usize,
     /// A soft cap on the bytes one [`Session::poll_transmit`] call produces.
     pub transmit_batch_bytes: usize,
+    /// How long one frame may take to arrive once its first byte did (a peer that trickles a
+    /// frame byte by byte is closed even though it is never idle).
+    pub frame_read_timeout: Duration,
 }
 
 impl Default for SessionConfig {
@@ -70,6 +73,7 @@ impl Default for SessionConfig {
             hello_timeout: Duration::from_secs(10),
             max_retained_reply_bytes: 8 * 1024 * 1024,
             transmit_batch_bytes: 256 * 1024,
+            frame_read_timeout: Duration::from_secs(30),
         }
     }
 }
@@ -302,6 +306,8 @@ pub struct Session {
     ring: DedupeRing,
     answers: AnswerQueue,
     read_buf: BytesMut,
+    /// When the incomplete frame at the front of `read_buf` started arriving.
+    partial_frame_since: Option<Instant>,
     // Keepalive.
     last_rx: Option<Instant>,
     next_ping: Option<Instant>,
@@ -338,6 +344,7 @@ impl Session {
             ring,
             answers: AnswerQueue::default(),
             read_buf: BytesMut::new(),
+            partial_frame_since: None,
             last_rx: None,
             next_ping: None,
             ping_outstanding: None,
@@ -391,6 +398,7 @@ impl Session {
     /// names. Queues our HELLO.
     pub fn connected(&mut self, now: Instant, peer_cert_id: &str) {
         self.read_buf.clear();
+        self.partial_frame_since = None;
         self.answers = AnswerQueue::default();
         self.pongs.clear();
         self.ping_outstanding = None;
@@ -411,6 +419,7 @@ impl Session {
         self.hello_pending = false;
         self.close_pending = None;
         self.read_buf.clear();
+        self.partial_frame_since = None;
         self.answers = AnswerQueue::default();
         self.pongs.clear();
         self.ping_outstanding = None;
@@ -603,8 +612,19 @@ impl Session {
                 return;
             }
             match frame::decode(&mut self.read_buf, self.config.max_frame_len) {
-                Ok(Some(f)) => self.handle_frame(now, f),
-                Ok(None) => return,
+                Ok(Some(f)) => {
+                    self.partial_frame_since = None;
+                    self.handle_frame(now, f);
+                }
+                Ok(None) => {
+                    // A frame has started but is not complete: its clock starts now (T14).
+                    if self.read_buf.is_empty() {
+                        self.partial_frame_since = None;
+                    } else if self.partial_frame_since.is_none() {
+                        self.partial_frame_since = Some(now);
+                    }
+                    return;
+                }
                 Err(e) => {
                     self.violation(&e);
                     return;
@@ -855,6 +875,21 @@ impl Session {
                 ),
             );
         }
+        if let Some(since) = self.partial_frame_since {
+            if matches!(self.link, Link::Open | Link::AwaitingHello { .. })
+                && now.saturating_duration_since(since) >= self.config.frame_read_timeout
+            {
+                self.partial_frame_since = None;
+                self.close(Error::new(
+                    ErrorId::ProtocolViolation,
+                    format!(
+                        "a frame took longer than {:?} to arrive (frame_read_timeout)",
+                        self.config.frame_read_timeout
+                    ),
+                ));
+                return;
+            }
+        }
         match self.link {
             Link::AwaitingHello { deadline } if now >= deadline => {
                 self.close(Error::new(
@@ -898,6 +933,12 @@ impl Session {
                 next = Some(next.map_or(t, |n| n.min(t)));
             }
         };
+        if matches!(self.link, Link::Open | Link::AwaitingHello { .. }) {
+            consider(
+                self.partial_frame_since
+                    .and_then(|t| t.checked_add(self.config.frame_read_timeout)),
+            );
+        }
         match self.link {
             Link::AwaitingHello { deadline } => consider(Some(deadline)),
             Link::Open => {

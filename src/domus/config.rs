@@ -41,6 +41,9 @@ pub struct DomusConfig {
     pub idle_timeout: Duration,
     /// How long a peer has to send its HELLO. Default 10 s; 10 ms to 5 min.
     pub hello_timeout: Duration,
+    /// How long one frame may take to arrive once its first byte has (a peer trickling a
+    /// frame is closed even though it is never idle). Default 30 s; 10 ms to 1 h.
+    pub frame_read_timeout: Duration,
     /// The first reconnect delay after a failed dial; it doubles (with jitter) up to
     /// `reconnect_backoff_max`. Default 50 ms; 1 ms to 1 min.
     pub reconnect_backoff_min: Duration,
@@ -68,6 +71,7 @@ impl Default for DomusConfig {
             keepalive_interval: Duration::from_secs(5),
             idle_timeout: Duration::from_secs(20),
             hello_timeout: Duration::from_secs(10),
+            frame_read_timeout: Duration::from_secs(30),
             reconnect_backoff_min: Duration::from_millis(50),
             reconnect_backoff_max: Duration::from_secs(5),
             default_inbox_depth: 4096,
@@ -141,6 +145,12 @@ impl DomusConfig {
             60 * MIN,
         )?;
         within("hello_timeout", self.hello_timeout, 10 * MS, 5 * MIN)?;
+        within(
+            "frame_read_timeout",
+            self.frame_read_timeout,
+            10 * MS,
+            60 * MIN,
+        )?;
         within("reconnect_backoff_min", self.reconnect_backoff_min, MS, MIN)?;
         within(
             "reconnect_backoff_max",
@@ -169,6 +179,7 @@ impl DomusConfig {
             hello_timeout: self.hello_timeout,
             max_retained_reply_bytes: self.max_retained_reply_bytes,
             transmit_batch_bytes: 256 * 1024,
+            frame_read_timeout: self.frame_read_timeout,
         }
     }
 }
