@@ -129,6 +129,8 @@ fn fuzz_config() -> SessionConfig {
         hello_timeout: Duration::from_secs(2),
         max_retained_reply_bytes: 256,
         transmit_batch_bytes: 1024,
+        frame_read_timeout: Duration::from_secs(5),
+        max_frames_per_second: 100_000,
     }
 }
 

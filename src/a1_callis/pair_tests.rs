@@ -727,3 +727,39 @@ fn continuous_traffic_never_trips_the_frame_read_timeout() {
     assert_eq!(closed_with(&p.b_events), None);
     assert_eq!(p.delivered_ids().len(), 200);
 }
+
+#[test]
+fn t16_a_frame_flood_is_closed_at_the_budget() {
+    let config = SessionConfig {
+        max_frames_per_second: 10_000,
+        ..SessionConfig::default()
+    };
+    let mut p = Pair::new(config);
+    p.connect();
+    // 6,000 skippable empty frames at once: 12,000 budget units in one second.
+    let mut flood = BytesMut::new();
+    for _ in 0..6_000 {
+        Frame::Skipped(FrameType(0x90)).encode(&mut flood);
+    }
+    p.b.recv_buf().extend_from_slice(&flood);
+    p.b.handle_input(p.now);
+    p.drain_events();
+    assert_eq!(closed_with(&p.b_events), Some(ErrorId::ProtocolViolation));
+    assert!(p.b.stats().frames_skipped <= 5_000);
+    // A legitimate peer under the budget, spread over seconds, is never closed.
+    let mut q = Pair::new(SessionConfig {
+        max_frames_per_second: 10_000,
+        ..SessionConfig::default()
+    });
+    q.b_auto = Some(Answer::Accepted);
+    q.connect();
+    for _ in 0..5 {
+        for _ in 0..1_000 {
+            q.send(APP, b"ok", Duration::from_secs(30));
+        }
+        q.pump();
+        q.advance(Duration::from_millis(1100));
+    }
+    assert_eq!(closed_with(&q.b_events), None);
+    assert_eq!(q.delivered_ids().len(), 5_000);
+}

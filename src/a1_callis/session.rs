@@ -60,6 +60,9 @@ pub struct SessionConfig {
     /// How long one frame may take to arrive once its first byte did (a peer that trickles a
     /// frame byte by byte is closed even though it is never idle).
     pub frame_read_timeout: Duration,
+    /// Frames accepted from the peer per second before the callis is closed as a flood
+    /// (PING, PONG and skipped frames count double).
+    pub max_frames_per_second: u32,
 }
 
 impl Default for SessionConfig {
@@ -74,6 +77,7 @@ impl Default for SessionConfig {
             max_retained_reply_bytes: 8 * 1024 * 1024,
             transmit_batch_bytes: 256 * 1024,
             frame_read_timeout: Duration::from_secs(30),
+            max_frames_per_second: 4_000_000,
         }
     }
 }
@@ -308,6 +312,8 @@ pub struct Session {
     read_buf: BytesMut,
     /// When the incomplete frame at the front of `read_buf` started arriving.
     partial_frame_since: Option<Instant>,
+    flood_window_start: Option<Instant>,
+    flood_count: u64,
     // Keepalive.
     last_rx: Option<Instant>,
     next_ping: Option<Instant>,
@@ -345,6 +351,8 @@ impl Session {
             answers: AnswerQueue::default(),
             read_buf: BytesMut::new(),
             partial_frame_since: None,
+            flood_window_start: None,
+            flood_count: 0,
             last_rx: None,
             next_ping: None,
             ping_outstanding: None,
@@ -650,7 +658,32 @@ impl Session {
         self.events.push_back(Event::Close(error));
     }
 
+    /// Counts a received frame against the per-second budget (T16); frames that carry no
+    /// application progress cost double. False when the budget is exhausted.
+    fn within_frame_budget(&mut self, now: Instant, f: &Frame) -> bool {
+        let cost: u64 = match f {
+            Frame::Ping(_) | Frame::Pong(_) | Frame::Skipped(_) => 2,
+            _ => 1,
+        };
+        let window_over = self
+            .flood_window_start
+            .is_none_or(|start| now.saturating_duration_since(start) >= Duration::from_secs(1));
+        if window_over {
+            self.flood_window_start = Some(now);
+            self.flood_count = 0;
+        }
+        self.flood_count = self.flood_count.saturating_add(cost);
+        self.flood_count <= u64::from(self.config.max_frames_per_second)
+    }
+
     fn handle_frame(&mut self, now: Instant, f: Frame) {
+        if !self.within_frame_budget(now, &f) {
+            let budget = self.config.max_frames_per_second;
+            self.violation(&format_args!(
+                "more than {budget} frames in one second (max_frames_per_second); calm down"
+            ));
+            return;
+        }
         if let Link::AwaitingHello { .. } = self.link {
             match f {
                 Frame::Hello(h) => self.handle_hello(now, h),

@@ -44,6 +44,10 @@ pub struct DomusConfig {
     /// How long one frame may take to arrive once its first byte has (a peer trickling a
     /// frame is closed even though it is never idle). Default 30 s; 10 ms to 1 h.
     pub frame_read_timeout: Duration,
+    /// Frames one peer may send per second before its callis is closed as a flood (PING, PONG
+    /// and skipped frames count double). Default 4 000 000, far above what a legitimate peer
+    /// produces on this stack; 1 000 to 100 000 000.
+    pub max_frames_per_second: u32,
     /// The first reconnect delay after a failed dial; it doubles (with jitter) up to
     /// `reconnect_backoff_max`. Default 50 ms; 1 ms to 1 min.
     pub reconnect_backoff_min: Duration,
@@ -72,6 +76,7 @@ impl Default for DomusConfig {
             idle_timeout: Duration::from_secs(20),
             hello_timeout: Duration::from_secs(10),
             frame_read_timeout: Duration::from_secs(30),
+            max_frames_per_second: 4_000_000,
             reconnect_backoff_min: Duration::from_millis(50),
             reconnect_backoff_max: Duration::from_secs(5),
             default_inbox_depth: 4096,
@@ -180,6 +185,7 @@ impl DomusConfig {
             max_retained_reply_bytes: self.max_retained_reply_bytes,
             transmit_batch_bytes: 256 * 1024,
             frame_read_timeout: self.frame_read_timeout,
+            max_frames_per_second: self.max_frames_per_second,
         }
     }
 }
