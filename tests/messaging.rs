@@ -694,3 +694,142 @@ async fn dropping_a_domus_leaves_no_task_running() {
     })
     .await;
 }
+
+/// A codec for `u64` counters (big-endian), for the typed layer.
+struct U64Codec;
+
+impl vicus::MessageCodec for U64Codec {
+    type Message = u64;
+    fn encode(&self, m: &u64) -> Result<Bytes, vicus::Error> {
+        Ok(Bytes::copy_from_slice(&m.to_be_bytes()))
+    }
+    fn decode(&self, b: &Bytes) -> Result<u64, vicus::Error> {
+        let raw: [u8; 8] = b.as_ref().try_into().map_err(|_| {
+            vicus::Error::new(
+                ErrorId::DecodeFailure,
+                format!("{} bytes, expected 8", b.len()),
+            )
+        })?;
+        Ok(u64::from_be_bytes(raw))
+    }
+}
+
+#[tokio::test]
+async fn typed_layer_parts_stream_and_receive_timeout() {
+    within(async {
+        let mut mesh = Mesh::new();
+        let a = mesh.domus("a").await;
+        let b = mesh.domus("b").await;
+        mesh.route(10, &b);
+        let mut t = b.taberna(TabernaId(10)).expect("taberna");
+        let e = t
+            .recv_timeout(Duration::from_millis(50))
+            .await
+            .expect_err("empty");
+        assert_eq!(e.id(), ErrorId::ReceiveTimeout);
+        // The worker consumes the taberna as a Stream and answers from another task.
+        let worker = tokio::spawn(async move {
+            use std::pin::Pin;
+            let next =
+                std::future::poll_fn(|cx| futures_core::Stream::poll_next(Pin::new(&mut t), cx));
+            let request = next.await.expect("a request");
+            let (parts, responder) = request.into_parts();
+            let n = u64::from_be_bytes(parts.payload.as_ref().try_into().expect("8 bytes"));
+            tokio::spawn(async move {
+                responder.reply(Bytes::copy_from_slice(&(n + 1).to_be_bytes()));
+            });
+            parts.peer.id().clone()
+        });
+        let answer = a
+            .send_typed(&U64Codec, TabernaId(10), APP, &41, send_opts(5_000))
+            .await
+            .expect("typed send");
+        assert_eq!(answer, Some(42));
+        assert_eq!(&worker.await.expect("join"), a.identity());
+    })
+    .await;
+}
+
+/// A resolver that never answers, or panics.
+struct BadResolver {
+    panic: bool,
+}
+
+impl vicus::RouteResolver for BadResolver {
+    fn resolve(&self, _: TabernaId) -> vicus::domus::ResolveFuture<'_> {
+        if self.panic {
+            panic!("resolver bug");
+        }
+        Box::pin(std::future::pending())
+    }
+}
+
+#[tokio::test]
+async fn t11_a_hanging_or_panicking_resolver_gives_an_error_not_a_hang() {
+    within(async {
+        let mut ca = ca();
+        for panic in [false, true] {
+            let (auth, _) = ca.domus_auth(if panic { "p" } else { "h" }).expect("mint");
+            let mut config = DomusConfig::default();
+            config.resolve_timeout = Duration::from_millis(200);
+            let d = Domus::builder(auth)
+                .resolver(Arc::new(BadResolver { panic }))
+                .config(config)
+                .build()
+                .await
+                .expect("domus");
+            let started = tokio::time::Instant::now();
+            let err = d
+                .send(TabernaId(1), APP, Bytes::new(), send_opts(10_000))
+                .await
+                .expect_err("no route");
+            assert_eq!(err.id(), ErrorId::PeerUnavailable, "{err}");
+            assert!(started.elapsed() < Duration::from_secs(5));
+            if panic {
+                assert!(err.message().contains("panicked"), "{err}");
+            } else {
+                assert!(err.message().contains("resolve_timeout"), "{err}");
+            }
+        }
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn t11_a_route_without_identity_learns_and_pins_it() {
+    within(async {
+        let mut mesh = Mesh::new();
+        let a = mesh.domus("a").await;
+        let b = mesh.domus("b").await;
+        mesh.resolver
+            .insert(TabernaId(10), b.local_addr().clone(), None);
+        spawn_echo(b.taberna(TabernaId(10)).expect("taberna"));
+        for _ in 0..3 {
+            let out = a
+                .send(
+                    TabernaId(10),
+                    APP,
+                    Bytes::from_static(b"?"),
+                    send_opts(5_000),
+                )
+                .await
+                .expect("send");
+            assert_eq!(out, Delivery::Replied(Bytes::from_static(b"echo:?")));
+        }
+        assert_eq!(a.peer_count(), 1, "one peer, learned once");
+        // A route that names the wrong identity is refused at the handshake.
+        let c = mesh.domus("c").await;
+        mesh.resolver.insert(
+            TabernaId(11),
+            b.local_addr().clone(),
+            Some(c.identity().clone()),
+        );
+        let err = a
+            .send(TabernaId(11), APP, Bytes::new(), send_opts(5_000))
+            .await
+            .expect_err("misdirected");
+        assert_eq!(err.id(), ErrorId::PeerUnavailable, "{err}");
+        assert!(err.message().contains("expected"), "{err}");
+    })
+    .await;
+}

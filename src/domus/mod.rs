@@ -558,16 +558,34 @@ impl Shared {
         taberna: TabernaId,
         deadline: tokio::time::Instant,
     ) -> Result<Route, Error> {
-        let mut lookup = self.resolver.resolve(taberna);
-        let first = lookup
-            .as_mut()
-            .poll(&mut Context::from_waker(std::task::Waker::noop()));
+        // The resolver is application code: a panic in it becomes an error for this send,
+        // never a panic in the caller.
+        let panicked = || {
+            Error::new(
+                ErrorId::PeerUnavailable,
+                format!("the route resolver panicked while resolving {taberna}"),
+            )
+        };
+        let resolver = &self.resolver;
+        let mut lookup =
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| resolver.resolve(taberna)))
+                .map_err(|_| panicked())?;
+        let first = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            lookup
+                .as_mut()
+                .poll(&mut Context::from_waker(std::task::Waker::noop()))
+        }))
+        .map_err(|_| panicked())?;
         if let Poll::Ready(route) = first {
             return route;
         }
+        let guarded = std::future::poll_fn(move |cx| {
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| lookup.as_mut().poll(cx)))
+                .unwrap_or_else(|_| Poll::Ready(Err(panicked())))
+        });
         tokio::time::timeout_at(
             deadline.min(tokio::time::Instant::now() + self.config.resolve_timeout),
-            lookup,
+            guarded,
         )
         .await
         .map_err(|_| {

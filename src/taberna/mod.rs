@@ -142,7 +142,73 @@ pub struct TabernaRequest {
     destination: TabernaId,
     message_type: MessageType,
     payload: Bytes,
+    responder: Responder,
+}
+
+/// The answering half of a [`TabernaRequest`], from [`TabernaRequest::into_parts`]: answer
+/// exactly once; dropping it unanswered rejects with [`ErrorId::RequestDropped`].
+pub struct Responder {
     sink: Option<AnswerSink>,
+}
+
+impl fmt::Debug for Responder {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Responder")
+            .field("answered", &self.sink.is_none())
+            .finish()
+    }
+}
+
+impl Responder {
+    /// Accepts the request.
+    pub fn accept(mut self) {
+        self.finish(Answer::Accepted);
+    }
+
+    /// Answers with a payload.
+    pub fn reply(mut self, payload: Bytes) {
+        self.finish(Answer::Replied(payload));
+    }
+
+    /// Rejects with an application code and reason.
+    pub fn reject(mut self, code: u32, reason: &str) {
+        self.finish(Answer::Rejected {
+            error: ErrorId::RemoteTabernaRejected.as_u32(),
+            code,
+            reason: reason.to_owned(),
+        });
+    }
+
+    fn finish(&mut self, answer: Answer) {
+        if let Some(sink) = self.sink.take() {
+            sink.send(answer);
+        }
+    }
+}
+
+impl Drop for Responder {
+    fn drop(&mut self) {
+        self.finish(system_rejection(
+            ErrorId::RequestDropped,
+            "the handler dropped the request without answering",
+        ));
+    }
+}
+
+/// What a request carried, from [`TabernaRequest::into_parts`].
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct RequestParts {
+    /// Who sent it.
+    pub peer: Arc<PeerIdentity>,
+    /// The sender's source taberna.
+    pub source: TabernaId,
+    /// The taberna it was sent to.
+    pub destination: TabernaId,
+    /// Its message type.
+    pub message_type: MessageType,
+    /// Its payload.
+    pub payload: Bytes,
 }
 
 impl fmt::Debug for TabernaRequest {
@@ -172,8 +238,31 @@ impl TabernaRequest {
             destination,
             message_type,
             payload,
-            sink: Some(sink),
+            responder: Responder { sink: Some(sink) },
         }
+    }
+
+    /// Splits the request into what it carried and the half that answers it, so the answer
+    /// can be given from elsewhere (another task, after async work).
+    pub fn into_parts(self) -> (RequestParts, Responder) {
+        let TabernaRequest {
+            peer,
+            source,
+            destination,
+            message_type,
+            payload,
+            responder,
+        } = self;
+        (
+            RequestParts {
+                peer,
+                source,
+                destination,
+                message_type,
+                payload,
+            },
+            responder,
+        )
     }
 
     /// Who sent it (verified from the peer's certificate).
@@ -207,38 +296,23 @@ impl TabernaRequest {
     }
 
     /// Accepts it: the sender's `send` returns `Delivery::Accepted`.
-    pub fn accept(mut self) {
-        self.finish(Answer::Accepted);
+    pub fn accept(self) {
+        self.responder.accept();
     }
 
     /// Answers it with a payload: the sender's `send` returns `Delivery::Replied`.
-    pub fn reply(mut self, payload: Bytes) {
-        self.finish(Answer::Replied(payload));
+    pub fn reply(self, payload: Bytes) {
+        self.responder.reply(payload);
     }
 
     /// Rejects it with an application code and reason (at most 256 bytes go on the wire):
     /// the sender's `send` fails with [`ErrorId::RemoteTabernaRejected`] carrying both.
-    pub fn reject(mut self, code: u32, reason: &str) {
-        self.finish(Answer::Rejected {
-            error: ErrorId::RemoteTabernaRejected.as_u32(),
-            code,
-            reason: reason.to_owned(),
-        });
+    pub fn reject(self, code: u32, reason: &str) {
+        self.responder.reject(code, reason);
     }
 
     fn finish(&mut self, answer: Answer) {
-        if let Some(sink) = self.sink.take() {
-            sink.send(answer);
-        }
-    }
-}
-
-impl Drop for TabernaRequest {
-    fn drop(&mut self) {
-        self.finish(system_rejection(
-            ErrorId::RequestDropped,
-            "the handler dropped the request without answering",
-        ));
+        self.responder.finish(answer);
     }
 }
 
