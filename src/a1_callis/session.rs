@@ -196,7 +196,9 @@ struct Slot {
 /// The receiver's dedupe window: slot `id % len` remembers id and answer.
 #[derive(Debug)]
 struct DedupeRing {
+    /// Grows on demand up to `window` slots, so a quiet peer costs little memory.
     slots: Vec<Slot>,
+    window: u64,
     highest: u64,
     retained_reply_bytes: usize,
 }
@@ -210,15 +212,16 @@ enum Seen {
 impl DedupeRing {
     fn new(window: u32) -> Self {
         Self {
-            slots: vec![Slot::default(); window.max(1) as usize],
+            slots: Vec::new(),
+            window: u64::from(window.max(1)),
             highest: 0,
             retained_reply_bytes: 0,
         }
     }
 
     fn index(&self, id: u64) -> usize {
-        // The ring is never empty (`new` makes at least one slot).
-        id.checked_rem(self.slots.len() as u64).unwrap_or(0) as usize
+        // `window` is at least 1.
+        id.checked_rem(self.window).unwrap_or(0) as usize
     }
 
     fn slot_mut(&mut self, id: u64) -> Option<&mut Slot> {
@@ -227,11 +230,14 @@ impl DedupeRing {
     }
 
     fn observe(&mut self, id: u64) -> Seen {
-        let window = self.slots.len() as u64;
+        let window = self.window;
         if id == 0 || (self.highest >= window && id <= self.highest.saturating_sub(window)) {
             return Seen::OutsideWindow;
         }
         let i = self.index(id);
+        if i >= self.slots.len() {
+            self.slots.resize(i.saturating_add(1), Slot::default());
+        }
         let Some(slot) = self.slots.get_mut(i) else {
             return Seen::OutsideWindow;
         };
@@ -250,9 +256,7 @@ impl DedupeRing {
     }
 
     fn reset(&mut self) {
-        for slot in &mut self.slots {
-            *slot = Slot::default();
-        }
+        self.slots = Vec::new();
         self.highest = 0;
         self.retained_reply_bytes = 0;
     }
@@ -850,7 +854,7 @@ impl Session {
         }
         match self.ring.observe(m.id) {
             Seen::OutsideWindow => {
-                let (highest, window) = (self.ring.highest, self.ring.slots.len());
+                let (highest, window) = (self.ring.highest, self.ring.window);
                 self.violation(&format_args!(
                     "message id {} is outside the dedupe window (highest {highest}, window {window})",
                     m.id
