@@ -833,3 +833,66 @@ async fn t11_a_route_without_identity_learns_and_pins_it() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn t25_the_per_peer_byte_budget_bounds_what_a_slow_peer_pins() {
+    within(async {
+        let mut mesh = Mesh::new();
+        let mut config = DomusConfig::default();
+        config.max_message_len = 600;
+        config.max_in_flight_bytes_per_peer = 1000;
+        let a = mesh.domus_with("a", config).await;
+        let b = mesh.domus("b").await;
+        mesh.route(10, &b);
+        let t = b.taberna(TabernaId(10)).expect("taberna");
+        let held = a
+            .admit(
+                TabernaId(10),
+                APP,
+                Bytes::from(vec![1u8; 600]),
+                send_opts(10_000),
+            )
+            .await
+            .expect("first fits");
+        let err = a
+            .try_send(
+                TabernaId(10),
+                APP,
+                Bytes::from(vec![2u8; 600]),
+                send_opts(10_000),
+            )
+            .await
+            .expect_err("over the byte budget");
+        assert_eq!(err.id(), ErrorId::LocalQueueFull, "{err}");
+        let err = a
+            .send(
+                TabernaId(10),
+                APP,
+                Bytes::from(vec![3u8; 600]),
+                send_opts(200),
+            )
+            .await
+            .expect_err("waits, then times out");
+        assert_eq!(err.id(), ErrorId::SendTimeout, "{err}");
+        // Small messages still fit beside the big one.
+        spawn_echo(t);
+        a.send(
+            TabernaId(10),
+            APP,
+            Bytes::from(vec![4u8; 300]),
+            send_opts(5_000),
+        )
+        .await
+        .expect("fits");
+        held.await.expect("answered");
+        a.try_send(
+            TabernaId(10),
+            APP,
+            Bytes::from(vec![5u8; 600]),
+            send_opts(5_000),
+        )
+        .await
+        .expect("budget returned");
+    })
+    .await;
+}

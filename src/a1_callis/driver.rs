@@ -31,11 +31,12 @@ use crate::taberna::{AnswerSink, MessageType, Registry, TabernaId, TabernaReques
 
 /// What the rest of the domus asks of a peer's driver.
 pub(crate) enum PeerCommand {
-    /// Deliver a message; `done` gets the outcome; `permit` is its in-flight slot.
+    /// Deliver a message; `done` gets the outcome; `permit` is its share of the peer's
+    /// in-flight budget, returned when the send finishes.
     Send {
         msg: Outgoing,
         done: oneshot::Sender<Result<Delivery, Error>>,
-        permit: OwnedSemaphorePermit,
+        permit: InFlight,
     },
     /// A local taberna answered a delivery from this peer.
     Answer { epoch: u64, id: u64, answer: Answer },
@@ -58,9 +59,15 @@ pub(crate) struct DriverContext {
 
 type DialFuture = Pin<Box<dyn Future<Output = Result<AuthenticatedStream, Error>> + Send>>;
 
+/// A send's share of its peer's in-flight budget: one slot and its payload's bytes.
+pub(crate) struct InFlight {
+    pub(crate) _slot: OwnedSemaphorePermit,
+    pub(crate) _bytes: OwnedSemaphorePermit,
+}
+
 struct PendingSend {
     done: oneshot::Sender<Result<Delivery, Error>>,
-    _permit: OwnedSemaphorePermit,
+    _permit: InFlight,
     dst: u64,
 }
 

@@ -28,6 +28,10 @@ pub struct DomusConfig {
     /// Messages in flight (queued or unanswered) per peer; `send` waits for a slot, `try_send`
     /// fails with `LocalQueueFull`. Default 4096; 1 to 1 048 576.
     pub max_in_flight_per_peer: u32,
+    /// Payload bytes in flight (queued or unanswered) per peer: the memory one slow or absent
+    /// peer can pin. `send` waits for room, `try_send` fails with `LocalQueueFull`. Default
+    /// 64 MiB; at least `max_message_len`, at most 4 GiB − 1.
+    pub max_in_flight_bytes_per_peer: usize,
     /// The receiver's dedupe window in message ids (each slot remembers one answer). Default
     /// 8192; at least `max_in_flight_per_peer`, at most 1 048 576.
     pub dedupe_window: u32,
@@ -70,6 +74,7 @@ impl Default for DomusConfig {
             resolve_timeout: Duration::from_secs(2),
             max_message_len: 1024 * 1024,
             max_in_flight_per_peer: 4096,
+            max_in_flight_bytes_per_peer: 64 * 1024 * 1024,
             dedupe_window: 8192,
             max_retained_reply_bytes: 8 * 1024 * 1024,
             keepalive_interval: Duration::from_secs(5),
@@ -120,6 +125,12 @@ impl DomusConfig {
             u64::from(self.max_in_flight_per_peer),
             1,
             1 << 20,
+        )?;
+        count(
+            "max_in_flight_bytes_per_peer",
+            self.max_in_flight_bytes_per_peer as u64,
+            (self.max_message_len as u64).max(1),
+            u64::from(u32::MAX),
         )?;
         count("dedupe_window", u64::from(self.dedupe_window), 1, 1 << 20)?;
         if self.dedupe_window < self.max_in_flight_per_peer {

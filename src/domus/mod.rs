@@ -21,7 +21,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
-use tokio::sync::{Semaphore, mpsc, oneshot};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
 use tokio_util::sync::{CancellationToken, DropGuard};
 use tokio_util::task::TaskTracker;
 
@@ -31,7 +31,7 @@ pub use resolver::{ResolveFuture, Route, RouteResolver, SimpleResolver};
 use crate::a0_transport::{
     AuthConfig, AuthenticatedStream, DomusAddr, DomusId, Listener, PeerIdentity, Transport,
 };
-use crate::a1_callis::driver::{DriverContext, PeerCommand, PeerDriver, rand_u64};
+use crate::a1_callis::driver::{DriverContext, InFlight, PeerCommand, PeerDriver, rand_u64};
 use crate::a1_callis::session::{Answer, Outgoing, Session};
 use crate::error::{Error, ErrorId, untrusted};
 use crate::taberna::{
@@ -208,6 +208,7 @@ impl DomusBuilder {
 struct PeerHandle {
     tx: mpsc::UnboundedSender<PeerCommand>,
     slots: Arc<Semaphore>,
+    bytes: Arc<Semaphore>,
     /// The address last given to the driver (told again only when it changes).
     addr: Option<DomusAddr>,
 }
@@ -488,18 +489,21 @@ impl Shared {
                 format!("{taberna} routes to this domus, but no such taberna is registered"),
             ));
         }
-        let (tx, slots) = self.peer(&peer_id, Some(route.addr));
-        let permit = match wait {
-            Wait::No => slots.try_acquire_owned().map_err(|_| full(&peer_id))?,
-            Wait::UntilDeadline => tokio::time::timeout_at(deadline, slots.acquire_owned())
-                .await
-                .map_err(|_| {
-                    Error::new(
-                        ErrorId::SendTimeout,
-                        format!("no in-flight slot to {peer_id} freed up before the deadline"),
-                    )
-                })?
-                .map_err(|_| closed())?,
+        let (tx, slots, bytes) = self.peer(&peer_id, Some(route.addr));
+        let size = u32::try_from(payload.len()).unwrap_or(u32::MAX);
+        let slot = acquire(&slots, 1, wait, deadline, &peer_id, "in-flight slot").await?;
+        let bytes = acquire(
+            &bytes,
+            size,
+            wait,
+            deadline,
+            &peer_id,
+            "in-flight byte budget",
+        )
+        .await?;
+        let permit = InFlight {
+            _slot: slot,
+            _bytes: bytes,
         };
         let (done, rx) = oneshot::channel();
         let msg = Outgoing {
@@ -630,7 +634,7 @@ impl Shared {
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .insert(addr.clone(), id.clone());
-        let (tx, _) = self.peer(&id, Some(addr.clone()));
+        let (tx, _, _) = self.peer(&id, Some(addr.clone()));
         let _ = tx.send(PeerCommand::Attach(Box::new(stream)));
         Ok(id)
     }
@@ -640,7 +644,11 @@ impl Shared {
         self: &Arc<Self>,
         id: &DomusId,
         addr: Option<DomusAddr>,
-    ) -> (mpsc::UnboundedSender<PeerCommand>, Arc<Semaphore>) {
+    ) -> (
+        mpsc::UnboundedSender<PeerCommand>,
+        Arc<Semaphore>,
+        Arc<Semaphore>,
+    ) {
         let mut peers = self.peers.lock().unwrap_or_else(PoisonError::into_inner);
         if let Some(p) = peers.get_mut(id) {
             if !p.tx.is_closed() {
@@ -650,13 +658,14 @@ impl Shared {
                     }
                     p.addr = addr;
                 }
-                return (p.tx.clone(), p.slots.clone());
+                return (p.tx.clone(), p.slots.clone(), p.bytes.clone());
             }
         }
         // Every command is bounded elsewhere: sends by the in-flight semaphore, answers by the
         // peer's dedupe window, calles by the A0 admission gate.
         let (tx, rx) = mpsc::unbounded_channel();
         let slots = Arc::new(Semaphore::new(self.config.max_in_flight_per_peer as usize));
+        let bytes = Arc::new(Semaphore::new(self.config.max_in_flight_bytes_per_peer));
         let session = Session::new(
             self.config.session(),
             self.local_id.as_str().to_owned(),
@@ -677,18 +686,46 @@ impl Shared {
             PeerHandle {
                 tx: tx.clone(),
                 slots: slots.clone(),
+                bytes: bytes.clone(),
                 addr,
             },
         );
-        (tx, slots)
+        (tx, slots, bytes)
     }
 }
 
-fn full(peer: &DomusId) -> Error {
-    Error::new(
-        ErrorId::LocalQueueFull,
-        format!("all in-flight slots to {peer} are taken (max_in_flight_per_peer)"),
-    )
+/// Takes `n` permits: at once when they are free (no timer), else waiting until `deadline`
+/// (or failing at once with `LocalQueueFull` when `wait` is `No`).
+async fn acquire(
+    semaphore: &Arc<Semaphore>,
+    n: u32,
+    wait: Wait,
+    deadline: tokio::time::Instant,
+    peer: &DomusId,
+    what: &str,
+) -> Result<OwnedSemaphorePermit, Error> {
+    match semaphore.clone().try_acquire_many_owned(n) {
+        Ok(permit) => return Ok(permit),
+        Err(tokio::sync::TryAcquireError::Closed) => return Err(closed()),
+        Err(tokio::sync::TryAcquireError::NoPermits) => {}
+    }
+    if wait == Wait::No {
+        return Err(Error::new(
+            ErrorId::LocalQueueFull,
+            format!(
+                "the {what} to {peer} is used up (max_in_flight_per_peer / max_in_flight_bytes_per_peer)"
+            ),
+        ));
+    }
+    tokio::time::timeout_at(deadline, semaphore.clone().acquire_many_owned(n))
+        .await
+        .map_err(|_| {
+            Error::new(
+                ErrorId::SendTimeout,
+                format!("the {what} to {peer} did not free up before the send's deadline"),
+            )
+        })?
+        .map_err(|_| closed())
 }
 
 fn closed() -> Error {
@@ -749,7 +786,7 @@ impl Shared {
             return;
         }
         let id = stream.peer().id().clone();
-        let (tx, _) = self.peer(&id, None);
+        let (tx, _, _) = self.peer(&id, None);
         let _ = tx.send(PeerCommand::Attach(Box::new(stream)));
     }
 }
