@@ -235,8 +235,21 @@ where
 // Main
 // ---------------------------------------------------------------------------------------------
 
-#[tokio::main]
-async fn main() -> Result<(), BoxError> {
+fn main() -> Result<(), BoxError> {
+    // `VICUS_BENCH_WORKERS` sets the runtime's worker threads (default: one per core).
+    let mut runtime = tokio::runtime::Builder::new_multi_thread();
+    if let Ok(n) = std::env::var("VICUS_BENCH_WORKERS") {
+        runtime.worker_threads(n.parse().map_err(|_| "VICUS_BENCH_WORKERS must be a number")?);
+    }
+    // Everything runs on the runtime's workers (as in an application), not on the thread
+    // that blocks on the runtime.
+    runtime
+        .enable_all()
+        .build()?
+        .block_on(async { tokio::spawn(bench_main()).await? })
+}
+
+async fn bench_main() -> Result<(), BoxError> {
     let cfg = BenchConfig::from_env()?;
     let rss_reset = reset_peak_rss();
     let tls = tokio::time::timeout(SCENARIO_DEADLINE, describe_tls())
