@@ -321,13 +321,8 @@ impl Domus {
         payload: Bytes,
         options: SendOptions,
     ) -> impl Future<Output = Result<Delivery, Error>> + Send + 'static {
-        let shared = self.shared.clone();
-        async move {
-            shared
-                .admit(taberna, msg_type, payload, options, Wait::UntilDeadline)
-                .await?
-                .await
-        }
+        let admitted = self.admit(taberna, msg_type, payload, options);
+        async move { admitted.await?.await }
     }
 
     /// Like [`send`](Self::send), but fails at once with [`ErrorId::LocalQueueFull`] when the
