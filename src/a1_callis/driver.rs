@@ -489,11 +489,12 @@ impl Future for PeerDriver {
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
         let this = self.get_mut();
+        // Checked once per wake-up: cancellation registers its waker here and wakes us.
+        if this.cancelled.as_mut().poll(cx).is_ready() {
+            this.finish();
+            return Poll::Ready(());
+        }
         for _ in 0..32 {
-            if this.cancelled.as_mut().poll(cx).is_ready() {
-                this.finish();
-                return Poll::Ready(());
-            }
             let mut progressed = false;
             // Commands.
             for _ in 0..COMMAND_BUDGET {
