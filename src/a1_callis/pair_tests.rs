@@ -763,3 +763,23 @@ fn t16_a_frame_flood_is_closed_at_the_budget() {
     assert_eq!(closed_with(&q.b_events), None);
     assert_eq!(q.delivered_ids().len(), 5_000);
 }
+
+#[test]
+fn t18_a_ping_flood_never_reading_owes_at_most_eight_pongs() {
+    let mut p = Pair::new(SessionConfig::default());
+    p.connect();
+    let mut flood = BytesMut::new();
+    for nonce in 0..100_000u64 {
+        frame::encode_ping(&mut flood, nonce);
+    }
+    // The flooder never reads: b handles all of it before writing anything.
+    p.b.recv_buf().extend_from_slice(&flood);
+    p.b.handle_input(p.now);
+    let mut out = BytesMut::new();
+    p.b.poll_transmit(p.now, &mut out);
+    let mut wire = Vec::new();
+    record(&mut wire, &out);
+    let pongs = wire.iter().filter(|f| matches!(f, Frame::Pong(_))).count();
+    assert!(pongs <= 8, "{pongs} PONGs owed");
+    assert!(out.len() < 1024, "the reply to 100k PINGs is {} bytes", out.len());
+}
