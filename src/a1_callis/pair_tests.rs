@@ -781,5 +781,52 @@ fn t18_a_ping_flood_never_reading_owes_at_most_eight_pongs() {
     record(&mut wire, &out);
     let pongs = wire.iter().filter(|f| matches!(f, Frame::Pong(_))).count();
     assert!(pongs <= 8, "{pongs} PONGs owed");
-    assert!(out.len() < 1024, "the reply to 100k PINGs is {} bytes", out.len());
+    assert!(
+        out.len() < 1024,
+        "the reply to 100k PINGs is {} bytes",
+        out.len()
+    );
+}
+
+#[test]
+fn a_peer_that_restarts_with_a_smaller_frame_limit_fails_what_no_longer_fits() {
+    // Found by the session_input fuzz target (fuzz/regressions/session_input/).
+    let mut p = Pair::new(SessionConfig::default());
+    p.connect();
+    p.cut();
+    let big = p.send(APP, &[9u8; 3000], Duration::from_secs(5));
+    let small = p.send(APP, b"fits", Duration::from_secs(5));
+    let small_config = SessionConfig {
+        max_frame_len: 100,
+        ..SessionConfig::default()
+    };
+    p.b = Session::new(small_config, B.into(), 99);
+    p.b_auto = Some(Answer::Accepted);
+    p.connect();
+    let finished = p.finished();
+    let (_, outcome) = finished.iter().find(|(id, _)| *id == big).expect("big");
+    assert_eq!(failed_with(outcome), Some(ErrorId::PayloadTooLarge));
+    assert!(finished.contains(&(small, accepted())));
+    assert!(p.a.is_open() && p.b.is_open(), "no callis was closed");
+}
+
+#[test]
+fn a_reply_larger_than_the_sender_accepts_becomes_a_rejection() {
+    let mut p = Pair::new(SessionConfig {
+        max_frame_len: 200,
+        ..SessionConfig::default()
+    });
+    p.b = Session::new(SessionConfig::default(), B.into(), 2);
+    p.connect();
+    let id = p.send(APP, b"q", Duration::from_secs(5));
+    p.pump();
+    let epoch = p.b.peer_epoch().expect("epoch");
+    p.b.answer(epoch, id, Answer::Replied(Bytes::from(vec![0u8; 1000])));
+    p.pump();
+    let (_, outcome) = p.finished().pop().expect("finished");
+    assert!(matches!(
+        outcome,
+        Outcome::Answered(Answer::Rejected { error, .. }) if error == ErrorId::PayloadTooLarge.as_u32()
+    ));
+    assert!(p.a.is_open());
 }

@@ -788,6 +788,24 @@ impl Session {
         self.link = Link::Open;
         self.next_ping = now.checked_add(self.config.keepalive_interval);
         self.stats.opened = self.stats.opened.saturating_add(1);
+        // The peer may accept less than when these messages were queued (it restarted with
+        // other limits): what no longer fits fails here instead of killing every callis.
+        let max = self.max_payload_len();
+        let too_large: Vec<u64> = self
+            .retained
+            .iter()
+            .filter(|(_, r)| r.payload.len() > max)
+            .map(|(id, _)| id)
+            .collect();
+        for id in too_large {
+            self.fail(
+                id,
+                Error::new(
+                    ErrorId::PayloadTooLarge,
+                    format!("the peer now accepts at most {max} payload bytes per message"),
+                ),
+            );
+        }
         self.requeue_all();
         self.events.push_back(Event::Connected {
             peer_epoch: h.epoch,
@@ -1050,6 +1068,22 @@ impl Session {
         self.answers.accepted.clear();
         while let Some((id, answer)) = self.answers.others.pop_front() {
             match answer {
+                // A reply the peer would refuse as too long is turned into a rejection that
+                // says so, instead of a frame that closes the callis.
+                Answer::Replied(payload)
+                    if payload.len().saturating_add(8) > self.peer_max_frame_len as usize =>
+                {
+                    frame::encode_reject(
+                        out,
+                        id,
+                        ErrorId::PayloadTooLarge.as_u32(),
+                        0,
+                        &format!(
+                            "the reply of {} bytes is larger than the sender accepts",
+                            payload.len()
+                        ),
+                    );
+                }
                 Answer::Replied(payload) => frame::encode_reply(out, id, &payload),
                 Answer::Rejected {
                     error,
