@@ -239,7 +239,10 @@ fn main() -> Result<(), BoxError> {
     // `VICUS_BENCH_WORKERS` sets the runtime's worker threads (default: one per core).
     let mut runtime = tokio::runtime::Builder::new_multi_thread();
     if let Ok(n) = std::env::var("VICUS_BENCH_WORKERS") {
-        runtime.worker_threads(n.parse().map_err(|_| "VICUS_BENCH_WORKERS must be a number")?);
+        runtime.worker_threads(
+            n.parse()
+                .map_err(|_| "VICUS_BENCH_WORKERS must be a number")?,
+        );
     }
     // Everything runs on the runtime's workers (as in an application), not on the thread
     // that blocks on the runtime.
