@@ -896,3 +896,35 @@ async fn t25_the_per_peer_byte_budget_bounds_what_a_slow_peer_pins() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn messaging_over_a_unix_socket_shows_the_peer_process() {
+    within(async {
+        let dir = tempdir();
+        let mut mesh = Mesh::new();
+        let a = mesh.domus("a").await;
+        let (auth, _) = mesh.ca.domus_auth("b").expect("mint");
+        let b = Domus::builder(auth)
+            .bind(DomusAddr::unix(dir.join("b.sock")))
+            .resolver(mesh.resolver.clone())
+            .build()
+            .await
+            .expect("unix domus");
+        mesh.route(10, &b);
+        let t = b.taberna(TabernaId(10)).expect("taberna");
+        let seen = tokio::spawn(async move {
+            let req = t.recv().await.expect("request");
+            let creds = req.peer().unix_credentials();
+            req.reply(Bytes::from_static(b"local"));
+            creds
+        });
+        let out = a
+            .send(TabernaId(10), APP, Bytes::new(), send_opts(5_000))
+            .await
+            .expect("send over the Unix socket");
+        assert_eq!(out, Delivery::Replied(Bytes::from_static(b"local")));
+        let creds = seen.await.expect("join").expect("Unix credentials");
+        assert_eq!(creds.pid, Some(std::process::id() as i32));
+    })
+    .await;
+}
