@@ -8,7 +8,9 @@
 use std::collections::HashMap;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::RwLock;
+use std::sync::{Arc, Mutex, PoisonError};
+
+use arc_swap::ArcSwap;
 
 use crate::a0_transport::{DomusAddr, DomusId};
 use crate::error::{Error, ErrorId};
@@ -34,9 +36,13 @@ pub trait RouteResolver: Send + Sync + 'static {
 }
 
 /// An in-memory routing table; insert and remove while the domus runs.
+///
+/// Lookups read an immutable snapshot (no lock: every send resolves, from many tasks at
+/// once); changes copy the table and publish the copy, one writer at a time.
 #[derive(Debug, Default)]
 pub struct SimpleResolver {
-    routes: RwLock<HashMap<TabernaId, Route>>,
+    routes: ArcSwap<HashMap<TabernaId, Route>>,
+    writer: Mutex<()>,
 }
 
 impl SimpleResolver {
@@ -47,32 +53,31 @@ impl SimpleResolver {
 
     /// Routes `taberna` to `addr`, expecting `identity` there when given.
     pub fn insert(&self, taberna: TabernaId, addr: DomusAddr, identity: Option<DomusId>) {
-        if let Ok(mut routes) = self.routes.write() {
+        self.update(|routes| {
             routes.insert(taberna, Route { addr, identity });
-        }
+        });
     }
 
     /// Removes the route to `taberna`.
     pub fn remove(&self, taberna: TabernaId) -> Option<Route> {
-        self.routes
-            .write()
-            .ok()
-            .and_then(|mut r| r.remove(&taberna))
+        self.update(|routes| routes.remove(&taberna))
+    }
+
+    fn update<R>(&self, change: impl FnOnce(&mut HashMap<TabernaId, Route>) -> R) -> R {
+        let _writer = self.writer.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut routes = HashMap::clone(&self.routes.load());
+        let result = change(&mut routes);
+        self.routes.store(Arc::new(routes));
+        result
     }
 
     fn lookup(&self, taberna: TabernaId) -> Result<Route, Error> {
-        self.routes
-            .read()
-            .ok()
-            .and_then(|r| r.get(&taberna).cloned())
-            .ok_or_else(|| {
-                Error::new(
-                    ErrorId::UnknownTaberna,
-                    format!(
-                        "no route to {taberna}: it is not local and the resolver does not know it"
-                    ),
-                )
-            })
+        self.routes.load().get(&taberna).cloned().ok_or_else(|| {
+            Error::new(
+                ErrorId::UnknownTaberna,
+                format!("no route to {taberna}: it is not local and the resolver does not know it"),
+            )
+        })
     }
 }
 

@@ -10,10 +10,11 @@ use std::collections::{BTreeSet, HashMap};
 use std::fmt;
 use std::ops::RangeInclusive;
 use std::pin::Pin;
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use arc_swap::ArcSwap;
 use bytes::Bytes;
 use tokio::sync::{mpsc, oneshot};
 
@@ -331,19 +332,26 @@ struct Entry {
     inbox: async_channel::Sender<TabernaRequest>,
 }
 
-/// The local tabernas of one domus. Reads (every delivery) take a short read lock; writes
-/// happen only when tabernas are added or removed. No lock is held across an `.await`.
+/// The local tabernas of one domus. Reads (every send and delivery) load an immutable
+/// snapshot without a lock; registering or removing a taberna copies the table and publishes
+/// the copy, one writer at a time. No lock is held across an `.await`.
 #[derive(Default)]
 pub(crate) struct Registry {
-    entries: RwLock<HashMap<TabernaId, Entry>>,
+    entries: ArcSwap<HashMap<TabernaId, Arc<Entry>>>,
+    writer: Mutex<()>,
 }
 
 impl Registry {
     pub(crate) fn contains(&self, id: TabernaId) -> bool {
-        self.entries
-            .read()
-            .map(|e| e.contains_key(&id))
-            .unwrap_or(false)
+        self.entries.load().contains_key(&id)
+    }
+
+    fn update<R>(&self, change: impl FnOnce(&mut HashMap<TabernaId, Arc<Entry>>) -> R) -> R {
+        let _writer = self.writer.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut entries = HashMap::clone(&self.entries.load());
+        let result = change(&mut entries);
+        self.entries.store(Arc::new(entries));
+        result
     }
 
     pub(crate) fn register(
@@ -352,18 +360,17 @@ impl Registry {
         options: TabernaOptions,
         depth: usize,
     ) -> Result<Taberna, Error> {
-        let mut entries = self
-            .entries
-            .write()
-            .map_err(|_| Error::new(ErrorId::DomusClosed, "the taberna registry is unusable"))?;
-        if entries.contains_key(&id) {
-            return Err(Error::new(
-                ErrorId::TabernaAlreadyRegistered,
-                format!("{id} is already registered on this domus"),
-            ));
-        }
-        let (tx, rx) = async_channel::bounded(depth.max(1));
-        entries.insert(id, Entry { options, inbox: tx });
+        let rx = self.update(|entries| {
+            if entries.contains_key(&id) {
+                return Err(Error::new(
+                    ErrorId::TabernaAlreadyRegistered,
+                    format!("{id} is already registered on this domus"),
+                ));
+            }
+            let (tx, rx) = async_channel::bounded(depth.max(1));
+            entries.insert(id, Arc::new(Entry { options, inbox: tx }));
+            Ok(rx)
+        })?;
         Ok(Taberna {
             id,
             inbox: Box::pin(rx),
@@ -372,27 +379,23 @@ impl Registry {
     }
 
     fn unregister(&self, id: TabernaId) {
-        if let Ok(mut entries) = self.entries.write() {
-            entries.remove(&id);
-        }
+        self.update(|entries| entries.remove(&id));
     }
 
     /// Closes every inbox (shutdown): workers see the end of their stream.
     pub(crate) fn close_all(&self) {
-        if let Ok(mut entries) = self.entries.write() {
+        self.update(|entries| {
             for entry in entries.values() {
                 entry.inbox.close();
             }
             entries.clear();
-        }
+        });
     }
 
     /// Offers a request to its taberna. On refusal the request is answered (rejected) here.
     pub(crate) fn deliver(&self, request: TabernaRequest) {
         let refusal = {
-            let Ok(entries) = self.entries.read() else {
-                return;
-            };
+            let entries = self.entries.load();
             match entries.get(&request.destination) {
                 None => Some((
                     ErrorId::UnknownTaberna,
