@@ -133,6 +133,7 @@ fn fuzz_config() -> SessionConfig {
         // Low enough that one large read (a script can feed up to ~680 frames at one instant)
         // reaches the flood close.
         max_frames_per_second: 256,
+        max_refusals_per_second: 64,
     }
 }
 

@@ -830,3 +830,40 @@ fn a_reply_larger_than_the_sender_accepts_becomes_a_rejection() {
     ));
     assert!(p.a.is_open());
 }
+
+#[test]
+fn t24_a_peer_spamming_unknown_tabernas_is_closed_at_the_refusal_budget() {
+    let config = SessionConfig {
+        max_refusals_per_second: 100,
+        ..SessionConfig::default()
+    };
+    let mut p = Pair::new(config);
+    p.b_auto = Some(Answer::Rejected {
+        error: ErrorId::UnknownTaberna.as_u32(),
+        code: 0,
+        reason: "no such taberna".into(),
+    });
+    p.connect();
+    for _ in 0..150 {
+        p.send(APP, b"?", Duration::from_secs(30));
+    }
+    p.pump();
+    assert_eq!(closed_with(&p.b_events), Some(ErrorId::ProtocolViolation));
+    // Application rejects never count.
+    let mut q = Pair::new(SessionConfig {
+        max_refusals_per_second: 100,
+        ..SessionConfig::default()
+    });
+    q.b_auto = Some(Answer::Rejected {
+        error: ErrorId::RemoteTabernaRejected.as_u32(),
+        code: 1,
+        reason: "no".into(),
+    });
+    q.connect();
+    for _ in 0..150 {
+        q.send(APP, b"?", Duration::from_secs(30));
+    }
+    q.pump();
+    assert_eq!(closed_with(&q.b_events), None);
+    assert_eq!(q.finished().len(), 150);
+}

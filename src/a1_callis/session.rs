@@ -63,6 +63,9 @@ pub struct SessionConfig {
     /// Frames accepted from the peer per second before the callis is closed as a flood
     /// (PING, PONG and skipped frames count double).
     pub max_frames_per_second: u32,
+    /// Deliveries per second this side may refuse on its own (unknown taberna, forbidden,
+    /// wrong type) before the callis is closed as abusive.
+    pub max_refusals_per_second: u32,
 }
 
 impl Default for SessionConfig {
@@ -78,6 +81,7 @@ impl Default for SessionConfig {
             transmit_batch_bytes: 256 * 1024,
             frame_read_timeout: Duration::from_secs(30),
             max_frames_per_second: 4_000_000,
+            max_refusals_per_second: 10_000,
         }
     }
 }
@@ -318,6 +322,8 @@ pub struct Session {
     partial_frame_since: Option<Instant>,
     flood_window_start: Option<Instant>,
     flood_count: u64,
+    refusal_window_start: Option<Instant>,
+    refusal_count: u32,
     // Keepalive.
     last_rx: Option<Instant>,
     next_ping: Option<Instant>,
@@ -357,6 +363,8 @@ impl Session {
             partial_frame_since: None,
             flood_window_start: None,
             flood_count: 0,
+            refusal_window_start: None,
+            refusal_count: 0,
             last_rx: None,
             next_ping: None,
             ping_outstanding: None,
@@ -572,6 +580,16 @@ impl Session {
         if self.peer_epoch != Some(peer_epoch) {
             return;
         }
+        if !self.within_refusal_budget(&answer) {
+            let budget = self.config.max_refusals_per_second;
+            self.close(Error::new(
+                ErrorId::ProtocolViolation,
+                format!(
+                    "the peer sent more than {budget} deliveries in one second that were refused (unknown taberna, forbidden, wrong type); max_refusals_per_second"
+                ),
+            ));
+            return;
+        }
         let budget = self.config.max_retained_reply_bytes;
         let mut reply_bytes = self.ring.retained_reply_bytes;
         let Some(slot) = self.ring.slot_mut(id) else {
@@ -660,6 +678,38 @@ impl Session {
         self.close_pending = Some((error.id().as_u32(), error.message().to_owned()));
         self.link = Link::Closing;
         self.events.push_back(Event::Close(error));
+    }
+
+    /// Counts refusals decided by vicus (not by the application) against a per-second budget,
+    /// so a peer cannot make this side answer an unbounded stream of errors (T24). The clock
+    /// is the time of the last received bytes: every delivery comes from input.
+    fn within_refusal_budget(&mut self, answer: &Answer) -> bool {
+        let Answer::Rejected { error, .. } = answer else {
+            return true;
+        };
+        let counted = [
+            ErrorId::UnknownTaberna,
+            ErrorId::Forbidden,
+            ErrorId::MessageTypeNotAccepted,
+            ErrorId::InvalidMessageType,
+        ]
+        .iter()
+        .any(|e| e.as_u32() == *error);
+        if !counted {
+            return true;
+        }
+        let Some(now) = self.last_rx else {
+            return true;
+        };
+        let window_over = self
+            .refusal_window_start
+            .is_none_or(|start| now.saturating_duration_since(start) >= Duration::from_secs(1));
+        if window_over {
+            self.refusal_window_start = Some(now);
+            self.refusal_count = 0;
+        }
+        self.refusal_count = self.refusal_count.saturating_add(1);
+        self.refusal_count <= self.config.max_refusals_per_second
     }
 
     /// Counts a received frame against the per-second budget (T16); frames that carry no

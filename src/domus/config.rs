@@ -52,6 +52,11 @@ pub struct DomusConfig {
     /// and skipped frames count double). Default 4 000 000, far above what a legitimate peer
     /// produces on this stack; 1 000 to 100 000 000.
     pub max_frames_per_second: u32,
+    /// Deliveries per second from one peer that this domus may refuse on its own (unknown
+    /// taberna, allow-list, message type) before it closes the peer's callis: error replies
+    /// cannot be used to make it do unbounded work. Application rejects and `TabernaBusy` do
+    /// not count. Default 10 000; 1 to 10 000 000.
+    pub max_refusals_per_second: u32,
     /// The first reconnect delay after a failed dial; it doubles (with jitter) up to
     /// `reconnect_backoff_max`. Default 50 ms; 1 ms to 1 min.
     pub reconnect_backoff_min: Duration,
@@ -82,6 +87,7 @@ impl Default for DomusConfig {
             hello_timeout: Duration::from_secs(10),
             frame_read_timeout: Duration::from_secs(30),
             max_frames_per_second: 4_000_000,
+            max_refusals_per_second: 10_000,
             reconnect_backoff_min: Duration::from_millis(50),
             reconnect_backoff_max: Duration::from_secs(5),
             default_inbox_depth: 4096,
@@ -167,6 +173,12 @@ impl DomusConfig {
             10 * MS,
             60 * MIN,
         )?;
+        count(
+            "max_refusals_per_second",
+            u64::from(self.max_refusals_per_second),
+            1,
+            10_000_000,
+        )?;
         within("reconnect_backoff_min", self.reconnect_backoff_min, MS, MIN)?;
         within(
             "reconnect_backoff_max",
@@ -197,6 +209,7 @@ impl DomusConfig {
             transmit_batch_bytes: 256 * 1024,
             frame_read_timeout: self.frame_read_timeout,
             max_frames_per_second: self.max_frames_per_second,
+            max_refusals_per_second: self.max_refusals_per_second,
         }
     }
 }
