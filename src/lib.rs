@@ -110,8 +110,12 @@
 //!
 //! ## Flow control
 //!
-//! * Each peer has `max_in_flight_per_peer` slots (default 4096). `send` and `admit` wait for a
-//!   slot until the send's deadline; `try_send` fails at once with `LocalQueueFull`.
+//! * Each peer has `max_in_flight_per_peer` slots (default 4096) and a byte budget
+//!   `max_in_flight_bytes_per_peer` (default 64 MiB). `send` and `admit` wait for room until
+//!   the send's deadline; `try_send` fails at once with `LocalQueueFull`.
+//! * A misbehaving peer is cut off, not served: frames per second
+//!   (`max_frames_per_second`), refusals per second (`max_refusals_per_second`), a frame that
+//!   trickles in (`frame_read_timeout`) and silence (`idle_timeout`) all close its callis.
 //! * `admit` returns a [`Receipt`] to await later: one task can keep thousands of sends in
 //!   flight without spawning a task per message, and send futures never borrow the domus.
 //! * A taberna's inbox is bounded (`inbox_depth`, default 4096); when it is full a delivery is
