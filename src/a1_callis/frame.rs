@@ -37,6 +37,12 @@ const HELLO_MAX_LEN: u32 = (HELLO_FIXED_LEN + MAX_HELLO_ID_LEN) as u32;
 const CLOSE_FIXED_LEN: usize = 4 + 2;
 /// Longest CLOSE body.
 const CLOSE_MAX_LEN: u32 = (CLOSE_FIXED_LEN + MAX_REASON_LEN) as u32;
+/// Fixed part of a BLOB_CANCEL body: stream, code, reason length.
+const BLOB_CANCEL_FIXED_LEN: usize = 8 + 4 + 2;
+/// Longest BLOB_CANCEL body.
+const BLOB_CANCEL_MAX_LEN: u32 = (BLOB_CANCEL_FIXED_LEN + MAX_REASON_LEN) as u32;
+/// Fixed part of a BLOB_DATA body: stream, offset.
+pub const BLOB_DATA_FIXED_LEN: usize = 8 + 8;
 /// Fixed part of a REJECT body: id, error, code, reason length.
 const REJECT_FIXED_LEN: usize = 8 + 4 + 4 + 2;
 
@@ -61,6 +67,14 @@ impl FrameType {
     pub const REPLY: Self = Self(0x12);
     /// A rejection of one message, with error id, application code and reason.
     pub const REJECT: Self = Self(0x13);
+    /// Blob callis: bytes of a blob stream at an offset.
+    pub const BLOB_DATA: Self = Self(0x20);
+    /// Blob callis: the sender has written everything; the total length.
+    pub const BLOB_END: Self = Self(0x21);
+    /// Blob callis: what the receiver has received, and how far the sender may write.
+    pub const BLOB_CREDIT: Self = Self(0x22);
+    /// Blob callis: either side abandons a stream, with a reason code and text.
+    pub const BLOB_CANCEL: Self = Self(0x23);
 
     /// Whether this type lies in the reserved, skippable range `0x80..=0xBF`.
     pub const fn is_skippable(self) -> bool {
@@ -77,6 +91,10 @@ impl FrameType {
             Self::ACCEPTED => "ACCEPTED",
             Self::REPLY => "REPLY",
             Self::REJECT => "REJECT",
+            Self::BLOB_DATA => "BLOB_DATA",
+            Self::BLOB_END => "BLOB_END",
+            Self::BLOB_CREDIT => "BLOB_CREDIT",
+            Self::BLOB_CANCEL => "BLOB_CANCEL",
             _ => return None,
         })
     }
@@ -137,8 +155,50 @@ pub enum Frame {
     },
     /// REJECT.
     Reject(RejectFrame),
+    /// A frame of the blob callis.
+    Blob(BlobFrame),
     /// A frame of a reserved, skippable type that this decoder does not know.
     Skipped(FrameType),
+}
+
+/// The frames of a blob callis; a stream is named by the id of the message that opened it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BlobFrame {
+    /// BLOB_DATA: `data` belongs at `offset` of `stream`.
+    Data {
+        /// The stream.
+        stream: u64,
+        /// Byte offset of `data` in the stream.
+        offset: u64,
+        /// The bytes.
+        data: Bytes,
+    },
+    /// BLOB_END: the stream is `total` bytes long and the sender wrote them all.
+    End {
+        /// The stream.
+        stream: u64,
+        /// Its length.
+        total: u64,
+    },
+    /// BLOB_CREDIT: the receiver holds bytes `0..received` and lets the sender write up to
+    /// (not including) offset `limit`.
+    Credit {
+        /// The stream.
+        stream: u64,
+        /// Contiguous bytes received.
+        received: u64,
+        /// The first offset the sender may not write yet.
+        limit: u64,
+    },
+    /// BLOB_CANCEL: the stream is abandoned.
+    Cancel {
+        /// The stream.
+        stream: u64,
+        /// An [`ErrorId`](crate::ErrorId) number.
+        code: u32,
+        /// Why (at most [`MAX_REASON_LEN`] bytes).
+        reason: String,
+    },
 }
 
 /// A MESSAGE frame.
@@ -293,6 +353,9 @@ fn check_header(
         FrameType::PING | FrameType::PONG => 8,
         FrameType::CLOSE => CLOSE_MAX_LEN,
         FrameType::HELLO => HELLO_MAX_LEN,
+        FrameType::BLOB_END => 16,
+        FrameType::BLOB_CREDIT => 24,
+        FrameType::BLOB_CANCEL => BLOB_CANCEL_MAX_LEN,
         _ => max_frame_len,
     };
     if len > max {
@@ -403,6 +466,47 @@ fn decode_body(t: FrameType, mut body: Bytes) -> Result<Frame, FrameError> {
             Frame::Reject(RejectFrame {
                 id,
                 error,
+                code,
+                reason,
+            })
+        }
+        FrameType::BLOB_DATA => {
+            need(&body, BLOB_DATA_FIXED_LEN, t, "truncated BLOB_DATA")?;
+            let stream = body.get_u64();
+            let offset = body.get_u64();
+            return Ok(Frame::Blob(BlobFrame::Data {
+                stream,
+                offset,
+                data: body,
+            }));
+        }
+        FrameType::BLOB_END => {
+            need(&body, 16, t, "BLOB_END is 16 bytes")?;
+            let stream = body.get_u64();
+            let total = body.get_u64();
+            Frame::Blob(BlobFrame::End { stream, total })
+        }
+        FrameType::BLOB_CREDIT => {
+            need(&body, 24, t, "BLOB_CREDIT is 24 bytes")?;
+            let stream = body.get_u64();
+            let received = body.get_u64();
+            let limit = body.get_u64();
+            if received > limit {
+                return Err(malformed(t, "received is past the limit"));
+            }
+            Frame::Blob(BlobFrame::Credit {
+                stream,
+                received,
+                limit,
+            })
+        }
+        FrameType::BLOB_CANCEL => {
+            need(&body, BLOB_CANCEL_FIXED_LEN - 2, t, "truncated BLOB_CANCEL")?;
+            let stream = body.get_u64();
+            let code = body.get_u32();
+            let reason = get_text(&mut body, t, MAX_REASON_LEN)?;
+            Frame::Blob(BlobFrame::Cancel {
+                stream,
                 code,
                 reason,
             })
@@ -527,6 +631,44 @@ pub fn encode_reject(out: &mut BytesMut, id: u64, error: u32, code: u32, reason:
     put_text(out, reason);
 }
 
+/// Encodes a BLOB_DATA frame.
+pub fn encode_blob_data(out: &mut BytesMut, stream: u64, offset: u64, data: &[u8]) {
+    let body = BLOB_DATA_FIXED_LEN.saturating_add(data.len());
+    out.reserve(HEADER_LEN.saturating_add(body));
+    put_header(out, FrameType::BLOB_DATA, body);
+    out.put_u64(stream);
+    out.put_u64(offset);
+    out.put_slice(data);
+}
+
+/// Encodes a BLOB_END frame.
+pub fn encode_blob_end(out: &mut BytesMut, stream: u64, total: u64) {
+    put_header(out, FrameType::BLOB_END, 16);
+    out.put_u64(stream);
+    out.put_u64(total);
+}
+
+/// Encodes a BLOB_CREDIT frame (`received` must not exceed `limit`).
+pub fn encode_blob_credit(out: &mut BytesMut, stream: u64, received: u64, limit: u64) {
+    put_header(out, FrameType::BLOB_CREDIT, 24);
+    out.put_u64(stream);
+    out.put_u64(received);
+    out.put_u64(limit.max(received));
+}
+
+/// Encodes a BLOB_CANCEL frame; the reason is cut to [`MAX_REASON_LEN`] bytes.
+pub fn encode_blob_cancel(out: &mut BytesMut, stream: u64, code: u32, reason: &str) {
+    let reason = capped(reason, MAX_REASON_LEN);
+    put_header(
+        out,
+        FrameType::BLOB_CANCEL,
+        BLOB_CANCEL_FIXED_LEN.saturating_add(reason.len()),
+    );
+    out.put_u64(stream);
+    out.put_u32(code);
+    put_text(out, reason);
+}
+
 impl Frame {
     /// Encodes this frame (for tests and tools; the session uses the `encode_*` functions).
     pub fn encode(&self, out: &mut BytesMut) {
@@ -542,6 +684,22 @@ impl Frame {
             }
             Frame::Reply { id, payload } => encode_reply(out, *id, payload),
             Frame::Reject(r) => encode_reject(out, r.id, r.error, r.code, &r.reason),
+            Frame::Blob(BlobFrame::Data {
+                stream,
+                offset,
+                data,
+            }) => encode_blob_data(out, *stream, *offset, data),
+            Frame::Blob(BlobFrame::End { stream, total }) => encode_blob_end(out, *stream, *total),
+            Frame::Blob(BlobFrame::Credit {
+                stream,
+                received,
+                limit,
+            }) => encode_blob_credit(out, *stream, *received, *limit),
+            Frame::Blob(BlobFrame::Cancel {
+                stream,
+                code,
+                reason,
+            }) => encode_blob_cancel(out, *stream, *code, reason),
             Frame::Skipped(t) => put_header(out, *t, 0),
         }
     }

@@ -199,6 +199,7 @@ fn frame_types(wire: &[Frame]) -> Vec<FrameType> {
             Frame::Reply { .. } => FrameType::REPLY,
             Frame::Reject(_) => FrameType::REJECT,
             Frame::Skipped(t) => *t,
+            Frame::Blob(_) => FrameType::BLOB_DATA,
         })
         .collect()
 }

@@ -788,6 +788,7 @@ impl Session {
             Frame::Skipped(_) => {
                 self.stats.frames_skipped = self.stats.frames_skipped.saturating_add(1);
             }
+            Frame::Blob(_) => self.violation(&"a blob frame on the primary callis"),
         }
     }
 
