@@ -1,0 +1,611 @@
+//! The sans-IO blob streams of one peer: credit-based flow control, chunking, fair
+//! scheduling, and resending after a blob callis reconnects.
+//!
+//! A stream is named by the id of the message that opened it (the receiving handler accepted
+//! that message first). Both directions live in one [`BlobStreams`], which outlives any one
+//! blob callis, the same way a [`Session`](super::session::Session) does.
+//!
+//! * **Credit follows reads.** The receiver lets the sender write up to `limit`; it raises the
+//!   limit as the application *consumes* bytes, so a slow reader slows the sender and nothing
+//!   fails. Data past the limit, out of order, or for a stream that does not exist is a
+//!   protocol violation ([`BlobEvent::Violation`]), never buffered.
+//! * **Acknowledgement.** Every credit also says how many bytes arrived; the sender keeps what
+//!   was sent until then, and after a reconnect sends it again from the last acknowledged
+//!   offset (the receiver trims what it already has).
+//! * **Memory.** A sending stream holds at most `window` bytes (queued plus unacknowledged);
+//!   a receiving stream at most `window` bytes not yet read.
+//! * **Fairness.** Streams take turns, one chunk each, in round-robin order.
+//!
+//! No IO, no clock (time comes in as `now`), no tokio.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::time::{Duration, Instant};
+
+use bytes::{Bytes, BytesMut};
+
+use super::frame::{self, BlobFrame};
+use crate::error::{Error, ErrorId, untrusted};
+
+/// Limits of the blob streams of one peer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BlobConfig {
+    /// The largest BLOB_DATA payload written.
+    pub chunk_len: usize,
+    /// Per-stream window: bytes a sender may have in flight, and a receiver may hold unread.
+    pub window: u64,
+    /// Streams (both directions) open at once.
+    pub max_streams: usize,
+    /// A stream with no progress for this long is cancelled with `BlobStreamIdleTimeout`.
+    pub idle_timeout: Duration,
+}
+
+impl Default for BlobConfig {
+    fn default() -> Self {
+        Self {
+            chunk_len: 64 * 1024,
+            window: 4 * 1024 * 1024,
+            max_streams: 64,
+            idle_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+/// What the blob streams tell their driver.
+#[derive(Debug, Clone, PartialEq)]
+pub enum BlobEvent {
+    /// A sending stream has room for more bytes.
+    Writable(u64),
+    /// A receiving stream has bytes (or its end) to read.
+    Readable(u64),
+    /// A sending stream is complete: the receiver holds every byte.
+    Finished(u64),
+    /// A stream was abandoned (by the peer, by a timeout, or by a violation).
+    Cancelled {
+        /// The stream.
+        stream: u64,
+        /// Why.
+        error: Error,
+    },
+    /// The peer broke the blob protocol: close the blob callis.
+    Violation(Error),
+}
+
+#[derive(Debug)]
+struct Outbound {
+    /// Bytes written by the application, not yet sent.
+    queued: VecDeque<Bytes>,
+    queued_len: u64,
+    /// Sent but not yet acknowledged, oldest first, with their offsets.
+    unacked: VecDeque<(u64, Bytes)>,
+    unacked_len: u64,
+    /// The offset of the next byte to send.
+    next_offset: u64,
+    /// Acknowledged by the receiver.
+    acked: u64,
+    /// The receiver's limit.
+    limit: u64,
+    /// The application wrote its last byte.
+    finished: bool,
+    end_sent: bool,
+    last_progress: Instant,
+}
+
+#[derive(Debug)]
+struct Inbound {
+    unread: VecDeque<Bytes>,
+    unread_len: u64,
+    received: u64,
+    consumed: u64,
+    limit: u64,
+    total: Option<u64>,
+    /// A credit is owed to the sender.
+    credit_due: bool,
+    last_credit_received: u64,
+    last_progress: Instant,
+}
+
+/// The blob streams of one peer, both directions. See the module docs.
+#[derive(Debug)]
+pub struct BlobStreams {
+    config: BlobConfig,
+    outbound: BTreeMap<u64, Outbound>,
+    inbound: BTreeMap<u64, Inbound>,
+    turn: VecDeque<u64>,
+    cancels: VecDeque<(u64, u32, String)>,
+    /// Streams finished or cancelled lately: late frames for them are ignored, not violations.
+    recent: VecDeque<u64>,
+    connected: bool,
+    events: VecDeque<BlobEvent>,
+}
+
+const RECENT_CAP: usize = 1024;
+
+impl BlobStreams {
+    /// No streams yet.
+    pub fn new(config: BlobConfig) -> Self {
+        Self {
+            config,
+            outbound: BTreeMap::new(),
+            inbound: BTreeMap::new(),
+            turn: VecDeque::new(),
+            cancels: VecDeque::new(),
+            recent: VecDeque::new(),
+            connected: false,
+            events: VecDeque::new(),
+        }
+    }
+
+    /// Streams open in both directions.
+    pub fn open_streams(&self) -> usize {
+        self.outbound.len().saturating_add(self.inbound.len())
+    }
+
+    fn check_capacity(&self, stream: u64) -> Result<(), Error> {
+        if self.outbound.contains_key(&stream) || self.inbound.contains_key(&stream) {
+            return Err(Error::new(
+                ErrorId::ProtocolViolation,
+                format!("blob stream {stream} is already open"),
+            ));
+        }
+        if self.open_streams() >= self.config.max_streams {
+            return Err(Error::new(
+                ErrorId::BlobBufferFull,
+                format!(
+                    "{} blob streams are already open with this peer (max_streams)",
+                    self.open_streams()
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Opens a sending stream (its opening message was accepted). The receiver's first credit
+    /// is assumed to be one window.
+    pub fn open_outbound(&mut self, now: Instant, stream: u64) -> Result<(), Error> {
+        self.check_capacity(stream)?;
+        self.outbound.insert(
+            stream,
+            Outbound {
+                queued: VecDeque::new(),
+                queued_len: 0,
+                unacked: VecDeque::new(),
+                unacked_len: 0,
+                next_offset: 0,
+                acked: 0,
+                limit: self.config.window,
+                finished: false,
+                end_sent: false,
+                last_progress: now,
+            },
+        );
+        self.turn.push_back(stream);
+        Ok(())
+    }
+
+    /// Opens a receiving stream, granting the sender one window.
+    pub fn open_inbound(&mut self, now: Instant, stream: u64) -> Result<(), Error> {
+        self.check_capacity(stream)?;
+        self.inbound.insert(
+            stream,
+            Inbound {
+                unread: VecDeque::new(),
+                unread_len: 0,
+                received: 0,
+                consumed: 0,
+                limit: self.config.window,
+                total: None,
+                credit_due: false,
+                last_credit_received: 0,
+                last_progress: now,
+            },
+        );
+        Ok(())
+    }
+
+    /// Queues application bytes on a sending stream. Returns how many were taken: fewer than
+    /// offered (possibly 0) when the stream's window is full; wait for
+    /// [`BlobEvent::Writable`].
+    pub fn write(&mut self, stream: u64, data: &Bytes) -> Result<usize, Error> {
+        let window = self.config.window;
+        let out = self
+            .outbound
+            .get_mut(&stream)
+            .ok_or_else(|| unknown(stream))?;
+        if out.finished {
+            return Err(Error::new(
+                ErrorId::ProtocolViolation,
+                format!("blob stream {stream} was already finished"),
+            ));
+        }
+        let room = window.saturating_sub(out.queued_len.saturating_add(out.unacked_len));
+        let take = usize::try_from(room).unwrap_or(usize::MAX).min(data.len());
+        if take > 0 {
+            out.queued.push_back(data.slice(..take));
+            out.queued_len = out.queued_len.saturating_add(take as u64);
+        }
+        Ok(take)
+    }
+
+    /// Marks a sending stream complete: after its queued bytes, BLOB_END goes out.
+    pub fn finish(&mut self, stream: u64) -> Result<(), Error> {
+        let out = self
+            .outbound
+            .get_mut(&stream)
+            .ok_or_else(|| unknown(stream))?;
+        out.finished = true;
+        Ok(())
+    }
+
+    /// Takes the next bytes of a receiving stream. `Ok(None)` means nothing is buffered now;
+    /// [`is_complete`](Self::is_complete) says whether that is the end.
+    pub fn read(&mut self, stream: u64) -> Result<Option<Bytes>, Error> {
+        let window = self.config.window;
+        let inb = self
+            .inbound
+            .get_mut(&stream)
+            .ok_or_else(|| unknown(stream))?;
+        let Some(chunk) = inb.unread.pop_front() else {
+            return Ok(None);
+        };
+        let len = chunk.len() as u64;
+        inb.unread_len = inb.unread_len.saturating_sub(len);
+        inb.consumed = inb.consumed.saturating_add(len);
+        // Grant more once half a window has been consumed since the last grant.
+        if inb.consumed.saturating_add(window) >= inb.limit.saturating_add(window / 2) {
+            inb.limit = inb.consumed.saturating_add(window);
+            inb.credit_due = true;
+        }
+        Ok(Some(chunk))
+    }
+
+    /// Whether a receiving stream has delivered every byte it will ever have.
+    pub fn is_complete(&self, stream: u64) -> bool {
+        self.inbound
+            .get(&stream)
+            .is_some_and(|i| i.total == Some(i.consumed) && i.unread.is_empty())
+    }
+
+    /// Closes a completed receiving stream (the application read its end).
+    pub fn close_inbound(&mut self, stream: u64) {
+        if self.inbound.remove(&stream).is_some() {
+            self.remember(stream);
+        }
+    }
+
+    /// Abandons a stream in either direction and tells the peer.
+    pub fn cancel(&mut self, stream: u64, error: ErrorId, reason: &str) {
+        let known =
+            self.outbound.remove(&stream).is_some() | self.inbound.remove(&stream).is_some();
+        if known {
+            self.remember(stream);
+            self.cancels
+                .push_back((stream, error.as_u32(), reason.to_owned()));
+        }
+    }
+
+    /// Fails every stream (the peer restarted, or the domus is closing).
+    pub fn fail_all(&mut self, error: &Error) {
+        let ids: Vec<u64> = self
+            .outbound
+            .keys()
+            .chain(self.inbound.keys())
+            .copied()
+            .collect();
+        self.outbound.clear();
+        self.inbound.clear();
+        self.turn.clear();
+        for stream in ids {
+            self.remember(stream);
+            self.events.push_back(BlobEvent::Cancelled {
+                stream,
+                error: error.clone(),
+            });
+        }
+    }
+
+    fn remember(&mut self, stream: u64) {
+        if self.recent.len() >= RECENT_CAP {
+            self.recent.pop_front();
+        }
+        self.recent.push_back(stream);
+    }
+
+    /// A blob callis is up: unacknowledged bytes go out again, and every receiving stream
+    /// re-announces what it holds and allows.
+    pub fn connected(&mut self) {
+        self.connected = true;
+        for out in self.outbound.values_mut() {
+            while let Some((offset, chunk)) = out.unacked.pop_back() {
+                out.queued.push_front(chunk);
+                out.next_offset = offset;
+            }
+            out.queued_len = out.queued_len.saturating_add(out.unacked_len);
+            out.unacked_len = 0;
+            out.end_sent = false;
+        }
+        for inb in self.inbound.values_mut() {
+            inb.credit_due = true;
+        }
+    }
+
+    /// The blob callis is gone; streams wait for the next one.
+    pub fn disconnected(&mut self) {
+        self.connected = false;
+        self.cancels.clear();
+    }
+
+    /// Handles one frame from the blob callis.
+    pub fn handle_frame(&mut self, now: Instant, f: BlobFrame) {
+        match f {
+            BlobFrame::Data {
+                stream,
+                offset,
+                data,
+            } => self.on_data(now, stream, offset, data),
+            BlobFrame::End { stream, total } => self.on_end(now, stream, total),
+            BlobFrame::Credit {
+                stream,
+                received,
+                limit,
+            } => self.on_credit(now, stream, received, limit),
+            BlobFrame::Cancel {
+                stream,
+                code,
+                reason,
+            } => {
+                let known = self.outbound.remove(&stream).is_some()
+                    | self.inbound.remove(&stream).is_some();
+                if known {
+                    self.remember(stream);
+                    let id = ErrorId::try_from(code).unwrap_or(ErrorId::ConnectionLost);
+                    self.events.push_back(BlobEvent::Cancelled {
+                        stream,
+                        error: Error::new(
+                            id,
+                            format!(
+                                "the peer cancelled blob stream {stream}: {}",
+                                untrusted(&reason)
+                            ),
+                        ),
+                    });
+                }
+            }
+        }
+    }
+
+    fn violation(&mut self, message: String) {
+        self.events.push_back(BlobEvent::Violation(Error::new(
+            ErrorId::ProtocolViolation,
+            message,
+        )));
+    }
+
+    fn on_data(&mut self, now: Instant, stream: u64, offset: u64, data: Bytes) {
+        let Some(inb) = self.inbound.get_mut(&stream) else {
+            if !self.recent.contains(&stream) {
+                self.violation(format!("BLOB_DATA for unknown stream {stream}"));
+            }
+            return;
+        };
+        let end = offset.saturating_add(data.len() as u64);
+        if end > inb.limit {
+            let limit = inb.limit;
+            self.violation(format!(
+                "BLOB_DATA for stream {stream} up to offset {end}, beyond its credit {limit}"
+            ));
+            return;
+        }
+        if offset > inb.received {
+            let received = inb.received;
+            self.violation(format!(
+                "BLOB_DATA for stream {stream} at offset {offset} leaves a gap after {received}"
+            ));
+            return;
+        }
+        if inb.total.is_some_and(|t| end > t) {
+            self.violation(format!(
+                "BLOB_DATA for stream {stream} past its announced end"
+            ));
+            return;
+        }
+        // After a reconnect the sender resends from its last acknowledged offset: keep only
+        // what is new.
+        let skip = usize::try_from(inb.received.saturating_sub(offset)).unwrap_or(usize::MAX);
+        if skip >= data.len() {
+            return;
+        }
+        let fresh = data.slice(skip..);
+        let len = fresh.len() as u64;
+        inb.received = inb.received.saturating_add(len);
+        inb.unread_len = inb.unread_len.saturating_add(len);
+        inb.unread.push_back(fresh);
+        inb.last_progress = now;
+        // Acknowledge every quarter window even when the application does not read.
+        if inb.received.saturating_sub(inb.last_credit_received) >= self.config.window / 4 {
+            inb.credit_due = true;
+        }
+        self.events.push_back(BlobEvent::Readable(stream));
+    }
+
+    fn on_end(&mut self, now: Instant, stream: u64, total: u64) {
+        let Some(inb) = self.inbound.get_mut(&stream) else {
+            if !self.recent.contains(&stream) {
+                self.violation(format!("BLOB_END for unknown stream {stream}"));
+            }
+            return;
+        };
+        if total < inb.received || inb.total.is_some_and(|t| t != total) {
+            self.violation(format!(
+                "BLOB_END for stream {stream} contradicts what arrived"
+            ));
+            return;
+        }
+        inb.total = Some(total);
+        inb.last_progress = now;
+        if inb.received == total {
+            inb.credit_due = true;
+            self.events.push_back(BlobEvent::Readable(stream));
+        }
+    }
+
+    fn on_credit(&mut self, now: Instant, stream: u64, received: u64, limit: u64) {
+        let window = self.config.window;
+        let Some(out) = self.outbound.get_mut(&stream) else {
+            if !self.recent.contains(&stream) {
+                self.violation(format!("BLOB_CREDIT for unknown stream {stream}"));
+            }
+            return;
+        };
+        let sent = out.next_offset;
+        if received > sent {
+            self.violation(format!(
+                "BLOB_CREDIT for stream {stream} acknowledges {received} bytes, only {sent} were sent"
+            ));
+            return;
+        }
+        let room_before = window.saturating_sub(out.queued_len.saturating_add(out.unacked_len));
+        while let Some((offset, chunk)) = out.unacked.front() {
+            let chunk_end = offset.saturating_add(chunk.len() as u64);
+            if chunk_end > received {
+                break;
+            }
+            out.unacked_len = out.unacked_len.saturating_sub(chunk.len() as u64);
+            out.unacked.pop_front();
+        }
+        out.acked = out.acked.max(received);
+        out.limit = out.limit.max(limit);
+        out.last_progress = now;
+        let complete = out.finished && out.end_sent && out.queued.is_empty() && out.acked == sent;
+        let room_after = window.saturating_sub(out.queued_len.saturating_add(out.unacked_len));
+        if complete {
+            self.outbound.remove(&stream);
+            self.remember(stream);
+            self.events.push_back(BlobEvent::Finished(stream));
+        } else if room_after > room_before && !out.finished {
+            self.events.push_back(BlobEvent::Writable(stream));
+        }
+    }
+
+    /// Cancels streams that made no progress for `idle_timeout`.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        let idle = self.config.idle_timeout;
+        let stale: Vec<u64> = self
+            .outbound
+            .iter()
+            .map(|(id, o)| (*id, o.last_progress))
+            .chain(self.inbound.iter().map(|(id, i)| (*id, i.last_progress)))
+            .filter(|(_, t)| now.saturating_duration_since(*t) >= idle)
+            .map(|(id, _)| id)
+            .collect();
+        for stream in stale {
+            self.cancel(
+                stream,
+                ErrorId::BlobStreamIdleTimeout,
+                "no progress within idle_timeout",
+            );
+            self.events.push_back(BlobEvent::Cancelled {
+                stream,
+                error: Error::new(
+                    ErrorId::BlobStreamIdleTimeout,
+                    format!("blob stream {stream} made no progress for {idle:?}"),
+                ),
+            });
+        }
+    }
+
+    /// The next instant [`handle_timeout`](Self::handle_timeout) has work.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        self.outbound
+            .values()
+            .map(|o| o.last_progress)
+            .chain(self.inbound.values().map(|i| i.last_progress))
+            .min()
+            .and_then(|t| t.checked_add(self.config.idle_timeout))
+    }
+
+    /// The next event.
+    pub fn poll_event(&mut self) -> Option<BlobEvent> {
+        self.events.pop_front()
+    }
+
+    /// Appends frames: cancels, credits, then one chunk per stream per turn (round robin)
+    /// until `budget` bytes. Returns whether anything was written.
+    pub fn poll_transmit(&mut self, out: &mut BytesMut, budget: usize) -> bool {
+        if !self.connected {
+            return false;
+        }
+        let start = out.len();
+        while let Some((stream, code, reason)) = self.cancels.pop_front() {
+            frame::encode_blob_cancel(out, stream, code, &reason);
+        }
+        for (stream, inb) in &mut self.inbound {
+            if inb.credit_due {
+                inb.credit_due = false;
+                inb.last_credit_received = inb.received;
+                frame::encode_blob_credit(out, *stream, inb.received, inb.limit);
+            }
+        }
+        let limit = start.saturating_add(budget);
+        let mut idle_turns = 0usize;
+        while out.len() < limit && idle_turns < self.turn.len() {
+            let Some(stream) = self.turn.pop_front() else {
+                break;
+            };
+            if !self.outbound.contains_key(&stream) {
+                // Finished or cancelled: leaves the rotation.
+                continue;
+            }
+            self.turn.push_back(stream);
+            if self.send_one(stream, out) {
+                idle_turns = 0;
+            } else {
+                idle_turns = idle_turns.saturating_add(1);
+            }
+        }
+        out.len() > start
+    }
+
+    /// Writes one chunk (or the END) of `stream` if its credit allows.
+    fn send_one(&mut self, stream: u64, out: &mut BytesMut) -> bool {
+        let chunk_len = self.config.chunk_len.max(1);
+        let Some(s) = self.outbound.get_mut(&stream) else {
+            return false;
+        };
+        let credit = s.limit.saturating_sub(s.next_offset);
+        if credit > 0 {
+            if let Some(front) = s.queued.pop_front() {
+                let n = usize::try_from(credit)
+                    .unwrap_or(usize::MAX)
+                    .min(chunk_len)
+                    .min(front.len());
+                let chunk = front.slice(..n);
+                if n < front.len() {
+                    s.queued.push_front(front.slice(n..));
+                }
+                frame::encode_blob_data(out, stream, s.next_offset, &chunk);
+                s.queued_len = s.queued_len.saturating_sub(n as u64);
+                s.unacked_len = s.unacked_len.saturating_add(n as u64);
+                s.unacked.push_back((s.next_offset, chunk));
+                s.next_offset = s.next_offset.saturating_add(n as u64);
+                return true;
+            }
+        }
+        if s.finished && !s.end_sent && s.queued.is_empty() {
+            frame::encode_blob_end(out, stream, s.next_offset);
+            s.end_sent = true;
+            return true;
+        }
+        false
+    }
+}
+
+fn unknown(stream: u64) -> Error {
+    Error::new(
+        ErrorId::BlobStreamNotFound,
+        format!("blob stream {stream} is not open"),
+    )
+}
+
+#[cfg(test)]
+#[path = "blob_tests.rs"]
+mod blob_tests;

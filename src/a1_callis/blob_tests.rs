@@ -1,0 +1,407 @@
+//! Blob streams back to back in memory: a sender's frames go to a receiver and back, with
+//! cuts, slow readers and hostile frames. No sockets, no real time.
+
+use std::time::{Duration, Instant};
+
+use bytes::{Bytes, BytesMut};
+
+use super::*;
+use crate::a1_callis::frame::{self, Frame};
+
+const CHUNK: usize = 1024;
+const WINDOW: u64 = 8 * 1024;
+
+fn config() -> BlobConfig {
+    BlobConfig {
+        chunk_len: CHUNK,
+        window: WINDOW,
+        max_streams: 32,
+        idle_timeout: Duration::from_secs(30),
+    }
+}
+
+/// Deterministic pseudo-random bytes.
+fn data(len: usize, seed: u64) -> Bytes {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+struct Pair {
+    a: BlobStreams,
+    b: BlobStreams,
+    now: Instant,
+    a_events: Vec<BlobEvent>,
+    b_events: Vec<BlobEvent>,
+    /// Bytes a wrote that b has not handled yet (dropped by `cut`).
+    in_flight: BytesMut,
+}
+
+impl Pair {
+    fn new() -> Self {
+        let mut p = Self {
+            a: BlobStreams::new(config()),
+            b: BlobStreams::new(config()),
+            now: Instant::now(),
+            a_events: Vec::new(),
+            b_events: Vec::new(),
+            in_flight: BytesMut::new(),
+        };
+        p.a.connected();
+        p.b.connected();
+        p
+    }
+
+    fn open(&mut self, stream: u64) {
+        self.a.open_outbound(self.now, stream).expect("open out");
+        self.b.open_inbound(self.now, stream).expect("open in");
+    }
+
+    /// a writes at most `budget` bytes; they wait in `in_flight`.
+    fn a_transmit(&mut self, budget: usize) -> bool {
+        self.a.poll_transmit(&mut self.in_flight, budget)
+    }
+
+    /// Delivers what a wrote to b, and b's answers to a.
+    fn deliver(&mut self) {
+        let mut buf = std::mem::take(&mut self.in_flight);
+        while let Ok(Some(f)) = frame::decode(&mut buf, u32::MAX) {
+            let Frame::Blob(b) = f else { panic!("{f:?}") };
+            self.b.handle_frame(self.now, b);
+        }
+        let mut back = BytesMut::new();
+        self.b.poll_transmit(&mut back, usize::MAX);
+        while let Ok(Some(f)) = frame::decode(&mut back, u32::MAX) {
+            let Frame::Blob(b) = f else { panic!("{f:?}") };
+            self.a.handle_frame(self.now, b);
+        }
+        while let Some(e) = self.a.poll_event() {
+            self.a_events.push(e);
+        }
+        while let Some(e) = self.b.poll_event() {
+            self.b_events.push(e);
+        }
+    }
+
+    fn read_all(&mut self, stream: u64) -> Vec<u8> {
+        let mut got = Vec::new();
+        while let Some(chunk) = self.b.read(stream).expect("read") {
+            got.extend_from_slice(&chunk);
+        }
+        got
+    }
+
+    /// Writes `payload` through stream `stream` with an eager reader; returns what arrived.
+    fn transfer(&mut self, stream: u64, payload: &Bytes) -> Vec<u8> {
+        let mut written = 0;
+        let mut got = Vec::new();
+        let mut finished = false;
+        for _ in 0..100_000 {
+            if written < payload.len() {
+                written += self
+                    .a
+                    .write(stream, &payload.slice(written..))
+                    .expect("write");
+            } else if !finished {
+                self.a.finish(stream).expect("finish");
+                finished = true;
+            }
+            self.a_transmit(usize::MAX);
+            self.deliver();
+            got.extend(self.read_all(stream));
+            self.deliver();
+            if self.a_events.contains(&BlobEvent::Finished(stream)) {
+                assert!(self.b.is_complete(stream));
+                return got;
+            }
+        }
+        panic!("transfer of {} bytes never finished", payload.len());
+    }
+
+    fn violation(&self) -> Option<String> {
+        self.b_events
+            .iter()
+            .chain(&self.a_events)
+            .find_map(|e| match e {
+                BlobEvent::Violation(err) => Some(err.message().to_owned()),
+                _ => None,
+            })
+    }
+}
+
+#[test]
+fn blobs_of_every_size_around_chunk_boundaries_round_trip_intact() {
+    for (n, len) in [0, 1, CHUNK - 1, CHUNK, CHUNK + 1, 3 * CHUNK, 100_000]
+        .into_iter()
+        .enumerate()
+    {
+        let mut p = Pair::new();
+        let stream = n as u64 + 1;
+        p.open(stream);
+        let payload = data(len, n as u64);
+        assert!(
+            p.transfer(stream, &payload) == payload.to_vec(),
+            "{len} bytes"
+        );
+        assert_eq!(p.a.open_streams(), 0, "the sender's side ended at Finished");
+        assert_eq!(p.b.open_streams(), 1, "the receiver closes its side itself");
+        p.b.close_inbound(stream);
+        assert_eq!(p.b.open_streams(), 0);
+    }
+}
+
+#[test]
+fn a_slow_reader_slows_the_sender_and_memory_stays_within_the_window() {
+    let mut p = Pair::new();
+    p.open(1);
+    let payload = data(20 * WINDOW as usize, 7);
+    let mut written = 0;
+    let mut got = Vec::new();
+    let mut finished = false;
+    let mut refused_writes = 0;
+    for _ in 0..100_000 {
+        if written < payload.len() {
+            let n = p.a.write(1, &payload.slice(written..)).expect("write");
+            if n == 0 {
+                refused_writes += 1;
+            }
+            written += n;
+        } else if !finished {
+            p.a.finish(1).expect("finish");
+            finished = true;
+        }
+        p.a_transmit(usize::MAX);
+        p.deliver();
+        // The reader takes one chunk per turn.
+        let out =
+            p.a.outbound
+                .get(&1)
+                .map_or(0, |o| o.queued_len + o.unacked_len);
+        assert!(out <= WINDOW, "sender holds {out} bytes");
+        if let Some(i) = p.b.inbound.get(&1) {
+            assert!(
+                i.unread_len <= WINDOW,
+                "receiver holds {} unread bytes",
+                i.unread_len
+            );
+        }
+        if let Some(chunk) = p.b.read(1).expect("read") {
+            got.extend_from_slice(&chunk);
+        }
+        p.deliver();
+        if p.a_events.contains(&BlobEvent::Finished(1)) {
+            break;
+        }
+    }
+    // Finished means the receiver holds every byte, not that the application read them.
+    got.extend(p.read_all(1));
+    assert!(p.b.is_complete(1));
+    assert_eq!(got.len(), payload.len());
+    assert!(got == payload.to_vec());
+    assert!(refused_writes > 0, "the sender was slowed down");
+    assert!(p.violation().is_none());
+}
+
+#[test]
+fn t21_data_beyond_credit_duplicates_and_unknown_streams_are_violations() {
+    let mut p = Pair::new();
+    p.open(1);
+    p.b.handle_frame(
+        p.now,
+        BlobFrame::Data {
+            stream: 1,
+            offset: 0,
+            data: data(WINDOW as usize + 1, 1),
+        },
+    );
+    p.deliver();
+    assert!(
+        p.violation()
+            .expect("beyond credit")
+            .contains("beyond its credit")
+    );
+    assert_eq!(
+        p.b.inbound.get(&1).map(|i| i.unread_len),
+        Some(0),
+        "nothing buffered"
+    );
+
+    let mut p = Pair::new();
+    p.b.handle_frame(
+        p.now,
+        BlobFrame::Data {
+            stream: 9,
+            offset: 0,
+            data: data(10, 1),
+        },
+    );
+    p.deliver();
+    assert!(p.violation().expect("unknown").contains("unknown stream 9"));
+
+    let mut p = Pair::new();
+    p.open(1);
+    p.b.handle_frame(
+        p.now,
+        BlobFrame::Data {
+            stream: 1,
+            offset: 100,
+            data: data(10, 1),
+        },
+    );
+    p.deliver();
+    assert!(p.violation().expect("gap").contains("gap"));
+
+    // A late frame for a stream that just finished is absorbed, not a violation.
+    let mut p = Pair::new();
+    p.open(1);
+    let payload = data(100, 3);
+    p.transfer(1, &payload);
+    p.b.close_inbound(1);
+    p.b.handle_frame(
+        p.now,
+        BlobFrame::Data {
+            stream: 1,
+            offset: 0,
+            data: payload,
+        },
+    );
+    p.deliver();
+    assert!(p.violation().is_none());
+}
+
+#[test]
+fn a_cut_mid_transfer_resends_what_was_lost_and_completes_intact() {
+    let mut p = Pair::new();
+    p.open(1);
+    let payload = data(10 * CHUNK + 17, 11);
+    let mut written = 0;
+    let mut got = Vec::new();
+    let mut finished = false;
+    for round in 0..100_000 {
+        if written < payload.len() {
+            written += p.a.write(1, &payload.slice(written..)).expect("write");
+        } else if !finished {
+            p.a.finish(1).expect("finish");
+            finished = true;
+        }
+        p.a_transmit(3 * CHUNK);
+        if round % 3 == 1 {
+            // The blob callis drops with frames in flight; a new one comes up.
+            p.in_flight.clear();
+            p.a.disconnected();
+            p.b.disconnected();
+            p.a.connected();
+            p.b.connected();
+        }
+        p.deliver();
+        got.extend(p.read_all(1));
+        p.deliver();
+        if p.a_events.contains(&BlobEvent::Finished(1)) {
+            break;
+        }
+    }
+    assert!(
+        got == payload.to_vec(),
+        "{} of {} bytes",
+        got.len(),
+        payload.len()
+    );
+    assert!(p.violation().is_none());
+}
+
+#[test]
+fn sixteen_concurrent_streams_share_fairly_and_all_complete() {
+    let mut p = Pair::new();
+    let payloads: Vec<Bytes> = (1..=16).map(|s| data(5 * CHUNK + s, s as u64)).collect();
+    for s in 1..=16u64 {
+        p.open(s);
+    }
+    let mut written = [0usize; 16];
+    let mut got: Vec<Vec<u8>> = vec![Vec::new(); 16];
+    // One budgeted write per turn: every stream must get chunks in the first rounds.
+    for (i, payload) in payloads.iter().enumerate() {
+        written[i] += p.a.write(i as u64 + 1, payload).expect("write");
+        p.a.finish(i as u64 + 1).expect("finish");
+    }
+    p.a_transmit(16 * (CHUNK + 64));
+    let mut first_round = std::collections::BTreeSet::new();
+    let mut buf = p.in_flight.clone();
+    while let Ok(Some(Frame::Blob(BlobFrame::Data { stream, .. }))) =
+        frame::decode(&mut buf, u32::MAX)
+    {
+        first_round.insert(stream);
+    }
+    assert_eq!(
+        first_round.len(),
+        16,
+        "round robin: one chunk for every stream first"
+    );
+    for _ in 0..10_000 {
+        p.deliver();
+        for (s, bytes) in got.iter_mut().enumerate() {
+            bytes.extend(p.read_all(s as u64 + 1));
+        }
+        p.deliver();
+        p.a_transmit(4 * CHUNK);
+        if (1..=16).all(|s| p.a_events.contains(&BlobEvent::Finished(s))) {
+            break;
+        }
+    }
+    for (i, payload) in payloads.iter().enumerate() {
+        assert_eq!(written[i], payload.len());
+        assert!(got[i] == payload.to_vec(), "stream {}", i + 1);
+    }
+}
+
+#[test]
+fn cancel_reaches_the_other_side_and_idle_streams_time_out() {
+    let mut p = Pair::new();
+    p.open(1);
+    p.a.write(1, &data(100, 1)).expect("write");
+    p.a.cancel(1, ErrorId::BlobStreamNotFound, "sender dropped");
+    p.a_transmit(usize::MAX);
+    p.deliver();
+    assert!(
+        p.b_events
+            .iter()
+            .any(|e| matches!(e, BlobEvent::Cancelled { stream: 1, .. }))
+    );
+    assert_eq!(p.b.open_streams(), 0);
+
+    let mut p = Pair::new();
+    p.open(2);
+    p.now += Duration::from_secs(31);
+    p.a.handle_timeout(p.now);
+    p.b.handle_timeout(p.now);
+    p.deliver();
+    let timed_out = |events: &[BlobEvent]| {
+        events.iter().any(|e| {
+            matches!(e, BlobEvent::Cancelled { stream: 2, error } if error.id() == ErrorId::BlobStreamIdleTimeout)
+        })
+    };
+    assert!(timed_out(&p.a_events) && timed_out(&p.b_events));
+    assert_eq!(p.a.open_streams() + p.b.open_streams(), 0);
+}
+
+#[test]
+fn t23_stream_cap_refuses_the_next_open_cheaply() {
+    let mut s = BlobStreams::new(BlobConfig {
+        max_streams: 2,
+        ..config()
+    });
+    let now = Instant::now();
+    s.open_inbound(now, 1).expect("1");
+    s.open_outbound(now, 2).expect("2");
+    let e = s.open_inbound(now, 3).expect_err("cap");
+    assert_eq!(e.id(), ErrorId::BlobBufferFull);
+    assert_eq!(
+        s.open_inbound(now, 1).expect_err("duplicate").id(),
+        ErrorId::ProtocolViolation
+    );
+}
