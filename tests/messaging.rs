@@ -213,14 +213,7 @@ async fn t25_full_inbox_answers_taberna_busy_at_once() {
             )
             .expect("taberna");
         // Nobody reads: two fill the inbox, the third is refused at once.
-        let r1 = a
-            .admit(TabernaId(10), APP, Bytes::new(), send_opts(10_000))
-            .await
-            .expect("1");
-        let r2 = a
-            .admit(TabernaId(10), APP, Bytes::new(), send_opts(10_000))
-            .await
-            .expect("2");
+        let [r1, r2]: [vicus::Receipt; 2] = admit_empty(&a, 2).await.try_into().expect("two");
         tokio::time::sleep(Duration::from_millis(100)).await;
         let started = tokio::time::Instant::now();
         let err = a
@@ -352,14 +345,7 @@ async fn try_send_fails_fast_when_the_peer_has_no_free_slot() {
         let b = mesh.domus("b").await;
         mesh.route(10, &b);
         let t = b.taberna(TabernaId(10)).expect("taberna");
-        let r1 = a
-            .admit(TabernaId(10), APP, Bytes::new(), send_opts(10_000))
-            .await
-            .expect("1");
-        let r2 = a
-            .admit(TabernaId(10), APP, Bytes::new(), send_opts(10_000))
-            .await
-            .expect("2");
+        let [r1, r2]: [vicus::Receipt; 2] = admit_empty(&a, 2).await.try_into().expect("two");
         let err = a
             .try_send(TabernaId(10), APP, Bytes::new(), send_opts(10_000))
             .await
@@ -524,7 +510,7 @@ async fn a_restarted_peer_fails_retained_sends_with_peer_restarted_and_new_sends
             }
             held
         });
-        let receipts: Vec<_> = futures_join(&a, 5).await;
+        let receipts: Vec<_> = admit_empty(&a, 5).await;
         let held = holder.await.expect("join");
         let first_epoch = b.epoch();
         b.shutdown().await;
@@ -557,7 +543,8 @@ async fn a_restarted_peer_fails_retained_sends_with_peer_restarted_and_new_sends
     .await;
 }
 
-async fn futures_join(a: &Domus, n: usize) -> Vec<vicus::Receipt> {
+/// Admits `n` empty messages to taberna 10 (10 s timeout) and returns their receipts.
+async fn admit_empty(a: &Domus, n: usize) -> Vec<vicus::Receipt> {
     let mut out = Vec::new();
     for _ in 0..n {
         out.push(
