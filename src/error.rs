@@ -164,6 +164,9 @@ error_ids! {
     ReplyLost = 154,
     /// The handler dropped the request without answering it.
     RequestDropped = 155,
+    /// The other end of a blob stream cancelled it (dropped its sender or receiver early, or
+    /// called `cancel`).
+    BlobCancelled = 156,
 }
 
 impl fmt::Display for ErrorId {

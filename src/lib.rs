@@ -156,8 +156,8 @@ pub mod dev_certs;
 
 pub use a0_transport::{AuthConfig, DomusAddr, DomusId, PeerIdentity, TrustPolicy};
 pub use domus::{
-    Delivery, Domus, DomusBuilder, DomusConfig, MessageCodec, Receipt, Route, RouteResolver,
-    SendOptions, SimpleResolver,
+    BlobReceiver, BlobSender, Delivery, Domus, DomusBuilder, DomusConfig, MessageCodec, Receipt,
+    Route, RouteResolver, SendOptions, SimpleResolver,
 };
 pub use error::{ERROR_MESSAGE_MAX_LEN, Error, ErrorId, Rejection, Result};
 pub use taberna::{MessageType, Taberna, TabernaId, TabernaOptions, TabernaRequest};

@@ -66,8 +66,14 @@ pub enum BlobEvent {
         /// Why.
         error: Error,
     },
-    /// The peer broke the blob protocol: close the blob callis.
-    Violation(Error),
+    /// The peer broke the blob protocol: close the blob callis (and fail `stream`, when the
+    /// violation names one that is open).
+    Violation {
+        /// The open stream the offending frame named, if any.
+        stream: Option<u64>,
+        /// What the peer did.
+        error: Error,
+    },
 }
 
 #[derive(Debug)]
@@ -80,6 +86,8 @@ struct Outbound {
     unacked_len: u64,
     /// The offset of the next byte to send.
     next_offset: u64,
+    /// One past the highest byte ever sent.
+    high: u64,
     /// Acknowledged by the receiver.
     acked: u64,
     /// The receiver's limit.
@@ -112,6 +120,12 @@ pub struct BlobStreams {
     inbound: BTreeMap<u64, Inbound>,
     turn: VecDeque<u64>,
     cancels: VecDeque<(u64, u32, String)>,
+    /// Last credits of receiving streams that completed: owed now, and re-sent after a
+    /// reconnect so a sender whose last acknowledgement was lost still finishes.
+    finals: VecDeque<(u64, u64)>,
+    finals_due: usize,
+    /// The largest BLOB_DATA payload the peer accepts (from its BLOB_HELLO).
+    peer_chunk: usize,
     /// Streams finished or cancelled lately: late frames for them are ignored, not violations.
     recent: VecDeque<u64>,
     connected: bool,
@@ -119,6 +133,8 @@ pub struct BlobStreams {
 }
 
 const RECENT_CAP: usize = 1024;
+/// Final credits kept for re-sending after a reconnect.
+const FINALS_CAP: usize = 64;
 
 impl BlobStreams {
     /// No streams yet.
@@ -129,10 +145,29 @@ impl BlobStreams {
             inbound: BTreeMap::new(),
             turn: VecDeque::new(),
             cancels: VecDeque::new(),
+            finals: VecDeque::new(),
+            finals_due: 0,
+            peer_chunk: usize::MAX,
             recent: VecDeque::new(),
             connected: false,
             events: VecDeque::new(),
         }
+    }
+
+    /// Adopts the peer's largest accepted chunk (from its BLOB_HELLO): chunks written are the
+    /// smaller of ours and the peer's.
+    pub fn set_peer_chunk(&mut self, max_chunk: usize) {
+        self.peer_chunk = max_chunk.max(1);
+    }
+
+    /// Whether any sending stream is open (the side with data to send dials the blob callis).
+    pub fn has_outbound(&self) -> bool {
+        !self.outbound.is_empty()
+    }
+
+    /// Bytes of a sending stream the receiver has acknowledged.
+    pub fn acked(&self, stream: u64) -> Option<u64> {
+        self.outbound.get(&stream).map(|o| o.acked)
     }
 
     /// Streams open in both directions.
@@ -159,8 +194,8 @@ impl BlobStreams {
         Ok(())
     }
 
-    /// Opens a sending stream (its opening message was accepted). The receiver's first credit
-    /// is assumed to be one window.
+    /// Opens a sending stream when its opening message goes out. Nothing is sent until the
+    /// receiver's first BLOB_CREDIT (sent when it opens its side) says how far it may go.
     pub fn open_outbound(&mut self, now: Instant, stream: u64) -> Result<(), Error> {
         self.check_capacity(stream)?;
         self.outbound.insert(
@@ -171,8 +206,9 @@ impl BlobStreams {
                 unacked: VecDeque::new(),
                 unacked_len: 0,
                 next_offset: 0,
+                high: 0,
                 acked: 0,
-                limit: self.config.window,
+                limit: 0,
                 finished: false,
                 end_sent: false,
                 last_progress: now,
@@ -182,7 +218,8 @@ impl BlobStreams {
         Ok(())
     }
 
-    /// Opens a receiving stream, granting the sender one window.
+    /// Opens a receiving stream, granting the sender one window (a BLOB_CREDIT goes out at
+    /// once).
     pub fn open_inbound(&mut self, now: Instant, stream: u64) -> Result<(), Error> {
         self.check_capacity(stream)?;
         self.inbound.insert(
@@ -194,7 +231,7 @@ impl BlobStreams {
                 consumed: 0,
                 limit: self.config.window,
                 total: None,
-                credit_due: false,
+                credit_due: true,
                 last_credit_received: 0,
                 last_progress: now,
             },
@@ -205,7 +242,7 @@ impl BlobStreams {
     /// Queues application bytes on a sending stream. Returns how many were taken: fewer than
     /// offered (possibly 0) when the stream's window is full; wait for
     /// [`BlobEvent::Writable`].
-    pub fn write(&mut self, stream: u64, data: &Bytes) -> Result<usize, Error> {
+    pub fn write(&mut self, now: Instant, stream: u64, data: &Bytes) -> Result<usize, Error> {
         let window = self.config.window;
         let out = self
             .outbound
@@ -220,6 +257,7 @@ impl BlobStreams {
         let room = window.saturating_sub(out.queued_len.saturating_add(out.unacked_len));
         let take = usize::try_from(room).unwrap_or(usize::MAX).min(data.len());
         if take > 0 {
+            out.last_progress = now;
             out.queued.push_back(data.slice(..take));
             out.queued_len = out.queued_len.saturating_add(take as u64);
         }
@@ -236,10 +274,11 @@ impl BlobStreams {
         Ok(())
     }
 
-    /// Takes the next bytes of a receiving stream. `Ok(None)` means nothing is buffered now;
-    /// [`is_complete`](Self::is_complete) says whether that is the end.
-    pub fn read(&mut self, stream: u64) -> Result<Option<Bytes>, Error> {
-        let window = self.config.window;
+    /// Takes the next bytes of a receiving stream out to the application, which has not
+    /// consumed them yet: they still count against the window until
+    /// [`consume`](Self::consume). `Ok(None)` means nothing is buffered now;
+    /// [`is_drained`](Self::is_drained) says whether that is the end.
+    pub fn take(&mut self, stream: u64) -> Result<Option<Bytes>, Error> {
         let inb = self
             .inbound
             .get_mut(&stream)
@@ -247,28 +286,61 @@ impl BlobStreams {
         let Some(chunk) = inb.unread.pop_front() else {
             return Ok(None);
         };
-        let len = chunk.len() as u64;
-        inb.unread_len = inb.unread_len.saturating_sub(len);
-        inb.consumed = inb.consumed.saturating_add(len);
-        // Grant more once half a window has been consumed since the last grant.
+        inb.unread_len = inb.unread_len.saturating_sub(chunk.len() as u64);
+        Ok(Some(chunk))
+    }
+
+    /// The application consumed `n` more bytes of a receiving stream: once half a window has
+    /// been consumed since the last grant, the sender may write one window past them.
+    pub fn consume(&mut self, now: Instant, stream: u64, n: u64) {
+        let window = self.config.window;
+        let Some(inb) = self.inbound.get_mut(&stream) else {
+            return;
+        };
+        inb.consumed = inb.consumed.saturating_add(n).min(inb.received);
+        inb.last_progress = now;
         if inb.consumed.saturating_add(window) >= inb.limit.saturating_add(window / 2) {
             inb.limit = inb.consumed.saturating_add(window);
             inb.credit_due = true;
         }
-        Ok(Some(chunk))
     }
 
-    /// Whether a receiving stream has delivered every byte it will ever have.
+    /// Takes and consumes the next bytes of a receiving stream (both steps at once).
+    pub fn read(&mut self, now: Instant, stream: u64) -> Result<Option<Bytes>, Error> {
+        let chunk = self.take(stream)?;
+        if let Some(c) = &chunk {
+            self.consume(now, stream, c.len() as u64);
+        }
+        Ok(chunk)
+    }
+
+    /// Whether every byte of a receiving stream has arrived and been taken.
+    pub fn is_drained(&self, stream: u64) -> bool {
+        self.inbound
+            .get(&stream)
+            .is_some_and(|i| i.total == Some(i.received) && i.unread.is_empty())
+    }
+
+    /// Whether a receiving stream has delivered (and seen consumed) every byte it will have.
     pub fn is_complete(&self, stream: u64) -> bool {
         self.inbound
             .get(&stream)
             .is_some_and(|i| i.total == Some(i.consumed) && i.unread.is_empty())
     }
 
-    /// Closes a completed receiving stream (the application read its end).
+    /// Closes a drained receiving stream. Its final credit (everything received) still goes
+    /// out, and goes out again after a reconnect.
     pub fn close_inbound(&mut self, stream: u64) {
-        if self.inbound.remove(&stream).is_some() {
+        if let Some(inb) = self.inbound.remove(&stream) {
             self.remember(stream);
+            if inb.total == Some(inb.received) {
+                if self.finals.len() >= FINALS_CAP {
+                    self.finals.pop_front();
+                    self.finals_due = self.finals_due.saturating_sub(1);
+                }
+                self.finals.push_back((stream, inb.received));
+                self.finals_due = self.finals_due.saturating_add(1).min(self.finals.len());
+            }
         }
     }
 
@@ -326,11 +398,13 @@ impl BlobStreams {
         for inb in self.inbound.values_mut() {
             inb.credit_due = true;
         }
+        self.finals_due = self.finals.len();
     }
 
     /// The blob callis is gone; streams wait for the next one.
     pub fn disconnected(&mut self) {
         self.connected = false;
+        self.peer_chunk = usize::MAX;
         self.cancels.clear();
     }
 
@@ -343,6 +417,7 @@ impl BlobStreams {
                 data,
             } => self.on_data(now, stream, offset, data),
             BlobFrame::End { stream, total } => self.on_end(now, stream, total),
+            BlobFrame::Hello { .. } => self.violation(None, "a second BLOB_HELLO".to_owned()),
             BlobFrame::Credit {
                 stream,
                 received,
@@ -373,39 +448,46 @@ impl BlobStreams {
         }
     }
 
-    fn violation(&mut self, message: String) {
-        self.events.push_back(BlobEvent::Violation(Error::new(
-            ErrorId::ProtocolViolation,
-            message,
-        )));
+    fn violation(&mut self, stream: Option<u64>, message: String) {
+        self.events.push_back(BlobEvent::Violation {
+            stream,
+            error: Error::new(ErrorId::ProtocolViolation, message),
+        });
     }
 
     fn on_data(&mut self, now: Instant, stream: u64, offset: u64, data: Bytes) {
         let Some(inb) = self.inbound.get_mut(&stream) else {
             if !self.recent.contains(&stream) {
-                self.violation(format!("BLOB_DATA for unknown stream {stream}"));
+                self.violation(None, format!("BLOB_DATA for unknown stream {stream}"));
             }
             return;
         };
         let end = offset.saturating_add(data.len() as u64);
         if end > inb.limit {
             let limit = inb.limit;
-            self.violation(format!(
-                "BLOB_DATA for stream {stream} up to offset {end}, beyond its credit {limit}"
-            ));
+            self.violation(
+                Some(stream),
+                format!(
+                    "BLOB_DATA for stream {stream} up to offset {end}, beyond its credit {limit}"
+                ),
+            );
             return;
         }
         if offset > inb.received {
             let received = inb.received;
-            self.violation(format!(
-                "BLOB_DATA for stream {stream} at offset {offset} leaves a gap after {received}"
-            ));
+            self.violation(
+                Some(stream),
+                format!(
+                    "BLOB_DATA for stream {stream} at offset {offset} leaves a gap after {received}"
+                ),
+            );
             return;
         }
         if inb.total.is_some_and(|t| end > t) {
-            self.violation(format!(
-                "BLOB_DATA for stream {stream} past its announced end"
-            ));
+            self.violation(
+                Some(stream),
+                format!("BLOB_DATA for stream {stream} past its announced end"),
+            );
             return;
         }
         // After a reconnect the sender resends from its last acknowledged offset: keep only
@@ -430,14 +512,15 @@ impl BlobStreams {
     fn on_end(&mut self, now: Instant, stream: u64, total: u64) {
         let Some(inb) = self.inbound.get_mut(&stream) else {
             if !self.recent.contains(&stream) {
-                self.violation(format!("BLOB_END for unknown stream {stream}"));
+                self.violation(None, format!("BLOB_END for unknown stream {stream}"));
             }
             return;
         };
         if total < inb.received || inb.total.is_some_and(|t| t != total) {
-            self.violation(format!(
-                "BLOB_END for stream {stream} contradicts what arrived"
-            ));
+            self.violation(
+                Some(stream),
+                format!("BLOB_END for stream {stream} contradicts what arrived"),
+            );
             return;
         }
         inb.total = Some(total);
@@ -452,13 +535,15 @@ impl BlobStreams {
         let window = self.config.window;
         let Some(out) = self.outbound.get_mut(&stream) else {
             if !self.recent.contains(&stream) {
-                self.violation(format!("BLOB_CREDIT for unknown stream {stream}"));
+                self.violation(None, format!("BLOB_CREDIT for unknown stream {stream}"));
             }
             return;
         };
-        let sent = out.next_offset;
+        // After a reconnect `next_offset` rewinds to the last acknowledgement we saw; the
+        // receiver may hold more than that, but never more than was ever sent.
+        let sent = out.high;
         if received > sent {
-            self.violation(format!(
+            self.violation(Some(stream), format!(
                 "BLOB_CREDIT for stream {stream} acknowledges {received} bytes, only {sent} were sent"
             ));
             return;
@@ -472,10 +557,25 @@ impl BlobStreams {
             out.unacked_len = out.unacked_len.saturating_sub(chunk.len() as u64);
             out.unacked.pop_front();
         }
+        // Bytes waiting to be sent again that the receiver already holds are skipped.
+        while out.next_offset < received {
+            let Some(front) = out.queued.pop_front() else {
+                break;
+            };
+            let gap =
+                usize::try_from(received.saturating_sub(out.next_offset)).unwrap_or(usize::MAX);
+            let n = gap.min(front.len());
+            if n < front.len() {
+                out.queued.push_front(front.slice(n..));
+            }
+            out.queued_len = out.queued_len.saturating_sub(n as u64);
+            out.next_offset = out.next_offset.saturating_add(n as u64);
+        }
         out.acked = out.acked.max(received);
         out.limit = out.limit.max(limit);
         out.last_progress = now;
-        let complete = out.finished && out.end_sent && out.queued.is_empty() && out.acked == sent;
+        let complete =
+            out.finished && out.end_sent && out.queued.is_empty() && out.acked == out.next_offset;
         let room_after = window.saturating_sub(out.queued_len.saturating_add(out.unacked_len));
         if complete {
             self.outbound.remove(&stream);
@@ -538,6 +638,11 @@ impl BlobStreams {
         while let Some((stream, code, reason)) = self.cancels.pop_front() {
             frame::encode_blob_cancel(out, stream, code, &reason);
         }
+        let skip = self.finals.len().saturating_sub(self.finals_due);
+        for (stream, total) in self.finals.iter().skip(skip) {
+            frame::encode_blob_credit(out, *stream, *total, *total);
+        }
+        self.finals_due = 0;
         for (stream, inb) in &mut self.inbound {
             if inb.credit_due {
                 inb.credit_due = false;
@@ -567,7 +672,7 @@ impl BlobStreams {
 
     /// Writes one chunk (or the END) of `stream` if its credit allows.
     fn send_one(&mut self, stream: u64, out: &mut BytesMut) -> bool {
-        let chunk_len = self.config.chunk_len.max(1);
+        let chunk_len = self.config.chunk_len.min(self.peer_chunk).max(1);
         let Some(s) = self.outbound.get_mut(&stream) else {
             return false;
         };
@@ -587,6 +692,7 @@ impl BlobStreams {
                 s.unacked_len = s.unacked_len.saturating_add(n as u64);
                 s.unacked.push_back((s.next_offset, chunk));
                 s.next_offset = s.next_offset.saturating_add(n as u64);
+                s.high = s.high.max(s.next_offset);
                 return true;
             }
         }

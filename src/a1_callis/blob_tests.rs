@@ -61,6 +61,8 @@ impl Pair {
     fn open(&mut self, stream: u64) {
         self.a.open_outbound(self.now, stream).expect("open out");
         self.b.open_inbound(self.now, stream).expect("open in");
+        // The receiver's first credit opens the window.
+        self.deliver();
     }
 
     /// a writes at most `budget` bytes; they wait in `in_flight`.
@@ -91,7 +93,7 @@ impl Pair {
 
     fn read_all(&mut self, stream: u64) -> Vec<u8> {
         let mut got = Vec::new();
-        while let Some(chunk) = self.b.read(stream).expect("read") {
+        while let Some(chunk) = self.b.read(self.now, stream).expect("read") {
             got.extend_from_slice(&chunk);
         }
         got
@@ -106,7 +108,7 @@ impl Pair {
             if written < payload.len() {
                 written += self
                     .a
-                    .write(stream, &payload.slice(written..))
+                    .write(self.now, stream, &payload.slice(written..))
                     .expect("write");
             } else if !finished {
                 self.a.finish(stream).expect("finish");
@@ -129,7 +131,7 @@ impl Pair {
             .iter()
             .chain(&self.a_events)
             .find_map(|e| match e {
-                BlobEvent::Violation(err) => Some(err.message().to_owned()),
+                BlobEvent::Violation { error, .. } => Some(error.message().to_owned()),
                 _ => None,
             })
     }
@@ -167,7 +169,9 @@ fn a_slow_reader_slows_the_sender_and_memory_stays_within_the_window() {
     let mut refused_writes = 0;
     for _ in 0..100_000 {
         if written < payload.len() {
-            let n = p.a.write(1, &payload.slice(written..)).expect("write");
+            let n =
+                p.a.write(p.now, 1, &payload.slice(written..))
+                    .expect("write");
             if n == 0 {
                 refused_writes += 1;
             }
@@ -191,7 +195,7 @@ fn a_slow_reader_slows_the_sender_and_memory_stays_within_the_window() {
                 i.unread_len
             );
         }
-        if let Some(chunk) = p.b.read(1).expect("read") {
+        if let Some(chunk) = p.b.read(p.now, 1).expect("read") {
             got.extend_from_slice(&chunk);
         }
         p.deliver();
@@ -285,7 +289,9 @@ fn a_cut_mid_transfer_resends_what_was_lost_and_completes_intact() {
     let mut finished = false;
     for round in 0..100_000 {
         if written < payload.len() {
-            written += p.a.write(1, &payload.slice(written..)).expect("write");
+            written +=
+                p.a.write(p.now, 1, &payload.slice(written..))
+                    .expect("write");
         } else if !finished {
             p.a.finish(1).expect("finish");
             finished = true;
@@ -326,7 +332,7 @@ fn sixteen_concurrent_streams_share_fairly_and_all_complete() {
     let mut got: Vec<Vec<u8>> = vec![Vec::new(); 16];
     // One budgeted write per turn: every stream must get chunks in the first rounds.
     for (i, payload) in payloads.iter().enumerate() {
-        written[i] += p.a.write(i as u64 + 1, payload).expect("write");
+        written[i] += p.a.write(p.now, i as u64 + 1, payload).expect("write");
         p.a.finish(i as u64 + 1).expect("finish");
     }
     p.a_transmit(16 * (CHUNK + 64));
@@ -363,7 +369,7 @@ fn sixteen_concurrent_streams_share_fairly_and_all_complete() {
 fn cancel_reaches_the_other_side_and_idle_streams_time_out() {
     let mut p = Pair::new();
     p.open(1);
-    p.a.write(1, &data(100, 1)).expect("write");
+    p.a.write(p.now, 1, &data(100, 1)).expect("write");
     p.a.cancel(1, ErrorId::BlobStreamNotFound, "sender dropped");
     p.a_transmit(usize::MAX);
     p.deliver();

@@ -18,16 +18,20 @@ use std::time::Duration;
 
 use bytes::BytesMut;
 use tokio::io::AsyncWrite;
-use tokio::sync::{OwnedSemaphorePermit, mpsc, oneshot};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
 use tokio::time::{Instant, Sleep};
 use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 
+use super::blob_driver::{BLOB_OPEN_TYPE, BlobCommand, decode_blob_open, stream_parity};
 use super::session::{Answer, Event, Outcome, Outgoing, Session};
 use super::window::IdQueue;
 use crate::a0_transport::{AuthenticatedStream, DomusAddr, DomusId, PeerIdentity, Transport};
 use crate::domus::Delivery;
+use crate::domus::blob::{BlobReceiver, Reservation};
 use crate::error::{Error, ErrorId, untrusted};
-use crate::taberna::{AnswerSink, MessageType, Registry, TabernaId, TabernaRequest};
+use crate::taberna::{
+    AnswerSink, MessageClass, MessageType, Registry, TabernaId, TabernaRequest, system_rejection,
+};
 
 /// What the rest of the domus asks of a peer's driver.
 pub(crate) enum PeerCommand {
@@ -40,8 +44,9 @@ pub(crate) enum PeerCommand {
     },
     /// A local taberna answered a delivery from this peer.
     Answer { epoch: u64, id: u64, answer: Answer },
-    /// A freshly authenticated callis with this peer.
-    Attach(Box<AuthenticatedStream>),
+    /// A freshly authenticated callis with this peer, and any bytes already read from it
+    /// (its first frame, read to tell a primary callis from a blob callis).
+    Attach(Box<AuthenticatedStream>, BytesMut),
     /// Learn (or change) the address to dial.
     SetAddr(DomusAddr),
     /// Finish pending writes, close the callis, fail what is left, and stop.
@@ -55,6 +60,16 @@ pub(crate) struct DriverContext {
     pub(crate) local_id: DomusId,
     pub(crate) reconnect_backoff_min: Duration,
     pub(crate) reconnect_backoff_max: Duration,
+    /// Bytes every receiving blob stream reserves, and the domus-wide budget they come from.
+    pub(crate) blob_window: usize,
+    pub(crate) blob_in_budget: Arc<Semaphore>,
+}
+
+/// A peer driver's link to the same peer's blob driver.
+pub(crate) struct BlobPeer {
+    pub(crate) tx: mpsc::UnboundedSender<BlobCommand>,
+    /// Receiving streams open with this peer (one permit each).
+    pub(crate) in_streams: Arc<Semaphore>,
 }
 
 type DialFuture = Pin<Box<dyn Future<Output = Result<AuthenticatedStream, Error>> + Send>>;
@@ -100,6 +115,7 @@ pub(crate) struct PeerDriver {
     timer_at: Option<Instant>,
     shutting_down: bool,
     cancelled: Pin<Box<WaitForCancellationFutureOwned>>,
+    blob: BlobPeer,
 }
 
 impl PeerDriver {
@@ -108,9 +124,12 @@ impl PeerDriver {
         addr: Option<DomusAddr>,
         ctx: Arc<DriverContext>,
         session: Session,
-        commands: mpsc::UnboundedReceiver<PeerCommand>,
-        commands_tx: mpsc::UnboundedSender<PeerCommand>,
+        (commands, commands_tx): (
+            mpsc::UnboundedReceiver<PeerCommand>,
+            mpsc::UnboundedSender<PeerCommand>,
+        ),
         cancel: CancellationToken,
+        blob: BlobPeer,
     ) -> Self {
         let backoff_next = ctx.reconnect_backoff_min;
         Self {
@@ -134,6 +153,7 @@ impl PeerDriver {
             timer_at: None,
             shutting_down: false,
             cancelled: Box::pin(cancel.cancelled_owned()),
+            blob,
         }
     }
 
@@ -167,7 +187,7 @@ impl PeerDriver {
                 }
             }
             PeerCommand::Answer { epoch, id, answer } => self.session.answer(epoch, id, answer),
-            PeerCommand::Attach(stream) => self.attach(*stream),
+            PeerCommand::Attach(stream, prefix) => self.attach(*stream, prefix),
             PeerCommand::SetAddr(addr) => self.addr = Some(addr),
             PeerCommand::Shutdown => self.begin_shutdown(),
         }
@@ -200,7 +220,7 @@ impl PeerDriver {
     /// Adopts a new callis, or keeps the current one. When both sides dialled at once, the
     /// callis dialled by the smaller id survives (both ends apply the same rule); a new callis
     /// dialled by the same side as the current one replaces it (the old one is likely dead).
-    fn attach(&mut self, new: AuthenticatedStream) {
+    fn attach(&mut self, new: AuthenticatedStream, prefix: BytesMut) {
         if self.shutting_down {
             return;
         }
@@ -226,6 +246,10 @@ impl PeerDriver {
         self.write_buf.clear();
         self.write_pos = 0;
         self.flushed = true;
+        if !prefix.is_empty() {
+            self.session.recv_buf().extend_from_slice(&prefix);
+            self.session.handle_input(Self::now());
+        }
     }
 
     fn drop_stream(&mut self) {
@@ -288,6 +312,10 @@ impl PeerDriver {
                 } => {
                     self.backoff_next = self.ctx.reconnect_backoff_min;
                     self.last_dial_error = None;
+                    let _ = self.blob.tx.send(BlobCommand::PeerEpoch {
+                        epoch: peer_epoch,
+                        restarted,
+                    });
                     tracing::debug!(peer = %self.peer_id, peer_epoch, restarted, "callis open");
                 }
                 Event::Deliver {
@@ -297,6 +325,10 @@ impl PeerDriver {
                     let Some(peer) = self.peer_identity.clone() else {
                         continue;
                     };
+                    if message.msg_type == BLOB_OPEN_TYPE {
+                        self.deliver_blob_open(peer, peer_epoch, message);
+                        continue;
+                    }
                     let request = TabernaRequest::new(
                         peer,
                         TabernaId(message.src),
@@ -322,6 +354,98 @@ impl PeerDriver {
                 }
             }
         }
+    }
+
+    /// A message that opens a blob stream: reserve the stream (or refuse it at once), open it
+    /// on the blob driver, then deliver the request with its receiver.
+    fn deliver_blob_open(
+        &mut self,
+        peer: Arc<PeerIdentity>,
+        peer_epoch: u64,
+        message: super::frame::MessageFrame,
+    ) {
+        let id = message.id;
+        let refuse = |session: &mut Session, error: ErrorId, reason: &str| {
+            session.answer(peer_epoch, id, system_rejection(error, reason));
+        };
+        let Some((stream, app_type, header)) = decode_blob_open(&message.payload) else {
+            refuse(
+                &mut self.session,
+                ErrorId::DecodeFailure,
+                "a blob-opening message is shorter than its 12-byte prefix",
+            );
+            return;
+        };
+        if stream & 1 != stream_parity(&self.peer_id, &self.ctx.local_id) {
+            refuse(
+                &mut self.session,
+                ErrorId::ProtocolViolation,
+                "the blob stream id has the other side's parity",
+            );
+            return;
+        }
+        if MessageType(app_type).class() != MessageClass::A3 {
+            refuse(
+                &mut self.session,
+                ErrorId::InvalidMessageType,
+                "a blob's message type must be an application (A3) type",
+            );
+            return;
+        }
+        let Ok(slot) = self.blob.in_streams.clone().try_acquire_owned() else {
+            refuse(
+                &mut self.session,
+                ErrorId::BlobBufferFull,
+                "too many blob streams are open with this peer (max_blob_streams_per_peer)",
+            );
+            return;
+        };
+        let window = u32::try_from(self.ctx.blob_window).unwrap_or(u32::MAX);
+        let Ok(bytes) = self
+            .ctx
+            .blob_in_budget
+            .clone()
+            .try_acquire_many_owned(window)
+        else {
+            refuse(
+                &mut self.session,
+                ErrorId::BlobBufferFull,
+                "the receiving domus's blob budget is used up (blob_inbound_budget)",
+            );
+            return;
+        };
+        let (app_tx, app_rx) = mpsc::unbounded_channel();
+        let opened = self.blob.tx.send(BlobCommand::OpenInbound {
+            stream,
+            app: app_tx,
+            reservation: Reservation {
+                _stream: Some(slot),
+                _bytes: Some(bytes),
+            },
+        });
+        if opened.is_err() {
+            refuse(
+                &mut self.session,
+                ErrorId::DomusClosed,
+                "the receiving domus is shutting down",
+            );
+            return;
+        }
+        let receiver = BlobReceiver::remote(app_rx, self.blob.tx.clone(), stream);
+        let request = TabernaRequest::new(
+            peer,
+            TabernaId(message.src),
+            TabernaId(message.dst),
+            MessageType(app_type),
+            header,
+            AnswerSink::Remote {
+                tx: self.commands_tx.clone(),
+                epoch: peer_epoch,
+                id,
+            },
+        )
+        .with_blob(receiver);
+        self.ctx.registry.deliver(request);
     }
 
     fn outcome_to_result(&self, dst: u64, outcome: Outcome) -> Result<Delivery, Error> {
@@ -468,7 +592,7 @@ fn closed() -> Error {
 }
 
 /// `d` scaled by a random factor in [0.5, 1.5).
-fn jitter(d: Duration) -> Duration {
+pub(crate) fn jitter(d: Duration) -> Duration {
     let r = rand_u64() % 1000;
     d.mul_f64(0.5 + r as f64 / 1000.0)
 }
@@ -523,7 +647,7 @@ impl Future for PeerDriver {
                     this.dial = None;
                     progressed = true;
                     match result {
-                        Ok(stream) => this.attach(stream),
+                        Ok(stream) => this.attach(stream, BytesMut::new()),
                         Err(e) => this.dial_failed(e),
                     }
                 }

@@ -41,6 +41,8 @@ const CLOSE_MAX_LEN: u32 = (CLOSE_FIXED_LEN + MAX_REASON_LEN) as u32;
 const BLOB_CANCEL_FIXED_LEN: usize = 8 + 4 + 2;
 /// Longest BLOB_CANCEL body.
 const BLOB_CANCEL_MAX_LEN: u32 = (BLOB_CANCEL_FIXED_LEN + MAX_REASON_LEN) as u32;
+/// A BLOB_HELLO body: version, epoch, largest chunk accepted.
+const BLOB_HELLO_LEN: u32 = 2 + 8 + 4;
 /// Fixed part of a BLOB_DATA body: stream, offset.
 pub const BLOB_DATA_FIXED_LEN: usize = 8 + 8;
 /// Fixed part of a REJECT body: id, error, code, reason length.
@@ -75,6 +77,8 @@ impl FrameType {
     pub const BLOB_CREDIT: Self = Self(0x22);
     /// Blob callis: either side abandons a stream, with a reason code and text.
     pub const BLOB_CANCEL: Self = Self(0x23);
+    /// Blob callis: first frame, both directions: version, epoch, largest chunk accepted.
+    pub const BLOB_HELLO: Self = Self(0x24);
 
     /// Whether this type lies in the reserved, skippable range `0x80..=0xBF`.
     pub const fn is_skippable(self) -> bool {
@@ -95,6 +99,7 @@ impl FrameType {
             Self::BLOB_END => "BLOB_END",
             Self::BLOB_CREDIT => "BLOB_CREDIT",
             Self::BLOB_CANCEL => "BLOB_CANCEL",
+            Self::BLOB_HELLO => "BLOB_HELLO",
             _ => return None,
         })
     }
@@ -164,6 +169,15 @@ pub enum Frame {
 /// The frames of a blob callis; a stream is named by the id of the message that opened it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum BlobFrame {
+    /// BLOB_HELLO: the first frame on a blob callis, in both directions.
+    Hello {
+        /// Protocol version ([`PROTOCOL_VERSION`]).
+        version: u16,
+        /// The sender's epoch (the one its primary callis HELLO carries).
+        epoch: u64,
+        /// The largest BLOB_DATA payload the sender accepts.
+        max_chunk: u32,
+    },
     /// BLOB_DATA: `data` belongs at `offset` of `stream`.
     Data {
         /// The stream.
@@ -356,6 +370,7 @@ fn check_header(
         FrameType::BLOB_END => 16,
         FrameType::BLOB_CREDIT => 24,
         FrameType::BLOB_CANCEL => BLOB_CANCEL_MAX_LEN,
+        FrameType::BLOB_HELLO => BLOB_HELLO_LEN,
         _ => max_frame_len,
     };
     if len > max {
@@ -511,6 +526,17 @@ fn decode_body(t: FrameType, mut body: Bytes) -> Result<Frame, FrameError> {
                 reason,
             })
         }
+        FrameType::BLOB_HELLO => {
+            need(&body, BLOB_HELLO_LEN as usize, t, "BLOB_HELLO is 14 bytes")?;
+            let version = body.get_u16();
+            let epoch = body.get_u64();
+            let max_chunk = body.get_u32();
+            Frame::Blob(BlobFrame::Hello {
+                version,
+                epoch,
+                max_chunk,
+            })
+        }
         other if other.is_skippable() => return Ok(Frame::Skipped(other)),
         other => return Err(FrameError::UnknownType(other)),
     };
@@ -631,6 +657,14 @@ pub fn encode_reject(out: &mut BytesMut, id: u64, error: u32, code: u32, reason:
     put_text(out, reason);
 }
 
+/// Encodes a BLOB_HELLO frame.
+pub fn encode_blob_hello(out: &mut BytesMut, version: u16, epoch: u64, max_chunk: u32) {
+    put_header(out, FrameType::BLOB_HELLO, BLOB_HELLO_LEN as usize);
+    out.put_u16(version);
+    out.put_u64(epoch);
+    out.put_u32(max_chunk);
+}
+
 /// Encodes a BLOB_DATA frame.
 pub fn encode_blob_data(out: &mut BytesMut, stream: u64, offset: u64, data: &[u8]) {
     let body = BLOB_DATA_FIXED_LEN.saturating_add(data.len());
@@ -690,6 +724,11 @@ impl Frame {
                 data,
             }) => encode_blob_data(out, *stream, *offset, data),
             Frame::Blob(BlobFrame::End { stream, total }) => encode_blob_end(out, *stream, *total),
+            Frame::Blob(BlobFrame::Hello {
+                version,
+                epoch,
+                max_chunk,
+            }) => encode_blob_hello(out, *version, *epoch, *max_chunk),
             Frame::Blob(BlobFrame::Credit {
                 stream,
                 received,
@@ -783,6 +822,13 @@ mod tests {
                     code,
                     reason
                 })),
+            (any::<u16>(), any::<u64>(), any::<u32>()).prop_map(|(version, epoch, max_chunk)| {
+                Frame::Blob(BlobFrame::Hello {
+                    version,
+                    epoch,
+                    max_chunk,
+                })
+            }),
         ]
     }
 

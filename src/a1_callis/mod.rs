@@ -1,8 +1,8 @@
 //! **A1: the callis.** One authenticated connection per peer carries HELLO, keepalive,
 //! messages and their answers, framed by a pure codec ([`frame`]) and driven by a sans-IO
 //! session state machine ([`session`]). Blob streams have their own sans-IO state machine
-//! ([`blob`]: credit-based flow control, fair chunking, resend after reconnect); the blob
-//! callis that will carry them and the `send_blob` API are not wired up yet.
+//! ([`blob`]: credit-based flow control, fair chunking, resend after reconnect), driven on a
+//! second callis per peer by the blob driver.
 //!
 //! This layer must not know about TLS, certificates or sockets (it receives bytes and returns
 //! bytes), nor read the clock: time is always passed in.
@@ -18,6 +18,7 @@
 )]
 
 pub mod blob;
+pub(crate) mod blob_driver;
 pub(crate) mod driver;
 pub mod frame;
 pub mod session;

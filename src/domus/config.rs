@@ -69,6 +69,25 @@ pub struct DomusConfig {
     /// How long `shutdown()` waits for pending work before it stops everything. Default 5 s;
     /// 1 ms to 10 min.
     pub shutdown_timeout: Duration,
+    /// The largest BLOB_DATA payload this domus writes and accepts (the smaller of both
+    /// sides' values is used). Default 64 KiB; 1 KiB to 1 MiB.
+    pub blob_chunk_len: usize,
+    /// Per-stream blob window: how far a sender may run ahead of what the receiving
+    /// application consumed, and how many bytes a sending stream holds. Default 8 MiB; at
+    /// least `blob_chunk_len`, at most 256 MiB.
+    pub blob_window: usize,
+    /// Blob streams open at once with one peer, per direction; one more is refused with
+    /// `BlobBufferFull`. Default 64; 1 to 4096.
+    pub max_blob_streams_per_peer: usize,
+    /// A blob stream that moves no byte for this long fails with `BlobStreamIdleTimeout` on
+    /// both sides. Default 30 s; 10 ms to 1 h.
+    pub blob_idle_timeout: Duration,
+    /// Bytes reserved for receiving blob streams, all peers together: every stream reserves
+    /// one `blob_window` when it opens, and an open that does not fit is refused with
+    /// `BlobBufferFull`. Default 512 MiB; at least `blob_window`.
+    pub blob_inbound_budget: usize,
+    /// The same for sending blob streams. Default 512 MiB; at least `blob_window`.
+    pub blob_outbound_budget: usize,
 }
 
 impl Default for DomusConfig {
@@ -92,6 +111,12 @@ impl Default for DomusConfig {
             reconnect_backoff_max: Duration::from_secs(5),
             default_inbox_depth: 4096,
             shutdown_timeout: Duration::from_secs(5),
+            blob_chunk_len: 64 * 1024,
+            blob_window: 8 * 1024 * 1024,
+            max_blob_streams_per_peer: 64,
+            blob_idle_timeout: Duration::from_secs(30),
+            blob_inbound_budget: 512 * 1024 * 1024,
+            blob_outbound_budget: 512 * 1024 * 1024,
         }
     }
 }
@@ -193,7 +218,49 @@ impl DomusConfig {
             1 << 20,
         )?;
         within("shutdown_timeout", self.shutdown_timeout, MS, 10 * MIN)?;
+        count("blob_chunk_len", self.blob_chunk_len as u64, 1024, 1 << 20)?;
+        count(
+            "blob_window",
+            self.blob_window as u64,
+            self.blob_chunk_len as u64,
+            256 << 20,
+        )?;
+        count(
+            "max_blob_streams_per_peer",
+            self.max_blob_streams_per_peer as u64,
+            1,
+            4096,
+        )?;
+        within(
+            "blob_idle_timeout",
+            self.blob_idle_timeout,
+            10 * MS,
+            60 * MIN,
+        )?;
+        count(
+            "blob_inbound_budget",
+            self.blob_inbound_budget as u64,
+            self.blob_window as u64,
+            1 << 40,
+        )?;
+        count(
+            "blob_outbound_budget",
+            self.blob_outbound_budget as u64,
+            self.blob_window as u64,
+            1 << 40,
+        )?;
         Ok(())
+    }
+
+    pub(crate) fn blob(&self) -> crate::a1_callis::blob::BlobConfig {
+        crate::a1_callis::blob::BlobConfig {
+            chunk_len: self.blob_chunk_len,
+            window: self.blob_window as u64,
+            // Both directions share one table; the per-direction caps are enforced (with
+            // budgets) before a stream opens.
+            max_streams: self.max_blob_streams_per_peer.saturating_mul(2),
+            idle_timeout: self.blob_idle_timeout,
+        }
     }
 
     pub(crate) fn session(&self) -> SessionConfig {
@@ -244,6 +311,11 @@ mod tests {
             (
                 "default_inbox_depth",
                 Box::new(|c| c.default_inbox_depth = 0),
+            ),
+            ("blob_window", Box::new(|c| c.blob_window = 100)),
+            (
+                "blob_inbound_budget",
+                Box::new(|c| c.blob_inbound_budget = 1),
             ),
         ];
         for (field, change) in cases {

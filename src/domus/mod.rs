@@ -10,6 +10,7 @@
 //! lookup or an insert, never across an `.await`. Dropping the last [`Domus`] handle cancels
 //! every task it spawned.
 
+pub(crate) mod blob;
 mod config;
 mod resolver;
 
@@ -20,18 +21,27 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
+use tokio::io::AsyncReadExt;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
 use tokio_util::sync::{CancellationToken, DropGuard};
 use tokio_util::task::TaskTracker;
 
+pub use blob::{BlobReceiver, BlobSender};
 pub use config::DomusConfig;
 pub use resolver::{ResolveFuture, Route, RouteResolver, SimpleResolver};
 
 use crate::a0_transport::{
     AuthConfig, AuthenticatedStream, DomusAddr, DomusId, Listener, PeerIdentity, Transport,
 };
-use crate::a1_callis::driver::{DriverContext, InFlight, PeerCommand, PeerDriver, rand_u64};
+use crate::a1_callis::blob_driver::{
+    BLOB_OPEN_PREFIX_LEN, BLOB_OPEN_TYPE, BlobCommand, BlobContext, BlobDriver, encode_blob_open,
+    stream_parity,
+};
+use crate::a1_callis::driver::{
+    BlobPeer, DriverContext, InFlight, PeerCommand, PeerDriver, rand_u64,
+};
+use crate::a1_callis::frame::{FrameType, HEADER_LEN};
 use crate::a1_callis::session::{Answer, Outgoing, Session};
 use crate::error::{Error, ErrorId, untrusted};
 use crate::taberna::{
@@ -163,6 +173,7 @@ impl DomusBuilder {
         let local_id = transport.local_id();
         let cancel = CancellationToken::new();
         let registry = Arc::new(Registry::default());
+        let epoch = rand_u64() | 1;
         let shared = Arc::new(Shared {
             driver_ctx: Arc::new(DriverContext {
                 transport: transport.clone(),
@@ -170,7 +181,18 @@ impl DomusBuilder {
                 local_id: local_id.clone(),
                 reconnect_backoff_min: self.config.reconnect_backoff_min,
                 reconnect_backoff_max: self.config.reconnect_backoff_max,
+                blob_window: self.config.blob_window,
+                blob_in_budget: Arc::new(Semaphore::new(self.config.blob_inbound_budget)),
             }),
+            blob_ctx: Arc::new(BlobContext {
+                transport: transport.clone(),
+                local_id: local_id.clone(),
+                local_epoch: epoch,
+                config: self.config.blob(),
+                reconnect_backoff_min: self.config.reconnect_backoff_min,
+                reconnect_backoff_max: self.config.reconnect_backoff_max,
+            }),
+            blob_out_budget: Arc::new(Semaphore::new(self.config.blob_outbound_budget)),
             local_identity: Arc::new(PeerIdentity::new(
                 local_id.clone(),
                 crate::a0_transport::CertFingerprint([0; 32]),
@@ -179,7 +201,7 @@ impl DomusBuilder {
             transport,
             local_id,
             local_addr,
-            epoch: rand_u64() | 1,
+            epoch,
             resolver: self
                 .resolver
                 .unwrap_or_else(|| Arc::new(SimpleResolver::new())),
@@ -205,17 +227,30 @@ impl DomusBuilder {
     }
 }
 
-struct PeerHandle {
+/// The handles of one peer's two drivers (messages, blobs) and its budgets.
+#[derive(Clone)]
+struct PeerRef {
     tx: mpsc::UnboundedSender<PeerCommand>,
     slots: Arc<Semaphore>,
     bytes: Arc<Semaphore>,
-    /// The address last given to the driver (told again only when it changes).
+    blob_tx: mpsc::UnboundedSender<BlobCommand>,
+    /// Sending blob streams open with this peer (one permit each).
+    blob_out_streams: Arc<Semaphore>,
+    /// Blob stream ids allocated so far.
+    next_stream: Arc<std::sync::atomic::AtomicU64>,
+}
+
+struct PeerHandle {
+    links: PeerRef,
+    /// The address last given to the drivers (told again only when it changes).
     addr: Option<DomusAddr>,
 }
 
 struct Shared {
     transport: Transport,
     driver_ctx: Arc<DriverContext>,
+    blob_ctx: Arc<BlobContext>,
+    blob_out_budget: Arc<Semaphore>,
     local_id: DomusId,
     local_identity: Arc<PeerIdentity>,
     local_addr: DomusAddr,
@@ -360,6 +395,26 @@ impl Domus {
         }
     }
 
+    /// Opens a blob stream to a taberna: sends `header` as the opening message (with
+    /// `msg_type`, an A3 type) and returns the [`BlobSender`] once the receiving handler has
+    /// accepted it (a rejection or a failure is returned here instead). The handler gets the
+    /// bytes from [`TabernaRequest::blob`]. Blobs travel on their own callis to the peer, so
+    /// they never delay messages; a taberna on this domus gets them directly.
+    ///
+    /// Fails at once with [`ErrorId::BlobBufferFull`] when `max_blob_streams_per_peer` streams
+    /// are already open to that peer or `blob_outbound_budget` is used up (the receiver
+    /// answers the same when its limits are reached).
+    pub fn send_blob(
+        &self,
+        taberna: TabernaId,
+        msg_type: MessageType,
+        header: Bytes,
+        options: SendOptions,
+    ) -> impl Future<Output = Result<BlobSender, Error>> + Send + 'static {
+        let shared = self.shared.clone();
+        async move { shared.send_blob(taberna, msg_type, header, options).await }
+    }
+
     /// Encodes `message` with `codec` and sends it; a reply is decoded with the same codec.
     pub async fn send_typed<C: MessageCodec>(
         &self,
@@ -398,15 +453,16 @@ impl Domus {
         shared
             .closed
             .store(true, std::sync::atomic::Ordering::SeqCst);
-        let peers: Vec<mpsc::UnboundedSender<PeerCommand>> = shared
+        let peers: Vec<PeerRef> = shared
             .peers
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .values()
-            .map(|p| p.tx.clone())
+            .map(|p| p.links.clone())
             .collect();
-        for tx in peers {
-            let _ = tx.send(PeerCommand::Shutdown);
+        for p in peers {
+            let _ = p.tx.send(PeerCommand::Shutdown);
+            let _ = p.blob_tx.send(BlobCommand::Shutdown);
         }
         // The accept loop stops at once; drivers finish their writes within the bound.
         shared.accept_stop.cancel();
@@ -471,7 +527,7 @@ impl Shared {
         let deadline = tokio::time::Instant::now() + timeout;
         let source = options.source.unwrap_or(TabernaId(0));
         if self.registry.contains(taberna) {
-            return Ok(self.send_local(taberna, source, msg_type, payload, timeout));
+            return Ok(self.send_local(taberna, source, msg_type, payload, timeout, None));
         }
         let route = self.resolve(taberna, deadline).await?;
         let peer_id = match route.identity {
@@ -484,15 +540,33 @@ impl Shared {
                 format!("{taberna} routes to this domus, but no such taberna is registered"),
             ));
         }
-        let (tx, slots, bytes) = self.peer(&peer_id, Some(route.addr));
-        let size = u32::try_from(payload.len()).unwrap_or(u32::MAX);
-        let slot = acquire(&slots, 1, wait, deadline, &peer_id, "in-flight slot").await?;
+        let peer = self.peer(&peer_id, Some(route.addr));
+        let msg = Outgoing {
+            dst: taberna.0,
+            src: source.0,
+            msg_type: msg_type.0,
+            payload,
+            deadline: deadline.into_std(),
+        };
+        Self::admit_to_peer(&peer, &peer_id, msg, wait, deadline).await
+    }
+
+    /// Takes the peer's in-flight slot and bytes for `msg` and hands it to the peer's driver.
+    async fn admit_to_peer(
+        peer: &PeerRef,
+        peer_id: &DomusId,
+        msg: Outgoing,
+        wait: Wait,
+        deadline: tokio::time::Instant,
+    ) -> Result<Receipt, Error> {
+        let size = u32::try_from(msg.payload.len()).unwrap_or(u32::MAX);
+        let slot = acquire(&peer.slots, 1, wait, deadline, peer_id, "in-flight slot").await?;
         let bytes = acquire(
-            &bytes,
+            &peer.bytes,
             size,
             wait,
             deadline,
-            &peer_id,
+            peer_id,
             "in-flight byte budget",
         )
         .await?;
@@ -501,16 +575,126 @@ impl Shared {
             _bytes: bytes,
         };
         let (done, rx) = oneshot::channel();
+        peer.tx
+            .send(PeerCommand::Send { msg, done, permit })
+            .map_err(|_| closed())?;
+        Ok(Receipt { rx })
+    }
+
+    /// Opens a blob stream: checks, routing, the stream's reservation, then the opening
+    /// message; returns the sender once the receiving handler accepted it.
+    async fn send_blob(
+        self: &Arc<Self>,
+        taberna: TabernaId,
+        msg_type: MessageType,
+        header: Bytes,
+        options: SendOptions,
+    ) -> Result<BlobSender, Error> {
+        self.check_open()?;
+        if msg_type.class() != MessageClass::A3 {
+            return Err(Error::new(
+                ErrorId::InvalidMessageType,
+                format!(
+                    "message type {:#x} is not an application (A3) type; use MessageType::app(n)",
+                    msg_type.0
+                ),
+            ));
+        }
+        let max_header = self
+            .config
+            .max_message_len
+            .saturating_sub(BLOB_OPEN_PREFIX_LEN);
+        if header.len() > max_header {
+            return Err(Error::new(
+                ErrorId::PayloadTooLarge,
+                format!(
+                    "a blob header of {} bytes exceeds {max_header} (max_message_len minus {BLOB_OPEN_PREFIX_LEN}); put it in the blob",
+                    header.len()
+                ),
+            ));
+        }
+        let timeout = options.timeout.unwrap_or(self.config.send_timeout);
+        let deadline = tokio::time::Instant::now() + timeout;
+        let source = options.source.unwrap_or(TabernaId(0));
+        let window = self.config.blob_window;
+        let chunk = self.config.blob_chunk_len;
+        if self.registry.contains(taberna) {
+            let (piece_tx, piece_rx) = mpsc::unbounded_channel();
+            let (eof_tx, eof_rx) = oneshot::channel();
+            let sender = blob::SenderShared::new(window);
+            let receiver = BlobReceiver::local(piece_rx, sender.clone(), eof_tx);
+            self.send_local(taberna, source, msg_type, header, timeout, Some(receiver))
+                .await?;
+            return Ok(BlobSender::local(sender, piece_tx, eof_rx, chunk));
+        }
+        let route = self.resolve(taberna, deadline).await?;
+        let peer_id = match route.identity {
+            Some(id) => id,
+            None => self.learn_identity(&route.addr, deadline).await?,
+        };
+        if peer_id == self.local_id {
+            return Err(Error::new(
+                ErrorId::UnknownTaberna,
+                format!("{taberna} routes to this domus, but no such taberna is registered"),
+            ));
+        }
+        let peer = self.peer(&peer_id, Some(route.addr));
+        let full = |what: &str| {
+            Error::new(
+                ErrorId::BlobBufferFull,
+                format!("no blob stream to {peer_id} can open now: {what}"),
+            )
+        };
+        let slot = peer
+            .blob_out_streams
+            .clone()
+            .try_acquire_owned()
+            .map_err(|_| full("max_blob_streams_per_peer streams are open"))?;
+        let bytes = self
+            .blob_out_budget
+            .clone()
+            .try_acquire_many_owned(u32::try_from(window).unwrap_or(u32::MAX))
+            .map_err(|_| full("blob_outbound_budget is used up"))?;
+        let n = peer
+            .next_stream
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let stream = n
+            .saturating_mul(2)
+            .saturating_add(stream_parity(&self.local_id, &peer_id));
+        let sender = blob::SenderShared::new(window);
+        peer.blob_tx
+            .send(BlobCommand::OpenOutbound {
+                stream,
+                sender: sender.clone(),
+                reservation: blob::Reservation {
+                    _stream: Some(slot),
+                    _bytes: Some(bytes),
+                },
+            })
+            .map_err(|_| closed())?;
+        // From here until the sender exists, a failure (or the caller dropping this future)
+        // cancels the stream.
+        let mut guard = CancelOnDrop {
+            tx: Some(peer.blob_tx.clone()),
+            stream,
+        };
         let msg = Outgoing {
             dst: taberna.0,
             src: source.0,
-            msg_type: msg_type.0,
-            payload,
+            msg_type: BLOB_OPEN_TYPE,
+            payload: encode_blob_open(stream, msg_type.0, &header),
             deadline: deadline.into_std(),
         };
-        tx.send(PeerCommand::Send { msg, done, permit })
-            .map_err(|_| closed())?;
-        Ok(Receipt { rx })
+        Self::admit_to_peer(&peer, &peer_id, msg, Wait::UntilDeadline, deadline)
+            .await?
+            .await?;
+        guard.tx = None;
+        Ok(BlobSender::remote(
+            sender,
+            peer.blob_tx.clone(),
+            stream,
+            chunk,
+        ))
     }
 
     fn send_local(
@@ -520,9 +704,10 @@ impl Shared {
         msg_type: MessageType,
         payload: Bytes,
         timeout: Duration,
+        blob: Option<BlobReceiver>,
     ) -> Receipt {
         let (answer_tx, answer_rx) = oneshot::channel();
-        let request = TabernaRequest::new(
+        let mut request = TabernaRequest::new(
             self.local_identity.clone(),
             source,
             taberna,
@@ -530,6 +715,9 @@ impl Shared {
             payload,
             AnswerSink::Local(answer_tx),
         );
+        if let Some(blob) = blob {
+            request = request.with_blob(blob);
+        }
         self.registry.deliver(request);
         let (done, rx) = oneshot::channel();
         let context = format!("local {taberna}");
@@ -629,31 +817,26 @@ impl Shared {
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .insert(addr.clone(), id.clone());
-        let (tx, _, _) = self.peer(&id, Some(addr.clone()));
-        let _ = tx.send(PeerCommand::Attach(Box::new(stream)));
+        let peer = self.peer(&id, Some(addr.clone()));
+        let _ = peer
+            .tx
+            .send(PeerCommand::Attach(Box::new(stream), BytesMut::new()));
         Ok(id)
     }
 
     /// The driver for `id`, started on first use.
-    fn peer(
-        self: &Arc<Self>,
-        id: &DomusId,
-        addr: Option<DomusAddr>,
-    ) -> (
-        mpsc::UnboundedSender<PeerCommand>,
-        Arc<Semaphore>,
-        Arc<Semaphore>,
-    ) {
+    fn peer(self: &Arc<Self>, id: &DomusId, addr: Option<DomusAddr>) -> PeerRef {
         let mut peers = self.peers.lock().unwrap_or_else(PoisonError::into_inner);
         if let Some(p) = peers.get_mut(id) {
-            if !p.tx.is_closed() {
+            if !p.links.tx.is_closed() && !p.links.blob_tx.is_closed() {
                 if addr.is_some() && addr != p.addr {
                     if let Some(addr) = &addr {
-                        let _ = p.tx.send(PeerCommand::SetAddr(addr.clone()));
+                        let _ = p.links.tx.send(PeerCommand::SetAddr(addr.clone()));
+                        let _ = p.links.blob_tx.send(BlobCommand::SetAddr(addr.clone()));
                     }
                     p.addr = addr;
                 }
-                return (p.tx.clone(), p.slots.clone(), p.bytes.clone());
+                return p.links.clone();
             }
         }
         // Every command is bounded elsewhere: sends by the in-flight semaphore, answers by the
@@ -666,26 +849,45 @@ impl Shared {
             self.local_id.as_str().to_owned(),
             self.epoch,
         );
+        // Blob commands are bounded by the streams' windows and the stream caps.
+        let (blob_tx, blob_rx) = mpsc::unbounded_channel();
+        let blob_in_streams = Arc::new(Semaphore::new(self.config.max_blob_streams_per_peer));
         let driver = PeerDriver::new(
             id.clone(),
             addr.clone(),
             self.driver_ctx.clone(),
             session,
-            rx,
-            tx.clone(),
+            (rx, tx.clone()),
             self.cancel.child_token(),
+            BlobPeer {
+                tx: blob_tx.clone(),
+                in_streams: blob_in_streams,
+            },
         );
         self.tasks.spawn(driver);
+        self.tasks.spawn(BlobDriver::new(
+            id.clone(),
+            addr.clone(),
+            self.blob_ctx.clone(),
+            blob_rx,
+            self.cancel.child_token(),
+        ));
+        let links = PeerRef {
+            tx,
+            slots,
+            bytes,
+            blob_tx,
+            blob_out_streams: Arc::new(Semaphore::new(self.config.max_blob_streams_per_peer)),
+            next_stream: Arc::new(std::sync::atomic::AtomicU64::new(1)),
+        };
         peers.insert(
             id.clone(),
             PeerHandle {
-                tx: tx.clone(),
-                slots: slots.clone(),
-                bytes: bytes.clone(),
+                links: links.clone(),
                 addr,
             },
         );
-        (tx, slots, bytes)
+        links
     }
 }
 
@@ -767,21 +969,106 @@ async fn accept_loop(shared: Arc<Shared>, listener: Listener, stop: Cancellation
                 () = stop2.cancelled() => return,
                 r = incoming.handshake() => r,
             };
-            match result {
-                Ok(stream) => shared2.attach_inbound(stream),
-                Err(e) => tracing::debug!(error = %e, "inbound handshake failed"),
+            let stream = match result {
+                Ok(stream) => stream,
+                Err(e) => {
+                    tracing::debug!(error = %e, "inbound handshake failed");
+                    return;
+                }
+            };
+            let first = tokio::select! {
+                () = stop2.cancelled() => return,
+                r = tokio::time::timeout(shared2.config.hello_timeout, first_frame(stream)) => r,
+            };
+            match first {
+                Ok(Ok((stream, kind, prefix))) => shared2.attach_inbound(stream, kind, prefix),
+                Ok(Err(e)) => {
+                    tracing::debug!(error = %e, "inbound callis closed before its first frame")
+                }
+                Err(_) => {
+                    tracing::debug!("inbound callis sent no first frame within hello_timeout")
+                }
             }
         });
     }
 }
 
+/// The longest first frame read to tell a primary callis from a blob callis (a HELLO or a
+/// BLOB_HELLO is far shorter).
+const FIRST_FRAME_MAX: usize = 4096;
+
+/// Reads an inbound callis up to the end of its first frame; returns the stream, the frame's
+/// type and every byte read (the whole first frame, perhaps more).
+async fn first_frame(
+    mut stream: AuthenticatedStream,
+) -> Result<(AuthenticatedStream, FrameType, BytesMut), Error> {
+    let mut buf = BytesMut::with_capacity(512);
+    loop {
+        if let Some(header) = buf.get(..HEADER_LEN) {
+            let mut len = [0u8; 4];
+            len.copy_from_slice(header.get(..4).unwrap_or(&[0; 4]));
+            let len = u32::from_be_bytes(len) as usize;
+            let kind = FrameType(header.get(4).copied().unwrap_or(0));
+            if len > FIRST_FRAME_MAX || (kind != FrameType::HELLO && kind != FrameType::BLOB_HELLO)
+            {
+                return Err(Error::new(
+                    ErrorId::ProtocolViolation,
+                    format!("the first frame on a callis was {kind:?} of {len} bytes"),
+                ));
+            }
+            if buf.len() >= HEADER_LEN.saturating_add(len) {
+                return Ok((stream, kind, buf));
+            }
+        }
+        let n = stream
+            .read_buf(&mut buf)
+            .await
+            .map_err(|e| Error::io("reading the first frame", &e))?;
+        if n == 0 {
+            return Err(Error::new(
+                ErrorId::ConnectionLost,
+                "the peer closed the callis before its first frame",
+            ));
+        }
+    }
+}
+
+/// Cancels a blob stream whose opening did not complete (failed, or its future was dropped).
+struct CancelOnDrop {
+    tx: Option<mpsc::UnboundedSender<BlobCommand>>,
+    stream: u64,
+}
+
+impl Drop for CancelOnDrop {
+    fn drop(&mut self) {
+        if let Some(tx) = self.tx.take() {
+            let _ = tx.send(BlobCommand::Cancel {
+                stream: self.stream,
+                reason: "the blob's opening message failed".to_owned(),
+            });
+        }
+    }
+}
+
 impl Shared {
-    fn attach_inbound(self: &Arc<Self>, stream: AuthenticatedStream) {
+    fn attach_inbound(
+        self: &Arc<Self>,
+        stream: AuthenticatedStream,
+        kind: FrameType,
+        prefix: BytesMut,
+    ) {
         if self.check_open().is_err() {
             return;
         }
         let id = stream.peer().id().clone();
-        let (tx, _, _) = self.peer(&id, None);
-        let _ = tx.send(PeerCommand::Attach(Box::new(stream)));
+        let peer = self.peer(&id, None);
+        if kind == FrameType::BLOB_HELLO {
+            let _ = peer.blob_tx.send(BlobCommand::Attach {
+                io: Box::new(stream),
+                prefix,
+            });
+        } else {
+            let _ = peer.tx.send(PeerCommand::Attach(Box::new(stream), prefix));
+        }
     }
 }

@@ -20,6 +20,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::a0_transport::{DomusId, PeerIdentity};
 use crate::a1_callis::session::{A1_MESSAGE_TYPE_MAX, A3_MESSAGE_TYPE_BASE, Answer};
+use crate::domus::blob::BlobReceiver;
 use crate::error::{Error, ErrorId};
 
 /// The id of a taberna, unique within its domus and routed by the resolver.
@@ -143,6 +144,7 @@ pub struct TabernaRequest {
     destination: TabernaId,
     message_type: MessageType,
     payload: Bytes,
+    blob: Option<BlobReceiver>,
     responder: Responder,
 }
 
@@ -220,6 +222,7 @@ impl fmt::Debug for TabernaRequest {
             .field("destination", &self.destination)
             .field("message_type", &self.message_type)
             .field("payload_len", &self.payload.len())
+            .field("blob", &self.blob.is_some())
             .finish()
     }
 }
@@ -239,8 +242,29 @@ impl TabernaRequest {
             destination,
             message_type,
             payload,
+            blob: None,
             responder: Responder { sink: Some(sink) },
         }
+    }
+
+    /// Attaches the receiving end of the blob stream this request opens.
+    pub(crate) fn with_blob(mut self, blob: BlobReceiver) -> Self {
+        self.blob = Some(blob);
+        self
+    }
+
+    /// The blob this request carries (sent with [`Domus::send_blob`](crate::Domus::send_blob)),
+    /// taken out: `None` when the request carries none or it was taken already. Take it before
+    /// answering; bytes start to flow once the request is accepted (or replied to). Rejecting
+    /// the request, or dropping the receiver before its end, cancels the stream.
+    /// [`into_parts`](Self::into_parts) does not carry the blob: take it first.
+    pub fn blob(&mut self) -> Option<BlobReceiver> {
+        self.blob.take()
+    }
+
+    /// Whether the request carries a blob not yet taken.
+    pub fn has_blob(&self) -> bool {
+        self.blob.is_some()
     }
 
     /// Splits the request into what it carried and the half that answers it, so the answer
@@ -252,6 +276,7 @@ impl TabernaRequest {
             destination,
             message_type,
             payload,
+            blob: _,
             responder,
         } = self;
         (

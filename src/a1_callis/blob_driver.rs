@@ -1,0 +1,799 @@
+//! The blob driver: the one task that owns a peer's [`BlobStreams`] and its blob callis.
+//!
+//! Blobs travel on their own callis so a bulk transfer never sits in front of a message. The
+//! side with bytes to send dials it (once the primary callis has told us the peer's epoch);
+//! both ends start with BLOB_HELLO (version, epoch, largest chunk accepted). A blob callis
+//! whose epoch does not match the peer's current run is closed. When the callis drops, every
+//! stream stays open and the driver dials again; unacknowledged bytes are then sent again.
+//!
+//! Each wake-up the driver takes commands (new streams, bytes from senders, consumption from
+//! receivers, cancels), reads frames into the streams, fires their idle timers, hands events
+//! to the application's ends (bytes to receivers, window back to senders, completion, errors)
+//! and writes what the streams have ready — at most [`WRITE_BUDGET`] bytes per turn so a
+//! wake-up stays short. A peer that breaks the blob protocol gets a CLOSE with a reason and
+//! loses that callis; the stream it named fails.
+//!
+//! It holds no lock, and every wait it makes is a socket, a channel or a timer.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use tokio::io::AsyncWrite;
+use tokio::sync::{mpsc, oneshot};
+use tokio::time::{Instant, Sleep};
+use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
+
+use super::blob::{BlobConfig, BlobEvent, BlobStreams};
+use super::driver::jitter;
+use super::frame::{self, BlobFrame, Frame, PROTOCOL_VERSION};
+use crate::a0_transport::{AuthenticatedStream, DomusAddr, DomusId, Transport};
+use crate::domus::blob::{Piece, Reservation, SenderShared};
+use crate::error::{Error, ErrorId};
+
+/// The message type (the first A2 type, reserved by vicus) of a blob-opening message. Its
+/// payload is the stream id (`u64`), the application's message type (`u32`), then the
+/// application's header bytes.
+pub(crate) const BLOB_OPEN_TYPE: u32 = 0x0001_0000;
+/// Bytes before the application's header in a blob-opening payload.
+pub(crate) const BLOB_OPEN_PREFIX_LEN: usize = 12;
+
+/// Builds a blob-opening payload.
+pub(crate) fn encode_blob_open(stream: u64, app_type: u32, header: &[u8]) -> Bytes {
+    use bytes::BufMut;
+    let mut b = BytesMut::with_capacity(BLOB_OPEN_PREFIX_LEN.saturating_add(header.len()));
+    b.put_u64(stream);
+    b.put_u32(app_type);
+    b.put_slice(header);
+    b.freeze()
+}
+
+/// Splits a blob-opening payload into stream id, application type and header.
+pub(crate) fn decode_blob_open(payload: &Bytes) -> Option<(u64, u32, Bytes)> {
+    let stream = u64::from_be_bytes(payload.get(..8)?.try_into().ok()?);
+    let app_type = u32::from_be_bytes(payload.get(8..12)?.try_into().ok()?);
+    Some((stream, app_type, payload.slice(BLOB_OPEN_PREFIX_LEN..)))
+}
+
+/// The low bit of the stream ids a side allocates: 1 for the side with the larger id, so the
+/// two sides never pick the same id.
+pub(crate) fn stream_parity(allocator: &DomusId, other: &DomusId) -> u64 {
+    u64::from(allocator > other)
+}
+
+/// What the rest of the domus asks of a peer's blob driver.
+pub(crate) enum BlobCommand {
+    /// A blob-opening message is going out: open the sending stream (it sends nothing until
+    /// the receiver's first credit).
+    OpenOutbound {
+        stream: u64,
+        sender: Arc<SenderShared>,
+        reservation: Reservation,
+    },
+    /// A blob-opening message arrived: open the receiving stream and grant one window.
+    OpenInbound {
+        stream: u64,
+        app: mpsc::UnboundedSender<Piece>,
+        reservation: Reservation,
+    },
+    /// Bytes a sender's window already allows.
+    Write { stream: u64, data: Bytes },
+    /// The sender wrote its last byte; `done` learns when the receiver holds them all.
+    Finish {
+        stream: u64,
+        done: oneshot::Sender<Result<(), Error>>,
+    },
+    /// A receiver consumed `n` bytes.
+    Consumed { stream: u64, n: u64 },
+    /// The local end abandons the stream (either direction).
+    Cancel { stream: u64, reason: String },
+    /// An authenticated callis whose first frame was a BLOB_HELLO (already read into
+    /// `prefix`).
+    Attach {
+        io: Box<AuthenticatedStream>,
+        prefix: BytesMut,
+    },
+    /// The primary callis opened with a peer in run `epoch`.
+    PeerEpoch { epoch: u64, restarted: bool },
+    /// Learn (or change) the address to dial.
+    SetAddr(DomusAddr),
+    /// Cancel every stream (telling the peer), close the callis and stop.
+    Shutdown,
+}
+
+/// What a blob driver needs from its domus.
+pub(crate) struct BlobContext {
+    pub(crate) transport: Transport,
+    pub(crate) local_id: DomusId,
+    pub(crate) local_epoch: u64,
+    pub(crate) config: BlobConfig,
+    pub(crate) reconnect_backoff_min: Duration,
+    pub(crate) reconnect_backoff_max: Duration,
+}
+
+type DialFuture = Pin<Box<dyn Future<Output = Result<AuthenticatedStream, Error>> + Send>>;
+
+/// Bytes of frames prepared per turn before other work (and other tasks) get a turn.
+const WRITE_BUDGET: usize = 256 * 1024;
+/// Bytes read per turn.
+const READ_BUDGET: usize = 1 << 20;
+/// Read buffer growth step.
+const READ_RESERVE: usize = 128 * 1024;
+/// Commands taken per turn.
+const COMMAND_BUDGET: usize = 1024;
+
+struct OutEnd {
+    shared: Arc<SenderShared>,
+    released: u64,
+    done: Option<oneshot::Sender<Result<(), Error>>>,
+    _reservation: Reservation,
+}
+
+struct InEnd {
+    app: mpsc::UnboundedSender<Piece>,
+    reservation: Option<Reservation>,
+}
+
+struct Link {
+    io: AuthenticatedStream,
+    recv: BytesMut,
+    wbuf: BytesMut,
+    wpos: usize,
+    flushed: bool,
+    /// The peer's BLOB_HELLO has been checked: streams may use this callis.
+    open: bool,
+    /// A CLOSE is queued: drop the callis once it is written.
+    closing: bool,
+}
+
+/// One peer's blob task. Poll it to completion (`tokio::spawn`).
+pub(crate) struct BlobDriver {
+    peer_id: DomusId,
+    addr: Option<DomusAddr>,
+    ctx: Arc<BlobContext>,
+    commands: mpsc::UnboundedReceiver<BlobCommand>,
+    streams: BlobStreams,
+    outs: HashMap<u64, OutEnd>,
+    ins: HashMap<u64, InEnd>,
+    link: Option<Link>,
+    dial: Option<DialFuture>,
+    backoff: Option<Pin<Box<Sleep>>>,
+    backoff_next: Duration,
+    peer_epoch: Option<u64>,
+    timer: Pin<Box<Sleep>>,
+    timer_at: Option<Instant>,
+    shutting_down: bool,
+    cancelled: Pin<Box<WaitForCancellationFutureOwned>>,
+}
+
+fn now() -> std::time::Instant {
+    Instant::now().into_std()
+}
+
+fn closed() -> Error {
+    Error::new(ErrorId::DomusClosed, "the domus has been shut down")
+}
+
+impl BlobDriver {
+    pub(crate) fn new(
+        peer_id: DomusId,
+        addr: Option<DomusAddr>,
+        ctx: Arc<BlobContext>,
+        commands: mpsc::UnboundedReceiver<BlobCommand>,
+        cancel: CancellationToken,
+    ) -> Self {
+        Self {
+            peer_id,
+            addr,
+            streams: BlobStreams::new(ctx.config.clone()),
+            backoff_next: ctx.reconnect_backoff_min,
+            ctx,
+            commands,
+            outs: HashMap::new(),
+            ins: HashMap::new(),
+            link: None,
+            dial: None,
+            backoff: None,
+            peer_epoch: None,
+            timer: Box::pin(tokio::time::sleep_until(Instant::now())),
+            timer_at: None,
+            shutting_down: false,
+            cancelled: Box::pin(cancel.cancelled_owned()),
+        }
+    }
+
+    fn handle_command(&mut self, cmd: BlobCommand) {
+        match cmd {
+            BlobCommand::OpenOutbound {
+                stream,
+                sender,
+                reservation,
+            } => {
+                if self.shutting_down {
+                    sender.fail(closed());
+                    return;
+                }
+                match self.streams.open_outbound(now(), stream) {
+                    Ok(()) => {
+                        self.outs.insert(
+                            stream,
+                            OutEnd {
+                                shared: sender,
+                                released: 0,
+                                done: None,
+                                _reservation: reservation,
+                            },
+                        );
+                    }
+                    Err(e) => sender.fail(e),
+                }
+            }
+            BlobCommand::OpenInbound {
+                stream,
+                app,
+                reservation,
+            } => {
+                if self.shutting_down {
+                    let _ = app.send(Piece::Failed(closed()));
+                    return;
+                }
+                match self.streams.open_inbound(now(), stream) {
+                    Ok(()) => {
+                        self.ins.insert(
+                            stream,
+                            InEnd {
+                                app,
+                                reservation: Some(reservation),
+                            },
+                        );
+                    }
+                    Err(e) => {
+                        let _ = app.send(Piece::Failed(e));
+                    }
+                }
+            }
+            BlobCommand::Write { stream, data } => {
+                let len = data.len();
+                match self.streams.write(now(), stream, &data) {
+                    Ok(n) if n == len => {}
+                    Ok(_) => {
+                        // The sender's permits make this impossible; fail loudly, not silently.
+                        let e = Error::new(
+                            ErrorId::BlobBufferFull,
+                            format!("blob stream {stream} was handed more than its window"),
+                        );
+                        self.streams
+                            .cancel(stream, ErrorId::BlobBufferFull, e.message());
+                        self.fail_end(stream, e);
+                    }
+                    // The stream already ended; its sender has been told.
+                    Err(_) => {}
+                }
+            }
+            BlobCommand::Finish { stream, done } => {
+                if let Err(e) = self.streams.finish(stream) {
+                    let e = self
+                        .outs
+                        .get(&stream)
+                        .and_then(|o| o.shared.error())
+                        .unwrap_or(e);
+                    let _ = done.send(Err(e));
+                } else if let Some(out) = self.outs.get_mut(&stream) {
+                    out.done = Some(done);
+                }
+            }
+            BlobCommand::Consumed { stream, n } => self.streams.consume(now(), stream, n),
+            BlobCommand::Cancel { stream, reason } => {
+                self.streams.cancel(stream, ErrorId::BlobCancelled, &reason);
+                if let Some(out) = self.outs.remove(&stream) {
+                    let e = Error::new(
+                        ErrorId::BlobCancelled,
+                        format!("blob stream {stream} was cancelled: {reason}"),
+                    );
+                    out.shared.fail(e.clone());
+                    if let Some(done) = out.done {
+                        let _ = done.send(Err(e));
+                    }
+                }
+                self.ins.remove(&stream);
+            }
+            BlobCommand::Attach { io, prefix } => self.attach(*io, prefix),
+            BlobCommand::PeerEpoch { epoch, restarted } => {
+                let changed = self.peer_epoch.is_some_and(|old| old != epoch);
+                if changed || restarted {
+                    self.fail_all(Error::new(
+                        ErrorId::PeerRestarted,
+                        format!("{} restarted; its blob streams are lost", self.peer_id),
+                    ));
+                    self.drop_link();
+                }
+                self.peer_epoch = Some(epoch);
+            }
+            BlobCommand::SetAddr(addr) => self.addr = Some(addr),
+            BlobCommand::Shutdown => self.begin_shutdown(),
+        }
+    }
+
+    fn begin_shutdown(&mut self) {
+        if self.shutting_down {
+            return;
+        }
+        self.shutting_down = true;
+        self.dial = None;
+        self.backoff = None;
+        let ids: Vec<u64> = self.outs.keys().chain(self.ins.keys()).copied().collect();
+        for stream in ids {
+            self.streams
+                .cancel(stream, ErrorId::DomusClosed, "the peer is shutting down");
+            self.fail_end(stream, closed());
+        }
+    }
+
+    fn fail_all(&mut self, error: Error) {
+        self.streams.fail_all(&error);
+        // fail_all reports every stream as Cancelled; dispatch tells their ends.
+        self.dispatch_events();
+    }
+
+    /// Tells a stream's local end that it failed, and forgets the end.
+    fn fail_end(&mut self, stream: u64, error: Error) {
+        if let Some(out) = self.outs.remove(&stream) {
+            out.shared.fail(error.clone());
+            if let Some(done) = out.done {
+                let _ = done.send(Err(error.clone()));
+            }
+        }
+        if let Some(inb) = self.ins.remove(&stream) {
+            let _ = inb.app.send(Piece::Failed(error));
+        }
+    }
+
+    fn dialer_of<'a>(&'a self, io: &AuthenticatedStream) -> &'a DomusId {
+        if io.is_dialer() {
+            &self.ctx.local_id
+        } else {
+            &self.peer_id
+        }
+    }
+
+    /// Adopts a new blob callis (same tie-break as the primary: when both sides dialled at
+    /// once, the one dialled by the smaller id survives).
+    fn attach(&mut self, io: AuthenticatedStream, prefix: BytesMut) {
+        if self.shutting_down {
+            return;
+        }
+        if let Some(current) = &self.link {
+            let keep_current = {
+                let current_dialer = self.dialer_of(&current.io);
+                let new_dialer = self.dialer_of(&io);
+                current_dialer != new_dialer && current_dialer < new_dialer
+            };
+            if keep_current {
+                return;
+            }
+            self.drop_link();
+        }
+        let mut wbuf = BytesMut::with_capacity(WRITE_BUDGET + 64 * 1024);
+        let max_chunk = u32::try_from(self.ctx.config.chunk_len).unwrap_or(u32::MAX);
+        frame::encode_blob_hello(&mut wbuf, PROTOCOL_VERSION, self.ctx.local_epoch, max_chunk);
+        self.backoff = None;
+        self.link = Some(Link {
+            io,
+            recv: prefix,
+            wbuf,
+            wpos: 0,
+            flushed: false,
+            open: false,
+            closing: false,
+        });
+        // The peer's BLOB_HELLO (and maybe more) may already be here.
+        self.handle_input();
+    }
+
+    fn drop_link(&mut self) {
+        if self.link.take().is_some() {
+            self.streams.disconnected();
+        }
+    }
+
+    /// Queues a CLOSE and stops using the callis; it is dropped once the CLOSE is written.
+    fn close_link(&mut self, error: &Error) {
+        tracing::debug!(peer = %self.peer_id, error = %error, "closing blob callis");
+        if let Some(link) = self.link.as_mut() {
+            if !link.closing {
+                link.closing = true;
+                frame::encode_close(&mut link.wbuf, error.id().as_u32(), error.message());
+                link.flushed = false;
+            }
+        }
+        self.streams.disconnected();
+    }
+
+    fn maybe_dial(&mut self) {
+        if self.shutting_down
+            || self.link.is_some()
+            || self.dial.is_some()
+            || self.backoff.is_some()
+            || self.peer_epoch.is_none()
+            || !self.streams.has_outbound()
+        {
+            return;
+        }
+        let Some(addr) = self.addr.clone() else {
+            return;
+        };
+        let transport = self.ctx.transport.clone();
+        let expected = self.peer_id.clone();
+        self.dial = Some(Box::pin(async move {
+            transport.dial(&addr, Some(&expected)).await
+        }));
+    }
+
+    fn dial_failed(&mut self, error: &Error) {
+        tracing::debug!(peer = %self.peer_id, error = %error, "blob callis dial failed");
+        self.backoff = Some(Box::pin(tokio::time::sleep(jitter(self.backoff_next))));
+        self.backoff_next = self
+            .backoff_next
+            .saturating_mul(2)
+            .min(self.ctx.reconnect_backoff_max);
+    }
+
+    /// Decodes what the callis has read and hands it to the streams.
+    fn handle_input(&mut self) {
+        let max = u32::try_from(
+            self.ctx
+                .config
+                .chunk_len
+                .saturating_add(frame::BLOB_DATA_FIXED_LEN),
+        )
+        .unwrap_or(u32::MAX);
+        loop {
+            let Some(link) = self.link.as_mut() else {
+                return;
+            };
+            if link.closing {
+                return;
+            }
+            let decoded = frame::decode(&mut link.recv, max);
+            let frame = match decoded {
+                Ok(Some(f)) => f,
+                Ok(None) => return,
+                Err(e) => {
+                    let e = Error::new(
+                        ErrorId::ProtocolViolation,
+                        format!("corrupt blob callis: {e}"),
+                    );
+                    self.close_link(&e);
+                    return;
+                }
+            };
+            if !link.open {
+                match frame {
+                    Frame::Blob(BlobFrame::Hello {
+                        version,
+                        epoch,
+                        max_chunk,
+                    }) => {
+                        if version != PROTOCOL_VERSION {
+                            let e = Error::new(
+                                ErrorId::UnsupportedVersion,
+                                format!(
+                                    "blob callis speaks version {version}, we speak {PROTOCOL_VERSION}"
+                                ),
+                            );
+                            self.close_link(&e);
+                            return;
+                        }
+                        if self.peer_epoch.is_some_and(|known| known != epoch) {
+                            // From another run of the peer than the one the primary callis
+                            // knows: the primary callis settles which run is current first.
+                            tracing::debug!(peer = %self.peer_id, "blob callis from another run of the peer; closing it");
+                            self.drop_link();
+                            return;
+                        }
+                        self.peer_epoch = Some(epoch);
+                        link.open = true;
+                        self.backoff_next = self.ctx.reconnect_backoff_min;
+                        self.streams.set_peer_chunk(max_chunk as usize);
+                        self.streams.connected();
+                    }
+                    other => {
+                        let e = Error::new(
+                            ErrorId::ProtocolViolation,
+                            format!(
+                                "the first frame on a blob callis was {other:?}, not BLOB_HELLO"
+                            ),
+                        );
+                        self.close_link(&e);
+                        return;
+                    }
+                }
+                continue;
+            }
+            match frame {
+                Frame::Blob(f) => self.streams.handle_frame(now(), f),
+                Frame::Close { code, reason } => {
+                    tracing::debug!(peer = %self.peer_id, code, reason = %crate::error::untrusted(&reason), "peer closed the blob callis");
+                    self.drop_link();
+                    return;
+                }
+                Frame::Skipped(_) => {}
+                other => {
+                    let e = Error::new(
+                        ErrorId::ProtocolViolation,
+                        format!("{:?} on the blob callis", frame_name(&other)),
+                    );
+                    self.close_link(&e);
+                    return;
+                }
+            }
+        }
+    }
+
+    fn dispatch_events(&mut self) {
+        while let Some(event) = self.streams.poll_event() {
+            match event {
+                BlobEvent::Writable(stream) => {
+                    if let (Some(acked), Some(out)) =
+                        (self.streams.acked(stream), self.outs.get_mut(&stream))
+                    {
+                        out.shared.release(acked.saturating_sub(out.released));
+                        out.released = out.released.max(acked);
+                    }
+                }
+                BlobEvent::Readable(stream) => self.hand_over(stream),
+                BlobEvent::Finished(stream) => {
+                    if let Some(out) = self.outs.remove(&stream) {
+                        if let Some(done) = out.done {
+                            let _ = done.send(Ok(()));
+                        }
+                    }
+                }
+                BlobEvent::Cancelled { stream, error } => self.fail_end(stream, error),
+                BlobEvent::Violation { stream, error } => {
+                    tracing::warn!(peer = %self.peer_id, error = %error, "blob protocol violation");
+                    if let Some(stream) = stream {
+                        self.streams
+                            .cancel(stream, ErrorId::ProtocolViolation, error.message());
+                        self.fail_end(stream, error.clone());
+                    }
+                    self.close_link(&error);
+                }
+            }
+        }
+    }
+
+    /// Moves a receiving stream's bytes to its application end; ends it once drained.
+    fn hand_over(&mut self, stream: u64) {
+        let Some(inb) = self.ins.get_mut(&stream) else {
+            return;
+        };
+        while let Ok(Some(chunk)) = self.streams.take(stream) {
+            let _ = inb.app.send(Piece::Data(chunk));
+        }
+        if self.streams.is_drained(stream) {
+            let _ = inb.app.send(Piece::End(inb.reservation.take()));
+            self.streams.close_inbound(stream);
+            self.ins.remove(&stream);
+        }
+    }
+
+    /// Reads what the callis has; returns (progressed, alive).
+    fn poll_read(&mut self, cx: &mut Context<'_>) -> (bool, bool) {
+        let Some(link) = self.link.as_mut() else {
+            return (false, true);
+        };
+        let mut read = 0usize;
+        let mut progressed = false;
+        while read < READ_BUDGET {
+            if link.recv.capacity().saturating_sub(link.recv.len()) < 16 * 1024 {
+                link.recv.reserve(READ_RESERVE);
+            }
+            match tokio_util::io::poll_read_buf(Pin::new(&mut link.io), cx, &mut link.recv) {
+                Poll::Ready(Ok(0)) => return (true, false),
+                Poll::Ready(Ok(n)) => {
+                    read = read.saturating_add(n);
+                    progressed = true;
+                }
+                Poll::Ready(Err(e)) => {
+                    tracing::debug!(peer = %self.peer_id, error = %e, "blob callis read failed");
+                    return (true, false);
+                }
+                Poll::Pending => break,
+            }
+        }
+        (progressed, true)
+    }
+
+    /// Writes what the streams have ready; returns (progressed, alive).
+    fn poll_write(&mut self, cx: &mut Context<'_>) -> (bool, bool) {
+        let Some(link) = self.link.as_mut() else {
+            return (false, true);
+        };
+        let mut progressed = false;
+        let mut turns = 0u32;
+        loop {
+            if link.wpos >= link.wbuf.len() {
+                link.wbuf.clear();
+                link.wpos = 0;
+                if link.closing
+                    || !link.open
+                    || turns >= 4
+                    || !self.streams.poll_transmit(&mut link.wbuf, WRITE_BUDGET)
+                {
+                    break;
+                }
+                turns = turns.saturating_add(1);
+                link.flushed = false;
+            }
+            let Some(chunk) = link.wbuf.get(link.wpos..) else {
+                break;
+            };
+            match Pin::new(&mut link.io).poll_write(cx, chunk) {
+                Poll::Ready(Ok(0)) => return (true, false),
+                Poll::Ready(Ok(n)) => {
+                    link.wpos = link.wpos.saturating_add(n);
+                    progressed = true;
+                }
+                Poll::Ready(Err(e)) => {
+                    tracing::debug!(peer = %self.peer_id, error = %e, "blob callis write failed");
+                    return (true, false);
+                }
+                Poll::Pending => return (progressed, true),
+            }
+        }
+        if !link.flushed {
+            match Pin::new(&mut link.io).poll_flush(cx) {
+                Poll::Ready(Ok(())) => link.flushed = true,
+                Poll::Ready(Err(_)) => return (true, false),
+                Poll::Pending => {}
+            }
+        }
+        (progressed, true)
+    }
+
+    fn poll_timer(&mut self, cx: &mut Context<'_>) -> bool {
+        let wanted = self.streams.poll_timeout().map(Instant::from_std);
+        if wanted != self.timer_at {
+            self.timer_at = wanted;
+            if let Some(at) = wanted {
+                self.timer.as_mut().reset(at);
+            }
+        }
+        if self.timer_at.is_some() && self.timer.as_mut().poll(cx).is_ready() {
+            self.timer_at = None;
+            self.streams.handle_timeout(now());
+            return true;
+        }
+        false
+    }
+
+    /// Takes queued commands; false when every sender is gone.
+    fn poll_commands(&mut self, cx: &mut Context<'_>) -> (bool, bool) {
+        let mut progressed = false;
+        for _ in 0..COMMAND_BUDGET {
+            match self.commands.poll_recv(cx) {
+                Poll::Ready(Some(cmd)) => {
+                    self.handle_command(cmd);
+                    progressed = true;
+                }
+                Poll::Ready(None) => return (progressed, false),
+                Poll::Pending => break,
+            }
+        }
+        (progressed, true)
+    }
+
+    fn finish(&mut self) {
+        self.streams.fail_all(&closed());
+        self.dispatch_events();
+        let ids: Vec<u64> = self.outs.keys().chain(self.ins.keys()).copied().collect();
+        for stream in ids {
+            self.fail_end(stream, closed());
+        }
+    }
+}
+
+fn frame_name(f: &Frame) -> &'static str {
+    match f {
+        Frame::Hello(_) => "HELLO",
+        Frame::Ping(_) => "PING",
+        Frame::Pong(_) => "PONG",
+        Frame::Close { .. } => "CLOSE",
+        Frame::Message(_) => "MESSAGE",
+        Frame::Accepted(_) => "ACCEPTED",
+        Frame::Reply { .. } => "REPLY",
+        Frame::Reject(_) => "REJECT",
+        Frame::Blob(_) => "a blob frame",
+        _ => "an unexpected frame",
+    }
+}
+
+impl Future for BlobDriver {
+    type Output = ();
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        let this = self.get_mut();
+        if this.cancelled.as_mut().poll(cx).is_ready() {
+            this.finish();
+            return Poll::Ready(());
+        }
+        for _ in 0..16 {
+            let mut progressed = false;
+            let (p, alive) = this.poll_commands(cx);
+            progressed |= p;
+            if !alive {
+                this.finish();
+                return Poll::Ready(());
+            }
+            if let Some(b) = this.backoff.as_mut() {
+                if b.as_mut().poll(cx).is_ready() {
+                    this.backoff = None;
+                    progressed = true;
+                }
+            }
+            this.maybe_dial();
+            if let Some(d) = this.dial.as_mut() {
+                if let Poll::Ready(result) = d.as_mut().poll(cx) {
+                    this.dial = None;
+                    progressed = true;
+                    match result {
+                        Ok(io) => this.attach(io, BytesMut::new()),
+                        Err(e) => this.dial_failed(&e),
+                    }
+                }
+            }
+            let (p, alive) = this.poll_read(cx);
+            progressed |= p;
+            if p {
+                // Commands queued before these bytes arrived (a stream opened by the primary
+                // callis, say) must be seen before the bytes are.
+                let (p, alive) = this.poll_commands(cx);
+                progressed |= p;
+                if !alive {
+                    this.finish();
+                    return Poll::Ready(());
+                }
+                this.handle_input();
+            }
+            if !alive {
+                this.drop_link();
+            }
+            progressed |= this.poll_timer(cx);
+            this.dispatch_events();
+            let (p, alive) = this.poll_write(cx);
+            progressed |= p;
+            if !alive {
+                this.drop_link();
+            }
+            this.dispatch_events();
+            if let Some(link) = &this.link {
+                if link.closing && link.wpos >= link.wbuf.len() && link.flushed {
+                    this.link = None;
+                    progressed = true;
+                }
+            }
+            if this.shutting_down {
+                let idle = this
+                    .link
+                    .as_ref()
+                    .is_none_or(|l| !l.open || (l.wpos >= l.wbuf.len() && l.flushed));
+                if idle {
+                    this.link = None;
+                    this.finish();
+                    return Poll::Ready(());
+                }
+            }
+            progressed |= this.poll_timer(cx);
+            if !progressed {
+                return Poll::Pending;
+            }
+        }
+        cx.waker().wake_by_ref();
+        Poll::Pending
+    }
+}
