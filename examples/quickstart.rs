@@ -1,5 +1,6 @@
 //! Two domus on loopback, certificates minted at start-up: a taberna that replies, one
-//! request/reply, a pipelined burst of acknowledged messages, and a rejection.
+//! request/reply, a pipelined burst of acknowledged messages, a rejection, and a 256 MiB blob
+//! streamed to a second taberna and checked on arrival.
 //!
 //! Run with `cargo run --example quickstart`. (`cargo run --example handshake` shows the A0
 //! handshake alone, over TCP and over a Unix socket.)
@@ -8,10 +9,12 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use bytes::Bytes;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use vicus::dev_certs::DevCa;
 use vicus::{Delivery, Domus, MessageType, SendOptions, SimpleResolver, TabernaId};
 
 const GREETER: TabernaId = TabernaId(1);
+const STORE: TabernaId = TabernaId(2);
 const ECHO: MessageType = match MessageType::app(1) {
     Some(t) => t,
     None => panic!("A3 offset out of range"),
@@ -34,11 +37,13 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .resolver(routes.clone())
         .build()
         .await?;
-    routes.insert(
-        GREETER,
-        beta.local_addr().clone(),
-        Some(beta.identity().clone()),
-    );
+    for taberna in [GREETER, STORE] {
+        routes.insert(
+            taberna,
+            beta.local_addr().clone(),
+            Some(beta.identity().clone()),
+        );
+    }
     println!("alpha {} at {}", alpha.identity(), alpha.local_addr());
     println!("beta  {} at {}", beta.identity(), beta.local_addr());
 
@@ -110,6 +115,51 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         ),
         Ok(other) => println!("unexpected: {other:?}"),
     }
+
+    // A blob: the header names it; the handler accepts, then reads the bytes as they arrive
+    // (a slow reader would slow the sender down, never fail the transfer).
+    let store = beta.taberna(STORE)?;
+    let stored = tokio::spawn(async move {
+        let mut request = store.recv().await.ok_or("store closed")?;
+        let name = String::from_utf8_lossy(request.payload()).into_owned();
+        let mut blob = request.blob().ok_or("no blob")?;
+        request.accept();
+        let mut buf = vec![0u8; 256 * 1024];
+        let (mut len, mut sum) = (0u64, 0u64);
+        loop {
+            let n = blob.read(&mut buf).await?;
+            if n == 0 {
+                break;
+            }
+            len += n as u64;
+            sum = buf[..n].iter().fold(sum, |s, b| s.wrapping_add(u64::from(*b)));
+        }
+        Ok::<_, Box<dyn std::error::Error + Send + Sync>>((name, len, sum))
+    });
+    let size = 256u64 << 20;
+    let piece: Vec<u8> = (0..256 * 1024u32).map(|i| (i % 251) as u8).collect();
+    let piece_sum = piece.iter().fold(0u64, |s, b| s.wrapping_add(u64::from(*b)));
+    let started = Instant::now();
+    let mut blob = alpha
+        .send_blob(
+            STORE,
+            ECHO,
+            Bytes::from_static(b"snapshot-0001"),
+            SendOptions::default(),
+        )
+        .await?;
+    for _ in 0..size / piece.len() as u64 {
+        blob.write_all(&piece).await?;
+    }
+    blob.finish().await?;
+    let took = started.elapsed();
+    let (name, len, sum) = stored.await?.map_err(|e| e.to_string())?;
+    let expected_sum = piece_sum.wrapping_mul(size / piece.len() as u64);
+    println!(
+        "blob {name}: {len} bytes in {took:.2?} ({:.0} MiB/s), checksum {}",
+        len as f64 / (1024.0 * 1024.0) / took.as_secs_f64(),
+        if len == size && sum == expected_sum { "ok" } else { "MISMATCH" }
+    );
 
     alpha.shutdown().await;
     beta.shutdown().await;
