@@ -37,6 +37,9 @@ pub struct BlobConfig {
     pub max_streams: usize,
     /// A stream with no progress for this long is cancelled with `BlobStreamIdleTimeout`.
     pub idle_timeout: Duration,
+    /// BLOB_CANCELs the peer may send in one second; one more is a violation (T17: open and
+    /// cancel churn).
+    pub max_peer_cancels_per_second: u32,
 }
 
 impl Default for BlobConfig {
@@ -46,6 +49,7 @@ impl Default for BlobConfig {
             window: 4 * 1024 * 1024,
             max_streams: 64,
             idle_timeout: Duration::from_secs(30),
+            max_peer_cancels_per_second: 1000,
         }
     }
 }
@@ -130,6 +134,8 @@ pub struct BlobStreams {
     recent: VecDeque<u64>,
     connected: bool,
     events: VecDeque<BlobEvent>,
+    cancel_window_start: Option<Instant>,
+    cancel_count: u32,
 }
 
 const RECENT_CAP: usize = 1024;
@@ -151,6 +157,8 @@ impl BlobStreams {
             recent: VecDeque::new(),
             connected: false,
             events: VecDeque::new(),
+            cancel_window_start: None,
+            cancel_count: 0,
         }
     }
 
@@ -428,6 +436,14 @@ impl BlobStreams {
                 code,
                 reason,
             } => {
+                if !self.within_cancel_budget(now) {
+                    let budget = self.config.max_peer_cancels_per_second;
+                    self.violation(
+                        None,
+                        format!("the peer cancelled more than {budget} blob streams in one second"),
+                    );
+                    return;
+                }
                 let known = self.outbound.remove(&stream).is_some()
                     | self.inbound.remove(&stream).is_some();
                 if known {
@@ -446,6 +462,19 @@ impl BlobStreams {
                 }
             }
         }
+    }
+
+    /// Counts a cancel from the peer against the per-second budget.
+    fn within_cancel_budget(&mut self, now: Instant) -> bool {
+        let over = self
+            .cancel_window_start
+            .is_none_or(|start| now.saturating_duration_since(start) >= Duration::from_secs(1));
+        if over {
+            self.cancel_window_start = Some(now);
+            self.cancel_count = 0;
+        }
+        self.cancel_count = self.cancel_count.saturating_add(1);
+        self.cancel_count <= self.config.max_peer_cancels_per_second
     }
 
     fn violation(&mut self, stream: Option<u64>, message: String) {

@@ -17,6 +17,7 @@ fn config() -> BlobConfig {
         window: WINDOW,
         max_streams: 32,
         idle_timeout: Duration::from_secs(30),
+        max_peer_cancels_per_second: 100,
     }
 }
 
@@ -410,4 +411,55 @@ fn t23_stream_cap_refuses_the_next_open_cheaply() {
         s.open_inbound(now, 1).expect_err("duplicate").id(),
         ErrorId::ProtocolViolation
     );
+}
+
+#[test]
+fn t17_open_cancel_churn_past_the_budget_is_a_violation_and_frees_every_stream() {
+    let mut p = Pair::new();
+    // A legitimate cancel-heavy workload under the budget is never closed.
+    for round in 0..3u64 {
+        for i in 0..100u64 {
+            let stream = 1000 * (round + 1) + i;
+            p.b.open_inbound(p.now, stream).expect("open");
+            p.b.handle_frame(
+                p.now,
+                BlobFrame::Cancel {
+                    stream,
+                    code: ErrorId::BlobCancelled.as_u32(),
+                    reason: "changed my mind".into(),
+                },
+            );
+        }
+        assert!(p.b.poll_event_violation().is_none(), "round {round}");
+        p.now += Duration::from_millis(1001);
+    }
+    assert_eq!(p.b.open_streams(), 0, "cancelling frees the stream at once");
+    // Past the budget within one second: a violation.
+    for i in 0..101u64 {
+        let stream = 9000 + i;
+        p.b.open_inbound(p.now, stream).expect("open");
+        p.b.handle_frame(
+            p.now,
+            BlobFrame::Cancel {
+                stream,
+                code: ErrorId::BlobCancelled.as_u32(),
+                reason: String::new(),
+            },
+        );
+    }
+    let v = p.b.poll_event_violation().expect("violation");
+    assert!(v.contains("cancelled more than 100"), "{v}");
+}
+
+impl BlobStreams {
+    /// The message of the first violation among the pending events (others are dropped).
+    fn poll_event_violation(&mut self) -> Option<String> {
+        let mut found = None;
+        while let Some(e) = self.poll_event() {
+            if let BlobEvent::Violation { error, .. } = e {
+                found.get_or_insert(error.message().to_owned());
+            }
+        }
+        found
+    }
 }

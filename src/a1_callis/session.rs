@@ -692,6 +692,10 @@ impl Session {
             ErrorId::Forbidden,
             ErrorId::MessageTypeNotAccepted,
             ErrorId::InvalidMessageType,
+            // Blob opens refused for the peer's own fault or over the stream cap (T23).
+            ErrorId::BlobBufferFull,
+            ErrorId::DecodeFailure,
+            ErrorId::ProtocolViolation,
         ]
         .iter()
         .any(|e| e.as_u32() == *error);

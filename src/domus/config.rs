@@ -88,6 +88,9 @@ pub struct DomusConfig {
     pub blob_inbound_budget: usize,
     /// The same for sending blob streams. Default 512 MiB; at least `blob_window`.
     pub blob_outbound_budget: usize,
+    /// Blob streams a peer may cancel in one second; past that its blob callis closes as a
+    /// protocol violation (open/cancel churn, T17). Default 1000; 1 to 10 000 000.
+    pub max_blob_cancels_per_second: u32,
 }
 
 impl Default for DomusConfig {
@@ -117,6 +120,7 @@ impl Default for DomusConfig {
             blob_idle_timeout: Duration::from_secs(30),
             blob_inbound_budget: 512 * 1024 * 1024,
             blob_outbound_budget: 512 * 1024 * 1024,
+            max_blob_cancels_per_second: 1000,
         }
     }
 }
@@ -249,6 +253,12 @@ impl DomusConfig {
             self.blob_window as u64,
             1 << 40,
         )?;
+        count(
+            "max_blob_cancels_per_second",
+            u64::from(self.max_blob_cancels_per_second),
+            1,
+            10_000_000,
+        )?;
         Ok(())
     }
 
@@ -260,6 +270,7 @@ impl DomusConfig {
             // budgets) before a stream opens.
             max_streams: self.max_blob_streams_per_peer.saturating_mul(2),
             idle_timeout: self.blob_idle_timeout,
+            max_peer_cancels_per_second: self.max_blob_cancels_per_second,
         }
     }
 
