@@ -2,8 +2,9 @@
 //!
 //! Blobs travel on their own callis so a bulk transfer never sits in front of a message. The
 //! side with bytes to send dials it (once the primary callis has told us the peer's epoch);
-//! both ends start with BLOB_HELLO (version, epoch, largest chunk accepted). A blob callis
-//! whose epoch does not match the peer's current run is closed. When the callis drops, every
+//! both ends start with BLOB_HELLO (version, epoch, largest chunk accepted). A BLOB_HELLO
+//! from another run of the peer than the one we knew means it restarted: the streams of the
+//! old run fail with `PeerRestarted`. When the callis drops, every
 //! stream stays open and the driver dials again; unacknowledged bytes are then sent again.
 //!
 //! Each wake-up the driver takes commands (new streams, bytes from senders, consumption from
@@ -488,15 +489,17 @@ impl BlobDriver {
                             self.close_link(&e);
                             return;
                         }
+                        link.open = true;
                         if self.peer_epoch.is_some_and(|known| known != epoch) {
-                            // From another run of the peer than the one the primary callis
-                            // knows: the primary callis settles which run is current first.
-                            tracing::debug!(peer = %self.peer_id, "blob callis from another run of the peer; closing it");
-                            self.drop_link();
-                            return;
+                            // A freshly authenticated callis from the same identity in another
+                            // run: the peer restarted (the old run cannot answer a new dial), so
+                            // streams of the old run are lost.
+                            self.fail_all(Error::new(
+                                ErrorId::PeerRestarted,
+                                format!("{} restarted; its blob streams are lost", self.peer_id),
+                            ));
                         }
                         self.peer_epoch = Some(epoch);
-                        link.open = true;
                         self.backoff_next = self.ctx.reconnect_backoff_min;
                         self.streams.set_peer_chunk(max_chunk as usize);
                         self.streams.connected();
