@@ -132,13 +132,17 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
                 break;
             }
             len += n as u64;
-            sum = buf[..n].iter().fold(sum, |s, b| s.wrapping_add(u64::from(*b)));
+            sum = buf[..n]
+                .iter()
+                .fold(sum, |s, b| s.wrapping_add(u64::from(*b)));
         }
         Ok::<_, Box<dyn std::error::Error + Send + Sync>>((name, len, sum))
     });
     let size = 256u64 << 20;
     let piece: Vec<u8> = (0..256 * 1024u32).map(|i| (i % 251) as u8).collect();
-    let piece_sum = piece.iter().fold(0u64, |s, b| s.wrapping_add(u64::from(*b)));
+    let piece_sum = piece
+        .iter()
+        .fold(0u64, |s, b| s.wrapping_add(u64::from(*b)));
     let started = Instant::now();
     let mut blob = alpha
         .send_blob(
@@ -158,7 +162,11 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!(
         "blob {name}: {len} bytes in {took:.2?} ({:.0} MiB/s), checksum {}",
         len as f64 / (1024.0 * 1024.0) / took.as_secs_f64(),
-        if len == size && sum == expected_sum { "ok" } else { "MISMATCH" }
+        if len == size && sum == expected_sum {
+            "ok"
+        } else {
+            "MISMATCH"
+        }
     );
 
     alpha.shutdown().await;
