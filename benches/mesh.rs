@@ -6,13 +6,16 @@
 //! length-prefixed frames (`u32` big-endian length, then the payload) straight on the
 //! [`AuthenticatedStream`]: the sender packs many frames into ~64 KiB writes, the receiver
 //! parses them out of a read buffer and counts them, and there are no acknowledgements. They
-//! are the ceiling a messaging layer on the same transport can approach.
+//! are the ceiling a messaging layer on the same transport can approach. The raw blob baseline
+//! streams plain bytes on one such connection, in [`BLOB_WRITE_LEN`] writes.
 //!
 //! | scenario        | what is measured                                                            |
 //! |-----------------|-----------------------------------------------------------------------------|
 //! | `one_way_64b`   | one connection, N pipelined 64-byte messages; msg/s from the first write to the receiver parsing the last one |
 //! | `ping_pong_64b` | one connection, sequential 64-byte request/echo round trips after a warm-up; p50/p99 latency |
 //! | `fan_in_64x`    | 64 client connections (one identity each) sending N/64 messages each to one server at once; total msg/s |
+//! | `blob_1gib`     | 1 GiB (scaled, at least 64 MiB) streamed in 256 KiB writes; MiB/s from the first write to the receiver reading the last byte (vicus: one blob, `Domus::send_blob`, read by the taberna's handler) |
+//! | `ping_pong_during_blob` | vicus only: the `ping_pong_64b` round trips between two domus while a `blob_1gib`-sized blob streams between the same two; p50/p99 against the idle vicus `ping_pong_64b` run |
 //!
 //! Each scenario also reports the process's peak resident memory (`VmHWM`), reset before the
 //! scenario where the kernel allows it. Every scenario runs under a deadline; a failure or a
@@ -26,8 +29,9 @@
 //! VICUS_BENCH_SCALE=4 cargo bench --bench mesh     # longer, steadier
 //! ```
 //!
-//! `VICUS_BENCH_SCALE` (default 1) multiplies the message and round-trip counts. The results go
-//! to stdout as markdown (machine facts, then the table); progress goes to stderr.
+//! `VICUS_BENCH_SCALE` (default 1) multiplies the message and round-trip counts and the blob
+//! size. The results go to stdout as markdown (machine facts, the table, then the
+//! ping-pong-during-blob section); progress goes to stderr.
 //!
 //! Adding a vicus scenario: write `async fn vicus_<scenario>(cfg: &BenchConfig) ->
 //! BenchResult<Measurement>` that does the same work through the vicus API, and pass
@@ -72,6 +76,14 @@ const BASE_ROUND_TRIPS: f64 = 50_000.0;
 const WARMUP_ROUND_TRIPS: usize = 5_000;
 /// Client connections in the fan-in scenario.
 const FAN_IN_CLIENTS: usize = 64;
+/// Blob bytes at scale 1 (`blob_1gib`, and the blob under `ping_pong_during_blob`).
+const BASE_BLOB_BYTES: f64 = (1u64 << 30) as f64;
+/// The smallest blob, whatever the scale.
+const MIN_BLOB_BYTES: u64 = 64 << 20;
+/// The size of every blob write (and of the receiver's read buffer).
+const BLOB_WRITE_LEN: usize = 256 * 1024;
+/// Bytes in a MiB, for the MiB/s figures.
+const MIB: f64 = (1u64 << 20) as f64;
 /// The deadline for one whole scenario, set-up included.
 const SCENARIO_DEADLINE: Duration = Duration::from_secs(60);
 
@@ -117,6 +129,11 @@ impl BenchConfig {
     fn round_trips(&self) -> usize {
         usize::try_from(scaled(BASE_ROUND_TRIPS, self.scale, 100)).unwrap_or(usize::MAX)
     }
+
+    /// The bytes of one blob (`blob_1gib`, `ping_pong_during_blob`).
+    fn blob_bytes(&self) -> u64 {
+        scaled(BASE_BLOB_BYTES, self.scale, MIN_BLOB_BYTES)
+    }
 }
 
 /// `base * scale`, rounded, and at least `min`.
@@ -137,6 +154,12 @@ struct Measurement {
     latency: Option<Latency>,
     /// Peak resident set size of the process in kB (`VmHWM`); filled in by [`run_scenario`].
     peak_rss_kb: Option<u64>,
+    /// Bytes delivered in the timed interval, for blob scenarios; the table then shows MiB/s
+    /// instead of msg/s.
+    bytes: Option<u64>,
+    /// A blob streamed while the measured work ran (`ping_pong_during_blob`): its bytes, and
+    /// the time from its first write to its last byte read.
+    concurrent_blob: Option<(u64, Duration)>,
 }
 
 impl Measurement {
@@ -149,15 +172,26 @@ impl Measurement {
         }
     }
 
-    /// Messages (or round trips) per second over the timed interval.
-    fn per_second(&self) -> f64 {
-        let secs = self.elapsed.as_secs_f64();
-        if secs > 0.0 {
-            self.messages as f64 / secs
-        } else {
-            0.0
+    /// A blob measurement: `bytes` (one blob) streamed in `elapsed`.
+    fn blob(bytes: u64, elapsed: Duration) -> Self {
+        Self {
+            messages: 1,
+            elapsed,
+            bytes: Some(bytes),
+            ..Self::default()
         }
     }
+
+    /// Messages (or round trips) per second over the timed interval.
+    fn per_second(&self) -> f64 {
+        rate(self.messages as f64, self.elapsed)
+    }
+}
+
+/// `amount / elapsed` per second; 0 for an empty interval.
+fn rate(amount: f64, elapsed: Duration) -> f64 {
+    let secs = elapsed.as_secs_f64();
+    if secs > 0.0 { amount / secs } else { 0.0 }
 }
 
 /// Round-trip latency percentiles (nearest rank).
@@ -221,6 +255,15 @@ where
         Err(_) => Err(format!("timed out after {SCENARIO_DEADLINE:?}")),
     };
     match &outcome {
+        Ok(Measurement {
+            bytes: Some(bytes),
+            elapsed,
+            ..
+        }) => eprintln!(
+            "  {label}: {:.1} MiB in {:.3} s",
+            *bytes as f64 / MIB,
+            elapsed.as_secs_f64()
+        ),
         Ok(m) => eprintln!(
             "  {label}: {} messages in {:.3} s",
             m.messages,
@@ -261,7 +304,9 @@ async fn bench_main() -> Result<(), BoxError> {
         .unwrap_or_else(|e| format!("unknown ({e})"));
 
     // The lead adds `vicus: Some(run_scenario("vicus ...", vicus_...(&cfg)).await)` per row.
-    let rows = vec![
+    // The blob scenarios run before `fan_in_64x`: the peak RSS reset cannot give back memory
+    // the process still holds, and the fan-in's 65 domus leave far more than a blob needs.
+    let mut rows = vec![
         Row {
             name: "one_way_64b",
             raw: run_scenario("raw one_way_64b", raw_one_way_64b(&cfg)).await,
@@ -273,16 +318,33 @@ async fn bench_main() -> Result<(), BoxError> {
             vicus: Some(run_scenario("vicus ping_pong_64b", vicus_ping_pong_64b(&cfg)).await),
         },
         Row {
-            name: "fan_in_64x",
-            raw: run_scenario("raw fan_in_64x", raw_fan_in_64x(&cfg)).await,
-            vicus: Some(run_scenario("vicus fan_in_64x", vicus_fan_in_64x(&cfg)).await),
+            name: "blob_1gib",
+            raw: run_scenario("raw blob_1gib", raw_blob_1gib(&cfg)).await,
+            vicus: Some(run_scenario("vicus blob_1gib", vicus_blob_1gib(&cfg)).await),
         },
     ];
+    // Compared with the idle vicus `ping_pong_64b` above rather than with a raw run, so it gets
+    // a section of its own.
+    let during_blob = run_scenario(
+        "vicus ping_pong_during_blob",
+        vicus_ping_pong_during_blob(&cfg),
+    )
+    .await;
+    rows.push(Row {
+        name: "fan_in_64x",
+        raw: run_scenario("raw fan_in_64x", raw_fan_in_64x(&cfg)).await,
+        vicus: Some(run_scenario("vicus fan_in_64x", vicus_fan_in_64x(&cfg)).await),
+    });
+    let idle = rows
+        .iter()
+        .find(|r| r.name == "ping_pong_64b")
+        .and_then(|r| r.vicus.as_ref());
 
     let report = format!(
-        "{}\n{}",
+        "{}\n{}\n{}",
         machine_facts(&cfg, &tls, rss_reset),
-        render_table(&rows)
+        render_table(&rows),
+        render_during_blob(idle, &during_blob)
     );
     print!("{report}");
     // `VICUS_BENCH_WRITE=1` records the run in docs/performance.md.
@@ -310,7 +372,15 @@ fn performance_page(report: &str) -> String {
          p99 at most 2x raw.\n\
          - **fan_in_64x**: 64 client domus (64 identities, 64 calles) send to one server domus \
          with two worker tasks. Target: at least 0.10 of raw, no error; peak RSS is reported \
-         for the whole process (all 65 domus).\n\n\
+         for the whole process (all 65 domus).\n\
+         - **blob_1gib**: one blob (`Domus::send_blob`, {BLOB_WRITE_LEN}-byte `write_all`s, then \
+         `finish`) read to its end by the receiving taberna's handler, against the same bytes \
+         written on one raw connection; MiB/s from the first write to the last byte read. \
+         Target: at least 0.80 of raw.\n\
+         - **ping_pong_during_blob**: the vicus ping_pong_64b round trips (primary callis) \
+         while a blob of the blob_1gib size streams between the same two domus to another \
+         taberna; only round trips made while the blob streams count. Target: p99 at most 3x \
+         the idle vicus ping_pong_64b p99 of the same run.\n\n\
          Numbers from a shared 2-core virtual machine are noisy; compare ratios within one run \
          only.\n\n{report}"
     )
@@ -512,6 +582,142 @@ async fn vicus_fan_in_64x(cfg: &BenchConfig) -> BenchResult<Measurement> {
     Ok(Measurement::throughput(total, elapsed))
 }
 
+/// The taberna the blob scenarios stream to (on the same server domus as [`BENCH_TABERNA`] in
+/// `ping_pong_during_blob`).
+const BLOB_TABERNA: vicus::TabernaId = vicus::TabernaId(2);
+
+/// Registers [`BLOB_TABERNA`] on `server`, routes it, and spawns its handler: it takes one
+/// request's blob, accepts the request and reads the blob to its end, which must come after
+/// exactly `expected` bytes. The task returns the instant the last byte was read.
+fn vicus_blob_sink(
+    server: &vicus::Domus,
+    routes: &std::sync::Arc<vicus::SimpleResolver>,
+    expected: u64,
+) -> BenchResult<Task<BenchResult<Instant>>> {
+    let taberna = server.taberna(BLOB_TABERNA)?;
+    routes.insert(
+        BLOB_TABERNA,
+        server.local_addr().clone(),
+        Some(server.identity().clone()),
+    );
+    Ok(Task::spawn(async move {
+        let mut req = taberna
+            .recv()
+            .await
+            .ok_or("the blob taberna closed before a request came")?;
+        let mut rx = req.blob().ok_or("the request carries no blob")?;
+        req.accept();
+        let done = read_blob(&mut rx, expected).await?;
+        let mut probe = [0u8; 1];
+        if rx.read(&mut probe).await? != 0 {
+            return Err(format!("the blob is longer than the {expected} bytes sent").into());
+        }
+        Ok(done)
+    }))
+}
+
+/// Opens a blob of `total` bytes from `client` to [`BLOB_TABERNA`] and streams it in
+/// [`BLOB_WRITE_LEN`] writes, then finishes it. `on_accepted` (if any) fires when the handler
+/// has accepted, just before the first write. Returns the instant of the first write.
+async fn vicus_send_blob(
+    client: &vicus::Domus,
+    total: u64,
+    on_accepted: Option<tokio::sync::oneshot::Sender<()>>,
+) -> BenchResult<Instant> {
+    let mut tx = client
+        .send_blob(
+            BLOB_TABERNA,
+            BENCH_TYPE,
+            Bytes::new(),
+            vicus::SendOptions::default(),
+        )
+        .await?;
+    if let Some(accepted) = on_accepted {
+        // The receiver may have gone (the scenario is failing); the blob still goes out.
+        let _ = accepted.send(());
+    }
+    let started = Instant::now();
+    write_blob(&mut tx, total).await?;
+    tx.finish().await?;
+    Ok(started)
+}
+
+/// `blob_1gib` through vicus: one blob, read to its end by the receiving taberna's handler.
+async fn vicus_blob_1gib(cfg: &BenchConfig) -> BenchResult<Measurement> {
+    let total = cfg.blob_bytes();
+    let mut ca = DevCa::new("vicus bench CA")?;
+    let routes = std::sync::Arc::new(vicus::SimpleResolver::new());
+    let server = bench_domus(&mut ca, "server", &routes, vicus::DomusConfig::default()).await?;
+    let sink = vicus_blob_sink(&server, &routes, total)?;
+    let client = bench_domus(&mut ca, "client", &routes, vicus::DomusConfig::default()).await?;
+    let started = vicus_send_blob(&client, total, None).await?;
+    let done = sink.join().await??;
+    client.shutdown().await;
+    server.shutdown().await;
+    Ok(Measurement::blob(total, done.duration_since(started)))
+}
+
+/// `ping_pong_during_blob`: the `ping_pong_64b` round trips between two domus while a blob
+/// streams between the same two. Only round trips started while the blob streams (after the
+/// handler accepted it, before its last byte was read) are measured.
+async fn vicus_ping_pong_during_blob(cfg: &BenchConfig) -> BenchResult<Measurement> {
+    let total = cfg.blob_bytes();
+    let mut ca = DevCa::new("vicus bench CA")?;
+    let routes = std::sync::Arc::new(vicus::SimpleResolver::new());
+    let (server, _workers) =
+        bench_server(&mut ca, &routes, 1, true, vicus::DomusConfig::default()).await?;
+    let sink = vicus_blob_sink(&server, &routes, total)?;
+    let client = bench_domus(&mut ca, "client", &routes, vicus::DomusConfig::default()).await?;
+    let payload = Bytes::from(vec![7u8; PAYLOAD_LEN]);
+    let round_trip = || {
+        client.send(
+            BENCH_TABERNA,
+            BENCH_TYPE,
+            payload.clone(),
+            vicus::SendOptions::default(),
+        )
+    };
+    // Warm up (and open the primary callis) before the blob starts.
+    for _ in 0..WARMUP_ROUND_TRIPS {
+        round_trip().await?;
+    }
+    let (accepted_tx, accepted_rx) = tokio::sync::oneshot::channel();
+    let sender = {
+        let client = client.clone();
+        Task::spawn(async move { vicus_send_blob(&client, total, Some(accepted_tx)).await })
+    };
+    if accepted_rx.await.is_err() {
+        // The sender ended before the blob was accepted: its error says why.
+        sender.join().await??;
+        return Err("the blob sender ended before the blob was accepted".into());
+    }
+    let mut samples = Vec::with_capacity(cfg.round_trips());
+    let started = Instant::now();
+    while !sink.is_finished() && !sender.is_finished() {
+        let t0 = Instant::now();
+        match round_trip().await? {
+            vicus::Delivery::Replied(p) if p.len() == PAYLOAD_LEN => {}
+            other => return Err(format!("unexpected answer {other:?}").into()),
+        }
+        samples.push(t0.elapsed());
+    }
+    let elapsed = started.elapsed();
+    let blob_started = sender.join().await??;
+    let blob_done = sink.join().await??;
+    client.shutdown().await;
+    server.shutdown().await;
+    if samples.is_empty() {
+        return Err("the blob ended before the first round trip".into());
+    }
+    Ok(Measurement {
+        messages: samples.len() as u64,
+        elapsed,
+        latency: Latency::from_samples(samples),
+        concurrent_blob: Some((total, blob_done.duration_since(blob_started))),
+        ..Measurement::default()
+    })
+}
+
 // ---------------------------------------------------------------------------------------------
 // Raw baseline scenarios
 // ---------------------------------------------------------------------------------------------
@@ -560,7 +766,7 @@ async fn raw_ping_pong_64b(cfg: &BenchConfig) -> BenchResult<Measurement> {
         messages: samples.len() as u64,
         elapsed,
         latency: Latency::from_samples(samples),
-        peak_rss_kb: None,
+        ..Measurement::default()
     })
 }
 
@@ -605,6 +811,25 @@ async fn raw_fan_in_64x(cfg: &BenchConfig) -> BenchResult<Measurement> {
     }
     let total = per_client * FAN_IN_CLIENTS as u64;
     Ok(Measurement::throughput(total, end.duration_since(start)))
+}
+
+/// `blob_1gib`: the blob's bytes written on one connection in [`BLOB_WRITE_LEN`] writes and
+/// read until all have arrived.
+async fn raw_blob_1gib(cfg: &BenchConfig) -> BenchResult<Measurement> {
+    let mut ca = DevCa::new("vicus bench CA")?;
+    let (mut client, mut server) = connect_pair(&mut ca).await?;
+    let total = cfg.blob_bytes();
+
+    let receiver = Task::spawn(async move { read_blob(&mut server, total).await });
+    let start = Instant::now();
+    let sender = Task::spawn(async move {
+        write_blob(&mut client, total).await?;
+        // Keep the connection open until the receiver is done with it.
+        Ok::<_, BoxError>(client)
+    });
+    let end = receiver.join().await??;
+    let _client = sender.join().await??;
+    Ok(Measurement::blob(total, end.duration_since(start)))
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -682,6 +907,11 @@ impl<T: Send + 'static> Task<T> {
     /// Waits for the task's output; a panic or abort becomes an error.
     async fn join(mut self) -> BenchResult<T> {
         Ok((&mut self.0).await?)
+    }
+
+    /// Whether the task has ended (its output is then ready for [`Task::join`]).
+    fn is_finished(&self) -> bool {
+        self.0.is_finished()
     }
 }
 
@@ -784,6 +1014,39 @@ async fn receive_frames<R: AsyncRead + Unpin>(r: &mut R, count: u64) -> BenchRes
     let done = Instant::now();
     if seen != count || !buf.is_empty() {
         return Err(format!("received more than the {count} frames sent").into());
+    }
+    Ok(done)
+}
+
+/// Writes `total` bytes in [`BLOB_WRITE_LEN`] `write_all`s (the last one shorter when needed),
+/// then flushes.
+async fn write_blob<W: AsyncWrite + Unpin>(w: &mut W, total: u64) -> BenchResult<()> {
+    let buf = vec![0xB7; BLOB_WRITE_LEN];
+    let mut left = total;
+    while left > 0 {
+        let n = usize::try_from(left).map_or(BLOB_WRITE_LEN, |l| l.min(BLOB_WRITE_LEN));
+        w.write_all(&buf[..n]).await?;
+        left -= n as u64;
+    }
+    w.flush().await?;
+    Ok(())
+}
+
+/// Reads into a [`BLOB_WRITE_LEN`] buffer until `total` bytes have arrived; returns the instant
+/// the last one was read. A short stream or extra bytes in the last read are errors.
+async fn read_blob<R: AsyncRead + Unpin>(r: &mut R, total: u64) -> BenchResult<Instant> {
+    let mut buf = vec![0; BLOB_WRITE_LEN];
+    let mut seen = 0u64;
+    while seen < total {
+        let n = r.read(&mut buf).await?;
+        if n == 0 {
+            return Err(format!("stream ended after {seen} of {total} bytes").into());
+        }
+        seen += n as u64;
+    }
+    let done = Instant::now();
+    if seen != total {
+        return Err(format!("received {seen} bytes, more than the {total} sent").into());
     }
     Ok(done)
 }
@@ -924,13 +1187,15 @@ fn machine_facts(cfg: &BenchConfig, tls: &str, rss_reset: bool) -> String {
     );
     let _ = writeln!(
         s,
-        "- workload (VICUS_BENCH_SCALE={}): one_way N={}, ping_pong {} round trips after {} warm-up, fan_in {} clients x {} messages",
+        "- workload (VICUS_BENCH_SCALE={}): one_way N={}, ping_pong {} round trips after {} warm-up, fan_in {} clients x {} messages, blob {} bytes in {} byte writes",
         cfg.scale,
         cfg.one_way_messages(),
         cfg.round_trips(),
         WARMUP_ROUND_TRIPS,
         FAN_IN_CLIENTS,
         cfg.fan_in_messages_per_client(),
+        cfg.blob_bytes(),
+        BLOB_WRITE_LEN,
     );
     s
 }
@@ -945,11 +1210,19 @@ enum Unit {
     PerSecond,
     Micros,
     MiB,
+    MiBPerSecond,
 }
 
 /// The metrics a measurement has, in table order.
 fn metrics(m: &Measurement) -> Vec<(&'static str, Unit, f64)> {
-    let mut out = vec![("msg/s", Unit::PerSecond, m.per_second())];
+    let mut out = vec![match m.bytes {
+        Some(bytes) => (
+            "MiB/s",
+            Unit::MiBPerSecond,
+            rate(bytes as f64 / MIB, m.elapsed),
+        ),
+        None => ("msg/s", Unit::PerSecond, m.per_second()),
+    }];
     if let Some(l) = m.latency {
         out.push(("p50 µs", Unit::Micros, l.p50.as_secs_f64() * 1e6));
         out.push(("p99 µs", Unit::Micros, l.p99.as_secs_f64() * 1e6));
@@ -965,7 +1238,7 @@ fn format_value(unit: Unit, value: f64) -> String {
     match unit {
         Unit::PerSecond => thousands(value.round() as u64),
         Unit::Micros => format!("{value:.1}"),
-        Unit::MiB => format!("{value:.1}"),
+        Unit::MiB | Unit::MiBPerSecond => format!("{value:.1}"),
     }
 }
 
@@ -1035,8 +1308,91 @@ fn render_table(rows: &[Row]) -> String {
     }
     let _ = writeln!(
         s,
-        "\nmsg/s: higher is better (ping_pong counts round trips). µs and MiB: lower is better. \
-         Peak RSS covers the whole process (client and server sides)."
+        "\nmsg/s and MiB/s: higher is better (ping_pong counts round trips). µs and MiB: lower \
+         is better. Peak RSS covers the whole process (client and server sides)."
     );
+    s
+}
+
+/// The ping-pong-during-blob section: the round-trip latency of `during` (a blob streaming
+/// between the same two domus) against `idle`, the vicus `ping_pong_64b` run (`None` when it
+/// was not run).
+fn render_during_blob(idle: Option<&Outcome>, during: &Outcome) -> String {
+    let mut s = String::new();
+    let _ = writeln!(s, "## Ping-pong during a blob\n");
+    let _ = writeln!(
+        s,
+        "vicus 64-byte request/reply round trips (primary callis) while one blob streams from \
+         the same client domus to the same server domus (another taberna), against the idle \
+         vicus ping_pong_64b run above. Target: p99 at most 3x idle.\n"
+    );
+    let _ = writeln!(s, "| metric | idle | during blob | during/idle |");
+    let _ = writeln!(s, "|---|---:|---:|---:|");
+    let idle = idle.map(|o| o.as_ref());
+    let during_ok = during.as_ref().ok();
+    let idle_ok = idle.and_then(|o| o.ok());
+    let idle_latency = idle_ok.and_then(|m| m.latency);
+    let during_latency = during_ok.and_then(|m| m.latency);
+    let micros = |d: Duration| d.as_secs_f64() * 1e6;
+    let show =
+        |unit: Unit, v: Option<f64>| v.map_or_else(|| "-".to_owned(), |v| format_value(unit, v));
+    let percentiles = [
+        (
+            "p50 µs",
+            idle_latency.map(|l| micros(l.p50)),
+            during_latency.map(|l| micros(l.p50)),
+        ),
+        (
+            "p99 µs",
+            idle_latency.map(|l| micros(l.p99)),
+            during_latency.map(|l| micros(l.p99)),
+        ),
+    ];
+    for (name, i, d) in percentiles {
+        let ratio = match (i, d) {
+            (Some(i), Some(d)) if i > 0.0 => format!("{:.2}", d / i),
+            _ => "-".to_owned(),
+        };
+        let _ = writeln!(
+            s,
+            "| {name} | {} | {} | {ratio} |",
+            show(Unit::Micros, i),
+            show(Unit::Micros, d)
+        );
+    }
+    let trips = |m: Option<&Measurement>| m.map(|m| m.messages as f64);
+    let _ = writeln!(
+        s,
+        "| round trips measured | {} | {} | - |",
+        show(Unit::PerSecond, trips(idle_ok)),
+        show(Unit::PerSecond, trips(during_ok))
+    );
+    let rss = |m: Option<&Measurement>| m.and_then(|m| m.peak_rss_kb).map(|kb| kb as f64 / 1024.0);
+    let _ = writeln!(
+        s,
+        "| peak RSS MiB | {} | {} | - |",
+        show(Unit::MiB, rss(idle_ok)),
+        show(Unit::MiB, rss(during_ok))
+    );
+    if let Some((bytes, elapsed)) = during_ok.and_then(|m| m.concurrent_blob) {
+        let _ = writeln!(
+            s,
+            "| blob MiB/s ({:.0} MiB) | - | {} | - |",
+            bytes as f64 / MIB,
+            format_value(Unit::MiBPerSecond, rate(bytes as f64 / MIB, elapsed))
+        );
+    }
+    match idle {
+        None => {
+            let _ = writeln!(s, "| idle not measured | no ping_pong_64b row | - | - |");
+        }
+        Some(Err(e)) => {
+            let _ = writeln!(s, "| idle not measured | {} | - | - |", cell(e));
+        }
+        Some(Ok(_)) => {}
+    }
+    if let Err(e) = during {
+        let _ = writeln!(s, "| during blob not measured | - | {} | - |", cell(e));
+    }
     s
 }
