@@ -10,7 +10,7 @@
 //! Each wake-up the driver takes commands (new streams, bytes from senders, consumption from
 //! receivers, cancels), reads frames into the streams, fires their idle timers, hands events
 //! to the application's ends (bytes to receivers, window back to senders, completion, errors)
-//! and writes what the streams have ready — at most [`WRITE_BUDGET`] bytes per turn so a
+//! and writes what the streams have ready — at most [`TURN_BYTES`] each way per turn so a
 //! wake-up stays short. A peer that breaks the blob protocol gets a CLOSE with a reason and
 //! loses that callis; the stream it named fails.
 //!
@@ -30,7 +30,7 @@ use tokio::time::{Instant, Sleep};
 use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 
 use super::blob::{BlobConfig, BlobEvent, BlobStreams};
-use super::driver::jitter;
+use super::driver::{jitter, yield_turn};
 use super::frame::{self, BlobFrame, Frame, PROTOCOL_VERSION};
 use crate::a0_transport::{AuthenticatedStream, DomusAddr, DomusId, Transport};
 use crate::domus::blob::{Piece, Reservation, SenderShared};
@@ -118,10 +118,10 @@ pub(crate) struct BlobContext {
 
 type DialFuture = Pin<Box<dyn Future<Output = Result<AuthenticatedStream, Error>> + Send>>;
 
-/// Bytes of frames prepared per turn before other work (and other tasks) get a turn.
-const WRITE_BUDGET: usize = 256 * 1024;
-/// Bytes read per turn.
-const READ_BUDGET: usize = 1 << 20;
+/// Bytes read, and bytes written, per turn (one poll). Small turns keep the worker thread
+/// free for other tasks — above all the primary callis of the same peer, whose messages must
+/// not wait behind a bulk transfer's encryption.
+const TURN_BYTES: usize = 64 * 1024;
 /// Read buffer growth step.
 const READ_RESERVE: usize = 128 * 1024;
 /// Commands taken per turn.
@@ -378,7 +378,7 @@ impl BlobDriver {
             }
             self.drop_link();
         }
-        let mut wbuf = BytesMut::with_capacity(WRITE_BUDGET + 64 * 1024);
+        let mut wbuf = BytesMut::with_capacity(2 * TURN_BYTES);
         let max_chunk = u32::try_from(self.ctx.config.chunk_len).unwrap_or(u32::MAX);
         frame::encode_blob_hello(&mut wbuf, PROTOCOL_VERSION, self.ctx.local_epoch, max_chunk);
         self.backoff = None;
@@ -585,78 +585,89 @@ impl BlobDriver {
         }
     }
 
-    /// Reads what the callis has; returns (progressed, alive).
-    fn poll_read(&mut self, cx: &mut Context<'_>) -> (bool, bool) {
+    /// Reads at most [`TURN_BYTES`] from the callis; returns (progressed, alive, whether the
+    /// turn's budget ran out with more perhaps waiting).
+    fn poll_read(&mut self, cx: &mut Context<'_>) -> (bool, bool, bool) {
         let Some(link) = self.link.as_mut() else {
-            return (false, true);
+            return (false, true, false);
         };
         let mut read = 0usize;
         let mut progressed = false;
-        while read < READ_BUDGET {
+        while read < TURN_BYTES {
             if link.recv.capacity().saturating_sub(link.recv.len()) < 16 * 1024 {
                 link.recv.reserve(READ_RESERVE);
             }
-            match tokio_util::io::poll_read_buf(Pin::new(&mut link.io), cx, &mut link.recv) {
-                Poll::Ready(Ok(0)) => return (true, false),
+            let mut room = bytes::BufMut::limit(&mut link.recv, TURN_BYTES.saturating_sub(read));
+            match tokio_util::io::poll_read_buf(Pin::new(&mut link.io), cx, &mut room) {
+                Poll::Ready(Ok(0)) => return (true, false, false),
                 Poll::Ready(Ok(n)) => {
                     read = read.saturating_add(n);
                     progressed = true;
                 }
                 Poll::Ready(Err(e)) => {
                     tracing::debug!(peer = %self.peer_id, error = %e, "blob callis read failed");
-                    return (true, false);
+                    return (true, false, false);
                 }
-                Poll::Pending => break,
+                Poll::Pending => return (progressed, true, false),
             }
         }
-        (progressed, true)
+        (progressed, true, true)
     }
 
-    /// Writes what the streams have ready; returns (progressed, alive).
-    fn poll_write(&mut self, cx: &mut Context<'_>) -> (bool, bool) {
+    /// Writes at most [`TURN_BYTES`] of what the streams have ready; returns (progressed,
+    /// alive, whether the turn's budget ran out with more perhaps waiting).
+    fn poll_write(&mut self, cx: &mut Context<'_>) -> (bool, bool, bool) {
         let Some(link) = self.link.as_mut() else {
-            return (false, true);
+            return (false, true, false);
         };
         let mut progressed = false;
-        let mut turns = 0u32;
+        let mut written = 0usize;
+        let mut saturated = false;
         loop {
+            if written >= TURN_BYTES {
+                saturated = true;
+                break;
+            }
             if link.wpos >= link.wbuf.len() {
                 link.wbuf.clear();
                 link.wpos = 0;
                 if link.closing
                     || !link.open
-                    || turns >= 4
-                    || !self.streams.poll_transmit(&mut link.wbuf, WRITE_BUDGET)
+                    || !self.streams.poll_transmit(&mut link.wbuf, TURN_BYTES)
                 {
                     break;
                 }
-                turns = turns.saturating_add(1);
                 link.flushed = false;
             }
-            let Some(chunk) = link.wbuf.get(link.wpos..) else {
+            let end = link
+                .wbuf
+                .len()
+                .min(link.wpos.saturating_add(TURN_BYTES.saturating_sub(written)));
+            let Some(chunk) = link.wbuf.get(link.wpos..end) else {
                 break;
             };
             match Pin::new(&mut link.io).poll_write(cx, chunk) {
-                Poll::Ready(Ok(0)) => return (true, false),
+                Poll::Ready(Ok(0)) => return (true, false, false),
                 Poll::Ready(Ok(n)) => {
                     link.wpos = link.wpos.saturating_add(n);
+                    written = written.saturating_add(n);
                     progressed = true;
                 }
                 Poll::Ready(Err(e)) => {
                     tracing::debug!(peer = %self.peer_id, error = %e, "blob callis write failed");
-                    return (true, false);
+                    return (true, false, false);
                 }
-                Poll::Pending => return (progressed, true),
+                Poll::Pending => return (progressed, true, false),
             }
         }
         if !link.flushed {
             match Pin::new(&mut link.io).poll_flush(cx) {
                 Poll::Ready(Ok(())) => link.flushed = true,
-                Poll::Ready(Err(_)) => return (true, false),
+                Poll::Ready(Err(_)) => return (true, false, false),
                 Poll::Pending => {}
             }
         }
-        (progressed, true)
+        (progressed, true, saturated)
     }
 
     fn poll_timer(&mut self, cx: &mut Context<'_>) -> bool {
@@ -725,7 +736,7 @@ impl Future for BlobDriver {
             this.finish();
             return Poll::Ready(());
         }
-        for _ in 0..16 {
+        for _ in 0..4 {
             let mut progressed = false;
             let (p, alive) = this.poll_commands(cx);
             progressed |= p;
@@ -750,7 +761,7 @@ impl Future for BlobDriver {
                     }
                 }
             }
-            let (p, alive) = this.poll_read(cx);
+            let (p, alive, read_full) = this.poll_read(cx);
             progressed |= p;
             if p {
                 // Commands queued before these bytes arrived (a stream opened by the primary
@@ -768,7 +779,7 @@ impl Future for BlobDriver {
             }
             progressed |= this.poll_timer(cx);
             this.dispatch_events();
-            let (p, alive) = this.poll_write(cx);
+            let (p, alive, write_full) = this.poll_write(cx);
             progressed |= p;
             if !alive {
                 this.drop_link();
@@ -792,11 +803,15 @@ impl Future for BlobDriver {
                 }
             }
             progressed |= this.poll_timer(cx);
+            if read_full || write_full {
+                // A full turn: give the worker back, come back at once.
+                break;
+            }
             if !progressed {
                 return Poll::Pending;
             }
         }
-        cx.waker().wake_by_ref();
+        yield_turn(cx);
         Poll::Pending
     }
 }

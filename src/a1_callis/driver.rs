@@ -591,6 +591,15 @@ fn closed() -> Error {
     Error::new(ErrorId::DomusClosed, "the domus has been shut down")
 }
 
+/// Schedules this task again after the other runnable tasks (as `tokio::task::yield_now`
+/// does), rather than through a plain self-wake, which tokio runs next on the same worker and
+/// so starves every other task (the primary callis above all) while a bulk transfer runs.
+pub(crate) fn yield_turn(cx: &mut Context<'_>) {
+    let mut deferred = std::pin::pin!(tokio::task::yield_now());
+    // The first poll defers the wake-up to the scheduler and is always pending.
+    let _ = deferred.as_mut().poll(cx);
+}
+
 /// `d` scaled by a random factor in [0.5, 1.5).
 pub(crate) fn jitter(d: Duration) -> Duration {
     let r = rand_u64() % 1000;
@@ -687,7 +696,7 @@ impl Future for PeerDriver {
             }
         }
         // Plenty of work: let other tasks run, then continue.
-        cx.waker().wake_by_ref();
+        yield_turn(cx);
         Poll::Pending
     }
 }
