@@ -127,6 +127,31 @@
 //!   `shutdown_timeout`; concurrent handshakes by `max_pending_handshakes` (global and per
 //!   source).
 //!
+//! ## Blobs
+//!
+//! Large data (files, snapshots, model weights) goes as a blob: [`Domus::send_blob`] sends a
+//! header message and returns a [`BlobSender`] (an `AsyncWrite`) once the receiving handler
+//! accepted it; the handler takes a [`BlobReceiver`] (an `AsyncRead` and a `Stream` of `Bytes`)
+//! from [`TabernaRequest::blob`].
+//!
+//! * Blobs travel on their own callis to the peer, dialled on first use and shared by every
+//!   blob to that peer in turn (one chunk each), so a bulk transfer never sits in front of a
+//!   message on the primary callis.
+//! * **Credit follows reads**: the sender may run at most `blob_window` (default 8 MiB) past
+//!   what the receiving application has consumed, so a slow reader slows the sender down and
+//!   never fails the stream. Both ends hold at most one window per stream.
+//! * [`BlobSender::finish`] returns when the receiver holds every byte. Dropping either end
+//!   early cancels the stream; the other end's next read or write fails with `BlobCancelled`.
+//!   A stream that moves no byte for `blob_idle_timeout` fails on both sides.
+//! * Per-peer stream caps (`max_blob_streams_per_peer`) and domus-wide byte budgets per
+//!   direction (`blob_inbound_budget`, `blob_outbound_budget`, one window reserved per stream
+//!   before the handler sees it) bound memory; over them an open fails at once with
+//!   `BlobBufferFull`, never half-way through a stream.
+//! * If the blob callis drops, it is dialled again and unacknowledged bytes are resent; if the
+//!   peer restarted, open streams fail with `PeerRestarted`.
+//! * A blob to a taberna on the same domus goes straight from sender to receiver through the
+//!   same API and the same window.
+//!
 //! ## Live configuration
 //!
 //! [`a0_transport::Transport::reload_auth`] (reached through [`Domus::transport`]) swaps
