@@ -174,6 +174,7 @@ pub mod domus;
 mod error;
 #[doc(hidden)]
 pub mod fuzzing;
+pub mod reporting;
 pub mod taberna;
 
 #[cfg(feature = "dev-certs")]
@@ -181,8 +182,9 @@ pub mod dev_certs;
 
 pub use a0_transport::{AuthConfig, DomusAddr, DomusId, PeerIdentity, TrustPolicy};
 pub use domus::{
-    BlobReceiver, BlobSender, Delivery, Domus, DomusBuilder, DomusConfig, MessageCodec, Receipt,
-    Route, RouteResolver, SendOptions, SimpleResolver,
+    BlobReceiver, BlobSender, ConfigHandle, Delivery, Domus, DomusBuilder, DomusConfig,
+    MessageCodec, Receipt, Route, RouteResolver, SendOptions, SimpleResolver,
 };
 pub use error::{ERROR_MESSAGE_MAX_LEN, Error, ErrorId, Rejection, Result};
+pub use reporting::Reporting;
 pub use taberna::{MessageType, Taberna, TabernaId, TabernaOptions, TabernaRequest};

@@ -20,6 +20,7 @@ use std::collections::HashMap;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -35,6 +36,7 @@ use super::frame::{self, BlobFrame, Frame, PROTOCOL_VERSION};
 use crate::a0_transport::{AuthenticatedStream, DomusAddr, DomusId, Transport};
 use crate::domus::blob::{Piece, Reservation, SenderShared};
 use crate::error::{Error, ErrorId};
+use crate::reporting::{C, CallisKind, PeerCells, Recorder};
 
 /// The message type (the first A2 type, reserved by vicus) of a blob-opening message. Its
 /// payload is the stream id (`u64`), the application's message type (`u32`), then the
@@ -114,6 +116,7 @@ pub(crate) struct BlobContext {
     pub(crate) config: BlobConfig,
     pub(crate) reconnect_backoff_min: Duration,
     pub(crate) reconnect_backoff_max: Duration,
+    pub(crate) recorder: Arc<Recorder>,
 }
 
 type DialFuture = Pin<Box<dyn Future<Output = Result<AuthenticatedStream, Error>> + Send>>;
@@ -169,6 +172,7 @@ pub(crate) struct BlobDriver {
     timer_at: Option<Instant>,
     shutting_down: bool,
     cancelled: Pin<Box<WaitForCancellationFutureOwned>>,
+    cells: Arc<PeerCells>,
 }
 
 fn now() -> std::time::Instant {
@@ -186,6 +190,7 @@ impl BlobDriver {
         ctx: Arc<BlobContext>,
         commands: mpsc::UnboundedReceiver<BlobCommand>,
         cancel: CancellationToken,
+        cells: Arc<PeerCells>,
     ) -> Self {
         Self {
             peer_id,
@@ -204,7 +209,33 @@ impl BlobDriver {
             timer_at: None,
             shutting_down: false,
             cancelled: Box::pin(cancel.cancelled_owned()),
+            cells,
         }
+    }
+
+    fn stream_opened(&self) {
+        self.ctx.recorder.inc(C::blob_streams_opened);
+        self.ctx.recorder.blob_stream(true);
+    }
+
+    fn stream_ended(&self, completed: bool) {
+        self.ctx.recorder.inc(if completed {
+            C::blob_streams_completed
+        } else {
+            C::blob_streams_cancelled
+        });
+        self.ctx.recorder.blob_stream(false);
+    }
+
+    /// Forgets the callis (reporting it down if it had opened).
+    fn take_link(&mut self) -> Option<Link> {
+        let link = self.link.take();
+        if link.as_ref().is_some_and(|l| l.open) {
+            self.ctx
+                .recorder
+                .callis(CallisKind::Blob, &self.peer_id, false);
+        }
+        link
     }
 
     fn handle_command(&mut self, cmd: BlobCommand) {
@@ -220,6 +251,7 @@ impl BlobDriver {
                 }
                 match self.streams.open_outbound(now(), stream) {
                     Ok(()) => {
+                        self.stream_opened();
                         self.outs.insert(
                             stream,
                             OutEnd {
@@ -244,6 +276,7 @@ impl BlobDriver {
                 }
                 match self.streams.open_inbound(now(), stream) {
                     Ok(()) => {
+                        self.stream_opened();
                         self.ins.insert(
                             stream,
                             InEnd {
@@ -291,6 +324,7 @@ impl BlobDriver {
             BlobCommand::Cancel { stream, reason } => {
                 self.streams.cancel(stream, ErrorId::BlobCancelled, &reason);
                 if let Some(out) = self.outs.remove(&stream) {
+                    self.stream_ended(false);
                     let e = Error::new(
                         ErrorId::BlobCancelled,
                         format!("blob stream {stream} was cancelled: {reason}"),
@@ -300,7 +334,9 @@ impl BlobDriver {
                         let _ = done.send(Err(e));
                     }
                 }
-                self.ins.remove(&stream);
+                if self.ins.remove(&stream).is_some() {
+                    self.stream_ended(false);
+                }
             }
             BlobCommand::Attach { io, prefix } => self.attach(*io, prefix),
             BlobCommand::PeerEpoch { epoch, restarted } => {
@@ -343,12 +379,14 @@ impl BlobDriver {
     /// Tells a stream's local end that it failed, and forgets the end.
     fn fail_end(&mut self, stream: u64, error: Error) {
         if let Some(out) = self.outs.remove(&stream) {
+            self.stream_ended(false);
             out.shared.fail(error.clone());
             if let Some(done) = out.done {
                 let _ = done.send(Err(error.clone()));
             }
         }
         if let Some(inb) = self.ins.remove(&stream) {
+            self.stream_ended(false);
             let _ = inb.app.send(Piece::Failed(error));
         }
     }
@@ -396,7 +434,7 @@ impl BlobDriver {
     }
 
     fn drop_link(&mut self) {
-        if self.link.take().is_some() {
+        if self.take_link().is_some() {
             self.streams.disconnected();
         }
     }
@@ -404,6 +442,10 @@ impl BlobDriver {
     /// Queues a CLOSE and stops using the callis; it is dropped once the CLOSE is written.
     fn close_link(&mut self, error: &Error) {
         tracing::debug!(peer = %self.peer_id, error = %error, "closing blob callis");
+        if error.id() == ErrorId::ProtocolViolation || error.id() == ErrorId::UnsupportedVersion {
+            self.ctx.recorder.inc(C::protocol_violations);
+            self.ctx.recorder.error(error.clone());
+        }
         if let Some(link) = self.link.as_mut() {
             if !link.closing {
                 link.closing = true;
@@ -429,6 +471,7 @@ impl BlobDriver {
         };
         let transport = self.ctx.transport.clone();
         let expected = self.peer_id.clone();
+        self.ctx.recorder.inc(C::dial_attempts);
         self.dial = Some(Box::pin(async move {
             transport.dial(&addr, Some(&expected)).await
         }));
@@ -436,6 +479,7 @@ impl BlobDriver {
 
     fn dial_failed(&mut self, error: &Error) {
         tracing::debug!(peer = %self.peer_id, error = %error, "blob callis dial failed");
+        self.ctx.recorder.inc(C::dial_failures);
         self.backoff = Some(Box::pin(tokio::time::sleep(jitter(self.backoff_next))));
         self.backoff_next = self
             .backoff_next
@@ -490,6 +534,9 @@ impl BlobDriver {
                             return;
                         }
                         link.open = true;
+                        self.ctx
+                            .recorder
+                            .callis(CallisKind::Blob, &self.peer_id, true);
                         if self.peer_epoch.is_some_and(|known| known != epoch) {
                             // A freshly authenticated callis from the same identity in another
                             // run: the peer restarted (the old run cannot answer a new dial), so
@@ -551,6 +598,7 @@ impl BlobDriver {
                 BlobEvent::Readable(stream) => self.hand_over(stream),
                 BlobEvent::Finished(stream) => {
                     if let Some(out) = self.outs.remove(&stream) {
+                        self.stream_ended(true);
                         if let Some(done) = out.done {
                             let _ = done.send(Ok(()));
                         }
@@ -582,6 +630,7 @@ impl BlobDriver {
             let _ = inb.app.send(Piece::End(inb.reservation.take()));
             self.streams.close_inbound(stream);
             self.ins.remove(&stream);
+            self.stream_ended(true);
         }
     }
 
@@ -603,6 +652,8 @@ impl BlobDriver {
                 Poll::Ready(Ok(n)) => {
                     read = read.saturating_add(n);
                     progressed = true;
+                    self.ctx.recorder.add(C::blob_bytes_in, n as u64);
+                    self.cells.bytes_in.fetch_add(n as u64, Ordering::Relaxed);
                 }
                 Poll::Ready(Err(e)) => {
                     tracing::debug!(peer = %self.peer_id, error = %e, "blob callis read failed");
@@ -652,6 +703,8 @@ impl BlobDriver {
                     link.wpos = link.wpos.saturating_add(n);
                     written = written.saturating_add(n);
                     progressed = true;
+                    self.ctx.recorder.add(C::blob_bytes_out, n as u64);
+                    self.cells.bytes_out.fetch_add(n as u64, Ordering::Relaxed);
                 }
                 Poll::Ready(Err(e)) => {
                     tracing::debug!(peer = %self.peer_id, error = %e, "blob callis write failed");
@@ -787,7 +840,7 @@ impl Future for BlobDriver {
             this.dispatch_events();
             if let Some(link) = &this.link {
                 if link.closing && link.wpos >= link.wbuf.len() && link.flushed {
-                    this.link = None;
+                    this.take_link();
                     progressed = true;
                 }
             }
@@ -797,7 +850,7 @@ impl Future for BlobDriver {
                     .as_ref()
                     .is_none_or(|l| !l.open || (l.wpos >= l.wbuf.len() && l.flushed));
                 if idle {
-                    this.link = None;
+                    this.take_link();
                     this.finish();
                     return Poll::Ready(());
                 }

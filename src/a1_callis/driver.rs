@@ -13,6 +13,7 @@
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -29,6 +30,7 @@ use crate::a0_transport::{AuthenticatedStream, DomusAddr, DomusId, PeerIdentity,
 use crate::domus::Delivery;
 use crate::domus::blob::{BlobReceiver, Reservation};
 use crate::error::{Error, ErrorId, untrusted};
+use crate::reporting::{C, CallisKind, Event as Report, PeerCells, Recorder};
 use crate::taberna::{
     AnswerSink, MessageClass, MessageType, Registry, TabernaId, TabernaRequest, system_rejection,
 };
@@ -63,13 +65,16 @@ pub(crate) struct DriverContext {
     /// Bytes every receiving blob stream reserves, and the domus-wide budget they come from.
     pub(crate) blob_window: usize,
     pub(crate) blob_in_budget: Arc<Semaphore>,
+    pub(crate) recorder: Arc<Recorder>,
 }
 
-/// A peer driver's link to the same peer's blob driver.
-pub(crate) struct BlobPeer {
-    pub(crate) tx: mpsc::UnboundedSender<BlobCommand>,
+/// What a peer driver shares with the rest of its peer: the blob driver's commands, the
+/// receiving-stream slots, and the live figures reporting reads.
+pub(crate) struct PeerLinks {
+    pub(crate) blob_tx: mpsc::UnboundedSender<BlobCommand>,
     /// Receiving streams open with this peer (one permit each).
-    pub(crate) in_streams: Arc<Semaphore>,
+    pub(crate) blob_in_streams: Arc<Semaphore>,
+    pub(crate) cells: Arc<PeerCells>,
 }
 
 type DialFuture = Pin<Box<dyn Future<Output = Result<AuthenticatedStream, Error>> + Send>>;
@@ -84,6 +89,8 @@ struct PendingSend {
     done: oneshot::Sender<Result<Delivery, Error>>,
     _permit: InFlight,
     dst: u64,
+    /// When it was handed to the driver (`Recorder::now_us`), for latency and pending age.
+    started_us: u64,
 }
 
 /// Bytes read per wake-up before other work gets a turn.
@@ -115,7 +122,12 @@ pub(crate) struct PeerDriver {
     timer_at: Option<Instant>,
     shutting_down: bool,
     cancelled: Pin<Box<WaitForCancellationFutureOwned>>,
-    blob: BlobPeer,
+    close_reason: Option<Error>,
+    blob_tx: mpsc::UnboundedSender<BlobCommand>,
+    blob_in_streams: Arc<Semaphore>,
+    cells: Arc<PeerCells>,
+    /// The current callis said HELLO (and was counted as up).
+    open_reported: bool,
 }
 
 impl PeerDriver {
@@ -129,7 +141,7 @@ impl PeerDriver {
             mpsc::UnboundedSender<PeerCommand>,
         ),
         cancel: CancellationToken,
-        blob: BlobPeer,
+        links: PeerLinks,
     ) -> Self {
         let backoff_next = ctx.reconnect_backoff_min;
         Self {
@@ -153,7 +165,11 @@ impl PeerDriver {
             timer_at: None,
             shutting_down: false,
             cancelled: Box::pin(cancel.cancelled_owned()),
-            blob,
+            close_reason: None,
+            blob_tx: links.blob_tx,
+            blob_in_streams: links.blob_in_streams,
+            cells: links.cells,
+            open_reported: false,
         }
     }
 
@@ -171,6 +187,7 @@ impl PeerDriver {
                 let dst = msg.dst;
                 match self.session.send(msg) {
                     Ok(id) => {
+                        self.ctx.recorder.inc(C::messages_sent);
                         // Session ids only grow, so this cannot be refused.
                         self.pending.push(
                             id,
@@ -178,6 +195,7 @@ impl PeerDriver {
                                 done,
                                 _permit: permit,
                                 dst,
+                                started_us: self.ctx.recorder.now_us(),
                             },
                         );
                     }
@@ -253,6 +271,17 @@ impl PeerDriver {
     }
 
     fn drop_stream(&mut self) {
+        if self.open_reported {
+            self.open_reported = false;
+            self.cells.connected.store(false, Ordering::Relaxed);
+            self.ctx
+                .recorder
+                .callis(CallisKind::Primary, &self.peer_id, false);
+            self.ctx.recorder.event(Report::PeerDisconnected {
+                peer: self.peer_id.clone(),
+                reason: self.close_reason.take(),
+            });
+        }
         self.stream = None;
         self.write_buf.clear();
         self.write_pos = 0;
@@ -274,6 +303,7 @@ impl PeerDriver {
         };
         let transport = self.ctx.transport.clone();
         let expected = self.peer_id.clone();
+        self.ctx.recorder.inc(C::dial_attempts);
         self.dial = Some(Box::pin(async move {
             transport.dial(&addr, Some(&expected)).await
         }));
@@ -288,6 +318,16 @@ impl PeerDriver {
                 | ErrorId::InvalidAddress
         );
         tracing::debug!(peer = %self.peer_id, error = %error, permanent, "dial failed");
+        let rec = &self.ctx.recorder;
+        rec.inc(C::dial_failures);
+        if error.id() == ErrorId::IdentityMismatch {
+            rec.inc(C::identity_mismatches);
+        }
+        rec.event(Report::DialFailed {
+            peer: self.peer_id.clone(),
+            error: error.clone(),
+        });
+        rec.error(error.clone());
         if permanent {
             self.session.fail_all(Error::new(
                 ErrorId::PeerUnavailable,
@@ -312,10 +352,25 @@ impl PeerDriver {
                 } => {
                     self.backoff_next = self.ctx.reconnect_backoff_min;
                     self.last_dial_error = None;
-                    let _ = self.blob.tx.send(BlobCommand::PeerEpoch {
+                    let _ = self.blob_tx.send(BlobCommand::PeerEpoch {
                         epoch: peer_epoch,
                         restarted,
                     });
+                    let rec = &self.ctx.recorder;
+                    if !self.open_reported {
+                        self.open_reported = true;
+                        self.cells.connected.store(true, Ordering::Relaxed);
+                        rec.callis(CallisKind::Primary, &self.peer_id, true);
+                    }
+                    rec.event(Report::PeerConnected {
+                        peer: self.peer_id.clone(),
+                        restarted,
+                    });
+                    if restarted {
+                        rec.event(Report::SessionRestarted {
+                            peer: self.peer_id.clone(),
+                        });
+                    }
                     tracing::debug!(peer = %self.peer_id, peer_epoch, restarted, "callis open");
                 }
                 Event::Deliver {
@@ -325,6 +380,7 @@ impl PeerDriver {
                     let Some(peer) = self.peer_identity.clone() else {
                         continue;
                     };
+                    self.ctx.recorder.inc(C::messages_received);
                     if message.msg_type == BLOB_OPEN_TYPE {
                         self.deliver_blob_open(peer, peer_epoch, message);
                         continue;
@@ -346,11 +402,32 @@ impl PeerDriver {
                 Event::Finished { id, outcome } => {
                     if let Some(p) = self.pending.remove(id) {
                         let result = self.outcome_to_result(p.dst, outcome);
+                        let rec = &self.ctx.recorder;
+                        match &result {
+                            Ok(d) => {
+                                rec.latency(Duration::from_micros(
+                                    rec.now_us().saturating_sub(p.started_us),
+                                ));
+                                rec.inc(match d {
+                                    Delivery::Accepted => C::messages_accepted,
+                                    Delivery::Replied(_) => C::messages_replied,
+                                });
+                            }
+                            Err(e) => record_failure(rec, e),
+                        }
                         let _ = p.done.send(result);
                     }
                 }
                 Event::Close(error) => {
                     tracing::debug!(peer = %self.peer_id, error = %error, "closing callis");
+                    if matches!(
+                        error.id(),
+                        ErrorId::ProtocolViolation | ErrorId::UnsupportedVersion
+                    ) {
+                        self.ctx.recorder.inc(C::protocol_violations);
+                        self.ctx.recorder.error(error.clone());
+                    }
+                    self.close_reason = Some(error);
                 }
             }
         }
@@ -392,7 +469,7 @@ impl PeerDriver {
             );
             return;
         }
-        let Ok(slot) = self.blob.in_streams.clone().try_acquire_owned() else {
+        let Ok(slot) = self.blob_in_streams.clone().try_acquire_owned() else {
             refuse(
                 &mut self.session,
                 ErrorId::BlobBufferFull,
@@ -415,7 +492,7 @@ impl PeerDriver {
             return;
         };
         let (app_tx, app_rx) = mpsc::unbounded_channel();
-        let opened = self.blob.tx.send(BlobCommand::OpenInbound {
+        let opened = self.blob_tx.send(BlobCommand::OpenInbound {
             stream,
             app: app_tx,
             reservation: Reservation {
@@ -431,7 +508,7 @@ impl PeerDriver {
             );
             return;
         }
-        let receiver = BlobReceiver::remote(app_rx, self.blob.tx.clone(), stream);
+        let receiver = BlobReceiver::remote(app_rx, self.blob_tx.clone(), stream);
         let request = TabernaRequest::new(
             peer,
             TabernaId(message.src),
@@ -506,6 +583,8 @@ impl PeerDriver {
                 Poll::Ready(Ok(n)) => {
                     read = read.saturating_add(n);
                     progressed = true;
+                    self.ctx.recorder.add(C::primary_bytes_in, n as u64);
+                    self.cells.bytes_in.fetch_add(n as u64, Ordering::Relaxed);
                     self.session.handle_input(Self::now());
                     if self.session.is_closing() {
                         break;
@@ -544,6 +623,8 @@ impl PeerDriver {
                 Poll::Ready(Ok(n)) => {
                     self.write_pos = self.write_pos.saturating_add(n);
                     progressed = true;
+                    self.ctx.recorder.add(C::primary_bytes_out, n as u64);
+                    self.cells.bytes_out.fetch_add(n as u64, Ordering::Relaxed);
                 }
                 Poll::Ready(Err(e)) => {
                     tracing::debug!(peer = %self.peer_id, error = %e, "callis write failed");
@@ -578,6 +659,25 @@ impl PeerDriver {
         false
     }
 
+    /// Publishes this peer's live figures for `Reporting::snapshot`.
+    fn publish_cells(&self) {
+        let c = &self.cells;
+        c.in_flight
+            .store(self.pending.len() as u64, Ordering::Relaxed);
+        c.queue_depth
+            .store(self.session.queued() as u64, Ordering::Relaxed);
+        let rtt = self.session.rtt().map_or(0, |d| {
+            u64::try_from(d.as_micros()).unwrap_or(u64::MAX).max(1)
+        });
+        c.rtt_us.store(rtt, Ordering::Relaxed);
+        let oldest = self
+            .pending
+            .first_id()
+            .and_then(|id| self.pending.get(id))
+            .map_or(0, |p| p.started_us);
+        c.oldest_pending_at_us.store(oldest, Ordering::Relaxed);
+    }
+
     fn finish(&mut self) {
         self.session.fail_all(closed());
         self.dispatch_events();
@@ -589,6 +689,25 @@ impl PeerDriver {
 
 fn closed() -> Error {
     Error::new(ErrorId::DomusClosed, "the domus has been shut down")
+}
+
+/// Counts a send that ended in an error.
+pub(crate) fn record_failure(rec: &Recorder, e: &Error) {
+    match e.id() {
+        ErrorId::SendTimeout => rec.inc(C::messages_timed_out),
+        id @ (ErrorId::RemoteTabernaRejected
+        | ErrorId::UnknownTaberna
+        | ErrorId::TabernaBusy
+        | ErrorId::Forbidden
+        | ErrorId::MessageTypeNotAccepted
+        | ErrorId::InvalidMessageType
+        | ErrorId::PayloadTooLarge
+        | ErrorId::BlobBufferFull
+        | ErrorId::RequestDropped
+        | ErrorId::TabernaShutdown
+        | ErrorId::DecodeFailure) => rec.rejected(id),
+        _ => rec.inc(C::messages_failed),
+    }
 }
 
 /// Schedules this task again after the other runnable tasks (as `tokio::task::yield_now`
@@ -692,6 +811,7 @@ impl Future for PeerDriver {
             }
             progressed |= this.reset_timer(cx);
             if !progressed {
+                this.publish_cells();
                 return Poll::Pending;
             }
         }

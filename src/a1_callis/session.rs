@@ -398,6 +398,11 @@ impl Session {
         self.retained.len()
     }
 
+    /// Messages queued but not yet written.
+    pub fn queued(&self) -> usize {
+        self.queue_a2.len().saturating_add(self.queue_a3.len())
+    }
+
     /// Counters.
     pub fn stats(&self) -> SessionStats {
         self.stats

@@ -1,8 +1,9 @@
 //! [`DomusConfig`]: every limit and timer of a domus in one plain struct, with its default, its
 //! range and the reason for it, validated before a domus starts.
 //!
-//! Pure data and checks; no IO. Fields are fixed once the domus is built (live changes come
-//! with the live-configuration work); [`TransportConfig`] holds the A0 limits.
+//! Pure data and checks; no IO. A running domus changes it through
+//! [`ConfigHandle::update`](super::ConfigHandle::update), which validates the whole struct and
+//! refuses changes to the fields fixed at build time; [`TransportConfig`] holds the A0 limits.
 
 use std::time::Duration;
 
@@ -12,6 +13,14 @@ use crate::a1_callis::session::SessionConfig;
 use crate::error::Error;
 
 /// The configuration of a domus. Build it with `default()` and set fields.
+///
+/// When a change made with [`ConfigHandle::update`](super::ConfigHandle::update) applies:
+///
+/// | when | fields |
+/// |---|---|
+/// | **live**: the next send, delivery or accepted callis | `send_timeout`, `resolve_timeout`, `max_message_len` (the local check; the frame limit a peer is told applies to new peers), `default_inbox_depth` (every taberna registered without its own depth), `hello_timeout` (telling inbound calles apart; sessions: new peers), `shutdown_timeout` |
+/// | **new peers**: peers first contacted after the change (and peers after a restart of this domus) | `max_in_flight_per_peer`, `max_in_flight_bytes_per_peer`, `dedupe_window`, `max_retained_reply_bytes`, `keepalive_interval`, `idle_timeout`, `frame_read_timeout`, `max_frames_per_second`, `max_refusals_per_second` |
+/// | **fixed** at build: a change is refused with `InvalidConfig` naming the field | `transport` (use `Domus::reload_auth` and `Transport::set_trust_policy` for authentication), `reconnect_backoff_min`, `reconnect_backoff_max`, every `blob_*` field, `max_blob_streams_per_peer`, `max_blob_cancels_per_second` |
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct DomusConfig {
@@ -260,6 +269,53 @@ impl DomusConfig {
             10_000_000,
         )?;
         Ok(())
+    }
+
+    /// Refuses a live change to a field fixed when the domus was built.
+    pub(crate) fn check_fixed(&self, built: &DomusConfig) -> Result<(), Error> {
+        let fixed: [(&str, bool); 10] = [
+            ("transport", self.transport != built.transport),
+            (
+                "reconnect_backoff_min",
+                self.reconnect_backoff_min != built.reconnect_backoff_min,
+            ),
+            (
+                "reconnect_backoff_max",
+                self.reconnect_backoff_max != built.reconnect_backoff_max,
+            ),
+            (
+                "blob_chunk_len",
+                self.blob_chunk_len != built.blob_chunk_len,
+            ),
+            ("blob_window", self.blob_window != built.blob_window),
+            (
+                "max_blob_streams_per_peer",
+                self.max_blob_streams_per_peer != built.max_blob_streams_per_peer,
+            ),
+            (
+                "blob_idle_timeout",
+                self.blob_idle_timeout != built.blob_idle_timeout,
+            ),
+            (
+                "blob_inbound_budget",
+                self.blob_inbound_budget != built.blob_inbound_budget,
+            ),
+            (
+                "blob_outbound_budget",
+                self.blob_outbound_budget != built.blob_outbound_budget,
+            ),
+            (
+                "max_blob_cancels_per_second",
+                self.max_blob_cancels_per_second != built.max_blob_cancels_per_second,
+            ),
+        ];
+        match fixed.iter().find(|(_, changed)| *changed) {
+            Some((field, _)) => Err(Error::invalid_config(
+                field,
+                "is fixed when the domus is built and cannot change on a running domus",
+            )),
+            None => Ok(()),
+        }
     }
 
     pub(crate) fn blob(&self) -> crate::a1_callis::blob::BlobConfig {

@@ -39,11 +39,12 @@ use crate::a1_callis::blob_driver::{
     stream_parity,
 };
 use crate::a1_callis::driver::{
-    BlobPeer, DriverContext, InFlight, PeerCommand, PeerDriver, rand_u64,
+    DriverContext, InFlight, PeerCommand, PeerDriver, PeerLinks, rand_u64, record_failure,
 };
 use crate::a1_callis::frame::{FrameType, HEADER_LEN};
 use crate::a1_callis::session::{Answer, Outgoing, Session};
 use crate::error::{Error, ErrorId, untrusted};
+use crate::reporting::{C, Event, Recorder, Reporting};
 use crate::taberna::{
     AnswerSink, MessageClass, MessageType, Registry, Taberna, TabernaId, TabernaOptions,
     TabernaRequest,
@@ -172,7 +173,11 @@ impl DomusBuilder {
         let local_addr = listener.local_addr().clone();
         let local_id = transport.local_id();
         let cancel = CancellationToken::new();
-        let registry = Arc::new(Registry::default());
+        let recorder = Recorder::new();
+        let registry = Arc::new(Registry::new(
+            self.config.default_inbox_depth,
+            recorder.clone(),
+        ));
         let epoch = rand_u64() | 1;
         let shared = Arc::new(Shared {
             driver_ctx: Arc::new(DriverContext {
@@ -183,6 +188,7 @@ impl DomusBuilder {
                 reconnect_backoff_max: self.config.reconnect_backoff_max,
                 blob_window: self.config.blob_window,
                 blob_in_budget: Arc::new(Semaphore::new(self.config.blob_inbound_budget)),
+                recorder: recorder.clone(),
             }),
             blob_ctx: Arc::new(BlobContext {
                 transport: transport.clone(),
@@ -191,7 +197,9 @@ impl DomusBuilder {
                 config: self.config.blob(),
                 reconnect_backoff_min: self.config.reconnect_backoff_min,
                 reconnect_backoff_max: self.config.reconnect_backoff_max,
+                recorder: recorder.clone(),
             }),
+            recorder,
             blob_out_budget: Arc::new(Semaphore::new(self.config.blob_outbound_budget)),
             local_identity: Arc::new(PeerIdentity::new(
                 local_id.clone(),
@@ -205,7 +213,8 @@ impl DomusBuilder {
             resolver: self
                 .resolver
                 .unwrap_or_else(|| Arc::new(SimpleResolver::new())),
-            config: self.config,
+            config: arc_swap::ArcSwap::from_pointee(self.config),
+            config_writer: Mutex::new(()),
             registry,
             peers: Mutex::new(HashMap::new()),
             pinned: Mutex::new(HashMap::new()),
@@ -250,13 +259,16 @@ struct Shared {
     transport: Transport,
     driver_ctx: Arc<DriverContext>,
     blob_ctx: Arc<BlobContext>,
+    recorder: Arc<Recorder>,
     blob_out_budget: Arc<Semaphore>,
     local_id: DomusId,
     local_identity: Arc<PeerIdentity>,
     local_addr: DomusAddr,
     epoch: u64,
     resolver: Arc<dyn RouteResolver>,
-    config: DomusConfig,
+    /// The configuration in force; swapped whole by `ConfigHandle::update`.
+    config: arc_swap::ArcSwap<DomusConfig>,
+    config_writer: Mutex<()>,
     registry: Arc<Registry>,
     peers: Mutex<HashMap<DomusId, PeerHandle>>,
     /// Identities learned for routes that named none.
@@ -281,6 +293,51 @@ impl std::fmt::Debug for Domus {
             .field("id", &self.shared.local_id)
             .field("addr", &self.shared.local_addr)
             .finish_non_exhaustive()
+    }
+}
+
+/// The live configuration of a domus, from [`Domus::config`].
+#[derive(Clone)]
+pub struct ConfigHandle {
+    shared: Arc<Shared>,
+}
+
+impl std::fmt::Debug for ConfigHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_tuple("ConfigHandle")
+            .field(&self.shared.config.load())
+            .finish()
+    }
+}
+
+impl ConfigHandle {
+    /// The configuration in force now.
+    pub fn snapshot(&self) -> DomusConfig {
+        DomusConfig::clone(&self.shared.config.load())
+    }
+
+    /// Changes the configuration: `change` edits a copy, which is validated like the
+    /// builder's and must leave the fields fixed at build time alone; then it replaces the
+    /// configuration in one step and an [`Event::ConfigReloaded`] is published. On error
+    /// nothing changes. Returns the configuration now in force.
+    pub fn update(&self, change: impl FnOnce(&mut DomusConfig)) -> Result<DomusConfig, Error> {
+        let shared = &self.shared;
+        let _writer = shared
+            .config_writer
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let current = shared.config.load_full();
+        let mut next = DomusConfig::clone(&current);
+        change(&mut next);
+        let checked = next.validate().and_then(|()| next.check_fixed(&current));
+        if let Err(e) = checked {
+            shared.recorder.error(e.clone());
+            return Err(e);
+        }
+        shared.registry.set_default_depth(next.default_inbox_depth);
+        shared.config.store(Arc::new(next.clone()));
+        shared.recorder.event(Event::ConfigReloaded);
+        Ok(next)
     }
 }
 
@@ -318,9 +375,29 @@ impl Domus {
         self.shared.epoch
     }
 
-    /// The configuration.
-    pub fn config(&self) -> &DomusConfig {
-        &self.shared.config
+    /// The live configuration: [`ConfigHandle::snapshot`] reads it, [`ConfigHandle::update`]
+    /// changes it (see [`DomusConfig`] for which fields apply when).
+    pub fn config(&self) -> ConfigHandle {
+        ConfigHandle {
+            shared: self.shared.clone(),
+        }
+    }
+
+    /// Swaps the authentication material (certificate chain, key, trust anchors, CRLs) for
+    /// every future handshake, after validating it; the identity must stay the same.
+    /// Established calles keep running. On failure nothing changes and the error is also
+    /// published on the error feed; on success an [`Event::AuthReloaded`] is.
+    pub fn reload_auth(&self, auth: AuthConfig) -> Result<(), Error> {
+        match self.shared.transport.reload_auth(auth) {
+            Ok(()) => {
+                self.shared.recorder.event(Event::AuthReloaded);
+                Ok(())
+            }
+            Err(e) => {
+                self.shared.recorder.error(e.clone());
+                Err(e)
+            }
+        }
     }
 
     /// The A0 transport (for certificate reloads: [`Transport::reload_auth`]).
@@ -336,16 +413,15 @@ impl Domus {
     /// Registers a taberna.
     pub fn taberna_with(&self, id: TabernaId, options: TabernaOptions) -> Result<Taberna, Error> {
         self.shared.check_open()?;
-        let depth = options
-            .inbox_depth
-            .unwrap_or(self.shared.config.default_inbox_depth);
-        if depth == 0 || depth > 1 << 20 {
-            return Err(Error::invalid_config(
-                "inbox_depth",
-                format!("{depth} is outside 1..=1048576"),
-            ));
+        if let Some(depth) = options.inbox_depth {
+            if depth == 0 || depth > 1 << 20 {
+                return Err(Error::invalid_config(
+                    "inbox_depth",
+                    format!("{depth} is outside 1..=1048576"),
+                ));
+            }
         }
-        self.shared.registry.register(id, options, depth)
+        self.shared.registry.register(id, options)
     }
 
     /// Sends a message and waits for its answer. The future holds no borrow of the domus.
@@ -450,6 +526,7 @@ impl Domus {
     /// tabernas. Bounded by `shutdown_timeout`; after that everything is cancelled.
     pub async fn shutdown(&self) {
         let shared = &self.shared;
+        shared.recorder.event(Event::ShutdownStarted);
         shared
             .closed
             .store(true, std::sync::atomic::Ordering::SeqCst);
@@ -467,7 +544,7 @@ impl Domus {
         // The accept loop stops at once; drivers finish their writes within the bound.
         shared.accept_stop.cancel();
         shared.tasks.close();
-        if tokio::time::timeout(shared.config.shutdown_timeout, shared.tasks.wait())
+        if tokio::time::timeout(shared.config.load().shutdown_timeout, shared.tasks.wait())
             .await
             .is_err()
         {
@@ -481,6 +558,15 @@ impl Domus {
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .clear();
+        shared.recorder.peers_cleared();
+        shared.recorder.event(Event::ShutdownCompleted);
+    }
+
+    /// Metrics, events and errors of this domus.
+    pub fn reporting(&self) -> Reporting {
+        Reporting {
+            recorder: self.shared.recorder.clone(),
+        }
     }
 }
 
@@ -513,17 +599,17 @@ impl Shared {
                 ),
             ));
         }
-        if payload.len() > self.config.max_message_len {
+        if payload.len() > self.config.load().max_message_len {
             return Err(Error::new(
                 ErrorId::PayloadTooLarge,
                 format!(
                     "payload of {} bytes exceeds max_message_len ({}); send large data as a blob",
                     payload.len(),
-                    self.config.max_message_len
+                    self.config.load().max_message_len
                 ),
             ));
         }
-        let timeout = options.timeout.unwrap_or(self.config.send_timeout);
+        let timeout = options.timeout.unwrap_or(self.config.load().send_timeout);
         let deadline = tokio::time::Instant::now() + timeout;
         let source = options.source.unwrap_or(TabernaId(0));
         if self.registry.contains(taberna) {
@@ -548,11 +634,35 @@ impl Shared {
             payload,
             deadline: deadline.into_std(),
         };
-        Self::admit_to_peer(&peer, &peer_id, msg, wait, deadline).await
+        self.admit_to_peer(&peer, &peer_id, msg, wait, deadline)
+            .await
     }
 
     /// Takes the peer's in-flight slot and bytes for `msg` and hands it to the peer's driver.
     async fn admit_to_peer(
+        &self,
+        peer: &PeerRef,
+        peer_id: &DomusId,
+        msg: Outgoing,
+        wait: Wait,
+        deadline: tokio::time::Instant,
+    ) -> Result<Receipt, Error> {
+        let admitted = Self::take_room(peer, peer_id, msg, wait, deadline).await;
+        if let Err(e) = &admitted {
+            if matches!(e.id(), ErrorId::LocalQueueFull | ErrorId::SendTimeout) {
+                if e.id() == ErrorId::LocalQueueFull {
+                    self.recorder.inc(C::queue_overruns_send);
+                }
+                self.recorder.event(Event::Backpressure {
+                    peer: peer_id.clone(),
+                });
+            }
+            record_failure(&self.recorder, e);
+        }
+        admitted
+    }
+
+    async fn take_room(
         peer: &PeerRef,
         peer_id: &DomusId,
         msg: Outgoing,
@@ -602,6 +712,7 @@ impl Shared {
         }
         let max_header = self
             .config
+            .load()
             .max_message_len
             .saturating_sub(BLOB_OPEN_PREFIX_LEN);
         if header.len() > max_header {
@@ -613,11 +724,11 @@ impl Shared {
                 ),
             ));
         }
-        let timeout = options.timeout.unwrap_or(self.config.send_timeout);
+        let timeout = options.timeout.unwrap_or(self.config.load().send_timeout);
         let deadline = tokio::time::Instant::now() + timeout;
         let source = options.source.unwrap_or(TabernaId(0));
-        let window = self.config.blob_window;
-        let chunk = self.config.blob_chunk_len;
+        let window = self.config.load().blob_window;
+        let chunk = self.config.load().blob_chunk_len;
         if self.registry.contains(taberna) {
             let (piece_tx, piece_rx) = mpsc::unbounded_channel();
             let (eof_tx, eof_rx) = oneshot::channel();
@@ -685,7 +796,7 @@ impl Shared {
             payload: encode_blob_open(stream, msg_type.0, &header),
             deadline: deadline.into_std(),
         };
-        Self::admit_to_peer(&peer, &peer_id, msg, Wait::UntilDeadline, deadline)
+        self.admit_to_peer(&peer, &peer_id, msg, Wait::UntilDeadline, deadline)
             .await?
             .await?;
         guard.tx = None;
@@ -718,9 +829,11 @@ impl Shared {
         if let Some(blob) = blob {
             request = request.with_blob(blob);
         }
+        self.recorder.inc(C::messages_sent);
         self.registry.deliver(request);
         let (done, rx) = oneshot::channel();
         let context = format!("local {taberna}");
+        let recorder = self.recorder.clone();
         tokio::spawn(async move {
             let result = match tokio::time::timeout(timeout, answer_rx).await {
                 Ok(Ok(answer)) => local_result(answer, &context),
@@ -733,6 +846,11 @@ impl Shared {
                     format!("{context} did not answer within {timeout:?}"),
                 )),
             };
+            match &result {
+                Ok(Delivery::Accepted) => recorder.inc(C::messages_accepted),
+                Ok(Delivery::Replied(_)) => recorder.inc(C::messages_replied),
+                Err(e) => record_failure(&recorder, e),
+            }
             let _ = done.send(result);
         });
         Receipt { rx }
@@ -771,7 +889,7 @@ impl Shared {
                 .unwrap_or_else(|_| Poll::Ready(Err(panicked())))
         });
         tokio::time::timeout_at(
-            deadline.min(tokio::time::Instant::now() + self.config.resolve_timeout),
+            deadline.min(tokio::time::Instant::now() + self.config.load().resolve_timeout),
             guarded,
         )
         .await
@@ -780,7 +898,7 @@ impl Shared {
                 ErrorId::PeerUnavailable,
                 format!(
                     "the resolver did not answer for {taberna} within {:?} (resolve_timeout)",
-                    self.config.resolve_timeout
+                    self.config.load().resolve_timeout
                 ),
             )
         })?
@@ -842,16 +960,22 @@ impl Shared {
         // Every command is bounded elsewhere: sends by the in-flight semaphore, answers by the
         // peer's dedupe window, calles by the A0 admission gate.
         let (tx, rx) = mpsc::unbounded_channel();
-        let slots = Arc::new(Semaphore::new(self.config.max_in_flight_per_peer as usize));
-        let bytes = Arc::new(Semaphore::new(self.config.max_in_flight_bytes_per_peer));
+        let slots = Arc::new(Semaphore::new(
+            self.config.load().max_in_flight_per_peer as usize,
+        ));
+        let bytes = Arc::new(Semaphore::new(
+            self.config.load().max_in_flight_bytes_per_peer,
+        ));
         let session = Session::new(
-            self.config.session(),
+            self.config.load().session(),
             self.local_id.as_str().to_owned(),
             self.epoch,
         );
         // Blob commands are bounded by the streams' windows and the stream caps.
         let (blob_tx, blob_rx) = mpsc::unbounded_channel();
-        let blob_in_streams = Arc::new(Semaphore::new(self.config.max_blob_streams_per_peer));
+        let blob_in_streams =
+            Arc::new(Semaphore::new(self.config.load().max_blob_streams_per_peer));
+        let cells = self.recorder.peer_added(id);
         let driver = PeerDriver::new(
             id.clone(),
             addr.clone(),
@@ -859,9 +983,10 @@ impl Shared {
             session,
             (rx, tx.clone()),
             self.cancel.child_token(),
-            BlobPeer {
-                tx: blob_tx.clone(),
-                in_streams: blob_in_streams,
+            PeerLinks {
+                blob_tx: blob_tx.clone(),
+                blob_in_streams,
+                cells: cells.clone(),
             },
         );
         self.tasks.spawn(driver);
@@ -871,13 +996,16 @@ impl Shared {
             self.blob_ctx.clone(),
             blob_rx,
             self.cancel.child_token(),
+            cells,
         ));
         let links = PeerRef {
             tx,
             slots,
             bytes,
             blob_tx,
-            blob_out_streams: Arc::new(Semaphore::new(self.config.max_blob_streams_per_peer)),
+            blob_out_streams: Arc::new(Semaphore::new(
+                self.config.load().max_blob_streams_per_peer,
+            )),
             next_stream: Arc::new(std::sync::atomic::AtomicU64::new(1)),
         };
         peers.insert(
@@ -973,12 +1101,13 @@ async fn accept_loop(shared: Arc<Shared>, listener: Listener, stop: Cancellation
                 Ok(stream) => stream,
                 Err(e) => {
                     tracing::debug!(error = %e, "inbound handshake failed");
+                    shared2.recorder.handshake_failed(&e);
                     return;
                 }
             };
             let first = tokio::select! {
                 () = stop2.cancelled() => return,
-                r = tokio::time::timeout(shared2.config.hello_timeout, first_frame(stream)) => r,
+                r = tokio::time::timeout(shared2.config.load().hello_timeout, first_frame(stream)) => r,
             };
             match first {
                 Ok(Ok((stream, kind, prefix))) => shared2.attach_inbound(stream, kind, prefix),

@@ -10,6 +10,7 @@ use std::collections::{BTreeSet, HashMap};
 use std::fmt;
 use std::ops::RangeInclusive;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -22,6 +23,7 @@ use crate::a0_transport::{DomusId, PeerIdentity};
 use crate::a1_callis::session::{A1_MESSAGE_TYPE_MAX, A3_MESSAGE_TYPE_BASE, Answer};
 use crate::domus::blob::BlobReceiver;
 use crate::error::{Error, ErrorId};
+use crate::reporting::{C, Event, Recorder};
 
 /// The id of a taberna, unique within its domus and routed by the resolver.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -354,19 +356,37 @@ pub(crate) fn system_rejection(error: ErrorId, reason: &str) -> Answer {
 /// A registered taberna's admission rules and inbox.
 struct Entry {
     options: TabernaOptions,
+    /// Unbounded as a channel; bounded by the depth check in `deliver`, so the depth can
+    /// follow the live `default_inbox_depth`.
     inbox: async_channel::Sender<TabernaRequest>,
 }
 
 /// The local tabernas of one domus. Reads (every send and delivery) load an immutable
 /// snapshot without a lock; registering or removing a taberna copies the table and publishes
 /// the copy, one writer at a time. No lock is held across an `.await`.
-#[derive(Default)]
 pub(crate) struct Registry {
     entries: ArcSwap<HashMap<TabernaId, Arc<Entry>>>,
     writer: Mutex<()>,
+    /// The depth of inboxes registered without one (live: `default_inbox_depth`).
+    default_depth: AtomicUsize,
+    recorder: Arc<Recorder>,
 }
 
 impl Registry {
+    pub(crate) fn new(default_depth: usize, recorder: Arc<Recorder>) -> Self {
+        Self {
+            entries: ArcSwap::default(),
+            writer: Mutex::new(()),
+            default_depth: AtomicUsize::new(default_depth),
+            recorder,
+        }
+    }
+
+    /// Applies a new `default_inbox_depth` to every inbox registered without its own.
+    pub(crate) fn set_default_depth(&self, depth: usize) {
+        self.default_depth.store(depth, Ordering::Relaxed);
+    }
+
     pub(crate) fn contains(&self, id: TabernaId) -> bool {
         self.entries.load().contains_key(&id)
     }
@@ -383,7 +403,6 @@ impl Registry {
         self: &Arc<Self>,
         id: TabernaId,
         options: TabernaOptions,
-        depth: usize,
     ) -> Result<Taberna, Error> {
         let rx = self.update(|entries| {
             if entries.contains_key(&id) {
@@ -392,7 +411,7 @@ impl Registry {
                     format!("{id} is already registered on this domus"),
                 ));
             }
-            let (tx, rx) = async_channel::bounded(depth.max(1));
+            let (tx, rx) = async_channel::unbounded();
             entries.insert(id, Arc::new(Entry { options, inbox: tx }));
             Ok(rx)
         })?;
@@ -448,6 +467,22 @@ impl Registry {
                             "this taberna does not accept this message type",
                         ))
                     } else {
+                        let depth = entry
+                            .options
+                            .inbox_depth
+                            .unwrap_or_else(|| self.default_depth.load(Ordering::Relaxed));
+                        if entry.inbox.len() >= depth {
+                            self.recorder.inc(C::queue_overruns_inbox);
+                            self.recorder.event(Event::QueueOverrun {
+                                taberna: request.destination.0,
+                            });
+                            let mut r = request;
+                            r.finish(system_rejection(
+                                ErrorId::TabernaBusy,
+                                "the taberna's inbox is full",
+                            ));
+                            return;
+                        }
                         match entry.inbox.try_send(request) {
                             Ok(()) => return,
                             Err(async_channel::TrySendError::Full(mut r)) => {

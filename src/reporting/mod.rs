@@ -1,0 +1,869 @@
+//! Reporting: what a domus is doing, for the application to read. Metrics (counters, gauges
+//! with peaks, a send-latency histogram, per-peer figures), an event feed and an error feed.
+//!
+//! Producers (drivers, the accept loop, admission) only touch atomics and non-blocking
+//! channels: reporting never blocks, never allocates per message, and never holds a lock
+//! across an `.await` (the few locks here guard small tables and are held for a copy). Feeds
+//! are bounded: a subscriber that falls behind is told how many items it missed; the error
+//! ring keeps the last [`ERROR_RING_LEN`] errors and counts what it dropped.
+//!
+//! This module must not log peer-controlled text unescaped (everything passes through
+//! [`Error`]'s escaping) and must not decide anything: it only records.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::fmt;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
+
+use tokio::sync::broadcast;
+
+use crate::a0_transport::DomusId;
+use crate::error::{Error, ErrorId};
+
+/// Errors kept for [`Reporting::errors_since`].
+pub const ERROR_RING_LEN: usize = 1024;
+/// Events buffered per subscriber before it starts missing some.
+pub const EVENT_BUFFER_LEN: usize = 1024;
+/// Buckets of the latency histogram: bucket `i` counts answers within `2^i` µs.
+const LATENCY_BUCKETS: usize = 32;
+
+/// Which callis an event or a byte count is about.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum CallisKind {
+    /// The primary callis: messages and their answers.
+    Primary,
+    /// The blob callis.
+    Blob,
+}
+
+/// Something that happened, from [`Reporting::events`].
+#[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
+pub enum Event {
+    /// A session with a peer opened (its primary callis said HELLO).
+    PeerConnected {
+        /// The peer.
+        peer: DomusId,
+        /// Whether the peer is a new run of a domus we knew (a restart).
+        restarted: bool,
+    },
+    /// The primary callis to a peer closed; messages wait for the next one.
+    PeerDisconnected {
+        /// The peer.
+        peer: DomusId,
+        /// Why, when known.
+        reason: Option<Error>,
+    },
+    /// A callis came up.
+    CallisUp {
+        /// The peer.
+        peer: DomusId,
+        /// Which callis.
+        kind: CallisKind,
+    },
+    /// A callis went down.
+    CallisDown {
+        /// The peer.
+        peer: DomusId,
+        /// Which callis.
+        kind: CallisKind,
+    },
+    /// Dialling a peer failed.
+    DialFailed {
+        /// The peer.
+        peer: DomusId,
+        /// Why.
+        error: Error,
+    },
+    /// A peer restarted: its unanswered messages and open blobs failed with `PeerRestarted`.
+    SessionRestarted {
+        /// The peer.
+        peer: DomusId,
+    },
+    /// A send waited for (or failed for lack of) room in a peer's in-flight budget.
+    Backpressure {
+        /// The peer.
+        peer: DomusId,
+    },
+    /// A delivery was refused because a taberna's inbox was full.
+    QueueOverrun {
+        /// The taberna.
+        taberna: u64,
+    },
+    /// [`ConfigHandle::update`](crate::domus::ConfigHandle::update) applied a new configuration.
+    ConfigReloaded,
+    /// New authentication material is in force for new handshakes.
+    AuthReloaded,
+    /// `shutdown()` began.
+    ShutdownStarted,
+    /// `shutdown()` finished.
+    ShutdownCompleted,
+}
+
+/// An item of a feed: the next item, or how many the subscriber missed by falling behind.
+#[derive(Debug, Clone, PartialEq)]
+pub enum FeedItem<T> {
+    /// The next item.
+    Item(T),
+    /// This many items were dropped for this subscriber before the next one.
+    Missed(u64),
+}
+
+/// A subscription to the event feed (from [`Reporting::events`]).
+#[derive(Debug)]
+pub struct EventReceiver {
+    rx: broadcast::Receiver<Event>,
+}
+
+impl EventReceiver {
+    /// The next event; `None` once the domus is gone.
+    pub async fn recv(&mut self) -> Option<FeedItem<Event>> {
+        match self.rx.recv().await {
+            Ok(e) => Some(FeedItem::Item(e)),
+            Err(broadcast::error::RecvError::Lagged(n)) => Some(FeedItem::Missed(n)),
+            Err(broadcast::error::RecvError::Closed) => None,
+        }
+    }
+
+    /// The next event if one is ready.
+    pub fn try_recv(&mut self) -> Option<FeedItem<Event>> {
+        match self.rx.try_recv() {
+            Ok(e) => Some(FeedItem::Item(e)),
+            Err(broadcast::error::TryRecvError::Lagged(n)) => Some(FeedItem::Missed(n)),
+            Err(_) => None,
+        }
+    }
+}
+
+/// An error with its sequence number (1, 2, 3, … per domus).
+#[derive(Debug, Clone, PartialEq)]
+pub struct SequencedError {
+    /// Its position in this domus's error feed.
+    pub seq: u64,
+    /// The error.
+    pub error: Error,
+}
+
+/// The result of [`Reporting::errors_since`].
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct ErrorsSince {
+    /// Errors after the given sequence number, oldest first.
+    pub errors: Vec<SequencedError>,
+    /// Errors after the given sequence number that the ring no longer holds.
+    pub missed: u64,
+}
+
+/// A subscription to the error feed (from [`Reporting::errors`]).
+#[derive(Debug)]
+pub struct ErrorReceiver {
+    rx: broadcast::Receiver<SequencedError>,
+}
+
+impl ErrorReceiver {
+    /// The next error; `None` once the domus is gone.
+    pub async fn recv(&mut self) -> Option<FeedItem<SequencedError>> {
+        match self.rx.recv().await {
+            Ok(e) => Some(FeedItem::Item(e)),
+            Err(broadcast::error::RecvError::Lagged(n)) => Some(FeedItem::Missed(n)),
+            Err(broadcast::error::RecvError::Closed) => None,
+        }
+    }
+}
+
+macro_rules! counters {
+    ($( $(#[$doc:meta])* $name:ident, )*) => {
+        /// Counters, as deltas since the last [`Reporting::snapshot_and_reset`] (or since the
+        /// domus started).
+        #[derive(Debug, Clone, Default, PartialEq, Eq)]
+        #[non_exhaustive]
+        pub struct Counters {
+            $( $(#[$doc])* pub $name: u64, )*
+        }
+
+        #[derive(Default)]
+        struct CounterCells {
+            $( $name: AtomicU64, )*
+        }
+
+        impl CounterCells {
+            fn load(&self) -> Counters {
+                Counters { $( $name: self.$name.load(Ordering::Relaxed), )* }
+            }
+        }
+
+        impl Counters {
+            fn minus(&self, base: &Counters) -> Counters {
+                Counters { $( $name: self.$name.saturating_sub(base.$name), )* }
+            }
+
+            /// Every counter with its stable name (the names the `metrics` feature uses).
+            pub fn named(&self) -> Vec<(&'static str, u64)> {
+                vec![ $( (stringify!($name), self.$name), )* ]
+            }
+        }
+
+        /// A counter a producer increments.
+        #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+        #[allow(non_camel_case_types)]
+        pub(crate) enum C { $( $name, )* }
+
+        impl CounterCells {
+            fn cell(&self, c: C) -> &AtomicU64 {
+                match c { $( C::$name => &self.$name, )* }
+            }
+        }
+    };
+}
+
+counters! {
+    /// Primary calles that opened (HELLO exchanged).
+    primary_calles_opened,
+    /// Primary calles that closed.
+    primary_calles_closed,
+    /// Blob calles that opened (BLOB_HELLO exchanged).
+    blob_calles_opened,
+    /// Blob calles that closed.
+    blob_calles_closed,
+    /// Dials started (primary and blob).
+    dial_attempts,
+    /// Dials that failed.
+    dial_failures,
+    /// Handshakes (either side) where the peer was not the identity expected.
+    identity_mismatches,
+    /// Calles closed because the peer broke the protocol.
+    protocol_violations,
+    /// Inbound handshakes that failed.
+    handshake_failures,
+    /// Messages handed to a peer's session (or a local taberna).
+    messages_sent,
+    /// Messages delivered to local tabernas from peers.
+    messages_received,
+    /// Sends answered `Accepted`.
+    messages_accepted,
+    /// Sends answered with a reply.
+    messages_replied,
+    /// Sends rejected (by the receiving application or by vicus).
+    messages_rejected,
+    /// Sends that ended in `SendTimeout`.
+    messages_timed_out,
+    /// Sends that failed otherwise (peer restarted, unavailable, domus closed, …).
+    messages_failed,
+    /// Sends refused locally for lack of in-flight room (`LocalQueueFull`).
+    queue_overruns_send,
+    /// Deliveries refused because a taberna's inbox was full (`TabernaBusy`).
+    queue_overruns_inbox,
+    /// Bytes read from primary calles (after TLS).
+    primary_bytes_in,
+    /// Bytes written to primary calles (before TLS).
+    primary_bytes_out,
+    /// Bytes read from blob calles.
+    blob_bytes_in,
+    /// Bytes written to blob calles.
+    blob_bytes_out,
+    /// Blob streams opened (either direction).
+    blob_streams_opened,
+    /// Blob streams completed (either direction).
+    blob_streams_completed,
+    /// Blob streams cancelled or failed (either direction).
+    blob_streams_cancelled,
+}
+
+/// Gauges: the value now and the highest value since the last reset.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Gauge {
+    /// The value now.
+    pub current: u64,
+    /// The highest value since the last reset.
+    pub peak: u64,
+}
+
+/// Send-to-answer latency of remote sends since the last reset.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Latency {
+    /// Answers measured.
+    pub count: u64,
+    /// Median, upper bound of its power-of-two bucket.
+    pub p50: Duration,
+    /// 90th percentile, same resolution.
+    pub p90: Duration,
+    /// 99th percentile, same resolution.
+    pub p99: Duration,
+    /// Counts per bucket: entry `i` counts answers that took at most `2^i` µs.
+    pub buckets: Vec<u64>,
+}
+
+/// Per-peer figures.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct PeerReport {
+    /// The peer.
+    pub peer: DomusId,
+    /// Whether its primary callis is open now.
+    pub connected: bool,
+    /// The last keepalive round-trip time.
+    pub rtt: Option<Duration>,
+    /// Sends waiting for an answer.
+    pub in_flight: u64,
+    /// Messages and answers queued but not yet written.
+    pub queue_depth: u64,
+    /// How long the oldest unanswered send has waited.
+    pub oldest_pending: Option<Duration>,
+    /// Bytes read from this peer (both calles).
+    pub bytes_in: u64,
+    /// Bytes written to this peer (both calles).
+    pub bytes_out: u64,
+}
+
+/// A metrics snapshot (see [`Reporting::snapshot`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Snapshot {
+    /// Counter deltas since the last reset.
+    pub counters: Counters,
+    /// Counters since the domus started.
+    pub totals: Counters,
+    /// Peers with a session (driver), connected or not.
+    pub peers: Gauge,
+    /// Primary calles open.
+    pub primary_calles: Gauge,
+    /// Blob calles open.
+    pub blob_calles: Gauge,
+    /// Blob streams open (both directions).
+    pub blob_streams: Gauge,
+    /// Rejections since the last reset by error id (`RemoteTabernaRejected` for the
+    /// application's own, `UnknownTaberna`, `TabernaBusy`, …).
+    pub rejected_by: BTreeMap<ErrorId, u64>,
+    /// Inbound handshake failures since the last reset by reason.
+    pub handshake_failures_by: BTreeMap<ErrorId, u64>,
+    /// Send-to-answer latency since the last reset.
+    pub latency: Latency,
+    /// Per-peer figures now.
+    pub per_peer: Vec<PeerReport>,
+    /// Time covered by the deltas.
+    pub interval: Duration,
+}
+
+#[derive(Default)]
+struct GaugeCell {
+    current: AtomicU64,
+    peak: AtomicU64,
+}
+
+impl GaugeCell {
+    fn add(&self, d: i64) {
+        let now = if d >= 0 {
+            self.current
+                .fetch_add(d.unsigned_abs(), Ordering::Relaxed)
+                .saturating_add(d.unsigned_abs())
+        } else {
+            let mut cur = self.current.load(Ordering::Relaxed);
+            loop {
+                let next = cur.saturating_sub(d.unsigned_abs());
+                match self.current.compare_exchange_weak(
+                    cur,
+                    next,
+                    Ordering::Relaxed,
+                    Ordering::Relaxed,
+                ) {
+                    Ok(_) => break next,
+                    Err(actual) => cur = actual,
+                }
+            }
+        };
+        self.peak.fetch_max(now, Ordering::Relaxed);
+    }
+
+    fn read(&self) -> Gauge {
+        Gauge {
+            current: self.current.load(Ordering::Relaxed),
+            peak: self.peak.load(Ordering::Relaxed),
+        }
+    }
+
+    fn reset_peak(&self) {
+        self.peak
+            .store(self.current.load(Ordering::Relaxed), Ordering::Relaxed);
+    }
+}
+
+/// Live figures of one peer, written by its drivers.
+#[derive(Default)]
+pub(crate) struct PeerCells {
+    pub(crate) connected: std::sync::atomic::AtomicBool,
+    pub(crate) rtt_us: AtomicU64,
+    pub(crate) in_flight: AtomicU64,
+    pub(crate) queue_depth: AtomicU64,
+    /// Microseconds since the domus started at which the oldest unanswered send was made;
+    /// 0 when none.
+    pub(crate) oldest_pending_at_us: AtomicU64,
+    pub(crate) bytes_in: AtomicU64,
+    pub(crate) bytes_out: AtomicU64,
+}
+
+/// The shared recorder behind [`Reporting`].
+pub(crate) struct Recorder {
+    started: Instant,
+    counters: CounterCells,
+    base: Mutex<Base>,
+    peers: GaugeCell,
+    primary_calles: GaugeCell,
+    blob_calles: GaugeCell,
+    blob_streams: GaugeCell,
+    rejected_by: Mutex<BTreeMap<ErrorId, u64>>,
+    handshake_failures_by: Mutex<BTreeMap<ErrorId, u64>>,
+    latency: [AtomicU64; LATENCY_BUCKETS],
+    per_peer: Mutex<HashMap<DomusId, Arc<PeerCells>>>,
+    events: broadcast::Sender<Event>,
+    errors: broadcast::Sender<SequencedError>,
+    ring: Mutex<ErrorRing>,
+}
+
+/// Where the current interval started: the totals then.
+struct Base {
+    counters: Counters,
+    at: Instant,
+    rejected_by: BTreeMap<ErrorId, u64>,
+    handshake_failures_by: BTreeMap<ErrorId, u64>,
+    latency: Vec<u64>,
+}
+
+#[derive(Default)]
+struct ErrorRing {
+    next_seq: u64,
+    items: VecDeque<SequencedError>,
+}
+
+impl fmt::Debug for Recorder {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Recorder").finish_non_exhaustive()
+    }
+}
+
+impl Recorder {
+    pub(crate) fn new() -> Arc<Self> {
+        let now = Instant::now();
+        Arc::new(Self {
+            started: now,
+            counters: CounterCells::default(),
+            base: Mutex::new(Base {
+                counters: Counters::default(),
+                at: now,
+                rejected_by: BTreeMap::new(),
+                handshake_failures_by: BTreeMap::new(),
+                latency: vec![0; LATENCY_BUCKETS],
+            }),
+            peers: GaugeCell::default(),
+            primary_calles: GaugeCell::default(),
+            blob_calles: GaugeCell::default(),
+            blob_streams: GaugeCell::default(),
+            rejected_by: Mutex::new(BTreeMap::new()),
+            handshake_failures_by: Mutex::new(BTreeMap::new()),
+            latency: std::array::from_fn(|_| AtomicU64::new(0)),
+            per_peer: Mutex::new(HashMap::new()),
+            events: broadcast::channel(EVENT_BUFFER_LEN).0,
+            errors: broadcast::channel(EVENT_BUFFER_LEN).0,
+            ring: Mutex::new(ErrorRing {
+                next_seq: 1,
+                items: VecDeque::new(),
+            }),
+        })
+    }
+
+    /// Adds `n` to a counter.
+    pub(crate) fn add(&self, c: C, n: u64) {
+        self.counters.cell(c).fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// Adds one to a counter.
+    pub(crate) fn inc(&self, c: C) {
+        self.add(c, 1);
+    }
+
+    pub(crate) fn callis(&self, kind: CallisKind, peer: &DomusId, up: bool) {
+        let (gauge, opened, closed) = match kind {
+            CallisKind::Primary => (
+                &self.primary_calles,
+                C::primary_calles_opened,
+                C::primary_calles_closed,
+            ),
+            CallisKind::Blob => (
+                &self.blob_calles,
+                C::blob_calles_opened,
+                C::blob_calles_closed,
+            ),
+        };
+        if up {
+            self.inc(opened);
+            gauge.add(1);
+            self.event(Event::CallisUp {
+                peer: peer.clone(),
+                kind,
+            });
+        } else {
+            self.inc(closed);
+            gauge.add(-1);
+            self.event(Event::CallisDown {
+                peer: peer.clone(),
+                kind,
+            });
+        }
+    }
+
+    pub(crate) fn blob_stream(&self, opened: bool) {
+        self.blob_streams.add(if opened { 1 } else { -1 });
+    }
+
+    pub(crate) fn peer_added(&self, peer: &DomusId) -> Arc<PeerCells> {
+        let cells = Arc::new(PeerCells::default());
+        let mut map = self.per_peer.lock().unwrap_or_else(PoisonError::into_inner);
+        if map.insert(peer.clone(), cells.clone()).is_none() {
+            self.peers.add(1);
+        }
+        cells
+    }
+
+    pub(crate) fn peers_cleared(&self) {
+        let mut map = self.per_peer.lock().unwrap_or_else(PoisonError::into_inner);
+        let n = map.len() as i64;
+        map.clear();
+        self.peers.add(-n);
+    }
+
+    pub(crate) fn rejected(&self, id: ErrorId) {
+        self.inc(C::messages_rejected);
+        *self
+            .rejected_by
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .entry(id)
+            .or_default() += 1;
+    }
+
+    pub(crate) fn handshake_failed(&self, error: &Error) {
+        self.inc(C::handshake_failures);
+        if error.id() == ErrorId::IdentityMismatch {
+            self.inc(C::identity_mismatches);
+        }
+        *self
+            .handshake_failures_by
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .entry(error.id())
+            .or_default() += 1;
+        self.error(error.clone());
+    }
+
+    /// Records one send-to-answer latency.
+    pub(crate) fn latency(&self, d: Duration) {
+        let us = u64::try_from(d.as_micros()).unwrap_or(u64::MAX).max(1);
+        let bucket = (64 - (us - 1).leading_zeros()) as usize;
+        let bucket = bucket.min(LATENCY_BUCKETS - 1);
+        if let Some(cell) = self.latency.get(bucket) {
+            cell.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Microseconds since the domus started (for pending-age stamps).
+    pub(crate) fn now_us(&self) -> u64 {
+        u64::try_from(self.started.elapsed().as_micros())
+            .unwrap_or(u64::MAX)
+            .max(1)
+    }
+
+    /// Publishes an event; never blocks (a subscriber that falls behind misses the oldest).
+    pub(crate) fn event(&self, event: Event) {
+        let _ = self.events.send(event);
+    }
+
+    /// Publishes an error on the error feed and keeps it in the ring.
+    pub(crate) fn error(&self, error: Error) {
+        let item = {
+            let mut ring = self.ring.lock().unwrap_or_else(PoisonError::into_inner);
+            let seq = ring.next_seq;
+            ring.next_seq = seq.saturating_add(1);
+            if ring.items.len() >= ERROR_RING_LEN {
+                ring.items.pop_front();
+            }
+            let item = SequencedError { seq, error };
+            ring.items.push_back(item.clone());
+            item
+        };
+        let _ = self.errors.send(item);
+    }
+
+    fn snapshot(&self, reset: bool) -> Snapshot {
+        let totals = self.counters.load();
+        let buckets: Vec<u64> = self
+            .latency
+            .iter()
+            .map(|b| b.load(Ordering::Relaxed))
+            .collect();
+        let rejected_total = self
+            .rejected_by
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone();
+        let handshake_total = self
+            .handshake_failures_by
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone();
+        let mut base = self.base.lock().unwrap_or_else(PoisonError::into_inner);
+        let counters = totals.minus(&base.counters);
+        let interval = base.at.elapsed();
+        let rejected_by = minus_map(&rejected_total, &base.rejected_by);
+        let handshake_failures_by = minus_map(&handshake_total, &base.handshake_failures_by);
+        let delta_buckets: Vec<u64> = buckets
+            .iter()
+            .zip(base.latency.iter())
+            .map(|(a, b)| a.saturating_sub(*b))
+            .collect();
+        let snapshot = Snapshot {
+            counters,
+            totals: totals.clone(),
+            peers: self.peers.read(),
+            primary_calles: self.primary_calles.read(),
+            blob_calles: self.blob_calles.read(),
+            blob_streams: self.blob_streams.read(),
+            rejected_by,
+            handshake_failures_by,
+            latency: latency_of(delta_buckets),
+            per_peer: self.per_peer_reports(),
+            interval,
+        };
+        if reset {
+            *base = Base {
+                counters: totals,
+                at: Instant::now(),
+                rejected_by: rejected_total,
+                handshake_failures_by: handshake_total,
+                latency: buckets,
+            };
+            for g in [
+                &self.peers,
+                &self.primary_calles,
+                &self.blob_calles,
+                &self.blob_streams,
+            ] {
+                g.reset_peak();
+            }
+        }
+        snapshot
+    }
+
+    fn per_peer_reports(&self) -> Vec<PeerReport> {
+        let now = self.now_us();
+        let map = self.per_peer.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut out: Vec<PeerReport> = map
+            .iter()
+            .map(|(peer, c)| {
+                let rtt = c.rtt_us.load(Ordering::Relaxed);
+                let oldest = c.oldest_pending_at_us.load(Ordering::Relaxed);
+                PeerReport {
+                    peer: peer.clone(),
+                    connected: c.connected.load(Ordering::Relaxed),
+                    rtt: (rtt > 0).then(|| Duration::from_micros(rtt)),
+                    in_flight: c.in_flight.load(Ordering::Relaxed),
+                    queue_depth: c.queue_depth.load(Ordering::Relaxed),
+                    oldest_pending: (oldest > 0)
+                        .then(|| Duration::from_micros(now.saturating_sub(oldest))),
+                    bytes_in: c.bytes_in.load(Ordering::Relaxed),
+                    bytes_out: c.bytes_out.load(Ordering::Relaxed),
+                }
+            })
+            .collect();
+        out.sort_by(|a, b| a.peer.cmp(&b.peer));
+        out
+    }
+}
+
+fn minus_map(
+    now: &BTreeMap<ErrorId, u64>,
+    base: &BTreeMap<ErrorId, u64>,
+) -> BTreeMap<ErrorId, u64> {
+    now.iter()
+        .map(|(k, v)| (*k, v.saturating_sub(base.get(k).copied().unwrap_or(0))))
+        .filter(|(_, v)| *v > 0)
+        .collect()
+}
+
+fn latency_of(buckets: Vec<u64>) -> Latency {
+    let count: u64 = buckets.iter().sum();
+    let quantile = |q: f64| -> Duration {
+        if count == 0 {
+            return Duration::ZERO;
+        }
+        let target = ((count as f64) * q).ceil().max(1.0) as u64;
+        let mut seen = 0u64;
+        for (i, n) in buckets.iter().enumerate() {
+            seen = seen.saturating_add(*n);
+            if seen >= target {
+                return Duration::from_micros(1u64 << i.min(63));
+            }
+        }
+        Duration::from_micros(1u64 << (LATENCY_BUCKETS - 1))
+    };
+    Latency {
+        count,
+        p50: quantile(0.50),
+        p90: quantile(0.90),
+        p99: quantile(0.99),
+        buckets,
+    }
+}
+
+/// What a domus is doing: metrics, events and errors. From
+/// [`Domus::reporting`](crate::Domus::reporting); cheap to clone.
+#[derive(Debug, Clone)]
+pub struct Reporting {
+    pub(crate) recorder: Arc<Recorder>,
+}
+
+impl Reporting {
+    /// Metrics now: counter deltas since the last reset (and totals), gauges with their peaks
+    /// since the last reset, latency since the last reset, per-peer figures now.
+    pub fn snapshot(&self) -> Snapshot {
+        self.recorder.snapshot(false)
+    }
+
+    /// Like [`snapshot`](Self::snapshot), then starts a new interval: counters, peaks and
+    /// latency restart from here.
+    pub fn snapshot_and_reset(&self) -> Snapshot {
+        self.recorder.snapshot(true)
+    }
+
+    /// Subscribes to the event feed (events from now on).
+    pub fn events(&self) -> EventReceiver {
+        EventReceiver {
+            rx: self.recorder.events.subscribe(),
+        }
+    }
+
+    /// Subscribes to the error feed (errors from now on).
+    pub fn errors(&self) -> ErrorReceiver {
+        ErrorReceiver {
+            rx: self.recorder.errors.subscribe(),
+        }
+    }
+
+    /// Up to `limit` errors with a sequence number greater than `seq` (0 for all kept),
+    /// oldest first, and how many of those the ring no longer holds.
+    pub fn errors_since(&self, seq: u64, limit: usize) -> ErrorsSince {
+        let ring = self
+            .recorder
+            .ring
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let oldest_kept = ring.items.front().map_or(ring.next_seq, |e| e.seq);
+        let missed = oldest_kept.saturating_sub(seq.saturating_add(1));
+        let errors = ring
+            .items
+            .iter()
+            .filter(|e| e.seq > seq)
+            .take(limit)
+            .cloned()
+            .collect();
+        ErrorsSince { errors, missed }
+    }
+
+    /// The sequence number of the latest error (0 when there was none).
+    pub fn last_error_seq(&self) -> u64 {
+        self.recorder
+            .ring
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .next_seq
+            .saturating_sub(1)
+    }
+
+    /// The peers whose primary callis is open now.
+    pub fn connected_peers(&self) -> Vec<DomusId> {
+        self.recorder
+            .per_peer_reports()
+            .into_iter()
+            .filter(|p| p.connected)
+            .map(|p| p.peer)
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn latency_quantiles_come_from_power_of_two_buckets() {
+        let r = Recorder::new();
+        for us in [1u64, 3, 3, 10, 100, 1000, 1000, 1000, 1000, 5000] {
+            r.latency(Duration::from_micros(us));
+        }
+        let l = r.snapshot(false).latency;
+        assert_eq!(l.count, 10);
+        assert_eq!(l.p50, Duration::from_micros(128));
+        assert_eq!(l.p90, Duration::from_micros(1024));
+        assert_eq!(l.p99, Duration::from_micros(8192));
+    }
+
+    #[test]
+    fn t30_the_error_ring_is_bounded_and_counts_what_it_dropped() {
+        let r = Recorder::new();
+        let reporting = Reporting {
+            recorder: r.clone(),
+        };
+        for i in 0..(ERROR_RING_LEN as u64 + 500) {
+            r.error(Error::new(ErrorId::ProtocolViolation, format!("e{i}")));
+        }
+        let all = reporting.errors_since(0, usize::MAX);
+        assert_eq!(all.errors.len(), ERROR_RING_LEN);
+        assert_eq!(all.missed, 500);
+        assert_eq!(all.errors[0].seq, 501);
+        let tail = reporting.errors_since(reporting.last_error_seq() - 3, 2);
+        assert_eq!(tail.missed, 0);
+        assert_eq!(
+            tail.errors.iter().map(|e| e.seq).collect::<Vec<_>>(),
+            vec![
+                reporting.last_error_seq() - 2,
+                reporting.last_error_seq() - 1
+            ]
+        );
+    }
+
+    #[test]
+    fn deltas_add_up_to_totals_and_peaks_restart_at_reset() {
+        let r = Recorder::new();
+        let rep = Reporting {
+            recorder: r.clone(),
+        };
+        let mut sum = 0;
+        for round in 1..=5u64 {
+            r.add(C::messages_sent, round);
+            r.blob_stream(true);
+            sum += rep.snapshot_and_reset().counters.messages_sent;
+        }
+        let s = rep.snapshot();
+        assert_eq!(sum, 15);
+        assert_eq!(s.totals.messages_sent, 15);
+        assert_eq!(s.counters.messages_sent, 0);
+        assert_eq!(
+            s.blob_streams,
+            Gauge {
+                current: 5,
+                peak: 5
+            }
+        );
+        for _ in 0..5 {
+            r.blob_stream(false);
+        }
+        rep.snapshot_and_reset();
+        r.blob_stream(true);
+        assert_eq!(
+            rep.snapshot().blob_streams,
+            Gauge {
+                current: 1,
+                peak: 1
+            }
+        );
+    }
+}
