@@ -401,13 +401,16 @@ impl PeerDriver {
                 }
                 Event::Finished { id, outcome } => {
                     if let Some(p) = self.pending.remove(id) {
+                        let rec = &self.ctx.recorder;
+                        if matches!(outcome, Outcome::Answered(_)) {
+                            rec.latency(Duration::from_micros(
+                                rec.now_us().saturating_sub(p.started_us),
+                            ));
+                        }
                         let result = self.outcome_to_result(p.dst, outcome);
                         let rec = &self.ctx.recorder;
                         match &result {
                             Ok(d) => {
-                                rec.latency(Duration::from_micros(
-                                    rec.now_us().saturating_sub(p.started_us),
-                                ));
                                 rec.inc(match d {
                                     Delivery::Accepted => C::messages_accepted,
                                     Delivery::Replied(_) => C::messages_replied,

@@ -1,0 +1,578 @@
+//! Reporting, live configuration and certificate rotation, over real loopback mTLS. Test names
+//! carry the threat they cover (../shared/THREATS.md).
+
+mod common;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use bytes::Bytes;
+use common::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use vicus::dev_certs::DevCa;
+use vicus::reporting::{CallisKind, Event, FeedItem};
+use vicus::{
+    Delivery, Domus, DomusConfig, ErrorId, MessageType, SendOptions, SimpleResolver, TabernaId,
+    TabernaOptions,
+};
+
+const APP: MessageType = match MessageType::app(3) {
+    Some(t) => t,
+    None => panic!(),
+};
+
+struct Mesh {
+    ca: DevCa,
+    resolver: Arc<SimpleResolver>,
+}
+
+impl Mesh {
+    fn new() -> Self {
+        Self {
+            ca: ca(),
+            resolver: Arc::new(SimpleResolver::new()),
+        }
+    }
+
+    async fn domus(&mut self, name: &str) -> Domus {
+        let (auth, _) = self.ca.domus_auth(name).expect("mint");
+        self.build(auth).await
+    }
+
+    async fn build(&self, auth: vicus::AuthConfig) -> Domus {
+        let mut config = DomusConfig::default();
+        config.reconnect_backoff_min = Duration::from_millis(10);
+        config.reconnect_backoff_max = Duration::from_millis(200);
+        Domus::builder(auth)
+            .resolver(self.resolver.clone())
+            .config(config)
+            .build()
+            .await
+            .expect("build domus")
+    }
+
+    fn route(&self, taberna: u64, to: &Domus) {
+        self.resolver.insert(
+            TabernaId(taberna),
+            to.local_addr().clone(),
+            Some(to.identity().clone()),
+        );
+    }
+}
+
+fn opts() -> SendOptions {
+    SendOptions::default().timeout(Duration::from_secs(10))
+}
+
+/// Replies to "r", rejects "x" with code 7, accepts the rest; takes and drains blobs.
+fn spawn_worker(t: vicus::Taberna) {
+    tokio::spawn(async move {
+        while let Some(mut req) = t.recv().await {
+            if let Some(mut blob) = req.blob() {
+                req.accept();
+                tokio::spawn(async move {
+                    let mut sink = Vec::new();
+                    let _ = blob.read_to_end(&mut sink).await;
+                });
+                continue;
+            }
+            match req.payload().as_ref() {
+                b"r" => req.reply(Bytes::from_static(b"ok")),
+                b"x" => req.reject(7, "no"),
+                _ => req.accept(),
+            }
+        }
+    });
+}
+
+#[tokio::test]
+async fn counters_move_by_exactly_the_expected_amounts_and_deltas_add_up_to_totals() {
+    within(async {
+        let mut mesh = Mesh::new();
+        let a = mesh.domus("a").await;
+        let b = mesh.domus("b").await;
+        mesh.route(10, &b);
+        spawn_worker(b.taberna(TabernaId(10)).expect("taberna"));
+        let rep = a.reporting();
+        let mut deltas = vicus::reporting::Counters::default();
+        let mut add = |c: &vicus::reporting::Counters| {
+            deltas.messages_sent += c.messages_sent;
+            deltas.messages_accepted += c.messages_accepted;
+            deltas.messages_replied += c.messages_replied;
+            deltas.messages_rejected += c.messages_rejected;
+        };
+        // Phase 1: 10 replies, 10 accepts.
+        for i in 0..20 {
+            let payload = if i % 2 == 0 { "r" } else { "a" };
+            a.send(TabernaId(10), APP, Bytes::from(payload), opts())
+                .await
+                .expect("sent");
+        }
+        add(&rep.snapshot_and_reset().counters);
+        // Phase 2: 3 rejects and one 100 KiB blob.
+        for _ in 0..3 {
+            let e = a
+                .send(TabernaId(10), APP, Bytes::from_static(b"x"), opts())
+                .await
+                .expect_err("rejected");
+            assert_eq!(e.id(), ErrorId::RemoteTabernaRejected);
+        }
+        let mut blob = a
+            .send_blob(TabernaId(10), APP, Bytes::new(), opts())
+            .await
+            .expect("blob");
+        blob.write_all(&[5u8; 100 * 1024]).await.expect("write");
+        blob.finish().await.expect("finish");
+        let phase2 = rep.snapshot_and_reset();
+        add(&phase2.counters);
+        assert_eq!(
+            phase2
+                .rejected_by
+                .get(&ErrorId::RemoteTabernaRejected)
+                .copied(),
+            Some(3)
+        );
+        let s = rep.snapshot();
+        let t = &s.totals;
+        // 20 + 3 messages + the blob's opening message.
+        assert_eq!(t.messages_sent, 24);
+        assert_eq!(t.messages_replied, 10);
+        assert_eq!(t.messages_accepted, 11);
+        assert_eq!(t.messages_rejected, 3);
+        assert_eq!(t.messages_timed_out + t.messages_failed, 0);
+        assert_eq!(t.blob_streams_opened, 1);
+        assert_eq!(t.blob_streams_completed, 1);
+        assert_eq!(t.blob_streams_cancelled, 0);
+        assert_eq!(t.primary_calles_opened, 1);
+        assert_eq!(t.blob_calles_opened, 1);
+        assert!(t.blob_bytes_out >= 100 * 1024, "{}", t.blob_bytes_out);
+        assert!(t.primary_bytes_out > 0 && t.primary_bytes_in > 0);
+        // Deltas over the intervals add up to the totals.
+        assert_eq!(deltas.messages_sent, t.messages_sent);
+        assert_eq!(deltas.messages_accepted, t.messages_accepted);
+        assert_eq!(deltas.messages_replied, t.messages_replied);
+        assert_eq!(deltas.messages_rejected, t.messages_rejected);
+        assert_eq!(s.counters.messages_sent, 0, "a fresh interval");
+        assert_eq!(s.primary_calles.current, 1);
+        assert_eq!(s.blob_streams.current, 0);
+        // Latency over every answered remote send (phase 2 only after the reset).
+        assert_eq!(phase2.latency.count, 4);
+        assert!(phase2.latency.p50 <= phase2.latency.p99);
+        // The receiver counted every delivery.
+        assert_eq!(b.reporting().snapshot().totals.messages_received, 24);
+        // Per-peer figures.
+        let peer = s
+            .per_peer
+            .iter()
+            .find(|p| &p.peer == b.identity())
+            .expect("b");
+        assert!(peer.connected);
+        assert_eq!(peer.in_flight, 0);
+        assert!(peer.bytes_out >= 100 * 1024);
+        assert_eq!(rep.connected_peers(), vec![b.identity().clone()]);
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn events_arrive_in_order_for_connect_traffic_and_peer_shutdown() {
+    within(async {
+        let mut mesh = Mesh::new();
+        let a = mesh.domus("a").await;
+        let b = mesh.domus("b").await;
+        mesh.route(10, &b);
+        spawn_worker(b.taberna(TabernaId(10)).expect("taberna"));
+        let mut a_events = a.reporting().events();
+        let mut b_events = b.reporting().events();
+        a.send(TabernaId(10), APP, Bytes::from_static(b"r"), opts())
+            .await
+            .expect("sent");
+        b.shutdown().await;
+        let mut seen = Vec::new();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            match tokio::time::timeout(Duration::from_millis(100), a_events.recv()).await {
+                Ok(Some(FeedItem::Item(e))) => {
+                    let done = matches!(e, Event::PeerDisconnected { .. });
+                    seen.push(e);
+                    if done {
+                        break;
+                    }
+                }
+                Ok(Some(FeedItem::Missed(n))) => panic!("missed {n}"),
+                Ok(None) => break,
+                Err(_) => {}
+            }
+        }
+        let pos = |f: &dyn Fn(&Event) -> bool| seen.iter().position(f);
+        let up = pos(&|e| {
+            matches!(
+                e,
+                Event::CallisUp {
+                    kind: CallisKind::Primary,
+                    ..
+                }
+            )
+        })
+        .expect("callis up");
+        let connected = pos(&|e| {
+            matches!(
+                e,
+                Event::PeerConnected {
+                    restarted: false,
+                    ..
+                }
+            )
+        })
+        .expect("connected");
+        let down = pos(&|e| {
+            matches!(
+                e,
+                Event::CallisDown {
+                    kind: CallisKind::Primary,
+                    ..
+                }
+            )
+        })
+        .expect("callis down");
+        let gone = pos(&|e| matches!(e, Event::PeerDisconnected { .. })).expect("disconnected");
+        assert!(
+            up < connected && connected < down && down < gone,
+            "{seen:?}"
+        );
+        let mut b_seen = Vec::new();
+        while let Some(FeedItem::Item(e)) = b_events.try_recv() {
+            b_seen.push(e);
+        }
+        let started = b_seen
+            .iter()
+            .position(|e| *e == Event::ShutdownStarted)
+            .expect("started");
+        let completed = b_seen
+            .iter()
+            .position(|e| *e == Event::ShutdownCompleted)
+            .expect("completed");
+        assert!(started < completed, "{b_seen:?}");
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_lagging_subscriber_is_told_what_it_missed_and_the_node_keeps_going() {
+    within(async {
+        let mut mesh = Mesh::new();
+        let a = mesh.domus("a").await;
+        let b = mesh.domus("b").await;
+        mesh.route(10, &b);
+        // An inbox of one that nobody reads: every send after the first overruns it.
+        let _held = b
+            .taberna_with(TabernaId(10), TabernaOptions::default().inbox_depth(1))
+            .expect("taberna");
+        let mut lagging = b.reporting().events();
+        let n = vicus::reporting::EVENT_BUFFER_LEN + 500;
+        let started = Instant::now();
+        let mut receipts = Vec::with_capacity(n);
+        for _ in 0..n {
+            receipts.push(
+                a.admit(TabernaId(10), APP, Bytes::new(), opts())
+                    .await
+                    .expect("admitted"),
+            );
+        }
+        let mut busy = 0;
+        for r in receipts.into_iter().skip(1) {
+            if r.await.expect_err("busy").id() == ErrorId::TabernaBusy {
+                busy += 1;
+            }
+        }
+        assert_eq!(busy, n - 1);
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "{:?}",
+            started.elapsed()
+        );
+        match lagging.recv().await {
+            Some(FeedItem::Missed(missed)) => assert!(missed >= 400, "{missed}"),
+            other => panic!("expected a lag report, got {other:?}"),
+        }
+        assert!(matches!(
+            lagging.recv().await,
+            Some(FeedItem::Item(Event::QueueOverrun { taberna: 10 }))
+        ));
+        let s = b.reporting().snapshot();
+        assert_eq!(s.totals.queue_overruns_inbox, (n - 1) as u64);
+        assert_eq!(
+            s.rejected_by.get(&ErrorId::TabernaBusy),
+            None,
+            "the receiver does not count rejections it sends"
+        );
+        assert_eq!(
+            a.reporting()
+                .snapshot()
+                .rejected_by
+                .get(&ErrorId::TabernaBusy)
+                .copied(),
+            Some((n - 1) as u64)
+        );
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn live_updates_of_send_timeout_and_inbox_depth_apply_to_the_next_send() {
+    within(async {
+        let mut mesh = Mesh::new();
+        let a = mesh.domus("a").await;
+        let b = mesh.domus("b").await;
+        mesh.route(10, &b);
+        mesh.route(11, &b);
+        // Taberna 10 never answers; taberna 11 is never read (default depth).
+        let silent = b.taberna(TabernaId(10)).expect("taberna");
+        let _unread = b.taberna(TabernaId(11)).expect("taberna");
+        let mut events = a.reporting().events();
+        a.config()
+            .update(|c| c.send_timeout = Duration::from_millis(200))
+            .expect("update");
+        assert!(matches!(
+            events.try_recv(),
+            Some(FeedItem::Item(Event::ConfigReloaded))
+        ));
+        let started = Instant::now();
+        let e = a
+            .send(TabernaId(10), APP, Bytes::new(), SendOptions::default())
+            .await
+            .expect_err("times out");
+        assert_eq!(e.id(), ErrorId::SendTimeout);
+        assert!(
+            started.elapsed() < Duration::from_secs(2),
+            "{:?}",
+            started.elapsed()
+        );
+        drop(silent);
+
+        // Depth 2 on b: the third unread delivery is refused.
+        b.config()
+            .update(|c| c.default_inbox_depth = 2)
+            .expect("update");
+        let mut outcomes = Vec::new();
+        for _ in 0..3 {
+            outcomes.push(
+                a.send(
+                    TabernaId(11),
+                    APP,
+                    Bytes::new(),
+                    opts().timeout(Duration::from_millis(300)),
+                )
+                .await
+                .map_err(|e| e.id()),
+            );
+        }
+        assert_eq!(outcomes[2], Err(ErrorId::TabernaBusy), "{outcomes:?}");
+        // Raised to 4: the next one fits again.
+        b.config()
+            .update(|c| c.default_inbox_depth = 4)
+            .expect("update");
+        let next = a
+            .send(
+                TabernaId(11),
+                APP,
+                Bytes::new(),
+                opts().timeout(Duration::from_millis(300)),
+            )
+            .await
+            .map_err(|e| e.id());
+        assert_eq!(next, Err(ErrorId::SendTimeout), "queued, not refused");
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn t29_invalid_live_updates_are_refused_by_field_and_change_nothing() {
+    within(async {
+        let mut mesh = Mesh::new();
+        let a = mesh.domus("a").await;
+        let before = a.config().snapshot();
+        let e = a
+            .config()
+            .update(|c| c.send_timeout = Duration::ZERO)
+            .expect_err("zero");
+        assert_eq!(e.id(), ErrorId::InvalidConfig);
+        assert!(e.message().starts_with("send_timeout"), "{e}");
+        let e = a
+            .config()
+            .update(|c| {
+                c.send_timeout = Duration::from_secs(3);
+                c.blob_window = 1 << 20;
+            })
+            .expect_err("fixed");
+        assert!(e.message().starts_with("blob_window"), "{e}");
+        let e = a
+            .config()
+            .update(|c| c.default_inbox_depth = 0)
+            .expect_err("zero depth");
+        assert!(e.message().starts_with("default_inbox_depth"), "{e}");
+        assert_eq!(a.config().snapshot(), before, "nothing changed");
+        let b = mesh.domus("b").await;
+        mesh.route(10, &b);
+        spawn_worker(b.taberna(TabernaId(10)).expect("taberna"));
+        // Invalid material is refused too, and the old material keeps working.
+        let leaf1 = mesh.ca.leaf("a").expect("mint");
+        let leaf2 = mesh.ca.leaf("a").expect("mint");
+        let mismatched = vicus::AuthConfig::from_der(
+            vec![mesh.ca.cert_der().clone()],
+            vec![leaf1.cert_der().clone()],
+            leaf2.key_der(),
+        )
+        .and_then(|auth| a.reload_auth(auth))
+        .expect_err("a key that does not match the certificate");
+        assert_eq!(
+            mismatched.id(),
+            ErrorId::InvalidAuthMaterial,
+            "{mismatched}"
+        );
+        let (wrong_name, _) = mesh.ca.domus_auth("not-a").expect("mint");
+        let e = a.reload_auth(wrong_name).expect_err("identity must stay");
+        assert_eq!(e.id(), ErrorId::InvalidAuthMaterial);
+        // The old material still works, with the old configuration.
+        a.send(TabernaId(10), APP, Bytes::from_static(b"r"), opts())
+            .await
+            .expect("a still talks");
+        let errors = a.reporting().errors_since(0, 100);
+        assert!(
+            errors
+                .errors
+                .iter()
+                .any(|x| x.error.message().starts_with("send_timeout")),
+            "refused updates reach the error feed"
+        );
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn rotation_under_traffic_loses_no_send_and_new_calles_present_the_new_certificate() {
+    within(async {
+        let mut mesh = Mesh::new();
+        let a = mesh.domus("a").await;
+        let b_leaf = mesh.ca.leaf("b").expect("mint");
+        let b = mesh
+            .build(mesh.ca.auth_config(&b_leaf).expect("auth"))
+            .await;
+        mesh.route(10, &b);
+        spawn_worker(b.taberna(TabernaId(10)).expect("taberna"));
+        let probe = transport(&mut mesh.ca, "probe");
+        let first = probe
+            .dial(b.local_addr(), Some(b.identity()))
+            .await
+            .expect("probe");
+        let old_fp = first.peer().fingerprint();
+        drop(first);
+        let mut events = b.reporting().events();
+        let sender = {
+            let a = a.clone();
+            tokio::spawn(async move {
+                let mut n = 0u32;
+                let until = Instant::now() + Duration::from_millis(800);
+                while Instant::now() < until {
+                    a.send(TabernaId(10), APP, Bytes::from_static(b"r"), opts())
+                        .await
+                        .expect("no send fails during rotation");
+                    n += 1;
+                }
+                n
+            })
+        };
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let new_leaf = mesh.ca.leaf("b").expect("mint");
+        b.reload_auth(mesh.ca.auth_config(&new_leaf).expect("auth"))
+            .expect("reload");
+        let sent = sender.await.expect("join");
+        assert!(sent > 10, "{sent}");
+        let mut reloaded = false;
+        while let Some(item) = events.try_recv() {
+            reloaded |= item == FeedItem::Item(Event::AuthReloaded);
+        }
+        assert!(reloaded, "an AuthReloaded event");
+        let second = probe
+            .dial(b.local_addr(), Some(b.identity()))
+            .await
+            .expect("probe after reload");
+        assert_ne!(
+            second.peer().fingerprint(),
+            old_fp,
+            "the new certificate is in use"
+        );
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn t04_a_crl_reload_refuses_a_revoked_peer_at_its_next_handshake() {
+    within(async {
+        let mut mesh = Mesh::new();
+        let a_leaf = mesh.ca.leaf("a").expect("mint");
+        let a = mesh
+            .build(mesh.ca.auth_config(&a_leaf).expect("auth"))
+            .await;
+        let b_leaf = mesh.ca.leaf("b").expect("mint");
+        let b = mesh
+            .build(mesh.ca.auth_config(&b_leaf).expect("auth"))
+            .await;
+        mesh.route(10, &b);
+        spawn_worker(b.taberna(TabernaId(10)).expect("taberna"));
+        assert_eq!(
+            a.send(TabernaId(10), APP, Bytes::from_static(b"r"), opts())
+                .await
+                .expect("before"),
+            Delivery::Replied(Bytes::from_static(b"ok"))
+        );
+        let crl = mesh
+            .ca
+            .crl(&[&a_leaf], SystemTime::now() + Duration::from_secs(3600))
+            .expect("crl");
+        b.reload_auth(
+            mesh.ca
+                .auth_config(&b_leaf)
+                .expect("auth")
+                .with_crls(vec![crl]),
+        )
+        .expect("reload with CRL");
+        let seq = b.reporting().last_error_seq();
+        let e = a
+            .transport()
+            .dial(b.local_addr(), Some(b.identity()))
+            .await
+            .expect_err("revoked at the next handshake");
+        assert!(
+            matches!(
+                e.id(),
+                ErrorId::CertificateRefusedByPeer | ErrorId::HandshakeFailed
+            ),
+            "{e}"
+        );
+        // b says why, on its error feed and in its metrics.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let since = b.reporting().errors_since(seq, 10);
+            if let Some(x) = since
+                .errors
+                .iter()
+                .find(|x| x.error.message().contains("revoked"))
+            {
+                assert_eq!(x.error.id(), ErrorId::PeerCertificateRejected);
+                break;
+            }
+            assert!(Instant::now() < deadline, "no revocation error: {since:?}");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(
+            b.reporting()
+                .snapshot()
+                .handshake_failures_by
+                .get(&ErrorId::PeerCertificateRejected)
+                .copied(),
+            Some(1)
+        );
+    })
+    .await;
+}
