@@ -173,7 +173,7 @@ impl DomusBuilder {
         let local_addr = listener.local_addr().clone();
         let local_id = transport.local_id();
         let cancel = CancellationToken::new();
-        let recorder = Recorder::new();
+        let recorder = Recorder::new(&local_id);
         let registry = Arc::new(Registry::new(
             self.config.default_inbox_depth,
             recorder.clone(),
@@ -223,6 +223,26 @@ impl DomusBuilder {
             accept_stop: cancel.child_token(),
             closed: std::sync::atomic::AtomicBool::new(false),
         });
+        #[cfg(feature = "metrics")]
+        {
+            let reporting = Reporting {
+                recorder: shared.recorder.clone(),
+            };
+            let stop = shared.accept_stop.clone();
+            shared.tasks.spawn(async move {
+                let mut tick = tokio::time::interval(crate::reporting::EXPORT_INTERVAL);
+                tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                loop {
+                    tokio::select! {
+                        () = stop.cancelled() => {
+                            reporting.export_to_metrics();
+                            return;
+                        }
+                        _ = tick.tick() => reporting.export_to_metrics(),
+                    }
+                }
+            });
+        }
         let accept_shared = shared.clone();
         shared.tasks.spawn(accept_loop(
             accept_shared,

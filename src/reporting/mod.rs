@@ -18,6 +18,11 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::broadcast;
 
+#[cfg(feature = "metrics")]
+mod export;
+#[cfg(feature = "metrics")]
+pub use export::EXPORT_INTERVAL;
+
 use crate::a0_transport::DomusId;
 use crate::error::{Error, ErrorId};
 
@@ -404,6 +409,9 @@ pub(crate) struct PeerCells {
 
 /// The shared recorder behind [`Reporting`].
 pub(crate) struct Recorder {
+    /// The domus's id, as a label for exported metrics.
+    #[cfg_attr(not(feature = "metrics"), allow(dead_code))]
+    domus: String,
     started: Instant,
     counters: CounterCells,
     base: Mutex<Base>,
@@ -442,9 +450,10 @@ impl fmt::Debug for Recorder {
 }
 
 impl Recorder {
-    pub(crate) fn new() -> Arc<Self> {
+    pub(crate) fn new(domus: &DomusId) -> Arc<Self> {
         let now = Instant::now();
         Arc::new(Self {
+            domus: domus.to_string(),
             started: now,
             counters: CounterCells::default(),
             base: Mutex::new(Base {
@@ -653,6 +662,32 @@ impl Recorder {
         snapshot
     }
 
+    #[cfg(feature = "metrics")]
+    fn rejected_totals(&self) -> BTreeMap<ErrorId, u64> {
+        self.rejected_by
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    #[cfg(feature = "metrics")]
+    fn handshake_failure_totals(&self) -> BTreeMap<ErrorId, u64> {
+        self.handshake_failures_by
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    #[cfg(feature = "metrics")]
+    fn latency_totals(&self) -> Latency {
+        latency_of(
+            self.latency
+                .iter()
+                .map(|b| b.load(Ordering::Relaxed))
+                .collect(),
+        )
+    }
+
     fn per_peer_reports(&self) -> Vec<PeerReport> {
         let now = self.now_us();
         let map = self.per_peer.lock().unwrap_or_else(PoisonError::into_inner);
@@ -793,9 +828,13 @@ impl Reporting {
 mod tests {
     use super::*;
 
+    fn test_id() -> DomusId {
+        DomusId::spiffe("vicus.dev", "test").expect("id")
+    }
+
     #[test]
     fn latency_quantiles_come_from_power_of_two_buckets() {
-        let r = Recorder::new();
+        let r = Recorder::new(&test_id());
         for us in [1u64, 3, 3, 10, 100, 1000, 1000, 1000, 1000, 5000] {
             r.latency(Duration::from_micros(us));
         }
@@ -808,7 +847,7 @@ mod tests {
 
     #[test]
     fn t30_the_error_ring_is_bounded_and_counts_what_it_dropped() {
-        let r = Recorder::new();
+        let r = Recorder::new(&test_id());
         let reporting = Reporting {
             recorder: r.clone(),
         };
@@ -832,7 +871,7 @@ mod tests {
 
     #[test]
     fn deltas_add_up_to_totals_and_peaks_restart_at_reset() {
-        let r = Recorder::new();
+        let r = Recorder::new(&test_id());
         let rep = Reporting {
             recorder: r.clone(),
         };

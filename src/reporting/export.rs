@@ -1,0 +1,77 @@
+//! Feature `metrics`: mirrors the reporting counters and gauges into the [`metrics`] facade, so
+//! whatever exporter the application installed (Prometheus, StatsD, …) shows them.
+//!
+//! The hot paths do not call the facade: they keep updating vicus's own atomics, and
+//! [`Reporting::export_to_metrics`] publishes the totals (as absolute counters) and the gauges
+//! now. A domus built with the feature does that every [`EXPORT_INTERVAL`] and once more when
+//! it shuts down; call it yourself right before a scrape for the freshest figures.
+//!
+//! Names are stable: `vicus_<counter>_total` for counters, `vicus_<gauge>` and
+//! `vicus_<gauge>_peak` for gauges, `vicus_peer_*` per peer (label `peer`, bounded by the peers
+//! this domus talks to), `vicus_rejected_total` and `vicus_handshake_failures_by_reason_total`
+//! (label `reason`, an [`ErrorId`](crate::ErrorId) name), `vicus_send_latency_seconds` (label
+//! `quantile`). Every series carries the label `domus` (this domus's id). This module must not
+//! label anything with unbounded values (message ids, addresses, peer-chosen strings).
+
+use std::time::Duration;
+
+use super::{Gauge, Reporting};
+
+/// How often a running domus publishes into the facade.
+pub const EXPORT_INTERVAL: Duration = Duration::from_secs(1);
+
+fn gauge(domus: &str, name: &str, g: Gauge) {
+    metrics::gauge!(format!("vicus_{name}"), "domus" => domus.to_owned()).set(g.current as f64);
+    metrics::gauge!(format!("vicus_{name}_peak"), "domus" => domus.to_owned()).set(g.peak as f64);
+}
+
+impl Reporting {
+    /// Publishes every counter total and gauge into the `metrics` facade now (see the module
+    /// docs for the names).
+    pub fn export_to_metrics(&self) {
+        let s = self.snapshot();
+        let domus = self.recorder.domus.clone();
+        for (name, value) in s.totals.named() {
+            metrics::counter!(format!("vicus_{name}_total"), "domus" => domus.clone())
+                .absolute(value);
+        }
+        gauge(&domus, "peers", s.peers);
+        gauge(&domus, "primary_calles", s.primary_calles);
+        gauge(&domus, "blob_calles", s.blob_calles);
+        gauge(&domus, "blob_streams", s.blob_streams);
+        for (reason, n) in &self.recorder.rejected_totals() {
+            metrics::counter!("vicus_rejected_total", "domus" => domus.clone(), "reason" => reason.name())
+                .absolute(*n);
+        }
+        for (reason, n) in &self.recorder.handshake_failure_totals() {
+            metrics::counter!(
+                "vicus_handshake_failures_by_reason_total",
+                "domus" => domus.clone(),
+                "reason" => reason.name()
+            )
+            .absolute(*n);
+        }
+        let latency = self.recorder.latency_totals();
+        for (q, d) in [
+            ("0.5", latency.p50),
+            ("0.9", latency.p90),
+            ("0.99", latency.p99),
+        ] {
+            metrics::gauge!("vicus_send_latency_seconds", "domus" => domus.clone(), "quantile" => q)
+                .set(d.as_secs_f64());
+        }
+        for p in &s.per_peer {
+            let peer = p.peer.to_string();
+            let labels = [("domus", domus.clone()), ("peer", peer)];
+            metrics::gauge!("vicus_peer_connected", &labels).set(f64::from(u8::from(p.connected)));
+            metrics::gauge!("vicus_peer_rtt_seconds", &labels)
+                .set(p.rtt.map_or(0.0, |d| d.as_secs_f64()));
+            metrics::gauge!("vicus_peer_in_flight", &labels).set(p.in_flight as f64);
+            metrics::gauge!("vicus_peer_queue_depth", &labels).set(p.queue_depth as f64);
+            metrics::gauge!("vicus_peer_oldest_pending_seconds", &labels)
+                .set(p.oldest_pending.map_or(0.0, |d| d.as_secs_f64()));
+            metrics::counter!("vicus_peer_bytes_in_total", &labels).absolute(p.bytes_in);
+            metrics::counter!("vicus_peer_bytes_out_total", &labels).absolute(p.bytes_out);
+        }
+    }
+}
