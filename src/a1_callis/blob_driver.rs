@@ -36,7 +36,7 @@ use super::frame::{self, BlobFrame, Frame, PROTOCOL_VERSION};
 use crate::a0_transport::{AuthenticatedStream, DomusAddr, DomusId, Transport};
 use crate::domus::blob::{Piece, Reservation, SenderShared};
 use crate::error::{Error, ErrorId};
-use crate::reporting::{C, CallisKind, PeerCells, Recorder};
+use crate::reporting::{C, CallisKind, LogKind, PeerCells, Recorder};
 
 /// The message type (the first A2 type, reserved by vicus) of a blob-opening message. Its
 /// payload is the stream id (`u64`), the application's message type (`u32`), then the
@@ -606,7 +606,10 @@ impl BlobDriver {
                 }
                 BlobEvent::Cancelled { stream, error } => self.fail_end(stream, error),
                 BlobEvent::Violation { stream, error } => {
-                    tracing::warn!(peer = %self.peer_id, error = %error, "blob protocol violation");
+                    if let Some(suppressed) = self.ctx.recorder.log_allowed(LogKind::BlobViolation)
+                    {
+                        tracing::warn!(peer = %self.peer_id, error = %error, suppressed, "blob protocol violation");
+                    }
                     if let Some(stream) = stream {
                         self.streams
                             .cancel(stream, ErrorId::ProtocolViolation, error.message());

@@ -1103,7 +1103,12 @@ async fn accept_loop(shared: Arc<Shared>, listener: Listener, stop: Cancellation
         let incoming = match incoming {
             Ok(i) => i,
             Err(e) => {
-                tracing::warn!(error = %e, "accept failed; retrying shortly");
+                if let Some(suppressed) = shared
+                    .recorder
+                    .log_allowed(crate::reporting::LogKind::AcceptFailed)
+                {
+                    tracing::warn!(error = %e, suppressed, "accept failed; retrying shortly");
+                }
                 tokio::select! {
                     () = stop.cancelled() => return,
                     () = tokio::time::sleep(Duration::from_millis(50)) => continue,

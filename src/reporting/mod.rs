@@ -393,6 +393,43 @@ impl GaugeCell {
     }
 }
 
+/// Log lines of one kind allowed per [`LOG_WINDOW`]; the rest are counted and the count is
+/// attached to the next line let through (T30: a peer cannot flood the application's logs).
+pub const LOG_LINES_PER_WINDOW: u64 = 10;
+/// The window of [`LOG_LINES_PER_WINDOW`].
+pub const LOG_WINDOW: Duration = Duration::from_secs(10);
+
+/// Kinds of warnings a peer can trigger, each with its own log budget.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum LogKind {
+    BlobViolation,
+    AcceptFailed,
+}
+
+#[derive(Default)]
+struct LogLimiter {
+    window: AtomicU64,
+    lines: AtomicU64,
+    suppressed: AtomicU64,
+}
+
+impl LogLimiter {
+    /// Whether a line may be logged now; if so, how many were suppressed before it.
+    fn allow(&self, now_us: u64) -> Option<u64> {
+        let window_us = u64::try_from(LOG_WINDOW.as_micros()).unwrap_or(u64::MAX);
+        let current = now_us / window_us.max(1);
+        if self.window.swap(current, Ordering::Relaxed) != current {
+            self.lines.store(0, Ordering::Relaxed);
+        }
+        if self.lines.fetch_add(1, Ordering::Relaxed) < LOG_LINES_PER_WINDOW {
+            Some(self.suppressed.swap(0, Ordering::Relaxed))
+        } else {
+            self.suppressed.fetch_add(1, Ordering::Relaxed);
+            None
+        }
+    }
+}
+
 /// Live figures of one peer, written by its drivers.
 #[derive(Default)]
 pub(crate) struct PeerCells {
@@ -426,6 +463,7 @@ pub(crate) struct Recorder {
     events: broadcast::Sender<Event>,
     errors: broadcast::Sender<SequencedError>,
     ring: Mutex<ErrorRing>,
+    log_limits: [LogLimiter; 2],
 }
 
 /// Where the current interval started: the totals then.
@@ -477,6 +515,7 @@ impl Recorder {
                 next_seq: 1,
                 items: VecDeque::new(),
             }),
+            log_limits: Default::default(),
         })
     }
 
@@ -579,6 +618,16 @@ impl Recorder {
         u64::try_from(self.started.elapsed().as_micros())
             .unwrap_or(u64::MAX)
             .max(1)
+    }
+
+    /// Whether a warning of `kind` may be logged now (see [`LOG_LINES_PER_WINDOW`]); if so,
+    /// how many of that kind were suppressed before it.
+    pub(crate) fn log_allowed(&self, kind: LogKind) -> Option<u64> {
+        let limiter = match kind {
+            LogKind::BlobViolation => &self.log_limits[0],
+            LogKind::AcceptFailed => &self.log_limits[1],
+        };
+        limiter.allow(self.now_us())
     }
 
     /// Publishes an event; never blocks (a subscriber that falls behind misses the oldest).
@@ -867,6 +916,26 @@ mod tests {
                 reporting.last_error_seq() - 1
             ]
         );
+    }
+
+    #[test]
+    fn t30_a_million_warnings_log_at_most_the_budget_per_window_and_count_the_rest() {
+        let limiter = LogLimiter::default();
+        let window_us = LOG_WINDOW.as_micros() as u64;
+        let mut logged = 0u64;
+        let mut reported_suppressed = 0u64;
+        // 1M warnings spread over three windows.
+        for i in 0..1_000_000u64 {
+            let now = i * (3 * window_us) / 1_000_000;
+            if let Some(suppressed) = limiter.allow(now) {
+                logged += 1;
+                reported_suppressed += suppressed;
+            }
+        }
+        assert_eq!(logged, 3 * LOG_LINES_PER_WINDOW);
+        // Every suppressed line is reported with a later line, except those after the last one.
+        let pending = limiter.suppressed.load(Ordering::Relaxed);
+        assert_eq!(logged + reported_suppressed + pending, 1_000_000);
     }
 
     #[test]
