@@ -1,6 +1,6 @@
 //! Two domus on loopback, certificates minted at start-up: a taberna that replies, one
-//! request/reply, a pipelined burst of acknowledged messages, a rejection, and a 256 MiB blob
-//! streamed to a second taberna and checked on arrival.
+//! request/reply, a pipelined burst of acknowledged messages, a rejection, a 256 MiB blob
+//! streamed to a second taberna and checked on arrival, and a metrics snapshot at the end.
 //!
 //! Run with `cargo run --example quickstart`. (`cargo run --example handshake` shows the A0
 //! handshake alone, over TCP and over a Unix socket.)
@@ -168,6 +168,34 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             "MISMATCH"
         }
     );
+
+    // What alpha saw, from its metrics (see the crate docs, "Observability").
+    let s = alpha.reporting().snapshot();
+    let t = &s.totals;
+    println!(
+        "alpha metrics: {} sent, {} accepted, {} replied, {} rejected; send latency p50 {:?} p99 {:?}; \
+         {} blob stream(s) completed, {} MiB over the blob callis, {} MiB over the primary",
+        t.messages_sent,
+        t.messages_accepted,
+        t.messages_replied,
+        t.messages_rejected,
+        s.latency.p50,
+        s.latency.p99,
+        t.blob_streams_completed,
+        t.blob_bytes_out >> 20,
+        t.primary_bytes_out >> 20,
+    );
+    for p in &s.per_peer {
+        println!(
+            "  peer {}: connected {}, rtt {:?}, in flight {}, {} KiB in / {} KiB out",
+            p.peer,
+            p.connected,
+            p.rtt,
+            p.in_flight,
+            p.bytes_in >> 10,
+            p.bytes_out >> 10
+        );
+    }
 
     alpha.shutdown().await;
     beta.shutdown().await;

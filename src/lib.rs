@@ -154,12 +154,62 @@
 //!
 //! ## Live configuration
 //!
-//! [`a0_transport::Transport::reload_auth`] (reached through [`Domus::transport`]) swaps
-//! certificate chain, key, trust anchors and CRLs for every future handshake, atomically and
-//! after full validation (the identity must stay the same); established calles are untouched.
-//! [`a0_transport::Transport::set_trust_policy`] replaces the trust policy the same way. The
-//! other [`DomusConfig`] fields are fixed when the domus is built; each is documented with its
-//! default and range.
+//! [`Domus::config`] returns a [`ConfigHandle`]: `snapshot()` reads the configuration in force,
+//! `update(|c| …)` changes it. An update is validated like the builder's configuration (zero or
+//! absurd values are refused with `InvalidConfig` and a message naming the field), fields fixed
+//! at build time may not change, and it replaces the configuration in one step or not at all;
+//! a [`reporting::Event::ConfigReloaded`] follows. When each field applies:
+//!
+//! | when | fields |
+//! |---|---|
+//! | **live** (next send, delivery or accepted callis) | `send_timeout`, `resolve_timeout`, `max_message_len` (the local check), `default_inbox_depth` (tabernas registered without their own depth), `hello_timeout` (telling inbound calles apart), `shutdown_timeout` |
+//! | **new peers** (first contacted after the change) | `max_in_flight_per_peer`, `max_in_flight_bytes_per_peer`, `dedupe_window`, `max_retained_reply_bytes`, `keepalive_interval`, `idle_timeout`, `frame_read_timeout`, `max_frames_per_second`, `max_refusals_per_second`, and the frame limit derived from `max_message_len` |
+//! | **fixed** at build (a change is refused) | `transport`, `reconnect_backoff_min`, `reconnect_backoff_max`, `blob_chunk_len`, `blob_window`, `max_blob_streams_per_peer`, `blob_idle_timeout`, `blob_inbound_budget`, `blob_outbound_budget`, `max_blob_cancels_per_second` |
+//!
+//! Every field's default and range are on [`DomusConfig`].
+//!
+//! Certificates rotate with [`Domus::reload_auth`]: certificate chain, key, trust anchors and
+//! CRLs are swapped for every future handshake, atomically and after full validation (the
+//! identity must stay the same; a key that does not match its certificate, or a chain the
+//! anchors do not verify, is refused and the old material stays). Established calles keep
+//! running; a peer whose certificate a new CRL revokes is refused at its next handshake.
+//! [`a0_transport::Transport::set_trust_policy`] replaces the trust policy the same way.
+//!
+//! ## Observability
+//!
+//! [`Domus::reporting`] returns a [`Reporting`] handle. The library installs no subscriber or
+//! exporter; it logs through `tracing` (warnings a peer can trigger are rate-limited per kind
+//! and say how many were suppressed).
+//!
+//! * `snapshot()` / `snapshot_and_reset()`: counters as deltas since the last reset (and
+//!   totals), gauges with their peak since the last reset, send-to-answer latency (p50, p90,
+//!   p99 from power-of-two buckets), rejections and handshake failures by [`ErrorId`], and per
+//!   peer: connected, RTT, sends in flight, queue depth, oldest pending age, bytes in and out.
+//!   `connected_peers()` lists the peers with an open callis.
+//! * Counters ([`reporting::Counters`]): `primary_calles_opened`, `primary_calles_closed`,
+//!   `blob_calles_opened`, `blob_calles_closed`, `dial_attempts`, `dial_failures`,
+//!   `identity_mismatches`, `protocol_violations`, `handshake_failures`, `messages_sent`,
+//!   `messages_received`, `messages_accepted`, `messages_replied`, `messages_rejected`,
+//!   `messages_timed_out`, `messages_failed`, `queue_overruns_send`, `queue_overruns_inbox`,
+//!   `primary_bytes_in`, `primary_bytes_out`, `blob_bytes_in`, `blob_bytes_out`,
+//!   `blob_streams_opened`, `blob_streams_completed`, `blob_streams_cancelled`. Gauges: `peers`,
+//!   `primary_calles`, `blob_calles`, `blob_streams`.
+//! * `events()`: a feed of [`reporting::Event`]s — `PeerConnected`, `PeerDisconnected` (with
+//!   the reason), `CallisUp`, `CallisDown`, `DialFailed`, `SessionRestarted`, `Backpressure`,
+//!   `QueueOverrun`, `ConfigReloaded`, `AuthReloaded`, `ShutdownStarted`, `ShutdownCompleted`.
+//! * `errors()` and `errors_since(seq, limit)`: errors with sequence numbers (protocol
+//!   violations, dial and handshake failures, refused updates and reloads); the last 1024 are
+//!   kept for catching up.
+//! * Feeds are bounded and never block a producer: a subscriber that falls behind receives
+//!   [`reporting::FeedItem::Missed`] with the number of items it lost, and `errors_since` says
+//!   how many errors the ring no longer holds.
+//! * Feature `metrics` mirrors all of this into the [`metrics`](https://docs.rs/metrics)
+//!   facade (`vicus_<counter>_total`, `vicus_<gauge>`, `vicus_<gauge>_peak`, `vicus_peer_*`
+//!   with a `peer` label, `vicus_rejected_total` and
+//!   `vicus_handshake_failures_by_reason_total` with a `reason` label,
+//!   `vicus_send_latency_seconds` with a `quantile` label; all with a `domus` label), every
+//!   second and on demand (`Reporting::export_to_metrics`); `cargo run --example metrics
+//!   --features metrics` prints them as Prometheus text.
 //!
 //! ## Errors
 //!
@@ -179,6 +229,8 @@ pub mod taberna;
 
 #[cfg(feature = "dev-certs")]
 pub mod dev_certs;
+#[cfg(feature = "watch")]
+pub mod watch;
 
 pub use a0_transport::{AuthConfig, DomusAddr, DomusId, PeerIdentity, TrustPolicy};
 pub use domus::{
