@@ -3,14 +3,17 @@
 //!
 //! A reload is validated completely before it is published, and published atomically (an
 //! `ArcSwap` store). Handshakes already running keep the material they started with; established
-//! streams are never touched. This module must not close or re-check live connections — that is
-//! the domus's job, which knows them.
+//! streams are never touched here. [`AuthenticatedStream::recheck`] lets the owner of a live
+//! stream verify its peer's chain again against the material now in force (after a CRL or
+//! trust-anchor change); this module must not close anything itself — that is the domus's job,
+//! which knows its calles.
 
 use std::sync::Arc;
 
 use super::Transport;
 use super::identity::TrustPolicy;
 use super::material::AuthConfig;
+use super::stream::AuthenticatedStream;
 use super::tls::LoadedMaterial;
 use crate::error::{Error, ErrorId};
 
@@ -46,5 +49,38 @@ impl Transport {
     /// The trust policy in force.
     pub fn trust_policy(&self) -> TrustPolicy {
         TrustPolicy::clone(&self.shared.policy.load())
+    }
+}
+
+impl AuthenticatedStream {
+    /// Verifies this stream's peer again, with the trust anchors, CRLs and trust policy now in
+    /// force in `transport`: its chain (for the role it played in the handshake) and its
+    /// identity. An error says why the peer would be refused today.
+    pub fn recheck(&self, transport: &Transport) -> Result<(), Error> {
+        let material = transport.shared.material.load_full();
+        let policy = transport.shared.policy.load_full();
+        let chain = self.peer_chain();
+        let Some((leaf, intermediates)) = chain.split_first() else {
+            return Err(Error::new(
+                ErrorId::PeerCertificateRejected,
+                "the peer presented no certificate",
+            ));
+        };
+        // We dialled: the peer was the server.
+        let usage = if self.is_dialer() {
+            webpki::KeyUsage::server_auth()
+        } else {
+            webpki::KeyUsage::client_auth()
+        };
+        let id = material
+            .store()
+            .verify(
+                leaf,
+                intermediates,
+                rustls::pki_types::UnixTime::now(),
+                usage,
+            )
+            .map_err(|(_, e)| e)?;
+        policy.check(&id)
     }
 }

@@ -219,6 +219,17 @@ impl AuthenticatedStream {
             .map(|g| g.name())
     }
 
+    /// The peer's certificate chain as presented in the handshake (leaf first).
+    pub fn peer_chain(&self) -> Vec<rustls::pki_types::CertificateDer<'static>> {
+        let certs = match &self.tls {
+            tokio_rustls::TlsStream::Client(s) => s.get_ref().1.peer_certificates(),
+            tokio_rustls::TlsStream::Server(s) => s.get_ref().1.peer_certificates(),
+        };
+        certs
+            .map(|c| c.iter().map(|d| d.clone().into_owned()).collect())
+            .unwrap_or_default()
+    }
+
     /// Whether this side dialled the connection.
     pub fn is_dialer(&self) -> bool {
         matches!(self.tls, tokio_rustls::TlsStream::Client(_))

@@ -69,6 +69,11 @@ pub(crate) struct LoadedMaterial {
 }
 
 impl LoadedMaterial {
+    /// The trust anchors and CRLs of this material.
+    pub(crate) fn store(&self) -> &TrustStore {
+        &self.store
+    }
+
     /// Parses and checks `auth`: trust anchors and CRLs usable, leaf names exactly one valid
     /// URI SAN, private key loadable and matching the leaf.
     pub(crate) fn load(auth: &AuthConfig, provider: &CryptoProvider) -> Result<Self, Error> {

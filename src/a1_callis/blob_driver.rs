@@ -104,6 +104,8 @@ pub(crate) enum BlobCommand {
     PeerEpoch { epoch: u64, restarted: bool },
     /// Learn (or change) the address to dial.
     SetAddr(DomusAddr),
+    /// The authentication material changed: close the callis if its peer would be refused now.
+    Recheck,
     /// Cancel every stream (telling the peer), close the callis and stop.
     Shutdown,
 }
@@ -351,6 +353,19 @@ impl BlobDriver {
                 self.peer_epoch = Some(epoch);
             }
             BlobCommand::SetAddr(addr) => self.addr = Some(addr),
+            BlobCommand::Recheck => {
+                let refused = self
+                    .link
+                    .as_ref()
+                    .and_then(|l| l.io.recheck(&self.ctx.transport).err());
+                if let Some(e) = refused {
+                    let e = Error::new(
+                        e.id(),
+                        format!("{} is no longer trusted: {}", self.peer_id, e.message()),
+                    );
+                    self.close_link(&e);
+                }
+            }
             BlobCommand::Shutdown => self.begin_shutdown(),
         }
     }

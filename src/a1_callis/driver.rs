@@ -51,6 +51,9 @@ pub(crate) enum PeerCommand {
     Attach(Box<AuthenticatedStream>, BytesMut),
     /// Learn (or change) the address to dial.
     SetAddr(DomusAddr),
+    /// The authentication material changed: verify the peer of the current callis again and
+    /// close it if the peer would be refused now (a revoked certificate, say).
+    Recheck,
     /// Finish pending writes, close the callis, fail what is left, and stop.
     Shutdown,
 }
@@ -207,7 +210,23 @@ impl PeerDriver {
             PeerCommand::Answer { epoch, id, answer } => self.session.answer(epoch, id, answer),
             PeerCommand::Attach(stream, prefix) => self.attach(*stream, prefix),
             PeerCommand::SetAddr(addr) => self.addr = Some(addr),
+            PeerCommand::Recheck => self.recheck(),
             PeerCommand::Shutdown => self.begin_shutdown(),
+        }
+    }
+
+    fn recheck(&mut self) {
+        let Some(stream) = &self.stream else {
+            return;
+        };
+        if let Err(e) = stream.recheck(&self.ctx.transport) {
+            let e = Error::new(
+                e.id(),
+                format!("{} is no longer trusted: {}", self.peer_id, e.message()),
+            );
+            tracing::debug!(peer = %self.peer_id, error = %e, "closing a callis whose peer is no longer trusted");
+            self.ctx.recorder.error(e.clone());
+            self.session.close(e);
         }
     }
 

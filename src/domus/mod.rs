@@ -405,12 +405,27 @@ impl Domus {
 
     /// Swaps the authentication material (certificate chain, key, trust anchors, CRLs) for
     /// every future handshake, after validating it; the identity must stay the same.
-    /// Established calles keep running. On failure nothing changes and the error is also
+    /// Established calles keep running, except those whose peer the new material no longer
+    /// accepts (a revoked certificate, an anchor removed): they are closed at once. On failure nothing changes and the error is also
     /// published on the error feed; on success an [`Event::AuthReloaded`] is.
     pub fn reload_auth(&self, auth: AuthConfig) -> Result<(), Error> {
         match self.shared.transport.reload_auth(auth) {
             Ok(()) => {
                 self.shared.recorder.event(Event::AuthReloaded);
+                // Live calles are verified again: a peer the new CRLs revoke (or the new
+                // anchors no longer cover) loses its calles now, not at its next handshake.
+                let peers: Vec<PeerRef> = self
+                    .shared
+                    .peers
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .values()
+                    .map(|p| p.links.clone())
+                    .collect();
+                for p in peers {
+                    let _ = p.tx.send(PeerCommand::Recheck);
+                    let _ = p.blob_tx.send(BlobCommand::Recheck);
+                }
                 Ok(())
             }
             Err(e) => {
