@@ -54,3 +54,9 @@ fn session_input_corpus_and_regressions() {
     let n = replay("session_input", vicus::fuzzing::session_input);
     assert!(n > 0, "no session_input inputs under fuzz/");
 }
+
+#[test]
+fn blob_input_corpus_and_regressions() {
+    let n = replay("blob_input", vicus::fuzzing::blob_input);
+    assert!(n > 0, "no blob_input inputs under fuzz/");
+}

@@ -12,6 +12,11 @@
 //! * **Acknowledgement.** Every credit also says how many bytes arrived; the sender keeps what
 //!   was sent until then, and after a reconnect sends it again from the last acknowledged
 //!   offset (the receiver trims what it already has).
+//! * **Completion.** The sender's BLOB_END names the length; the receiver answers with its own
+//!   BLOB_END once it holds every byte, and only that answer completes the sending stream. A
+//!   credit acknowledging every byte is not enough: it may have left before the END arrived,
+//!   and an END lost in a cut must be sent again. After a reconnect the sender sends an
+//!   unanswered END again, and the receiver answers the END of a stream it completed lately.
 //! * **Memory.** A sending stream holds at most `window` bytes (queued plus unacknowledged);
 //!   a receiving stream at most `window` bytes not yet read.
 //! * **Fairness.** Streams take turns, one chunk each, in round-robin order.
@@ -96,8 +101,13 @@ struct Outbound {
     acked: u64,
     /// The receiver's limit.
     limit: u64,
+    /// Bytes the application wrote (the stream's length once `finished`).
+    written: u64,
+    /// The receiver's first credit arrived: its side is open, frames may go out.
+    credited: bool,
     /// The application wrote its last byte.
     finished: bool,
+    /// BLOB_END went out on this connection.
     end_sent: bool,
     last_progress: Instant,
 }
@@ -112,6 +122,8 @@ struct Inbound {
     total: Option<u64>,
     /// A credit is owed to the sender.
     credit_due: bool,
+    /// Every byte up to the announced end arrived: our BLOB_END answer is owed.
+    end_ack_due: bool,
     last_credit_received: u64,
     last_progress: Instant,
 }
@@ -124,14 +136,13 @@ pub struct BlobStreams {
     inbound: BTreeMap<u64, Inbound>,
     turn: VecDeque<u64>,
     cancels: VecDeque<(u64, u32, String)>,
-    /// Last credits of receiving streams that completed: owed now, and re-sent after a
-    /// reconnect so a sender whose last acknowledgement was lost still finishes.
-    finals: VecDeque<(u64, u64)>,
-    finals_due: usize,
+    /// BLOB_END answers owed for receiving streams already closed.
+    end_acks: VecDeque<(u64, u64)>,
     /// The largest BLOB_DATA payload the peer accepts (from its BLOB_HELLO).
     peer_chunk: usize,
-    /// Streams finished or cancelled lately: late frames for them are ignored, not violations.
-    recent: VecDeque<u64>,
+    /// Streams finished or cancelled lately, with the length of receiving streams that
+    /// completed: late frames for them are ignored (a late BLOB_END answered), not violations.
+    recent: VecDeque<(u64, Option<u64>)>,
     connected: bool,
     events: VecDeque<BlobEvent>,
     cancel_window_start: Option<Instant>,
@@ -139,8 +150,9 @@ pub struct BlobStreams {
 }
 
 const RECENT_CAP: usize = 1024;
-/// Final credits kept for re-sending after a reconnect.
-const FINALS_CAP: usize = 64;
+/// BLOB_END answers for closed streams waiting to be written; more are dropped (the sender
+/// asks again after the next reconnect).
+const END_ACKS_CAP: usize = 1024;
 
 impl BlobStreams {
     /// No streams yet.
@@ -151,8 +163,7 @@ impl BlobStreams {
             inbound: BTreeMap::new(),
             turn: VecDeque::new(),
             cancels: VecDeque::new(),
-            finals: VecDeque::new(),
-            finals_due: 0,
+            end_acks: VecDeque::new(),
             peer_chunk: usize::MAX,
             recent: VecDeque::new(),
             connected: false,
@@ -217,6 +228,8 @@ impl BlobStreams {
                 high: 0,
                 acked: 0,
                 limit: 0,
+                written: 0,
+                credited: false,
                 finished: false,
                 end_sent: false,
                 last_progress: now,
@@ -240,6 +253,7 @@ impl BlobStreams {
                 limit: self.config.window,
                 total: None,
                 credit_due: true,
+                end_ack_due: false,
                 last_credit_received: 0,
                 last_progress: now,
             },
@@ -268,6 +282,7 @@ impl BlobStreams {
             out.last_progress = now;
             out.queued.push_back(data.slice(..take));
             out.queued_len = out.queued_len.saturating_add(take as u64);
+            out.written = out.written.saturating_add(take as u64);
         }
         Ok(take)
     }
@@ -336,19 +351,21 @@ impl BlobStreams {
             .is_some_and(|i| i.total == Some(i.consumed) && i.unread.is_empty())
     }
 
-    /// Closes a drained receiving stream. Its final credit (everything received) still goes
-    /// out, and goes out again after a reconnect.
+    /// Closes a receiving stream (a drained one, normally). When it holds every byte up to
+    /// its end, its BLOB_END answer still goes out, and a late BLOB_END for it is answered.
     pub fn close_inbound(&mut self, stream: u64) {
         if let Some(inb) = self.inbound.remove(&stream) {
-            self.remember(stream);
-            if inb.total == Some(inb.received) {
-                if self.finals.len() >= FINALS_CAP {
-                    self.finals.pop_front();
-                    self.finals_due = self.finals_due.saturating_sub(1);
-                }
-                self.finals.push_back((stream, inb.received));
-                self.finals_due = self.finals_due.saturating_add(1).min(self.finals.len());
+            let complete = inb.total.filter(|t| *t == inb.received);
+            self.remember(stream, complete);
+            if let (Some(total), true) = (complete, inb.end_ack_due) {
+                self.owe_end_ack(stream, total);
             }
+        }
+    }
+
+    fn owe_end_ack(&mut self, stream: u64, total: u64) {
+        if self.end_acks.len() < END_ACKS_CAP {
+            self.end_acks.push_back((stream, total));
         }
     }
 
@@ -357,7 +374,7 @@ impl BlobStreams {
         let known =
             self.outbound.remove(&stream).is_some() | self.inbound.remove(&stream).is_some();
         if known {
-            self.remember(stream);
+            self.remember(stream, None);
             self.cancels
                 .push_back((stream, error.as_u32(), reason.to_owned()));
         }
@@ -375,7 +392,7 @@ impl BlobStreams {
         self.inbound.clear();
         self.turn.clear();
         for stream in ids {
-            self.remember(stream);
+            self.remember(stream, None);
             self.events.push_back(BlobEvent::Cancelled {
                 stream,
                 error: error.clone(),
@@ -383,15 +400,25 @@ impl BlobStreams {
         }
     }
 
-    fn remember(&mut self, stream: u64) {
+    fn remember(&mut self, stream: u64, total: Option<u64>) {
         if self.recent.len() >= RECENT_CAP {
             self.recent.pop_front();
         }
-        self.recent.push_back(stream);
+        self.recent.push_back((stream, total));
     }
 
-    /// A blob callis is up: unacknowledged bytes go out again, and every receiving stream
-    /// re-announces what it holds and allows.
+    /// Whether `stream` ended lately, and the length it completed with (receiving streams).
+    fn recent(&self, stream: u64) -> Option<Option<u64>> {
+        self.recent
+            .iter()
+            .rev()
+            .find(|(s, _)| *s == stream)
+            .map(|(_, total)| *total)
+    }
+
+    /// A blob callis is up: unacknowledged bytes (and an unanswered BLOB_END) go out again,
+    /// and every receiving stream re-announces what it holds and allows, and its end when it
+    /// has every byte.
     pub fn connected(&mut self) {
         self.connected = true;
         for out in self.outbound.values_mut() {
@@ -405,8 +432,8 @@ impl BlobStreams {
         }
         for inb in self.inbound.values_mut() {
             inb.credit_due = true;
+            inb.end_ack_due = inb.total == Some(inb.received);
         }
-        self.finals_due = self.finals.len();
     }
 
     /// The blob callis is gone; streams wait for the next one.
@@ -414,6 +441,7 @@ impl BlobStreams {
         self.connected = false;
         self.peer_chunk = usize::MAX;
         self.cancels.clear();
+        self.end_acks.clear();
     }
 
     /// Handles one frame from the blob callis.
@@ -447,7 +475,7 @@ impl BlobStreams {
                 let known = self.outbound.remove(&stream).is_some()
                     | self.inbound.remove(&stream).is_some();
                 if known {
-                    self.remember(stream);
+                    self.remember(stream, None);
                     let id = ErrorId::try_from(code).unwrap_or(ErrorId::ConnectionLost);
                     self.events.push_back(BlobEvent::Cancelled {
                         stream,
@@ -486,7 +514,7 @@ impl BlobStreams {
 
     fn on_data(&mut self, now: Instant, stream: u64, offset: u64, data: Bytes) {
         let Some(inb) = self.inbound.get_mut(&stream) else {
-            if !self.recent.contains(&stream) {
+            if self.recent(stream).is_none() {
                 self.violation(None, format!("BLOB_DATA for unknown stream {stream}"));
             }
             return;
@@ -535,13 +563,25 @@ impl BlobStreams {
         if inb.received.saturating_sub(inb.last_credit_received) >= self.config.window / 4 {
             inb.credit_due = true;
         }
+        if inb.total == Some(inb.received) {
+            inb.end_ack_due = true;
+        }
         self.events.push_back(BlobEvent::Readable(stream));
     }
 
+    /// A BLOB_END: the sender's end of a receiving stream, or the receiver's answer for a
+    /// sending one.
     fn on_end(&mut self, now: Instant, stream: u64, total: u64) {
+        if self.outbound.contains_key(&stream) {
+            self.on_end_ack(stream, total);
+            return;
+        }
         let Some(inb) = self.inbound.get_mut(&stream) else {
-            if !self.recent.contains(&stream) {
-                self.violation(None, format!("BLOB_END for unknown stream {stream}"));
+            match self.recent(stream) {
+                // The sender missed our answer (lost in a cut): answer again.
+                Some(Some(done)) if done == total => self.owe_end_ack(stream, total),
+                Some(_) => {}
+                None => self.violation(None, format!("BLOB_END for unknown stream {stream}")),
             }
             return;
         };
@@ -555,15 +595,35 @@ impl BlobStreams {
         inb.total = Some(total);
         inb.last_progress = now;
         if inb.received == total {
-            inb.credit_due = true;
+            inb.end_ack_due = true;
             self.events.push_back(BlobEvent::Readable(stream));
         }
+    }
+
+    /// The receiver holds every byte of a sending stream: it is complete.
+    fn on_end_ack(&mut self, stream: u64, total: u64) {
+        let Some(out) = self.outbound.get(&stream) else {
+            return;
+        };
+        if !out.finished || total != out.written {
+            let (finished, written) = (out.finished, out.written);
+            self.violation(
+                Some(stream),
+                format!(
+                    "BLOB_END answer for stream {stream} claims {total} bytes; the stream has {written} (finished: {finished})"
+                ),
+            );
+            return;
+        }
+        self.outbound.remove(&stream);
+        self.remember(stream, None);
+        self.events.push_back(BlobEvent::Finished(stream));
     }
 
     fn on_credit(&mut self, now: Instant, stream: u64, received: u64, limit: u64) {
         let window = self.config.window;
         let Some(out) = self.outbound.get_mut(&stream) else {
-            if !self.recent.contains(&stream) {
+            if self.recent(stream).is_none() {
                 self.violation(None, format!("BLOB_CREDIT for unknown stream {stream}"));
             }
             return;
@@ -602,15 +662,10 @@ impl BlobStreams {
         }
         out.acked = out.acked.max(received);
         out.limit = out.limit.max(limit);
+        out.credited = true;
         out.last_progress = now;
-        let complete =
-            out.finished && out.end_sent && out.queued.is_empty() && out.acked == out.next_offset;
         let room_after = window.saturating_sub(out.queued_len.saturating_add(out.unacked_len));
-        if complete {
-            self.outbound.remove(&stream);
-            self.remember(stream);
-            self.events.push_back(BlobEvent::Finished(stream));
-        } else if room_after > room_before && !out.finished {
+        if room_after > room_before && !out.finished {
             self.events.push_back(BlobEvent::Writable(stream));
         }
     }
@@ -657,8 +712,8 @@ impl BlobStreams {
         self.events.pop_front()
     }
 
-    /// Appends frames: cancels, credits, then one chunk per stream per turn (round robin)
-    /// until `budget` bytes. Returns whether anything was written.
+    /// Appends frames: cancels, credits and BLOB_END answers, then one chunk per stream per
+    /// turn (round robin) until `budget` bytes. Returns whether anything was written.
     pub fn poll_transmit(&mut self, out: &mut BytesMut, budget: usize) -> bool {
         if !self.connected {
             return false;
@@ -667,16 +722,18 @@ impl BlobStreams {
         while let Some((stream, code, reason)) = self.cancels.pop_front() {
             frame::encode_blob_cancel(out, stream, code, &reason);
         }
-        let skip = self.finals.len().saturating_sub(self.finals_due);
-        for (stream, total) in self.finals.iter().skip(skip) {
-            frame::encode_blob_credit(out, *stream, *total, *total);
+        while let Some((stream, total)) = self.end_acks.pop_front() {
+            frame::encode_blob_end(out, stream, total);
         }
-        self.finals_due = 0;
         for (stream, inb) in &mut self.inbound {
             if inb.credit_due {
                 inb.credit_due = false;
                 inb.last_credit_received = inb.received;
                 frame::encode_blob_credit(out, *stream, inb.received, inb.limit);
+            }
+            if inb.end_ack_due {
+                inb.end_ack_due = false;
+                frame::encode_blob_end(out, *stream, inb.received);
             }
         }
         let limit = start.saturating_add(budget);
@@ -725,7 +782,8 @@ impl BlobStreams {
                 return true;
             }
         }
-        if s.finished && !s.end_sent && s.queued.is_empty() {
+        // Not before the receiver's first credit: its side may not exist yet.
+        if s.finished && !s.end_sent && s.queued.is_empty() && s.credited {
             frame::encode_blob_end(out, stream, s.next_offset);
             s.end_sent = true;
             return true;

@@ -322,6 +322,93 @@ fn a_cut_mid_transfer_resends_what_was_lost_and_completes_intact() {
     assert!(p.violation().is_none());
 }
 
+impl Pair {
+    /// The blob callis drops with whatever was in flight; a new one comes up.
+    fn cut(&mut self) {
+        self.in_flight.clear();
+        self.a.disconnected();
+        self.b.disconnected();
+        self.a.connected();
+        self.b.connected();
+    }
+}
+
+#[test]
+fn only_the_receivers_end_answer_completes_a_stream_and_a_lost_end_is_sent_again() {
+    // An empty stream: its END waits for the receiver's first credit (the receiver's side
+    // may not exist yet when the sender finishes).
+    let mut p = Pair::new();
+    p.a.open_outbound(p.now, 1).expect("open out");
+    p.a.finish(1).expect("finish");
+    assert!(
+        !p.a_transmit(usize::MAX),
+        "END before the receiver's credit"
+    );
+    p.b.open_inbound(p.now, 1).expect("open in");
+    p.deliver();
+    p.a_transmit(usize::MAX);
+    p.deliver();
+    assert!(p.b.is_drained(1));
+    assert!(p.a_events.contains(&BlobEvent::Finished(1)));
+
+    // Every byte acknowledged, then the END lost in a cut: not finished until the END is
+    // sent again after the reconnect and answered.
+    let payload = data(3 * CHUNK, 5);
+    p.open(2);
+    assert_eq!(p.a.write(p.now, 2, &payload).expect("write"), payload.len());
+    p.a_transmit(usize::MAX);
+    p.deliver();
+    assert_eq!(p.a.acked(2), Some(payload.len() as u64));
+    p.a.finish(2).expect("finish");
+    p.a_transmit(usize::MAX);
+    p.cut();
+    p.deliver();
+    assert!(!p.a_events.contains(&BlobEvent::Finished(2)));
+    p.a_transmit(usize::MAX);
+    p.deliver();
+    assert!(p.a_events.contains(&BlobEvent::Finished(2)));
+    assert_eq!(p.read_all(2), payload.to_vec());
+    assert!(p.b.is_drained(2));
+
+    // The answer lost in a cut after the receiver closed its side: the END sent again is
+    // answered from the receiver's memory of recently completed streams.
+    p.open(3);
+    p.a.write(p.now, 3, &payload).expect("write");
+    p.a.finish(3).expect("finish");
+    p.a_transmit(usize::MAX);
+    let mut to_b = std::mem::take(&mut p.in_flight);
+    while let Ok(Some(Frame::Blob(f))) = frame::decode(&mut to_b, u32::MAX) {
+        p.b.handle_frame(p.now, f);
+    }
+    assert_eq!(p.read_all(3), payload.to_vec());
+    assert!(p.b.is_drained(3));
+    p.b.close_inbound(3);
+    p.cut(); // b's answer never left
+    p.a_transmit(usize::MAX);
+    p.deliver();
+    assert!(p.a_events.contains(&BlobEvent::Finished(3)));
+    assert!(p.violation().is_none());
+
+    // An answer naming another length is a violation.
+    p.open(4);
+    p.a.write(p.now, 4, &payload).expect("write");
+    p.a.finish(4).expect("finish");
+    p.a.handle_frame(
+        p.now,
+        BlobFrame::End {
+            stream: 4,
+            total: 1,
+        },
+    );
+    assert!(matches!(
+        p.a.poll_event(),
+        Some(BlobEvent::Violation {
+            stream: Some(4),
+            ..
+        })
+    ));
+}
+
 #[test]
 fn sixteen_concurrent_streams_share_fairly_and_all_complete() {
     let mut p = Pair::new();
