@@ -190,7 +190,8 @@
 //!   `blob_calles_opened`, `blob_calles_closed`, `dial_attempts`, `dial_failures`,
 //!   `identity_mismatches`, `protocol_violations`, `handshake_failures`, `messages_sent`,
 //!   `messages_received`, `messages_accepted`, `messages_replied`, `messages_rejected`,
-//!   `messages_timed_out`, `messages_failed`, `queue_overruns_send`, `queue_overruns_inbox`,
+//!   `messages_timed_out`, `messages_failed`, `queue_overruns_send_a2`,
+//!   `queue_overruns_send_a3` (outbound queue overruns per class), `queue_overruns_inbox`,
 //!   `primary_bytes_in`, `primary_bytes_out`, `blob_bytes_in`, `blob_bytes_out`,
 //!   `blob_streams_opened`, `blob_streams_completed`, `blob_streams_cancelled`. Gauges: `peers`,
 //!   `primary_calles`, `blob_calles`, `blob_streams`.

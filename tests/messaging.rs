@@ -351,6 +351,12 @@ async fn try_send_fails_fast_when_the_peer_has_no_free_slot() {
             .await
             .expect_err("full");
         assert_eq!(err.id(), ErrorId::LocalQueueFull, "{err}");
+        let totals = a.reporting().snapshot().totals;
+        assert_eq!(totals.queue_overruns_send_a3, 1, "one application overrun");
+        assert_eq!(
+            totals.queue_overruns_send_a2, 0,
+            "no vicus message was refused"
+        );
         spawn_echo(t);
         assert!(r1.await.is_ok() && r2.await.is_ok());
         a.try_send(TabernaId(10), APP, Bytes::new(), send_opts(10_000))

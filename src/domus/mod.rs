@@ -42,7 +42,7 @@ use crate::a1_callis::driver::{
     DriverContext, InFlight, PeerCommand, PeerDriver, PeerLinks, rand_u64, record_failure,
 };
 use crate::a1_callis::frame::{FrameType, HEADER_LEN};
-use crate::a1_callis::session::{Answer, Outgoing, Session};
+use crate::a1_callis::session::{A3_MESSAGE_TYPE_BASE, Answer, Outgoing, Session};
 use crate::error::{Error, ErrorId, untrusted};
 use crate::reporting::{C, Event, Recorder, Reporting};
 use crate::taberna::{
@@ -682,12 +682,16 @@ impl Shared {
         wait: Wait,
         deadline: tokio::time::Instant,
     ) -> Result<Receipt, Error> {
+        let class = if msg.msg_type >= A3_MESSAGE_TYPE_BASE {
+            C::queue_overruns_send_a3
+        } else {
+            C::queue_overruns_send_a2
+        };
         let admitted = Self::take_room(peer, peer_id, msg, wait, deadline).await;
         if let Err(e) = &admitted {
+            // Taking room is all this waits for: either error means the queue was full.
             if matches!(e.id(), ErrorId::LocalQueueFull | ErrorId::SendTimeout) {
-                if e.id() == ErrorId::LocalQueueFull {
-                    self.recorder.inc(C::queue_overruns_send);
-                }
+                self.recorder.inc(class);
                 self.recorder.event(Event::Backpressure {
                     peer: peer_id.clone(),
                 });

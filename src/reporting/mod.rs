@@ -255,8 +255,13 @@ counters! {
     messages_timed_out,
     /// Sends that failed otherwise (peer restarted, unavailable, domus closed, …).
     messages_failed,
-    /// Sends refused locally for lack of in-flight room (`LocalQueueFull`).
-    queue_overruns_send,
+    /// Outbound queue overruns of class A2 (vicus's own messages, such as blob opens): refused
+    /// for lack of in-flight room to the peer, at once (`LocalQueueFull`) or when the wait
+    /// for room reached the deadline (`SendTimeout`). Control frames never queue past their
+    /// bounds (acknowledgements are batched, owed PONGs coalesced), so they have no counter.
+    queue_overruns_send_a2,
+    /// Outbound queue overruns of class A3 (application messages), counted as for A2.
+    queue_overruns_send_a3,
     /// Deliveries refused because a taberna's inbox was full (`TabernaBusy`).
     queue_overruns_inbox,
     /// Bytes read from primary calles (after TLS).
