@@ -661,6 +661,36 @@ async fn a_blob_to_a_taberna_on_the_same_domus_works_through_the_same_api() {
     .await;
 }
 
+#[tokio::test]
+async fn a_request_split_into_parts_keeps_its_blob_and_answers_from_another_task() {
+    within(async {
+        let mut mesh = Mesh::new();
+        let a = mesh.domus_with("a", small()).await;
+        let b = mesh.domus_with("b", small()).await;
+        mesh.route(10, &b);
+        let t = b.taberna(TabernaId(10)).expect("taberna");
+        let payload = data(100_000, 9);
+        let worker = tokio::spawn(async move {
+            let req: TabernaRequest = t.recv().await.expect("request");
+            assert!(req.has_blob());
+            let (parts, responder) = req.into_parts();
+            let mut rx = parts.blob.expect("into_parts carries the blob");
+            assert_eq!(parts.payload.as_ref(), b"header");
+            // Answered from another task, after the split.
+            tokio::spawn(async move { responder.accept() })
+                .await
+                .expect("join");
+            let mut got = Vec::new();
+            rx.read_to_end(&mut got).await.expect("read");
+            got
+        });
+        let tx = open(&a, 10).await.expect("accepted");
+        send_all(tx, payload.clone()).await.expect("finished");
+        assert!(worker.await.expect("join") == payload);
+    })
+    .await;
+}
+
 /// Reads frames from a raw callis until `pred` matches one (or the callis ends).
 async fn read_until(
     io: &mut vicus::a0_transport::AuthenticatedStream,

@@ -200,8 +200,9 @@ impl Drop for Responder {
     }
 }
 
-/// What a request carried, from [`TabernaRequest::into_parts`].
-#[derive(Debug, Clone)]
+/// What a request carried, from [`TabernaRequest::into_parts`]. Not `Clone`: it may own the
+/// receiving end of a blob.
+#[derive(Debug)]
 #[non_exhaustive]
 pub struct RequestParts {
     /// Who sent it.
@@ -214,6 +215,9 @@ pub struct RequestParts {
     pub message_type: MessageType,
     /// Its payload.
     pub payload: Bytes,
+    /// Its blob, unless [`TabernaRequest::blob`] took it already. Dropping it cancels the
+    /// stream, as dropping any [`BlobReceiver`] does.
+    pub blob: Option<BlobReceiver>,
 }
 
 impl fmt::Debug for TabernaRequest {
@@ -259,7 +263,8 @@ impl TabernaRequest {
     /// taken out: `None` when the request carries none or it was taken already. Take it before
     /// answering; bytes start to flow once the request is accepted (or replied to). Rejecting
     /// the request, or dropping the receiver before its end, cancels the stream.
-    /// [`into_parts`](Self::into_parts) does not carry the blob: take it first.
+    /// [`into_parts`](Self::into_parts) carries a blob not taken yet in
+    /// [`RequestParts::blob`].
     pub fn blob(&mut self) -> Option<BlobReceiver> {
         self.blob.take()
     }
@@ -278,7 +283,7 @@ impl TabernaRequest {
             destination,
             message_type,
             payload,
-            blob: _,
+            blob,
             responder,
         } = self;
         (
@@ -288,6 +293,7 @@ impl TabernaRequest {
                 destination,
                 message_type,
                 payload,
+                blob,
             },
             responder,
         )
