@@ -447,9 +447,13 @@ fn keepalive_measures_rtt_and_idle_timeout_closes() {
     let mut p = Pair::new(SessionConfig::default());
     p.latency = Duration::from_millis(3);
     p.connect();
-    p.advance(Duration::from_secs(5));
-    let rtt = p.a.rtt().expect("rtt measured");
+    // The first probe goes out as the callis opens: the RTT is known well before the first
+    // keepalive interval (5 s).
+    p.advance(Duration::from_millis(50));
+    let rtt = p.a.rtt().expect("rtt measured right after the hello");
     assert!(rtt >= Duration::from_millis(6), "{rtt:?}");
+    assert!(p.b.rtt().is_some(), "both sides probe");
+    p.advance(Duration::from_secs(5));
     // Keepalives keep an idle but healthy callis open well past idle_timeout.
     p.advance(Duration::from_secs(60));
     assert!(p.a.is_open() && p.b.is_open());

@@ -847,6 +847,13 @@ impl Session {
         self.peer_window = h.window;
         self.link = Link::Open;
         self.next_ping = now.checked_add(self.config.keepalive_interval);
+        // A first probe at once, so the RTT is known one round trip after the callis opens
+        // instead of one keepalive interval later.
+        if self.ping_outstanding.is_none() {
+            self.pings_sent = self.pings_sent.wrapping_add(1);
+            self.ping_outstanding = Some((self.pings_sent, now));
+            self.ping_to_send = Some(self.pings_sent);
+        }
         self.stats.opened = self.stats.opened.saturating_add(1);
         // The peer may accept less than when these messages were queued (it restarted with
         // other limits): what no longer fits fails here instead of killing every callis.
