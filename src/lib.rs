@@ -162,7 +162,7 @@
 //!
 //! | when | fields |
 //! |---|---|
-//! | **live** (next send, delivery or accepted callis) | `send_timeout`, `resolve_timeout`, `max_message_len` (the local check), `default_inbox_depth` (tabernas registered without their own depth), `hello_timeout` (telling inbound calles apart), `shutdown_timeout` |
+//! | **live** (next send, delivery or accepted callis) | `send_timeout`, `resolve_timeout`, `max_message_len` (the local check), `default_inbox_depth` (tabernas registered without their own depth), `hello_timeout` (telling inbound calles apart), `shutdown_timeout`, `max_unopened_calles_per_peer`, `max_unopened_calles`, `max_peers` (connection limits, T8) |
 //! | **new peers** (first contacted after the change) | `max_in_flight_per_peer`, `max_in_flight_bytes_per_peer`, `dedupe_window`, `max_retained_reply_bytes`, `keepalive_interval`, `idle_timeout`, `frame_read_timeout`, `max_frames_per_second`, `max_refusals_per_second`, and the frame limit derived from `max_message_len` |
 //! | **fixed** at build (a change is refused) | `transport`, `reconnect_backoff_min`, `reconnect_backoff_max`, `blob_chunk_len`, `blob_window`, `max_blob_streams_per_peer`, `blob_idle_timeout`, `blob_inbound_budget`, `blob_outbound_budget`, `max_blob_cancels_per_second` |
 //!
@@ -192,6 +192,7 @@
 //!   `messages_received`, `messages_accepted`, `messages_replied`, `messages_rejected`,
 //!   `messages_timed_out`, `messages_failed`, `queue_overruns_send_a2`,
 //!   `queue_overruns_send_a3` (outbound queue overruns per class), `queue_overruns_inbox`,
+//!   `calles_refused` (inbound calles refused by the connection limits),
 //!   `primary_bytes_in`, `primary_bytes_out`, `blob_bytes_in`, `blob_bytes_out`,
 //!   `blob_streams_opened`, `blob_streams_completed`, `blob_streams_cancelled`. Gauges: `peers`,
 //!   `primary_calles`, `blob_calles`, `blob_streams`.

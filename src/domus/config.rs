@@ -18,7 +18,7 @@ use crate::error::Error;
 ///
 /// | when | fields |
 /// |---|---|
-/// | **live**: the next send, delivery or accepted callis | `send_timeout`, `resolve_timeout`, `max_message_len` (the local check; the frame limit a peer is told applies to new peers), `default_inbox_depth` (every taberna registered without its own depth), `hello_timeout` (telling inbound calles apart; sessions: new peers), `shutdown_timeout` |
+/// | **live**: the next send, delivery or accepted callis | `send_timeout`, `resolve_timeout`, `max_message_len` (the local check; the frame limit a peer is told applies to new peers), `default_inbox_depth` (every taberna registered without its own depth), `hello_timeout` (telling inbound calles apart; sessions: new peers), `shutdown_timeout`, `max_unopened_calles_per_peer`, `max_unopened_calles`, `max_peers` |
 /// | **new peers**: peers first contacted after the change (and peers after a restart of this domus) | `max_in_flight_per_peer`, `max_in_flight_bytes_per_peer`, `dedupe_window`, `max_retained_reply_bytes`, `keepalive_interval`, `idle_timeout`, `frame_read_timeout`, `max_frames_per_second`, `max_refusals_per_second` |
 /// | **fixed** at build: a change is refused with `InvalidConfig` naming the field | `transport` (use `Domus::reload_auth` and `Transport::set_trust_policy` for authentication), `reconnect_backoff_min`, `reconnect_backoff_max`, every `blob_*` field, `max_blob_streams_per_peer`, `max_blob_cancels_per_second` |
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -100,6 +100,18 @@ pub struct DomusConfig {
     /// Blob streams a peer may cancel in one second; past that its blob callis closes as a
     /// protocol violation (open/cancel churn, T17). Default 1000; 1 to 10 000 000.
     pub max_blob_cancels_per_second: u32,
+    /// Authenticated inbound calles from one identity still waiting for their first frame
+    /// (HELLO or BLOB_HELLO, within `hello_timeout`); one more is refused at once with a
+    /// CLOSE `AdmissionRefused` (T8). An honest peer has at most its primary and blob callis
+    /// and a redial in that state. Default 4; 1 to 1024.
+    pub max_unopened_calles_per_peer: usize,
+    /// The same, all identities together. Default 256; 1 to 65 536.
+    pub max_unopened_calles: usize,
+    /// Peers with an open primary callis at once: an inbound callis from one more identity is
+    /// refused with a CLOSE `AdmissionRefused` (T8). A connected peer may always replace its
+    /// calles (each identity holds at most one primary and one blob callis: a new one replaces
+    /// the old), and the dials this domus makes are not limited. Default 4096; 1 to 1 000 000.
+    pub max_peers: usize,
 }
 
 impl Default for DomusConfig {
@@ -130,6 +142,9 @@ impl Default for DomusConfig {
             blob_inbound_budget: 512 * 1024 * 1024,
             blob_outbound_budget: 512 * 1024 * 1024,
             max_blob_cancels_per_second: 1000,
+            max_unopened_calles_per_peer: 4,
+            max_unopened_calles: 256,
+            max_peers: 4096,
         }
     }
 }
@@ -217,6 +232,19 @@ impl DomusConfig {
             1,
             10_000_000,
         )?;
+        count(
+            "max_unopened_calles_per_peer",
+            self.max_unopened_calles_per_peer as u64,
+            1,
+            1024,
+        )?;
+        count(
+            "max_unopened_calles",
+            self.max_unopened_calles as u64,
+            1,
+            65_536,
+        )?;
+        count("max_peers", self.max_peers as u64, 1, 1_000_000)?;
         within("reconnect_backoff_min", self.reconnect_backoff_min, MS, MIN)?;
         within(
             "reconnect_backoff_max",

@@ -217,6 +217,7 @@ impl DomusBuilder {
             config_writer: Mutex::new(()),
             registry,
             peers: Mutex::new(HashMap::new()),
+            unopened: Mutex::new(Unopened::default()),
             pinned: Mutex::new(HashMap::new()),
             tasks: TaskTracker::new(),
             cancel: cancel.clone(),
@@ -291,6 +292,8 @@ struct Shared {
     config_writer: Mutex<()>,
     registry: Arc<Registry>,
     peers: Mutex<HashMap<DomusId, PeerHandle>>,
+    /// Authenticated inbound calles waiting for their first frame, per identity (T8).
+    unopened: Mutex<Unopened>,
     /// Identities learned for routes that named none.
     pinned: Mutex<HashMap<DomusAddr, DomusId>>,
     tasks: TaskTracker,
@@ -1149,12 +1152,23 @@ async fn accept_loop(shared: Arc<Shared>, listener: Listener, stop: Cancellation
                     return;
                 }
             };
+            let peer_id = stream.peer().id().clone();
+            let slot = match UnopenedSlot::take(&shared2, &peer_id) {
+                Ok(slot) => slot,
+                Err(e) => return shared2.refuse(stream, e).await,
+            };
             let first = tokio::select! {
                 () = stop2.cancelled() => return,
                 r = tokio::time::timeout(shared2.config.load().hello_timeout, first_frame(stream)) => r,
             };
+            drop(slot);
             match first {
-                Ok(Ok((stream, kind, prefix))) => shared2.attach_inbound(stream, kind, prefix),
+                Ok(Ok((stream, kind, prefix))) => {
+                    if let Err(e) = shared2.check_peer_limit(&peer_id) {
+                        return shared2.refuse(stream, e).await;
+                    }
+                    shared2.attach_inbound(stream, kind, prefix);
+                }
                 Ok(Err(e)) => {
                     tracing::debug!(error = %e, "inbound callis closed before its first frame")
                 }
@@ -1165,6 +1179,75 @@ async fn accept_loop(shared: Arc<Shared>, listener: Listener, stop: Cancellation
         });
     }
 }
+
+/// Authenticated inbound calles waiting for their first frame (T8).
+#[derive(Default)]
+struct Unopened {
+    total: usize,
+    per_peer: HashMap<DomusId, usize>,
+}
+
+/// One authenticated inbound callis counted in [`Unopened`] until it is dropped.
+struct UnopenedSlot {
+    shared: Arc<Shared>,
+    peer: DomusId,
+}
+
+impl UnopenedSlot {
+    /// Counts a callis from `peer`, or refuses it past `max_unopened_calles_per_peer` or
+    /// `max_unopened_calles`.
+    fn take(shared: &Arc<Shared>, peer: &DomusId) -> Result<Self, Error> {
+        let config = shared.config.load();
+        let mut table = shared
+            .unopened
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let mine = table.per_peer.get(peer).copied().unwrap_or(0);
+        if mine >= config.max_unopened_calles_per_peer {
+            return Err(Error::new(
+                ErrorId::AdmissionRefused,
+                format!(
+                    "{peer} already has {mine} calles waiting for their first frame (max_unopened_calles_per_peer)"
+                ),
+            ));
+        }
+        if table.total >= config.max_unopened_calles {
+            return Err(Error::new(
+                ErrorId::AdmissionRefused,
+                format!(
+                    "{} calles are already waiting for their first frame (max_unopened_calles)",
+                    table.total
+                ),
+            ));
+        }
+        table.total = table.total.saturating_add(1);
+        table.per_peer.insert(peer.clone(), mine.saturating_add(1));
+        Ok(Self {
+            shared: shared.clone(),
+            peer: peer.clone(),
+        })
+    }
+}
+
+impl Drop for UnopenedSlot {
+    fn drop(&mut self) {
+        let mut table = self
+            .shared
+            .unopened
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        table.total = table.total.saturating_sub(1);
+        if let Some(n) = table.per_peer.get_mut(&self.peer) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                table.per_peer.remove(&self.peer);
+            }
+        }
+    }
+}
+
+/// How long a refused callis may take to receive its CLOSE before it is dropped.
+const REFUSAL_WRITE_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// The longest first frame read to tell a primary callis from a blob callis (a HELLO or a
 /// BLOB_HELLO is far shorter).
@@ -1224,6 +1307,40 @@ impl Drop for CancelOnDrop {
 }
 
 impl Shared {
+    /// Refuses an inbound callis from an identity that is not connected when `max_peers`
+    /// primary calles are open already.
+    fn check_peer_limit(&self, peer: &DomusId) -> Result<(), Error> {
+        let max = self.config.load().max_peers;
+        let (connected, open) = self.recorder.connection_census(peer);
+        if !connected && open >= max as u64 {
+            return Err(Error::new(
+                ErrorId::AdmissionRefused,
+                format!("{open} peers are connected already (max_peers); {peer} is refused"),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Writes a CLOSE carrying `error` (within [`REFUSAL_WRITE_TIMEOUT`]) and drops the
+    /// callis; the refusal is counted, published on the error feed and logged (rate-limited).
+    async fn refuse(&self, mut stream: AuthenticatedStream, error: Error) {
+        self.recorder.inc(C::calles_refused);
+        if let Some(suppressed) = self
+            .recorder
+            .log_allowed(crate::reporting::LogKind::CallisRefused)
+        {
+            tracing::warn!(error = %error, suppressed, "inbound callis refused");
+        }
+        let mut close = BytesMut::new();
+        crate::a1_callis::frame::encode_close(&mut close, error.id().as_u32(), error.message());
+        self.recorder.error(error);
+        let _ = tokio::time::timeout(REFUSAL_WRITE_TIMEOUT, async {
+            tokio::io::AsyncWriteExt::write_all(&mut stream, &close).await?;
+            tokio::io::AsyncWriteExt::shutdown(&mut stream).await
+        })
+        .await;
+    }
+
     fn attach_inbound(
         self: &Arc<Self>,
         stream: AuthenticatedStream,

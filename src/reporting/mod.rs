@@ -264,6 +264,9 @@ counters! {
     queue_overruns_send_a3,
     /// Deliveries refused because a taberna's inbox was full (`TabernaBusy`).
     queue_overruns_inbox,
+    /// Authenticated inbound calles refused by the connection limits
+    /// (`max_unopened_calles_per_peer`, `max_unopened_calles`, `max_peers`; T8).
+    calles_refused,
     /// Bytes read from primary calles (after TLS).
     primary_bytes_in,
     /// Bytes written to primary calles (before TLS).
@@ -409,6 +412,7 @@ pub const LOG_WINDOW: Duration = Duration::from_secs(10);
 pub(crate) enum LogKind {
     BlobViolation,
     AcceptFailed,
+    CallisRefused,
 }
 
 #[derive(Default)]
@@ -468,7 +472,7 @@ pub(crate) struct Recorder {
     events: broadcast::Sender<Event>,
     errors: broadcast::Sender<SequencedError>,
     ring: Mutex<ErrorRing>,
-    log_limits: [LogLimiter; 2],
+    log_limits: [LogLimiter; 3],
 }
 
 /// Where the current interval started: the totals then.
@@ -577,6 +581,20 @@ impl Recorder {
         cells
     }
 
+    /// Whether `peer`'s primary callis is open now, and how many primary calles are open.
+    pub(crate) fn connection_census(&self, peer: &DomusId) -> (bool, u64) {
+        let connected = self
+            .per_peer
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(peer)
+            .is_some_and(|c| c.connected.load(Ordering::Relaxed));
+        (
+            connected,
+            self.primary_calles.current.load(Ordering::Relaxed),
+        )
+    }
+
     pub(crate) fn peers_cleared(&self) {
         let mut map = self.per_peer.lock().unwrap_or_else(PoisonError::into_inner);
         let n = map.len() as i64;
@@ -631,6 +649,7 @@ impl Recorder {
         let limiter = match kind {
             LogKind::BlobViolation => &self.log_limits[0],
             LogKind::AcceptFailed => &self.log_limits[1],
+            LogKind::CallisRefused => &self.log_limits[2],
         };
         limiter.allow(self.now_us())
     }

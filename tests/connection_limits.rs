@@ -1,0 +1,241 @@
+//! T8 (../shared/THREATS.md): an authenticated peer cannot exhaust a domus with connections.
+//! Calles still waiting for their first frame are capped per identity and in total, one
+//! identity holds at most one primary callis (a new one replaces the old), and identities past
+//! `max_peers` are refused — each refusal a CLOSE with `AdmissionRefused`, counted and
+//! published on the error feed. Hand-crafted peers over real mTLS on loopback.
+
+mod common;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use common::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use vicus::a0_transport::{AuthenticatedStream, Transport};
+use vicus::a1_callis::frame::{self, Frame, Hello};
+use vicus::dev_certs::DevCa;
+use vicus::{Domus, DomusConfig, ErrorId, MessageType, SendOptions, SimpleResolver, TabernaId};
+
+const APP: MessageType = match MessageType::app(3) {
+    Some(t) => t,
+    None => panic!(),
+};
+
+async fn domus(
+    ca: &mut DevCa,
+    name: &str,
+    resolver: &Arc<SimpleResolver>,
+    c: DomusConfig,
+) -> Domus {
+    let (auth, _) = ca.domus_auth(name).expect("mint");
+    Domus::builder(auth)
+        .resolver(resolver.clone())
+        .config(c)
+        .build()
+        .await
+        .expect("build domus")
+}
+
+/// What a raw callis received within `limit`: a frame, the end of the callis, or nothing.
+#[derive(Debug)]
+enum Heard {
+    Frame(Frame),
+    Closed,
+    Nothing,
+}
+
+async fn next_frame(io: &mut AuthenticatedStream, buf: &mut BytesMut, limit: Duration) -> Heard {
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
+        if let Ok(Some(f)) = frame::decode(buf, 1 << 20) {
+            return Heard::Frame(f);
+        }
+        match tokio::time::timeout_at(deadline, io.read_buf(buf)).await {
+            Err(_) => return Heard::Nothing,
+            Ok(Ok(0) | Err(_)) => return Heard::Closed,
+            Ok(Ok(_)) => {}
+        }
+    }
+}
+
+fn hello(t: &Transport) -> BytesMut {
+    let mut out = BytesMut::new();
+    frame::encode_hello(
+        &mut out,
+        &Hello {
+            version: frame::PROTOCOL_VERSION,
+            epoch: 5,
+            max_frame_len: 1 << 20,
+            window: 64,
+            domus_id: t.local_id().as_str().to_owned(),
+        },
+    );
+    out
+}
+
+fn is_admission_refusal(heard: &Heard) -> bool {
+    matches!(heard, Heard::Frame(Frame::Close { code, .. }) if *code == ErrorId::AdmissionRefused.as_u32())
+}
+
+#[tokio::test]
+async fn t08_unopened_calles_past_the_per_identity_limit_are_refused_with_a_typed_error() {
+    within(async {
+        let mut ca = ca();
+        let resolver = Arc::new(SimpleResolver::new());
+        let mut config = DomusConfig::default();
+        config.max_unopened_calles_per_peer = 2;
+        config.hello_timeout = Duration::from_secs(2);
+        let b = domus(&mut ca, "b", &resolver, config).await;
+        let evil = transport(&mut ca, "evil");
+        // Three authenticated calles that never send a first frame: exactly one is refused at
+        // once (whichever the domus counts third), the other two wait for hello_timeout.
+        let mut calles = Vec::new();
+        for _ in 0..3 {
+            calles.push(
+                evil.dial(b.local_addr(), Some(b.identity()))
+                    .await
+                    .expect("dial"),
+            );
+        }
+        let heard = listen_all(&mut calles, Duration::from_millis(800)).await;
+        let refused = heard.iter().filter(|h| is_admission_refusal(h)).count();
+        let waiting = heard.iter().filter(|h| matches!(h, Heard::Nothing)).count();
+        assert_eq!((refused, waiting), (1, 2), "{heard:?}");
+        let s = b.reporting().snapshot();
+        assert_eq!(s.totals.calles_refused, 1);
+        let errors = b.reporting().errors_since(0, 16).errors;
+        assert!(
+            errors
+                .iter()
+                .any(|e| e.error.id() == ErrorId::AdmissionRefused
+                    && e.error.message().contains("max_unopened_calles_per_peer")),
+            "{errors:?}"
+        );
+        // The waiting ones are dropped at hello_timeout, which frees their slots.
+        let heard = listen_all(&mut calles, Duration::from_secs(4)).await;
+        assert!(
+            heard.iter().all(|h| matches!(h, Heard::Closed)),
+            "{heard:?}"
+        );
+        let mut again = evil
+            .dial(b.local_addr(), Some(b.identity()))
+            .await
+            .expect("dial");
+        again.write_all(&hello(&evil)).await.expect("write");
+        let mut buf = BytesMut::new();
+        let answer = next_frame(&mut again, &mut buf, Duration::from_secs(5)).await;
+        assert!(
+            matches!(answer, Heard::Frame(Frame::Hello(_))),
+            "{answer:?}"
+        );
+        b.shutdown().await;
+    })
+    .await;
+}
+
+/// What each callis heard within `limit` (all of them within the same `limit`: they are read
+/// one after another against one deadline, and a frame that arrived meanwhile is still read).
+async fn listen_all(calles: &mut [AuthenticatedStream], limit: Duration) -> Vec<Heard> {
+    let mut out = Vec::new();
+    let deadline = tokio::time::Instant::now() + limit;
+    for io in calles.iter_mut() {
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        let mut buf = BytesMut::new();
+        out.push(next_frame(io, &mut buf, left.max(Duration::from_millis(20))).await);
+    }
+    out
+}
+
+#[tokio::test]
+async fn t08_an_identity_that_dials_again_and_again_holds_one_primary_callis() {
+    within(async {
+        let mut ca = ca();
+        let resolver = Arc::new(SimpleResolver::new());
+        let b = domus(&mut ca, "b", &resolver, DomusConfig::default()).await;
+        let evil = transport(&mut ca, "evil");
+        let mut previous: Option<AuthenticatedStream> = None;
+        for round in 0..5 {
+            let mut io = evil
+                .dial(b.local_addr(), Some(b.identity()))
+                .await
+                .expect("dial");
+            io.write_all(&hello(&evil)).await.expect("write");
+            let mut buf = BytesMut::new();
+            let answer = next_frame(&mut io, &mut buf, Duration::from_secs(5)).await;
+            assert!(
+                matches!(answer, Heard::Frame(Frame::Hello(_))),
+                "round {round}: {answer:?}"
+            );
+            if let Some(mut old) = previous.take() {
+                // The new callis replaced the old one, which the domus closes.
+                let mut buf = BytesMut::new();
+                loop {
+                    match next_frame(&mut old, &mut buf, Duration::from_secs(5)).await {
+                        Heard::Closed => break,
+                        Heard::Frame(_) => continue,
+                        Heard::Nothing => panic!("round {round}: the replaced callis stayed open"),
+                    }
+                }
+            }
+            let s = b.reporting().snapshot();
+            assert!(
+                s.primary_calles.current <= 1,
+                "round {round}: {:?}",
+                s.primary_calles
+            );
+            previous = Some(io);
+        }
+        let s = b.reporting().snapshot();
+        assert_eq!(s.primary_calles.peak, 1, "never two at once");
+        assert_eq!(s.totals.calles_refused, 0, "replacing is not refusing");
+        b.shutdown().await;
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn t08_an_identity_past_max_peers_is_refused_and_connected_peers_keep_working() {
+    within(async {
+        let mut ca = ca();
+        let resolver = Arc::new(SimpleResolver::new());
+        let mut config = DomusConfig::default();
+        config.max_peers = 1;
+        let b = domus(&mut ca, "b", &resolver, config).await;
+        let a = domus(&mut ca, "a", &resolver, DomusConfig::default()).await;
+        resolver.insert(
+            TabernaId(10),
+            b.local_addr().clone(),
+            Some(b.identity().clone()),
+        );
+        let t = b.taberna(TabernaId(10)).expect("taberna");
+        tokio::spawn(async move {
+            while let Some(req) = t.recv().await {
+                req.accept();
+            }
+        });
+        let opts = SendOptions::default().timeout(Duration::from_secs(5));
+        a.send(TabernaId(10), APP, Bytes::from_static(b"1"), opts.clone())
+            .await
+            .expect("the first peer is welcome");
+        let evil = transport(&mut ca, "evil");
+        let mut io = evil
+            .dial(b.local_addr(), Some(b.identity()))
+            .await
+            .expect("dial");
+        io.write_all(&hello(&evil)).await.expect("write");
+        let mut buf = BytesMut::new();
+        let heard = next_frame(&mut io, &mut buf, Duration::from_secs(5)).await;
+        assert!(is_admission_refusal(&heard), "{heard:?}");
+        if let Heard::Frame(Frame::Close { reason, .. }) = &heard {
+            assert!(reason.contains("max_peers"), "{reason}");
+        }
+        assert_eq!(b.reporting().snapshot().totals.calles_refused, 1);
+        a.send(TabernaId(10), APP, Bytes::from_static(b"2"), opts)
+            .await
+            .expect("the connected peer is unaffected");
+        a.shutdown().await;
+        b.shutdown().await;
+    })
+    .await;
+}
