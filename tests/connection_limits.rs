@@ -239,3 +239,93 @@ async fn t08_an_identity_past_max_peers_is_refused_and_connected_peers_keep_work
     })
     .await;
 }
+
+/// Sends one message every 10 ms for `span` from `a` to taberna 10 and counts failures.
+async fn steady_traffic(a: &Domus, span: Duration) -> (u32, u32) {
+    let opts = SendOptions::default().timeout(Duration::from_secs(5));
+    let mut tasks = tokio::task::JoinSet::new();
+    let end = tokio::time::Instant::now() + span;
+    while tokio::time::Instant::now() < end {
+        let a = a.clone();
+        let opts = opts.clone();
+        tasks.spawn(async move {
+            a.send(TabernaId(10), APP, Bytes::from_static(b"tick"), opts)
+                .await
+        });
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let (mut ok, mut failed) = (0, 0);
+    while let Some(r) = tasks.join_next().await {
+        match r.expect("join") {
+            Ok(_) => ok += 1,
+            Err(e) => {
+                eprintln!("send failed: {e}");
+                failed += 1;
+            }
+        }
+    }
+    (ok, failed)
+}
+
+async fn aged_pair(a_age: Option<Duration>, b_age: Option<Duration>) -> (Domus, Domus) {
+    let mut ca = ca();
+    let resolver = Arc::new(SimpleResolver::new());
+    let mut ca_config = DomusConfig::default();
+    ca_config.max_callis_age = a_age;
+    let a = domus(&mut ca, "a", &resolver, ca_config).await;
+    let mut cb_config = DomusConfig::default();
+    cb_config.max_callis_age = b_age;
+    let b = domus(&mut ca, "b", &resolver, cb_config).await;
+    resolver.insert(
+        TabernaId(10),
+        b.local_addr().clone(),
+        Some(b.identity().clone()),
+    );
+    let t = b.taberna(TabernaId(10)).expect("taberna");
+    tokio::spawn(async move {
+        while let Some(req) = t.recv().await {
+            req.accept();
+        }
+    });
+    (a, b)
+}
+
+#[tokio::test]
+async fn t08_the_dialler_replaces_a_callis_past_max_callis_age_and_no_send_is_lost() {
+    within(async {
+        let (a, b) = aged_pair(Some(Duration::from_millis(300)), None).await;
+        let (ok, failed) = steady_traffic(&a, Duration::from_millis(1600)).await;
+        assert_eq!(failed, 0, "{ok} sends answered");
+        let s = b.reporting().snapshot();
+        assert!(
+            s.totals.primary_calles_opened >= 4,
+            "the callis was replaced about every 300 ms: {} opened",
+            s.totals.primary_calles_opened
+        );
+        assert_eq!(
+            s.primary_calles.current, 1,
+            "one callis at a time after each takeover"
+        );
+        a.shutdown().await;
+        b.shutdown().await;
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn t08_the_acceptor_closes_a_callis_past_max_callis_age_and_no_send_is_lost() {
+    within(async {
+        let (a, b) = aged_pair(None, Some(Duration::from_millis(300))).await;
+        let (ok, failed) = steady_traffic(&a, Duration::from_millis(1600)).await;
+        assert_eq!(failed, 0, "{ok} sends answered");
+        let s = b.reporting().snapshot();
+        assert!(
+            s.totals.primary_calles_closed >= 2,
+            "b closed the callis about every 375 ms: {} closed",
+            s.totals.primary_calles_closed
+        );
+        a.shutdown().await;
+        b.shutdown().await;
+    })
+    .await;
+}

@@ -78,6 +78,18 @@ pub(crate) struct PeerLinks {
     /// Receiving streams open with this peer (one permit each).
     pub(crate) blob_in_streams: Arc<Semaphore>,
     pub(crate) cells: Arc<PeerCells>,
+    /// `DomusConfig::max_callis_age` when the peer was created.
+    pub(crate) max_callis_age: Option<Duration>,
+}
+
+/// Where the current callis is in its life under `max_callis_age`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Age {
+    /// Younger than the limit (or no limit).
+    Young,
+    /// Past the limit: replaced (we dialled it) or closed (we accepted it) when the timer
+    /// fires next.
+    Old,
 }
 
 type DialFuture = Pin<Box<dyn Future<Output = Result<AuthenticatedStream, Error>> + Send>>;
@@ -131,6 +143,10 @@ pub(crate) struct PeerDriver {
     cells: Arc<PeerCells>,
     /// The current callis said HELLO (and was counted as up).
     open_reported: bool,
+    max_callis_age: Option<Duration>,
+    /// When the current callis next needs attention under `max_callis_age`.
+    age_timer: Option<Pin<Box<Sleep>>>,
+    age: Age,
 }
 
 impl PeerDriver {
@@ -173,6 +189,9 @@ impl PeerDriver {
             blob_in_streams: links.blob_in_streams,
             cells: links.cells,
             open_reported: false,
+            max_callis_age: links.max_callis_age,
+            age_timer: None,
+            age: Age::Young,
         }
     }
 
@@ -283,6 +302,10 @@ impl PeerDriver {
         self.write_buf.clear();
         self.write_pos = 0;
         self.flushed = true;
+        self.age = Age::Young;
+        self.age_timer = self
+            .max_callis_age
+            .map(|age| Box::pin(tokio::time::sleep(age)));
         if !prefix.is_empty() {
             self.session.recv_buf().extend_from_slice(&prefix);
             self.session.handle_input(Self::now());
@@ -305,7 +328,45 @@ impl PeerDriver {
         self.write_buf.clear();
         self.write_pos = 0;
         self.flushed = true;
+        self.age_timer = None;
         self.session.disconnected(Self::now());
+    }
+
+    /// The current callis reached `max_callis_age` (or a quarter of it more): a callis we
+    /// dialled gets a replacement dial, which takes over when it attaches; one we accepted is
+    /// left a quarter of the age for the peer to replace it, then closed. A replacement that
+    /// has not arrived a quarter of the age later closes the old callis too.
+    fn on_age_timer(&mut self) {
+        let (Some(limit), Some(stream)) = (self.max_callis_age, self.stream.as_ref()) else {
+            self.age_timer = None;
+            return;
+        };
+        let grace = limit.checked_div(4).unwrap_or(limit);
+        match self.age {
+            Age::Young => {
+                self.age = Age::Old;
+                if stream.is_dialer() && self.dial.is_none() && !self.shutting_down {
+                    if let Some(addr) = self.addr.clone() {
+                        tracing::debug!(peer = %self.peer_id, "callis reached max_callis_age; dialling its replacement");
+                        let transport = self.ctx.transport.clone();
+                        let expected = self.peer_id.clone();
+                        self.ctx.recorder.inc(C::dial_attempts);
+                        self.dial = Some(Box::pin(async move {
+                            transport.dial(&addr, Some(&expected)).await
+                        }));
+                    }
+                }
+                self.age_timer = Some(Box::pin(tokio::time::sleep(grace)));
+            }
+            Age::Old => {
+                self.age_timer = None;
+                tracing::debug!(peer = %self.peer_id, "closing a callis past max_callis_age");
+                self.session.close(Error::new(
+                    ErrorId::ConnectionLost,
+                    "the callis reached max_callis_age; a new one replaces it",
+                ));
+            }
+        }
     }
 
     fn maybe_dial(&mut self) {
@@ -800,6 +861,12 @@ impl Future for PeerDriver {
                         Ok(stream) => this.attach(stream, BytesMut::new()),
                         Err(e) => this.dial_failed(e),
                     }
+                }
+            }
+            if let Some(t) = this.age_timer.as_mut() {
+                if t.as_mut().poll(cx).is_ready() {
+                    this.on_age_timer();
+                    progressed = true;
                 }
             }
             // Reading.

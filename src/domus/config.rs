@@ -19,7 +19,7 @@ use crate::error::Error;
 /// | when | fields |
 /// |---|---|
 /// | **live**: the next send, delivery or accepted callis | `send_timeout`, `resolve_timeout`, `max_message_len` (the local check; the frame limit a peer is told applies to new peers), `default_inbox_depth` (every taberna registered without its own depth), `hello_timeout` (telling inbound calles apart; sessions: new peers), `shutdown_timeout`, `max_unopened_calles_per_peer`, `max_unopened_calles`, `max_peers` |
-/// | **new peers**: peers first contacted after the change (and peers after a restart of this domus) | `max_in_flight_per_peer`, `max_in_flight_bytes_per_peer`, `dedupe_window`, `max_retained_reply_bytes`, `keepalive_interval`, `idle_timeout`, `frame_read_timeout`, `max_frames_per_second`, `max_refusals_per_second` |
+/// | **new peers**: peers first contacted after the change (and peers after a restart of this domus) | `max_in_flight_per_peer`, `max_in_flight_bytes_per_peer`, `dedupe_window`, `max_retained_reply_bytes`, `keepalive_interval`, `idle_timeout`, `frame_read_timeout`, `max_frames_per_second`, `max_refusals_per_second`, `max_callis_age` |
 /// | **fixed** at build: a change is refused with `InvalidConfig` naming the field | `transport` (use `Domus::reload_auth` and `Transport::set_trust_policy` for authentication), `reconnect_backoff_min`, `reconnect_backoff_max`, every `blob_*` field, `max_blob_streams_per_peer`, `max_blob_cancels_per_second` |
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
@@ -112,6 +112,12 @@ pub struct DomusConfig {
     /// calles (each identity holds at most one primary and one blob callis: a new one replaces
     /// the old), and the dials this domus makes are not limited. Default 4096; 1 to 1 000 000.
     pub max_peers: usize,
+    /// The longest a primary callis is used. The side that dialled it dials a replacement
+    /// once it is this old (the new callis takes over, unanswered messages are replayed on
+    /// it, nothing is lost); the side that accepted it closes it at 1.25 times this age if
+    /// it is still in use. Long-lived calles thus pick up rotated certificates and revocations
+    /// and cannot be held forever (T8). Default `None` (no limit); 100 ms to 365 days.
+    pub max_callis_age: Option<Duration>,
 }
 
 impl Default for DomusConfig {
@@ -145,6 +151,7 @@ impl Default for DomusConfig {
             max_unopened_calles_per_peer: 4,
             max_unopened_calles: 256,
             max_peers: 4096,
+            max_callis_age: None,
         }
     }
 }
@@ -245,6 +252,9 @@ impl DomusConfig {
             65_536,
         )?;
         count("max_peers", self.max_peers as u64, 1, 1_000_000)?;
+        if let Some(age) = self.max_callis_age {
+            within("max_callis_age", age, 100 * MS, 365 * 24 * 60 * MIN)?;
+        }
         within("reconnect_backoff_min", self.reconnect_backoff_min, MS, MIN)?;
         within(
             "reconnect_backoff_max",

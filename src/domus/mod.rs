@@ -1029,6 +1029,7 @@ impl Shared {
                 blob_tx: blob_tx.clone(),
                 blob_in_streams,
                 cells: cells.clone(),
+                max_callis_age: self.config.load().max_callis_age,
             },
         );
         self.tasks.spawn(driver);
