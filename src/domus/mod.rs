@@ -271,7 +271,8 @@ struct PeerRef {
 }
 
 struct PeerHandle {
-    links: PeerRef,
+    /// Shared: one reference count per send instead of one per channel and semaphore.
+    links: Arc<PeerRef>,
     /// The address last given to the drivers (told again only when it changes).
     addr: Option<DomusAddr>,
 }
@@ -417,7 +418,7 @@ impl Domus {
                 self.shared.recorder.event(Event::AuthReloaded);
                 // Live calles are verified again: a peer the new CRLs revoke (or the new
                 // anchors no longer cover) loses its calles now, not at its next handshake.
-                let peers: Vec<PeerRef> = self
+                let peers: Vec<Arc<PeerRef>> = self
                     .shared
                     .peers
                     .lock()
@@ -568,7 +569,7 @@ impl Domus {
         shared
             .closed
             .store(true, std::sync::atomic::Ordering::SeqCst);
-        let peers: Vec<PeerRef> = shared
+        let peers: Vec<Arc<PeerRef>> = shared
             .peers
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
@@ -985,7 +986,7 @@ impl Shared {
     }
 
     /// The driver for `id`, started on first use.
-    fn peer(self: &Arc<Self>, id: &DomusId, addr: Option<DomusAddr>) -> PeerRef {
+    fn peer(self: &Arc<Self>, id: &DomusId, addr: Option<DomusAddr>) -> Arc<PeerRef> {
         let mut peers = self.peers.lock().unwrap_or_else(PoisonError::into_inner);
         if let Some(p) = peers.get_mut(id) {
             if !p.links.tx.is_closed() && !p.links.blob_tx.is_closed() {
@@ -1041,7 +1042,7 @@ impl Shared {
             self.cancel.child_token(),
             cells,
         ));
-        let links = PeerRef {
+        let links = Arc::new(PeerRef {
             tx,
             slots,
             bytes,
@@ -1050,7 +1051,7 @@ impl Shared {
                 self.config.load().max_blob_streams_per_peer,
             )),
             next_stream: Arc::new(std::sync::atomic::AtomicU64::new(1)),
-        };
+        });
         peers.insert(
             id.clone(),
             PeerHandle {
