@@ -742,6 +742,79 @@ async fn t07_per_source_limit_leaves_other_sources_unaffected() {
 }
 
 #[tokio::test]
+async fn t09_a_connect_flood_from_one_address_is_cut_at_accept_and_others_still_connect() {
+    within(async {
+        let mut ca = ca();
+        let mut config = TransportConfig::default();
+        config.max_connects_per_second_per_source = 50;
+        let server = transport_with(&mut ca, "server", config);
+        let l = Arc::new(
+            server
+                .listen(&DomusAddr::tcp(([0, 0, 0, 0], 0)))
+                .await
+                .expect("listen"),
+        );
+        let DomusAddr::Tcp(bound) = l.local_addr().clone() else {
+            unreachable!()
+        };
+        let addr: std::net::SocketAddr = ([127, 0, 0, 1], bound.port()).into();
+        // The application's accept loop: admitted connections are dropped at once (their
+        // handshake slot too), so only the rate limit refuses anything.
+        let (seen_tx, mut seen_rx) = tokio::sync::mpsc::unbounded_channel();
+        let acceptor = {
+            let l = l.clone();
+            tokio::spawn(async move {
+                while let Ok(incoming) = l.accept().await {
+                    let _ = seen_tx.send(incoming.remote_addr().map(|a| a.ip()));
+                }
+            })
+        };
+        let connect_from = |src: [u8; 4]| async move {
+            let sock = tokio::net::TcpSocket::new_v4().expect("socket");
+            sock.bind((src, 0).into()).expect("bind source");
+            sock.connect(addr).await.expect("connect")
+        };
+        let started = std::time::Instant::now();
+        let mut flood = Vec::new();
+        for _ in 0..2_000 {
+            flood.push(connect_from([127, 0, 0, 2]).await);
+        }
+        let elapsed = started.elapsed();
+        // The last connection is far over the budget: closed before any TLS byte.
+        let mut last = flood.pop().expect("connections");
+        assert!(closed_within(&mut last, Duration::from_secs(2)).await);
+        // Another address has its own budget.
+        let _other = connect_from([127, 0, 0, 3]).await;
+        let other_seen = tokio::time::timeout(Duration::from_secs(5), async {
+            while let Some(ip) = seen_rx.recv().await {
+                if ip == Some([127, 0, 0, 3].into()) {
+                    return true;
+                }
+            }
+            false
+        })
+        .await
+        .unwrap_or(false);
+        assert!(other_seen, "127.0.0.3 was admitted");
+        let stats = l.stats();
+        // One second's burst plus what the elapsed time earned, and a little slack.
+        let allowed = 50 + (elapsed.as_secs_f64() * 50.0) as u64 + 5;
+        assert!(
+            stats.admitted <= allowed + 1,
+            "{} admitted from the flood in {elapsed:?} (allowed about {allowed})",
+            stats.admitted
+        );
+        assert!(
+            stats.refused_rate >= 2_000 - allowed,
+            "{} refused by rate: {stats:?}",
+            stats.refused_rate
+        );
+        acceptor.abort();
+    })
+    .await;
+}
+
+#[tokio::test]
 async fn t14_garbage_instead_of_client_hello_closes_without_panic() {
     within(async {
         let mut ca = ca();

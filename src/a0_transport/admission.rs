@@ -1,8 +1,9 @@
-//! The pre-authentication gate: how many handshakes may be in progress at once, in total and per
-//! source (IP address for TCP, uid for Unix sockets), plus the listener's counters.
+//! The pre-authentication gate: how fast one source (IP address for TCP, uid for Unix sockets)
+//! may connect (a token bucket, T9), how many handshakes may be in progress at once, in total
+//! and per source (T7), plus the listener's counters.
 //!
-//! A connection is admitted or refused the moment it is accepted, before any TLS work; a refused
-//! socket is simply closed. An admitted connection holds an [`AdmissionPermit`] until its
+//! A connection is admitted or refused the moment it is accepted, before any TLS work and
+//! before any task is spawned for it; a refused socket is simply closed. An admitted connection holds an [`AdmissionPermit`] until its
 //! handshake ends (successfully or not), and dropping the permit frees the slot. The table is
 //! behind a `std::sync::Mutex` held for a few instructions, never across an `.await`.
 
@@ -10,6 +11,11 @@ use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Instant;
+
+/// Rate buckets kept at most; past that, buckets that have refilled are forgotten, and if
+/// every one is still in use a new source is refused (a crowd of that size is a flood).
+const MAX_BUCKETS: usize = 16_384;
 
 /// Where an unauthenticated connection comes from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -23,12 +29,46 @@ pub(crate) enum Source {
 pub(crate) enum Refusal {
     Global,
     PerSource,
+    Rate,
 }
 
 #[derive(Default)]
 struct Table {
     total: usize,
     per_source: HashMap<Source, usize>,
+    buckets: HashMap<Source, Bucket>,
+}
+
+/// One source's connect budget: `rate` tokens a second, at most `rate` saved up.
+#[derive(Debug, Clone, Copy)]
+struct Bucket {
+    /// Thousandths of a token.
+    milli: u64,
+    /// Microseconds since the gate started, when `milli` was last brought up to date.
+    at_us: u64,
+}
+
+impl Bucket {
+    /// Refills for the time since the last update, then takes one token if there is one.
+    fn take(&mut self, now_us: u64, rate: u64) -> bool {
+        let full = rate.saturating_mul(1000);
+        // `rate` tokens per second is `rate` thousandths of a token per millisecond.
+        let earned = now_us.saturating_sub(self.at_us).saturating_mul(rate) / 1000;
+        self.milli = self.milli.saturating_add(earned).min(full);
+        self.at_us = now_us;
+        if self.milli >= 1000 {
+            self.milli = self.milli.saturating_sub(1000);
+            true
+        } else {
+            false
+        }
+    }
+
+    /// Whether it has refilled completely by `now_us` (forgetting it changes nothing).
+    fn is_full(&self, now_us: u64, rate: u64) -> bool {
+        let earned = now_us.saturating_sub(self.at_us).saturating_mul(rate) / 1000;
+        self.milli.saturating_add(earned) >= rate.saturating_mul(1000)
+    }
 }
 
 /// Counters a listener keeps; see [`ListenerStats`] for their meaning.
@@ -37,6 +77,7 @@ pub(crate) struct Counters {
     pub(crate) admitted: AtomicU64,
     pub(crate) refused_global: AtomicU64,
     pub(crate) refused_per_source: AtomicU64,
+    pub(crate) refused_rate: AtomicU64,
     pub(crate) refused_uid: AtomicU64,
     pub(crate) handshakes_ok: AtomicU64,
     pub(crate) handshakes_failed: AtomicU64,
@@ -61,6 +102,9 @@ pub struct ListenerStats {
     pub refused_global: u64,
     /// Connections closed because their source reached `max_pending_handshakes_per_source`.
     pub refused_per_source: u64,
+    /// Connections closed because their source connected faster than
+    /// `max_connects_per_second_per_source`.
+    pub refused_rate: u64,
     /// Unix-socket connections closed because the peer's uid is not allowed.
     pub refused_uid: u64,
     /// Handshakes that produced an authenticated stream.
@@ -75,15 +119,20 @@ pub struct ListenerStats {
 pub(crate) struct Gate {
     max_total: usize,
     max_per_source: usize,
+    /// Connects a second (and burst) allowed per source.
+    rate: u64,
+    started: Instant,
     table: Mutex<Table>,
     pub(crate) counters: Counters,
 }
 
 impl Gate {
-    pub(crate) fn new(max_total: usize, max_per_source: usize) -> Self {
+    pub(crate) fn new(max_total: usize, max_per_source: usize, rate: u32) -> Self {
         Self {
             max_total,
             max_per_source,
+            rate: u64::from(rate.max(1)),
+            started: Instant::now(),
             table: Mutex::new(Table::default()),
             counters: Counters::default(),
         }
@@ -91,8 +140,23 @@ impl Gate {
 
     /// Admits a connection from `source`, or says why not. Never blocks on IO.
     pub(crate) fn try_admit(self: &Arc<Self>, source: Source) -> Result<AdmissionPermit, Refusal> {
+        self.try_admit_at(source, Instant::now())
+    }
+
+    /// [`try_admit`](Self::try_admit) at a given instant (tests drive the clock).
+    pub(crate) fn try_admit_at(
+        self: &Arc<Self>,
+        source: Source,
+        now: Instant,
+    ) -> Result<AdmissionPermit, Refusal> {
+        let now_us = u64::try_from(now.saturating_duration_since(self.started).as_micros())
+            .unwrap_or(u64::MAX);
         // A poisoned table is still consistent (every update is a single step), so keep using it.
         let mut table = self.table.lock().unwrap_or_else(PoisonError::into_inner);
+        if !self.take_token(&mut table, source, now_us) {
+            Counters::bump(&self.counters.refused_rate);
+            return Err(Refusal::Rate);
+        }
         if table.total >= self.max_total {
             Counters::bump(&self.counters.refused_global);
             return Err(Refusal::Global);
@@ -111,6 +175,26 @@ impl Gate {
         })
     }
 
+    /// Takes one connect token of `source`; false when its bucket is empty (or no bucket can
+    /// be kept for it).
+    fn take_token(&self, table: &mut Table, source: Source, now_us: u64) -> bool {
+        let rate = self.rate;
+        if !table.buckets.contains_key(&source) && table.buckets.len() >= MAX_BUCKETS {
+            table.buckets.retain(|_, b| !b.is_full(now_us, rate));
+            if table.buckets.len() >= MAX_BUCKETS {
+                return false;
+            }
+        }
+        table
+            .buckets
+            .entry(source)
+            .or_insert(Bucket {
+                milli: rate.saturating_mul(1000),
+                at_us: now_us,
+            })
+            .take(now_us, rate)
+    }
+
     pub(crate) fn stats(&self) -> ListenerStats {
         let pending = self
             .table
@@ -123,6 +207,7 @@ impl Gate {
             admitted: c.admitted.load(Ordering::Relaxed),
             refused_global: c.refused_global.load(Ordering::Relaxed),
             refused_per_source: c.refused_per_source.load(Ordering::Relaxed),
+            refused_rate: c.refused_rate.load(Ordering::Relaxed),
             refused_uid: c.refused_uid.load(Ordering::Relaxed),
             handshakes_ok: c.handshakes_ok.load(Ordering::Relaxed),
             handshakes_failed: c.handshakes_failed.load(Ordering::Relaxed),
@@ -166,7 +251,7 @@ mod tests {
 
     #[test]
     fn t07_limits_hold_and_permits_free_their_slot() {
-        let gate = Arc::new(Gate::new(3, 2));
+        let gate = Arc::new(Gate::new(3, 2, 1000));
         let a = Source::Ip("127.0.0.2".parse().unwrap());
         let b = Source::Uid(1000);
         let p1 = gate.try_admit(a).unwrap();
@@ -188,5 +273,62 @@ mod tests {
         );
         assert!(gate.table.lock().unwrap().per_source.is_empty());
         let _again = gate.try_admit(a).unwrap();
+    }
+
+    #[test]
+    fn t09_a_source_connecting_faster_than_its_rate_is_refused_and_others_are_not() {
+        use std::time::Duration;
+        let gate = Arc::new(Gate::new(1000, 1000, 10));
+        let t0 = Instant::now();
+        let a = Source::Ip("127.0.0.2".parse().unwrap());
+        let b = Source::Ip("127.0.0.3".parse().unwrap());
+        // A burst of `rate`, then nothing until tokens come back.
+        let admitted = (0..100)
+            .filter(|_| gate.try_admit_at(a, t0).is_ok())
+            .count();
+        assert_eq!(admitted, 10);
+        assert_eq!(gate.try_admit_at(a, t0).err(), Some(Refusal::Rate));
+        assert!(
+            gate.try_admit_at(b, t0).is_ok(),
+            "another source has its own bucket"
+        );
+        // 10 a second: one token every 100 ms, never more than 10 saved up.
+        assert!(
+            gate.try_admit_at(a, t0 + Duration::from_millis(99))
+                .is_err()
+        );
+        assert!(
+            gate.try_admit_at(a, t0 + Duration::from_millis(100))
+                .is_ok()
+        );
+        let later = t0 + Duration::from_secs(60);
+        let admitted = (0..100)
+            .filter(|_| gate.try_admit_at(a, later).is_ok())
+            .count();
+        assert_eq!(admitted, 10, "the bucket holds at most one second's worth");
+        assert_eq!(gate.stats().refused_rate, 1 + 1 + 90 + 90);
+    }
+
+    #[test]
+    fn t09_the_bucket_table_is_bounded_and_forgets_refilled_sources() {
+        use std::time::Duration;
+        let gate = Arc::new(Gate::new(1, 1, 5));
+        let t0 = Instant::now();
+        let mut table = Table::default();
+        for i in 0..MAX_BUCKETS as u32 {
+            assert!(gate.take_token(&mut table, Source::Uid(i), t0_us(&gate, t0)));
+        }
+        // Every bucket is in use: a new source is refused rather than growing the table.
+        let fresh = Source::Uid(u32::MAX);
+        assert!(!gate.take_token(&mut table, fresh, t0_us(&gate, t0)));
+        assert_eq!(table.buckets.len(), MAX_BUCKETS);
+        // A second later every bucket has refilled and is forgotten to make room.
+        let later = t0_us(&gate, t0 + Duration::from_secs(1));
+        assert!(gate.take_token(&mut table, fresh, later));
+        assert_eq!(table.buckets.len(), 1);
+    }
+
+    fn t0_us(gate: &Gate, at: Instant) -> u64 {
+        u64::try_from(at.saturating_duration_since(gate.started).as_micros()).unwrap()
     }
 }

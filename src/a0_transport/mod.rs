@@ -75,6 +75,10 @@ pub struct TransportConfig {
     /// Default 32; 1 to `max_pending_handshakes`. Keeps one noisy host from filling the
     /// global limit.
     pub max_pending_handshakes_per_source: usize,
+    /// Connections one source IP (TCP) or uid (Unix socket) may open per second, with a burst
+    /// of as many; the rest are closed at accept, before TLS and before any task is spawned
+    /// for them (T9). Default 1000; 1 to 1 000 000.
+    pub max_connects_per_second_per_source: u32,
     /// The permission bits of a Unix socket this domus binds. Default `0o600`; must include
     /// `0o600` and nothing beyond `0o777`.
     pub unix_socket_mode: u32,
@@ -94,6 +98,7 @@ impl Default for TransportConfig {
             connect_timeout: Duration::from_secs(5),
             max_pending_handshakes: 256,
             max_pending_handshakes_per_source: 32,
+            max_connects_per_second_per_source: 1000,
             unix_socket_mode: 0o600,
             unix_allowed_uids: None,
             trust_policy: TrustPolicy::any(),
@@ -138,6 +143,15 @@ impl TransportConfig {
                 format!(
                     "{} is outside 1..=max_pending_handshakes ({})",
                     self.max_pending_handshakes_per_source, self.max_pending_handshakes
+                ),
+            ));
+        }
+        if !(1..=1_000_000).contains(&self.max_connects_per_second_per_source) {
+            return Err(Error::invalid_config(
+                "max_connects_per_second_per_source",
+                format!(
+                    "{} is outside 1..=1000000",
+                    self.max_connects_per_second_per_source
                 ),
             ));
         }
@@ -255,6 +269,7 @@ impl Transport {
             gate: Arc::new(Gate::new(
                 config.max_pending_handshakes,
                 config.max_pending_handshakes_per_source,
+                config.max_connects_per_second_per_source,
             )),
             local_addr,
             _socket_file: guard,
