@@ -691,6 +691,48 @@ async fn a_request_split_into_parts_keeps_its_blob_and_answers_from_another_task
     .await;
 }
 
+#[tokio::test]
+async fn an_idle_blob_callis_closes_after_blob_idle_timeout_and_the_next_blob_dials_again() {
+    within(async {
+        let mut mesh = Mesh::new();
+        let mut config = small();
+        config.blob_idle_timeout = Duration::from_millis(300);
+        let a = mesh.domus_with("a", config.clone()).await;
+        let b = mesh.domus_with("b", config).await;
+        mesh.route(10, &b);
+        let t = b.taberna(TabernaId(10)).expect("taberna");
+        let payload = data(50_000, 12);
+        for round in 1..=2u64 {
+            let (tx, mut rx) = open_pair(&a, &t).await;
+            let (sent, got) = tokio::join!(send_all(tx, payload.clone()), async {
+                let mut got = Vec::new();
+                rx.read_to_end(&mut got).await.expect("read");
+                got
+            });
+            sent.expect("finished");
+            assert!(got == payload, "round {round}");
+            assert_eq!(
+                a.reporting().snapshot().blob_calles.current,
+                1,
+                "round {round}"
+            );
+            // No stream for blob_idle_timeout: both ends let the callis go.
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while a.reporting().snapshot().blob_calles.current != 0
+                || b.reporting().snapshot().blob_calles.current != 0
+            {
+                assert!(
+                    Instant::now() < deadline,
+                    "round {round}: the idle blob callis stayed open"
+                );
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            assert_eq!(a.reporting().snapshot().totals.blob_calles_opened, round);
+        }
+    })
+    .await;
+}
+
 /// Reads frames from a raw callis until `pred` matches one (or the callis ends).
 async fn read_until(
     io: &mut vicus::a0_transport::AuthenticatedStream,

@@ -14,6 +14,10 @@
 //! wake-up stays short. A peer that breaks the blob protocol gets a CLOSE with a reason and
 //! loses that callis; the stream it named fails.
 //!
+//! A blob callis that carries no stream for `blob_idle_timeout` is closed (either side may);
+//! the next blob dials a new one. So an idle peer holds no blob socket, a half-open one is not
+//! kept forever, and blob calles pick up rotated certificates.
+//!
 //! It holds no lock, and every wait it makes is a socket, a channel or a timer.
 
 use std::collections::HashMap;
@@ -172,6 +176,8 @@ pub(crate) struct BlobDriver {
     peer_epoch: Option<u64>,
     timer: Pin<Box<Sleep>>,
     timer_at: Option<Instant>,
+    /// Runs while an open callis carries no stream; closes it when it fires.
+    idle_timer: Option<Pin<Box<Sleep>>>,
     shutting_down: bool,
     cancelled: Pin<Box<WaitForCancellationFutureOwned>>,
     cells: Arc<PeerCells>,
@@ -209,6 +215,7 @@ impl BlobDriver {
             peer_epoch: None,
             timer: Box::pin(tokio::time::sleep_until(Instant::now())),
             timer_at: None,
+            idle_timer: None,
             shutting_down: false,
             cancelled: Box::pin(cancel.cancelled_owned()),
             cells,
@@ -741,6 +748,31 @@ impl BlobDriver {
         (progressed, true, saturated)
     }
 
+    /// Closes an open callis that has carried no stream for `blob_idle_timeout`.
+    fn poll_idle(&mut self, cx: &mut Context<'_>) -> bool {
+        let idle = self.link.as_ref().is_some_and(|l| l.open && !l.closing)
+            && self.streams.open_streams() == 0
+            && self.outs.is_empty()
+            && self.ins.is_empty();
+        if !idle {
+            self.idle_timer = None;
+            return false;
+        }
+        let after = self.ctx.config.idle_timeout;
+        let timer = self
+            .idle_timer
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep(after)));
+        if timer.as_mut().poll(cx).is_pending() {
+            return false;
+        }
+        self.idle_timer = None;
+        self.close_link(&Error::new(
+            ErrorId::ConnectionLost,
+            "the blob callis carried no stream for blob_idle_timeout",
+        ));
+        true
+    }
+
     fn poll_timer(&mut self, cx: &mut Context<'_>) -> bool {
         let wanted = self.streams.poll_timeout().map(Instant::from_std);
         if wanted != self.timer_at {
@@ -874,6 +906,7 @@ impl Future for BlobDriver {
                 }
             }
             progressed |= this.poll_timer(cx);
+            progressed |= this.poll_idle(cx);
             if read_full || write_full {
                 // A full turn: give the worker back, come back at once.
                 break;

@@ -89,7 +89,8 @@ pub struct DomusConfig {
     /// `BlobBufferFull`. Default 64; 1 to 4096.
     pub max_blob_streams_per_peer: usize,
     /// A blob stream that moves no byte for this long fails with `BlobStreamIdleTimeout` on
-    /// both sides. Default 30 s; 10 ms to 1 h.
+    /// both sides, and a blob callis that carries no stream for this long is closed (the next
+    /// blob dials a new one). Default 30 s; 10 ms to 1 h.
     pub blob_idle_timeout: Duration,
     /// Bytes reserved for receiving blob streams, all peers together: every stream reserves
     /// one `blob_window` when it opens, and an open that does not fit is refused with
