@@ -2,7 +2,9 @@
 //! Calles still waiting for their first frame are capped per identity and in total, one
 //! identity holds at most one primary callis (a new one replaces the old), and identities past
 //! `max_peers` are refused — each refusal a CLOSE with `AdmissionRefused`, counted and
-//! published on the error feed. Hand-crafted peers over real mTLS on loopback.
+//! published on the error feed; calles past `max_callis_age` are replaced. Also T16 as another
+//! peer sees it: a frame flood closes the flooder while a parallel peer keeps being answered.
+//! Hand-crafted peers over real mTLS on loopback.
 
 mod common;
 
@@ -267,7 +269,8 @@ async fn steady_traffic(a: &Domus, span: Duration) -> (u32, u32) {
     (ok, failed)
 }
 
-async fn aged_pair(a_age: Option<Duration>, b_age: Option<Duration>) -> (Domus, Domus) {
+/// Two domus from one CA (returned for more identities); `b` accepts everything on taberna 10.
+async fn aged_pair(a_age: Option<Duration>, b_age: Option<Duration>) -> (Domus, Domus, DevCa) {
     let mut ca = ca();
     let resolver = Arc::new(SimpleResolver::new());
     let mut ca_config = DomusConfig::default();
@@ -287,13 +290,13 @@ async fn aged_pair(a_age: Option<Duration>, b_age: Option<Duration>) -> (Domus, 
             req.accept();
         }
     });
-    (a, b)
+    (a, b, ca)
 }
 
 #[tokio::test]
 async fn t08_the_dialler_replaces_a_callis_past_max_callis_age_and_no_send_is_lost() {
     within(async {
-        let (a, b) = aged_pair(Some(Duration::from_millis(300)), None).await;
+        let (a, b, _) = aged_pair(Some(Duration::from_millis(300)), None).await;
         let (ok, failed) = steady_traffic(&a, Duration::from_millis(1600)).await;
         assert_eq!(failed, 0, "{ok} sends answered");
         let s = b.reporting().snapshot();
@@ -315,7 +318,7 @@ async fn t08_the_dialler_replaces_a_callis_past_max_callis_age_and_no_send_is_lo
 #[tokio::test]
 async fn t08_the_acceptor_closes_a_callis_past_max_callis_age_and_no_send_is_lost() {
     within(async {
-        let (a, b) = aged_pair(None, Some(Duration::from_millis(300))).await;
+        let (a, b, _) = aged_pair(None, Some(Duration::from_millis(300))).await;
         let (ok, failed) = steady_traffic(&a, Duration::from_millis(1600)).await;
         assert_eq!(failed, 0, "{ok} sends answered");
         let s = b.reporting().snapshot();
@@ -324,6 +327,100 @@ async fn t08_the_acceptor_closes_a_callis_past_max_callis_age_and_no_send_is_los
             "b closed the callis about every 375 ms: {} closed",
             s.totals.primary_calles_closed
         );
+        a.shutdown().await;
+        b.shutdown().await;
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn t16_a_frame_flood_closes_the_flooder_and_a_parallel_peer_keeps_being_answered() {
+    within(async {
+        let (a, b, mut ca) = aged_pair(None, None).await;
+        // The parallel peer's round trips, before and during the flood.
+        let opts = SendOptions::default().timeout(Duration::from_secs(5));
+        let round_trips = {
+            let a = a.clone();
+            tokio::spawn(async move {
+                let mut took = Vec::new();
+                let end = tokio::time::Instant::now() + Duration::from_millis(1500);
+                while tokio::time::Instant::now() < end {
+                    let t0 = tokio::time::Instant::now();
+                    a.send(TabernaId(10), APP, Bytes::from_static(b"rt"), opts.clone())
+                        .await
+                        .expect("the parallel peer is answered");
+                    took.push((t0, t0.elapsed()));
+                }
+                took
+            })
+        };
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let flood_started = tokio::time::Instant::now();
+        let evil = transport(&mut ca, "evil");
+        let mut io = evil
+            .dial(b.local_addr(), Some(b.identity()))
+            .await
+            .expect("dial");
+        io.write_all(&hello(&evil)).await.expect("hello");
+        let mut flood = BytesMut::new();
+        for _ in 0..10_000 {
+            Frame::Skipped(frame::FrameType(0x90)).encode(&mut flood);
+        }
+        let (mut rd, mut wr) = tokio::io::split(io);
+        let writer = tokio::spawn(async move {
+            let mut frames = 0u64;
+            while wr.write_all(&flood).await.is_ok() {
+                frames += 10_000;
+                if frames >= 50_000_000 {
+                    break;
+                }
+            }
+            frames
+        });
+        // The flooder is told why and cut off.
+        let mut buf = BytesMut::new();
+        let close = tokio::time::timeout(Duration::from_secs(10), async {
+            loop {
+                if let Ok(Some(f)) = frame::decode(&mut buf, 1 << 20) {
+                    if let Frame::Close { code, .. } = f {
+                        return Some(code);
+                    }
+                    continue;
+                }
+                match rd.read_buf(&mut buf).await {
+                    Ok(0) | Err(_) => return None,
+                    Ok(_) => {}
+                }
+            }
+        })
+        .await
+        .expect("the flooder is closed in time");
+        assert_eq!(close, Some(ErrorId::ProtocolViolation.as_u32()));
+        let sent = writer.await.expect("join");
+        assert!(
+            sent < 50_000_000,
+            "the flood was cut off after {sent} frames"
+        );
+        let took = round_trips.await.expect("join");
+        let p99 = |mut v: Vec<Duration>| {
+            v.sort();
+            v.get(v.len() * 99 / 100).copied().unwrap_or_default()
+        };
+        let before = p99(took.iter().filter(|(t, _)| *t < flood_started).map(|(_, d)| *d).collect());
+        let during: Vec<Duration> =
+            took.iter().filter(|(t, _)| *t >= flood_started).map(|(_, d)| *d).collect();
+        let n = during.len();
+        let p99 = p99(during);
+        eprintln!(
+            "flood cut after {sent} frames; parallel peer p99 {before:?} before, {p99:?} during and after ({n} round trips)"
+        );
+        // Generous, so a loaded machine does not flake; the real figure belongs in a bench.
+        assert!(
+            p99 < Duration::from_millis(250),
+            "p99 {p99:?} over {} round trips",
+            took.len()
+        );
+        assert!(b.reporting().snapshot().totals.protocol_violations >= 1);
         a.shutdown().await;
         b.shutdown().await;
     })
