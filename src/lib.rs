@@ -186,7 +186,9 @@
 //! * `snapshot()` / `snapshot_and_reset()`: counters as deltas since the last reset (and
 //!   totals), gauges with their peak since the last reset, send-to-answer latency (p50, p90,
 //!   p99 from power-of-two buckets), rejections and handshake failures by [`ErrorId`], and per
-//!   peer: connected, RTT, sends in flight, queue depth, oldest pending age, bytes in and out.
+//!   peer: connected, RTT, sends in flight, queue depth, oldest pending age, bytes in and out;
+//!   `listener` holds the listener's pre-authentication counters since bind (admitted, refused
+//!   in total, per source, by connect rate, by uid; handshakes ok, failed, timed out; pending).
 //!   `connected_peers()` lists the peers with an open callis.
 //! * Counters ([`reporting::Counters`]): `primary_calles_opened`, `primary_calles_closed`,
 //!   `blob_calles_opened`, `blob_calles_closed`, `dial_attempts`, `dial_failures`,

@@ -426,3 +426,33 @@ async fn t16_a_frame_flood_closes_the_flooder_and_a_parallel_peer_keeps_being_an
     })
     .await;
 }
+
+#[tokio::test]
+async fn t09_pre_authentication_refusals_show_in_the_domus_snapshot() {
+    within(async {
+        let mut ca = ca();
+        let resolver = Arc::new(SimpleResolver::new());
+        let mut config = DomusConfig::default();
+        config.transport.max_connects_per_second_per_source = 5;
+        let b = domus(&mut ca, "b", &resolver, config).await;
+        let vicus::DomusAddr::Tcp(addr) = b.local_addr().clone() else {
+            unreachable!()
+        };
+        let mut socks = Vec::new();
+        for _ in 0..20 {
+            socks.push(tokio::net::TcpStream::connect(addr).await.expect("connect"));
+        }
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        loop {
+            let l = b.reporting().snapshot().listener;
+            if l.refused_rate >= 14 {
+                assert!(l.admitted <= 6, "{l:?}");
+                break;
+            }
+            assert!(tokio::time::Instant::now() < deadline, "{l:?}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        b.shutdown().await;
+    })
+    .await;
+}

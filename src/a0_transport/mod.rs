@@ -349,6 +349,16 @@ pub struct Listener {
     _socket_file: Option<unix::SocketFileGuard>,
 }
 
+/// Reads a listener's [`ListenerStats`] from elsewhere (reporting).
+#[derive(Clone)]
+pub(crate) struct StatsHandle(Arc<Gate>);
+
+impl StatsHandle {
+    pub(crate) fn stats(&self) -> ListenerStats {
+        self.0.stats()
+    }
+}
+
 impl std::fmt::Debug for Listener {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Listener")
@@ -367,6 +377,12 @@ impl Listener {
     /// Admission and handshake counters.
     pub fn stats(&self) -> ListenerStats {
         self.gate.stats()
+    }
+
+    /// A handle that reads [`stats`](Self::stats) after the listener has moved into its
+    /// accept loop.
+    pub(crate) fn stats_handle(&self) -> StatsHandle {
+        StatsHandle(self.gate.clone())
     }
 
     /// Waits for the next connection that passes the gate.

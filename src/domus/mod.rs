@@ -174,6 +174,7 @@ impl DomusBuilder {
         let local_id = transport.local_id();
         let cancel = CancellationToken::new();
         let recorder = Recorder::new(&local_id);
+        recorder.set_listener(listener.stats_handle());
         let registry = Arc::new(Registry::new(
             self.config.default_inbox_depth,
             recorder.clone(),

@@ -10,8 +10,10 @@
 //! `vicus_<gauge>_peak` for gauges, `vicus_peer_*` per peer (label `peer`, bounded by the peers
 //! this domus talks to), `vicus_rejected_total` and `vicus_handshake_failures_by_reason_total`
 //! (label `reason`, an [`ErrorId`](crate::ErrorId) name), `vicus_send_latency_seconds` (label
-//! `quantile`). Every series carries the label `domus` (this domus's id). This module must not
-//! label anything with unbounded values (message ids, addresses, peer-chosen strings).
+//! `quantile`), `vicus_listener_<counter>_total` and `vicus_listener_pending_handshakes` (the
+//! listener's pre-authentication admission and handshake counters). Every series carries the
+//! label `domus` (this domus's id). This module must not label anything with unbounded values
+//! (message ids, addresses, peer-chosen strings).
 
 use std::time::Duration;
 
@@ -51,6 +53,22 @@ impl Reporting {
             )
             .absolute(*n);
         }
+        let l = s.listener;
+        for (name, value) in [
+            ("admitted", l.admitted),
+            ("refused_global", l.refused_global),
+            ("refused_per_source", l.refused_per_source),
+            ("refused_rate", l.refused_rate),
+            ("refused_uid", l.refused_uid),
+            ("handshakes_ok", l.handshakes_ok),
+            ("handshakes_failed", l.handshakes_failed),
+            ("handshake_timeouts", l.handshake_timeouts),
+        ] {
+            metrics::counter!(format!("vicus_listener_{name}_total"), "domus" => domus.clone())
+                .absolute(value);
+        }
+        metrics::gauge!("vicus_listener_pending_handshakes", "domus" => domus.clone())
+            .set(l.pending_handshakes as f64);
         let latency = self.recorder.latency_totals();
         for (q, d) in [
             ("0.5", latency.p50),

@@ -354,6 +354,10 @@ pub struct Snapshot {
     pub latency: Latency,
     /// Per-peer figures now.
     pub per_peer: Vec<PeerReport>,
+    /// The listener's admission and handshake counters since it was bound (connections
+    /// refused before TLS by the pre-authentication limits — in total, per source, by connect
+    /// rate, by uid — and handshake outcomes); not reset by `snapshot_and_reset`.
+    pub listener: crate::a0_transport::ListenerStats,
     /// Time covered by the deltas.
     pub interval: Duration,
 }
@@ -469,6 +473,8 @@ pub(crate) struct Recorder {
     handshake_failures_by: Mutex<BTreeMap<ErrorId, u64>>,
     latency: [AtomicU64; LATENCY_BUCKETS],
     per_peer: Mutex<HashMap<DomusId, Arc<PeerCells>>>,
+    /// The domus's listener, once bound.
+    listener: std::sync::OnceLock<crate::a0_transport::StatsHandle>,
     events: broadcast::Sender<Event>,
     errors: broadcast::Sender<SequencedError>,
     ring: Mutex<ErrorRing>,
@@ -518,6 +524,7 @@ impl Recorder {
             handshake_failures_by: Mutex::new(BTreeMap::new()),
             latency: std::array::from_fn(|_| AtomicU64::new(0)),
             per_peer: Mutex::new(HashMap::new()),
+            listener: std::sync::OnceLock::new(),
             events: broadcast::channel(EVENT_BUFFER_LEN).0,
             errors: broadcast::channel(EVENT_BUFFER_LEN).0,
             ring: Mutex::new(ErrorRing {
@@ -593,6 +600,11 @@ impl Recorder {
             connected,
             self.primary_calles.current.load(Ordering::Relaxed),
         )
+    }
+
+    /// Lets snapshots read the listener's admission counters.
+    pub(crate) fn set_listener(&self, handle: crate::a0_transport::StatsHandle) {
+        let _ = self.listener.set(handle);
     }
 
     pub(crate) fn peers_cleared(&self) {
@@ -713,6 +725,11 @@ impl Recorder {
             handshake_failures_by,
             latency: latency_of(delta_buckets),
             per_peer: self.per_peer_reports(),
+            listener: self
+                .listener
+                .get()
+                .map(crate::a0_transport::StatsHandle::stats)
+                .unwrap_or_default(),
             interval,
         };
         if reset {
