@@ -241,7 +241,7 @@ pub mod watch;
 pub use a0_transport::{AuthConfig, DomusAddr, DomusId, PeerIdentity, TrustPolicy};
 pub use domus::{
     BlobReceiver, BlobSender, ConfigHandle, Delivery, Domus, DomusBuilder, DomusConfig,
-    MessageCodec, Receipt, Route, RouteResolver, SendOptions, SimpleResolver,
+    MessageCodec, Receipt, Route, RouteResolver, SendOptions, SimpleResolver, WeakDomus,
 };
 pub use error::{ERROR_MESSAGE_MAX_LEN, Error, ErrorId, Rejection, Result};
 pub use reporting::Reporting;

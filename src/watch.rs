@@ -30,8 +30,9 @@
 //! platform notification API: polling is portable and sees symlink swaps that notifications
 //! on the file paths would miss.
 //!
-//! The watcher holds a clone of the [`Domus`], and a clone keeps a domus running: drop the
-//! [`WatchHandle`] (or call [`Domus::shutdown`]) to let the domus go.
+//! The watcher holds a [`WeakDomus`](crate::WeakDomus), which does not keep the domus running:
+//! it stops when the domus shuts down, when the application drops its last [`Domus`], or when
+//! the [`WatchHandle`] is dropped.
 
 use std::fmt;
 use std::hash::{DefaultHasher, Hash, Hasher};
@@ -179,15 +180,14 @@ fn check_name(field: &str, name: &Path) -> Result<(), Error> {
     Ok(())
 }
 
-/// A running watcher, from [`spawn`]. Dropping it stops the watcher (and releases the
-/// [`Domus`] clone the watcher holds).
+/// A running watcher, from [`spawn`]. Dropping it stops the watcher.
 #[derive(Debug)]
 pub struct WatchHandle {
     task: JoinHandle<()>,
 }
 
 impl WatchHandle {
-    /// True once the watcher stopped on its own: the domus began shutting down.
+    /// True once the watcher stopped on its own: the domus began shutting down or is gone.
     pub fn is_finished(&self) -> bool {
         self.task.is_finished()
     }
@@ -200,16 +200,14 @@ impl Drop for WatchHandle {
 }
 
 /// Starts watching the files `config` names and reloading `domus`'s authentication material
-/// when they change; the watcher runs until the [`WatchHandle`] is dropped or the domus begins
-/// shutting down.
+/// when they change; the watcher runs until the [`WatchHandle`] is dropped, the domus begins
+/// shutting down, or the application drops its last [`Domus`] clone.
 ///
 /// The files are read once here, synchronously (they are small), and that set is taken to be
 /// the material the domus runs with: it is not reloaded. If the domus was built from other
 /// material, call [`Domus::reload_auth`] first. Fails with `InvalidConfig` for a bad config or
 /// when called outside a tokio runtime, and with the read error (`Io`, naming the path) when a
 /// file cannot be read now.
-///
-/// The watcher holds a clone of `domus`, which keeps it running while the handle lives.
 pub fn spawn(domus: &Domus, config: WatchConfig) -> Result<WatchHandle, Error> {
     config.validate()?;
     let runtime = tokio::runtime::Handle::try_current().map_err(|_| {
@@ -220,7 +218,8 @@ pub fn spawn(domus: &Domus, config: WatchConfig) -> Result<WatchHandle, Error> {
     // Subscribe before the task starts, so a shutdown that begins at once is not missed.
     let events = domus.reporting().events();
     let watcher = Watcher {
-        domus: domus.clone(),
+        domus: domus.downgrade(),
+        name: domus.identity().to_string(),
         files,
         interval: config.interval,
         pending: None,
@@ -350,7 +349,10 @@ impl MaterialSet {
 
 /// The watcher task's state; owned by the task alone.
 struct Watcher {
-    domus: Domus,
+    /// Weak: the watcher must not keep the domus running.
+    domus: crate::domus::WeakDomus,
+    /// The domus's identity, for logs.
+    name: String,
     files: Arc<WatchedFiles>,
     interval: Duration,
     /// A read that overran [`READ_DEADLINE`]; the next poll waits for it instead of starting
@@ -374,14 +376,19 @@ impl Watcher {
         ticks.tick().await;
         loop {
             tokio::select! {
-                _ = ticks.tick() => self.poll().await,
+                _ = ticks.tick() => {
+                    if self.domus.upgrade().is_none() {
+                        break;
+                    }
+                    self.poll().await;
+                }
                 event = events.recv() => match event {
                     Some(FeedItem::Item(Event::ShutdownStarted)) | None => break,
                     Some(_) => {}
                 },
             }
         }
-        tracing::debug!(domus = %self.domus.identity(), "auth watcher stopped: the domus is shutting down");
+        tracing::debug!(domus = %self.name, "auth watcher stopped: the domus is shutting down or gone");
     }
 
     async fn poll(&mut self) {
@@ -420,9 +427,11 @@ impl Watcher {
         if self.read_error.as_deref() == Some(error.message()) {
             return;
         }
-        tracing::warn!(domus = %self.domus.identity(), error = %error, "auth watcher: read failed; retrying every interval");
+        tracing::warn!(domus = %self.name, error = %error, "auth watcher: read failed; retrying every interval");
         self.read_error = Some(error.message().to_owned());
-        self.domus.reporting().recorder.error(error);
+        if let Some(domus) = self.domus.upgrade() {
+            domus.reporting().recorder.error(error);
+        }
     }
 
     fn consider(&mut self, set: &MaterialSet) {
@@ -451,21 +460,26 @@ impl Watcher {
                     e.id(),
                     format!("{} (watched files: {})", e.message(), self.files),
                 );
-                tracing::warn!(domus = %self.domus.identity(), error = %e, "auth watcher: new material refused");
-                self.domus.reporting().recorder.error(e);
+                tracing::warn!(domus = %self.name, error = %e, "auth watcher: new material refused");
+                if let Some(domus) = self.domus.upgrade() {
+                    domus.reporting().recorder.error(e);
+                }
                 return;
             }
         };
+        let Some(domus) = self.domus.upgrade() else {
+            return;
+        };
         // `reload_auth` publishes the event or the error itself.
-        match self.domus.reload_auth(auth) {
+        match domus.reload_auth(auth) {
             Ok(()) => {
                 self.applied = hash;
                 self.refused = None;
-                tracing::info!(domus = %self.domus.identity(), files = %self.files, "auth watcher: new material in force");
+                tracing::info!(domus = %self.name, files = %self.files, "auth watcher: new material in force");
             }
             Err(e) => {
                 self.refused = hash;
-                tracing::warn!(domus = %self.domus.identity(), error = %e, files = %self.files, "auth watcher: new material refused");
+                tracing::warn!(domus = %self.name, error = %e, files = %self.files, "auth watcher: new material refused");
             }
         }
     }

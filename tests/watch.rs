@@ -291,6 +291,40 @@ async fn the_watcher_stops_when_the_domus_shuts_down() {
 }
 
 #[tokio::test]
+async fn dropping_the_last_domus_clone_stops_the_watcher_and_the_domus() {
+    within(async {
+        let s = setup().await;
+        let handle = watch::spawn(&s.domus, s.volume.config()).expect("spawn watcher");
+        let weak = s.domus.downgrade();
+        let addr = s.domus.local_addr().clone();
+        let Setup {
+            domus,
+            volume,
+            probe,
+            ..
+        } = s;
+        // The watcher holds no strong handle: this drop stops the domus.
+        drop(domus);
+        let until = Instant::now() + Duration::from_secs(5);
+        while !handle.is_finished() && Instant::now() < until {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert!(
+            handle.is_finished(),
+            "the watcher ends when the domus is gone"
+        );
+        assert!(weak.upgrade().is_none(), "nothing keeps the domus alive");
+        let refused = tokio::time::timeout(Duration::from_secs(5), probe.dial(&addr, None)).await;
+        assert!(
+            !matches!(refused, Ok(Ok(_))),
+            "the stopped domus no longer accepts calles"
+        );
+        drop(volume);
+    })
+    .await;
+}
+
+#[tokio::test]
 async fn bad_configs_and_unreadable_files_are_refused_at_spawn() {
     within(async {
         let s = setup().await;

@@ -321,6 +321,33 @@ impl std::fmt::Debug for Domus {
     }
 }
 
+/// A handle on a domus that does not keep it running (from [`Domus::downgrade`]): helpers
+/// that live beside a domus hold one, so dropping the application's last [`Domus`] still stops
+/// it.
+#[derive(Clone)]
+pub struct WeakDomus {
+    shared: std::sync::Weak<Shared>,
+    guard: std::sync::Weak<DropGuard>,
+}
+
+impl WeakDomus {
+    /// The domus, unless every [`Domus`] clone is gone (it is then stopping or stopped).
+    pub fn upgrade(&self) -> Option<Domus> {
+        Some(Domus {
+            _guard: self.guard.upgrade()?,
+            shared: self.shared.upgrade()?,
+        })
+    }
+}
+
+impl std::fmt::Debug for WeakDomus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WeakDomus")
+            .field("alive", &(self.guard.strong_count() > 0))
+            .finish_non_exhaustive()
+    }
+}
+
 /// The live configuration of a domus, from [`Domus::config`].
 #[derive(Clone)]
 pub struct ConfigHandle {
@@ -544,6 +571,14 @@ impl Domus {
         match self.send(taberna, msg_type, payload, options).await? {
             Delivery::Accepted => Ok(None),
             Delivery::Replied(bytes) => codec.decode(&bytes).map(Some),
+        }
+    }
+
+    /// A handle that does not keep this domus running (see [`WeakDomus`]).
+    pub fn downgrade(&self) -> WeakDomus {
+        WeakDomus {
+            shared: Arc::downgrade(&self.shared),
+            guard: Arc::downgrade(&self._guard),
         }
     }
 
