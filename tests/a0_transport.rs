@@ -219,6 +219,140 @@ async fn t02_expired_certificate_refused() {
     .await;
 }
 
+/// A root, intermediates and leaves minted with rcgen directly (the dev CA has no
+/// intermediates): a chain through an intermediate that expired must be refused even though
+/// the leaf itself is valid.
+mod chains {
+    use std::time::{Duration, SystemTime};
+
+    use rcgen::{
+        BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer,
+        KeyPair, KeyUsagePurpose, SanType,
+    };
+
+    pub(crate) struct Ca {
+        pub(crate) pem: String,
+        issuer: Issuer<'static, KeyPair>,
+    }
+
+    fn ca_params(name: &str, from: SystemTime, until: SystemTime) -> CertificateParams {
+        let mut p = CertificateParams::new(Vec::<String>::new()).expect("params");
+        p.distinguished_name.push(DnType::CommonName, name);
+        p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        p.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+        p.not_before = from.into();
+        p.not_after = until.into();
+        p
+    }
+
+    pub(crate) fn root() -> Ca {
+        let now = SystemTime::now();
+        let p = ca_params(
+            "chain root",
+            now - Duration::from_secs(86_400),
+            now + Duration::from_secs(86_400),
+        );
+        let key = KeyPair::generate().expect("key");
+        let cert = p.self_signed(&key).expect("root");
+        Ca {
+            pem: cert.pem(),
+            issuer: Issuer::new(p, key),
+        }
+    }
+
+    pub(crate) fn intermediate(root: &Ca, from: SystemTime, until: SystemTime) -> Ca {
+        let p = ca_params("chain intermediate", from, until);
+        let key = KeyPair::generate().expect("key");
+        let cert = p.signed_by(&key, &root.issuer).expect("intermediate");
+        Ca {
+            pem: cert.pem(),
+            issuer: Issuer::new(p, key),
+        }
+    }
+
+    /// A valid leaf signed by the root itself.
+    pub(crate) fn leaf_of_root(root: &Ca, name: &str) -> (String, String) {
+        leaf(root, name)
+    }
+
+    /// A valid leaf for `spiffe://vicus.dev/domus/<name>`: (certificate PEM, key PEM).
+    pub(crate) fn leaf(issuer: &Ca, name: &str) -> (String, String) {
+        let mut p = CertificateParams::new(Vec::<String>::new()).expect("params");
+        let uri = format!("spiffe://vicus.dev/domus/{name}");
+        p.subject_alt_names
+            .push(SanType::URI(uri.as_str().try_into().expect("uri")));
+        let now = SystemTime::now();
+        p.not_before = (now - Duration::from_secs(3600)).into();
+        p.not_after = (now + Duration::from_secs(3600)).into();
+        p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        p.extended_key_usages = vec![
+            ExtendedKeyUsagePurpose::ClientAuth,
+            ExtendedKeyUsagePurpose::ServerAuth,
+        ];
+        let key = KeyPair::generate().expect("key");
+        let cert = p.signed_by(&key, &issuer.issuer).expect("leaf");
+        (cert.pem(), key.serialize_pem())
+    }
+}
+
+#[tokio::test]
+async fn t02_a_chain_through_an_expired_intermediate_is_refused() {
+    within(async {
+        let now = SystemTime::now();
+        let root = chains::root();
+        let transport_via = |inter: &chains::Ca, name: &str| {
+            let (leaf, key) = chains::leaf(inter, name);
+            let chain = format!("{leaf}{}", inter.pem);
+            let auth =
+                vicus::AuthConfig::from_pem(root.pem.as_bytes(), chain.as_bytes(), key.as_bytes())
+                    .expect("auth");
+            Transport::new(auth, TransportConfig::default()).expect("transport")
+        };
+        let (server_leaf, server_key) = chains::leaf_of_root(&root, "server");
+        let server = Transport::new(
+            vicus::AuthConfig::from_pem(
+                root.pem.as_bytes(),
+                server_leaf.as_bytes(),
+                server_key.as_bytes(),
+            )
+            .expect("auth"),
+            TransportConfig::default(),
+        )
+        .expect("server");
+        let l = listen_tcp(&server).await;
+        // Control: the same shape of chain through a valid intermediate is accepted.
+        let fresh = chains::intermediate(
+            &root,
+            now - Duration::from_secs(3600),
+            now + Duration::from_secs(3600),
+        );
+        let good = transport_via(&fresh, "good");
+        let (dialed, accepted) = handshake_pair(&good, &l, None).await;
+        dialed.expect("a valid chain dials");
+        accepted.expect("a valid chain is accepted");
+        // An intermediate that expired yesterday: the leaf is valid, the chain is not.
+        let stale = chains::intermediate(
+            &root,
+            now - Duration::from_secs(2 * 86_400),
+            now - Duration::from_secs(86_400),
+        );
+        let bad = transport_via(&stale, "bad");
+        let (dialed, accepted) = handshake_pair(&bad, &l, None).await;
+        let accepted = accepted.expect_err("an expired intermediate is refused");
+        assert_eq!(
+            accepted.id(),
+            ErrorId::PeerCertificateRejected,
+            "{accepted}"
+        );
+        assert!(accepted.message().contains("expired"), "{accepted}");
+        assert_eq!(
+            dialed.expect_err("the client learns it was refused").id(),
+            ErrorId::CertificateRefusedByPeer
+        );
+    })
+    .await;
+}
+
 #[tokio::test]
 async fn t02_not_yet_valid_server_certificate_refused() {
     within(async {
