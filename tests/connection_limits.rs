@@ -456,3 +456,39 @@ async fn t09_pre_authentication_refusals_show_in_the_domus_snapshot() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn t18_a_peer_that_pings_without_ever_reading_is_cut_off() {
+    within(async {
+        let (a, b, mut ca) = aged_pair(None, None).await;
+        let evil = transport(&mut ca, "evil");
+        let mut io = evil
+            .dial(b.local_addr(), Some(b.identity()))
+            .await
+            .expect("dial");
+        io.write_all(&hello(&evil)).await.expect("hello");
+        let mut pings = BytesMut::new();
+        for nonce in 0..10_000u64 {
+            frame::encode_ping(&mut pings, nonce);
+        }
+        // Never reads: the PONGs it is owed are coalesced (at most 8), and the PINGs count
+        // double against the frame budget, so the callis is closed and the writes fail.
+        let written = tokio::time::timeout(Duration::from_secs(10), async {
+            let mut frames = 0u64;
+            while io.write_all(&pings).await.is_ok() {
+                frames += 10_000;
+                if frames >= 100_000_000 {
+                    break;
+                }
+            }
+            frames
+        })
+        .await
+        .expect("the flooder's writes fail in time");
+        assert!(written < 100_000_000, "cut off after {written} PINGs");
+        assert!(b.reporting().snapshot().totals.protocol_violations >= 1);
+        a.shutdown().await;
+        b.shutdown().await;
+    })
+    .await;
+}
