@@ -623,6 +623,102 @@ async fn t10_unix_peer_uid_not_allowed_closed_before_tls() {
     .await;
 }
 
+/// The child half of `t10_a_process_running_as_nobody_cannot_connect_to_a_0600_socket`: run
+/// only when that test re-executes this binary as `nobody` (ignored otherwise). Exits 0 when
+/// the connect succeeds, 13 on `EACCES`, 1 on anything else.
+#[test]
+#[ignore = "run by t10_a_process_running_as_nobody_cannot_connect_to_a_0600_socket"]
+fn t10_child_connect() {
+    let Some(path) = std::env::var_os("VICUS_T10_CONNECT") else {
+        return;
+    };
+    let code = match std::os::unix::net::UnixStream::connect(path) {
+        Ok(_) => 0,
+        Err(e) if e.raw_os_error() == Some(13) => 13,
+        Err(e) => {
+            eprintln!("connect failed: {e}");
+            1
+        }
+    };
+    std::process::exit(code);
+}
+
+#[tokio::test]
+async fn t10_a_process_running_as_nobody_cannot_connect_to_a_0600_socket() {
+    use std::os::unix::fs::PermissionsExt;
+    use std::os::unix::process::CommandExt;
+    if !rustix::process::geteuid().is_root() {
+        eprintln!("t10 nobody test needs root to start a process as nobody; not run");
+        return;
+    }
+    within(async {
+        // A directory anyone may traverse, so only the socket's own mode stands in the way.
+        let dir = tempdir();
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+        // This test binary, copied where `nobody` may execute it.
+        let exe = dir.join("child");
+        std::fs::copy(std::env::current_exe().expect("exe"), &exe).expect("copy binary");
+        std::fs::set_permissions(&exe, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+        let connect_as_nobody = |path: std::path::PathBuf| {
+            let exe = exe.clone();
+            async move {
+                tokio::task::spawn_blocking(move || {
+                    std::process::Command::new(exe)
+                        .args([
+                            "--ignored",
+                            "--exact",
+                            "t10_child_connect",
+                            "--test-threads=1",
+                        ])
+                        .env("VICUS_T10_CONNECT", path)
+                        .uid(65534)
+                        .gid(65534)
+                        .stdout(std::process::Stdio::null())
+                        .status()
+                        .map(|s| s.code())
+                })
+                .await
+                .expect("join")
+            }
+        };
+        let mut ca = ca();
+        // Control: with mode 0666 the same child connects, so the refusal below is the mode's.
+        let mut open = TransportConfig::default();
+        open.unix_socket_mode = 0o666;
+        let server = transport_with(&mut ca, "open", open);
+        let open_path = dir.join("open.sock");
+        let _open = server
+            .listen(&DomusAddr::unix(&open_path))
+            .await
+            .expect("listen");
+        let control = match connect_as_nobody(open_path).await {
+            Ok(code) => code,
+            Err(e) => {
+                // The sandbox forbids starting a process as another user: nothing to check.
+                eprintln!("t10 nobody test: cannot start a process as nobody ({e}); not run");
+                return;
+            }
+        };
+        assert_eq!(control, Some(0), "the control child connects");
+        // The default mode 0600: the same child gets EACCES.
+        let server = transport(&mut ca, "strict");
+        let strict_path = dir.join("strict.sock");
+        let _strict = server
+            .listen(&DomusAddr::unix(&strict_path))
+            .await
+            .expect("listen");
+        assert_eq!(
+            connect_as_nobody(strict_path)
+                .await
+                .expect("the child ran once already"),
+            Some(13),
+            "EACCES for nobody"
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+    })
+    .await;
+}
+
 #[tokio::test]
 async fn t12_trust_policy_excluding_the_peer_trust_domain_refuses_it() {
     within(async {
