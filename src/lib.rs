@@ -126,6 +126,12 @@
 //!   resolver calls by `resolve_timeout`, sends by their timeout, shutdown by
 //!   `shutdown_timeout`; concurrent handshakes by `max_pending_handshakes` (global and per
 //!   source).
+//! * Connections are limited before they cost much: connects per second per source IP or uid
+//!   (`max_connects_per_second_per_source`, before TLS), authenticated calles waiting for their
+//!   first frame (`max_unopened_calles_per_peer`, `max_unopened_calles`), connected peers
+//!   (`max_peers`), one primary and one blob callis per identity (a new one replaces the old),
+//!   and optionally a callis's age (`max_callis_age`). Refusals are counted
+//!   (`calles_refused`, `Snapshot::listener`) and reach the peer as a CLOSE `AdmissionRefused`.
 //!
 //! ## Blobs
 //!
