@@ -336,6 +336,40 @@ async fn oversized_payloads_and_non_application_types_are_refused_locally() {
 }
 
 #[tokio::test]
+async fn send_timeouts_outside_their_range_are_refused_not_a_panic() {
+    within(async {
+        let mut mesh = Mesh::new();
+        let a = mesh.domus("a").await;
+        let b = mesh.domus("b").await;
+        mesh.route(10, &b);
+        spawn_echo(b.taberna(TabernaId(10)).expect("taberna"));
+        for timeout in [Duration::MAX, Duration::ZERO, Duration::from_secs(3601)] {
+            let opts = SendOptions::default().timeout(timeout);
+            let err = a
+                .send(TabernaId(10), APP, Bytes::new(), opts.clone())
+                .await
+                .expect_err("refused");
+            assert_eq!(err.id(), ErrorId::InvalidConfig, "{timeout:?}: {err}");
+            assert!(err.message().contains("SendOptions::timeout"), "{err}");
+            let err = a
+                .send_blob(TabernaId(10), APP, Bytes::new(), opts)
+                .await
+                .expect_err("refused");
+            assert_eq!(err.id(), ErrorId::InvalidConfig, "{timeout:?}: {err}");
+        }
+        a.send(
+            TabernaId(10),
+            APP,
+            Bytes::new(),
+            SendOptions::default().timeout(Duration::from_secs(3600)),
+        )
+        .await
+        .expect("the longest allowed timeout works");
+    })
+    .await;
+}
+
+#[tokio::test]
 async fn try_send_fails_fast_when_the_peer_has_no_free_slot() {
     within(async {
         let mut mesh = Mesh::new();

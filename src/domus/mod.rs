@@ -69,8 +69,29 @@ pub struct SendOptions {
     pub source: Option<TabernaId>,
 }
 
+/// The shortest timeout a send may ask for.
+const MIN_SEND_TIMEOUT: Duration = Duration::from_millis(1);
+/// The longest timeout a send may ask for (as `DomusConfig::send_timeout`): a message is never
+/// replayed past it, which bounds how long a peer must remember what it delivered.
+const MAX_SEND_TIMEOUT: Duration = Duration::from_secs(3600);
+
 impl SendOptions {
-    /// Sets the timeout.
+    /// The send's timeout (this option's, else `default`) and its deadline from now; a
+    /// timeout outside 1 ms..=1 h is refused with `InvalidConfig` (a huge one would overflow
+    /// the clock).
+    fn deadline(&self, default: Duration) -> Result<(Duration, tokio::time::Instant), Error> {
+        let timeout = self.timeout.unwrap_or(default);
+        if !(MIN_SEND_TIMEOUT..=MAX_SEND_TIMEOUT).contains(&timeout) {
+            return Err(Error::invalid_config(
+                "SendOptions::timeout",
+                format!("{timeout:?} is outside {MIN_SEND_TIMEOUT:?}..={MAX_SEND_TIMEOUT:?}"),
+            ));
+        }
+        let now = tokio::time::Instant::now();
+        Ok((timeout, now.checked_add(timeout).unwrap_or(now)))
+    }
+
+    /// Sets the timeout (1 ms to 1 h; others are refused when the send starts).
     pub fn timeout(mut self, timeout: Duration) -> Self {
         self.timeout = Some(timeout);
         self
@@ -684,8 +705,7 @@ impl Shared {
                 ),
             ));
         }
-        let timeout = options.timeout.unwrap_or(self.config.load().send_timeout);
-        let deadline = tokio::time::Instant::now() + timeout;
+        let (timeout, deadline) = options.deadline(self.config.load().send_timeout)?;
         let source = options.source.unwrap_or(TabernaId(0));
         if self.registry.contains(taberna) {
             return Ok(self.send_local(taberna, source, msg_type, payload, timeout, None));
@@ -803,8 +823,7 @@ impl Shared {
                 ),
             ));
         }
-        let timeout = options.timeout.unwrap_or(self.config.load().send_timeout);
-        let deadline = tokio::time::Instant::now() + timeout;
+        let (timeout, deadline) = options.deadline(self.config.load().send_timeout)?;
         let source = options.source.unwrap_or(TabernaId(0));
         let window = self.config.load().blob_window;
         let chunk = self.config.load().blob_chunk_len;
