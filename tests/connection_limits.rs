@@ -76,6 +76,31 @@ fn hello(t: &Transport) -> BytesMut {
     out
 }
 
+/// A hand-crafted callis from `evil` to `b` that has said HELLO.
+async fn said_hello(evil: &Transport, b: &Domus) -> AuthenticatedStream {
+    let mut io = evil
+        .dial(b.local_addr(), Some(b.identity()))
+        .await
+        .expect("dial");
+    io.write_all(&hello(evil)).await.expect("write HELLO");
+    io
+}
+
+/// Writes `chunk` (`frames` frames) again and again until a write fails or `max` frames went
+/// out; returns how many went out.
+async fn write_until_cut<W: tokio::io::AsyncWrite + Unpin>(
+    w: &mut W,
+    chunk: &[u8],
+    frames: u64,
+    max: u64,
+) -> u64 {
+    let mut sent = 0u64;
+    while sent < max && w.write_all(chunk).await.is_ok() {
+        sent += frames;
+    }
+    sent
+}
+
 fn is_admission_refusal(heard: &Heard) -> bool {
     matches!(heard, Heard::Frame(Frame::Close { code, .. }) if *code == ErrorId::AdmissionRefused.as_u32())
 }
@@ -120,11 +145,7 @@ async fn t08_unopened_calles_past_the_per_identity_limit_are_refused_with_a_type
             heard.iter().all(|h| matches!(h, Heard::Closed)),
             "{heard:?}"
         );
-        let mut again = evil
-            .dial(b.local_addr(), Some(b.identity()))
-            .await
-            .expect("dial");
-        again.write_all(&hello(&evil)).await.expect("write");
+        let mut again = said_hello(&evil, &b).await;
         let mut buf = BytesMut::new();
         let answer = next_frame(&mut again, &mut buf, Duration::from_secs(5)).await;
         assert!(
@@ -158,11 +179,7 @@ async fn t08_an_identity_that_dials_again_and_again_holds_one_primary_callis() {
         let evil = transport(&mut ca, "evil");
         let mut previous: Option<AuthenticatedStream> = None;
         for round in 0..5 {
-            let mut io = evil
-                .dial(b.local_addr(), Some(b.identity()))
-                .await
-                .expect("dial");
-            io.write_all(&hello(&evil)).await.expect("write");
+            let mut io = said_hello(&evil, &b).await;
             let mut buf = BytesMut::new();
             let answer = next_frame(&mut io, &mut buf, Duration::from_secs(5)).await;
             assert!(
@@ -221,11 +238,7 @@ async fn t08_an_identity_past_max_peers_is_refused_and_connected_peers_keep_work
             .await
             .expect("the first peer is welcome");
         let evil = transport(&mut ca, "evil");
-        let mut io = evil
-            .dial(b.local_addr(), Some(b.identity()))
-            .await
-            .expect("dial");
-        io.write_all(&hello(&evil)).await.expect("write");
+        let mut io = said_hello(&evil, &b).await;
         let mut buf = BytesMut::new();
         let heard = next_frame(&mut io, &mut buf, Duration::from_secs(5)).await;
         assert!(is_admission_refusal(&heard), "{heard:?}");
@@ -357,26 +370,14 @@ async fn t16_a_frame_flood_closes_the_flooder_and_a_parallel_peer_keeps_being_an
         tokio::time::sleep(Duration::from_millis(300)).await;
         let flood_started = tokio::time::Instant::now();
         let evil = transport(&mut ca, "evil");
-        let mut io = evil
-            .dial(b.local_addr(), Some(b.identity()))
-            .await
-            .expect("dial");
-        io.write_all(&hello(&evil)).await.expect("hello");
+        let io = said_hello(&evil, &b).await;
         let mut flood = BytesMut::new();
         for _ in 0..10_000 {
             Frame::Skipped(frame::FrameType(0x90)).encode(&mut flood);
         }
         let (mut rd, mut wr) = tokio::io::split(io);
-        let writer = tokio::spawn(async move {
-            let mut frames = 0u64;
-            while wr.write_all(&flood).await.is_ok() {
-                frames += 10_000;
-                if frames >= 50_000_000 {
-                    break;
-                }
-            }
-            frames
-        });
+        let writer =
+            tokio::spawn(async move { write_until_cut(&mut wr, &flood, 10_000, 50_000_000).await });
         // The flooder is told why and cut off.
         let mut buf = BytesMut::new();
         let close = tokio::time::timeout(Duration::from_secs(10), async {
@@ -462,27 +463,17 @@ async fn t18_a_peer_that_pings_without_ever_reading_is_cut_off() {
     within(async {
         let (a, b, mut ca) = aged_pair(None, None).await;
         let evil = transport(&mut ca, "evil");
-        let mut io = evil
-            .dial(b.local_addr(), Some(b.identity()))
-            .await
-            .expect("dial");
-        io.write_all(&hello(&evil)).await.expect("hello");
+        let mut io = said_hello(&evil, &b).await;
         let mut pings = BytesMut::new();
         for nonce in 0..10_000u64 {
             frame::encode_ping(&mut pings, nonce);
         }
         // Never reads: the PONGs it is owed are coalesced (at most 8), and the PINGs count
         // double against the frame budget, so the callis is closed and the writes fail.
-        let written = tokio::time::timeout(Duration::from_secs(10), async {
-            let mut frames = 0u64;
-            while io.write_all(&pings).await.is_ok() {
-                frames += 10_000;
-                if frames >= 100_000_000 {
-                    break;
-                }
-            }
-            frames
-        })
+        let written = tokio::time::timeout(
+            Duration::from_secs(10),
+            write_until_cut(&mut io, &pings, 10_000, 100_000_000),
+        )
         .await
         .expect("the flooder's writes fail in time");
         assert!(written < 100_000_000, "cut off after {written} PINGs");
