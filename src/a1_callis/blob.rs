@@ -101,8 +101,6 @@ struct Outbound {
     acked: u64,
     /// The receiver's limit.
     limit: u64,
-    /// Bytes the application wrote (the stream's length once `finished`).
-    written: u64,
     /// The receiver's first credit arrived: its side is open, frames may go out.
     credited: bool,
     /// The application wrote its last byte.
@@ -110,6 +108,15 @@ struct Outbound {
     /// BLOB_END went out on this connection.
     end_sent: bool,
     last_progress: Instant,
+}
+
+impl Outbound {
+    /// Bytes the application wrote (the stream's length once `finished`): everything before
+    /// the next offset to send, and what is queued after it (a reconnect rewinds the one and
+    /// requeues the other by the same amount).
+    fn written(&self) -> u64 {
+        self.next_offset.saturating_add(self.queued_len)
+    }
 }
 
 #[derive(Debug)]
@@ -228,7 +235,6 @@ impl BlobStreams {
                 high: 0,
                 acked: 0,
                 limit: 0,
-                written: 0,
                 credited: false,
                 finished: false,
                 end_sent: false,
@@ -282,7 +288,6 @@ impl BlobStreams {
             out.last_progress = now;
             out.queued.push_back(data.slice(..take));
             out.queued_len = out.queued_len.saturating_add(take as u64);
-            out.written = out.written.saturating_add(take as u64);
         }
         Ok(take)
     }
@@ -605,8 +610,8 @@ impl BlobStreams {
         let Some(out) = self.outbound.get(&stream) else {
             return;
         };
-        if !out.finished || total != out.written {
-            let (finished, written) = (out.finished, out.written);
+        if !out.finished || total != out.written() {
+            let (finished, written) = (out.finished, out.written());
             self.violation(
                 Some(stream),
                 format!(
