@@ -3,11 +3,14 @@
 //! and per source (T7), plus the listener's counters.
 //!
 //! A connection is admitted or refused the moment it is accepted, before any TLS work and
-//! before any task is spawned for it; a refused socket is simply closed. An admitted connection holds an [`AdmissionPermit`] until its
-//! handshake ends (successfully or not), and dropping the permit frees the slot. The table is
-//! behind a `std::sync::Mutex` held for a few instructions, never across an `.await`.
+//! before any task is spawned for it; a refused socket is simply closed. An admitted
+//! connection holds an [`AdmissionPermit`] until its handshake ends (successfully or not), and
+//! dropping the permit frees the slot. The table is behind a `std::sync::Mutex` held for a few
+//! instructions, never across an `.await`. [`Tally`] (counts per key and in total) also serves
+//! the domus's count of calles waiting for their first frame.
 
 use std::collections::HashMap;
+use std::hash::Hash;
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
@@ -32,10 +35,62 @@ pub(crate) enum Refusal {
     Rate,
 }
 
+/// Things held per key and in total (handshakes per source here; calles waiting for their
+/// first frame per identity in the domus). Callers check the limits they need, in their order.
+#[derive(Debug)]
+pub(crate) struct Tally<K> {
+    total: usize,
+    per_key: HashMap<K, usize>,
+}
+
+impl<K> Default for Tally<K> {
+    fn default() -> Self {
+        Self {
+            total: 0,
+            per_key: HashMap::new(),
+        }
+    }
+}
+
+impl<K: Eq + Hash + Clone> Tally<K> {
+    /// Held in total.
+    pub(crate) fn total(&self) -> usize {
+        self.total
+    }
+
+    /// Held for `key`.
+    pub(crate) fn count(&self, key: &K) -> usize {
+        self.per_key.get(key).copied().unwrap_or(0)
+    }
+
+    /// One more for `key`.
+    pub(crate) fn add(&mut self, key: &K) {
+        self.total = self.total.saturating_add(1);
+        let n = self.per_key.entry(key.clone()).or_insert(0);
+        *n = n.saturating_add(1);
+    }
+
+    /// One fewer for `key`; a key that holds nothing is forgotten.
+    pub(crate) fn remove(&mut self, key: &K) {
+        self.total = self.total.saturating_sub(1);
+        if let Some(n) = self.per_key.get_mut(key) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                self.per_key.remove(key);
+            }
+        }
+    }
+
+    /// Whether no key holds anything.
+    #[cfg(test)]
+    fn is_empty(&self) -> bool {
+        self.per_key.is_empty()
+    }
+}
+
 #[derive(Default)]
 struct Table {
-    total: usize,
-    per_source: HashMap<Source, usize>,
+    pending: Tally<Source>,
     buckets: HashMap<Source, Bucket>,
 }
 
@@ -49,12 +104,17 @@ struct Bucket {
 }
 
 impl Bucket {
-    /// Refills for the time since the last update, then takes one token if there is one.
-    fn take(&mut self, now_us: u64, rate: u64) -> bool {
-        let full = rate.saturating_mul(1000);
+    /// Thousandths of a token held at `now_us`, refilled for the time since the last update
+    /// (not capped).
+    fn level(&self, now_us: u64, rate: u64) -> u64 {
         // `rate` tokens per second is `rate` thousandths of a token per millisecond.
         let earned = now_us.saturating_sub(self.at_us).saturating_mul(rate) / 1000;
-        self.milli = self.milli.saturating_add(earned).min(full);
+        self.milli.saturating_add(earned)
+    }
+
+    /// Refills for the time since the last update, then takes one token if there is one.
+    fn take(&mut self, now_us: u64, rate: u64) -> bool {
+        self.milli = self.level(now_us, rate).min(rate.saturating_mul(1000));
         self.at_us = now_us;
         if self.milli >= 1000 {
             self.milli = self.milli.saturating_sub(1000);
@@ -66,8 +126,7 @@ impl Bucket {
 
     /// Whether it has refilled completely by `now_us` (forgetting it changes nothing).
     fn is_full(&self, now_us: u64, rate: u64) -> bool {
-        let earned = now_us.saturating_sub(self.at_us).saturating_mul(rate) / 1000;
-        self.milli.saturating_add(earned) >= rate.saturating_mul(1000)
+        self.level(now_us, rate) >= rate.saturating_mul(1000)
     }
 }
 
@@ -149,30 +208,32 @@ impl Gate {
         source: Source,
         now: Instant,
     ) -> Result<AdmissionPermit, Refusal> {
-        let now_us = u64::try_from(now.saturating_duration_since(self.started).as_micros())
-            .unwrap_or(u64::MAX);
+        let now_us = self.micros_at(now);
         // A poisoned table is still consistent (every update is a single step), so keep using it.
         let mut table = self.table.lock().unwrap_or_else(PoisonError::into_inner);
         if !self.take_token(&mut table, source, now_us) {
             Counters::bump(&self.counters.refused_rate);
             return Err(Refusal::Rate);
         }
-        if table.total >= self.max_total {
+        if table.pending.total() >= self.max_total {
             Counters::bump(&self.counters.refused_global);
             return Err(Refusal::Global);
         }
-        let count = table.per_source.entry(source).or_insert(0);
-        if *count >= self.max_per_source {
+        if table.pending.count(&source) >= self.max_per_source {
             Counters::bump(&self.counters.refused_per_source);
             return Err(Refusal::PerSource);
         }
-        *count = count.saturating_add(1);
-        table.total = table.total.saturating_add(1);
+        table.pending.add(&source);
         Counters::bump(&self.counters.admitted);
         Ok(AdmissionPermit {
             gate: Arc::clone(self),
             source,
         })
+    }
+
+    /// Microseconds from the gate's start to `at` (the buckets' clock).
+    fn micros_at(&self, at: Instant) -> u64 {
+        u64::try_from(at.saturating_duration_since(self.started).as_micros()).unwrap_or(u64::MAX)
     }
 
     /// Takes one connect token of `source`; false when its bucket is empty (or no bucket can
@@ -200,7 +261,8 @@ impl Gate {
             .table
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
-            .total;
+            .pending
+            .total();
         let c = &self.counters;
         ListenerStats {
             pending_handshakes: pending,
@@ -235,13 +297,7 @@ impl Drop for AdmissionPermit {
             .table
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
-        table.total = table.total.saturating_sub(1);
-        if let Some(count) = table.per_source.get_mut(&self.source) {
-            *count = count.saturating_sub(1);
-            if *count == 0 {
-                table.per_source.remove(&self.source);
-            }
-        }
+        table.pending.remove(&self.source);
     }
 }
 
@@ -271,7 +327,7 @@ mod tests {
             ),
             (3, 1, 1)
         );
-        assert!(gate.table.lock().unwrap().per_source.is_empty());
+        assert!(gate.table.lock().unwrap().pending.is_empty());
         let _again = gate.try_admit(a).unwrap();
     }
 
@@ -316,19 +372,15 @@ mod tests {
         let t0 = Instant::now();
         let mut table = Table::default();
         for i in 0..MAX_BUCKETS as u32 {
-            assert!(gate.take_token(&mut table, Source::Uid(i), t0_us(&gate, t0)));
+            assert!(gate.take_token(&mut table, Source::Uid(i), gate.micros_at(t0)));
         }
         // Every bucket is in use: a new source is refused rather than growing the table.
         let fresh = Source::Uid(u32::MAX);
-        assert!(!gate.take_token(&mut table, fresh, t0_us(&gate, t0)));
+        assert!(!gate.take_token(&mut table, fresh, gate.micros_at(t0)));
         assert_eq!(table.buckets.len(), MAX_BUCKETS);
         // A second later every bucket has refilled and is forgotten to make room.
-        let later = t0_us(&gate, t0 + Duration::from_secs(1));
+        let later = gate.micros_at(t0 + Duration::from_secs(1));
         assert!(gate.take_token(&mut table, fresh, later));
         assert_eq!(table.buckets.len(), 1);
-    }
-
-    fn t0_us(gate: &Gate, at: Instant) -> u64 {
-        u64::try_from(at.saturating_duration_since(gate.started).as_micros()).unwrap()
     }
 }

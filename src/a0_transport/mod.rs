@@ -48,6 +48,7 @@ pub use material::AuthConfig;
 pub use stream::{AuthenticatedStream, DomusAddr};
 pub use tls::{ALPN_PROTOCOL, default_crypto_provider};
 
+pub(crate) use admission::Tally;
 use admission::{AdmissionPermit, Counters, Gate, Source};
 use stream::Socket;
 use tls::{Deadline, HandshakeContext, LoadedMaterial};

@@ -32,7 +32,7 @@ pub use config::DomusConfig;
 pub use resolver::{ResolveFuture, Route, RouteResolver, SimpleResolver};
 
 use crate::a0_transport::{
-    AuthConfig, AuthenticatedStream, DomusAddr, DomusId, Listener, PeerIdentity, Transport,
+    AuthConfig, AuthenticatedStream, DomusAddr, DomusId, Listener, PeerIdentity, Tally, Transport,
 };
 use crate::a1_callis::blob_driver::{
     BLOB_OPEN_PREFIX_LEN, BLOB_OPEN_TYPE, BlobCommand, BlobContext, BlobDriver, encode_blob_open,
@@ -239,7 +239,7 @@ impl DomusBuilder {
             config_writer: Mutex::new(()),
             registry,
             peers: Mutex::new(HashMap::new()),
-            unopened: Mutex::new(Unopened::default()),
+            unopened: Mutex::new(Tally::default()),
             pinned: Mutex::new(HashMap::new()),
             tasks: TaskTracker::new(),
             cancel: cancel.clone(),
@@ -316,7 +316,7 @@ struct Shared {
     registry: Arc<Registry>,
     peers: Mutex<HashMap<DomusId, PeerHandle>>,
     /// Authenticated inbound calles waiting for their first frame, per identity (T8).
-    unopened: Mutex<Unopened>,
+    unopened: Mutex<Tally<DomusId>>,
     /// Identities learned for routes that named none.
     pinned: Mutex<HashMap<DomusAddr, DomusId>>,
     tasks: TaskTracker,
@@ -1237,14 +1237,7 @@ async fn accept_loop(shared: Arc<Shared>, listener: Listener, stop: Cancellation
     }
 }
 
-/// Authenticated inbound calles waiting for their first frame (T8).
-#[derive(Default)]
-struct Unopened {
-    total: usize,
-    per_peer: HashMap<DomusId, usize>,
-}
-
-/// One authenticated inbound callis counted in [`Unopened`] until it is dropped.
+/// One authenticated inbound callis counted in `Shared::unopened` until it is dropped.
 struct UnopenedSlot {
     shared: Arc<Shared>,
     peer: DomusId,
@@ -1259,7 +1252,7 @@ impl UnopenedSlot {
             .unopened
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
-        let mine = table.per_peer.get(peer).copied().unwrap_or(0);
+        let mine = table.count(peer);
         if mine >= config.max_unopened_calles_per_peer {
             return Err(Error::new(
                 ErrorId::AdmissionRefused,
@@ -1268,17 +1261,16 @@ impl UnopenedSlot {
                 ),
             ));
         }
-        if table.total >= config.max_unopened_calles {
+        if table.total() >= config.max_unopened_calles {
             return Err(Error::new(
                 ErrorId::AdmissionRefused,
                 format!(
                     "{} calles are already waiting for their first frame (max_unopened_calles)",
-                    table.total
+                    table.total()
                 ),
             ));
         }
-        table.total = table.total.saturating_add(1);
-        table.per_peer.insert(peer.clone(), mine.saturating_add(1));
+        table.add(peer);
         Ok(Self {
             shared: shared.clone(),
             peer: peer.clone(),
@@ -1288,18 +1280,11 @@ impl UnopenedSlot {
 
 impl Drop for UnopenedSlot {
     fn drop(&mut self) {
-        let mut table = self
-            .shared
+        self.shared
             .unopened
             .lock()
-            .unwrap_or_else(PoisonError::into_inner);
-        table.total = table.total.saturating_sub(1);
-        if let Some(n) = table.per_peer.get_mut(&self.peer) {
-            *n = n.saturating_sub(1);
-            if *n == 0 {
-                table.per_peer.remove(&self.peer);
-            }
-        }
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(&self.peer);
     }
 }
 
