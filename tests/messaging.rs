@@ -357,14 +357,9 @@ async fn send_timeouts_outside_their_range_are_refused_not_a_panic() {
                 .expect_err("refused");
             assert_eq!(err.id(), ErrorId::InvalidConfig, "{timeout:?}: {err}");
         }
-        a.send(
-            TabernaId(10),
-            APP,
-            Bytes::new(),
-            SendOptions::default().timeout(Duration::from_secs(3600)),
-        )
-        .await
-        .expect("the longest allowed timeout works");
+        a.send(TabernaId(10), APP, Bytes::new(), send_opts(3_600_000))
+            .await
+            .expect("the longest allowed timeout works");
     })
     .await;
 }

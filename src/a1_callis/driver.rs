@@ -346,15 +346,8 @@ impl PeerDriver {
             Age::Young => {
                 self.age = Age::Old;
                 if stream.is_dialer() && self.dial.is_none() && !self.shutting_down {
-                    if let Some(addr) = self.addr.clone() {
-                        tracing::debug!(peer = %self.peer_id, "callis reached max_callis_age; dialling its replacement");
-                        let transport = self.ctx.transport.clone();
-                        let expected = self.peer_id.clone();
-                        self.ctx.recorder.inc(C::dial_attempts);
-                        self.dial = Some(Box::pin(async move {
-                            transport.dial(&addr, Some(&expected)).await
-                        }));
-                    }
+                    tracing::debug!(peer = %self.peer_id, "callis reached max_callis_age; dialling its replacement");
+                    self.start_dial();
                 }
                 self.age_timer = Some(Box::pin(tokio::time::sleep(grace)));
             }
@@ -378,6 +371,11 @@ impl PeerDriver {
         {
             return;
         }
+        self.start_dial();
+    }
+
+    /// Starts dialling the peer's address (when one is known).
+    fn start_dial(&mut self) {
         let Some(addr) = self.addr.clone() else {
             return;
         };

@@ -675,6 +675,16 @@ impl Session {
         ));
     }
 
+    /// Queues a PING to measure the RTT. One probe at a time; a missing PONG is caught by the
+    /// idle timeout.
+    fn probe(&mut self, now: Instant) {
+        if self.ping_outstanding.is_none() {
+            self.pings_sent = self.pings_sent.wrapping_add(1);
+            self.ping_outstanding = Some((self.pings_sent, now));
+            self.ping_to_send = Some(self.pings_sent);
+        }
+    }
+
     /// Closes the current callis with `error` (its id goes on the wire as the reason code).
     pub fn close(&mut self, error: Error) {
         if matches!(self.link, Link::Down | Link::Closing) {
@@ -849,11 +859,7 @@ impl Session {
         self.next_ping = now.checked_add(self.config.keepalive_interval);
         // A first probe at once, so the RTT is known one round trip after the callis opens
         // instead of one keepalive interval later.
-        if self.ping_outstanding.is_none() {
-            self.pings_sent = self.pings_sent.wrapping_add(1);
-            self.ping_outstanding = Some((self.pings_sent, now));
-            self.ping_to_send = Some(self.pings_sent);
-        }
+        self.probe(now);
         self.stats.opened = self.stats.opened.saturating_add(1);
         // The peer may accept less than when these messages were queued (it restarted with
         // other limits): what no longer fits fails here instead of killing every callis.
@@ -1035,12 +1041,7 @@ impl Session {
                 let due = self.next_ping.is_some_and(|t| now >= t);
                 if due {
                     self.next_ping = now.checked_add(self.config.keepalive_interval);
-                    // One probe at a time; a missing PONG is caught by the idle timeout.
-                    if self.ping_outstanding.is_none() {
-                        self.pings_sent = self.pings_sent.wrapping_add(1);
-                        self.ping_outstanding = Some((self.pings_sent, now));
-                        self.ping_to_send = Some(self.pings_sent);
-                    }
+                    self.probe(now);
                 }
             }
             _ => {}
