@@ -44,7 +44,7 @@ pub struct DomusConfig {
     /// The receiver's dedupe window in message ids (each slot remembers one answer). Default
     /// 8192; at least `max_in_flight_per_peer`, at most 1 048 576.
     pub dedupe_window: u32,
-    /// Reply bytes kept per peer so a reply survives a reconnect. Default 8 MiB.
+    /// Reply bytes kept per peer so a reply survives a reconnect. Default 8 MiB; 0 to 16 GiB.
     pub max_retained_reply_bytes: usize,
     /// How often an open callis is probed with a PING (RTT is measured from it). Default
     /// 5 s; 10 ms to 10 min.
@@ -94,9 +94,10 @@ pub struct DomusConfig {
     pub blob_idle_timeout: Duration,
     /// Bytes reserved for receiving blob streams, all peers together: every stream reserves
     /// one `blob_window` when it opens, and an open that does not fit is refused with
-    /// `BlobBufferFull`. Default 512 MiB; at least `blob_window`.
+    /// `BlobBufferFull`. Default 512 MiB; at least `blob_window`, at most 1 TiB.
     pub blob_inbound_budget: usize,
-    /// The same for sending blob streams. Default 512 MiB; at least `blob_window`.
+    /// The same for sending blob streams. Default 512 MiB; at least `blob_window`, at most
+    /// 1 TiB.
     pub blob_outbound_budget: usize,
     /// Blob streams a peer may cancel in one second; past that its blob callis closes as a
     /// protocol violation (open/cancel churn, T17). Default 1000; 1 to 10 000 000.
@@ -233,6 +234,12 @@ impl DomusConfig {
             self.frame_read_timeout,
             10 * MS,
             60 * MIN,
+        )?;
+        count(
+            "max_frames_per_second",
+            u64::from(self.max_frames_per_second),
+            1000,
+            100_000_000,
         )?;
         count(
             "max_refusals_per_second",

@@ -498,17 +498,11 @@ impl Domus {
         self.taberna_with(id, TabernaOptions::default())
     }
 
-    /// Registers a taberna.
+    /// Registers a taberna; options outside their ranges (see [`TabernaOptions`]) are refused
+    /// with `InvalidConfig` naming the field.
     pub fn taberna_with(&self, id: TabernaId, options: TabernaOptions) -> Result<Taberna, Error> {
         self.shared.check_open()?;
-        if let Some(depth) = options.inbox_depth {
-            if depth == 0 || depth > 1 << 20 {
-                return Err(Error::invalid_config(
-                    "inbox_depth",
-                    format!("{depth} is outside 1..=1048576"),
-                ));
-            }
-        }
+        options.validate()?;
         self.shared.registry.register(id, options)
     }
 

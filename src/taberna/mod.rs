@@ -25,6 +25,9 @@ use crate::domus::blob::BlobReceiver;
 use crate::error::{Error, ErrorId};
 use crate::reporting::{C, Event, Recorder};
 
+/// The deepest inbox a taberna may have.
+const MAX_INBOX_DEPTH: usize = 1 << 20;
+
 /// The id of a taberna, unique within its domus and routed by the resolver.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct TabernaId(pub u64);
@@ -78,16 +81,49 @@ impl MessageType {
 #[non_exhaustive]
 pub struct TabernaOptions {
     /// Requests waiting for a worker; when full, new deliveries are answered `TabernaBusy` at
-    /// once. Default: the domus's `default_inbox_depth`.
+    /// once. Default: the domus's `default_inbox_depth`; 1 to 1 048 576.
     pub inbox_depth: Option<usize>,
     /// When set, only these peers may deliver; others get `Forbidden` and the handler never
-    /// sees them. Default: any authenticated peer.
+    /// sees them. Default: any authenticated peer; an empty set is refused (it would refuse
+    /// everyone).
     pub allowed_peers: Option<BTreeSet<DomusId>>,
     /// When set, only these message types are accepted; others get `MessageTypeNotAccepted`.
+    /// Default: any type; an empty range is refused.
     pub accepted_types: Option<RangeInclusive<u32>>,
 }
 
 impl TabernaOptions {
+    /// Checks every field; the error names the field (`TabernaOptions::inbox_depth`, …).
+    pub fn validate(&self) -> Result<(), Error> {
+        if let Some(depth) = self.inbox_depth {
+            if depth == 0 || depth > MAX_INBOX_DEPTH {
+                return Err(Error::invalid_config(
+                    "TabernaOptions::inbox_depth",
+                    format!("{depth} is outside 1..={MAX_INBOX_DEPTH}"),
+                ));
+            }
+        }
+        if self.allowed_peers.as_ref().is_some_and(BTreeSet::is_empty) {
+            return Err(Error::invalid_config(
+                "TabernaOptions::allowed_peers",
+                "an empty allow-list would refuse every sender; use None to allow any peer",
+            ));
+        }
+        if let Some(types) = &self.accepted_types {
+            if types.is_empty() {
+                return Err(Error::invalid_config(
+                    "TabernaOptions::accepted_types",
+                    format!(
+                        "{:#x}..={:#x} is empty and would refuse every message",
+                        types.start(),
+                        types.end()
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
+
     /// Sets the inbox depth.
     pub fn inbox_depth(mut self, depth: usize) -> Self {
         self.inbox_depth = Some(depth);
