@@ -191,19 +191,26 @@
 //!
 //! * `snapshot()` / `snapshot_and_reset()`: counters as deltas since the last reset (and
 //!   totals), gauges with their peak since the last reset, send-to-answer latency (p50, p90,
-//!   p99 from power-of-two buckets), rejections and handshake failures by [`ErrorId`], and per
+//!   p99 from power-of-two buckets), rejections of our sends (`rejected_by`), messages from
+//!   peers refused before a handler saw them (`refused_by`) and handshake failures by
+//!   [`ErrorId`], and per
 //!   peer: connected, RTT, sends in flight, queue depth, oldest pending age, bytes in and out;
 //!   `listener` holds the listener's pre-authentication counters since bind (admitted, refused
 //!   in total, per source, by connect rate, by uid; handshakes ok, failed, timed out; pending).
 //!   `connected_peers()` lists the peers with an open callis.
 //! * Counters ([`reporting::Counters`]): `primary_calles_opened`, `primary_calles_closed`,
 //!   `blob_calles_opened`, `blob_calles_closed`, `dial_attempts`, `dial_failures`,
-//!   `identity_mismatches`, `protocol_violations`, `handshake_failures`, `messages_sent`,
-//!   `messages_received`, `messages_accepted`, `messages_replied`, `messages_rejected`,
+//!   `identity_mismatches`, `protocol_violations` (every callis closed for a violation, a bad
+//!   first frame included), `handshake_failures`, `messages_sent`, `messages_received` (what
+//!   reached a local taberna from a peer), `messages_refused` (what vicus refused before any
+//!   handler: unknown taberna, allow-list, type, full inbox, blob limits), `messages_accepted`,
+//!   `messages_replied`, `messages_rejected`,
 //!   `messages_timed_out`, `messages_failed`, `queue_overruns_send_a2`,
 //!   `queue_overruns_send_a3` (outbound queue overruns per class), `queue_overruns_inbox`,
 //!   `calles_refused` (inbound calles refused by the connection limits),
-//!   `primary_bytes_in`, `primary_bytes_out`, `blob_bytes_in`, `blob_bytes_out`,
+//!   `primary_bytes_in`, `primary_bytes_out`, `blob_bytes_in`, `blob_bytes_out` (every byte
+//!   read or written on a callis after TLS, first frames included, so one side's `_out`
+//!   equals the other's `_in`),
 //!   `blob_streams_opened`, `blob_streams_completed`, `blob_streams_cancelled`. Gauges: `peers`,
 //!   `primary_calles`, `blob_calles`, `blob_streams`.
 //! * `events()`: a feed of [`reporting::Event`]s — `PeerConnected`, `PeerDisconnected` (with
@@ -217,7 +224,7 @@
 //!   how many errors the ring no longer holds.
 //! * Feature `metrics` mirrors all of this into the [`metrics`](https://docs.rs/metrics)
 //!   facade (`vicus_<counter>_total`, `vicus_<gauge>`, `vicus_<gauge>_peak`, `vicus_peer_*`
-//!   with a `peer` label, `vicus_rejected_total` and
+//!   with a `peer` label, `vicus_rejected_total`, `vicus_refused_total` and
 //!   `vicus_handshake_failures_by_reason_total` with a `reason` label,
 //!   `vicus_send_latency_seconds` with a `quantile` label; all with a `domus` label), every
 //!   second and on demand (`Reporting::export_to_metrics`); `cargo run --example metrics

@@ -139,12 +139,15 @@ async fn t08_unopened_calles_past_the_per_identity_limit_are_refused_with_a_type
                     && e.error.message().contains("max_unopened_calles_per_peer")),
             "{errors:?}"
         );
-        // The waiting ones are dropped at hello_timeout, which frees their slots.
+        // The waiting ones are closed at hello_timeout (a CLOSE ProtocolViolation: no first
+        // frame in time), which frees their slots; the refused one has ended.
         let heard = listen_all(&mut calles, Duration::from_secs(4)).await;
-        assert!(
-            heard.iter().all(|h| matches!(h, Heard::Closed)),
-            "{heard:?}"
-        );
+        let timed_out = heard
+            .iter()
+            .filter(|h| matches!(h, Heard::Frame(Frame::Close { code, .. }) if *code == ErrorId::ProtocolViolation.as_u32()))
+            .count();
+        let ended = heard.iter().filter(|h| matches!(h, Heard::Closed)).count();
+        assert_eq!((timed_out, ended), (2, 1), "{heard:?}");
         let mut again = said_hello(&evil, &b).await;
         let mut buf = BytesMut::new();
         let answer = next_frame(&mut again, &mut buf, Duration::from_secs(5)).await;
@@ -480,6 +483,74 @@ async fn t18_a_peer_that_pings_without_ever_reading_is_cut_off() {
         assert!(b.reporting().snapshot().totals.protocol_violations >= 1);
         a.shutdown().await;
         b.shutdown().await;
+    })
+    .await;
+}
+
+/// Reads frames until a CLOSE arrives (returning its code) or the callis ends or goes quiet.
+async fn close_code(io: &mut AuthenticatedStream, limit: Duration) -> Option<u32> {
+    let mut buf = BytesMut::new();
+    loop {
+        match next_frame(io, &mut buf, limit).await {
+            Heard::Frame(Frame::Close { code, .. }) => return Some(code),
+            Heard::Frame(_) => {}
+            Heard::Closed | Heard::Nothing => return None,
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_bad_first_frame_from_an_authenticated_peer_is_closed_counted_and_reported() {
+    within(async {
+        let mut ca = ca();
+        let resolver = Arc::new(SimpleResolver::new());
+        let b = domus(&mut ca, "b", &resolver, DomusConfig::default()).await;
+        let evil = transport(&mut ca, "evil");
+        let header = |len: u32, kind: frame::FrameType| {
+            let mut h = len.to_be_bytes().to_vec();
+            h.extend_from_slice(&[kind.0, 0]);
+            h
+        };
+        let mut ping = BytesMut::new();
+        frame::encode_ping(&mut ping, 1);
+        let mut malformed_hello = header(4, frame::FrameType::HELLO);
+        malformed_hello.extend_from_slice(&[0, 1, 2, 3]);
+        let mut malformed_blob_hello = header(3, frame::FrameType::BLOB_HELLO);
+        malformed_blob_hello.extend_from_slice(&[0, 1, 2]);
+        let cases: Vec<(&str, Vec<u8>)> = vec![
+            ("a PING first", ping.to_vec()),
+            (
+                "a HELLO declaring 4 GiB",
+                header(u32::MAX, frame::FrameType::HELLO),
+            ),
+            ("a malformed HELLO (primary callis)", malformed_hello),
+            ("a malformed BLOB_HELLO (blob callis)", malformed_blob_hello),
+        ];
+        for (n, (case, bytes)) in cases.into_iter().enumerate() {
+            let seq = b.reporting().last_error_seq();
+            let mut io = evil
+                .dial(b.local_addr(), Some(b.identity()))
+                .await
+                .expect("dial");
+            io.write_all(&bytes).await.expect("write");
+            io.flush().await.expect("flush");
+            let code = close_code(&mut io, Duration::from_secs(3)).await;
+            assert_eq!(
+                code,
+                Some(ErrorId::ProtocolViolation.as_u32()),
+                "{case}: CLOSE ProtocolViolation expected"
+            );
+            let violations = b.reporting().snapshot().totals.protocol_violations;
+            assert_eq!(violations, n as u64 + 1, "{case}: counted once");
+            let errors = b.reporting().errors_since(seq, 16).errors;
+            assert!(
+                errors
+                    .iter()
+                    .any(|e| e.error.id() == ErrorId::ProtocolViolation
+                        && e.error.message().contains(evil.local_id().as_str())),
+                "{case}: the error feed names the peer: {errors:?}"
+            );
+        }
     })
     .await;
 }

@@ -608,3 +608,156 @@ async fn t04_a_crl_reload_closes_a_revoked_peers_calles_and_refuses_its_next_han
     })
     .await;
 }
+
+/// The scripted exchange of the two counter tests: from `a` to `b`, one message accepted,
+/// one replied to, one rejected by the handler, one to a taberna `b` does not have, one to a
+/// taberna whose allow-list excludes `a`, and a 100 KiB blob.
+async fn scripted_exchange(mesh: &Mesh, a: &Domus, b: &Domus) {
+    mesh.route(10, b);
+    mesh.route(11, b);
+    mesh.route(12, b);
+    let t = b.taberna(TabernaId(10)).expect("taberna");
+    let _closed = b
+        .taberna_with(
+            TabernaId(12),
+            TabernaOptions::default().allowed_peers([id("someone-else")]),
+        )
+        .expect("taberna");
+    let handler = tokio::spawn(async move {
+        for _ in 0..4 {
+            let mut req = t.recv().await.expect("request");
+            match req.payload().as_ref() {
+                b"accept" => req.accept(),
+                b"reply" => req.reply(Bytes::from_static(b"the reply")),
+                b"reject" => req.reject(7, "no"),
+                b"blob" => {
+                    let mut rx = req.blob().expect("a blob");
+                    req.accept();
+                    let mut all = Vec::new();
+                    rx.read_to_end(&mut all).await.expect("blob read");
+                    assert_eq!(all.len(), 100 * 1024);
+                }
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+    });
+    let send = |taberna: u64, payload: &'static [u8]| {
+        a.send(
+            TabernaId(taberna),
+            APP,
+            Bytes::from_static(payload),
+            opts().timeout(Duration::from_secs(5)),
+        )
+    };
+    assert_eq!(send(10, b"accept").await, Ok(Delivery::Accepted));
+    assert!(matches!(send(10, b"reply").await, Ok(Delivery::Replied(_))));
+    let rejected = send(10, b"reject").await.expect_err("rejected");
+    assert_eq!(rejected.id(), ErrorId::RemoteTabernaRejected);
+    let unknown = send(11, b"x").await.expect_err("unknown");
+    assert_eq!(unknown.id(), ErrorId::UnknownTaberna);
+    let forbidden = send(12, b"x").await.expect_err("forbidden");
+    assert_eq!(forbidden.id(), ErrorId::Forbidden);
+    let mut blob = a
+        .send_blob(
+            TabernaId(10),
+            APP,
+            Bytes::from_static(b"blob"),
+            opts().timeout(Duration::from_secs(5)),
+        )
+        .await
+        .expect("blob opened");
+    blob.write_all(&vec![9u8; 100 * 1024])
+        .await
+        .expect("blob write");
+    blob.finish().await.expect("blob finished");
+    handler.await.expect("handler");
+}
+
+/// Snapshots of both sides once neither changes for 100 ms (keepalive pings and acks have
+/// settled).
+async fn settled(a: &Domus, b: &Domus) -> (vicus::reporting::Snapshot, vicus::reporting::Snapshot) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut last = (a.reporting().snapshot(), b.reporting().snapshot());
+    loop {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let now = (a.reporting().snapshot(), b.reporting().snapshot());
+        let same = |x: &vicus::reporting::Snapshot, y: &vicus::reporting::Snapshot| {
+            x.totals == y.totals && x.per_peer == y.per_peer
+        };
+        if same(&now.0, &last.0) && same(&now.1, &last.1) {
+            return now;
+        }
+        assert!(Instant::now() < deadline, "the counters never settled");
+        last = now;
+    }
+}
+
+#[tokio::test]
+async fn received_counts_only_what_reached_a_taberna_and_refusals_are_counted_by_reason() {
+    within(async {
+        let mut mesh = Mesh::new();
+        let a = mesh.domus("a").await;
+        let b = mesh.domus("b").await;
+        scripted_exchange(&mesh, &a, &b).await;
+        let (sa, sb) = settled(&a, &b).await;
+        let (ca, cb) = (&sa.totals, &sb.totals);
+        // The sender: six messages (the blob's opening one included), each answered.
+        assert_eq!(ca.messages_sent, 6, "{ca:?}");
+        assert_eq!(ca.messages_accepted, 2, "accept and the blob's opening");
+        assert_eq!(ca.messages_replied, 1);
+        assert_eq!(ca.messages_rejected, 3, "{:?}", sa.rejected_by);
+        assert_eq!(
+            sa.rejected_by.into_iter().collect::<Vec<_>>(),
+            vec![
+                (ErrorId::UnknownTaberna, 1),
+                (ErrorId::RemoteTabernaRejected, 1),
+                (ErrorId::Forbidden, 1),
+            ]
+        );
+        assert_eq!((ca.messages_received, ca.messages_refused), (0, 0));
+        // The receiver: four reached the taberna; two were refused before any handler.
+        assert_eq!(cb.messages_received, 4, "{cb:?}");
+        assert_eq!(cb.messages_refused, 2, "{cb:?}");
+        assert_eq!(
+            sb.refused_by.into_iter().collect::<Vec<_>>(),
+            vec![(ErrorId::UnknownTaberna, 1), (ErrorId::Forbidden, 1)]
+        );
+        assert_eq!(cb.messages_sent, 0);
+        assert_eq!(cb.messages_rejected, 0, "b sent nothing that was rejected");
+        assert_eq!((cb.blob_streams_opened, cb.blob_streams_completed), (1, 1));
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn every_byte_written_on_a_callis_is_counted_as_read_on_the_other_end() {
+    within(async {
+        let mut mesh = Mesh::new();
+        let a = mesh.domus("a").await;
+        let b = mesh.domus("b").await;
+        scripted_exchange(&mesh, &a, &b).await;
+        let (sa, sb) = settled(&a, &b).await;
+        let (ca, cb) = (&sa.totals, &sb.totals);
+        assert!(ca.primary_bytes_out > 0 && ca.blob_bytes_out > 100 * 1024);
+        assert_eq!(ca.primary_bytes_out, cb.primary_bytes_in, "a→b primary");
+        assert_eq!(cb.primary_bytes_out, ca.primary_bytes_in, "b→a primary");
+        assert_eq!(ca.blob_bytes_out, cb.blob_bytes_in, "a→b blob");
+        assert_eq!(cb.blob_bytes_out, ca.blob_bytes_in, "b→a blob");
+        let peer = |s: &vicus::reporting::Snapshot, who: &Domus| {
+            s.per_peer
+                .iter()
+                .find(|p| &p.peer == who.identity())
+                .cloned()
+                .expect("a peer report")
+        };
+        let (a_of_b, b_of_a) = (peer(&sa, &b), peer(&sb, &a));
+        assert_eq!(a_of_b.bytes_out, b_of_a.bytes_in, "a→b per peer");
+        assert_eq!(b_of_a.bytes_out, a_of_b.bytes_in, "b→a per peer");
+        assert_eq!(
+            a_of_b.bytes_out,
+            ca.primary_bytes_out + ca.blob_bytes_out,
+            "a talks to b only"
+        );
+    })
+    .await;
+}

@@ -40,7 +40,7 @@ use super::frame::{self, BlobFrame, Frame, PROTOCOL_VERSION};
 use crate::a0_transport::{AuthenticatedStream, DomusAddr, DomusId, Transport};
 use crate::domus::blob::{Piece, Reservation, SenderShared};
 use crate::error::{Error, ErrorId};
-use crate::reporting::{C, CallisKind, LogKind, PeerCells, Recorder};
+use crate::reporting::{C, CallisKind, PeerCells, Recorder};
 
 /// The message type (the first A2 type, reserved by vicus) of a blob-opening message. Its
 /// payload is the stream id (`u64`), the application's message type (`u32`), then the
@@ -424,6 +424,11 @@ impl BlobDriver {
     /// Adopts a new blob callis (same tie-break as the primary: when both sides dialled at
     /// once, the one dialled by the smaller id survives).
     fn attach(&mut self, io: AuthenticatedStream, prefix: BytesMut) {
+        // The bytes the accept path read to tell the callis's kind were read from it.
+        self.ctx.recorder.add(C::blob_bytes_in, prefix.len() as u64);
+        self.cells
+            .bytes_in
+            .fetch_add(prefix.len() as u64, Ordering::Relaxed);
         if self.shutting_down {
             return;
         }
@@ -465,8 +470,7 @@ impl BlobDriver {
     fn close_link(&mut self, error: &Error) {
         tracing::debug!(peer = %self.peer_id, error = %error, "closing blob callis");
         if error.id() == ErrorId::ProtocolViolation || error.id() == ErrorId::UnsupportedVersion {
-            self.ctx.recorder.inc(C::protocol_violations);
-            self.ctx.recorder.error(error.clone());
+            self.ctx.recorder.protocol_violation(&self.peer_id, error);
         }
         if let Some(link) = self.link.as_mut() {
             if !link.closing {
@@ -628,10 +632,6 @@ impl BlobDriver {
                 }
                 BlobEvent::Cancelled { stream, error } => self.fail_end(stream, error),
                 BlobEvent::Violation { stream, error } => {
-                    if let Some(suppressed) = self.ctx.recorder.log_allowed(LogKind::BlobViolation)
-                    {
-                        tracing::warn!(peer = %self.peer_id, error = %error, suppressed, "blob protocol violation");
-                    }
                     if let Some(stream) = stream {
                         self.streams
                             .cancel(stream, ErrorId::ProtocolViolation, error.message());

@@ -277,6 +277,8 @@ impl PeerDriver {
     /// callis dialled by the smaller id survives (both ends apply the same rule); a new callis
     /// dialled by the same side as the current one replaces it (the old one is likely dead).
     fn attach(&mut self, new: AuthenticatedStream, prefix: BytesMut) {
+        // The bytes the accept path read to tell the callis's kind were read from it.
+        self.count_in(prefix.len());
         if self.shutting_down {
             return;
         }
@@ -310,6 +312,12 @@ impl PeerDriver {
             self.session.recv_buf().extend_from_slice(&prefix);
             self.session.handle_input(Self::now());
         }
+    }
+
+    /// Counts bytes read from a primary callis.
+    fn count_in(&self, n: usize) {
+        self.ctx.recorder.add(C::primary_bytes_in, n as u64);
+        self.cells.bytes_in.fetch_add(n as u64, Ordering::Relaxed);
     }
 
     fn drop_stream(&mut self) {
@@ -458,7 +466,6 @@ impl PeerDriver {
                     let Some(peer) = self.peer_identity.clone() else {
                         continue;
                     };
-                    self.ctx.recorder.inc(C::messages_received);
                     if message.msg_type == BLOB_OPEN_TYPE {
                         self.deliver_blob_open(peer, peer_epoch, message);
                         continue;
@@ -505,8 +512,7 @@ impl PeerDriver {
                         error.id(),
                         ErrorId::ProtocolViolation | ErrorId::UnsupportedVersion
                     ) {
-                        self.ctx.recorder.inc(C::protocol_violations);
-                        self.ctx.recorder.error(error.clone());
+                        self.ctx.recorder.protocol_violation(&self.peer_id, &error);
                     }
                     self.close_reason = Some(error);
                 }
@@ -523,7 +529,9 @@ impl PeerDriver {
         message: super::frame::MessageFrame,
     ) {
         let id = message.id;
+        let recorder = self.ctx.recorder.clone();
         let refuse = |session: &mut Session, error: ErrorId, reason: &str| {
+            recorder.refused(error);
             session.answer(peer_epoch, id, system_rejection(error, reason));
         };
         let Some((stream, app_type, header)) = decode_blob_open(&message.payload) else {

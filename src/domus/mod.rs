@@ -1203,28 +1203,41 @@ async fn accept_loop(shared: Arc<Shared>, listener: Listener, stop: Cancellation
                     return;
                 }
             };
+            let mut stream = stream;
             let peer_id = stream.peer().id().clone();
+            let mut prefix = BytesMut::with_capacity(512);
             let slot = match UnopenedSlot::take(&shared2, &peer_id) {
                 Ok(slot) => slot,
-                Err(e) => return shared2.refuse(stream, e).await,
+                Err(e) => return shared2.refuse(stream, e, &prefix).await,
             };
+            let hello_timeout = shared2.config.load().hello_timeout;
             let first = tokio::select! {
                 () = stop2.cancelled() => return,
-                r = tokio::time::timeout(shared2.config.load().hello_timeout, first_frame(stream)) => r,
+                r = tokio::time::timeout(hello_timeout, first_frame(&mut stream, &mut prefix)) => r,
             };
             drop(slot);
             match first {
-                Ok(Ok((stream, kind, prefix))) => {
+                Ok(Ok(kind)) => {
                     if let Err(e) = shared2.check_peer_limit(&peer_id) {
-                        return shared2.refuse(stream, e).await;
+                        return shared2.refuse(stream, e, &prefix).await;
                     }
                     shared2.attach_inbound(stream, kind, prefix);
                 }
+                Ok(Err(e)) if e.id() == ErrorId::ProtocolViolation => {
+                    shared2.refuse(stream, e, &prefix).await;
+                }
                 Ok(Err(e)) => {
-                    tracing::debug!(error = %e, "inbound callis closed before its first frame")
+                    shared2.recorder.add(C::primary_bytes_in, prefix.len() as u64);
+                    tracing::debug!(peer = %peer_id, error = %e, "inbound callis closed before its first frame");
                 }
                 Err(_) => {
-                    tracing::debug!("inbound callis sent no first frame within hello_timeout")
+                    let e = Error::new(
+                        ErrorId::ProtocolViolation,
+                        format!(
+                            "the callis sent no complete first frame within {hello_timeout:?} (hello_timeout)"
+                        ),
+                    );
+                    shared2.refuse(stream, e, &prefix).await;
                 }
             }
         });
@@ -1289,12 +1302,13 @@ const REFUSAL_WRITE_TIMEOUT: Duration = Duration::from_secs(1);
 /// BLOB_HELLO is far shorter).
 const FIRST_FRAME_MAX: usize = 4096;
 
-/// Reads an inbound callis up to the end of its first frame; returns the stream, the frame's
-/// type and every byte read (the whole first frame, perhaps more).
+/// Reads an inbound callis up to the end of its first frame into `buf` (the whole first
+/// frame, perhaps more) and returns the frame's type. A first frame that is neither HELLO nor
+/// BLOB_HELLO, or longer than either can be, is a `ProtocolViolation`.
 async fn first_frame(
-    mut stream: AuthenticatedStream,
-) -> Result<(AuthenticatedStream, FrameType, BytesMut), Error> {
-    let mut buf = BytesMut::with_capacity(512);
+    stream: &mut AuthenticatedStream,
+    buf: &mut BytesMut,
+) -> Result<FrameType, Error> {
     loop {
         if let Some(header) = buf.get(..HEADER_LEN) {
             let mut len = [0u8; 4];
@@ -1309,11 +1323,11 @@ async fn first_frame(
                 ));
             }
             if buf.len() >= HEADER_LEN.saturating_add(len) {
-                return Ok((stream, kind, buf));
+                return Ok(kind);
             }
         }
         let n = stream
-            .read_buf(&mut buf)
+            .read_buf(buf)
             .await
             .map_err(|e| Error::io("reading the first frame", &e))?;
         if n == 0 {
@@ -1357,24 +1371,36 @@ impl Shared {
         Ok(())
     }
 
-    /// Writes a CLOSE carrying `error` (within [`REFUSAL_WRITE_TIMEOUT`]) and drops the
-    /// callis; the refusal is counted, published on the error feed and logged (rate-limited).
-    async fn refuse(&self, mut stream: AuthenticatedStream, error: Error) {
-        self.recorder.inc(C::calles_refused);
-        if let Some(suppressed) = self
-            .recorder
-            .log_allowed(crate::reporting::LogKind::CallisRefused)
-        {
-            tracing::warn!(error = %error, suppressed, "inbound callis refused");
+    /// Writes a CLOSE carrying `error` (within [`REFUSAL_WRITE_TIMEOUT`]) and drops an
+    /// inbound callis that never reached a driver, after `read` was read from it. A refusal
+    /// by the connection limits counts in `calles_refused`, a bad first frame in
+    /// `protocol_violations`; either is published on the error feed (naming the peer) and
+    /// logged, rate-limited. The bytes read and the CLOSE written count like any callis's.
+    async fn refuse(&self, mut stream: AuthenticatedStream, error: Error, read: &[u8]) {
+        let peer = stream.peer().id().clone();
+        self.recorder.add(C::primary_bytes_in, read.len() as u64);
+        if error.id() == ErrorId::ProtocolViolation {
+            self.recorder.protocol_violation(&peer, &error);
+        } else {
+            self.recorder.inc(C::calles_refused);
+            if let Some(suppressed) = self
+                .recorder
+                .log_allowed(crate::reporting::LogKind::CallisRefused)
+            {
+                tracing::warn!(%peer, error = %error, suppressed, "inbound callis refused");
+            }
+            self.recorder.error(error.clone());
         }
         let mut close = BytesMut::new();
         crate::a1_callis::frame::encode_close(&mut close, error.id().as_u32(), error.message());
-        self.recorder.error(error);
-        let _ = tokio::time::timeout(REFUSAL_WRITE_TIMEOUT, async {
+        let written = tokio::time::timeout(REFUSAL_WRITE_TIMEOUT, async {
             tokio::io::AsyncWriteExt::write_all(&mut stream, &close).await?;
             tokio::io::AsyncWriteExt::shutdown(&mut stream).await
         })
         .await;
+        if matches!(written, Ok(Ok(()))) {
+            self.recorder.add(C::primary_bytes_out, close.len() as u64);
+        }
     }
 
     fn attach_inbound(

@@ -8,7 +8,8 @@
 //!
 //! Names are stable: `vicus_<counter>_total` for counters, `vicus_<gauge>` and
 //! `vicus_<gauge>_peak` for gauges, `vicus_peer_*` per peer (label `peer`, bounded by the peers
-//! this domus talks to), `vicus_rejected_total` and `vicus_handshake_failures_by_reason_total`
+//! this domus talks to), `vicus_rejected_total` (sends of ours refused), `vicus_refused_total`
+//! (messages from peers refused before a handler) and `vicus_handshake_failures_by_reason_total`
 //! (label `reason`, an [`ErrorId`](crate::ErrorId) name), `vicus_send_latency_seconds` (label
 //! `quantile`), `vicus_listener_<counter>_total` and `vicus_listener_pending_handshakes` (the
 //! listener's pre-authentication admission and handshake counters). Every series carries the
@@ -43,6 +44,10 @@ impl Reporting {
         gauge(&domus, "blob_streams", s.blob_streams);
         for (reason, n) in &self.recorder.rejected_totals() {
             metrics::counter!("vicus_rejected_total", "domus" => domus.clone(), "reason" => reason.name())
+                .absolute(*n);
+        }
+        for (reason, n) in &self.recorder.refused_totals() {
+            metrics::counter!("vicus_refused_total", "domus" => domus.clone(), "reason" => reason.name())
                 .absolute(*n);
         }
         for (reason, n) in &self.recorder.handshake_failure_totals() {

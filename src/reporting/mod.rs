@@ -243,8 +243,12 @@ counters! {
     handshake_failures,
     /// Messages handed to a peer's session (or a local taberna).
     messages_sent,
-    /// Messages delivered to local tabernas from peers.
+    /// Messages from peers that reached a local taberna's inbox (blob-opening messages
+    /// included).
     messages_received,
+    /// Messages from peers that vicus refused before any handler saw them (unknown taberna,
+    /// allow-list, message type, full inbox, blob limits); by reason in `Snapshot::refused_by`.
+    messages_refused,
     /// Sends answered `Accepted`.
     messages_accepted,
     /// Sends answered with a reply.
@@ -348,6 +352,9 @@ pub struct Snapshot {
     /// Rejections since the last reset by error id (`RemoteTabernaRejected` for the
     /// application's own, `UnknownTaberna`, `TabernaBusy`, …).
     pub rejected_by: BTreeMap<ErrorId, u64>,
+    /// Messages from peers refused before any handler saw them, since the last reset, by
+    /// error id (`UnknownTaberna`, `Forbidden`, `MessageTypeNotAccepted`, `TabernaBusy`, …).
+    pub refused_by: BTreeMap<ErrorId, u64>,
     /// Inbound handshake failures since the last reset by reason.
     pub handshake_failures_by: BTreeMap<ErrorId, u64>,
     /// Send-to-answer latency since the last reset.
@@ -414,9 +421,9 @@ pub const LOG_WINDOW: Duration = Duration::from_secs(10);
 /// Kinds of warnings a peer can trigger, each with its own log budget.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum LogKind {
-    BlobViolation,
     AcceptFailed,
     CallisRefused,
+    ProtocolViolation,
 }
 
 #[derive(Default)]
@@ -470,6 +477,7 @@ pub(crate) struct Recorder {
     blob_calles: GaugeCell,
     blob_streams: GaugeCell,
     rejected_by: Mutex<BTreeMap<ErrorId, u64>>,
+    refused_by: Mutex<BTreeMap<ErrorId, u64>>,
     handshake_failures_by: Mutex<BTreeMap<ErrorId, u64>>,
     latency: [AtomicU64; LATENCY_BUCKETS],
     per_peer: Mutex<HashMap<DomusId, Arc<PeerCells>>>,
@@ -486,6 +494,7 @@ struct Base {
     counters: Counters,
     at: Instant,
     rejected_by: BTreeMap<ErrorId, u64>,
+    refused_by: BTreeMap<ErrorId, u64>,
     handshake_failures_by: BTreeMap<ErrorId, u64>,
     latency: Vec<u64>,
 }
@@ -513,6 +522,7 @@ impl Recorder {
                 counters: Counters::default(),
                 at: now,
                 rejected_by: BTreeMap::new(),
+                refused_by: BTreeMap::new(),
                 handshake_failures_by: BTreeMap::new(),
                 latency: vec![0; LATENCY_BUCKETS],
             }),
@@ -521,6 +531,7 @@ impl Recorder {
             blob_calles: GaugeCell::default(),
             blob_streams: GaugeCell::default(),
             rejected_by: Mutex::new(BTreeMap::new()),
+            refused_by: Mutex::new(BTreeMap::new()),
             handshake_failures_by: Mutex::new(BTreeMap::new()),
             latency: std::array::from_fn(|_| AtomicU64::new(0)),
             per_peer: Mutex::new(HashMap::new()),
@@ -624,6 +635,30 @@ impl Recorder {
             .or_default() += 1;
     }
 
+    /// A message from a peer refused before any handler saw it.
+    pub(crate) fn refused(&self, id: ErrorId) {
+        self.inc(C::messages_refused);
+        *self
+            .refused_by
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .entry(id)
+            .or_default() += 1;
+    }
+
+    /// A peer broke the protocol on a callis (which is being closed): counted, logged
+    /// (rate-limited) and published on the error feed with the peer's identity.
+    pub(crate) fn protocol_violation(&self, peer: &DomusId, error: &Error) {
+        self.inc(C::protocol_violations);
+        if let Some(suppressed) = self.log_allowed(LogKind::ProtocolViolation) {
+            tracing::warn!(%peer, error = %error, suppressed, "protocol violation; callis closed");
+        }
+        self.error(Error::new(
+            error.id(),
+            format!("{peer}: {}", error.message()),
+        ));
+    }
+
     pub(crate) fn handshake_failed(&self, error: &Error) {
         self.inc(C::handshake_failures);
         if error.id() == ErrorId::IdentityMismatch {
@@ -659,9 +694,9 @@ impl Recorder {
     /// how many of that kind were suppressed before it.
     pub(crate) fn log_allowed(&self, kind: LogKind) -> Option<u64> {
         let limiter = match kind {
-            LogKind::BlobViolation => &self.log_limits[0],
-            LogKind::AcceptFailed => &self.log_limits[1],
-            LogKind::CallisRefused => &self.log_limits[2],
+            LogKind::AcceptFailed => &self.log_limits[0],
+            LogKind::CallisRefused => &self.log_limits[1],
+            LogKind::ProtocolViolation => &self.log_limits[2],
         };
         limiter.allow(self.now_us())
     }
@@ -699,6 +734,11 @@ impl Recorder {
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .clone();
+        let refused_total = self
+            .refused_by
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone();
         let handshake_total = self
             .handshake_failures_by
             .lock()
@@ -708,6 +748,7 @@ impl Recorder {
         let counters = totals.minus(&base.counters);
         let interval = base.at.elapsed();
         let rejected_by = minus_map(&rejected_total, &base.rejected_by);
+        let refused_by = minus_map(&refused_total, &base.refused_by);
         let handshake_failures_by = minus_map(&handshake_total, &base.handshake_failures_by);
         let delta_buckets: Vec<u64> = buckets
             .iter()
@@ -722,6 +763,7 @@ impl Recorder {
             blob_calles: self.blob_calles.read(),
             blob_streams: self.blob_streams.read(),
             rejected_by,
+            refused_by,
             handshake_failures_by,
             latency: latency_of(delta_buckets),
             per_peer: self.per_peer_reports(),
@@ -737,6 +779,7 @@ impl Recorder {
                 counters: totals,
                 at: Instant::now(),
                 rejected_by: rejected_total,
+                refused_by: refused_total,
                 handshake_failures_by: handshake_total,
                 latency: buckets,
             };
@@ -755,6 +798,14 @@ impl Recorder {
     #[cfg(feature = "metrics")]
     fn rejected_totals(&self) -> BTreeMap<ErrorId, u64> {
         self.rejected_by
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    #[cfg(feature = "metrics")]
+    fn refused_totals(&self) -> BTreeMap<ErrorId, u64> {
+        self.refused_by
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .clone()

@@ -384,6 +384,11 @@ impl TabernaRequest {
     fn finish(&mut self, answer: Answer) {
         self.responder.finish(answer);
     }
+
+    /// Whether it came from a peer (rather than from this domus).
+    fn is_remote(&self) -> bool {
+        matches!(self.responder.sink, Some(AnswerSink::Remote { .. }))
+    }
 }
 
 /// A rejection decided by vicus rather than by the application.
@@ -479,7 +484,16 @@ impl Registry {
     }
 
     /// Offers a request to its taberna. On refusal the request is answered (rejected) here.
+    /// A request from a peer is counted once: received when it reaches the inbox, refused
+    /// (by reason) otherwise.
     pub(crate) fn deliver(&self, request: TabernaRequest) {
+        let remote = request.is_remote();
+        let refuse = |mut request: TabernaRequest, error: ErrorId, reason: &str| {
+            if remote {
+                self.recorder.refused(error);
+            }
+            request.finish(system_rejection(error, reason));
+        };
         let refusal = {
             let entries = self.entries.load();
             match entries.get(&request.destination) {
@@ -518,27 +532,22 @@ impl Registry {
                             self.recorder.event(Event::QueueOverrun {
                                 taberna: request.destination.0,
                             });
-                            let mut r = request;
-                            r.finish(system_rejection(
-                                ErrorId::TabernaBusy,
-                                "the taberna's inbox is full",
-                            ));
+                            refuse(request, ErrorId::TabernaBusy, "the taberna's inbox is full");
                             return;
                         }
                         match entry.inbox.try_send(request) {
-                            Ok(()) => return,
-                            Err(async_channel::TrySendError::Full(mut r)) => {
-                                r.finish(system_rejection(
-                                    ErrorId::TabernaBusy,
-                                    "the taberna's inbox is full",
-                                ));
+                            Ok(()) => {
+                                if remote {
+                                    self.recorder.inc(C::messages_received);
+                                }
                                 return;
                             }
-                            Err(async_channel::TrySendError::Closed(mut r)) => {
-                                r.finish(system_rejection(
-                                    ErrorId::TabernaShutdown,
-                                    "the taberna is shutting down",
-                                ));
+                            Err(async_channel::TrySendError::Full(r)) => {
+                                refuse(r, ErrorId::TabernaBusy, "the taberna's inbox is full");
+                                return;
+                            }
+                            Err(async_channel::TrySendError::Closed(r)) => {
+                                refuse(r, ErrorId::TabernaShutdown, "the taberna is shutting down");
                                 return;
                             }
                         }
@@ -547,8 +556,7 @@ impl Registry {
             }
         };
         if let Some((error, reason)) = refusal {
-            let mut request = request;
-            request.finish(system_rejection(error, reason));
+            refuse(request, error, reason);
         }
     }
 }
