@@ -121,7 +121,9 @@
 //! * A taberna's inbox is bounded (`inbox_depth`, default 4096); when it is full a delivery is
 //!   answered `TabernaBusy` at once instead of queueing.
 //! * Payloads are limited to `max_message_len` (default 1 MiB) and refused locally with
-//!   `PayloadTooLarge` before anything is sent.
+//!   `PayloadTooLarge` before anything is sent. Replies are held to the same limit on both
+//!   ends: a handler's reply larger than either side's `max_message_len` is not sent, and the
+//!   sender's send fails with `PayloadTooLarge`.
 //! * Every wait is bounded: connects by `connect_timeout`, handshakes by `handshake_timeout`,
 //!   resolver calls by `resolve_timeout`, sends by their timeout, shutdown by
 //!   `shutdown_timeout`; concurrent handshakes by `max_pending_handshakes` (global and per

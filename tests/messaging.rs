@@ -950,3 +950,67 @@ async fn messaging_over_a_unix_socket_shows_the_peer_process() {
     })
     .await;
 }
+
+/// A worker that replies to every request with as many bytes as its payload's first four
+/// bytes say.
+fn spawn_sized_replies(t: vicus::Taberna) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        while let Some(req) = t.recv().await {
+            let n = u32::from_be_bytes(req.payload()[..4].try_into().expect("4 bytes"));
+            req.reply(Bytes::from(vec![7u8; n as usize]));
+        }
+    })
+}
+
+async fn reply_of(a: &Domus, taberna: u64, n: u32) -> Result<usize, ErrorId> {
+    match a
+        .send(
+            TabernaId(taberna),
+            APP,
+            Bytes::copy_from_slice(&n.to_be_bytes()),
+            send_opts(5_000),
+        )
+        .await
+    {
+        Ok(Delivery::Replied(p)) => Ok(p.len()),
+        Ok(other) => panic!("{other:?}"),
+        Err(e) => Err(e.id()),
+    }
+}
+
+#[tokio::test]
+async fn replies_are_held_to_max_message_len_on_both_ends_and_locally() {
+    within(async {
+        let mut mesh = Mesh::new();
+        let mut small = DomusConfig::default();
+        small.max_message_len = 1000;
+        // The sender's limit: a reply larger than the sender accepts is refused.
+        let a = mesh.domus_with("a", small.clone()).await;
+        let b = mesh.domus("b").await;
+        mesh.route(10, &b);
+        spawn_sized_replies(b.taberna(TabernaId(10)).expect("taberna"));
+        assert_eq!(reply_of(&a, 10, 1000).await, Ok(1000));
+        assert_eq!(
+            reply_of(&a, 10, 1001).await,
+            Err(ErrorId::PayloadTooLarge),
+            "a reply one byte over the sender's max_message_len"
+        );
+        // The receiver's own limit applies to what it sends back.
+        let c = mesh.domus_with("c", small.clone()).await;
+        mesh.route(11, &c);
+        spawn_sized_replies(c.taberna(TabernaId(11)).expect("taberna"));
+        assert_eq!(reply_of(&b, 11, 1000).await, Ok(1000));
+        assert_eq!(
+            reply_of(&b, 11, 1001).await,
+            Err(ErrorId::PayloadTooLarge),
+            "a reply one byte over the receiver's max_message_len"
+        );
+        // And a taberna on the same domus.
+        spawn_sized_replies(a.taberna(TabernaId(12)).expect("taberna"));
+        assert_eq!(reply_of(&a, 12, 1000).await, Ok(1000));
+        assert_eq!(reply_of(&a, 12, 1001).await, Err(ErrorId::PayloadTooLarge));
+        // The callis survives: the next send is answered.
+        assert_eq!(reply_of(&a, 10, 10).await, Ok(10));
+    })
+    .await;
+}

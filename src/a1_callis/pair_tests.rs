@@ -872,3 +872,59 @@ fn t24_a_peer_spamming_unknown_tabernas_is_closed_at_the_refusal_budget() {
     assert_eq!(closed_with(&q.b_events), None);
     assert_eq!(q.finished().len(), 150);
 }
+
+fn rejected_with(o: &Outcome) -> Option<u32> {
+    match o {
+        Outcome::Answered(Answer::Rejected { error, .. }) => Some(*error),
+        _ => None,
+    }
+}
+
+#[test]
+fn a_reply_over_the_payload_limit_is_turned_into_a_rejection_on_both_ends() {
+    // b's handler replies one byte over the limit both sides share: b refuses to send it.
+    let config = SessionConfig {
+        max_frame_len: (1000 + frame::MESSAGE_FIXED_LEN) as u32,
+        ..SessionConfig::default()
+    };
+    let mut p = Pair::new(config);
+    p.connect();
+    let epoch = p.b.peer_epoch().expect("epoch");
+    let fits = p.send(APP, b"1", Duration::from_secs(5));
+    let over = p.send(APP, b"2", Duration::from_secs(5));
+    p.pump();
+    p.b.answer(epoch, fits, Answer::Replied(Bytes::from(vec![0u8; 1000])));
+    p.b.answer(epoch, over, Answer::Replied(Bytes::from(vec![0u8; 1001])));
+    p.pump();
+    let finished = p.finished();
+    let outcome = |id| {
+        finished
+            .iter()
+            .find(|(i, _)| *i == id)
+            .map(|(_, o)| o.clone())
+    };
+    assert!(
+        matches!(outcome(fits), Some(Outcome::Answered(Answer::Replied(r))) if r.len() == 1000)
+    );
+    assert_eq!(
+        outcome(over).as_ref().and_then(rejected_with),
+        Some(ErrorId::PayloadTooLarge.as_u32())
+    );
+
+    // A peer that ignores the limit: a's own check refuses what b wrote anyway, and the
+    // callis stays open (the frame itself was within the frame limit).
+    let late = p.send(APP, b"3", Duration::from_secs(5));
+    p.pump();
+    let mut wire = BytesMut::new();
+    frame::encode_reply(&mut wire, late, &[0u8; 1001]);
+    p.a.recv_buf().extend_from_slice(&wire);
+    p.a.handle_input(p.now);
+    p.drain_events();
+    let finished = p.finished();
+    let got = finished.iter().find(|(i, _)| *i == late).map(|(_, o)| o);
+    assert_eq!(
+        got.and_then(rejected_with),
+        Some(ErrorId::PayloadTooLarge.as_u32())
+    );
+    assert_eq!(closed_with(&p.a_events), None);
+}

@@ -413,10 +413,16 @@ impl Session {
         self.peer_epoch
     }
 
-    /// The longest payload the peer accepts in one message.
+    /// The longest payload in one message (or reply) either way: the smaller of what the peer
+    /// accepts and what this side accepts.
     pub fn max_payload_len(&self) -> usize {
         (self.peer_max_frame_len.min(self.config.max_frame_len) as usize)
             .saturating_sub(frame::MESSAGE_FIXED_LEN)
+    }
+
+    /// The longest payload this side accepts (its `max_message_len`).
+    fn own_max_payload_len(&self) -> usize {
+        (self.config.max_frame_len as usize).saturating_sub(frame::MESSAGE_FIXED_LEN)
     }
 
     /// A new callis to the peer is authenticated; `peer_cert_id` is the id its certificate
@@ -585,6 +591,13 @@ impl Session {
         if self.peer_epoch != Some(peer_epoch) {
             return;
         }
+        // A reply is a message too: it is held to the smaller of both sides' payload limits.
+        let answer = match answer {
+            Answer::Replied(p) if p.len() > self.max_payload_len() => {
+                too_large_reply(p.len(), self.max_payload_len())
+            }
+            other => other,
+        };
         if !self.within_refusal_budget(&answer) {
             let budget = self.config.max_refusals_per_second;
             self.close(Error::new(
@@ -924,6 +937,12 @@ impl Session {
             ));
             return;
         }
+        // This side's own limit, whatever the peer applied.
+        let max = self.own_max_payload_len();
+        let answer = match answer {
+            Answer::Replied(p) if p.len() > max => too_large_reply(p.len(), max),
+            other => other,
+        };
         // Answers to messages we no longer hold (timed out, or answered twice after a
         // replay) are ignored.
         if let Some(r) = self.retained.remove(id) {
@@ -1198,6 +1217,17 @@ impl Session {
             r.ever_transmitted = true;
             self.stats.messages_sent = self.stats.messages_sent.saturating_add(1);
         }
+    }
+}
+
+/// The rejection that replaces a reply of `len` bytes over the `max`-byte payload limit.
+pub(crate) fn too_large_reply(len: usize, max: usize) -> Answer {
+    Answer::Rejected {
+        error: ErrorId::PayloadTooLarge.as_u32(),
+        code: 0,
+        reason: format!(
+            "the reply of {len} bytes exceeds the {max}-byte payload limit (max_message_len)"
+        ),
     }
 }
 

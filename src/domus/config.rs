@@ -31,8 +31,9 @@ pub struct DomusConfig {
     pub send_timeout: Duration,
     /// The bound on one resolver call. Default 2 s; 1 ms to 1 min.
     pub resolve_timeout: Duration,
-    /// The largest message payload this domus sends or accepts. Default 1 MiB; 0 to 64 MiB.
-    /// Larger data belongs in a blob.
+    /// The largest message payload this domus sends or accepts, replies included (a reply
+    /// over the limit of either side reaches the sender as `PayloadTooLarge`). Default 1 MiB;
+    /// 0 to 64 MiB. Larger data belongs in a blob.
     pub max_message_len: usize,
     /// Messages in flight (queued or unanswered) per peer; `send` waits for a slot, `try_send`
     /// fails with `LocalQueueFull`. Default 4096; 1 to 1 048 576.

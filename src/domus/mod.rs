@@ -42,7 +42,7 @@ use crate::a1_callis::driver::{
     DriverContext, InFlight, PeerCommand, PeerDriver, PeerLinks, rand_u64, record_failure,
 };
 use crate::a1_callis::frame::{FrameType, HEADER_LEN};
-use crate::a1_callis::session::{A3_MESSAGE_TYPE_BASE, Answer, Outgoing, Session};
+use crate::a1_callis::session::{A3_MESSAGE_TYPE_BASE, Answer, Outgoing, Session, too_large_reply};
 use crate::error::{Error, ErrorId, untrusted};
 use crate::reporting::{C, Event, Recorder, Reporting};
 use crate::taberna::{
@@ -926,8 +926,12 @@ impl Shared {
         let (done, rx) = oneshot::channel();
         let context = format!("local {taberna}");
         let recorder = self.recorder.clone();
+        let max_reply = self.config.load().max_message_len;
         tokio::spawn(async move {
             let result = match tokio::time::timeout(timeout, answer_rx).await {
+                Ok(Ok(Answer::Replied(p))) if p.len() > max_reply => {
+                    local_result(too_large_reply(p.len(), max_reply), &context)
+                }
                 Ok(Ok(answer)) => local_result(answer, &context),
                 Ok(Err(_)) => Err(Error::new(
                     ErrorId::RequestDropped,
