@@ -906,11 +906,15 @@ async fn t25_the_per_peer_byte_budget_bounds_what_a_slow_peer_pins() {
         )
         .await
         .expect("fits");
-        held.await.expect("answered");
+        // The echo of 600 bytes is 605: over a's max_message_len, so it comes back refused.
+        let echoed = held.await.expect_err("the echo is too large a reply");
+        assert_eq!(echoed.id(), ErrorId::PayloadTooLarge, "{echoed}");
+        // 595 bytes beside the 600 held before would not fit: the budget was returned (and
+        // its 600-byte echo is within the limit).
         a.try_send(
             TabernaId(10),
             APP,
-            Bytes::from(vec![5u8; 600]),
+            Bytes::from(vec![5u8; 595]),
             send_opts(5_000),
         )
         .await

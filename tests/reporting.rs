@@ -761,3 +761,63 @@ async fn every_byte_written_on_a_callis_is_counted_as_read_on_the_other_end() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn t29_a_chain_its_own_trust_anchors_do_not_verify_is_refused_at_build_and_reload() {
+    within(async {
+        let mut mesh = Mesh::new();
+        let mut other = ca_named("another CA");
+        // a's identity with a key that matches, but signed by a CA a does not trust.
+        let stranger = other.leaf("a").expect("mint");
+        let e = Domus::builder(auth_trusting(&mesh.ca, &stranger))
+            .build()
+            .await
+            .expect_err("the builder verifies the domus's own chain");
+        assert_eq!(e.id(), ErrorId::InvalidAuthMaterial, "{e}");
+        assert!(e.message().contains("trust anchors"), "{e}");
+
+        let a = mesh.domus("a").await;
+        let b = mesh.domus("b").await;
+        mesh.route(10, &b);
+        mesh.route(20, &a);
+        spawn_worker(b.taberna(TabernaId(10)).expect("taberna"));
+        spawn_worker(a.taberna(TabernaId(20)).expect("taberna"));
+        let mut events = a.reporting().events();
+        let seq = a.reporting().last_error_seq();
+        let e = a
+            .reload_auth(auth_trusting(&mesh.ca, &stranger))
+            .expect_err("reload_auth verifies the new chain");
+        assert_eq!(e.id(), ErrorId::InvalidAuthMaterial, "{e}");
+        assert!(e.message().contains("trust anchors"), "{e}");
+        let e = a
+            .transport()
+            .reload_auth(auth_trusting(&mesh.ca, &stranger))
+            .expect_err("so does the transport's");
+        assert_eq!(e.id(), ErrorId::InvalidAuthMaterial, "{e}");
+        while let Some(item) = events.try_recv() {
+            assert_ne!(
+                item,
+                FeedItem::Item(Event::AuthReloaded),
+                "nothing reloaded"
+            );
+        }
+        assert!(!a.reporting().errors_since(seq, 10).errors.is_empty());
+        // The old material stays: new calles both ways still handshake.
+        for (from, to) in [(&a, 10), (&b, 20)] {
+            from.send(
+                TabernaId(to),
+                APP,
+                Bytes::from_static(b"still here"),
+                opts().timeout(Duration::from_secs(5)),
+            )
+            .await
+            .expect("the old material still serves");
+        }
+        let probe = transport(&mut mesh.ca, "probe");
+        probe
+            .dial(a.local_addr(), Some(a.identity()))
+            .await
+            .expect("a fresh handshake with a still works");
+    })
+    .await;
+}

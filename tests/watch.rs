@@ -347,3 +347,34 @@ async fn bad_configs_and_unreadable_files_are_refused_at_spawn() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn a_leaf_signed_by_a_ca_the_volume_does_not_trust_is_reported_once_and_not_applied() {
+    within(async {
+        let s = setup().await;
+        let before = s.served().await;
+        let _watch = watch::spawn(&s.domus, s.volume.config()).expect("spawn watcher");
+        let mut events = s.domus.reporting().events();
+        // The right identity, the right key for it, but signed by another CA.
+        let mut other = ca_named("another CA");
+        let stranger = other.leaf("b").expect("mint");
+        let ca_pem = s.ca.cert_pem().to_owned();
+        let mut volume = s.volume;
+        volume.swap(&ca_pem, stranger.cert_pem(), stranger.key_pem());
+        let errors = errors_after_quiet(&s.domus).await;
+        assert!(!reload_seen(&mut events), "not applied");
+        assert_eq!(errors.len(), 1, "reported once: {errors:?}");
+        assert_eq!(errors[0].error.id(), ErrorId::InvalidAuthMaterial);
+        assert!(
+            errors[0].error.message().contains("trust anchors"),
+            "{errors:?}"
+        );
+        let probe = s.probe;
+        let stream = probe
+            .dial(s.domus.local_addr(), Some(s.domus.identity()))
+            .await
+            .expect("the old certificate still serves");
+        assert_eq!(stream.peer().fingerprint(), before);
+    })
+    .await;
+}

@@ -204,6 +204,11 @@ impl std::fmt::Debug for Transport {
 
 impl Transport {
     /// Builds a transport with the default crypto provider (see [`default_crypto_provider`]).
+    ///
+    /// The material must parse, its leaf must name exactly one URI SAN and the key must match
+    /// it. Whether the chain verifies against the trust anchors is not checked here (a test
+    /// may play a peer with a bad certificate); [`Transport::check_own_chain`] checks it, and
+    /// a domus and [`Transport::reload_auth`] refuse material that fails it.
     pub fn new(auth: AuthConfig, config: TransportConfig) -> Result<Self, Error> {
         Self::with_crypto_provider(auth, config, default_crypto_provider())
     }

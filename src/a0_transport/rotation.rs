@@ -22,10 +22,14 @@ impl Transport {
     /// handshake, on every listener and dial of this transport.
     ///
     /// The new leaf must name the same [`DomusId`](super::DomusId) as the current one: a domus
-    /// does not change identity while running. On any error nothing changes.
+    /// does not change identity while running. Its chain must verify against the new trust
+    /// anchors (and CRLs) now, as [`check_own_chain`](Self::check_own_chain) checks: a
+    /// certificate peers would refuse never replaces one they accept. On any error nothing
+    /// changes.
     pub fn reload_auth(&self, auth: AuthConfig) -> Result<(), Error> {
         let loaded = LoadedMaterial::load(&auth, &self.shared.ctx.provider)?;
         drop(auth);
+        loaded.verify_own_chain()?;
         let current = self.local_id();
         if loaded.local_id != current {
             return Err(Error::new(
@@ -39,6 +43,16 @@ impl Transport {
         self.shared.material.store(Arc::new(loaded));
         tracing::info!(id = %current, "A0 material reloaded");
         Ok(())
+    }
+
+    /// Verifies this transport's own certificate chain as peers will: against its trust
+    /// anchors and CRLs, at the current time. [`Domus::builder`](crate::Domus::builder) and
+    /// [`reload_auth`](Self::reload_auth) refuse material that fails it; a transport built
+    /// directly with [`Transport::new`](super::Transport::new) does not check it (so tests can
+    /// play a peer with a bad certificate), and a running domus can call this to learn that its
+    /// certificate expired.
+    pub fn check_own_chain(&self) -> Result<(), Error> {
+        self.shared.material.load().verify_own_chain()
     }
 
     /// Replaces the trust policy for every future handshake.

@@ -127,6 +127,42 @@ impl LoadedMaterial {
     }
 }
 
+impl LoadedMaterial {
+    /// Verifies this domus's own chain with the verifier peers run, against this material's
+    /// own trust anchors and CRLs, at the current time, for either role (a leaf usable only as
+    /// a server or only as a client still loads). Material that fails here would be refused
+    /// at every handshake by peers that trust the same anchors.
+    pub(crate) fn verify_own_chain(&self) -> Result<(), Error> {
+        let Some((leaf, intermediates)) = self.certified.cert.split_first() else {
+            return Err(Error::new(
+                ErrorId::InvalidAuthMaterial,
+                "the certificate chain is empty",
+            ));
+        };
+        let now = rustls::pki_types::UnixTime::now();
+        let as_server =
+            self.store
+                .verify(leaf, intermediates, now, webpki::KeyUsage::server_auth());
+        let Err((_, why)) = as_server else {
+            return Ok(());
+        };
+        let as_client =
+            self.store
+                .verify(leaf, intermediates, now, webpki::KeyUsage::client_auth());
+        if as_client.is_ok() {
+            return Ok(());
+        }
+        Err(Error::new(
+            ErrorId::InvalidAuthMaterial,
+            format!(
+                "the certificate chain of {} does not verify against its own trust anchors, so peers trusting them would refuse it: {}",
+                self.local_id,
+                why.message()
+            ),
+        ))
+    }
+}
+
 /// The SHA-256 implementation of `provider`, found through its TLS 1.3 cipher suites.
 pub(crate) fn sha256_of(provider: &CryptoProvider) -> Result<&'static dyn Hash, Error> {
     provider

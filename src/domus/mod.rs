@@ -187,6 +187,7 @@ impl DomusBuilder {
             .unwrap_or_else(crate::a0_transport::default_crypto_provider);
         let transport =
             Transport::with_crypto_provider(self.auth, self.config.transport.clone(), provider)?;
+        transport.check_own_chain()?;
         let bind = self
             .bind
             .unwrap_or_else(|| DomusAddr::tcp(([127, 0, 0, 1], 0)));
