@@ -64,7 +64,11 @@
 //! * **TLS 1.3 only, client certificates mandatory**, ALPN `vicus/1` required. rustls' TLS 1.2
 //!   support is not even compiled in. The crypto provider is explicit: aws-lc-rs by default,
 //!   preferring the post-quantum hybrid key exchange X25519MLKEM768, or ring with
-//!   `--no-default-features --features ring`. The library never installs a process-wide
+//!   `vicus = { default-features = false, features = ["ring"] }`. When both features are on
+//!   (Cargo unifies features, so another crate may turn `ring` on), aws-lc-rs is used and the
+//!   domus logs a warning at build that says so; [`DomusBuilder::crypto_provider`] takes any
+//!   provider instead. [`Domus::crypto_provider`], `Snapshot::crypto_provider` and the
+//!   start-up log line name the provider in use. The library never installs a process-wide
 //!   provider.
 //! * Chains are verified with rustls-webpki against the configured CA bundle only (never the
 //!   system roots): validity window, key usage (`serverAuth` for the listener,

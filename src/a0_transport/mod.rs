@@ -46,7 +46,8 @@ pub use identity::{
 };
 pub use material::AuthConfig;
 pub use stream::{AuthenticatedStream, DomusAddr};
-pub use tls::{ALPN_PROTOCOL, default_crypto_provider};
+pub(crate) use tls::BOTH_PROVIDERS_COMPILED;
+pub use tls::{ALPN_PROTOCOL, DEFAULT_CRYPTO_PROVIDER, default_crypto_provider};
 
 pub(crate) use admission::Tally;
 use admission::{AdmissionPermit, Counters, Gate, Source};

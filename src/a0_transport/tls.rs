@@ -44,15 +44,39 @@ const VERDICT_ACCEPTED: [u8; 4] = [b'V', b'A', 1, 0];
 /// SNI is disabled; rustls still needs a syntactically valid name for the client side.
 const PLACEHOLDER_SERVER_NAME: &str = "vicus.invalid";
 
+/// Which built-in provider is the default when features `aws-lc-rs` and `ring` are enabled
+/// as given: aws-lc-rs whenever it is compiled in (it is the default feature), ring only
+/// without it. Both together is legal — Cargo unifies features across a dependency tree, so a
+/// crate elsewhere may enable `ring` — and the choice is then reported, never silent.
+pub(crate) const fn provider_rule(aws_lc_rs: bool, ring: bool) -> Option<&'static str> {
+    match (aws_lc_rs, ring) {
+        (true, _) => Some("aws-lc-rs"),
+        (false, true) => Some("ring"),
+        (false, false) => None,
+    }
+}
+
+/// The name of the provider [`default_crypto_provider`] returns: `"aws-lc-rs"` or `"ring"`.
+pub const DEFAULT_CRYPTO_PROVIDER: &str =
+    match provider_rule(cfg!(feature = "aws-lc-rs"), cfg!(feature = "ring")) {
+        Some(name) => name,
+        None => "none",
+    };
+
+/// Whether both built-in providers are compiled in (the default is then aws-lc-rs).
+pub(crate) const BOTH_PROVIDERS_COMPILED: bool = cfg!(all(feature = "aws-lc-rs", feature = "ring"));
+
 /// The crypto provider vicus uses unless told otherwise: aws-lc-rs (post-quantum hybrid key
-/// exchange X25519MLKEM768 preferred) with feature `aws-lc-rs`, else ring with feature `ring`.
+/// exchange X25519MLKEM768 preferred) with feature `aws-lc-rs`, else ring with feature `ring`;
+/// see [`DEFAULT_CRYPTO_PROVIDER`].
 #[cfg(feature = "aws-lc-rs")]
 pub fn default_crypto_provider() -> Arc<CryptoProvider> {
     Arc::new(rustls::crypto::aws_lc_rs::default_provider())
 }
 
 /// The crypto provider vicus uses unless told otherwise: aws-lc-rs (post-quantum hybrid key
-/// exchange X25519MLKEM768 preferred) with feature `aws-lc-rs`, else ring with feature `ring`.
+/// exchange X25519MLKEM768 preferred) with feature `aws-lc-rs`, else ring with feature `ring`;
+/// see [`DEFAULT_CRYPTO_PROVIDER`].
 #[cfg(all(feature = "ring", not(feature = "aws-lc-rs")))]
 pub fn default_crypto_provider() -> Arc<CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
@@ -480,5 +504,18 @@ fn alert_error(alert: AlertDescription) -> Error {
             ErrorId::HandshakeFailed,
             format!("the peer aborted the handshake (TLS alert {other:?})"),
         ),
+    }
+}
+
+#[cfg(test)]
+mod provider_tests {
+    use super::provider_rule;
+
+    #[test]
+    fn the_provider_rule_prefers_aws_lc_rs_and_never_picks_silently() {
+        assert_eq!(provider_rule(true, false), Some("aws-lc-rs"));
+        assert_eq!(provider_rule(false, true), Some("ring"));
+        assert_eq!(provider_rule(true, true), Some("aws-lc-rs"));
+        assert_eq!(provider_rule(false, false), None);
     }
 }

@@ -172,7 +172,8 @@ impl DomusBuilder {
         self
     }
 
-    /// An explicit rustls crypto provider.
+    /// An explicit rustls crypto provider (reported as `"custom"`). Default:
+    /// [`default_crypto_provider`](crate::a0_transport::default_crypto_provider).
     pub fn crypto_provider(mut self, provider: Arc<rustls::crypto::CryptoProvider>) -> Self {
         self.provider = Some(provider);
         self
@@ -182,6 +183,17 @@ impl DomusBuilder {
     /// runtime.
     pub async fn build(self) -> Result<Domus, Error> {
         self.config.validate()?;
+        let provider_name = match &self.provider {
+            Some(_) => "custom",
+            None => crate::a0_transport::DEFAULT_CRYPTO_PROVIDER,
+        };
+        if self.provider.is_none() && crate::a0_transport::BOTH_PROVIDERS_COMPILED {
+            tracing::warn!(
+                "vicus is built with both crypto features, aws-lc-rs and ring; it uses aws-lc-rs. \
+                 For ring, depend on vicus with `default-features = false, features = [\"ring\"]`, \
+                 or pass a provider to DomusBuilder::crypto_provider"
+            );
+        }
         let provider = self
             .provider
             .unwrap_or_else(crate::a0_transport::default_crypto_provider);
@@ -197,6 +209,8 @@ impl DomusBuilder {
         let cancel = CancellationToken::new();
         let recorder = Recorder::new(&local_id);
         recorder.set_listener(listener.stats_handle());
+        recorder.set_crypto_provider(provider_name);
+        tracing::info!(id = %local_id, addr = %local_addr, crypto_provider = provider_name, "domus started");
         let registry = Arc::new(Registry::new(
             self.config.default_inbox_depth,
             recorder.clone(),
@@ -442,6 +456,12 @@ impl Domus {
     /// This domus's identity.
     pub fn identity(&self) -> &DomusId {
         &self.shared.local_id
+    }
+
+    /// The TLS crypto provider this domus runs on: `"aws-lc-rs"`, `"ring"` or `"custom"` (see
+    /// the crate docs, *Identity and security model*, for how it is chosen).
+    pub fn crypto_provider(&self) -> &'static str {
+        self.shared.recorder.crypto_provider()
     }
 
     /// This run's epoch (random; peers use it to detect a restart).

@@ -12,7 +12,8 @@
 //! (messages from peers refused before a handler) and `vicus_handshake_failures_by_reason_total`
 //! (label `reason`, an [`ErrorId`](crate::ErrorId) name), `vicus_send_latency_seconds` (label
 //! `quantile`), `vicus_listener_<counter>_total` and `vicus_listener_pending_handshakes` (the
-//! listener's pre-authentication admission and handshake counters). Every series carries the
+//! listener's pre-authentication admission and handshake counters), `vicus_crypto_provider_info`
+//! (1, label `provider`). Every series carries the
 //! label `domus` (this domus's id). This module must not label anything with unbounded values
 //! (message ids, addresses, peer-chosen strings).
 
@@ -58,6 +59,8 @@ impl Reporting {
             )
             .absolute(*n);
         }
+        metrics::gauge!("vicus_crypto_provider_info", "domus" => domus.clone(), "provider" => s.crypto_provider)
+            .set(1.0);
         let l = s.listener;
         for (name, value) in [
             ("admitted", l.admitted),

@@ -367,6 +367,9 @@ pub struct Snapshot {
     pub listener: crate::a0_transport::ListenerStats,
     /// Time covered by the deltas.
     pub interval: Duration,
+    /// The TLS crypto provider this domus runs on: `"aws-lc-rs"`, `"ring"`, or `"custom"`
+    /// (one passed to `DomusBuilder::crypto_provider`).
+    pub crypto_provider: &'static str,
 }
 
 #[derive(Default)]
@@ -483,6 +486,8 @@ pub(crate) struct Recorder {
     per_peer: Mutex<HashMap<DomusId, Arc<PeerCells>>>,
     /// The domus's listener, once bound.
     listener: std::sync::OnceLock<crate::a0_transport::StatsHandle>,
+    /// The crypto provider's name, once the domus has chosen it.
+    crypto_provider: std::sync::OnceLock<&'static str>,
     events: broadcast::Sender<Event>,
     errors: broadcast::Sender<SequencedError>,
     ring: Mutex<ErrorRing>,
@@ -536,6 +541,7 @@ impl Recorder {
             latency: std::array::from_fn(|_| AtomicU64::new(0)),
             per_peer: Mutex::new(HashMap::new()),
             listener: std::sync::OnceLock::new(),
+            crypto_provider: std::sync::OnceLock::new(),
             events: broadcast::channel(EVENT_BUFFER_LEN).0,
             errors: broadcast::channel(EVENT_BUFFER_LEN).0,
             ring: Mutex::new(ErrorRing {
@@ -616,6 +622,16 @@ impl Recorder {
     /// Lets snapshots read the listener's admission counters.
     pub(crate) fn set_listener(&self, handle: crate::a0_transport::StatsHandle) {
         let _ = self.listener.set(handle);
+    }
+
+    /// Records which crypto provider the domus runs on.
+    pub(crate) fn set_crypto_provider(&self, name: &'static str) {
+        let _ = self.crypto_provider.set(name);
+    }
+
+    /// The crypto provider's name (`"none"` before the domus chose one).
+    pub(crate) fn crypto_provider(&self) -> &'static str {
+        self.crypto_provider.get().copied().unwrap_or("none")
     }
 
     pub(crate) fn peers_cleared(&self) {
@@ -773,6 +789,7 @@ impl Recorder {
                 .map(crate::a0_transport::StatsHandle::stats)
                 .unwrap_or_default(),
             interval,
+            crypto_provider: self.crypto_provider(),
         };
         if reset {
             *base = Base {
