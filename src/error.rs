@@ -68,9 +68,11 @@ macro_rules! error_ids {
 error_ids! {
     /// The target taberna is not registered.
     UnknownTaberna = 1,
-    /// The local outbound queue is full.
+    /// The local outbound queue is full: no in-flight room before the send's deadline (or at
+    /// once, for `try_send`). The message was not sent.
     LocalQueueFull = 2,
-    /// The peer cannot be reached.
+    /// The peer cannot be reached: no callis to it opened before the send's deadline (the
+    /// message says why, with the last dial error). The message was not sent.
     PeerUnavailable = 3,
     /// The remote taberna rejected the delivery.
     RemoteTabernaRejected = 4,
@@ -88,7 +90,8 @@ error_ids! {
     DecodeFailure = 10,
     /// The destination taberna's inbox is full.
     TabernaBusy = 11,
-    /// A send did not complete within its timeout.
+    /// A send was written to the peer but not answered within its timeout: the outcome is
+    /// unknown (it may or may not have been delivered).
     SendTimeout = 12,
     /// A blob callis arrived without a primary callis.
     BlobCallisWithoutPrimary = 13,
@@ -167,6 +170,10 @@ error_ids! {
     /// The other end of a blob stream cancelled it (dropped its sender or receiver early, or
     /// called `cancel`).
     BlobCancelled = 156,
+    /// The peer shut down (it said so with a CLOSE `DomusClosed`). A send that ends with it was
+    /// never delivered, unless the peer's own rejection carries it: then a handler had the
+    /// message when the peer shut down and the outcome is unknown (see *Delivery semantics*).
+    PeerShutDown = 157,
 }
 
 impl fmt::Display for ErrorId {
@@ -184,6 +191,9 @@ pub struct Error {
     id: ErrorId,
     message: Box<str>,
     rejection: Option<Box<Rejection>>,
+    /// Set on a send's error when the message may have reached a handler (see
+    /// [`Error::outcome_unknown`]) for an id that does not say so by itself.
+    may_have_been_delivered: bool,
 }
 
 /// What a receiving taberna said when it rejected a delivery.
@@ -204,6 +214,7 @@ impl Error {
             id,
             message: message.into_boxed_str(),
             rejection: None,
+            may_have_been_delivered: false,
         }
     }
 
@@ -222,6 +233,26 @@ impl Error {
     /// The receiver's code and reason, when this is an application rejection.
     pub fn rejection(&self) -> Option<&Rejection> {
         self.rejection.as_deref()
+    }
+
+    /// For the error of a send: whether the message may have reached a handler on the
+    /// receiving domus, so the outcome is unknown (make handlers idempotent where it matters).
+    /// True for [`ErrorId::SendTimeout`] (it was written to the peer and not answered before
+    /// its deadline), [`ErrorId::PeerRestarted`] (the peer restarted while it was unanswered),
+    /// a [`ErrorId::PeerShutDown`] the peer answered with (a handler held it when the peer shut
+    /// down), and a [`ErrorId::DomusClosed`] for a message already written when this domus
+    /// shut down. False for every other error: the receiver refused the message, or it was
+    /// never delivered (`LocalQueueFull`, `PeerUnavailable`, a `PeerShutDown` from the
+    /// peer's CLOSE, `PayloadTooLarge`, …).
+    pub fn outcome_unknown(&self) -> bool {
+        self.may_have_been_delivered
+            || matches!(self.id, ErrorId::SendTimeout | ErrorId::PeerRestarted)
+    }
+
+    /// Marks a send's error as one whose message may have reached a handler.
+    pub(crate) fn maybe_delivered(mut self) -> Self {
+        self.may_have_been_delivered = true;
+        self
     }
 
     /// The stable id of this failure.
@@ -258,6 +289,9 @@ impl fmt::Debug for Error {
         d.field("id", &self.id).field("message", &self.message);
         if let Some(r) = &self.rejection {
             d.field("rejection", r);
+        }
+        if self.may_have_been_delivered {
+            d.field("outcome_unknown", &true);
         }
         d.finish()
     }

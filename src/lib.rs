@@ -103,8 +103,25 @@
 //! * A message is retained until answered. If the callis drops, unanswered messages are
 //!   replayed in order on the next callis with their original deadlines; the receiver's dedupe
 //!   window (by sender epoch and message id) answers duplicates without delivering them twice.
-//! * A timeout or `PeerRestarted` means **unknown outcome**: the message may or may not have
-//!   been delivered. Make handlers idempotent where that matters.
+//! * Every failed send says whether the message may have reached a handler:
+//!   [`Error::outcome_unknown`]. **Unknown outcome** (make handlers idempotent where that
+//!   matters): `SendTimeout` — the message was written to the peer and not answered before
+//!   its deadline; `PeerRestarted` — the peer restarted while it was unanswered; a
+//!   `PeerShutDown` the peer answered with — a handler held it when the peer shut down; a
+//!   `DomusClosed` for a message already written when this domus shut down. **Not
+//!   delivered** — every other error: `LocalQueueFull` (no in-flight room before its deadline,
+//!   or at once for `try_send`; or the peer's window never let it out), `PeerUnavailable` (no
+//!   callis to the peer opened before its deadline; it carries the last dial error, e.g.
+//!   "connection refused"), `PeerShutDown` from the peer's CLOSE, `PayloadTooLarge`,
+//!   `InvalidMessageType`, `DomusClosed` for a message never written — or refused by the
+//!   receiver (its rejection, `UnknownTaberna`, `TabernaBusy`, `Forbidden`, …). So only a send
+//!   the peer could have received ends as `SendTimeout`, and an unreachable peer is reported
+//!   as `PeerUnavailable` whichever queue the send waited in.
+//! * A peer that shuts down says so (CLOSE `DomusClosed`) after answering every request its
+//!   handlers still hold (with a `PeerShutDown` rejection); it reads nothing more. Its
+//!   senders' unanswered and waiting sends end at once with `PeerShutDown` (not delivered), and
+//!   later sends dial it once: while it cannot be reached they fail at once with `PeerShutDown`
+//!   carrying the dial error, and once it is back (a new run) they are sent as usual.
 //! * Messages to one peer are delivered in send order within a priority class (A2 before A3);
 //!   answers may come back in any order.
 //! * A send to a taberna on the same domus takes the same path minus the network: same

@@ -80,6 +80,28 @@ pub(crate) struct PeerLinks {
     pub(crate) cells: Arc<PeerCells>,
     /// `DomusConfig::max_callis_age` when the peer was created.
     pub(crate) max_callis_age: Option<Duration>,
+    /// Whether the peer can be reached, for sends waiting for room.
+    pub(crate) reachability: Arc<Reachability>,
+}
+
+/// Whether a peer can be reached, as its driver last found out: read by sends that waited
+/// for room in the peer's in-flight budget until their deadline, so they can say why they
+/// were never sent. Written by the driver only (when a dial fails, the peer shuts down, or a
+/// callis opens).
+#[derive(Default)]
+pub(crate) struct Reachability {
+    why_not: arc_swap::ArcSwapOption<Error>,
+}
+
+impl Reachability {
+    /// Why the peer cannot be reached now, if it cannot.
+    pub(crate) fn why_not(&self) -> Option<Error> {
+        self.why_not.load_full().map(|e| Error::clone(&e))
+    }
+
+    fn set(&self, why_not: Option<Error>) {
+        self.why_not.store(why_not.map(Arc::new));
+    }
 }
 
 /// Where the current callis is in its life under `max_callis_age`.
@@ -147,6 +169,10 @@ pub(crate) struct PeerDriver {
     /// When the current callis next needs attention under `max_callis_age`.
     age_timer: Option<Pin<Box<Sleep>>>,
     age: Age,
+    /// The peer said it shut down (CLOSE `DomusClosed`) and no callis has opened since: a
+    /// failed dial then fails what waits for it at once, with `PeerShutDown`.
+    peer_shut_down: bool,
+    reachability: Arc<Reachability>,
 }
 
 impl PeerDriver {
@@ -192,6 +218,8 @@ impl PeerDriver {
             max_callis_age: links.max_callis_age,
             age_timer: None,
             age: Age::Young,
+            peer_shut_down: false,
+            reachability: links.reachability,
         }
     }
 
@@ -204,6 +232,12 @@ impl PeerDriver {
             PeerCommand::Send { msg, done, permit } => {
                 if self.shutting_down {
                     let _ = done.send(Err(closed()));
+                    return;
+                }
+                if self.peer_shut_down && self.stream.is_none() && self.backoff.is_some() {
+                    // It shut down and the last dial since failed: fail now rather than
+                    // wait for the deadline (the next dial after the backoff may find it back).
+                    let _ = done.send(Err(self.shut_down_error()));
                     return;
                 }
                 let dst = msg.dst;
@@ -257,10 +291,27 @@ impl PeerDriver {
         self.dial = None;
         self.backoff = None;
         if self.stream.is_some() {
-            self.session.close(Error::new(
-                ErrorId::DomusClosed,
-                "the domus is shutting down",
-            ));
+            // Deliveries the handlers still hold are answered before the CLOSE goes out.
+            self.session.shut_down();
+        }
+    }
+
+    /// The error of a send that cannot go out because the peer shut down (and, when a dial
+    /// failed since, why it still cannot be reached).
+    fn shut_down_error(&self) -> Error {
+        match &self.last_dial_error {
+            Some(dial) => Error::new(
+                ErrorId::PeerShutDown,
+                format!(
+                    "{} shut down and cannot be reached ({}); the message was not sent",
+                    self.peer_id,
+                    dial.message()
+                ),
+            ),
+            None => Error::new(
+                ErrorId::PeerShutDown,
+                format!("{} shut down; the message was not sent", self.peer_id),
+            ),
         }
     }
 
@@ -414,13 +465,22 @@ impl PeerDriver {
             error: error.clone(),
         });
         rec.error(error.clone());
-        if permanent {
-            self.session.fail_all(Error::new(
+        self.last_dial_error = Some(error.clone());
+        if self.peer_shut_down {
+            let e = self.shut_down_error();
+            self.reachability.set(Some(e.clone()));
+            self.session.fail_unsent(e);
+        } else {
+            let unreachable = Error::new(
                 ErrorId::PeerUnavailable,
-                format!("{} is unreachable: {}", self.peer_id, error.message()),
-            ));
+                format!("{} could not be reached: {}", self.peer_id, error.message()),
+            );
+            self.reachability.set(Some(unreachable.clone()));
+            if permanent {
+                // What the peer may have received stays until its deadline.
+                self.session.fail_unsent(unreachable);
+            }
         }
-        self.last_dial_error = Some(error);
         let delay = jitter(self.backoff_next);
         self.backoff = Some(Box::pin(tokio::time::sleep(delay)));
         self.backoff_next = self
@@ -438,6 +498,8 @@ impl PeerDriver {
                 } => {
                     self.backoff_next = self.ctx.reconnect_backoff_min;
                     self.last_dial_error = None;
+                    self.peer_shut_down = false;
+                    self.reachability.set(None);
                     let _ = self.blob_tx.send(BlobCommand::PeerEpoch {
                         epoch: peer_epoch,
                         restarted,
@@ -513,6 +575,16 @@ impl PeerDriver {
                         ErrorId::ProtocolViolation | ErrorId::UnsupportedVersion
                     ) {
                         self.ctx.recorder.protocol_violation(&self.peer_id, &error);
+                    }
+                    if error.id() == ErrorId::PeerShutDown {
+                        // Sends from now on dial at once, and fail at once if that fails.
+                        self.peer_shut_down = true;
+                        self.backoff = None;
+                        self.backoff_next = self.ctx.reconnect_backoff_min;
+                        self.reachability.set(Some(Error::new(
+                            ErrorId::PeerShutDown,
+                            format!("{} shut down; the message was not sent", self.peer_id),
+                        )));
                     }
                     self.close_reason = Some(error);
                 }
@@ -628,6 +700,12 @@ impl PeerDriver {
                     Ok(ErrorId::RemoteTabernaRejected) => {
                         Err(Error::rejected(code, &reason, context))
                     }
+                    // A handler held it when the peer shut down.
+                    Ok(ErrorId::PeerShutDown) => Err(Error::new(
+                        ErrorId::PeerShutDown,
+                        format!("{context}: {}", untrusted(&reason)),
+                    )
+                    .maybe_delivered()),
                     Ok(id) => Err(Error::new(id, format!("{context}: {}", untrusted(&reason)))),
                     Err(n) => Err(Error::new(
                         ErrorId::RemoteTabernaRejected,
@@ -638,17 +716,21 @@ impl PeerDriver {
                     )),
                 }
             }
-            Outcome::Failed(e) if e.id() == ErrorId::SendTimeout && self.stream.is_none() => {
+            // Never sent because no callis opened: say why, when a dial said so.
+            Outcome::Failed(e) if e.id() == ErrorId::PeerUnavailable => {
                 match &self.last_dial_error {
                     Some(dial) => Err(Error::new(
                         ErrorId::PeerUnavailable,
                         format!(
-                            "no answer before the deadline: {} could not be reached ({})",
+                            "{} could not be reached before the send's deadline ({}); the message was never sent",
                             self.peer_id,
                             dial.message()
                         ),
                     )),
-                    None => Err(e),
+                    None => Err(Error::new(
+                        ErrorId::PeerUnavailable,
+                        format!("{}: {}", self.peer_id, e.message()),
+                    )),
                 }
             }
             Outcome::Failed(e) => Err(e),

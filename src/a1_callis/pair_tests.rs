@@ -928,3 +928,68 @@ fn a_reply_over_the_payload_limit_is_turned_into_a_rejection_on_both_ends() {
     );
     assert_eq!(closed_with(&p.a_events), None);
 }
+
+#[test]
+fn a_shutdown_answers_every_held_delivery_before_its_close_and_the_rest_fail_as_not_delivered() {
+    let mut p = Pair::new(SessionConfig::default());
+    p.connect();
+    let epoch = p.b.peer_epoch().expect("epoch");
+    let answered = p.send(APP, b"1", Duration::from_secs(5));
+    let held = p.send(APP, b"2", Duration::from_secs(5));
+    p.pump();
+    p.b.answer(epoch, answered, Answer::Accepted);
+    // Queued behind a stall: b never reads it.
+    p.stall_a_to_b = true;
+    let unsent = p.send(APP, b"3", Duration::from_secs(5));
+    p.pump();
+    p.b.shut_down();
+    p.pump();
+    let finished = p.finished();
+    let outcome = |id| {
+        finished
+            .iter()
+            .find(|(i, _)| *i == id)
+            .map(|(_, o)| o.clone())
+    };
+    assert_eq!(outcome(answered), Some(accepted()));
+    assert_eq!(
+        outcome(held).as_ref().and_then(rejected_with),
+        Some(ErrorId::PeerShutDown.as_u32()),
+        "the held delivery is answered: its handler had it"
+    );
+    assert_eq!(
+        outcome(unsent).as_ref().and_then(failed_with),
+        Some(ErrorId::PeerShutDown),
+        "the one b never read fails at the CLOSE"
+    );
+    assert_eq!(closed_with(&p.a_events), Some(ErrorId::PeerShutDown));
+    // The CLOSE came after the answers on the wire.
+    let close_at = p
+        .b_wire
+        .iter()
+        .position(|f| matches!(f, Frame::Close { .. }));
+    let reject_at = p.b_wire.iter().position(|f| matches!(f, Frame::Reject(_)));
+    assert!(reject_at < close_at, "{:?}", p.b_wire);
+}
+
+#[test]
+fn a_send_that_expires_unsent_is_not_a_send_timeout() {
+    // Never connected: no callis opened before the deadline.
+    let mut p = Pair::new(SessionConfig::default());
+    let lonely = p.send(APP, b"1", Duration::from_secs(1));
+    p.advance(Duration::from_millis(1100));
+    let finished = p.finished();
+    assert_eq!(finished.len(), 1);
+    assert_eq!(finished[0].0, lonely);
+    assert_eq!(failed_with(&finished[0].1), Some(ErrorId::PeerUnavailable));
+    // Written, then the callis dropped: the peer may have it.
+    let mut p = Pair::new(SessionConfig::default());
+    p.connect();
+    let written = p.send(APP, b"2", Duration::from_secs(1));
+    p.pump();
+    p.cut();
+    p.advance(Duration::from_millis(1100));
+    let finished = p.finished();
+    assert_eq!(finished[0].0, written);
+    assert_eq!(failed_with(&finished[0].1), Some(ErrorId::SendTimeout));
+}

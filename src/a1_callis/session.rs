@@ -544,12 +544,100 @@ impl Session {
         Ok(id)
     }
 
-    /// Fails every retained message with `error` (the peer is unreachable, or the domus is
-    /// closing).
-    pub fn fail_all(&mut self, error: Error) {
-        let ids: Vec<u64> = self.retained.iter().map(|(id, _)| id).collect();
+    /// Why message `id` failed at its deadline. Only a message the peer could have received
+    /// (written on some callis in the peer's current epoch) ends as `SendTimeout`, whose
+    /// outcome is unknown; one never written ends as `PeerUnavailable` (no open callis, the
+    /// driver adds why) or `LocalQueueFull` (the callis was open but the peer's window never
+    /// let it out), both certainly not delivered.
+    fn expiry_error(&self, id: u64) -> Error {
+        let written = self.retained.get(id).is_some_and(|r| r.ever_transmitted);
+        if written {
+            Error::new(
+                ErrorId::SendTimeout,
+                "no answer before the send's deadline (the message may or may not have been delivered)",
+            )
+        } else if self.link == Link::Open {
+            Error::new(
+                ErrorId::LocalQueueFull,
+                "the message waited in the queue until the send's deadline and was never sent (the peer's window stayed full)",
+            )
+        } else {
+            Error::new(
+                ErrorId::PeerUnavailable,
+                "no callis to the peer opened before the send's deadline; the message was never sent",
+            )
+        }
+    }
+
+    /// Fails every retained message that was never written in the peer's current epoch (so
+    /// the peer cannot have it) with `error`; the others stay retained until answered or their
+    /// deadline (the peer is unreachable now, but may have delivered them).
+    pub fn fail_unsent(&mut self, error: Error) {
+        let ids: Vec<u64> = self
+            .retained
+            .iter()
+            .filter(|(_, r)| !r.ever_transmitted)
+            .map(|(id, _)| id)
+            .collect();
         for id in ids {
             self.fail(id, error.clone());
+        }
+    }
+
+    /// The domus is shutting down: every delivery still waiting for its handler is answered
+    /// with a `PeerShutDown` rejection (the handler may have acted on it: its outcome is
+    /// unknown to the sender), then the callis closes with CLOSE `DomusClosed`, written after
+    /// those answers. Nothing is read after this, so nothing more is delivered.
+    pub fn shut_down(&mut self) {
+        if self.link == Link::Open {
+            let epoch = self.peer_epoch.unwrap_or_default();
+            let pending: Vec<u64> = self
+                .ring
+                .slots
+                .iter()
+                .filter(|slot| slot.id != 0 && matches!(slot.state, SlotState::Pending))
+                .map(|slot| slot.id)
+                .collect();
+            for id in pending {
+                self.answer(
+                    epoch,
+                    id,
+                    Answer::Rejected {
+                        error: ErrorId::PeerShutDown.as_u32(),
+                        code: 0,
+                        reason: "the receiving domus shut down before a handler answered; the handler may have acted on the message".into(),
+                    },
+                );
+            }
+        }
+        self.close(Error::new(
+            ErrorId::DomusClosed,
+            "the domus is shutting down",
+        ));
+    }
+
+    /// Fails every retained message with `error` (the domus is closing); those written in the
+    /// peer's current epoch are marked as perhaps delivered ([`Error::outcome_unknown`]).
+    pub fn fail_all(&mut self, error: Error) {
+        self.fail_each(|written| {
+            if written {
+                error.clone().maybe_delivered()
+            } else {
+                error.clone()
+            }
+        });
+    }
+
+    /// Fails every retained message with the error `error_for(written)` gives, `written`
+    /// saying whether it was written in the peer's current epoch (so the peer may have it).
+    fn fail_each(&mut self, error_for: impl Fn(bool) -> Error) {
+        let ids: Vec<(u64, bool)> = self
+            .retained
+            .iter()
+            .map(|(id, r)| (id, r.ever_transmitted))
+            .collect();
+        for (id, written) in ids {
+            self.fail(id, error_for(written));
         }
         self.queue_a2.clear();
         self.queue_a3.clear();
@@ -828,6 +916,21 @@ impl Session {
         let id = ErrorId::try_from(code).unwrap_or(ErrorId::ConnectionLost);
         self.link = Link::Closing;
         self.close_pending = None;
+        if id == ErrorId::DomusClosed {
+            // A peer that shuts down answers every message it delivered before its CLOSE
+            // (see `shut_down`), and reads nothing after it: what is unanswered now was never
+            // delivered, and will not be.
+            let error = Error::new(
+                ErrorId::PeerShutDown,
+                "the peer shut down before this message was delivered (it was not delivered)",
+            );
+            self.fail_each(|_| error.clone());
+            self.events.push_back(Event::Close(Error::new(
+                ErrorId::PeerShutDown,
+                format!("the peer shut down: {}", untrusted(reason)),
+            )));
+            return;
+        }
         self.events.push_back(Event::Close(Error::new(
             ErrorId::ConnectionLost,
             format!(
@@ -1014,13 +1117,8 @@ impl Session {
                 }
                 continue;
             }
-            self.fail(
-                id,
-                Error::new(
-                    ErrorId::SendTimeout,
-                    "no answer before the send's deadline (the message may or may not have been delivered)",
-                ),
-            );
+            let error = self.expiry_error(id);
+            self.fail(id, error);
         }
         if let Some(since) = self.partial_frame_since {
             if matches!(self.link, Link::Open | Link::AwaitingHello { .. })
@@ -1127,6 +1225,9 @@ impl Session {
             );
         }
         if let Some((code, reason)) = self.close_pending.take() {
+            // Answers owed go out before the CLOSE: a shutdown answers every delivery still
+            // waiting for its handler, and the peer must read them before it reads the CLOSE.
+            self.write_answers(out);
             frame::encode_close(out, code, &reason);
             return out.len() > start;
         }

@@ -39,7 +39,8 @@ use crate::a1_callis::blob_driver::{
     stream_parity,
 };
 use crate::a1_callis::driver::{
-    DriverContext, InFlight, PeerCommand, PeerDriver, PeerLinks, rand_u64, record_failure,
+    DriverContext, InFlight, PeerCommand, PeerDriver, PeerLinks, Reachability, rand_u64,
+    record_failure,
 };
 use crate::a1_callis::frame::{FrameType, HEADER_LEN};
 use crate::a1_callis::session::{A3_MESSAGE_TYPE_BASE, Answer, Outgoing, Session, too_large_reply};
@@ -305,6 +306,8 @@ struct PeerRef {
     blob_out_streams: Arc<Semaphore>,
     /// Blob stream ids allocated so far.
     next_stream: Arc<std::sync::atomic::AtomicU64>,
+    /// Whether the peer can be reached (its driver says), for sends that waited for room.
+    reachability: Arc<Reachability>,
 }
 
 struct PeerHandle {
@@ -648,12 +651,14 @@ impl Domus {
             .values()
             .map(|p| p.links.clone())
             .collect();
+        // The accept loop stops first (peers told of the shutdown find no listener when they
+        // dial again); drivers answer what their handlers hold, write their CLOSE and end,
+        // within the bound.
+        shared.accept_stop.cancel();
         for p in peers {
             let _ = p.tx.send(PeerCommand::Shutdown);
             let _ = p.blob_tx.send(BlobCommand::Shutdown);
         }
-        // The accept loop stops at once; drivers finish their writes within the bound.
-        shared.accept_stop.cancel();
         shared.tasks.close();
         if tokio::time::timeout(shared.config.load().shutdown_timeout, shared.tasks.wait())
             .await
@@ -764,8 +769,11 @@ impl Shared {
         };
         let admitted = Self::take_room(peer, peer_id, msg, wait, deadline).await;
         if let Err(e) = &admitted {
-            // Taking room is all this waits for: either error means the queue was full.
-            if matches!(e.id(), ErrorId::LocalQueueFull | ErrorId::SendTimeout) {
+            // Taking room is all this waits for: any of these means the queue was full.
+            if matches!(
+                e.id(),
+                ErrorId::LocalQueueFull | ErrorId::PeerUnavailable | ErrorId::PeerShutDown
+            ) {
                 self.recorder.inc(class);
                 self.recorder.event(Event::Backpressure {
                     peer: peer_id.clone(),
@@ -784,7 +792,21 @@ impl Shared {
         deadline: tokio::time::Instant,
     ) -> Result<Receipt, Error> {
         let size = u32::try_from(msg.payload.len()).unwrap_or(u32::MAX);
-        let slot = acquire(&peer.slots, 1, wait, deadline, peer_id, "in-flight slot").await?;
+        // A wait that reached the deadline says why when the peer is unreachable: the send
+        // was never sent because of that, not because the peer was slow.
+        let explain = |e: Error| match (e.id(), peer.reachability.why_not()) {
+            (ErrorId::LocalQueueFull, Some(why)) if wait == Wait::UntilDeadline => Error::new(
+                why.id(),
+                format!(
+                    "waited for room until the send's deadline; the message was never sent: {}",
+                    why.message()
+                ),
+            ),
+            _ => e,
+        };
+        let slot = acquire(&peer.slots, 1, wait, deadline, peer_id, "in-flight slot")
+            .await
+            .map_err(explain)?;
         let bytes = acquire(
             &peer.bytes,
             size,
@@ -793,7 +815,8 @@ impl Shared {
             peer_id,
             "in-flight byte budget",
         )
-        .await?;
+        .await
+        .map_err(explain)?;
         let permit = InFlight {
             _slot: slot,
             _bytes: bytes,
@@ -1093,6 +1116,7 @@ impl Shared {
         let blob_in_streams =
             Arc::new(Semaphore::new(self.config.load().max_blob_streams_per_peer));
         let cells = self.recorder.peer_added(id);
+        let reachability = Arc::new(Reachability::default());
         let driver = PeerDriver::new(
             id.clone(),
             addr.clone(),
@@ -1105,6 +1129,7 @@ impl Shared {
                 blob_in_streams,
                 cells: cells.clone(),
                 max_callis_age: self.config.load().max_callis_age,
+                reachability: reachability.clone(),
             },
         );
         self.tasks.spawn(driver);
@@ -1125,6 +1150,7 @@ impl Shared {
                 self.config.load().max_blob_streams_per_peer,
             )),
             next_stream: Arc::new(std::sync::atomic::AtomicU64::new(1)),
+            reachability,
         });
         peers.insert(
             id.clone(),
@@ -1138,7 +1164,8 @@ impl Shared {
 }
 
 /// Takes `n` permits: at once when they are free (no timer), else waiting until `deadline`
-/// (or failing at once with `LocalQueueFull` when `wait` is `No`).
+/// (or failing at once when `wait` is `No`); either failure is `LocalQueueFull`: the message
+/// was never sent.
 async fn acquire(
     semaphore: &Arc<Semaphore>,
     n: u32,
@@ -1164,8 +1191,10 @@ async fn acquire(
         .await
         .map_err(|_| {
             Error::new(
-                ErrorId::SendTimeout,
-                format!("the {what} to {peer} did not free up before the send's deadline"),
+                ErrorId::LocalQueueFull,
+                format!(
+                    "the {what} to {peer} did not free up before the send's deadline; the message was never sent"
+                ),
             )
         })?
         .map_err(|_| closed())

@@ -260,8 +260,9 @@ counters! {
     /// Sends that failed otherwise (peer restarted, unavailable, domus closed, …).
     messages_failed,
     /// Outbound queue overruns of class A2 (vicus's own messages, such as blob opens): refused
-    /// for lack of in-flight room to the peer, at once (`LocalQueueFull`) or when the wait
-    /// for room reached the deadline (`SendTimeout`). Control frames never queue past their
+    /// for lack of in-flight room to the peer, at once or when the wait for room reached the
+    /// deadline (`LocalQueueFull`, or `PeerUnavailable` / `PeerShutDown` when the peer could
+    /// not be reached). Control frames never queue past their
     /// bounds (acknowledgements are batched, owed PONGs coalesced), so they have no counter.
     queue_overruns_send_a2,
     /// Outbound queue overruns of class A3 (application messages), counted as for A2.
