@@ -126,6 +126,12 @@
 //!   answers may come back in any order.
 //! * A send to a taberna on the same domus takes the same path minus the network: same
 //!   checks, same answers, same errors.
+//! * Routes are read by every send. A resolver that signals changes
+//!   ([`RouteResolver::changes`]; [`SimpleResolver`] does on every insert and remove) makes
+//!   the domus re-read at once the routes it has used: a peer whose route names it at a new
+//!   address is dialled there, abandoning a dial to the old one, and the messages waiting for
+//!   it are replayed on the new callis. A route that names no identity never moves a peer
+//!   (its address may lead to another domus); an open callis is kept (it works).
 //! * The typed layer ([`MessageCodec`], [`Domus::send_typed`]) encodes and decodes around the
 //!   byte API.
 //!
@@ -277,7 +283,8 @@ pub mod watch;
 pub use a0_transport::{AuthConfig, DomusAddr, DomusId, PeerIdentity, TrustPolicy};
 pub use domus::{
     BlobReceiver, BlobSender, ConfigHandle, Delivery, Domus, DomusBuilder, DomusConfig,
-    MessageCodec, Receipt, Route, RouteResolver, SendOptions, SimpleResolver, WeakDomus,
+    MessageCodec, Receipt, Route, RouteChanges, RouteNotifier, RouteResolver, SendOptions,
+    SimpleResolver, WeakDomus,
 };
 pub use error::{ERROR_MESSAGE_MAX_LEN, Error, ErrorId, Rejection, Result};
 pub use reporting::Reporting;

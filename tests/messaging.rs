@@ -1189,3 +1189,61 @@ async fn a_send_to_an_unreachable_peer_says_so_whichever_queue_it_waited_in() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn a_route_change_reaches_messages_already_waiting_for_the_peer() {
+    within(async {
+        let mut mesh = Mesh::new();
+        let mut config = DomusConfig::default();
+        config.reconnect_backoff_min = Duration::from_millis(5);
+        config.reconnect_backoff_max = Duration::from_millis(50);
+        let a = mesh.domus_with("a", config).await;
+        let b = mesh.domus("b").await;
+        let DomusAddr::Tcp(b_addr) = b.local_addr().clone() else {
+            unreachable!()
+        };
+        let old_path = proxy::Proxy::start(b_addr).await;
+        mesh.resolver.insert(
+            TabernaId(10),
+            DomusAddr::Tcp(old_path.addr()),
+            Some(b.identity().clone()),
+        );
+        let t = b.taberna(TabernaId(10)).expect("taberna");
+        tokio::spawn(async move {
+            while let Some(req) = t.recv().await {
+                req.accept();
+            }
+        });
+        a.send(TabernaId(10), APP, Bytes::new(), send_opts(5_000))
+            .await
+            .expect("the old path works");
+        // The old path goes dark (connections are accepted, nothing gets through: a redial
+        // there would wait for handshake_timeout, 10 s) and the callis on it is cut.
+        old_path.set_blackhole(true);
+        old_path.cut_all();
+        let mut receipts = Vec::new();
+        for _ in 0..300 {
+            receipts.push(
+                a.admit(TabernaId(10), APP, Bytes::new(), send_opts(20_000))
+                    .await
+                    .expect("admitted"),
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(old_path.total_accepted() >= 2, "a redialled the old path");
+        // The route moves to b's own address; no new send is made.
+        let moved = tokio::time::Instant::now();
+        mesh.route(10, &b);
+        for (n, r) in receipts.into_iter().enumerate() {
+            let out = tokio::time::timeout(Duration::from_secs(3), r)
+                .await
+                .unwrap_or_else(|_| panic!("send {n} still waits 3 s after the route changed"));
+            assert_eq!(out, Ok(Delivery::Accepted), "send {n}");
+        }
+        println!(
+            "300 retained sends answered {:?} after the route changed",
+            moved.elapsed()
+        );
+    })
+    .await;
+}

@@ -359,7 +359,16 @@ impl BlobDriver {
                 }
                 self.peer_epoch = Some(epoch);
             }
-            BlobCommand::SetAddr(addr) => self.addr = Some(addr),
+            BlobCommand::SetAddr(addr) => {
+                // As the peer driver does: a dial to the old address is abandoned, a backoff
+                // cut short (maybe_dial dials the new address on this turn).
+                if self.addr.as_ref() != Some(&addr) {
+                    self.addr = Some(addr);
+                    self.dial = None;
+                    self.backoff = None;
+                    self.backoff_next = self.ctx.reconnect_backoff_min;
+                }
+            }
             BlobCommand::Recheck => {
                 let refused = self
                     .link

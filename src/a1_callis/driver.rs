@@ -262,9 +262,26 @@ impl PeerDriver {
             }
             PeerCommand::Answer { epoch, id, answer } => self.session.answer(epoch, id, answer),
             PeerCommand::Attach(stream, prefix) => self.attach(*stream, prefix),
-            PeerCommand::SetAddr(addr) => self.addr = Some(addr),
+            PeerCommand::SetAddr(addr) => self.set_addr(addr),
             PeerCommand::Recheck => self.recheck(),
             PeerCommand::Shutdown => self.begin_shutdown(),
+        }
+    }
+
+    /// The route now gives `addr`. A dial still running to the old address is abandoned and
+    /// started again at the new one, and a backoff after failures there is cut short, so what
+    /// waits for the peer goes the new way at once. An open callis is kept: it works.
+    fn set_addr(&mut self, addr: DomusAddr) {
+        if self.addr.as_ref() == Some(&addr) {
+            return;
+        }
+        self.addr = Some(addr);
+        self.backoff_next = self.ctx.reconnect_backoff_min;
+        if self.dial.take().is_some() {
+            tracing::debug!(peer = %self.peer_id, "route changed; dialling the new address");
+            self.start_dial();
+        } else if self.stream.is_none() {
+            self.backoff = None;
         }
     }
 

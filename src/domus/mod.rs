@@ -29,7 +29,9 @@ use tokio_util::task::TaskTracker;
 
 pub use blob::{BlobReceiver, BlobSender};
 pub use config::DomusConfig;
-pub use resolver::{ResolveFuture, Route, RouteResolver, SimpleResolver};
+pub use resolver::{
+    ResolveFuture, Route, RouteChanges, RouteNotifier, RouteResolver, SimpleResolver,
+};
 
 use crate::a0_transport::{
     AuthConfig, AuthenticatedStream, DomusAddr, DomusId, Listener, PeerIdentity, Tally, Transport,
@@ -257,6 +259,7 @@ impl DomusBuilder {
             peers: Mutex::new(HashMap::new()),
             unopened: Mutex::new(Tally::default()),
             pinned: Mutex::new(HashMap::new()),
+            routed: Mutex::new(HashMap::new()),
             tasks: TaskTracker::new(),
             cancel: cancel.clone(),
             accept_stop: cancel.child_token(),
@@ -281,6 +284,13 @@ impl DomusBuilder {
                     }
                 }
             });
+        }
+        if let Some(changes) = shared.resolver.changes() {
+            shared.tasks.spawn(follow_routes(
+                shared.clone(),
+                changes,
+                shared.accept_stop.clone(),
+            ));
         }
         let accept_shared = shared.clone();
         shared.tasks.spawn(accept_loop(
@@ -317,6 +327,67 @@ struct PeerHandle {
     addr: Option<DomusAddr>,
 }
 
+impl PeerHandle {
+    /// Tells both drivers of a new address (nothing when it is the one they have).
+    fn set_addr(&mut self, addr: DomusAddr) {
+        if self.addr.as_ref() == Some(&addr) {
+            return;
+        }
+        let _ = self.links.tx.send(PeerCommand::SetAddr(addr.clone()));
+        let _ = self.links.blob_tx.send(BlobCommand::SetAddr(addr.clone()));
+        self.addr = Some(addr);
+    }
+}
+
+/// The most routes remembered for [`follow_routes`]; past it, new tabernas are re-read by
+/// their next send only.
+const ROUTED_MAX: usize = 65_536;
+
+/// Re-reads every remembered route each time the resolver signals a change, and moves a peer
+/// whose route now names a new address there (its drivers abandon a dial to the old one).
+/// A route that no longer names the same peer is forgotten: what waits for the old peer stays
+/// with it (it may have been delivered there).
+async fn follow_routes(shared: Arc<Shared>, mut changes: RouteChanges, stop: CancellationToken) {
+    loop {
+        let changed = tokio::select! {
+            () = stop.cancelled() => return,
+            changed = changes.changed() => changed,
+        };
+        if !changed {
+            return;
+        }
+        let routed: Vec<(TabernaId, DomusId)> = shared
+            .routed
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .iter()
+            .map(|(t, id)| (*t, id.clone()))
+            .collect();
+        for (taberna, peer) in routed {
+            let deadline = tokio::time::Instant::now() + shared.config.load().resolve_timeout;
+            let route = tokio::select! {
+                () = stop.cancelled() => return,
+                route = shared.resolve(taberna, deadline) => route,
+            };
+            match route {
+                Ok(Route {
+                    addr,
+                    identity: Some(id),
+                }) if id == peer => shared.readdress(&peer, addr),
+                // Resolvers can fail for a moment; the route is tried again next time.
+                Err(e) if e.id() != ErrorId::UnknownTaberna => {}
+                _ => {
+                    shared
+                        .routed
+                        .lock()
+                        .unwrap_or_else(PoisonError::into_inner)
+                        .remove(&taberna);
+                }
+            }
+        }
+    }
+}
+
 struct Shared {
     transport: Transport,
     driver_ctx: Arc<DriverContext>,
@@ -337,6 +408,9 @@ struct Shared {
     unopened: Mutex<Tally<DomusId>>,
     /// Identities learned for routes that named none.
     pinned: Mutex<HashMap<DomusAddr, DomusId>>,
+    /// The tabernas sent to whose route named a peer, re-resolved when the resolver says its
+    /// routes changed (at most [`ROUTED_MAX`]).
+    routed: Mutex<HashMap<TabernaId, DomusId>>,
     tasks: TaskTracker,
     cancel: CancellationToken,
     accept_stop: CancellationToken,
@@ -630,7 +704,8 @@ impl Domus {
             .len()
     }
 
-    /// Tasks this domus is running (accept loop, handshakes, peer drivers).
+    /// Tasks this domus is running (accept loop, route follower, handshakes, peer and blob
+    /// drivers).
     pub fn task_count(&self) -> usize {
         self.shared.tasks.len()
     }
@@ -730,18 +805,7 @@ impl Shared {
         if self.registry.contains(taberna) {
             return Ok(self.send_local(taberna, source, msg_type, payload, timeout, None));
         }
-        let route = self.resolve(taberna, deadline).await?;
-        let peer_id = match route.identity {
-            Some(id) => id,
-            None => self.learn_identity(&route.addr, deadline).await?,
-        };
-        if peer_id == self.local_id {
-            return Err(Error::new(
-                ErrorId::UnknownTaberna,
-                format!("{taberna} routes to this domus, but no such taberna is registered"),
-            ));
-        }
-        let peer = self.peer(&peer_id, Some(route.addr));
+        let (peer_id, peer) = self.route_to_peer(taberna, deadline).await?;
         let msg = Outgoing {
             dst: taberna.0,
             src: source.0,
@@ -874,18 +938,7 @@ impl Shared {
                 .await?;
             return Ok(BlobSender::local(sender, piece_tx, eof_rx, chunk));
         }
-        let route = self.resolve(taberna, deadline).await?;
-        let peer_id = match route.identity {
-            Some(id) => id,
-            None => self.learn_identity(&route.addr, deadline).await?,
-        };
-        if peer_id == self.local_id {
-            return Err(Error::new(
-                ErrorId::UnknownTaberna,
-                format!("{taberna} routes to this domus, but no such taberna is registered"),
-            ));
-        }
-        let peer = self.peer(&peer_id, Some(route.addr));
+        let (peer_id, peer) = self.route_to_peer(taberna, deadline).await?;
         let full = |what: &str| {
             Error::new(
                 ErrorId::BlobBufferFull,
@@ -996,6 +1049,51 @@ impl Shared {
         Receipt { rx }
     }
 
+    /// Resolves `taberna` to a peer (learning its identity when the route names none) and
+    /// returns the peer's handles, telling its drivers of a new address; remembers the route
+    /// when it names the peer, so a later route change reaches the peer at once.
+    async fn route_to_peer(
+        self: &Arc<Self>,
+        taberna: TabernaId,
+        deadline: tokio::time::Instant,
+    ) -> Result<(DomusId, Arc<PeerRef>), Error> {
+        let route = self.resolve(taberna, deadline).await?;
+        let named = route.identity.is_some();
+        let peer_id = match route.identity {
+            Some(id) => id,
+            None => self.learn_identity(&route.addr, deadline).await?,
+        };
+        if peer_id == self.local_id {
+            return Err(Error::new(
+                ErrorId::UnknownTaberna,
+                format!("{taberna} routes to this domus, but no such taberna is registered"),
+            ));
+        }
+        if named {
+            self.remember_route(taberna, &peer_id);
+        }
+        let peer = self.peer(&peer_id, Some(route.addr));
+        Ok((peer_id, peer))
+    }
+
+    fn remember_route(&self, taberna: TabernaId, peer: &DomusId) {
+        let mut routed = self.routed.lock().unwrap_or_else(PoisonError::into_inner);
+        if routed.get(&taberna) == Some(peer) {
+            return;
+        }
+        if routed.len() < ROUTED_MAX || routed.contains_key(&taberna) {
+            routed.insert(taberna, peer.clone());
+        }
+    }
+
+    /// Tells the drivers of `id` (if it has any) that its address is now `addr`.
+    fn readdress(&self, id: &DomusId, addr: DomusAddr) {
+        let mut peers = self.peers.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(p) = peers.get_mut(id) {
+            p.set_addr(addr);
+        }
+    }
+
     /// Asks the resolver, bounded by `resolve_timeout` (and the send's deadline). An in-memory
     /// resolver answers on the first poll, which then costs no timer.
     async fn resolve(
@@ -1087,12 +1185,8 @@ impl Shared {
         let mut peers = self.peers.lock().unwrap_or_else(PoisonError::into_inner);
         if let Some(p) = peers.get_mut(id) {
             if !p.links.tx.is_closed() && !p.links.blob_tx.is_closed() {
-                if addr.is_some() && addr != p.addr {
-                    if let Some(addr) = &addr {
-                        let _ = p.links.tx.send(PeerCommand::SetAddr(addr.clone()));
-                        let _ = p.links.blob_tx.send(BlobCommand::SetAddr(addr.clone()));
-                    }
-                    p.addr = addr;
+                if let Some(addr) = addr {
+                    p.set_addr(addr);
                 }
                 return p.links.clone();
             }

@@ -4,6 +4,14 @@
 //! The resolver is trusted for reachability only: identity always comes from the certificate,
 //! and a route's `identity`, when given, is enforced at the handshake. Resolvers must answer
 //! promptly; the domus bounds every call with `resolve_timeout`.
+//!
+//! When routes are read: every send (and blob open) resolves its taberna. A resolver whose
+//! answers change can also say so ([`RouteResolver::changes`]; [`SimpleResolver`] does on
+//! every insert and remove): the domus then resolves again, at once, every taberna it has sent
+//! to, and a peer whose route now names another address is dialled there — a dial still
+//! running to the old address is abandoned, so messages waiting for that peer are replayed
+//! on the new path without waiting for a new send or a handshake timeout. Only routes that
+//! name the peer's identity move a peer: a route without one may lead to another domus.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -33,9 +41,68 @@ pub type ResolveFuture<'a> = Pin<Box<dyn Future<Output = Result<Route, Error>> +
 pub trait RouteResolver: Send + Sync + 'static {
     /// The route to `taberna`, or an [`ErrorId::UnknownTaberna`] error.
     fn resolve(&self, taberna: TabernaId) -> ResolveFuture<'_>;
+
+    /// A signal that fires whenever the answers of [`resolve`](Self::resolve) may have
+    /// changed, so the domus re-reads its routes at once (see the module docs). Default:
+    /// `None`, and routes are re-read by the next send only. A resolver that can change keeps a
+    /// [`RouteNotifier`], returns [`RouteNotifier::subscribe`] here and calls
+    /// [`RouteNotifier::notify`] after each change.
+    fn changes(&self) -> Option<RouteChanges> {
+        None
+    }
 }
 
-/// An in-memory routing table; insert and remove while the domus runs.
+/// The sending side of [`RouteChanges`]: a resolver calls [`notify`](Self::notify) after its
+/// answers changed. Many changes in a row may be seen as one; none is lost (the last one is
+/// always seen). Never blocks.
+#[derive(Debug)]
+pub struct RouteNotifier {
+    tx: tokio::sync::watch::Sender<u64>,
+}
+
+impl Default for RouteNotifier {
+    fn default() -> Self {
+        Self {
+            tx: tokio::sync::watch::Sender::new(0),
+        }
+    }
+}
+
+impl RouteNotifier {
+    /// A notifier nobody listens to yet.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Signals that routes changed.
+    pub fn notify(&self) {
+        self.tx
+            .send_modify(|generation| *generation = generation.wrapping_add(1));
+    }
+
+    /// A receiver of the changes signalled from now on.
+    pub fn subscribe(&self) -> RouteChanges {
+        RouteChanges {
+            rx: self.tx.subscribe(),
+        }
+    }
+}
+
+/// Route changes, from [`RouteResolver::changes`].
+#[derive(Debug, Clone)]
+pub struct RouteChanges {
+    rx: tokio::sync::watch::Receiver<u64>,
+}
+
+impl RouteChanges {
+    /// Waits for the next change; `false` once the resolver (its notifier) is gone.
+    pub async fn changed(&mut self) -> bool {
+        self.rx.changed().await.is_ok()
+    }
+}
+
+/// An in-memory routing table; insert and remove while the domus runs (each change reaches
+/// running domus at once, see the module docs).
 ///
 /// Lookups read an immutable snapshot (no lock: every send resolves, from many tasks at
 /// once); changes copy the table and publish the copy, one writer at a time.
@@ -43,6 +110,7 @@ pub trait RouteResolver: Send + Sync + 'static {
 pub struct SimpleResolver {
     routes: ArcSwap<HashMap<TabernaId, Route>>,
     writer: Mutex<()>,
+    notifier: RouteNotifier,
 }
 
 impl SimpleResolver {
@@ -68,6 +136,7 @@ impl SimpleResolver {
         let mut routes = HashMap::clone(&self.routes.load());
         let result = change(&mut routes);
         self.routes.store(Arc::new(routes));
+        self.notifier.notify();
         result
     }
 
@@ -85,5 +154,9 @@ impl RouteResolver for SimpleResolver {
     fn resolve(&self, taberna: TabernaId) -> ResolveFuture<'_> {
         let route = self.lookup(taberna);
         Box::pin(async move { route })
+    }
+
+    fn changes(&self) -> Option<RouteChanges> {
+        Some(self.notifier.subscribe())
     }
 }
