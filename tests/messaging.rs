@@ -46,6 +46,20 @@ impl Mesh {
             .expect("build domus")
     }
 
+    /// Starts a fault proxy in front of `to` and routes `taberna` through it.
+    async fn route_through_proxy(&self, taberna: u64, to: &Domus) -> proxy::Proxy {
+        let DomusAddr::Tcp(addr) = to.local_addr().clone() else {
+            unreachable!("the mesh binds TCP")
+        };
+        let proxy = proxy::Proxy::start(addr).await;
+        self.resolver.insert(
+            TabernaId(taberna),
+            DomusAddr::Tcp(proxy.addr()),
+            Some(to.identity().clone()),
+        );
+        proxy
+    }
+
     fn route(&self, taberna: u64, to: &Domus) {
         self.resolver.insert(
             TabernaId(taberna),
@@ -64,6 +78,14 @@ fn spawn_echo(t: vicus::Taberna) -> tokio::task::JoinHandle<()> {
             req.reply(Bytes::from(reply));
         }
     })
+}
+
+/// A configuration that redials within milliseconds (tests that cut calles).
+fn fast_backoff() -> DomusConfig {
+    let mut config = DomusConfig::default();
+    config.reconnect_backoff_min = Duration::from_millis(5);
+    config.reconnect_backoff_max = Duration::from_millis(50);
+    config
 }
 
 fn send_opts(timeout_ms: u64) -> SendOptions {
@@ -448,20 +470,9 @@ async fn local_short_circuit_has_the_same_semantics() {
 async fn t26_a_connection_cut_mid_burst_loses_nothing_and_hangs_nothing() {
     within(async {
         let mut mesh = Mesh::new();
-        let mut config = DomusConfig::default();
-        config.reconnect_backoff_min = Duration::from_millis(5);
-        config.reconnect_backoff_max = Duration::from_millis(50);
-        let a = mesh.domus_with("a", config).await;
+        let a = mesh.domus_with("a", fast_backoff()).await;
         let b = mesh.domus("b").await;
-        let DomusAddr::Tcp(b_addr) = b.local_addr().clone() else {
-            unreachable!()
-        };
-        let proxy = proxy::Proxy::start(b_addr).await;
-        mesh.resolver.insert(
-            TabernaId(10),
-            DomusAddr::Tcp(proxy.addr()),
-            Some(b.identity().clone()),
-        );
+        let proxy = mesh.route_through_proxy(10, &b).await;
         let t = b
             .taberna_with(
                 TabernaId(10),
@@ -1134,10 +1145,8 @@ async fn a_peer_that_shuts_down_ends_every_waiting_send_at_once_with_a_documente
 async fn a_send_to_an_unreachable_peer_says_so_whichever_queue_it_waited_in() {
     within(async {
         let mut mesh = Mesh::new();
-        let mut config = DomusConfig::default();
+        let mut config = fast_backoff();
         config.max_in_flight_per_peer = 2;
-        config.reconnect_backoff_min = Duration::from_millis(5);
-        config.reconnect_backoff_max = Duration::from_millis(50);
         let a = mesh.domus_with("a", config).await;
         // A port nothing listens on.
         let closed = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
@@ -1164,15 +1173,7 @@ async fn a_send_to_an_unreachable_peer_says_so_whichever_queue_it_waited_in() {
         // A message the peer could have received ends as SendTimeout: b got it, then its
         // callis was cut and b could no longer be reached.
         let b = mesh.domus("b").await;
-        let DomusAddr::Tcp(b_addr) = b.local_addr().clone() else {
-            unreachable!()
-        };
-        let proxy = proxy::Proxy::start(b_addr).await;
-        mesh.resolver.insert(
-            TabernaId(11),
-            DomusAddr::Tcp(proxy.addr()),
-            Some(b.identity().clone()),
-        );
+        let proxy = mesh.route_through_proxy(11, &b).await;
         let t = b.taberna(TabernaId(11)).expect("taberna");
         let silent = tokio::spawn(a.send(TabernaId(11), APP, Bytes::new(), send_opts(500)));
         let req = t.recv().await.expect("delivered");
@@ -1194,20 +1195,9 @@ async fn a_send_to_an_unreachable_peer_says_so_whichever_queue_it_waited_in() {
 async fn a_route_change_reaches_messages_already_waiting_for_the_peer() {
     within(async {
         let mut mesh = Mesh::new();
-        let mut config = DomusConfig::default();
-        config.reconnect_backoff_min = Duration::from_millis(5);
-        config.reconnect_backoff_max = Duration::from_millis(50);
-        let a = mesh.domus_with("a", config).await;
+        let a = mesh.domus_with("a", fast_backoff()).await;
         let b = mesh.domus("b").await;
-        let DomusAddr::Tcp(b_addr) = b.local_addr().clone() else {
-            unreachable!()
-        };
-        let old_path = proxy::Proxy::start(b_addr).await;
-        mesh.resolver.insert(
-            TabernaId(10),
-            DomusAddr::Tcp(old_path.addr()),
-            Some(b.identity().clone()),
-        );
+        let old_path = mesh.route_through_proxy(10, &b).await;
         let t = b.taberna(TabernaId(10)).expect("taberna");
         tokio::spawn(async move {
             while let Some(req) = t.recv().await {

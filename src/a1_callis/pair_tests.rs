@@ -152,6 +152,14 @@ impl Pair {
             .collect()
     }
 
+    /// How send `id` ended, if it did.
+    fn outcome(&self, id: u64) -> Option<Outcome> {
+        self.finished()
+            .into_iter()
+            .find(|(i, _)| *i == id)
+            .map(|(_, o)| o)
+    }
+
     fn finished(&self) -> Vec<(u64, Outcome)> {
         self.a_events
             .iter()
@@ -896,13 +904,7 @@ fn a_reply_over_the_payload_limit_is_turned_into_a_rejection_on_both_ends() {
     p.b.answer(epoch, fits, Answer::Replied(Bytes::from(vec![0u8; 1000])));
     p.b.answer(epoch, over, Answer::Replied(Bytes::from(vec![0u8; 1001])));
     p.pump();
-    let finished = p.finished();
-    let outcome = |id| {
-        finished
-            .iter()
-            .find(|(i, _)| *i == id)
-            .map(|(_, o)| o.clone())
-    };
+    let outcome = |id| p.outcome(id);
     assert!(
         matches!(outcome(fits), Some(Outcome::Answered(Answer::Replied(r))) if r.len() == 1000)
     );
@@ -944,13 +946,7 @@ fn a_shutdown_answers_every_held_delivery_before_its_close_and_the_rest_fail_as_
     p.pump();
     p.b.shut_down();
     p.pump();
-    let finished = p.finished();
-    let outcome = |id| {
-        finished
-            .iter()
-            .find(|(i, _)| *i == id)
-            .map(|(_, o)| o.clone())
-    };
+    let outcome = |id| p.outcome(id);
     assert_eq!(outcome(answered), Some(accepted()));
     assert_eq!(
         outcome(held).as_ref().and_then(rejected_with),
