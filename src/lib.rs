@@ -273,6 +273,7 @@ mod error;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod reporting;
+mod runtime;
 pub mod taberna;
 
 #[cfg(feature = "dev-certs")]

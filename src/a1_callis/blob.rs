@@ -29,7 +29,38 @@ use std::time::{Duration, Instant};
 use bytes::{Bytes, BytesMut};
 
 use super::frame::{self, BlobFrame};
+use crate::a0_transport::DomusId;
 use crate::error::{Error, ErrorId, untrusted};
+
+/// The message type (the first A2 type, reserved by vicus) of a blob-opening message. Its
+/// payload is the stream id (`u64`), the application's message type (`u32`), then the
+/// application's header bytes.
+pub(crate) const BLOB_OPEN_TYPE: u32 = 0x0001_0000;
+/// Bytes before the application's header in a blob-opening payload.
+pub(crate) const BLOB_OPEN_PREFIX_LEN: usize = 12;
+
+/// Builds a blob-opening payload.
+pub(crate) fn encode_blob_open(stream: u64, app_type: u32, header: &[u8]) -> Bytes {
+    use bytes::BufMut;
+    let mut b = BytesMut::with_capacity(BLOB_OPEN_PREFIX_LEN.saturating_add(header.len()));
+    b.put_u64(stream);
+    b.put_u32(app_type);
+    b.put_slice(header);
+    b.freeze()
+}
+
+/// Splits a blob-opening payload into stream id, application type and header.
+pub(crate) fn decode_blob_open(payload: &Bytes) -> Option<(u64, u32, Bytes)> {
+    let stream = u64::from_be_bytes(payload.get(..8)?.try_into().ok()?);
+    let app_type = u32::from_be_bytes(payload.get(8..12)?.try_into().ok()?);
+    Some((stream, app_type, payload.slice(BLOB_OPEN_PREFIX_LEN..)))
+}
+
+/// The low bit of the stream ids a side allocates: 1 for the side with the larger id, so the
+/// two sides never pick the same id.
+pub(crate) fn stream_parity(allocator: &DomusId, other: &DomusId) -> u64 {
+    u64::from(allocator > other)
+}
 
 /// Limits of the blob streams of one peer.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -2,7 +2,7 @@
 //! messages and their answers, framed by a pure codec ([`frame`]) and driven by a sans-IO
 //! session state machine ([`session`]). Blob streams have their own sans-IO state machine
 //! ([`blob`]: credit-based flow control, fair chunking, resend after reconnect), driven on a
-//! second callis per peer by the blob driver.
+//! second callis per peer by the runtime's blob driver.
 //!
 //! This layer must not know about TLS, certificates or sockets (it receives bytes and returns
 //! bytes), nor read the clock: time is always passed in.
@@ -18,8 +18,6 @@
 )]
 
 pub mod blob;
-pub(crate) mod blob_driver;
-pub(crate) mod driver;
 pub mod frame;
 pub mod session;
-mod window;
+pub(crate) mod window;

@@ -119,6 +119,17 @@ pub enum Answer {
     },
 }
 
+impl Answer {
+    /// A refusal decided by vicus rather than by the application (code 0).
+    pub(crate) fn refusal(error: ErrorId, reason: &str) -> Self {
+        Answer::Rejected {
+            error: error.as_u32(),
+            code: 0,
+            reason: reason.to_owned(),
+        }
+    }
+}
+
 /// How one of our sends ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Outcome {

@@ -10,7 +10,6 @@
 //! lookup or an insert, never across an `.await`. Dropping the last [`Domus`] handle cancels
 //! every task it spawned.
 
-pub(crate) mod blob;
 mod config;
 mod resolver;
 
@@ -27,7 +26,8 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
 use tokio_util::sync::{CancellationToken, DropGuard};
 use tokio_util::task::TaskTracker;
 
-pub use blob::{BlobReceiver, BlobSender};
+pub use crate::runtime::Delivery;
+pub use crate::runtime::ends::{BlobReceiver, BlobSender};
 pub use config::DomusConfig;
 pub use resolver::{
     ResolveFuture, Route, RouteChanges, RouteNotifier, RouteResolver, SimpleResolver,
@@ -36,31 +36,24 @@ pub use resolver::{
 use crate::a0_transport::{
     AuthConfig, AuthenticatedStream, DomusAddr, DomusId, Listener, PeerIdentity, Tally, Transport,
 };
-use crate::a1_callis::blob_driver::{
-    BLOB_OPEN_PREFIX_LEN, BLOB_OPEN_TYPE, BlobCommand, BlobContext, BlobDriver, encode_blob_open,
-    stream_parity,
-};
-use crate::a1_callis::driver::{
-    DriverContext, InFlight, PeerCommand, PeerDriver, PeerLinks, Reachability, rand_u64,
-    record_failure,
+use crate::a1_callis::blob::{
+    BLOB_OPEN_PREFIX_LEN, BLOB_OPEN_TYPE, encode_blob_open, stream_parity,
 };
 use crate::a1_callis::frame::{FrameType, HEADER_LEN};
 use crate::a1_callis::session::{A3_MESSAGE_TYPE_BASE, Answer, Outgoing, Session, too_large_reply};
-use crate::error::{Error, ErrorId, untrusted};
+use crate::error::{Error, ErrorId};
 use crate::reporting::{C, Event, Recorder, Reporting};
+use crate::runtime::blob::{BlobContext, BlobDriver};
+use crate::runtime::ends as blob;
+use crate::runtime::ends::BlobCommand;
+use crate::runtime::peer::{
+    DriverContext, InFlight, PeerCommand, PeerDriver, PeerLinks, Reachability, record_failure,
+};
+use crate::runtime::{answer_result, rand_u64};
 use crate::taberna::{
     AnswerSink, MessageClass, MessageType, Registry, Taberna, TabernaId, TabernaOptions,
     TabernaRequest,
 };
-
-/// How a delivery ended when it did not fail.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Delivery {
-    /// The receiving taberna accepted it.
-    Accepted,
-    /// The receiving taberna answered with a payload.
-    Replied(Bytes),
-}
 
 /// Per-send options.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -222,7 +215,7 @@ impl DomusBuilder {
         let shared = Arc::new(Shared {
             driver_ctx: Arc::new(DriverContext {
                 transport: transport.clone(),
-                registry: registry.clone(),
+                inbound: registry.clone(),
                 local_id: local_id.clone(),
                 reconnect_backoff_min: self.config.reconnect_backoff_min,
                 reconnect_backoff_max: self.config.reconnect_backoff_max,
@@ -1027,9 +1020,9 @@ impl Shared {
         tokio::spawn(async move {
             let result = match tokio::time::timeout(timeout, answer_rx).await {
                 Ok(Ok(Answer::Replied(p))) if p.len() > max_reply => {
-                    local_result(too_large_reply(p.len(), max_reply), &context)
+                    answer_result(too_large_reply(p.len(), max_reply), &context)
                 }
-                Ok(Ok(answer)) => local_result(answer, &context),
+                Ok(Ok(answer)) => answer_result(answer, &context),
                 Ok(Err(_)) => Err(Error::new(
                     ErrorId::RequestDropped,
                     format!("{context} dropped the request"),
@@ -1296,23 +1289,6 @@ async fn acquire(
 
 fn closed() -> Error {
     Error::new(ErrorId::DomusClosed, "the domus has been shut down")
-}
-
-fn local_result(answer: Answer, context: &str) -> Result<Delivery, Error> {
-    match answer {
-        Answer::Accepted => Ok(Delivery::Accepted),
-        Answer::Replied(p) => Ok(Delivery::Replied(p)),
-        Answer::Rejected {
-            error,
-            code,
-            reason,
-        } => match ErrorId::try_from(error) {
-            Ok(ErrorId::RemoteTabernaRejected) | Err(_) => {
-                Err(Error::rejected(code, &reason, context))
-            }
-            Ok(id) => Err(Error::new(id, format!("{context}: {}", untrusted(&reason)))),
-        },
-    }
 }
 
 async fn accept_loop(shared: Arc<Shared>, listener: Listener, stop: CancellationToken) {

@@ -17,13 +17,14 @@ use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use bytes::Bytes;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::oneshot;
 
 use crate::a0_transport::{DomusId, PeerIdentity};
 use crate::a1_callis::session::{A1_MESSAGE_TYPE_MAX, A3_MESSAGE_TYPE_BASE, Answer};
-use crate::domus::blob::BlobReceiver;
 use crate::error::{Error, ErrorId};
 use crate::reporting::{C, Event, Recorder};
+use crate::runtime::ends::BlobReceiver;
+use crate::runtime::{AnswerTx, Inbound, InboundMessage};
 
 /// The deepest inbox a taberna may have.
 const MAX_INBOX_DEPTH: usize = 1 << 20;
@@ -145,12 +146,8 @@ impl TabernaOptions {
 
 /// Where an answer goes.
 pub(crate) enum AnswerSink {
-    /// Back to a remote sender, through its peer task.
-    Remote {
-        tx: mpsc::UnboundedSender<crate::a1_callis::driver::PeerCommand>,
-        epoch: u64,
-        id: u64,
-    },
+    /// Back to a remote sender, through its peer's driver.
+    Remote(AnswerTx),
     /// Back to a local sender.
     Local(oneshot::Sender<Answer>),
 }
@@ -158,12 +155,8 @@ pub(crate) enum AnswerSink {
 impl AnswerSink {
     fn send(self, answer: Answer) {
         match self {
-            // A closed channel means the peer task or the sender is gone; there is no one
-            // left to tell.
-            AnswerSink::Remote { tx, epoch, id } => {
-                let _ =
-                    tx.send(crate::a1_callis::driver::PeerCommand::Answer { epoch, id, answer });
-            }
+            AnswerSink::Remote(tx) => tx.send(answer),
+            // A closed channel means the sender is gone; there is no one left to tell.
             AnswerSink::Local(tx) => {
                 let _ = tx.send(answer);
             }
@@ -387,16 +380,27 @@ impl TabernaRequest {
 
     /// Whether it came from a peer (rather than from this domus).
     fn is_remote(&self) -> bool {
-        matches!(self.responder.sink, Some(AnswerSink::Remote { .. }))
+        matches!(self.responder.sink, Some(AnswerSink::Remote(_)))
     }
 }
 
 /// A rejection decided by vicus rather than by the application.
-pub(crate) fn system_rejection(error: ErrorId, reason: &str) -> Answer {
-    Answer::Rejected {
-        error: error.as_u32(),
-        code: 0,
-        reason: reason.to_owned(),
+fn system_rejection(error: ErrorId, reason: &str) -> Answer {
+    Answer::refusal(error, reason)
+}
+
+impl Inbound for Registry {
+    fn deliver(&self, m: InboundMessage) {
+        let mut request = TabernaRequest::new(
+            m.peer,
+            TabernaId(m.src),
+            TabernaId(m.dst),
+            MessageType(m.msg_type),
+            m.payload,
+            AnswerSink::Remote(m.answer),
+        );
+        request.blob = m.blob;
+        Registry::deliver(self, request);
     }
 }
 

@@ -28,91 +28,19 @@ use std::sync::atomic::Ordering;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use bytes::{Bytes, BytesMut};
+use bytes::BytesMut;
 use tokio::io::AsyncWrite;
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::{Instant, Sleep};
 use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 
-use super::blob::{BlobConfig, BlobEvent, BlobStreams};
-use super::driver::{jitter, yield_turn};
-use super::frame::{self, BlobFrame, Frame, PROTOCOL_VERSION};
+use super::ends::{BlobCommand, Piece, Reservation, SenderShared};
+use super::{jitter, yield_turn};
 use crate::a0_transport::{AuthenticatedStream, DomusAddr, DomusId, Transport};
-use crate::domus::blob::{Piece, Reservation, SenderShared};
+use crate::a1_callis::blob::{BlobConfig, BlobEvent, BlobStreams};
+use crate::a1_callis::frame::{self, BlobFrame, Frame, PROTOCOL_VERSION};
 use crate::error::{Error, ErrorId};
 use crate::reporting::{C, CallisKind, PeerCells, Recorder};
-
-/// The message type (the first A2 type, reserved by vicus) of a blob-opening message. Its
-/// payload is the stream id (`u64`), the application's message type (`u32`), then the
-/// application's header bytes.
-pub(crate) const BLOB_OPEN_TYPE: u32 = 0x0001_0000;
-/// Bytes before the application's header in a blob-opening payload.
-pub(crate) const BLOB_OPEN_PREFIX_LEN: usize = 12;
-
-/// Builds a blob-opening payload.
-pub(crate) fn encode_blob_open(stream: u64, app_type: u32, header: &[u8]) -> Bytes {
-    use bytes::BufMut;
-    let mut b = BytesMut::with_capacity(BLOB_OPEN_PREFIX_LEN.saturating_add(header.len()));
-    b.put_u64(stream);
-    b.put_u32(app_type);
-    b.put_slice(header);
-    b.freeze()
-}
-
-/// Splits a blob-opening payload into stream id, application type and header.
-pub(crate) fn decode_blob_open(payload: &Bytes) -> Option<(u64, u32, Bytes)> {
-    let stream = u64::from_be_bytes(payload.get(..8)?.try_into().ok()?);
-    let app_type = u32::from_be_bytes(payload.get(8..12)?.try_into().ok()?);
-    Some((stream, app_type, payload.slice(BLOB_OPEN_PREFIX_LEN..)))
-}
-
-/// The low bit of the stream ids a side allocates: 1 for the side with the larger id, so the
-/// two sides never pick the same id.
-pub(crate) fn stream_parity(allocator: &DomusId, other: &DomusId) -> u64 {
-    u64::from(allocator > other)
-}
-
-/// What the rest of the domus asks of a peer's blob driver.
-pub(crate) enum BlobCommand {
-    /// A blob-opening message is going out: open the sending stream (it sends nothing until
-    /// the receiver's first credit).
-    OpenOutbound {
-        stream: u64,
-        sender: Arc<SenderShared>,
-        reservation: Reservation,
-    },
-    /// A blob-opening message arrived: open the receiving stream and grant one window.
-    OpenInbound {
-        stream: u64,
-        app: mpsc::UnboundedSender<Piece>,
-        reservation: Reservation,
-    },
-    /// Bytes a sender's window already allows.
-    Write { stream: u64, data: Bytes },
-    /// The sender wrote its last byte; `done` learns when the receiver holds them all.
-    Finish {
-        stream: u64,
-        done: oneshot::Sender<Result<(), Error>>,
-    },
-    /// A receiver consumed `n` bytes.
-    Consumed { stream: u64, n: u64 },
-    /// The local end abandons the stream (either direction).
-    Cancel { stream: u64, reason: String },
-    /// An authenticated callis whose first frame was a BLOB_HELLO (already read into
-    /// `prefix`).
-    Attach {
-        io: Box<AuthenticatedStream>,
-        prefix: BytesMut,
-    },
-    /// The primary callis opened with a peer in run `epoch`.
-    PeerEpoch { epoch: u64, restarted: bool },
-    /// Learn (or change) the address to dial.
-    SetAddr(DomusAddr),
-    /// The authentication material changed: close the callis if its peer would be refused now.
-    Recheck,
-    /// Cancel every stream (telling the peer), close the callis and stop.
-    Shutdown,
-}
 
 /// What a blob driver needs from its domus.
 pub(crate) struct BlobContext {

@@ -7,6 +7,8 @@
 //! receiver acknowledges them; a receiver's queue only ever holds bytes the peer had credit for,
 //! and credit follows what the application consumes.
 //!
+//! [`BlobCommand`] is what these ends (and the domus) ask of a peer's blob driver.
+//!
 //! This module must not block and must not hold a lock: every wait is a semaphore or a channel,
 //! and every one of them ends when the stream fails (the driver closes the semaphore or sends
 //! the failure).
@@ -17,13 +19,55 @@ use std::pin::Pin;
 use std::sync::{Arc, OnceLock};
 use std::task::{Context, Poll};
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
 use tokio_util::sync::PollSemaphore;
 
-use crate::a1_callis::blob_driver::BlobCommand;
+use crate::a0_transport::{AuthenticatedStream, DomusAddr};
 use crate::error::{Error, ErrorId};
+
+/// What the rest of the domus asks of a peer's blob driver.
+pub(crate) enum BlobCommand {
+    /// A blob-opening message is going out: open the sending stream (it sends nothing until
+    /// the receiver's first credit).
+    OpenOutbound {
+        stream: u64,
+        sender: Arc<SenderShared>,
+        reservation: Reservation,
+    },
+    /// A blob-opening message arrived: open the receiving stream and grant one window.
+    OpenInbound {
+        stream: u64,
+        app: mpsc::UnboundedSender<Piece>,
+        reservation: Reservation,
+    },
+    /// Bytes a sender's window already allows.
+    Write { stream: u64, data: Bytes },
+    /// The sender wrote its last byte; `done` learns when the receiver holds them all.
+    Finish {
+        stream: u64,
+        done: oneshot::Sender<Result<(), Error>>,
+    },
+    /// A receiver consumed `n` bytes.
+    Consumed { stream: u64, n: u64 },
+    /// The local end abandons the stream (either direction).
+    Cancel { stream: u64, reason: String },
+    /// An authenticated callis whose first frame was a BLOB_HELLO (already read into
+    /// `prefix`).
+    Attach {
+        io: Box<AuthenticatedStream>,
+        prefix: BytesMut,
+    },
+    /// The primary callis opened with a peer in run `epoch`.
+    PeerEpoch { epoch: u64, restarted: bool },
+    /// Learn (or change) the address to dial.
+    SetAddr(DomusAddr),
+    /// The authentication material changed: close the callis if its peer would be refused now.
+    Recheck,
+    /// Cancel every stream (telling the peer), close the callis and stop.
+    Shutdown,
+}
 
 /// What a blob driver hands a receiving application, in order.
 pub(crate) enum Piece {

@@ -23,17 +23,15 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
 use tokio::time::{Instant, Sleep};
 use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 
-use super::blob_driver::{BLOB_OPEN_TYPE, BlobCommand, decode_blob_open, stream_parity};
-use super::session::{Answer, Event, Outcome, Outgoing, Session};
-use super::window::IdQueue;
+use super::ends::BlobCommand;
+use super::ends::{BlobReceiver, Reservation};
+use super::{AnswerTx, Delivery, Inbound, InboundMessage, answer_result, jitter, yield_turn};
 use crate::a0_transport::{AuthenticatedStream, DomusAddr, DomusId, PeerIdentity, Transport};
-use crate::domus::Delivery;
-use crate::domus::blob::{BlobReceiver, Reservation};
-use crate::error::{Error, ErrorId, untrusted};
+use crate::a1_callis::blob::{BLOB_OPEN_TYPE, decode_blob_open, stream_parity};
+use crate::a1_callis::session::{A3_MESSAGE_TYPE_BASE, Answer, Event, Outcome, Outgoing, Session};
+use crate::a1_callis::window::IdQueue;
+use crate::error::{Error, ErrorId};
 use crate::reporting::{C, CallisKind, Event as Report, PeerCells, Recorder};
-use crate::taberna::{
-    AnswerSink, MessageClass, MessageType, Registry, TabernaId, TabernaRequest, system_rejection,
-};
 
 /// What the rest of the domus asks of a peer's driver.
 pub(crate) enum PeerCommand {
@@ -61,7 +59,8 @@ pub(crate) enum PeerCommand {
 /// What a driver needs from its domus.
 pub(crate) struct DriverContext {
     pub(crate) transport: Transport,
-    pub(crate) registry: Arc<Registry>,
+    /// Where deliveries from peers go (the taberna registry).
+    pub(crate) inbound: Arc<dyn Inbound>,
     pub(crate) local_id: DomusId,
     pub(crate) reconnect_backoff_min: Duration,
     pub(crate) reconnect_backoff_max: Duration,
@@ -549,19 +548,15 @@ impl PeerDriver {
                         self.deliver_blob_open(peer, peer_epoch, message);
                         continue;
                     }
-                    let request = TabernaRequest::new(
+                    self.ctx.inbound.deliver(InboundMessage {
                         peer,
-                        TabernaId(message.src),
-                        TabernaId(message.dst),
-                        MessageType(message.msg_type),
-                        message.payload,
-                        AnswerSink::Remote {
-                            tx: self.commands_tx.clone(),
-                            epoch: peer_epoch,
-                            id: message.id,
-                        },
-                    );
-                    self.ctx.registry.deliver(request);
+                        src: message.src,
+                        dst: message.dst,
+                        msg_type: message.msg_type,
+                        payload: message.payload,
+                        blob: None,
+                        answer: self.answer_tx(peer_epoch, message.id),
+                    });
                 }
                 Event::Finished { id, outcome } => {
                     if let Some(p) = self.pending.remove(id) {
@@ -615,13 +610,13 @@ impl PeerDriver {
         &mut self,
         peer: Arc<PeerIdentity>,
         peer_epoch: u64,
-        message: super::frame::MessageFrame,
+        message: crate::a1_callis::frame::MessageFrame,
     ) {
         let id = message.id;
         let recorder = self.ctx.recorder.clone();
         let refuse = |session: &mut Session, error: ErrorId, reason: &str| {
             recorder.refused(error);
-            session.answer(peer_epoch, id, system_rejection(error, reason));
+            session.answer(peer_epoch, id, Answer::refusal(error, reason));
         };
         let Some((stream, app_type, header)) = decode_blob_open(&message.payload) else {
             refuse(
@@ -639,7 +634,7 @@ impl PeerDriver {
             );
             return;
         }
-        if MessageType(app_type).class() != MessageClass::A3 {
+        if app_type < A3_MESSAGE_TYPE_BASE {
             refuse(
                 &mut self.session,
                 ErrorId::InvalidMessageType,
@@ -687,51 +682,30 @@ impl PeerDriver {
             return;
         }
         let receiver = BlobReceiver::remote(app_rx, self.blob_tx.clone(), stream);
-        let request = TabernaRequest::new(
+        self.ctx.inbound.deliver(InboundMessage {
             peer,
-            TabernaId(message.src),
-            TabernaId(message.dst),
-            MessageType(app_type),
-            header,
-            AnswerSink::Remote {
-                tx: self.commands_tx.clone(),
-                epoch: peer_epoch,
-                id,
-            },
-        )
-        .with_blob(receiver);
-        self.ctx.registry.deliver(request);
+            src: message.src,
+            dst: message.dst,
+            msg_type: app_type,
+            payload: header,
+            blob: Some(receiver),
+            answer: self.answer_tx(peer_epoch, id),
+        });
+    }
+
+    /// The handle that answers delivery `id` of the peer's run `epoch`.
+    fn answer_tx(&self, epoch: u64, id: u64) -> AnswerTx {
+        AnswerTx {
+            tx: self.commands_tx.clone(),
+            epoch,
+            id,
+        }
     }
 
     fn outcome_to_result(&self, dst: u64, outcome: Outcome) -> Result<Delivery, Error> {
         match outcome {
-            Outcome::Answered(Answer::Accepted) => Ok(Delivery::Accepted),
-            Outcome::Answered(Answer::Replied(payload)) => Ok(Delivery::Replied(payload)),
-            Outcome::Answered(Answer::Rejected {
-                error,
-                code,
-                reason,
-            }) => {
-                let context = format!("taberna {dst} on {}", self.peer_id);
-                match ErrorId::try_from(error) {
-                    Ok(ErrorId::RemoteTabernaRejected) => {
-                        Err(Error::rejected(code, &reason, context))
-                    }
-                    // A handler held it when the peer shut down.
-                    Ok(ErrorId::PeerShutDown) => Err(Error::new(
-                        ErrorId::PeerShutDown,
-                        format!("{context}: {}", untrusted(&reason)),
-                    )
-                    .maybe_delivered()),
-                    Ok(id) => Err(Error::new(id, format!("{context}: {}", untrusted(&reason)))),
-                    Err(n) => Err(Error::new(
-                        ErrorId::RemoteTabernaRejected,
-                        format!(
-                            "{context} refused the message with unknown error {n}: {}",
-                            untrusted(&reason)
-                        ),
-                    )),
-                }
+            Outcome::Answered(answer) => {
+                answer_result(answer, format_args!("taberna {dst} on {}", self.peer_id))
             }
             // Never sent because no callis opened: say why, when a dial said so.
             Outcome::Failed(e) if e.id() == ErrorId::PeerUnavailable => {
@@ -896,32 +870,6 @@ pub(crate) fn record_failure(rec: &Recorder, e: &Error) {
         | ErrorId::DecodeFailure) => rec.rejected(id),
         _ => rec.inc(C::messages_failed),
     }
-}
-
-/// Schedules this task again after the other runnable tasks (as `tokio::task::yield_now`
-/// does), rather than through a plain self-wake, which tokio runs next on the same worker and
-/// so starves every other task (the primary callis above all) while a bulk transfer runs.
-pub(crate) fn yield_turn(cx: &mut Context<'_>) {
-    let mut deferred = std::pin::pin!(tokio::task::yield_now());
-    // The first poll defers the wake-up to the scheduler and is always pending.
-    let _ = deferred.as_mut().poll(cx);
-}
-
-/// `d` scaled by a random factor in [0.5, 1.5).
-pub(crate) fn jitter(d: Duration) -> Duration {
-    let r = rand_u64() % 1000;
-    d.mul_f64(0.5 + r as f64 / 1000.0)
-}
-
-/// A non-cryptographic random number (jitter and epochs need unpredictability across
-/// processes, not secrecy): std's randomly seeded SipHash over a counter.
-pub(crate) fn rand_u64() -> u64 {
-    use std::hash::{BuildHasher, Hasher};
-    use std::sync::atomic::{AtomicU64, Ordering};
-    static COUNTER: AtomicU64 = AtomicU64::new(0);
-    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-    h.write_u64(COUNTER.fetch_add(1, Ordering::Relaxed));
-    h.finish()
 }
 
 impl Future for PeerDriver {

@@ -1,0 +1,152 @@
+//! **The runtime**: the only async A1 code. One task per peer owns its primary callis and
+//! drives the pure [`Session`](crate::a1_callis::session::Session) ([`peer`]); one task per
+//! peer owns its blob callis and drives the pure
+//! [`BlobStreams`](crate::a1_callis::blob::BlobStreams) ([`blob`]); [`ends`] are the
+//! application's ends of blob streams.
+//!
+//! The runtime sits above `a1_callis` and below `taberna` and `domus`: it names no type of
+//! theirs. What it hands up — a delivery from a peer, with the handle that answers it — goes
+//! through [`Inbound`], which the upper layer implements.
+//!
+//! It holds no lock across an `.await`, and every wait it makes is a socket, a channel or a
+//! timer.
+
+#![cfg_attr(
+    not(test),
+    deny(
+        clippy::unwrap_used,
+        clippy::expect_used,
+        clippy::indexing_slicing,
+        clippy::arithmetic_side_effects
+    )
+)]
+
+pub(crate) mod blob;
+pub(crate) mod ends;
+pub(crate) mod peer;
+
+use std::future::Future;
+use std::sync::Arc;
+use std::task::Context;
+use std::time::Duration;
+
+use bytes::Bytes;
+
+use crate::a0_transport::PeerIdentity;
+use crate::a1_callis::session::Answer;
+use crate::error::{Error, ErrorId, untrusted};
+use ends::BlobReceiver;
+
+/// How a delivery ended when it did not fail.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Delivery {
+    /// The receiving taberna accepted it.
+    Accepted,
+    /// The receiving taberna answered with a payload.
+    Replied(Bytes),
+}
+
+/// What a send's answer means for its caller: the one mapping of answers to results, for
+/// remote and local tabernas alike. `context` names the destination in error messages.
+pub(crate) fn answer_result(
+    answer: Answer,
+    context: impl std::fmt::Display,
+) -> Result<Delivery, Error> {
+    let (error, code, reason) = match answer {
+        Answer::Accepted => return Ok(Delivery::Accepted),
+        Answer::Replied(payload) => return Ok(Delivery::Replied(payload)),
+        Answer::Rejected {
+            error,
+            code,
+            reason,
+        } => (error, code, reason),
+    };
+    match ErrorId::try_from(error) {
+        Ok(ErrorId::RemoteTabernaRejected) => Err(Error::rejected(code, &reason, context)),
+        // A handler held it when the receiving domus shut down.
+        Ok(ErrorId::PeerShutDown) => Err(Error::new(
+            ErrorId::PeerShutDown,
+            format!("{context}: {}", untrusted(&reason)),
+        )
+        .maybe_delivered()),
+        Ok(id) => Err(Error::new(id, format!("{context}: {}", untrusted(&reason)))),
+        Err(n) => Err(Error::new(
+            ErrorId::RemoteTabernaRejected,
+            format!(
+                "{context} refused the message with unknown error {n}: {}",
+                untrusted(&reason)
+            ),
+        )),
+    }
+}
+
+/// A message from a peer for a local taberna, with the handle that answers it.
+pub(crate) struct InboundMessage {
+    /// Who sent it (from the verified certificate).
+    pub(crate) peer: Arc<PeerIdentity>,
+    /// The sender's source taberna.
+    pub(crate) src: u64,
+    /// The destination taberna.
+    pub(crate) dst: u64,
+    /// The application's message type.
+    pub(crate) msg_type: u32,
+    /// The payload (for a blob, the application's header).
+    pub(crate) payload: Bytes,
+    /// The receiving end of the blob this message opens, if it opens one.
+    pub(crate) blob: Option<BlobReceiver>,
+    /// Answers it (exactly once).
+    pub(crate) answer: AnswerTx,
+}
+
+/// Where the runtime hands deliveries: implemented by the upper layer (the taberna
+/// registry). It must not block; a refusal is answered through [`InboundMessage::answer`].
+pub(crate) trait Inbound: Send + Sync + 'static {
+    /// Offers a delivery to its taberna.
+    fn deliver(&self, message: InboundMessage);
+}
+
+/// The answering handle of a delivery from a peer: it carries the answer back to the peer's
+/// driver, which writes it on the callis.
+pub(crate) struct AnswerTx {
+    pub(crate) tx: tokio::sync::mpsc::UnboundedSender<peer::PeerCommand>,
+    pub(crate) epoch: u64,
+    pub(crate) id: u64,
+}
+
+impl AnswerTx {
+    /// Sends the answer. A closed channel means the peer's driver is gone: there is no one
+    /// left to tell.
+    pub(crate) fn send(self, answer: Answer) {
+        let _ = self.tx.send(peer::PeerCommand::Answer {
+            epoch: self.epoch,
+            id: self.id,
+            answer,
+        });
+    }
+}
+
+/// Schedules this task again after the other runnable tasks (as `tokio::task::yield_now`
+/// does), rather than through a plain self-wake, which tokio runs next on the same worker and
+/// so starves every other task (the primary callis above all) while a bulk transfer runs.
+pub(crate) fn yield_turn(cx: &mut Context<'_>) {
+    let mut deferred = std::pin::pin!(tokio::task::yield_now());
+    // The first poll defers the wake-up to the scheduler and is always pending.
+    let _ = deferred.as_mut().poll(cx);
+}
+
+/// `d` scaled by a random factor in [0.5, 1.5).
+pub(crate) fn jitter(d: Duration) -> Duration {
+    let r = rand_u64() % 1000;
+    d.mul_f64(0.5 + r as f64 / 1000.0)
+}
+
+/// A non-cryptographic random number (jitter and epochs need unpredictability across
+/// processes, not secrecy): std's randomly seeded SipHash over a counter.
+pub(crate) fn rand_u64() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u64(COUNTER.fetch_add(1, Ordering::Relaxed));
+    h.finish()
+}
