@@ -452,6 +452,40 @@ impl BlobStreams {
             .map(|(_, total)| *total)
     }
 
+    /// The peer's BLOB_HELLO, the first frame of a new blob callis: `known_epoch` is the
+    /// peer's run as this side knows it (from the primary callis or an earlier blob callis).
+    /// Another version is refused (`UnsupportedVersion`: close the callis). Another run means
+    /// the peer restarted: every stream of the old run fails with `PeerRestarted` (the old run
+    /// cannot answer a new dial). Then the streams use the callis, chunks cut to what the peer
+    /// accepts. Returns whether the peer restarted.
+    pub fn accept_hello(
+        &mut self,
+        version: u16,
+        epoch: u64,
+        max_chunk: u32,
+        known_epoch: Option<u64>,
+    ) -> Result<bool, Error> {
+        if version != frame::PROTOCOL_VERSION {
+            return Err(Error::new(
+                ErrorId::UnsupportedVersion,
+                format!(
+                    "blob callis speaks version {version}, we speak {}",
+                    frame::PROTOCOL_VERSION
+                ),
+            ));
+        }
+        let restarted = known_epoch.is_some_and(|known| known != epoch);
+        if restarted {
+            self.fail_all(&Error::new(
+                ErrorId::PeerRestarted,
+                "the peer restarted; its blob streams are lost",
+            ));
+        }
+        self.set_peer_chunk(max_chunk as usize);
+        self.connected();
+        Ok(restarted)
+    }
+
     /// A blob callis is up: unacknowledged bytes (and an unanswered BLOB_END) go out again,
     /// and every receiving stream re-announces what it holds and allows, and its end when it
     /// has every byte.

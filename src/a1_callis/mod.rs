@@ -19,5 +19,6 @@
 
 pub mod blob;
 pub mod frame;
+pub mod link;
 pub mod session;
 pub(crate) mod window;

@@ -49,7 +49,7 @@ use crate::runtime::ends::BlobCommand;
 use crate::runtime::peer::{
     DriverContext, InFlight, PeerCommand, PeerDriver, PeerLinks, Reachability, record_failure,
 };
-use crate::runtime::{answer_result, rand_u64};
+use crate::runtime::{answer_result, domus_closed, rand_u64};
 use crate::taberna::{
     AnswerSink, MessageClass, MessageType, Registry, Taberna, TabernaId, TabernaOptions,
     TabernaRequest,
@@ -881,7 +881,7 @@ impl Shared {
         let (done, rx) = oneshot::channel();
         peer.tx
             .send(PeerCommand::Send { msg, done, permit })
-            .map_err(|_| closed())?;
+            .map_err(|_| domus_closed())?;
         Ok(Receipt { rx })
     }
 
@@ -964,7 +964,7 @@ impl Shared {
                     _bytes: Some(bytes),
                 },
             })
-            .map_err(|_| closed())?;
+            .map_err(|_| domus_closed())?;
         // From here until the sender exists, a failure (or the caller dropping this future)
         // cancels the stream.
         let mut guard = CancelOnDrop {
@@ -1263,7 +1263,7 @@ async fn acquire(
 ) -> Result<OwnedSemaphorePermit, Error> {
     match semaphore.clone().try_acquire_many_owned(n) {
         Ok(permit) => return Ok(permit),
-        Err(tokio::sync::TryAcquireError::Closed) => return Err(closed()),
+        Err(tokio::sync::TryAcquireError::Closed) => return Err(domus_closed()),
         Err(tokio::sync::TryAcquireError::NoPermits) => {}
     }
     if wait == Wait::No {
@@ -1284,11 +1284,7 @@ async fn acquire(
                 ),
             )
         })?
-        .map_err(|_| closed())
-}
-
-fn closed() -> Error {
-    Error::new(ErrorId::DomusClosed, "the domus has been shut down")
+        .map_err(|_| domus_closed())
 }
 
 async fn accept_loop(shared: Arc<Shared>, listener: Listener, stop: CancellationToken) {

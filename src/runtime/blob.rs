@@ -24,21 +24,23 @@ use std::collections::HashMap;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::BytesMut;
-use tokio::io::AsyncWrite;
 use tokio::sync::{mpsc, oneshot};
-use tokio::time::{Instant, Sleep};
+use tokio::time::Sleep;
 use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 
+use super::callis::{
+    Alarm, ByteCounters, CallisIo, Counting, Dialer, ReadSink, Step, dialler_of, now,
+};
 use super::ends::{BlobCommand, Piece, Reservation, SenderShared};
-use super::{jitter, yield_turn};
+use super::{domus_closed, yield_turn};
 use crate::a0_transport::{AuthenticatedStream, DomusAddr, DomusId, Transport};
 use crate::a1_callis::blob::{BlobConfig, BlobEvent, BlobStreams};
 use crate::a1_callis::frame::{self, BlobFrame, Frame, PROTOCOL_VERSION};
+use crate::a1_callis::link::{Backoff, keep_current};
 use crate::error::{Error, ErrorId};
 use crate::reporting::{C, CallisKind, PeerCells, Recorder};
 
@@ -52,8 +54,6 @@ pub(crate) struct BlobContext {
     pub(crate) reconnect_backoff_max: Duration,
     pub(crate) recorder: Arc<Recorder>,
 }
-
-type DialFuture = Pin<Box<dyn Future<Output = Result<AuthenticatedStream, Error>> + Send>>;
 
 /// Bytes read, and bytes written, per turn (one poll). Small turns keep the worker thread
 /// free for other tasks — above all the primary callis of the same peer, whose messages must
@@ -77,11 +77,8 @@ struct InEnd {
 }
 
 struct Link {
-    io: AuthenticatedStream,
+    io: CallisIo,
     recv: BytesMut,
-    wbuf: BytesMut,
-    wpos: usize,
-    flushed: bool,
     /// The peer's BLOB_HELLO has been checked: streams may use this callis.
     open: bool,
     /// A CLOSE is queued: drop the callis once it is written.
@@ -91,32 +88,22 @@ struct Link {
 /// One peer's blob task. Poll it to completion (`tokio::spawn`).
 pub(crate) struct BlobDriver {
     peer_id: DomusId,
-    addr: Option<DomusAddr>,
     ctx: Arc<BlobContext>,
     commands: mpsc::UnboundedReceiver<BlobCommand>,
     streams: BlobStreams,
     outs: HashMap<u64, OutEnd>,
     ins: HashMap<u64, InEnd>,
     link: Option<Link>,
-    dial: Option<DialFuture>,
-    backoff: Option<Pin<Box<Sleep>>>,
-    backoff_next: Duration,
+    dialer: Dialer,
     peer_epoch: Option<u64>,
-    timer: Pin<Box<Sleep>>,
-    timer_at: Option<Instant>,
+    /// Follows the streams' `poll_timeout`.
+    timer: Alarm,
     /// Runs while an open callis carries no stream; closes it when it fires.
     idle_timer: Option<Pin<Box<Sleep>>>,
     shutting_down: bool,
     cancelled: Pin<Box<WaitForCancellationFutureOwned>>,
-    cells: Arc<PeerCells>,
-}
-
-fn now() -> std::time::Instant {
-    Instant::now().into_std()
-}
-
-fn closed() -> Error {
-    Error::new(ErrorId::DomusClosed, "the domus has been shut down")
+    /// Where the blob callis's bytes are counted.
+    counting: Counting,
 }
 
 impl BlobDriver {
@@ -128,25 +115,36 @@ impl BlobDriver {
         cancel: CancellationToken,
         cells: Arc<PeerCells>,
     ) -> Self {
+        let dialer = Dialer::new(
+            peer_id.clone(),
+            addr,
+            ctx.transport.clone(),
+            ctx.recorder.clone(),
+            Backoff::new(ctx.reconnect_backoff_min, ctx.reconnect_backoff_max),
+        );
+        let counting = Counting {
+            recorder: ctx.recorder.clone(),
+            cells,
+            counters: ByteCounters {
+                bytes_in: C::blob_bytes_in,
+                bytes_out: C::blob_bytes_out,
+            },
+        };
         Self {
             peer_id,
-            addr,
             streams: BlobStreams::new(ctx.config.clone()),
-            backoff_next: ctx.reconnect_backoff_min,
             ctx,
             commands,
             outs: HashMap::new(),
             ins: HashMap::new(),
             link: None,
-            dial: None,
-            backoff: None,
+            dialer,
             peer_epoch: None,
-            timer: Box::pin(tokio::time::sleep_until(Instant::now())),
-            timer_at: None,
+            timer: Alarm::new(),
             idle_timer: None,
             shutting_down: false,
             cancelled: Box::pin(cancel.cancelled_owned()),
-            cells,
+            counting,
         }
     }
 
@@ -183,7 +181,7 @@ impl BlobDriver {
                 reservation,
             } => {
                 if self.shutting_down {
-                    sender.fail(closed());
+                    sender.fail(domus_closed());
                     return;
                 }
                 match self.streams.open_outbound(now(), stream) {
@@ -208,7 +206,7 @@ impl BlobDriver {
                 reservation,
             } => {
                 if self.shutting_down {
-                    let _ = app.send(Piece::Failed(closed()));
+                    let _ = app.send(Piece::Failed(domus_closed()));
                     return;
                 }
                 match self.streams.open_inbound(now(), stream) {
@@ -288,20 +286,14 @@ impl BlobDriver {
                 self.peer_epoch = Some(epoch);
             }
             BlobCommand::SetAddr(addr) => {
-                // As the peer driver does: a dial to the old address is abandoned, a backoff
-                // cut short (maybe_dial dials the new address on this turn).
-                if self.addr.as_ref() != Some(&addr) {
-                    self.addr = Some(addr);
-                    self.dial = None;
-                    self.backoff = None;
-                    self.backoff_next = self.ctx.reconnect_backoff_min;
-                }
+                // A dial to the old address is abandoned and started again at the new one.
+                self.dialer.set_addr(addr);
             }
             BlobCommand::Recheck => {
                 let refused = self
                     .link
                     .as_ref()
-                    .and_then(|l| l.io.recheck(&self.ctx.transport).err());
+                    .and_then(|l| l.io.stream().recheck(&self.ctx.transport).err());
                 if let Some(e) = refused {
                     let e = Error::new(
                         e.id(),
@@ -319,13 +311,12 @@ impl BlobDriver {
             return;
         }
         self.shutting_down = true;
-        self.dial = None;
-        self.backoff = None;
+        self.dialer.stop();
         let ids: Vec<u64> = self.outs.keys().chain(self.ins.keys()).copied().collect();
         for stream in ids {
             self.streams
                 .cancel(stream, ErrorId::DomusClosed, "the peer is shutting down");
-            self.fail_end(stream, closed());
+            self.fail_end(stream, domus_closed());
         }
     }
 
@@ -350,32 +341,21 @@ impl BlobDriver {
         }
     }
 
-    fn dialer_of<'a>(&'a self, io: &AuthenticatedStream) -> &'a DomusId {
-        if io.is_dialer() {
-            &self.ctx.local_id
-        } else {
-            &self.peer_id
-        }
-    }
-
     /// Adopts a new blob callis (same tie-break as the primary: when both sides dialled at
     /// once, the one dialled by the smaller id survives).
     fn attach(&mut self, io: AuthenticatedStream, prefix: BytesMut) {
         // The bytes the accept path read to tell the callis's kind were read from it.
-        self.ctx.recorder.add(C::blob_bytes_in, prefix.len() as u64);
-        self.cells
-            .bytes_in
-            .fetch_add(prefix.len() as u64, Ordering::Relaxed);
+        self.counting.read(prefix.len());
         if self.shutting_down {
             return;
         }
         if let Some(current) = &self.link {
-            let keep_current = {
-                let current_dialer = self.dialer_of(&current.io);
-                let new_dialer = self.dialer_of(&io);
-                current_dialer != new_dialer && current_dialer < new_dialer
-            };
-            if keep_current {
+            if keep_current(
+                &self.ctx.local_id,
+                &self.peer_id,
+                current.io.dialler(),
+                dialler_of(&io),
+            ) {
                 return;
             }
             self.drop_link();
@@ -383,13 +363,10 @@ impl BlobDriver {
         let mut wbuf = BytesMut::with_capacity(2 * TURN_BYTES);
         let max_chunk = u32::try_from(self.ctx.config.chunk_len).unwrap_or(u32::MAX);
         frame::encode_blob_hello(&mut wbuf, PROTOCOL_VERSION, self.ctx.local_epoch, max_chunk);
-        self.backoff = None;
+        self.dialer.end_wait();
         self.link = Some(Link {
-            io,
+            io: CallisIo::new(io, wbuf, self.counting.clone()),
             recv: prefix,
-            wbuf,
-            wpos: 0,
-            flushed: false,
             open: false,
             closing: false,
         });
@@ -412,42 +389,23 @@ impl BlobDriver {
         if let Some(link) = self.link.as_mut() {
             if !link.closing {
                 link.closing = true;
-                frame::encode_close(&mut link.wbuf, error.id().as_u32(), error.message());
-                link.flushed = false;
+                link.io
+                    .queue(|out| frame::encode_close(out, error.id().as_u32(), error.message()));
             }
         }
         self.streams.disconnected();
     }
 
+    /// Dials when a stream has bytes to send, no callis is up, and the peer's run is known.
     fn maybe_dial(&mut self) {
-        if self.shutting_down
-            || self.link.is_some()
-            || self.dial.is_some()
-            || self.backoff.is_some()
-            || self.peer_epoch.is_none()
-            || !self.streams.has_outbound()
+        if !self.shutting_down
+            && self.link.is_none()
+            && self.dialer.is_idle()
+            && self.peer_epoch.is_some()
+            && self.streams.has_outbound()
         {
-            return;
+            self.dialer.start();
         }
-        let Some(addr) = self.addr.clone() else {
-            return;
-        };
-        let transport = self.ctx.transport.clone();
-        let expected = self.peer_id.clone();
-        self.ctx.recorder.inc(C::dial_attempts);
-        self.dial = Some(Box::pin(async move {
-            transport.dial(&addr, Some(&expected)).await
-        }));
-    }
-
-    fn dial_failed(&mut self, error: &Error) {
-        tracing::debug!(peer = %self.peer_id, error = %error, "blob callis dial failed");
-        self.ctx.recorder.inc(C::dial_failures);
-        self.backoff = Some(Box::pin(tokio::time::sleep(jitter(self.backoff_next))));
-        self.backoff_next = self
-            .backoff_next
-            .saturating_mul(2)
-            .min(self.ctx.reconnect_backoff_max);
     }
 
     /// Decodes what the callis has read and hands it to the streams.
@@ -480,47 +438,32 @@ impl BlobDriver {
                 }
             };
             if !link.open {
-                match frame {
-                    Frame::Blob(BlobFrame::Hello {
-                        version,
-                        epoch,
-                        max_chunk,
-                    }) => {
-                        if version != PROTOCOL_VERSION {
-                            let e = Error::new(
-                                ErrorId::UnsupportedVersion,
-                                format!(
-                                    "blob callis speaks version {version}, we speak {PROTOCOL_VERSION}"
-                                ),
-                            );
-                            self.close_link(&e);
-                            return;
-                        }
+                let Frame::Blob(BlobFrame::Hello {
+                    version,
+                    epoch,
+                    max_chunk,
+                }) = frame
+                else {
+                    let e = Error::new(
+                        ErrorId::ProtocolViolation,
+                        format!("the first frame on a blob callis was {frame:?}, not BLOB_HELLO"),
+                    );
+                    self.close_link(&e);
+                    return;
+                };
+                match self
+                    .streams
+                    .accept_hello(version, epoch, max_chunk, self.peer_epoch)
+                {
+                    Ok(_restarted) => {
                         link.open = true;
                         self.ctx
                             .recorder
                             .callis(CallisKind::Blob, &self.peer_id, true);
-                        if self.peer_epoch.is_some_and(|known| known != epoch) {
-                            // A freshly authenticated callis from the same identity in another
-                            // run: the peer restarted (the old run cannot answer a new dial), so
-                            // streams of the old run are lost.
-                            self.fail_all(Error::new(
-                                ErrorId::PeerRestarted,
-                                format!("{} restarted; its blob streams are lost", self.peer_id),
-                            ));
-                        }
                         self.peer_epoch = Some(epoch);
-                        self.backoff_next = self.ctx.reconnect_backoff_min;
-                        self.streams.set_peer_chunk(max_chunk as usize);
-                        self.streams.connected();
+                        self.dialer.connected();
                     }
-                    other => {
-                        let e = Error::new(
-                            ErrorId::ProtocolViolation,
-                            format!(
-                                "the first frame on a blob callis was {other:?}, not BLOB_HELLO"
-                            ),
-                        );
+                    Err(e) => {
                         self.close_link(&e);
                         return;
                     }
@@ -596,93 +539,29 @@ impl BlobDriver {
         }
     }
 
-    /// Reads at most [`TURN_BYTES`] from the callis; returns (progressed, alive, whether the
-    /// turn's budget ran out with more perhaps waiting).
-    fn poll_read(&mut self, cx: &mut Context<'_>) -> (bool, bool, bool) {
+    /// Reads at most [`TURN_BYTES`] from the callis.
+    fn poll_read(&mut self, cx: &mut Context<'_>) -> Step {
         let Some(link) = self.link.as_mut() else {
-            return (false, true, false);
+            return Step::IDLE;
         };
-        let mut read = 0usize;
-        let mut progressed = false;
-        while read < TURN_BYTES {
-            if link.recv.capacity().saturating_sub(link.recv.len()) < 16 * 1024 {
-                link.recv.reserve(READ_RESERVE);
-            }
-            let mut room = bytes::BufMut::limit(&mut link.recv, TURN_BYTES.saturating_sub(read));
-            match tokio_util::io::poll_read_buf(Pin::new(&mut link.io), cx, &mut room) {
-                Poll::Ready(Ok(0)) => return (true, false, false),
-                Poll::Ready(Ok(n)) => {
-                    read = read.saturating_add(n);
-                    progressed = true;
-                    self.ctx.recorder.add(C::blob_bytes_in, n as u64);
-                    self.cells.bytes_in.fetch_add(n as u64, Ordering::Relaxed);
-                }
-                Poll::Ready(Err(e)) => {
-                    tracing::debug!(peer = %self.peer_id, error = %e, "blob callis read failed");
-                    return (true, false, false);
-                }
-                Poll::Pending => return (progressed, true, false),
-            }
-        }
-        (progressed, true, true)
+        link.io.poll_read(
+            cx,
+            &mut LinkInput(&mut link.recv),
+            TURN_BYTES,
+            (16 * 1024, READ_RESERVE),
+        )
     }
 
-    /// Writes at most [`TURN_BYTES`] of what the streams have ready; returns (progressed,
-    /// alive, whether the turn's budget ran out with more perhaps waiting).
-    fn poll_write(&mut self, cx: &mut Context<'_>) -> (bool, bool, bool) {
+    /// Writes at most [`TURN_BYTES`] of what the streams have ready.
+    fn poll_write(&mut self, cx: &mut Context<'_>) -> Step {
         let Some(link) = self.link.as_mut() else {
-            return (false, true, false);
+            return Step::IDLE;
         };
-        let mut progressed = false;
-        let mut written = 0usize;
-        let mut saturated = false;
-        loop {
-            if written >= TURN_BYTES {
-                saturated = true;
-                break;
-            }
-            if link.wpos >= link.wbuf.len() {
-                link.wbuf.clear();
-                link.wpos = 0;
-                if link.closing
-                    || !link.open
-                    || !self.streams.poll_transmit(&mut link.wbuf, TURN_BYTES)
-                {
-                    break;
-                }
-                link.flushed = false;
-            }
-            let end = link
-                .wbuf
-                .len()
-                .min(link.wpos.saturating_add(TURN_BYTES.saturating_sub(written)));
-            let Some(chunk) = link.wbuf.get(link.wpos..end) else {
-                break;
-            };
-            match Pin::new(&mut link.io).poll_write(cx, chunk) {
-                Poll::Ready(Ok(0)) => return (true, false, false),
-                Poll::Ready(Ok(n)) => {
-                    link.wpos = link.wpos.saturating_add(n);
-                    written = written.saturating_add(n);
-                    progressed = true;
-                    self.ctx.recorder.add(C::blob_bytes_out, n as u64);
-                    self.cells.bytes_out.fetch_add(n as u64, Ordering::Relaxed);
-                }
-                Poll::Ready(Err(e)) => {
-                    tracing::debug!(peer = %self.peer_id, error = %e, "blob callis write failed");
-                    return (true, false, false);
-                }
-                Poll::Pending => return (progressed, true, false),
-            }
-        }
-        if !link.flushed {
-            match Pin::new(&mut link.io).poll_flush(cx) {
-                Poll::Ready(Ok(())) => link.flushed = true,
-                Poll::Ready(Err(_)) => return (true, false, false),
-                Poll::Pending => {}
-            }
-        }
-        (progressed, true, saturated)
+        let (closing, open) = (link.closing, link.open);
+        let streams = &mut self.streams;
+        link.io.poll_write(cx, TURN_BYTES, |out| {
+            !closing && open && streams.poll_transmit(out, TURN_BYTES)
+        })
     }
 
     /// Closes an open callis that has carried no stream for `blob_idle_timeout`.
@@ -711,15 +590,7 @@ impl BlobDriver {
     }
 
     fn poll_timer(&mut self, cx: &mut Context<'_>) -> bool {
-        let wanted = self.streams.poll_timeout().map(Instant::from_std);
-        if wanted != self.timer_at {
-            self.timer_at = wanted;
-            if let Some(at) = wanted {
-                self.timer.as_mut().reset(at);
-            }
-        }
-        if self.timer_at.is_some() && self.timer.as_mut().poll(cx).is_ready() {
-            self.timer_at = None;
+        if self.timer.poll(cx, self.streams.poll_timeout()) {
             self.streams.handle_timeout(now());
             return true;
         }
@@ -743,12 +614,26 @@ impl BlobDriver {
     }
 
     fn finish(&mut self) {
-        self.streams.fail_all(&closed());
+        self.streams.fail_all(&domus_closed());
         self.dispatch_events();
         let ids: Vec<u64> = self.outs.keys().chain(self.ins.keys()).copied().collect();
         for stream in ids {
-            self.fail_end(stream, closed());
+            self.fail_end(stream, domus_closed());
         }
+    }
+}
+
+/// Read bytes wait in the callis's receive buffer; the driver decodes them after the turn's
+/// reads (commands queued meanwhile come first).
+struct LinkInput<'a>(&'a mut BytesMut);
+
+impl ReadSink for LinkInput<'_> {
+    fn buf(&mut self) -> &mut BytesMut {
+        self.0
+    }
+
+    fn after_read(&mut self) -> bool {
+        true
     }
 }
 
@@ -784,24 +669,19 @@ impl Future for BlobDriver {
                 this.finish();
                 return Poll::Ready(());
             }
-            if let Some(b) = this.backoff.as_mut() {
-                if b.as_mut().poll(cx).is_ready() {
-                    this.backoff = None;
-                    progressed = true;
-                }
-            }
+            progressed |= this.dialer.poll_wait(cx);
             this.maybe_dial();
-            if let Some(d) = this.dial.as_mut() {
-                if let Poll::Ready(result) = d.as_mut().poll(cx) {
-                    this.dial = None;
-                    progressed = true;
-                    match result {
-                        Ok(io) => this.attach(io, BytesMut::new()),
-                        Err(e) => this.dial_failed(&e),
+            if let Poll::Ready(result) = this.dialer.poll_dial(cx) {
+                progressed = true;
+                match result {
+                    Ok(io) => this.attach(io, BytesMut::new()),
+                    Err(e) => {
+                        tracing::debug!(peer = %this.peer_id, error = %e, "blob callis dial failed");
                     }
                 }
             }
-            let (p, alive, read_full) = this.poll_read(cx);
+            let read = this.poll_read(cx);
+            let (p, alive, read_full) = (read.progressed, read.alive, read.full);
             progressed |= p;
             if p {
                 // Commands queued before these bytes arrived (a stream opened by the primary
@@ -819,14 +699,15 @@ impl Future for BlobDriver {
             }
             progressed |= this.poll_timer(cx);
             this.dispatch_events();
-            let (p, alive, write_full) = this.poll_write(cx);
+            let written = this.poll_write(cx);
+            let (p, alive, write_full) = (written.progressed, written.alive, written.full);
             progressed |= p;
             if !alive {
                 this.drop_link();
             }
             this.dispatch_events();
             if let Some(link) = &this.link {
-                if link.closing && link.wpos >= link.wbuf.len() && link.flushed {
+                if link.closing && link.io.is_drained() {
                     this.take_link();
                     progressed = true;
                 }
@@ -835,7 +716,7 @@ impl Future for BlobDriver {
                 let idle = this
                     .link
                     .as_ref()
-                    .is_none_or(|l| !l.open || (l.wpos >= l.wbuf.len() && l.flushed));
+                    .is_none_or(|l| !l.open || l.io.is_drained());
                 if idle {
                     this.take_link();
                     this.finish();

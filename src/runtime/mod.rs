@@ -22,13 +22,13 @@
 )]
 
 pub(crate) mod blob;
+pub(crate) mod callis;
 pub(crate) mod ends;
 pub(crate) mod peer;
 
 use std::future::Future;
 use std::sync::Arc;
 use std::task::Context;
-use std::time::Duration;
 
 use bytes::Bytes;
 
@@ -134,10 +134,9 @@ pub(crate) fn yield_turn(cx: &mut Context<'_>) {
     let _ = deferred.as_mut().poll(cx);
 }
 
-/// `d` scaled by a random factor in [0.5, 1.5).
-pub(crate) fn jitter(d: Duration) -> Duration {
-    let r = rand_u64() % 1000;
-    d.mul_f64(0.5 + r as f64 / 1000.0)
+/// The error of work cut short because this domus shut down.
+pub(crate) fn domus_closed() -> Error {
+    Error::new(ErrorId::DomusClosed, "the domus has been shut down")
 }
 
 /// A non-cryptographic random number (jitter and epochs need unpredictability across

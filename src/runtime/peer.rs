@@ -18,16 +18,18 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::BytesMut;
-use tokio::io::AsyncWrite;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
-use tokio::time::{Instant, Sleep};
 use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 
+use super::callis::{
+    Alarm, ByteCounters, CallisIo, Counting, Dialer, ReadSink, Step, dialler_of, now,
+};
 use super::ends::BlobCommand;
 use super::ends::{BlobReceiver, Reservation};
-use super::{AnswerTx, Delivery, Inbound, InboundMessage, answer_result, jitter, yield_turn};
+use super::{AnswerTx, Delivery, Inbound, InboundMessage, answer_result, domus_closed, yield_turn};
 use crate::a0_transport::{AuthenticatedStream, DomusAddr, DomusId, PeerIdentity, Transport};
 use crate::a1_callis::blob::{BLOB_OPEN_TYPE, decode_blob_open, stream_parity};
+use crate::a1_callis::link::{AgeAction, Backoff, CallisAge, keep_current};
 use crate::a1_callis::session::{A3_MESSAGE_TYPE_BASE, Answer, Event, Outcome, Outgoing, Session};
 use crate::a1_callis::window::IdQueue;
 use crate::error::{Error, ErrorId};
@@ -103,18 +105,6 @@ impl Reachability {
     }
 }
 
-/// Where the current callis is in its life under `max_callis_age`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Age {
-    /// Younger than the limit (or no limit).
-    Young,
-    /// Past the limit: replaced (we dialled it) or closed (we accepted it) when the timer
-    /// fires next.
-    Old,
-}
-
-type DialFuture = Pin<Box<dyn Future<Output = Result<AuthenticatedStream, Error>> + Send>>;
-
 /// A send's share of its peer's in-flight budget: one slot and its payload's bytes.
 pub(crate) struct InFlight {
     pub(crate) _slot: OwnedSemaphorePermit,
@@ -139,35 +129,31 @@ const READ_RESERVE: usize = 64 * 1024;
 /// One peer's task. Poll it to completion (`tokio::spawn`).
 pub(crate) struct PeerDriver {
     peer_id: DomusId,
-    addr: Option<DomusAddr>,
     ctx: Arc<DriverContext>,
     commands: mpsc::UnboundedReceiver<PeerCommand>,
     commands_tx: mpsc::UnboundedSender<PeerCommand>,
     session: Session,
     pending: IdQueue<PendingSend>,
-    stream: Option<AuthenticatedStream>,
+    /// The current callis, once authenticated.
+    callis: Option<CallisIo>,
     peer_identity: Option<Arc<PeerIdentity>>,
-    write_buf: BytesMut,
-    write_pos: usize,
-    flushed: bool,
-    dial: Option<DialFuture>,
-    backoff: Option<Pin<Box<Sleep>>>,
-    backoff_next: Duration,
+    dialer: Dialer,
     last_dial_error: Option<Error>,
-    timer: Pin<Box<Sleep>>,
-    timer_at: Option<Instant>,
+    /// Follows the session's `poll_timeout`.
+    timer: Alarm,
     shutting_down: bool,
     cancelled: Pin<Box<WaitForCancellationFutureOwned>>,
     close_reason: Option<Error>,
     blob_tx: mpsc::UnboundedSender<BlobCommand>,
     blob_in_streams: Arc<Semaphore>,
     cells: Arc<PeerCells>,
+    /// Where the primary callis's bytes are counted.
+    counting: Counting,
     /// The current callis said HELLO (and was counted as up).
     open_reported: bool,
-    max_callis_age: Option<Duration>,
-    /// When the current callis next needs attention under `max_callis_age`.
-    age_timer: Option<Pin<Box<Sleep>>>,
-    age: Age,
+    /// `max_callis_age` for the current callis, and the alarm that follows it.
+    age: CallisAge,
+    age_timer: Alarm,
     /// The peer said it shut down (CLOSE `DomusClosed`) and no callis has opened since: a
     /// failed dial then fails what waits for it at once, with `PeerShutDown`.
     peer_shut_down: bool,
@@ -187,53 +173,56 @@ impl PeerDriver {
         cancel: CancellationToken,
         links: PeerLinks,
     ) -> Self {
-        let backoff_next = ctx.reconnect_backoff_min;
+        let dialer = Dialer::new(
+            peer_id.clone(),
+            addr,
+            ctx.transport.clone(),
+            ctx.recorder.clone(),
+            Backoff::new(ctx.reconnect_backoff_min, ctx.reconnect_backoff_max),
+        );
+        let counting = Counting {
+            recorder: ctx.recorder.clone(),
+            cells: links.cells.clone(),
+            counters: ByteCounters {
+                bytes_in: C::primary_bytes_in,
+                bytes_out: C::primary_bytes_out,
+            },
+        };
         Self {
             peer_id,
-            addr,
             ctx,
             commands,
             commands_tx,
             session,
             pending: IdQueue::default(),
-            stream: None,
+            callis: None,
             peer_identity: None,
-            write_buf: BytesMut::with_capacity(64 * 1024),
-            write_pos: 0,
-            flushed: true,
-            dial: None,
-            backoff: None,
-            backoff_next,
+            dialer,
             last_dial_error: None,
-            timer: Box::pin(tokio::time::sleep_until(Instant::now())),
-            timer_at: None,
+            timer: Alarm::new(),
             shutting_down: false,
             cancelled: Box::pin(cancel.cancelled_owned()),
             close_reason: None,
             blob_tx: links.blob_tx,
             blob_in_streams: links.blob_in_streams,
+            counting,
             cells: links.cells,
             open_reported: false,
-            max_callis_age: links.max_callis_age,
-            age_timer: None,
-            age: Age::Young,
+            age: CallisAge::new(links.max_callis_age),
+            age_timer: Alarm::new(),
             peer_shut_down: false,
             reachability: links.reachability,
         }
-    }
-
-    fn now() -> std::time::Instant {
-        Instant::now().into_std()
     }
 
     fn handle_command(&mut self, cmd: PeerCommand) {
         match cmd {
             PeerCommand::Send { msg, done, permit } => {
                 if self.shutting_down {
-                    let _ = done.send(Err(closed()));
+                    let _ = done.send(Err(domus_closed()));
                     return;
                 }
-                if self.peer_shut_down && self.stream.is_none() && self.backoff.is_some() {
+                if self.peer_shut_down && self.callis.is_none() && self.dialer.is_waiting() {
                     // It shut down and the last dial since failed: fail now rather than
                     // wait for the deadline (the next dial after the backoff may find it back).
                     let _ = done.send(Err(self.shut_down_error()));
@@ -261,34 +250,20 @@ impl PeerDriver {
             }
             PeerCommand::Answer { epoch, id, answer } => self.session.answer(epoch, id, answer),
             PeerCommand::Attach(stream, prefix) => self.attach(*stream, prefix),
-            PeerCommand::SetAddr(addr) => self.set_addr(addr),
+            PeerCommand::SetAddr(addr) => {
+                // A dial to the old address is abandoned: what waits goes the new way now.
+                self.dialer.set_addr(addr);
+            }
             PeerCommand::Recheck => self.recheck(),
             PeerCommand::Shutdown => self.begin_shutdown(),
         }
     }
 
-    /// The route now gives `addr`. A dial still running to the old address is abandoned and
-    /// started again at the new one, and a backoff after failures there is cut short, so what
-    /// waits for the peer goes the new way at once. An open callis is kept: it works.
-    fn set_addr(&mut self, addr: DomusAddr) {
-        if self.addr.as_ref() == Some(&addr) {
-            return;
-        }
-        self.addr = Some(addr);
-        self.backoff_next = self.ctx.reconnect_backoff_min;
-        if self.dial.take().is_some() {
-            tracing::debug!(peer = %self.peer_id, "route changed; dialling the new address");
-            self.start_dial();
-        } else if self.stream.is_none() {
-            self.backoff = None;
-        }
-    }
-
     fn recheck(&mut self) {
-        let Some(stream) = &self.stream else {
+        let Some(callis) = &self.callis else {
             return;
         };
-        if let Err(e) = stream.recheck(&self.ctx.transport) {
+        if let Err(e) = callis.stream().recheck(&self.ctx.transport) {
             let e = Error::new(
                 e.id(),
                 format!("{} is no longer trusted: {}", self.peer_id, e.message()),
@@ -304,9 +279,8 @@ impl PeerDriver {
             return;
         }
         self.shutting_down = true;
-        self.dial = None;
-        self.backoff = None;
-        if self.stream.is_some() {
+        self.dialer.stop();
+        if self.callis.is_some() {
             // Deliveries the handlers still hold are answered before the CLOSE goes out.
             self.session.shut_down();
         }
@@ -331,31 +305,22 @@ impl PeerDriver {
         }
     }
 
-    /// Which side dialled `stream`.
-    fn dialer_of<'a>(&'a self, stream: &AuthenticatedStream) -> &'a DomusId {
-        if stream.is_dialer() {
-            &self.ctx.local_id
-        } else {
-            &self.peer_id
-        }
-    }
-
     /// Adopts a new callis, or keeps the current one. When both sides dialled at once, the
     /// callis dialled by the smaller id survives (both ends apply the same rule); a new callis
     /// dialled by the same side as the current one replaces it (the old one is likely dead).
     fn attach(&mut self, new: AuthenticatedStream, prefix: BytesMut) {
         // The bytes the accept path read to tell the callis's kind were read from it.
-        self.count_in(prefix.len());
+        self.counting.read(prefix.len());
         if self.shutting_down {
             return;
         }
-        if let Some(current) = &self.stream {
-            let keep_current = {
-                let current_dialer = self.dialer_of(current);
-                let new_dialer = self.dialer_of(&new);
-                current_dialer != new_dialer && current_dialer < new_dialer
-            };
-            if keep_current {
+        if let Some(current) = &self.callis {
+            if keep_current(
+                &self.ctx.local_id,
+                &self.peer_id,
+                current.dialler(),
+                dialler_of(&new),
+            ) {
                 tracing::debug!(peer = %self.peer_id, "duplicate callis closed; keeping the one dialled by the smaller id");
                 return;
             }
@@ -364,27 +329,19 @@ impl PeerDriver {
         }
         // A dial of ours still in progress is left to finish: the peer may already hold that
         // callis, and both ends must judge the same pair of calles by the same rule.
-        self.backoff = None;
+        self.dialer.end_wait();
         self.peer_identity = Some(Arc::new(new.peer().clone()));
-        self.session.connected(Self::now(), self.peer_id.as_str());
-        self.stream = Some(new);
-        self.write_buf.clear();
-        self.write_pos = 0;
-        self.flushed = true;
-        self.age = Age::Young;
-        self.age_timer = self
-            .max_callis_age
-            .map(|age| Box::pin(tokio::time::sleep(age)));
+        self.session.connected(now(), self.peer_id.as_str());
+        self.callis = Some(CallisIo::new(
+            new,
+            BytesMut::with_capacity(64 * 1024),
+            self.counting.clone(),
+        ));
+        self.age.opened(now());
         if !prefix.is_empty() {
             self.session.recv_buf().extend_from_slice(&prefix);
-            self.session.handle_input(Self::now());
+            self.session.handle_input(now());
         }
-    }
-
-    /// Counts bytes read from a primary callis.
-    fn count_in(&self, n: usize) {
-        self.ctx.recorder.add(C::primary_bytes_in, n as u64);
-        self.cells.bytes_in.fetch_add(n as u64, Ordering::Relaxed);
     }
 
     fn drop_stream(&mut self) {
@@ -399,67 +356,45 @@ impl PeerDriver {
                 reason: self.close_reason.take(),
             });
         }
-        self.stream = None;
-        self.write_buf.clear();
-        self.write_pos = 0;
-        self.flushed = true;
-        self.age_timer = None;
-        self.session.disconnected(Self::now());
+        self.callis = None;
+        self.age.closed();
+        self.session.disconnected(now());
     }
 
-    /// The current callis reached `max_callis_age` (or a quarter of it more): a callis we
-    /// dialled gets a replacement dial, which takes over when it attaches; one we accepted is
-    /// left a quarter of the age for the peer to replace it, then closed. A replacement that
-    /// has not arrived a quarter of the age later closes the old callis too.
+    /// The current callis reached `max_callis_age` (or a quarter of it more): see
+    /// [`CallisAge`]. A callis we dialled gets a replacement dial, which takes over when it
+    /// attaches; either side closes it a quarter of the age later if it is still in use.
     fn on_age_timer(&mut self) {
-        let (Some(limit), Some(stream)) = (self.max_callis_age, self.stream.as_ref()) else {
-            self.age_timer = None;
+        let Some(callis) = &self.callis else {
             return;
         };
-        let grace = limit.checked_div(4).unwrap_or(limit);
-        match self.age {
-            Age::Young => {
-                self.age = Age::Old;
-                if stream.is_dialer() && self.dial.is_none() && !self.shutting_down {
+        match self.age.on_timeout(now(), callis.dialler()) {
+            AgeAction::DialReplacement => {
+                if !self.dialer.is_dialling() && !self.shutting_down {
                     tracing::debug!(peer = %self.peer_id, "callis reached max_callis_age; dialling its replacement");
-                    self.start_dial();
+                    self.dialer.start();
                 }
-                self.age_timer = Some(Box::pin(tokio::time::sleep(grace)));
             }
-            Age::Old => {
-                self.age_timer = None;
+            AgeAction::Close => {
                 tracing::debug!(peer = %self.peer_id, "closing a callis past max_callis_age");
                 self.session.close(Error::new(
                     ErrorId::ConnectionLost,
                     "the callis reached max_callis_age; a new one replaces it",
                 ));
             }
+            AgeAction::Wait | AgeAction::None => {}
         }
     }
 
+    /// Dials when messages wait and nothing else is under way.
     fn maybe_dial(&mut self) {
-        if self.shutting_down
-            || self.stream.is_some()
-            || self.dial.is_some()
-            || self.backoff.is_some()
-            || self.session.in_flight() == 0
+        if !self.shutting_down
+            && self.callis.is_none()
+            && self.dialer.is_idle()
+            && self.session.in_flight() > 0
         {
-            return;
+            self.dialer.start();
         }
-        self.start_dial();
-    }
-
-    /// Starts dialling the peer's address (when one is known).
-    fn start_dial(&mut self) {
-        let Some(addr) = self.addr.clone() else {
-            return;
-        };
-        let transport = self.ctx.transport.clone();
-        let expected = self.peer_id.clone();
-        self.ctx.recorder.inc(C::dial_attempts);
-        self.dial = Some(Box::pin(async move {
-            transport.dial(&addr, Some(&expected)).await
-        }));
     }
 
     fn dial_failed(&mut self, error: Error) {
@@ -472,7 +407,6 @@ impl PeerDriver {
         );
         tracing::debug!(peer = %self.peer_id, error = %error, permanent, "dial failed");
         let rec = &self.ctx.recorder;
-        rec.inc(C::dial_failures);
         if error.id() == ErrorId::IdentityMismatch {
             rec.inc(C::identity_mismatches);
         }
@@ -497,12 +431,6 @@ impl PeerDriver {
                 self.session.fail_unsent(unreachable);
             }
         }
-        let delay = jitter(self.backoff_next);
-        self.backoff = Some(Box::pin(tokio::time::sleep(delay)));
-        self.backoff_next = self
-            .backoff_next
-            .saturating_mul(2)
-            .min(self.ctx.reconnect_backoff_max);
     }
 
     fn dispatch_events(&mut self) {
@@ -512,7 +440,7 @@ impl PeerDriver {
                     peer_epoch,
                     restarted,
                 } => {
-                    self.backoff_next = self.ctx.reconnect_backoff_min;
+                    self.dialer.connected();
                     self.last_dial_error = None;
                     self.peer_shut_down = false;
                     self.reachability.set(None);
@@ -591,8 +519,7 @@ impl PeerDriver {
                     if error.id() == ErrorId::PeerShutDown {
                         // Sends from now on dial at once, and fail at once if that fails.
                         self.peer_shut_down = true;
-                        self.backoff = None;
-                        self.backoff_next = self.ctx.reconnect_backoff_min;
+                        self.dialer.connected();
                         self.reachability.set(Some(Error::new(
                             ErrorId::PeerShutDown,
                             format!("{} shut down; the message was not sent", self.peer_id),
@@ -728,94 +655,31 @@ impl PeerDriver {
         }
     }
 
-    /// Reads what the socket has; false when the callis ended.
-    fn poll_read(&mut self, cx: &mut Context<'_>) -> (bool, bool) {
-        let mut progressed = false;
-        let mut read = 0usize;
-        let Some(stream) = self.stream.as_mut() else {
-            return (false, true);
+    /// Reads what the socket has into the session (which handles each read at once).
+    fn poll_read(&mut self, cx: &mut Context<'_>) -> Step {
+        let Some(callis) = self.callis.as_mut() else {
+            return Step::IDLE;
         };
-        while read < READ_BUDGET {
-            let buf = self.session.recv_buf();
-            if buf.capacity().saturating_sub(buf.len()) < 4096 {
-                buf.reserve(READ_RESERVE);
-            }
-            match tokio_util::io::poll_read_buf(Pin::new(&mut *stream), cx, buf) {
-                Poll::Ready(Ok(0)) => return (true, false),
-                Poll::Ready(Ok(n)) => {
-                    read = read.saturating_add(n);
-                    progressed = true;
-                    self.ctx.recorder.add(C::primary_bytes_in, n as u64);
-                    self.cells.bytes_in.fetch_add(n as u64, Ordering::Relaxed);
-                    self.session.handle_input(Self::now());
-                    if self.session.is_closing() {
-                        break;
-                    }
-                }
-                Poll::Ready(Err(e)) => {
-                    tracing::debug!(peer = %self.peer_id, error = %e, "callis read failed");
-                    return (true, false);
-                }
-                Poll::Pending => break,
-            }
-        }
-        (progressed, true)
+        callis.poll_read(
+            cx,
+            &mut SessionInput(&mut self.session),
+            READ_BUDGET,
+            (4096, READ_RESERVE),
+        )
     }
 
-    /// Writes what the session has ready; returns (progressed, alive).
-    fn poll_write(&mut self, cx: &mut Context<'_>) -> (bool, bool) {
-        let mut progressed = false;
-        let Some(stream) = self.stream.as_mut() else {
-            return (false, true);
+    /// Writes what the session has ready.
+    fn poll_write(&mut self, cx: &mut Context<'_>) -> Step {
+        let Some(callis) = self.callis.as_mut() else {
+            return Step::IDLE;
         };
-        loop {
-            if self.write_pos >= self.write_buf.len() {
-                self.write_buf.clear();
-                self.write_pos = 0;
-                if !self.session.poll_transmit(Self::now(), &mut self.write_buf) {
-                    break;
-                }
-                self.flushed = false;
-            }
-            let Some(chunk) = self.write_buf.get(self.write_pos..) else {
-                break;
-            };
-            match Pin::new(&mut *stream).poll_write(cx, chunk) {
-                Poll::Ready(Ok(0)) => return (true, false),
-                Poll::Ready(Ok(n)) => {
-                    self.write_pos = self.write_pos.saturating_add(n);
-                    progressed = true;
-                    self.ctx.recorder.add(C::primary_bytes_out, n as u64);
-                    self.cells.bytes_out.fetch_add(n as u64, Ordering::Relaxed);
-                }
-                Poll::Ready(Err(e)) => {
-                    tracing::debug!(peer = %self.peer_id, error = %e, "callis write failed");
-                    return (true, false);
-                }
-                Poll::Pending => return (progressed, true),
-            }
-        }
-        if !self.flushed {
-            match Pin::new(&mut *stream).poll_flush(cx) {
-                Poll::Ready(Ok(())) => self.flushed = true,
-                Poll::Ready(Err(_)) => return (true, false),
-                Poll::Pending => {}
-            }
-        }
-        (progressed, true)
+        let session = &mut self.session;
+        callis.poll_write(cx, usize::MAX, |buf| session.poll_transmit(now(), buf))
     }
 
-    fn reset_timer(&mut self, cx: &mut Context<'_>) -> bool {
-        let wanted = self.session.poll_timeout().map(Instant::from_std);
-        if wanted != self.timer_at {
-            self.timer_at = wanted;
-            if let Some(at) = wanted {
-                self.timer.as_mut().reset(at);
-            }
-        }
-        if self.timer_at.is_some() && self.timer.as_mut().poll(cx).is_ready() {
-            self.timer_at = None;
-            self.session.handle_timeout(Self::now());
+    fn poll_timer(&mut self, cx: &mut Context<'_>) -> bool {
+        if self.timer.poll(cx, self.session.poll_timeout()) {
+            self.session.handle_timeout(now());
             return true;
         }
         false
@@ -841,16 +705,27 @@ impl PeerDriver {
     }
 
     fn finish(&mut self) {
-        self.session.fail_all(closed());
+        self.session.fail_all(domus_closed());
         self.dispatch_events();
         for (_, p) in self.pending.drain() {
-            let _ = p.done.send(Err(closed()));
+            let _ = p.done.send(Err(domus_closed()));
         }
     }
 }
 
-fn closed() -> Error {
-    Error::new(ErrorId::DomusClosed, "the domus has been shut down")
+/// Read bytes go into the session, which decodes and handles them after every read; reading
+/// stops for the turn once the session decided to close.
+struct SessionInput<'a>(&'a mut Session);
+
+impl ReadSink for SessionInput<'_> {
+    fn buf(&mut self) -> &mut BytesMut {
+        self.0.recv_buf()
+    }
+
+    fn after_read(&mut self) -> bool {
+        self.0.handle_input(now());
+        !self.0.is_closing()
+    }
 }
 
 /// Counts a send that ended in an error.
@@ -899,59 +774,45 @@ impl Future for PeerDriver {
                 }
             }
             // Dialling and backoff.
-            if let Some(b) = this.backoff.as_mut() {
-                if b.as_mut().poll(cx).is_ready() {
-                    this.backoff = None;
-                    progressed = true;
-                }
-            }
+            progressed |= this.dialer.poll_wait(cx);
             this.maybe_dial();
-            if let Some(d) = this.dial.as_mut() {
-                if let Poll::Ready(result) = d.as_mut().poll(cx) {
-                    this.dial = None;
-                    progressed = true;
-                    match result {
-                        Ok(stream) => this.attach(stream, BytesMut::new()),
-                        Err(e) => this.dial_failed(e),
-                    }
+            if let Poll::Ready(result) = this.dialer.poll_dial(cx) {
+                progressed = true;
+                match result {
+                    Ok(stream) => this.attach(stream, BytesMut::new()),
+                    Err(e) => this.dial_failed(e),
                 }
             }
-            if let Some(t) = this.age_timer.as_mut() {
-                if t.as_mut().poll(cx).is_ready() {
-                    this.on_age_timer();
-                    progressed = true;
-                }
+            if this.age_timer.poll(cx, this.age.poll_timeout()) {
+                this.on_age_timer();
+                progressed = true;
             }
             // Reading.
-            let (read_progress, read_alive) = this.poll_read(cx);
-            progressed |= read_progress;
-            if !read_alive {
+            let read = this.poll_read(cx);
+            progressed |= read.progressed;
+            if !read.alive {
                 this.drop_stream();
             }
             // Timers, then events.
-            progressed |= this.reset_timer(cx);
+            progressed |= this.poll_timer(cx);
             this.dispatch_events();
             // Writing.
-            let (write_progress, write_alive) = this.poll_write(cx);
-            progressed |= write_progress;
-            if !write_alive {
+            let written = this.poll_write(cx);
+            progressed |= written.progressed;
+            if !written.alive {
                 this.drop_stream();
             }
             this.dispatch_events();
             // A close the session decided takes effect once its CLOSE frame is out.
-            if this.session.is_closing()
-                && this.write_pos >= this.write_buf.len()
-                && this.flushed
-                && this.stream.is_some()
-            {
+            if this.session.is_closing() && this.callis.as_ref().is_some_and(CallisIo::is_drained) {
                 this.drop_stream();
                 progressed = true;
             }
-            if this.shutting_down && this.stream.is_none() {
+            if this.shutting_down && this.callis.is_none() {
                 this.finish();
                 return Poll::Ready(());
             }
-            progressed |= this.reset_timer(cx);
+            progressed |= this.poll_timer(cx);
             if !progressed {
                 this.publish_cells();
                 return Poll::Pending;
