@@ -102,23 +102,83 @@ impl SendOptions {
 
 /// An admitted send: await it for the outcome. Holding many receipts is how one task keeps
 /// thousands of sends in flight.
-#[derive(Debug)]
 pub struct Receipt {
-    rx: oneshot::Receiver<Result<Delivery, Error>>,
+    inner: ReceiptKind,
+}
+
+enum ReceiptKind {
+    /// The peer's driver completes it.
+    Remote(oneshot::Receiver<Result<Delivery, Error>>),
+    /// A taberna on this domus answers it, within the send's timeout (kept here: no task
+    /// waits for a local answer).
+    Local(Box<LocalAnswer>),
+}
+
+/// A local send waiting for its taberna's answer.
+struct LocalAnswer {
+    answer: oneshot::Receiver<Answer>,
+    deadline: Pin<Box<tokio::time::Sleep>>,
+    timeout: Duration,
+    context: String,
+    max_reply: usize,
+    recorder: Arc<Recorder>,
+}
+
+impl LocalAnswer {
+    fn poll(&mut self, cx: &mut Context<'_>) -> Poll<Result<Delivery, Error>> {
+        let context = &self.context;
+        let result = match Pin::new(&mut self.answer).poll(cx) {
+            Poll::Ready(Ok(Answer::Replied(p))) if p.len() > self.max_reply => {
+                answer_result(too_large_reply(p.len(), self.max_reply), context)
+            }
+            Poll::Ready(Ok(answer)) => answer_result(answer, context),
+            Poll::Ready(Err(_)) => Err(Error::new(
+                ErrorId::RequestDropped,
+                format!("{context} dropped the request"),
+            )),
+            Poll::Pending => match self.deadline.as_mut().poll(cx) {
+                Poll::Ready(()) => Err(Error::new(
+                    ErrorId::SendTimeout,
+                    format!("{context} did not answer within {:?}", self.timeout),
+                )),
+                Poll::Pending => return Poll::Pending,
+            },
+        };
+        match &result {
+            Ok(Delivery::Accepted) => self.recorder.inc(C::messages_accepted),
+            Ok(Delivery::Replied(_)) => self.recorder.inc(C::messages_replied),
+            Err(e) => record_failure(&self.recorder, e),
+        }
+        Poll::Ready(result)
+    }
+}
+
+impl std::fmt::Debug for Receipt {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let kind = match &self.inner {
+            ReceiptKind::Remote(_) => "remote",
+            ReceiptKind::Local(_) => "local",
+        };
+        f.debug_struct("Receipt").field("to", &kind).finish()
+    }
 }
 
 impl Future for Receipt {
     type Output = Result<Delivery, Error>;
 
+    /// A local send is counted (accepted, replied, failed) when its receipt resolves.
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        Pin::new(&mut self.rx).poll(cx).map(|r| {
-            r.unwrap_or_else(|_| {
-                Err(Error::new(
-                    ErrorId::DomusClosed,
-                    "the domus was shut down before the send finished",
-                ))
-            })
-        })
+        match &mut self.inner {
+            ReceiptKind::Remote(rx) => Pin::new(rx).poll(cx).map(|r| {
+                r.unwrap_or_else(|_| {
+                    Err(Error::new(
+                        ErrorId::DomusClosed,
+                        "the domus was shut down before the send finished",
+                    ))
+                })
+            }),
+            ReceiptKind::Local(local) => local.poll(cx),
+        }
     }
 }
 
@@ -882,7 +942,9 @@ impl Shared {
         peer.tx
             .send(PeerCommand::Send { msg, done, permit })
             .map_err(|_| domus_closed())?;
-        Ok(Receipt { rx })
+        Ok(Receipt {
+            inner: ReceiptKind::Remote(rx),
+        })
     }
 
     /// Opens a blob stream: checks, routing, the stream's reservation, then the opening
@@ -1013,33 +1075,16 @@ impl Shared {
         }
         self.recorder.inc(C::messages_sent);
         self.registry.deliver(request);
-        let (done, rx) = oneshot::channel();
-        let context = format!("local {taberna}");
-        let recorder = self.recorder.clone();
-        let max_reply = self.config.load().max_message_len;
-        tokio::spawn(async move {
-            let result = match tokio::time::timeout(timeout, answer_rx).await {
-                Ok(Ok(Answer::Replied(p))) if p.len() > max_reply => {
-                    answer_result(too_large_reply(p.len(), max_reply), &context)
-                }
-                Ok(Ok(answer)) => answer_result(answer, &context),
-                Ok(Err(_)) => Err(Error::new(
-                    ErrorId::RequestDropped,
-                    format!("{context} dropped the request"),
-                )),
-                Err(_) => Err(Error::new(
-                    ErrorId::SendTimeout,
-                    format!("{context} did not answer within {timeout:?}"),
-                )),
-            };
-            match &result {
-                Ok(Delivery::Accepted) => recorder.inc(C::messages_accepted),
-                Ok(Delivery::Replied(_)) => recorder.inc(C::messages_replied),
-                Err(e) => record_failure(&recorder, e),
-            }
-            let _ = done.send(result);
-        });
-        Receipt { rx }
+        Receipt {
+            inner: ReceiptKind::Local(Box::new(LocalAnswer {
+                answer: answer_rx,
+                deadline: Box::pin(tokio::time::sleep(timeout)),
+                timeout,
+                context: format!("local {taberna}"),
+                max_reply: self.config.load().max_message_len,
+                recorder: self.recorder.clone(),
+            })),
+        }
     }
 
     /// Resolves `taberna` to a peer (learning its identity when the route names none) and

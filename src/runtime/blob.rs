@@ -85,7 +85,7 @@ struct Link {
     closing: bool,
 }
 
-/// One peer's blob task. Poll it to completion (`tokio::spawn`).
+/// One peer's blob task. Poll it to completion (the domus spawns it on its task tracker).
 pub(crate) struct BlobDriver {
     peer_id: DomusId,
     ctx: Arc<BlobContext>,

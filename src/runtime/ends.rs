@@ -154,7 +154,15 @@ pub struct BlobSender {
     chunk: usize,
     /// `finish` or `cancel` was called (or the stream ended): dropping does nothing more.
     done: bool,
-    finishing: Option<oneshot::Receiver<Result<(), Error>>>,
+    finishing: Option<Finishing>,
+}
+
+/// How a finishing sender learns that the receiver holds every byte.
+enum Finishing {
+    /// The blob driver answers once the peer's receiver acknowledged the end.
+    Remote(oneshot::Receiver<Result<(), Error>>),
+    /// A receiver on the same domus signals that it read the end (or is dropped before).
+    Local(Option<oneshot::Receiver<()>>),
 }
 
 impl fmt::Debug for BlobSender {
@@ -298,9 +306,9 @@ impl BlobSender {
                 self.done = true;
                 return Poll::Ready(Err(e));
             }
-            let (done_tx, done_rx) = oneshot::channel();
-            match &mut self.path {
+            let finishing = match &mut self.path {
                 SendPath::Remote { tx, stream } => {
+                    let (done_tx, done_rx) = oneshot::channel();
                     if tx
                         .send(BlobCommand::Finish {
                             stream: *stream,
@@ -311,6 +319,7 @@ impl BlobSender {
                         self.done = true;
                         return Poll::Ready(Err(closed()));
                     }
+                    Finishing::Remote(done_rx)
                 }
                 SendPath::Local { tx, eof } => {
                     // Closing the queue is the end of the stream; the receiver answers once
@@ -318,33 +327,28 @@ impl BlobSender {
                     if let Some(tx) = tx.take() {
                         let _ = tx.send(Piece::End(None));
                     }
-                    let eof = eof.take();
-                    let shared = self.shared.clone();
-                    tokio::spawn(async move {
-                        let result = match eof {
-                            Some(eof) => eof.await.map_err(|_| {
-                                shared.error().unwrap_or_else(|| {
-                                    Error::new(
-                                        ErrorId::BlobCancelled,
-                                        "the receiver was dropped before it read the end",
-                                    )
-                                })
-                            }),
-                            None => Err(finished_already()),
-                        };
-                        let _ = done_tx.send(result);
-                    });
+                    Finishing::Local(eof.take())
                 }
-            }
+            };
             self.done = true;
-            self.finishing = Some(done_rx);
+            self.finishing = Some(finishing);
         }
-        let Some(rx) = self.finishing.as_mut() else {
-            return Poll::Ready(Err(finished_already()));
-        };
-        Pin::new(rx)
-            .poll(cx)
-            .map(|r| r.unwrap_or_else(|_| Err(closed())))
+        match self.finishing.as_mut() {
+            None | Some(Finishing::Local(None)) => Poll::Ready(Err(finished_already())),
+            Some(Finishing::Remote(rx)) => Pin::new(rx)
+                .poll(cx)
+                .map(|r| r.unwrap_or_else(|_| Err(closed()))),
+            Some(Finishing::Local(Some(eof))) => Pin::new(eof).poll(cx).map(|r| {
+                r.map_err(|_| {
+                    self.shared.error().unwrap_or_else(|| {
+                        Error::new(
+                            ErrorId::BlobCancelled,
+                            "the receiver was dropped before it read the end",
+                        )
+                    })
+                })
+            }),
+        }
     }
 
     /// Abandons the stream; the receiver's next read fails with [`ErrorId::BlobCancelled`]

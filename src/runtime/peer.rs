@@ -126,7 +126,7 @@ const COMMAND_BUDGET: usize = 4096;
 /// Read buffer growth step.
 const READ_RESERVE: usize = 64 * 1024;
 
-/// One peer's task. Poll it to completion (`tokio::spawn`).
+/// One peer's task. Poll it to completion (the domus spawns it on its task tracker).
 pub(crate) struct PeerDriver {
     peer_id: DomusId,
     ctx: Arc<DriverContext>,
