@@ -52,8 +52,11 @@
 //! start-up (module `dev_certs`, feature `dev-certs`); `cargo run --example handshake` shows the
 //! A0 handshake alone over TCP and a Unix socket; `cargo run --example certs-dev` writes
 //! insecure development certificates to disk. The lower layers are public too:
-//! [`a0_transport::Transport`] (authenticated streams) and [`a1_callis`] (the codec and the
-//! sans-IO session).
+//! [`a0_transport::Transport`] (authenticated streams) and [`a1_callis`] (the codec, the
+//! sans-IO session and blob streams, and the link policy). Calles need not run over sockets:
+//! [`DomusBuilder::connector`] dials through any [`a0_transport::Connector`] and
+//! [`Domus::accept_stream`] serves any byte stream, with the same TLS handshake — the seam an
+//! in-memory or simulated network plugs into.
 //!
 //! ## Identity and security model
 //!

@@ -1237,3 +1237,92 @@ async fn a_route_change_reaches_messages_already_waiting_for_the_peer() {
     })
     .await;
 }
+
+/// Carries calles over in-memory duplex pipes instead of sockets: a dial to `<name>.sim:1`
+/// hands the other end of a fresh pipe to the domus registered under that name.
+#[derive(Default)]
+struct DuplexNet {
+    domus: std::sync::Mutex<std::collections::HashMap<String, Domus>>,
+}
+
+impl vicus::a0_transport::Connector for DuplexNet {
+    fn connect<'a>(&'a self, addr: &'a DomusAddr) -> vicus::a0_transport::ConnectFuture<'a> {
+        Box::pin(async move {
+            let DomusAddr::TcpHost { host, .. } = addr else {
+                return Err(std::io::Error::other("not a simulated address"));
+            };
+            let target = self.domus.lock().expect("lock").get(host).cloned();
+            let target = target.ok_or_else(|| {
+                std::io::Error::new(std::io::ErrorKind::ConnectionRefused, "no such domus")
+            })?;
+            let (near, far) = tokio::io::duplex(256 * 1024);
+            target.accept_stream(far).map_err(std::io::Error::other)?;
+            Ok(Box::new(near) as Box<dyn vicus::a0_transport::CallisStream>)
+        })
+    }
+}
+
+#[tokio::test]
+async fn calles_can_be_carried_by_an_in_memory_stream_instead_of_a_socket() {
+    within(async {
+        let mut mesh = Mesh::new();
+        let net = Arc::new(DuplexNet::default());
+        let mut domus = Vec::new();
+        for name in ["a", "b"] {
+            let (auth, _) = mesh.ca.domus_auth(name).expect("mint");
+            let d = Domus::builder(auth)
+                .resolver(mesh.resolver.clone())
+                .connector(net.clone())
+                .build()
+                .await
+                .expect("build");
+            net.domus
+                .lock()
+                .expect("lock")
+                .insert(format!("{name}.sim"), d.clone());
+            domus.push(d);
+        }
+        let (a, b) = (&domus[0], &domus[1]);
+        for (taberna, to, name) in [(10, b, "b"), (20, a, "a")] {
+            mesh.resolver.insert(
+                TabernaId(taberna),
+                DomusAddr::TcpHost {
+                    host: format!("{name}.sim"),
+                    port: 1,
+                },
+                Some(to.identity().clone()),
+            );
+        }
+        spawn_echo(b.taberna(TabernaId(10)).expect("taberna"));
+        spawn_echo(a.taberna(TabernaId(20)).expect("taberna"));
+        let out = a
+            .send(
+                TabernaId(10),
+                APP,
+                Bytes::from_static(b"hi"),
+                send_opts(5_000),
+            )
+            .await
+            .expect("a to b over the pipe");
+        assert_eq!(out, Delivery::Replied(Bytes::from_static(b"echo:hi")));
+        let out = b
+            .send(
+                TabernaId(20),
+                APP,
+                Bytes::from_static(b"yo"),
+                send_opts(5_000),
+            )
+            .await
+            .expect("b to a over the pipe");
+        assert_eq!(out, Delivery::Replied(Bytes::from_static(b"echo:yo")));
+        // Nothing went through either listener: every callis is a pipe.
+        for d in [a, b] {
+            assert_eq!(d.reporting().snapshot().listener.admitted, 0);
+        }
+        assert_eq!(a.reporting().connected_peers(), vec![b.identity().clone()]);
+        for d in domus.iter() {
+            d.shutdown().await;
+        }
+    })
+    .await;
+}

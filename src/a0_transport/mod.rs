@@ -45,7 +45,7 @@ pub use identity::{
     CertFingerprint, DOMUS_ID_MAX_LEN, DomusId, PeerIdentity, TrustPolicy, UnixCredentials,
 };
 pub use material::AuthConfig;
-pub use stream::{AuthenticatedStream, DomusAddr};
+pub use stream::{AuthenticatedStream, CallisStream, ConnectFuture, Connector, DomusAddr};
 pub(crate) use tls::BOTH_PROVIDERS_COMPILED;
 pub use tls::{ALPN_PROTOCOL, DEFAULT_CRYPTO_PROVIDER, default_crypto_provider};
 
@@ -185,6 +185,8 @@ struct Shared {
     config: TransportConfig,
     material: ArcSwap<LoadedMaterial>,
     policy: ArcSwap<TrustPolicy>,
+    /// Opens dialled streams instead of TCP / Unix connects, when set.
+    connector: Option<Arc<dyn Connector>>,
 }
 
 /// The A0 transport of one domus: its identity, key material and limits, used to listen and
@@ -231,8 +233,71 @@ impl Transport {
                 material: ArcSwap::from_pointee(material),
                 policy: ArcSwap::new(policy),
                 config,
+                connector: None,
             }),
         })
+    }
+
+    /// This transport, dialling through `connector` instead of TCP and Unix sockets (see
+    /// [`Connector`]). The result is a new transport: set it up before cloning, since a
+    /// reload on one is not seen by the other.
+    pub fn with_connector(self, connector: Arc<dyn Connector>) -> Self {
+        let shared = &self.shared;
+        Self {
+            shared: Arc::new(Shared {
+                ctx: HandshakeContext {
+                    provider: shared.ctx.provider.clone(),
+                    sha256: shared.ctx.sha256,
+                },
+                config: shared.config.clone(),
+                material: ArcSwap::new(shared.material.load_full()),
+                policy: ArcSwap::new(shared.policy.load_full()),
+                connector: Some(connector),
+            }),
+        }
+    }
+
+    /// Runs the dialling side of the handshake over `io`, any byte stream to a listening
+    /// domus (an in-memory duplex, a simulated network): the same TLS 1.3, identity checks and
+    /// `handshake_timeout` as [`dial`](Self::dial).
+    pub async fn connect_over(
+        &self,
+        io: impl CallisStream,
+        expected: Option<&DomusId>,
+    ) -> Result<AuthenticatedStream, Error> {
+        let deadline = Deadline::after(self.shared.config.handshake_timeout);
+        let material = self.shared.material.load_full();
+        let policy = self.shared.policy.load_full();
+        self.shared
+            .ctx
+            .connect(
+                &material,
+                policy,
+                expected.cloned(),
+                Socket::Other(Box::new(io)),
+                None,
+                deadline,
+            )
+            .await
+    }
+
+    /// Runs the listening side of the handshake over `io` (see
+    /// [`connect_over`](Self::connect_over)), within `handshake_timeout`. The listener's
+    /// admission gate does not apply: the caller chose to hand this stream over.
+    pub async fn accept_over(&self, io: impl CallisStream) -> Result<AuthenticatedStream, Error> {
+        let deadline = Deadline::after(self.shared.config.handshake_timeout);
+        let material = self.shared.material.load_full();
+        let policy = self.shared.policy.load_full();
+        self.shared
+            .ctx
+            .accept(
+                &material,
+                policy,
+                Socket::Other(Box::new(io)),
+                None,
+                deadline,
+            )
+            .await
     }
 
     /// This domus's identity: the URI SAN of its own leaf certificate.
@@ -293,6 +358,12 @@ impl Transport {
     ) -> Result<AuthenticatedStream, Error> {
         let config = &self.shared.config;
         let connect = async {
+            if let Some(connector) = &self.shared.connector {
+                let io = connector.connect(addr).await.map_err(|e| {
+                    Error::new(ErrorId::ConnectFailed, format!("connecting to {addr}: {e}"))
+                })?;
+                return Ok((Socket::Other(io), None));
+            }
             match addr {
                 DomusAddr::Tcp(a) => Ok((Socket::Tcp(tcp::connect(&[*a]).await?), None)),
                 DomusAddr::TcpHost { host, port } => {

@@ -110,11 +110,41 @@ impl From<SocketAddr> for DomusAddr {
     }
 }
 
-/// A connected TCP or Unix socket, before or under TLS.
-#[derive(Debug)]
+/// Any byte stream that can carry a callis: TLS runs over it exactly as over a socket. A
+/// TCP or Unix socket is one; so is an in-memory duplex (`tokio::io::duplex`) or a simulated
+/// network's stream, handed to [`Transport::connect_over`](super::Transport::connect_over),
+/// [`Transport::accept_over`](super::Transport::accept_over) or a [`Connector`].
+pub trait CallisStream: AsyncRead + AsyncWrite + Send + Unpin + 'static {}
+
+impl<T: AsyncRead + AsyncWrite + Send + Unpin + 'static> CallisStream for T {}
+
+/// The future a [`Connector`] returns.
+pub type ConnectFuture<'a> =
+    Pin<Box<dyn std::future::Future<Output = io::Result<Box<dyn CallisStream>>> + Send + 'a>>;
+
+/// Opens the byte stream a dial runs its handshake over, instead of a TCP or Unix connect:
+/// the seam through which an in-memory or simulated network carries calles. The handshake,
+/// identity checks and deadlines stay the same; `connect_timeout` bounds this call.
+pub trait Connector: Send + Sync + 'static {
+    /// A stream to the domus at `addr`.
+    fn connect<'a>(&'a self, addr: &'a DomusAddr) -> ConnectFuture<'a>;
+}
+
+/// A connected TCP or Unix socket (or another carrier), before or under TLS.
 pub(crate) enum Socket {
     Tcp(TcpStream),
     Unix(UnixStream),
+    Other(Box<dyn CallisStream>),
+}
+
+impl fmt::Debug for Socket {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Tcp(s) => s.fmt(f),
+            Self::Unix(s) => s.fmt(f),
+            Self::Other(_) => f.write_str("Socket::Other"),
+        }
+    }
 }
 
 impl AsyncRead for Socket {
@@ -126,6 +156,7 @@ impl AsyncRead for Socket {
         match self.get_mut() {
             Self::Tcp(s) => Pin::new(s).poll_read(cx, buf),
             Self::Unix(s) => Pin::new(s).poll_read(cx, buf),
+            Self::Other(s) => Pin::new(s).poll_read(cx, buf),
         }
     }
 }
@@ -139,6 +170,7 @@ impl AsyncWrite for Socket {
         match self.get_mut() {
             Self::Tcp(s) => Pin::new(s).poll_write(cx, buf),
             Self::Unix(s) => Pin::new(s).poll_write(cx, buf),
+            Self::Other(s) => Pin::new(s).poll_write(cx, buf),
         }
     }
 
@@ -150,6 +182,7 @@ impl AsyncWrite for Socket {
         match self.get_mut() {
             Self::Tcp(s) => Pin::new(s).poll_write_vectored(cx, bufs),
             Self::Unix(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+            Self::Other(s) => Pin::new(s).poll_write_vectored(cx, bufs),
         }
     }
 
@@ -157,6 +190,7 @@ impl AsyncWrite for Socket {
         match self {
             Self::Tcp(s) => s.is_write_vectored(),
             Self::Unix(s) => s.is_write_vectored(),
+            Self::Other(s) => s.is_write_vectored(),
         }
     }
 
@@ -164,6 +198,7 @@ impl AsyncWrite for Socket {
         match self.get_mut() {
             Self::Tcp(s) => Pin::new(s).poll_flush(cx),
             Self::Unix(s) => Pin::new(s).poll_flush(cx),
+            Self::Other(s) => Pin::new(s).poll_flush(cx),
         }
     }
 
@@ -171,6 +206,7 @@ impl AsyncWrite for Socket {
         match self.get_mut() {
             Self::Tcp(s) => Pin::new(s).poll_shutdown(cx),
             Self::Unix(s) => Pin::new(s).poll_shutdown(cx),
+            Self::Other(s) => Pin::new(s).poll_shutdown(cx),
         }
     }
 }
@@ -239,7 +275,7 @@ impl AuthenticatedStream {
     pub fn peer_socket_addr(&self) -> Option<SocketAddr> {
         match self.socket() {
             Socket::Tcp(s) => s.peer_addr().ok(),
-            Socket::Unix(_) => None,
+            Socket::Unix(_) | Socket::Other(_) => None,
         }
     }
 

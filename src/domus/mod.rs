@@ -34,7 +34,8 @@ pub use resolver::{
 };
 
 use crate::a0_transport::{
-    AuthConfig, AuthenticatedStream, DomusAddr, DomusId, Listener, PeerIdentity, Tally, Transport,
+    AuthConfig, AuthenticatedStream, CallisStream, Connector, DomusAddr, DomusId, Listener,
+    PeerIdentity, Tally, Transport,
 };
 use crate::a1_callis::blob::{
     BLOB_OPEN_PREFIX_LEN, BLOB_OPEN_TYPE, encode_blob_open, stream_parity,
@@ -199,6 +200,7 @@ pub struct DomusBuilder {
     resolver: Option<Arc<dyn RouteResolver>>,
     config: DomusConfig,
     provider: Option<Arc<rustls::crypto::CryptoProvider>>,
+    connector: Option<Arc<dyn Connector>>,
 }
 
 impl std::fmt::Debug for DomusBuilder {
@@ -228,6 +230,14 @@ impl DomusBuilder {
         self
     }
 
+    /// Dial peers through `connector` instead of TCP and Unix sockets: the seam an in-memory
+    /// or simulated network uses to carry calles (the other end hands its streams to
+    /// [`Domus::accept_stream`]). Handshakes, identities and deadlines are unchanged.
+    pub fn connector(mut self, connector: Arc<dyn Connector>) -> Self {
+        self.connector = Some(connector);
+        self
+    }
+
     /// An explicit rustls crypto provider (reported as `"custom"`). Default:
     /// [`default_crypto_provider`](crate::a0_transport::default_crypto_provider).
     pub fn crypto_provider(mut self, provider: Arc<rustls::crypto::CryptoProvider>) -> Self {
@@ -253,9 +263,12 @@ impl DomusBuilder {
         let provider = self
             .provider
             .unwrap_or_else(crate::a0_transport::default_crypto_provider);
-        let transport =
+        let mut transport =
             Transport::with_crypto_provider(self.auth, self.config.transport.clone(), provider)?;
         transport.check_own_chain()?;
+        if let Some(connector) = self.connector {
+            transport = transport.with_connector(connector);
+        }
         let bind = self
             .bind
             .unwrap_or_else(|| DomusAddr::tcp(([127, 0, 0, 1], 0)));
@@ -575,6 +588,7 @@ impl Domus {
             resolver: None,
             config: DomusConfig::default(),
             provider: None,
+            connector: None,
         }
     }
 
@@ -637,6 +651,23 @@ impl Domus {
                 Err(e)
             }
         }
+    }
+
+    /// Serves an inbound callis that arrived over `io`, any byte stream (an in-memory duplex,
+    /// a simulated network) rather than this domus's listener: the TLS handshake, the
+    /// connection limits and the first frame go exactly as for an accepted socket. The
+    /// counterpart of [`DomusBuilder::connector`] on the dialling side. Returns at once; the
+    /// work runs on the domus's tasks (and ends with it).
+    pub fn accept_stream(&self, io: impl CallisStream) -> Result<(), Error> {
+        let shared = &self.shared;
+        shared.check_open()?;
+        let transport = shared.transport.clone();
+        shared.tasks.spawn(serve_inbound(
+            shared.clone(),
+            shared.accept_stop.clone(),
+            async move { transport.accept_over(io).await },
+        ));
+        Ok(())
     }
 
     /// The A0 transport (for certificate reloads: [`Transport::reload_auth`]).
@@ -1353,59 +1384,72 @@ async fn accept_loop(shared: Arc<Shared>, listener: Listener, stop: Cancellation
                 }
             }
         };
-        let shared2 = shared.clone();
-        let stop2 = stop.clone();
-        shared.tasks.spawn(async move {
-            let result = tokio::select! {
-                () = stop2.cancelled() => return,
-                r = incoming.handshake() => r,
-            };
-            let stream = match result {
-                Ok(stream) => stream,
-                Err(e) => {
-                    tracing::debug!(error = %e, "inbound handshake failed");
-                    shared2.recorder.handshake_failed(&e);
-                    return;
-                }
-            };
-            let mut stream = stream;
-            let peer_id = stream.peer().id().clone();
-            let mut prefix = BytesMut::with_capacity(512);
-            let slot = match UnopenedSlot::take(&shared2, &peer_id) {
-                Ok(slot) => slot,
-                Err(e) => return shared2.refuse(stream, e, &prefix).await,
-            };
-            let hello_timeout = shared2.config.load().hello_timeout;
-            let first = tokio::select! {
-                () = stop2.cancelled() => return,
-                r = tokio::time::timeout(hello_timeout, first_frame(&mut stream, &mut prefix)) => r,
-            };
-            drop(slot);
-            match first {
-                Ok(Ok(kind)) => {
-                    if let Err(e) = shared2.check_peer_limit(&peer_id) {
-                        return shared2.refuse(stream, e, &prefix).await;
-                    }
-                    shared2.attach_inbound(stream, kind, prefix);
-                }
-                Ok(Err(e)) if e.id() == ErrorId::ProtocolViolation => {
-                    shared2.refuse(stream, e, &prefix).await;
-                }
-                Ok(Err(e)) => {
-                    shared2.recorder.add(C::primary_bytes_in, prefix.len() as u64);
-                    tracing::debug!(peer = %peer_id, error = %e, "inbound callis closed before its first frame");
-                }
-                Err(_) => {
-                    let e = Error::new(
-                        ErrorId::ProtocolViolation,
-                        format!(
-                            "the callis sent no complete first frame within {hello_timeout:?} (hello_timeout)"
-                        ),
-                    );
-                    shared2.refuse(stream, e, &prefix).await;
-                }
+        shared.tasks.spawn(serve_inbound(
+            shared.clone(),
+            stop.clone(),
+            incoming.handshake(),
+        ));
+    }
+}
+
+/// Runs an inbound handshake, then the first steps every inbound callis takes before a driver
+/// owns it: the connection limits, its first frame (which tells a primary callis from a blob
+/// callis) within `hello_timeout`, and the hand-over to the peer's driver.
+async fn serve_inbound(
+    shared: Arc<Shared>,
+    stop: CancellationToken,
+    handshake: impl Future<Output = Result<AuthenticatedStream, Error>>,
+) {
+    let result = tokio::select! {
+        () = stop.cancelled() => return,
+        r = handshake => r,
+    };
+    let stream = match result {
+        Ok(stream) => stream,
+        Err(e) => {
+            tracing::debug!(error = %e, "inbound handshake failed");
+            shared.recorder.handshake_failed(&e);
+            return;
+        }
+    };
+    let mut stream = stream;
+    let peer_id = stream.peer().id().clone();
+    let mut prefix = BytesMut::with_capacity(512);
+    let slot = match UnopenedSlot::take(&shared, &peer_id) {
+        Ok(slot) => slot,
+        Err(e) => return shared.refuse(stream, e, &prefix).await,
+    };
+    let hello_timeout = shared.config.load().hello_timeout;
+    let first = tokio::select! {
+        () = stop.cancelled() => return,
+        r = tokio::time::timeout(hello_timeout, first_frame(&mut stream, &mut prefix)) => r,
+    };
+    drop(slot);
+    match first {
+        Ok(Ok(kind)) => {
+            if let Err(e) = shared.check_peer_limit(&peer_id) {
+                return shared.refuse(stream, e, &prefix).await;
             }
-        });
+            shared.attach_inbound(stream, kind, prefix);
+        }
+        Ok(Err(e)) if e.id() == ErrorId::ProtocolViolation => {
+            shared.refuse(stream, e, &prefix).await;
+        }
+        Ok(Err(e)) => {
+            shared
+                .recorder
+                .add(C::primary_bytes_in, prefix.len() as u64);
+            tracing::debug!(peer = %peer_id, error = %e, "inbound callis closed before its first frame");
+        }
+        Err(_) => {
+            let e = Error::new(
+                ErrorId::ProtocolViolation,
+                format!(
+                    "the callis sent no complete first frame within {hello_timeout:?} (hello_timeout)"
+                ),
+            );
+            shared.refuse(stream, e, &prefix).await;
+        }
     }
 }
 
