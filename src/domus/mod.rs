@@ -325,7 +325,6 @@ impl DomusBuilder {
             peers: Mutex::new(HashMap::new()),
             unopened: Mutex::new(Tally::default()),
             pinned: Mutex::new(HashMap::new()),
-            routed: Mutex::new(HashMap::new()),
             tasks: TaskTracker::new(),
             cancel: cancel.clone(),
             accept_stop: cancel.child_token(),
@@ -391,6 +390,9 @@ struct PeerHandle {
     links: Arc<PeerRef>,
     /// The address last given to the drivers (told again only when it changes).
     addr: Option<DomusAddr>,
+    /// Tabernas sent to whose route named this peer (at most [`ROUTED_MAX`]): re-resolved
+    /// when the resolver says its routes changed.
+    routed: std::collections::HashSet<TabernaId>,
 }
 
 impl PeerHandle {
@@ -405,9 +407,9 @@ impl PeerHandle {
     }
 }
 
-/// The most routes remembered for [`follow_routes`]; past it, new tabernas are re-read by
-/// their next send only.
-const ROUTED_MAX: usize = 65_536;
+/// The most routes remembered per peer for [`follow_routes`]; past it, new tabernas are
+/// re-read by their next send only.
+const ROUTED_MAX: usize = 4096;
 
 /// Re-reads every remembered route each time the resolver signals a change, and moves a peer
 /// whose route now names a new address there (its drivers abandon a dial to the old one).
@@ -423,11 +425,11 @@ async fn follow_routes(shared: Arc<Shared>, mut changes: RouteChanges, stop: Can
             return;
         }
         let routed: Vec<(TabernaId, DomusId)> = shared
-            .routed
+            .peers
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .iter()
-            .map(|(t, id)| (*t, id.clone()))
+            .flat_map(|(id, p)| p.routed.iter().map(move |t| (*t, id.clone())))
             .collect();
         for (taberna, peer) in routed {
             let deadline = tokio::time::Instant::now() + shared.config.load().resolve_timeout;
@@ -443,11 +445,14 @@ async fn follow_routes(shared: Arc<Shared>, mut changes: RouteChanges, stop: Can
                 // Resolvers can fail for a moment; the route is tried again next time.
                 Err(e) if e.id() != ErrorId::UnknownTaberna => {}
                 _ => {
-                    shared
-                        .routed
+                    if let Some(p) = shared
+                        .peers
                         .lock()
                         .unwrap_or_else(PoisonError::into_inner)
-                        .remove(&taberna);
+                        .get_mut(&peer)
+                    {
+                        p.routed.remove(&taberna);
+                    }
                 }
             }
         }
@@ -474,9 +479,6 @@ struct Shared {
     unopened: Mutex<Tally<DomusId>>,
     /// Identities learned for routes that named none.
     pinned: Mutex<HashMap<DomusAddr, DomusId>>,
-    /// The tabernas sent to whose route named a peer, re-resolved when the resolver says its
-    /// routes changed (at most [`ROUTED_MAX`]).
-    routed: Mutex<HashMap<TabernaId, DomusId>>,
     tasks: TaskTracker,
     cancel: CancellationToken,
     accept_stop: CancellationToken,
@@ -1138,21 +1140,8 @@ impl Shared {
                 format!("{taberna} routes to this domus, but no such taberna is registered"),
             ));
         }
-        if named {
-            self.remember_route(taberna, &peer_id);
-        }
-        let peer = self.peer(&peer_id, Some(route.addr));
+        let peer = self.peer_routed(&peer_id, Some(route.addr), named.then_some(taberna));
         Ok((peer_id, peer))
-    }
-
-    fn remember_route(&self, taberna: TabernaId, peer: &DomusId) {
-        let mut routed = self.routed.lock().unwrap_or_else(PoisonError::into_inner);
-        if routed.get(&taberna) == Some(peer) {
-            return;
-        }
-        if routed.len() < ROUTED_MAX || routed.contains_key(&taberna) {
-            routed.insert(taberna, peer.clone());
-        }
     }
 
     /// Tells the drivers of `id` (if it has any) that its address is now `addr`.
@@ -1251,11 +1240,27 @@ impl Shared {
 
     /// The driver for `id`, started on first use.
     fn peer(self: &Arc<Self>, id: &DomusId, addr: Option<DomusAddr>) -> Arc<PeerRef> {
+        self.peer_routed(id, addr, None)
+    }
+
+    /// [`peer`](Self::peer), remembering that `taberna`'s route names this peer (under the
+    /// same lock, so a send pays no second one).
+    fn peer_routed(
+        self: &Arc<Self>,
+        id: &DomusId,
+        addr: Option<DomusAddr>,
+        taberna: Option<TabernaId>,
+    ) -> Arc<PeerRef> {
         let mut peers = self.peers.lock().unwrap_or_else(PoisonError::into_inner);
         if let Some(p) = peers.get_mut(id) {
             if !p.links.tx.is_closed() && !p.links.blob_tx.is_closed() {
                 if let Some(addr) = addr {
                     p.set_addr(addr);
+                }
+                if let Some(t) = taberna {
+                    if p.routed.len() < ROUTED_MAX && !p.routed.contains(&t) {
+                        p.routed.insert(t);
+                    }
                 }
                 return p.links.clone();
             }
@@ -1320,6 +1325,7 @@ impl Shared {
             PeerHandle {
                 links: links.clone(),
                 addr,
+                routed: taberna.into_iter().collect(),
             },
         );
         links
