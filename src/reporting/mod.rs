@@ -97,7 +97,7 @@ pub enum Event {
         /// The taberna.
         taberna: u64,
     },
-    /// [`ConfigHandle::update`](crate::domus::ConfigHandle::update) applied a new configuration.
+    /// [`ConfigHandle::update`](crate::ConfigHandle::update) applied a new configuration.
     ConfigReloaded,
     /// New authentication material is in force for new handshakes.
     AuthReloaded,
