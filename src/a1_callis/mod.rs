@@ -2,9 +2,11 @@
 //! messages and their answers, framed by a pure codec ([`frame`]) and driven by a sans-IO
 //! session state machine ([`session`]). Blob streams have their own sans-IO state machine
 //! ([`blob`]: credit-based flow control, fair chunking, resend after reconnect), driven on a
-//! second callis per peer by the runtime's blob driver.
+//! second callis per peer by the runtime's blob driver. The link policy ([`link`]: reconnect
+//! backoff, the one-callis tie-break, the callis age limit) is pure too.
 //!
-//! This layer must not know about TLS, certificates or sockets (it receives bytes and returns
+//! Everything async lives one layer up, in the runtime, which drives these machines; this
+//! layer names nothing above it. It must not know about TLS, certificates or sockets (it receives bytes and returns
 //! bytes), nor read the clock: time is always passed in.
 
 #![cfg_attr(

@@ -1,5 +1,6 @@
-//! The domus: one node of the mesh. It ties the A0 transport, the per-peer A1 drivers, the
-//! local tabernas and the resolver together, and owns every task it spawns.
+//! The domus: one node of the mesh. It ties the A0 transport, the runtime's per-peer drivers,
+//! the local tabernas and the resolver together, and owns every task it spawns (all of them
+//! on its task tracker).
 //!
 //! The send path is: check the message type and size locally, short-circuit to a local
 //! taberna when the id is ours, else resolve the route (bounded by `resolve_timeout`), take an
