@@ -29,6 +29,7 @@ use std::time::{Duration, Instant};
 use bytes::{Bytes, BytesMut};
 
 use super::frame::{self, BlobFrame};
+use super::rate::RateWindow;
 use crate::a0_transport::DomusId;
 use crate::error::{Error, ErrorId, untrusted};
 
@@ -183,8 +184,8 @@ pub struct BlobStreams {
     recent: VecDeque<(u64, Option<u64>)>,
     connected: bool,
     events: VecDeque<BlobEvent>,
-    cancel_window_start: Option<Instant>,
-    cancel_count: u32,
+    /// Cancels from the peer in the current second (T17).
+    cancels_per_second: RateWindow,
 }
 
 const RECENT_CAP: usize = 1024;
@@ -206,8 +207,7 @@ impl BlobStreams {
             recent: VecDeque::new(),
             connected: false,
             events: VecDeque::new(),
-            cancel_window_start: None,
-            cancel_count: 0,
+            cancels_per_second: RateWindow::new(),
         }
     }
 
@@ -564,15 +564,8 @@ impl BlobStreams {
 
     /// Counts a cancel from the peer against the per-second budget.
     fn within_cancel_budget(&mut self, now: Instant) -> bool {
-        let over = self
-            .cancel_window_start
-            .is_none_or(|start| now.saturating_duration_since(start) >= Duration::from_secs(1));
-        if over {
-            self.cancel_window_start = Some(now);
-            self.cancel_count = 0;
-        }
-        self.cancel_count = self.cancel_count.saturating_add(1);
-        self.cancel_count <= self.config.max_peer_cancels_per_second
+        let budget = u64::from(self.config.max_peer_cancels_per_second);
+        self.cancels_per_second.admit(now, 1, budget)
     }
 
     fn violation(&mut self, stream: Option<u64>, message: String) {

@@ -22,5 +22,6 @@
 pub mod blob;
 pub mod frame;
 pub mod link;
+pub mod rate;
 pub mod session;
 pub(crate) mod window;

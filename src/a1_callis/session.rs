@@ -30,6 +30,7 @@ use std::time::{Duration, Instant};
 use bytes::{Bytes, BytesMut};
 
 use super::frame::{self, Frame, Hello, MessageFrame, PROTOCOL_VERSION, RejectFrame};
+use super::rate::RateWindow;
 use super::window::IdQueue;
 use crate::error::{Error, ErrorId, untrusted};
 
@@ -331,10 +332,10 @@ pub struct Session {
     read_buf: BytesMut,
     /// When the incomplete frame at the front of `read_buf` started arriving.
     partial_frame_since: Option<Instant>,
-    flood_window_start: Option<Instant>,
-    flood_count: u64,
-    refusal_window_start: Option<Instant>,
-    refusal_count: u32,
+    /// Frames from the peer in the current second (T16).
+    frames_per_second: RateWindow,
+    /// Refusals this side decided in the current second (T24).
+    refusals_per_second: RateWindow,
     // Keepalive.
     last_rx: Option<Instant>,
     next_ping: Option<Instant>,
@@ -372,10 +373,8 @@ impl Session {
             answers: AnswerQueue::default(),
             read_buf: BytesMut::new(),
             partial_frame_since: None,
-            flood_window_start: None,
-            flood_count: 0,
-            refusal_window_start: None,
-            refusal_count: 0,
+            frames_per_second: RateWindow::new(),
+            refusals_per_second: RateWindow::new(),
             last_rx: None,
             next_ping: None,
             ping_outstanding: None,
@@ -832,15 +831,8 @@ impl Session {
         let Some(now) = self.last_rx else {
             return true;
         };
-        let window_over = self
-            .refusal_window_start
-            .is_none_or(|start| now.saturating_duration_since(start) >= Duration::from_secs(1));
-        if window_over {
-            self.refusal_window_start = Some(now);
-            self.refusal_count = 0;
-        }
-        self.refusal_count = self.refusal_count.saturating_add(1);
-        self.refusal_count <= self.config.max_refusals_per_second
+        let budget = u64::from(self.config.max_refusals_per_second);
+        self.refusals_per_second.admit(now, 1, budget)
     }
 
     /// Counts a received frame against the per-second budget (T16); frames that carry no
@@ -850,15 +842,8 @@ impl Session {
             Frame::Ping(_) | Frame::Pong(_) | Frame::Skipped(_) => 2,
             _ => 1,
         };
-        let window_over = self
-            .flood_window_start
-            .is_none_or(|start| now.saturating_duration_since(start) >= Duration::from_secs(1));
-        if window_over {
-            self.flood_window_start = Some(now);
-            self.flood_count = 0;
-        }
-        self.flood_count = self.flood_count.saturating_add(cost);
-        self.flood_count <= u64::from(self.config.max_frames_per_second)
+        let budget = u64::from(self.config.max_frames_per_second);
+        self.frames_per_second.admit(now, cost, budget)
     }
 
     fn handle_frame(&mut self, now: Instant, f: Frame) {
