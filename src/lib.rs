@@ -289,9 +289,9 @@ pub mod watch;
 
 pub use a0_transport::{AuthConfig, DomusAddr, DomusId, PeerIdentity, TrustPolicy};
 pub use domus::{
-    BlobReceiver, BlobSender, ConfigHandle, Delivery, Domus, DomusBuilder, DomusConfig,
-    MessageCodec, Receipt, Route, RouteChanges, RouteNotifier, RouteResolver, SendOptions,
-    SimpleResolver, WeakDomus,
+    BlobReceiver, BlobSender, ConfigHandle, Delivery, Destination, Domus, DomusBuilder,
+    DomusConfig, MessageCodec, Outcome, Receipt, Route, RouteChanges, RouteNotifier, RouteResolver,
+    SendOptions, SimpleResolver, WeakDomus, Window,
 };
 pub use error::{ERROR_MESSAGE_MAX_LEN, Error, ErrorId, Rejection, Result};
 pub use reporting::Reporting;

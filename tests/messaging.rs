@@ -1326,3 +1326,124 @@ async fn calles_can_be_carried_by_an_in_memory_stream_instead_of_a_socket() {
     })
     .await;
 }
+
+const PIPELINED: MessageType = MessageType::application(7);
+
+#[tokio::test]
+async fn a_destination_resolves_once_follows_route_changes_and_pipelines_through_a_window() {
+    within(async {
+        let mut mesh = Mesh::new();
+        let a = mesh.domus_with("a", fast_backoff()).await;
+        let b = mesh.domus("b").await;
+        let c = mesh.domus("c").await;
+        mesh.route(10, &b);
+        // b and c both serve taberna 10 and say who they are.
+        for d in [&b, &c] {
+            let t = d.taberna(TabernaId(10)).expect("taberna");
+            let me = d.identity().to_string();
+            tokio::spawn(async move {
+                let mut batch = Vec::new();
+                while t.recv_many(&mut batch, 64).await > 0 {
+                    for req in batch.drain(..) {
+                        req.reply(Bytes::from(me.clone()));
+                    }
+                }
+            });
+        }
+        let dest = a.destination(TabernaId(10));
+        assert_eq!(dest.peer(), None, "nothing resolved yet");
+        let out = dest
+            .send(PIPELINED, Bytes::new())
+            .await
+            .expect("through the destination");
+        assert_eq!(out, Delivery::Replied(Bytes::from(b.identity().to_string())));
+        assert_eq!(dest.peer().as_ref(), Some(b.identity()));
+        // The route moves to c: the destination follows it without being told.
+        mesh.route(10, &c);
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        loop {
+            let out = dest.send(PIPELINED, Bytes::new()).await.expect("send");
+            if out == Delivery::Replied(Bytes::from(c.identity().to_string())) {
+                break;
+            }
+            assert!(tokio::time::Instant::now() < deadline, "still sent to b: {out:?}");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        assert_eq!(dest.peer().as_ref(), Some(c.identity()));
+        // A window keeps at most its limit in flight and yields outcomes in send order.
+        let mut window = dest.window(64);
+        let mut early = 0;
+        for _ in 0..5_000 {
+            if let Some(outcome) = window.send(PIPELINED, Bytes::new()).await.expect("admitted") {
+                outcome.expect("answered");
+                early += 1;
+            }
+            assert!(window.len() <= 64);
+        }
+        assert_eq!(early, 5_000 - 64, "one outcome per send past the limit");
+        let rest = window.drain().await;
+        assert_eq!(rest.len(), 64);
+        assert!(rest.iter().all(Result::is_ok));
+        assert!(window.is_empty());
+        // A destination to a taberna on the same domus goes the local way.
+        let local = a.taberna(TabernaId(30)).expect("taberna");
+        spawn_echo(local);
+        let here = a.destination(TabernaId(30));
+        assert_eq!(
+            here.send(PIPELINED, Bytes::from_static(b"x")).await,
+            Ok(Delivery::Replied(Bytes::from_static(b"echo:x")))
+        );
+        assert_eq!(here.peer(), None);
+        // Its errors are the domus's: an unknown taberna, a non-application type.
+        let nowhere = a.destination(TabernaId(99));
+        assert_eq!(
+            nowhere.send(PIPELINED, Bytes::new()).await.map_err(|e| e.id()),
+            Err(ErrorId::UnknownTaberna)
+        );
+        let e = dest
+            .send(MessageType(0x0001_0005), Bytes::new())
+            .await
+            .expect_err("A2 is not for applications");
+        assert_eq!(e.id(), ErrorId::InvalidMessageType);
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn recv_many_takes_a_burst_in_one_wake_up_and_ends_at_shutdown() {
+    within(async {
+        let mut mesh = Mesh::new();
+        let a = mesh.domus("a").await;
+        let b = mesh.domus("b").await;
+        mesh.route(10, &b);
+        let t = b.taberna(TabernaId(10)).expect("taberna");
+        let dest = a.destination(TabernaId(10));
+        let mut receipts = Vec::new();
+        for _ in 0..200 {
+            receipts.push(
+                dest.admit(PIPELINED, Bytes::new(), SendOptions::default())
+                    .await
+                    .expect("admitted"),
+            );
+        }
+        // Wait until all 200 are in the inbox, then one call takes at most its limit.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        while t.queued() < 200 {
+            assert!(tokio::time::Instant::now() < deadline, "{}", t.queued());
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let mut batch = Vec::new();
+        assert_eq!(t.recv_many(&mut batch, 150).await, 150);
+        assert_eq!(t.recv_many(&mut batch, 150).await, 50, "what was left");
+        assert_eq!(batch.len(), 200);
+        for req in batch.drain(..) {
+            req.accept();
+        }
+        for r in receipts {
+            assert_eq!(r.await, Ok(Delivery::Accepted));
+        }
+        b.shutdown().await;
+        assert_eq!(t.recv_many(&mut batch, 10).await, 0, "ended");
+    })
+    .await;
+}

@@ -12,6 +12,7 @@
 //! every task it spawned.
 
 mod config;
+mod destination;
 mod resolver;
 
 use std::collections::HashMap;
@@ -30,6 +31,7 @@ use tokio_util::task::TaskTracker;
 pub use crate::runtime::Delivery;
 pub use crate::runtime::ends::{BlobReceiver, BlobSender};
 pub use config::DomusConfig;
+pub use destination::{Destination, Outcome, Window};
 pub use resolver::{
     ResolveFuture, Route, RouteChanges, RouteNotifier, RouteResolver, SimpleResolver,
 };
@@ -286,6 +288,10 @@ impl DomusBuilder {
             recorder.clone(),
         ));
         let epoch = rand_u64() | 1;
+        let resolver = self
+            .resolver
+            .unwrap_or_else(|| Arc::new(SimpleResolver::new()));
+        let route_changes = resolver.changes();
         let shared = Arc::new(Shared {
             driver_ctx: Arc::new(DriverContext {
                 transport: transport.clone(),
@@ -317,9 +323,7 @@ impl DomusBuilder {
             local_id,
             local_addr,
             epoch,
-            resolver: self
-                .resolver
-                .unwrap_or_else(|| Arc::new(SimpleResolver::new())),
+            resolver,
             config: arc_swap::ArcSwap::from_pointee(self.config),
             config_writer: Mutex::new(()),
             registry,
@@ -330,6 +334,8 @@ impl DomusBuilder {
             cancel: cancel.clone(),
             accept_stop: cancel.child_token(),
             closed: std::sync::atomic::AtomicBool::new(false),
+            route_generation: std::sync::atomic::AtomicU64::new(0),
+            routes_followed: route_changes.is_some(),
         });
         #[cfg(feature = "metrics")]
         {
@@ -351,7 +357,7 @@ impl DomusBuilder {
                 }
             });
         }
-        if let Some(changes) = shared.resolver.changes() {
+        if let Some(changes) = route_changes {
             shared.tasks.spawn(follow_routes(
                 shared.clone(),
                 changes,
@@ -425,6 +431,9 @@ async fn follow_routes(shared: Arc<Shared>, mut changes: RouteChanges, stop: Can
         if !changed {
             return;
         }
+        shared
+            .route_generation
+            .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
         let routed: Vec<(TabernaId, DomusId)> = shared
             .peers
             .lock()
@@ -484,6 +493,12 @@ struct Shared {
     cancel: CancellationToken,
     accept_stop: CancellationToken,
     closed: std::sync::atomic::AtomicBool,
+    /// Bumped each time the resolver signals that routes changed: a [`Destination`] resolves
+    /// again when it differs from the one it resolved at. Stays `None`-like (never bumped, and
+    /// destinations resolve on every send) when the resolver cannot signal changes.
+    route_generation: std::sync::atomic::AtomicU64,
+    /// Whether the resolver signals changes (so resolutions may be cached).
+    routes_followed: bool,
 }
 
 /// A running node. Cheap to clone; the domus stops when the last clone is dropped (or at
@@ -573,6 +588,13 @@ impl ConfigHandle {
         shared.recorder.event(Event::ConfigReloaded);
         Ok(next)
     }
+}
+
+/// What [`Shared::check_send`] found: when the send ends and where it comes from.
+struct CheckedSend {
+    timeout: Duration,
+    deadline: tokio::time::Instant,
+    source: TabernaId,
 }
 
 /// How admission waits for an in-flight slot.
@@ -758,6 +780,14 @@ impl Domus {
         async move { shared.send_blob(taberna, msg_type, header, options).await }
     }
 
+    /// A handle for sending to `taberna`: it resolves the route once and keeps the answer
+    /// until the resolver says routes changed (a resolver that cannot say so is asked on every
+    /// send), so a send through it skips the route lookup. Cheap to clone; it keeps the domus
+    /// running like a [`Domus`] clone. [`Destination::window`] pipelines many sends.
+    pub fn destination(&self, taberna: TabernaId) -> Destination {
+        Destination::new(self.shared.clone(), self._guard.clone(), taberna)
+    }
+
     /// Encodes `message` with `codec` and sends it; a reply is decoded with the same codec.
     pub async fn send_typed<C: MessageCodec>(
         &self,
@@ -805,7 +835,7 @@ impl Domus {
         shared.recorder.event(Event::ShutdownStarted);
         shared
             .closed
-            .store(true, std::sync::atomic::Ordering::SeqCst);
+            .store(true, std::sync::atomic::Ordering::Release);
         let peers: Vec<Arc<PeerRef>> = shared
             .peers
             .lock()
@@ -849,8 +879,10 @@ impl Domus {
 }
 
 impl Shared {
+    /// Every caller holds a handle that keeps the domus from being dropped (a [`Domus`] or a
+    /// [`Destination`]), so only `shutdown` can have closed it.
     fn check_open(&self) -> Result<(), Error> {
-        if self.closed.load(std::sync::atomic::Ordering::SeqCst) || self.cancel.is_cancelled() {
+        if self.closed.load(std::sync::atomic::Ordering::Acquire) {
             return Err(Error::new(
                 ErrorId::DomusClosed,
                 format!("{} has been shut down", self.local_id),
@@ -867,6 +899,30 @@ impl Shared {
         options: SendOptions,
         wait: Wait,
     ) -> Result<Receipt, Error> {
+        let checked = self.check_send(msg_type, &payload, &options)?;
+        if self.registry.contains(taberna) {
+            return Ok(self.send_local(
+                taberna,
+                checked.source,
+                msg_type,
+                payload,
+                checked.timeout,
+                None,
+            ));
+        }
+        let (peer_id, peer) = self.route_to_peer(taberna, checked.deadline).await?;
+        self.send_remote(&peer, &peer_id, taberna, msg_type, payload, &checked, wait)
+            .await
+    }
+
+    /// The checks every send makes before it goes anywhere: the domus is open, the type is an
+    /// application type, the payload fits `max_message_len`, the timeout is in range.
+    fn check_send(
+        &self,
+        msg_type: MessageType,
+        payload: &Bytes,
+        options: &SendOptions,
+    ) -> Result<CheckedSend, Error> {
         self.check_open()?;
         if msg_type.class() != MessageClass::A3 {
             return Err(Error::new(
@@ -877,30 +933,46 @@ impl Shared {
                 ),
             ));
         }
-        if payload.len() > self.config.load().max_message_len {
+        let config = self.config.load();
+        if payload.len() > config.max_message_len {
             return Err(Error::new(
                 ErrorId::PayloadTooLarge,
                 format!(
                     "payload of {} bytes exceeds max_message_len ({}); send large data as a blob",
                     payload.len(),
-                    self.config.load().max_message_len
+                    config.max_message_len
                 ),
             ));
         }
-        let (timeout, deadline) = options.deadline(self.config.load().send_timeout)?;
-        let source = options.source.unwrap_or(TabernaId(0));
-        if self.registry.contains(taberna) {
-            return Ok(self.send_local(taberna, source, msg_type, payload, timeout, None));
-        }
-        let (peer_id, peer) = self.route_to_peer(taberna, deadline).await?;
+        let (timeout, deadline) = options.deadline(config.send_timeout)?;
+        Ok(CheckedSend {
+            timeout,
+            deadline,
+            source: options.source.unwrap_or(TabernaId(0)),
+        })
+    }
+
+    /// Sends a checked message to `taberna` on a peer: room in its in-flight budget, then its
+    /// driver.
+    #[allow(clippy::too_many_arguments)]
+    async fn send_remote(
+        &self,
+        peer: &PeerRef,
+        peer_id: &DomusId,
+        taberna: TabernaId,
+        msg_type: MessageType,
+        payload: Bytes,
+        checked: &CheckedSend,
+        wait: Wait,
+    ) -> Result<Receipt, Error> {
         let msg = Outgoing {
             dst: taberna.0,
-            src: source.0,
+            src: checked.source.0,
             msg_type: msg_type.0,
             payload,
-            deadline: deadline.into_std(),
+            deadline: checked.deadline.into_std(),
         };
-        self.admit_to_peer(&peer, &peer_id, msg, wait, deadline)
+        self.admit_to_peer(peer, peer_id, msg, wait, checked.deadline)
             .await
     }
 

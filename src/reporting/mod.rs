@@ -702,7 +702,13 @@ impl Recorder {
 
     /// Microseconds since the domus started (for pending-age stamps).
     pub(crate) fn now_us(&self) -> u64 {
-        u64::try_from(self.started.elapsed().as_micros())
+        self.us_at(Instant::now())
+    }
+
+    /// [`now_us`](Self::now_us) for an instant the caller read already (a driver reads the
+    /// clock once per turn).
+    pub(crate) fn us_at(&self, at: Instant) -> u64 {
+        u64::try_from(at.saturating_duration_since(self.started).as_micros())
             .unwrap_or(u64::MAX)
             .max(1)
     }

@@ -154,6 +154,10 @@ pub(crate) struct PeerDriver {
     /// `max_callis_age` for the current callis, and the alarm that follows it.
     age: CallisAge,
     age_timer: Alarm,
+    /// The clock, read once per turn of the driver loop (every session call of the turn uses
+    /// it): `now` and the same instant as the recorder's microseconds.
+    now: std::time::Instant,
+    now_us: u64,
     /// The peer said it shut down (CLOSE `DomusClosed`) and no callis has opened since: a
     /// failed dial then fails what waits for it at once, with `PeerShutDown`.
     peer_shut_down: bool,
@@ -210,6 +214,8 @@ impl PeerDriver {
             open_reported: false,
             age: CallisAge::new(links.max_callis_age),
             age_timer: Alarm::new(),
+            now: now(),
+            now_us: 0,
             peer_shut_down: false,
             reachability: links.reachability,
         }
@@ -239,7 +245,7 @@ impl PeerDriver {
                                 done,
                                 _permit: permit,
                                 dst,
-                                started_us: self.ctx.recorder.now_us(),
+                                started_us: self.now_us,
                             },
                         );
                     }
@@ -331,16 +337,16 @@ impl PeerDriver {
         // callis, and both ends must judge the same pair of calles by the same rule.
         self.dialer.end_wait();
         self.peer_identity = Some(Arc::new(new.peer().clone()));
-        self.session.connected(now(), self.peer_id.as_str());
+        self.session.connected(self.now, self.peer_id.as_str());
         self.callis = Some(CallisIo::new(
             new,
             BytesMut::with_capacity(64 * 1024),
             self.counting.clone(),
         ));
-        self.age.opened(now());
+        self.age.opened(self.now);
         if !prefix.is_empty() {
             self.session.recv_buf().extend_from_slice(&prefix);
-            self.session.handle_input(now());
+            self.session.handle_input(self.now);
         }
     }
 
@@ -358,7 +364,7 @@ impl PeerDriver {
         }
         self.callis = None;
         self.age.closed();
-        self.session.disconnected(now());
+        self.session.disconnected(self.now);
     }
 
     /// The current callis reached `max_callis_age` (or a quarter of it more): see
@@ -368,7 +374,7 @@ impl PeerDriver {
         let Some(callis) = &self.callis else {
             return;
         };
-        match self.age.on_timeout(now(), callis.dialler()) {
+        match self.age.on_timeout(self.now, callis.dialler()) {
             AgeAction::DialReplacement => {
                 if !self.dialer.is_dialling() && !self.shutting_down {
                     tracing::debug!(peer = %self.peer_id, "callis reached max_callis_age; dialling its replacement");
@@ -491,7 +497,7 @@ impl PeerDriver {
                         let rec = &self.ctx.recorder;
                         if matches!(outcome, Outcome::Answered(_)) {
                             rec.latency(Duration::from_micros(
-                                rec.now_us().saturating_sub(p.started_us),
+                                self.now_us.saturating_sub(p.started_us),
                             ));
                         }
                         let result = self.outcome_to_result(p.dst, outcome);
@@ -662,7 +668,7 @@ impl PeerDriver {
         };
         callis.poll_read(
             cx,
-            &mut SessionInput(&mut self.session),
+            &mut SessionInput(&mut self.session, self.now),
             READ_BUDGET,
             (4096, READ_RESERVE),
         )
@@ -674,12 +680,13 @@ impl PeerDriver {
             return Step::IDLE;
         };
         let session = &mut self.session;
-        callis.poll_write(cx, usize::MAX, |buf| session.poll_transmit(now(), buf))
+        let now = self.now;
+        callis.poll_write(cx, usize::MAX, |buf| session.poll_transmit(now, buf))
     }
 
     fn poll_timer(&mut self, cx: &mut Context<'_>) -> bool {
         if self.timer.poll(cx, self.session.poll_timeout()) {
-            self.session.handle_timeout(now());
+            self.session.handle_timeout(self.now);
             return true;
         }
         false
@@ -715,7 +722,7 @@ impl PeerDriver {
 
 /// Read bytes go into the session, which decodes and handles them after every read; reading
 /// stops for the turn once the session decided to close.
-struct SessionInput<'a>(&'a mut Session);
+struct SessionInput<'a>(&'a mut Session, std::time::Instant);
 
 impl ReadSink for SessionInput<'_> {
     fn buf(&mut self) -> &mut BytesMut {
@@ -723,7 +730,7 @@ impl ReadSink for SessionInput<'_> {
     }
 
     fn after_read(&mut self) -> bool {
-        self.0.handle_input(now());
+        self.0.handle_input(self.1);
         !self.0.is_closing()
     }
 }
@@ -758,6 +765,8 @@ impl Future for PeerDriver {
             return Poll::Ready(());
         }
         for _ in 0..32 {
+            this.now = now();
+            this.now_us = this.ctx.recorder.us_at(this.now);
             let mut progressed = false;
             // Commands.
             for _ in 0..COMMAND_BUDGET {

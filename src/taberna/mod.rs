@@ -65,6 +65,13 @@ impl MessageType {
         }
     }
 
+    /// The A3 type `0x0100_0000 + offset`, for the first 65 536 application types: it cannot
+    /// overflow, so it needs no unwrapping and works in a `const`
+    /// (`const PING: MessageType = MessageType::application(1);`).
+    pub const fn application(offset: u16) -> Self {
+        Self(A3_MESSAGE_TYPE_BASE | offset as u32)
+    }
+
     /// This type's class.
     pub const fn class(self) -> MessageClass {
         if self.0 <= A1_MESSAGE_TYPE_MAX {
@@ -418,6 +425,9 @@ struct Entry {
 pub(crate) struct Registry {
     entries: ArcSwap<HashMap<TabernaId, Arc<Entry>>>,
     writer: Mutex<()>,
+    /// Bumped on every change of the table (a destination that chose between a local taberna
+    /// and a peer looks again).
+    generation: AtomicUsize,
     /// The depth of inboxes registered without one (live: `default_inbox_depth`).
     default_depth: AtomicUsize,
     recorder: Arc<Recorder>,
@@ -428,6 +438,7 @@ impl Registry {
         Self {
             entries: ArcSwap::default(),
             writer: Mutex::new(()),
+            generation: AtomicUsize::new(0),
             default_depth: AtomicUsize::new(default_depth),
             recorder,
         }
@@ -447,7 +458,13 @@ impl Registry {
         let mut entries = HashMap::clone(&self.entries.load());
         let result = change(&mut entries);
         self.entries.store(Arc::new(entries));
+        self.generation.fetch_add(1, Ordering::AcqRel);
         result
+    }
+
+    /// Changes so far to the table of local tabernas.
+    pub(crate) fn generation(&self) -> usize {
+        self.generation.load(Ordering::Acquire)
     }
 
     pub(crate) fn register(
@@ -624,6 +641,27 @@ impl Taberna {
                 format!("nothing arrived at {} within {timeout:?}", self.id),
             )),
         }
+    }
+
+    /// Waits for the next request, then takes every other one already waiting too, up to
+    /// `limit` in all (at least one), appending them to `buf`: a handler drains a burst in one
+    /// wake-up. Returns how many were added; 0 only once the domus shut down.
+    pub async fn recv_many(&self, buf: &mut Vec<TabernaRequest>, limit: usize) -> usize {
+        let Ok(first) = self.inbox.recv().await else {
+            return 0;
+        };
+        buf.push(first);
+        let mut taken = 1;
+        while taken < limit.max(1) {
+            match self.inbox.try_recv() {
+                Ok(request) => {
+                    buf.push(request);
+                    taken += 1;
+                }
+                Err(_) => break,
+            }
+        }
+        taken
     }
 
     /// A request if one is waiting.

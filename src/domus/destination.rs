@@ -1,0 +1,317 @@
+//! [`Destination`]: the handle a sender keeps for one taberna, and [`Window`], the pipelined
+//! sender built on it.
+//!
+//! A destination resolves its route once — a local taberna, or a peer and its handles — and
+//! keeps the answer until the resolver says routes changed (or a local taberna was registered
+//! or removed), so the sends through it skip the resolver, the peer table and their locks. A
+//! resolver that cannot signal changes is asked on every send, as [`Domus::send`] does.
+//!
+//! This module decides nothing the send path does not: every check, limit and error is the
+//! one of [`Domus::send`](super::Domus::send). It holds no lock across an `.await` (it holds
+//! none at all: the cache is an `ArcSwap`).
+
+use std::collections::VecDeque;
+use std::future::Future;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use arc_swap::ArcSwapOption;
+use bytes::Bytes;
+use tokio_util::sync::DropGuard;
+
+use super::{Delivery, PeerRef, Receipt, SendOptions, Shared, Wait};
+use crate::a0_transport::DomusId;
+use crate::error::Error;
+use crate::taberna::{MessageType, TabernaId};
+
+/// The outcome of one send: how the receiver answered, or why it failed.
+pub type Outcome = Result<Delivery, Error>;
+
+/// Where a destination's sends go, as last resolved.
+enum Target {
+    /// A taberna on this domus.
+    Local,
+    /// A taberna on a peer.
+    Remote { id: DomusId, peer: Arc<PeerRef> },
+}
+
+/// A resolution and the generations it is valid for.
+struct Resolved {
+    routes: u64,
+    tabernas: usize,
+    target: Target,
+}
+
+/// A handle for sending to one taberna, from [`Domus::destination`](super::Domus::destination).
+///
+/// Cheap to clone (the clones share the cached route) and `Send + Sync`; it keeps the domus
+/// running, like a [`Domus`](super::Domus) clone. Its sends behave exactly like
+/// [`Domus::send`](super::Domus::send) and friends to the same taberna — same checks, answers
+/// and errors — without looking the route up each time.
+#[derive(Clone)]
+pub struct Destination {
+    shared: Arc<Shared>,
+    _guard: Arc<DropGuard>,
+    taberna: TabernaId,
+    cache: Arc<ArcSwapOption<Resolved>>,
+}
+
+impl std::fmt::Debug for Destination {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let target = match self.cache.load().as_deref().map(|r| &r.target) {
+            None => "unresolved".to_owned(),
+            Some(Target::Local) => "local".to_owned(),
+            Some(Target::Remote { id, .. }) => id.to_string(),
+        };
+        f.debug_struct("Destination")
+            .field("taberna", &self.taberna)
+            .field("target", &target)
+            .finish()
+    }
+}
+
+impl Destination {
+    pub(super) fn new(shared: Arc<Shared>, guard: Arc<DropGuard>, taberna: TabernaId) -> Self {
+        Self {
+            shared,
+            _guard: guard,
+            taberna,
+            cache: Arc::new(ArcSwapOption::empty()),
+        }
+    }
+
+    /// The taberna this handle sends to.
+    pub fn taberna(&self) -> TabernaId {
+        self.taberna
+    }
+
+    /// The peer the route named when it was last resolved (`None` before the first send, or
+    /// when the taberna is local).
+    pub fn peer(&self) -> Option<DomusId> {
+        match self.cache.load().as_deref().map(|r| &r.target) {
+            Some(Target::Remote { id, .. }) => Some(id.clone()),
+            _ => None,
+        }
+    }
+
+    /// Forgets the cached route: the next send resolves it again.
+    pub fn refresh(&self) {
+        self.cache.store(None);
+    }
+
+    /// Sends a message with default options and waits for its answer.
+    pub fn send(
+        &self,
+        msg_type: MessageType,
+        payload: Bytes,
+    ) -> impl Future<Output = Outcome> + Send + 'static {
+        self.send_with(msg_type, payload, SendOptions::default())
+    }
+
+    /// Sends a message and waits for its answer.
+    pub fn send_with(
+        &self,
+        msg_type: MessageType,
+        payload: Bytes,
+        options: SendOptions,
+    ) -> impl Future<Output = Outcome> + Send + 'static {
+        let admitted = self.admit(msg_type, payload, options);
+        async move { admitted.await?.await }
+    }
+
+    /// Like [`send_with`](Self::send_with), but fails at once with
+    /// [`ErrorId::LocalQueueFull`](crate::ErrorId::LocalQueueFull) when the peer has no free
+    /// in-flight room.
+    pub fn try_send(
+        &self,
+        msg_type: MessageType,
+        payload: Bytes,
+        options: SendOptions,
+    ) -> impl Future<Output = Outcome> + Send + 'static {
+        let this = self.clone();
+        async move {
+            this.admit_waiting(msg_type, payload, options, Wait::No)
+                .await?
+                .await
+        }
+    }
+
+    /// Admits a send (checks, an in-flight slot) and returns its [`Receipt`] to await later.
+    pub fn admit(
+        &self,
+        msg_type: MessageType,
+        payload: Bytes,
+        options: SendOptions,
+    ) -> impl Future<Output = Result<Receipt, Error>> + Send + 'static {
+        let this = self.clone();
+        async move {
+            this.admit_waiting(msg_type, payload, options, Wait::UntilDeadline)
+                .await
+        }
+    }
+
+    /// A pipelined sender that keeps at most `limit` sends (at least 1) in flight through this
+    /// destination and yields their outcomes in send order.
+    pub fn window(&self, limit: usize) -> Window {
+        Window {
+            destination: self.clone(),
+            limit: limit.max(1),
+            outstanding: VecDeque::with_capacity(limit.clamp(1, 4096)),
+        }
+    }
+
+    async fn admit_waiting(
+        &self,
+        msg_type: MessageType,
+        payload: Bytes,
+        options: SendOptions,
+        wait: Wait,
+    ) -> Result<Receipt, Error> {
+        let shared = &self.shared;
+        let checked = shared.check_send(msg_type, &payload, &options)?;
+        let resolved = match self.cached() {
+            Some(resolved) => resolved,
+            None => self.resolve(checked.deadline).await?,
+        };
+        match &resolved.target {
+            Target::Local => Ok(shared.send_local(
+                self.taberna,
+                checked.source,
+                msg_type,
+                payload,
+                checked.timeout,
+                None,
+            )),
+            Target::Remote { id, peer } => {
+                shared
+                    .send_remote(peer, id, self.taberna, msg_type, payload, &checked, wait)
+                    .await
+            }
+        }
+    }
+
+    /// The cached resolution, while it is still valid.
+    fn cached(&self) -> Option<Arc<Resolved>> {
+        let shared = &self.shared;
+        if !shared.routes_followed {
+            return None;
+        }
+        let resolved = self.cache.load_full()?;
+        let fresh = resolved.routes == shared.route_generation.load(Ordering::Acquire)
+            && resolved.tabernas == shared.registry.generation();
+        fresh.then_some(resolved)
+    }
+
+    /// Resolves the route as a send through the domus does, and caches it.
+    async fn resolve(&self, deadline: tokio::time::Instant) -> Result<Arc<Resolved>, Error> {
+        let shared = &self.shared;
+        // Read before resolving: a change from here on leaves the cache stale, never wrong.
+        let routes = shared.route_generation.load(Ordering::Acquire);
+        let tabernas = shared.registry.generation();
+        let target = if shared.registry.contains(self.taberna) {
+            Target::Local
+        } else {
+            let (id, peer) = shared.route_to_peer(self.taberna, deadline).await?;
+            Target::Remote { id, peer }
+        };
+        let resolved = Arc::new(Resolved {
+            routes,
+            tabernas,
+            target,
+        });
+        self.cache.store(Some(resolved.clone()));
+        Ok(resolved)
+    }
+}
+
+/// A pipelined sender, from [`Destination::window`]: it keeps up to its limit of sends in
+/// flight and hands their outcomes back in the order they were sent — the receipt queue one
+/// would otherwise write by hand.
+///
+/// ```no_run
+/// # async fn run(domus: vicus::Domus) -> Result<(), vicus::Error> {
+/// # use bytes::Bytes;
+/// # const KIND: vicus::MessageType = vicus::MessageType::application(1);
+/// let mut window = domus.destination(vicus::TabernaId(2)).window(1024);
+/// for n in 0u32..100_000 {
+///     // Full: the oldest send's outcome comes back before the next one goes out.
+///     if let Some(outcome) = window.send(KIND, Bytes::copy_from_slice(&n.to_be_bytes())).await? {
+///         outcome?;
+///     }
+/// }
+/// while let Some(outcome) = window.next().await {
+///     outcome?;
+/// }
+/// # Ok(()) }
+/// ```
+#[derive(Debug)]
+pub struct Window {
+    destination: Destination,
+    limit: usize,
+    outstanding: VecDeque<Receipt>,
+}
+
+impl Window {
+    /// Sends a message with default options (see [`send_with`](Self::send_with)).
+    pub async fn send(
+        &mut self,
+        msg_type: MessageType,
+        payload: Bytes,
+    ) -> Result<Option<Outcome>, Error> {
+        self.send_with(msg_type, payload, SendOptions::default())
+            .await
+    }
+
+    /// Sends a message. When the window is full, first waits for the oldest send and returns
+    /// its outcome (`Some`); otherwise `None`. An `Err` means this message was not admitted
+    /// (the same errors as [`Destination::admit`]); sends already in the window are not
+    /// affected.
+    pub async fn send_with(
+        &mut self,
+        msg_type: MessageType,
+        payload: Bytes,
+        options: SendOptions,
+    ) -> Result<Option<Outcome>, Error> {
+        let oldest = if self.outstanding.len() >= self.limit {
+            self.next().await
+        } else {
+            None
+        };
+        let receipt = self
+            .destination
+            .admit_waiting(msg_type, payload, options, Wait::UntilDeadline)
+            .await?;
+        self.outstanding.push_back(receipt);
+        Ok(oldest)
+    }
+
+    /// The outcome of the oldest send still in the window; `None` when it is empty.
+    pub async fn next(&mut self) -> Option<Outcome> {
+        let receipt = self.outstanding.pop_front()?;
+        Some(receipt.await)
+    }
+
+    /// Waits for every send in the window and returns their outcomes in send order.
+    pub async fn drain(&mut self) -> Vec<Outcome> {
+        let mut out = Vec::with_capacity(self.outstanding.len());
+        while let Some(outcome) = self.next().await {
+            out.push(outcome);
+        }
+        out
+    }
+
+    /// Sends in the window (admitted, outcome not taken yet).
+    pub fn len(&self) -> usize {
+        self.outstanding.len()
+    }
+
+    /// Whether no send is in the window.
+    pub fn is_empty(&self) -> bool {
+        self.outstanding.is_empty()
+    }
+
+    /// The most sends the window keeps in flight.
+    pub fn limit(&self) -> usize {
+        self.limit
+    }
+}
