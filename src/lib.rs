@@ -213,7 +213,7 @@
 //! running, except those of a peer whose certificate a new CRL revokes: they close at once, and
 //! its next handshake is refused. `DomusConfig::max_callis_age` bounds how long a callis (and
 //! the certificates it was opened with) stays in use.
-//! [`a0_transport::Transport::set_trust_policy`] replaces the trust policy the same way.
+//! [`Domus::set_trust_policy`] replaces the trust policy the same way.
 //!
 //! ## Observability
 //!

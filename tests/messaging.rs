@@ -738,6 +738,7 @@ async fn dropping_a_domus_leaves_no_task_running() {
 }
 
 /// A codec for `u64` counters (big-endian), for the typed layer.
+#[derive(Clone)]
 struct U64Codec;
 
 impl vicus::MessageCodec for U64Codec {
@@ -1356,7 +1357,10 @@ async fn a_destination_resolves_once_follows_route_changes_and_pipelines_through
             .send(PIPELINED, Bytes::new())
             .await
             .expect("through the destination");
-        assert_eq!(out, Delivery::Replied(Bytes::from(b.identity().to_string())));
+        assert_eq!(
+            out,
+            Delivery::Replied(Bytes::from(b.identity().to_string()))
+        );
         assert_eq!(dest.peer().as_ref(), Some(b.identity()));
         // The route moves to c: the destination follows it without being told.
         mesh.route(10, &c);
@@ -1366,7 +1370,10 @@ async fn a_destination_resolves_once_follows_route_changes_and_pipelines_through
             if out == Delivery::Replied(Bytes::from(c.identity().to_string())) {
                 break;
             }
-            assert!(tokio::time::Instant::now() < deadline, "still sent to b: {out:?}");
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "still sent to b: {out:?}"
+            );
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
         assert_eq!(dest.peer().as_ref(), Some(c.identity()));
@@ -1374,7 +1381,11 @@ async fn a_destination_resolves_once_follows_route_changes_and_pipelines_through
         let mut window = dest.window(64);
         let mut early = 0;
         for _ in 0..5_000 {
-            if let Some(outcome) = window.send(PIPELINED, Bytes::new()).await.expect("admitted") {
+            if let Some(outcome) = window
+                .send(PIPELINED, Bytes::new())
+                .await
+                .expect("admitted")
+            {
                 outcome.expect("answered");
                 early += 1;
             }
@@ -1397,7 +1408,10 @@ async fn a_destination_resolves_once_follows_route_changes_and_pipelines_through
         // Its errors are the domus's: an unknown taberna, a non-application type.
         let nowhere = a.destination(TabernaId(99));
         assert_eq!(
-            nowhere.send(PIPELINED, Bytes::new()).await.map_err(|e| e.id()),
+            nowhere
+                .send(PIPELINED, Bytes::new())
+                .await
+                .map_err(|e| e.id()),
             Err(ErrorId::UnknownTaberna)
         );
         let e = dest
@@ -1444,6 +1458,63 @@ async fn recv_many_takes_a_burst_in_one_wake_up_and_ends_at_shutdown() {
         }
         b.shutdown().await;
         assert_eq!(t.recv_many(&mut batch, 10).await, 0, "ended");
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn disconnect_closes_the_calles_keeps_what_is_unanswered_and_the_next_callis_delivers_it() {
+    within(async {
+        let mut mesh = Mesh::new();
+        let a = mesh.domus_with("a", fast_backoff()).await;
+        let b = mesh.domus("b").await;
+        mesh.route(10, &b);
+        let t = b.taberna(TabernaId(10)).expect("taberna");
+        let dest = a.destination(TabernaId(10));
+        // One request is held by b's handler while the callis goes away.
+        let held = dest
+            .admit(PIPELINED, Bytes::from_static(b"held"), send_opts(10_000))
+            .await
+            .expect("admitted");
+        let req = t.recv().await.expect("delivered");
+        assert_eq!(a.reporting().snapshot().totals.primary_calles_opened, 1);
+        // The sender sees which certificate its peer presented.
+        let probe = transport(&mut mesh.ca, "probe");
+        let seen = probe
+            .dial(b.local_addr(), Some(b.identity()))
+            .await
+            .expect("probe")
+            .peer()
+            .fingerprint();
+        let report = a.reporting().snapshot().per_peer;
+        let of_b = report.iter().find(|p| &p.peer == b.identity()).expect("b");
+        assert_eq!(of_b.identity.as_ref().map(|i| i.fingerprint()), Some(seen));
+
+        a.disconnect(b.identity()).expect("a session with b");
+        // The callis closes, and one is dialled again at once (a message waits for it).
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        loop {
+            let totals = a.reporting().snapshot().totals;
+            if totals.primary_calles_closed >= 1 && totals.primary_calles_opened >= 2 {
+                break;
+            }
+            assert!(tokio::time::Instant::now() < deadline, "{totals:?}");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        // The handler answers now; the message is replayed on the next callis (dialled at
+        // once: it is unanswered) and answered from b's dedupe window, exactly once.
+        req.accept();
+        assert_eq!(held.await, Ok(Delivery::Accepted));
+        spawn_echo(t);
+        assert_eq!(
+            dest.send(PIPELINED, Bytes::from_static(b"again")).await,
+            Ok(Delivery::Replied(Bytes::from_static(b"echo:again")))
+        );
+        assert_eq!(a.reporting().snapshot().totals.primary_calles_opened, 2);
+        assert_eq!(
+            a.disconnect(&id("stranger")).map_err(|e| e.id()),
+            Err(ErrorId::PeerUnavailable)
+        );
     })
     .await;
 }

@@ -20,7 +20,7 @@ use crate::error::Error;
 /// |---|---|
 /// | **live**: the next send, delivery or accepted callis | `send_timeout`, `resolve_timeout`, `max_message_len` (the local check; the frame limit a peer is told applies to new peers), `default_inbox_depth` (every taberna registered without its own depth), `hello_timeout` (telling inbound calles apart; sessions: new peers), `shutdown_timeout`, `max_unopened_calles_per_peer`, `max_unopened_calles`, `max_peers` |
 /// | **new peers**: peers first contacted after the change (and peers after a restart of this domus) | `max_in_flight_per_peer`, `max_in_flight_bytes_per_peer`, `dedupe_window`, `max_retained_reply_bytes`, `keepalive_interval`, `idle_timeout`, `frame_read_timeout`, `max_frames_per_second`, `max_refusals_per_second`, `max_callis_age` |
-/// | **fixed** at build: a change is refused with `InvalidConfig` naming the field | `transport` (use `Domus::reload_auth` and `Transport::set_trust_policy` for authentication), `reconnect_backoff_min`, `reconnect_backoff_max`, every `blob_*` field, `max_blob_streams_per_peer`, `max_blob_cancels_per_second` |
+/// | **fixed** at build: a change is refused with `InvalidConfig` naming the field | `transport` (use `Domus::reload_auth` and `Domus::set_trust_policy` for authentication), `reconnect_backoff_min`, `reconnect_backoff_max`, every `blob_*` field, `max_blob_streams_per_peer`, `max_blob_cancels_per_second` |
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct DomusConfig {

@@ -695,7 +695,16 @@ impl Domus {
         Ok(())
     }
 
-    /// The A0 transport (for certificate reloads: [`Transport::reload_auth`]).
+    /// Replaces the trust policy (which verified peer ids are accepted) for every future
+    /// handshake; established calles are not touched.
+    pub fn set_trust_policy(&self, policy: crate::TrustPolicy) {
+        self.shared.transport.set_trust_policy(policy);
+    }
+
+    /// The A0 transport. Not part of the stable API (its shape follows the transport's
+    /// internals); use [`reload_auth`](Self::reload_auth) and
+    /// [`set_trust_policy`](Self::set_trust_policy).
+    #[doc(hidden)]
     pub fn transport(&self) -> &Transport {
         &self.shared.transport
     }
@@ -789,19 +798,54 @@ impl Domus {
     }
 
     /// Encodes `message` with `codec` and sends it; a reply is decoded with the same codec.
-    pub async fn send_typed<C: MessageCodec>(
+    /// The message is encoded before this returns; the future owns a clone of the codec and
+    /// holds no borrow (`Send + 'static`, like [`send`](Self::send)).
+    pub fn send_typed<C: MessageCodec + Clone>(
         &self,
         codec: &C,
         taberna: TabernaId,
         msg_type: MessageType,
         message: &C::Message,
         options: SendOptions,
-    ) -> Result<Option<C::Message>, Error> {
-        let payload = codec.encode(message)?;
-        match self.send(taberna, msg_type, payload, options).await? {
-            Delivery::Accepted => Ok(None),
-            Delivery::Replied(bytes) => codec.decode(&bytes).map(Some),
+    ) -> impl Future<Output = Result<Option<C::Message>, Error>> + Send + 'static {
+        let encoded = codec.encode(message);
+        let codec = codec.clone();
+        let shared = self.shared.clone();
+        async move {
+            let payload = encoded?;
+            let delivery = shared
+                .admit(taberna, msg_type, payload, options, Wait::UntilDeadline)
+                .await?
+                .await?;
+            match delivery {
+                Delivery::Accepted => Ok(None),
+                Delivery::Replied(bytes) => codec.decode(&bytes).map(Some),
+            }
         }
+    }
+
+    /// Closes the calles to `peer` now (primary and blob), without forgetting anything:
+    /// unanswered messages are replayed and open blob streams resume on the next callis,
+    /// which is dialled at once when something waits for it, else by the next send — the way
+    /// to re-establish a connection (after a network change, say) without rebuilding the
+    /// domus. Fails with `PeerUnavailable` when this domus has no session with `peer`.
+    pub fn disconnect(&self, peer: &DomusId) -> Result<(), Error> {
+        let links = self
+            .shared
+            .peers
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(peer)
+            .map(|p| p.links.clone());
+        let Some(links) = links else {
+            return Err(Error::new(
+                ErrorId::PeerUnavailable,
+                format!("this domus has no session with {peer}"),
+            ));
+        };
+        let _ = links.tx.send(PeerCommand::Disconnect);
+        let _ = links.blob_tx.send(BlobCommand::Disconnect);
+        Ok(())
     }
 
     /// A handle that does not keep this domus running (see [`WeakDomus`]).
@@ -822,7 +866,8 @@ impl Domus {
     }
 
     /// Tasks this domus is running (accept loop, route follower, handshakes, peer and blob
-    /// drivers).
+    /// drivers). A diagnostic for tests, not part of the stable API.
+    #[doc(hidden)]
     pub fn task_count(&self) -> usize {
         self.shared.tasks.len()
     }

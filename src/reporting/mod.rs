@@ -332,6 +332,9 @@ pub struct PeerReport {
     pub bytes_in: u64,
     /// Bytes written to this peer (both calles).
     pub bytes_out: u64,
+    /// What the peer proved in the handshake of its current (or last) primary callis: its
+    /// certificate's fingerprint, and its process credentials over a Unix socket.
+    pub identity: Option<crate::a0_transport::PeerIdentity>,
 }
 
 /// A metrics snapshot (see [`Reporting::snapshot`]).
@@ -466,6 +469,8 @@ pub(crate) struct PeerCells {
     pub(crate) oldest_pending_at_us: AtomicU64,
     pub(crate) bytes_in: AtomicU64,
     pub(crate) bytes_out: AtomicU64,
+    /// The identity of the current (or last) primary callis; written when a callis is adopted.
+    pub(crate) identity: arc_swap::ArcSwapOption<crate::a0_transport::PeerIdentity>,
 }
 
 /// The shared recorder behind [`Reporting`].
@@ -871,6 +876,7 @@ impl Recorder {
                         .then(|| Duration::from_micros(now.saturating_sub(oldest))),
                     bytes_in: c.bytes_in.load(Ordering::Relaxed),
                     bytes_out: c.bytes_out.load(Ordering::Relaxed),
+                    identity: c.identity.load_full().map(|i| (*i).clone()),
                 }
             })
             .collect();

@@ -302,6 +302,14 @@ impl BlobDriver {
                     self.close_link(&e);
                 }
             }
+            BlobCommand::Disconnect => {
+                if self.link.is_some() {
+                    self.close_link(&Error::new(
+                        ErrorId::ConnectionLost,
+                        "the application closed the callis (Domus::disconnect)",
+                    ));
+                }
+            }
             BlobCommand::Shutdown => self.begin_shutdown(),
         }
     }

@@ -63,6 +63,8 @@ pub(crate) enum BlobCommand {
     PeerEpoch { epoch: u64, restarted: bool },
     /// Learn (or change) the address to dial.
     SetAddr(DomusAddr),
+    /// Close the blob callis (the application asked); streams resume on the next one.
+    Disconnect,
     /// The authentication material changed: close the callis if its peer would be refused now.
     Recheck,
     /// Cancel every stream (telling the peer), close the callis and stop.

@@ -51,6 +51,9 @@ pub(crate) enum PeerCommand {
     Attach(Box<AuthenticatedStream>, BytesMut),
     /// Learn (or change) the address to dial.
     SetAddr(DomusAddr),
+    /// Close the current callis (the application asked): what is unanswered stays and is
+    /// replayed on the next one, dialled when something waits for it.
+    Disconnect,
     /// The authentication material changed: verify the peer of the current callis again and
     /// close it if the peer would be refused now (a revoked certificate, say).
     Recheck,
@@ -261,6 +264,14 @@ impl PeerDriver {
                 self.dialer.set_addr(addr);
             }
             PeerCommand::Recheck => self.recheck(),
+            PeerCommand::Disconnect => {
+                if self.callis.is_some() {
+                    self.session.close(Error::new(
+                        ErrorId::ConnectionLost,
+                        "the application closed the callis (Domus::disconnect)",
+                    ));
+                }
+            }
             PeerCommand::Shutdown => self.begin_shutdown(),
         }
     }
@@ -336,7 +347,9 @@ impl PeerDriver {
         // A dial of ours still in progress is left to finish: the peer may already hold that
         // callis, and both ends must judge the same pair of calles by the same rule.
         self.dialer.end_wait();
-        self.peer_identity = Some(Arc::new(new.peer().clone()));
+        let identity = Arc::new(new.peer().clone());
+        self.cells.identity.store(Some(identity.clone()));
+        self.peer_identity = Some(identity);
         self.session.connected(self.now, self.peer_id.as_str());
         self.callis = Some(CallisIo::new(
             new,
