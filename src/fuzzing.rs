@@ -2218,7 +2218,12 @@ mod replay {
         let mut failed = Vec::new();
         for dir in ["corpus", "regressions"] {
             for path in inputs(dir, target) {
-                let data = std::fs::read(&path).expect("read fuzz input");
+                // A running fuzzer may replace corpus files while this reads them.
+                let data = match std::fs::read(&path) {
+                    Ok(data) => data,
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                    Err(e) => panic!("{}: {e}", path.display()),
+                };
                 if std::panic::catch_unwind(|| run(&data)).is_err() {
                     failed.push(path.display().to_string());
                 }
