@@ -697,11 +697,14 @@ impl Recorder {
 
     /// Records one send-to-answer latency.
     pub(crate) fn latency(&self, d: Duration) {
-        let us = u64::try_from(d.as_micros()).unwrap_or(u64::MAX).max(1);
-        let bucket = (64 - (us - 1).leading_zeros()) as usize;
-        let bucket = bucket.min(LATENCY_BUCKETS - 1);
+        let us = u64::try_from(d.as_micros()).unwrap_or(u64::MAX);
+        self.add_latency(latency_bucket(us), 1);
+    }
+
+    /// Adds `n` answers to latency bucket `bucket` (see [`latency_bucket`]).
+    pub(crate) fn add_latency(&self, bucket: usize, n: u64) {
         if let Some(cell) = self.latency.get(bucket) {
-            cell.fetch_add(1, Ordering::Relaxed);
+            cell.fetch_add(n, Ordering::Relaxed);
         }
     }
 
@@ -917,6 +920,72 @@ fn latency_of(buckets: Vec<u64>) -> Latency {
         p90: quantile(0.90),
         p99: quantile(0.99),
         buckets,
+    }
+}
+
+/// The latency bucket of an answer that took `us` microseconds: bucket `i` holds answers
+/// within `2^i` µs.
+pub(crate) fn latency_bucket(us: u64) -> usize {
+    let us = us.max(1);
+    ((64 - (us - 1).leading_zeros()) as usize).min(LATENCY_BUCKETS - 1)
+}
+
+/// Counts a driver keeps while it works and publishes into the [`Recorder`] once per turn,
+/// so the message path touches no shared counter per message.
+#[derive(Debug, Default)]
+pub(crate) struct TurnCounts {
+    sent: u64,
+    received: u64,
+    accepted: u64,
+    replied: u64,
+    latency: [u32; LATENCY_BUCKETS],
+    dirty: bool,
+}
+
+impl TurnCounts {
+    pub(crate) fn sent(&mut self) {
+        self.sent = self.sent.saturating_add(1);
+        self.dirty = true;
+    }
+
+    pub(crate) fn received(&mut self) {
+        self.received = self.received.saturating_add(1);
+        self.dirty = true;
+    }
+
+    /// An answered send: accepted (else replied), after `us` microseconds.
+    pub(crate) fn answered(&mut self, accepted: bool, us: u64) {
+        if accepted {
+            self.accepted = self.accepted.saturating_add(1);
+        } else {
+            self.replied = self.replied.saturating_add(1);
+        }
+        if let Some(cell) = self.latency.get_mut(latency_bucket(us)) {
+            *cell = cell.saturating_add(1);
+        }
+        self.dirty = true;
+    }
+
+    /// Adds everything counted since the last publish to `rec`, and starts again.
+    pub(crate) fn publish(&mut self, rec: &Recorder) {
+        if !std::mem::take(&mut self.dirty) {
+            return;
+        }
+        for (c, n) in [
+            (C::messages_sent, std::mem::take(&mut self.sent)),
+            (C::messages_received, std::mem::take(&mut self.received)),
+            (C::messages_accepted, std::mem::take(&mut self.accepted)),
+            (C::messages_replied, std::mem::take(&mut self.replied)),
+        ] {
+            if n > 0 {
+                rec.add(c, n);
+            }
+        }
+        for (bucket, n) in self.latency.iter_mut().enumerate() {
+            if *n > 0 {
+                rec.add_latency(bucket, u64::from(std::mem::take(n)));
+            }
+        }
     }
 }
 

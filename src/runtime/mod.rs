@@ -101,8 +101,9 @@ pub(crate) struct InboundMessage {
 /// Where the runtime hands deliveries: implemented by the upper layer (the taberna
 /// registry). It must not block; a refusal is answered through [`InboundMessage::answer`].
 pub(crate) trait Inbound: Send + Sync + 'static {
-    /// Offers a delivery to its taberna.
-    fn deliver(&self, message: InboundMessage);
+    /// Offers a delivery to its taberna; true when it reached the taberna's inbox (the driver
+    /// counts it), false when it was refused (and answered, and counted as refused).
+    fn deliver(&self, message: InboundMessage) -> bool;
 }
 
 /// The answering handle of a delivery from a peer: it carries the answer back to the peer's

@@ -33,7 +33,7 @@ use crate::a1_callis::link::{AgeAction, Backoff, CallisAge, keep_current};
 use crate::a1_callis::session::{A3_MESSAGE_TYPE_BASE, Answer, Event, Outcome, Outgoing, Session};
 use crate::a1_callis::window::IdQueue;
 use crate::error::{Error, ErrorId};
-use crate::reporting::{C, CallisKind, Event as Report, PeerCells, Recorder};
+use crate::reporting::{C, CallisKind, Event as Report, PeerCells, Recorder, TurnCounts};
 
 /// What the rest of the domus asks of a peer's driver.
 pub(crate) enum PeerCommand {
@@ -108,6 +108,9 @@ impl Reachability {
     }
 }
 
+/// Where a send's outcome goes.
+type Completion = oneshot::Sender<Result<Delivery, Error>>;
+
 /// A send's share of its peer's in-flight budget: one slot and its payload's bytes.
 pub(crate) struct InFlight {
     pub(crate) _slot: OwnedSemaphorePermit,
@@ -157,6 +160,11 @@ pub(crate) struct PeerDriver {
     /// `max_callis_age` for the current callis, and the alarm that follows it.
     age: CallisAge,
     age_timer: Alarm,
+    /// Message counts of this turn, published once at its end (or before outcomes are
+    /// handed back).
+    counts: TurnCounts,
+    /// Outcomes of this dispatch, handed to their senders after the counts are published.
+    completed: Vec<(Completion, Result<Delivery, Error>)>,
     /// The clock, read once per turn of the driver loop (every session call of the turn uses
     /// it): `now` and the same instant as the recorder's microseconds.
     now: std::time::Instant,
@@ -219,6 +227,8 @@ impl PeerDriver {
             age_timer: Alarm::new(),
             now: now(),
             now_us: 0,
+            counts: TurnCounts::default(),
+            completed: Vec::new(),
             peer_shut_down: false,
             reachability: links.reachability,
         }
@@ -240,7 +250,7 @@ impl PeerDriver {
                 let dst = msg.dst;
                 match self.session.send(msg) {
                     Ok(id) => {
-                        self.ctx.recorder.inc(C::messages_sent);
+                        self.counts.sent();
                         // Session ids only grow, so this cannot be refused.
                         self.pending.push(
                             id,
@@ -495,7 +505,7 @@ impl PeerDriver {
                         self.deliver_blob_open(peer, peer_epoch, message);
                         continue;
                     }
-                    self.ctx.inbound.deliver(InboundMessage {
+                    let received = self.ctx.inbound.deliver(InboundMessage {
                         peer,
                         src: message.src,
                         dst: message.dst,
@@ -504,27 +514,28 @@ impl PeerDriver {
                         blob: None,
                         answer: self.answer_tx(peer_epoch, message.id),
                     });
+                    if received {
+                        self.counts.received();
+                    }
                 }
                 Event::Finished { id, outcome } => {
                     if let Some(p) = self.pending.remove(id) {
-                        let rec = &self.ctx.recorder;
-                        if matches!(outcome, Outcome::Answered(_)) {
-                            rec.latency(Duration::from_micros(
-                                self.now_us.saturating_sub(p.started_us),
-                            ));
-                        }
+                        let answered_after = matches!(outcome, Outcome::Answered(_))
+                            .then(|| self.now_us.saturating_sub(p.started_us));
                         let result = self.outcome_to_result(p.dst, outcome);
-                        let rec = &self.ctx.recorder;
                         match &result {
-                            Ok(d) => {
-                                rec.inc(match d {
-                                    Delivery::Accepted => C::messages_accepted,
-                                    Delivery::Replied(_) => C::messages_replied,
-                                });
+                            Ok(d) => self.counts.answered(
+                                matches!(d, Delivery::Accepted),
+                                answered_after.unwrap_or(0),
+                            ),
+                            Err(e) => {
+                                if let Some(us) = answered_after {
+                                    self.ctx.recorder.latency(Duration::from_micros(us));
+                                }
+                                record_failure(&self.ctx.recorder, e);
                             }
-                            Err(e) => record_failure(rec, e),
                         }
-                        let _ = p.done.send(result);
+                        self.completed.push((p.done, result));
                     }
                 }
                 Event::Close(error) => {
@@ -546,6 +557,13 @@ impl PeerDriver {
                     }
                     self.close_reason = Some(error);
                 }
+            }
+        }
+        if !self.completed.is_empty() {
+            // The counts first, so a sender that sees its outcome also sees it counted.
+            self.counts.publish(&self.ctx.recorder);
+            for (done, result) in self.completed.drain(..) {
+                let _ = done.send(result);
             }
         }
     }
@@ -628,7 +646,7 @@ impl PeerDriver {
             return;
         }
         let receiver = BlobReceiver::remote(app_rx, self.blob_tx.clone(), stream);
-        self.ctx.inbound.deliver(InboundMessage {
+        let received = self.ctx.inbound.deliver(InboundMessage {
             peer,
             src: message.src,
             dst: message.dst,
@@ -637,6 +655,9 @@ impl PeerDriver {
             blob: Some(receiver),
             answer: self.answer_tx(peer_epoch, id),
         });
+        if received {
+            self.counts.received();
+        }
     }
 
     /// The handle that answers delivery `id` of the peer's run `epoch`.
@@ -836,11 +857,13 @@ impl Future for PeerDriver {
             }
             progressed |= this.poll_timer(cx);
             if !progressed {
+                this.counts.publish(&this.ctx.recorder);
                 this.publish_cells();
                 return Poll::Pending;
             }
         }
         // Plenty of work: let other tasks run, then continue.
+        this.counts.publish(&this.ctx.recorder);
         yield_turn(cx);
         Poll::Pending
     }

@@ -397,7 +397,7 @@ fn system_rejection(error: ErrorId, reason: &str) -> Answer {
 }
 
 impl Inbound for Registry {
-    fn deliver(&self, m: InboundMessage) {
+    fn deliver(&self, m: InboundMessage) -> bool {
         let mut request = TabernaRequest::new(
             m.peer,
             TabernaId(m.src),
@@ -407,7 +407,7 @@ impl Inbound for Registry {
             AnswerSink::Remote(m.answer),
         );
         request.blob = m.blob;
-        Registry::deliver(self, request);
+        Registry::deliver(self, request)
     }
 }
 
@@ -504,10 +504,10 @@ impl Registry {
         });
     }
 
-    /// Offers a request to its taberna. On refusal the request is answered (rejected) here.
-    /// A request from a peer is counted once: received when it reaches the inbox, refused
-    /// (by reason) otherwise.
-    pub(crate) fn deliver(&self, request: TabernaRequest) {
+    /// Offers a request to its taberna. On refusal the request is answered (rejected) here,
+    /// and a request from a peer is counted as refused (by reason). Returns whether it reached
+    /// the inbox (the caller counts a peer's as received).
+    pub(crate) fn deliver(&self, request: TabernaRequest) -> bool {
         let remote = request.is_remote();
         let refuse = |mut request: TabernaRequest, error: ErrorId, reason: &str| {
             if remote {
@@ -554,22 +554,17 @@ impl Registry {
                                 taberna: request.destination.0,
                             });
                             refuse(request, ErrorId::TabernaBusy, "the taberna's inbox is full");
-                            return;
+                            return false;
                         }
                         match entry.inbox.try_send(request) {
-                            Ok(()) => {
-                                if remote {
-                                    self.recorder.inc(C::messages_received);
-                                }
-                                return;
-                            }
+                            Ok(()) => return true,
                             Err(async_channel::TrySendError::Full(r)) => {
                                 refuse(r, ErrorId::TabernaBusy, "the taberna's inbox is full");
-                                return;
+                                return false;
                             }
                             Err(async_channel::TrySendError::Closed(r)) => {
                                 refuse(r, ErrorId::TabernaShutdown, "the taberna is shutting down");
-                                return;
+                                return false;
                             }
                         }
                     }
@@ -579,6 +574,7 @@ impl Registry {
         if let Some((error, reason)) = refusal {
             refuse(request, error, reason);
         }
+        false
     }
 }
 
