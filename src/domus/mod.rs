@@ -24,7 +24,7 @@ use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use tokio::io::AsyncReadExt;
-use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
+use tokio::sync::{Semaphore, mpsc, oneshot};
 use tokio_util::sync::{CancellationToken, DropGuard};
 use tokio_util::task::TaskTracker;
 
@@ -48,10 +48,11 @@ use crate::a1_callis::session::{A3_MESSAGE_TYPE_BASE, Answer, Outgoing, Session,
 use crate::error::{Error, ErrorId};
 use crate::reporting::{C, Event, Recorder, Reporting};
 use crate::runtime::blob::{BlobContext, BlobDriver};
+use crate::runtime::budget::{InFlight, InFlightBudget};
 use crate::runtime::ends as blob;
 use crate::runtime::ends::BlobCommand;
 use crate::runtime::peer::{
-    DriverContext, InFlight, PeerCommand, PeerDriver, PeerLinks, Reachability, record_failure,
+    DriverContext, PeerCommand, PeerDriver, PeerLinks, Reachability, record_failure,
 };
 use crate::runtime::{answer_result, domus_closed, rand_u64};
 use crate::taberna::{
@@ -381,8 +382,8 @@ impl DomusBuilder {
 #[derive(Clone)]
 struct PeerRef {
     tx: mpsc::UnboundedSender<PeerCommand>,
-    slots: Arc<Semaphore>,
-    bytes: Arc<Semaphore>,
+    /// The peer's in-flight budget: messages and payload bytes, one count.
+    budget: Arc<InFlightBudget>,
     blob_tx: mpsc::UnboundedSender<BlobCommand>,
     /// Sending blob streams open with this peer (one permit each).
     blob_out_streams: Arc<Semaphore>,
@@ -1072,23 +1073,9 @@ impl Shared {
             ),
             _ => e,
         };
-        let slot = acquire(&peer.slots, 1, wait, deadline, peer_id, "in-flight slot")
+        let permit = acquire(&peer.budget, size, wait, deadline, peer_id)
             .await
             .map_err(explain)?;
-        let bytes = acquire(
-            &peer.bytes,
-            size,
-            wait,
-            deadline,
-            peer_id,
-            "in-flight byte budget",
-        )
-        .await
-        .map_err(explain)?;
-        let permit = InFlight {
-            _slot: slot,
-            _bytes: bytes,
-        };
         let (done, rx) = oneshot::channel();
         peer.tx
             .send(PeerCommand::Send { msg, done, permit })
@@ -1386,12 +1373,10 @@ impl Shared {
         // Every command is bounded elsewhere: sends by the in-flight semaphore, answers by the
         // peer's dedupe window, calles by the A0 admission gate.
         let (tx, rx) = mpsc::unbounded_channel();
-        let slots = Arc::new(Semaphore::new(
-            self.config.load().max_in_flight_per_peer as usize,
-        ));
-        let bytes = Arc::new(Semaphore::new(
-            self.config.load().max_in_flight_bytes_per_peer,
-        ));
+        let budget = InFlightBudget::new(
+            self.config.load().max_in_flight_per_peer,
+            u32::try_from(self.config.load().max_in_flight_bytes_per_peer).unwrap_or(u32::MAX),
+        );
         let session = Session::new(
             self.config.load().session(),
             self.local_id.as_str().to_owned(),
@@ -1429,8 +1414,7 @@ impl Shared {
         ));
         let links = Arc::new(PeerRef {
             tx,
-            slots,
-            bytes,
+            budget,
             blob_tx,
             blob_out_streams: Arc::new(Semaphore::new(
                 self.config.load().max_blob_streams_per_peer,
@@ -1450,41 +1434,37 @@ impl Shared {
     }
 }
 
-/// Takes `n` permits: at once when they are free (no timer), else waiting until `deadline`
-/// (or failing at once when `wait` is `No`); either failure is `LocalQueueFull`: the message
-/// was never sent.
+/// Takes one in-flight slot and `bytes` of the peer's budget: at once when they are free (no
+/// timer), else waiting in line until `deadline` (or failing at once when `wait` is `No`);
+/// either failure is `LocalQueueFull`: the message was never sent.
 async fn acquire(
-    semaphore: &Arc<Semaphore>,
-    n: u32,
+    budget: &Arc<InFlightBudget>,
+    bytes: u32,
     wait: Wait,
     deadline: tokio::time::Instant,
     peer: &DomusId,
-    what: &str,
-) -> Result<OwnedSemaphorePermit, Error> {
-    match semaphore.clone().try_acquire_many_owned(n) {
-        Ok(permit) => return Ok(permit),
-        Err(tokio::sync::TryAcquireError::Closed) => return Err(domus_closed()),
-        Err(tokio::sync::TryAcquireError::NoPermits) => {}
+) -> Result<InFlight, Error> {
+    if let Some(taken) = budget.try_take(bytes) {
+        return Ok(taken);
     }
     if wait == Wait::No {
         return Err(Error::new(
             ErrorId::LocalQueueFull,
             format!(
-                "the {what} to {peer} is used up (max_in_flight_per_peer / max_in_flight_bytes_per_peer)"
+                "the in-flight room to {peer} is used up (max_in_flight_per_peer / max_in_flight_bytes_per_peer)"
             ),
         ));
     }
-    tokio::time::timeout_at(deadline, semaphore.clone().acquire_many_owned(n))
+    tokio::time::timeout_at(deadline, budget.take(bytes))
         .await
         .map_err(|_| {
             Error::new(
                 ErrorId::LocalQueueFull,
                 format!(
-                    "the {what} to {peer} did not free up before the send's deadline; the message was never sent"
+                    "the in-flight room to {peer} did not free up before the send's deadline; the message was never sent"
                 ),
             )
-        })?
-        .map_err(|_| domus_closed())
+        })
 }
 
 async fn accept_loop(shared: Arc<Shared>, listener: Listener, stop: CancellationToken) {

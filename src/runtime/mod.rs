@@ -22,6 +22,7 @@
 )]
 
 pub(crate) mod blob;
+pub(crate) mod budget;
 pub(crate) mod callis;
 pub(crate) mod ends;
 pub(crate) mod peer;

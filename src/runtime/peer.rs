@@ -18,9 +18,10 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::BytesMut;
-use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
+use tokio::sync::{Semaphore, mpsc, oneshot};
 use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 
+use super::budget::InFlight;
 use super::callis::{
     Alarm, ByteCounters, CallisIo, Counting, Dialer, ReadSink, Step, dialler_of, now,
 };
@@ -110,12 +111,6 @@ impl Reachability {
 
 /// Where a send's outcome goes.
 type Completion = oneshot::Sender<Result<Delivery, Error>>;
-
-/// A send's share of its peer's in-flight budget: one slot and its payload's bytes.
-pub(crate) struct InFlight {
-    pub(crate) _slot: OwnedSemaphorePermit,
-    pub(crate) _bytes: OwnedSemaphorePermit,
-}
 
 struct PendingSend {
     done: oneshot::Sender<Result<Delivery, Error>>,

@@ -1,0 +1,238 @@
+//! [`InFlightBudget`]: a peer's in-flight budget — messages and payload bytes — taken by a send
+//! before it goes to the driver and given back when it ends.
+//!
+//! One atomic word holds both counts, so the uncontended path (a send that fits, an answer
+//! that frees room) is one compare-and-swap or one add, with no lock: the two tokio semaphores
+//! it replaces each took a mutex on every release. Waiters are served in arrival order (a
+//! large message is never starved by small ones behind it): while anyone waits, newcomers
+//! queue too, and each release wakes the front of the queue, which takes its room or keeps
+//! waiting. The queue's lock is held only to push, pop or wake, never across an `.await`.
+
+use std::collections::VecDeque;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::task::{Context, Poll, Waker};
+
+/// Free slots in the high half, free bytes in the low half.
+const SLOT: u64 = 1 << 32;
+const BYTES: u64 = SLOT - 1;
+
+/// See the module docs.
+pub(crate) struct InFlightBudget {
+    free: AtomicU64,
+    /// Sends queued for room (mirrors `queue.len()`, read without the lock).
+    waiting: AtomicUsize,
+    queue: Mutex<Queue>,
+}
+
+#[derive(Default)]
+struct Queue {
+    next_ticket: u64,
+    waiters: VecDeque<(u64, Option<Waker>)>,
+}
+
+/// A send's share of the budget: one slot and its payload's bytes, given back on drop.
+pub(crate) struct InFlight {
+    budget: Arc<InFlightBudget>,
+    bytes: u32,
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.budget.release(u64::from(self.bytes));
+    }
+}
+
+impl InFlightBudget {
+    /// A budget of `slots` messages and `bytes` payload bytes.
+    pub(crate) fn new(slots: u32, bytes: u32) -> Arc<Self> {
+        Arc::new(Self {
+            free: AtomicU64::new((u64::from(slots) << 32) | u64::from(bytes)),
+            waiting: AtomicUsize::new(0),
+            queue: Mutex::new(Queue::default()),
+        })
+    }
+
+    /// Takes one slot and `bytes` if they are free and nobody is queued for room.
+    pub(crate) fn try_take(self: &Arc<Self>, bytes: u32) -> Option<InFlight> {
+        if self.waiting.load(Ordering::Acquire) > 0 {
+            return None;
+        }
+        self.take_now(bytes)
+    }
+
+    /// Waits (in arrival order) until one slot and `bytes` are free, and takes them. The
+    /// future may be dropped at any time (a deadline): it leaves the queue then.
+    pub(crate) fn take(self: &Arc<Self>, bytes: u32) -> Take {
+        Take {
+            budget: self.clone(),
+            bytes,
+            ticket: None,
+        }
+    }
+
+    fn take_now(self: &Arc<Self>, bytes: u32) -> Option<InFlight> {
+        let need = SLOT | u64::from(bytes);
+        let mut current = self.free.load(Ordering::Acquire);
+        loop {
+            if current >> 32 == 0 || (current & BYTES) < u64::from(bytes) {
+                return None;
+            }
+            match self.free.compare_exchange_weak(
+                current,
+                current.wrapping_sub(need),
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            ) {
+                Ok(_) => {
+                    return Some(InFlight {
+                        budget: self.clone(),
+                        bytes,
+                    });
+                }
+                Err(actual) => current = actual,
+            }
+        }
+    }
+
+    fn release(&self, bytes: u64) {
+        self.free.fetch_add(SLOT | bytes, Ordering::AcqRel);
+        if self.waiting.load(Ordering::Acquire) > 0 {
+            self.wake_front();
+        }
+    }
+
+    fn wake_front(&self) {
+        let queue = self.queue.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some((_, Some(waker))) = queue.waiters.front() {
+            waker.wake_by_ref();
+        }
+    }
+}
+
+/// The future of [`InFlightBudget::take`].
+pub(crate) struct Take {
+    budget: Arc<InFlightBudget>,
+    bytes: u32,
+    /// Its place in the queue, once it had to wait.
+    ticket: Option<u64>,
+}
+
+impl Future for Take {
+    type Output = InFlight;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<InFlight> {
+        let this = &mut *self;
+        let budget = &this.budget;
+        let Some(ticket) = this.ticket else {
+            // First poll: take at once when nobody waits and it fits; else queue.
+            if let Some(taken) = budget.try_take(this.bytes) {
+                return Poll::Ready(taken);
+            }
+            let mut queue = budget.queue.lock().unwrap_or_else(PoisonError::into_inner);
+            let ticket = queue.next_ticket;
+            queue.next_ticket = ticket.wrapping_add(1);
+            queue.waiters.push_back((ticket, Some(cx.waker().clone())));
+            budget.waiting.fetch_add(1, Ordering::AcqRel);
+            this.ticket = Some(ticket);
+            drop(queue);
+            // Room may have come back between the check and the queueing.
+            budget.wake_front();
+            return Poll::Pending;
+        };
+        let mut queue = budget.queue.lock().unwrap_or_else(PoisonError::into_inner);
+        let front = queue.waiters.front().map(|(t, _)| *t) == Some(ticket);
+        if front {
+            if let Some(taken) = budget.take_now(this.bytes) {
+                queue.waiters.pop_front();
+                budget.waiting.fetch_sub(1, Ordering::AcqRel);
+                this.ticket = None;
+                // The next one may fit too.
+                if let Some((_, Some(next))) = queue.waiters.front() {
+                    next.wake_by_ref();
+                }
+                return Poll::Ready(taken);
+            }
+        }
+        if let Some(entry) = queue.waiters.iter_mut().find(|(t, _)| *t == ticket) {
+            entry.1 = Some(cx.waker().clone());
+        }
+        Poll::Pending
+    }
+}
+
+impl Drop for Take {
+    fn drop(&mut self) {
+        let Some(ticket) = self.ticket else {
+            return;
+        };
+        let budget = &self.budget;
+        let mut queue = budget.queue.lock().unwrap_or_else(PoisonError::into_inner);
+        let was_front = queue.waiters.front().map(|(t, _)| *t) == Some(ticket);
+        if let Some(at) = queue.waiters.iter().position(|(t, _)| *t == ticket) {
+            queue.waiters.remove(at);
+            budget.waiting.fetch_sub(1, Ordering::AcqRel);
+        }
+        if was_front {
+            if let Some((_, Some(next))) = queue.waiters.front() {
+                next.wake_by_ref();
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn sends_that_fit_take_and_give_back_without_waiting() {
+        let b = InFlightBudget::new(2, 100);
+        let one = b.try_take(60).expect("fits");
+        assert!(b.try_take(41).is_none(), "bytes are short");
+        let two = b.try_take(40).expect("fits exactly");
+        assert!(b.try_take(0).is_none(), "slots are short");
+        drop(one);
+        assert!(b.try_take(60).is_some(), "given back");
+        drop(two);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn waiters_are_served_in_arrival_order_and_a_dropped_one_leaves_the_queue() {
+        let b = InFlightBudget::new(4, 100);
+        let held = b.try_take(100).expect("all the bytes");
+        // A large waiter first, then a small one: the small one must not overtake.
+        let large = tokio::spawn({
+            let b = b.clone();
+            async move { b.take(80).await }
+        });
+        tokio::time::sleep(Duration::from_millis(1)).await;
+        let small = tokio::spawn({
+            let b = b.clone();
+            async move { b.take(10).await }
+        });
+        tokio::time::sleep(Duration::from_millis(1)).await;
+        assert!(b.try_take(1).is_none(), "no barging past the queue");
+        // A waiter that gives up (its deadline) leaves without blocking the others.
+        let quitter = {
+            let b = b.clone();
+            tokio::time::timeout(Duration::from_millis(5), async move { b.take(1).await })
+        };
+        assert!(quitter.await.is_err());
+        drop(held);
+        let large = tokio::time::timeout(Duration::from_secs(1), large)
+            .await
+            .expect("the large one first")
+            .expect("join");
+        let small = tokio::time::timeout(Duration::from_secs(1), small)
+            .await
+            .expect("then the small one")
+            .expect("join");
+        assert_eq!(b.waiting.load(Ordering::Acquire), 0);
+        drop((large, small));
+        assert!(b.try_take(100).is_some(), "everything given back");
+    }
+}
