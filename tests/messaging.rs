@@ -1518,3 +1518,38 @@ async fn disconnect_closes_the_calles_keeps_what_is_unanswered_and_the_next_call
     })
     .await;
 }
+
+#[tokio::test]
+async fn send_futures_stay_small() {
+    within(async {
+        let mut mesh = Mesh::new();
+        let a = mesh.domus("a").await;
+        let d = a.destination(TabernaId(1));
+        let sizes = [
+            (
+                "Domus::admit",
+                std::mem::size_of_val(&a.admit(TabernaId(1), APP, Bytes::new(), send_opts(1))),
+            ),
+            (
+                "Destination::send",
+                std::mem::size_of_val(&d.send(APP, Bytes::new())),
+            ),
+            (
+                "Destination::admit",
+                std::mem::size_of_val(&d.admit(APP, Bytes::new(), send_opts(1))),
+            ),
+            ("Window::send", {
+                let mut w = d.window(4);
+                std::mem::size_of_val(&w.send(APP, Bytes::new()))
+            }),
+        ];
+        println!("{sizes:?}");
+        for (what, size) in sizes {
+            assert!(size <= 512, "{what} is {size} bytes");
+        }
+        // The plain send does more (a route lookup per send) and stays within 1 KiB.
+        let plain = std::mem::size_of_val(&a.send(TabernaId(1), APP, Bytes::new(), send_opts(1)));
+        assert!(plain <= 1024, "Domus::send is {plain} bytes");
+    })
+    .await;
+}

@@ -102,6 +102,13 @@ pub struct Outgoing {
     pub deadline: Instant,
 }
 
+impl Outgoing {
+    /// The payload's size as the in-flight budget counts it.
+    pub fn size(&self) -> u32 {
+        u32::try_from(self.payload.len()).unwrap_or(u32::MAX)
+    }
+}
+
 /// How a receiver answers a delivered message.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Answer {

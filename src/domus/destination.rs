@@ -115,8 +115,8 @@ impl Destination {
         payload: Bytes,
         options: SendOptions,
     ) -> impl Future<Output = Outcome> + Send + 'static {
-        let admitted = self.admit(msg_type, payload, options);
-        async move { admitted.await?.await }
+        self.clone()
+            .send_owned(msg_type, payload, options, Wait::UntilDeadline)
     }
 
     /// Like [`send_with`](Self::send_with), but fails at once with
@@ -128,12 +128,8 @@ impl Destination {
         payload: Bytes,
         options: SendOptions,
     ) -> impl Future<Output = Outcome> + Send + 'static {
-        let this = self.clone();
-        async move {
-            this.admit_waiting(msg_type, payload, options, Wait::No)
-                .await?
-                .await
-        }
+        self.clone()
+            .send_owned(msg_type, payload, options, Wait::No)
     }
 
     /// Admits a send (checks, an in-flight slot) and returns its [`Receipt`] to await later.
@@ -143,11 +139,8 @@ impl Destination {
         payload: Bytes,
         options: SendOptions,
     ) -> impl Future<Output = Result<Receipt, Error>> + Send + 'static {
-        let this = self.clone();
-        async move {
-            this.admit_waiting(msg_type, payload, options, Wait::UntilDeadline)
-                .await
-        }
+        self.clone()
+            .admit_waiting(msg_type, payload, options, Wait::UntilDeadline)
     }
 
     /// A pipelined sender that keeps at most `limit` sends (at least 1) in flight through this
@@ -160,8 +153,21 @@ impl Destination {
         }
     }
 
+    /// Admits, then waits for the answer (one future, so the admission's state is not kept
+    /// beside the receipt's).
+    async fn send_owned(
+        self,
+        msg_type: MessageType,
+        payload: Bytes,
+        options: SendOptions,
+        wait: Wait,
+    ) -> Outcome {
+        let receipt = self.admit_waiting(msg_type, payload, options, wait).await?;
+        receipt.await
+    }
+
     async fn admit_waiting(
-        &self,
+        self,
         msg_type: MessageType,
         payload: Bytes,
         options: SendOptions,
@@ -171,7 +177,8 @@ impl Destination {
         let checked = shared.check_send(msg_type, &payload, &options)?;
         let resolved = match self.cached() {
             Some(resolved) => resolved,
-            None => self.resolve(checked.deadline).await?,
+            // A cache miss is rare: boxed, so the send future stays small.
+            None => Box::pin(self.resolve(checked.deadline)).await?,
         };
         match &resolved.target {
             Target::Local => Ok(shared.send_local(
@@ -183,9 +190,13 @@ impl Destination {
                 None,
             )),
             Target::Remote { id, peer } => {
-                shared
-                    .send_remote(peer, id, self.taberna, msg_type, payload, &checked, wait)
-                    .await
+                let msg = checked.outgoing(self.taberna, msg_type, payload);
+                match peer.budget.try_take(msg.size()) {
+                    Some(permit) => shared.hand_over(peer, msg, permit),
+                    None => {
+                        Box::pin(shared.admit_to_peer(peer, id, msg, wait, checked.deadline)).await
+                    }
+                }
             }
         }
     }
@@ -253,13 +264,12 @@ pub struct Window {
 
 impl Window {
     /// Sends a message with default options (see [`send_with`](Self::send_with)).
-    pub async fn send(
+    pub fn send(
         &mut self,
         msg_type: MessageType,
         payload: Bytes,
-    ) -> Result<Option<Outcome>, Error> {
+    ) -> impl Future<Output = Result<Option<Outcome>, Error>> + Send + '_ {
         self.send_with(msg_type, payload, SendOptions::default())
-            .await
     }
 
     /// Sends a message. When the window is full, first waits for the oldest send and returns
@@ -279,6 +289,7 @@ impl Window {
         };
         let receipt = self
             .destination
+            .clone()
             .admit_waiting(msg_type, payload, options, Wait::UntilDeadline)
             .await?;
         self.outstanding.push_back(receipt);

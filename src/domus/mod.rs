@@ -598,6 +598,19 @@ struct CheckedSend {
     source: TabernaId,
 }
 
+impl CheckedSend {
+    /// The message for the peer's session.
+    fn outgoing(&self, taberna: TabernaId, msg_type: MessageType, payload: Bytes) -> Outgoing {
+        Outgoing {
+            dst: taberna.0,
+            src: self.source.0,
+            msg_type: msg_type.0,
+            payload,
+            deadline: self.deadline.into_std(),
+        }
+    }
+}
+
 /// How admission waits for an in-flight slot.
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Wait {
@@ -731,8 +744,9 @@ impl Domus {
         payload: Bytes,
         options: SendOptions,
     ) -> impl Future<Output = Result<Delivery, Error>> + Send + 'static {
-        let admitted = self.admit(taberna, msg_type, payload, options);
-        async move { admitted.await?.await }
+        self.shared
+            .clone()
+            .send_owned(taberna, msg_type, payload, options, Wait::UntilDeadline)
     }
 
     /// Like [`send`](Self::send), but fails at once with [`ErrorId::LocalQueueFull`] when the
@@ -744,13 +758,9 @@ impl Domus {
         payload: Bytes,
         options: SendOptions,
     ) -> impl Future<Output = Result<Delivery, Error>> + Send + 'static {
-        let shared = self.shared.clone();
-        async move {
-            shared
-                .admit(taberna, msg_type, payload, options, Wait::No)
-                .await?
-                .await
-        }
+        self.shared
+            .clone()
+            .send_owned(taberna, msg_type, payload, options, Wait::No)
     }
 
     /// Admits a send (checks, routing, an in-flight slot) and returns a [`Receipt`] to await
@@ -762,12 +772,9 @@ impl Domus {
         payload: Bytes,
         options: SendOptions,
     ) -> impl Future<Output = Result<Receipt, Error>> + Send + 'static {
-        let shared = self.shared.clone();
-        async move {
-            shared
-                .admit(taberna, msg_type, payload, options, Wait::UntilDeadline)
-                .await
-        }
+        self.shared
+            .clone()
+            .admit(taberna, msg_type, payload, options, Wait::UntilDeadline)
     }
 
     /// Opens a blob stream to a taberna: sends `header` as the opening message (with
@@ -937,8 +944,24 @@ impl Shared {
         Ok(())
     }
 
+    /// Admits, then waits for the answer (one future, so the admission's state is not kept
+    /// beside the receipt's).
+    async fn send_owned(
+        self: Arc<Self>,
+        taberna: TabernaId,
+        msg_type: MessageType,
+        payload: Bytes,
+        options: SendOptions,
+        wait: Wait,
+    ) -> Result<Delivery, Error> {
+        let receipt = self
+            .admit(taberna, msg_type, payload, options, wait)
+            .await?;
+        receipt.await
+    }
+
     async fn admit(
-        self: &Arc<Self>,
+        self: Arc<Self>,
         taberna: TabernaId,
         msg_type: MessageType,
         payload: Bytes,
@@ -957,8 +980,13 @@ impl Shared {
             ));
         }
         let (peer_id, peer) = self.route_to_peer(taberna, checked.deadline).await?;
-        self.send_remote(&peer, &peer_id, taberna, msg_type, payload, &checked, wait)
-            .await
+        let msg = checked.outgoing(taberna, msg_type, payload);
+        match peer.budget.try_take(msg.size()) {
+            Some(permit) => self.hand_over(&peer, msg, permit),
+            None => {
+                Box::pin(self.admit_to_peer(&peer, &peer_id, msg, wait, checked.deadline)).await
+            }
+        }
     }
 
     /// The checks every send makes before it goes anywhere: the domus is open, the type is an
@@ -998,31 +1026,9 @@ impl Shared {
         })
     }
 
-    /// Sends a checked message to `taberna` on a peer: room in its in-flight budget, then its
-    /// driver.
-    #[allow(clippy::too_many_arguments)]
-    async fn send_remote(
-        &self,
-        peer: &PeerRef,
-        peer_id: &DomusId,
-        taberna: TabernaId,
-        msg_type: MessageType,
-        payload: Bytes,
-        checked: &CheckedSend,
-        wait: Wait,
-    ) -> Result<Receipt, Error> {
-        let msg = Outgoing {
-            dst: taberna.0,
-            src: checked.source.0,
-            msg_type: msg_type.0,
-            payload,
-            deadline: checked.deadline.into_std(),
-        };
-        self.admit_to_peer(peer, peer_id, msg, wait, checked.deadline)
-            .await
-    }
-
-    /// Takes the peer's in-flight slot and bytes for `msg` and hands it to the peer's driver.
+    /// Takes the peer's in-flight room for `msg` and hands it to the peer's driver. Room that
+    /// is free is taken without waiting and without an allocation; waiting for it is the slow,
+    /// boxed path.
     async fn admit_to_peer(
         &self,
         peer: &PeerRef,
@@ -1031,58 +1037,75 @@ impl Shared {
         wait: Wait,
         deadline: tokio::time::Instant,
     ) -> Result<Receipt, Error> {
-        let class = if msg.msg_type >= A3_MESSAGE_TYPE_BASE {
-            C::queue_overruns_send_a3
-        } else {
-            C::queue_overruns_send_a2
+        let size = msg.size();
+        let permit = match peer.budget.try_take(size) {
+            Some(permit) => permit,
+            None => {
+                let a3 = msg.msg_type >= A3_MESSAGE_TYPE_BASE;
+                Box::pin(self.wait_for_room(peer, peer_id, size, a3, wait, deadline)).await?
+            }
         };
-        let admitted = Self::take_room(peer, peer_id, msg, wait, deadline).await;
-        if let Err(e) = &admitted {
+        self.hand_over(peer, msg, permit)
+    }
+
+    /// Hands an admitted message (its room taken) to the peer's driver.
+    fn hand_over(&self, peer: &PeerRef, msg: Outgoing, permit: InFlight) -> Result<Receipt, Error> {
+        let (done, rx) = oneshot::channel();
+        peer.tx
+            .send(PeerCommand::Send { msg, done, permit })
+            .map_err(|_| {
+                let e = domus_closed();
+                record_failure(&self.recorder, &e);
+                e
+            })?;
+        Ok(Receipt {
+            inner: ReceiptKind::Remote(rx),
+        })
+    }
+
+    /// Waits in line for `size` bytes and a slot of the peer's in-flight room until `deadline`
+    /// (or fails at once for `Wait::No`). A failure is an outbound queue overrun, counted and
+    /// published; a wait that reached the deadline says why when the peer is unreachable (the
+    /// send was never sent because of that, not because the peer was slow).
+    async fn wait_for_room(
+        &self,
+        peer: &PeerRef,
+        peer_id: &DomusId,
+        size: u32,
+        a3: bool,
+        wait: Wait,
+        deadline: tokio::time::Instant,
+    ) -> Result<InFlight, Error> {
+        let taken = acquire(&peer.budget, size, wait, deadline, peer_id)
+            .await
+            .map_err(|e| match (e.id(), peer.reachability.why_not()) {
+                (ErrorId::LocalQueueFull, Some(why)) if wait == Wait::UntilDeadline => Error::new(
+                    why.id(),
+                    format!(
+                        "waited for room until the send's deadline; the message was never sent: {}",
+                        why.message()
+                    ),
+                ),
+                _ => e,
+            });
+        if let Err(e) = &taken {
             // Taking room is all this waits for: any of these means the queue was full.
             if matches!(
                 e.id(),
                 ErrorId::LocalQueueFull | ErrorId::PeerUnavailable | ErrorId::PeerShutDown
             ) {
-                self.recorder.inc(class);
+                self.recorder.inc(if a3 {
+                    C::queue_overruns_send_a3
+                } else {
+                    C::queue_overruns_send_a2
+                });
                 self.recorder.event(Event::Backpressure {
                     peer: peer_id.clone(),
                 });
             }
             record_failure(&self.recorder, e);
         }
-        admitted
-    }
-
-    async fn take_room(
-        peer: &PeerRef,
-        peer_id: &DomusId,
-        msg: Outgoing,
-        wait: Wait,
-        deadline: tokio::time::Instant,
-    ) -> Result<Receipt, Error> {
-        let size = u32::try_from(msg.payload.len()).unwrap_or(u32::MAX);
-        // A wait that reached the deadline says why when the peer is unreachable: the send
-        // was never sent because of that, not because the peer was slow.
-        let explain = |e: Error| match (e.id(), peer.reachability.why_not()) {
-            (ErrorId::LocalQueueFull, Some(why)) if wait == Wait::UntilDeadline => Error::new(
-                why.id(),
-                format!(
-                    "waited for room until the send's deadline; the message was never sent: {}",
-                    why.message()
-                ),
-            ),
-            _ => e,
-        };
-        let permit = acquire(&peer.budget, size, wait, deadline, peer_id)
-            .await
-            .map_err(explain)?;
-        let (done, rx) = oneshot::channel();
-        peer.tx
-            .send(PeerCommand::Send { msg, done, permit })
-            .map_err(|_| domus_closed())?;
-        Ok(Receipt {
-            inner: ReceiptKind::Remote(rx),
-        })
+        taken
     }
 
     /// Opens a blob stream: checks, routing, the stream's reservation, then the opening
@@ -1237,7 +1260,8 @@ impl Shared {
         let named = route.identity.is_some();
         let peer_id = match route.identity {
             Some(id) => id,
-            None => self.learn_identity(&route.addr, deadline).await?,
+            // Rare and large (a whole dial): boxed, so every send future stays small.
+            None => Box::pin(self.learn_identity(&route.addr, deadline)).await?,
         };
         if peer_id == self.local_id {
             return Err(Error::new(
@@ -1289,10 +1313,11 @@ impl Shared {
             std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| lookup.as_mut().poll(cx)))
                 .unwrap_or_else(|_| Poll::Ready(Err(panicked())))
         });
-        tokio::time::timeout_at(
+        // A resolver that does not answer at once takes the slow, boxed path.
+        Box::pin(tokio::time::timeout_at(
             deadline.min(tokio::time::Instant::now() + self.config.load().resolve_timeout),
             guarded,
-        )
+        ))
         .await
         .map_err(|_| {
             Error::new(
