@@ -52,8 +52,9 @@ use crate::runtime::budget::{InFlight, InFlightBudget};
 use crate::runtime::ends as blob;
 use crate::runtime::ends::BlobCommand;
 use crate::runtime::peer::{
-    DriverContext, PeerCommand, PeerDriver, PeerLinks, Reachability, record_failure,
+    DriverContext, PeerCommand, PeerDriver, PeerLinks, Reachability, SendCmd, record_failure,
 };
+use crate::runtime::queue::WakeQueue;
 use crate::runtime::{answer_result, domus_closed, rand_u64};
 use crate::taberna::{
     AnswerSink, MessageClass, MessageType, Registry, Taberna, TabernaId, TabernaOptions,
@@ -382,6 +383,8 @@ impl DomusBuilder {
 #[derive(Clone)]
 struct PeerRef {
     tx: mpsc::UnboundedSender<PeerCommand>,
+    /// Sends for the peer's driver, taken in batches.
+    sends: Arc<WakeQueue<SendCmd>>,
     /// The peer's in-flight budget: messages and payload bytes, one count.
     budget: Arc<InFlightBudget>,
     blob_tx: mpsc::UnboundedSender<BlobCommand>,
@@ -1051,8 +1054,8 @@ impl Shared {
     /// Hands an admitted message (its room taken) to the peer's driver.
     fn hand_over(&self, peer: &PeerRef, msg: Outgoing, permit: InFlight) -> Result<Receipt, Error> {
         let (done, rx) = oneshot::channel();
-        peer.tx
-            .send(PeerCommand::Send { msg, done, permit })
+        peer.sends
+            .push(SendCmd { msg, done, permit })
             .map_err(|_| {
                 let e = domus_closed();
                 record_failure(&self.recorder, &e);
@@ -1398,6 +1401,7 @@ impl Shared {
         // Every command is bounded elsewhere: sends by the in-flight semaphore, answers by the
         // peer's dedupe window, calles by the A0 admission gate.
         let (tx, rx) = mpsc::unbounded_channel();
+        let sends = Arc::new(WakeQueue::default());
         let budget = InFlightBudget::new(
             self.config.load().max_in_flight_per_peer,
             u32::try_from(self.config.load().max_in_flight_bytes_per_peer).unwrap_or(u32::MAX),
@@ -1418,9 +1422,10 @@ impl Shared {
             addr.clone(),
             self.driver_ctx.clone(),
             session,
-            (rx, tx.clone()),
+            rx,
             self.cancel.child_token(),
             PeerLinks {
+                sends: sends.clone(),
                 blob_tx: blob_tx.clone(),
                 blob_in_streams,
                 cells: cells.clone(),
@@ -1439,6 +1444,7 @@ impl Shared {
         ));
         let links = Arc::new(PeerRef {
             tx,
+            sends,
             budget,
             blob_tx,
             blob_out_streams: Arc::new(Semaphore::new(

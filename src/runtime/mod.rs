@@ -26,6 +26,7 @@ pub(crate) mod budget;
 pub(crate) mod callis;
 pub(crate) mod ends;
 pub(crate) mod peer;
+pub(crate) mod queue;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -110,16 +111,16 @@ pub(crate) trait Inbound: Send + Sync + 'static {
 /// The answering handle of a delivery from a peer: it carries the answer back to the peer's
 /// driver, which writes it on the callis.
 pub(crate) struct AnswerTx {
-    pub(crate) tx: tokio::sync::mpsc::UnboundedSender<peer::PeerCommand>,
+    pub(crate) queue: Arc<queue::WakeQueue<peer::AnswerCmd>>,
     pub(crate) epoch: u64,
     pub(crate) id: u64,
 }
 
 impl AnswerTx {
-    /// Sends the answer. A closed channel means the peer's driver is gone: there is no one
+    /// Sends the answer. A closed queue means the peer's driver is gone: there is no one
     /// left to tell.
     pub(crate) fn send(self, answer: Answer) {
-        let _ = self.tx.send(peer::PeerCommand::Answer {
+        let _ = self.queue.push(peer::AnswerCmd {
             epoch: self.epoch,
             id: self.id,
             answer,

@@ -27,6 +27,7 @@ use super::callis::{
 };
 use super::ends::BlobCommand;
 use super::ends::{BlobReceiver, Reservation};
+use super::queue::WakeQueue;
 use super::{AnswerTx, Delivery, Inbound, InboundMessage, answer_result, domus_closed, yield_turn};
 use crate::a0_transport::{AuthenticatedStream, DomusAddr, DomusId, PeerIdentity, Transport};
 use crate::a1_callis::blob::{BLOB_OPEN_TYPE, decode_blob_open, stream_parity};
@@ -36,17 +37,25 @@ use crate::a1_callis::window::IdQueue;
 use crate::error::{Error, ErrorId};
 use crate::reporting::{C, CallisKind, Event as Report, PeerCells, Recorder, TurnCounts};
 
-/// What the rest of the domus asks of a peer's driver.
+/// A message to deliver, from the send path through the peer's send queue; `done` gets the
+/// outcome; `permit` is its share of the peer's in-flight budget, returned when it finishes.
+pub(crate) struct SendCmd {
+    pub(crate) msg: Outgoing,
+    pub(crate) done: oneshot::Sender<Result<Delivery, Error>>,
+    pub(crate) permit: InFlight,
+}
+
+/// An answer of a local taberna to delivery `id` of the peer's run `epoch`, through the
+/// peer's answer queue.
+pub(crate) struct AnswerCmd {
+    pub(crate) epoch: u64,
+    pub(crate) id: u64,
+    pub(crate) answer: Answer,
+}
+
+/// What the rest of the domus asks of a peer's driver, besides sends and answers (which come
+/// in batches through their own queues).
 pub(crate) enum PeerCommand {
-    /// Deliver a message; `done` gets the outcome; `permit` is its share of the peer's
-    /// in-flight budget, returned when the send finishes.
-    Send {
-        msg: Outgoing,
-        done: oneshot::Sender<Result<Delivery, Error>>,
-        permit: InFlight,
-    },
-    /// A local taberna answered a delivery from this peer.
-    Answer { epoch: u64, id: u64, answer: Answer },
     /// A freshly authenticated callis with this peer, and any bytes already read from it
     /// (its first frame, read to tell a primary callis from a blob callis).
     Attach(Box<AuthenticatedStream>, BytesMut),
@@ -79,6 +88,8 @@ pub(crate) struct DriverContext {
 /// What a peer driver shares with the rest of its peer: the blob driver's commands, the
 /// receiving-stream slots, and the live figures reporting reads.
 pub(crate) struct PeerLinks {
+    /// Sends for this peer, queued by the send path.
+    pub(crate) sends: Arc<WakeQueue<SendCmd>>,
     pub(crate) blob_tx: mpsc::UnboundedSender<BlobCommand>,
     /// Receiving streams open with this peer (one permit each).
     pub(crate) blob_in_streams: Arc<Semaphore>,
@@ -132,7 +143,12 @@ pub(crate) struct PeerDriver {
     peer_id: DomusId,
     ctx: Arc<DriverContext>,
     commands: mpsc::UnboundedReceiver<PeerCommand>,
-    commands_tx: mpsc::UnboundedSender<PeerCommand>,
+    /// Sends queued by the send path, and answers queued by local tabernas, with the buffers
+    /// their batches are swapped into.
+    sends: Arc<WakeQueue<SendCmd>>,
+    send_buf: Vec<SendCmd>,
+    answers: Arc<WakeQueue<AnswerCmd>>,
+    answer_buf: Vec<AnswerCmd>,
     session: Session,
     pending: IdQueue<PendingSend>,
     /// The current callis, once authenticated.
@@ -176,10 +192,7 @@ impl PeerDriver {
         addr: Option<DomusAddr>,
         ctx: Arc<DriverContext>,
         session: Session,
-        (commands, commands_tx): (
-            mpsc::UnboundedReceiver<PeerCommand>,
-            mpsc::UnboundedSender<PeerCommand>,
-        ),
+        commands: mpsc::UnboundedReceiver<PeerCommand>,
         cancel: CancellationToken,
         links: PeerLinks,
     ) -> Self {
@@ -202,7 +215,10 @@ impl PeerDriver {
             peer_id,
             ctx,
             commands,
-            commands_tx,
+            sends: links.sends,
+            send_buf: Vec::new(),
+            answers: Arc::new(WakeQueue::default()),
+            answer_buf: Vec::new(),
             session,
             pending: IdQueue::default(),
             callis: None,
@@ -229,40 +245,41 @@ impl PeerDriver {
         }
     }
 
+    /// Takes a message into the session (or fails it at once when it cannot be sent).
+    fn handle_send(&mut self, SendCmd { msg, done, permit }: SendCmd) {
+        if self.shutting_down {
+            let _ = done.send(Err(domus_closed()));
+            return;
+        }
+        if self.peer_shut_down && self.callis.is_none() && self.dialer.is_waiting() {
+            // It shut down and the last dial since failed: fail now rather than wait for the
+            // deadline (the next dial after the backoff may find it back).
+            let _ = done.send(Err(self.shut_down_error()));
+            return;
+        }
+        let dst = msg.dst;
+        match self.session.send(msg) {
+            Ok(id) => {
+                self.counts.sent();
+                // Session ids only grow, so this cannot be refused.
+                self.pending.push(
+                    id,
+                    PendingSend {
+                        done,
+                        _permit: permit,
+                        dst,
+                        started_us: self.now_us,
+                    },
+                );
+            }
+            Err(e) => {
+                let _ = done.send(Err(e));
+            }
+        }
+    }
+
     fn handle_command(&mut self, cmd: PeerCommand) {
         match cmd {
-            PeerCommand::Send { msg, done, permit } => {
-                if self.shutting_down {
-                    let _ = done.send(Err(domus_closed()));
-                    return;
-                }
-                if self.peer_shut_down && self.callis.is_none() && self.dialer.is_waiting() {
-                    // It shut down and the last dial since failed: fail now rather than
-                    // wait for the deadline (the next dial after the backoff may find it back).
-                    let _ = done.send(Err(self.shut_down_error()));
-                    return;
-                }
-                let dst = msg.dst;
-                match self.session.send(msg) {
-                    Ok(id) => {
-                        self.counts.sent();
-                        // Session ids only grow, so this cannot be refused.
-                        self.pending.push(
-                            id,
-                            PendingSend {
-                                done,
-                                _permit: permit,
-                                dst,
-                                started_us: self.now_us,
-                            },
-                        );
-                    }
-                    Err(e) => {
-                        let _ = done.send(Err(e));
-                    }
-                }
-            }
-            PeerCommand::Answer { epoch, id, answer } => self.session.answer(epoch, id, answer),
             PeerCommand::Attach(stream, prefix) => self.attach(*stream, prefix),
             PeerCommand::SetAddr(addr) => {
                 // A dial to the old address is abandoned: what waits goes the new way now.
@@ -658,10 +675,34 @@ impl PeerDriver {
     /// The handle that answers delivery `id` of the peer's run `epoch`.
     fn answer_tx(&self, epoch: u64, id: u64) -> AnswerTx {
         AnswerTx {
-            tx: self.commands_tx.clone(),
+            queue: self.answers.clone(),
             epoch,
             id,
         }
+    }
+
+    /// Takes every queued send and answer (one swap each); true when there were any.
+    fn poll_queues(&mut self, cx: &mut Context<'_>) -> bool {
+        let mut progressed = false;
+        let mut sends = std::mem::take(&mut self.send_buf);
+        self.sends.take_all(&mut sends, cx);
+        if !sends.is_empty() {
+            progressed = true;
+            for cmd in sends.drain(..) {
+                self.handle_send(cmd);
+            }
+        }
+        self.send_buf = sends;
+        let mut answers = std::mem::take(&mut self.answer_buf);
+        self.answers.take_all(&mut answers, cx);
+        if !answers.is_empty() {
+            progressed = true;
+            for AnswerCmd { epoch, id, answer } in answers.drain(..) {
+                self.session.answer(epoch, id, answer);
+            }
+        }
+        self.answer_buf = answers;
+        progressed
     }
 
     fn outcome_to_result(&self, dst: u64, outcome: Outcome) -> Result<Delivery, Error> {
@@ -741,6 +782,12 @@ impl PeerDriver {
     }
 
     fn finish(&mut self) {
+        // Nothing more comes in: queued sends fail (their senders see the domus closed),
+        // queued answers have no callis left to go to.
+        for cmd in self.sends.close() {
+            let _ = cmd.done.send(Err(domus_closed()));
+        }
+        drop(self.answers.close());
         self.session.fail_all(domus_closed());
         self.dispatch_events();
         for (_, p) in self.pending.drain() {
@@ -796,7 +843,7 @@ impl Future for PeerDriver {
         for _ in 0..32 {
             this.now = now();
             this.now_us = this.ctx.recorder.us_at(this.now);
-            let mut progressed = false;
+            let mut progressed = this.poll_queues(cx);
             // Commands.
             for _ in 0..COMMAND_BUDGET {
                 match this.commands.poll_recv(cx) {
