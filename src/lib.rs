@@ -129,6 +129,11 @@
 //!   answers may come back in any order.
 //! * A send to a taberna on the same domus takes the same path minus the network: same
 //!   checks, same answers, same errors.
+//! * The fast path: [`Domus::destination`] gives a cheap handle that resolves its route once
+//!   (and follows route changes); [`Destination::window`] keeps many sends in flight and
+//!   yields their outcomes in order; [`Taberna::recv_many`] drains a burst per wake-up; and
+//!   [`Domus::taberna_inline`] runs a cheap, non-blocking handler on the driver itself (no
+//!   queue, no task switch; a slow one is counted in `inline_handlers_slow`).
 //! * Routes are read by every send. A resolver that signals changes
 //!   ([`RouteResolver::changes`]; [`SimpleResolver`] does on every insert and remove) makes
 //!   the domus re-read at once the routes it has used: a peer whose route names it at a new
@@ -239,6 +244,7 @@
 //!   `messages_replied`, `messages_rejected`,
 //!   `messages_timed_out`, `messages_failed`, `queue_overruns_send_a2`,
 //!   `queue_overruns_send_a3` (outbound queue overruns per class), `queue_overruns_inbox`,
+//!   `inline_handlers_slow` (sampled inline-handler calls over 1 ms),
 //!   `calles_refused` (inbound calles refused by the connection limits),
 //!   `primary_bytes_in`, `primary_bytes_out`, `blob_bytes_in`, `blob_bytes_out` (every byte
 //!   read or written on a callis after TLS, first frames included, so one side's `_out`

@@ -1553,3 +1553,111 @@ async fn send_futures_stay_small() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn an_inline_taberna_answers_on_the_driver_with_the_same_semantics() {
+    use vicus::taberna::Response;
+    within(async {
+        let mut mesh = Mesh::new();
+        let a = mesh.domus("a").await;
+        let b = mesh.domus("b").await;
+        mesh.route(10, &b);
+        mesh.route(11, &b);
+        let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let log = seen.clone();
+        let inline = b
+            .taberna_inline(
+                TabernaId(10),
+                vicus::TabernaOptions::default(),
+                move |req: vicus::taberna::InlineRequest<'_>| {
+                    log.lock().expect("lock").push(req.peer().id().clone());
+                    match req.payload().as_ref() {
+                        b"accept" => Response::Accept,
+                        b"reject" => Response::Reject {
+                            code: 9,
+                            reason: "no".into(),
+                        },
+                        b"panic" => panic!("a handler bug"),
+                        b"slow" => {
+                            std::thread::sleep(Duration::from_millis(3));
+                            Response::Accept
+                        }
+                        other => Response::Reply(Bytes::copy_from_slice(other)),
+                    }
+                },
+            )
+            .expect("inline taberna");
+        let to = a.destination(TabernaId(10));
+        assert_eq!(
+            to.send(PIPELINED, Bytes::from_static(b"accept")).await,
+            Ok(Delivery::Accepted)
+        );
+        assert_eq!(
+            to.send(PIPELINED, Bytes::from_static(b"ping")).await,
+            Ok(Delivery::Replied(Bytes::from_static(b"ping")))
+        );
+        let e = to
+            .send(PIPELINED, Bytes::from_static(b"reject"))
+            .await
+            .expect_err("rejected");
+        assert_eq!(e.rejection().map(|r| r.code), Some(9));
+        // A panicking handler answers RequestDropped; the callis lives on.
+        let e = to
+            .send(PIPELINED, Bytes::from_static(b"panic"))
+            .await
+            .expect_err("dropped");
+        assert_eq!(e.id(), ErrorId::RequestDropped, "{e}");
+        assert_eq!(
+            to.send(PIPELINED, Bytes::from_static(b"accept")).await,
+            Ok(Delivery::Accepted)
+        );
+        assert!(
+            seen.lock()
+                .expect("lock")
+                .iter()
+                .all(|id| id == a.identity())
+        );
+        // A slow handler is made visible: one call in 64 is timed.
+        for _ in 0..128 {
+            to.send(PIPELINED, Bytes::from_static(b"slow"))
+                .await
+                .expect("slow");
+        }
+        let slow = b.reporting().snapshot().totals.inline_handlers_slow;
+        assert!(slow >= 1, "{slow}");
+        assert!(b.reporting().snapshot().totals.messages_received >= 133);
+        // Blobs are refused; a local send goes through the same handler.
+        let e = a
+            .send_blob(TabernaId(10), PIPELINED, Bytes::new(), send_opts(5_000))
+            .await
+            .expect_err("no blobs");
+        assert_eq!(e.id(), ErrorId::MessageTypeNotAccepted, "{e}");
+        assert_eq!(
+            b.send(
+                TabernaId(10),
+                PIPELINED,
+                Bytes::from_static(b"me"),
+                send_opts(5_000)
+            )
+            .await,
+            Ok(Delivery::Replied(Bytes::from_static(b"me")))
+        );
+        // The usual options apply, and dropping it unregisters the taberna.
+        let _fenced = b
+            .taberna_inline(
+                TabernaId(11),
+                vicus::TabernaOptions::default().allowed_peers([id("someone-else")]),
+                |_: vicus::taberna::InlineRequest<'_>| Response::Accept,
+            )
+            .expect("inline taberna");
+        let e = a
+            .send(TabernaId(11), PIPELINED, Bytes::new(), send_opts(5_000))
+            .await
+            .expect_err("forbidden");
+        assert_eq!(e.id(), ErrorId::Forbidden);
+        drop(inline);
+        let e = to.send(PIPELINED, Bytes::new()).await.expect_err("gone");
+        assert_eq!(e.id(), ErrorId::UnknownTaberna);
+    })
+    .await;
+}

@@ -731,6 +731,24 @@ impl Domus {
         self.taberna_with(id, TabernaOptions::default())
     }
 
+    /// Registers an inline taberna: `handler` answers each delivery on the driver of the peer
+    /// that sent it (the same thread, in the same turn) — no inbox, no worker task, no answer
+    /// channel. For cheap handlers that never block or await; see
+    /// [`taberna::InlineHandler`](crate::taberna::InlineHandler). Messages from this domus itself
+    /// are answered on the sending task. An inline taberna takes no blobs.
+    pub fn taberna_inline(
+        &self,
+        id: TabernaId,
+        options: TabernaOptions,
+        handler: impl crate::taberna::InlineHandler,
+    ) -> Result<crate::taberna::InlineTaberna, Error> {
+        self.shared.check_open()?;
+        options.validate()?;
+        self.shared
+            .registry
+            .register_inline(id, options, Arc::new(handler))
+    }
+
     /// Registers a taberna; options outside their ranges (see [`TabernaOptions`]) are refused
     /// with `InvalidConfig` naming the field.
     pub fn taberna_with(&self, id: TabernaId, options: TabernaOptions) -> Result<Taberna, Error> {

@@ -269,6 +269,9 @@ counters! {
     queue_overruns_send_a3,
     /// Deliveries refused because a taberna's inbox was full (`TabernaBusy`).
     queue_overruns_inbox,
+    /// Sampled calls of inline handlers that took longer than `SLOW_INLINE_CALL` (one call in
+    /// 64 is timed): a handler that blocks the driver it runs on.
+    inline_handlers_slow,
     /// Authenticated inbound calles refused by the connection limits
     /// (`max_unopened_calles_per_peer`, `max_unopened_calles`, `max_peers`; T8).
     calles_refused,
@@ -431,6 +434,7 @@ pub(crate) enum LogKind {
     AcceptFailed,
     CallisRefused,
     ProtocolViolation,
+    InlineHandlerSlow,
 }
 
 #[derive(Default)]
@@ -497,7 +501,7 @@ pub(crate) struct Recorder {
     events: broadcast::Sender<Event>,
     errors: broadcast::Sender<SequencedError>,
     ring: Mutex<ErrorRing>,
-    log_limits: [LogLimiter; 3],
+    log_limits: [LogLimiter; 4],
 }
 
 /// Where the current interval started: the totals then.
@@ -728,6 +732,7 @@ impl Recorder {
             LogKind::AcceptFailed => &self.log_limits[0],
             LogKind::CallisRefused => &self.log_limits[1],
             LogKind::ProtocolViolation => &self.log_limits[2],
+            LogKind::InlineHandlerSlow => &self.log_limits[3],
         };
         limiter.allow(self.now_us())
     }

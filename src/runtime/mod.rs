@@ -103,9 +103,20 @@ pub(crate) struct InboundMessage {
 /// Where the runtime hands deliveries: implemented by the upper layer (the taberna
 /// registry). It must not block; a refusal is answered through [`InboundMessage::answer`].
 pub(crate) trait Inbound: Send + Sync + 'static {
-    /// Offers a delivery to its taberna; true when it reached the taberna's inbox (the driver
-    /// counts it), false when it was refused (and answered, and counted as refused).
-    fn deliver(&self, message: InboundMessage) -> bool;
+    /// Offers a delivery to its taberna.
+    fn deliver(&self, message: InboundMessage) -> Delivered;
+}
+
+/// What became of a delivery handed to [`Inbound::deliver`].
+pub(crate) enum Delivered {
+    /// It waits in the taberna's inbox; its handler answers through its `AnswerTx`.
+    Queued,
+    /// It was refused and answered through its `AnswerTx` (and counted as refused).
+    Refused,
+    /// It was refused here (counted as refused); the driver writes this answer itself.
+    Answered(Answer),
+    /// An inline handler answered it on this driver; the driver writes this answer itself.
+    AnsweredByHandler(Answer),
 }
 
 /// The answering handle of a delivery from a peer: it carries the answer back to the peer's

@@ -28,7 +28,9 @@ use super::callis::{
 use super::ends::BlobCommand;
 use super::ends::{BlobReceiver, Reservation};
 use super::queue::WakeQueue;
-use super::{AnswerTx, Delivery, Inbound, InboundMessage, answer_result, domus_closed, yield_turn};
+use super::{
+    AnswerTx, Delivered, Delivery, Inbound, InboundMessage, answer_result, domus_closed, yield_turn,
+};
 use crate::a0_transport::{AuthenticatedStream, DomusAddr, DomusId, PeerIdentity, Transport};
 use crate::a1_callis::blob::{BLOB_OPEN_TYPE, decode_blob_open, stream_parity};
 use crate::a1_callis::link::{AgeAction, Backoff, CallisAge, keep_current};
@@ -517,18 +519,17 @@ impl PeerDriver {
                         self.deliver_blob_open(peer, peer_epoch, message);
                         continue;
                     }
-                    let received = self.ctx.inbound.deliver(InboundMessage {
+                    let id = message.id;
+                    let delivered = self.ctx.inbound.deliver(InboundMessage {
                         peer,
                         src: message.src,
                         dst: message.dst,
                         msg_type: message.msg_type,
                         payload: message.payload,
                         blob: None,
-                        answer: self.answer_tx(peer_epoch, message.id),
+                        answer: self.answer_tx(peer_epoch, id),
                     });
-                    if received {
-                        self.counts.received();
-                    }
+                    self.delivered(peer_epoch, id, delivered);
                 }
                 Event::Finished { id, outcome } => {
                     if let Some(p) = self.pending.remove(id) {
@@ -658,7 +659,7 @@ impl PeerDriver {
             return;
         }
         let receiver = BlobReceiver::remote(app_rx, self.blob_tx.clone(), stream);
-        let received = self.ctx.inbound.deliver(InboundMessage {
+        let delivered = self.ctx.inbound.deliver(InboundMessage {
             peer,
             src: message.src,
             dst: message.dst,
@@ -667,8 +668,19 @@ impl PeerDriver {
             blob: Some(receiver),
             answer: self.answer_tx(peer_epoch, id),
         });
-        if received {
-            self.counts.received();
+        self.delivered(peer_epoch, id, delivered);
+    }
+
+    /// Counts a delivery and writes an answer decided on the spot.
+    fn delivered(&mut self, peer_epoch: u64, id: u64, delivered: Delivered) {
+        match delivered {
+            Delivered::Queued => self.counts.received(),
+            Delivered::Refused => {}
+            Delivered::Answered(answer) => self.session.answer(peer_epoch, id, answer),
+            Delivered::AnsweredByHandler(answer) => {
+                self.counts.received();
+                self.session.answer(peer_epoch, id, answer);
+            }
         }
     }
 

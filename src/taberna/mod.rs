@@ -22,9 +22,12 @@ use tokio::sync::oneshot;
 use crate::a0_transport::{DomusId, PeerIdentity};
 use crate::a1_callis::session::{A1_MESSAGE_TYPE_MAX, A3_MESSAGE_TYPE_BASE, Answer};
 use crate::error::{Error, ErrorId};
-use crate::reporting::{C, Event, Recorder};
+use crate::reporting::{C, Event, LogKind, Recorder};
 use crate::runtime::ends::BlobReceiver;
-use crate::runtime::{AnswerTx, Inbound, InboundMessage};
+use crate::runtime::{AnswerTx, Delivered, Inbound, InboundMessage};
+
+mod inline;
+pub use inline::{InlineHandler, InlineRequest, InlineTaberna, Response, SLOW_INLINE_CALL};
 
 /// The deepest inbox a taberna may have.
 const MAX_INBOX_DEPTH: usize = 1 << 20;
@@ -397,7 +400,46 @@ fn system_rejection(error: ErrorId, reason: &str) -> Answer {
 }
 
 impl Inbound for Registry {
-    fn deliver(&self, m: InboundMessage) -> bool {
+    fn deliver(&self, m: InboundMessage) -> Delivered {
+        // Inline tabernas and refusals are answered here, without a TabernaRequest or an
+        // answer hop: the driver writes the answer itself.
+        {
+            let entries = self.entries.load();
+            let refused = |error: ErrorId, reason: &str| {
+                self.recorder.refused(error);
+                Delivered::Answered(refusal_answer(error, reason))
+            };
+            let Some(entry) = entries.get(&TabernaId(m.dst)) else {
+                return refused(
+                    ErrorId::UnknownTaberna,
+                    "no such taberna on the receiving domus",
+                );
+            };
+            if let Some((error, reason)) = Self::check(entry, m.peer.id(), MessageType(m.msg_type))
+            {
+                return refused(error, reason);
+            }
+            if let Inbox::Inline(handler, calls) = &entry.inbox {
+                if m.blob.is_some() {
+                    return refused(
+                        ErrorId::MessageTypeNotAccepted,
+                        "an inline taberna takes no blobs",
+                    );
+                }
+                let view = InlineRequest {
+                    peer: &m.peer,
+                    source: TabernaId(m.src),
+                    destination: TabernaId(m.dst),
+                    message_type: MessageType(m.msg_type),
+                    payload: &m.payload,
+                };
+                return Delivered::AnsweredByHandler(self.call_inline(
+                    handler.as_ref(),
+                    calls,
+                    view,
+                ));
+            }
+        }
         let mut request = TabernaRequest::new(
             m.peer,
             TabernaId(m.src),
@@ -407,7 +449,11 @@ impl Inbound for Registry {
             AnswerSink::Remote(m.answer),
         );
         request.blob = m.blob;
-        Registry::deliver(self, request)
+        if Registry::deliver(self, request) {
+            Delivered::Queued
+        } else {
+            Delivered::Refused
+        }
     }
 }
 
@@ -439,9 +485,25 @@ impl std::hash::Hasher for IdHasher {
 /// A registered taberna's admission rules and inbox.
 struct Entry {
     options: TabernaOptions,
-    /// Unbounded as a channel; bounded by the depth check in `deliver`, so the depth can
-    /// follow the live `default_inbox_depth`.
-    inbox: async_channel::Sender<TabernaRequest>,
+    inbox: Inbox,
+}
+
+/// Where an admitted delivery goes.
+enum Inbox {
+    /// A queue workers take from. Unbounded as a channel; bounded by the depth check in
+    /// `deliver`, so the depth can follow the live `default_inbox_depth`.
+    Queue(async_channel::Sender<TabernaRequest>),
+    /// A handler called on the delivering driver, and its call count (one call in
+    /// [`INLINE_SAMPLE`] is timed).
+    Inline(Arc<dyn InlineHandler>, AtomicUsize),
+}
+
+/// One inline call in this many is timed.
+const INLINE_SAMPLE: usize = 64;
+
+/// What became of a delivery from a peer (see [`Inbound::deliver`]).
+fn refusal_answer(error: ErrorId, reason: &str) -> Answer {
+    system_rejection(error, reason)
 }
 
 /// The local tabernas of one domus. Reads (every send and delivery) load an immutable
@@ -505,7 +567,13 @@ impl Registry {
                 ));
             }
             let (tx, rx) = async_channel::unbounded();
-            entries.insert(id, Arc::new(Entry { options, inbox: tx }));
+            entries.insert(
+                id,
+                Arc::new(Entry {
+                    options,
+                    inbox: Inbox::Queue(tx),
+                }),
+            );
             Ok(rx)
         })?;
         Ok(Taberna {
@@ -513,6 +581,113 @@ impl Registry {
             inbox: Box::pin(rx),
             registry: Arc::downgrade(self),
         })
+    }
+
+    /// Registers an inline taberna: `handler` answers each delivery on the delivering driver.
+    pub(crate) fn register_inline(
+        self: &Arc<Self>,
+        id: TabernaId,
+        options: TabernaOptions,
+        handler: Arc<dyn InlineHandler>,
+    ) -> Result<InlineTaberna, Error> {
+        self.update(|entries| {
+            if entries.contains_key(&id) {
+                return Err(Error::new(
+                    ErrorId::TabernaAlreadyRegistered,
+                    format!("{id} is already registered on this domus"),
+                ));
+            }
+            entries.insert(
+                id,
+                Arc::new(Entry {
+                    options,
+                    inbox: Inbox::Inline(handler, AtomicUsize::new(0)),
+                }),
+            );
+            Ok(())
+        })?;
+        Ok(InlineTaberna {
+            id,
+            registry: Arc::downgrade(self),
+        })
+    }
+
+    /// Runs an inline handler on one delivery: catches a panic (the message is answered
+    /// `RequestDropped`), times one call in [`INLINE_SAMPLE`].
+    fn call_inline(
+        &self,
+        handler: &dyn InlineHandler,
+        calls: &AtomicUsize,
+        request: InlineRequest<'_>,
+    ) -> Answer {
+        let timed = calls.fetch_add(1, Ordering::Relaxed) % INLINE_SAMPLE == 0;
+        let started = timed.then(std::time::Instant::now);
+        let response =
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| handler.handle(request)));
+        if let Some(started) = started {
+            let took = started.elapsed();
+            if took > inline::SLOW_INLINE_CALL {
+                self.recorder.inc(C::inline_handlers_slow);
+                if let Some(suppressed) = self.recorder.log_allowed(LogKind::InlineHandlerSlow) {
+                    tracing::warn!(
+                        taberna = request.destination.0,
+                        ?took,
+                        suppressed,
+                        "an inline handler took long: it runs on the peer's driver and must not block"
+                    );
+                }
+            }
+        }
+        match response {
+            Ok(Response::Accept) => Answer::Accepted,
+            Ok(Response::Reply(payload)) => Answer::Replied(payload),
+            Ok(Response::Reject { code, reason }) => Answer::Rejected {
+                error: ErrorId::RemoteTabernaRejected.as_u32(),
+                code,
+                reason,
+            },
+            Err(_) => {
+                if let Some(suppressed) = self.recorder.log_allowed(LogKind::InlineHandlerSlow) {
+                    tracing::warn!(
+                        taberna = request.destination.0,
+                        suppressed,
+                        "an inline handler panicked; its message is answered RequestDropped"
+                    );
+                }
+                system_rejection(ErrorId::RequestDropped, "the inline handler panicked")
+            }
+        }
+    }
+
+    /// Why `entry` refuses a delivery from `peer` of `message_type`, if it does.
+    fn check(
+        entry: &Entry,
+        peer: &DomusId,
+        message_type: MessageType,
+    ) -> Option<(ErrorId, &'static str)> {
+        if entry
+            .options
+            .allowed_peers
+            .as_ref()
+            .is_some_and(|allowed| !allowed.contains(peer))
+        {
+            return Some((
+                ErrorId::Forbidden,
+                "the sender is not on this taberna's allow-list",
+            ));
+        }
+        if entry
+            .options
+            .accepted_types
+            .as_ref()
+            .is_some_and(|types| !types.contains(&message_type.0))
+        {
+            return Some((
+                ErrorId::MessageTypeNotAccepted,
+                "this taberna does not accept this message type",
+            ));
+        }
+        None
     }
 
     fn unregister(&self, id: TabernaId) {
@@ -523,7 +698,9 @@ impl Registry {
     pub(crate) fn close_all(&self) {
         self.update(|entries| {
             for entry in entries.values() {
-                entry.inbox.close();
+                if let Inbox::Queue(inbox) = &entry.inbox {
+                    inbox.close();
+                }
             }
             entries.clear();
         });
@@ -547,53 +724,61 @@ impl Registry {
                     ErrorId::UnknownTaberna,
                     "no such taberna on the receiving domus",
                 )),
-                Some(entry) => {
-                    if entry
-                        .options
-                        .allowed_peers
-                        .as_ref()
-                        .is_some_and(|allowed| !allowed.contains(request.peer.id()))
-                    {
-                        Some((
-                            ErrorId::Forbidden,
-                            "the sender is not on this taberna's allow-list",
-                        ))
-                    } else if entry
-                        .options
-                        .accepted_types
-                        .as_ref()
-                        .is_some_and(|types| !types.contains(&request.message_type.0))
-                    {
-                        Some((
+                Some(entry) => match Self::check(entry, request.peer.id(), request.message_type) {
+                    Some(refusal) => Some(refusal),
+                    None => match &entry.inbox {
+                        Inbox::Inline(_, _) if request.blob.is_some() => Some((
                             ErrorId::MessageTypeNotAccepted,
-                            "this taberna does not accept this message type",
-                        ))
-                    } else {
-                        let depth = entry
-                            .options
-                            .inbox_depth
-                            .unwrap_or_else(|| self.default_depth.load(Ordering::Relaxed));
-                        if entry.inbox.len() >= depth {
-                            self.recorder.inc(C::queue_overruns_inbox);
-                            self.recorder.event(Event::QueueOverrun {
-                                taberna: request.destination.0,
-                            });
-                            refuse(request, ErrorId::TabernaBusy, "the taberna's inbox is full");
-                            return false;
+                            "an inline taberna takes no blobs",
+                        )),
+                        Inbox::Inline(handler, calls) => {
+                            let view = InlineRequest {
+                                peer: &request.peer,
+                                source: request.source,
+                                destination: request.destination,
+                                message_type: request.message_type,
+                                payload: &request.payload,
+                            };
+                            let answer = self.call_inline(handler.as_ref(), calls, view);
+                            let mut request = request;
+                            request.finish(answer);
+                            return true;
                         }
-                        match entry.inbox.try_send(request) {
-                            Ok(()) => return true,
-                            Err(async_channel::TrySendError::Full(r)) => {
-                                refuse(r, ErrorId::TabernaBusy, "the taberna's inbox is full");
+                        Inbox::Queue(inbox) => {
+                            let depth = entry
+                                .options
+                                .inbox_depth
+                                .unwrap_or_else(|| self.default_depth.load(Ordering::Relaxed));
+                            if inbox.len() >= depth {
+                                self.recorder.inc(C::queue_overruns_inbox);
+                                self.recorder.event(Event::QueueOverrun {
+                                    taberna: request.destination.0,
+                                });
+                                refuse(
+                                    request,
+                                    ErrorId::TabernaBusy,
+                                    "the taberna's inbox is full",
+                                );
                                 return false;
                             }
-                            Err(async_channel::TrySendError::Closed(r)) => {
-                                refuse(r, ErrorId::TabernaShutdown, "the taberna is shutting down");
-                                return false;
+                            match inbox.try_send(request) {
+                                Ok(()) => return true,
+                                Err(async_channel::TrySendError::Full(r)) => {
+                                    refuse(r, ErrorId::TabernaBusy, "the taberna's inbox is full");
+                                    return false;
+                                }
+                                Err(async_channel::TrySendError::Closed(r)) => {
+                                    refuse(
+                                        r,
+                                        ErrorId::TabernaShutdown,
+                                        "the taberna is shutting down",
+                                    );
+                                    return false;
+                                }
                             }
                         }
-                    }
-                }
+                    },
+                },
             }
         };
         if let Some((error, reason)) = refusal {
