@@ -19,8 +19,9 @@ use arc_swap::ArcSwapOption;
 use bytes::Bytes;
 use tokio_util::sync::DropGuard;
 
-use super::{Delivery, PeerRef, Receipt, SendOptions, Shared, Wait};
+use super::{CheckedSend, Delivery, PeerRef, Receipt, SendOptions, Shared, Wait};
 use crate::a0_transport::DomusId;
+use crate::a1_callis::session::Outgoing;
 use crate::error::Error;
 use crate::taberna::{MessageType, TabernaId};
 
@@ -140,7 +141,7 @@ impl Destination {
         options: SendOptions,
     ) -> impl Future<Output = Result<Receipt, Error>> + Send + 'static {
         self.clone()
-            .admit_waiting(msg_type, payload, options, Wait::UntilDeadline)
+            .admit_owned(msg_type, payload, options, Wait::UntilDeadline)
     }
 
     /// A pipelined sender that keeps at most `limit` sends (at least 1) in flight through this
@@ -162,55 +163,91 @@ impl Destination {
         options: SendOptions,
         wait: Wait,
     ) -> Outcome {
-        let receipt = self.admit_waiting(msg_type, payload, options, wait).await?;
+        let receipt = self.admit_ref(msg_type, payload, options, wait).await?;
         receipt.await
     }
 
-    async fn admit_waiting(
+    async fn admit_owned(
         self,
         msg_type: MessageType,
         payload: Bytes,
         options: SendOptions,
         wait: Wait,
     ) -> Result<Receipt, Error> {
+        self.admit_ref(msg_type, payload, options, wait).await
+    }
+
+    /// The send path through this destination. The fast path — a valid cached route to a
+    /// peer with room — is synchronous and takes no reference count: it reads the cache
+    /// through a guard and hands the message over. Everything else is one boxed future, so
+    /// the send future stays small.
+    async fn admit_ref(
+        &self,
+        msg_type: MessageType,
+        payload: Bytes,
+        options: SendOptions,
+        wait: Wait,
+    ) -> Result<Receipt, Error> {
+        let checked = self.shared.check_send(msg_type, &payload, &options)?;
+        let msg = checked.outgoing(self.taberna, msg_type, payload);
+        let cached = self.cache.load();
+        if let Some(Resolved {
+            target: Target::Remote { peer, .. },
+            ..
+        }) = cached.as_deref().filter(|r| self.fresh(r))
+        {
+            if let Some(permit) = peer.budget.try_take(msg.size()) {
+                return self.shared.hand_over(peer, msg, permit);
+            }
+        }
+        drop(cached);
+        Box::pin(self.admit_slow(checked, msg, wait)).await
+    }
+
+    /// A send that missed the fast path: no valid cached route (resolve it), a local taberna,
+    /// or no room at the peer now (wait for it).
+    async fn admit_slow(
+        &self,
+        checked: CheckedSend,
+        msg: Outgoing,
+        wait: Wait,
+    ) -> Result<Receipt, Error> {
         let shared = &self.shared;
-        let checked = shared.check_send(msg_type, &payload, &options)?;
-        let resolved = match self.cached() {
+        let resolved = match self.fresh_cached() {
             Some(resolved) => resolved,
-            // A cache miss is rare: boxed, so the send future stays small.
-            None => Box::pin(self.resolve(checked.deadline)).await?,
+            None => self.resolve(checked.deadline).await?,
         };
         match &resolved.target {
             Target::Local => Ok(shared.send_local(
                 self.taberna,
                 checked.source,
-                msg_type,
-                payload,
+                MessageType(msg.msg_type),
+                msg.payload,
                 checked.timeout,
                 None,
             )),
-            Target::Remote { id, peer } => {
-                let msg = checked.outgoing(self.taberna, msg_type, payload);
-                match peer.budget.try_take(msg.size()) {
-                    Some(permit) => shared.hand_over(peer, msg, permit),
-                    None => {
-                        Box::pin(shared.admit_to_peer(peer, id, msg, wait, checked.deadline)).await
-                    }
+            Target::Remote { id, peer } => match peer.budget.try_take(msg.size()) {
+                Some(permit) => shared.hand_over(peer, msg, permit),
+                None => {
+                    shared
+                        .admit_to_peer(peer, id, msg, wait, checked.deadline)
+                        .await
                 }
-            }
+            },
         }
     }
 
-    /// The cached resolution, while it is still valid.
-    fn cached(&self) -> Option<Arc<Resolved>> {
+    /// The cached resolution (a reference count), while it still holds.
+    fn fresh_cached(&self) -> Option<Arc<Resolved>> {
+        self.cache.load_full().filter(|r| self.fresh(r))
+    }
+
+    /// Whether a cached resolution still holds.
+    fn fresh(&self, resolved: &Resolved) -> bool {
         let shared = &self.shared;
-        if !shared.routes_followed {
-            return None;
-        }
-        let resolved = self.cache.load_full()?;
-        let fresh = resolved.routes == shared.route_generation.load(Ordering::Acquire)
-            && resolved.tabernas == shared.registry.generation();
-        fresh.then_some(resolved)
+        shared.routes_followed
+            && resolved.routes == shared.route_generation.load(Ordering::Acquire)
+            && resolved.tabernas == shared.registry.generation()
     }
 
     /// Resolves the route as a send through the domus does, and caches it.
@@ -289,8 +326,7 @@ impl Window {
         };
         let receipt = self
             .destination
-            .clone()
-            .admit_waiting(msg_type, payload, options, Wait::UntilDeadline)
+            .admit_ref(msg_type, payload, options, Wait::UntilDeadline)
             .await?;
         self.outstanding.push_back(receipt);
         Ok(oldest)
