@@ -15,10 +15,7 @@ use vicus::{Delivery, Domus, MessageType, SendOptions, SimpleResolver, TabernaId
 
 const GREETER: TabernaId = TabernaId(1);
 const STORE: TabernaId = TabernaId(2);
-const ECHO: MessageType = match MessageType::app(1) {
-    Some(t) => t,
-    None => panic!("A3 offset out of range"),
-};
+const ECHO: MessageType = MessageType::application(1);
 
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -62,34 +59,31 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         }
     });
 
-    // Request/reply.
-    let reply = alpha
-        .send(
-            GREETER,
-            ECHO,
-            Bytes::from_static(b"hello"),
-            SendOptions::default(),
-        )
+    // A destination resolves its route once; request/reply through it.
+    let greeter_on_beta = alpha.destination(GREETER);
+    let reply = greeter_on_beta
+        .send(ECHO, Bytes::from_static(b"hello"))
         .await?;
     if let Delivery::Replied(text) = reply {
         println!("reply: {}", String::from_utf8_lossy(&text));
     }
 
-    // A pipelined burst: admit everything first, then collect the receipts.
+    // A pipelined burst: a window keeps 1024 sends in flight and hands back their outcomes in
+    // order.
     let n = 20_000u32;
     let started = Instant::now();
-    let mut receipts = Vec::with_capacity(n as usize);
+    let mut window = greeter_on_beta.window(1024);
+    let mut accepted = 0u32;
     for i in 0..n {
         let payload = Bytes::copy_from_slice(&i.to_be_bytes());
-        receipts.push(
-            alpha
-                .admit(GREETER, ECHO, payload, SendOptions::default())
-                .await?,
-        );
+        if let Some(outcome) = window.send(ECHO, payload).await? {
+            if outcome? == Delivery::Accepted {
+                accepted += 1;
+            }
+        }
     }
-    let mut accepted = 0u32;
-    for receipt in receipts {
-        if receipt.await? == Delivery::Accepted {
+    for outcome in window.drain().await {
+        if outcome? == Delivery::Accepted {
             accepted += 1;
         }
     }

@@ -151,7 +151,9 @@
 //! * A misbehaving peer is cut off, not served: frames per second
 //!   (`max_frames_per_second`), refusals per second (`max_refusals_per_second`), a frame that
 //!   trickles in (`frame_read_timeout`) and silence (`idle_timeout`) all close its callis.
-//! * `admit` returns a [`Receipt`] to await later: one task can keep thousands of sends in
+//! * [`Destination::window`] keeps many sends in flight from one task and hands back their
+//!   outcomes in order; underneath, `admit` returns a [`Receipt`] to await later: one task
+//!   can keep thousands of sends in
 //!   flight without spawning a task per message, and send futures never borrow the domus.
 //! * A taberna's inbox is bounded (`inbox_depth`, default 4096); when it is full a delivery is
 //!   answered `TabernaBusy` at once instead of queueing.
