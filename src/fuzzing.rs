@@ -618,6 +618,11 @@ impl<'a> Harness<'a> {
                 }
                 Frame::Reply { id, .. } => self.check_answered(id),
                 Frame::Reject(r) => self.check_answered(r.id),
+                Frame::DoneBelow(floor) => assert!(
+                    self.outstanding.iter().all(|id| *id >= floor),
+                    "DONE_BELOW {floor} while a send below it is outstanding: {:?}",
+                    self.outstanding
+                ),
                 Frame::Skipped(t) => panic!("the session wrote a reserved frame {t:?}"),
                 Frame::Blob(b) => panic!("the primary session wrote a blob frame {b:?}"),
                 Frame::Ping(_) | Frame::Pong(_) | Frame::Close { .. } => {}

@@ -79,6 +79,11 @@ impl FrameType {
     pub const BLOB_CANCEL: Self = Self(0x23);
     /// Blob callis: first frame, both directions: version, epoch, largest chunk accepted.
     pub const BLOB_HELLO: Self = Self(0x24);
+    /// The sender is done with every message below an id — it holds their answers or gave
+    /// up on them — and will never send them again: the receiver may forget them (its dedupe
+    /// state then follows what is in flight). In the skippable range, so a peer that does not
+    /// know it ignores it and keeps its whole window.
+    pub const DONE_BELOW: Self = Self(0x80);
 
     /// Whether this type lies in the reserved, skippable range `0x80..=0xBF`.
     pub const fn is_skippable(self) -> bool {
@@ -100,6 +105,7 @@ impl FrameType {
             Self::BLOB_CREDIT => "BLOB_CREDIT",
             Self::BLOB_CANCEL => "BLOB_CANCEL",
             Self::BLOB_HELLO => "BLOB_HELLO",
+            Self::DONE_BELOW => "DONE_BELOW",
             _ => return None,
         })
     }
@@ -162,6 +168,8 @@ pub enum Frame {
     Reject(RejectFrame),
     /// A frame of the blob callis.
     Blob(BlobFrame),
+    /// DONE_BELOW: the sender will never send a message below this id again.
+    DoneBelow(u64),
     /// A frame of a reserved, skippable type that this decoder does not know.
     Skipped(FrameType),
 }
@@ -359,12 +367,12 @@ fn check_header(
     if frame_type.name().is_none() && !frame_type.is_skippable() {
         return Err(FrameError::UnknownType(frame_type));
     }
-    // No known type defines a flag yet; skippable types may carry any.
-    if flags != 0 && !frame_type.is_skippable() {
+    // No known type defines a flag yet; unknown skippable types may carry any.
+    if flags != 0 && (frame_type.name().is_some() || !frame_type.is_skippable()) {
         return Err(FrameError::BadFlags { frame_type, flags });
     }
     let max = match frame_type {
-        FrameType::PING | FrameType::PONG => 8,
+        FrameType::PING | FrameType::PONG | FrameType::DONE_BELOW => 8,
         FrameType::CLOSE => CLOSE_MAX_LEN,
         FrameType::HELLO => HELLO_MAX_LEN,
         FrameType::BLOB_END => 16,
@@ -537,6 +545,10 @@ fn decode_body(t: FrameType, mut body: Bytes) -> Result<Frame, FrameError> {
                 max_chunk,
             })
         }
+        FrameType::DONE_BELOW => {
+            need(&body, 8, t, "DONE_BELOW is 8 bytes")?;
+            Frame::DoneBelow(body.get_u64())
+        }
         other if other.is_skippable() => return Ok(Frame::Skipped(other)),
         other => return Err(FrameError::UnknownType(other)),
     };
@@ -589,6 +601,12 @@ pub fn encode_hello(out: &mut BytesMut, hello: &Hello) {
 pub fn encode_ping(out: &mut BytesMut, nonce: u64) {
     put_header(out, FrameType::PING, 8);
     out.put_u64(nonce);
+}
+
+/// Encodes a DONE_BELOW.
+pub fn encode_done_below(out: &mut BytesMut, floor: u64) {
+    put_header(out, FrameType::DONE_BELOW, 8);
+    out.put_u64(floor);
 }
 
 /// Encodes a PONG.
@@ -739,6 +757,7 @@ impl Frame {
                 code,
                 reason,
             }) => encode_blob_cancel(out, *stream, *code, reason),
+            Frame::DoneBelow(floor) => encode_done_below(out, *floor),
             Frame::Skipped(t) => put_header(out, *t, 0),
         }
     }
@@ -784,6 +803,7 @@ mod tests {
                     })
                 }),
             any::<u64>().prop_map(Frame::Ping),
+            any::<u64>().prop_map(Frame::DoneBelow),
             any::<u64>().prop_map(Frame::Pong),
             (any::<u32>(), arb_text(MAX_REASON_LEN))
                 .prop_map(|(code, reason)| Frame::Close { code, reason }),

@@ -208,6 +208,7 @@ fn frame_types(wire: &[Frame]) -> Vec<FrameType> {
             Frame::Reject(_) => FrameType::REJECT,
             Frame::Skipped(t) => *t,
             Frame::Blob(_) => FrameType::BLOB_DATA,
+            Frame::DoneBelow(_) => FrameType::DONE_BELOW,
         })
         .collect()
 }
@@ -988,4 +989,59 @@ fn a_send_that_expires_unsent_is_not_a_send_timeout() {
     let finished = p.finished();
     assert_eq!(finished[0].0, written);
     assert_eq!(failed_with(&finished[0].1), Some(ErrorId::SendTimeout));
+}
+
+#[test]
+fn the_receivers_dedupe_state_follows_what_is_in_flight_and_empties_for_a_quiet_peer() {
+    let mut p = Pair::new(SessionConfig::default());
+    p.connect();
+    p.b_auto = Some(Answer::Accepted);
+    for _ in 0..10 {
+        for _ in 0..1000 {
+            p.send(APP, b"m", Duration::from_secs(30));
+        }
+        p.pump();
+        // With every answered, the receiver keeps at most one report's worth of ids.
+        assert!(
+            p.b.ring.slots.len() <= DONE_BELOW_STEP as usize,
+            "{} ids kept",
+            p.b.ring.slots.len()
+        );
+    }
+    assert_eq!(p.delivered_ids().len(), 10_000);
+    // The next keepalive probe carries the floor: nothing is kept for a quiet peer.
+    p.advance(SessionConfig::default().keepalive_interval + Duration::from_millis(10));
+    p.pump();
+    assert_eq!(p.b.ring.slots.len(), 0);
+    assert_eq!(p.b.ring.retained_reply_bytes, 0);
+    // A peer that sends an id it said it was done with breaks the protocol.
+    let mut again = BytesMut::new();
+    frame::encode_message(&mut again, 5, 7, 3, APP, b"again");
+    p.b.recv_buf().extend_from_slice(&again);
+    p.b.handle_input(p.now);
+    p.drain_events();
+    assert_eq!(closed_with(&p.b_events), Some(ErrorId::ProtocolViolation));
+}
+
+#[test]
+fn a_small_reply_is_kept_as_its_own_copy_not_a_slice_of_a_larger_buffer() {
+    let mut p = Pair::new(SessionConfig::default());
+    p.connect();
+    let epoch = p.b.peer_epoch().expect("epoch");
+    let id = p.send(APP, b"q", Duration::from_secs(5));
+    p.pump();
+    let big = Bytes::from(vec![7u8; 1 << 20]);
+    let reply = big.slice(10..20);
+    p.b.answer(epoch, id, Answer::Replied(reply.clone()));
+    match p.b.ring.state_mut(id) {
+        Some(SlotState::Answered(Answer::Replied(kept))) => {
+            assert_eq!(kept, &reply);
+            assert_ne!(
+                kept.as_ptr(),
+                reply.as_ptr(),
+                "a copy, not the 1 MiB buffer"
+            );
+        }
+        other => panic!("{other:?}"),
+    }
 }

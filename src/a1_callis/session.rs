@@ -210,19 +210,23 @@ enum SlotState {
     ReplyLost,
 }
 
-#[derive(Debug, Clone, Default)]
-struct Slot {
-    id: u64,
-    state: SlotState,
-}
-
-/// The receiver's dedupe window: slot `id % len` remembers id and answer.
+/// The receiver's dedupe state: what it delivered from `base` on and how each was answered,
+/// so a replayed duplicate is answered again and never delivered twice.
+///
+/// Invariants: `slots[i]` is id `base + i`; `slots.len() <= window`; every id below `base` was
+/// of no more use: the sender said it will not send it again (DONE_BELOW), or may no longer
+/// send it (it is `window` or more below the highest id seen). So memory follows what is in
+/// flight when the sender reports its floor, and never exceeds the window.
 #[derive(Debug)]
 struct DedupeRing {
-    /// Grows on demand up to `window` slots, so a quiet peer costs little memory.
-    slots: Vec<Slot>,
+    base: u64,
+    /// `None`: an id not seen (yet) inside the window.
+    slots: VecDeque<Option<SlotState>>,
     window: u64,
     highest: u64,
+    /// What the peer said it will never send again (DONE_BELOW); a MESSAGE below it is a
+    /// violation.
+    seen_floor: u64,
     retained_reply_bytes: usize,
 }
 
@@ -230,26 +234,25 @@ enum Seen {
     New,
     Duplicate,
     OutsideWindow,
+    /// Below what the sender said it will never send again.
+    BelowFloor,
 }
 
 impl DedupeRing {
     fn new(window: u32) -> Self {
         Self {
-            slots: Vec::new(),
+            base: 1,
+            slots: VecDeque::new(),
             window: u64::from(window.max(1)),
             highest: 0,
+            seen_floor: 1,
             retained_reply_bytes: 0,
         }
     }
 
-    fn index(&self, id: u64) -> usize {
-        // `window` is at least 1.
-        id.checked_rem(self.window).unwrap_or(0) as usize
-    }
-
-    fn slot_mut(&mut self, id: u64) -> Option<&mut Slot> {
-        let i = self.index(id);
-        self.slots.get_mut(i).filter(|s| s.id == id)
+    fn state_mut(&mut self, id: u64) -> Option<&mut SlotState> {
+        let i = usize::try_from(id.checked_sub(self.base)?).ok()?;
+        self.slots.get_mut(i)?.as_mut()
     }
 
     fn observe(&mut self, id: u64) -> Seen {
@@ -257,31 +260,79 @@ impl DedupeRing {
         if id == 0 || (self.highest >= window && id <= self.highest.saturating_sub(window)) {
             return Seen::OutsideWindow;
         }
-        let i = self.index(id);
+        if id < self.seen_floor {
+            return Seen::BelowFloor;
+        }
+        // Ids `window` or more below the new one can no longer come: forget them.
+        let lowest_kept = id.saturating_sub(window).saturating_add(1);
+        self.forget_below(lowest_kept);
+        if id < self.base {
+            return Seen::OutsideWindow;
+        }
+        let Ok(i) = usize::try_from(id.saturating_sub(self.base)) else {
+            return Seen::OutsideWindow;
+        };
         if i >= self.slots.len() {
-            self.slots.resize(i.saturating_add(1), Slot::default());
+            self.slots.resize(i.saturating_add(1), None);
         }
         let Some(slot) = self.slots.get_mut(i) else {
             return Seen::OutsideWindow;
         };
-        if slot.id == id {
+        if slot.is_some() {
             return Seen::Duplicate;
         }
-        if let SlotState::Answered(Answer::Replied(old)) = &slot.state {
-            self.retained_reply_bytes = self.retained_reply_bytes.saturating_sub(old.len());
-        }
-        *slot = Slot {
-            id,
-            state: SlotState::Pending,
-        };
+        *slot = Some(SlotState::Pending);
         self.highest = self.highest.max(id);
         Seen::New
     }
 
+    /// Forgets every id below `floor` (their answers and the reply bytes they kept).
+    fn forget_below(&mut self, floor: u64) {
+        while self.base < floor {
+            match self.slots.pop_front() {
+                Some(slot) => {
+                    if let Some(SlotState::Answered(Answer::Replied(old))) = slot {
+                        self.retained_reply_bytes =
+                            self.retained_reply_bytes.saturating_sub(old.len());
+                    }
+                    self.base = self.base.saturating_add(1);
+                }
+                None => {
+                    self.base = floor;
+                    break;
+                }
+            }
+        }
+        if self.slots.is_empty() && self.slots.capacity() > 1024 {
+            self.slots.shrink_to(64);
+        }
+    }
+
+    /// The peer will never send an id below `floor` again (DONE_BELOW): forget them, and
+    /// refuse a MESSAGE below it from now on. A lower floor than one already known changes
+    /// nothing.
+    fn done_below(&mut self, floor: u64) {
+        if floor > self.seen_floor {
+            self.seen_floor = floor;
+            self.forget_below(floor);
+        }
+    }
+
     fn reset(&mut self) {
-        self.slots = Vec::new();
+        self.slots = VecDeque::new();
+        self.base = 1;
         self.highest = 0;
+        self.seen_floor = 1;
         self.retained_reply_bytes = 0;
+    }
+
+    /// Every delivery still waiting for its handler.
+    fn pending(&self) -> Vec<u64> {
+        (self.base..)
+            .zip(self.slots.iter())
+            .filter(|(_, s)| matches!(s, Some(SlotState::Pending)))
+            .map(|(id, _)| id)
+            .collect()
     }
 }
 
@@ -291,6 +342,14 @@ struct AnswerQueue {
     accepted: Vec<u64>,
     others: VecDeque<(u64, Answer)>,
 }
+
+/// A reply at most this long is kept in the dedupe state as a copy of its own.
+const SMALL_REPLY: usize = 4096;
+
+/// The sender reports DONE_BELOW once its floor (its oldest retained id) moved this many ids,
+/// and with every keepalive probe: the receiver's dedupe state then follows the in-flight
+/// window, and empties for a quiet peer.
+const DONE_BELOW_STEP: u64 = 64;
 
 /// Counters a session keeps (cumulative).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -325,6 +384,8 @@ pub struct Session {
     close_pending: Option<(u32, String)>,
     // Outbound.
     next_id: u64,
+    /// The floor last reported with DONE_BELOW on the current callis.
+    done_below_sent: u64,
     retained: IdQueue<Retained>,
     /// Deadlines in send order while they do not decrease (the usual case: one timeout for
     /// all sends); entries of finished messages are dropped lazily from the front.
@@ -371,6 +432,7 @@ impl Session {
             hello_pending: false,
             close_pending: None,
             next_id: 1,
+            done_below_sent: 1,
             retained: IdQueue::default(),
             deadlines: VecDeque::new(),
             late_deadlines: BTreeSet::new(),
@@ -455,6 +517,7 @@ impl Session {
         self.close_pending = None;
         self.peer_cert_id = Some(peer_cert_id.to_owned());
         self.hello_pending = true;
+        self.done_below_sent = 1;
         self.last_rx = Some(now);
         self.link = Link::AwaitingHello {
             deadline: now.checked_add(self.config.hello_timeout).unwrap_or(now),
@@ -608,13 +671,7 @@ impl Session {
     pub fn shut_down(&mut self) {
         if self.link == Link::Open {
             let epoch = self.peer_epoch.unwrap_or_default();
-            let pending: Vec<u64> = self
-                .ring
-                .slots
-                .iter()
-                .filter(|slot| slot.id != 0 && matches!(slot.state, SlotState::Pending))
-                .map(|slot| slot.id)
-                .collect();
+            let pending = self.ring.pending();
             for id in pending {
                 self.answer(
                     epoch,
@@ -715,19 +772,25 @@ impl Session {
         }
         let budget = self.config.max_retained_reply_bytes;
         let mut reply_bytes = self.ring.retained_reply_bytes;
-        let Some(slot) = self.ring.slot_mut(id) else {
+        let Some(state) = self.ring.state_mut(id) else {
             return;
         };
-        if !matches!(slot.state, SlotState::Pending) {
+        if !matches!(state, SlotState::Pending) {
             return;
         }
-        slot.state = match &answer {
+        *state = match &answer {
             Answer::Replied(p) if reply_bytes.saturating_add(p.len()) > budget => {
                 SlotState::ReplyLost
             }
             Answer::Replied(p) => {
                 reply_bytes = reply_bytes.saturating_add(p.len());
-                SlotState::Answered(answer.clone())
+                // A small reply is kept as a copy of its own: it must not pin the (much larger)
+                // buffer its bytes were cut from (a request's read buffer, say).
+                if p.len() <= SMALL_REPLY {
+                    SlotState::Answered(Answer::Replied(Bytes::copy_from_slice(p)))
+                } else {
+                    SlotState::Answered(answer.clone())
+                }
             }
             _ => SlotState::Answered(answer.clone()),
         };
@@ -912,6 +975,7 @@ impl Session {
                 self.stats.frames_skipped = self.stats.frames_skipped.saturating_add(1);
             }
             Frame::Blob(_) => self.violation(&"a blob frame on the primary callis"),
+            Frame::DoneBelow(floor) => self.ring.done_below(floor),
         }
     }
 
@@ -1076,10 +1140,17 @@ impl Session {
                     m.id
                 ));
             }
+            Seen::BelowFloor => {
+                let floor = self.ring.seen_floor;
+                self.violation(&format_args!(
+                    "message id {} after DONE_BELOW {floor} said no id below it would come again",
+                    m.id
+                ));
+            }
             Seen::Duplicate => {
                 self.stats.duplicates_suppressed =
                     self.stats.duplicates_suppressed.saturating_add(1);
-                let state = self.ring.slot_mut(m.id).map(|s| s.state.clone());
+                let state = self.ring.state_mut(m.id).map(|s| s.clone());
                 match state {
                     Some(SlotState::Answered(a)) => self.queue_answer(m.id, a),
                     Some(SlotState::ReplyLost) => self.queue_answer(
@@ -1240,8 +1311,18 @@ impl Session {
         for nonce in self.pongs.drain(..) {
             frame::encode_pong(out, nonce);
         }
+        let probing = self.ping_to_send.is_some();
         if let Some(nonce) = self.ping_to_send.take() {
             frame::encode_ping(out, nonce);
+        }
+        // The floor goes out every DONE_BELOW_STEP ids, and with each keepalive probe (so a
+        // quiet peer's dedupe state empties within one keepalive interval).
+        let floor = self.retained.first_id().unwrap_or(self.next_id);
+        if floor > self.done_below_sent
+            && (floor.saturating_sub(self.done_below_sent) >= DONE_BELOW_STEP || probing)
+        {
+            frame::encode_done_below(out, floor);
+            self.done_below_sent = floor;
         }
         self.write_answers(out);
         let limit = start.saturating_add(self.config.transmit_batch_bytes);
