@@ -35,7 +35,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .resolver(routes.clone())
         .build()
         .await?;
-    routes.insert(T, beta.local_addr().clone(), Some(beta.identity().clone()));
+    let beta_addr = beta.local_addr().cloned().ok_or("beta listens")?;
+    routes.insert(T, beta_addr, Some(beta.identity().clone()));
 
     let inbox = beta.taberna(T)?;
     tokio::spawn(async move {

@@ -30,19 +30,18 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .resolver(routes.clone())
         .build()
         .await?;
+    // Alpha only dials: no listener, its answers come back on the callis it opens.
     let alpha = Domus::builder(alpha_auth)
         .resolver(routes.clone())
+        .dial_only()
         .build()
         .await?;
+    let beta_addr = beta.local_addr().cloned().ok_or("beta listens")?;
     for taberna in [GREETER, STORE] {
-        routes.insert(
-            taberna,
-            beta.local_addr().clone(),
-            Some(beta.identity().clone()),
-        );
+        routes.insert(taberna, beta_addr.clone(), Some(beta.identity().clone()));
     }
-    println!("alpha {} at {}", alpha.identity(), alpha.local_addr());
-    println!("beta  {} at {}", beta.identity(), beta.local_addr());
+    println!("alpha {} (dial only)", alpha.identity());
+    println!("beta  {} at {beta_addr}", beta.identity());
 
     // Beta's taberna: replies to "hello", rejects "nope", accepts everything else.
     let greeter = beta.taberna(GREETER)?;

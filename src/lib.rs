@@ -56,7 +56,9 @@
 //! sans-IO session and blob streams, and the link policy). Calles need not run over sockets:
 //! [`DomusBuilder::connector`] dials through any [`a0_transport::Connector`] and
 //! [`Domus::accept_stream`] serves any byte stream, with the same TLS handshake — the seam an
-//! in-memory or simulated network plugs into.
+//! in-memory or simulated network plugs into. A client or a tool that only sends builds its
+//! domus with [`DomusBuilder::dial_only`]: nothing is bound, and its answers (and anything a
+//! peer sends it) come back on the calles it dialled.
 //!
 //! ## Identity and security model
 //!

@@ -53,11 +53,8 @@ impl Mesh {
     }
 
     fn route(&self, taberna: u64, to: &Domus) {
-        self.resolver.insert(
-            TabernaId(taberna),
-            to.local_addr().clone(),
-            Some(to.identity().clone()),
-        );
+        self.resolver
+            .insert(TabernaId(taberna), addr_of(to), Some(to.identity().clone()));
     }
 }
 
@@ -370,7 +367,7 @@ async fn the_blob_callis_cut_mid_transfer_reconnects_and_the_blob_completes_inta
         let mut mesh = Mesh::new();
         let a = mesh.domus("a").await;
         let b = mesh.domus("b").await;
-        let DomusAddr::Tcp(b_addr) = b.local_addr().clone() else {
+        let DomusAddr::Tcp(b_addr) = addr_of(&b) else {
             panic!("tcp")
         };
         let proxy = Proxy::start(b_addr).await;
@@ -593,7 +590,7 @@ async fn a_peer_restart_fails_open_blob_streams_with_peer_restarted() {
             .build()
             .await
             .expect("b");
-        let addr = b.local_addr().clone();
+        let addr = addr_of(&b);
         mesh.route(10, &b);
         let t = b.taberna(TabernaId(10)).expect("taberna");
         let (mut tx, rx) = open_pair(&a, &t).await;
@@ -772,7 +769,7 @@ async fn t21_a_peer_writing_past_its_credit_loses_its_blob_callis_with_a_violati
         let epoch = 77u64;
         // The primary callis: HELLO, then a message that opens blob stream `stream`.
         let mut primary = evil
-            .dial(b.local_addr(), Some(b.identity()))
+            .dial(&addr_of(&b), Some(b.identity()))
             .await
             .expect("dial");
         let mut out = BytesMut::new();
@@ -800,7 +797,7 @@ async fn t21_a_peer_writing_past_its_credit_loses_its_blob_callis_with_a_violati
             .expect("accepted");
         // The blob callis: BLOB_HELLO, wait for the credit, then write past it.
         let mut blob = evil
-            .dial(b.local_addr(), Some(b.identity()))
+            .dial(&addr_of(&b), Some(b.identity()))
             .await
             .expect("dial");
         let mut out = BytesMut::new();

@@ -79,7 +79,7 @@ fn hello(t: &Transport) -> BytesMut {
 /// A hand-crafted callis from `evil` to `b` that has said HELLO.
 async fn said_hello(evil: &Transport, b: &Domus) -> AuthenticatedStream {
     let mut io = evil
-        .dial(b.local_addr(), Some(b.identity()))
+        .dial(&addr_of(b), Some(b.identity()))
         .await
         .expect("dial");
     io.write_all(&hello(evil)).await.expect("write HELLO");
@@ -120,7 +120,7 @@ async fn t08_unopened_calles_past_the_per_identity_limit_are_refused_with_a_type
         let mut calles = Vec::new();
         for _ in 0..3 {
             calles.push(
-                evil.dial(b.local_addr(), Some(b.identity()))
+                evil.dial(&addr_of(&b), Some(b.identity()))
                     .await
                     .expect("dial"),
             );
@@ -225,11 +225,7 @@ async fn t08_an_identity_past_max_peers_is_refused_and_connected_peers_keep_work
         config.max_peers = 1;
         let b = domus(&mut ca, "b", &resolver, config).await;
         let a = domus(&mut ca, "a", &resolver, DomusConfig::default()).await;
-        resolver.insert(
-            TabernaId(10),
-            b.local_addr().clone(),
-            Some(b.identity().clone()),
-        );
+        resolver.insert(TabernaId(10), addr_of(&b), Some(b.identity().clone()));
         let t = b.taberna(TabernaId(10)).expect("taberna");
         tokio::spawn(async move {
             while let Some(req) = t.recv().await {
@@ -295,11 +291,7 @@ async fn aged_pair(a_age: Option<Duration>, b_age: Option<Duration>) -> (Domus, 
     let mut cb_config = DomusConfig::default();
     cb_config.max_callis_age = b_age;
     let b = domus(&mut ca, "b", &resolver, cb_config).await;
-    resolver.insert(
-        TabernaId(10),
-        b.local_addr().clone(),
-        Some(b.identity().clone()),
-    );
+    resolver.insert(TabernaId(10), addr_of(&b), Some(b.identity().clone()));
     let t = b.taberna(TabernaId(10)).expect("taberna");
     tokio::spawn(async move {
         while let Some(req) = t.recv().await {
@@ -439,7 +431,7 @@ async fn t09_pre_authentication_refusals_show_in_the_domus_snapshot() {
         let mut config = DomusConfig::default();
         config.transport.max_connects_per_second_per_source = 5;
         let b = domus(&mut ca, "b", &resolver, config).await;
-        let vicus::DomusAddr::Tcp(addr) = b.local_addr().clone() else {
+        let vicus::DomusAddr::Tcp(addr) = addr_of(&b) else {
             unreachable!()
         };
         let mut socks = Vec::new();
@@ -534,7 +526,7 @@ async fn a_bad_first_frame_from_an_authenticated_peer_is_closed_counted_and_repo
         for (n, (case, bytes)) in cases.into_iter().enumerate() {
             let seq = b.reporting().last_error_seq();
             let mut io = evil
-                .dial(b.local_addr(), Some(b.identity()))
+                .dial(&addr_of(&b), Some(b.identity()))
                 .await
                 .expect("dial");
             io.write_all(&bytes).await.expect("write");

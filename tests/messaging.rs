@@ -48,7 +48,7 @@ impl Mesh {
 
     /// Starts a fault proxy in front of `to` and routes `taberna` through it.
     async fn route_through_proxy(&self, taberna: u64, to: &Domus) -> proxy::Proxy {
-        let DomusAddr::Tcp(addr) = to.local_addr().clone() else {
+        let DomusAddr::Tcp(addr) = addr_of(to) else {
             unreachable!("the mesh binds TCP")
         };
         let proxy = proxy::Proxy::start(addr).await;
@@ -61,11 +61,8 @@ impl Mesh {
     }
 
     fn route(&self, taberna: u64, to: &Domus) {
-        self.resolver.insert(
-            TabernaId(taberna),
-            to.local_addr().clone(),
-            Some(to.identity().clone()),
-        );
+        self.resolver
+            .insert(TabernaId(taberna), addr_of(to), Some(to.identity().clone()));
     }
 }
 
@@ -545,7 +542,7 @@ async fn a_restarted_peer_fails_retained_sends_with_peer_restarted_and_new_sends
         let (auth_b, _) = mesh.ca.domus_auth("b").expect("mint");
         let auth_b2 = auth_b.clone();
         let b = Domus::builder(auth_b).build().await.expect("b");
-        let addr = b.local_addr().clone();
+        let addr = addr_of(&b);
         mesh.route(10, &b);
         let t = b.taberna(TabernaId(10)).expect("taberna");
         // b receives five messages and never answers them.
@@ -617,10 +614,10 @@ async fn two_domus_dialling_each_other_at_once_end_with_one_callis() {
         let mut mesh = Mesh::new();
         let a = mesh.domus("a").await;
         let b = mesh.domus("b").await;
-        let DomusAddr::Tcp(a_addr) = a.local_addr().clone() else {
+        let DomusAddr::Tcp(a_addr) = addr_of(&a) else {
             unreachable!()
         };
-        let DomusAddr::Tcp(b_addr) = b.local_addr().clone() else {
+        let DomusAddr::Tcp(b_addr) = addr_of(&b) else {
             unreachable!()
         };
         let to_a = proxy::Proxy::start(a_addr).await;
@@ -844,8 +841,7 @@ async fn t11_a_route_without_identity_learns_and_pins_it() {
         let mut mesh = Mesh::new();
         let a = mesh.domus("a").await;
         let b = mesh.domus("b").await;
-        mesh.resolver
-            .insert(TabernaId(10), b.local_addr().clone(), None);
+        mesh.resolver.insert(TabernaId(10), addr_of(&b), None);
         spawn_echo(b.taberna(TabernaId(10)).expect("taberna"));
         for _ in 0..3 {
             let out = a
@@ -862,11 +858,8 @@ async fn t11_a_route_without_identity_learns_and_pins_it() {
         assert_eq!(a.peer_count(), 1, "one peer, learned once");
         // A route that names the wrong identity is refused at the handshake.
         let c = mesh.domus("c").await;
-        mesh.resolver.insert(
-            TabernaId(11),
-            b.local_addr().clone(),
-            Some(c.identity().clone()),
-        );
+        mesh.resolver
+            .insert(TabernaId(11), addr_of(&b), Some(c.identity().clone()));
         let err = a
             .send(TabernaId(11), APP, Bytes::new(), send_opts(5_000))
             .await
@@ -1481,7 +1474,7 @@ async fn disconnect_closes_the_calles_keeps_what_is_unanswered_and_the_next_call
         // The sender sees which certificate its peer presented.
         let probe = transport(&mut mesh.ca, "probe");
         let seen = probe
-            .dial(b.local_addr(), Some(b.identity()))
+            .dial(&addr_of(&b), Some(b.identity()))
             .await
             .expect("probe")
             .peer()
@@ -1658,6 +1651,83 @@ async fn an_inline_taberna_answers_on_the_driver_with_the_same_semantics() {
         drop(inline);
         let e = to.send(PIPELINED, Bytes::new()).await.expect_err("gone");
         assert_eq!(e.id(), ErrorId::UnknownTaberna);
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_dial_only_domus_binds_nothing_yet_sends_streams_blobs_and_is_reached_over_its_own_callis()
+ {
+    within(async {
+        let mut mesh = Mesh::new();
+        let b = mesh.domus("b").await;
+        let (auth, _) = mesh.ca.domus_auth("client").expect("mint");
+        let client = Domus::builder(auth)
+            .resolver(mesh.resolver.clone())
+            .config(fast_backoff())
+            .dial_only()
+            .build()
+            .await
+            .expect("build a dial-only domus");
+        assert_eq!(client.local_addr(), None);
+        // No accept loop: one task fewer than a listening domus with no peers.
+        assert_eq!(client.task_count() + 1, b.task_count());
+        mesh.route(10, &b);
+        spawn_echo(b.taberna(TabernaId(10)).expect("taberna"));
+        let dest = client.destination(TabernaId(10));
+        assert_eq!(
+            dest.send(APP, Bytes::from_static(b"hi")).await,
+            Ok(Delivery::Replied(Bytes::from_static(b"echo:hi")))
+        );
+
+        // A blob goes out on a second callis the client dials too.
+        let sink = b.taberna(TabernaId(11)).expect("taberna");
+        mesh.route(11, &b);
+        let reader = tokio::spawn(async move {
+            let mut req = sink.recv().await.expect("request");
+            let rx = req.blob().expect("a blob");
+            req.accept();
+            let mut all = Vec::new();
+            let mut rx = rx;
+            tokio::io::AsyncReadExt::read_to_end(&mut rx, &mut all)
+                .await
+                .expect("read");
+            all
+        });
+        let mut tx = client
+            .send_blob(TabernaId(11), APP, Bytes::new(), send_opts(5_000))
+            .await
+            .expect("blob opened");
+        let body = vec![7u8; 300_000];
+        tokio::io::AsyncWriteExt::write_all(&mut tx, &body)
+            .await
+            .expect("write");
+        tx.finish().await.expect("finish");
+        assert_eq!(reader.await.expect("join"), body);
+
+        // b reaches the client's taberna over the callis the client dialled: the route names
+        // the client's identity, and its address is never dialled (nothing listens there).
+        let inbox = client.taberna(TabernaId(20)).expect("taberna");
+        spawn_echo(inbox);
+        let nowhere = common::tempdir().join("nobody-listens.sock");
+        mesh.resolver.insert(
+            TabernaId(20),
+            DomusAddr::unix(nowhere),
+            Some(client.identity().clone()),
+        );
+        assert_eq!(
+            b.send(
+                TabernaId(20),
+                APP,
+                Bytes::from_static(b"push"),
+                send_opts(5_000)
+            )
+            .await,
+            Ok(Delivery::Replied(Bytes::from_static(b"echo:push")))
+        );
+        let totals = client.reporting().snapshot();
+        assert_eq!(totals.listener.admitted, 0, "{:?}", totals.listener);
+        assert_eq!(b.reporting().snapshot().totals.primary_calles_opened, 1);
     })
     .await;
 }

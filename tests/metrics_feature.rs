@@ -23,11 +23,7 @@ async fn exported_counters_and_gauges_match_the_snapshot_with_stable_names() {
             .await
             .expect("a");
         let b = Domus::builder(b_auth).build().await.expect("b");
-        routes.insert(
-            TabernaId(1),
-            b.local_addr().clone(),
-            Some(b.identity().clone()),
-        );
+        routes.insert(TabernaId(1), addr_of(&b), Some(b.identity().clone()));
         let t = b.taberna(TabernaId(1)).expect("taberna");
         tokio::spawn(async move {
             while let Some(req) = t.recv().await {

@@ -52,11 +52,8 @@ impl Mesh {
     }
 
     fn route(&self, taberna: u64, to: &Domus) {
-        self.resolver.insert(
-            TabernaId(taberna),
-            to.local_addr().clone(),
-            Some(to.identity().clone()),
-        );
+        self.resolver
+            .insert(TabernaId(taberna), addr_of(to), Some(to.identity().clone()));
     }
 }
 
@@ -462,7 +459,7 @@ async fn rotation_under_traffic_loses_no_send_and_new_calles_present_the_new_cer
         spawn_worker(b.taberna(TabernaId(10)).expect("taberna"));
         let probe = transport(&mut mesh.ca, "probe");
         let first = probe
-            .dial(b.local_addr(), Some(b.identity()))
+            .dial(&addr_of(&b), Some(b.identity()))
             .await
             .expect("probe");
         let old_fp = first.peer().fingerprint();
@@ -494,7 +491,7 @@ async fn rotation_under_traffic_loses_no_send_and_new_calles_present_the_new_cer
         }
         assert!(reloaded, "an AuthReloaded event");
         let second = probe
-            .dial(b.local_addr(), Some(b.identity()))
+            .dial(&addr_of(&b), Some(b.identity()))
             .await
             .expect("probe after reload");
         assert_ne!(
@@ -572,7 +569,7 @@ async fn t04_a_crl_reload_closes_a_revoked_peers_calles_and_refuses_its_next_han
         let seq = b.reporting().last_error_seq();
         let e = a
             .transport()
-            .dial(b.local_addr(), Some(b.identity()))
+            .dial(&addr_of(&b), Some(b.identity()))
             .await
             .expect_err("revoked at the next handshake");
         assert!(
@@ -815,7 +812,7 @@ async fn t29_a_chain_its_own_trust_anchors_do_not_verify_is_refused_at_build_and
         }
         let probe = transport(&mut mesh.ca, "probe");
         probe
-            .dial(a.local_addr(), Some(a.identity()))
+            .dial(&addr_of(&a), Some(a.identity()))
             .await
             .expect("a fresh handshake with a still works");
     })

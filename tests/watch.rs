@@ -111,7 +111,7 @@ impl Setup {
     async fn served(&self) -> CertFingerprint {
         let stream = self
             .probe
-            .dial(self.domus.local_addr(), Some(self.domus.identity()))
+            .dial(&addr_of(&self.domus), Some(self.domus.identity()))
             .await
             .expect("probe handshake");
         stream.peer().fingerprint()
@@ -296,7 +296,7 @@ async fn dropping_the_last_domus_clone_stops_the_watcher_and_the_domus() {
         let s = setup().await;
         let handle = watch::spawn(&s.domus, s.volume.config()).expect("spawn watcher");
         let weak = s.domus.downgrade();
-        let addr = s.domus.local_addr().clone();
+        let addr = addr_of(&s.domus);
         let Setup {
             domus,
             volume,
@@ -371,7 +371,7 @@ async fn a_leaf_signed_by_a_ca_the_volume_does_not_trust_is_reported_once_and_no
         );
         let probe = s.probe;
         let stream = probe
-            .dial(s.domus.local_addr(), Some(s.domus.identity()))
+            .dial(&addr_of(&s.domus), Some(s.domus.identity()))
             .await
             .expect("the old certificate still serves");
         assert_eq!(stream.peer().fingerprint(), before);

@@ -201,7 +201,7 @@ pub trait MessageCodec: Send + Sync + 'static {
 /// Builds a [`Domus`].
 pub struct DomusBuilder {
     auth: AuthConfig,
-    bind: Option<DomusAddr>,
+    listen: Listen,
     resolver: Option<Arc<dyn RouteResolver>>,
     config: DomusConfig,
     provider: Option<Arc<rustls::crypto::CryptoProvider>>,
@@ -211,15 +211,36 @@ pub struct DomusBuilder {
 impl std::fmt::Debug for DomusBuilder {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("DomusBuilder")
-            .field("bind", &self.bind)
+            .field("listen", &self.listen)
             .finish_non_exhaustive()
     }
 }
 
+/// Where a domus takes inbound calles from.
+#[derive(Debug, Clone)]
+enum Listen {
+    /// `127.0.0.1:0`.
+    Default,
+    At(DomusAddr),
+    /// No listener: the domus only dials.
+    Nowhere,
+}
+
 impl DomusBuilder {
     /// The address to listen on (TCP, host name or Unix socket). Default: `127.0.0.1:0`.
+    /// Undoes [`dial_only`](Self::dial_only).
     pub fn bind(mut self, addr: DomusAddr) -> Self {
-        self.bind = Some(addr);
+        self.listen = Listen::At(addr);
+        self
+    }
+
+    /// Builds a domus with no listener, for clients and tools: it dials the peers it sends
+    /// to, and the answers, replies and blobs come back on the calles it dialled. Nothing
+    /// is bound, so no peer can dial it ([`Domus::local_addr`] is `None`); a peer reaches
+    /// its tabernas only over a callis it dialled. [`Domus::accept_stream`] still serves a
+    /// stream handed to it explicitly. Undoes [`bind`](Self::bind).
+    pub fn dial_only(mut self) -> Self {
+        self.listen = Listen::Nowhere;
         self
     }
 
@@ -250,8 +271,8 @@ impl DomusBuilder {
         self
     }
 
-    /// Validates everything, binds the listener and starts the domus on the current tokio
-    /// runtime.
+    /// Validates everything, binds the listener (unless [`dial_only`](Self::dial_only)) and
+    /// starts the domus on the current tokio runtime.
     pub async fn build(self) -> Result<Domus, Error> {
         self.config.validate()?;
         let provider_name = match &self.provider {
@@ -274,17 +295,31 @@ impl DomusBuilder {
         if let Some(connector) = self.connector {
             transport = transport.with_connector(connector);
         }
-        let bind = self
-            .bind
-            .unwrap_or_else(|| DomusAddr::tcp(([127, 0, 0, 1], 0)));
-        let listener = transport.listen(&bind).await?;
-        let local_addr = listener.local_addr().clone();
+        let listener = match self.listen {
+            Listen::Default => Some(
+                transport
+                    .listen(&DomusAddr::tcp(([127, 0, 0, 1], 0)))
+                    .await?,
+            ),
+            Listen::At(addr) => Some(transport.listen(&addr).await?),
+            Listen::Nowhere => None,
+        };
+        let local_addr = listener.as_ref().map(|l| l.local_addr().clone());
         let local_id = transport.local_id();
         let cancel = CancellationToken::new();
         let recorder = Recorder::new(&local_id);
-        recorder.set_listener(listener.stats_handle());
+        if let Some(l) = &listener {
+            recorder.set_listener(l.stats_handle());
+        }
         recorder.set_crypto_provider(provider_name);
-        tracing::info!(id = %local_id, addr = %local_addr, crypto_provider = provider_name, "domus started");
+        match &local_addr {
+            Some(addr) => {
+                tracing::info!(id = %local_id, addr = %addr, crypto_provider = provider_name, "domus started");
+            }
+            None => {
+                tracing::info!(id = %local_id, crypto_provider = provider_name, "domus started (dial only)");
+            }
+        }
         let registry = Arc::new(Registry::new(
             self.config.default_inbox_depth,
             recorder.clone(),
@@ -366,12 +401,13 @@ impl DomusBuilder {
                 shared.accept_stop.clone(),
             ));
         }
-        let accept_shared = shared.clone();
-        shared.tasks.spawn(accept_loop(
-            accept_shared,
-            listener,
-            shared.accept_stop.clone(),
-        ));
+        if let Some(listener) = listener {
+            shared.tasks.spawn(accept_loop(
+                shared.clone(),
+                listener,
+                shared.accept_stop.clone(),
+            ));
+        }
         Ok(Domus {
             shared,
             _guard: Arc::new(cancel.drop_guard()),
@@ -481,7 +517,8 @@ struct Shared {
     blob_out_budget: Arc<Semaphore>,
     local_id: DomusId,
     local_identity: Arc<PeerIdentity>,
-    local_addr: DomusAddr,
+    /// `None` for a dial-only domus.
+    local_addr: Option<DomusAddr>,
     epoch: u64,
     resolver: Arc<dyn RouteResolver>,
     /// The configuration in force; swapped whole by `ConfigHandle::update`.
@@ -626,7 +663,7 @@ impl Domus {
     pub fn builder(auth: AuthConfig) -> DomusBuilder {
         DomusBuilder {
             auth,
-            bind: None,
+            listen: Listen::Default,
             resolver: None,
             config: DomusConfig::default(),
             provider: None,
@@ -634,9 +671,10 @@ impl Domus {
         }
     }
 
-    /// The address the domus listens on (with the real port when bound to port 0).
-    pub fn local_addr(&self) -> &DomusAddr {
-        &self.shared.local_addr
+    /// The address the domus listens on (with the real port when bound to port 0); `None`
+    /// for a [dial-only](DomusBuilder::dial_only) domus.
+    pub fn local_addr(&self) -> Option<&DomusAddr> {
+        self.shared.local_addr.as_ref()
     }
 
     /// This domus's identity.

@@ -124,3 +124,9 @@ pub fn tempdir() -> std::path::PathBuf {
     dir
 }
 pub mod proxy;
+
+/// The address a listening domus is bound to (every test domus listens unless built
+/// `dial_only`).
+pub fn addr_of(d: &vicus::Domus) -> DomusAddr {
+    d.local_addr().cloned().expect("the domus listens")
+}
