@@ -1731,3 +1731,65 @@ async fn a_dial_only_domus_binds_nothing_yet_sends_streams_blobs_and_is_reached_
     })
     .await;
 }
+
+#[tokio::test]
+async fn replies_kept_for_replay_share_one_domus_wide_budget_and_are_freed_once_seen() {
+    within(async {
+        let mut mesh = Mesh::new();
+        let mut config = DomusConfig::default();
+        config.max_retained_reply_bytes = 1 << 20;
+        let b = mesh.domus_with("b", config).await;
+        mesh.route(10, &b);
+        let t = b.taberna(TabernaId(10)).expect("taberna");
+        const BIG: usize = 600 * 1024;
+        tokio::spawn(async move {
+            while let Some(req) = t.recv().await {
+                if req.payload().as_ref() == b"big" {
+                    req.reply(Bytes::from(vec![1u8; BIG]));
+                } else {
+                    req.accept();
+                }
+            }
+        });
+        let mut clients = Vec::new();
+        for name in ["c1", "c2"] {
+            let (auth, _) = mesh.ca.domus_auth(name).expect("mint");
+            let c = Domus::builder(auth)
+                .resolver(mesh.resolver.clone())
+                .dial_only()
+                .build()
+                .await
+                .expect("client");
+            clients.push(c.destination(TabernaId(10)));
+        }
+        let retained = || b.reporting().snapshot().retained_reply_bytes;
+        let big = || Bytes::from_static(b"big");
+        let replied = |d: Result<Delivery, vicus::Error>| {
+            matches!(d, Ok(Delivery::Replied(r)) if r.len() == BIG)
+        };
+        assert!(replied(clients[0].send(APP, big()).await));
+        assert_eq!(retained(), BIG as u64);
+        // Each peer alone would fit; together they do not: the second reply is sent, not kept.
+        assert!(replied(clients[1].send(APP, big()).await));
+        assert_eq!(retained(), BIG as u64);
+        // c1 moves on: its DONE_BELOW tells b the big reply was seen, and b frees it.
+        for _ in 0..70 {
+            assert_eq!(
+                clients[0].send(APP, Bytes::from_static(b"small")).await,
+                Ok(Delivery::Accepted)
+            );
+        }
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(3);
+        while retained() != 0 {
+            assert!(tokio::time::Instant::now() < deadline, "{}", retained());
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        // The cap is live: at 0 nothing more is kept.
+        b.config()
+            .update(|c| c.max_retained_reply_bytes = 0)
+            .expect("update");
+        assert!(replied(clients[1].send(APP, big()).await));
+        assert_eq!(retained(), 0);
+    })
+    .await;
+}

@@ -23,5 +23,6 @@ pub mod blob;
 pub mod frame;
 pub mod link;
 pub mod rate;
+pub mod reply_budget;
 pub mod session;
 pub(crate) mod window;

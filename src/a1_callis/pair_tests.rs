@@ -2,12 +2,14 @@
 //! protocol tests that run on it (replay, dedupe, keepalive, priority, batching, epochs).
 //! Everything here takes microseconds and cannot flake: no sockets, no real time.
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 
 use super::*;
 use crate::a1_callis::frame::{self, Frame, FrameType};
+use crate::a1_callis::reply_budget::ReplyBudget;
 
 const A: &str = "spiffe://t/domus/a";
 const B: &str = "spiffe://t/domus/b";
@@ -661,6 +663,59 @@ fn a_reply_over_the_retention_budget_becomes_reply_lost_on_replay() {
         outcome,
         Outcome::Answered(Answer::Rejected { error, .. }) if error == ErrorId::ReplyLost.as_u32()
     ));
+}
+
+/// A pair whose receiver keeps replies within `budget` (shared with other pairs).
+fn pair_sharing(budget: &Arc<ReplyBudget>) -> Pair {
+    let mut p = Pair::new(SessionConfig::default());
+    p.b = Session::new(SessionConfig::default(), B.into(), 2).with_reply_budget(budget.clone());
+    p
+}
+
+/// Sends one request, answers it with `reply` while the answer cannot reach the sender,
+/// reconnects, and returns the outcome the replay got.
+fn reply_across_a_cut(p: &mut Pair, reply: &'static [u8]) -> Outcome {
+    p.connect();
+    let id = p.send(APP, b"q", Duration::from_secs(5));
+    p.pump();
+    let epoch = p.b.peer_epoch().expect("epoch");
+    p.stall_b_to_a = true;
+    p.b.answer(epoch, id, Answer::Replied(Bytes::from_static(reply)));
+    p.pump();
+    p.cut();
+    p.stall_b_to_a = false;
+    p.connect();
+    p.finished().pop().expect("finished").1
+}
+
+#[test]
+fn receivers_sharing_a_reply_budget_keep_no_more_than_it_together_and_give_back_on_drop() {
+    let budget = Arc::new(ReplyBudget::new(20));
+    let mut first = pair_sharing(&budget);
+    let mut second = pair_sharing(&budget);
+    let reply = b"fifteen bytes!!";
+    assert_eq!(
+        reply_across_a_cut(&mut first, reply),
+        Outcome::Answered(Answer::Replied(Bytes::from_static(reply)))
+    );
+    // The first receiver still keeps its reply (no DONE_BELOW yet): 15 of the 20 bytes.
+    assert_eq!(budget.used(), 15);
+    // Each receiver alone is under the cap, but together they are not: the second reply is
+    // sent, not kept, and its replay gets ReplyLost.
+    assert!(matches!(
+        reply_across_a_cut(&mut second, reply),
+        Outcome::Answered(Answer::Rejected { error, .. }) if error == ErrorId::ReplyLost.as_u32()
+    ));
+    assert_eq!(budget.used(), 15);
+    // A receiver that goes away gives back what it kept.
+    drop(first);
+    assert_eq!(budget.used(), 0);
+    let mut third = pair_sharing(&budget);
+    assert_eq!(
+        reply_across_a_cut(&mut third, reply),
+        Outcome::Answered(Answer::Replied(Bytes::from_static(reply)))
+    );
+    assert_eq!(budget.used(), 15);
 }
 
 #[test]

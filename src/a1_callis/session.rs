@@ -25,12 +25,14 @@
 //! one, which is what makes the ring safe.
 
 use std::collections::{BTreeSet, VecDeque};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 
 use super::frame::{self, Frame, Hello, MessageFrame, PROTOCOL_VERSION, RejectFrame};
 use super::rate::RateWindow;
+use super::reply_budget::ReplyBudget;
 use super::window::IdQueue;
 use crate::error::{Error, ErrorId, untrusted};
 
@@ -54,7 +56,8 @@ pub struct SessionConfig {
     pub idle_timeout: Duration,
     /// How long the peer has to send its HELLO once the callis is up.
     pub hello_timeout: Duration,
-    /// Reply payload bytes kept per peer for resending after a reconnect.
+    /// Reply payload bytes the session keeps for resending after a reconnect, when it has a
+    /// budget of its own (see [`Session::with_reply_budget`]).
     pub max_retained_reply_bytes: usize,
     /// A soft cap on the bytes one [`Session::poll_transmit`] call produces.
     pub transmit_batch_bytes: usize,
@@ -227,7 +230,16 @@ struct DedupeRing {
     /// What the peer said it will never send again (DONE_BELOW); a MESSAGE below it is a
     /// violation.
     seen_floor: u64,
+    /// Reply bytes this ring keeps, taken from `budget`.
     retained_reply_bytes: usize,
+    /// The allowance those bytes come from (shared by every session of a domus).
+    budget: Arc<ReplyBudget>,
+}
+
+impl Drop for DedupeRing {
+    fn drop(&mut self) {
+        self.budget.give_back(self.retained_reply_bytes);
+    }
 }
 
 enum Seen {
@@ -239,7 +251,7 @@ enum Seen {
 }
 
 impl DedupeRing {
-    fn new(window: u32) -> Self {
+    fn new(window: u32, budget: Arc<ReplyBudget>) -> Self {
         Self {
             base: 1,
             slots: VecDeque::new(),
@@ -247,7 +259,23 @@ impl DedupeRing {
             highest: 0,
             seen_floor: 1,
             retained_reply_bytes: 0,
+            budget,
         }
+    }
+
+    /// Keeps `bytes` more reply bytes if the budget has room.
+    fn take_reply_bytes(&mut self, bytes: usize) -> bool {
+        if !self.budget.try_take(bytes) {
+            return false;
+        }
+        self.retained_reply_bytes = self.retained_reply_bytes.saturating_add(bytes);
+        true
+    }
+
+    fn give_back_reply_bytes(&mut self, bytes: usize) {
+        let bytes = bytes.min(self.retained_reply_bytes);
+        self.retained_reply_bytes = self.retained_reply_bytes.saturating_sub(bytes);
+        self.budget.give_back(bytes);
     }
 
     fn state_mut(&mut self, id: u64) -> Option<&mut SlotState> {
@@ -292,8 +320,7 @@ impl DedupeRing {
             match self.slots.pop_front() {
                 Some(slot) => {
                     if let Some(SlotState::Answered(Answer::Replied(old))) = slot {
-                        self.retained_reply_bytes =
-                            self.retained_reply_bytes.saturating_sub(old.len());
+                        self.give_back_reply_bytes(old.len());
                     }
                     self.base = self.base.saturating_add(1);
                 }
@@ -323,7 +350,7 @@ impl DedupeRing {
         self.base = 1;
         self.highest = 0;
         self.seen_floor = 1;
-        self.retained_reply_bytes = 0;
+        self.give_back_reply_bytes(self.retained_reply_bytes);
     }
 
     /// Every delivery still waiting for its handler.
@@ -418,8 +445,13 @@ pub struct Session {
 
 impl Session {
     /// A session for a domus named `local_id` running with epoch `local_epoch`.
+    ///
+    /// The session keeps replies for replay within a budget of its own of
+    /// `config.max_retained_reply_bytes`; [`with_reply_budget`](Self::with_reply_budget)
+    /// shares one instead.
     pub fn new(config: SessionConfig, local_id: String, local_epoch: u64) -> Self {
-        let ring = DedupeRing::new(config.window);
+        let budget = Arc::new(ReplyBudget::new(config.max_retained_reply_bytes));
+        let ring = DedupeRing::new(config.window, budget);
         Self {
             peer_max_frame_len: config.max_frame_len,
             peer_window: 1,
@@ -454,6 +486,14 @@ impl Session {
             events: VecDeque::new(),
             stats: SessionStats::default(),
         }
+    }
+
+    /// Keeps replies within `budget`, shared with other sessions (a domus gives all its
+    /// sessions one), instead of a budget of its own. Call before the session has kept any.
+    pub fn with_reply_budget(mut self, budget: Arc<ReplyBudget>) -> Self {
+        let window = u32::try_from(self.ring.window).unwrap_or(u32::MAX);
+        self.ring = DedupeRing::new(window, budget);
+        self
     }
 
     /// Starts the ids at `first` (tests of id arithmetic).
@@ -770,31 +810,21 @@ impl Session {
             ));
             return;
         }
-        let budget = self.config.max_retained_reply_bytes;
-        let mut reply_bytes = self.ring.retained_reply_bytes;
-        let Some(state) = self.ring.state_mut(id) else {
-            return;
-        };
-        if !matches!(state, SlotState::Pending) {
+        if !matches!(self.ring.state_mut(id), Some(SlotState::Pending)) {
             return;
         }
-        *state = match &answer {
-            Answer::Replied(p) if reply_bytes.saturating_add(p.len()) > budget => {
-                SlotState::ReplyLost
-            }
-            Answer::Replied(p) => {
-                reply_bytes = reply_bytes.saturating_add(p.len());
-                // A small reply is kept as a copy of its own: it must not pin the (much larger)
-                // buffer its bytes were cut from (a request's read buffer, say).
-                if p.len() <= SMALL_REPLY {
-                    SlotState::Answered(Answer::Replied(Bytes::copy_from_slice(p)))
-                } else {
-                    SlotState::Answered(answer.clone())
-                }
+        let kept = match &answer {
+            Answer::Replied(p) if !self.ring.take_reply_bytes(p.len()) => SlotState::ReplyLost,
+            // A small reply is kept as a copy of its own: it must not pin the (much larger)
+            // buffer its bytes were cut from (a request's read buffer, say).
+            Answer::Replied(p) if p.len() <= SMALL_REPLY => {
+                SlotState::Answered(Answer::Replied(Bytes::copy_from_slice(p)))
             }
             _ => SlotState::Answered(answer.clone()),
         };
-        self.ring.retained_reply_bytes = reply_bytes;
+        if let Some(state) = self.ring.state_mut(id) {
+            *state = kept;
+        }
         if self.link == Link::Open {
             self.queue_answer(id, answer);
         }

@@ -18,8 +18,8 @@ use crate::error::Error;
 ///
 /// | when | fields |
 /// |---|---|
-/// | **live**: the next send, delivery or accepted callis | `send_timeout`, `resolve_timeout`, `max_message_len` (the local check; the frame limit a peer is told applies to new peers), `default_inbox_depth` (every taberna registered without its own depth), `hello_timeout` (telling inbound calles apart; sessions: new peers), `shutdown_timeout`, `max_unopened_calles_per_peer`, `max_unopened_calles`, `max_peers` |
-/// | **new peers**: peers first contacted after the change (and peers after a restart of this domus) | `max_in_flight_per_peer`, `max_in_flight_bytes_per_peer`, `dedupe_window`, `max_retained_reply_bytes`, `keepalive_interval`, `idle_timeout`, `frame_read_timeout`, `max_frames_per_second`, `max_refusals_per_second`, `max_callis_age` |
+/// | **live**: the next send, delivery or accepted callis | `send_timeout`, `resolve_timeout`, `max_message_len` (the local check; the frame limit a peer is told applies to new peers), `default_inbox_depth` (every taberna registered without its own depth), `hello_timeout` (telling inbound calles apart; sessions: new peers), `shutdown_timeout`, `max_unopened_calles_per_peer`, `max_unopened_calles`, `max_peers`, `max_retained_reply_bytes` (replies kept from then on) |
+/// | **new peers**: peers first contacted after the change (and peers after a restart of this domus) | `max_in_flight_per_peer`, `max_in_flight_bytes_per_peer`, `dedupe_window`, `keepalive_interval`, `idle_timeout`, `frame_read_timeout`, `max_frames_per_second`, `max_refusals_per_second`, `max_callis_age` |
 /// | **fixed** at build: a change is refused with `InvalidConfig` naming the field | `transport` (use `Domus::reload_auth` and `Domus::set_trust_policy` for authentication), `reconnect_backoff_min`, `reconnect_backoff_max`, every `blob_*` field, `max_blob_streams_per_peer`, `max_blob_cancels_per_second` |
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
@@ -45,7 +45,10 @@ pub struct DomusConfig {
     /// The receiver's dedupe window in message ids (each slot remembers one answer). Default
     /// 8192; at least `max_in_flight_per_peer`, at most 1 048 576.
     pub dedupe_window: u32,
-    /// Reply bytes kept per peer so a reply survives a reconnect. Default 8 MiB; 0 to 16 GiB.
+    /// Reply bytes kept so a reply survives a reconnect, for all peers together: a receiver
+    /// keeps each reply until its sender says it has seen it (DONE_BELOW), and a reply that
+    /// does not fit is sent but not kept (a replayed request then gets `ReplyLost`). Default
+    /// 32 MiB; 0 to 16 GiB.
     pub max_retained_reply_bytes: usize,
     /// How often an open callis is probed with a PING (RTT is measured from it). Default
     /// 5 s; 10 ms to 10 min.
@@ -133,7 +136,7 @@ impl Default for DomusConfig {
             max_in_flight_per_peer: 4096,
             max_in_flight_bytes_per_peer: 64 * 1024 * 1024,
             dedupe_window: 8192,
-            max_retained_reply_bytes: 8 * 1024 * 1024,
+            max_retained_reply_bytes: 32 * 1024 * 1024,
             keepalive_interval: Duration::from_secs(5),
             idle_timeout: Duration::from_secs(20),
             hello_timeout: Duration::from_secs(10),

@@ -44,6 +44,7 @@ use crate::a1_callis::blob::{
     BLOB_OPEN_PREFIX_LEN, BLOB_OPEN_TYPE, encode_blob_open, stream_parity,
 };
 use crate::a1_callis::frame::{FrameType, HEADER_LEN};
+use crate::a1_callis::reply_budget::ReplyBudget;
 use crate::a1_callis::session::{A3_MESSAGE_TYPE_BASE, Answer, Outgoing, Session, too_large_reply};
 use crate::error::{Error, ErrorId};
 use crate::reporting::{C, Event, Recorder, Reporting};
@@ -325,6 +326,11 @@ impl DomusBuilder {
             recorder.clone(),
         ));
         let epoch = rand_u64() | 1;
+        let reply_budget = Arc::new(ReplyBudget::new(self.config.max_retained_reply_bytes));
+        let reading = reply_budget.clone();
+        recorder.set_retained_replies(Box::new(move || {
+            u64::try_from(reading.used()).unwrap_or(u64::MAX)
+        }));
         let resolver = self
             .resolver
             .unwrap_or_else(|| Arc::new(SimpleResolver::new()));
@@ -351,6 +357,7 @@ impl DomusBuilder {
             }),
             recorder,
             blob_out_budget: Arc::new(Semaphore::new(self.config.blob_outbound_budget)),
+            reply_budget,
             local_identity: Arc::new(PeerIdentity::new(
                 local_id.clone(),
                 crate::a0_transport::CertFingerprint([0; 32]),
@@ -515,6 +522,8 @@ struct Shared {
     blob_ctx: Arc<BlobContext>,
     recorder: Arc<Recorder>,
     blob_out_budget: Arc<Semaphore>,
+    /// The reply bytes all sessions together may keep for replay.
+    reply_budget: Arc<ReplyBudget>,
     local_id: DomusId,
     local_identity: Arc<PeerIdentity>,
     /// `None` for a dial-only domus.
@@ -625,6 +634,7 @@ impl ConfigHandle {
             return Err(e);
         }
         shared.registry.set_default_depth(next.default_inbox_depth);
+        shared.reply_budget.set_cap(next.max_retained_reply_bytes);
         shared.config.store(Arc::new(next.clone()));
         shared.recorder.event(Event::ConfigReloaded);
         Ok(next)
@@ -1466,7 +1476,8 @@ impl Shared {
             self.config.load().session(),
             self.local_id.as_str().to_owned(),
             self.epoch,
-        );
+        )
+        .with_reply_budget(self.reply_budget.clone());
         // Blob commands are bounded by the streams' windows and the stream caps.
         let (blob_tx, blob_rx) = mpsc::unbounded_channel();
         let blob_in_streams =

@@ -372,6 +372,10 @@ pub struct Snapshot {
     /// refused before TLS by the pre-authentication limits — in total, per source, by connect
     /// rate, by uid — and handshake outcomes); not reset by `snapshot_and_reset`.
     pub listener: crate::a0_transport::ListenerStats,
+    /// Reply bytes this domus keeps now so replies survive a reconnect, for all peers
+    /// together (bounded by `max_retained_reply_bytes`; each is freed once its sender said it
+    /// saw it).
+    pub retained_reply_bytes: u64,
     /// Time covered by the deltas.
     pub interval: Duration,
     /// The TLS crypto provider this domus runs on: `"aws-lc-rs"`, `"ring"`, or `"custom"`
@@ -498,6 +502,8 @@ pub(crate) struct Recorder {
     listener: std::sync::OnceLock<crate::a0_transport::StatsHandle>,
     /// The crypto provider's name, once the domus has chosen it.
     crypto_provider: std::sync::OnceLock<&'static str>,
+    /// Reads the reply bytes the domus keeps (its reply budget), once the domus has one.
+    retained_replies: std::sync::OnceLock<Box<dyn Fn() -> u64 + Send + Sync>>,
     events: broadcast::Sender<Event>,
     errors: broadcast::Sender<SequencedError>,
     ring: Mutex<ErrorRing>,
@@ -552,6 +558,7 @@ impl Recorder {
             per_peer: Mutex::new(HashMap::new()),
             listener: std::sync::OnceLock::new(),
             crypto_provider: std::sync::OnceLock::new(),
+            retained_replies: std::sync::OnceLock::new(),
             events: broadcast::channel(EVENT_BUFFER_LEN).0,
             errors: broadcast::channel(EVENT_BUFFER_LEN).0,
             ring: Mutex::new(ErrorRing {
@@ -632,6 +639,11 @@ impl Recorder {
     /// Lets snapshots read the listener's admission counters.
     pub(crate) fn set_listener(&self, handle: crate::a0_transport::StatsHandle) {
         let _ = self.listener.set(handle);
+    }
+
+    /// Lets snapshots read the reply bytes the domus keeps.
+    pub(crate) fn set_retained_replies(&self, read: Box<dyn Fn() -> u64 + Send + Sync>) {
+        let _ = self.retained_replies.set(read);
     }
 
     /// Records which crypto provider the domus runs on.
@@ -808,6 +820,7 @@ impl Recorder {
                 .get()
                 .map(crate::a0_transport::StatsHandle::stats)
                 .unwrap_or_default(),
+            retained_reply_bytes: self.retained_replies.get().map_or(0, |read| read()),
             interval,
             crypto_provider: self.crypto_provider(),
         };
