@@ -373,6 +373,10 @@ struct AnswerQueue {
 /// A reply at most this long is kept in the dedupe state as a copy of its own.
 const SMALL_REPLY: usize = 4096;
 
+/// Room (in elements) an empty queue keeps rather than giving back in
+/// [`Session::release_idle_memory`].
+const IDLE_KEEP: usize = 64;
+
 /// The sender reports DONE_BELOW once its floor (its oldest retained id) moved this many ids,
 /// and with every keepalive probe: the receiver's dedupe state then follows the in-flight
 /// window, and empties for a quiet peer.
@@ -494,6 +498,34 @@ impl Session {
         let window = u32::try_from(self.ring.window).unwrap_or(u32::MAX);
         self.ring = DedupeRing::new(window, budget);
         self
+    }
+
+    /// Gives back the room bursts left behind in whatever is empty now: the read buffer (when
+    /// it holds no partial frame), the send queues, the answer queue, the deadline list, the
+    /// retained table and the dedupe slots. Nothing held is touched, so calling it is always
+    /// safe; the runtime calls it now and then (a quiet session then holds almost nothing,
+    /// and a busy one pays a few allocations each time).
+    pub fn release_idle_memory(&mut self) {
+        fn shrink_deque<T>(q: &mut VecDeque<T>) {
+            if q.is_empty() && q.capacity() > IDLE_KEEP {
+                *q = VecDeque::new();
+            }
+        }
+        if self.read_buf.is_empty() && self.read_buf.capacity() > 0 {
+            self.read_buf = BytesMut::new();
+        }
+        shrink_deque(&mut self.queue_a2);
+        shrink_deque(&mut self.queue_a3);
+        shrink_deque(&mut self.deadlines);
+        shrink_deque(&mut self.answers.others);
+        shrink_deque(&mut self.ring.slots);
+        if self.answers.accepted.is_empty() && self.answers.accepted.capacity() > IDLE_KEEP {
+            self.answers.accepted = Vec::new();
+        }
+        if self.pongs.is_empty() && self.pongs.capacity() > IDLE_KEEP {
+            self.pongs = Vec::new();
+        }
+        self.retained.shrink_if_empty();
     }
 
     /// Starts the ids at `first` (tests of id arithmetic).

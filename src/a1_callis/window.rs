@@ -8,6 +8,9 @@
 
 use std::collections::VecDeque;
 
+/// Room an empty queue keeps (in slots) rather than giving back.
+const IDLE_KEEP: usize = 64;
+
 /// Values keyed by increasing `u64` ids.
 #[derive(Debug)]
 pub(crate) struct IdQueue<T> {
@@ -30,6 +33,13 @@ impl<T> IdQueue<T> {
     /// Number of values held.
     pub(crate) fn len(&self) -> usize {
         self.len
+    }
+
+    /// Gives back the room a burst left behind, when nothing is held.
+    pub(crate) fn shrink_if_empty(&mut self) {
+        if self.slots.is_empty() && self.slots.capacity() > IDLE_KEEP {
+            self.slots = VecDeque::new();
+        }
     }
 
     fn index(&self, id: u64) -> Option<usize> {

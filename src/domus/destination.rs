@@ -21,7 +21,7 @@ use tokio_util::sync::DropGuard;
 
 use super::{CheckedSend, Delivery, PeerRef, Receipt, SendOptions, Shared, Wait};
 use crate::a0_transport::DomusId;
-use crate::a1_callis::session::Outgoing;
+use crate::a1_callis::session::{A3_MESSAGE_TYPE_BASE, Outgoing};
 use crate::error::Error;
 use crate::taberna::{MessageType, TabernaId};
 
@@ -191,16 +191,42 @@ impl Destination {
         let checked = self.shared.check_send(msg_type, &payload, &options)?;
         let msg = checked.outgoing(self.taberna, msg_type, payload);
         let cached = self.cache.load();
-        if let Some(Resolved {
-            target: Target::Remote { peer, .. },
-            ..
-        }) = cached.as_deref().filter(|r| self.fresh(r))
-        {
-            if let Some(permit) = peer.budget.try_take(msg.size()) {
-                return self.shared.hand_over(peer, msg, permit);
+        let waits_for_room = match cached.as_deref().filter(|r| self.fresh(r)) {
+            Some(Resolved {
+                target: Target::Remote { peer, .. },
+                ..
+            }) => {
+                if let Some(permit) = peer.budget.try_take(msg.size()) {
+                    return self.shared.hand_over(peer, msg, permit);
+                }
+                true
             }
+            _ => false,
+        };
+        let resolved = arc_swap::Guard::into_inner(cached);
+        if let (
+            true,
+            Some(Resolved {
+                target: Target::Remote { id, peer },
+                ..
+            }),
+        ) = (waits_for_room, resolved.as_deref())
+        {
+            // A valid route and no room: only the wait is boxed (a waiting send costs that
+            // allocation and no more), and the route is held by one reference count.
+            let a3 = msg.msg_type >= A3_MESSAGE_TYPE_BASE;
+            let permit = Box::pin(self.shared.wait_for_room(
+                peer,
+                id,
+                msg.size(),
+                a3,
+                wait,
+                checked.deadline,
+            ))
+            .await?;
+            return self.shared.hand_over(peer, msg, permit);
         }
-        drop(cached);
+        drop(resolved);
         Box::pin(self.admit_slow(checked, msg, wait)).await
     }
 

@@ -1053,7 +1053,19 @@ impl Shared {
         match peer.budget.try_take(msg.size()) {
             Some(permit) => self.hand_over(&peer, msg, permit),
             None => {
-                Box::pin(self.admit_to_peer(&peer, &peer_id, msg, wait, checked.deadline)).await
+                // Waiting for room: only the wait is boxed, so the common send stays small
+                // and a waiting one costs one allocation of the wait's size.
+                let a3 = msg.msg_type >= A3_MESSAGE_TYPE_BASE;
+                let permit = Box::pin(self.wait_for_room(
+                    &peer,
+                    &peer_id,
+                    msg.size(),
+                    a3,
+                    wait,
+                    checked.deadline,
+                ))
+                .await?;
+                self.hand_over(&peer, msg, permit)
             }
         }
     }
@@ -1107,11 +1119,14 @@ impl Shared {
         deadline: tokio::time::Instant,
     ) -> Result<Receipt, Error> {
         let size = msg.size();
+        // Callers box this future (it is the slow path), so what it waits on is not boxed
+        // again: one allocation per waiting send.
         let permit = match peer.budget.try_take(size) {
             Some(permit) => permit,
             None => {
                 let a3 = msg.msg_type >= A3_MESSAGE_TYPE_BASE;
-                Box::pin(self.wait_for_room(peer, peer_id, size, a3, wait, deadline)).await?
+                self.wait_for_room(peer, peer_id, size, a3, wait, deadline)
+                    .await?
             }
         };
         self.hand_over(peer, msg, permit)

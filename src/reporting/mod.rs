@@ -504,8 +504,10 @@ pub(crate) struct Recorder {
     crypto_provider: std::sync::OnceLock<&'static str>,
     /// Reads the reply bytes the domus keeps (its reply budget), once the domus has one.
     retained_replies: std::sync::OnceLock<Box<dyn Fn() -> u64 + Send + Sync>>,
-    events: broadcast::Sender<Event>,
-    errors: broadcast::Sender<SequencedError>,
+    /// The feeds, made on the first subscription (each holds `EVENT_BUFFER_LEN` slots; a
+    /// domus nobody listens to need not pay for them).
+    events: std::sync::OnceLock<broadcast::Sender<Event>>,
+    errors: std::sync::OnceLock<broadcast::Sender<SequencedError>>,
     ring: Mutex<ErrorRing>,
     log_limits: [LogLimiter; 4],
 }
@@ -559,8 +561,8 @@ impl Recorder {
             listener: std::sync::OnceLock::new(),
             crypto_provider: std::sync::OnceLock::new(),
             retained_replies: std::sync::OnceLock::new(),
-            events: broadcast::channel(EVENT_BUFFER_LEN).0,
-            errors: broadcast::channel(EVENT_BUFFER_LEN).0,
+            events: std::sync::OnceLock::new(),
+            errors: std::sync::OnceLock::new(),
             ring: Mutex::new(ErrorRing {
                 next_seq: 1,
                 items: VecDeque::new(),
@@ -751,7 +753,9 @@ impl Recorder {
 
     /// Publishes an event; never blocks (a subscriber that falls behind misses the oldest).
     pub(crate) fn event(&self, event: Event) {
-        let _ = self.events.send(event);
+        if let Some(feed) = self.events.get() {
+            let _ = feed.send(event);
+        }
     }
 
     /// Publishes an error on the error feed and keeps it in the ring.
@@ -767,7 +771,9 @@ impl Recorder {
             ring.items.push_back(item.clone());
             item
         };
-        let _ = self.errors.send(item);
+        if let Some(feed) = self.errors.get() {
+            let _ = feed.send(item);
+        }
     }
 
     fn snapshot(&self, reset: bool) -> Snapshot {
@@ -1030,14 +1036,22 @@ impl Reporting {
     /// Subscribes to the event feed (events from now on).
     pub fn events(&self) -> EventReceiver {
         EventReceiver {
-            rx: self.recorder.events.subscribe(),
+            rx: self
+                .recorder
+                .events
+                .get_or_init(|| broadcast::channel(EVENT_BUFFER_LEN).0)
+                .subscribe(),
         }
     }
 
     /// Subscribes to the error feed (errors from now on).
     pub fn errors(&self) -> ErrorReceiver {
         ErrorReceiver {
-            rx: self.recorder.errors.subscribe(),
+            rx: self
+                .recorder
+                .errors
+                .get_or_init(|| broadcast::channel(EVENT_BUFFER_LEN).0)
+                .subscribe(),
         }
     }
 

@@ -96,6 +96,9 @@ pub(crate) struct CallisIo {
     counting: Counting,
 }
 
+/// The smallest read buffer a callis starts from.
+pub(crate) const MIN_READ_RESERVE: usize = 4096;
+
 impl CallisIo {
     pub(crate) fn new(io: AuthenticatedStream, wbuf: BytesMut, counting: Counting) -> Self {
         let flushed = wbuf.is_empty();
@@ -124,14 +127,26 @@ impl CallisIo {
         self.flushed = false;
     }
 
+    /// Gives back the write buffer when everything in it went out (it grows again on the
+    /// next write): a quiet callis holds no buffer of its own.
+    pub(crate) fn release_idle_buffers(&mut self) {
+        if self.wpos >= self.wbuf.len() && self.wbuf.capacity() > 0 {
+            self.wbuf = BytesMut::new();
+            self.wpos = 0;
+        }
+    }
+
     /// Whether everything queued has been written and flushed.
     pub(crate) fn is_drained(&self) -> bool {
         self.wpos >= self.wbuf.len() && self.flushed
     }
 
     /// Reads into `sink` until the socket has nothing more, `budget` bytes were read, or the
-    /// sink says stop. `reserve_below` / `reserve`: the buffer grows by `reserve` when less than
-    /// `reserve_below` is free. Each read is limited to what is left of the budget.
+    /// sink says stop. `reserve_below` / `reserve`: the buffer grows when less than
+    /// `reserve_below` (or half its size, for a small one) is free, by its own size (at least
+    /// [`MIN_READ_RESERVE`], at most `reserve`): an idle callis reads into a few KiB, a busy
+    /// one reaches full-size reads within a few reads. Each read is limited to what is left
+    /// of the budget.
     pub(crate) fn poll_read(
         &mut self,
         cx: &mut Context<'_>,
@@ -143,8 +158,12 @@ impl CallisIo {
         let mut progressed = false;
         while read < budget {
             let buf = sink.buf();
-            if buf.capacity().saturating_sub(buf.len()) < reserve_below {
-                buf.reserve(reserve);
+            let free = buf.capacity().saturating_sub(buf.len());
+            if free == 0 || free < reserve_below.min(buf.capacity() / 2) {
+                buf.reserve(
+                    buf.capacity()
+                        .clamp(MIN_READ_RESERVE, reserve.max(MIN_READ_RESERVE)),
+                );
             }
             let mut room = buf.limit(budget.saturating_sub(read));
             match tokio_util::io::poll_read_buf(Pin::new(&mut self.io), cx, &mut room) {

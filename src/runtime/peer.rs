@@ -139,6 +139,8 @@ const READ_BUDGET: usize = 1 << 20;
 const COMMAND_BUDGET: usize = 4096;
 /// Read buffer growth step.
 const READ_RESERVE: usize = 64 * 1024;
+/// How often a driver gives back empty buffer and queue room at most.
+const RELEASE_EVERY: Duration = Duration::from_secs(1);
 
 /// One peer's task. Poll it to completion (the domus spawns it on its task tracker).
 pub(crate) struct PeerDriver {
@@ -160,6 +162,8 @@ pub(crate) struct PeerDriver {
     last_dial_error: Option<Error>,
     /// Follows the session's `poll_timeout`.
     timer: Alarm,
+    /// When empty buffers were last given back.
+    released_at: Option<std::time::Instant>,
     shutting_down: bool,
     cancelled: Pin<Box<WaitForCancellationFutureOwned>>,
     close_reason: Option<Error>,
@@ -228,6 +232,7 @@ impl PeerDriver {
             dialer,
             last_dial_error: None,
             timer: Alarm::new(),
+            released_at: None,
             shutting_down: false,
             cancelled: Box::pin(cancel.cancelled_owned()),
             close_reason: None,
@@ -375,11 +380,8 @@ impl PeerDriver {
         self.cells.identity.store(Some(identity.clone()));
         self.peer_identity = Some(identity);
         self.session.connected(self.now, self.peer_id.as_str());
-        self.callis = Some(CallisIo::new(
-            new,
-            BytesMut::with_capacity(64 * 1024),
-            self.counting.clone(),
-        ));
+        // The write buffer grows with what is written (and is given back when idle).
+        self.callis = Some(CallisIo::new(new, BytesMut::new(), self.counting.clone()));
         self.age.opened(self.now);
         if !prefix.is_empty() {
             self.session.recv_buf().extend_from_slice(&prefix);
@@ -743,6 +745,24 @@ impl PeerDriver {
         }
     }
 
+    /// Gives back buffer and queue room that is empty now, at most once per
+    /// [`RELEASE_EVERY`] (the session's timer, which fires at least every keepalive
+    /// interval, calls it): an idle peer holds almost nothing, a busy one pays a few
+    /// allocations a second.
+    fn release_idle_memory(&mut self) {
+        if self
+            .released_at
+            .is_some_and(|at| self.now.saturating_duration_since(at) < RELEASE_EVERY)
+        {
+            return;
+        }
+        self.released_at = Some(self.now);
+        self.session.release_idle_memory();
+        if let Some(callis) = self.callis.as_mut() {
+            callis.release_idle_buffers();
+        }
+    }
+
     /// Reads what the socket has into the session (which handles each read at once).
     fn poll_read(&mut self, cx: &mut Context<'_>) -> Step {
         let Some(callis) = self.callis.as_mut() else {
@@ -769,6 +789,7 @@ impl PeerDriver {
     fn poll_timer(&mut self, cx: &mut Context<'_>) -> bool {
         if self.timer.poll(cx, self.session.poll_timeout()) {
             self.session.handle_timeout(self.now);
+            self.release_idle_memory();
             return true;
         }
         false
