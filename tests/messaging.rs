@@ -1793,3 +1793,70 @@ async fn replies_kept_for_replay_share_one_domus_wide_budget_and_are_freed_once_
     })
     .await;
 }
+
+#[tokio::test]
+async fn a_window_yields_in_send_order_when_answers_come_out_of_order_and_loses_nothing_to_a_dropped_wait()
+ {
+    within(async {
+        let mut mesh = Mesh::new();
+        let a = mesh.domus("a").await;
+        let b = mesh.domus("b").await;
+        mesh.route(10, &b);
+        let t = b.taberna(TabernaId(10)).expect("taberna");
+        let mut window = a.destination(TabernaId(10)).window(8);
+        for n in 0u8..8 {
+            assert_eq!(
+                window
+                    .send(APP, Bytes::from(vec![n]))
+                    .await
+                    .map_err(|e| e.id()),
+                Ok(None)
+            );
+        }
+        // The handler holds all eight, then answers them newest first.
+        let mut held = Vec::new();
+        while held.len() < 8 {
+            held.push(t.recv().await.expect("request"));
+        }
+        // Waiting for the oldest and giving up on the wait (a timeout, a select) loses nothing.
+        assert!(
+            tokio::time::timeout(Duration::from_millis(50), window.next())
+                .await
+                .is_err()
+        );
+        assert_eq!(window.len(), 8);
+        for req in held.into_iter().rev() {
+            let n = req.payload()[0];
+            req.reply(Bytes::from(vec![n]));
+        }
+        for n in 0u8..8 {
+            assert_eq!(
+                window.next().await,
+                Some(Ok(Delivery::Replied(Bytes::from(vec![n])))),
+                "outcome {n} in send order"
+            );
+        }
+        assert_eq!(window.next().await, None);
+        // Sends still in a window when their peer's domus shuts down fail, not hang.
+        for n in 0u8..4 {
+            window
+                .send(APP, Bytes::from(vec![n]))
+                .await
+                .expect("admitted");
+        }
+        let mut held = Vec::new();
+        while held.len() < 4 {
+            held.push(t.recv().await.expect("request"));
+        }
+        b.shutdown().await;
+        drop(held);
+        for outcome in window.drain().await {
+            let e = outcome.expect_err("b shut down before answering");
+            assert!(
+                matches!(e.id(), ErrorId::PeerShutDown | ErrorId::RequestDropped),
+                "{e}"
+            );
+        }
+    })
+    .await;
+}

@@ -12,17 +12,20 @@
 
 use std::collections::VecDeque;
 use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
+use std::task::Poll;
 
 use arc_swap::ArcSwapOption;
 use bytes::Bytes;
 use tokio_util::sync::DropGuard;
 
-use super::{CheckedSend, Delivery, PeerRef, Receipt, SendOptions, Shared, Wait};
+use super::{CheckedSend, Delivery, PeerRef, Receipt, ReceiptKind, SendOptions, Shared, Wait};
 use crate::a0_transport::DomusId;
 use crate::a1_callis::session::{A3_MESSAGE_TYPE_BASE, Outgoing};
 use crate::error::Error;
+use crate::runtime::completion::{Completion, CompletionRing};
 use crate::taberna::{MessageType, TabernaId};
 
 /// The outcome of one send: how the receiver answered, or why it failed.
@@ -34,6 +37,30 @@ enum Target {
     Local,
     /// A taberna on a peer.
     Remote { id: DomusId, peer: Arc<PeerRef> },
+}
+
+/// A send in a window: its slot in the window's ring, or a receipt (sends off the fast path).
+#[derive(Debug)]
+enum InWindow {
+    Slot(u64),
+    Receipt(Receipt),
+}
+
+impl From<Receipt> for InWindow {
+    fn from(receipt: Receipt) -> Self {
+        InWindow::Receipt(receipt)
+    }
+}
+
+/// A completion read through a [`Receipt`].
+fn receipt() -> (Completion, Receipt) {
+    let (done, rx) = Completion::oneshot();
+    (
+        done,
+        Receipt {
+            inner: ReceiptKind::Remote(rx),
+        },
+    )
 }
 
 /// A resolution and the generations it is valid for.
@@ -144,13 +171,18 @@ impl Destination {
             .admit_owned(msg_type, payload, options, Wait::UntilDeadline)
     }
 
-    /// A pipelined sender that keeps at most `limit` sends (at least 1) in flight through this
-    /// destination and yields their outcomes in send order.
+    /// A pipelined sender that keeps at most `limit` sends (1 to [`Window::MAX_LIMIT`]) in flight
+    /// through this destination and yields their outcomes in send order. Its sends allocate
+    /// nothing for their outcomes: the window holds one outcome slot per send it may keep
+    /// (about 64 bytes each), made with its first send.
     pub fn window(&self, limit: usize) -> Window {
+        let limit = limit.clamp(1, Window::MAX_LIMIT);
         Window {
             destination: self.clone(),
-            limit: limit.max(1),
-            outstanding: VecDeque::with_capacity(limit.clamp(1, 4096)),
+            limit,
+            outstanding: VecDeque::with_capacity(limit.min(4096)),
+            ring: None,
+            next_ticket: 0,
         }
     }
 
@@ -181,13 +213,50 @@ impl Destination {
     /// peer with room — is synchronous and takes no reference count: it reads the cache
     /// through a guard and hands the message over. Everything else is one boxed future, so
     /// the send future stays small.
-    async fn admit_ref(
+    // Plain functions returning `admit_with`'s future: an `async fn` wrapper would keep its
+    // own copy of the arguments beside the inner future's.
+    fn admit_ref(
         &self,
         msg_type: MessageType,
         payload: Bytes,
         options: SendOptions,
         wait: Wait,
-    ) -> Result<Receipt, Error> {
+    ) -> impl Future<Output = Result<Receipt, Error>> + Send + '_ {
+        self.admit_with(msg_type, payload, options, wait, receipt)
+    }
+
+    /// A window's send: its outcome goes to the window's ring (nothing allocated for it),
+    /// except on the slow path, which gives a receipt.
+    fn admit_into<'a>(
+        &'a self,
+        msg_type: MessageType,
+        payload: Bytes,
+        options: SendOptions,
+        ring: &'a Arc<CompletionRing>,
+        ticket: u64,
+    ) -> impl Future<Output = Result<InWindow, Error>> + Send + 'a {
+        self.admit_with(msg_type, payload, options, Wait::UntilDeadline, move || {
+            (
+                Completion::slot(ring.clone(), ticket),
+                InWindow::Slot(ticket),
+            )
+        })
+    }
+
+    /// The send path through this destination. The fast path — a valid cached route to a
+    /// peer with room — is synchronous and takes no reference count: it reads the cache
+    /// through a guard and hands the message over, its outcome to the completion `done`
+    /// makes. A valid route without room boxes only the wait for room; everything else
+    /// (resolving, a local taberna) is one boxed future and gives a receipt. So the send
+    /// future stays small.
+    async fn admit_with<R: From<Receipt>>(
+        &self,
+        msg_type: MessageType,
+        payload: Bytes,
+        options: SendOptions,
+        wait: Wait,
+        done: impl FnOnce() -> (Completion, R),
+    ) -> Result<R, Error> {
         let checked = self.shared.check_send(msg_type, &payload, &options)?;
         let msg = checked.outgoing(self.taberna, msg_type, payload);
         let cached = self.cache.load();
@@ -197,7 +266,11 @@ impl Destination {
                 ..
             }) => {
                 if let Some(permit) = peer.budget.try_take(msg.size()) {
-                    return self.shared.hand_over(peer, msg, permit);
+                    let (completion, out) = done();
+                    return self
+                        .shared
+                        .hand_over_to(peer, msg, permit, completion)
+                        .map(|()| out);
                 }
                 true
             }
@@ -212,8 +285,8 @@ impl Destination {
             }),
         ) = (waits_for_room, resolved.as_deref())
         {
-            // A valid route and no room: only the wait is boxed (a waiting send costs that
-            // allocation and no more), and the route is held by one reference count.
+            // Only the wait is boxed (a waiting send costs that allocation and no more), and
+            // the route is held by one reference count.
             let a3 = msg.msg_type >= A3_MESSAGE_TYPE_BASE;
             let permit = Box::pin(self.shared.wait_for_room(
                 peer,
@@ -224,10 +297,12 @@ impl Destination {
                 checked.deadline,
             ))
             .await?;
-            return self.shared.hand_over(peer, msg, permit);
+            return self.shared.hand_over(peer, msg, permit).map(R::from);
         }
         drop(resolved);
-        Box::pin(self.admit_slow(checked, msg, wait)).await
+        Box::pin(self.admit_slow(checked, msg, wait))
+            .await
+            .map(R::from)
     }
 
     /// A send that missed the fast path: no valid cached route (resolve it), a local taberna,
@@ -322,10 +397,17 @@ impl Destination {
 pub struct Window {
     destination: Destination,
     limit: usize,
-    outstanding: VecDeque<Receipt>,
+    outstanding: VecDeque<InWindow>,
+    /// Where the driver puts the outcomes of this window's fast-path sends (one slot per
+    /// send the window may hold; made on the first such send).
+    ring: Option<Arc<CompletionRing>>,
+    next_ticket: u64,
 }
 
 impl Window {
+    /// The most sends a window keeps in flight (a larger limit is taken as this one).
+    pub const MAX_LIMIT: usize = 65_536;
+
     /// Sends a message with default options (see [`send_with`](Self::send_with)).
     pub fn send(
         &mut self,
@@ -350,18 +432,34 @@ impl Window {
         } else {
             None
         };
-        let receipt = self
+        let limit = self.limit;
+        let ring = self
+            .ring
+            .get_or_insert_with(|| Arc::new(CompletionRing::new(limit)));
+        let ticket = self.next_ticket;
+        let entry = self
             .destination
-            .admit_ref(msg_type, payload, options, Wait::UntilDeadline)
+            .admit_into(msg_type, payload, options, ring, ticket)
             .await?;
-        self.outstanding.push_back(receipt);
+        self.next_ticket = ticket.wrapping_add(1);
+        self.outstanding.push_back(entry);
         Ok(oldest)
     }
 
-    /// The outcome of the oldest send still in the window; `None` when it is empty.
+    /// The outcome of the oldest send still in the window; `None` when it is empty. Dropping
+    /// this future before it is ready loses nothing: the send stays the oldest.
     pub async fn next(&mut self) -> Option<Outcome> {
-        let receipt = self.outstanding.pop_front()?;
-        Some(receipt.await)
+        let outcome = std::future::poll_fn(|cx| match self.outstanding.front_mut() {
+            None => Poll::Ready(None),
+            Some(InWindow::Receipt(receipt)) => Pin::new(receipt).poll(cx).map(Some),
+            Some(InWindow::Slot(ticket)) => match &self.ring {
+                Some(ring) => ring.poll_take(*ticket, cx).map(Some),
+                None => Poll::Ready(Some(Err(crate::runtime::domus_closed()))),
+            },
+        })
+        .await;
+        self.outstanding.pop_front();
+        outcome
     }
 
     /// Waits for every send in the window and returns their outcomes in send order.

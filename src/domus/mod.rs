@@ -50,6 +50,7 @@ use crate::error::{Error, ErrorId};
 use crate::reporting::{C, Event, Recorder, Reporting};
 use crate::runtime::blob::{BlobContext, BlobDriver};
 use crate::runtime::budget::{InFlight, InFlightBudget};
+use crate::runtime::completion::Completion;
 use crate::runtime::ends as blob;
 use crate::runtime::ends::BlobCommand;
 use crate::runtime::peer::{
@@ -1134,16 +1135,25 @@ impl Shared {
 
     /// Hands an admitted message (its room taken) to the peer's driver.
     fn hand_over(&self, peer: &PeerRef, msg: Outgoing, permit: InFlight) -> Result<Receipt, Error> {
-        let (done, rx) = oneshot::channel();
-        peer.sends
-            .push(SendCmd { msg, done, permit })
-            .map_err(|_| {
-                let e = domus_closed();
-                record_failure(&self.recorder, &e);
-                e
-            })?;
+        let (done, rx) = Completion::oneshot();
+        self.hand_over_to(peer, msg, permit, done)?;
         Ok(Receipt {
             inner: ReceiptKind::Remote(rx),
+        })
+    }
+
+    /// Hands an admitted message to the peer's driver, its outcome to go to `done`.
+    fn hand_over_to(
+        &self,
+        peer: &PeerRef,
+        msg: Outgoing,
+        permit: InFlight,
+        done: Completion,
+    ) -> Result<(), Error> {
+        peer.sends.push(SendCmd { msg, done, permit }).map_err(|_| {
+            let e = domus_closed();
+            record_failure(&self.recorder, &e);
+            e
         })
     }
 

@@ -24,6 +24,7 @@
 pub(crate) mod blob;
 pub(crate) mod budget;
 pub(crate) mod callis;
+pub(crate) mod completion;
 pub(crate) mod ends;
 pub(crate) mod peer;
 pub(crate) mod queue;

@@ -18,13 +18,14 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::BytesMut;
-use tokio::sync::{Semaphore, mpsc, oneshot};
+use tokio::sync::{Semaphore, mpsc};
 use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 
 use super::budget::InFlight;
 use super::callis::{
     Alarm, ByteCounters, CallisIo, Counting, Dialer, ReadSink, Step, dialler_of, now,
 };
+use super::completion::Completion;
 use super::ends::BlobCommand;
 use super::ends::{BlobReceiver, Reservation};
 use super::queue::WakeQueue;
@@ -43,7 +44,7 @@ use crate::reporting::{C, CallisKind, Event as Report, PeerCells, Recorder, Turn
 /// outcome; `permit` is its share of the peer's in-flight budget, returned when it finishes.
 pub(crate) struct SendCmd {
     pub(crate) msg: Outgoing,
-    pub(crate) done: oneshot::Sender<Result<Delivery, Error>>,
+    pub(crate) done: Completion,
     pub(crate) permit: InFlight,
 }
 
@@ -122,11 +123,8 @@ impl Reachability {
     }
 }
 
-/// Where a send's outcome goes.
-type Completion = oneshot::Sender<Result<Delivery, Error>>;
-
 struct PendingSend {
-    done: oneshot::Sender<Result<Delivery, Error>>,
+    done: Completion,
     _permit: InFlight,
     dst: u64,
     /// When it was handed to the driver (`Recorder::now_us`), for latency and pending age.
@@ -255,13 +253,13 @@ impl PeerDriver {
     /// Takes a message into the session (or fails it at once when it cannot be sent).
     fn handle_send(&mut self, SendCmd { msg, done, permit }: SendCmd) {
         if self.shutting_down {
-            let _ = done.send(Err(domus_closed()));
+            done.complete(Err(domus_closed()));
             return;
         }
         if self.peer_shut_down && self.callis.is_none() && self.dialer.is_waiting() {
             // It shut down and the last dial since failed: fail now rather than wait for the
             // deadline (the next dial after the backoff may find it back).
-            let _ = done.send(Err(self.shut_down_error()));
+            done.complete(Err(self.shut_down_error()));
             return;
         }
         let dst = msg.dst;
@@ -279,9 +277,7 @@ impl PeerDriver {
                     },
                 );
             }
-            Err(e) => {
-                let _ = done.send(Err(e));
-            }
+            Err(e) => done.complete(Err(e)),
         }
     }
 
@@ -578,7 +574,7 @@ impl PeerDriver {
             // The counts first, so a sender that sees its outcome also sees it counted.
             self.counts.publish(&self.ctx.recorder);
             for (done, result) in self.completed.drain(..) {
-                let _ = done.send(result);
+                done.complete(result);
             }
         }
     }
@@ -818,13 +814,13 @@ impl PeerDriver {
         // Nothing more comes in: queued sends fail (their senders see the domus closed),
         // queued answers have no callis left to go to.
         for cmd in self.sends.close() {
-            let _ = cmd.done.send(Err(domus_closed()));
+            cmd.done.complete(Err(domus_closed()));
         }
         drop(self.answers.close());
         self.session.fail_all(domus_closed());
         self.dispatch_events();
         for (_, p) in self.pending.drain() {
-            let _ = p.done.send(Err(domus_closed()));
+            p.done.complete(Err(domus_closed()));
         }
     }
 }

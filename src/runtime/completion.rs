@@ -1,0 +1,207 @@
+//! [`Completion`]: how a send's outcome gets from the peer's driver back to whoever waits for
+//! it, and [`CompletionRing`]: the slots a pipelined sender (a window) reuses for that, so a
+//! send through it allocates nothing for its outcome.
+//!
+//! A lone send waits on a oneshot (one allocation). A window keeps up to its limit of sends
+//! in flight, so it owns one ring of that many slots, allocated once: the driver writes an
+//! outcome into the slot of the send's ticket and wakes the window only when that is the
+//! send it waits for. A completion that is dropped unfulfilled (the driver went away) fills
+//! its slot with `DomusClosed`, so no window waits forever.
+//!
+//! The ring's lock is held for one slot write or read, never across an `.await` (nothing here
+//! awaits).
+
+use std::sync::{Arc, Mutex, PoisonError};
+use std::task::{Context, Poll, Waker};
+
+use tokio::sync::oneshot;
+
+use super::{Delivery, domus_closed};
+use crate::error::Error;
+
+/// A send's outcome.
+pub(crate) type Outcome = Result<Delivery, Error>;
+
+/// Where one send's outcome goes. Fulfilled once; dropped unfulfilled, it reports
+/// `DomusClosed`.
+pub(crate) struct Completion(Option<To>);
+
+enum To {
+    Oneshot(oneshot::Sender<Outcome>),
+    Slot(Arc<CompletionRing>, u64),
+}
+
+impl Completion {
+    /// A completion read through `rx` (a [`Receipt`](crate::Receipt), for instance).
+    pub(crate) fn oneshot() -> (Self, oneshot::Receiver<Outcome>) {
+        let (tx, rx) = oneshot::channel();
+        (Self(Some(To::Oneshot(tx))), rx)
+    }
+
+    /// The completion of the send with `ticket` in `ring`.
+    pub(crate) fn slot(ring: Arc<CompletionRing>, ticket: u64) -> Self {
+        Self(Some(To::Slot(ring, ticket)))
+    }
+
+    /// Hands `outcome` to whoever waits (nothing happens when nobody does any more).
+    pub(crate) fn complete(mut self, outcome: Outcome) {
+        if let Some(to) = self.0.take() {
+            to.deliver(outcome);
+        }
+    }
+}
+
+impl To {
+    fn deliver(self, outcome: Outcome) {
+        match self {
+            To::Oneshot(tx) => {
+                let _ = tx.send(outcome);
+            }
+            To::Slot(ring, ticket) => ring.complete(ticket, outcome),
+        }
+    }
+}
+
+impl Drop for Completion {
+    fn drop(&mut self) {
+        if let Some(to) = self.0.take() {
+            to.deliver(Err(domus_closed()));
+        }
+    }
+}
+
+/// The outcome slots of one window, one per send it may have in flight.
+pub(crate) struct CompletionRing {
+    inner: Mutex<Ring>,
+}
+
+struct Ring {
+    /// Slot `ticket % len` holds the outcome of `ticket`, with the ticket (a slot can still
+    /// hold the outcome of a send whose taker was dropped; it is never handed to another).
+    slots: Vec<Option<(u64, Outcome)>>,
+    /// The ticket the window waits for, and its waker.
+    waiting: Option<(u64, Waker)>,
+}
+
+impl std::fmt::Debug for CompletionRing {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CompletionRing").finish_non_exhaustive()
+    }
+}
+
+impl CompletionRing {
+    /// A ring for at most `capacity` sends in flight at once (at least one).
+    pub(crate) fn new(capacity: usize) -> Self {
+        let mut slots = Vec::new();
+        slots.resize_with(capacity.max(1), || None);
+        Self {
+            inner: Mutex::new(Ring {
+                slots,
+                waiting: None,
+            }),
+        }
+    }
+
+    fn complete(&self, ticket: u64, outcome: Outcome) {
+        let wake = {
+            let mut ring = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
+            let at = ring.index(ticket);
+            if let Some(slot) = ring.slots.get_mut(at) {
+                *slot = Some((ticket, outcome));
+            }
+            match ring.waiting.take() {
+                Some((t, waker)) if t == ticket => Some(waker),
+                other => {
+                    ring.waiting = other;
+                    None
+                }
+            }
+        };
+        if let Some(waker) = wake {
+            waker.wake();
+        }
+    }
+
+    /// The outcome of `ticket` when it has come; otherwise remembers `cx` to be woken when it
+    /// does.
+    pub(crate) fn poll_take(&self, ticket: u64, cx: &mut Context<'_>) -> Poll<Outcome> {
+        let mut ring = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
+        let at = ring.index(ticket);
+        if let Some(slot) = ring.slots.get_mut(at) {
+            if slot.as_ref().is_some_and(|(t, _)| *t == ticket) {
+                if let Some((_, outcome)) = slot.take() {
+                    return Poll::Ready(outcome);
+                }
+            }
+        }
+        match &mut ring.waiting {
+            Some((t, waker)) if *t == ticket && waker.will_wake(cx.waker()) => {}
+            waiting => *waiting = Some((ticket, cx.waker().clone())),
+        }
+        Poll::Pending
+    }
+
+    /// How many sends the ring has slots for.
+    #[cfg(test)]
+    fn capacity(&self) -> usize {
+        self.inner
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .slots
+            .len()
+    }
+}
+
+impl Ring {
+    fn index(&self, ticket: u64) -> usize {
+        let len = u64::try_from(self.slots.len()).unwrap_or(u64::MAX).max(1);
+        usize::try_from(ticket.checked_rem(len).unwrap_or(0)).unwrap_or(0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::task::Wake;
+
+    struct Counter(AtomicUsize);
+
+    impl Wake for Counter {
+        fn wake(self: Arc<Self>) {
+            self.0.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    #[test]
+    fn outcomes_reach_their_ticket_only_and_the_waiter_is_woken_once_for_its_own() {
+        let ring = Arc::new(CompletionRing::new(2));
+        let wakes = Arc::new(Counter(AtomicUsize::new(0)));
+        let waker = Waker::from(wakes.clone());
+        let mut cx = Context::from_waker(&waker);
+        assert!(ring.poll_take(0, &mut cx).is_pending());
+        // Ticket 1 completes first: no wake (the window waits for 0), kept for later.
+        Completion::slot(ring.clone(), 1).complete(Ok(Delivery::Accepted));
+        assert_eq!(wakes.0.load(Ordering::Relaxed), 0);
+        Completion::slot(ring.clone(), 0).complete(Ok(Delivery::Replied("r".into())));
+        assert_eq!(wakes.0.load(Ordering::Relaxed), 1);
+        assert_eq!(
+            ring.poll_take(0, &mut cx),
+            Poll::Ready(Ok(Delivery::Replied("r".into())))
+        );
+        assert_eq!(
+            ring.poll_take(1, &mut cx),
+            Poll::Ready(Ok(Delivery::Accepted))
+        );
+        // Ticket 2 shares slot 0 with ticket 0 and never sees a stale outcome of another.
+        Completion::slot(ring.clone(), 4).complete(Ok(Delivery::Accepted));
+        assert!(ring.poll_take(2, &mut cx).is_pending());
+        // Dropped unfulfilled: the waiter hears that the domus closed.
+        drop(Completion::slot(ring.clone(), 2));
+        match ring.poll_take(2, &mut cx) {
+            Poll::Ready(Err(e)) => assert_eq!(e.id(), crate::ErrorId::DomusClosed),
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(ring.capacity(), 2);
+    }
+}
