@@ -544,6 +544,60 @@ fn main() {
         &rows,
     );
 
+    let memory = ["m1", "m2", "alloc", "soak"];
+    if res.keys().any(|(_, w)| memory.contains(&w.as_str())) {
+        let mut rows = Vec::new();
+        for i in &impl_order {
+            rows.push(vec![
+                i.clone(),
+                cell(i, "m1", &|o| {
+                    let rss = num(o, "kib_per_idle_peer")?;
+                    Some(match num(o, "heap_kib_per_idle_peer") {
+                        Some(h) => format!("{rss:.1} (heap {h:.1})"),
+                        None => format!("{rss:.1}"),
+                    })
+                }),
+                cell(i, "m2", &|o| {
+                    num(o, "bytes_per_waiting_send_beyond_payload").map(|v| format!("{v:.0}"))
+                }),
+                cell(i, "alloc", &|o| {
+                    Some(format!(
+                        "{:.2} ({:.0} B)",
+                        num(o, "w1_allocs_per_msg")?,
+                        num(o, "w1_bytes_per_msg")?
+                    ))
+                }),
+                cell(i, "alloc", &|o| {
+                    Some(format!(
+                        "{:.2} ({:.0} B)",
+                        num(o, "w2_allocs_per_rt")?,
+                        num(o, "w2_bytes_per_rt")?
+                    ))
+                }),
+                cell(i, "soak", &|o| {
+                    Some(format!(
+                        "+{:.1} (at {:.0} s: {:.1})",
+                        num(o, "growth_after_base_kib")? / 1024.0,
+                        num(o, "base_at_s")?,
+                        num(o, "rss_base_kib")? / 1024.0
+                    ))
+                }),
+            ]);
+        }
+        print_table(
+            "Memory: RSS KiB per connected idle peer (both ends; M1), bytes per waiting send beyond its payload (M2), heap allocations per message (W1 64 B) and per round trip (W2), soak RSS growth MiB after its base",
+            &[
+                "impl",
+                "M1 KiB/idle peer",
+                "M2 B/waiting send",
+                "allocs/msg W1",
+                "allocs/rt W2",
+                "soak growth MiB",
+            ],
+            &rows,
+        );
+    }
+
     // vicus against each baseline, from the same run: > 1 means vicus is better (for
     // latencies and CPU the baseline's figure is divided by vicus's).
     if impl_order.iter().any(|i| i == "vicus") {
@@ -562,6 +616,9 @@ fn main() {
             ("W5 msg/s", "w5", "msgs_per_s", true),
             ("W5 peak RSS", "w5", "peak_rss_kib", false),
             ("W6 loaded p99", "w6", "p99_us", false),
+            ("M1 KiB/idle peer", "m1", "kib_per_idle_peer", false),
+            ("allocs/msg W1", "alloc", "w1_allocs_per_msg", false),
+            ("allocs/rt W2", "alloc", "w2_allocs_per_rt", false),
         ];
         let baselines: Vec<&String> = impl_order.iter().filter(|i| *i != "vicus").collect();
         let mut rows = Vec::new();
