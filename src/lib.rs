@@ -272,6 +272,14 @@
 //!   second and on demand (`Reporting::export_to_metrics`); `cargo run --example metrics
 //!   --features metrics` prints them as Prometheus text.
 //!
+//! ## Testing an application
+//!
+//! Feature `test-util` adds [`testing`]: a [`testing::Mesh`] (a development CA, a shared
+//! resolver and named domus on loopback in one line, tabernas registered and routed by name)
+//! and a [`testing::FaultProxy`] to put on a route (cut, blackhole, delay, throttle, refuse,
+//! cut after N bytes). Enable it in `[dev-dependencies]` only; vicus's own integration tests
+//! are written with it.
+//!
 //! ## Errors
 //!
 //! Every failure is an [`Error`] with a stable numeric [`ErrorId`] and a message that says what
@@ -294,6 +302,8 @@ pub mod taberna;
 
 #[cfg(feature = "dev-certs")]
 pub mod dev_certs;
+#[cfg(feature = "test-util")]
+pub mod testing;
 #[cfg(feature = "watch")]
 pub mod watch;
 

@@ -10,53 +10,18 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::{Buf, Bytes, BytesMut};
-use common::proxy::Proxy;
 use common::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use vicus::a1_callis::frame::{self, BlobFrame, Frame, Hello};
-use vicus::dev_certs::DevCa;
 use vicus::{
     BlobReceiver, BlobSender, Domus, DomusAddr, DomusConfig, ErrorId, MessageType, SendOptions,
-    SimpleResolver, TabernaId, TabernaRequest,
+    TabernaId, TabernaRequest,
 };
 
 const APP: MessageType = match MessageType::app(7) {
     Some(t) => t,
     None => panic!(),
 };
-
-struct Mesh {
-    ca: DevCa,
-    resolver: Arc<SimpleResolver>,
-}
-
-impl Mesh {
-    fn new() -> Self {
-        Self {
-            ca: ca(),
-            resolver: Arc::new(SimpleResolver::new()),
-        }
-    }
-
-    async fn domus_with(&mut self, name: &str, config: DomusConfig) -> Domus {
-        let (auth, _) = self.ca.domus_auth(name).expect("mint");
-        Domus::builder(auth)
-            .resolver(self.resolver.clone())
-            .config(config)
-            .build()
-            .await
-            .expect("build domus")
-    }
-
-    async fn domus(&mut self, name: &str) -> Domus {
-        self.domus_with(name, fast()).await
-    }
-
-    fn route(&self, taberna: u64, to: &Domus) {
-        self.resolver
-            .insert(TabernaId(taberna), addr_of(to), Some(to.identity().clone()));
-    }
-}
 
 /// Defaults with quick reconnects.
 fn fast() -> DomusConfig {
@@ -133,10 +98,10 @@ async fn send_all(mut tx: BlobSender, payload: Bytes) -> Result<(), vicus::Error
 #[tokio::test]
 async fn a_64_mib_random_blob_round_trips_intact_and_the_receiver_knows_the_sender() {
     within(async {
-        let mut mesh = Mesh::new();
-        let a = mesh.domus("a").await;
-        let b = mesh.domus("b").await;
-        mesh.route(10, &b);
+        let mut mesh = Mesh::new().expect("mesh");
+        let a = mesh.domus("a").await.expect("domus");
+        let b = mesh.domus("b").await.expect("domus");
+        mesh.route(TabernaId(10), &b).expect("route");
         let t = b.taberna(TabernaId(10)).expect("taberna");
         let payload = data(64 << 20, 1);
         let expected = hash(&payload);
@@ -162,10 +127,10 @@ async fn a_64_mib_random_blob_round_trips_intact_and_the_receiver_knows_the_send
 #[tokio::test]
 async fn empty_blobs_and_sizes_around_chunk_and_window_boundaries_round_trip() {
     within(async {
-        let mut mesh = Mesh::new();
-        let a = mesh.domus_with("a", small()).await;
-        let b = mesh.domus_with("b", small()).await;
-        mesh.route(10, &b);
+        let mut mesh = Mesh::new().expect("mesh");
+        let a = mesh.domus_with("a", small()).await.expect("domus");
+        let b = mesh.domus_with("b", small()).await.expect("domus");
+        mesh.route(TabernaId(10), &b).expect("route");
         let t = b.taberna(TabernaId(10)).expect("taberna");
         for (i, len) in [0usize, 1, 1023, 1024, 1025, 2048, 8191, 8192, 8193, 50_000]
             .into_iter()
@@ -186,10 +151,10 @@ async fn empty_blobs_and_sizes_around_chunk_and_window_boundaries_round_trip() {
 #[tokio::test]
 async fn sixteen_concurrent_blobs_to_one_peer_all_complete_intact() {
     within(async {
-        let mut mesh = Mesh::new();
-        let a = mesh.domus("a").await;
-        let b = mesh.domus("b").await;
-        mesh.route(10, &b);
+        let mut mesh = Mesh::new().expect("mesh");
+        let a = mesh.domus("a").await.expect("domus");
+        let b = mesh.domus("b").await.expect("domus");
+        mesh.route(TabernaId(10), &b).expect("route");
         let t = b.taberna(TabernaId(10)).expect("taberna");
         let receivers = tokio::spawn(async move {
             let mut readers = Vec::new();
@@ -250,10 +215,10 @@ async fn a_reader_taking_one_chunk_per_10_ms_slows_the_sender_and_the_transfer_c
         config.blob_chunk_len = 16 * 1024;
         config.blob_window = 64 * 1024;
         let window = config.blob_window as u64;
-        let mut mesh = Mesh::new();
-        let a = mesh.domus_with("a", config.clone()).await;
-        let b = mesh.domus_with("b", config).await;
-        mesh.route(10, &b);
+        let mut mesh = Mesh::new().expect("mesh");
+        let a = mesh.domus_with("a", config.clone()).await.expect("domus");
+        let b = mesh.domus_with("b", config).await.expect("domus");
+        mesh.route(TabernaId(10), &b).expect("route");
         let t = b.taberna(TabernaId(10)).expect("taberna");
         let consumed = Arc::new(AtomicU64::new(0));
         let seen = consumed.clone();
@@ -301,10 +266,10 @@ async fn futures_next(rx: &mut BlobReceiver) -> Option<Result<Bytes, vicus::Erro
 #[tokio::test]
 async fn a_dropped_sender_fails_the_reader_with_a_cancel_error_at_once() {
     within(async {
-        let mut mesh = Mesh::new();
-        let a = mesh.domus("a").await;
-        let b = mesh.domus("b").await;
-        mesh.route(10, &b);
+        let mut mesh = Mesh::new().expect("mesh");
+        let a = mesh.domus("a").await.expect("domus");
+        let b = mesh.domus("b").await.expect("domus");
+        mesh.route(TabernaId(10), &b).expect("route");
         let t = b.taberna(TabernaId(10)).expect("taberna");
         let (mut tx, mut rx) = open_pair(&a, &t).await;
         tx.write_all(&data(100_000, 1)).await.expect("write");
@@ -332,10 +297,10 @@ async fn a_dropped_sender_fails_the_reader_with_a_cancel_error_at_once() {
 #[tokio::test]
 async fn a_dropped_receiver_makes_the_next_write_fail_at_once() {
     within(async {
-        let mut mesh = Mesh::new();
-        let a = mesh.domus("a").await;
-        let b = mesh.domus("b").await;
-        mesh.route(10, &b);
+        let mut mesh = Mesh::new().expect("mesh");
+        let a = mesh.domus("a").await.expect("domus");
+        let b = mesh.domus("b").await.expect("domus");
+        mesh.route(TabernaId(10), &b).expect("route");
         let t = b.taberna(TabernaId(10)).expect("taberna");
         let (mut tx, rx) = open_pair(&a, &t).await;
         tx.write_all(&data(10_000, 1)).await.expect("write");
@@ -364,14 +329,14 @@ async fn a_dropped_receiver_makes_the_next_write_fail_at_once() {
 #[tokio::test]
 async fn the_blob_callis_cut_mid_transfer_reconnects_and_the_blob_completes_intact() {
     within(async {
-        let mut mesh = Mesh::new();
-        let a = mesh.domus("a").await;
-        let b = mesh.domus("b").await;
+        let mut mesh = Mesh::new().expect("mesh");
+        let a = mesh.domus("a").await.expect("domus");
+        let b = mesh.domus("b").await.expect("domus");
         let DomusAddr::Tcp(b_addr) = addr_of(&b) else {
             panic!("tcp")
         };
-        let proxy = Proxy::start(b_addr).await;
-        mesh.resolver.insert(
+        let proxy = FaultProxy::start(b_addr).await.expect("proxy");
+        mesh.resolver().insert(
             TabernaId(10),
             DomusAddr::Tcp(proxy.addr()),
             Some(b.identity().clone()),
@@ -409,11 +374,11 @@ async fn the_blob_callis_cut_mid_transfer_reconnects_and_the_blob_completes_inta
 #[tokio::test]
 async fn messages_are_answered_promptly_while_a_large_blob_streams() {
     within(async {
-        let mut mesh = Mesh::new();
-        let a = mesh.domus("a").await;
-        let b = mesh.domus("b").await;
-        mesh.route(10, &b);
-        mesh.route(11, &b);
+        let mut mesh = Mesh::new().expect("mesh");
+        let a = mesh.domus("a").await.expect("domus");
+        let b = mesh.domus("b").await.expect("domus");
+        mesh.route(TabernaId(10), &b).expect("route");
+        mesh.route(TabernaId(11), &b).expect("route");
         let t = b.taberna(TabernaId(10)).expect("taberna");
         let echo = b.taberna(TabernaId(11)).expect("taberna");
         tokio::spawn(async move {
@@ -467,10 +432,10 @@ async fn t22_a_stalled_blob_times_out_on_both_sides_and_releases_its_reservation
         let mut config = fast();
         config.blob_idle_timeout = Duration::from_millis(300);
         config.max_blob_streams_per_peer = 1;
-        let mut mesh = Mesh::new();
-        let a = mesh.domus_with("a", config.clone()).await;
-        let b = mesh.domus_with("b", config).await;
-        mesh.route(10, &b);
+        let mut mesh = Mesh::new().expect("mesh");
+        let a = mesh.domus_with("a", config.clone()).await.expect("domus");
+        let b = mesh.domus_with("b", config).await.expect("domus");
+        mesh.route(TabernaId(10), &b).expect("route");
         let t = b.taberna(TabernaId(10)).expect("taberna");
         let (mut tx, mut rx) = open_pair(&a, &t).await;
         tx.write_all(&data(1000, 1)).await.expect("write");
@@ -530,10 +495,10 @@ async fn t23_streams_past_the_cap_are_refused_cheaply_and_the_open_ones_progress
         sender_config.max_blob_streams_per_peer = 6;
         let mut receiver_config = fast();
         receiver_config.max_blob_streams_per_peer = 4;
-        let mut mesh = Mesh::new();
-        let a = mesh.domus_with("a", sender_config).await;
-        let b = mesh.domus_with("b", receiver_config).await;
-        mesh.route(10, &b);
+        let mut mesh = Mesh::new().expect("mesh");
+        let a = mesh.domus_with("a", sender_config).await.expect("domus");
+        let b = mesh.domus_with("b", receiver_config).await.expect("domus");
+        mesh.route(TabernaId(10), &b).expect("route");
         let t = b.taberna(TabernaId(10)).expect("taberna");
         let t2 = t.clone();
         let acceptor = tokio::spawn(async move {
@@ -555,7 +520,7 @@ async fn t23_streams_past_the_cap_are_refused_cheaply_and_the_open_ones_progress
         // The sender's own cap (6) refuses at once, without a round trip.
         let mut c = fast();
         c.max_blob_streams_per_peer = 1;
-        let lone = mesh.domus_with("c", c).await;
+        let lone = mesh.domus_with("c", c).await.expect("domus");
         let _held = open(&lone, 10).await;
         let start = Instant::now();
         let err = open(&lone, 10).await.expect_err("over the sender's cap");
@@ -581,9 +546,9 @@ async fn t23_streams_past_the_cap_are_refused_cheaply_and_the_open_ones_progress
 #[tokio::test]
 async fn a_peer_restart_fails_open_blob_streams_with_peer_restarted() {
     within(async {
-        let mut mesh = Mesh::new();
-        let a = mesh.domus("a").await;
-        let (auth_b, _) = mesh.ca.domus_auth("b").expect("mint");
+        let mut mesh = Mesh::new().expect("mesh");
+        let a = mesh.domus("a").await.expect("domus");
+        let (auth_b, _) = mesh.ca().domus_auth("b").expect("mint");
         let auth_b2 = auth_b.clone();
         let b = Domus::builder(auth_b)
             .config(fast())
@@ -591,7 +556,7 @@ async fn a_peer_restart_fails_open_blob_streams_with_peer_restarted() {
             .await
             .expect("b");
         let addr = addr_of(&b);
-        mesh.route(10, &b);
+        mesh.route(TabernaId(10), &b).expect("route");
         let t = b.taberna(TabernaId(10)).expect("taberna");
         let (mut tx, rx) = open_pair(&a, &t).await;
         tx.write_all(&data(10_000, 1)).await.expect("write");
@@ -633,8 +598,8 @@ async fn a_peer_restart_fails_open_blob_streams_with_peer_restarted() {
 #[tokio::test]
 async fn a_blob_to_a_taberna_on_the_same_domus_works_through_the_same_api() {
     within(async {
-        let mut mesh = Mesh::new();
-        let a = mesh.domus_with("a", small()).await;
+        let mut mesh = Mesh::new().expect("mesh");
+        let a = mesh.domus_with("a", small()).await.expect("domus");
         let t = a.taberna(TabernaId(10)).expect("taberna");
         let payload = data(200_000, 4);
         let worker = tokio::spawn(async move {
@@ -667,10 +632,10 @@ async fn a_blob_to_a_taberna_on_the_same_domus_works_through_the_same_api() {
 #[tokio::test]
 async fn a_request_split_into_parts_keeps_its_blob_and_answers_from_another_task() {
     within(async {
-        let mut mesh = Mesh::new();
-        let a = mesh.domus_with("a", small()).await;
-        let b = mesh.domus_with("b", small()).await;
-        mesh.route(10, &b);
+        let mut mesh = Mesh::new().expect("mesh");
+        let a = mesh.domus_with("a", small()).await.expect("domus");
+        let b = mesh.domus_with("b", small()).await.expect("domus");
+        mesh.route(TabernaId(10), &b).expect("route");
         let t = b.taberna(TabernaId(10)).expect("taberna");
         let payload = data(100_000, 9);
         let worker = tokio::spawn(async move {
@@ -697,12 +662,12 @@ async fn a_request_split_into_parts_keeps_its_blob_and_answers_from_another_task
 #[tokio::test]
 async fn an_idle_blob_callis_closes_after_blob_idle_timeout_and_the_next_blob_dials_again() {
     within(async {
-        let mut mesh = Mesh::new();
+        let mut mesh = Mesh::new().expect("mesh");
         let mut config = small();
         config.blob_idle_timeout = Duration::from_millis(300);
-        let a = mesh.domus_with("a", config.clone()).await;
-        let b = mesh.domus_with("b", config).await;
-        mesh.route(10, &b);
+        let a = mesh.domus_with("a", config.clone()).await.expect("domus");
+        let b = mesh.domus_with("b", config).await.expect("domus");
+        mesh.route(TabernaId(10), &b).expect("route");
         let t = b.taberna(TabernaId(10)).expect("taberna");
         let payload = data(50_000, 12);
         for round in 1..=2u64 {
@@ -758,13 +723,13 @@ async fn read_until(
 #[tokio::test]
 async fn t21_a_peer_writing_past_its_credit_loses_its_blob_callis_with_a_violation() {
     within(async {
-        let mut mesh = Mesh::new();
+        let mut mesh = Mesh::new().expect("mesh");
         let mut config = fast();
         config.blob_chunk_len = 4096;
         config.blob_window = 16 * 1024;
-        let b = mesh.domus_with("b", config).await;
+        let b = mesh.domus_with("b", config).await.expect("domus");
         let t = b.taberna(TabernaId(10)).expect("taberna");
-        let evil = transport(&mut mesh.ca, "evil");
+        let evil = transport(mesh.ca(), "evil");
         let evil_id = evil.local_id();
         let epoch = 77u64;
         // The primary callis: HELLO, then a message that opens blob stream `stream`.

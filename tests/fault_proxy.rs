@@ -1,12 +1,11 @@
-//! The fault proxy in `tests/common/proxy.rs`, checked against plain TCP servers (no TLS): each
-//! fault does what it says, and the proxy cleans up after itself.
+//! `vicus::testing::FaultProxy`, checked against plain TCP servers (no TLS): each fault does
+//! what it says, and the proxy cleans up after itself.
 
 mod common;
 
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use common::proxy::Proxy;
 use common::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -57,7 +56,7 @@ async fn counting_server() -> (SocketAddr, mpsc::UnboundedReceiver<u64>) {
     (addr, rx)
 }
 
-async fn connect(proxy: &Proxy) -> TcpStream {
+async fn connect(proxy: &FaultProxy) -> TcpStream {
     TcpStream::connect(proxy.addr())
         .await
         .expect("connect to proxy")
@@ -86,7 +85,7 @@ async fn eventually(mut cond: impl FnMut() -> bool) -> bool {
 #[tokio::test]
 async fn forwards_both_ways_and_counts_connections() {
     within(async {
-        let proxy = Proxy::start(echo_server().await).await;
+        let proxy = FaultProxy::start(echo_server().await).await.expect("proxy");
         let mut a = connect(&proxy).await;
         let mut b = connect(&proxy).await;
         round_trip(&mut a, b"hello through the proxy").await;
@@ -106,7 +105,7 @@ async fn forwards_both_ways_and_counts_connections() {
 #[tokio::test]
 async fn cut_all_ends_reads_and_later_connections_work() {
     within(async {
-        let proxy = Proxy::start(echo_server().await).await;
+        let proxy = FaultProxy::start(echo_server().await).await.expect("proxy");
         let mut a = connect(&proxy).await;
         let mut b = connect(&proxy).await;
         round_trip(&mut a, b"a").await;
@@ -129,7 +128,7 @@ async fn cut_after_bytes_closes_after_about_n_bytes() {
     const LIMIT: u64 = 1000;
     within(async {
         let (upstream, mut counts) = counting_server().await;
-        let proxy = Proxy::start(upstream).await;
+        let proxy = FaultProxy::start(upstream).await.expect("proxy");
         proxy.cut_after_bytes(LIMIT);
         let mut client = connect(&proxy).await;
         // Several writes so the limit falls inside a chunk; later writes may fail on the reset.
@@ -157,7 +156,7 @@ async fn cut_after_bytes_closes_after_about_n_bytes() {
 #[tokio::test]
 async fn blackhole_stalls_round_trips_but_keeps_the_connection() {
     within(async {
-        let proxy = Proxy::start(echo_server().await).await;
+        let proxy = FaultProxy::start(echo_server().await).await.expect("proxy");
         let mut client = connect(&proxy).await;
         round_trip(&mut client, b"before").await;
 
@@ -184,7 +183,7 @@ async fn blackhole_stalls_round_trips_but_keeps_the_connection() {
 #[tokio::test]
 async fn refuse_closes_new_connections_at_once() {
     within(async {
-        let proxy = Proxy::start(echo_server().await).await;
+        let proxy = FaultProxy::start(echo_server().await).await.expect("proxy");
         let mut kept = connect(&proxy).await;
         round_trip(&mut kept, b"kept").await;
 
@@ -206,7 +205,7 @@ async fn refuse_closes_new_connections_at_once() {
 async fn delay_holds_each_chunk() {
     const DELAY: Duration = Duration::from_millis(50);
     within(async {
-        let proxy = Proxy::start(echo_server().await).await;
+        let proxy = FaultProxy::start(echo_server().await).await.expect("proxy");
         let mut client = connect(&proxy).await;
         proxy.set_delay(DELAY);
         let started = Instant::now();
@@ -218,9 +217,45 @@ async fn delay_holds_each_chunk() {
 }
 
 #[tokio::test]
+async fn throttle_limits_the_byte_rate_and_lifting_it_restores_full_speed() {
+    const RATE: u64 = 64 * 1024;
+    within(async {
+        let (upstream, mut counts) = counting_server().await;
+        let proxy = FaultProxy::start(upstream).await.expect("proxy");
+        proxy.set_throttle(Some(RATE));
+        // 64 KiB at 64 KiB/s: the proxy holds each 16 KiB chunk for its quarter second, so
+        // the last byte reaches the server no sooner than ~0.75 s after the first.
+        let mut client = connect(&proxy).await;
+        let started = Instant::now();
+        client.write_all(&[7u8; 64 * 1024]).await.expect("write");
+        client.shutdown().await.expect("shutdown");
+        let got = counts.recv().await.expect("count");
+        let throttled = started.elapsed();
+        assert_eq!(got, 64 * 1024);
+        assert!(
+            throttled >= Duration::from_millis(700),
+            "64 KiB went through a 64 KiB/s throttle in {throttled:?}"
+        );
+
+        proxy.set_throttle(None);
+        let mut client = connect(&proxy).await;
+        let started = Instant::now();
+        client.write_all(&[7u8; 1024 * 1024]).await.expect("write");
+        client.shutdown().await.expect("shutdown");
+        assert_eq!(counts.recv().await.expect("count"), 1024 * 1024);
+        assert!(
+            started.elapsed() < throttled,
+            "1 MiB unthrottled took {:?}, longer than 64 KiB throttled",
+            started.elapsed()
+        );
+    })
+    .await;
+}
+
+#[tokio::test]
 async fn dropping_the_proxy_closes_live_connections() {
     within(async {
-        let proxy = Proxy::start(echo_server().await).await;
+        let proxy = FaultProxy::start(echo_server().await).await.expect("proxy");
         let addr = proxy.addr();
         let mut client = connect(&proxy).await;
         round_trip(&mut client, b"alive").await;

@@ -9,61 +9,19 @@ use std::time::Duration;
 use bytes::Bytes;
 use common::*;
 use vicus::DomusAddr;
-use vicus::dev_certs::DevCa;
-use vicus::{
-    Delivery, Domus, DomusConfig, ErrorId, MessageType, SendOptions, SimpleResolver, TabernaId,
-};
+use vicus::{Delivery, Domus, DomusConfig, ErrorId, MessageType, SendOptions, TabernaId};
 
 const APP: MessageType = match MessageType::app(1) {
     Some(t) => t,
     None => panic!(),
 };
 
-struct Mesh {
-    ca: DevCa,
-    resolver: Arc<SimpleResolver>,
-}
-
-impl Mesh {
-    fn new() -> Self {
-        Self {
-            ca: ca(),
-            resolver: Arc::new(SimpleResolver::new()),
-        }
-    }
-
-    async fn domus(&mut self, name: &str) -> Domus {
-        self.domus_with(name, DomusConfig::default()).await
-    }
-
-    async fn domus_with(&mut self, name: &str, config: DomusConfig) -> Domus {
-        let (auth, _) = self.ca.domus_auth(name).expect("mint");
-        Domus::builder(auth)
-            .resolver(self.resolver.clone())
-            .config(config)
-            .build()
-            .await
-            .expect("build domus")
-    }
-
-    /// Starts a fault proxy in front of `to` and routes `taberna` through it.
-    async fn route_through_proxy(&self, taberna: u64, to: &Domus) -> proxy::Proxy {
-        let DomusAddr::Tcp(addr) = addr_of(to) else {
-            unreachable!("the mesh binds TCP")
-        };
-        let proxy = proxy::Proxy::start(addr).await;
-        self.resolver.insert(
-            TabernaId(taberna),
-            DomusAddr::Tcp(proxy.addr()),
-            Some(to.identity().clone()),
-        );
-        proxy
-    }
-
-    fn route(&self, taberna: u64, to: &Domus) {
-        self.resolver
-            .insert(TabernaId(taberna), addr_of(to), Some(to.identity().clone()));
-    }
+/// A mesh whose domus keep the default configuration (these tests check the defaults'
+/// reconnect behaviour).
+fn mesh() -> Mesh {
+    let mut mesh = Mesh::new().expect("mesh");
+    mesh.set_config(DomusConfig::default());
+    mesh
 }
 
 /// A worker that answers every request: payload "echo:<payload>" as a reply.
@@ -92,10 +50,10 @@ fn send_opts(timeout_ms: u64) -> SendOptions {
 #[tokio::test]
 async fn reply_round_trip_and_sender_identity_visible() {
     within(async {
-        let mut mesh = Mesh::new();
-        let a = mesh.domus("a").await;
-        let b = mesh.domus("b").await;
-        mesh.route(10, &b);
+        let mut mesh = mesh();
+        let a = mesh.domus("a").await.expect("domus");
+        let b = mesh.domus("b").await.expect("domus");
+        mesh.route(TabernaId(10), &b).expect("route");
         let t = b.taberna(TabernaId(10)).expect("taberna");
         let seen = tokio::spawn(async move {
             let req = t.recv().await.expect("request");
@@ -124,10 +82,10 @@ async fn reply_round_trip_and_sender_identity_visible() {
 #[tokio::test]
 async fn ten_thousand_pipelined_sends_all_accepted_exactly_once() {
     within(async {
-        let mut mesh = Mesh::new();
-        let a = mesh.domus("a").await;
-        let b = mesh.domus("b").await;
-        mesh.route(10, &b);
+        let mut mesh = mesh();
+        let a = mesh.domus("a").await.expect("domus");
+        let b = mesh.domus("b").await.expect("domus");
+        mesh.route(TabernaId(10), &b).expect("route");
         let t = b
             .taberna_with(
                 TabernaId(10),
@@ -168,10 +126,10 @@ async fn ten_thousand_pipelined_sends_all_accepted_exactly_once() {
 #[tokio::test]
 async fn reject_code_and_reason_reach_the_sender() {
     within(async {
-        let mut mesh = Mesh::new();
-        let a = mesh.domus("a").await;
-        let b = mesh.domus("b").await;
-        mesh.route(10, &b);
+        let mut mesh = mesh();
+        let a = mesh.domus("a").await.expect("domus");
+        let b = mesh.domus("b").await.expect("domus");
+        mesh.route(TabernaId(10), &b).expect("route");
         let t = b.taberna(TabernaId(10)).expect("taberna");
         tokio::spawn(async move {
             let req = t.recv().await.expect("request");
@@ -192,14 +150,14 @@ async fn reject_code_and_reason_reach_the_sender() {
 #[tokio::test]
 async fn t24_unknown_tabernas_get_typed_errors_and_nothing_leaks() {
     within(async {
-        let mut mesh = Mesh::new();
-        let a = mesh.domus("a").await;
-        let b = mesh.domus("b").await;
+        let mut mesh = mesh();
+        let a = mesh.domus("a").await.expect("domus");
+        let b = mesh.domus("b").await.expect("domus");
         for id in [0, u64::MAX, 77] {
-            mesh.route(id, &b);
+            mesh.route(TabernaId(id), &b).expect("route");
         }
         let gone = b.taberna(TabernaId(78)).expect("taberna");
-        mesh.route(78, &b);
+        mesh.route(TabernaId(78), &b).expect("route");
         drop(gone);
         for id in [0, u64::MAX, 77, 78] {
             let err = a
@@ -221,10 +179,10 @@ async fn t24_unknown_tabernas_get_typed_errors_and_nothing_leaks() {
 #[tokio::test]
 async fn t25_full_inbox_answers_taberna_busy_at_once() {
     within(async {
-        let mut mesh = Mesh::new();
-        let a = mesh.domus("a").await;
-        let b = mesh.domus("b").await;
-        mesh.route(10, &b);
+        let mut mesh = mesh();
+        let a = mesh.domus("a").await.expect("domus");
+        let b = mesh.domus("b").await.expect("domus");
+        mesh.route(TabernaId(10), &b).expect("route");
         let t = b
             .taberna_with(
                 TabernaId(10),
@@ -257,11 +215,11 @@ async fn t25_full_inbox_answers_taberna_busy_at_once() {
 #[tokio::test]
 async fn a_peer_not_on_the_allow_list_is_refused_before_the_handler() {
     within(async {
-        let mut mesh = Mesh::new();
-        let a = mesh.domus("a").await;
-        let c = mesh.domus("c").await;
-        let b = mesh.domus("b").await;
-        mesh.route(10, &b);
+        let mut mesh = mesh();
+        let a = mesh.domus("a").await.expect("domus");
+        let c = mesh.domus("c").await.expect("domus");
+        let b = mesh.domus("b").await.expect("domus");
+        mesh.route(TabernaId(10), &b).expect("route");
         let t = b
             .taberna_with(
                 TabernaId(10),
@@ -292,10 +250,10 @@ async fn a_peer_not_on_the_allow_list_is_refused_before_the_handler() {
 #[tokio::test]
 async fn a_handler_that_never_answers_ends_in_send_timeout() {
     within(async {
-        let mut mesh = Mesh::new();
-        let a = mesh.domus("a").await;
-        let b = mesh.domus("b").await;
-        mesh.route(10, &b);
+        let mut mesh = mesh();
+        let a = mesh.domus("a").await.expect("domus");
+        let b = mesh.domus("b").await.expect("domus");
+        mesh.route(TabernaId(10), &b).expect("route");
         let t = b.taberna(TabernaId(10)).expect("taberna");
         let holder = tokio::spawn(async move {
             let req = t.recv().await.expect("request");
@@ -321,12 +279,12 @@ async fn a_handler_that_never_answers_ends_in_send_timeout() {
 #[tokio::test]
 async fn oversized_payloads_and_non_application_types_are_refused_locally() {
     within(async {
-        let mut mesh = Mesh::new();
+        let mut mesh = mesh();
         let mut config = DomusConfig::default();
         config.max_message_len = 1000;
-        let a = mesh.domus_with("a", config).await;
-        let b = mesh.domus("b").await;
-        mesh.route(10, &b);
+        let a = mesh.domus_with("a", config).await.expect("domus");
+        let b = mesh.domus("b").await.expect("domus");
+        mesh.route(TabernaId(10), &b).expect("route");
         let err = a
             .send(
                 TabernaId(10),
@@ -357,10 +315,10 @@ async fn oversized_payloads_and_non_application_types_are_refused_locally() {
 #[tokio::test]
 async fn send_timeouts_outside_their_range_are_refused_not_a_panic() {
     within(async {
-        let mut mesh = Mesh::new();
-        let a = mesh.domus("a").await;
-        let b = mesh.domus("b").await;
-        mesh.route(10, &b);
+        let mut mesh = mesh();
+        let a = mesh.domus("a").await.expect("domus");
+        let b = mesh.domus("b").await.expect("domus");
+        mesh.route(TabernaId(10), &b).expect("route");
         spawn_echo(b.taberna(TabernaId(10)).expect("taberna"));
         for timeout in [Duration::MAX, Duration::ZERO, Duration::from_secs(3601)] {
             let opts = SendOptions::default().timeout(timeout);
@@ -386,12 +344,12 @@ async fn send_timeouts_outside_their_range_are_refused_not_a_panic() {
 #[tokio::test]
 async fn try_send_fails_fast_when_the_peer_has_no_free_slot() {
     within(async {
-        let mut mesh = Mesh::new();
+        let mut mesh = mesh();
         let mut config = DomusConfig::default();
         config.max_in_flight_per_peer = 2;
-        let a = mesh.domus_with("a", config).await;
-        let b = mesh.domus("b").await;
-        mesh.route(10, &b);
+        let a = mesh.domus_with("a", config).await.expect("domus");
+        let b = mesh.domus("b").await.expect("domus");
+        mesh.route(TabernaId(10), &b).expect("route");
         let t = b.taberna(TabernaId(10)).expect("taberna");
         let [r1, r2]: [vicus::Receipt; 2] = admit_empty(&a, 2).await.try_into().expect("two");
         let err = a
@@ -417,8 +375,8 @@ async fn try_send_fails_fast_when_the_peer_has_no_free_slot() {
 #[tokio::test]
 async fn local_short_circuit_has_the_same_semantics() {
     within(async {
-        let mut mesh = Mesh::new();
-        let a = mesh.domus("a").await;
+        let mut mesh = mesh();
+        let a = mesh.domus("a").await.expect("domus");
         let t = a.taberna(TabernaId(5)).expect("taberna");
         spawn_echo(t);
         let out = a
@@ -466,10 +424,13 @@ async fn local_short_circuit_has_the_same_semantics() {
 #[tokio::test]
 async fn t26_a_connection_cut_mid_burst_loses_nothing_and_hangs_nothing() {
     within(async {
-        let mut mesh = Mesh::new();
-        let a = mesh.domus_with("a", fast_backoff()).await;
-        let b = mesh.domus("b").await;
-        let proxy = mesh.route_through_proxy(10, &b).await;
+        let mut mesh = mesh();
+        let a = mesh.domus_with("a", fast_backoff()).await.expect("domus");
+        let b = mesh.domus("b").await.expect("domus");
+        let proxy = mesh
+            .route_through_proxy(TabernaId(10), &b)
+            .await
+            .expect("proxy");
         let t = b
             .taberna_with(
                 TabernaId(10),
@@ -534,16 +495,16 @@ async fn t26_a_connection_cut_mid_burst_loses_nothing_and_hangs_nothing() {
 #[tokio::test]
 async fn a_restarted_peer_fails_retained_sends_with_peer_restarted_and_new_sends_work() {
     within(async {
-        let mut mesh = Mesh::new();
+        let mut mesh = mesh();
         let mut config = DomusConfig::default();
         config.reconnect_backoff_min = Duration::from_millis(10);
         config.reconnect_backoff_max = Duration::from_millis(100);
-        let a = mesh.domus_with("a", config).await;
-        let (auth_b, _) = mesh.ca.domus_auth("b").expect("mint");
+        let a = mesh.domus_with("a", config).await.expect("domus");
+        let (auth_b, _) = mesh.ca().domus_auth("b").expect("mint");
         let auth_b2 = auth_b.clone();
         let b = Domus::builder(auth_b).build().await.expect("b");
         let addr = addr_of(&b);
-        mesh.route(10, &b);
+        mesh.route(TabernaId(10), &b).expect("route");
         let t = b.taberna(TabernaId(10)).expect("taberna");
         // b receives five messages and never answers them.
         let holder = tokio::spawn(async move {
@@ -611,23 +572,23 @@ async fn admit_empty(a: &Domus, n: usize) -> Vec<vicus::Receipt> {
 #[tokio::test]
 async fn two_domus_dialling_each_other_at_once_end_with_one_callis() {
     within(async {
-        let mut mesh = Mesh::new();
-        let a = mesh.domus("a").await;
-        let b = mesh.domus("b").await;
+        let mut mesh = mesh();
+        let a = mesh.domus("a").await.expect("domus");
+        let b = mesh.domus("b").await.expect("domus");
         let DomusAddr::Tcp(a_addr) = addr_of(&a) else {
             unreachable!()
         };
         let DomusAddr::Tcp(b_addr) = addr_of(&b) else {
             unreachable!()
         };
-        let to_a = proxy::Proxy::start(a_addr).await;
-        let to_b = proxy::Proxy::start(b_addr).await;
-        mesh.resolver.insert(
+        let to_a = FaultProxy::start(a_addr).await.expect("proxy");
+        let to_b = FaultProxy::start(b_addr).await.expect("proxy");
+        mesh.resolver().insert(
             TabernaId(1),
             DomusAddr::Tcp(to_a.addr()),
             Some(a.identity().clone()),
         );
-        mesh.resolver.insert(
+        mesh.resolver().insert(
             TabernaId(2),
             DomusAddr::Tcp(to_b.addr()),
             Some(b.identity().clone()),
@@ -678,10 +639,10 @@ async fn two_domus_dialling_each_other_at_once_end_with_one_callis() {
 #[tokio::test]
 async fn shutdown_finishes_within_its_bound_and_refuses_new_work() {
     within(async {
-        let mut mesh = Mesh::new();
-        let a = mesh.domus("a").await;
-        let b = mesh.domus("b").await;
-        mesh.route(10, &b);
+        let mut mesh = mesh();
+        let a = mesh.domus("a").await.expect("domus");
+        let b = mesh.domus("b").await.expect("domus");
+        mesh.route(TabernaId(10), &b).expect("route");
         spawn_echo(b.taberna(TabernaId(10)).expect("taberna"));
         for _ in 0..50 {
             a.send(TabernaId(10), APP, Bytes::new(), send_opts(5_000))
@@ -713,10 +674,10 @@ async fn dropping_a_domus_leaves_no_task_running() {
         let metrics = tokio::runtime::Handle::current().metrics();
         let baseline = metrics.num_alive_tasks();
         {
-            let mut mesh = Mesh::new();
-            let a = mesh.domus("a").await;
-            let b = mesh.domus("b").await;
-            mesh.route(10, &b);
+            let mut mesh = mesh();
+            let a = mesh.domus("a").await.expect("domus");
+            let b = mesh.domus("b").await.expect("domus");
+            mesh.route(TabernaId(10), &b).expect("route");
             spawn_echo(b.taberna(TabernaId(10)).expect("taberna"));
             for _ in 0..20 {
                 a.send(TabernaId(10), APP, Bytes::new(), send_opts(5_000))
@@ -757,10 +718,10 @@ impl vicus::MessageCodec for U64Codec {
 #[tokio::test]
 async fn typed_layer_parts_stream_and_receive_timeout() {
     within(async {
-        let mut mesh = Mesh::new();
-        let a = mesh.domus("a").await;
-        let b = mesh.domus("b").await;
-        mesh.route(10, &b);
+        let mut mesh = mesh();
+        let a = mesh.domus("a").await.expect("domus");
+        let b = mesh.domus("b").await.expect("domus");
+        mesh.route(TabernaId(10), &b).expect("route");
         let mut t = b.taberna(TabernaId(10)).expect("taberna");
         let e = t
             .recv_timeout(Duration::from_millis(50))
@@ -838,10 +799,10 @@ async fn t11_a_hanging_or_panicking_resolver_gives_an_error_not_a_hang() {
 #[tokio::test]
 async fn t11_a_route_without_identity_learns_and_pins_it() {
     within(async {
-        let mut mesh = Mesh::new();
-        let a = mesh.domus("a").await;
-        let b = mesh.domus("b").await;
-        mesh.resolver.insert(TabernaId(10), addr_of(&b), None);
+        let mut mesh = mesh();
+        let a = mesh.domus("a").await.expect("domus");
+        let b = mesh.domus("b").await.expect("domus");
+        mesh.resolver().insert(TabernaId(10), addr_of(&b), None);
         spawn_echo(b.taberna(TabernaId(10)).expect("taberna"));
         for _ in 0..3 {
             let out = a
@@ -857,8 +818,8 @@ async fn t11_a_route_without_identity_learns_and_pins_it() {
         }
         assert_eq!(a.peer_count(), 1, "one peer, learned once");
         // A route that names the wrong identity is refused at the handshake.
-        let c = mesh.domus("c").await;
-        mesh.resolver
+        let c = mesh.domus("c").await.expect("domus");
+        mesh.resolver()
             .insert(TabernaId(11), addr_of(&b), Some(c.identity().clone()));
         let err = a
             .send(TabernaId(11), APP, Bytes::new(), send_opts(5_000))
@@ -873,13 +834,13 @@ async fn t11_a_route_without_identity_learns_and_pins_it() {
 #[tokio::test]
 async fn t25_the_per_peer_byte_budget_bounds_what_a_slow_peer_pins() {
     within(async {
-        let mut mesh = Mesh::new();
+        let mut mesh = mesh();
         let mut config = DomusConfig::default();
         config.max_message_len = 600;
         config.max_in_flight_bytes_per_peer = 1000;
-        let a = mesh.domus_with("a", config).await;
-        let b = mesh.domus("b").await;
-        mesh.route(10, &b);
+        let a = mesh.domus_with("a", config).await.expect("domus");
+        let b = mesh.domus("b").await.expect("domus");
+        mesh.route(TabernaId(10), &b).expect("route");
         let t = b.taberna(TabernaId(10)).expect("taberna");
         let held = a
             .admit(
@@ -945,16 +906,16 @@ async fn t25_the_per_peer_byte_budget_bounds_what_a_slow_peer_pins() {
 async fn messaging_over_a_unix_socket_shows_the_peer_process() {
     within(async {
         let dir = tempdir();
-        let mut mesh = Mesh::new();
-        let a = mesh.domus("a").await;
-        let (auth, _) = mesh.ca.domus_auth("b").expect("mint");
+        let mut mesh = mesh();
+        let a = mesh.domus("a").await.expect("domus");
+        let (auth, _) = mesh.ca().domus_auth("b").expect("mint");
         let b = Domus::builder(auth)
             .bind(DomusAddr::unix(dir.join("b.sock")))
-            .resolver(mesh.resolver.clone())
+            .resolver(mesh.resolver().clone())
             .build()
             .await
             .expect("unix domus");
-        mesh.route(10, &b);
+        mesh.route(TabernaId(10), &b).expect("route");
         let t = b.taberna(TabernaId(10)).expect("taberna");
         let seen = tokio::spawn(async move {
             let req = t.recv().await.expect("request");
@@ -1003,13 +964,13 @@ async fn reply_of(a: &Domus, taberna: u64, n: u32) -> Result<usize, ErrorId> {
 #[tokio::test]
 async fn replies_are_held_to_max_message_len_on_both_ends_and_locally() {
     within(async {
-        let mut mesh = Mesh::new();
+        let mut mesh = mesh();
         let mut small = DomusConfig::default();
         small.max_message_len = 1000;
         // The sender's limit: a reply larger than the sender accepts is refused.
-        let a = mesh.domus_with("a", small.clone()).await;
-        let b = mesh.domus("b").await;
-        mesh.route(10, &b);
+        let a = mesh.domus_with("a", small.clone()).await.expect("domus");
+        let b = mesh.domus("b").await.expect("domus");
+        mesh.route(TabernaId(10), &b).expect("route");
         spawn_sized_replies(b.taberna(TabernaId(10)).expect("taberna"));
         assert_eq!(reply_of(&a, 10, 1000).await, Ok(1000));
         assert_eq!(
@@ -1018,8 +979,8 @@ async fn replies_are_held_to_max_message_len_on_both_ends_and_locally() {
             "a reply one byte over the sender's max_message_len"
         );
         // The receiver's own limit applies to what it sends back.
-        let c = mesh.domus_with("c", small.clone()).await;
-        mesh.route(11, &c);
+        let c = mesh.domus_with("c", small.clone()).await.expect("domus");
+        mesh.route(TabernaId(11), &c).expect("route");
         spawn_sized_replies(c.taberna(TabernaId(11)).expect("taberna"));
         assert_eq!(reply_of(&b, 11, 1000).await, Ok(1000));
         assert_eq!(
@@ -1040,12 +1001,12 @@ async fn replies_are_held_to_max_message_len_on_both_ends_and_locally() {
 #[tokio::test]
 async fn a_peer_that_shuts_down_ends_every_waiting_send_at_once_with_a_documented_error() {
     within(async {
-        let mut mesh = Mesh::new();
+        let mut mesh = mesh();
         let mut config = DomusConfig::default();
         config.max_in_flight_per_peer = 500;
-        let a = mesh.domus_with("a", config).await;
-        let b = mesh.domus("b").await;
-        mesh.route(10, &b);
+        let a = mesh.domus_with("a", config).await.expect("domus");
+        let b = mesh.domus("b").await.expect("domus");
+        mesh.route(TabernaId(10), &b).expect("route");
         // b's handler takes every request and never answers.
         let t = b.taberna(TabernaId(10)).expect("taberna");
         let (held_tx, mut held_rx) = tokio::sync::mpsc::unbounded_channel();
@@ -1138,15 +1099,15 @@ async fn a_peer_that_shuts_down_ends_every_waiting_send_at_once_with_a_documente
 #[tokio::test]
 async fn a_send_to_an_unreachable_peer_says_so_whichever_queue_it_waited_in() {
     within(async {
-        let mut mesh = Mesh::new();
+        let mut mesh = mesh();
         let mut config = fast_backoff();
         config.max_in_flight_per_peer = 2;
-        let a = mesh.domus_with("a", config).await;
+        let a = mesh.domus_with("a", config).await.expect("domus");
         // A port nothing listens on.
         let closed = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
         let dead = closed.local_addr().expect("addr");
         drop(closed);
-        mesh.resolver
+        mesh.resolver()
             .insert(TabernaId(10), DomusAddr::Tcp(dead), Some(id("ghost")));
         let sends: Vec<_> = (0..4)
             .map(|_| tokio::spawn(a.send(TabernaId(10), APP, Bytes::new(), send_opts(300))))
@@ -1166,8 +1127,11 @@ async fn a_send_to_an_unreachable_peer_says_so_whichever_queue_it_waited_in() {
         }
         // A message the peer could have received ends as SendTimeout: b got it, then its
         // callis was cut and b could no longer be reached.
-        let b = mesh.domus("b").await;
-        let proxy = mesh.route_through_proxy(11, &b).await;
+        let b = mesh.domus("b").await.expect("domus");
+        let proxy = mesh
+            .route_through_proxy(TabernaId(11), &b)
+            .await
+            .expect("proxy");
         let t = b.taberna(TabernaId(11)).expect("taberna");
         let silent = tokio::spawn(a.send(TabernaId(11), APP, Bytes::new(), send_opts(500)));
         let req = t.recv().await.expect("delivered");
@@ -1188,10 +1152,13 @@ async fn a_send_to_an_unreachable_peer_says_so_whichever_queue_it_waited_in() {
 #[tokio::test]
 async fn a_route_change_reaches_messages_already_waiting_for_the_peer() {
     within(async {
-        let mut mesh = Mesh::new();
-        let a = mesh.domus_with("a", fast_backoff()).await;
-        let b = mesh.domus("b").await;
-        let old_path = mesh.route_through_proxy(10, &b).await;
+        let mut mesh = mesh();
+        let a = mesh.domus_with("a", fast_backoff()).await.expect("domus");
+        let b = mesh.domus("b").await.expect("domus");
+        let old_path = mesh
+            .route_through_proxy(TabernaId(10), &b)
+            .await
+            .expect("proxy");
         let t = b.taberna(TabernaId(10)).expect("taberna");
         tokio::spawn(async move {
             while let Some(req) = t.recv().await {
@@ -1217,7 +1184,7 @@ async fn a_route_change_reaches_messages_already_waiting_for_the_peer() {
         assert!(old_path.total_accepted() >= 2, "a redialled the old path");
         // The route moves to b's own address; no new send is made.
         let moved = tokio::time::Instant::now();
-        mesh.route(10, &b);
+        mesh.route(TabernaId(10), &b).expect("route");
         for (n, r) in receipts.into_iter().enumerate() {
             let out = tokio::time::timeout(Duration::from_secs(3), r)
                 .await
@@ -1259,13 +1226,13 @@ impl vicus::a0_transport::Connector for DuplexNet {
 #[tokio::test]
 async fn calles_can_be_carried_by_an_in_memory_stream_instead_of_a_socket() {
     within(async {
-        let mut mesh = Mesh::new();
+        let mut mesh = mesh();
         let net = Arc::new(DuplexNet::default());
         let mut domus = Vec::new();
         for name in ["a", "b"] {
-            let (auth, _) = mesh.ca.domus_auth(name).expect("mint");
+            let (auth, _) = mesh.ca().domus_auth(name).expect("mint");
             let d = Domus::builder(auth)
-                .resolver(mesh.resolver.clone())
+                .resolver(mesh.resolver().clone())
                 .connector(net.clone())
                 .build()
                 .await
@@ -1278,7 +1245,7 @@ async fn calles_can_be_carried_by_an_in_memory_stream_instead_of_a_socket() {
         }
         let (a, b) = (&domus[0], &domus[1]);
         for (taberna, to, name) in [(10, b, "b"), (20, a, "a")] {
-            mesh.resolver.insert(
+            mesh.resolver().insert(
                 TabernaId(taberna),
                 DomusAddr::TcpHost {
                     host: format!("{name}.sim"),
@@ -1326,11 +1293,11 @@ const PIPELINED: MessageType = MessageType::application(7);
 #[tokio::test]
 async fn a_destination_resolves_once_follows_route_changes_and_pipelines_through_a_window() {
     within(async {
-        let mut mesh = Mesh::new();
-        let a = mesh.domus_with("a", fast_backoff()).await;
-        let b = mesh.domus("b").await;
-        let c = mesh.domus("c").await;
-        mesh.route(10, &b);
+        let mut mesh = mesh();
+        let a = mesh.domus_with("a", fast_backoff()).await.expect("domus");
+        let b = mesh.domus("b").await.expect("domus");
+        let c = mesh.domus("c").await.expect("domus");
+        mesh.route(TabernaId(10), &b).expect("route");
         // b and c both serve taberna 10 and say who they are.
         for d in [&b, &c] {
             let t = d.taberna(TabernaId(10)).expect("taberna");
@@ -1356,7 +1323,7 @@ async fn a_destination_resolves_once_follows_route_changes_and_pipelines_through
         );
         assert_eq!(dest.peer().as_ref(), Some(b.identity()));
         // The route moves to c: the destination follows it without being told.
-        mesh.route(10, &c);
+        mesh.route(TabernaId(10), &c).expect("route");
         let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
         loop {
             let out = dest.send(PIPELINED, Bytes::new()).await.expect("send");
@@ -1419,10 +1386,10 @@ async fn a_destination_resolves_once_follows_route_changes_and_pipelines_through
 #[tokio::test]
 async fn recv_many_takes_a_burst_in_one_wake_up_and_ends_at_shutdown() {
     within(async {
-        let mut mesh = Mesh::new();
-        let a = mesh.domus("a").await;
-        let b = mesh.domus("b").await;
-        mesh.route(10, &b);
+        let mut mesh = mesh();
+        let a = mesh.domus("a").await.expect("domus");
+        let b = mesh.domus("b").await.expect("domus");
+        mesh.route(TabernaId(10), &b).expect("route");
         let t = b.taberna(TabernaId(10)).expect("taberna");
         let dest = a.destination(TabernaId(10));
         let mut receipts = Vec::new();
@@ -1458,10 +1425,10 @@ async fn recv_many_takes_a_burst_in_one_wake_up_and_ends_at_shutdown() {
 #[tokio::test]
 async fn disconnect_closes_the_calles_keeps_what_is_unanswered_and_the_next_callis_delivers_it() {
     within(async {
-        let mut mesh = Mesh::new();
-        let a = mesh.domus_with("a", fast_backoff()).await;
-        let b = mesh.domus("b").await;
-        mesh.route(10, &b);
+        let mut mesh = mesh();
+        let a = mesh.domus_with("a", fast_backoff()).await.expect("domus");
+        let b = mesh.domus("b").await.expect("domus");
+        mesh.route(TabernaId(10), &b).expect("route");
         let t = b.taberna(TabernaId(10)).expect("taberna");
         let dest = a.destination(TabernaId(10));
         // One request is held by b's handler while the callis goes away.
@@ -1472,7 +1439,7 @@ async fn disconnect_closes_the_calles_keeps_what_is_unanswered_and_the_next_call
         let req = t.recv().await.expect("delivered");
         assert_eq!(a.reporting().snapshot().totals.primary_calles_opened, 1);
         // The sender sees which certificate its peer presented.
-        let probe = transport(&mut mesh.ca, "probe");
+        let probe = transport(mesh.ca(), "probe");
         let seen = probe
             .dial(&addr_of(&b), Some(b.identity()))
             .await
@@ -1515,8 +1482,8 @@ async fn disconnect_closes_the_calles_keeps_what_is_unanswered_and_the_next_call
 #[tokio::test]
 async fn send_futures_stay_small() {
     within(async {
-        let mut mesh = Mesh::new();
-        let a = mesh.domus("a").await;
+        let mut mesh = mesh();
+        let a = mesh.domus("a").await.expect("domus");
         let d = a.destination(TabernaId(1));
         let sizes = [
             (
@@ -1551,11 +1518,11 @@ async fn send_futures_stay_small() {
 async fn an_inline_taberna_answers_on_the_driver_with_the_same_semantics() {
     use vicus::taberna::Response;
     within(async {
-        let mut mesh = Mesh::new();
-        let a = mesh.domus("a").await;
-        let b = mesh.domus("b").await;
-        mesh.route(10, &b);
-        mesh.route(11, &b);
+        let mut mesh = mesh();
+        let a = mesh.domus("a").await.expect("domus");
+        let b = mesh.domus("b").await.expect("domus");
+        mesh.route(TabernaId(10), &b).expect("route");
+        mesh.route(TabernaId(11), &b).expect("route");
         let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
         let log = seen.clone();
         let inline = b
@@ -1659,11 +1626,11 @@ async fn an_inline_taberna_answers_on_the_driver_with_the_same_semantics() {
 async fn a_dial_only_domus_binds_nothing_yet_sends_streams_blobs_and_is_reached_over_its_own_callis()
  {
     within(async {
-        let mut mesh = Mesh::new();
-        let b = mesh.domus("b").await;
-        let (auth, _) = mesh.ca.domus_auth("client").expect("mint");
+        let mut mesh = mesh();
+        let b = mesh.domus("b").await.expect("domus");
+        let (auth, _) = mesh.ca().domus_auth("client").expect("mint");
         let client = Domus::builder(auth)
-            .resolver(mesh.resolver.clone())
+            .resolver(mesh.resolver().clone())
             .config(fast_backoff())
             .dial_only()
             .build()
@@ -1672,7 +1639,7 @@ async fn a_dial_only_domus_binds_nothing_yet_sends_streams_blobs_and_is_reached_
         assert_eq!(client.local_addr(), None);
         // No accept loop: one task fewer than a listening domus with no peers.
         assert_eq!(client.task_count() + 1, b.task_count());
-        mesh.route(10, &b);
+        mesh.route(TabernaId(10), &b).expect("route");
         spawn_echo(b.taberna(TabernaId(10)).expect("taberna"));
         let dest = client.destination(TabernaId(10));
         assert_eq!(
@@ -1682,7 +1649,7 @@ async fn a_dial_only_domus_binds_nothing_yet_sends_streams_blobs_and_is_reached_
 
         // A blob goes out on a second callis the client dials too.
         let sink = b.taberna(TabernaId(11)).expect("taberna");
-        mesh.route(11, &b);
+        mesh.route(TabernaId(11), &b).expect("route");
         let reader = tokio::spawn(async move {
             let mut req = sink.recv().await.expect("request");
             let rx = req.blob().expect("a blob");
@@ -1710,7 +1677,7 @@ async fn a_dial_only_domus_binds_nothing_yet_sends_streams_blobs_and_is_reached_
         let inbox = client.taberna(TabernaId(20)).expect("taberna");
         spawn_echo(inbox);
         let nowhere = common::tempdir().join("nobody-listens.sock");
-        mesh.resolver.insert(
+        mesh.resolver().insert(
             TabernaId(20),
             DomusAddr::unix(nowhere),
             Some(client.identity().clone()),
@@ -1735,11 +1702,11 @@ async fn a_dial_only_domus_binds_nothing_yet_sends_streams_blobs_and_is_reached_
 #[tokio::test]
 async fn replies_kept_for_replay_share_one_domus_wide_budget_and_are_freed_once_seen() {
     within(async {
-        let mut mesh = Mesh::new();
+        let mut mesh = mesh();
         let mut config = DomusConfig::default();
         config.max_retained_reply_bytes = 1 << 20;
-        let b = mesh.domus_with("b", config).await;
-        mesh.route(10, &b);
+        let b = mesh.domus_with("b", config).await.expect("domus");
+        mesh.route(TabernaId(10), &b).expect("route");
         let t = b.taberna(TabernaId(10)).expect("taberna");
         const BIG: usize = 600 * 1024;
         tokio::spawn(async move {
@@ -1753,9 +1720,9 @@ async fn replies_kept_for_replay_share_one_domus_wide_budget_and_are_freed_once_
         });
         let mut clients = Vec::new();
         for name in ["c1", "c2"] {
-            let (auth, _) = mesh.ca.domus_auth(name).expect("mint");
+            let (auth, _) = mesh.ca().domus_auth(name).expect("mint");
             let c = Domus::builder(auth)
-                .resolver(mesh.resolver.clone())
+                .resolver(mesh.resolver().clone())
                 .dial_only()
                 .build()
                 .await
@@ -1798,10 +1765,10 @@ async fn replies_kept_for_replay_share_one_domus_wide_budget_and_are_freed_once_
 async fn a_window_yields_in_send_order_when_answers_come_out_of_order_and_loses_nothing_to_a_dropped_wait()
  {
     within(async {
-        let mut mesh = Mesh::new();
-        let a = mesh.domus("a").await;
-        let b = mesh.domus("b").await;
-        mesh.route(10, &b);
+        let mut mesh = mesh();
+        let a = mesh.domus("a").await.expect("domus");
+        let b = mesh.domus("b").await.expect("domus");
+        mesh.route(TabernaId(10), &b).expect("route");
         let t = b.taberna(TabernaId(10)).expect("taberna");
         let mut window = a.destination(TabernaId(10)).window(8);
         for n in 0u8..8 {

@@ -3,59 +3,18 @@
 
 mod common;
 
-use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
 use common::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use vicus::dev_certs::DevCa;
 use vicus::reporting::{CallisKind, Event, FeedItem};
-use vicus::{
-    Delivery, Domus, DomusConfig, ErrorId, MessageType, SendOptions, SimpleResolver, TabernaId,
-    TabernaOptions,
-};
+use vicus::{Delivery, Domus, ErrorId, MessageType, SendOptions, TabernaId, TabernaOptions};
 
 const APP: MessageType = match MessageType::app(3) {
     Some(t) => t,
     None => panic!(),
 };
-
-struct Mesh {
-    ca: DevCa,
-    resolver: Arc<SimpleResolver>,
-}
-
-impl Mesh {
-    fn new() -> Self {
-        Self {
-            ca: ca(),
-            resolver: Arc::new(SimpleResolver::new()),
-        }
-    }
-
-    async fn domus(&mut self, name: &str) -> Domus {
-        let (auth, _) = self.ca.domus_auth(name).expect("mint");
-        self.build(auth).await
-    }
-
-    async fn build(&self, auth: vicus::AuthConfig) -> Domus {
-        let mut config = DomusConfig::default();
-        config.reconnect_backoff_min = Duration::from_millis(10);
-        config.reconnect_backoff_max = Duration::from_millis(200);
-        Domus::builder(auth)
-            .resolver(self.resolver.clone())
-            .config(config)
-            .build()
-            .await
-            .expect("build domus")
-    }
-
-    fn route(&self, taberna: u64, to: &Domus) {
-        self.resolver
-            .insert(TabernaId(taberna), addr_of(to), Some(to.identity().clone()));
-    }
-}
 
 fn opts() -> SendOptions {
     SendOptions::default().timeout(Duration::from_secs(10))
@@ -85,10 +44,10 @@ fn spawn_worker(t: vicus::Taberna) {
 #[tokio::test]
 async fn counters_move_by_exactly_the_expected_amounts_and_deltas_add_up_to_totals() {
     within(async {
-        let mut mesh = Mesh::new();
-        let a = mesh.domus("a").await;
-        let b = mesh.domus("b").await;
-        mesh.route(10, &b);
+        let mut mesh = Mesh::new().expect("mesh");
+        let a = mesh.domus("a").await.expect("domus");
+        let b = mesh.domus("b").await.expect("domus");
+        mesh.route(TabernaId(10), &b).expect("route");
         spawn_worker(b.taberna(TabernaId(10)).expect("taberna"));
         let rep = a.reporting();
         let mut deltas = vicus::reporting::Counters::default();
@@ -174,10 +133,10 @@ async fn counters_move_by_exactly_the_expected_amounts_and_deltas_add_up_to_tota
 #[tokio::test]
 async fn events_arrive_in_order_for_connect_traffic_and_peer_shutdown() {
     within(async {
-        let mut mesh = Mesh::new();
-        let a = mesh.domus("a").await;
-        let b = mesh.domus("b").await;
-        mesh.route(10, &b);
+        let mut mesh = Mesh::new().expect("mesh");
+        let a = mesh.domus("a").await.expect("domus");
+        let b = mesh.domus("b").await.expect("domus");
+        mesh.route(TabernaId(10), &b).expect("route");
         spawn_worker(b.taberna(TabernaId(10)).expect("taberna"));
         let mut a_events = a.reporting().events();
         let mut b_events = b.reporting().events();
@@ -257,10 +216,10 @@ async fn events_arrive_in_order_for_connect_traffic_and_peer_shutdown() {
 #[tokio::test]
 async fn a_lagging_subscriber_is_told_what_it_missed_and_the_node_keeps_going() {
     within(async {
-        let mut mesh = Mesh::new();
-        let a = mesh.domus("a").await;
-        let b = mesh.domus("b").await;
-        mesh.route(10, &b);
+        let mut mesh = Mesh::new().expect("mesh");
+        let a = mesh.domus("a").await.expect("domus");
+        let b = mesh.domus("b").await.expect("domus");
+        mesh.route(TabernaId(10), &b).expect("route");
         // An inbox of one that nobody reads: every send after the first overruns it.
         let _held = b
             .taberna_with(TabernaId(10), TabernaOptions::default().inbox_depth(1))
@@ -318,11 +277,11 @@ async fn a_lagging_subscriber_is_told_what_it_missed_and_the_node_keeps_going() 
 #[tokio::test]
 async fn live_updates_of_send_timeout_and_inbox_depth_apply_to_the_next_send() {
     within(async {
-        let mut mesh = Mesh::new();
-        let a = mesh.domus("a").await;
-        let b = mesh.domus("b").await;
-        mesh.route(10, &b);
-        mesh.route(11, &b);
+        let mut mesh = Mesh::new().expect("mesh");
+        let a = mesh.domus("a").await.expect("domus");
+        let b = mesh.domus("b").await.expect("domus");
+        mesh.route(TabernaId(10), &b).expect("route");
+        mesh.route(TabernaId(11), &b).expect("route");
         // Taberna 10 never answers; taberna 11 is never read (default depth).
         let silent = b.taberna(TabernaId(10)).expect("taberna");
         let _unread = b.taberna(TabernaId(11)).expect("taberna");
@@ -386,8 +345,8 @@ async fn live_updates_of_send_timeout_and_inbox_depth_apply_to_the_next_send() {
 #[tokio::test]
 async fn t29_invalid_live_updates_are_refused_by_field_and_change_nothing() {
     within(async {
-        let mut mesh = Mesh::new();
-        let a = mesh.domus("a").await;
+        let mut mesh = Mesh::new().expect("mesh");
+        let a = mesh.domus("a").await.expect("domus");
         let before = a.config().snapshot();
         let e = a
             .config()
@@ -409,14 +368,14 @@ async fn t29_invalid_live_updates_are_refused_by_field_and_change_nothing() {
             .expect_err("zero depth");
         assert!(e.message().starts_with("default_inbox_depth"), "{e}");
         assert_eq!(a.config().snapshot(), before, "nothing changed");
-        let b = mesh.domus("b").await;
-        mesh.route(10, &b);
+        let b = mesh.domus("b").await.expect("domus");
+        mesh.route(TabernaId(10), &b).expect("route");
         spawn_worker(b.taberna(TabernaId(10)).expect("taberna"));
         // Invalid material is refused too, and the old material keeps working.
-        let leaf1 = mesh.ca.leaf("a").expect("mint");
-        let leaf2 = mesh.ca.leaf("a").expect("mint");
+        let leaf1 = mesh.ca().leaf("a").expect("mint");
+        let leaf2 = mesh.ca().leaf("a").expect("mint");
         let mismatched = vicus::AuthConfig::from_der(
-            vec![mesh.ca.cert_der().clone()],
+            vec![mesh.ca().cert_der().clone()],
             vec![leaf1.cert_der().clone()],
             leaf2.key_der(),
         )
@@ -427,7 +386,7 @@ async fn t29_invalid_live_updates_are_refused_by_field_and_change_nothing() {
             ErrorId::InvalidAuthMaterial,
             "{mismatched}"
         );
-        let (wrong_name, _) = mesh.ca.domus_auth("not-a").expect("mint");
+        let (wrong_name, _) = mesh.ca().domus_auth("not-a").expect("mint");
         let e = a.reload_auth(wrong_name).expect_err("identity must stay");
         assert_eq!(e.id(), ErrorId::InvalidAuthMaterial);
         // The old material still works, with the old configuration.
@@ -449,15 +408,14 @@ async fn t29_invalid_live_updates_are_refused_by_field_and_change_nothing() {
 #[tokio::test]
 async fn rotation_under_traffic_loses_no_send_and_new_calles_present_the_new_certificate() {
     within(async {
-        let mut mesh = Mesh::new();
-        let a = mesh.domus("a").await;
-        let b_leaf = mesh.ca.leaf("b").expect("mint");
-        let b = mesh
-            .build(mesh.ca.auth_config(&b_leaf).expect("auth"))
-            .await;
-        mesh.route(10, &b);
+        let mut mesh = Mesh::new().expect("mesh");
+        let a = mesh.domus("a").await.expect("domus");
+        let b_leaf = mesh.ca().leaf("b").expect("mint");
+        let auth = mesh.ca().auth_config(&b_leaf).expect("auth");
+        let b = mesh.builder_for(auth).build().await.expect("domus");
+        mesh.route(TabernaId(10), &b).expect("route");
         spawn_worker(b.taberna(TabernaId(10)).expect("taberna"));
-        let probe = transport(&mut mesh.ca, "probe");
+        let probe = transport(mesh.ca(), "probe");
         let first = probe
             .dial(&addr_of(&b), Some(b.identity()))
             .await
@@ -480,8 +438,8 @@ async fn rotation_under_traffic_loses_no_send_and_new_calles_present_the_new_cer
             })
         };
         tokio::time::sleep(Duration::from_millis(200)).await;
-        let new_leaf = mesh.ca.leaf("b").expect("mint");
-        b.reload_auth(mesh.ca.auth_config(&new_leaf).expect("auth"))
+        let new_leaf = mesh.ca().leaf("b").expect("mint");
+        b.reload_auth(mesh.ca().auth_config(&new_leaf).expect("auth"))
             .expect("reload");
         let sent = sender.await.expect("join");
         assert!(sent > 10, "{sent}");
@@ -506,16 +464,14 @@ async fn rotation_under_traffic_loses_no_send_and_new_calles_present_the_new_cer
 #[tokio::test]
 async fn t04_a_crl_reload_closes_a_revoked_peers_calles_and_refuses_its_next_handshake() {
     within(async {
-        let mut mesh = Mesh::new();
-        let a_leaf = mesh.ca.leaf("a").expect("mint");
-        let a = mesh
-            .build(mesh.ca.auth_config(&a_leaf).expect("auth"))
-            .await;
-        let b_leaf = mesh.ca.leaf("b").expect("mint");
-        let b = mesh
-            .build(mesh.ca.auth_config(&b_leaf).expect("auth"))
-            .await;
-        mesh.route(10, &b);
+        let mut mesh = Mesh::new().expect("mesh");
+        let a_leaf = mesh.ca().leaf("a").expect("mint");
+        let auth = mesh.ca().auth_config(&a_leaf).expect("auth");
+        let a = mesh.builder_for(auth).build().await.expect("domus");
+        let b_leaf = mesh.ca().leaf("b").expect("mint");
+        let auth = mesh.ca().auth_config(&b_leaf).expect("auth");
+        let b = mesh.builder_for(auth).build().await.expect("domus");
+        mesh.route(TabernaId(10), &b).expect("route");
         spawn_worker(b.taberna(TabernaId(10)).expect("taberna"));
         assert_eq!(
             a.send(TabernaId(10), APP, Bytes::from_static(b"r"), opts())
@@ -524,11 +480,11 @@ async fn t04_a_crl_reload_closes_a_revoked_peers_calles_and_refuses_its_next_han
             Delivery::Replied(Bytes::from_static(b"ok"))
         );
         let crl = mesh
-            .ca
+            .ca()
             .crl(&[&a_leaf], SystemTime::now() + Duration::from_secs(3600))
             .expect("crl");
         b.reload_auth(
-            mesh.ca
+            mesh.ca()
                 .auth_config(&b_leaf)
                 .expect("auth")
                 .with_crls(vec![crl]),
@@ -610,9 +566,9 @@ async fn t04_a_crl_reload_closes_a_revoked_peers_calles_and_refuses_its_next_han
 /// one replied to, one rejected by the handler, one to a taberna `b` does not have, one to a
 /// taberna whose allow-list excludes `a`, and a 100 KiB blob.
 async fn scripted_exchange(mesh: &Mesh, a: &Domus, b: &Domus) {
-    mesh.route(10, b);
-    mesh.route(11, b);
-    mesh.route(12, b);
+    mesh.route(TabernaId(10), b).expect("route");
+    mesh.route(TabernaId(11), b).expect("route");
+    mesh.route(TabernaId(12), b).expect("route");
     let t = b.taberna(TabernaId(10)).expect("taberna");
     let _closed = b
         .taberna_with(
@@ -692,9 +648,9 @@ async fn settled(a: &Domus, b: &Domus) -> (vicus::reporting::Snapshot, vicus::re
 #[tokio::test]
 async fn received_counts_only_what_reached_a_taberna_and_refusals_are_counted_by_reason() {
     within(async {
-        let mut mesh = Mesh::new();
-        let a = mesh.domus("a").await;
-        let b = mesh.domus("b").await;
+        let mut mesh = Mesh::new().expect("mesh");
+        let a = mesh.domus("a").await.expect("domus");
+        let b = mesh.domus("b").await.expect("domus");
         scripted_exchange(&mesh, &a, &b).await;
         let (sa, sb) = settled(&a, &b).await;
         let (ca, cb) = (&sa.totals, &sb.totals);
@@ -729,9 +685,9 @@ async fn received_counts_only_what_reached_a_taberna_and_refusals_are_counted_by
 #[tokio::test]
 async fn every_byte_written_on_a_callis_is_counted_as_read_on_the_other_end() {
     within(async {
-        let mut mesh = Mesh::new();
-        let a = mesh.domus("a").await;
-        let b = mesh.domus("b").await;
+        let mut mesh = Mesh::new().expect("mesh");
+        let a = mesh.domus("a").await.expect("domus");
+        let b = mesh.domus("b").await.expect("domus");
         scripted_exchange(&mesh, &a, &b).await;
         let (sa, sb) = settled(&a, &b).await;
         let (ca, cb) = (&sa.totals, &sb.totals);
@@ -762,33 +718,33 @@ async fn every_byte_written_on_a_callis_is_counted_as_read_on_the_other_end() {
 #[tokio::test]
 async fn t29_a_chain_its_own_trust_anchors_do_not_verify_is_refused_at_build_and_reload() {
     within(async {
-        let mut mesh = Mesh::new();
+        let mut mesh = Mesh::new().expect("mesh");
         let mut other = ca_named("another CA");
         // a's identity with a key that matches, but signed by a CA a does not trust.
         let stranger = other.leaf("a").expect("mint");
-        let e = Domus::builder(auth_trusting(&mesh.ca, &stranger))
+        let e = Domus::builder(auth_trusting(mesh.ca(), &stranger))
             .build()
             .await
             .expect_err("the builder verifies the domus's own chain");
         assert_eq!(e.id(), ErrorId::InvalidAuthMaterial, "{e}");
         assert!(e.message().contains("trust anchors"), "{e}");
 
-        let a = mesh.domus("a").await;
-        let b = mesh.domus("b").await;
-        mesh.route(10, &b);
-        mesh.route(20, &a);
+        let a = mesh.domus("a").await.expect("domus");
+        let b = mesh.domus("b").await.expect("domus");
+        mesh.route(TabernaId(10), &b).expect("route");
+        mesh.route(TabernaId(20), &a).expect("route");
         spawn_worker(b.taberna(TabernaId(10)).expect("taberna"));
         spawn_worker(a.taberna(TabernaId(20)).expect("taberna"));
         let mut events = a.reporting().events();
         let seq = a.reporting().last_error_seq();
         let e = a
-            .reload_auth(auth_trusting(&mesh.ca, &stranger))
+            .reload_auth(auth_trusting(mesh.ca(), &stranger))
             .expect_err("reload_auth verifies the new chain");
         assert_eq!(e.id(), ErrorId::InvalidAuthMaterial, "{e}");
         assert!(e.message().contains("trust anchors"), "{e}");
         let e = a
             .transport()
-            .reload_auth(auth_trusting(&mesh.ca, &stranger))
+            .reload_auth(auth_trusting(mesh.ca(), &stranger))
             .expect_err("so does the transport's");
         assert_eq!(e.id(), ErrorId::InvalidAuthMaterial, "{e}");
         while let Some(item) = events.try_recv() {
@@ -810,7 +766,7 @@ async fn t29_a_chain_its_own_trust_anchors_do_not_verify_is_refused_at_build_and
             .await
             .expect("the old material still serves");
         }
-        let probe = transport(&mut mesh.ca, "probe");
+        let probe = transport(mesh.ca(), "probe");
         probe
             .dial(&addr_of(&a), Some(a.identity()))
             .await

@@ -1,6 +1,7 @@
 //! Shared support for the loopback integration tests: a CA and identities minted per test,
-//! a deadline wrapper every async test runs under, and small socket helpers.
-#![allow(dead_code, unreachable_pub)]
+//! a deadline wrapper every async test runs under, and small socket helpers. The mesh and the
+//! fault proxy are the public ones from `vicus::testing` (feature `test-util`).
+#![allow(dead_code, unreachable_pub, unused_imports)]
 
 use std::future::Future;
 use std::time::Duration;
@@ -123,7 +124,7 @@ pub fn tempdir() -> std::path::PathBuf {
     std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700)).expect("chmod");
     dir
 }
-pub mod proxy;
+pub use vicus::testing::{FaultProxy, Mesh};
 
 /// The address a listening domus is bound to (every test domus listens unless built
 /// `dial_only`).

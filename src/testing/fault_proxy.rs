@@ -1,15 +1,17 @@
-//! An in-process TCP fault-injection proxy for the loopback integration tests.
+//! A TCP proxy that injects faults between two domus (or any TCP client and server).
 //!
-//! [`Proxy::start`] listens on an ephemeral 127.0.0.1 port and relays every accepted connection
-//! to one upstream address. While it runs, a test can cut every live connection, cut each new
-//! connection after N client→server bytes, stall traffic (blackhole), refuse new connections,
-//! or delay every chunk. The faults are deterministic (no randomness), so a failing test replays.
+//! [`FaultProxy::start`] listens on an ephemeral 127.0.0.1 port and relays every accepted
+//! connection to one upstream address. While it runs, a test can cut every live connection
+//! (a reset on both sides), cut each new connection after N client→server bytes, blackhole
+//! traffic (stop forwarding; no FIN, no reset, as a dead link or a frozen host looks), refuse
+//! new connections, delay every chunk, or throttle each direction to a byte rate. The faults
+//! are deterministic (no randomness), so a failing test replays.
 //!
-//! What it must not do: it is test support only, never used outside `tests/` and never bound to
-//! anything but loopback. It must not leak tasks: dropping the [`Proxy`] stops accepting, cuts
-//! every connection and aborts every task it spawned. It must not panic on IO: an error just
-//! closes that one connection. It must not wait without a bound: connecting upstream has a
-//! deadline, and every other wait ends at the latest when the test cuts or drops the proxy.
+//! What it must not do: it binds loopback only. It must not leak tasks: dropping the
+//! [`FaultProxy`] stops accepting, resets every connection and aborts every task it spawned.
+//! It must not panic on IO: an error closes that one connection. It must not wait without a
+//! bound: connecting upstream has a deadline, and every other wait ends at the latest when
+//! the test cuts or drops the proxy.
 
 use std::io;
 use std::net::SocketAddr;
@@ -33,7 +35,7 @@ const CHUNK: usize = 16 * 1024;
 const NO_LIMIT: u64 = u64::MAX;
 
 /// A running fault proxy; see the module docs. Dropping it closes everything.
-pub struct Proxy {
+pub struct FaultProxy {
     addr: SocketAddr,
     shared: Arc<Shared>,
     stop: CancellationToken,
@@ -47,6 +49,8 @@ struct Shared {
     blackhole: AtomicBool,
     refuse: AtomicBool,
     delay_nanos: AtomicU64,
+    /// Bytes per second per direction of each connection; 0 = unlimited.
+    rate: AtomicU64,
     open: AtomicUsize,
     accepted: AtomicU64,
     /// The token of the connections accepted since the last `cut_all`; a child of `stop`.
@@ -61,31 +65,30 @@ impl Shared {
     }
 }
 
-impl Proxy {
+impl FaultProxy {
     /// Binds 127.0.0.1:0 and relays every accepted connection to `upstream`.
-    pub async fn start(upstream: SocketAddr) -> Proxy {
-        let listener = TcpListener::bind(("127.0.0.1", 0))
-            .await
-            .expect("bind the fault proxy on loopback");
-        let addr = listener.local_addr().expect("fault proxy address");
+    pub async fn start(upstream: SocketAddr) -> io::Result<FaultProxy> {
+        let listener = TcpListener::bind(("127.0.0.1", 0)).await?;
+        let addr = listener.local_addr()?;
         let stop = CancellationToken::new();
         let shared = Arc::new(Shared {
             cut_after: AtomicU64::new(NO_LIMIT),
             blackhole: AtomicBool::new(false),
             refuse: AtomicBool::new(false),
             delay_nanos: AtomicU64::new(0),
+            rate: AtomicU64::new(0),
             open: AtomicUsize::new(0),
             accepted: AtomicU64::new(0),
             generation: Mutex::new(stop.child_token()),
         });
         let accept = accept_loop(listener, upstream, Arc::clone(&shared), stop.clone());
         let accept_task = tokio::spawn(accept);
-        Proxy {
+        Ok(FaultProxy {
             addr,
             shared,
             stop,
             accept_task,
-        }
+        })
     }
 
     /// The address clients should connect to instead of the upstream.
@@ -124,6 +127,14 @@ impl Proxy {
         self.shared.delay_nanos.store(nanos, Ordering::SeqCst);
     }
 
+    /// Limits each direction of every connection to about `bytes_per_second` (checked per
+    /// chunk forwarded); `None` removes the limit.
+    pub fn set_throttle(&self, bytes_per_second: Option<u64>) {
+        // 0 stores "unlimited", so a requested rate of 0 becomes the slowest one, 1 B/s.
+        let rate = bytes_per_second.map_or(0, |r| r.max(1));
+        self.shared.rate.store(rate, Ordering::SeqCst);
+    }
+
     /// How many relayed connections are open now (refused ones are never counted).
     pub fn connections(&self) -> usize {
         self.shared.open.load(Ordering::SeqCst)
@@ -135,7 +146,16 @@ impl Proxy {
     }
 }
 
-impl Drop for Proxy {
+impl std::fmt::Debug for FaultProxy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FaultProxy")
+            .field("addr", &self.addr)
+            .field("connections", &self.connections())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Drop for FaultProxy {
     fn drop(&mut self) {
         // Cancelling lets each relay reset its sockets; aborting the accept task drops its
         // listener and its `JoinSet`, which aborts any relay that has not finished yet.
@@ -247,9 +267,15 @@ async fn pump(
         if !delay.is_zero() {
             tokio::time::sleep(delay).await;
         }
-        let allowed = usize::try_from(limit - forwarded).map_or(n, |left| left.min(n));
-        to.write_all(&buf[..allowed]).await?;
-        forwarded += allowed as u64;
+        let left = limit.saturating_sub(forwarded);
+        let allowed = usize::try_from(left).map_or(n, |left| left.min(n));
+        to.write_all(buf.get(..allowed).unwrap_or_default()).await?;
+        forwarded = forwarded.saturating_add(allowed as u64);
+        let rate = shared.rate.load(Ordering::SeqCst);
+        if rate > 0 {
+            // The chunk just forwarded takes its share of the second before the next read.
+            tokio::time::sleep(Duration::from_secs_f64(allowed as f64 / rate as f64)).await;
+        }
     }
 }
 
