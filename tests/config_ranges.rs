@@ -213,6 +213,11 @@ fn transport_rows() -> Vec<Row<TransportConfig>> {
             Outside(|c| c.handshake_timeout = 5 * MIN + NS),
         ),
         row(
+            "client_hello_timeout",
+            Outside(|c| c.client_hello_timeout = 10 * MS - NS),
+            Outside(|c| c.client_hello_timeout = MIN + NS),
+        ),
+        row(
             "connect_timeout",
             Outside(|c| c.connect_timeout = 10 * MS - NS),
             Outside(|c| c.connect_timeout = 5 * MIN + NS),

@@ -2,6 +2,13 @@
 //! may connect (a token bucket, T9), how many handshakes may be in progress at once, in total
 //! and per source (T7), plus the listener's counters.
 //!
+//! When the gate is full, a newcomer may take the slot of the oldest connection that is still
+//! *silent* — admitted at least `evict_after` ago and not yet through its TLS ClientHello: that
+//! connection's permit is told to give up (its handshake ends at once) and its slot passes to
+//! the newcomer. A crowd of slow clients from many addresses then cannot keep a good peer out:
+//! a good peer sends its ClientHello within a round trip of connecting and stops being
+//! silent, while the crowd's sockets age past `evict_after` and make room.
+//!
 //! A connection is admitted or refused the moment it is accepted, before any TLS work and
 //! before any task is spawned for it; a refused socket is simply closed. An admitted
 //! connection holds an [`AdmissionPermit`] until its handshake ends (successfully or not), and
@@ -9,12 +16,14 @@
 //! instructions, never across an `.await`. [`Tally`] (counts per key and in total) also serves
 //! the domus's count of calles waiting for their first frame.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::hash::Hash;
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
-use std::time::Instant;
+use std::time::{Duration, Instant};
+
+use tokio_util::sync::CancellationToken;
 
 /// Rate buckets kept at most; past that, buckets that have refilled are forgotten, and if
 /// every one is still in use a new source is refused (a crowd of that size is a flood).
@@ -92,6 +101,18 @@ impl<K: Eq + Hash + Clone> Tally<K> {
 struct Table {
     pending: Tally<Source>,
     buckets: HashMap<Source, Bucket>,
+    /// Admitted connections not yet through their ClientHello, by admission order.
+    silent: BTreeMap<u64, Silent>,
+    /// The next permit's sequence number.
+    next_seq: u64,
+}
+
+/// An admitted connection that has not sent its ClientHello yet.
+struct Silent {
+    source: Source,
+    /// Microseconds since the gate started, at admission.
+    since_us: u64,
+    evict: CancellationToken,
 }
 
 /// One source's connect budget: `rate` tokens a second, at most `rate` saved up.
@@ -141,6 +162,8 @@ pub(crate) struct Counters {
     pub(crate) handshakes_ok: AtomicU64,
     pub(crate) handshakes_failed: AtomicU64,
     pub(crate) handshake_timeouts: AtomicU64,
+    pub(crate) client_hello_timeouts: AtomicU64,
+    pub(crate) evicted_silent: AtomicU64,
 }
 
 impl Counters {
@@ -170,14 +193,22 @@ pub struct ListenerStats {
     pub handshakes_ok: u64,
     /// Handshakes that failed (bad certificate, wrong protocol, peer hung up, …).
     pub handshakes_failed: u64,
-    /// Handshakes that did not finish before `handshake_timeout`.
+    /// Handshakes that did not finish before `handshake_timeout` (or did not get through
+    /// their ClientHello before `client_hello_timeout`, counted in both).
     pub handshake_timeouts: u64,
+    /// Connections that sent no complete ClientHello within `client_hello_timeout`.
+    pub client_hello_timeouts: u64,
+    /// Silent connections (no ClientHello yet, older than a quarter of
+    /// `client_hello_timeout`) closed to make room for a newcomer while the gate was full.
+    pub evicted_silent: u64,
 }
 
 /// The gate shared by a listener and the permits it hands out.
 pub(crate) struct Gate {
     max_total: usize,
     max_per_source: usize,
+    /// How long a connection must have been silent before a newcomer may evict it.
+    evict_after_us: u64,
     /// Connects a second (and burst) allowed per source.
     rate: u64,
     started: Instant,
@@ -186,10 +217,19 @@ pub(crate) struct Gate {
 }
 
 impl Gate {
-    pub(crate) fn new(max_total: usize, max_per_source: usize, rate: u32) -> Self {
+    /// A gate for at most `max_total` handshakes (`max_per_source` per source), `rate`
+    /// connects a second per source; a connection silent for `evict_after` may be evicted
+    /// for a newcomer when the gate is full.
+    pub(crate) fn new(
+        max_total: usize,
+        max_per_source: usize,
+        rate: u32,
+        evict_after: Duration,
+    ) -> Self {
         Self {
             max_total,
             max_per_source,
+            evict_after_us: u64::try_from(evict_after.as_micros()).unwrap_or(u64::MAX),
             rate: u64::from(rate.max(1)),
             started: Instant::now(),
             table: Mutex::new(Table::default()),
@@ -215,7 +255,10 @@ impl Gate {
             Counters::bump(&self.counters.refused_rate);
             return Err(Refusal::Rate);
         }
-        if table.pending.total() >= self.max_total {
+        if table.pending.total() >= self.max_total
+            && (table.pending.count(&source) >= self.max_per_source
+                || !self.evict_oldest_silent(&mut table, now_us))
+        {
             Counters::bump(&self.counters.refused_global);
             return Err(Refusal::Global);
         }
@@ -224,11 +267,40 @@ impl Gate {
             return Err(Refusal::PerSource);
         }
         table.pending.add(&source);
+        let seq = table.next_seq;
+        table.next_seq = seq.wrapping_add(1);
+        let evict = CancellationToken::new();
+        table.silent.insert(
+            seq,
+            Silent {
+                source,
+                since_us: now_us,
+                evict: evict.clone(),
+            },
+        );
         Counters::bump(&self.counters.admitted);
         Ok(AdmissionPermit {
             gate: Arc::clone(self),
             source,
+            seq,
+            evict,
         })
+    }
+
+    /// Frees the slot of the oldest silent connection, if it has been silent for at least
+    /// `evict_after`, and tells its permit; false when there is none that old.
+    fn evict_oldest_silent(&self, table: &mut Table, now_us: u64) -> bool {
+        let Some(oldest) = table.silent.first_entry() else {
+            return false;
+        };
+        if now_us.saturating_sub(oldest.get().since_us) < self.evict_after_us {
+            return false;
+        }
+        let victim = oldest.remove();
+        table.pending.remove(&victim.source);
+        victim.evict.cancel();
+        Counters::bump(&self.counters.evicted_silent);
+        true
     }
 
     /// Microseconds from the gate's start to `at` (the buckets' clock).
@@ -274,19 +346,45 @@ impl Gate {
             handshakes_ok: c.handshakes_ok.load(Ordering::Relaxed),
             handshakes_failed: c.handshakes_failed.load(Ordering::Relaxed),
             handshake_timeouts: c.handshake_timeouts.load(Ordering::Relaxed),
+            client_hello_timeouts: c.client_hello_timeouts.load(Ordering::Relaxed),
+            evicted_silent: c.evicted_silent.load(Ordering::Relaxed),
         }
     }
 }
 
 /// A slot in the gate, held while one handshake is in progress; dropping it frees the slot.
+/// Until [`hello_received`](Self::hello_received) the connection counts as silent and the
+/// gate may evict it: [`evicted`](Self::evicted) then fires and the slot is already free.
 pub(crate) struct AdmissionPermit {
     gate: Arc<Gate>,
     source: Source,
+    seq: u64,
+    evict: CancellationToken,
 }
 
 impl AdmissionPermit {
     pub(crate) fn gate(&self) -> &Gate {
         &self.gate
+    }
+
+    /// The connection got through its ClientHello: it can no longer be evicted. False when
+    /// the gate evicted it first (its slot is gone: the handshake must not go on).
+    pub(crate) fn hello_received(&self) -> bool {
+        let mut table = self
+            .gate
+            .table
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if self.evict.is_cancelled() {
+            return false;
+        }
+        table.silent.remove(&self.seq);
+        true
+    }
+
+    /// Fires when the gate evicted this connection to make room (its slot is free already).
+    pub(crate) fn evicted(&self) -> &CancellationToken {
+        &self.evict
     }
 }
 
@@ -297,7 +395,11 @@ impl Drop for AdmissionPermit {
             .table
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
-        table.pending.remove(&self.source);
+        // An evicted permit's slot was freed (under this lock) when it was evicted.
+        if !self.evict.is_cancelled() {
+            table.pending.remove(&self.source);
+            table.silent.remove(&self.seq);
+        }
     }
 }
 
@@ -307,7 +409,7 @@ mod tests {
 
     #[test]
     fn t07_limits_hold_and_permits_free_their_slot() {
-        let gate = Arc::new(Gate::new(3, 2, 1000));
+        let gate = Arc::new(Gate::new(3, 2, 1000, Duration::from_secs(1)));
         let a = Source::Ip("127.0.0.2".parse().unwrap());
         let b = Source::Uid(1000);
         let p1 = gate.try_admit(a).unwrap();
@@ -332,9 +434,56 @@ mod tests {
     }
 
     #[test]
+    fn t07_a_full_gate_evicts_the_oldest_silent_connection_once_it_is_old_enough() {
+        let gate = Arc::new(Gate::new(2, 2, 1000, Duration::from_millis(100)));
+        let t0 = Instant::now();
+        let at = |ms| t0 + Duration::from_millis(ms);
+        let crowd = Source::Ip("127.0.0.2".parse().unwrap());
+        let good = Source::Ip("127.0.0.3".parse().unwrap());
+        let a = gate.try_admit_at(crowd, at(0)).unwrap();
+        let b = gate.try_admit_at(crowd, at(10)).unwrap();
+        // Full, and nobody has been silent long enough yet.
+        assert_eq!(gate.try_admit_at(good, at(50)).err(), Some(Refusal::Global));
+        assert!(!a.evicted().is_cancelled());
+        // a has: the newcomer takes its slot, a is told, the count stays at the limit.
+        let c = gate.try_admit_at(good, at(150)).unwrap();
+        assert!(a.evicted().is_cancelled());
+        assert!(!b.evicted().is_cancelled());
+        assert_eq!(gate.stats().pending_handshakes, 2);
+        drop(a);
+        assert_eq!(
+            gate.stats().pending_handshakes,
+            2,
+            "a's slot was freed once"
+        );
+        // b got through its ClientHello: never evicted; c is the oldest silent one now.
+        assert!(b.hello_received());
+        let d = gate.try_admit_at(crowd, at(400)).unwrap();
+        assert!(c.evicted().is_cancelled());
+        assert!(!b.evicted().is_cancelled());
+        drop((b, c, d));
+        let stats = gate.stats();
+        assert_eq!((stats.evicted_silent, stats.pending_handshakes), (2, 0));
+        assert!(gate.table.lock().unwrap().silent.is_empty());
+    }
+
+    #[test]
+    fn t07_a_newcomer_over_its_sources_limit_evicts_nobody() {
+        let gate = Arc::new(Gate::new(2, 1, 1000, Duration::from_millis(100)));
+        let t0 = Instant::now();
+        let crowd = Source::Ip("127.0.0.2".parse().unwrap());
+        let good = Source::Ip("127.0.0.3".parse().unwrap());
+        let x = gate.try_admit_at(crowd, t0).unwrap();
+        let y = gate.try_admit_at(good, t0).unwrap();
+        let later = t0 + Duration::from_secs(1);
+        assert_eq!(gate.try_admit_at(crowd, later).err(), Some(Refusal::Global));
+        assert!(!x.evicted().is_cancelled() && !y.evicted().is_cancelled());
+        assert_eq!(gate.stats().evicted_silent, 0);
+    }
+
+    #[test]
     fn t09_a_source_connecting_faster_than_its_rate_is_refused_and_others_are_not() {
-        use std::time::Duration;
-        let gate = Arc::new(Gate::new(1000, 1000, 10));
+        let gate = Arc::new(Gate::new(1000, 1000, 10, Duration::from_secs(1)));
         let t0 = Instant::now();
         let a = Source::Ip("127.0.0.2".parse().unwrap());
         let b = Source::Ip("127.0.0.3".parse().unwrap());
@@ -367,8 +516,7 @@ mod tests {
 
     #[test]
     fn t09_the_bucket_table_is_bounded_and_forgets_refilled_sources() {
-        use std::time::Duration;
-        let gate = Arc::new(Gate::new(1, 1, 5));
+        let gate = Arc::new(Gate::new(1, 1, 5, Duration::from_secs(1)));
         let t0 = Instant::now();
         let mut table = Table::default();
         for i in 0..MAX_BUCKETS as u32 {

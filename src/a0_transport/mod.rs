@@ -52,7 +52,7 @@ pub use tls::{ALPN_PROTOCOL, DEFAULT_CRYPTO_PROVIDER, default_crypto_provider};
 pub(crate) use admission::Tally;
 use admission::{AdmissionPermit, Counters, Gate, Source};
 use stream::Socket;
-use tls::{Deadline, HandshakeContext, LoadedMaterial};
+use tls::{Deadline, HandshakeContext, HelloWait, LoadedMaterial};
 
 use crate::error::{Error, ErrorId};
 
@@ -66,6 +66,15 @@ pub struct TransportConfig {
     /// Default 10 s; 100 ms to 5 min. It bounds how long a silent or slow client can hold a
     /// pre-authentication slot.
     pub handshake_timeout: Duration,
+    /// The deadline for a connection's TLS ClientHello, from accept: a client that has not
+    /// sent a complete one by then is closed. Default 1 s; 10 ms to 60 s (a longer value
+    /// than `handshake_timeout` changes nothing). It also decides which connections a full
+    /// pre-authentication gate may close to admit a newcomer: those silent (no ClientHello
+    /// yet) for at least a quarter of it, oldest first. A good peer sends its ClientHello
+    /// within one round trip of connecting, so this only needs to exceed the slowest round
+    /// trip of a legitimate peer (with margin); shorter values free the gate from a crowd of
+    /// silent sockets sooner.
+    pub client_hello_timeout: Duration,
     /// The deadline for the TCP/Unix connect (and name resolution) when dialling.
     /// Default 5 s; 10 ms to 5 min.
     pub connect_timeout: Duration,
@@ -97,6 +106,7 @@ impl Default for TransportConfig {
     fn default() -> Self {
         Self {
             handshake_timeout: Duration::from_secs(10),
+            client_hello_timeout: Duration::from_secs(1),
             connect_timeout: Duration::from_secs(5),
             max_pending_handshakes: 256,
             max_pending_handshakes_per_source: 32,
@@ -126,6 +136,12 @@ impl TransportConfig {
             self.handshake_timeout,
             Duration::from_millis(100),
             Duration::from_secs(300),
+        )?;
+        within(
+            "client_hello_timeout",
+            self.client_hello_timeout,
+            Duration::from_millis(10),
+            Duration::from_secs(60),
         )?;
         within(
             "connect_timeout",
@@ -288,6 +304,10 @@ impl Transport {
         let deadline = Deadline::after(self.shared.config.handshake_timeout);
         let material = self.shared.material.load_full();
         let policy = self.shared.policy.load_full();
+        let hello = HelloWait {
+            timeout: self.shared.config.client_hello_timeout,
+            permit: None,
+        };
         self.shared
             .ctx
             .accept(
@@ -296,6 +316,7 @@ impl Transport {
                 Socket::Other(Box::new(io)),
                 None,
                 deadline,
+                hello,
             )
             .await
     }
@@ -342,6 +363,7 @@ impl Transport {
                 config.max_pending_handshakes,
                 config.max_pending_handshakes_per_source,
                 config.max_connects_per_second_per_source,
+                config.client_hello_timeout.checked_div(4).unwrap_or_default(),
             )),
             local_addr,
             _socket_file: guard,
@@ -572,9 +594,13 @@ impl Incoming {
         } = self;
         let material = shared.material.load_full();
         let policy = shared.policy.load_full();
+        let hello = HelloWait {
+            timeout: shared.config.client_hello_timeout,
+            permit: Some(&permit),
+        };
         let result = shared
             .ctx
-            .accept(&material, policy, socket, unix_creds, deadline)
+            .accept(&material, policy, socket, unix_creds, deadline, hello)
             .await;
         let counters = &permit.gate().counters;
         match &result {

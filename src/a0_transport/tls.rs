@@ -26,8 +26,9 @@ use rustls::sign::{CertifiedKey, SingleCertAndKey};
 use rustls::{AlertDescription, ClientConfig, ServerConfig};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::time::Instant;
-use tokio_rustls::{TlsAcceptor, TlsConnector};
+use tokio_rustls::{LazyConfigAcceptor, StartHandshake, TlsConnector};
 
+use super::admission::{AdmissionPermit, Counters};
 use super::identity::{CertFingerprint, DomusId, PeerIdentity, TrustPolicy, UnixCredentials};
 use super::material::AuthConfig;
 use super::stream::{AuthenticatedStream, Socket};
@@ -285,7 +286,9 @@ impl HandshakeContext {
         CertFingerprint(out)
     }
 
-    /// Runs the listener side of the handshake on an admitted socket, until `deadline`.
+    /// Runs the listener side of the handshake on an admitted socket, until `deadline`; the
+    /// ClientHello must arrive within `hello.timeout` (and, for a socket admitted by the
+    /// gate, before the gate evicts it to make room).
     pub(crate) async fn accept(
         &self,
         material: &LoadedMaterial,
@@ -293,13 +296,14 @@ impl HandshakeContext {
         socket: Socket,
         unix: Option<UnixCredentials>,
         deadline: Deadline,
+        hello: HelloWait<'_>,
     ) -> Result<AuthenticatedStream, Error> {
         let verifier = Arc::new(PeerVerifier::new(material.store.clone(), policy, None));
-        let config = self.server_config(material, verifier.clone())?;
-        let acceptor = TlsAcceptor::from(Arc::new(config));
         let work = async {
-            let mut tls = acceptor
-                .accept(socket)
+            let start = hello.wait(socket, deadline.at).await?;
+            let config = self.server_config(material, verifier.clone())?;
+            let mut tls = start
+                .into_stream(Arc::new(config))
                 .await
                 .map_err(|e| handshake_error(&e, &verifier))?;
             let (_, conn) = tls.get_ref();
@@ -413,6 +417,72 @@ fn check_verdict(verdict: [u8; 4]) -> Result<(), Error> {
 }
 
 /// Turns a failed handshake into the most specific [`Error`] this side can know.
+/// How the listener waits for a connection's TLS ClientHello: a deadline of its own
+/// (`client_hello_timeout`), shorter than the whole handshake's, and for a socket the gate
+/// admitted, its permit, which the gate may evict while the socket is silent.
+pub(crate) struct HelloWait<'a> {
+    pub(crate) timeout: Duration,
+    pub(crate) permit: Option<&'a AdmissionPermit>,
+}
+
+impl HelloWait<'_> {
+    /// Reads the ClientHello (nothing else) and marks the permit as no longer silent.
+    async fn wait(
+        self,
+        socket: Socket,
+        handshake_at: Instant,
+    ) -> Result<StartHandshake<Socket>, Error> {
+        let read = LazyConfigAcceptor::new(rustls::server::Acceptor::default(), socket);
+        let at = Instant::now()
+            .checked_add(self.timeout)
+            .map_or(handshake_at, |at| at.min(handshake_at));
+        let evicted = async {
+            match self.permit {
+                Some(permit) => permit.evicted().cancelled().await,
+                None => std::future::pending().await,
+            }
+        };
+        let start = tokio::select! {
+            biased;
+            () = evicted => return Err(Self::evicted_error()),
+            read = tokio::time::timeout_at(at, read) => match read {
+                Ok(Ok(start)) => start,
+                Ok(Err(e)) => {
+                    return Err(Error::new(
+                        ErrorId::HandshakeFailed,
+                        format!("reading the ClientHello failed: {e}; the peer is not speaking TLS 1.3 or closed the connection"),
+                    ));
+                }
+                Err(_) => {
+                    if let Some(permit) = self.permit {
+                        Counters::bump(&permit.gate().counters.client_hello_timeouts);
+                    }
+                    return Err(Error::new(
+                        ErrorId::HandshakeTimeout,
+                        format!(
+                            "no complete TLS ClientHello within {:?} (client_hello_timeout); the peer is slow, stalled or not speaking TLS",
+                            self.timeout
+                        ),
+                    ));
+                }
+            },
+        };
+        if let Some(permit) = self.permit {
+            if !permit.hello_received() {
+                return Err(Self::evicted_error());
+            }
+        }
+        Ok(start)
+    }
+
+    fn evicted_error() -> Error {
+        Error::new(
+            ErrorId::HandshakeTimeout,
+            "closed before its ClientHello arrived: the pre-authentication gate was full and this connection had been silent longest (see client_hello_timeout)",
+        )
+    }
+}
+
 fn handshake_error(err: &io::Error, verifier: &PeerVerifier) -> Error {
     if let Some(detail) = verifier.take_detail() {
         return detail;

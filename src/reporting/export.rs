@@ -71,6 +71,8 @@ impl Reporting {
             ("handshakes_ok", l.handshakes_ok),
             ("handshakes_failed", l.handshakes_failed),
             ("handshake_timeouts", l.handshake_timeouts),
+            ("client_hello_timeouts", l.client_hello_timeouts),
+            ("evicted_silent", l.evicted_silent),
         ] {
             metrics::counter!(format!("vicus_listener_{name}_total"), "domus" => domus.clone())
                 .absolute(value);
