@@ -1827,3 +1827,102 @@ async fn a_window_yields_in_send_order_when_answers_come_out_of_order_and_loses_
     })
     .await;
 }
+
+/// Waits for `PeerDisconnected` about `peer` on `events` and returns its reason.
+async fn disconnected_reason(
+    events: &mut vicus::reporting::EventReceiver,
+    peer: &vicus::DomusId,
+) -> Option<vicus::Error> {
+    use vicus::reporting::{Event, FeedItem};
+    loop {
+        match events.recv().await {
+            Some(FeedItem::Item(Event::PeerDisconnected { peer: p, reason })) if &p == peer => {
+                return reason;
+            }
+            Some(_) => {}
+            None => panic!("the event feed ended"),
+        }
+    }
+}
+
+/// Issue 13: a half-open callis (the link goes dark: no FIN, no reset, nothing gets through)
+/// is found by `idle_timeout` on both sides, and the messages written into the dark are
+/// replayed on the next callis once the link is back, each delivered exactly once.
+#[tokio::test]
+async fn a_half_open_callis_is_found_by_idle_timeout_on_both_sides_and_its_messages_are_replayed() {
+    within(async {
+        let mut mesh = Mesh::new().expect("mesh");
+        let mut config = Mesh::test_config();
+        config.keepalive_interval = Duration::from_millis(50);
+        config.idle_timeout = Duration::from_millis(400);
+        mesh.set_config(config);
+        let a = mesh.domus("a").await.expect("domus");
+        let b = mesh.domus("b").await.expect("domus");
+        let proxy = mesh
+            .route_through_proxy(TabernaId(10), &b)
+            .await
+            .expect("proxy");
+        let t = b.taberna(TabernaId(10)).expect("taberna");
+        let (seen_tx, mut seen_rx) = tokio::sync::mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            while let Some(req) = t.recv().await {
+                let _ = seen_tx.send(req.payload().clone());
+                req.accept();
+            }
+        });
+        let first = a
+            .send(
+                TabernaId(10),
+                APP,
+                Bytes::from_static(b"0"),
+                send_opts(5_000),
+            )
+            .await
+            .expect("before the link goes dark");
+        assert_eq!(first, Delivery::Accepted);
+        let mut a_events = a.reporting().events();
+        let mut b_events = b.reporting().events();
+
+        proxy.set_blackhole(true);
+        let dark = tokio::time::Instant::now();
+        let sends: Vec<_> = (1..=10u8)
+            .map(|n| {
+                tokio::spawn(a.send(TabernaId(10), APP, Bytes::from(vec![n]), send_opts(15_000)))
+            })
+            .collect();
+        // Both ends notice on their own, from silence alone.
+        let (a_reason, b_reason) = tokio::join!(
+            disconnected_reason(&mut a_events, b.identity()),
+            disconnected_reason(&mut b_events, a.identity()),
+        );
+        let found = dark.elapsed();
+        for reason in [a_reason, b_reason] {
+            let reason = reason.expect("a reason");
+            assert_eq!(reason.id(), ErrorId::ConnectionLost, "{reason}");
+            assert!(reason.message().contains("idle_timeout"), "{reason}");
+        }
+        assert!(found >= Duration::from_millis(400), "found after {found:?}");
+        println!("half-open callis found by both ends {found:?} after the link went dark");
+
+        // The link comes back; connections stuck on the dark path are reset.
+        proxy.set_blackhole(false);
+        proxy.cut_all();
+        for send in sends {
+            let out = send
+                .await
+                .expect("join")
+                .expect("replayed on the next callis");
+            assert_eq!(out, Delivery::Accepted);
+        }
+        let mut seen = Vec::new();
+        while let Ok(p) = seen_rx.try_recv() {
+            seen.push(p);
+        }
+        seen.sort();
+        let mut want: Vec<Bytes> = (1..=10u8).map(|n| Bytes::from(vec![n])).collect();
+        want.push(Bytes::from_static(b"0"));
+        want.sort();
+        assert_eq!(seen, want, "each message delivered exactly once");
+    })
+    .await;
+}

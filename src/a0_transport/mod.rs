@@ -363,7 +363,10 @@ impl Transport {
                 config.max_pending_handshakes,
                 config.max_pending_handshakes_per_source,
                 config.max_connects_per_second_per_source,
-                config.client_hello_timeout.checked_div(4).unwrap_or_default(),
+                config
+                    .client_hello_timeout
+                    .checked_div(4)
+                    .unwrap_or_default(),
             )),
             local_addr,
             _socket_file: guard,

@@ -111,7 +111,10 @@ impl FaultProxy {
         self.shared.cut_after.store(n, Ordering::SeqCst);
     }
 
-    /// While on, bytes are read and discarded in both directions; connections stay open.
+    /// While on, bytes are read and discarded in both directions and a side's FIN is not
+    /// passed on: connections stay open and each side sees only silence, as over a dead link
+    /// (a connection one side closed meanwhile stays half-open until [`cut_all`](Self::cut_all)
+    /// or the proxy is dropped).
     pub fn set_blackhole(&self, on: bool) {
         self.shared.blackhole.store(on, Ordering::SeqCst);
     }
@@ -258,6 +261,11 @@ async fn pump(
         }
         let n = from.read(&mut buf).await?;
         if n == 0 {
+            if shared.blackhole.load(Ordering::SeqCst) {
+                // A dark link carries no FIN either: the other side learns nothing until
+                // the test cuts or drops the proxy.
+                std::future::pending::<()>().await;
+            }
             return to.shutdown().await;
         }
         if shared.blackhole.load(Ordering::SeqCst) {
