@@ -127,6 +127,16 @@
 //!   senders' unanswered and waiting sends end at once with `PeerShutDown` (not delivered), and
 //!   later sends dial it once: while it cannot be reached they fail at once with `PeerShutDown`
 //!   carrying the dial error, and once it is back (a new run) they are sent as usual.
+//! * **Forgetting a peer.** A domus forgets a peer it no longer talks to — its driver, its
+//!   session, its dedupe state — once no callis is open or being dialled and nothing is in
+//!   flight either way: at once when the peer shut down (its CLOSE said so) or has said
+//!   (DONE_BELOW) that it waits for no answer, else `DomusConfig::peer_retire_after` (default
+//!   1 h, the longest send timeout) after its last callis closed. Peers that come and go thus
+//!   cost nothing once gone. A forgotten peer that comes back gets a fresh session whose
+//!   message ids start above every id used before, so its own dedupe state never mistakes a
+//!   new message for an old one. The wait protects exactly-once: a peer may replay a message
+//!   whose answer it never got until that send's deadline, so set `peer_retire_after` no
+//!   lower than the longest send timeout your peers use.
 //! * Messages to one peer are delivered in send order within a priority class (A2 before A3);
 //!   answers may come back in any order.
 //! * A send to a taberna on the same domus takes the same path minus the network: same

@@ -202,6 +202,11 @@ fn domus_rows() -> Vec<Row<DomusConfig>> {
             Outside(|c| c.max_callis_age = Some(100 * MS - NS)),
             Outside(|c| c.max_callis_age = Some(365 * 24 * 60 * MIN + NS)),
         ),
+        row(
+            "peer_retire_after",
+            Outside(|c| c.peer_retire_after = 1000 * MS - NS),
+            Outside(|c| c.peer_retire_after = 7 * 24 * 60 * MIN + NS),
+        ),
     ]
 }
 

@@ -528,10 +528,38 @@ impl Session {
         self.retained.shrink_if_empty();
     }
 
-    /// Starts the ids at `first` (tests of id arithmetic).
+    /// Starts the ids at `first`: a session made for a peer this domus forgot earlier
+    /// starts above every id any earlier session used (the peer may still remember those),
+    /// and tests of id arithmetic start anywhere.
     pub fn with_first_id(mut self, first: u64) -> Self {
         self.next_id = first.max(1);
         self
+    }
+
+    /// The id the next message will get: every id this session used is below it.
+    pub fn next_id(&self) -> u64 {
+        self.next_id
+    }
+
+    /// Whether forgetting this session now loses nothing this side holds: no message of
+    /// ours is unanswered or queued, no delivery of the peer's waits for its handler or for
+    /// its answer to be written, nothing is left to report. (Whether the *peer* may still
+    /// replay something is [`Session::peer_waits_for_nothing`], or time.)
+    pub fn is_quiescent(&self) -> bool {
+        self.retained.is_empty()
+            && self.queue_a2.is_empty()
+            && self.queue_a3.is_empty()
+            && self.answers.accepted.is_empty()
+            && self.answers.others.is_empty()
+            && self.events.is_empty()
+            && self.ring.pending().is_empty()
+    }
+
+    /// Whether the peer said (DONE_BELOW) it will never send again any id this session has
+    /// seen from it: it has nothing unanswered that it could replay, so the dedupe state
+    /// protects nothing.
+    pub fn peer_waits_for_nothing(&self) -> bool {
+        self.ring.highest < self.ring.seen_floor
     }
 
     /// Whether HELLO has been exchanged on the current callis.

@@ -35,6 +35,11 @@ impl<T> IdQueue<T> {
         self.len
     }
 
+    /// Whether nothing is held.
+    pub(crate) fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
     /// Gives back the room a burst left behind, when nothing is held.
     pub(crate) fn shrink_if_empty(&mut self) {
         if self.slots.is_empty() && self.slots.capacity() > IDLE_KEEP {
@@ -160,7 +165,7 @@ mod tests {
             q.drain().map(|(id, _)| id).collect::<Vec<_>>(),
             vec![13, 14, 20]
         );
-        assert!(q.len() == 0 && q.first_id().is_none());
+        assert!(q.is_empty() && q.first_id().is_none());
         assert!(q.push(3, 6), "an empty queue restarts at any id");
     }
 

@@ -19,7 +19,7 @@ use crate::error::Error;
 /// | when | fields |
 /// |---|---|
 /// | **live**: the next send, delivery or accepted callis | `send_timeout`, `resolve_timeout`, `max_message_len` (the local check; the frame limit a peer is told applies to new peers), `default_inbox_depth` (every taberna registered without its own depth), `hello_timeout` (telling inbound calles apart; sessions: new peers), `shutdown_timeout`, `max_unopened_calles_per_peer`, `max_unopened_calles`, `max_peers`, `max_retained_reply_bytes` (replies kept from then on) |
-/// | **new peers**: peers first contacted after the change (and peers after a restart of this domus) | `max_in_flight_per_peer`, `max_in_flight_bytes_per_peer`, `dedupe_window`, `keepalive_interval`, `idle_timeout`, `frame_read_timeout`, `max_frames_per_second`, `max_refusals_per_second`, `max_callis_age` |
+/// | **new peers**: peers first contacted after the change (and peers after a restart of this domus) | `max_in_flight_per_peer`, `max_in_flight_bytes_per_peer`, `dedupe_window`, `keepalive_interval`, `idle_timeout`, `frame_read_timeout`, `max_frames_per_second`, `max_refusals_per_second`, `max_callis_age`, `peer_retire_after` |
 /// | **fixed** at build: a change is refused with `InvalidConfig` naming the field | `transport` (use `Domus::reload_auth` and `Domus::set_trust_policy` for authentication), `reconnect_backoff_min`, `reconnect_backoff_max`, every `blob_*` field, `max_blob_streams_per_peer`, `max_blob_cancels_per_second` |
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
@@ -124,6 +124,16 @@ pub struct DomusConfig {
     /// it is still in use. Long-lived calles thus pick up rotated certificates and revocations
     /// and cannot be held forever (T8). Default `None` (no limit); 100 ms to 365 days.
     pub max_callis_age: Option<Duration>,
+    /// How long a peer stays known after its last callis closed, when nothing is in flight
+    /// either way; then its driver, session and dedupe state are forgotten (a later contact
+    /// starts afresh, with message ids above every id used before). A peer is forgotten at
+    /// once, without waiting, when it shut down (its CLOSE said so) or when it has said
+    /// (DONE_BELOW) that it waits for no answer: it cannot replay anything then. Otherwise
+    /// the wait protects exactly-once: a peer may replay an answered message (whose answer
+    /// it never got) until that send's deadline, at most 1 h (`SendOptions::timeout`), so a
+    /// value below the longest send timeout your peers use can deliver such a message twice.
+    /// Default 1 h; 1 s to 7 days.
+    pub peer_retire_after: Duration,
 }
 
 impl Default for DomusConfig {
@@ -158,6 +168,7 @@ impl Default for DomusConfig {
             max_unopened_calles: 256,
             max_peers: 4096,
             max_callis_age: None,
+            peer_retire_after: Duration::from_secs(3600),
         }
     }
 }
@@ -267,6 +278,12 @@ impl DomusConfig {
         if let Some(age) = self.max_callis_age {
             within("max_callis_age", age, 100 * MS, 365 * 24 * 60 * MIN)?;
         }
+        within(
+            "peer_retire_after",
+            self.peer_retire_after,
+            1000 * MS,
+            7 * 24 * 60 * MIN,
+        )?;
         within("reconnect_backoff_min", self.reconnect_backoff_min, MS, MIN)?;
         within(
             "reconnect_backoff_max",

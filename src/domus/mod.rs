@@ -54,7 +54,8 @@ use crate::runtime::completion::Completion;
 use crate::runtime::ends as blob;
 use crate::runtime::ends::BlobCommand;
 use crate::runtime::peer::{
-    DriverContext, PeerCommand, PeerDriver, PeerLinks, Reachability, SendCmd, record_failure,
+    DriverContext, Forget, PeerCommand, PeerDriver, PeerLinks, Reachability, Retirement, SendCmd,
+    record_failure,
 };
 use crate::runtime::queue::WakeQueue;
 use crate::runtime::{answer_result, domus_closed, rand_u64};
@@ -381,6 +382,7 @@ impl DomusBuilder {
             closed: std::sync::atomic::AtomicBool::new(false),
             route_generation: std::sync::atomic::AtomicU64::new(0),
             routes_followed: route_changes.is_some(),
+            id_floor: Arc::new(std::sync::atomic::AtomicU64::new(1)),
         });
         #[cfg(feature = "metrics")]
         {
@@ -424,8 +426,11 @@ impl DomusBuilder {
 }
 
 /// The handles of one peer's two drivers (messages, blobs) and its budgets.
-#[derive(Clone)]
 struct PeerRef {
+    /// The peer, and the address its drivers were last given (a send that finds the driver
+    /// retired hands its message to a new one there).
+    id: DomusId,
+    addr: arc_swap::ArcSwapOption<DomusAddr>,
     tx: mpsc::UnboundedSender<PeerCommand>,
     /// Sends for the peer's driver, taken in batches.
     sends: Arc<WakeQueue<SendCmd>>,
@@ -458,6 +463,7 @@ impl PeerHandle {
         }
         let _ = self.links.tx.send(PeerCommand::SetAddr(addr.clone()));
         let _ = self.links.blob_tx.send(BlobCommand::SetAddr(addr.clone()));
+        self.links.addr.store(Some(Arc::new(addr.clone())));
         self.addr = Some(addr);
     }
 }
@@ -550,6 +556,36 @@ struct Shared {
     route_generation: std::sync::atomic::AtomicU64,
     /// Whether the resolver signals changes (so resolutions may be cached).
     routes_followed: bool,
+    /// The first message id a new session may use: raised past its ids by every session
+    /// that ends when its peer is forgotten, so a peer that comes back after that never sees
+    /// an id it saw before.
+    id_floor: Arc<std::sync::atomic::AtomicU64>,
+}
+
+/// Forgets an idle peer for its driver (see [`crate::runtime::peer::Retirement`]).
+struct Forgetter(std::sync::Weak<Shared>);
+
+impl Forget for Forgetter {
+    fn forget(&self, peer: &DomusId, sends: &Arc<WakeQueue<SendCmd>>) -> bool {
+        let Some(shared) = self.0.upgrade() else {
+            return false;
+        };
+        let mut peers = shared.peers.lock().unwrap_or_else(PoisonError::into_inner);
+        let ours = peers
+            .get(peer)
+            .is_some_and(|p| Arc::ptr_eq(&p.links.sends, sends));
+        if !ours || !sends.close_if_empty() {
+            return false;
+        }
+        peers.remove(peer);
+        drop(peers);
+        shared.recorder.peer_removed(peer);
+        // Destinations holding the old driver resolve again before their next send.
+        shared
+            .route_generation
+            .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        true
+    }
 }
 
 /// A running node. Cheap to clone; the domus stops when the last clone is dropped (or at
@@ -902,7 +938,7 @@ impl Domus {
         }
     }
 
-    /// Closes the calles to `peer` now (primary and blob), without forgetting anything:
+    /// Closes the calles to `peer` now (primary and blob), without losing anything:
     /// unanswered messages are replayed and open blob streams resume on the next callis,
     /// which is dialled at once when something waits for it, else by the next send — the way
     /// to re-establish a connection (after a network change, say) without rebuilding the
@@ -934,7 +970,8 @@ impl Domus {
         }
     }
 
-    /// The peers with a live session.
+    /// The peers with a live session (a peer this domus forgot, see
+    /// `DomusConfig::peer_retire_after`, no longer counts).
     pub fn peer_count(&self) -> usize {
         self.shared
             .peers
@@ -1112,7 +1149,7 @@ impl Shared {
     /// is free is taken without waiting and without an allocation; waiting for it is the slow,
     /// boxed path.
     async fn admit_to_peer(
-        &self,
+        self: &Arc<Self>,
         peer: &PeerRef,
         peer_id: &DomusId,
         msg: Outgoing,
@@ -1134,7 +1171,12 @@ impl Shared {
     }
 
     /// Hands an admitted message (its room taken) to the peer's driver.
-    fn hand_over(&self, peer: &PeerRef, msg: Outgoing, permit: InFlight) -> Result<Receipt, Error> {
+    fn hand_over(
+        self: &Arc<Self>,
+        peer: &PeerRef,
+        msg: Outgoing,
+        permit: InFlight,
+    ) -> Result<Receipt, Error> {
         let (done, rx) = Completion::oneshot();
         self.hand_over_to(peer, msg, permit, done)?;
         Ok(Receipt {
@@ -1144,17 +1186,34 @@ impl Shared {
 
     /// Hands an admitted message to the peer's driver, its outcome to go to `done`.
     fn hand_over_to(
-        &self,
+        self: &Arc<Self>,
         peer: &PeerRef,
         msg: Outgoing,
         permit: InFlight,
         done: Completion,
     ) -> Result<(), Error> {
-        peer.sends.push(SendCmd { msg, done, permit }).map_err(|_| {
-            let e = domus_closed();
-            record_failure(&self.recorder, &e);
-            e
-        })
+        let Err(cmd) = peer.sends.push(SendCmd { msg, done, permit }) else {
+            return Ok(());
+        };
+        // The driver is gone while the domus runs: it retired (the peer was forgotten while
+        // idle) just as this send found it. A new driver takes the message, with room of its
+        // own.
+        if !self.closed.load(std::sync::atomic::Ordering::Acquire) {
+            let again = self.peer(
+                &peer.id,
+                peer.addr.load_full().map(|a| DomusAddr::clone(&a)),
+            );
+            let SendCmd { msg, done, permit } = cmd;
+            drop(permit);
+            if let Some(permit) = again.budget.try_take(msg.size()) {
+                if again.sends.push(SendCmd { msg, done, permit }).is_ok() {
+                    return Ok(());
+                }
+            }
+        }
+        let e = domus_closed();
+        record_failure(&self.recorder, &e);
+        Err(e)
     }
 
     /// Waits in line for `size` bytes and a slot of the peer's in-flight room until `deadline`
@@ -1502,13 +1561,15 @@ impl Shared {
             self.local_id.as_str().to_owned(),
             self.epoch,
         )
-        .with_reply_budget(self.reply_budget.clone());
+        .with_reply_budget(self.reply_budget.clone())
+        .with_first_id(self.id_floor.load(std::sync::atomic::Ordering::Acquire));
         // Blob commands are bounded by the streams' windows and the stream caps.
         let (blob_tx, blob_rx) = mpsc::unbounded_channel();
         let blob_in_streams =
             Arc::new(Semaphore::new(self.config.load().max_blob_streams_per_peer));
         let cells = self.recorder.peer_added(id);
         let reachability = Arc::new(Reachability::default());
+        let blob_active = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let driver = PeerDriver::new(
             id.clone(),
             addr.clone(),
@@ -1523,6 +1584,12 @@ impl Shared {
                 cells: cells.clone(),
                 max_callis_age: self.config.load().max_callis_age,
                 reachability: reachability.clone(),
+                retirement: Retirement {
+                    after: self.config.load().peer_retire_after,
+                    forget: Arc::new(Forgetter(Arc::downgrade(self))),
+                    id_floor: self.id_floor.clone(),
+                    blob_active: blob_active.clone(),
+                },
             },
         );
         self.tasks.spawn(driver);
@@ -1533,8 +1600,11 @@ impl Shared {
             blob_rx,
             self.cancel.child_token(),
             cells,
+            blob_active,
         ));
         let links = Arc::new(PeerRef {
+            id: id.clone(),
+            addr: arc_swap::ArcSwapOption::new(addr.clone().map(Arc::new)),
             tx,
             sends,
             budget,
@@ -1850,13 +1920,21 @@ impl Shared {
         }
         let id = stream.peer().id().clone();
         let peer = self.peer(&id, None);
+        // A driver that retired just now (its peer forgotten while idle) is replaced: the
+        // second lookup makes a new one.
         if kind == FrameType::BLOB_HELLO {
-            let _ = peer.blob_tx.send(BlobCommand::Attach {
+            let cmd = BlobCommand::Attach {
                 io: Box::new(stream),
                 prefix,
-            });
+            };
+            if let Err(mpsc::error::SendError(cmd)) = peer.blob_tx.send(cmd) {
+                let _ = self.peer(&id, None).blob_tx.send(cmd);
+            }
         } else {
-            let _ = peer.tx.send(PeerCommand::Attach(Box::new(stream), prefix));
+            let cmd = PeerCommand::Attach(Box::new(stream), prefix);
+            if let Err(mpsc::error::SendError(cmd)) = peer.tx.send(cmd) {
+                let _ = self.peer(&id, None).tx.send(cmd);
+            }
         }
     }
 }

@@ -658,6 +658,14 @@ impl Recorder {
         self.crypto_provider.get().copied().unwrap_or("none")
     }
 
+    /// A peer was forgotten (idle, `peer_retire_after`): its figures leave the snapshot.
+    pub(crate) fn peer_removed(&self, peer: &DomusId) {
+        let mut map = self.per_peer.lock().unwrap_or_else(PoisonError::into_inner);
+        if map.remove(peer).is_some() {
+            self.peers.add(-1);
+        }
+    }
+
     pub(crate) fn peers_cleared(&self) {
         let mut map = self.per_peer.lock().unwrap_or_else(PoisonError::into_inner);
         let n = map.len() as i64;

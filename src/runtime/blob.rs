@@ -104,6 +104,11 @@ pub(crate) struct BlobDriver {
     cancelled: Pin<Box<WaitForCancellationFutureOwned>>,
     /// Where the blob callis's bytes are counted.
     counting: Counting,
+    /// Whether a callis or a stream is open (the peer driver reads it before forgetting the
+    /// peer).
+    active: Arc<std::sync::atomic::AtomicBool>,
+    /// The peer was forgotten while this driver was idle: stop.
+    retired: bool,
 }
 
 impl BlobDriver {
@@ -114,6 +119,7 @@ impl BlobDriver {
         commands: mpsc::UnboundedReceiver<BlobCommand>,
         cancel: CancellationToken,
         cells: Arc<PeerCells>,
+        active: Arc<std::sync::atomic::AtomicBool>,
     ) -> Self {
         let dialer = Dialer::new(
             peer_id.clone(),
@@ -145,7 +151,17 @@ impl BlobDriver {
             shutting_down: false,
             cancelled: Box::pin(cancel.cancelled_owned()),
             counting,
+            active,
+            retired: false,
         }
+    }
+
+    /// Whether a callis, a dial or a stream is open.
+    fn is_active(&self) -> bool {
+        self.link.is_some()
+            || !self.dialer.is_idle()
+            || !self.outs.is_empty()
+            || !self.ins.is_empty()
     }
 
     fn stream_opened(&self) {
@@ -284,6 +300,12 @@ impl BlobDriver {
                     self.drop_link();
                 }
                 self.peer_epoch = Some(epoch);
+            }
+            BlobCommand::Retire => {
+                // Only an idle driver stops: one that took a stream meanwhile serves it.
+                if !self.is_active() {
+                    self.retired = true;
+                }
             }
             BlobCommand::SetAddr(addr) => {
                 // A dial to the old address is abandoned and started again at the new one.
@@ -737,10 +759,18 @@ impl Future for BlobDriver {
                 // A full turn: give the worker back, come back at once.
                 break;
             }
+            if this.retired {
+                this.finish();
+                return Poll::Ready(());
+            }
             if !progressed {
+                this.active
+                    .store(this.is_active(), std::sync::atomic::Ordering::Release);
                 return Poll::Pending;
             }
         }
+        this.active
+            .store(this.is_active(), std::sync::atomic::Ordering::Release);
         yield_turn(cx);
         Poll::Pending
     }

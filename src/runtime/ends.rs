@@ -69,6 +69,9 @@ pub(crate) enum BlobCommand {
     Recheck,
     /// Cancel every stream (telling the peer), close the callis and stop.
     Shutdown,
+    /// The peer was forgotten (its primary driver found everything idle): stop if this
+    /// driver is idle too.
+    Retire,
 }
 
 /// What a blob driver hands a receiving application, in order.

@@ -101,6 +101,31 @@ pub(crate) struct PeerLinks {
     pub(crate) max_callis_age: Option<Duration>,
     /// Whether the peer can be reached, for sends waiting for room.
     pub(crate) reachability: Arc<Reachability>,
+    /// How the driver asks to be forgotten, and when it may (see [`Retirement`]).
+    pub(crate) retirement: Retirement,
+}
+
+/// When and how an idle peer is forgotten (`DomusConfig::peer_retire_after`): once no
+/// callis is open or dialling, nothing is in flight either way and the blob side is idle, the
+/// driver asks `forget` to remove the peer — at once when the peer shut down or said it waits
+/// for nothing, else `after` the last callis closed. The peer's session then ends; a later
+/// contact makes a new one whose ids start at `id_floor`, above every id this one used.
+pub(crate) struct Retirement {
+    pub(crate) after: Duration,
+    pub(crate) forget: Arc<dyn Forget>,
+    /// The lowest id a new session may use (every session that ended raised it past its
+    /// own ids).
+    pub(crate) id_floor: Arc<std::sync::atomic::AtomicU64>,
+    /// Whether the peer's blob driver has a callis or a stream (it keeps this up to date).
+    pub(crate) blob_active: Arc<std::sync::atomic::AtomicBool>,
+}
+
+/// The domus's side of forgetting a peer.
+pub(crate) trait Forget: Send + Sync {
+    /// Removes `peer` if `sends` is still its queue and nothing is queued in it, closing the
+    /// queue under the same lock (a send that races this is handed to a new driver). False:
+    /// the peer stays and the driver keeps running.
+    fn forget(&self, peer: &DomusId, sends: &Arc<WakeQueue<SendCmd>>) -> bool;
 }
 
 /// Whether a peer can be reached, as its driver last found out: read by sends that waited
@@ -188,6 +213,11 @@ pub(crate) struct PeerDriver {
     /// failed dial then fails what waits for it at once, with `PeerShutDown`.
     peer_shut_down: bool,
     reachability: Arc<Reachability>,
+    retirement: Retirement,
+    /// Since when no callis has been open (`None` while one is).
+    down_since: Option<std::time::Instant>,
+    /// Follows [`PeerDriver::retire_at`].
+    retire_timer: Alarm,
 }
 
 impl PeerDriver {
@@ -247,7 +277,46 @@ impl PeerDriver {
             completed: Vec::new(),
             peer_shut_down: false,
             reachability: links.reachability,
+            retirement: links.retirement,
+            down_since: Some(now()),
+            retire_timer: Alarm::new(),
         }
+    }
+
+    /// When this peer may be forgotten, if nothing changes: `None` while anything is open,
+    /// dialling or in flight either way (see [`Retirement`]).
+    fn retire_at(&self) -> Option<std::time::Instant> {
+        let down_since = self.down_since?;
+        let idle = !self.shutting_down
+            && self.callis.is_none()
+            && self.dialer.is_idle()
+            && self.pending.is_empty()
+            && self.completed.is_empty()
+            && self.session.is_quiescent()
+            && self.sends.is_empty()
+            && self.answers.is_empty()
+            && !self.retirement.blob_active.load(Ordering::Acquire);
+        if !idle {
+            return None;
+        }
+        if self.peer_shut_down || self.session.peer_waits_for_nothing() {
+            return Some(down_since);
+        }
+        down_since.checked_add(self.retirement.after)
+    }
+
+    /// Asks the domus to forget this peer; true when it did (the driver then ends).
+    fn retire(&mut self) -> bool {
+        if !self.retirement.forget.forget(&self.peer_id, &self.sends) {
+            return false;
+        }
+        self.retirement
+            .id_floor
+            .fetch_max(self.session.next_id(), Ordering::AcqRel);
+        tracing::debug!(peer = %self.peer_id, "idle peer forgotten");
+        let _ = self.blob_tx.send(BlobCommand::Retire);
+        self.commands.close();
+        true
     }
 
     /// Takes a message into the session (or fails it at once when it cannot be sent).
@@ -378,6 +447,7 @@ impl PeerDriver {
         self.session.connected(self.now, self.peer_id.as_str());
         // The write buffer grows with what is written (and is given back when idle).
         self.callis = Some(CallisIo::new(new, BytesMut::new(), self.counting.clone()));
+        self.down_since = None;
         self.age.opened(self.now);
         if !prefix.is_empty() {
             self.session.recv_buf().extend_from_slice(&prefix);
@@ -398,6 +468,7 @@ impl PeerDriver {
             });
         }
         self.callis = None;
+        self.down_since = Some(self.now);
         self.age.closed();
         self.session.disconnected(self.now);
     }
@@ -927,6 +998,13 @@ impl Future for PeerDriver {
                 return Poll::Ready(());
             }
             progressed |= this.poll_timer(cx);
+            if !progressed && this.retire_timer.poll(cx, this.retire_at()) {
+                if this.retire() {
+                    this.finish();
+                    return Poll::Ready(());
+                }
+                progressed = true;
+            }
             if !progressed {
                 this.counts.publish(&this.ctx.recorder);
                 this.publish_cells();

@@ -74,6 +74,27 @@ impl<T> WakeQueue<T> {
         std::mem::swap(&mut inner.items, out);
     }
 
+    /// Closes the queue if nothing is queued (pushes fail from then on, and the pusher gets
+    /// its item back to hand elsewhere); false, and still open, when something is.
+    pub(crate) fn close_if_empty(&self) -> bool {
+        let mut inner = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
+        if !inner.items.is_empty() {
+            return false;
+        }
+        inner.closed = true;
+        inner.waker = None;
+        true
+    }
+
+    /// Whether nothing is queued.
+    pub(crate) fn is_empty(&self) -> bool {
+        self.inner
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .items
+            .is_empty()
+    }
+
     /// The driver is gone: pushes fail from now on, and what was queued is returned (to be
     /// failed by the caller).
     pub(crate) fn close(&self) -> Vec<T> {
