@@ -290,6 +290,13 @@
 //! cut after N bytes). Enable it in `[dev-dependencies]` only; vicus's own integration tests
 //! are written with it.
 //!
+//! Feature `sim` adds `testing::sim`: domus over [turmoil](https://docs.rs/turmoil)'s
+//! simulated network, so one test runs many domus deterministically on one thread and a
+//! virtual clock — partitions, latency, held and released traffic, hosts crashed and
+//! restarted — with the production TLS, sessions and replay above the simulated byte stream;
+//! the same seed gives the same run. `cargo run --example simulation --features sim` shows a
+//! taberna tested under a partition.
+//!
 //! ## Errors
 //!
 //! Every failure is an [`Error`] with a stable numeric [`ErrorId`] and a message that says what

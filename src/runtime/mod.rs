@@ -157,10 +157,43 @@ pub(crate) fn domus_closed() -> Error {
 /// A non-cryptographic random number (jitter and epochs need unpredictability across
 /// processes, not secrecy): std's randomly seeded SipHash over a counter.
 pub(crate) fn rand_u64() -> u64 {
+    #[cfg(feature = "sim")]
+    if let Some(n) = seeded::next() {
+        return n;
+    }
     use std::hash::{BuildHasher, Hasher};
     use std::sync::atomic::{AtomicU64, Ordering};
     static COUNTER: AtomicU64 = AtomicU64::new(0);
     let mut h = std::collections::hash_map::RandomState::new().build_hasher();
     h.write_u64(COUNTER.fetch_add(1, Ordering::Relaxed));
     h.finish()
+}
+
+/// A seeded stand-in for [`rand_u64`] on one thread, for deterministic simulations (feature
+/// `sim`): a simulation runs every domus on one thread, so seeding it makes every epoch and
+/// every reconnect jitter follow from the seed.
+#[cfg(feature = "sim")]
+pub(crate) mod seeded {
+    use std::cell::Cell;
+
+    thread_local! {
+        static STATE: Cell<Option<u64>> = const { Cell::new(None) };
+    }
+
+    /// From now on `rand_u64` on this thread draws from `seed` (`None`: from the OS again).
+    pub(crate) fn set(seed: Option<u64>) {
+        STATE.with(|s| s.set(seed));
+    }
+
+    /// The next number of the seeded sequence (splitmix64), if this thread is seeded.
+    pub(crate) fn next() -> Option<u64> {
+        STATE.with(|s| {
+            let x = s.get()?.wrapping_add(0x9E37_79B9_7F4A_7C15);
+            s.set(Some(x));
+            let mut z = x;
+            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+            Some(z ^ (z >> 31))
+        })
+    }
 }

@@ -34,6 +34,8 @@
 //! [`Mesh::remove`] gives a test the only handle back, to crash that domus by dropping it.
 
 mod fault_proxy;
+#[cfg(feature = "sim")]
+pub mod sim;
 
 use std::sync::Arc;
 use std::time::Duration;

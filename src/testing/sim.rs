@@ -1,0 +1,233 @@
+//! Domus over turmoil's simulated network (feature `sim`): many domus in one thread, on a
+//! virtual clock, with the network under the test's control — partitions, per-link latency,
+//! messages held and released, hosts crashed and restarted — and, for one seed, the same run
+//! every time.
+//!
+//! A simulated domus dials through [`SimConnector`] (turmoil's TCP instead of the kernel's)
+//! and accepts the calles turmoil delivers to [`SIM_PORT`] on its host; everything above the
+//! byte stream — TLS 1.3 with client certificates, HELLO, sessions, replay, dedupe — is the
+//! production code. [`SimNet`] holds what the hosts share: a development CA, one resolver,
+//! and the seed of vicus's own randomness (epochs, reconnect jitter).
+//!
+//! ```
+//! use std::time::Duration;
+//! use bytes::Bytes;
+//! use vicus::testing::sim::SimNet;
+//! use vicus::{Delivery, MessageType, SendOptions, TabernaId};
+//!
+//! const KIND: MessageType = MessageType::application(1);
+//!
+//! let mut sim = turmoil::Builder::new().rng_seed(7).build();
+//! let net = SimNet::new(7).expect("net");
+//! net.host(&mut sim, "billing", |domus, net| async move {
+//!     let t = domus.taberna(TabernaId(1))?;
+//!     net.route(TabernaId(1), "billing");
+//!     while let Some(req) = t.recv().await {
+//!         req.reply(Bytes::from_static(b"paid"));
+//!     }
+//!     Ok(())
+//! });
+//! let client = net.clone();
+//! sim.client("shop", async move {
+//!     let shop = client.domus("shop").await?;
+//!     // The billing host went dark for a while: the send waits and is delivered once it heals.
+//!     turmoil::partition("shop", "billing");
+//!     let send = tokio::spawn(shop.send(TabernaId(1), KIND, Bytes::new(), SendOptions::default()));
+//!     tokio::time::sleep(Duration::from_secs(2)).await;
+//!     turmoil::repair("shop", "billing");
+//!     assert_eq!(send.await??, Delivery::Replied(Bytes::from_static(b"paid")));
+//!     Ok(())
+//! });
+//! sim.run().expect("the simulation");
+//! ```
+//!
+//! What it must not do: it runs only inside a turmoil simulation (its functions call
+//! turmoil's, which panic outside one — that is turmoil's contract, and a test bug); it never
+//! touches a real socket; its certificates are development ones.
+
+use std::future::Future;
+use std::io;
+use std::sync::{Arc, Mutex, PoisonError};
+
+use crate::a0_transport::{CallisStream, ConnectFuture, Connector};
+use crate::dev_certs::DevCa;
+use crate::domus::DomusBuilder;
+use crate::{AuthConfig, Domus, DomusAddr, DomusConfig, Error, SimpleResolver, TabernaId};
+
+/// The port every simulated domus accepts calles on.
+pub const SIM_PORT: u16 = 4040;
+
+/// Dials turmoil's simulated TCP; a domus built with it (and [`accept_calles`]) lives on the
+/// simulated network.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct SimConnector;
+
+impl Connector for SimConnector {
+    fn connect<'a>(&'a self, addr: &'a DomusAddr) -> ConnectFuture<'a> {
+        Box::pin(async move {
+            let DomusAddr::Tcp(to) = addr else {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    format!("{addr} is not a TCP address; simulated domus are reached over TCP"),
+                ));
+            };
+            let stream = turmoil::net::TcpStream::connect(*to).await?;
+            Ok(Box::new(stream) as Box<dyn CallisStream>)
+        })
+    }
+}
+
+/// The address of the domus on turmoil host `host` (call inside the simulation).
+pub fn host_addr(host: &str) -> DomusAddr {
+    DomusAddr::Tcp((turmoil::lookup(host), SIM_PORT).into())
+}
+
+/// Builds `builder` as a simulated domus on the current turmoil host: it dials through
+/// [`SimConnector`] and a task hands it every callis accepted on [`SIM_PORT`] (the task
+/// ends with the domus). The builder's own bind address, if any, is ignored.
+pub async fn start(builder: DomusBuilder) -> Result<Domus, Error> {
+    let domus = builder
+        .dial_only()
+        .connector(Arc::new(SimConnector))
+        .build()
+        .await?;
+    accept_calles(&domus).await?;
+    Ok(domus)
+}
+
+/// Listens on [`SIM_PORT`] of the current host and hands every accepted stream to `domus`
+/// (its handshake and the pre-authentication deadlines apply as on a real socket).
+pub async fn accept_calles(domus: &Domus) -> Result<(), Error> {
+    let listener = turmoil::net::TcpListener::bind(("0.0.0.0", SIM_PORT))
+        .await
+        .map_err(|e| Error::io("binding the simulated listener", &e))?;
+    let weak = domus.downgrade();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let Some(domus) = weak.upgrade() else {
+                return;
+            };
+            if domus.accept_stream(stream).is_err() {
+                return;
+            }
+        }
+    });
+    Ok(())
+}
+
+/// What the hosts of one simulation share: a development CA (identities minted once per
+/// name, so a restarted host keeps its identity), one resolver, the configuration, and the
+/// seed of vicus's randomness. Cheap to clone.
+#[derive(Clone)]
+pub struct SimNet {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    ca: Mutex<DevCa>,
+    identities: Mutex<Vec<(String, AuthConfig)>>,
+    resolver: Arc<SimpleResolver>,
+    config: Mutex<DomusConfig>,
+    seed: u64,
+}
+
+impl std::fmt::Debug for SimNet {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SimNet")
+            .field("seed", &self.inner.seed)
+            .finish_non_exhaustive()
+    }
+}
+
+impl SimNet {
+    /// A new CA and resolver. `seed` seeds vicus's own randomness on this thread (give the
+    /// turmoil builder the same one: then the whole run follows from it).
+    pub fn new(seed: u64) -> Result<Self, Error> {
+        crate::runtime::seeded::set(Some(seed));
+        Ok(Self {
+            inner: Arc::new(Inner {
+                ca: Mutex::new(DevCa::new("vicus simulation CA")?),
+                identities: Mutex::new(Vec::new()),
+                resolver: Arc::new(SimpleResolver::new()),
+                config: Mutex::new(super::Mesh::test_config()),
+                seed,
+            }),
+        })
+    }
+
+    /// The configuration of domus built from now on (default: [`super::Mesh::test_config`]).
+    pub fn set_config(&self, config: DomusConfig) {
+        *self
+            .inner
+            .config
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = config;
+    }
+
+    /// The resolver every simulated domus shares.
+    pub fn resolver(&self) -> &Arc<SimpleResolver> {
+        &self.inner.resolver
+    }
+
+    /// The identity of `name` (minted on first use, the same afterwards).
+    pub fn auth(&self, name: &str) -> Result<AuthConfig, Error> {
+        let mut ids = self
+            .inner
+            .identities
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if let Some((_, auth)) = ids.iter().find(|(n, _)| n == name) {
+            return Ok(auth.clone());
+        }
+        let (auth, _) = self
+            .inner
+            .ca
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .domus_auth(name)?;
+        ids.push((name.to_owned(), auth.clone()));
+        Ok(auth)
+    }
+
+    /// Builds and starts the domus `name` on the current turmoil host (identity
+    /// `spiffe://vicus.dev/domus/<name>`, the shared resolver and configuration).
+    pub async fn domus(&self, name: &str) -> Result<Domus, Error> {
+        let config = self
+            .inner
+            .config
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone();
+        start(
+            Domus::builder(self.auth(name)?)
+                .resolver(self.inner.resolver.clone())
+                .config(config),
+        )
+        .await
+    }
+
+    /// Routes `taberna` to the domus on turmoil host `host` (call inside the simulation).
+    pub fn route(&self, taberna: TabernaId, host: &str) {
+        let id = crate::DomusId::spiffe("vicus.dev", host).ok();
+        self.inner.resolver.insert(taberna, host_addr(host), id);
+    }
+
+    /// Registers turmoil host `name` running a domus of that name and then `serve` (given
+    /// the domus and this net) — again from the start each time turmoil restarts the host.
+    pub fn host<F, Fut>(&self, sim: &mut turmoil::Sim<'_>, name: &str, serve: F)
+    where
+        F: Fn(Domus, SimNet) -> Fut + 'static,
+        Fut: Future<Output = Result<(), Box<dyn std::error::Error>>> + 'static,
+    {
+        let net = self.clone();
+        let host = name.to_owned();
+        let serve = Arc::new(serve);
+        sim.host(name, move || {
+            let (net, host, serve) = (net.clone(), host.clone(), serve.clone());
+            async move {
+                let domus = net.domus(&host).await?;
+                serve(domus, net).await
+            }
+        });
+    }
+}

@@ -1,0 +1,341 @@
+//! The mesh under simulated chaos (feature `sim`, on turmoil): five domus on one thread and a
+//! virtual clock, each sending to every other while the test partitions links, holds and
+//! releases traffic, changes latency, and crashes and restarts hosts. After every seed:
+//! every send ended (unless its own host crashed under it), every `Accepted` message was
+//! delivered exactly once, nothing was delivered twice, and once the last fault healed new
+//! sends succeed within the reconnect backoff. The same seed gives the same run.
+
+use std::cell::RefCell;
+use std::collections::{BTreeMap, BTreeSet};
+use std::rc::Rc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use vicus::testing::sim::SimNet;
+use vicus::{Delivery, MessageType, SendOptions, TabernaId};
+
+const KIND: MessageType = MessageType::application(5);
+const HOSTS: [&str; 5] = ["d0", "d1", "d2", "d3", "d4"];
+/// Faults happen until then; then every link heals.
+const CHAOS: Duration = Duration::from_secs(120);
+/// Hosts stop starting sends here; the checks run at the end.
+const SENDS_STOP: Duration = Duration::from_secs(125);
+const END: Duration = Duration::from_secs(160);
+const SEND_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// A message: who sent it, in which run of that host, and its number.
+type MsgId = (usize, u64);
+
+#[derive(Default)]
+struct Ledger {
+    /// Deliveries per message.
+    delivered: BTreeMap<MsgId, u32>,
+    /// Started sends, with the run of their host that started them.
+    started: BTreeMap<MsgId, u64>,
+    /// How each ended send ended: Ok(()) = Accepted, Err(outcome unknown?).
+    ended: BTreeMap<MsgId, Result<(), bool>>,
+    /// The current run of each host (bumped at every start).
+    runs: [u64; 5],
+    /// Next message number of each host (never reused across runs).
+    next: [u64; 5],
+    /// The course of the run, for the determinism check.
+    trace: Vec<String>,
+    /// After the heal: probes that were accepted, per (from, to).
+    probes_ok: BTreeSet<(usize, usize)>,
+}
+
+/// A probe after the heal: "sender" 100 + from, number to (apart from the counted sends).
+fn probe(from: usize, to: usize) -> Bytes {
+    let mut payload = vec![100 + from as u8];
+    payload.extend_from_slice(&(to as u64).to_le_bytes());
+    Bytes::from(payload)
+}
+
+/// xorshift64*: the test's own fault schedule, from the seed.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+}
+
+fn run_seed(seed: u64) -> Vec<String> {
+    let ledger = Rc::new(RefCell::new(Ledger::default()));
+    let mut sim = turmoil::Builder::new()
+        .rng_seed(seed)
+        .simulation_duration(END + Duration::from_secs(30))
+        .tick_duration(Duration::from_millis(10))
+        .min_message_latency(Duration::from_millis(1))
+        .max_message_latency(Duration::from_millis(20))
+        .build();
+    let net = SimNet::new(seed).expect("net");
+    let mut config = vicus::testing::Mesh::test_config();
+    config.keepalive_interval = Duration::from_millis(500);
+    config.idle_timeout = Duration::from_secs(2);
+    config.send_timeout = SEND_TIMEOUT;
+    net.set_config(config);
+    for (me, name) in HOSTS.iter().enumerate() {
+        let ledger = ledger.clone();
+        net.host(&mut sim, name, move |domus, net| {
+            let ledger = ledger.clone();
+            async move {
+                let run = {
+                    let mut l = ledger.borrow_mut();
+                    l.runs[me] += 1;
+                    l.runs[me]
+                };
+                let t = domus.taberna(TabernaId(me as u64))?;
+                net.route(TabernaId(me as u64), HOSTS[me]);
+                let seen = ledger.clone();
+                tokio::task::spawn_local(async move {
+                    while let Some(req) = t.recv().await {
+                        let p = req.payload();
+                        let from = usize::from(p[0]);
+                        let n = u64::from_le_bytes(p[1..9].try_into().expect("9-byte payload"));
+                        *seen.borrow_mut().delivered.entry((from, n)).or_default() += 1;
+                        req.accept();
+                    }
+                });
+                // Send to each other host in turn until SENDS_STOP, a few in flight.
+                let mut k = 0usize;
+                while turmoil::elapsed() < SENDS_STOP {
+                    let to = (me + 1 + k % 4) % 5;
+                    k += 1;
+                    let n = {
+                        let mut l = ledger.borrow_mut();
+                        l.next[me] += 1;
+                        let n = l.next[me];
+                        l.started.insert((me, n), run);
+                        n
+                    };
+                    let mut payload = vec![me as u8];
+                    payload.extend_from_slice(&n.to_le_bytes());
+                    let send = domus.send(
+                        TabernaId(to as u64),
+                        KIND,
+                        Bytes::from(payload),
+                        SendOptions::default(),
+                    );
+                    let ledger = ledger.clone();
+                    tokio::task::spawn_local(async move {
+                        let out = send.await;
+                        let mut l = ledger.borrow_mut();
+                        let at = turmoil::elapsed().as_millis();
+                        let ended = match &out {
+                            Ok(Delivery::Accepted) => Ok(()),
+                            Ok(other) => panic!("unexpected answer {other:?}"),
+                            Err(e) => Err(e.outcome_unknown()),
+                        };
+                        let what = match &out {
+                            Ok(_) => "accepted".to_owned(),
+                            Err(e) => e.id().name().to_owned(),
+                        };
+                        l.trace.push(format!("{at} {me}->{to} #{n} {what}"));
+                        l.ended.insert((me, n), ended);
+                    });
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+                // After the heal: one probe to every other host must be accepted.
+                tokio::time::sleep(
+                    CHAOS + Duration::from_secs(10)
+                        - turmoil::elapsed().min(CHAOS + Duration::from_secs(10)),
+                )
+                .await;
+                for to in (0..5).filter(|&to| to != me) {
+                    let out = domus
+                        .send(
+                            TabernaId(to as u64),
+                            KIND,
+                            probe(me, to),
+                            SendOptions::default().timeout(Duration::from_secs(5)),
+                        )
+                        .await;
+                    if out == Ok(Delivery::Accepted) {
+                        ledger.borrow_mut().probes_ok.insert((me, to));
+                    }
+                }
+                std::future::pending::<()>().await;
+                Ok(())
+            }
+        });
+    }
+    sim.client("clock", async move {
+        tokio::time::sleep(END).await;
+        Ok(())
+    });
+    // The fault schedule, between simulation steps.
+    let mut rng = Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1);
+    let mut crashed: Vec<(usize, Duration)> = Vec::new();
+    let mut next_fault = Duration::from_secs(2);
+    loop {
+        let elapsed = sim.elapsed();
+        if elapsed >= next_fault && elapsed < CHAOS {
+            next_fault = elapsed + Duration::from_millis(200 + rng.below(1800));
+            let a = rng.below(5) as usize;
+            let b = (a + 1 + rng.below(4) as usize) % 5;
+            let (ha, hb) = (HOSTS[a], HOSTS[b]);
+            let what = match rng.below(10) {
+                0..=2 => {
+                    sim.partition(ha, hb);
+                    "partition"
+                }
+                3..=4 => {
+                    sim.repair(ha, hb);
+                    "repair"
+                }
+                5 => {
+                    sim.hold(ha, hb);
+                    "hold"
+                }
+                6 => {
+                    sim.release(ha, hb);
+                    "release"
+                }
+                7..=8 => {
+                    sim.set_link_latency(ha, hb, Duration::from_millis(rng.below(300)));
+                    "latency"
+                }
+                _ => {
+                    if crashed.iter().all(|(h, _)| *h != a) {
+                        sim.crash(ha);
+                        crashed.push((a, elapsed + Duration::from_millis(500 + rng.below(3000))));
+                        "crash"
+                    } else {
+                        "none"
+                    }
+                }
+            };
+            ledger
+                .borrow_mut()
+                .trace
+                .push(format!("{} fault {what} {a} {b}", elapsed.as_millis()));
+        }
+        // Crashed hosts come back after their pause (and all of them by the heal).
+        crashed.retain(|(h, at)| {
+            if elapsed >= *at || elapsed >= CHAOS {
+                sim.bounce(HOSTS[*h]);
+                false
+            } else {
+                true
+            }
+        });
+        if elapsed >= CHAOS && elapsed < CHAOS + Duration::from_millis(10) {
+            for (i, a) in HOSTS.iter().enumerate() {
+                for b in &HOSTS[i + 1..] {
+                    sim.release(*a, *b);
+                    sim.repair(*a, *b);
+                    sim.set_link_latency(*a, *b, Duration::from_millis(5));
+                }
+            }
+        }
+        match sim.step() {
+            Ok(true) => break,
+            Ok(false) => {}
+            Err(e) => panic!("seed {seed}: the simulation failed: {e}"),
+        }
+    }
+    let l = ledger.borrow();
+    for (id, n) in &l.delivered {
+        assert!(*n <= 1, "seed {seed}: message {id:?} delivered {n} times");
+    }
+    for (id, run) in &l.started {
+        let current = l.runs[id.0] == *run;
+        match l.ended.get(id) {
+            Some(Ok(())) => assert_eq!(
+                l.delivered.get(id),
+                Some(&1),
+                "seed {seed}: {id:?} was accepted but delivered {:?} times",
+                l.delivered.get(id)
+            ),
+            Some(Err(_)) => {}
+            // A send whose host crashed under it has no outcome; any other must have one.
+            None => assert!(
+                !current,
+                "seed {seed}: send {id:?} never ended (its host did not crash)"
+            ),
+        }
+    }
+    let accepted = l.ended.values().filter(|e| e.is_ok()).count();
+    let faults = l.trace.iter().filter(|t| t.contains(" fault ")).count();
+    let crashes = l
+        .trace
+        .iter()
+        .filter(|t| t.contains(" fault crash"))
+        .count();
+    assert!(
+        accepted > l.started.len() / 2,
+        "seed {seed}: only {accepted} of {} sends accepted",
+        l.started.len()
+    );
+    if std::env::var_os("VICUS_SIM_VERBOSE").is_some() {
+        let mut errors: BTreeMap<&str, usize> = BTreeMap::new();
+        for t in &l.trace {
+            if let Some(kind) = t
+                .rsplit(' ')
+                .next()
+                .filter(|k| *k != "accepted" && !t.contains(" fault "))
+            {
+                *errors.entry(kind).or_default() += 1;
+            }
+        }
+        println!(
+            "seed {seed}: {} sends, {accepted} accepted, {} delivered, {faults} faults ({crashes} crashes), errors {errors:?}",
+            l.started.len(),
+            l.delivered.values().sum::<u32>(),
+        );
+    }
+    assert_eq!(
+        l.probes_ok.len(),
+        20,
+        "seed {seed}: after the heal only {:?} of 20 probes were accepted",
+        l.probes_ok
+    );
+    l.trace.clone()
+}
+
+/// How many seeds each of the two chaos tests runs (`VICUS_SIM_SEEDS` overrides; the two
+/// together run twice that many, on both cores).
+fn seeds_per_test() -> u64 {
+    std::env::var("VICUS_SIM_SEEDS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(100)
+}
+
+fn run_seeds(seeds: impl Iterator<Item = u64>) {
+    let started = std::time::Instant::now();
+    let mut n = 0;
+    for seed in seeds {
+        run_seed(seed);
+        n += 1;
+    }
+    println!("{n} seeds in {:?}", started.elapsed());
+}
+
+#[test]
+fn chaos_every_send_ends_and_accepted_means_delivered_exactly_once_seeds_1_to_100() {
+    run_seeds(1..=seeds_per_test());
+}
+
+#[test]
+fn chaos_every_send_ends_and_accepted_means_delivered_exactly_once_another_100_seeds() {
+    let n = seeds_per_test();
+    run_seeds(1_000_001..=1_000_000 + n);
+}
+
+#[test]
+fn the_same_seed_gives_the_same_run_and_another_seed_another() {
+    let first = run_seed(4242);
+    let second = run_seed(4242);
+    assert!(first.len() > 100, "a real run: {} events", first.len());
+    assert_eq!(first, second);
+    assert_ne!(first, run_seed(4243));
+}
