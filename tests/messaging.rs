@@ -1926,3 +1926,57 @@ async fn a_half_open_callis_is_found_by_idle_timeout_on_both_sides_and_its_messa
     })
     .await;
 }
+
+/// T2 while connected: a peer's certificate expires under an open callis. The callis keeps
+/// working until `max_callis_age` replaces it; the replacement handshake is refused as
+/// expired, the old callis is retired, and sends from then on fail at once as not delivered,
+/// naming the expiry.
+#[tokio::test]
+async fn t02_a_certificate_that_expires_under_an_open_callis_ends_its_use_by_max_callis_age() {
+    within(async {
+        let mut mesh = mesh();
+        let mut config = Mesh::test_config();
+        config.max_callis_age = Some(Duration::from_millis(1500));
+        mesh.set_config(config.clone());
+        let a = mesh.domus("a").await.expect("domus");
+        // b's certificate is valid for about three more seconds (certificates count whole
+        // seconds).
+        let mut spec = vicus::dev_certs::LeafSpec::domus("b");
+        spec.not_after = std::time::SystemTime::now() + Duration::from_secs(3);
+        let leaf = mesh.ca().leaf_with(&spec).expect("mint");
+        let auth = mesh.ca().auth_config(&leaf).expect("auth");
+        let b = mesh
+            .builder_for(auth)
+            .config(config)
+            .build()
+            .await
+            .expect("b");
+        mesh.route(TabernaId(10), &b).expect("route");
+        spawn_echo(b.taberna(TabernaId(10)).expect("taberna"));
+        let out = a
+            .send(
+                TabernaId(10),
+                APP,
+                Bytes::from_static(b"1"),
+                send_opts(5_000),
+            )
+            .await
+            .expect("while valid");
+        assert_eq!(out, Delivery::Replied(Bytes::from_static(b"echo:1")));
+        // Past not_after, plus the ages at which the callis is replaced (1.5 s) and closed
+        // by the side that accepted it (1.25 times that).
+        tokio::time::sleep(Duration::from_secs(6)).await;
+        let err = a
+            .send(
+                TabernaId(10),
+                APP,
+                Bytes::from_static(b"2"),
+                send_opts(3_000),
+            )
+            .await
+            .expect_err("an expired peer is not used");
+        assert!(!err.outcome_unknown(), "{err}");
+        assert!(err.message().contains("expired"), "{err}");
+    })
+    .await;
+}

@@ -334,6 +334,70 @@ fn svg_chart(chart: &Chart, impls: &[String], res: &BTreeMap<(String, String), O
     Some(out)
 }
 
+/// The soak's RSS curve: `rss_trace_mib` ("0s:9.8 1s:10.2 ...") as a line, the base sample
+/// (`base_at_s`) and the +16 MiB bound above it as dashed lines.
+fn svg_soak(imp: &str, o: &Obj) -> Option<String> {
+    let points: Vec<(f64, f64)> = st(o, "rss_trace_mib")?
+        .split_whitespace()
+        .filter_map(|p| {
+            let (t, mib) = p.split_once("s:")?;
+            Some((t.parse().ok()?, mib.parse().ok()?))
+        })
+        .collect();
+    let (&(t_end, _), base_at) = (points.last()?, num(o, "base_at_s").unwrap_or(60.0));
+    let base = num(o, "rss_base_kib")? / 1024.0;
+    let bound = base + 16.0;
+    let y_max = points.iter().map(|p| p.1).fold(bound, f64::max) * 1.1;
+    let (w, h, left, top, plot_w, plot_h) = (760.0, 360.0, 60.0, 40.0, 670.0, 270.0);
+    let x = |t: f64| left + plot_w * t / t_end.max(1.0);
+    let y = |m: f64| top + plot_h * (1.0 - m / y_max);
+    let mut out = format!(
+        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{w}\" height=\"{h}\" font-family=\"sans-serif\" font-size=\"12\">\n\
+         <rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n\
+         <text x=\"{left}\" y=\"22\" font-size=\"14\">{imp} soak: RSS of the whole process, MiB, over {t_end:.0} s of churn</text>\n"
+    );
+    for k in 0..=4 {
+        let m = y_max * f64::from(k) / 4.0;
+        out.push_str(&format!(
+            "<line x1=\"{left}\" x2=\"{:.1}\" y1=\"{:.1}\" y2=\"{:.1}\" stroke=\"#ddd\"/><text x=\"{:.1}\" y=\"{:.1}\" text-anchor=\"end\">{m:.0}</text>\n",
+            left + plot_w,
+            y(m),
+            y(m),
+            left - 6.0,
+            y(m) + 4.0
+        ));
+    }
+    for (m, label, colour) in [(base, "base (at {base_at:.0} s)", "#888"), (bound, "base + 16 MiB", "#c33")] {
+        let label = label.replace("{base_at:.0}", &format!("{base_at:.0}"));
+        out.push_str(&format!(
+            "<line x1=\"{left}\" x2=\"{:.1}\" y1=\"{:.1}\" y2=\"{:.1}\" stroke=\"{colour}\" stroke-dasharray=\"6 4\"/><text x=\"{:.1}\" y=\"{:.1}\" fill=\"{colour}\" text-anchor=\"end\">{label}</text>\n",
+            left + plot_w,
+            y(m),
+            y(m),
+            left + plot_w,
+            y(m) - 4.0
+        ));
+    }
+    let path: Vec<String> = points
+        .iter()
+        .map(|&(t, m)| format!("{:.1},{:.1}", x(t), y(m)))
+        .collect();
+    out.push_str(&format!(
+        "<polyline fill=\"none\" stroke=\"#2a6\" stroke-width=\"1.5\" points=\"{}\"/>\n",
+        path.join(" ")
+    ));
+    for k in 0..=5 {
+        let t = t_end * f64::from(k) / 5.0;
+        out.push_str(&format!(
+            "<text x=\"{:.1}\" y=\"{:.1}\" text-anchor=\"middle\">{t:.0} s</text>\n",
+            x(t),
+            top + plot_h + 18.0
+        ));
+    }
+    out.push_str("</svg>\n");
+    Some(out)
+}
+
 fn main() {
     let mut args: Vec<String> = std::env::args().skip(1).collect();
     let mut svg_dir = None;
@@ -375,6 +439,13 @@ fn main() {
         for chart in CHARTS {
             if let Some(svg) = svg_chart(chart, &impl_order, &res) {
                 let path = format!("{dir}/{}.svg", chart.workload);
+                std::fs::write(&path, svg).unwrap_or_else(|e| panic!("{path}: {e}"));
+                eprintln!("wrote {path}");
+            }
+        }
+        for i in &impl_order {
+            if let Some(svg) = res.get(&(i.clone(), "soak".to_string())).and_then(|o| svg_soak(i, o)) {
+                let path = format!("{dir}/soak.svg");
                 std::fs::write(&path, svg).unwrap_or_else(|e| panic!("{path}: {e}"));
                 eprintln!("wrote {path}");
             }
