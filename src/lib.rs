@@ -137,7 +137,8 @@
 //!   new message for an old one. The wait protects exactly-once: a peer may replay a message
 //!   whose answer it never got until that send's deadline, so set `peer_retire_after` no
 //!   lower than the longest send timeout your peers use.
-//! * Messages to one peer are delivered in send order within a priority class (A2 before A3);
+//! * Messages to one peer are delivered in send order within a priority class (A2 before A3,
+//!   with one waiting A3 message after every 16 A2 ones so A3 is never starved);
 //!   answers may come back in any order.
 //! * A send to a taberna on the same domus takes the same path minus the network: same
 //!   checks, same answers, same errors.

@@ -527,6 +527,28 @@ fn t20_control_and_answers_go_before_a2_before_a3() {
 }
 
 #[test]
+fn t20_a3_ages_under_an_a2_flood_one_after_every_sixteen_a2() {
+    let mut p = Pair::new(SessionConfig::default());
+    let a3: Vec<u64> = (0..3)
+        .map(|_| p.send(APP, b"app", Duration::from_secs(5)))
+        .collect();
+    let a2: Vec<u64> = (0..100)
+        .map(|_| p.send(SERVICE, b"svc", Duration::from_secs(5)))
+        .collect();
+    p.connect();
+    let order = p.delivered_ids();
+    assert_eq!(order.len(), 103);
+    // A2 first, then each waiting A3 message after 16 A2 ones; within a class, send order.
+    let positions: Vec<usize> = a3
+        .iter()
+        .map(|id| order.iter().position(|o| o == id).expect("delivered"))
+        .collect();
+    assert_eq!(positions, [16, 33, 50]);
+    let a2_order: Vec<u64> = order.iter().copied().filter(|id| a2.contains(id)).collect();
+    assert_eq!(a2_order, a2);
+}
+
+#[test]
 fn epoch_change_fails_retained_sends_with_peer_restarted() {
     let mut p = Pair::new(SessionConfig::default());
     p.connect();

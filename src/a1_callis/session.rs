@@ -370,6 +370,10 @@ struct AnswerQueue {
     others: VecDeque<(u64, Answer)>,
 }
 
+/// While A3 messages wait, one goes after this many A2 messages in a row (aging: A2 comes
+/// first, A3 is never starved).
+pub const A3_AGING: u32 = 16;
+
 /// A reply at most this long is kept in the dedupe state as a copy of its own.
 const SMALL_REPLY: usize = 4096;
 
@@ -425,6 +429,8 @@ pub struct Session {
     late_deadlines: BTreeSet<(Instant, u64)>,
     queue_a2: VecDeque<u64>,
     queue_a3: VecDeque<u64>,
+    /// A2 messages written in a row while an A3 message waited (see [`A3_AGING`]).
+    a2_streak: u32,
     // Inbound.
     ring: DedupeRing,
     answers: AnswerQueue,
@@ -474,6 +480,7 @@ impl Session {
             late_deadlines: BTreeSet::new(),
             queue_a2: VecDeque::new(),
             queue_a3: VecDeque::new(),
+            a2_streak: 0,
             ring,
             answers: AnswerQueue::default(),
             read_buf: BytesMut::new(),
@@ -1467,10 +1474,20 @@ impl Session {
         };
         let span_end = oldest.saturating_add(u64::from(self.peer_window));
         while out.len() < limit {
-            let from_a2 = match (self.queue_a2.front(), self.queue_a3.front()) {
-                (Some(&a2), _) if a2 < span_end => true,
-                (_, Some(&a3)) if a3 < span_end => false,
-                _ => return,
+            let a2_ready = self.queue_a2.front().is_some_and(|&id| id < span_end);
+            let a3_ready = self.queue_a3.front().is_some_and(|&id| id < span_end);
+            // A2 first, but an A3 message that waits goes after every `A3_AGING` A2 ones: a
+            // flood of A2 delays A3, never starves it (T20).
+            let from_a2 = match (a2_ready, a3_ready) {
+                (true, true) => self.a2_streak < A3_AGING,
+                (true, false) => true,
+                (false, true) => false,
+                (false, false) => return,
+            };
+            self.a2_streak = if from_a2 && a3_ready {
+                self.a2_streak.saturating_add(1)
+            } else {
+                0
             };
             let queue = if from_a2 {
                 &mut self.queue_a2
