@@ -226,9 +226,11 @@ mod chains {
     use std::time::{Duration, SystemTime};
 
     use rcgen::{
-        BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer,
-        KeyPair, KeyUsagePurpose, SanType,
+        BasicConstraints, CertificateParams, CertificateRevocationListParams, DnType,
+        ExtendedKeyUsagePurpose, IsCa, Issuer, KeyIdMethod, KeyPair, KeyUsagePurpose,
+        RevocationReason, RevokedCertParams, SanType, SerialNumber,
     };
+    use rustls::pki_types::CertificateRevocationListDer;
 
     pub(crate) struct Ca {
         pub(crate) pem: String,
@@ -261,13 +263,46 @@ mod chains {
     }
 
     pub(crate) fn intermediate(root: &Ca, from: SystemTime, until: SystemTime) -> Ca {
-        let p = ca_params("chain intermediate", from, until);
+        intermediate_numbered(root, from, until, 1)
+    }
+
+    /// An intermediate with serial number `serial` (so a CRL can name it).
+    pub(crate) fn intermediate_numbered(
+        root: &Ca,
+        from: SystemTime,
+        until: SystemTime,
+        serial: u64,
+    ) -> Ca {
+        let mut p = ca_params("chain intermediate", from, until);
+        p.serial_number = Some(SerialNumber::from(serial));
         let key = KeyPair::generate().expect("key");
         let cert = p.signed_by(&key, &root.issuer).expect("intermediate");
         Ca {
             pem: cert.pem(),
             issuer: Issuer::new(p, key),
         }
+    }
+
+    /// A CRL from `issuer` revoking the certificates it issued with these serials.
+    pub(crate) fn crl(issuer: &Ca, serials: &[u64]) -> CertificateRevocationListDer<'static> {
+        let now = SystemTime::now();
+        let params = CertificateRevocationListParams {
+            this_update: (now - Duration::from_secs(3600)).into(),
+            next_update: (now + Duration::from_secs(3600)).into(),
+            crl_number: SerialNumber::from(1u64),
+            issuing_distribution_point: None,
+            revoked_certs: serials
+                .iter()
+                .map(|&serial| RevokedCertParams {
+                    serial_number: SerialNumber::from(serial),
+                    revocation_time: (now - Duration::from_secs(60)).into(),
+                    reason_code: Some(RevocationReason::CaCompromise),
+                    invalidity_date: None,
+                })
+                .collect(),
+            key_identifier_method: KeyIdMethod::Sha256,
+        };
+        params.signed_by(&issuer.issuer).expect("crl").der().clone()
     }
 
     /// A valid leaf signed by the root itself.
@@ -349,6 +384,114 @@ async fn t02_a_chain_through_an_expired_intermediate_is_refused() {
             dialed.expect_err("the client learns it was refused").id(),
             ErrorId::CertificateRefusedByPeer
         );
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn t04_a_chain_through_a_revoked_intermediate_is_refused() {
+    within(async {
+        let now = SystemTime::now();
+        let (from, until) = (
+            now - Duration::from_secs(3600),
+            now + Duration::from_secs(3600),
+        );
+        let root = chains::root();
+        let good = chains::intermediate_numbered(&root, from, until, 41);
+        let revoked = chains::intermediate_numbered(&root, from, until, 42);
+        // The root revokes intermediate 42; each intermediate's own CRL revokes nothing (the
+        // leaves' status must be known too: unknown status is refused).
+        let crls = vec![
+            chains::crl(&root, &[42]),
+            chains::crl(&good, &[]),
+            chains::crl(&revoked, &[]),
+        ];
+        let (server_leaf, server_key) = chains::leaf_of_root(&root, "server");
+        let server = Transport::new(
+            vicus::AuthConfig::from_pem(
+                root.pem.as_bytes(),
+                server_leaf.as_bytes(),
+                server_key.as_bytes(),
+            )
+            .expect("auth")
+            .with_crls(crls),
+            TransportConfig::default(),
+        )
+        .expect("server");
+        let l = listen_tcp(&server).await;
+        let via = |inter: &chains::Ca, name: &str| {
+            let (leaf, key) = chains::leaf(inter, name);
+            let chain = format!("{leaf}{}", inter.pem);
+            let auth =
+                vicus::AuthConfig::from_pem(root.pem.as_bytes(), chain.as_bytes(), key.as_bytes())
+                    .expect("auth");
+            Transport::new(auth, TransportConfig::default()).expect("transport")
+        };
+        let (dialed, accepted) = handshake_pair(&via(&good, "good"), &l, None).await;
+        dialed.expect("a chain through a good intermediate dials");
+        accepted.expect("and is accepted");
+        let (dialed, accepted) = handshake_pair(&via(&revoked, "bad"), &l, None).await;
+        let accepted = accepted.expect_err("a revoked intermediate is refused");
+        assert_eq!(
+            accepted.id(),
+            ErrorId::PeerCertificateRejected,
+            "{accepted}"
+        );
+        assert!(accepted.message().contains("revoked"), "{accepted}");
+        assert_eq!(
+            dialed.expect_err("the client learns it was refused").id(),
+            ErrorId::CertificateRefusedByPeer
+        );
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn t04_an_expired_crl_refuses_the_peers_it_covers_until_a_fresh_one_is_loaded() {
+    within(async {
+        let mut ca = ca();
+        let server_leaf = ca.leaf("server").expect("mint");
+        let good = transport(&mut ca, "good");
+        // A CRL revoking nobody whose next update was due a minute ago.
+        let stale = ca
+            .crl(&[], SystemTime::now() - Duration::from_secs(60))
+            .expect("crl");
+        let server = Transport::new(
+            ca.auth_config(&server_leaf)
+                .expect("auth")
+                .with_crls(vec![stale]),
+            TransportConfig::default(),
+        )
+        .expect("transport");
+        let l = listen_tcp(&server).await;
+        let (dialed, accepted) = handshake_pair(&good, &l, None).await;
+        let accepted = accepted.expect_err("an expired CRL proves nothing");
+        assert_eq!(
+            accepted.id(),
+            ErrorId::PeerCertificateRejected,
+            "{accepted}"
+        );
+        assert!(
+            accepted
+                .message()
+                .contains("the CRL that covers it expired"),
+            "{accepted}"
+        );
+        assert!(dialed.is_err(), "the client is refused");
+        // A fresh CRL, loaded live: the same peer is accepted again.
+        let fresh = ca
+            .crl(&[], SystemTime::now() + Duration::from_secs(3600))
+            .expect("crl");
+        server
+            .reload_auth(
+                ca.auth_config(&server_leaf)
+                    .expect("auth")
+                    .with_crls(vec![fresh]),
+            )
+            .expect("reload");
+        let (dialed, accepted) = handshake_pair(&good, &l, None).await;
+        dialed.expect("dials after the reload");
+        accepted.expect("accepted after the reload");
     })
     .await;
 }
