@@ -3,7 +3,7 @@
 
 use std::time::{Duration, Instant};
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 
 use super::*;
 use crate::a1_callis::frame::{self, Frame};
@@ -34,108 +34,11 @@ fn data(len: usize, seed: u64) -> Bytes {
         .collect()
 }
 
-struct Pair {
-    a: BlobStreams,
-    b: BlobStreams,
-    now: Instant,
-    a_events: Vec<BlobEvent>,
-    b_events: Vec<BlobEvent>,
-    /// Bytes a wrote that b has not handled yet (dropped by `cut`).
-    in_flight: BytesMut,
-}
+type Pair = crate::testing::BlobPair;
 
-impl Pair {
-    fn new() -> Self {
-        let mut p = Self {
-            a: BlobStreams::new(config()),
-            b: BlobStreams::new(config()),
-            now: Instant::now(),
-            a_events: Vec::new(),
-            b_events: Vec::new(),
-            in_flight: BytesMut::new(),
-        };
-        p.a.connected();
-        p.b.connected();
-        p
-    }
-
-    fn open(&mut self, stream: u64) {
-        self.a.open_outbound(self.now, stream).expect("open out");
-        self.b.open_inbound(self.now, stream).expect("open in");
-        // The receiver's first credit opens the window.
-        self.deliver();
-    }
-
-    /// a writes at most `budget` bytes; they wait in `in_flight`.
-    fn a_transmit(&mut self, budget: usize) -> bool {
-        self.a.poll_transmit(&mut self.in_flight, budget)
-    }
-
-    /// Delivers what a wrote to b, and b's answers to a.
-    fn deliver(&mut self) {
-        let mut buf = std::mem::take(&mut self.in_flight);
-        while let Ok(Some(f)) = frame::decode(&mut buf, u32::MAX) {
-            let Frame::Blob(b) = f else { panic!("{f:?}") };
-            self.b.handle_frame(self.now, b);
-        }
-        let mut back = BytesMut::new();
-        self.b.poll_transmit(&mut back, usize::MAX);
-        while let Ok(Some(f)) = frame::decode(&mut back, u32::MAX) {
-            let Frame::Blob(b) = f else { panic!("{f:?}") };
-            self.a.handle_frame(self.now, b);
-        }
-        while let Some(e) = self.a.poll_event() {
-            self.a_events.push(e);
-        }
-        while let Some(e) = self.b.poll_event() {
-            self.b_events.push(e);
-        }
-    }
-
-    fn read_all(&mut self, stream: u64) -> Vec<u8> {
-        let mut got = Vec::new();
-        while let Some(chunk) = self.b.read(self.now, stream).expect("read") {
-            got.extend_from_slice(&chunk);
-        }
-        got
-    }
-
-    /// Writes `payload` through stream `stream` with an eager reader; returns what arrived.
-    fn transfer(&mut self, stream: u64, payload: &Bytes) -> Vec<u8> {
-        let mut written = 0;
-        let mut got = Vec::new();
-        let mut finished = false;
-        for _ in 0..100_000 {
-            if written < payload.len() {
-                written += self
-                    .a
-                    .write(self.now, stream, &payload.slice(written..))
-                    .expect("write");
-            } else if !finished {
-                self.a.finish(stream).expect("finish");
-                finished = true;
-            }
-            self.a_transmit(usize::MAX);
-            self.deliver();
-            got.extend(self.read_all(stream));
-            self.deliver();
-            if self.a_events.contains(&BlobEvent::Finished(stream)) {
-                assert!(self.b.is_complete(stream));
-                return got;
-            }
-        }
-        panic!("transfer of {} bytes never finished", payload.len());
-    }
-
-    fn violation(&self) -> Option<String> {
-        self.b_events
-            .iter()
-            .chain(&self.a_events)
-            .find_map(|e| match e {
-                BlobEvent::Violation { error, .. } => Some(error.message().to_owned()),
-                _ => None,
-            })
-    }
+/// The pair every test here runs on.
+fn pair() -> Pair {
+    Pair::new(config())
 }
 
 #[test]
@@ -144,7 +47,7 @@ fn blobs_of_every_size_around_chunk_boundaries_round_trip_intact() {
         .into_iter()
         .enumerate()
     {
-        let mut p = Pair::new();
+        let mut p = pair();
         let stream = n as u64 + 1;
         p.open(stream);
         let payload = data(len, n as u64);
@@ -161,7 +64,7 @@ fn blobs_of_every_size_around_chunk_boundaries_round_trip_intact() {
 
 #[test]
 fn a_slow_reader_slows_the_sender_and_memory_stays_within_the_window() {
-    let mut p = Pair::new();
+    let mut p = pair();
     p.open(1);
     let payload = data(20 * WINDOW as usize, 7);
     let mut written = 0;
@@ -215,7 +118,7 @@ fn a_slow_reader_slows_the_sender_and_memory_stays_within_the_window() {
 
 #[test]
 fn t21_data_beyond_credit_duplicates_and_unknown_streams_are_violations() {
-    let mut p = Pair::new();
+    let mut p = pair();
     p.open(1);
     p.b.handle_frame(
         p.now,
@@ -237,7 +140,7 @@ fn t21_data_beyond_credit_duplicates_and_unknown_streams_are_violations() {
         "nothing buffered"
     );
 
-    let mut p = Pair::new();
+    let mut p = pair();
     p.b.handle_frame(
         p.now,
         BlobFrame::Data {
@@ -249,7 +152,7 @@ fn t21_data_beyond_credit_duplicates_and_unknown_streams_are_violations() {
     p.deliver();
     assert!(p.violation().expect("unknown").contains("unknown stream 9"));
 
-    let mut p = Pair::new();
+    let mut p = pair();
     p.open(1);
     p.b.handle_frame(
         p.now,
@@ -263,7 +166,7 @@ fn t21_data_beyond_credit_duplicates_and_unknown_streams_are_violations() {
     assert!(p.violation().expect("gap").contains("gap"));
 
     // A late frame for a stream that just finished is absorbed, not a violation.
-    let mut p = Pair::new();
+    let mut p = pair();
     p.open(1);
     let payload = data(100, 3);
     p.transfer(1, &payload);
@@ -282,7 +185,7 @@ fn t21_data_beyond_credit_duplicates_and_unknown_streams_are_violations() {
 
 #[test]
 fn a_cut_mid_transfer_resends_what_was_lost_and_completes_intact() {
-    let mut p = Pair::new();
+    let mut p = pair();
     p.open(1);
     let payload = data(10 * CHUNK + 17, 11);
     let mut written = 0;
@@ -322,22 +225,11 @@ fn a_cut_mid_transfer_resends_what_was_lost_and_completes_intact() {
     assert!(p.violation().is_none());
 }
 
-impl Pair {
-    /// The blob callis drops with whatever was in flight; a new one comes up.
-    fn cut(&mut self) {
-        self.in_flight.clear();
-        self.a.disconnected();
-        self.b.disconnected();
-        self.a.connected();
-        self.b.connected();
-    }
-}
-
 #[test]
 fn only_the_receivers_end_answer_completes_a_stream_and_a_lost_end_is_sent_again() {
     // An empty stream: its END waits for the receiver's first credit (the receiver's side
     // may not exist yet when the sender finishes).
-    let mut p = Pair::new();
+    let mut p = pair();
     p.a.open_outbound(p.now, 1).expect("open out");
     p.a.finish(1).expect("finish");
     assert!(
@@ -411,7 +303,7 @@ fn only_the_receivers_end_answer_completes_a_stream_and_a_lost_end_is_sent_again
 
 #[test]
 fn sixteen_concurrent_streams_share_fairly_and_all_complete() {
-    let mut p = Pair::new();
+    let mut p = pair();
     let payloads: Vec<Bytes> = (1..=16).map(|s| data(5 * CHUNK + s, s as u64)).collect();
     for s in 1..=16u64 {
         p.open(s);
@@ -455,7 +347,7 @@ fn sixteen_concurrent_streams_share_fairly_and_all_complete() {
 
 #[test]
 fn cancel_reaches_the_other_side_and_idle_streams_time_out() {
-    let mut p = Pair::new();
+    let mut p = pair();
     p.open(1);
     p.a.write(p.now, 1, &data(100, 1)).expect("write");
     p.a.cancel(1, ErrorId::BlobStreamNotFound, "sender dropped");
@@ -468,7 +360,7 @@ fn cancel_reaches_the_other_side_and_idle_streams_time_out() {
     );
     assert_eq!(p.b.open_streams(), 0);
 
-    let mut p = Pair::new();
+    let mut p = pair();
     p.open(2);
     p.now += Duration::from_secs(31);
     p.a.handle_timeout(p.now);
@@ -502,7 +394,7 @@ fn t23_stream_cap_refuses_the_next_open_cheaply() {
 
 #[test]
 fn t17_open_cancel_churn_past_the_budget_is_a_violation_and_frees_every_stream() {
-    let mut p = Pair::new();
+    let mut p = pair();
     // A legitimate cancel-heavy workload under the budget is never closed.
     for round in 0..3u64 {
         for i in 0..100u64 {

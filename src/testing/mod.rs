@@ -34,6 +34,7 @@
 //! [`Mesh::remove`] gives a test the only handle back, to crash that domus by dropping it.
 
 mod fault_proxy;
+pub mod pair;
 #[cfg(feature = "sim")]
 pub mod sim;
 
@@ -43,6 +44,7 @@ use std::time::Duration;
 use bytes::Bytes;
 
 pub use fault_proxy::FaultProxy;
+pub use pair::{BlobPair, SessionPair};
 
 use crate::dev_certs::DevCa;
 use crate::domus::DomusBuilder;
