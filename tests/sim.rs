@@ -11,7 +11,7 @@ use std::rc::Rc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use vicus::testing::sim::SimNet;
+use vicus::testing::sim::{Chaos, SimNet};
 use vicus::{Delivery, MessageType, SendOptions, TabernaId};
 
 const KIND: MessageType = MessageType::application(5);
@@ -49,22 +49,6 @@ fn probe(from: usize, to: usize) -> Bytes {
     let mut payload = vec![100 + from as u8];
     payload.extend_from_slice(&(to as u64).to_le_bytes());
     Bytes::from(payload)
-}
-
-/// xorshift64*: the test's own fault schedule, from the seed.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
-    }
-
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
 }
 
 fn run_seed(seed: u64) -> Vec<String> {
@@ -172,76 +156,9 @@ fn run_seed(seed: u64) -> Vec<String> {
         Ok(())
     });
     // The fault schedule, between simulation steps.
-    let mut rng = Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1);
-    let mut crashed: Vec<(usize, Duration)> = Vec::new();
-    let mut next_fault = Duration::from_secs(2);
-    loop {
-        let elapsed = sim.elapsed();
-        if elapsed >= next_fault && elapsed < CHAOS {
-            next_fault = elapsed + Duration::from_millis(200 + rng.below(1800));
-            let a = rng.below(5) as usize;
-            let b = (a + 1 + rng.below(4) as usize) % 5;
-            let (ha, hb) = (HOSTS[a], HOSTS[b]);
-            let what = match rng.below(10) {
-                0..=2 => {
-                    sim.partition(ha, hb);
-                    "partition"
-                }
-                3..=4 => {
-                    sim.repair(ha, hb);
-                    "repair"
-                }
-                5 => {
-                    sim.hold(ha, hb);
-                    "hold"
-                }
-                6 => {
-                    sim.release(ha, hb);
-                    "release"
-                }
-                7..=8 => {
-                    sim.set_link_latency(ha, hb, Duration::from_millis(rng.below(300)));
-                    "latency"
-                }
-                _ => {
-                    if crashed.iter().all(|(h, _)| *h != a) {
-                        sim.crash(ha);
-                        crashed.push((a, elapsed + Duration::from_millis(500 + rng.below(3000))));
-                        "crash"
-                    } else {
-                        "none"
-                    }
-                }
-            };
-            ledger
-                .borrow_mut()
-                .trace
-                .push(format!("{} fault {what} {a} {b}", elapsed.as_millis()));
-        }
-        // Crashed hosts come back after their pause (and all of them by the heal).
-        crashed.retain(|(h, at)| {
-            if elapsed >= *at || elapsed >= CHAOS {
-                sim.bounce(HOSTS[*h]);
-                false
-            } else {
-                true
-            }
-        });
-        if elapsed >= CHAOS && elapsed < CHAOS + Duration::from_millis(10) {
-            for (i, a) in HOSTS.iter().enumerate() {
-                for b in &HOSTS[i + 1..] {
-                    sim.release(*a, *b);
-                    sim.repair(*a, *b);
-                    sim.set_link_latency(*a, *b, Duration::from_millis(5));
-                }
-            }
-        }
-        match sim.step() {
-            Ok(true) => break,
-            Ok(false) => {}
-            Err(e) => panic!("seed {seed}: the simulation failed: {e}"),
-        }
-    }
+    let faults = Chaos::new(seed, &HOSTS, CHAOS)
+        .run(&mut sim)
+        .unwrap_or_else(|e| panic!("seed {seed}: the simulation failed: {e}"));
     let l = ledger.borrow();
     for (id, n) in &l.delivered {
         assert!(*n <= 1, "seed {seed}: message {id:?} delivered {n} times");
@@ -264,12 +181,7 @@ fn run_seed(seed: u64) -> Vec<String> {
         }
     }
     let accepted = l.ended.values().filter(|e| e.is_ok()).count();
-    let faults = l.trace.iter().filter(|t| t.contains(" fault ")).count();
-    let crashes = l
-        .trace
-        .iter()
-        .filter(|t| t.contains(" fault crash"))
-        .count();
+    let crashes = faults.iter().filter(|t| t.contains(" crash ")).count();
     assert!(
         accepted > l.started.len() / 2,
         "seed {seed}: only {accepted} of {} sends accepted",
@@ -287,9 +199,10 @@ fn run_seed(seed: u64) -> Vec<String> {
             }
         }
         println!(
-            "seed {seed}: {} sends, {accepted} accepted, {} delivered, {faults} faults ({crashes} crashes), errors {errors:?}",
+            "seed {seed}: {} sends, {accepted} accepted, {} delivered, {} faults ({crashes} crashes), errors {errors:?}",
             l.started.len(),
             l.delivered.values().sum::<u32>(),
+            faults.len(),
         );
     }
     assert_eq!(
@@ -298,7 +211,9 @@ fn run_seed(seed: u64) -> Vec<String> {
         "seed {seed}: after the heal only {:?} of 20 probes were accepted",
         l.probes_ok
     );
-    l.trace.clone()
+    let mut trace = l.trace.clone();
+    trace.extend(faults);
+    trace
 }
 
 /// How many seeds each of the two chaos tests runs (`VICUS_SIM_SEEDS` overrides; the two

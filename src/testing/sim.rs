@@ -231,3 +231,124 @@ impl SimNet {
         });
     }
 }
+
+/// A seeded schedule of network faults for a turmoil simulation, applied between its steps:
+/// every 0.2–2 s of simulated time until `faults_until`, one of — a partition of a random
+/// pair of hosts (30 %), a repair (20 %), a hold (10 %) or release (10 %) of their traffic, a
+/// new latency on their link up to 300 ms (20 %), or a crash of one host (10 %), which comes
+/// back (turmoil bounces it) 0.5–3.5 s later. At `faults_until` everything heals: every link
+/// repaired and released, latency back to 5 ms, every crashed host restarted. The same seed
+/// gives the same schedule. A seeded chaos run is then a few lines:
+///
+/// ```no_run
+/// # use std::time::Duration;
+/// # let mut sim = turmoil::Builder::new().rng_seed(1).build();
+/// // … hosts registered with SimNet::host …
+/// let faults = vicus::testing::sim::Chaos::new(1, &["a", "b", "c"], Duration::from_secs(60))
+///     .run(&mut sim)
+///     .expect("the simulation");
+/// println!("{} faults", faults.len());
+/// ```
+#[derive(Debug)]
+pub struct Chaos {
+    hosts: Vec<String>,
+    faults_until: std::time::Duration,
+    rng: u64,
+}
+
+impl Chaos {
+    /// Faults among `hosts` until `faults_until` (simulated time), drawn from `seed`.
+    pub fn new(seed: u64, hosts: &[&str], faults_until: std::time::Duration) -> Self {
+        Self {
+            hosts: hosts.iter().map(|h| (*h).to_owned()).collect(),
+            faults_until,
+            rng: seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1,
+        }
+    }
+
+    /// xorshift64*, below `n`.
+    fn below(&mut self, n: u64) -> u64 {
+        self.rng ^= self.rng >> 12;
+        self.rng ^= self.rng << 25;
+        self.rng ^= self.rng >> 27;
+        self.rng.wrapping_mul(0x2545_F491_4F6C_DD1D) % n.max(1)
+    }
+
+    /// Steps `sim` until it ends (its clients finished), applying the schedule; returns each
+    /// fault applied as `"<ms> <what> <host> <host>"`. A simulation error (a host or client
+    /// that failed) ends the run with that error.
+    pub fn run(
+        mut self,
+        sim: &mut turmoil::Sim<'_>,
+    ) -> Result<Vec<String>, Box<dyn std::error::Error>> {
+        use std::time::Duration;
+        let n = self.hosts.len();
+        let mut log = Vec::new();
+        let mut crashed: Vec<(usize, Duration)> = Vec::new();
+        let mut next_fault = Duration::from_secs(2);
+        let mut healed = false;
+        loop {
+            let now = sim.elapsed();
+            if n >= 2 && now >= next_fault && now < self.faults_until {
+                next_fault = now + Duration::from_millis(200 + self.below(1800));
+                let a = usize::try_from(self.below(n as u64)).unwrap_or(0);
+                let b = (a + 1 + usize::try_from(self.below(n as u64 - 1)).unwrap_or(0)) % n;
+                let (ha, hb) = (self.hosts[a].clone(), self.hosts[b].clone());
+                let (ha, hb) = (ha.as_str(), hb.as_str());
+                let what = match self.below(10) {
+                    0..=2 => {
+                        sim.partition(ha, hb);
+                        "partition"
+                    }
+                    3..=4 => {
+                        sim.repair(ha, hb);
+                        "repair"
+                    }
+                    5 => {
+                        sim.hold(ha, hb);
+                        "hold"
+                    }
+                    6 => {
+                        sim.release(ha, hb);
+                        "release"
+                    }
+                    7..=8 => {
+                        sim.set_link_latency(ha, hb, Duration::from_millis(self.below(300)));
+                        "latency"
+                    }
+                    _ if crashed.iter().all(|(h, _)| *h != a) => {
+                        sim.crash(ha);
+                        let back = now + Duration::from_millis(500 + self.below(3000));
+                        crashed.push((a, back));
+                        "crash"
+                    }
+                    _ => "none",
+                };
+                log.push(format!("{} {what} {ha} {hb}", now.as_millis()));
+            }
+            let until = self.faults_until;
+            crashed.retain(|(h, at)| {
+                if now >= *at || now >= until {
+                    sim.bounce(self.hosts[*h].as_str());
+                    false
+                } else {
+                    true
+                }
+            });
+            if !healed && now >= self.faults_until {
+                healed = true;
+                for (i, a) in self.hosts.iter().enumerate() {
+                    for b in &self.hosts[i + 1..] {
+                        sim.release(a.as_str(), b.as_str());
+                        sim.repair(a.as_str(), b.as_str());
+                        sim.set_link_latency(a.as_str(), b.as_str(), Duration::from_millis(5));
+                    }
+                }
+                log.push(format!("{} heal", now.as_millis()));
+            }
+            if sim.step()? {
+                return Ok(log);
+            }
+        }
+    }
+}
