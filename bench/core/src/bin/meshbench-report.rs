@@ -334,8 +334,9 @@ fn svg_chart(chart: &Chart, impls: &[String], res: &BTreeMap<(String, String), O
     Some(out)
 }
 
-/// The soak's RSS curve: `rss_trace_mib` ("0s:9.8 1s:10.2 ...") as a line, the base sample
-/// (`base_at_s`) and the +16 MiB bound above it as dashed lines.
+/// The soak's RSS curve: `rss_trace_mib` ("0s:9.8 1s:10.2 ...") as a line, the first
+/// minute's peak (the warmed-up level of a curve that swings with the churn) and the +16 MiB
+/// bound above it as dashed lines.
 fn svg_soak(imp: &str, o: &Obj) -> Option<String> {
     let points: Vec<(f64, f64)> = st(o, "rss_trace_mib")?
         .split_whitespace()
@@ -345,7 +346,7 @@ fn svg_soak(imp: &str, o: &Obj) -> Option<String> {
         })
         .collect();
     let (&(t_end, _), base_at) = (points.last()?, num(o, "base_at_s").unwrap_or(60.0));
-    let base = num(o, "rss_base_kib")? / 1024.0;
+    let base = num(o, "rss_first_minute_peak_kib").or_else(|| num(o, "rss_base_kib"))? / 1024.0;
     let bound = base + 16.0;
     let y_max = points.iter().map(|p| p.1).fold(bound, f64::max) * 1.1;
     let (w, h, left, top, plot_w, plot_h) = (760.0, 360.0, 60.0, 40.0, 670.0, 270.0);
@@ -367,7 +368,7 @@ fn svg_soak(imp: &str, o: &Obj) -> Option<String> {
             y(m) + 4.0
         ));
     }
-    for (m, label, colour) in [(base, "base (at {base_at:.0} s)", "#888"), (bound, "base + 16 MiB", "#c33")] {
+    for (m, label, colour) in [(base, "peak of the first {base_at:.0} s", "#888"), (bound, "that + 16 MiB", "#c33")] {
         let label = label.replace("{base_at:.0}", &format!("{base_at:.0}"));
         out.push_str(&format!(
             "<line x1=\"{left}\" x2=\"{:.1}\" y1=\"{:.1}\" y2=\"{:.1}\" stroke=\"{colour}\" stroke-dasharray=\"6 4\"/><text x=\"{:.1}\" y=\"{:.1}\" fill=\"{colour}\" text-anchor=\"end\">{label}</text>\n",
