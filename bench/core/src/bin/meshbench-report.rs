@@ -69,10 +69,8 @@ fn parse_line(line: &str) -> Option<Obj> {
         let v = match it.peek()? {
             '"' => V::S(string(&mut it)?),
             't' | 'f' | 'n' => {
-                let w: String = std::iter::from_fn(|| {
-                    it.next_if(|c| c.is_ascii_alphabetic())
-                })
-                .collect();
+                let w: String =
+                    std::iter::from_fn(|| it.next_if(|c| c.is_ascii_alphabetic())).collect();
                 match w.as_str() {
                     "true" => V::B(true),
                     "false" => V::B(false),
@@ -241,17 +239,25 @@ const CHARTS: &[Chart] = &[
 
 /// The colour of each implementation's bars (stable across charts).
 fn colour(i: usize) -> &'static str {
-    ["#7f7f7f", "#d62728", "#1f77b4", "#2ca02c", "#9467bd", "#ff7f0e"][i % 6]
+    [
+        "#7f7f7f", "#d62728", "#1f77b4", "#2ca02c", "#9467bd", "#ff7f0e",
+    ][i % 6]
 }
 
 fn esc(s: &str) -> String {
-    s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;")
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
 }
 
 /// A grouped horizontal bar chart: one group per series (with its label above it), one bar
 /// per implementation. The scale is logarithmic when the values span more than 20x (an
 /// implementation 1000x slower would otherwise flatten every other bar), and says so.
-fn svg_chart(chart: &Chart, impls: &[String], res: &BTreeMap<(String, String), Obj>) -> Option<String> {
+fn svg_chart(
+    chart: &Chart,
+    impls: &[String],
+    res: &BTreeMap<(String, String), Obj>,
+) -> Option<String> {
     let value = |i: &str, key: &str| -> Option<f64> {
         let o = res.get(&(i.to_string(), chart.workload.to_string()))?;
         if !flag(o, "ok") || flag(o, "skipped") {
@@ -368,7 +374,10 @@ fn svg_soak(imp: &str, o: &Obj) -> Option<String> {
             y(m) + 4.0
         ));
     }
-    for (m, label, colour) in [(base, "peak of the first {base_at:.0} s", "#888"), (bound, "that + 16 MiB", "#c33")] {
+    for (m, label, colour) in [
+        (base, "peak of the first {base_at:.0} s", "#888"),
+        (bound, "that + 16 MiB", "#c33"),
+    ] {
         let label = label.replace("{base_at:.0}", &format!("{base_at:.0}"));
         out.push_str(&format!(
             "<line x1=\"{left}\" x2=\"{:.1}\" y1=\"{:.1}\" y2=\"{:.1}\" stroke=\"{colour}\" stroke-dasharray=\"6 4\"/><text x=\"{:.1}\" y=\"{:.1}\" fill=\"{colour}\" text-anchor=\"end\">{label}</text>\n",
@@ -445,7 +454,10 @@ fn main() {
             }
         }
         for i in &impl_order {
-            if let Some(svg) = res.get(&(i.clone(), "soak".to_string())).and_then(|o| svg_soak(i, o)) {
+            if let Some(svg) = res
+                .get(&(i.clone(), "soak".to_string()))
+                .and_then(|o| svg_soak(i, o))
+            {
                 let path = format!("{dir}/soak.svg");
                 std::fs::write(&path, svg).unwrap_or_else(|e| panic!("{path}: {e}"));
                 eprintln!("wrote {path}");
@@ -592,14 +604,27 @@ fn main() {
     for i in &impl_order {
         rows.push(vec![
             i.clone(),
-            cell(i, "w1_64", &|o| num(o, "cpu_us_per_msg").map(|v| format!("{v:.1}"))),
-            cell(i, "w1_1k", &|o| num(o, "cpu_us_per_msg").map(|v| format!("{v:.1}"))),
-            cell(i, "w2", &|o| num(o, "cpu_us_per_rt").map(|v| format!("{v:.1}"))),
-            cell(i, "w3", &|o| num(o, "cpu_s_per_gb").map(|v| format!("{v:.2}"))),
-            cell(i, "w4", &|o| {
-                Some(format!("{:.2}", num(o, "cpu_s")? * 1000.0 / num(o, "conns")?))
+            cell(i, "w1_64", &|o| {
+                num(o, "cpu_us_per_msg").map(|v| format!("{v:.1}"))
             }),
-            cell(i, "w5", &|o| num(o, "cpu_us_per_msg").map(|v| format!("{v:.1}"))),
+            cell(i, "w1_1k", &|o| {
+                num(o, "cpu_us_per_msg").map(|v| format!("{v:.1}"))
+            }),
+            cell(i, "w2", &|o| {
+                num(o, "cpu_us_per_rt").map(|v| format!("{v:.1}"))
+            }),
+            cell(i, "w3", &|o| {
+                num(o, "cpu_s_per_gb").map(|v| format!("{v:.2}"))
+            }),
+            cell(i, "w4", &|o| {
+                Some(format!(
+                    "{:.2}",
+                    num(o, "cpu_s")? * 1000.0 / num(o, "conns")?
+                ))
+            }),
+            cell(i, "w5", &|o| {
+                num(o, "cpu_us_per_msg").map(|v| format!("{v:.1}"))
+            }),
         ]);
     }
     print_table(
@@ -675,7 +700,9 @@ fn main() {
     if impl_order.iter().any(|i| i == "vicus") {
         let get = |i: &str, w: &str, k: &str| -> Option<f64> {
             let o = res.get(&(i.to_string(), w.to_string()))?;
-            (flag(o, "ok") && !flag(o, "skipped")).then(|| num(o, k)).flatten()
+            (flag(o, "ok") && !flag(o, "skipped"))
+                .then(|| num(o, k))
+                .flatten()
         };
         let metrics: &[(&str, &str, &str, bool)] = &[
             ("W1 64B msg/s", "w1_64", "msgs_per_s", true),
@@ -737,9 +764,8 @@ fn main() {
                     .or(num(o, "conns"))
                     .unwrap_or(0.0);
                 let req = num(o, "requested")
-                    .or(num(o, "requested_per_client").map(|r| {
-                        r * num(o, "clients").unwrap_or(1.0)
-                    }))
+                    .or(num(o, "requested_per_client")
+                        .map(|r| r * num(o, "clients").unwrap_or(1.0)))
                     .unwrap_or(0.0);
                 notes.push(format!(
                     "capped {i} {w}: ran {} of {} requested",
