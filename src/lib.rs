@@ -96,6 +96,17 @@
 //!   are outside our control (`docs/threat-model.md`).
 //! * No `unsafe` code (`unsafe_code = "forbid"`).
 //!
+//! ## Addressing
+//!
+//! A send names a taberna. By default the domus asks its resolver where that taberna lives
+//! ([`RouteResolver::resolve`]: an address and, usually, the identity expected there), so a
+//! taberna id routed this way names one endpoint in the whole mesh — give each service its
+//! own ids. A send can also name the domus: [`Domus::destination_on`] sends to a taberna on
+//! one specific domus, reached at the address the resolver gives for that identity
+//! ([`RouteResolver::resolve_domus`], e.g. [`SimpleResolver::insert_domus`]) or over a callis
+//! it already has with this domus — how a server sends to a dial-only client that contacted
+//! it. Whichever way it was addressed, the peer is the one its certificate proves.
+//!
 //! ## Delivery semantics
 //!
 //! * A send ends exactly once: `Ok(Delivery::Accepted)`, `Ok(Delivery::Replied(bytes))`, or an

@@ -1980,3 +1980,81 @@ async fn t02_a_certificate_that_expires_under_an_open_callis_ends_its_use_by_max
     })
     .await;
 }
+
+/// Issue 14, addressing: a send can name the domus as well as the taberna. A server sends to
+/// a dial-only client over the callis the client opened (no route, no address); a domus the
+/// resolver knows by identity only is reached without any taberna entry; the domus itself is
+/// local; a domus nobody can reach ends as not delivered at the deadline.
+#[tokio::test]
+async fn destination_on_reaches_a_named_domus_without_a_taberna_route() {
+    within(async {
+        let mut mesh = Mesh::new().expect("mesh");
+        let server = mesh.domus("server").await.expect("server");
+        let client = mesh
+            .builder("client")
+            .expect("mint")
+            .dial_only()
+            .build()
+            .await
+            .expect("client");
+        let c = mesh.domus("c").await.expect("c");
+        mesh.route(TabernaId(1), &server).expect("route");
+        spawn_echo(server.taberna(TabernaId(1)).expect("taberna"));
+        // The client's own taberna: it has no address, and no route names it.
+        spawn_echo(client.taberna(TabernaId(50)).expect("taberna"));
+        spawn_echo(c.taberna(TabernaId(60)).expect("taberna"));
+        assert_eq!(
+            client
+                .send(
+                    TabernaId(1),
+                    APP,
+                    Bytes::from_static(b"hi"),
+                    send_opts(5_000)
+                )
+                .await
+                .expect("client -> server"),
+            Delivery::Replied(Bytes::from_static(b"echo:hi"))
+        );
+        // Back to the client over its own callis.
+        let back = server.destination_on(client.identity(), TabernaId(50));
+        assert_eq!(
+            back.send(APP, Bytes::from_static(b"push"))
+                .await
+                .expect("server -> dial-only client"),
+            Delivery::Replied(Bytes::from_static(b"echo:push"))
+        );
+        // A domus known to the resolver by identity only.
+        mesh.resolver()
+            .insert_domus(c.identity().clone(), addr_of(&c));
+        assert_eq!(
+            server
+                .destination_on(c.identity(), TabernaId(60))
+                .send(APP, Bytes::from_static(b"c"))
+                .await
+                .expect("server -> c by identity"),
+            Delivery::Replied(Bytes::from_static(b"echo:c"))
+        );
+        // This domus itself: local.
+        assert_eq!(
+            server
+                .destination_on(server.identity(), TabernaId(1))
+                .send(APP, Bytes::from_static(b"me"))
+                .await
+                .expect("local"),
+            Delivery::Replied(Bytes::from_static(b"echo:me"))
+        );
+        // Nobody knows where "ghost" is and it never called: not delivered, at the deadline.
+        let err = server
+            .destination_on(&id("ghost"), TabernaId(1))
+            .send_with(
+                APP,
+                Bytes::from_static(b"?"),
+                SendOptions::default().timeout(Duration::from_millis(300)),
+            )
+            .await
+            .expect_err("unreachable");
+        assert!(!err.outcome_unknown(), "{err}");
+        println!("to an unknown domus: {err}");
+    })
+    .await;
+}

@@ -81,6 +81,9 @@ pub struct Destination {
     shared: Arc<Shared>,
     _guard: Arc<DropGuard>,
     taberna: TabernaId,
+    /// The domus the taberna must be on ([`Domus::destination_on`]); `None`: wherever the
+    /// resolver routes the taberna.
+    on: Option<DomusId>,
     cache: Arc<ArcSwapOption<Resolved>>,
 }
 
@@ -99,11 +102,17 @@ impl std::fmt::Debug for Destination {
 }
 
 impl Destination {
-    pub(super) fn new(shared: Arc<Shared>, guard: Arc<DropGuard>, taberna: TabernaId) -> Self {
+    pub(super) fn new(
+        shared: Arc<Shared>,
+        guard: Arc<DropGuard>,
+        taberna: TabernaId,
+        on: Option<DomusId>,
+    ) -> Self {
         Self {
             shared,
             _guard: guard,
             taberna,
+            on,
             cache: Arc::new(ArcSwapOption::empty()),
         }
     }
@@ -357,11 +366,17 @@ impl Destination {
         // Read before resolving: a change from here on leaves the cache stale, never wrong.
         let routes = shared.route_generation.load(Ordering::Acquire);
         let tabernas = shared.registry.generation();
-        let target = if shared.registry.contains(self.taberna) {
-            Target::Local
-        } else {
-            let (id, peer) = shared.route_to_peer(self.taberna, deadline).await?;
-            Target::Remote { id, peer }
+        let target = match &self.on {
+            Some(id) if id == &shared.local_id => Target::Local,
+            Some(id) => Target::Remote {
+                id: id.clone(),
+                peer: Box::pin(shared.peer_by_id(id, deadline)).await?,
+            },
+            None if shared.registry.contains(self.taberna) => Target::Local,
+            None => {
+                let (id, peer) = shared.route_to_peer(self.taberna, deadline).await?;
+                Target::Remote { id, peer }
+            }
         };
         let resolved = Arc::new(Resolved {
             routes,

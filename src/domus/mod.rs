@@ -33,7 +33,8 @@ pub use crate::runtime::ends::{BlobReceiver, BlobSender};
 pub use config::DomusConfig;
 pub use destination::{Destination, Outcome, Window};
 pub use resolver::{
-    ResolveFuture, Route, RouteChanges, RouteNotifier, RouteResolver, SimpleResolver,
+    ResolveDomusFuture, ResolveFuture, Route, RouteChanges, RouteNotifier, RouteResolver,
+    SimpleResolver,
 };
 
 use crate::a0_transport::{
@@ -908,7 +909,23 @@ impl Domus {
     /// send), so a send through it skips the route lookup. Cheap to clone; it keeps the domus
     /// running like a [`Domus`] clone. [`Destination::window`] pipelines many sends.
     pub fn destination(&self, taberna: TabernaId) -> Destination {
-        Destination::new(self.shared.clone(), self._guard.clone(), taberna)
+        Destination::new(self.shared.clone(), self._guard.clone(), taberna, None)
+    }
+
+    /// A [`Destination`] for `taberna` on the domus `peer` specifically, whatever the
+    /// resolver routes that taberna to (or when it routes it nowhere): the peer is reached at
+    /// the address the resolver gives for it ([`RouteResolver::resolve_domus`]), else over
+    /// a callis it already has with this domus — so a server can send to a dial-only client
+    /// that contacted it — or at an address learned for it earlier. With no address and no
+    /// callis, sends wait for one until their deadline, then fail as not delivered. `peer`
+    /// may be this domus itself (the send is then local).
+    pub fn destination_on(&self, peer: &DomusId, taberna: TabernaId) -> Destination {
+        Destination::new(
+            self.shared.clone(),
+            self._guard.clone(),
+            taberna,
+            Some(peer.clone()),
+        )
     }
 
     /// Encodes `message` with `codec` and sends it; a reply is decoded with the same codec.
@@ -1424,6 +1441,44 @@ impl Shared {
         }
         let peer = self.peer_routed(&peer_id, Some(route.addr), named.then_some(taberna));
         Ok((peer_id, peer))
+    }
+
+    /// The peer `id` itself (not a taberna's route), for [`Domus::destination_on`]: at the
+    /// address the resolver gives for it (bounded by `resolve_timeout` and `deadline`), else
+    /// as this domus already knows it.
+    async fn peer_by_id(
+        self: &Arc<Self>,
+        id: &DomusId,
+        deadline: tokio::time::Instant,
+    ) -> Result<Arc<PeerRef>, Error> {
+        let limit = self.config.load().resolve_timeout;
+        let until = deadline.min(tokio::time::Instant::now() + limit);
+        // Application code, as in `resolve`: a panic becomes this send's error.
+        let panicked = || {
+            Error::new(
+                ErrorId::PeerUnavailable,
+                format!("the route resolver panicked while resolving the domus {id}"),
+            )
+        };
+        let resolver = &self.resolver;
+        let mut lookup =
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| resolver.resolve_domus(id)))
+                .map_err(|_| panicked())?;
+        let guarded = std::future::poll_fn(move |cx| {
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| lookup.as_mut().poll(cx)))
+                .unwrap_or_else(|_| Poll::Ready(Err(panicked())))
+        });
+        let addr = tokio::time::timeout_at(until, guarded)
+            .await
+            .map_err(|_| {
+                Error::new(
+                    ErrorId::PeerUnavailable,
+                    format!(
+                        "the resolver did not say where {id} is within {limit:?} (resolve_timeout)"
+                    ),
+                )
+            })??;
+        Ok(self.peer(id, addr))
     }
 
     /// Tells the drivers of `id` (if it has any) that its address is now `addr`.

@@ -37,10 +37,23 @@ pub struct Route {
 /// The future a resolver returns.
 pub type ResolveFuture<'a> = Pin<Box<dyn Future<Output = Result<Route, Error>> + Send + 'a>>;
 
+/// The future [`RouteResolver::resolve_domus`] returns.
+pub type ResolveDomusFuture<'a> =
+    Pin<Box<dyn Future<Output = Result<Option<DomusAddr>, Error>> + Send + 'a>>;
+
 /// Looks up the route to a taberna.
 pub trait RouteResolver: Send + Sync + 'static {
     /// The route to `taberna`, or an [`ErrorId::UnknownTaberna`] error.
     fn resolve(&self, taberna: TabernaId) -> ResolveFuture<'_>;
+
+    /// Where the domus `id` itself is reached, for sends addressed to a domus rather than
+    /// routed by taberna ([`crate::Domus::destination_on`]). Default: `Ok(None)` — such sends
+    /// then go over a callis the peer already has with this domus, or to an address learned
+    /// for it earlier.
+    fn resolve_domus<'a>(&'a self, id: &'a DomusId) -> ResolveDomusFuture<'a> {
+        let _ = id;
+        Box::pin(std::future::ready(Ok(None)))
+    }
 
     /// A signal that fires whenever the answers of [`resolve`](Self::resolve) may have
     /// changed, so the domus re-reads its routes at once (see the module docs). Default:
@@ -109,6 +122,8 @@ impl RouteChanges {
 #[derive(Debug, Default)]
 pub struct SimpleResolver {
     routes: ArcSwap<HashMap<TabernaId, Route>>,
+    /// Addresses of domus by identity, for sends addressed to a domus.
+    domus: ArcSwap<HashMap<DomusId, DomusAddr>>,
     writer: Mutex<()>,
     notifier: RouteNotifier,
 }
@@ -129,6 +144,25 @@ impl SimpleResolver {
     /// Removes the route to `taberna`.
     pub fn remove(&self, taberna: TabernaId) -> Option<Route> {
         self.update(|routes| routes.remove(&taberna))
+    }
+
+    /// Says where the domus `id` is reached (for [`crate::Domus::destination_on`]).
+    pub fn insert_domus(&self, id: DomusId, addr: DomusAddr) {
+        let _writer = self.writer.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut domus = HashMap::clone(&self.domus.load());
+        domus.insert(id, addr);
+        self.domus.store(Arc::new(domus));
+        self.notifier.notify();
+    }
+
+    /// Forgets where the domus `id` is reached.
+    pub fn remove_domus(&self, id: &DomusId) -> Option<DomusAddr> {
+        let _writer = self.writer.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut domus = HashMap::clone(&self.domus.load());
+        let removed = domus.remove(id);
+        self.domus.store(Arc::new(domus));
+        self.notifier.notify();
+        removed
     }
 
     fn update<R>(&self, change: impl FnOnce(&mut HashMap<TabernaId, Route>) -> R) -> R {
@@ -154,6 +188,11 @@ impl RouteResolver for SimpleResolver {
     fn resolve(&self, taberna: TabernaId) -> ResolveFuture<'_> {
         let route = self.lookup(taberna);
         Box::pin(async move { route })
+    }
+
+    fn resolve_domus<'a>(&'a self, id: &'a DomusId) -> ResolveDomusFuture<'a> {
+        let addr = self.domus.load().get(id).cloned();
+        Box::pin(std::future::ready(Ok(addr)))
     }
 
     fn changes(&self) -> Option<RouteChanges> {
