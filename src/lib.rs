@@ -105,7 +105,10 @@
 //! one specific domus, reached at the address the resolver gives for that identity
 //! ([`RouteResolver::resolve_domus`], e.g. [`SimpleResolver::insert_domus`]) or over a callis
 //! it already has with this domus — how a server sends to a dial-only client that contacted
-//! it. Whichever way it was addressed, the peer is the one its certificate proves.
+//! it. A resolver may list several replicas for a taberna ([`RouteResolver::candidates`],
+//! [`SimpleResolver::insert_candidates`]): the lowest priority that can be reached is used,
+//! spread by weight (see [`Candidate`]). Whichever way it was addressed, the peer is the one
+//! its certificate proves.
 //!
 //! ## Delivery semantics
 //!
@@ -338,7 +341,7 @@ pub mod watch;
 
 pub use a0_transport::{AuthConfig, DomusAddr, DomusId, PeerIdentity, TrustPolicy};
 pub use domus::{
-    BlobReceiver, BlobSender, ConfigHandle, Delivery, Destination, Domus, DomusBuilder,
+    BlobReceiver, BlobSender, Candidate, ConfigHandle, Delivery, Destination, Domus, DomusBuilder,
     DomusConfig, MessageCodec, Outcome, Receipt, Route, RouteChanges, RouteNotifier, RouteResolver,
     SendOptions, SimpleResolver, WeakDomus, Window,
 };

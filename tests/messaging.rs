@@ -2058,3 +2058,89 @@ async fn destination_on_reaches_a_named_domus_without_a_taberna_route() {
     })
     .await;
 }
+
+/// Issue 14, replicas: a taberna served by several domus. Sends spread by weight among the
+/// lowest priority; replicas that shut down are skipped and the next priority takes over.
+#[tokio::test]
+async fn sends_spread_over_replicas_by_priority_and_weight_and_skip_the_ones_that_are_down() {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use vicus::{Candidate, Route};
+    within(async {
+        let mut mesh = Mesh::new().expect("mesh");
+        // a avoids a replica it found down for reconnect_backoff_max: long enough here for
+        // every send below, however slow the machine.
+        let mut config = Mesh::test_config();
+        config.reconnect_backoff_max = Duration::from_secs(30);
+        let a = mesh.domus_with("a", config).await.expect("a");
+        let mut replicas = Vec::new();
+        let mut counts = Vec::new();
+        for name in ["r1", "r2", "r3"] {
+            let r = mesh.domus(name).await.expect("replica");
+            let t = r.taberna(TabernaId(77)).expect("taberna");
+            let n = Arc::new(AtomicU64::new(0));
+            let seen = n.clone();
+            tokio::spawn(async move {
+                while let Some(req) = t.recv().await {
+                    seen.fetch_add(1, Ordering::SeqCst);
+                    req.accept();
+                }
+            });
+            counts.push(n);
+            replicas.push(r);
+        }
+        let candidate = |r: &Domus, priority, weight| Candidate {
+            route: Route {
+                addr: addr_of(r),
+                identity: Some(r.identity().clone()),
+            },
+            priority,
+            weight,
+        };
+        mesh.resolver().insert_candidates(
+            TabernaId(77),
+            vec![
+                candidate(&replicas[0], 0, 1),
+                candidate(&replicas[1], 0, 3),
+                candidate(&replicas[2], 1, 1),
+            ],
+        );
+        for _ in 0..400 {
+            let out = a
+                .send(
+                    TabernaId(77),
+                    APP,
+                    Bytes::from_static(b"x"),
+                    send_opts(5_000),
+                )
+                .await
+                .expect("send");
+            assert_eq!(out, Delivery::Accepted);
+        }
+        let got: Vec<u64> = counts.iter().map(|c| c.load(Ordering::SeqCst)).collect();
+        println!("400 sends over weights 1 / 3 (priority 0) and 1 (priority 1): {got:?}");
+        assert_eq!(
+            got[2], 0,
+            "the priority-1 replica waits while priority 0 is up"
+        );
+        assert_eq!(got[0] + got[1], 400);
+        assert!((50..=160).contains(&got[0]), "weight 1 of 4: {got:?}");
+        // Priority 0 goes away: its replicas say so as they shut down, and sends move on.
+        replicas[0].shutdown().await;
+        replicas[1].shutdown().await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        for _ in 0..20 {
+            let out = a
+                .send(
+                    TabernaId(77),
+                    APP,
+                    Bytes::from_static(b"y"),
+                    send_opts(5_000),
+                )
+                .await
+                .expect("send to the remaining replica");
+            assert_eq!(out, Delivery::Accepted);
+        }
+        assert_eq!(counts[2].load(Ordering::SeqCst), 20);
+    })
+    .await;
+}

@@ -33,8 +33,8 @@ pub use crate::runtime::ends::{BlobReceiver, BlobSender};
 pub use config::DomusConfig;
 pub use destination::{Destination, Outcome, Window};
 pub use resolver::{
-    ResolveDomusFuture, ResolveFuture, Route, RouteChanges, RouteNotifier, RouteResolver,
-    SimpleResolver,
+    Candidate, CandidatesFuture, ResolveDomusFuture, ResolveFuture, Route, RouteChanges,
+    RouteNotifier, RouteResolver, SimpleResolver,
 };
 
 use crate::a0_transport::{
@@ -384,6 +384,7 @@ impl DomusBuilder {
             route_generation: std::sync::atomic::AtomicU64::new(0),
             routes_followed: route_changes.is_some(),
             id_floor: Arc::new(std::sync::atomic::AtomicU64::new(1)),
+            down: Mutex::new(HashMap::new()),
         });
         #[cfg(feature = "metrics")]
         {
@@ -561,16 +562,25 @@ struct Shared {
     /// that ends when its peer is forgotten, so a peer that comes back after that never sees
     /// an id it saw before.
     id_floor: Arc<std::sync::atomic::AtomicU64>,
+    /// Peers forgotten while they could not be reached, and until when a choice among a
+    /// taberna's candidates avoids them (at most [`DOWN_REMEMBERED`]).
+    down: Mutex<HashMap<DomusId, tokio::time::Instant>>,
 }
+
+/// How many unreachable, forgotten peers a domus remembers for routing around them.
+const DOWN_REMEMBERED: usize = 4096;
 
 /// Forgets an idle peer for its driver (see [`crate::runtime::peer::Retirement`]).
 struct Forgetter(std::sync::Weak<Shared>);
 
 impl Forget for Forgetter {
-    fn forget(&self, peer: &DomusId, sends: &Arc<WakeQueue<SendCmd>>) -> bool {
+    fn forget(&self, peer: &DomusId, sends: &Arc<WakeQueue<SendCmd>>, unreachable: bool) -> bool {
         let Some(shared) = self.0.upgrade() else {
             return false;
         };
+        if unreachable {
+            shared.remember_down(peer);
+        }
         let mut peers = shared.peers.lock().unwrap_or_else(PoisonError::into_inner);
         let ours = peers
             .get(peer)
@@ -1496,6 +1506,100 @@ impl Shared {
         taberna: TabernaId,
         deadline: tokio::time::Instant,
     ) -> Result<Route, Error> {
+        let candidates = self.candidates(taberna, deadline).await?;
+        self.pick(taberna, &candidates)
+    }
+
+    /// Remembers, for `reconnect_backoff_max`, that `peer` could not be reached when it was
+    /// forgotten: candidate choice avoids it meanwhile.
+    fn remember_down(&self, peer: &DomusId) {
+        let now = tokio::time::Instant::now();
+        let until = now + self.config.load().reconnect_backoff_max;
+        let mut down = self.down.lock().unwrap_or_else(PoisonError::into_inner);
+        if down.len() >= DOWN_REMEMBERED {
+            down.retain(|_, at| *at > now);
+        }
+        if down.len() < DOWN_REMEMBERED {
+            down.insert(peer.clone(), until);
+        }
+    }
+
+    /// Whether a send may choose the candidate named `id`: its peer is not known to be
+    /// unreachable (by its driver, or remembered after it was forgotten).
+    fn may_choose(&self, id: &DomusId) -> bool {
+        if let Some(p) = self
+            .peers
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(id)
+        {
+            return p.links.reachability.why_not().is_none();
+        }
+        let now = tokio::time::Instant::now();
+        self.down
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(id)
+            .is_none_or(|until| *until <= now)
+    }
+
+    /// Chooses among a taberna's candidates: the lowest priority that has a candidate this
+    /// domus can reach now (a candidate whose peer's last dial failed is skipped while another
+    /// can be tried), then by weight.
+    fn pick(&self, taberna: TabernaId, candidates: &[Candidate]) -> Result<Route, Error> {
+        if let [only] = candidates {
+            return Ok(only.route.clone());
+        }
+        let reachable = |c: &Candidate| {
+            c.route
+                .identity
+                .as_ref()
+                .is_none_or(|id| self.may_choose(id))
+        };
+        let up: Vec<&Candidate> = candidates.iter().filter(|c| reachable(c)).collect();
+        let pool: Vec<&Candidate> = if up.is_empty() {
+            candidates.iter().collect()
+        } else {
+            up
+        };
+        let Some(best) = pool.iter().map(|c| c.priority).min() else {
+            return Err(Error::new(
+                ErrorId::UnknownTaberna,
+                format!("no route to {taberna}: the resolver listed no candidate"),
+            ));
+        };
+        let tier: Vec<&Candidate> = pool.into_iter().filter(|c| c.priority == best).collect();
+        let total: u64 = tier.iter().map(|c| u64::from(c.weight)).sum();
+        let chosen = if total == 0 {
+            tier.get(usize::try_from(rand_u64() % tier.len() as u64).unwrap_or(0))
+        } else {
+            let mut left = rand_u64() % total;
+            tier.iter().find(|c| {
+                let w = u64::from(c.weight);
+                if left < w {
+                    true
+                } else {
+                    left -= w;
+                    false
+                }
+            })
+        };
+        chosen.map(|c| c.route.clone()).ok_or_else(|| {
+            Error::new(
+                ErrorId::UnknownTaberna,
+                format!("no route to {taberna}: the resolver listed no candidate"),
+            )
+        })
+    }
+
+    /// Asks the resolver for `taberna`'s candidates, bounded by `resolve_timeout` (and the
+    /// send's deadline). An in-memory resolver answers on the first poll, which then costs no
+    /// timer.
+    async fn candidates(
+        &self,
+        taberna: TabernaId,
+        deadline: tokio::time::Instant,
+    ) -> Result<Arc<[Candidate]>, Error> {
         // The resolver is application code: a panic in it becomes an error for this send,
         // never a panic in the caller.
         let panicked = || {
@@ -1505,17 +1609,18 @@ impl Shared {
             )
         };
         let resolver = &self.resolver;
-        let mut lookup =
-            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| resolver.resolve(taberna)))
-                .map_err(|_| panicked())?;
+        let mut lookup = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            resolver.candidates(taberna)
+        }))
+        .map_err(|_| panicked())?;
         let first = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
             lookup
                 .as_mut()
                 .poll(&mut Context::from_waker(std::task::Waker::noop()))
         }))
         .map_err(|_| panicked())?;
-        if let Poll::Ready(route) = first {
-            return route;
+        if let Poll::Ready(candidates) = first {
+            return candidates;
         }
         let guarded = std::future::poll_fn(move |cx| {
             std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| lookup.as_mut().poll(cx)))

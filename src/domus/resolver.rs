@@ -37,6 +37,42 @@ pub struct Route {
 /// The future a resolver returns.
 pub type ResolveFuture<'a> = Pin<Box<dyn Future<Output = Result<Route, Error>> + Send + 'a>>;
 
+/// One of the places a taberna may be served (a replica), as a resolver lists them
+/// ([`RouteResolver::candidates`]). Like a DNS SRV record: the lowest `priority` is used while
+/// any of its candidates can be reached, and among those a send picks one with probability
+/// proportional to `weight` (weight 0 is used only when no candidate of that priority has a
+/// weight). A candidate whose domus shut down or could not be dialled is skipped while
+/// another can be tried (and for `reconnect_backoff_max` after its peer was forgotten).
+/// [`crate::Domus::send`] chooses per send; a [`crate::Destination`] chooses when it resolves
+/// (first send, and after a route change) and keeps that choice.
+///
+/// Not yet: a send already waiting for a candidate that turns out to be down is not moved to
+/// another one (it waits until its deadline, or the candidate comes back).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Candidate {
+    /// Where it is and who must answer there (see [`Route`]).
+    pub route: Route,
+    /// Lower is preferred.
+    pub priority: u16,
+    /// The share of sends among candidates of the same priority.
+    pub weight: u16,
+}
+
+impl Candidate {
+    /// A candidate for `route` at priority 0, weight 1.
+    pub fn new(route: Route) -> Self {
+        Self {
+            route,
+            priority: 0,
+            weight: 1,
+        }
+    }
+}
+
+/// The future [`RouteResolver::candidates`] returns.
+pub type CandidatesFuture<'a> =
+    Pin<Box<dyn Future<Output = Result<Arc<[Candidate]>, Error>> + Send + 'a>>;
+
 /// The future [`RouteResolver::resolve_domus`] returns.
 pub type ResolveDomusFuture<'a> =
     Pin<Box<dyn Future<Output = Result<Option<DomusAddr>, Error>> + Send + 'a>>;
@@ -45,6 +81,15 @@ pub type ResolveDomusFuture<'a> =
 pub trait RouteResolver: Send + Sync + 'static {
     /// The route to `taberna`, or an [`ErrorId::UnknownTaberna`] error.
     fn resolve(&self, taberna: TabernaId) -> ResolveFuture<'_>;
+
+    /// Every place `taberna` is served (replicas), for the domus to choose among — by
+    /// priority, then weight, skipping candidates it cannot reach now (see [`Candidate`]).
+    /// Default: the one route [`resolve`](Self::resolve) gives. An empty list is an
+    /// unknown taberna.
+    fn candidates(&self, taberna: TabernaId) -> CandidatesFuture<'_> {
+        let route = self.resolve(taberna);
+        Box::pin(async move { Ok(Arc::from([Candidate::new(route.await?)])) })
+    }
 
     /// Where the domus `id` itself is reached, for sends addressed to a domus rather than
     /// routed by taberna ([`crate::Domus::destination_on`]). Default: `Ok(None)` — such sends
@@ -121,7 +166,7 @@ impl RouteChanges {
 /// once); changes copy the table and publish the copy, one writer at a time.
 #[derive(Debug, Default)]
 pub struct SimpleResolver {
-    routes: ArcSwap<HashMap<TabernaId, Route>>,
+    routes: ArcSwap<HashMap<TabernaId, Arc<[Candidate]>>>,
     /// Addresses of domus by identity, for sends addressed to a domus.
     domus: ArcSwap<HashMap<DomusId, DomusAddr>>,
     writer: Mutex<()>,
@@ -134,16 +179,28 @@ impl SimpleResolver {
         Self::default()
     }
 
-    /// Routes `taberna` to `addr`, expecting `identity` there when given.
+    /// Routes `taberna` to `addr`, expecting `identity` there when given (its only
+    /// candidate).
     pub fn insert(&self, taberna: TabernaId, addr: DomusAddr, identity: Option<DomusId>) {
+        self.insert_candidates(taberna, vec![Candidate::new(Route { addr, identity })]);
+    }
+
+    /// Routes `taberna` to several replicas (see [`Candidate`]); an empty list removes the
+    /// route.
+    pub fn insert_candidates(&self, taberna: TabernaId, candidates: Vec<Candidate>) {
         self.update(|routes| {
-            routes.insert(taberna, Route { addr, identity });
+            if candidates.is_empty() {
+                routes.remove(&taberna);
+            } else {
+                routes.insert(taberna, Arc::from(candidates));
+            }
         });
     }
 
-    /// Removes the route to `taberna`.
+    /// Removes the route to `taberna` (its first candidate is returned).
     pub fn remove(&self, taberna: TabernaId) -> Option<Route> {
         self.update(|routes| routes.remove(&taberna))
+            .and_then(|c| c.first().map(|c| c.route.clone()))
     }
 
     /// Says where the domus `id` is reached (for [`crate::Domus::destination_on`]).
@@ -165,7 +222,7 @@ impl SimpleResolver {
         removed
     }
 
-    fn update<R>(&self, change: impl FnOnce(&mut HashMap<TabernaId, Route>) -> R) -> R {
+    fn update<R>(&self, change: impl FnOnce(&mut HashMap<TabernaId, Arc<[Candidate]>>) -> R) -> R {
         let _writer = self.writer.lock().unwrap_or_else(PoisonError::into_inner);
         let mut routes = HashMap::clone(&self.routes.load());
         let result = change(&mut routes);
@@ -174,7 +231,7 @@ impl SimpleResolver {
         result
     }
 
-    fn lookup(&self, taberna: TabernaId) -> Result<Route, Error> {
+    fn lookup(&self, taberna: TabernaId) -> Result<Arc<[Candidate]>, Error> {
         self.routes.load().get(&taberna).cloned().ok_or_else(|| {
             Error::new(
                 ErrorId::UnknownTaberna,
@@ -186,8 +243,17 @@ impl SimpleResolver {
 
 impl RouteResolver for SimpleResolver {
     fn resolve(&self, taberna: TabernaId) -> ResolveFuture<'_> {
-        let route = self.lookup(taberna);
+        let route = self.lookup(taberna).and_then(|c| {
+            c.first().map(|c| c.route.clone()).ok_or_else(|| {
+                Error::new(ErrorId::UnknownTaberna, format!("no route to {taberna}"))
+            })
+        });
         Box::pin(async move { route })
+    }
+
+    fn candidates(&self, taberna: TabernaId) -> CandidatesFuture<'_> {
+        let candidates = self.lookup(taberna);
+        Box::pin(async move { candidates })
     }
 
     fn resolve_domus<'a>(&'a self, id: &'a DomusId) -> ResolveDomusFuture<'a> {

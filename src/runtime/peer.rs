@@ -124,8 +124,9 @@ pub(crate) struct Retirement {
 pub(crate) trait Forget: Send + Sync {
     /// Removes `peer` if `sends` is still its queue and nothing is queued in it, closing the
     /// queue under the same lock (a send that races this is handed to a new driver). False:
-    /// the peer stays and the driver keeps running.
-    fn forget(&self, peer: &DomusId, sends: &Arc<WakeQueue<SendCmd>>) -> bool;
+    /// the peer stays and the driver keeps running. `unreachable`: the peer shut down or its
+    /// last dial failed (the domus remembers that a while, to route around it).
+    fn forget(&self, peer: &DomusId, sends: &Arc<WakeQueue<SendCmd>>, unreachable: bool) -> bool;
 }
 
 /// Whether a peer can be reached, as its driver last found out: read by sends that waited
@@ -307,7 +308,12 @@ impl PeerDriver {
 
     /// Asks the domus to forget this peer; true when it did (the driver then ends).
     fn retire(&mut self) -> bool {
-        if !self.retirement.forget.forget(&self.peer_id, &self.sends) {
+        let unreachable = self.reachability.why_not().is_some();
+        if !self
+            .retirement
+            .forget
+            .forget(&self.peer_id, &self.sends, unreachable)
+        {
             return false;
         }
         self.retirement
