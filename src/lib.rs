@@ -107,8 +107,9 @@
 //! it already has with this domus — how a server sends to a dial-only client that contacted
 //! it. A resolver may list several replicas for a taberna ([`RouteResolver::candidates`],
 //! [`SimpleResolver::insert_candidates`]): the lowest priority that can be reached is used,
-//! spread by weight (see [`Candidate`]). Whichever way it was addressed, the peer is the one
-//! its certificate proves.
+//! spread by weight, and a send moves to another replica only when it is certain the first
+//! never received it (see [`Candidate`]) — never a message that may have been delivered.
+//! Whichever way it was addressed, the peer is the one its certificate proves.
 //!
 //! ## Delivery semantics
 //!

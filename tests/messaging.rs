@@ -2144,3 +2144,92 @@ async fn sends_spread_over_replicas_by_priority_and_weight_and_skip_the_ones_tha
     })
     .await;
 }
+
+/// Issue 14, safe failover: a replica crashes; sends that chose it before anyone knew, and so
+/// never went out on any callis, are handed to the other replica and delivered once there.
+/// Nothing that may have reached the dead replica is sent again.
+#[tokio::test]
+async fn sends_that_never_left_for_a_dead_replica_are_delivered_by_another() {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use vicus::{Candidate, Route};
+    within(async {
+        let mut mesh = Mesh::new().expect("mesh");
+        let a = mesh.domus("a").await.expect("a");
+        let mut replicas = Vec::new();
+        let mut counts = Vec::new();
+        for name in ["r1", "r2"] {
+            let r = mesh.domus(name).await.expect("replica");
+            let t = r.taberna(TabernaId(88)).expect("taberna");
+            let n = Arc::new(AtomicU64::new(0));
+            let seen = n.clone();
+            tokio::spawn(async move {
+                while let Some(req) = t.recv().await {
+                    seen.fetch_add(1, Ordering::SeqCst);
+                    req.accept();
+                }
+            });
+            counts.push(n);
+            replicas.push(r);
+        }
+        let candidates = replicas
+            .iter()
+            .map(|r| {
+                Candidate::new(Route {
+                    addr: addr_of(r),
+                    identity: Some(r.identity().clone()),
+                })
+            })
+            .collect();
+        mesh.resolver().insert_candidates(TabernaId(88), candidates);
+        // Both replicas are connected and used.
+        for _ in 0..40 {
+            a.send(
+                TabernaId(88),
+                APP,
+                Bytes::from_static(b"warm"),
+                send_opts(5_000),
+            )
+            .await
+            .expect("warm up");
+        }
+        let before: Vec<u64> = counts.iter().map(|c| c.load(Ordering::SeqCst)).collect();
+        assert!(before.iter().all(|n| *n > 0), "{before:?}");
+        // r1 crashes (no shutdown, no CLOSE: its callis just ends, its port refuses).
+        let r1 = mesh.remove("r1").expect("r1");
+        let r1_delivered = counts[0].clone();
+        drop(replicas.remove(0));
+        drop(r1);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let frozen = r1_delivered.load(Ordering::SeqCst);
+        // Sends made now still choose r1 about half the time (nothing says it is down yet);
+        // those are never written anywhere, and end up at r2 — well before their deadline.
+        let started = tokio::time::Instant::now();
+        let sends: Vec<_> = (0..40)
+            .map(|_| {
+                tokio::spawn(a.send(
+                    TabernaId(88),
+                    APP,
+                    Bytes::from_static(b"after"),
+                    send_opts(10_000),
+                ))
+            })
+            .collect();
+        for s in sends {
+            let out = s.await.expect("join").expect("delivered by a replica");
+            assert_eq!(out, Delivery::Accepted);
+        }
+        let took = started.elapsed();
+        println!("40 sends after r1 died: all accepted in {took:?}");
+        assert!(
+            took < Duration::from_secs(5),
+            "failed over, not timed out: {took:?}"
+        );
+        assert_eq!(
+            r1_delivered.load(Ordering::SeqCst),
+            frozen,
+            "nothing reached the dead"
+        );
+        assert_eq!(counts[1].load(Ordering::SeqCst), before[1] + 40);
+    })
+    .await;
+}

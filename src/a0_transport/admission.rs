@@ -257,7 +257,7 @@ impl Gate {
         }
         if table.pending.total() >= self.max_total
             && (table.pending.count(&source) >= self.max_per_source
-                || !self.evict_oldest_silent(&mut table, now_us))
+                || !self.evict_silent(&mut table, source, now_us))
         {
             Counters::bump(&self.counters.refused_global);
             return Err(Refusal::Global);
@@ -287,16 +287,37 @@ impl Gate {
         })
     }
 
-    /// Frees the slot of the oldest silent connection, if it has been silent for at least
-    /// `evict_after`, and tells its permit; false when there is none that old.
-    fn evict_oldest_silent(&self, table: &mut Table, now_us: u64) -> bool {
-        let Some(oldest) = table.silent.first_entry() else {
+    /// Frees a silent connection's slot for a newcomer from `source`, and tells its permit;
+    /// false when none may go. First choice: the oldest silent connection of the source that
+    /// holds the most slots, if that is more than the newcomer's source would hold with it (a
+    /// crowd cannot keep out a source with fewer connections: its own members never gain on
+    /// each other this way). Else the oldest silent connection, once it has been silent for
+    /// `evict_after`.
+    fn evict_silent(&self, table: &mut Table, source: Source, now_us: u64) -> bool {
+        let mine = table.pending.count(&source).saturating_add(1);
+        let fattest = table
+            .silent
+            .iter()
+            .map(|(seq, s)| (table.pending.count(&s.source), *seq))
+            .filter(|(held, _)| *held > mine)
+            // The most slots; among equals, the oldest (smallest sequence number).
+            .max_by(|a, b| a.0.cmp(&b.0).then(b.1.cmp(&a.1)))
+            .map(|(_, seq)| seq);
+        let victim = match fattest {
+            Some(seq) => table.silent.remove(&seq),
+            None => {
+                let Some(oldest) = table.silent.first_entry() else {
+                    return false;
+                };
+                if now_us.saturating_sub(oldest.get().since_us) < self.evict_after_us {
+                    return false;
+                }
+                Some(oldest.remove())
+            }
+        };
+        let Some(victim) = victim else {
             return false;
         };
-        if now_us.saturating_sub(oldest.get().since_us) < self.evict_after_us {
-            return false;
-        }
-        let victim = oldest.remove();
         table.pending.remove(&victim.source);
         victim.evict.cancel();
         Counters::bump(&self.counters.evicted_silent);
@@ -435,18 +456,21 @@ mod tests {
 
     #[test]
     fn t07_a_full_gate_evicts_the_oldest_silent_connection_once_it_is_old_enough() {
+        // Every source holds as many slots as a newcomer would: only age makes room.
         let gate = Arc::new(Gate::new(2, 2, 1000, Duration::from_millis(100)));
         let t0 = Instant::now();
         let at = |ms| t0 + Duration::from_millis(ms);
-        let crowd = Source::Ip("127.0.0.2".parse().unwrap());
-        let good = Source::Ip("127.0.0.3".parse().unwrap());
-        let a = gate.try_admit_at(crowd, at(0)).unwrap();
-        let b = gate.try_admit_at(crowd, at(10)).unwrap();
+        let src = |n: u8| Source::Ip(std::net::IpAddr::from([127, 0, 0, n]));
+        let a = gate.try_admit_at(src(2), at(0)).unwrap();
+        let b = gate.try_admit_at(src(3), at(10)).unwrap();
         // Full, and nobody has been silent long enough yet.
-        assert_eq!(gate.try_admit_at(good, at(50)).err(), Some(Refusal::Global));
+        assert_eq!(
+            gate.try_admit_at(src(4), at(50)).err(),
+            Some(Refusal::Global)
+        );
         assert!(!a.evicted().is_cancelled());
         // a has: the newcomer takes its slot, a is told, the count stays at the limit.
-        let c = gate.try_admit_at(good, at(150)).unwrap();
+        let c = gate.try_admit_at(src(4), at(150)).unwrap();
         assert!(a.evicted().is_cancelled());
         assert!(!b.evicted().is_cancelled());
         assert_eq!(gate.stats().pending_handshakes, 2);
@@ -458,13 +482,41 @@ mod tests {
         );
         // b got through its ClientHello: never evicted; c is the oldest silent one now.
         assert!(b.hello_received());
-        let d = gate.try_admit_at(crowd, at(400)).unwrap();
+        let d = gate.try_admit_at(src(2), at(400)).unwrap();
         assert!(c.evicted().is_cancelled());
         assert!(!b.evicted().is_cancelled());
         drop((b, c, d));
         let stats = gate.stats();
         assert_eq!((stats.evicted_silent, stats.pending_handshakes), (2, 0));
         assert!(gate.table.lock().unwrap().silent.is_empty());
+    }
+
+    #[test]
+    fn t07_a_source_with_fewer_slots_gets_in_past_a_crowd_at_once_and_the_crowd_cannot_churn() {
+        let gate = Arc::new(Gate::new(4, 4, 1000, Duration::from_secs(10)));
+        let t0 = Instant::now();
+        let at = |ms| t0 + Duration::from_millis(ms);
+        let crowd = Source::Ip("127.0.0.2".parse().unwrap());
+        let held: Vec<_> = (0..4)
+            .map(|_| gate.try_admit_at(crowd, t0).unwrap())
+            .collect();
+        // A newcomer from another source evicts the crowd's oldest silent one at once.
+        let good = gate
+            .try_admit_at(Source::Ip("127.0.0.3".parse().unwrap()), at(1))
+            .unwrap();
+        assert!(held[0].evicted().is_cancelled());
+        // The crowd cannot win a slot back from its own or from the newcomer.
+        assert_eq!(gate.try_admit_at(crowd, at(2)).err(), Some(Refusal::Global));
+        assert!(!good.evicted().is_cancelled());
+        assert!(held[1..].iter().all(|p| !p.evicted().is_cancelled()));
+        // Another small source still gets in, again at the crowd's expense.
+        let other = gate
+            .try_admit_at(Source::Ip("127.0.0.4".parse().unwrap()), at(3))
+            .unwrap();
+        assert!(held[1].evicted().is_cancelled());
+        assert_eq!(gate.stats().evicted_silent, 2);
+        drop((held, good, other));
+        assert_eq!(gate.stats().pending_handshakes, 0);
     }
 
     #[test]

@@ -771,6 +771,39 @@ impl Session {
         }
     }
 
+    /// Takes back every message the peer cannot have (never written on any callis in its
+    /// current epoch), with the id it had here, so it can be sent another way (to another
+    /// replica); no outcome is reported for them. What the peer may have stays.
+    pub fn take_unsent(&mut self) -> Vec<(u64, Outgoing)> {
+        let ids: Vec<u64> = self
+            .retained
+            .iter()
+            .filter(|(_, r)| !r.ever_transmitted)
+            .map(|(id, _)| id)
+            .collect();
+        let mut taken = Vec::with_capacity(ids.len());
+        for id in ids {
+            if let Some(r) = self.retained.remove(id) {
+                self.forget_deadline(r.deadline, id);
+                taken.push((
+                    id,
+                    Outgoing {
+                        dst: r.dst,
+                        src: r.src,
+                        msg_type: r.msg_type,
+                        payload: r.payload,
+                        deadline: r.deadline,
+                    },
+                ));
+            }
+        }
+        if !taken.is_empty() {
+            self.queue_a2.retain(|id| self.retained.get(*id).is_some());
+            self.queue_a3.retain(|id| self.retained.get(*id).is_some());
+        }
+        taken
+    }
+
     /// The domus is shutting down: every delivery still waiting for its handler is answered
     /// with a `PeerShutDown` rejection (the handler may have acted on it: its outcome is
     /// unknown to the sender), then the callis closes with CLOSE `DomusClosed`, written after

@@ -597,6 +597,13 @@ impl Forget for Forgetter {
             .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
         true
     }
+
+    fn redirect(&self, peer: &DomusId, send: SendCmd) -> Result<(), SendCmd> {
+        let Some(shared) = self.0.upgrade() else {
+            return Err(send);
+        };
+        shared.redirect(peer, send)
+    }
 }
 
 /// A running node. Cheap to clone; the domus stops when the last clone is dropped (or at
@@ -1508,6 +1515,71 @@ impl Shared {
     ) -> Result<Route, Error> {
         let candidates = self.candidates(taberna, deadline).await?;
         self.pick(taberna, &candidates)
+    }
+
+    /// Another replica for a send `from` cannot deliver and never wrote anywhere (see
+    /// [`Forget::redirect`]): the taberna's candidates as the resolver gives them at once
+    /// (a resolver that must wait is not asked), without `from` and without any this domus
+    /// cannot reach now, chosen as a send chooses; the send takes room there afresh.
+    fn redirect(self: &Arc<Self>, from: &DomusId, send: SendCmd) -> Result<(), SendCmd> {
+        if self.closed.load(std::sync::atomic::Ordering::Acquire) {
+            return Err(send);
+        }
+        let taberna = TabernaId(send.msg.dst);
+        let resolver = &self.resolver;
+        let Ok(mut lookup) = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            resolver.candidates(taberna)
+        })) else {
+            return Err(send);
+        };
+        let Ok(Poll::Ready(Ok(candidates))) =
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                lookup
+                    .as_mut()
+                    .poll(&mut Context::from_waker(std::task::Waker::noop()))
+            }))
+        else {
+            return Err(send);
+        };
+        let others: Vec<Candidate> = candidates
+            .iter()
+            .filter(|c| {
+                c.route
+                    .identity
+                    .as_ref()
+                    .is_some_and(|id| id != from && id != &self.local_id && self.may_choose(id))
+            })
+            .cloned()
+            .collect();
+        if others.is_empty() {
+            return Err(send);
+        }
+        let Ok(route) = self.pick(taberna, &others) else {
+            return Err(send);
+        };
+        let Some(to) = route.identity.clone() else {
+            return Err(send);
+        };
+        let peer = self.peer_routed(&to, Some(route.addr), Some(taberna));
+        let Some(permit) = peer.budget.try_take(send.msg.size()) else {
+            return Err(send);
+        };
+        let SendCmd {
+            msg,
+            done,
+            permit: old,
+        } = send;
+        match peer.sends.push(SendCmd { msg, done, permit }) {
+            Ok(()) => {
+                drop(old);
+                Ok(())
+            }
+            Err(SendCmd { msg, done, .. }) => Err(SendCmd {
+                msg,
+                done,
+                permit: old,
+            }),
+        }
     }
 
     /// Remembers, for `reconnect_backoff_max`, that `peer` could not be reached when it was

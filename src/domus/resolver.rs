@@ -46,8 +46,13 @@ pub type ResolveFuture<'a> = Pin<Box<dyn Future<Output = Result<Route, Error>> +
 /// [`crate::Domus::send`] chooses per send; a [`crate::Destination`] chooses when it resolves
 /// (first send, and after a route change) and keeps that choice.
 ///
-/// Not yet: a send already waiting for a candidate that turns out to be down is not moved to
-/// another one (it waits until its deadline, or the candidate comes back).
+/// **Failover**: a send that chose a candidate which then cannot be reached goes to another
+/// candidate only if it never went out on any callis to the first (the first cannot have
+/// it): it is handed over when a dial to the first fails, with its deadline, taking room at
+/// the new one. A message that was written to a candidate (and so may have been delivered)
+/// is never sent to a second one: it waits for the first to come back, or ends at its
+/// deadline as `SendTimeout` (outcome unknown). Failover asks the resolver only when it
+/// answers at once (as [`SimpleResolver`] does).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Candidate {
     /// Where it is and who must answer there (see [`Route`]).

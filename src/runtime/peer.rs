@@ -127,6 +127,11 @@ pub(crate) trait Forget: Send + Sync {
     /// the peer stays and the driver keeps running. `unreachable`: the peer shut down or its
     /// last dial failed (the domus remembers that a while, to route around it).
     fn forget(&self, peer: &DomusId, sends: &Arc<WakeQueue<SendCmd>>, unreachable: bool) -> bool;
+
+    /// Hands a send `peer` could not deliver — it never went out on any callis, and the
+    /// peer cannot be reached — to another replica serving its taberna, if the route lists
+    /// one this domus can reach now; gives the send back otherwise.
+    fn redirect(&self, peer: &DomusId, send: SendCmd) -> Result<(), SendCmd>;
 }
 
 /// Whether a peer can be reached, as its driver last found out: read by sends that waited
@@ -304,6 +309,28 @@ impl PeerDriver {
             return Some(down_since);
         }
         down_since.checked_add(self.retirement.after)
+    }
+
+    /// The peer cannot be reached: what it cannot have received (never written on any
+    /// callis) goes to another replica of its taberna when the route lists one; the rest
+    /// stays here, with the same deadline, under a new id.
+    fn redirect_unsent(&mut self) {
+        let unsent = self.session.take_unsent();
+        for (id, msg) in unsent {
+            let Some(p) = self.pending.remove(id) else {
+                continue;
+            };
+            let cmd = SendCmd {
+                msg,
+                done: p.done,
+                permit: p._permit,
+            };
+            if let Err(cmd) = self.retirement.forget.redirect(&self.peer_id, cmd) {
+                self.handle_send(cmd);
+            } else {
+                tracing::debug!(peer = %self.peer_id, "unsent message handed to another replica");
+            }
+        }
     }
 
     /// Asks the domus to forget this peer; true when it did (the driver then ends).
@@ -534,6 +561,7 @@ impl PeerDriver {
         });
         rec.error(error.clone());
         self.last_dial_error = Some(error.clone());
+        self.redirect_unsent();
         if self.peer_shut_down {
             let e = self.shut_down_error();
             self.reachability.set(Some(e.clone()));
