@@ -145,3 +145,80 @@ async fn a_route_through_the_fault_proxy_carries_sends_and_a_cut_is_survived() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn the_simple_resolver_passes_the_resolver_conformance_suite() {
+    use vicus::testing::conformance::{SimpleResolverUnderTest, check_resolver};
+    within(async {
+        let target = SimpleResolverUnderTest::default();
+        let report = check_resolver(&target, Duration::from_secs(2)).await;
+        for check in &report.checks {
+            println!("{}: {:?}", check.name, check.failure);
+        }
+        assert!(report.checks.len() >= 7, "{report:?}");
+        assert!(
+            report.passed(),
+            "{:?}",
+            report.failures().collect::<Vec<_>>()
+        );
+    })
+    .await;
+}
+
+/// The suite can fail: a resolver that never answers for unknown tabernas, and another that
+/// ignores changes, are caught.
+#[tokio::test]
+async fn the_conformance_suite_catches_a_hanging_and_a_stale_resolver() {
+    use std::future::Future;
+    use std::pin::Pin;
+    use std::sync::Arc;
+    use vicus::domus::{Candidate, ResolveFuture, RouteResolver};
+    use vicus::testing::conformance::{ResolverUnderTest, check_resolver};
+
+    /// Answers what was set first, forever; hangs for anything unknown.
+    struct Stale(std::sync::Mutex<Option<(TabernaId, vicus::Route)>>);
+    impl RouteResolver for Stale {
+        fn resolve(&self, taberna: TabernaId) -> ResolveFuture<'_> {
+            let known = self.0.lock().unwrap().clone();
+            Box::pin(async move {
+                match known {
+                    Some((t, r)) if t == taberna => Ok(r),
+                    _ => std::future::pending().await,
+                }
+            })
+        }
+    }
+    struct Target(Arc<Stale>);
+    impl ResolverUnderTest for Target {
+        fn resolver(&self) -> Arc<dyn RouteResolver> {
+            self.0.clone()
+        }
+        fn set<'a>(
+            &'a self,
+            taberna: TabernaId,
+            candidates: Vec<Candidate>,
+        ) -> Pin<Box<dyn Future<Output = ()> + Send + 'a>> {
+            let mut first = self.0.0.lock().unwrap();
+            if first.is_none() {
+                *first = Some((taberna, candidates[0].route.clone()));
+            }
+            Box::pin(async {})
+        }
+        fn remove<'a>(&'a self, _: TabernaId) -> Pin<Box<dyn Future<Output = ()> + Send + 'a>> {
+            Box::pin(async {})
+        }
+    }
+    within(async {
+        let report = check_resolver(
+            &Target(Arc::new(Stale(std::sync::Mutex::new(None)))),
+            Duration::from_millis(300),
+        )
+        .await;
+        let failed: Vec<&str> = report.failures().map(|c| c.name).collect();
+        println!("{failed:?}");
+        assert!(!report.passed());
+        assert!(failed.iter().any(|n| n.contains("unknown")), "{failed:?}");
+        assert!(failed.iter().any(|n| n.contains("change")), "{failed:?}");
+    })
+    .await;
+}

@@ -7,6 +7,9 @@
 //!   milliseconds; helpers register a taberna and route it, and send.
 //! - [`FaultProxy`]: relays TCP between two domus and can cut, blackhole, delay, throttle,
 //!   refuse or cut after N bytes, while the test runs.
+//! - [`conformance::check_resolver`]: the contract a [`crate::RouteResolver`] must keep, as a
+//!   test its author runs (see [`conformance::ResolverUnderTest`]).
+//! - [`SessionPair`] / [`BlobPair`]: the sans-IO state machines back to back on a virtual clock.
 //!
 //! ```
 //! # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), vicus::Error> {
@@ -33,6 +36,7 @@
 //! each domus it built by name (they run until the mesh is dropped or shut down);
 //! [`Mesh::remove`] gives a test the only handle back, to crash that domus by dropping it.
 
+pub mod conformance;
 mod fault_proxy;
 pub mod pair;
 #[cfg(feature = "sim")]
