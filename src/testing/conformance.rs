@@ -9,6 +9,23 @@
 //! odd ids (0, `u64::MAX`) neither panic nor hang; 64 lookups at once all get the same
 //! answer. What it must not do: touch the network itself — everything goes through the
 //! resolver and the test's own setter.
+//!
+//! A resolver author implements [`ResolverUnderTest`] for their resolver (how to make a
+//! taberna served by some candidates: write the zone, the file, the table) and asserts the
+//! report, here with vicus's own [`SimpleResolver`](crate::SimpleResolver):
+//!
+//! ```
+//! # #[tokio::main(flavor = "current_thread")] async fn main() {
+//! use std::time::Duration;
+//! use vicus::testing::conformance::{SimpleResolverUnderTest, check_resolver};
+//!
+//! let report = check_resolver(&SimpleResolverUnderTest::default(), Duration::from_secs(1)).await;
+//! for check in report.failures() {
+//!     eprintln!("{}: {}", check.name, check.failure.as_deref().unwrap_or(""));
+//! }
+//! assert!(report.passed());
+//! # }
+//! ```
 
 use std::collections::BTreeSet;
 use std::future::Future;
