@@ -305,6 +305,21 @@ mod chains {
         params.signed_by(&issuer.issuer).expect("crl").der().clone()
     }
 
+    /// A transport for `name` whose chain runs leaf → `inter` → `root`, trusting `root`.
+    pub(crate) fn transport_via(
+        root: &Ca,
+        inter: &Ca,
+        name: &str,
+    ) -> vicus::a0_transport::Transport {
+        let (leaf, key) = leaf(inter, name);
+        let chain = format!("{leaf}{}", inter.pem);
+        let auth =
+            vicus::AuthConfig::from_pem(root.pem.as_bytes(), chain.as_bytes(), key.as_bytes())
+                .expect("auth");
+        vicus::a0_transport::Transport::new(auth, vicus::a0_transport::TransportConfig::default())
+            .expect("transport")
+    }
+
     /// A valid leaf signed by the root itself.
     pub(crate) fn leaf_of_root(root: &Ca, name: &str) -> (String, String) {
         leaf(root, name)
@@ -335,14 +350,6 @@ async fn t02_a_chain_through_an_expired_intermediate_is_refused() {
     within(async {
         let now = SystemTime::now();
         let root = chains::root();
-        let transport_via = |inter: &chains::Ca, name: &str| {
-            let (leaf, key) = chains::leaf(inter, name);
-            let chain = format!("{leaf}{}", inter.pem);
-            let auth =
-                vicus::AuthConfig::from_pem(root.pem.as_bytes(), chain.as_bytes(), key.as_bytes())
-                    .expect("auth");
-            Transport::new(auth, TransportConfig::default()).expect("transport")
-        };
         let (server_leaf, server_key) = chains::leaf_of_root(&root, "server");
         let server = Transport::new(
             vicus::AuthConfig::from_pem(
@@ -361,7 +368,7 @@ async fn t02_a_chain_through_an_expired_intermediate_is_refused() {
             now - Duration::from_secs(3600),
             now + Duration::from_secs(3600),
         );
-        let good = transport_via(&fresh, "good");
+        let good = chains::transport_via(&root, &fresh, "good");
         let (dialed, accepted) = handshake_pair(&good, &l, None).await;
         dialed.expect("a valid chain dials");
         accepted.expect("a valid chain is accepted");
@@ -371,7 +378,7 @@ async fn t02_a_chain_through_an_expired_intermediate_is_refused() {
             now - Duration::from_secs(2 * 86_400),
             now - Duration::from_secs(86_400),
         );
-        let bad = transport_via(&stale, "bad");
+        let bad = chains::transport_via(&root, &stale, "bad");
         let (dialed, accepted) = handshake_pair(&bad, &l, None).await;
         let accepted = accepted.expect_err("an expired intermediate is refused");
         assert_eq!(
@@ -419,18 +426,12 @@ async fn t04_a_chain_through_a_revoked_intermediate_is_refused() {
         )
         .expect("server");
         let l = listen_tcp(&server).await;
-        let via = |inter: &chains::Ca, name: &str| {
-            let (leaf, key) = chains::leaf(inter, name);
-            let chain = format!("{leaf}{}", inter.pem);
-            let auth =
-                vicus::AuthConfig::from_pem(root.pem.as_bytes(), chain.as_bytes(), key.as_bytes())
-                    .expect("auth");
-            Transport::new(auth, TransportConfig::default()).expect("transport")
-        };
-        let (dialed, accepted) = handshake_pair(&via(&good, "good"), &l, None).await;
+        let (dialed, accepted) =
+            handshake_pair(&chains::transport_via(&root, &good, "good"), &l, None).await;
         dialed.expect("a chain through a good intermediate dials");
         accepted.expect("and is accepted");
-        let (dialed, accepted) = handshake_pair(&via(&revoked, "bad"), &l, None).await;
+        let (dialed, accepted) =
+            handshake_pair(&chains::transport_via(&root, &revoked, "bad"), &l, None).await;
         let accepted = accepted.expect_err("a revoked intermediate is refused");
         assert_eq!(
             accepted.id(),

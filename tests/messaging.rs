@@ -2061,11 +2061,36 @@ async fn destination_on_reaches_a_named_domus_without_a_taberna_route() {
     .await;
 }
 
+/// Domus named `names`, each serving `taberna` by accepting and counting what it gets.
+async fn replicas(
+    mesh: &mut Mesh,
+    names: &[&str],
+    taberna: TabernaId,
+) -> (Vec<Domus>, Vec<Arc<std::sync::atomic::AtomicU64>>) {
+    let mut replicas = Vec::new();
+    let mut counts = Vec::new();
+    for name in names {
+        let r = mesh.domus(name).await.expect("replica");
+        let t = r.taberna(taberna).expect("taberna");
+        let n = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let seen = n.clone();
+        tokio::spawn(async move {
+            while let Some(req) = t.recv().await {
+                seen.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                req.accept();
+            }
+        });
+        counts.push(n);
+        replicas.push(r);
+    }
+    (replicas, counts)
+}
+
 /// Issue 14, replicas: a taberna served by several domus. Sends spread by weight among the
 /// lowest priority; replicas that shut down are skipped and the next priority takes over.
 #[tokio::test]
 async fn sends_spread_over_replicas_by_priority_and_weight_and_skip_the_ones_that_are_down() {
-    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::sync::atomic::Ordering;
     use vicus::{Candidate, Route};
     within(async {
         let mut mesh = Mesh::new().expect("mesh");
@@ -2074,22 +2099,7 @@ async fn sends_spread_over_replicas_by_priority_and_weight_and_skip_the_ones_tha
         let mut config = Mesh::test_config();
         config.reconnect_backoff_max = Duration::from_secs(30);
         let a = mesh.domus_with("a", config).await.expect("a");
-        let mut replicas = Vec::new();
-        let mut counts = Vec::new();
-        for name in ["r1", "r2", "r3"] {
-            let r = mesh.domus(name).await.expect("replica");
-            let t = r.taberna(TabernaId(77)).expect("taberna");
-            let n = Arc::new(AtomicU64::new(0));
-            let seen = n.clone();
-            tokio::spawn(async move {
-                while let Some(req) = t.recv().await {
-                    seen.fetch_add(1, Ordering::SeqCst);
-                    req.accept();
-                }
-            });
-            counts.push(n);
-            replicas.push(r);
-        }
+        let (replicas, counts) = replicas(&mut mesh, &["r1", "r2", "r3"], TabernaId(77)).await;
         let candidate = |r: &Domus, priority, weight| Candidate {
             route: Route {
                 addr: addr_of(r),
@@ -2152,27 +2162,12 @@ async fn sends_spread_over_replicas_by_priority_and_weight_and_skip_the_ones_tha
 /// Nothing that may have reached the dead replica is sent again.
 #[tokio::test]
 async fn sends_that_never_left_for_a_dead_replica_are_delivered_by_another() {
-    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::sync::atomic::Ordering;
     use vicus::{Candidate, Route};
     within(async {
         let mut mesh = Mesh::new().expect("mesh");
         let a = mesh.domus("a").await.expect("a");
-        let mut replicas = Vec::new();
-        let mut counts = Vec::new();
-        for name in ["r1", "r2"] {
-            let r = mesh.domus(name).await.expect("replica");
-            let t = r.taberna(TabernaId(88)).expect("taberna");
-            let n = Arc::new(AtomicU64::new(0));
-            let seen = n.clone();
-            tokio::spawn(async move {
-                while let Some(req) = t.recv().await {
-                    seen.fetch_add(1, Ordering::SeqCst);
-                    req.accept();
-                }
-            });
-            counts.push(n);
-            replicas.push(r);
-        }
+        let (mut replicas, counts) = replicas(&mut mesh, &["r1", "r2"], TabernaId(88)).await;
         let candidates = replicas
             .iter()
             .map(|r| {

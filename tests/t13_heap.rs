@@ -12,7 +12,7 @@ use std::time::Duration;
 use bytes::{BufMut, BytesMut};
 use common::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use vicus::a0_transport::AuthenticatedStream;
+use vicus::a0_transport::{AuthenticatedStream, Transport};
 use vicus::a1_callis::frame::{self, FrameType, Hello};
 
 #[global_allocator]
@@ -20,6 +20,16 @@ static ALLOC: dhat::Alloc = dhat::Alloc;
 
 fn live_bytes() -> usize {
     dhat::HeapStats::get().curr_bytes
+}
+
+/// A hand-made callis from `evil` to `b` that has said HELLO.
+async fn callis_with_hello(evil: &Transport, b: &vicus::Domus) -> AuthenticatedStream {
+    let mut io = evil
+        .dial(&addr_of(b), Some(b.identity()))
+        .await
+        .expect("dial");
+    say_hello(&mut io, evil.local_id().as_str()).await;
+    io
 }
 
 /// HELLO on a hand-made callis.
@@ -63,11 +73,7 @@ async fn t13_declared_lengths_do_not_drive_the_heap() {
             + frame::MESSAGE_FIXED_LEN as u32;
 
         // (1) Almost the whole limit declared, 4 KiB sent, then silence.
-        let mut io = evil
-            .dial(&addr_of(&b), Some(b.identity()))
-            .await
-            .expect("dial");
-        say_hello(&mut io, evil.local_id().as_str()).await;
+        let mut io = callis_with_hello(&evil, &b).await;
         tokio::time::sleep(Duration::from_millis(100)).await;
         let before = live_bytes();
         let mut partial = header(limit);
@@ -97,11 +103,7 @@ async fn t13_declared_lengths_do_not_drive_the_heap() {
         drop(io);
 
         // (2) 1 GiB declared: refused on sight (the callis is closed), nothing reserved.
-        let mut io = evil
-            .dial(&addr_of(&b), Some(b.identity()))
-            .await
-            .expect("dial");
-        say_hello(&mut io, evil.local_id().as_str()).await;
+        let mut io = callis_with_hello(&evil, &b).await;
         tokio::time::sleep(Duration::from_millis(100)).await;
         let before = live_bytes();
         io.write_all(&header(1 << 30)).await.expect("header");

@@ -772,13 +772,14 @@ impl Session {
     }
 
     /// Takes back every message the peer cannot have (never written on any callis in its
-    /// current epoch), with the id it had here, so it can be sent another way (to another
-    /// replica); no outcome is reported for them. What the peer may have stays.
-    pub fn take_unsent(&mut self) -> Vec<(u64, Outgoing)> {
+    /// current epoch) whose destination taberna `wanted` accepts, with the id it had here, so
+    /// it can be sent another way (to another replica); no outcome is reported for them.
+    /// What the peer may have, and what `wanted` declines, stays as it was.
+    pub fn take_unsent(&mut self, mut wanted: impl FnMut(u64) -> bool) -> Vec<(u64, Outgoing)> {
         let ids: Vec<u64> = self
             .retained
             .iter()
-            .filter(|(_, r)| !r.ever_transmitted)
+            .filter(|(_, r)| !r.ever_transmitted && wanted(r.dst))
             .map(|(id, _)| id)
             .collect();
         let mut taken = Vec::with_capacity(ids.len());

@@ -525,6 +525,41 @@ async fn follow_routes(shared: Arc<Shared>, mut changes: RouteChanges, stop: Can
     }
 }
 
+/// A resolver lookup after its first poll ([`Shared::start_candidates`]).
+enum Lookup<'a> {
+    Ready(Result<Arc<[Candidate]>, Error>),
+    Pending(CandidatesFuture<'a>),
+}
+
+fn resolver_panicked(taberna: TabernaId) -> Error {
+    Error::new(
+        ErrorId::PeerUnavailable,
+        format!("the route resolver panicked while resolving {taberna}"),
+    )
+}
+
+/// Takes room for `send` at `peer` and hands it over there (it moves from a driver that
+/// cannot deliver it); gives it back, with its old room, when `peer` has no room or no
+/// driver.
+fn move_send(peer: &PeerRef, send: SendCmd) -> Result<(), SendCmd> {
+    let Some(permit) = peer.budget.try_take(send.msg.size()) else {
+        return Err(send);
+    };
+    let SendCmd {
+        msg,
+        done,
+        permit: old,
+    } = send;
+    match peer.sends.push(SendCmd { msg, done, permit }) {
+        Ok(()) => Ok(()),
+        Err(SendCmd { msg, done, .. }) => Err(SendCmd {
+            msg,
+            done,
+            permit: old,
+        }),
+    }
+}
+
 struct Shared {
     transport: Transport,
     driver_ctx: Arc<DriverContext>,
@@ -596,6 +631,12 @@ impl Forget for Forgetter {
             .route_generation
             .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
         true
+    }
+
+    fn can_redirect(&self, peer: &DomusId, taberna: u64) -> bool {
+        self.0
+            .upgrade()
+            .is_some_and(|shared| shared.alternatives(peer, TabernaId(taberna)).is_some())
     }
 
     fn redirect(&self, peer: &DomusId, send: SendCmd) -> Result<(), SendCmd> {
@@ -1237,12 +1278,8 @@ impl Shared {
                 &peer.id,
                 peer.addr.load_full().map(|a| DomusAddr::clone(&a)),
             );
-            let SendCmd { msg, done, permit } = cmd;
-            drop(permit);
-            if let Some(permit) = again.budget.try_take(msg.size()) {
-                if again.sends.push(SendCmd { msg, done, permit }).is_ok() {
-                    return Ok(());
-                }
+            if move_send(&again, cmd).is_ok() {
+                return Ok(());
             }
         }
         let e = domus_closed();
@@ -1522,24 +1559,29 @@ impl Shared {
     /// (a resolver that must wait is not asked), without `from` and without any this domus
     /// cannot reach now, chosen as a send chooses; the send takes room there afresh.
     fn redirect(self: &Arc<Self>, from: &DomusId, send: SendCmd) -> Result<(), SendCmd> {
-        if self.closed.load(std::sync::atomic::Ordering::Acquire) {
-            return Err(send);
-        }
         let taberna = TabernaId(send.msg.dst);
-        let resolver = &self.resolver;
-        let Ok(mut lookup) = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            resolver.candidates(taberna)
-        })) else {
+        let Some(others) = self.alternatives(from, taberna) else {
             return Err(send);
         };
-        let Ok(Poll::Ready(Ok(candidates))) =
-            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                lookup
-                    .as_mut()
-                    .poll(&mut Context::from_waker(std::task::Waker::noop()))
-            }))
+        let Ok(Route {
+            addr,
+            identity: Some(to),
+        }) = self.pick(taberna, &others)
         else {
             return Err(send);
+        };
+        move_send(&self.peer_routed(&to, Some(addr), Some(taberna)), send)
+    }
+
+    /// The candidates of `taberna` other than `from` that a send may move to now (see
+    /// [`Shared::redirect`]); `None` when there is none, or the resolver does not answer at
+    /// once.
+    fn alternatives(&self, from: &DomusId, taberna: TabernaId) -> Option<Vec<Candidate>> {
+        if self.closed.load(std::sync::atomic::Ordering::Acquire) {
+            return None;
+        }
+        let Lookup::Ready(Ok(candidates)) = self.start_candidates(taberna) else {
+            return None;
         };
         let others: Vec<Candidate> = candidates
             .iter()
@@ -1551,35 +1593,7 @@ impl Shared {
             })
             .cloned()
             .collect();
-        if others.is_empty() {
-            return Err(send);
-        }
-        let Ok(route) = self.pick(taberna, &others) else {
-            return Err(send);
-        };
-        let Some(to) = route.identity.clone() else {
-            return Err(send);
-        };
-        let peer = self.peer_routed(&to, Some(route.addr), Some(taberna));
-        let Some(permit) = peer.budget.try_take(send.msg.size()) else {
-            return Err(send);
-        };
-        let SendCmd {
-            msg,
-            done,
-            permit: old,
-        } = send;
-        match peer.sends.push(SendCmd { msg, done, permit }) {
-            Ok(()) => {
-                drop(old);
-                Ok(())
-            }
-            Err(SendCmd { msg, done, .. }) => Err(SendCmd {
-                msg,
-                done,
-                permit: old,
-            }),
-        }
+        (!others.is_empty()).then_some(others)
     }
 
     /// Remembers, for `reconnect_backoff_max`, that `peer` could not be reached when it was
@@ -1664,6 +1678,27 @@ impl Shared {
         })
     }
 
+    /// Starts the resolver's lookup for `taberna` and polls it once: an in-memory resolver
+    /// answers there. The resolver is application code, so a panic in it becomes an error,
+    /// never a panic in the caller.
+    fn start_candidates(&self, taberna: TabernaId) -> Lookup<'_> {
+        let resolver = &self.resolver;
+        let Ok(mut lookup) = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            resolver.candidates(taberna)
+        })) else {
+            return Lookup::Ready(Err(resolver_panicked(taberna)));
+        };
+        match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            lookup
+                .as_mut()
+                .poll(&mut Context::from_waker(std::task::Waker::noop()))
+        })) {
+            Err(_) => Lookup::Ready(Err(resolver_panicked(taberna))),
+            Ok(Poll::Ready(candidates)) => Lookup::Ready(candidates),
+            Ok(Poll::Pending) => Lookup::Pending(lookup),
+        }
+    }
+
     /// Asks the resolver for `taberna`'s candidates, bounded by `resolve_timeout` (and the
     /// send's deadline). An in-memory resolver answers on the first poll, which then costs no
     /// timer.
@@ -1672,28 +1707,11 @@ impl Shared {
         taberna: TabernaId,
         deadline: tokio::time::Instant,
     ) -> Result<Arc<[Candidate]>, Error> {
-        // The resolver is application code: a panic in it becomes an error for this send,
-        // never a panic in the caller.
-        let panicked = || {
-            Error::new(
-                ErrorId::PeerUnavailable,
-                format!("the route resolver panicked while resolving {taberna}"),
-            )
+        let mut lookup = match self.start_candidates(taberna) {
+            Lookup::Ready(candidates) => return candidates,
+            Lookup::Pending(lookup) => lookup,
         };
-        let resolver = &self.resolver;
-        let mut lookup = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            resolver.candidates(taberna)
-        }))
-        .map_err(|_| panicked())?;
-        let first = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            lookup
-                .as_mut()
-                .poll(&mut Context::from_waker(std::task::Waker::noop()))
-        }))
-        .map_err(|_| panicked())?;
-        if let Poll::Ready(candidates) = first {
-            return candidates;
-        }
+        let panicked = move || resolver_panicked(taberna);
         let guarded = std::future::poll_fn(move |cx| {
             std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| lookup.as_mut().poll(cx)))
                 .unwrap_or_else(|_| Poll::Ready(Err(panicked())))

@@ -128,6 +128,10 @@ pub(crate) trait Forget: Send + Sync {
     /// last dial failed (the domus remembers that a while, to route around it).
     fn forget(&self, peer: &DomusId, sends: &Arc<WakeQueue<SendCmd>>, unreachable: bool) -> bool;
 
+    /// Whether a send to `taberna` that `peer` cannot deliver has another replica to go to
+    /// now (see [`Forget::redirect`]).
+    fn can_redirect(&self, peer: &DomusId, taberna: u64) -> bool;
+
     /// Hands a send `peer` could not deliver — it never went out on any callis, and the
     /// peer cannot be reached — to another replica serving its taberna, if the route lists
     /// one this domus can reach now; gives the send back otherwise.
@@ -312,10 +316,18 @@ impl PeerDriver {
     }
 
     /// The peer cannot be reached: what it cannot have received (never written on any
-    /// callis) goes to another replica of its taberna when the route lists one; the rest
-    /// stays here, with the same deadline, under a new id.
+    /// callis) goes to another replica of its taberna when the route lists one (asked once
+    /// per taberna); everything else stays as it was. A send the other replica turns down
+    /// after all (no room there) comes back here, with its deadline, under a new id.
     fn redirect_unsent(&mut self) {
-        let unsent = self.session.take_unsent();
+        let table = &self.retirement.forget;
+        let peer = &self.peer_id;
+        let mut asked = std::collections::HashMap::new();
+        let unsent = self.session.take_unsent(|dst| {
+            *asked
+                .entry(dst)
+                .or_insert_with(|| table.can_redirect(peer, dst))
+        });
         for (id, msg) in unsent {
             let Some(p) = self.pending.remove(id) else {
                 continue;
