@@ -121,6 +121,10 @@ error_ids! {
     SnapshotNotAvailable = 25,
     /// The destination taberna is shutting down.
     TabernaShutdown = 26,
+    /// The route resolver could not get an answer from its source (DNS failed or timed out, a
+    /// routes file is unreadable or invalid). Reported on the error feed; the routes it gave
+    /// before are kept.
+    ResolverFailed = 27,
 
     /// Key material (certificates, key, CA bundle, CRLs) could not be read or is unusable.
     InvalidAuthMaterial = 100,

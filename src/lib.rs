@@ -343,8 +343,8 @@ pub mod watch;
 pub use a0_transport::{AuthConfig, DomusAddr, DomusId, PeerIdentity, TrustPolicy};
 pub use domus::{
     BlobReceiver, BlobSender, Candidate, ConfigHandle, Delivery, Destination, Domus, DomusBuilder,
-    DomusConfig, MessageCodec, Outcome, Receipt, Route, RouteChanges, RouteNotifier, RouteResolver,
-    SendOptions, SimpleResolver, WeakDomus, Window,
+    DomusConfig, MessageCodec, Outcome, Receipt, ResolverFeed, ResolverFeeds, Route, RouteChanges,
+    RouteNotifier, RouteResolver, SendOptions, SimpleResolver, WeakDomus, Window,
 };
 pub use error::{ERROR_MESSAGE_MAX_LEN, Error, ErrorId, Rejection, Result};
 pub use reporting::Reporting;

@@ -33,8 +33,8 @@ pub use crate::runtime::ends::{BlobReceiver, BlobSender};
 pub use config::DomusConfig;
 pub use destination::{Destination, Outcome, Window};
 pub use resolver::{
-    Candidate, CandidatesFuture, ResolveDomusFuture, ResolveFuture, Route, RouteChanges,
-    RouteNotifier, RouteResolver, SimpleResolver,
+    Candidate, CandidatesFuture, ResolveDomusFuture, ResolveFuture, ResolverFeed, ResolverFeeds,
+    Route, RouteChanges, RouteNotifier, RouteResolver, SimpleResolver,
 };
 
 use crate::a0_transport::{
@@ -338,6 +338,7 @@ impl DomusBuilder {
             .resolver
             .unwrap_or_else(|| Arc::new(SimpleResolver::new()));
         let route_changes = resolver.changes();
+        resolver.attach(ResolverFeed::new(&recorder));
         let shared = Arc::new(Shared {
             driver_ctx: Arc::new(DriverContext {
                 transport: transport.clone(),

@@ -16,12 +16,13 @@
 use std::collections::HashMap;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex, PoisonError, Weak};
 
 use arc_swap::ArcSwap;
 
 use crate::a0_transport::{DomusAddr, DomusId};
 use crate::error::{Error, ErrorId};
+use crate::reporting::Recorder;
 use crate::taberna::TabernaId;
 
 /// Where a taberna lives.
@@ -112,6 +113,90 @@ pub trait RouteResolver: Send + Sync + 'static {
     /// [`RouteNotifier::notify`] after each change.
     fn changes(&self) -> Option<RouteChanges> {
         None
+    }
+
+    /// Called once by each domus built with this resolver, with that domus's error feed: a
+    /// resolver whose source can fail in the background (DNS, a routes file) reports there.
+    /// A resolver shared by several domus is attached to each; [`ResolverFeeds`] keeps them.
+    /// Default: ignored.
+    fn attach(&self, feed: ResolverFeed) {
+        let _ = feed;
+    }
+}
+
+/// One domus's error feed, handed to its resolver ([`RouteResolver::attach`]). It does not keep
+/// the domus alive: once the domus is gone, [`report`](Self::report) returns `false`.
+#[derive(Clone)]
+pub struct ResolverFeed {
+    recorder: Weak<Recorder>,
+}
+
+impl std::fmt::Debug for ResolverFeed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ResolverFeed")
+            .field("open", &!self.is_closed())
+            .finish()
+    }
+}
+
+impl ResolverFeed {
+    pub(crate) fn new(recorder: &Arc<Recorder>) -> Self {
+        Self {
+            recorder: Arc::downgrade(recorder),
+        }
+    }
+
+    /// Publishes `error` on the domus's error feed; `false` when the domus is gone.
+    pub fn report(&self, error: Error) -> bool {
+        match self.recorder.upgrade() {
+            Some(recorder) => {
+                recorder.error(error);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Whether the domus is gone.
+    pub fn is_closed(&self) -> bool {
+        self.recorder.strong_count() == 0
+    }
+}
+
+/// The feeds of every domus a resolver is attached to, for resolvers that report background
+/// failures: [`add`](Self::add) in [`RouteResolver::attach`], [`report`](Self::report) on
+/// failure. Feeds of domus that are gone are dropped; at most [`ResolverFeeds::MAX`] are kept.
+#[derive(Debug, Default)]
+pub struct ResolverFeeds {
+    feeds: Mutex<Vec<ResolverFeed>>,
+}
+
+impl ResolverFeeds {
+    /// The most feeds kept (a resolver shared by more domus reports to the first ones).
+    pub const MAX: usize = 1024;
+
+    /// No feeds yet.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Adds a domus's feed.
+    pub fn add(&self, feed: ResolverFeed) {
+        let mut feeds = self.feeds.lock().unwrap_or_else(PoisonError::into_inner);
+        feeds.retain(|f| !f.is_closed());
+        if feeds.len() < Self::MAX {
+            feeds.push(feed);
+        }
+    }
+
+    /// Publishes `error` on every attached domus's error feed; the number that took it.
+    pub fn report(&self, error: &Error) -> usize {
+        let feeds: Vec<ResolverFeed> = {
+            let mut feeds = self.feeds.lock().unwrap_or_else(PoisonError::into_inner);
+            feeds.retain(|f| !f.is_closed());
+            feeds.clone()
+        };
+        feeds.iter().filter(|f| f.report(error.clone())).count()
     }
 }
 
