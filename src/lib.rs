@@ -109,7 +109,10 @@
 //! [`SimpleResolver::insert_candidates`]): the lowest priority that can be reached is used,
 //! spread by weight, and a send moves to another replica only when it is certain the first
 //! never received it (see [`Candidate`]) — never a message that may have been delivered.
-//! Whichever way it was addressed, the peer is the one its certificate proves.
+//! Whichever way it was addressed, the peer is the one its certificate proves. Routes can
+//! also come from a TOML file that is reloaded while the domus runs: `FileResolver`
+//! (feature `file-resolver`; the format is in its docs), applied once two polls read the
+//! same contents, its failures reported on the domus's error feed.
 //!
 //! ## Delivery semantics
 //!
@@ -137,6 +140,12 @@
 //!   receiver (its rejection, `UnknownTaberna`, `TabernaBusy`, `Forbidden`, …). So only a send
 //!   the peer could have received ends as `SendTimeout`, and an unreachable peer is reported
 //!   as `PeerUnavailable` whichever queue the send waited in.
+//! * **Replicas never get a message twice.** When a taberna has several candidates, a send is
+//!   handed to another one only when the first cannot have it: it was never written on any
+//!   callis to the first (the dial failed, or the first refused it before delivery). A message
+//!   that was written — so may have been delivered — stays with the replica it went to: it is
+//!   replayed there when that replica comes back, or ends at its deadline as `SendTimeout`.
+//!   Exactly-once therefore holds per replica, and no message is delivered by two replicas.
 //! * A peer that shuts down says so (CLOSE `DomusClosed`) after answering every request its
 //!   handlers still hold (with a `PeerShutDown` rejection); it reads nothing more. Its
 //!   senders' unanswered and waiting sends end at once with `PeerShutDown` (not delivered), and
@@ -339,6 +348,9 @@ pub mod dev_certs;
 pub mod testing;
 #[cfg(feature = "watch")]
 pub mod watch;
+// The "two polls agree, report once" rule of the file pollers (watch, file-resolver).
+#[cfg(any(feature = "watch", feature = "file-resolver"))]
+mod change_tracker;
 
 pub use a0_transport::{AuthConfig, DomusAddr, DomusId, PeerIdentity, TrustPolicy};
 pub use domus::{
@@ -346,6 +358,10 @@ pub use domus::{
     DomusConfig, MessageCodec, Outcome, Receipt, ResolverFeed, ResolverFeeds, Route, RouteChanges,
     RouteNotifier, RouteResolver, SendOptions, SimpleResolver, WeakDomus, Window,
 };
+#[cfg(feature = "dns-srv")]
+pub use domus::{DnsSrvConfig, DnsSrvResolver};
+#[cfg(feature = "file-resolver")]
+pub use domus::{FileResolver, FileWatchHandle, RouteTable, RoutesFile};
 pub use error::{ERROR_MESSAGE_MAX_LEN, Error, ErrorId, Rejection, Result};
 pub use reporting::Reporting;
 pub use taberna::{MessageType, Taberna, TabernaId, TabernaOptions, TabernaRequest};

@@ -46,6 +46,7 @@ use tokio::time::MissedTickBehavior;
 use zeroize::Zeroizing;
 
 use crate::a0_transport::AuthConfig;
+use crate::change_tracker::{ChangeTracker, Step};
 use crate::domus::Domus;
 use crate::error::{Error, ErrorId};
 use crate::reporting::{Event, EventReceiver, FeedItem};
@@ -223,10 +224,7 @@ pub fn spawn(domus: &Domus, config: WatchConfig) -> Result<WatchHandle, Error> {
         files,
         interval: config.interval,
         pending: None,
-        applied: Some(baseline),
-        previous: Some(baseline),
-        refused: None,
-        read_error: None,
+        tracker: ChangeTracker::new(baseline),
     };
     tracing::debug!(domus = %domus.identity(), dir = %config.dir.display(), "watching A0 material");
     Ok(WatchHandle {
@@ -358,14 +356,8 @@ struct Watcher {
     /// A read that overran [`READ_DEADLINE`]; the next poll waits for it instead of starting
     /// another, so at most one blocking read is ever outstanding.
     pending: Option<JoinHandle<Result<MaterialSet, Error>>>,
-    /// The hash of the set the domus runs with (as far as the watcher knows).
-    applied: Option<u64>,
-    /// The hash the previous poll read; `None` after a failed read.
-    previous: Option<u64>,
-    /// The hash of a stable set that was refused; not tried again until the contents change.
-    refused: Option<u64>,
-    /// The message of the read error last reported; cleared by a successful read.
-    read_error: Option<String>,
+    /// Two polls agree before a set is tried; each failure is reported once.
+    tracker: ChangeTracker,
 }
 
 impl Watcher {
@@ -423,39 +415,24 @@ impl Watcher {
     }
 
     fn read_failed(&mut self, error: Error) {
-        self.previous = None;
-        if self.read_error.as_deref() == Some(error.message()) {
+        if !self.tracker.read_failed(error.message()) {
             return;
         }
         tracing::warn!(domus = %self.name, error = %error, "auth watcher: read failed; retrying every interval");
-        self.read_error = Some(error.message().to_owned());
         if let Some(domus) = self.domus.upgrade() {
             domus.reporting().recorder.error(error);
         }
     }
 
     fn consider(&mut self, set: &MaterialSet) {
-        self.read_error = None;
-        let hash = Some(set.hash);
-        if hash == self.applied {
-            // Back to (or still at) the material in force: a set refused before is tried
-            // again should it reappear.
-            self.previous = hash;
-            self.refused = None;
-            return;
-        }
-        if hash != self.previous {
-            // Changed since the last poll: wait one interval for the writer to finish.
-            self.previous = hash;
-            return;
-        }
-        if hash == self.refused {
-            return;
+        match self.tracker.read(set.hash) {
+            Step::InForce | Step::Settling | Step::Refused => return,
+            Step::Try => {}
         }
         let auth = match set.auth_config() {
             Ok(auth) => auth,
             Err(e) => {
-                self.refused = hash;
+                self.tracker.refused(set.hash);
                 let e = Error::new(
                     e.id(),
                     format!("{} (watched files: {})", e.message(), self.files),
@@ -473,12 +450,11 @@ impl Watcher {
         // `reload_auth` publishes the event or the error itself.
         match domus.reload_auth(auth) {
             Ok(()) => {
-                self.applied = hash;
-                self.refused = None;
+                self.tracker.applied(set.hash);
                 tracing::info!(domus = %self.name, files = %self.files, "auth watcher: new material in force");
             }
             Err(e) => {
-                self.refused = hash;
+                self.tracker.refused(set.hash);
                 tracing::warn!(domus = %self.name, error = %e, files = %self.files, "auth watcher: new material refused");
             }
         }

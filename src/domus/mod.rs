@@ -13,6 +13,10 @@
 
 mod config;
 mod destination;
+#[cfg(feature = "dns-srv")]
+mod dns_srv;
+#[cfg(feature = "file-resolver")]
+mod file_resolver;
 mod resolver;
 
 use std::collections::HashMap;
@@ -32,6 +36,10 @@ pub use crate::runtime::Delivery;
 pub use crate::runtime::ends::{BlobReceiver, BlobSender};
 pub use config::DomusConfig;
 pub use destination::{Destination, Outcome, Window};
+#[cfg(feature = "dns-srv")]
+pub use dns_srv::{DnsSrvConfig, DnsSrvResolver};
+#[cfg(feature = "file-resolver")]
+pub use file_resolver::{FileResolver, FileWatchHandle, RouteTable, RoutesFile};
 pub use resolver::{
     Candidate, CandidatesFuture, ResolveDomusFuture, ResolveFuture, ResolverFeed, ResolverFeeds,
     Route, RouteChanges, RouteNotifier, RouteResolver, SimpleResolver,
@@ -500,15 +508,18 @@ async fn follow_routes(shared: Arc<Shared>, mut changes: RouteChanges, stop: Can
             .collect();
         for (taberna, peer) in routed {
             let deadline = tokio::time::Instant::now() + shared.config.load().resolve_timeout;
-            let route = tokio::select! {
+            let candidates = tokio::select! {
                 () = stop.cancelled() => return,
-                route = shared.resolve(taberna, deadline) => route,
+                candidates = shared.candidates(taberna, deadline) => candidates,
             };
-            match route {
-                Ok(Route {
-                    addr,
-                    identity: Some(id),
-                }) if id == peer => shared.readdress(&peer, addr),
+            // Among replicas, the peer's own candidate (not the one a send would pick).
+            let own = candidates.map(|c| {
+                c.iter()
+                    .find(|c| c.route.identity.as_ref() == Some(&peer))
+                    .map(|c| c.route.addr.clone())
+            });
+            match own {
+                Ok(Some(addr)) => shared.readdress(&peer, addr),
                 // Resolvers can fail for a moment; the route is tried again next time.
                 Err(e) if e.id() != ErrorId::UnknownTaberna => {}
                 _ => {
@@ -600,7 +611,9 @@ struct Shared {
     id_floor: Arc<std::sync::atomic::AtomicU64>,
     /// Peers forgotten while they could not be reached, and until when a choice among a
     /// taberna's candidates avoids them (at most [`DOWN_REMEMBERED`]).
-    down: Mutex<HashMap<DomusId, tokio::time::Instant>>,
+    /// Keyed by identity, with the address the peer failed at: a candidate naming another
+    /// address (a replica that came back elsewhere) is not avoided.
+    down: Mutex<HashMap<DomusId, (tokio::time::Instant, Option<DomusAddr>)>>,
 }
 
 /// How many unreachable, forgotten peers a domus remembers for routing around them.
@@ -614,10 +627,11 @@ impl Forget for Forgetter {
         let Some(shared) = self.0.upgrade() else {
             return false;
         };
-        if unreachable {
-            shared.remember_down(peer);
-        }
         let mut peers = shared.peers.lock().unwrap_or_else(PoisonError::into_inner);
+        if unreachable {
+            let at = peers.get(peer).and_then(|p| p.addr.clone());
+            shared.remember_down(peer, at);
+        }
         let ours = peers
             .get(peer)
             .is_some_and(|p| Arc::ptr_eq(&p.links.sends, sends));
@@ -1587,47 +1601,47 @@ impl Shared {
         let others: Vec<Candidate> = candidates
             .iter()
             .filter(|c| {
-                c.route
-                    .identity
-                    .as_ref()
-                    .is_some_and(|id| id != from && id != &self.local_id && self.may_choose(id))
+                c.route.identity.as_ref().is_some_and(|id| {
+                    id != from && id != &self.local_id && self.may_choose(id, &c.route.addr)
+                })
             })
             .cloned()
             .collect();
         (!others.is_empty()).then_some(others)
     }
 
-    /// Remembers, for `reconnect_backoff_max`, that `peer` could not be reached when it was
-    /// forgotten: candidate choice avoids it meanwhile.
-    fn remember_down(&self, peer: &DomusId) {
+    /// Remembers, for `reconnect_backoff_max`, that `peer` could not be reached at `addr` when
+    /// it was forgotten: candidate choice avoids it there meanwhile.
+    fn remember_down(&self, peer: &DomusId, addr: Option<DomusAddr>) {
         let now = tokio::time::Instant::now();
         let until = now + self.config.load().reconnect_backoff_max;
         let mut down = self.down.lock().unwrap_or_else(PoisonError::into_inner);
         if down.len() >= DOWN_REMEMBERED {
-            down.retain(|_, at| *at > now);
+            down.retain(|_, (at, _)| *at > now);
         }
         if down.len() < DOWN_REMEMBERED {
-            down.insert(peer.clone(), until);
+            down.insert(peer.clone(), (until, addr));
         }
     }
 
-    /// Whether a send may choose the candidate named `id`: its peer is not known to be
-    /// unreachable (by its driver, or remembered after it was forgotten).
-    fn may_choose(&self, id: &DomusId) -> bool {
+    /// Whether a send may choose the candidate `id` at `addr`: its peer is not known to be
+    /// unreachable there (by its driver, or remembered after it was forgotten). A failure at
+    /// another address does not count: the candidate moved (a restarted replica).
+    fn may_choose(&self, id: &DomusId, addr: &DomusAddr) -> bool {
         if let Some(p) = self
             .peers
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .get(id)
         {
-            return p.links.reachability.why_not().is_none();
+            return p.addr.as_ref() != Some(addr) || p.links.reachability.why_not().is_none();
         }
         let now = tokio::time::Instant::now();
         self.down
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .get(id)
-            .is_none_or(|until| *until <= now)
+            .is_none_or(|(until, at)| *until <= now || at.as_ref() != Some(addr))
     }
 
     /// Chooses among a taberna's candidates: the lowest priority that has a candidate this
@@ -1641,7 +1655,7 @@ impl Shared {
             c.route
                 .identity
                 .as_ref()
-                .is_none_or(|id| self.may_choose(id))
+                .is_none_or(|id| self.may_choose(id, &c.route.addr))
         };
         let up: Vec<&Candidate> = candidates.iter().filter(|c| reachable(c)).collect();
         let pool: Vec<&Candidate> = if up.is_empty() {

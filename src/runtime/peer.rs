@@ -400,7 +400,11 @@ impl PeerDriver {
             PeerCommand::Attach(stream, prefix) => self.attach(*stream, prefix),
             PeerCommand::SetAddr(addr) => {
                 // A dial to the old address is abandoned: what waits goes the new way now.
-                self.dialer.set_addr(addr);
+                // Failures at the old address say nothing of the new one: the peer may be
+                // chosen again (a replica that came back elsewhere gets sends at once).
+                if self.dialer.set_addr(addr) {
+                    self.reachability.set(None);
+                }
             }
             PeerCommand::Recheck => self.recheck(),
             PeerCommand::Disconnect => {

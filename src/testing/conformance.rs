@@ -23,7 +23,7 @@
 //! for check in report.failures() {
 //!     eprintln!("{}: {}", check.name, check.failure.as_deref().unwrap_or(""));
 //! }
-//! assert!(report.passed());
+//! report.assert_passed();
 //! # }
 //! ```
 
@@ -80,6 +80,29 @@ impl ConformanceReport {
     /// The checks that failed.
     pub fn failures(&self) -> impl Iterator<Item = &Check> {
         self.checks.iter().filter(|c| c.failure.is_some())
+    }
+
+    /// Prints every check and panics, naming the failed ones, unless all held — the one line
+    /// a resolver's own test needs.
+    #[track_caller]
+    pub fn assert_passed(&self) {
+        for check in &self.checks {
+            match &check.failure {
+                None => println!("ok    {}", check.name),
+                Some(why) => println!("FAIL  {}: {why}", check.name),
+            }
+        }
+        assert!(!self.checks.is_empty(), "no check ran");
+        let failed: Vec<String> = self
+            .failures()
+            .map(|c| format!("{}: {}", c.name, c.failure.as_deref().unwrap_or_default()))
+            .collect();
+        assert!(
+            failed.is_empty(),
+            "the resolver failed {} of {} conformance checks: {failed:#?}",
+            failed.len(),
+            self.checks.len()
+        );
     }
 
     fn record(&mut self, name: &'static str, result: Result<(), String>) {
