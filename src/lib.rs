@@ -340,6 +340,7 @@ mod error;
 pub mod fuzzing;
 pub mod reporting;
 mod runtime;
+pub mod services;
 pub mod taberna;
 
 #[cfg(feature = "dev-certs")]
@@ -355,8 +356,9 @@ mod change_tracker;
 pub use a0_transport::{AuthConfig, DomusAddr, DomusId, PeerIdentity, TrustPolicy};
 pub use domus::{
     BlobReceiver, BlobSender, Candidate, ConfigHandle, Delivery, Destination, Domus, DomusBuilder,
-    DomusConfig, MessageCodec, Outcome, Receipt, ResolverFeed, ResolverFeeds, Route, RouteChanges,
-    RouteNotifier, RouteResolver, SendOptions, SimpleResolver, WeakDomus, Window,
+    DomusConfig, MessageCodec, Outcome, RESERVED_TABERNA_BASE, Receipt, ResolverFeed,
+    ResolverFeeds, Route, RouteChanges, RouteNotifier, RouteResolver, SendOptions, SimpleResolver,
+    WeakDomus, Window,
 };
 #[cfg(feature = "dns-srv")]
 pub use domus::{DnsSrvConfig, DnsSrvResolver};

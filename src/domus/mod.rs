@@ -81,6 +81,25 @@ pub struct SendOptions {
     pub timeout: Option<Duration>,
     /// The taberna the receiver sees as the source; default `TabernaId(0)`.
     pub source: Option<TabernaId>,
+    /// Set by vicus's own services (`crate::services`): the send may carry an A2 type.
+    pub(crate) service: bool,
+}
+
+/// Taberna ids from here up are reserved for vicus's own services (`vicus::services`); an
+/// application registering one is refused with `InvalidConfig`.
+pub const RESERVED_TABERNA_BASE: u64 = 0xFFFF_FFFF_FFFF_FF00;
+
+fn check_not_reserved(id: TabernaId) -> Result<(), Error> {
+    if id.0 >= RESERVED_TABERNA_BASE {
+        return Err(Error::invalid_config(
+            "TabernaId",
+            format!(
+                "{id} is reserved for vicus's own services (ids from {RESERVED_TABERNA_BASE:#x} \
+                 up); choose a smaller id"
+            ),
+        ));
+    }
+    Ok(())
 }
 
 /// The shortest timeout a send may ask for.
@@ -901,6 +920,7 @@ impl Domus {
         options: TabernaOptions,
         handler: impl crate::taberna::InlineHandler,
     ) -> Result<crate::taberna::InlineTaberna, Error> {
+        check_not_reserved(id)?;
         self.shared.check_open()?;
         options.validate()?;
         self.shared
@@ -911,6 +931,16 @@ impl Domus {
     /// Registers a taberna; options outside their ranges (see [`TabernaOptions`]) are refused
     /// with `InvalidConfig` naming the field.
     pub fn taberna_with(&self, id: TabernaId, options: TabernaOptions) -> Result<Taberna, Error> {
+        check_not_reserved(id)?;
+        self.service_taberna(id, options)
+    }
+
+    /// Registers a taberna for one of vicus's own services (ids in the reserved range).
+    pub(crate) fn service_taberna(
+        &self,
+        id: TabernaId,
+        options: TabernaOptions,
+    ) -> Result<Taberna, Error> {
         self.shared.check_open()?;
         options.validate()?;
         self.shared.registry.register(id, options)
@@ -1207,7 +1237,8 @@ impl Shared {
         options: &SendOptions,
     ) -> Result<CheckedSend, Error> {
         self.check_open()?;
-        if msg_type.class() != MessageClass::A3 {
+        let service = options.service && msg_type.class() == MessageClass::A2;
+        if msg_type.class() != MessageClass::A3 && !service {
             return Err(Error::new(
                 ErrorId::InvalidMessageType,
                 format!(

@@ -483,8 +483,7 @@ pub(crate) struct PeerCells {
 
 /// The shared recorder behind [`Reporting`].
 pub(crate) struct Recorder {
-    /// The domus's id, as a label for exported metrics.
-    #[cfg_attr(not(feature = "metrics"), allow(dead_code))]
+    /// The domus's id, as a label for exported metrics and for [`Reporting::identity`].
     domus: String,
     started: Instant,
     counters: CounterCells,
@@ -1061,6 +1060,11 @@ impl Reporting {
                 .get_or_init(|| broadcast::channel(EVENT_BUFFER_LEN).0)
                 .subscribe(),
         }
+    }
+
+    /// The identity of the domus these figures are about.
+    pub fn identity(&self) -> &str {
+        &self.recorder.domus
     }
 
     /// Up to `limit` errors with a sequence number greater than `seq` (0 for all kept),
