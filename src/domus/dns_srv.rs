@@ -39,7 +39,10 @@
 use std::collections::HashMap;
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, Weak};
+
+use arc_swap::ArcSwapOption;
 use std::time::Duration;
 
 use hickory_resolver::TokioResolver;
@@ -346,6 +349,11 @@ struct Inner {
     /// Wakes the refresher when a name is first answered (its due time is new).
     wake: Notify,
     refresher: Mutex<Option<JoinHandle<()>>>,
+    /// Whether the refresher was started (checked on every lookup without a lock).
+    refresher_started: AtomicBool,
+    /// What each name answered, readable without a lock (every send looks here first);
+    /// written by [`Inner::store`] together with the entry.
+    answered: Vec<ArcSwapOption<Known>>,
 }
 
 /// A [`RouteResolver`] reading replicas from DNS SRV records (see the module docs). Share one
@@ -488,6 +496,7 @@ impl DnsSrvResolver {
             .with_options(opts)
             .build()
             .map_err(|e| invalid(format!("the DNS resolver could not be built: {e}")))?;
+        let names_len = names.len();
         let entries = names
             .iter()
             .map(|_| Entry {
@@ -510,6 +519,8 @@ impl DnsSrvResolver {
                 feeds: ResolverFeeds::new(),
                 wake: Notify::new(),
                 refresher: Mutex::new(None),
+                refresher_started: AtomicBool::new(false),
+                answered: (0..names_len).map(|_| ArcSwapOption::empty()).collect(),
             }),
         })
     }
@@ -539,14 +550,18 @@ impl DnsSrvResolver {
     }
 
     fn ensure_refresher(&self) {
+        if self.inner.refresher_started.load(Ordering::Acquire) {
+            return;
+        }
         let mut refresher = self
             .inner
             .refresher
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
-        if refresher.as_ref().is_none_or(JoinHandle::is_finished) {
+        if refresher.is_none() {
             if let Ok(rt) = tokio::runtime::Handle::try_current() {
                 *refresher = Some(rt.spawn(refresh(Arc::downgrade(&self.inner))));
+                self.inner.refresher_started.store(true, Ordering::Release);
             }
         }
     }
@@ -559,6 +574,19 @@ impl DnsSrvResolver {
             ))));
         };
         self.ensure_refresher();
+        // The common case, without a lock: DNS has answered this name.
+        if let Some(known) = self
+            .inner
+            .answered
+            .get(index)
+            .and_then(ArcSwapOption::load_full)
+        {
+            let answer = match &*known {
+                Known::Found(c) => Ok(c.clone()),
+                _ => Err(self.inner.absent(taberna, index)),
+            };
+            return Box::pin(std::future::ready(answer));
+        }
         let inner = self.inner.clone();
         // Answered: at once, from the cache. Not yet: wait for the lookup running, or start
         // one — unless the last one failed and its retry is not due (then that failure).
@@ -597,15 +625,19 @@ impl Inner {
     fn answer(&self, taberna: TabernaId, index: usize) -> Option<Result<Arc<[Candidate]>, Error>> {
         let entries = self.entries.lock().unwrap_or_else(PoisonError::into_inner);
         let entry = entries.get(index)?;
-        let name = self.names.get(index).map_or("", |(_, t)| t.as_str());
         match &entry.known {
             Known::Found(c) => Some(Ok(c.clone())),
-            Known::Absent => Some(Err(Error::new(
-                ErrorId::UnknownTaberna,
-                format!("no route to {taberna}: DNS lists no replica under {name}"),
-            ))),
+            Known::Absent => Some(Err(self.absent(taberna, index))),
             Known::Nothing => entry.failing.clone().map(Err),
         }
+    }
+
+    fn absent(&self, taberna: TabernaId, index: usize) -> Error {
+        let name = self.names.get(index).map_or("", |(_, t)| t.as_str());
+        Error::new(
+            ErrorId::UnknownTaberna,
+            format!("no route to {taberna}: DNS lists no replica under {name}"),
+        )
     }
 
     fn not_yet(&self, index: usize) -> Error {
@@ -807,6 +839,12 @@ impl Inner {
                         (Known::Absent, Known::Absent) | (Known::Nothing, Known::Nothing) => false,
                         _ => true,
                     };
+                    if let Some(slot) = self.answered.get(index) {
+                        slot.store(match &known {
+                            Known::Nothing => None,
+                            other => Some(Arc::new(other.clone())),
+                        });
+                    }
                     entry.known = known;
                     entry.due = now + ttl;
                     entry.failing = None;
