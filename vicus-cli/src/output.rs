@@ -9,6 +9,8 @@ use std::io::{IsTerminal, Write};
 #[derive(Debug)]
 pub struct CliError {
     message: String,
+    /// What `--json` prints for this failure; default `{"error": message}`.
+    json: Option<serde_json::Value>,
 }
 
 impl CliError {
@@ -16,7 +18,20 @@ impl CliError {
     pub fn new(message: impl Into<String>) -> Self {
         Self {
             message: message.into().replace('\n', " "),
+            json: None,
         }
+    }
+
+    /// The same failure, printed as `value` with `--json` (a command's own result shape,
+    /// e.g. `{"outcome": "error", …}`); `"error"` is added to it when it is an object.
+    pub fn with_json(mut self, mut value: serde_json::Value) -> Self {
+        if let Some(object) = value.as_object_mut() {
+            object
+                .entry("error")
+                .or_insert_with(|| serde_json::Value::String(self.message.clone()));
+        }
+        self.json = Some(value);
+        self
     }
 }
 
@@ -96,7 +111,10 @@ impl Output {
     /// the exit code for a failure.
     pub fn fail(&self, error: &CliError) -> std::process::ExitCode {
         if self.json {
-            let v = serde_json::json!({ "error": error.to_string() });
+            let v = error
+                .json
+                .clone()
+                .unwrap_or_else(|| serde_json::json!({ "error": error.to_string() }));
             let _ = writeln!(std::io::stdout().lock(), "{v}");
         }
         let _ = writeln!(std::io::stderr().lock(), "vicus: error: {error}");
