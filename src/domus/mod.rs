@@ -74,7 +74,7 @@ use crate::taberna::{
 };
 
 /// Per-send options.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Clone, Default, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct SendOptions {
     /// How long to wait for the answer; default `DomusConfig::send_timeout`.
@@ -83,6 +83,16 @@ pub struct SendOptions {
     pub source: Option<TabernaId>,
     /// Set by vicus's own services (`crate::services`): the send may carry an A2 type.
     pub(crate) service: bool,
+}
+
+impl std::fmt::Debug for SendOptions {
+    /// The options an application sets (the services' internal flag is not one of them).
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SendOptions")
+            .field("timeout", &self.timeout)
+            .field("source", &self.source)
+            .finish()
+    }
 }
 
 /// Taberna ids from here up are reserved for vicus's own services (`vicus::services`); an
