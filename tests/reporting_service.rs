@@ -71,20 +71,15 @@ async fn an_allowed_peer_reads_the_report_and_others_are_refused() {
             .expect_err("not on the allow-list");
         assert_eq!(refused.id(), ErrorId::Forbidden, "{refused}");
 
-        // The reserved range and A2 types are vicus's own.
+        // The reserved range and A2 types are vicus's services' own.
         let e = node
             .taberna(TabernaId(RESERVED_TABERNA_BASE + 7))
             .expect_err("reserved id");
         assert_eq!(e.id(), ErrorId::InvalidConfig, "{e}");
         let e = ops
-            .send(
-                REPORTING_TABERNA,
-                MessageType(0x0001_0001),
-                Bytes::new(),
-                opts,
-            )
+            .send(TabernaId(3), MessageType(0x0001_0001), Bytes::new(), opts)
             .await
-            .expect_err("applications send A3 only");
+            .expect_err("A2 types go to the services' tabernas only");
         assert_eq!(e.id(), ErrorId::InvalidMessageType, "{e}");
         let e = reporting::serve(&node, []).expect_err("empty allow-list");
         assert_eq!(e.id(), ErrorId::InvalidConfig, "{e}");

@@ -266,7 +266,9 @@ impl Destination {
         wait: Wait,
         done: impl FnOnce() -> (Completion, R),
     ) -> Result<R, Error> {
-        let checked = self.shared.check_send(msg_type, &payload, &options)?;
+        let checked = self
+            .shared
+            .check_send(self.taberna, msg_type, &payload, &options)?;
         let msg = checked.outgoing(self.taberna, msg_type, payload);
         let cached = self.cache.load();
         let waits_for_room = match cached.as_deref().filter(|r| self.fresh(r)) {

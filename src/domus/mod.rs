@@ -74,25 +74,13 @@ use crate::taberna::{
 };
 
 /// Per-send options.
-#[derive(Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct SendOptions {
     /// How long to wait for the answer; default `DomusConfig::send_timeout`.
     pub timeout: Option<Duration>,
     /// The taberna the receiver sees as the source; default `TabernaId(0)`.
     pub source: Option<TabernaId>,
-    /// Set by vicus's own services (`crate::services`): the send may carry an A2 type.
-    pub(crate) service: bool,
-}
-
-impl std::fmt::Debug for SendOptions {
-    /// The options an application sets (the services' internal flag is not one of them).
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("SendOptions")
-            .field("timeout", &self.timeout)
-            .field("source", &self.source)
-            .finish()
-    }
 }
 
 /// Taberna ids from here up are reserved for vicus's own services (`vicus::services`); an
@@ -1205,7 +1193,7 @@ impl Shared {
         options: SendOptions,
         wait: Wait,
     ) -> Result<Receipt, Error> {
-        let checked = self.check_send(msg_type, &payload, &options)?;
+        let checked = self.check_send(taberna, msg_type, &payload, &options)?;
         if self.registry.contains(taberna) {
             return Ok(self.send_local(
                 taberna,
@@ -1242,12 +1230,14 @@ impl Shared {
     /// application type, the payload fits `max_message_len`, the timeout is in range.
     fn check_send(
         &self,
+        taberna: TabernaId,
         msg_type: MessageType,
         payload: &Bytes,
         options: &SendOptions,
     ) -> Result<CheckedSend, Error> {
         self.check_open()?;
-        let service = options.service && msg_type.class() == MessageClass::A2;
+        // A2 types are the mesh services' own: they go to the services' reserved tabernas only.
+        let service = msg_type.class() == MessageClass::A2 && taberna.0 >= RESERVED_TABERNA_BASE;
         if msg_type.class() != MessageClass::A3 && !service {
             return Err(Error::new(
                 ErrorId::InvalidMessageType,

@@ -238,8 +238,7 @@ pub async fn fetch(
 ) -> Result<RemoteReport, Error> {
     let payload = serde_json::to_vec(&request)
         .map_err(|e| Error::new(ErrorId::EncodeFailure, format!("report request: {e}")))?;
-    let mut options = SendOptions::default().timeout(timeout);
-    options.service = true;
+    let options = SendOptions::default().timeout(timeout);
     match domus
         .send(REPORTING_TABERNA, REPORT, Bytes::from(payload), options)
         .await?

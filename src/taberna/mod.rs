@@ -43,8 +43,8 @@ impl fmt::Display for TabernaId {
 }
 
 /// A message type. `0x0000_0000..=0x0000_FFFF` is reserved for A1, `0x0001_0000..=0x00FF_FFFF`
-/// for A2 mesh services, and `0x0100_0000..` is the application's (A3); applications send A3
-/// only.
+/// for A2 mesh services, and `0x0100_0000..` is the application's (A3); a send carries an A3
+/// type, or an A2 type to one of the services' reserved tabernas (`vicus::services`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct MessageType(pub u32);
 
