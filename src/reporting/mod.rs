@@ -335,6 +335,11 @@ pub struct PeerReport {
     pub bytes_in: u64,
     /// Bytes written to this peer (both calles).
     pub bytes_out: u64,
+    /// Messages handed to this peer's session (as `Counters::messages_sent`, for this peer).
+    pub messages_out: u64,
+    /// Messages from this peer that reached a local taberna (as
+    /// `Counters::messages_received`, for this peer).
+    pub messages_in: u64,
     /// What the peer proved in the handshake of its current (or last) primary callis: its
     /// certificate's fingerprint, and its process credentials over a Unix socket.
     pub identity: Option<crate::a0_transport::PeerIdentity>,
@@ -477,6 +482,8 @@ pub(crate) struct PeerCells {
     pub(crate) oldest_pending_at_us: AtomicU64,
     pub(crate) bytes_in: AtomicU64,
     pub(crate) bytes_out: AtomicU64,
+    pub(crate) messages_in: AtomicU64,
+    pub(crate) messages_out: AtomicU64,
     /// The identity of the current (or last) primary callis; written when a callis is adopted.
     pub(crate) identity: arc_swap::ArcSwapOption<crate::a0_transport::PeerIdentity>,
 }
@@ -910,6 +917,8 @@ impl Recorder {
                         .then(|| Duration::from_micros(now.saturating_sub(oldest))),
                     bytes_in: c.bytes_in.load(Ordering::Relaxed),
                     bytes_out: c.bytes_out.load(Ordering::Relaxed),
+                    messages_out: c.messages_out.load(Ordering::Relaxed),
+                    messages_in: c.messages_in.load(Ordering::Relaxed),
                     identity: c.identity.load_full().map(|i| (*i).clone()),
                 }
             })
@@ -997,10 +1006,19 @@ impl TurnCounts {
         self.dirty = true;
     }
 
-    /// Adds everything counted since the last publish to `rec`, and starts again.
-    pub(crate) fn publish(&mut self, rec: &Recorder) {
+    /// Adds everything counted since the last publish to `rec` (and the messages to the
+    /// peer's `cells`), and starts again.
+    pub(crate) fn publish(&mut self, rec: &Recorder, cells: &PeerCells) {
         if !std::mem::take(&mut self.dirty) {
             return;
+        }
+        if self.sent > 0 {
+            cells.messages_out.fetch_add(self.sent, Ordering::Relaxed);
+        }
+        if self.received > 0 {
+            cells
+                .messages_in
+                .fetch_add(self.received, Ordering::Relaxed);
         }
         for (c, n) in [
             (C::messages_sent, std::mem::take(&mut self.sent)),

@@ -693,7 +693,7 @@ impl PeerDriver {
         }
         if !self.completed.is_empty() {
             // The counts first, so a sender that sees its outcome also sees it counted.
-            self.counts.publish(&self.ctx.recorder);
+            self.counts.publish(&self.ctx.recorder, &self.cells);
             for (done, result) in self.completed.drain(..) {
                 done.complete(result);
             }
@@ -1056,13 +1056,13 @@ impl Future for PeerDriver {
                 progressed = true;
             }
             if !progressed {
-                this.counts.publish(&this.ctx.recorder);
+                this.counts.publish(&this.ctx.recorder, &this.cells);
                 this.publish_cells();
                 return Poll::Pending;
             }
         }
         // Plenty of work: let other tasks run, then continue.
-        this.counts.publish(&this.ctx.recorder);
+        this.counts.publish(&this.ctx.recorder, &this.cells);
         yield_turn(cx);
         Poll::Pending
     }

@@ -122,6 +122,12 @@ pub struct PeerFigures {
     pub bytes_in: u64,
     /// Bytes written to the peer.
     pub bytes_out: u64,
+    /// Messages sent to the peer.
+    #[serde(default)]
+    pub messages_out: u64,
+    /// Messages the peer delivered here.
+    #[serde(default)]
+    pub messages_in: u64,
 }
 
 /// One event in a [`RemoteReport`].
@@ -380,6 +386,8 @@ fn build(
             oldest_pending_ms: p.oldest_pending.map(millis),
             bytes_in: p.bytes_in,
             bytes_out: p.bytes_out,
+            messages_out: p.messages_out,
+            messages_in: p.messages_in,
         })
         .collect();
     peers.sort_by(|a, b| {

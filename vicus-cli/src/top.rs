@@ -180,6 +180,11 @@ pub struct PeerRow {
     pub connected: bool,
     /// Last keepalive round trip, µs.
     pub rtt_us: Option<u64>,
+    /// Messages it delivered here per second (`None` for a peer the previous report did not
+    /// have).
+    pub msgs_in_per_s: Option<f64>,
+    /// Messages sent to it per second.
+    pub msgs_out_per_s: Option<f64>,
     /// Bytes read from it per second (`None` for a peer the previous report did not have).
     pub bytes_in_per_s: Option<f64>,
     /// Bytes written to it per second.
@@ -264,6 +269,10 @@ impl View {
                     peer: now.peer.clone(),
                     connected: now.connected,
                     rtt_us: now.rtt_us,
+                    msgs_in_per_s: before
+                        .map(|b| per_second(b.messages_in, now.messages_in, elapsed)),
+                    msgs_out_per_s: before
+                        .map(|b| per_second(b.messages_out, now.messages_out, elapsed)),
                     bytes_in_per_s: before.map(|b| per_second(b.bytes_in, now.bytes_in, elapsed)),
                     bytes_out_per_s: before
                         .map(|b| per_second(b.bytes_out, now.bytes_out, elapsed)),
@@ -321,6 +330,8 @@ impl View {
             },
             "peers": self.peers.iter().map(|p| json!({
                 "peer": p.peer,
+                "msgs_in_per_s": p.msgs_in_per_s,
+                "msgs_out_per_s": p.msgs_out_per_s,
                 "bytes_in_per_s": p.bytes_in_per_s,
                 "bytes_out_per_s": p.bytes_out_per_s,
             })).collect::<Vec<_>>(),
@@ -564,11 +575,13 @@ fn blob_rows(view: &View) -> Vec<(&'static str, String, String)> {
     ]
 }
 
-fn peer_cells(p: &PeerRow) -> [String; 8] {
+fn peer_cells(p: &PeerRow) -> [String; 10] {
     [
         p.peer.clone(),
         if p.connected { "up" } else { "down" }.to_owned(),
         opt(p.rtt_us, fmt_micros),
+        opt(p.msgs_in_per_s, fmt_rate),
+        opt(p.msgs_out_per_s, fmt_rate),
         opt(p.bytes_in_per_s, |v| format!("{}/s", fmt_bytes(v))),
         opt(p.bytes_out_per_s, |v| format!("{}/s", fmt_bytes(v))),
         p.in_flight.to_string(),
@@ -577,10 +590,12 @@ fn peer_cells(p: &PeerRow) -> [String; 8] {
     ]
 }
 
-const PEER_HEADER: [&str; 8] = [
+const PEER_HEADER: [&str; 10] = [
     "peer",
     "state",
     "rtt",
+    "msg in/s",
+    "msg out/s",
     "in/s",
     "out/s",
     "in-flight",
@@ -625,10 +640,10 @@ pub fn text(view: &View) -> String {
         .max()
         .unwrap_or(4)
         .max(4);
-    let row = |c: [&str; 8]| {
+    let row = |c: [&str; 10]| {
         format!(
-            "  {:<width$}  {:<5} {:>9} {:>12} {:>12} {:>9} {:>6} {:>9}",
-            c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]
+            "  {:<width$}  {:<5} {:>9} {:>9} {:>9} {:>12} {:>12} {:>9} {:>6} {:>9}",
+            c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7], c[8], c[9]
         )
     };
     line(row(PEER_HEADER));
@@ -638,7 +653,7 @@ pub fn text(view: &View) -> String {
     for p in &view.peers {
         let c = peer_cells(p);
         line(row([
-            &c[0], &c[1], &c[2], &c[3], &c[4], &c[5], &c[6], &c[7],
+            &c[0], &c[1], &c[2], &c[3], &c[4], &c[5], &c[6], &c[7], &c[8], &c[9],
         ]));
     }
     line(String::new());
@@ -771,6 +786,8 @@ fn render_peers(frame: &mut Frame<'_>, area: Rect, view: &View) {
     let widths = [
         Constraint::Fill(1),
         Constraint::Length(5),
+        Constraint::Length(9),
+        Constraint::Length(9),
         Constraint::Length(9),
         Constraint::Length(12),
         Constraint::Length(12),
@@ -1203,6 +1220,7 @@ mod tests {
         second.totals.insert("primary_bytes_in".into(), 120_480);
         second.totals.insert("blob_streams_opened".into(), 4);
         second.peers[0].bytes_in = 70_480;
+        second.peers[0].messages_in = 300;
         second.peers.push(reporting::PeerFigures {
             peer: "spiffe://vicus.dev/domus/gamma".into(),
             connected: false,
@@ -1247,6 +1265,12 @@ mod tests {
         assert_eq!(view.totals.answers, 900);
         assert_eq!(view.blobs.opened_per_s, 1.0);
         assert_eq!(view.peers[0].bytes_in_per_s, Some(10_240.0));
+        assert_eq!(
+            view.peers[0].msgs_in_per_s,
+            Some(150.0),
+            "a report without messages_in reads as 0"
+        );
+        assert_eq!(view.peers[0].msgs_out_per_s, Some(0.0));
         assert_eq!(view.peers[0].bytes_out_per_s, Some(0.0));
         assert_eq!(view.peers[1].bytes_in_per_s, None, "new peer: no rate yet");
 
