@@ -270,7 +270,8 @@
 //!   p99 from power-of-two buckets), rejections of our sends (`rejected_by`), messages from
 //!   peers refused before a handler saw them (`refused_by`) and handshake failures by
 //!   [`ErrorId`], and per
-//!   peer: connected, RTT, sends in flight, queue depth, oldest pending age, bytes in and out;
+//!   peer: connected, RTT, sends in flight, queue depth, oldest pending age, bytes and
+//!   messages in and out;
 //!   `listener` holds the listener's pre-authentication counters since bind (admitted, refused
 //!   in total, per source, by connect rate, by uid; handshakes ok, failed, timed out; pending).
 //!   `connected_peers()` lists the peers with an open callis.
@@ -306,6 +307,13 @@
 //!   `vicus_send_latency_seconds` with a `quantile` label; all with a `domus` label), every
 //!   second and on demand (`Reporting::export_to_metrics`); `cargo run --example metrics
 //!   --features metrics` prints them as Prometheus text.
+//! * Feature `reporting-service` serves all of this to other domus over vicus itself:
+//!   `services::reporting::serve(&domus, allow)` answers the identities on `allow` (others are
+//!   refused `Forbidden`) with a JSON report of the snapshot and the recent events and errors;
+//!   `services::reporting::fetch` reads one. It is vicus's first mesh (A2) service: it lives
+//!   on a reserved taberna (ids from [`RESERVED_TABERNA_BASE`] up are not the application's)
+//!   and is off until started. `vicus top ADDR` (the `vicus` command, `vicus-cli/`) draws it
+//!   live.
 //!
 //! ## Testing an application
 //!
