@@ -2184,6 +2184,39 @@ impl Side {
     }
 }
 
+/// Arbitrary text as a routes file (feature `file-resolver`): parsing never panics, and a file
+/// that parses keeps the parser's promises — within the bounds, no taberna without a candidate
+/// or listed twice, and the table built from it answers for exactly the tabernas listed.
+#[cfg(feature = "file-resolver")]
+pub fn routes_file(data: &[u8]) {
+    use crate::RoutesFile;
+    let Ok(text) = std::str::from_utf8(data) else {
+        return;
+    };
+    let Ok(file) = RoutesFile::parse(text) else {
+        return;
+    };
+    assert!(file.tabernas.len() <= RoutesFile::MAX_TABERNAS);
+    assert!(file.domus.len() <= RoutesFile::MAX_DOMUS);
+    let mut seen = BTreeSet::new();
+    for (taberna, candidates) in &file.tabernas {
+        assert!(seen.insert(taberna.0), "{taberna} listed twice");
+        assert!(!candidates.is_empty(), "{taberna} without a candidate");
+        assert!(candidates.len() <= RoutesFile::MAX_CANDIDATES);
+    }
+    let table = file.table();
+    assert_eq!(table.len(), file.tabernas.len());
+    for (taberna, candidates) in &file.tabernas {
+        assert_eq!(
+            table.candidates(*taberna).map(|c| c.len()),
+            Some(candidates.len())
+        );
+    }
+    for (id, addr) in &file.domus {
+        assert_eq!(table.domus_addr(id), Some(addr));
+    }
+}
+
 fn drain_events(streams: &mut BlobStreams) -> Vec<BlobEvent> {
     std::iter::from_fn(|| streams.poll_event()).collect()
 }
@@ -2249,6 +2282,13 @@ mod replay {
     fn session_input_corpus_and_regressions() {
         let n = replay("session_input", super::session_input);
         assert!(n > 0, "no session_input inputs under fuzz/");
+    }
+
+    #[test]
+    #[cfg(feature = "file-resolver")]
+    fn routes_file_corpus_and_regressions() {
+        let n = replay("routes_file", super::routes_file);
+        assert!(n > 0, "no routes_file inputs under fuzz/");
     }
 
     #[test]
