@@ -664,6 +664,13 @@ impl Inner {
         let weak = Arc::downgrade(inner);
         rt.spawn(async move {
             let Some(inner) = weak.upgrade() else { return };
+            // A lookup that ends without storing (a panic in the DNS client, a runtime shutting
+            // down) stores a failure instead, so the name is not left "running" for ever.
+            let mut guard = StoreOnDrop {
+                inner: inner.clone(),
+                index,
+                stored: false,
+            };
             // SRV, then A/AAAA per target not covered by the additional section: bounded as a
             // whole, so a lookup always ends.
             let limit = inner.config.query_timeout.saturating_mul(4);
@@ -678,6 +685,7 @@ impl Inner {
                 )),
             };
             inner.store(index, result);
+            guard.stored = true;
             let _ = tx.send(true);
         });
         Some(rx)
@@ -879,6 +887,32 @@ impl Inner {
     }
 }
 
+/// Stores a failure for a lookup whose task ended before it stored its result.
+struct StoreOnDrop {
+    inner: Arc<Inner>,
+    index: usize,
+    stored: bool,
+}
+
+impl Drop for StoreOnDrop {
+    fn drop(&mut self) {
+        if !self.stored {
+            let name = self
+                .inner
+                .names
+                .get(self.index)
+                .map_or("", |(_, t)| t.as_str());
+            self.inner.store(
+                self.index,
+                Err(Error::new(
+                    ErrorId::ResolverFailed,
+                    format!("the DNS lookup of {name} ended without an answer"),
+                )),
+            );
+        }
+    }
+}
+
 /// The background refresh: asks again for every answered name when it is due. Aborted when
 /// the resolver is dropped.
 async fn refresh(inner: Weak<Inner>) {
@@ -1017,6 +1051,29 @@ mod tests {
             Template::parse("plain").expect("parses").0,
             vec![Piece::Text("plain".into())]
         );
+    }
+
+    #[tokio::test]
+    async fn a_lookup_task_that_dies_leaves_a_failure_not_a_name_running_for_ever() {
+        let server: SocketAddr = "127.0.0.1:9".parse().expect("addr");
+        let r = DnsSrvResolver::new(
+            DnsSrvConfig::new()
+                .name_server(server)
+                .service(TabernaId(1), "_vicus._tcp.x.test"),
+        )
+        .expect("builds");
+        let (_tx, rx) = watch::channel(false);
+        r.inner.entries.lock().expect("entries")[0].running = Some(rx);
+        drop(StoreOnDrop {
+            inner: r.inner.clone(),
+            index: 0,
+            stored: false,
+        });
+        let entries = r.inner.entries.lock().expect("entries");
+        assert!(entries[0].running.is_none(), "no longer running");
+        let failing = entries[0].failing.as_ref().expect("a failure is kept");
+        assert_eq!(failing.id(), ErrorId::ResolverFailed);
+        assert!(failing.message().contains("without an answer"), "{failing}");
     }
 
     #[tokio::test]
