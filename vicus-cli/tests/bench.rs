@@ -1,27 +1,12 @@
 //! `vicus bench` as a user runs it: the built binary, its exit code and its output.
 
-use std::time::Duration;
+mod common;
 
-use assert_cmd::Command;
-
-fn vicus() -> Command {
-    let mut cmd = Command::cargo_bin("vicus").expect("the vicus binary");
-    cmd.timeout(Duration::from_secs(60));
-    cmd
-}
+use common::{fails, ok, vicus};
 
 #[test]
 fn bench_against_its_own_node_reports_both_workloads_as_the_harness_names_them() {
-    let out = vicus()
-        .args(["bench", "--duration", "1s", "--json"])
-        .output()
-        .expect("run");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let text = String::from_utf8(out.stdout).expect("utf-8");
+    let text = ok(vicus().args(["bench", "--duration", "1s", "--json"]));
     let lines: Vec<serde_json::Value> = text
         .lines()
         .map(|l| serde_json::from_str(l).expect("each line is JSON"))
@@ -44,16 +29,7 @@ fn bench_against_its_own_node_reports_both_workloads_as_the_harness_names_them()
 
 #[test]
 fn the_text_table_names_the_figures() {
-    let out = vicus()
-        .args(["bench", "--duration", "300ms", "--mode", "reqrep"])
-        .output()
-        .expect("run");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let text = String::from_utf8(out.stdout).expect("utf-8");
+    let text = ok(vicus().args(["bench", "--duration", "300ms", "--mode", "reqrep"]));
     for figure in ["W2 request/reply", "p50_us", "p99_us", "iters"] {
         assert!(text.contains(figure), "{figure} missing in:\n{text}");
     }
@@ -71,11 +47,8 @@ fn bad_flags_and_an_unreachable_node_give_one_line_errors() {
         // A remote node needs an identity to present.
         (vec!["bench", "--to", "127.0.0.1:1"], "--certs"),
     ] {
-        let out = vicus().args(&args).output().expect("run");
-        assert_eq!(out.status.code(), Some(1), "{args:?}");
-        let err = String::from_utf8(out.stderr).expect("utf-8");
-        assert_eq!(err.lines().count(), 1, "{args:?}: {err}");
-        assert!(err.starts_with("vicus: error: "), "{err}");
+        // Exit 1, one line on stderr, starting "vicus: error: ".
+        let err = fails(vicus().args(&args));
         assert!(err.contains(says), "{args:?}: {err}");
     }
 }

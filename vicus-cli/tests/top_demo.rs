@@ -6,142 +6,36 @@
 //! computation are unit-tested beside the code (src/top.rs, src/demo.rs) with ratatui's
 //! `TestBackend`.
 
-use std::io::{BufRead, BufReader};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Stdio};
-use std::sync::atomic::{AtomicU32, Ordering};
+mod common;
+
 use std::time::{Duration, Instant};
 
-use assert_cmd::Command;
+use common::{Node, TempDir, bin, make_certs, node_config, ok, one_line_error, run, vicus};
 
-fn bin() -> PathBuf {
-    assert_cmd::cargo::cargo_bin("vicus")
+/// A development CA and certificates for `names` (trust domain vicus.dev), written by
+/// `vicus certs`.
+fn certs(dir: &TempDir, names: &[&str]) -> std::path::PathBuf {
+    make_certs(dir, "vicus.dev", names)
 }
 
-fn vicus() -> Command {
-    let mut cmd = Command::new(bin());
-    cmd.timeout(Duration::from_secs(60));
-    cmd
-}
-
-/// A directory of its own for one test, removed at the end.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(tag: &str) -> Self {
-        static NEXT: AtomicU32 = AtomicU32::new(0);
-        let dir = std::env::temp_dir().join(format!(
-            "vicus-top-demo-{tag}-{}-{}",
-            std::process::id(),
-            NEXT.fetch_add(1, Ordering::Relaxed)
-        ));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).expect("temp dir");
-        Self(dir)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-/// A child process killed (and reaped) when dropped.
-struct Running(Child);
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-/// A development CA and certificates for `names`, written by `vicus certs`.
-fn certs(dir: &Path, names: &[&str]) -> PathBuf {
-    let certs = dir.join("certs");
-    let certs_arg = certs.to_str().expect("utf-8 path");
-    vicus()
-        .args(["certs", "init", "--dir", certs_arg])
-        .assert()
-        .success();
-    for name in names {
-        vicus()
-            .args(["certs", "issue", name, "--dir", certs_arg])
-            .assert()
-            .success();
-    }
-    certs
-}
-
-/// Starts `vicus node` as alpha on a free loopback port, with the reporting service allowing
-/// `allow` (none: no service), and returns it with its address.
-fn node(dir: &Path, allow: Option<&str>) -> (Running, String) {
+/// Starts `vicus node` as alpha on a free loopback port with an echo taberna, with the
+/// reporting service allowing `allow` (none: no service).
+fn node(dir: &TempDir, allow: Option<&str>) -> Node {
     let reporting = allow
         .map(|id| format!("\n[reporting]\nallow = [\"{id}\"]\n"))
         .unwrap_or_default();
-    let config = dir.join("node.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "bind = \"127.0.0.1:0\"\n\n[tls]\nca = \"certs/ca.pem\"\ncert = \"certs/alpha.pem\"\n\
-             key = \"certs/alpha.key\"\n\n[[taberna]]\nid = 7\nbehaviour = \"echo\"\n{reporting}"
-        ),
-    )
-    .expect("config");
-    let mut child = std::process::Command::new(bin())
-        .args([
-            "--json",
-            "node",
-            "--config",
-            config.to_str().expect("utf-8"),
-        ])
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("vicus node");
-    let stdout = child.stdout.take().expect("stdout");
-    let running = Running(child);
-    // The first line says where it listens; read it on a thread so the wait is bounded.
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let mut lines = BufReader::new(stdout).lines();
-        let first = lines.next().and_then(Result::ok);
-        let _ = tx.send(first);
-        // Keep reading so the node never blocks on a full pipe.
-        for _ in lines {}
-    });
-    let first = rx
-        .recv_timeout(Duration::from_secs(30))
-        .expect("the node starts within 30 s")
-        .expect("the node prints a line when it is up");
-    let started: serde_json::Value = serde_json::from_str(&first).expect("JSON");
-    assert_eq!(started["event"], "started", "{started}");
-    let addr = started["addr"].as_str().expect("addr").to_owned();
-    (running, addr)
-}
-
-fn one_line_error(out: &std::process::Output) -> String {
-    assert_eq!(out.status.code(), Some(1), "{out:?}");
-    let err = String::from_utf8(out.stderr.clone()).expect("utf-8");
-    assert_eq!(err.lines().count(), 1, "one line: {err}");
-    assert!(err.starts_with("vicus: error: "), "{err}");
-    err
+    Node::start(&node_config(
+        dir,
+        "node.toml",
+        "alpha",
+        &[(7, "echo")],
+        &reporting,
+    ))
 }
 
 #[test]
 fn demo_for_three_seconds_counts_traffic_on_every_node_and_link() {
-    let out = vicus()
-        .args(["demo", "--duration", "3", "--json"])
-        .output()
-        .expect("run");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let text = String::from_utf8(out.stdout).expect("utf-8");
+    let text = ok(vicus().args(["demo", "--duration", "3", "--json"]));
     assert_eq!(text.lines().count(), 1, "one JSON object: {text}");
     let summary: serde_json::Value = serde_json::from_str(&text).expect("JSON");
     let nodes = summary["nodes"].as_array().expect("nodes");
@@ -178,16 +72,7 @@ fn demo_for_three_seconds_counts_traffic_on_every_node_and_link() {
 
 #[test]
 fn demo_piped_prints_a_line_per_node_each_second_and_a_final_table() {
-    let out = vicus()
-        .args(["demo", "--duration", "3s", "--rate", "20"])
-        .output()
-        .expect("run");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let text = String::from_utf8(out.stdout).expect("utf-8");
+    let text = ok(vicus().args(["demo", "--duration", "3s", "--rate", "20"]));
     for name in ["alpha", "beta", "gamma"] {
         assert!(
             text.lines()
@@ -224,12 +109,12 @@ fn demo_and_top_refuse_bad_flags_with_one_line_errors() {
             "host:port",
         ),
     ] {
-        let out = vicus().args(&args).output().expect("run");
+        let out = run(vicus().args(&args));
         // clap refuses with 2 and its own lines; ours is 1 and one line.
-        let err = String::from_utf8(out.stderr.clone()).expect("utf-8");
+        let err = &out.stderr;
         assert!(err.contains(says), "{args:?}: {err}");
-        assert!(!out.status.success(), "{args:?}");
-        if out.status.code() == Some(1) {
+        assert_ne!(out.code, Some(0), "{args:?}");
+        if out.code == Some(1) {
             one_line_error(&out);
         }
     }
@@ -247,10 +132,11 @@ fn demo_and_top_refuse_bad_flags_with_one_line_errors() {
 #[test]
 fn top_once_json_reads_a_running_node_over_vicus() {
     let dir = TempDir::new("once");
-    let certs = certs(&dir.0, &["alpha", "ops"]);
-    let (_node, addr) = node(&dir.0, Some("spiffe://vicus.dev/domus/ops"));
+    let certs = certs(&dir, &["alpha", "ops"]);
+    let node = node(&dir, Some("spiffe://vicus.dev/domus/ops"));
+    let addr = node.addr.clone();
     let started = Instant::now();
-    let out = vicus()
+    let text = ok(vicus()
         .args(["top", &addr, "--certs", certs.to_str().expect("utf-8")])
         .args([
             "--as",
@@ -258,16 +144,8 @@ fn top_once_json_reads_a_running_node_over_vicus() {
             "--identity",
             "spiffe://vicus.dev/domus/alpha",
         ])
-        .args(["--once", "--json", "--interval", "300ms"])
-        .output()
-        .expect("run");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+        .args(["--once", "--json", "--interval", "300ms"]));
     assert!(started.elapsed() < Duration::from_secs(30));
-    let text = String::from_utf8(out.stdout).expect("utf-8");
     let value: serde_json::Value = serde_json::from_str(&text).expect("JSON");
     let report = &value["report"];
     assert_eq!(
@@ -304,13 +182,9 @@ fn top_once_json_reads_a_running_node_over_vicus() {
     );
 
     // Piped without --json: the plain snapshot, every pane named.
-    let out = vicus()
+    let text = ok(vicus()
         .args(["top", &addr, "--certs", certs.to_str().expect("utf-8")])
-        .args(["--as", "ops", "--interval", "200ms"])
-        .output()
-        .expect("run");
-    assert!(out.status.success());
-    let text = String::from_utf8(out.stdout).expect("utf-8");
+        .args(["--as", "ops", "--interval", "200ms"]));
     for pane in [
         "vicus top — spiffe://vicus.dev/domus/alpha",
         "Traffic",
@@ -327,15 +201,13 @@ fn top_once_json_reads_a_running_node_over_vicus() {
 #[test]
 fn top_refused_or_without_the_service_says_what_to_fix_in_one_line() {
     let dir = TempDir::new("refused");
-    let certs = certs(&dir.0, &["alpha", "ops", "stranger"]);
+    let certs = certs(&dir, &["alpha", "ops", "stranger"]);
     let certs = certs.to_str().expect("utf-8").to_owned();
-    let (allowing_ops, addr) = node(&dir.0, Some("spiffe://vicus.dev/domus/ops"));
-    let out = vicus()
-        .args([
-            "top", &addr, "--certs", &certs, "--as", "stranger", "--once",
-        ])
-        .output()
-        .expect("run");
+    let allowing_ops = node(&dir, Some("spiffe://vicus.dev/domus/ops"));
+    let addr = allowing_ops.addr.clone();
+    let out = run(vicus().args([
+        "top", &addr, "--certs", &certs, "--as", "stranger", "--once",
+    ]));
     let err = one_line_error(&out);
     assert!(
         err.contains(&format!(
@@ -345,15 +217,12 @@ fn top_refused_or_without_the_service_says_what_to_fix_in_one_line() {
         "{err}"
     );
     // With --json the error is also on stdout, as JSON.
-    let out = vicus()
-        .args([
-            "top", &addr, "--certs", &certs, "--as", "stranger", "--json",
-        ])
-        .output()
-        .expect("run");
+    let out = run(vicus().args([
+        "top", &addr, "--certs", &certs, "--as", "stranger", "--json",
+    ]));
     one_line_error(&out);
     let value: serde_json::Value =
-        serde_json::from_slice(&out.stdout).expect("the error as JSON on stdout");
+        serde_json::from_str(&out.stdout).expect("the error as JSON on stdout");
     assert!(
         value["error"]
             .as_str()
@@ -364,12 +233,10 @@ fn top_refused_or_without_the_service_says_what_to_fix_in_one_line() {
     drop(allowing_ops);
 
     let dir = TempDir::new("no-service");
-    let certs = certs_in(&dir.0);
-    let (_node, addr) = node(&dir.0, None);
-    let out = vicus()
-        .args(["top", &addr, "--certs", &certs, "--as", "ops", "--once"])
-        .output()
-        .expect("run");
+    let certs = certs_in(&dir);
+    let node = node(&dir, None);
+    let addr = node.addr.clone();
+    let out = run(vicus().args(["top", &addr, "--certs", &certs, "--as", "ops", "--once"]));
     let err = one_line_error(&out);
     assert!(
         err.contains("does not run the reporting service; enable it in the node's config"),
@@ -378,17 +245,15 @@ fn top_refused_or_without_the_service_says_what_to_fix_in_one_line() {
 
     // Nobody listening: one line, fast.
     let started = Instant::now();
-    let out = vicus()
+    let out = run(vicus()
         .args(["top", "127.0.0.1:1", "--certs", &certs, "--as", "ops"])
-        .args(["--once", "--timeout", "2s"])
-        .output()
-        .expect("run");
+        .args(["--once", "--timeout", "2s"]));
     let err = one_line_error(&out);
     assert!(err.contains("cannot reach 127.0.0.1:1"), "{err}");
     assert!(started.elapsed() < Duration::from_secs(20));
 }
 
-fn certs_in(dir: &Path) -> String {
+fn certs_in(dir: &TempDir) -> String {
     certs(dir, &["alpha", "ops"])
         .to_str()
         .expect("utf-8")
@@ -519,8 +384,9 @@ fn demo_draws_its_panes_on_a_real_terminal_and_restores_it() {
 #[test]
 fn top_draws_its_panes_on_a_real_terminal_and_q_quits() {
     let dir = TempDir::new("tmux");
-    let certs = certs(&dir.0, &["alpha", "ops"]);
-    let (_node, addr) = node(&dir.0, Some("spiffe://vicus.dev/domus/ops"));
+    let certs = certs(&dir, &["alpha", "ops"]);
+    let node = node(&dir, Some("spiffe://vicus.dev/domus/ops"));
+    let addr = node.addr.clone();
     let command = format!(
         "{} top {addr} --certs {} --as ops; echo EXIT=$?; sleep 60",
         shell_quote(bin().to_str().expect("utf-8")),
