@@ -105,7 +105,7 @@ pub async fn run(args: Args, out: Output) -> Result<(), CliError> {
             vicus::Window::MAX_LIMIT
         )));
     }
-    let (client, _local) = match &args.to {
+    let (client, local) = match &args.to {
         Some(addr) => (connect(&args, addr).await?, None),
         None => {
             let (client, node) = local_pair(&args).await?;
@@ -131,7 +131,7 @@ pub async fn run(args: Args, out: Output) -> Result<(), CliError> {
         results.push(round_trips(&client, &args, out).await?);
     }
     client.shutdown().await;
-    if let Some(node) = _local {
+    if let Some(node) = local {
         node.shutdown().await;
     }
     report(&results, out);

@@ -191,6 +191,37 @@ pub fn millis(d: Duration) -> f64 {
     (d.as_secs_f64() * 1e6).round() / 1000.0
 }
 
+/// The taberna a client command talks to (`vicus send`, `vicus ping`), where its node is, and
+/// who this client is.
+#[derive(Debug, Args)]
+pub struct TabernaTarget {
+    /// The node's address: host:port, ip:port, [v6]:port or unix:/path.
+    #[arg(long, value_name = "ADDR", value_parser = parse_addr)]
+    pub to: DomusAddr,
+    /// The taberna on that node (for `vicus ping`, an echo taberna ideally).
+    #[arg(long, value_name = "ID")]
+    pub taberna: u64,
+    /// The identity the node must present (e.g. spiffe://vicus.dev/domus/alpha); without it,
+    /// any identity the CA verified is accepted.
+    #[arg(long, value_name = "SPIFFE_ID", value_parser = parse_identity)]
+    pub identity: Option<DomusId>,
+    #[command(flatten)]
+    pub who: IdentityArgs,
+}
+
+impl TabernaTarget {
+    /// The taberna, as the library names it.
+    pub fn taberna(&self) -> TabernaId {
+        TabernaId(self.taberna)
+    }
+
+    /// A dial-only client domus with these flags' identity, routed to the taberna.
+    pub async fn client(&self) -> Result<Domus, CliError> {
+        let route = (self.taberna(), self.to.clone(), self.identity.clone());
+        client_domus(self.who.auth()?, &[route]).await
+    }
+}
+
 /// A dial-only domus authenticated with `auth` whose resolver routes each
 /// `(taberna, address, expected identity)` of `routes`. Without an expected identity, the
 /// first verified identity that answers at the address is pinned there.

@@ -8,12 +8,9 @@ use bytes::{BufMut, Bytes, BytesMut};
 use clap::Args;
 use serde_json::json;
 use tokio::signal::unix::{SignalKind, signal};
-use vicus::{Delivery, Domus, DomusAddr, DomusId, SendOptions, TabernaId};
+use vicus::{Delivery, Domus, DomusId, SendOptions};
 
-use crate::client::{
-    IdentityArgs, MESSAGE_TYPE, client_domus, millis, parse_addr, parse_duration, parse_identity,
-    show_duration,
-};
+use crate::client::{MESSAGE_TYPE, TabernaTarget, millis, parse_duration, show_duration};
 use crate::output::{CliError, Output};
 
 /// The most requests one run sends.
@@ -32,17 +29,8 @@ Point it at an echo taberna (a reply is checked against what was sent); a tabern
 counts too. The first request opens the connection and is reported as `connected in …`, not
 counted. Ctrl-C stops early and prints the summary. Exits 1 when nothing was answered.")]
 pub struct PingArgs {
-    /// The node's address: host:port, ip:port, [v6]:port or unix:/path.
-    #[arg(long, value_name = "ADDR", value_parser = parse_addr)]
-    to: DomusAddr,
-    /// The taberna to ping (an echo taberna, ideally).
-    #[arg(long, value_name = "ID")]
-    taberna: u64,
-    /// The identity the node must present; without it, any identity the CA verified.
-    #[arg(long, value_name = "SPIFFE_ID", value_parser = parse_identity)]
-    identity: Option<DomusId>,
     #[command(flatten)]
-    who: IdentityArgs,
+    target: TabernaTarget,
     /// How many requests to time.
     #[arg(long, short, value_name = "N", default_value_t = 10)]
     count: u32,
@@ -89,9 +77,7 @@ pub async fn run(args: PingArgs, out: Output) -> Result<(), CliError> {
     }
     let mut sigint = signal(SignalKind::interrupt())
         .map_err(|e| CliError::new(format!("cannot handle Ctrl-C: {e}")))?;
-    let taberna = TabernaId(args.taberna);
-    let auth = args.who.auth()?;
-    let domus = client_domus(auth, &[(taberna, args.to.clone(), args.identity.clone())]).await?;
+    let domus = args.target.client().await?;
     let result = ping(&domus, &args, out, &mut sigint).await;
     let peer = domus.reporting().connected_peers().into_iter().next();
     domus.shutdown().await;
@@ -106,7 +92,7 @@ async fn ping(
     out: Output,
     sigint: &mut tokio::signal::unix::Signal,
 ) -> Result<(Duration, Tally, bool), CliError> {
-    let taberna = TabernaId(args.taberna);
+    let taberna = args.target.taberna();
     let options = SendOptions::default().timeout(args.timeout);
     let request = |seq: u64| {
         let mut payload = BytesMut::with_capacity(args.size);
@@ -123,7 +109,7 @@ async fn ping(
     first.map_err(|e| {
         CliError::new(format!(
             "cannot reach taberna {} at {}: {e}",
-            args.taberna, args.to
+            args.target.taberna, args.target.to
         ))
     })?;
     let connect = started.elapsed();
@@ -210,7 +196,7 @@ fn summary(
     if answered == 0 {
         return Err(CliError::new(format!(
             "no answer from taberna {} at {}: all {sent} request(s) lost (see the lines above)",
-            args.taberna, args.to
+            args.target.taberna, args.target.to
         )));
     }
     let rtts_ms: Vec<f64> = tally.rtts.iter().copied().map(millis).collect();
@@ -220,8 +206,8 @@ fn summary(
     let who = peer.map(|p| format!(" ({p})")).unwrap_or_default();
     let mut text = format!(
         "--- taberna {} at {}{who} ---\n{sent} sent, {answered} answered ({} replied, {} accepted), {} lost{}; connected in {}\nrtt min {} p50 {} p99 {} max {}",
-        args.taberna,
-        args.to,
+        args.target.taberna,
+        args.target.to,
         tally.replied,
         tally.accepted,
         tally.lost,
@@ -241,8 +227,8 @@ fn summary(
     out.result(
         &text,
         &json!({
-            "taberna": args.taberna,
-            "to": args.to.to_string(),
+            "taberna": args.target.taberna,
+            "to": args.target.to.to_string(),
             "peer": peer.map(DomusId::as_str),
             "sent": sent,
             "answered": answered,

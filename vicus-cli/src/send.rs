@@ -9,12 +9,9 @@ use bytes::Bytes;
 use clap::Args;
 use serde_json::{Value, json};
 use tokio::io::AsyncReadExt;
-use vicus::{Delivery, Domus, DomusAddr, DomusConfig, DomusId, SendOptions, TabernaId};
+use vicus::{Delivery, Domus, DomusConfig, DomusId, SendOptions, TabernaId};
 
-use crate::client::{
-    IdentityArgs, MESSAGE_TYPE, client_domus, millis, parse_addr, parse_duration, parse_identity,
-    show_duration,
-};
+use crate::client::{MESSAGE_TYPE, TabernaTarget, millis, parse_duration, show_duration};
 use crate::output::{CliError, Output};
 
 /// The shortest and longest `--timeout` a send may have (the library's bounds).
@@ -35,18 +32,8 @@ Prints `accepted`, the reply (as text when it is printable UTF-8, else as hex), 
 exits 1 when the send failed. With --blob, MESSAGE (default: the file's name) is the blob's
 header message and the file's bytes stream after it.")]
 pub struct SendArgs {
-    /// The node's address: host:port, ip:port, [v6]:port or unix:/path.
-    #[arg(long, value_name = "ADDR", value_parser = parse_addr)]
-    to: DomusAddr,
-    /// The taberna to send to.
-    #[arg(long, value_name = "ID")]
-    taberna: u64,
-    /// The identity the node must present (e.g. spiffe://vicus.dev/domus/alpha); without it,
-    /// any identity the CA verified is accepted.
-    #[arg(long, value_name = "SPIFFE_ID", value_parser = parse_identity)]
-    identity: Option<DomusId>,
     #[command(flatten)]
-    who: IdentityArgs,
+    target: TabernaTarget,
     /// How long to wait for the answer (e.g. 500ms, 5s, 1m).
     #[arg(long, value_name = "DURATION", default_value = "5s", value_parser = parse_duration)]
     timeout: Duration,
@@ -68,10 +55,9 @@ pub async fn run(args: SendArgs, out: Output) -> Result<(), CliError> {
             args.timeout
         )));
     }
-    let taberna = TabernaId(args.taberna);
+    let taberna = args.target.taberna();
     let what = What::from_args(&args).await?;
-    let auth = args.who.auth()?;
-    let domus = client_domus(auth, &[(taberna, args.to.clone(), args.identity.clone())]).await?;
+    let domus = args.target.client().await?;
     let options = SendOptions::default().timeout(args.timeout);
     let started = Instant::now();
     let result = match what {
@@ -91,8 +77,8 @@ pub async fn run(args: SendArgs, out: Output) -> Result<(), CliError> {
     let (delivery, blob_bytes) = result.map_err(|e| {
         CliError::new(format!(
             "send to taberna {} at {} failed: {e} ({})",
-            args.taberna,
-            args.to,
+            args.target.taberna,
+            args.target.to,
             if e.outcome_unknown() {
                 "outcome unknown: it may have been delivered"
             } else {
@@ -101,16 +87,16 @@ pub async fn run(args: SendArgs, out: Output) -> Result<(), CliError> {
         ))
         .with_json(json!({
             "outcome": "error",
-            "taberna": args.taberna,
-            "to": args.to.to_string(),
+            "taberna": args.target.taberna,
+            "to": args.target.to.to_string(),
             "error_id": e.id().name(),
             "outcome_unknown": e.outcome_unknown(),
             "elapsed_ms": millis(elapsed),
         }))
     })?;
     let mut value = json!({
-        "taberna": args.taberna,
-        "to": args.to.to_string(),
+        "taberna": args.target.taberna,
+        "to": args.target.to.to_string(),
         "peer": peer.as_ref().map(DomusId::as_str),
         "elapsed_ms": millis(elapsed),
     });
