@@ -294,19 +294,17 @@ impl SrvParts {
     }
 }
 
-/// What DNS last said about one SRV name.
-#[derive(Debug, Clone)]
+/// What DNS last said about one SRV name (not answered yet: no `Known` at all).
+#[derive(Debug, Clone, PartialEq)]
 enum Known {
-    /// Not answered yet.
-    Nothing,
     /// The replicas (never empty).
     Found(Arc<[Candidate]>),
     /// NXDOMAIN or no SRV records.
     Absent,
 }
 
+/// The lookup state of one SRV name (what DNS said is in `Inner::answered`).
 struct Entry {
-    known: Known,
     /// When to ask again.
     due: Instant,
     /// A lookup is running; its result is published here.
@@ -351,8 +349,8 @@ struct Inner {
     refresher: Mutex<Option<JoinHandle<()>>>,
     /// Whether the refresher was started (checked on every lookup without a lock).
     refresher_started: AtomicBool,
-    /// What each name answered, readable without a lock (every send looks here first);
-    /// written by [`Inner::store`] together with the entry.
+    /// What DNS last said about each name (`None`: not answered yet), readable without a
+    /// lock — every send looks here first; written only by [`Inner::store`].
     answered: Vec<ArcSwapOption<Known>>,
 }
 
@@ -500,7 +498,6 @@ impl DnsSrvResolver {
         let entries = names
             .iter()
             .map(|_| Entry {
-                known: Known::Nothing,
                 due: Instant::now(),
                 running: None,
                 failing: None,
@@ -529,19 +526,9 @@ impl DnsSrvResolver {
     /// bounded by the query timeout). What a background refresh does, for tests and for an
     /// application that knows DNS just changed.
     pub async fn refresh_now(&self) {
-        let indices: Vec<usize> = {
-            let entries = self
-                .inner
-                .entries
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner);
-            entries
-                .iter()
-                .enumerate()
-                .filter(|(_, e)| !matches!(e.known, Known::Nothing))
-                .map(|(i, _)| i)
-                .collect()
-        };
+        let indices: Vec<usize> = (0..self.inner.answered.len())
+            .filter(|&i| self.inner.known(i).is_some())
+            .collect();
         for i in indices {
             if let Some(mut done) = Inner::start_lookup(&self.inner, i) {
                 let _ = done.wait_for(|d| *d).await;
@@ -575,38 +562,27 @@ impl DnsSrvResolver {
         };
         self.ensure_refresher();
         // The common case, without a lock: DNS has answered this name.
-        if let Some(known) = self
-            .inner
-            .answered
-            .get(index)
-            .and_then(ArcSwapOption::load_full)
-        {
-            let answer = match &*known {
-                Known::Found(c) => Ok(c.clone()),
-                _ => Err(self.inner.absent(taberna, index)),
-            };
-            return Box::pin(std::future::ready(answer));
+        if let Some(known) = self.inner.known(index) {
+            return Box::pin(std::future::ready(self.inner.reply(taberna, index, &known)));
         }
         let inner = self.inner.clone();
-        // Answered: at once, from the cache. Not yet: wait for the lookup running, or start
-        // one — unless the last one failed and its retry is not due (then that failure).
+        // Not yet: wait for the lookup running, or start one — unless the last one failed and
+        // its retry is not due (then that failure).
         let running = {
             let entries = inner.entries.lock().unwrap_or_else(PoisonError::into_inner);
+            // Answered since the look above (store writes it under this lock).
+            if let Some(known) = inner.known(index) {
+                return Box::pin(std::future::ready(inner.reply(taberna, index, &known)));
+            }
             match entries.get(index) {
-                Some(e) if matches!(e.known, Known::Nothing) => match (&e.running, &e.failing) {
+                Some(e) => match (&e.running, &e.failing) {
                     (Some(running), _) => Some(running.clone()),
                     (None, Some(error)) if e.due > Instant::now() => {
                         return Box::pin(std::future::ready(Err(error.clone())));
                     }
                     (None, _) => None,
                 },
-                _ => {
-                    drop(entries);
-                    let answer = inner
-                        .answer(taberna, index)
-                        .unwrap_or_else(|| Err(inner.not_yet(index)));
-                    return Box::pin(std::future::ready(answer));
-                }
+                None => None,
             }
         };
         Box::pin(async move {
@@ -621,15 +597,31 @@ impl DnsSrvResolver {
 }
 
 impl Inner {
+    /// What DNS last said about name `index`, if it has answered.
+    fn known(&self, index: usize) -> Option<Arc<Known>> {
+        self.answered.get(index).and_then(ArcSwapOption::load_full)
+    }
+
+    /// A send's answer from what DNS said.
+    fn reply(
+        &self,
+        taberna: TabernaId,
+        index: usize,
+        known: &Known,
+    ) -> Result<Arc<[Candidate]>, Error> {
+        match known {
+            Known::Found(c) => Ok(c.clone()),
+            Known::Absent => Err(self.absent(taberna, index)),
+        }
+    }
+
     /// The answer for `taberna` when DNS has given one (or failed at the first lookup).
     fn answer(&self, taberna: TabernaId, index: usize) -> Option<Result<Arc<[Candidate]>, Error>> {
-        let entries = self.entries.lock().unwrap_or_else(PoisonError::into_inner);
-        let entry = entries.get(index)?;
-        match &entry.known {
-            Known::Found(c) => Some(Ok(c.clone())),
-            Known::Absent => Some(Err(self.absent(taberna, index))),
-            Known::Nothing => entry.failing.clone().map(Err),
+        if let Some(known) = self.known(index) {
+            return Some(self.reply(taberna, index, &known));
         }
+        let entries = self.entries.lock().unwrap_or_else(PoisonError::into_inner);
+        entries.get(index)?.failing.clone().map(Err)
     }
 
     fn absent(&self, taberna: TabernaId, index: usize) -> Error {
@@ -842,30 +834,22 @@ impl Inner {
                             .map(|w| Error::new(ErrorId::ResolverFailed, w));
                     }
                     entry.warned = warning;
-                    changed = match (&entry.known, &known) {
-                        (Known::Found(a), Known::Found(b)) => a != b,
-                        (Known::Absent, Known::Absent) | (Known::Nothing, Known::Nothing) => false,
-                        _ => true,
-                    };
+                    changed = self.known(index).as_deref() != Some(&known);
                     if let Some(slot) = self.answered.get(index) {
-                        slot.store(match &known {
-                            Known::Nothing => None,
-                            other => Some(Arc::new(other.clone())),
-                        });
+                        slot.store(Some(Arc::new(known)));
                     }
-                    entry.known = known;
                     entry.due = now + ttl;
                     entry.failing = None;
                 }
                 Err(error) => {
                     entry.due = now + self.config.retry_interval;
                     if entry.failing.is_none() {
-                        let kept = match &entry.known {
-                            Known::Found(c) => {
+                        let kept = match self.known(index).as_deref() {
+                            Some(Known::Found(c)) => {
                                 format!("; keeping the {} candidate(s) it gave before", c.len())
                             }
-                            Known::Absent => "; it listed no replica before".to_owned(),
-                            Known::Nothing => String::new(),
+                            Some(Known::Absent) => "; it listed no replica before".to_owned(),
+                            None => String::new(),
                         };
                         report = Some(Error::new(
                             ErrorId::ResolverFailed,
@@ -926,17 +910,21 @@ async fn refresh(inner: Weak<Inner>) {
                 .entries
                 .lock()
                 .unwrap_or_else(PoisonError::into_inner);
-            let asked = |e: &&Entry| !matches!(e.known, Known::Nothing) || e.failing.is_some();
-            let due = entries
+            // Names asked at least once: answered, or failed at their first lookup.
+            let asked: Vec<(usize, &Entry)> = entries
                 .iter()
                 .enumerate()
-                .filter(|(_, e)| asked(e) && e.running.is_none() && e.due <= now)
-                .map(|(i, _)| i)
+                .filter(|(i, e)| strong.known(*i).is_some() || e.failing.is_some())
                 .collect();
-            let next = entries
+            let due = asked
                 .iter()
-                .filter(|e| asked(e) && e.due > now)
-                .map(|e| e.due)
+                .filter(|(_, e)| e.running.is_none() && e.due <= now)
+                .map(|(i, _)| *i)
+                .collect();
+            let next = asked
+                .iter()
+                .filter(|(_, e)| e.due > now)
+                .map(|(_, e)| e.due)
                 .min();
             (due, next)
         };
@@ -980,18 +968,14 @@ impl RouteResolver for DnsSrvResolver {
     /// The address of a domus some SRV answer listed under that identity (with an identity
     /// template), else `None`.
     fn resolve_domus<'a>(&'a self, id: &'a DomusId) -> ResolveDomusFuture<'a> {
-        let entries = self
-            .inner
-            .entries
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
-        let addr = entries.iter().find_map(|e| match &e.known {
-            Known::Found(c) => c
-                .iter()
-                .find(|c| c.route.identity.as_ref() == Some(id))
-                .map(|c| c.route.addr.clone()),
-            _ => None,
-        });
+        let addr =
+            (0..self.inner.answered.len()).find_map(|i| match self.inner.known(i).as_deref() {
+                Some(Known::Found(c)) => c
+                    .iter()
+                    .find(|c| c.route.identity.as_ref() == Some(id))
+                    .map(|c| c.route.addr.clone()),
+                _ => None,
+            });
         Box::pin(std::future::ready(Ok(addr)))
     }
 
