@@ -355,8 +355,6 @@ fn describe(event: &Event) -> (&'static str, Option<String>, String) {
         ),
         Event::ShutdownStarted => ("ShutdownStarted", None, "shutdown started".to_owned()),
         Event::ShutdownCompleted => ("ShutdownCompleted", None, "shutdown completed".to_owned()),
-        #[allow(unreachable_patterns)]
-        other => ("Other", None, format!("{other:?}")),
     }
 }
 
