@@ -43,6 +43,7 @@ use std::time::Duration;
 
 use tokio::task::JoinHandle;
 use tokio::time::MissedTickBehavior;
+use tokio_util::task::AbortOnDropHandle;
 use zeroize::Zeroizing;
 
 use crate::a0_transport::AuthConfig;
@@ -184,19 +185,14 @@ fn check_name(field: &str, name: &Path) -> Result<(), Error> {
 /// A running watcher, from [`spawn`]. Dropping it stops the watcher.
 #[derive(Debug)]
 pub struct WatchHandle {
-    task: JoinHandle<()>,
+    /// Aborted when the handle is dropped.
+    task: AbortOnDropHandle<()>,
 }
 
 impl WatchHandle {
     /// True once the watcher stopped on its own: the domus began shutting down or is gone.
     pub fn is_finished(&self) -> bool {
         self.task.is_finished()
-    }
-}
-
-impl Drop for WatchHandle {
-    fn drop(&mut self) {
-        self.task.abort();
     }
 }
 
@@ -228,7 +224,7 @@ pub fn spawn(domus: &Domus, config: WatchConfig) -> Result<WatchHandle, Error> {
     };
     tracing::debug!(domus = %domus.identity(), dir = %config.dir.display(), "watching A0 material");
     Ok(WatchHandle {
-        task: runtime.spawn(watcher.run(events)),
+        task: AbortOnDropHandle::new(runtime.spawn(watcher.run(events))),
     })
 }
 

@@ -81,9 +81,9 @@ use std::time::Duration;
 use arc_swap::ArcSwap;
 use serde::Deserialize;
 use tokio::sync::Semaphore;
-use tokio::task::JoinHandle;
 use tokio::time::MissedTickBehavior;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::AbortOnDropHandle;
 use toml::Spanned;
 
 use super::resolver::{
@@ -534,12 +534,12 @@ impl FileResolver {
         let dropped = self.dropped.clone();
         tracing::debug!(path = %self.path.display(), ?interval, "watching the routes file");
         Ok(FileWatchHandle {
-            task: runtime.spawn(async move {
+            task: AbortOnDropHandle::new(runtime.spawn(async move {
                 tokio::select! {
                     () = dropped.cancelled() => {}
                     () = poller.run() => {}
                 }
-            }),
+            })),
         })
     }
 
@@ -635,19 +635,14 @@ impl RouteResolver for FileResolver {
 /// A running poller, from [`FileResolver::watch`]. Dropping it stops the poller.
 #[derive(Debug)]
 pub struct FileWatchHandle {
-    task: JoinHandle<()>,
+    /// Aborted when the handle is dropped.
+    task: AbortOnDropHandle<()>,
 }
 
 impl FileWatchHandle {
     /// True once the poller stopped on its own: the resolver was dropped.
     pub fn is_finished(&self) -> bool {
         self.task.is_finished()
-    }
-}
-
-impl Drop for FileWatchHandle {
-    fn drop(&mut self) {
-        self.task.abort();
     }
 }
 

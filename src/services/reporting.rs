@@ -23,7 +23,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
-use tokio::task::JoinHandle;
+use tokio_util::task::AbortOnDropHandle;
 
 use crate::a0_transport::DomusId;
 use crate::domus::{Delivery, Domus, SendOptions};
@@ -157,13 +157,8 @@ pub struct ErrorReport {
 /// The running service; dropping it stops the service and frees its taberna.
 #[derive(Debug)]
 pub struct ReportingService {
-    task: JoinHandle<()>,
-}
-
-impl Drop for ReportingService {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
+    /// Aborted when the handle is dropped.
+    task: AbortOnDropHandle<()>,
 }
 
 impl ReportingService {
@@ -231,7 +226,9 @@ pub fn serve(
             }
         }
     });
-    Ok(ReportingService { task })
+    Ok(ReportingService {
+        task: AbortOnDropHandle::new(task),
+    })
 }
 
 /// Asks the node `REPORTING_TABERNA` is routed to (in `domus`'s resolver) for its report,
