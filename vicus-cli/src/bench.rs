@@ -15,7 +15,7 @@ use bytes::Bytes;
 use clap::{Args as ClapArgs, ValueEnum};
 use serde_json::json;
 use vicus::dev_certs::DevCa;
-use vicus::{AuthConfig, Delivery, Domus, MessageType, SendOptions, SimpleResolver, TabernaId};
+use vicus::{AuthConfig, Delivery, Domus, DomusAddr, DomusId, MessageType, SendOptions, TabernaId};
 
 use crate::client::{IdentityArgs, client_domus, parse_addr, parse_duration, parse_identity};
 use crate::output::{CliError, Output};
@@ -147,11 +147,19 @@ async fn connect(args: &Args, addr: &str) -> Result<Domus, CliError> {
         }
         None => None,
     };
-    let routes: Vec<_> = [args.sink, args.echo]
+    client_domus(args.who.auth()?, &routes(args, &addr, identity)).await
+}
+
+/// The bench's two tabernas (sink and echo) routed to the node at `addr`.
+fn routes(
+    args: &Args,
+    addr: &DomusAddr,
+    identity: Option<DomusId>,
+) -> Vec<(TabernaId, DomusAddr, Option<DomusId>)> {
+    [args.sink, args.echo]
         .into_iter()
         .map(|t| (TabernaId(t), addr.clone(), identity.clone()))
-        .collect();
-    client_domus(args.who.auth()?, &routes).await
+        .collect()
 }
 
 /// A node with a sink and an echo, and a client routed to it, both in this process.
@@ -180,15 +188,11 @@ async fn local_pair(args: &Args) -> Result<(Domus, Domus), CliError> {
         .local_addr()
         .cloned()
         .ok_or_else(|| CliError::new("the bench node did not bind an address"))?;
-    let resolver = std::sync::Arc::new(SimpleResolver::new());
-    for t in [args.sink, args.echo] {
-        resolver.insert(TabernaId(t), addr.clone(), Some(node.identity().clone()));
-    }
-    let client = Domus::builder(client_auth)
-        .dial_only()
-        .resolver(resolver)
-        .build()
-        .await?;
+    let client = client_domus(
+        client_auth,
+        &routes(args, &addr, Some(node.identity().clone())),
+    )
+    .await?;
     Ok((client, node))
 }
 
