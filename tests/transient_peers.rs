@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use common::*;
+use tokio::io::AsyncReadExt;
 use vicus::{Delivery, Domus, DomusConfig, MessageType, SendOptions, TabernaId};
 
 const APP: MessageType = MessageType::application(13);
@@ -162,6 +163,84 @@ async fn a_forgotten_peer_that_comes_back_gets_every_message_exactly_once_both_w
         assert_eq!(at_a.load(Ordering::SeqCst), 10, "deliveries at a");
         assert_eq!(at_b.load(Ordering::SeqCst), 10, "deliveries at b");
         let _: &Domus = &a;
+    })
+    .await;
+}
+
+/// Reads every blob on `t` to its end; counts the bytes.
+fn spawn_blob_reader(t: vicus::Taberna) -> Arc<AtomicU64> {
+    let bytes = Arc::new(AtomicU64::new(0));
+    let seen = bytes.clone();
+    tokio::spawn(async move {
+        while let Some(mut req) = t.recv().await {
+            let Some(mut blob) = req.blob() else {
+                req.accept();
+                continue;
+            };
+            req.accept();
+            let seen = seen.clone();
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 64 * 1024];
+                while let Ok(n) = blob.read(&mut buf).await {
+                    if n == 0 {
+                        break;
+                    }
+                    seen.fetch_add(n as u64, Ordering::SeqCst);
+                }
+            });
+        }
+    });
+    bytes
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_that_restarts_under_one_identity_sends_messages_then_blobs_every_run() {
+    const RUNS: usize = 60;
+    const BLOB: usize = 1_000_000;
+    within(async {
+        let mut mesh = Mesh::new().expect("mesh");
+        let _server = mesh.domus("server").await.expect("domus");
+        let read = spawn_blob_reader(mesh.taberna("server", TabernaId(1)).expect("taberna"));
+        for run in 0..RUNS {
+            // Like CLI runs: a new process (a new epoch) with the same identity each time.
+            let client = mesh
+                .builder("client")
+                .expect("mint")
+                .dial_only()
+                .build()
+                .await
+                .expect("client");
+            let out = client
+                .send(TabernaId(1), APP, Bytes::from_static(b"job"), opts())
+                .await
+                .expect("send");
+            assert_eq!(out, Delivery::Accepted);
+            client.shutdown().await;
+            let client = mesh
+                .builder("client")
+                .expect("mint")
+                .dial_only()
+                .build()
+                .await
+                .expect("client");
+            let started = std::time::Instant::now();
+            let mut blob = client
+                .send_blob(TabernaId(1), APP, Bytes::from_static(b"h"), opts())
+                .await
+                .unwrap_or_else(|e| panic!("run {run}: open: {e}"));
+            blob.write_bytes(Bytes::from(vec![7u8; BLOB]))
+                .await
+                .unwrap_or_else(|e| panic!("run {run}: write: {e}"));
+            blob.finish()
+                .await
+                .unwrap_or_else(|e| panic!("run {run}: finish after {:?}: {e}", started.elapsed()));
+            client.shutdown().await;
+        }
+        assert!(
+            eventually(Duration::from_secs(5), || read.load(Ordering::SeqCst)
+                == (RUNS * BLOB) as u64)
+            .await
+        );
     })
     .await;
 }

@@ -57,7 +57,7 @@ use crate::a1_callis::reply_budget::ReplyBudget;
 use crate::a1_callis::session::{A3_MESSAGE_TYPE_BASE, Answer, Outgoing, Session, too_large_reply};
 use crate::error::{Error, ErrorId};
 use crate::reporting::{C, Event, Recorder, Reporting};
-use crate::runtime::blob::{BlobContext, BlobDriver};
+use crate::runtime::blob::{BlobContext, BlobDriver, BlobLinks};
 use crate::runtime::budget::{InFlight, InFlightBudget};
 use crate::runtime::completion::Completion;
 use crate::runtime::ends as blob;
@@ -676,6 +676,12 @@ impl Forget for Forgetter {
             return Err(send);
         };
         shared.redirect(peer, send)
+    }
+
+    fn attach_again(&self, stream: AuthenticatedStream, kind: FrameType, prefix: BytesMut) {
+        if let Some(shared) = self.0.upgrade() {
+            shared.attach_inbound(stream, kind, prefix);
+        }
     }
 }
 
@@ -1424,7 +1430,46 @@ impl Shared {
                 .await?;
             return Ok(BlobSender::local(sender, piece_tx, eof_rx, chunk));
         }
-        let (peer_id, peer) = self.route_to_peer(taberna, deadline).await?;
+        // The stream and its opening message must reach one incarnation of the peer's
+        // drivers: a driver pair that retired (the peer forgotten while idle) just as this
+        // send found it takes neither, and the open starts again with the new pair.
+        let mut attempts = 0u32;
+        loop {
+            let (peer_id, peer) = self.route_to_peer(taberna, deadline).await?;
+            let open = BlobOpen {
+                taberna,
+                source,
+                msg_type,
+                header: &header,
+                deadline,
+            };
+            match self.open_blob_on(&peer, &peer_id, open).await? {
+                Some(sender) => return Ok(sender),
+                None if attempts < BLOB_OPEN_RETIRED_RETRIES => {
+                    self.check_open()?;
+                    attempts += 1;
+                }
+                None => return Err(domus_closed()),
+            }
+        }
+    }
+
+    /// Opens a blob stream on one peer's drivers; `None` when they retired before taking the
+    /// opening message (nothing was sent; the caller looks the peer up again).
+    async fn open_blob_on(
+        self: &Arc<Self>,
+        peer: &Arc<PeerRef>,
+        peer_id: &DomusId,
+        BlobOpen {
+            taberna,
+            source,
+            msg_type,
+            header,
+            deadline,
+        }: BlobOpen<'_>,
+    ) -> Result<Option<BlobSender>, Error> {
+        let window = self.config.load().blob_window;
+        let chunk = self.config.load().blob_chunk_len;
         let full = |what: &str| {
             Error::new(
                 ErrorId::BlobBufferFull,
@@ -1446,18 +1491,20 @@ impl Shared {
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let stream = n
             .saturating_mul(2)
-            .saturating_add(stream_parity(&self.local_id, &peer_id));
+            .saturating_add(stream_parity(&self.local_id, peer_id));
         let sender = blob::SenderShared::new(window);
-        peer.blob_tx
-            .send(BlobCommand::OpenOutbound {
-                stream,
-                sender: sender.clone(),
-                reservation: blob::Reservation {
-                    _stream: Some(slot),
-                    _bytes: Some(bytes),
-                },
-            })
-            .map_err(|_| domus_closed())?;
+        let opened = peer.blob_tx.send(BlobCommand::OpenOutbound {
+            stream,
+            sender: sender.clone(),
+            reservation: blob::Reservation {
+                _stream: Some(slot),
+                _bytes: Some(bytes),
+            },
+        });
+        if opened.is_err() {
+            // The blob driver retired (or the domus closed: the caller finds out).
+            return Ok(None);
+        }
         // From here until the sender exists, a failure (or the caller dropping this future)
         // cancels the stream.
         let mut guard = CancelOnDrop {
@@ -1468,19 +1515,42 @@ impl Shared {
             dst: taberna.0,
             src: source.0,
             msg_type: BLOB_OPEN_TYPE,
-            payload: encode_blob_open(stream, msg_type.0, &header),
+            payload: encode_blob_open(stream, msg_type.0, header),
             deadline: deadline.into_std(),
         };
-        self.admit_to_peer(&peer, &peer_id, msg, Wait::UntilDeadline, deadline)
-            .await?
-            .await?;
+        let permit = match peer.budget.try_take(msg.size()) {
+            Some(permit) => permit,
+            None => {
+                self.wait_for_room(
+                    peer,
+                    peer_id,
+                    msg.size(),
+                    true,
+                    Wait::UntilDeadline,
+                    deadline,
+                )
+                .await?
+            }
+        };
+        // Not `hand_over`: its fallback would give the message to a new driver while the
+        // stream sits with the old blob driver. The blob driver only retires when told by
+        // this peer driver, after the OpenOutbound above: so when the message is taken, the
+        // stream is too.
+        let (done, rx) = Completion::oneshot();
+        if peer.sends.push(SendCmd { msg, done, permit }).is_err() {
+            return Ok(None);
+        }
+        Receipt {
+            inner: ReceiptKind::Remote(rx),
+        }
+        .await?;
         guard.tx = None;
-        Ok(BlobSender::remote(
+        Ok(Some(BlobSender::remote(
             sender,
             peer.blob_tx.clone(),
             stream,
             chunk,
-        ))
+        )))
     }
 
     fn send_local(
@@ -1866,6 +1936,7 @@ impl Shared {
         let cells = self.recorder.peer_added(id);
         let reachability = Arc::new(Reachability::default());
         let blob_active = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let forget: Arc<dyn Forget> = Arc::new(Forgetter(Arc::downgrade(self)));
         let driver = PeerDriver::new(
             id.clone(),
             addr.clone(),
@@ -1882,7 +1953,7 @@ impl Shared {
                 reachability: reachability.clone(),
                 retirement: Retirement {
                     after: self.config.load().peer_retire_after,
-                    forget: Arc::new(Forgetter(Arc::downgrade(self))),
+                    forget: forget.clone(),
                     id_floor: self.id_floor.clone(),
                     blob_active: blob_active.clone(),
                 },
@@ -1895,8 +1966,11 @@ impl Shared {
             self.blob_ctx.clone(),
             blob_rx,
             self.cancel.child_token(),
-            cells,
-            blob_active,
+            BlobLinks {
+                cells,
+                active: blob_active,
+                forget,
+            },
         ));
         let links = Arc::new(PeerRef {
             id: id.clone(),
@@ -2142,6 +2216,18 @@ async fn first_frame(
 }
 
 /// Cancels a blob stream whose opening did not complete (failed, or its future was dropped).
+/// What a blob's opening message says, and until when it may be sent.
+struct BlobOpen<'a> {
+    taberna: TabernaId,
+    source: TabernaId,
+    msg_type: MessageType,
+    header: &'a Bytes,
+    deadline: tokio::time::Instant,
+}
+
+/// How often a blob open looks its peer up again after finding the peer's drivers retired.
+const BLOB_OPEN_RETIRED_RETRIES: u32 = 3;
+
 struct CancelOnDrop {
     tx: Option<mpsc::UnboundedSender<BlobCommand>>,
     stream: u64,

@@ -36,10 +36,11 @@ use super::callis::{
     Alarm, ByteCounters, CallisIo, Counting, Dialer, ReadSink, Step, dialler_of, now,
 };
 use super::ends::{BlobCommand, Piece, Reservation, SenderShared};
+use super::peer::Forget;
 use super::{domus_closed, yield_turn};
 use crate::a0_transport::{AuthenticatedStream, DomusAddr, DomusId, Transport};
 use crate::a1_callis::blob::{BlobConfig, BlobEvent, BlobStreams};
-use crate::a1_callis::frame::{self, BlobFrame, Frame, PROTOCOL_VERSION};
+use crate::a1_callis::frame::{self, BlobFrame, Frame, FrameType, PROTOCOL_VERSION};
 use crate::a1_callis::link::{Backoff, keep_current};
 use crate::error::{Error, ErrorId};
 use crate::reporting::{C, CallisKind, PeerCells, Recorder};
@@ -109,6 +110,18 @@ pub(crate) struct BlobDriver {
     active: Arc<std::sync::atomic::AtomicBool>,
     /// The peer was forgotten while this driver was idle: stop.
     retired: bool,
+    /// Where a callis that arrives as this driver retires goes instead.
+    forget: Arc<dyn Forget>,
+}
+
+/// What a blob driver shares with its peer's driver and its domus.
+pub(crate) struct BlobLinks {
+    /// Where the blob callis's bytes are counted.
+    pub(crate) cells: Arc<PeerCells>,
+    /// Whether a callis or a stream is open (the peer driver reads it before retiring).
+    pub(crate) active: Arc<std::sync::atomic::AtomicBool>,
+    /// Where a callis that arrives as the driver retires goes instead.
+    pub(crate) forget: Arc<dyn Forget>,
 }
 
 impl BlobDriver {
@@ -118,8 +131,11 @@ impl BlobDriver {
         ctx: Arc<BlobContext>,
         commands: mpsc::UnboundedReceiver<BlobCommand>,
         cancel: CancellationToken,
-        cells: Arc<PeerCells>,
-        active: Arc<std::sync::atomic::AtomicBool>,
+        BlobLinks {
+            cells,
+            active,
+            forget,
+        }: BlobLinks,
     ) -> Self {
         let dialer = Dialer::new(
             peer_id.clone(),
@@ -153,6 +169,7 @@ impl BlobDriver {
             counting,
             active,
             retired: false,
+            forget,
         }
     }
 
@@ -305,6 +322,14 @@ impl BlobDriver {
                 // Only an idle driver stops: one that took a stream meanwhile serves it.
                 if !self.is_active() {
                     self.retired = true;
+                    // Nothing more comes in; a callis handed over just before goes to the
+                    // peer's next blob driver (the rest concerns no stream of this one).
+                    self.commands.close();
+                    while let Ok(cmd) = self.commands.try_recv() {
+                        if let BlobCommand::Attach { io, prefix } = cmd {
+                            self.forget.attach_again(*io, FrameType::BLOB_HELLO, prefix);
+                        }
+                    }
                 }
             }
             BlobCommand::SetAddr(addr) => {

@@ -34,6 +34,7 @@ use super::{
 };
 use crate::a0_transport::{AuthenticatedStream, DomusAddr, DomusId, PeerIdentity, Transport};
 use crate::a1_callis::blob::{BLOB_OPEN_TYPE, decode_blob_open, stream_parity};
+use crate::a1_callis::frame::FrameType;
 use crate::a1_callis::link::{AgeAction, Backoff, CallisAge, keep_current};
 use crate::a1_callis::session::{A3_MESSAGE_TYPE_BASE, Answer, Event, Outcome, Outgoing, Session};
 use crate::a1_callis::window::IdQueue;
@@ -108,7 +109,8 @@ pub(crate) struct PeerLinks {
 /// When and how an idle peer is forgotten (`DomusConfig::peer_retire_after`): once no
 /// callis is open or dialling, nothing is in flight either way and the blob side is idle, the
 /// driver asks `forget` to remove the peer — at once when the peer shut down or said it waits
-/// for nothing, else `after` the last callis closed. The peer's session then ends; a later
+/// for nothing, else `after` the last callis closed (and `after` its start for a driver no
+/// send or callis reached: it was made for one on its way). The peer's session then ends; a later
 /// contact makes a new one whose ids start at `id_floor`, above every id this one used.
 pub(crate) struct Retirement {
     pub(crate) after: Duration,
@@ -136,6 +138,11 @@ pub(crate) trait Forget: Send + Sync {
     /// peer cannot be reached — to another replica serving its taberna, if the route lists
     /// one this domus can reach now; gives the send back otherwise.
     fn redirect(&self, peer: &DomusId, send: SendCmd) -> Result<(), SendCmd>;
+
+    /// Hands an inbound callis that reached a driver as it retired (its first frame's kind,
+    /// and the bytes read to learn it) to the peer's next driver, so the peer that just
+    /// connected is not cut off.
+    fn attach_again(&self, stream: AuthenticatedStream, kind: FrameType, prefix: BytesMut);
 }
 
 /// Whether a peer can be reached, as its driver last found out: read by sends that waited
@@ -226,6 +233,10 @@ pub(crate) struct PeerDriver {
     retirement: Retirement,
     /// Since when no callis has been open (`None` while one is).
     down_since: Option<std::time::Instant>,
+    /// A send or a command reached this driver. One that none reached yet was made for one
+    /// on its way (a send, an inbound callis): it does not retire at once, or that one would
+    /// find it gone and need a second driver.
+    used: bool,
     /// Follows [`PeerDriver::retire_at`].
     retire_timer: Alarm,
 }
@@ -289,6 +300,7 @@ impl PeerDriver {
             reachability: links.reachability,
             retirement: links.retirement,
             down_since: Some(now()),
+            used: false,
             retire_timer: Alarm::new(),
         }
     }
@@ -309,7 +321,7 @@ impl PeerDriver {
         if !idle {
             return None;
         }
-        if self.peer_shut_down || self.session.peer_waits_for_nothing() {
+        if self.used && (self.peer_shut_down || self.session.peer_waits_for_nothing()) {
             return Some(down_since);
         }
         down_since.checked_add(self.retirement.after)
@@ -361,11 +373,21 @@ impl PeerDriver {
         tracing::debug!(peer = %self.peer_id, "idle peer forgotten");
         let _ = self.blob_tx.send(BlobCommand::Retire);
         self.commands.close();
+        // A callis the domus handed over just before the peer was forgotten goes to the new
+        // driver; the other commands concern this driver only.
+        while let Ok(cmd) = self.commands.try_recv() {
+            if let PeerCommand::Attach(stream, prefix) = cmd {
+                self.retirement
+                    .forget
+                    .attach_again(*stream, FrameType::HELLO, prefix);
+            }
+        }
         true
     }
 
     /// Takes a message into the session (or fails it at once when it cannot be sent).
     fn handle_send(&mut self, SendCmd { msg, done, permit }: SendCmd) {
+        self.used = true;
         if self.shutting_down {
             done.complete(Err(domus_closed()));
             return;
@@ -396,6 +418,7 @@ impl PeerDriver {
     }
 
     fn handle_command(&mut self, cmd: PeerCommand) {
+        self.used = true;
         match cmd {
             PeerCommand::Attach(stream, prefix) => self.attach(*stream, prefix),
             PeerCommand::SetAddr(addr) => {
