@@ -825,7 +825,7 @@ async fn t11_a_route_without_identity_learns_and_pins_it() {
             .send(TabernaId(11), APP, Bytes::new(), send_opts(5_000))
             .await
             .expect_err("misdirected");
-        assert_eq!(err.id(), ErrorId::PeerUnavailable, "{err}");
+        assert_eq!(err.id(), ErrorId::IdentityMismatch, "{err}");
         assert!(err.message().contains("expected"), "{err}");
     })
     .await;

@@ -508,7 +508,7 @@ async fn t04_a_crl_reload_closes_a_revoked_peers_calles_and_refuses_its_next_han
                     && x.error.message().contains("revoked")),
             "{closed:?}"
         );
-        // ... and its later sends fail.
+        // ... and its later sends fail (with the refusal itself once a dial was refused).
         let e = a
             .send(
                 TabernaId(10),
@@ -519,7 +519,10 @@ async fn t04_a_crl_reload_closes_a_revoked_peers_calles_and_refuses_its_next_han
             .await
             .expect_err("a revoked peer cannot send");
         assert!(
-            matches!(e.id(), ErrorId::PeerUnavailable | ErrorId::SendTimeout),
+            matches!(
+                e.id(),
+                ErrorId::CertificateRefusedByPeer | ErrorId::PeerUnavailable | ErrorId::SendTimeout
+            ),
             "{e}"
         );
         let seq = b.reporting().last_error_seq();

@@ -1352,33 +1352,34 @@ impl Shared {
         wait: Wait,
         deadline: tokio::time::Instant,
     ) -> Result<InFlight, Error> {
-        let taken = acquire(&peer.budget, size, wait, deadline, peer_id)
-            .await
-            .map_err(|e| match (e.id(), peer.reachability.why_not()) {
-                (ErrorId::LocalQueueFull, Some(why)) if wait == Wait::UntilDeadline => Error::new(
-                    why.id(),
-                    format!(
-                        "waited for room until the send's deadline; the message was never sent: {}",
-                        why.message()
-                    ),
-                ),
-                _ => e,
-            });
-        if let Err(e) = &taken {
-            // Taking room is all this waits for: any of these means the queue was full.
-            if matches!(
+        let taken = acquire(&peer.budget, size, wait, deadline, peer_id).await;
+        // Taking room is all this waits for: any of these means the queue was full.
+        if taken.as_ref().is_err_and(|e| {
+            matches!(
                 e.id(),
                 ErrorId::LocalQueueFull | ErrorId::PeerUnavailable | ErrorId::PeerShutDown
-            ) {
-                self.recorder.inc(if a3 {
-                    C::queue_overruns_send_a3
-                } else {
-                    C::queue_overruns_send_a2
-                });
-                self.recorder.event(Event::Backpressure {
-                    peer: peer_id.clone(),
-                });
-            }
+            )
+        }) {
+            self.recorder.inc(if a3 {
+                C::queue_overruns_send_a3
+            } else {
+                C::queue_overruns_send_a2
+            });
+            self.recorder.event(Event::Backpressure {
+                peer: peer_id.clone(),
+            });
+        }
+        let taken = taken.map_err(|e| match (e.id(), peer.reachability.why_not()) {
+            (ErrorId::LocalQueueFull, Some(why)) if wait == Wait::UntilDeadline => Error::new(
+                why.id(),
+                format!(
+                    "waited for room until the send's deadline; the message was never sent: {}",
+                    why.message()
+                ),
+            ),
+            _ => e,
+        });
+        if let Err(e) = &taken {
             record_failure(&self.recorder, e);
         }
         taken

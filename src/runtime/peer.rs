@@ -582,13 +582,7 @@ impl PeerDriver {
     }
 
     fn dial_failed(&mut self, error: Error) {
-        let permanent = matches!(
-            error.id(),
-            ErrorId::IdentityMismatch
-                | ErrorId::PeerCertificateRejected
-                | ErrorId::CertificateRefusedByPeer
-                | ErrorId::InvalidAddress
-        );
+        let permanent = is_permanent(error.id());
         tracing::debug!(peer = %self.peer_id, error = %error, permanent, "dial failed");
         let rec = &self.ctx.recorder;
         if error.id() == ErrorId::IdentityMismatch {
@@ -607,7 +601,7 @@ impl PeerDriver {
             self.session.fail_unsent(e);
         } else {
             let unreachable = Error::new(
-                ErrorId::PeerUnavailable,
+                unreachable_id(error.id()),
                 format!("{} could not be reached: {}", self.peer_id, error.message()),
             );
             self.reachability.set(Some(unreachable.clone()));
@@ -868,7 +862,7 @@ impl PeerDriver {
             Outcome::Failed(e) if e.id() == ErrorId::PeerUnavailable => {
                 match &self.last_dial_error {
                     Some(dial) => Err(Error::new(
-                        ErrorId::PeerUnavailable,
+                        unreachable_id(dial.id()),
                         format!(
                             "{} could not be reached before the send's deadline ({}); the message was never sent",
                             self.peer_id,
@@ -966,6 +960,29 @@ impl PeerDriver {
         for (_, p) in self.pending.drain() {
             p.done.complete(Err(domus_closed()));
         }
+    }
+}
+
+/// A dial failure that will not change by itself (the wrong peer answered, a certificate was
+/// refused, the address is malformed): what waits for the peer fails at once.
+fn is_permanent(id: ErrorId) -> bool {
+    matches!(
+        id,
+        ErrorId::IdentityMismatch
+            | ErrorId::PeerCertificateRejected
+            | ErrorId::CertificateRefusedByPeer
+            | ErrorId::InvalidAddress
+    )
+}
+
+/// The id a send that could not reach its peer fails with after a dial failed with `dial`:
+/// a permanent refusal keeps its own id, so the caller can tell a misdirected route from a
+/// peer that is down (T11); anything else is `PeerUnavailable`.
+fn unreachable_id(dial: ErrorId) -> ErrorId {
+    if is_permanent(dial) {
+        dial
+    } else {
+        ErrorId::PeerUnavailable
     }
 }
 
