@@ -204,4 +204,60 @@ mod tests {
         }
         assert_eq!(ring.capacity(), 2);
     }
+
+    /// Wakes a parked thread.
+    struct Unpark(std::thread::Thread);
+
+    impl Wake for Unpark {
+        fn wake(self: Arc<Self>) {
+            self.0.unpark();
+        }
+    }
+
+    #[test]
+    fn a_window_on_one_thread_gets_every_outcome_a_driver_on_another_writes() {
+        const SENDS: u64 = 200_000;
+        const LIMIT: u64 = 64;
+        let ring = Arc::new(CompletionRing::new(LIMIT as usize));
+        // The window may run at most LIMIT tickets ahead of what it took.
+        let taken = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let driver = {
+            let (ring, taken) = (ring.clone(), taken.clone());
+            std::thread::spawn(move || {
+                for ticket in 0..SENDS {
+                    while ticket >= taken.load(Ordering::Acquire) + LIMIT {
+                        std::hint::spin_loop();
+                    }
+                    Completion::slot(ring.clone(), ticket)
+                        .complete(Ok(Delivery::Replied(ticket.to_be_bytes().to_vec().into())));
+                }
+            })
+        };
+        let waker = Waker::from(Arc::new(Unpark(std::thread::current())));
+        let mut cx = Context::from_waker(&waker);
+        for ticket in 0..SENDS {
+            let outcome = loop {
+                match ring.poll_take(ticket, &mut cx) {
+                    Poll::Ready(outcome) => break outcome,
+                    // A lost wake-up would park here for good; the timeout turns it into a
+                    // failure instead of a hang.
+                    Poll::Pending => {
+                        let parked = std::time::Instant::now();
+                        std::thread::park_timeout(std::time::Duration::from_secs(5));
+                        assert!(
+                            parked.elapsed() < std::time::Duration::from_secs(4),
+                            "ticket {ticket}: the window was never woken"
+                        );
+                    }
+                }
+            };
+            assert_eq!(
+                outcome,
+                Ok(Delivery::Replied(ticket.to_be_bytes().to_vec().into())),
+                "ticket {ticket}"
+            );
+            taken.store(ticket + 1, Ordering::Release);
+        }
+        driver.join().expect("driver thread");
+    }
 }
