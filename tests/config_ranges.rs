@@ -207,6 +207,11 @@ fn domus_rows() -> Vec<Row<DomusConfig>> {
             Outside(|c| c.peer_retire_after = 1000 * MS - NS),
             Outside(|c| c.peer_retire_after = 7 * 24 * 60 * MIN + NS),
         ),
+        row(
+            "peer_recheck_interval",
+            Outside(|c| c.peer_recheck_interval = Some(100 * MS - NS)),
+            Outside(|c| c.peer_recheck_interval = Some(24 * 60 * MIN + NS)),
+        ),
     ]
 }
 

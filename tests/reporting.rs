@@ -565,6 +565,67 @@ async fn t04_a_crl_reload_closes_a_revoked_peers_calles_and_refuses_its_next_han
     .await;
 }
 
+#[tokio::test]
+async fn t02_a_peer_whose_certificate_expires_under_an_open_callis_is_cut_off() {
+    within(async {
+        let mut mesh = Mesh::new().expect("mesh");
+        // a's certificate runs out a few seconds from now (rcgen keeps whole seconds).
+        let mut spec = vicus::dev_certs::LeafSpec::domus("a");
+        spec.not_after = SystemTime::now() + Duration::from_secs(3);
+        let a_leaf = mesh.ca().leaf_with(&spec).expect("mint");
+        let auth = mesh.ca().auth_config(&a_leaf).expect("auth");
+        let a = mesh.builder_for(auth).build().await.expect("domus");
+        let mut config = Mesh::test_config();
+        config.peer_recheck_interval = Some(Duration::from_millis(200));
+        let b_leaf = mesh.ca().leaf("b").expect("mint");
+        let auth = mesh.ca().auth_config(&b_leaf).expect("auth");
+        let b = mesh
+            .builder_for(auth)
+            .config(config)
+            .build()
+            .await
+            .expect("domus");
+        mesh.route(TabernaId(10), &b).expect("route");
+        spawn_worker(b.taberna(TabernaId(10)).expect("taberna"));
+        assert_eq!(
+            a.send(TabernaId(10), APP, Bytes::from_static(b"r"), opts())
+                .await
+                .expect("while valid"),
+            Delivery::Replied(Bytes::from_static(b"ok"))
+        );
+        assert!(b.reporting().connected_peers().contains(a.identity()));
+        // The callis stays open past the certificate's end only until b's next check.
+        let expires = spec.not_after;
+        let deadline = expires + Duration::from_secs(2);
+        while b.reporting().connected_peers().contains(a.identity()) {
+            assert!(
+                SystemTime::now() < deadline,
+                "the peer is still connected 2 s after its certificate expired"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert!(
+            SystemTime::now() + Duration::from_secs(1) >= expires,
+            "closed before the certificate expired"
+        );
+        let feed = b.reporting().errors_since(0, 100);
+        assert!(
+            feed.errors.iter().any(|x| {
+                let m = x.error.message();
+                m.contains("no longer trusted") && m.contains("expired")
+            }),
+            "{feed:?}"
+        );
+        // Its next handshake is refused, so a's send fails with the refusal.
+        let e = a
+            .send(TabernaId(10), APP, Bytes::from_static(b"r"), opts())
+            .await
+            .expect_err("an expired peer cannot send");
+        assert_eq!(e.id(), ErrorId::CertificateRefusedByPeer, "{e}");
+    })
+    .await;
+}
+
 /// The scripted exchange of the two counter tests: from `a` to `b`, one message accepted,
 /// one replied to, one rejected by the handler, one to a taberna `b` does not have, one to a
 /// taberna whose allow-list excludes `a`, and a 100 KiB blob.

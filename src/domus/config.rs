@@ -18,7 +18,7 @@ use crate::error::Error;
 ///
 /// | when | fields |
 /// |---|---|
-/// | **live**: the next send, delivery or accepted callis | `send_timeout`, `resolve_timeout`, `max_message_len` (the local check; the frame limit a peer is told applies to new peers), `default_inbox_depth` (every taberna registered without its own depth), `hello_timeout` (telling inbound calles apart; sessions: new peers), `shutdown_timeout`, `max_unopened_calles_per_peer`, `max_unopened_calles`, `max_peers`, `max_retained_reply_bytes` (replies kept from then on) |
+/// | **live**: the next send, delivery or accepted callis | `send_timeout`, `resolve_timeout`, `max_message_len` (the local check; the frame limit a peer is told applies to new peers), `default_inbox_depth` (every taberna registered without its own depth), `hello_timeout` (telling inbound calles apart; sessions: new peers), `shutdown_timeout`, `max_unopened_calles_per_peer`, `max_unopened_calles`, `max_peers`, `max_retained_reply_bytes` (replies kept from then on), `peer_recheck_interval` (from the next check) |
 /// | **new peers**: peers first contacted after the change (and peers after a restart of this domus) | `max_in_flight_per_peer`, `max_in_flight_bytes_per_peer`, `dedupe_window`, `keepalive_interval`, `idle_timeout`, `frame_read_timeout`, `max_frames_per_second`, `max_refusals_per_second`, `max_callis_age`, `peer_retire_after` |
 /// | **fixed** at build: a change is refused with `InvalidConfig` naming the field | `transport` (use `Domus::reload_auth` and `Domus::set_trust_policy` for authentication), `reconnect_backoff_min`, `reconnect_backoff_max`, every `blob_*` field, `max_blob_streams_per_peer`, `max_blob_cancels_per_second` |
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -134,6 +134,13 @@ pub struct DomusConfig {
     /// value below the longest send timeout your peers use can deliver such a message twice.
     /// Default 1 h; 1 s to 7 days.
     pub peer_retire_after: Duration,
+    /// How often the certificate of every connected peer is verified again, as at a
+    /// handshake: a callis whose peer's certificate expired since (or that the trust anchors
+    /// and CRLs no longer accept) is closed, with the reason on the error feed, and the
+    /// peer's next handshake is refused. `None`: only at `Domus::reload_auth` and at
+    /// handshakes, so a callis could outlive its peer's certificate. Default 60 s; 100 ms to
+    /// 1 day.
+    pub peer_recheck_interval: Option<Duration>,
 }
 
 impl Default for DomusConfig {
@@ -169,6 +176,7 @@ impl Default for DomusConfig {
             max_peers: 4096,
             max_callis_age: None,
             peer_retire_after: Duration::from_secs(3600),
+            peer_recheck_interval: Some(Duration::from_secs(60)),
         }
     }
 }
@@ -277,6 +285,9 @@ impl DomusConfig {
         count("max_peers", self.max_peers as u64, 1, 1_000_000)?;
         if let Some(age) = self.max_callis_age {
             within("max_callis_age", age, 100 * MS, 365 * 24 * 60 * MIN)?;
+        }
+        if let Some(every) = self.peer_recheck_interval {
+            within("peer_recheck_interval", every, 100 * MS, 24 * 60 * MIN)?;
         }
         within(
             "peer_retire_after",

@@ -432,6 +432,10 @@ impl DomusBuilder {
                 }
             });
         }
+        shared.tasks.spawn(recheck_peers(
+            Arc::downgrade(&shared),
+            shared.accept_stop.clone(),
+        ));
         if let Some(changes) = route_changes {
             shared.tasks.spawn(follow_routes(
                 shared.clone(),
@@ -493,6 +497,30 @@ impl PeerHandle {
         let _ = self.links.blob_tx.send(BlobCommand::SetAddr(addr.clone()));
         self.links.addr.store(Some(Arc::new(addr.clone())));
         self.addr = Some(addr);
+    }
+}
+
+/// Verifies the certificates of every connected peer again every `peer_recheck_interval`
+/// (see [`DomusConfig::peer_recheck_interval`]). Holds the domus weakly: it keeps nothing
+/// alive.
+async fn recheck_peers(shared: std::sync::Weak<Shared>, stop: CancellationToken) {
+    /// How often a domus with rechecks turned off looks whether they were turned on.
+    const OFF_POLL: Duration = Duration::from_secs(1);
+    loop {
+        let every = match shared.upgrade() {
+            Some(s) => s.config.load().peer_recheck_interval,
+            None => return,
+        };
+        tokio::select! {
+            () = stop.cancelled() => return,
+            () = tokio::time::sleep(every.unwrap_or(OFF_POLL)) => {}
+        }
+        let Some(shared) = shared.upgrade() else {
+            return;
+        };
+        if every.is_some() && shared.config.load().peer_recheck_interval.is_some() {
+            shared.recheck_all();
+        }
     }
 }
 
@@ -856,18 +884,7 @@ impl Domus {
                 self.shared.recorder.event(Event::AuthReloaded);
                 // Live calles are verified again: a peer the new CRLs revoke (or the new
                 // anchors no longer cover) loses its calles now, not at its next handshake.
-                let peers: Vec<Arc<PeerRef>> = self
-                    .shared
-                    .peers
-                    .lock()
-                    .unwrap_or_else(PoisonError::into_inner)
-                    .values()
-                    .map(|p| p.links.clone())
-                    .collect();
-                for p in peers {
-                    let _ = p.tx.send(PeerCommand::Recheck);
-                    let _ = p.blob_tx.send(BlobCommand::Recheck);
-                }
+                self.shared.recheck_all();
                 Ok(())
             }
             Err(e) => {
@@ -2246,6 +2263,22 @@ impl Drop for CancelOnDrop {
 }
 
 impl Shared {
+    /// Tells every peer's drivers to verify their calles' peer certificates again (each one
+    /// closes a callis whose peer is no longer trusted).
+    fn recheck_all(&self) {
+        let peers: Vec<Arc<PeerRef>> = self
+            .peers
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .values()
+            .map(|p| p.links.clone())
+            .collect();
+        for p in peers {
+            let _ = p.tx.send(PeerCommand::Recheck);
+            let _ = p.blob_tx.send(BlobCommand::Recheck);
+        }
+    }
+
     /// Refuses an inbound callis from an identity that is not connected when `max_peers`
     /// primary calles are open already.
     fn check_peer_limit(&self, peer: &DomusId) -> Result<(), Error> {
