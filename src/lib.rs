@@ -317,9 +317,9 @@
 //!
 //! ## Testing an application
 //!
-//! Feature `test-util` adds [`testing`]: a [`testing::Mesh`] (a development CA, a shared
+//! Feature `test-util` adds the module `vicus::testing`: a `Mesh` (a development CA, a shared
 //! resolver and named domus on loopback in one line, tabernas registered and routed by name)
-//! and a [`testing::FaultProxy`] to put on a route (cut, blackhole, delay, throttle, refuse,
+//! and a `FaultProxy` to put on a route (cut, blackhole, delay, throttle, refuse,
 //! cut after N bytes). Enable it in `[dev-dependencies]` only; vicus's own integration tests
 //! are written with it.
 //!

@@ -30,7 +30,7 @@ const TABERNA: TabernaId = TabernaId(7);
 
 /// A private directory holding `routes.toml`; removed when dropped.
 struct RoutesDir {
-    dir: PathBuf,
+    dir: TempDir,
 }
 
 impl RoutesDir {
@@ -52,11 +52,6 @@ impl RoutesDir {
     }
 }
 
-impl Drop for RoutesDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
 
 /// A routes file sending [`TABERNA`] to `to` (its address, its identity pinned).
 fn routes_to(to: &Domus) -> String {

@@ -1676,7 +1676,8 @@ async fn a_dial_only_domus_binds_nothing_yet_sends_streams_blobs_and_is_reached_
         // the client's identity, and its address is never dialled (nothing listens there).
         let inbox = client.taberna(TabernaId(20)).expect("taberna");
         spawn_echo(inbox);
-        let nowhere = common::tempdir().join("nobody-listens.sock");
+        let empty = common::tempdir();
+        let nowhere = empty.join("nobody-listens.sock");
         mesh.resolver().insert(
             TabernaId(20),
             DomusAddr::unix(nowhere),

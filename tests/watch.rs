@@ -6,7 +6,7 @@
 mod common;
 
 use std::os::unix::fs::symlink;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -22,7 +22,7 @@ const QUIET: Duration = Duration::from_millis(400);
 
 /// A Secret-volume-like directory.
 struct Volume {
-    dir: PathBuf,
+    dir: TempDir,
     generation: u32,
 }
 
@@ -71,15 +71,10 @@ impl Volume {
     }
 
     fn config(&self) -> WatchConfig {
-        WatchConfig::new(&self.dir).interval(INTERVAL)
+        WatchConfig::new(self.dir.to_path_buf()).interval(INTERVAL)
     }
 }
 
-impl Drop for Volume {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
 
 /// A CA, a domus "b" built from a volume, and a probe transport that dials it.
 struct Setup {

@@ -109,9 +109,9 @@ pub fn auth_trusting(trusted: &DevCa, leaf: &vicus::dev_certs::DevLeaf) -> vicus
     .expect("auth config")
 }
 
-/// A fresh private directory under the system temp dir, removed at process exit is not
-/// guaranteed; names are unique per call.
-pub fn tempdir() -> std::path::PathBuf {
+/// A fresh private directory under the system temp dir (mode 0700, a unique name per call),
+/// removed when the returned guard is dropped.
+pub fn tempdir() -> TempDir {
     use std::sync::atomic::{AtomicU64, Ordering};
     static N: AtomicU64 = AtomicU64::new(0);
     let dir = std::env::temp_dir().join(format!(
@@ -122,8 +122,33 @@ pub fn tempdir() -> std::path::PathBuf {
     std::fs::create_dir_all(&dir).expect("create temp dir");
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700)).expect("chmod");
-    dir
+    TempDir(dir)
 }
+
+/// A private directory from [`tempdir`], removed with what it holds when dropped.
+#[derive(Debug)]
+pub struct TempDir(std::path::PathBuf);
+
+impl std::ops::Deref for TempDir {
+    type Target = std::path::Path;
+
+    fn deref(&self) -> &std::path::Path {
+        &self.0
+    }
+}
+
+impl AsRef<std::path::Path> for TempDir {
+    fn as_ref(&self) -> &std::path::Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
 pub use vicus::testing::{FaultProxy, Mesh};
 
 /// The address a listening domus is bound to (every test domus listens unless built
