@@ -1652,3 +1652,75 @@ async fn pem_files_load_and_handshake() {
     })
     .await;
 }
+
+/// Connections to `sa` that complete within 300 ms, `n` tried at once; they are kept open
+/// (and returned) so none leaves the listener's queue.
+async fn connects_within(sa: std::net::SocketAddr, n: usize) -> Vec<TcpStream> {
+    let mut tries = tokio::task::JoinSet::new();
+    for _ in 0..n {
+        tries.spawn(tokio::time::timeout(
+            Duration::from_millis(300),
+            TcpStream::connect(sa),
+        ));
+    }
+    let mut open = Vec::new();
+    while let Some(done) = tries.join_next().await {
+        if let Ok(Ok(Ok(stream))) = done {
+            open.push(stream);
+        }
+    }
+    open
+}
+
+#[tokio::test]
+async fn listen_backlog_bounds_the_connections_the_kernel_holds_before_accept() {
+    within(async {
+        let mut ca = ca();
+        for backlog in [2u32, 64] {
+            let mut config = TransportConfig::default();
+            config.listen_backlog = backlog;
+            let t = transport_with(&mut ca, "server", config);
+            // Nobody accepts: what connects is what the kernel queues for the listener.
+            let l = listen_tcp(&t).await;
+            let DomusAddr::Tcp(sa) = l.local_addr().clone() else {
+                panic!("a TCP listener");
+            };
+            let open = connects_within(sa, 16).await;
+            if backlog == 2 {
+                // Linux queues backlog + 1; the others' SYNs are dropped and retried later.
+                assert!(open.len() <= 3, "{} connected with backlog 2", open.len());
+                assert!(!open.is_empty());
+            } else {
+                assert_eq!(open.len(), 16, "with backlog 64");
+            }
+        }
+        // A Unix socket too (the standard library's own backlog is replaced).
+        let dir = tempdir();
+        for backlog in [2u32, 64] {
+            let mut config = TransportConfig::default();
+            config.listen_backlog = backlog;
+            let t = transport_with(&mut ca, "server", config);
+            let path = dir.join(format!("backlog-{backlog}.sock"));
+            let _l = t.listen(&DomusAddr::unix(&path)).await.expect("listen");
+            let mut open = Vec::new();
+            for _ in 0..16 {
+                // A full queue refuses a non-blocking connect at once (EAGAIN).
+                if let Ok(s) = tokio::net::UnixStream::connect(&path).await {
+                    open.push(s);
+                }
+            }
+            if backlog == 2 {
+                assert!(open.len() <= 3, "{} connected with backlog 2", open.len());
+            } else {
+                assert_eq!(open.len(), 16, "with backlog 64");
+            }
+        }
+        let mut config = TransportConfig::default();
+        config.listen_backlog = 0;
+        let (auth, _) = ca.domus_auth("zero").expect("mint");
+        let e = Transport::new(auth, config).expect_err("a backlog of 0");
+        assert_eq!(e.id(), ErrorId::InvalidConfig, "{e}");
+        assert!(e.message().contains("listen_backlog"), "{e}");
+    })
+    .await;
+}

@@ -218,6 +218,11 @@ fn domus_rows() -> Vec<Row<DomusConfig>> {
 fn transport_rows() -> Vec<Row<TransportConfig>> {
     vec![
         row(
+            "listen_backlog",
+            Outside(|c| c.listen_backlog = 0),
+            Outside(|c| c.listen_backlog = 65_536),
+        ),
+        row(
             "handshake_timeout",
             Outside(|c| c.handshake_timeout = 100 * MS - NS),
             Outside(|c| c.handshake_timeout = 5 * MIN + NS),

@@ -52,7 +52,6 @@ impl RoutesDir {
     }
 }
 
-
 /// A routes file sending [`TABERNA`] to `to` (its address, its identity pinned).
 fn routes_to(to: &Domus) -> String {
     format!(

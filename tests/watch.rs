@@ -75,7 +75,6 @@ impl Volume {
     }
 }
 
-
 /// A CA, a domus "b" built from a volume, and a probe transport that dials it.
 struct Setup {
     ca: DevCa,

@@ -100,6 +100,12 @@ pub struct TransportConfig {
     /// Which verified peer ids are accepted. Default: any. Can be replaced live with
     /// [`Transport::set_trust_policy`].
     pub trust_policy: TrustPolicy,
+    /// The listen backlog of the sockets this transport binds: connections the kernel
+    /// completes and holds until they are accepted. When a fleet reconnects at once (this
+    /// node restarted), connections beyond it are dropped by the kernel and retried by the
+    /// clients after a second or more. Default 1024; 1 to 65 535 (Linux caps it at
+    /// `net.core.somaxconn`, 4096 on current kernels).
+    pub listen_backlog: u32,
 }
 
 impl Default for TransportConfig {
@@ -114,6 +120,7 @@ impl Default for TransportConfig {
             unix_socket_mode: 0o600,
             unix_allowed_uids: None,
             trust_policy: TrustPolicy::any(),
+            listen_backlog: 1024,
         }
     }
 }
@@ -162,6 +169,12 @@ impl TransportConfig {
                     "{} is outside 1..=max_pending_handshakes ({})",
                     self.max_pending_handshakes_per_source, self.max_pending_handshakes
                 ),
+            ));
+        }
+        if !(1..=65_535).contains(&self.listen_backlog) {
+            return Err(Error::invalid_config(
+                "listen_backlog",
+                format!("{} is outside 1..=65535", self.listen_backlog),
             ));
         }
         if !(1..=1_000_000).contains(&self.max_connects_per_second_per_source) {
@@ -336,18 +349,18 @@ impl Transport {
         let config = &self.shared.config;
         let (socket, local_addr, guard) = match addr {
             DomusAddr::Tcp(a) => {
-                let l = tcp::bind(&[*a]).await?;
+                let l = tcp::bind(&[*a], config.listen_backlog)?;
                 let local = listen_addr(&l)?;
                 (ListenSocket::Tcp(l), DomusAddr::Tcp(local), None)
             }
             DomusAddr::TcpHost { host, port } => {
                 let addrs = tcp::resolve(host, *port).await?;
-                let l = tcp::bind(&addrs).await?;
+                let l = tcp::bind(&addrs, config.listen_backlog)?;
                 let local = listen_addr(&l)?;
                 (ListenSocket::Tcp(l), DomusAddr::Tcp(local), None)
             }
             DomusAddr::Unix(path) => {
-                let (l, guard) = unix::bind(path, config.unix_socket_mode)?;
+                let (l, guard) = unix::bind(path, config.unix_socket_mode, config.listen_backlog)?;
                 (
                     ListenSocket::Unix(l),
                     DomusAddr::Unix(path.clone()),

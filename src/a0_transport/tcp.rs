@@ -4,7 +4,7 @@
 
 use std::net::SocketAddr;
 
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
 
 use crate::error::{Error, ErrorId};
 
@@ -28,11 +28,11 @@ pub(crate) async fn resolve(host: &str, port: u16) -> Result<Vec<SocketAddr>, Er
     Ok(addrs)
 }
 
-/// Binds a TCP listener on the first of `addrs` that works.
-pub(crate) async fn bind(addrs: &[SocketAddr]) -> Result<TcpListener, Error> {
+/// Binds a TCP listener with `backlog` on the first of `addrs` that works.
+pub(crate) fn bind(addrs: &[SocketAddr], backlog: u32) -> Result<TcpListener, Error> {
     let mut last = None;
     for addr in addrs {
-        match TcpListener::bind(addr).await {
+        match bind_one(*addr, backlog) {
             Ok(listener) => return Ok(listener),
             Err(e) => last = Some((addr, e)),
         }
@@ -41,6 +41,18 @@ pub(crate) async fn bind(addrs: &[SocketAddr]) -> Result<TcpListener, Error> {
         Some((addr, e)) => Error::io(format_args!("cannot listen on {addr}"), &e),
         None => Error::new(ErrorId::InvalidAddress, "no address to listen on"),
     })
+}
+
+fn bind_one(addr: SocketAddr, backlog: u32) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        TcpSocket::new_v4()?
+    } else {
+        TcpSocket::new_v6()?
+    };
+    // As `TcpListener::bind` does: a restarted node rebinds its port at once.
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(backlog)
 }
 
 /// Connects to the first of `addrs` that answers, with `TCP_NODELAY` set.

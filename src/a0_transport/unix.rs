@@ -16,8 +16,12 @@ use tokio::net::{UnixListener, UnixStream};
 use super::identity::UnixCredentials;
 use crate::error::{Error, ErrorId};
 
-/// Binds a Unix listener at `path`, replacing only a stale socket of ours.
-pub(crate) fn bind(path: &Path, mode: u32) -> Result<(UnixListener, SocketFileGuard), Error> {
+/// Binds a Unix listener with `backlog` at `path`, replacing only a stale socket of ours.
+pub(crate) fn bind(
+    path: &Path,
+    mode: u32,
+    backlog: u32,
+) -> Result<(UnixListener, SocketFileGuard), Error> {
     clear_stale_socket(path)?;
     let listener = UnixListener::bind(path).map_err(|e| match e.kind() {
         io::ErrorKind::AddrInUse => in_use(path),
@@ -25,6 +29,13 @@ pub(crate) fn bind(path: &Path, mode: u32) -> Result<(UnixListener, SocketFileGu
             format_args!("cannot bind Unix socket {}", path.display()),
             &e,
         ),
+    })?;
+    // The standard library listens with a fixed backlog; listening again sets ours.
+    rustix::net::listen(&listener, i32::try_from(backlog).unwrap_or(i32::MAX)).map_err(|e| {
+        Error::io(
+            format_args!("cannot listen on Unix socket {}", path.display()),
+            &io::Error::from(e),
+        )
     })?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).map_err(|e| {
         Error::io(
