@@ -469,9 +469,9 @@ async fn t22_a_stalled_blob_times_out_on_both_sides_and_releases_its_reservation
         sent.await.expect("join").expect("finish");
         assert_eq!(all.len(), 5000);
         // Left running on each side: the accept loop, the route follower (the resolver signals
-        // changes), the peer driver and the blob driver (and, with the `metrics` feature, the
-        // exporter).
-        let left = 4 + usize::from(cfg!(feature = "metrics"));
+        // changes), the certificate rechecker, the peer driver and the blob driver (and, with
+        // the `metrics` feature, the exporter).
+        let left = 5 + usize::from(cfg!(feature = "metrics"));
         let mut tasks = (a.task_count(), b.task_count());
         for _ in 0..100 {
             if tasks.0 <= left && tasks.1 <= left {
