@@ -42,12 +42,12 @@ pub enum Mode {
     vicus bench --mode oneway --size 1024 --window 512 --json")]
 pub struct Args {
     /// The node to load; without it, bench starts one in this process.
-    #[arg(long, value_name = "ADDR")]
-    to: Option<String>,
+    #[arg(long, value_name = "ADDR", value_parser = parse_addr)]
+    to: Option<DomusAddr>,
     /// The identity the node must prove (e.g. spiffe://vicus.dev/domus/alpha); without it the
     /// first identity seen at ADDR is trusted for this run.
-    #[arg(long, value_name = "SPIFFE_ID", requires = "to")]
-    identity: Option<String>,
+    #[arg(long, value_name = "SPIFFE_ID", requires = "to", value_parser = parse_identity)]
+    identity: Option<DomusId>,
     #[command(flatten)]
     who: IdentityArgs,
     /// The node's taberna that accepts one-way sends (a `behaviour = "sink"` taberna; 8 in
@@ -113,7 +113,7 @@ pub async fn run(args: Args, out: Output) -> Result<(), CliError> {
         }
     };
     let target = match &args.to {
-        Some(addr) => addr.clone(),
+        Some(addr) => addr.to_string(),
         None => "a node in this process (loopback TLS)".to_owned(),
     };
     out.line(&format!(
@@ -139,15 +139,8 @@ pub async fn run(args: Args, out: Output) -> Result<(), CliError> {
 }
 
 /// A dial-only domus routed to the node at `addr`.
-async fn connect(args: &Args, addr: &str) -> Result<Domus, CliError> {
-    let addr = parse_addr(addr).map_err(|e| CliError::new(format!("--to: {e}")))?;
-    let identity = match &args.identity {
-        Some(id) => {
-            Some(parse_identity(id).map_err(|e| CliError::new(format!("--identity: {e}")))?)
-        }
-        None => None,
-    };
-    client_domus(args.who.auth()?, &routes(args, &addr, identity)).await
+async fn connect(args: &Args, addr: &DomusAddr) -> Result<Domus, CliError> {
+    client_domus(args.who.auth()?, &routes(args, addr, args.identity.clone())).await
 }
 
 /// The bench's two tabernas (sink and echo) routed to the node at `addr`.

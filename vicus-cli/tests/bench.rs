@@ -2,7 +2,7 @@
 
 mod common;
 
-use common::{fails, ok, vicus};
+use common::{fails, ok, run, vicus};
 
 #[test]
 fn bench_against_its_own_node_reports_both_workloads_as_the_harness_names_them() {
@@ -50,5 +50,17 @@ fn bad_flags_and_an_unreachable_node_give_one_line_errors() {
         // Exit 1, one line on stderr, starting "vicus: error: ".
         let err = fails(vicus().args(&args));
         assert!(err.contains(says), "{args:?}: {err}");
+    }
+    // A malformed address or identity is a usage error, as for send and ping (exit 2).
+    for (args, says) in [
+        (vec!["bench", "--to", "nowhere"], "--to"),
+        (
+            vec!["bench", "--to", "127.0.0.1:1", "--identity", "not-spiffe"],
+            "--identity",
+        ),
+    ] {
+        let ran = run(vicus().args(&args));
+        assert_eq!(ran.code, Some(2), "{args:?}: {}", ran.stderr);
+        assert!(ran.stderr.contains(says), "{args:?}: {}", ran.stderr);
     }
 }
