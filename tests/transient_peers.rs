@@ -244,3 +244,38 @@ async fn a_peer_that_restarts_under_one_identity_sends_messages_then_blobs_every
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_comes_back_as_it_is_forgotten_is_served_on_its_first_callis() {
+    const RUNS: u64 = 150;
+    within(async {
+        let mut mesh = Mesh::new().expect("mesh");
+        let server = mesh.domus("server").await.expect("domus");
+        let delivered = spawn_counting(mesh.taberna("server", TabernaId(1)).expect("taberna"));
+        for run in 0..RUNS {
+            // The server forgets the last run's client (it shut down) as this one, under the
+            // same identity, connects: the new client is served on its first callis, whichever
+            // driver it met. (The narrowest race, a callis queued to a driver in the moment it
+            // retires, is handed to the next driver; this loop rarely hits that moment.)
+            let client = mesh
+                .builder("client")
+                .expect("mint")
+                .dial_only()
+                .build()
+                .await
+                .expect("client");
+            let out = client
+                .send(TabernaId(1), APP, Bytes::from_static(b"job"), opts())
+                .await
+                .unwrap_or_else(|e| panic!("run {run}: {e}"));
+            assert_eq!(out, Delivery::Accepted);
+            let dials = client.reporting().snapshot().counters.dial_attempts;
+            assert_eq!(dials, 1, "run {run}: the client dialled {dials} times");
+            client.shutdown().await;
+        }
+        assert_eq!(delivered.load(Ordering::SeqCst), RUNS);
+        let opened = server.reporting().snapshot().counters.primary_calles_opened;
+        assert_eq!(opened, RUNS, "one primary callis per run");
+    })
+    .await;
+}
