@@ -394,6 +394,12 @@ impl Destination {
 /// flight and hands their outcomes back in the order they were sent — the receipt queue one
 /// would otherwise write by hand.
 ///
+/// Drive it from a task on the runtime's workers (`tokio::spawn`) rather than from
+/// `block_on`'s own thread: every send and outcome crosses between the window and its peer's
+/// driver, and a thread outside the runtime makes each crossing a wake-up of another thread.
+/// Measured with the benchmark's one-way 64 B workload on two cores: the same rate, about
+/// 25% less CPU per message on a worker.
+///
 /// ```no_run
 /// # async fn run(domus: vicus::Domus) -> Result<(), vicus::Error> {
 /// # use bytes::Bytes;
