@@ -167,6 +167,17 @@ async fn a_forgotten_peer_that_comes_back_gets_every_message_exactly_once_both_w
     .await;
 }
 
+/// A client that dials only, under the identity "client" each time (a new run, a new epoch),
+/// as CLI runs are.
+async fn client_run(mesh: &mut Mesh) -> Domus {
+    mesh.builder("client")
+        .expect("mint")
+        .dial_only()
+        .build()
+        .await
+        .expect("client")
+}
+
 /// Reads every blob on `t` to its end; counts the bytes.
 fn spawn_blob_reader(t: vicus::Taberna) -> Arc<AtomicU64> {
     let bytes = Arc::new(AtomicU64::new(0));
@@ -203,26 +214,14 @@ async fn a_peer_that_restarts_under_one_identity_sends_messages_then_blobs_every
         let read = spawn_blob_reader(mesh.taberna("server", TabernaId(1)).expect("taberna"));
         for run in 0..RUNS {
             // Like CLI runs: a new process (a new epoch) with the same identity each time.
-            let client = mesh
-                .builder("client")
-                .expect("mint")
-                .dial_only()
-                .build()
-                .await
-                .expect("client");
+            let client = client_run(&mut mesh).await;
             let out = client
                 .send(TabernaId(1), APP, Bytes::from_static(b"job"), opts())
                 .await
                 .expect("send");
             assert_eq!(out, Delivery::Accepted);
             client.shutdown().await;
-            let client = mesh
-                .builder("client")
-                .expect("mint")
-                .dial_only()
-                .build()
-                .await
-                .expect("client");
+            let client = client_run(&mut mesh).await;
             let started = std::time::Instant::now();
             let mut blob = client
                 .send_blob(TabernaId(1), APP, Bytes::from_static(b"h"), opts())
@@ -257,13 +256,7 @@ async fn a_client_that_comes_back_as_it_is_forgotten_is_served_on_its_first_call
             // same identity, connects: the new client is served on its first callis, whichever
             // driver it met. (The narrowest race, a callis queued to a driver in the moment it
             // retires, is handed to the next driver; this loop rarely hits that moment.)
-            let client = mesh
-                .builder("client")
-                .expect("mint")
-                .dial_only()
-                .build()
-                .await
-                .expect("client");
+            let client = client_run(&mut mesh).await;
             let out = client
                 .send(TabernaId(1), APP, Bytes::from_static(b"job"), opts())
                 .await

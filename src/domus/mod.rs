@@ -1137,13 +1137,7 @@ impl Domus {
         shared
             .closed
             .store(true, std::sync::atomic::Ordering::Release);
-        let peers: Vec<Arc<PeerRef>> = shared
-            .peers
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .values()
-            .map(|p| p.links.clone())
-            .collect();
+        let peers = shared.peer_links();
         // The accept loop stops first (peers told of the shutdown find no listener when they
         // dial again); drivers answer what their handlers hold, write their CLOSE and end,
         // within the bound.
@@ -2263,17 +2257,21 @@ impl Drop for CancelOnDrop {
 }
 
 impl Shared {
-    /// Tells every peer's drivers to verify their calles' peer certificates again (each one
-    /// closes a callis whose peer is no longer trusted).
-    fn recheck_all(&self) {
-        let peers: Vec<Arc<PeerRef>> = self
-            .peers
+    /// The handles of every known peer's drivers, taken under the peer table's lock (and
+    /// used after it is released).
+    fn peer_links(&self) -> Vec<Arc<PeerRef>> {
+        self.peers
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .values()
             .map(|p| p.links.clone())
-            .collect();
-        for p in peers {
+            .collect()
+    }
+
+    /// Tells every peer's drivers to verify their calles' peer certificates again (each one
+    /// closes a callis whose peer is no longer trusted).
+    fn recheck_all(&self) {
+        for p in self.peer_links() {
             let _ = p.tx.send(PeerCommand::Recheck);
             let _ = p.blob_tx.send(BlobCommand::Recheck);
         }
