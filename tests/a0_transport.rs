@@ -1687,8 +1687,10 @@ async fn listen_backlog_bounds_the_connections_the_kernel_holds_before_accept() 
             };
             let open = connects_within(sa, 16).await;
             if backlog == 2 {
-                // Linux queues backlog + 1; the others' SYNs are dropped and retried later.
-                assert!(open.len() <= 3, "{} connected with backlog 2", open.len());
+                // Linux queues backlog + 1 and drops later SYNs (retried after a second). Two
+                // connects racing for the last place can both finish on the client's side, so
+                // a few more than 3 may show up; never most of the 16.
+                assert!(open.len() <= 6, "{} connected with backlog 2", open.len());
                 assert!(!open.is_empty());
             } else {
                 assert_eq!(open.len(), 16, "with backlog 64");

@@ -571,7 +571,7 @@ async fn t02_a_peer_whose_certificate_expires_under_an_open_callis_is_cut_off() 
         let mut mesh = Mesh::new().expect("mesh");
         // a's certificate runs out a few seconds from now (rcgen keeps whole seconds).
         let mut spec = vicus::dev_certs::LeafSpec::domus("a");
-        spec.not_after = SystemTime::now() + Duration::from_secs(3);
+        spec.not_after = SystemTime::now() + Duration::from_secs(4);
         let a_leaf = mesh.ca().leaf_with(&spec).expect("mint");
         let auth = mesh.ca().auth_config(&a_leaf).expect("auth");
         let a = mesh.builder_for(auth).build().await.expect("domus");
