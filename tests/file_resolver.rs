@@ -62,17 +62,6 @@ fn routes_to(to: &Domus) -> String {
     )
 }
 
-/// Replies "<name>:<payload>" to every request.
-fn spawn_named_echo(t: vicus::Taberna, name: &'static str) {
-    tokio::spawn(async move {
-        while let Some(req) = t.recv().await {
-            let mut reply = format!("{name}:").into_bytes();
-            reply.extend_from_slice(req.payload());
-            req.reply(Bytes::from(reply));
-        }
-    });
-}
-
 async fn send(from: &Domus, payload: &'static [u8]) -> Result<Delivery, vicus::Error> {
     from.send(
         TABERNA,

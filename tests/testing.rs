@@ -11,17 +11,6 @@ use common::*;
 use vicus::testing::MESH_MESSAGE_TYPE;
 use vicus::{Delivery, ErrorId, SendOptions, TabernaId};
 
-/// Replies "<name>:<payload>" to every request.
-fn spawn_named_echo(t: vicus::Taberna, name: &'static str) {
-    tokio::spawn(async move {
-        while let Some(req) = t.recv().await {
-            let mut reply = format!("{name}:").into_bytes();
-            reply.extend_from_slice(req.payload());
-            req.reply(Bytes::from(reply));
-        }
-    });
-}
-
 #[tokio::test]
 async fn a_mesh_in_one_line_routes_and_sends_by_name_and_follows_a_restart() {
     within(async {

@@ -64,11 +64,7 @@ async fn peers_that_come_send_and_shut_down_are_forgotten_and_leave_nothing_behi
                 .await
                 .expect("client");
             for _ in 0..3 {
-                let out = client
-                    .send(TabernaId(1), APP, Bytes::from_static(b"job"), opts())
-                    .await
-                    .expect("send");
-                assert_eq!(out, Delivery::Accepted);
+                send_job(&client, n).await;
             }
             client.shutdown().await;
             most_peers = most_peers.max(server.peer_count());
@@ -167,6 +163,15 @@ async fn a_forgotten_peer_that_comes_back_gets_every_message_exactly_once_both_w
     .await;
 }
 
+/// Sends one job to taberna 1 and expects it accepted (`run` names the loop's round).
+async fn send_job(client: &Domus, run: impl std::fmt::Display) {
+    let out = client
+        .send(TabernaId(1), APP, Bytes::from_static(b"job"), opts())
+        .await
+        .unwrap_or_else(|e| panic!("run {run}: {e}"));
+    assert_eq!(out, Delivery::Accepted, "run {run}");
+}
+
 /// A client that dials only, under the identity "client" each time (a new run, a new epoch),
 /// as CLI runs are.
 async fn client_run(mesh: &mut Mesh) -> Domus {
@@ -215,11 +220,7 @@ async fn a_peer_that_restarts_under_one_identity_sends_messages_then_blobs_every
         for run in 0..RUNS {
             // Like CLI runs: a new process (a new epoch) with the same identity each time.
             let client = client_run(&mut mesh).await;
-            let out = client
-                .send(TabernaId(1), APP, Bytes::from_static(b"job"), opts())
-                .await
-                .expect("send");
-            assert_eq!(out, Delivery::Accepted);
+            send_job(&client, run).await;
             client.shutdown().await;
             let client = client_run(&mut mesh).await;
             let started = std::time::Instant::now();
@@ -257,11 +258,7 @@ async fn a_client_that_comes_back_as_it_is_forgotten_is_served_on_its_first_call
             // driver it met. (The narrowest race, a callis queued to a driver in the moment it
             // retires, is handed to the next driver; this loop rarely hits that moment.)
             let client = client_run(&mut mesh).await;
-            let out = client
-                .send(TabernaId(1), APP, Bytes::from_static(b"job"), opts())
-                .await
-                .unwrap_or_else(|e| panic!("run {run}: {e}"));
-            assert_eq!(out, Delivery::Accepted);
+            send_job(&client, run).await;
             let dials = client.reporting().snapshot().counters.dial_attempts;
             assert_eq!(dials, 1, "run {run}: the client dialled {dials} times");
             client.shutdown().await;

@@ -151,6 +151,17 @@ impl Drop for TempDir {
 
 pub use vicus::testing::{FaultProxy, Mesh};
 
+/// Replies "<name>:<payload>" to every request on `t` (which replica answered shows).
+pub fn spawn_named_echo(t: vicus::Taberna, name: &'static str) {
+    tokio::spawn(async move {
+        while let Some(req) = t.recv().await {
+            let mut reply = format!("{name}:").into_bytes();
+            reply.extend_from_slice(req.payload());
+            req.reply(bytes::Bytes::from(reply));
+        }
+    });
+}
+
 /// The address a listening domus is bound to (every test domus listens unless built
 /// `dial_only`).
 pub fn addr_of(d: &vicus::Domus) -> DomusAddr {
