@@ -1294,18 +1294,31 @@ impl Shared {
         wait: Wait,
         deadline: tokio::time::Instant,
     ) -> Result<Receipt, Error> {
+        let permit = self.room_for(peer, peer_id, &msg, wait, deadline).await?;
+        self.hand_over(peer, msg, permit)
+    }
+
+    /// Takes the peer's in-flight room for `msg`: at once when it is free, else by waiting
+    /// in line (see [`wait_for_room`](Self::wait_for_room)).
+    async fn room_for(
+        &self,
+        peer: &PeerRef,
+        peer_id: &DomusId,
+        msg: &Outgoing,
+        wait: Wait,
+        deadline: tokio::time::Instant,
+    ) -> Result<InFlight, Error> {
         let size = msg.size();
         // Callers box this future (it is the slow path), so what it waits on is not boxed
         // again: one allocation per waiting send.
-        let permit = match peer.budget.try_take(size) {
-            Some(permit) => permit,
+        match peer.budget.try_take(size) {
+            Some(permit) => Ok(permit),
             None => {
                 let a3 = msg.msg_type >= A3_MESSAGE_TYPE_BASE;
                 self.wait_for_room(peer, peer_id, size, a3, wait, deadline)
-                    .await?
+                    .await
             }
-        };
-        self.hand_over(peer, msg, permit)
+        }
     }
 
     /// Hands an admitted message (its room taken) to the peer's driver.
@@ -1530,20 +1543,9 @@ impl Shared {
             payload: encode_blob_open(stream, msg_type.0, header),
             deadline: deadline.into_std(),
         };
-        let permit = match peer.budget.try_take(msg.size()) {
-            Some(permit) => permit,
-            None => {
-                self.wait_for_room(
-                    peer,
-                    peer_id,
-                    msg.size(),
-                    true,
-                    Wait::UntilDeadline,
-                    deadline,
-                )
-                .await?
-            }
-        };
+        let permit = self
+            .room_for(peer, peer_id, &msg, Wait::UntilDeadline, deadline)
+            .await?;
         // Not `hand_over`: its fallback would give the message to a new driver while the
         // stream sits with the old blob driver. The blob driver only retires when told by
         // this peer driver, after the OpenOutbound above: so when the message is taken, the
