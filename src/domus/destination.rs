@@ -15,7 +15,7 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::task::Poll;
+use std::task::{Context, Poll, ready};
 
 use arc_swap::ArcSwapOption;
 use bytes::Bytes;
@@ -39,11 +39,14 @@ enum Target {
     Remote { id: DomusId, peer: Arc<PeerRef> },
 }
 
-/// A send in a window: its slot in the window's ring, or a receipt (sends off the fast path).
+/// A send in a window: its slot in the window's ring, or a receipt (sends off the fast path),
+/// or its outcome already taken from the ring (with the outcome of an older send, under the
+/// same lock) and not handed out yet.
 #[derive(Debug)]
 enum InWindow {
     Slot(u64),
     Receipt(Receipt),
+    Taken(Outcome),
 }
 
 impl From<Receipt> for InWindow {
@@ -472,17 +475,40 @@ impl Window {
     /// The outcome of the oldest send still in the window; `None` when it is empty. Dropping
     /// this future before it is ready loses nothing: the send stays the oldest.
     pub async fn next(&mut self) -> Option<Outcome> {
-        let outcome = std::future::poll_fn(|cx| match self.outstanding.front_mut() {
-            None => Poll::Ready(None),
-            Some(InWindow::Receipt(receipt)) => Pin::new(receipt).poll(cx).map(Some),
-            Some(InWindow::Slot(ticket)) => match &self.ring {
-                Some(ring) => ring.poll_take(*ticket, cx).map(Some),
-                None => Poll::Ready(Some(Err(crate::runtime::domus_closed()))),
-            },
-        })
-        .await;
+        std::future::poll_fn(|cx| self.poll_next(cx)).await
+    }
+
+    fn poll_next(&mut self, cx: &mut Context<'_>) -> Poll<Option<Outcome>> {
+        let outcome = match self.outstanding.front_mut() {
+            None => return Poll::Ready(None),
+            Some(InWindow::Receipt(receipt)) => ready!(Pin::new(receipt).poll(cx)),
+            // A placeholder goes in; the entry leaves the window below.
+            Some(InWindow::Taken(outcome)) => std::mem::replace(outcome, Ok(Delivery::Accepted)),
+            Some(InWindow::Slot(ticket)) => {
+                let ticket = *ticket;
+                let Some(ring) = &self.ring else {
+                    return Poll::Ready(Some(Err(crate::runtime::domus_closed())));
+                };
+                let mut taker = ring.taker();
+                let Some(outcome) = taker.take(ticket) else {
+                    taker.wait_for(ticket, cx);
+                    return Poll::Pending;
+                };
+                // The outcomes behind it came in the same answer, mostly: take them under
+                // this lock rather than one lock (and one crossing of the driver's cache
+                // lines) each.
+                for entry in self.outstanding.iter_mut().skip(1) {
+                    let InWindow::Slot(next) = *entry else { break };
+                    let Some(outcome) = taker.take(next) else {
+                        break;
+                    };
+                    *entry = InWindow::Taken(outcome);
+                }
+                outcome
+            }
+        };
         self.outstanding.pop_front();
-        outcome
+        Poll::Ready(Some(outcome))
     }
 
     /// Waits for every send in the window and returns their outcomes in send order.

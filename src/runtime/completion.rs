@@ -11,8 +11,8 @@
 //! The ring's lock is held for one slot write or read, never across an `.await` (nothing here
 //! awaits).
 
-use std::sync::{Arc, Mutex, PoisonError};
-use std::task::{Context, Poll, Waker};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::task::{Context, Waker};
 
 use tokio::sync::oneshot;
 
@@ -48,6 +48,47 @@ impl Completion {
         if let Some(to) = self.0.take() {
             to.deliver(outcome);
         }
+    }
+}
+
+impl Completion {
+    /// Hands every outcome in `batch` to its waiter, in order, and leaves `batch` empty (to be
+    /// reused). A run of outcomes for one ring (a window's sends, answered by one frame) takes
+    /// that ring's lock once and wakes its window at most once, instead of once per send.
+    pub(crate) fn complete_all(batch: &mut Vec<(Completion, Outcome)>) {
+        let mut items = batch.drain(..).peekable();
+        while let Some((mut done, outcome)) = items.next() {
+            let Some(to) = done.0.take() else { continue };
+            let (ring, ticket) = match to {
+                To::Slot(ring, ticket) => (ring, ticket),
+                other => {
+                    other.deliver(outcome);
+                    continue;
+                }
+            };
+            let wake = {
+                let mut inner = ring.lock();
+                let mut wake = inner.put(ticket, outcome);
+                while items.peek().is_some_and(|(next, _)| next.is_slot_of(&ring)) {
+                    let Some((mut next, outcome)) = items.next() else {
+                        break;
+                    };
+                    if let Some(To::Slot(_, ticket)) = next.0.take() {
+                        if let Some(waker) = inner.put(ticket, outcome) {
+                            wake = Some(waker);
+                        }
+                    }
+                }
+                wake
+            };
+            if let Some(waker) = wake {
+                waker.wake();
+            }
+        }
+    }
+
+    fn is_slot_of(&self, ring: &Arc<CompletionRing>) -> bool {
+        matches!(&self.0, Some(To::Slot(r, _)) if Arc::ptr_eq(r, ring))
     }
 }
 
@@ -102,21 +143,12 @@ impl CompletionRing {
         }
     }
 
+    fn lock(&self) -> MutexGuard<'_, Ring> {
+        self.inner.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
     fn complete(&self, ticket: u64, outcome: Outcome) {
-        let wake = {
-            let mut ring = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
-            let at = ring.index(ticket);
-            if let Some(slot) = ring.slots.get_mut(at) {
-                *slot = Some((ticket, outcome));
-            }
-            match ring.waiting.take() {
-                Some((t, waker)) if t == ticket => Some(waker),
-                other => {
-                    ring.waiting = other;
-                    None
-                }
-            }
-        };
+        let wake = self.lock().put(ticket, outcome);
         if let Some(waker) = wake {
             waker.wake();
         }
@@ -124,35 +156,72 @@ impl CompletionRing {
 
     /// The outcome of `ticket` when it has come; otherwise remembers `cx` to be woken when it
     /// does.
-    pub(crate) fn poll_take(&self, ticket: u64, cx: &mut Context<'_>) -> Poll<Outcome> {
-        let mut ring = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
-        let at = ring.index(ticket);
-        if let Some(slot) = ring.slots.get_mut(at) {
-            if slot.as_ref().is_some_and(|(t, _)| *t == ticket) {
-                if let Some((_, outcome)) = slot.take() {
-                    return Poll::Ready(outcome);
-                }
+    #[cfg(test)]
+    pub(crate) fn poll_take(&self, ticket: u64, cx: &mut Context<'_>) -> std::task::Poll<Outcome> {
+        let mut taker = self.taker();
+        match taker.take(ticket) {
+            Some(outcome) => std::task::Poll::Ready(outcome),
+            None => {
+                taker.wait_for(ticket, cx);
+                std::task::Poll::Pending
             }
         }
-        match &mut ring.waiting {
-            Some((t, waker)) if *t == ticket && waker.will_wake(cx.waker()) => {}
-            waiting => *waiting = Some((ticket, cx.waker().clone())),
-        }
-        Poll::Pending
+    }
+
+    /// The ring locked for taking outcomes: a window takes the one it waits for and, under the
+    /// same lock, those of the sends behind it that have come too. Dropped at once (never held
+    /// across an `.await`).
+    pub(crate) fn taker(&self) -> Taker<'_> {
+        Taker(self.lock())
     }
 
     /// How many sends the ring has slots for.
     #[cfg(test)]
     fn capacity(&self) -> usize {
-        self.inner
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .slots
-            .len()
+        self.lock().slots.len()
+    }
+}
+
+/// See [`CompletionRing::taker`].
+pub(crate) struct Taker<'a>(MutexGuard<'a, Ring>);
+
+impl Taker<'_> {
+    /// The outcome of `ticket`, when it has come.
+    pub(crate) fn take(&mut self, ticket: u64) -> Option<Outcome> {
+        let at = self.0.index(ticket);
+        let slot = self.0.slots.get_mut(at)?;
+        if slot.as_ref().is_some_and(|(t, _)| *t == ticket) {
+            slot.take().map(|(_, outcome)| outcome)
+        } else {
+            None
+        }
+    }
+
+    /// Wakes `cx` when the outcome of `ticket` comes.
+    pub(crate) fn wait_for(&mut self, ticket: u64, cx: &mut Context<'_>) {
+        match &mut self.0.waiting {
+            Some((t, waker)) if *t == ticket && waker.will_wake(cx.waker()) => {}
+            waiting => *waiting = Some((ticket, cx.waker().clone())),
+        }
     }
 }
 
 impl Ring {
+    /// Stores the outcome of `ticket`; the window's waker when it waits for that one.
+    fn put(&mut self, ticket: u64, outcome: Outcome) -> Option<Waker> {
+        let at = self.index(ticket);
+        if let Some(slot) = self.slots.get_mut(at) {
+            *slot = Some((ticket, outcome));
+        }
+        match self.waiting.take() {
+            Some((t, waker)) if t == ticket => Some(waker),
+            other => {
+                self.waiting = other;
+                None
+            }
+        }
+    }
+
     fn index(&self, ticket: u64) -> usize {
         let len = u64::try_from(self.slots.len()).unwrap_or(u64::MAX).max(1);
         usize::try_from(ticket.checked_rem(len).unwrap_or(0)).unwrap_or(0)
@@ -163,6 +232,7 @@ impl Ring {
 mod tests {
     use super::*;
     use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::task::Poll;
     use std::task::Wake;
 
     struct Counter(AtomicUsize);
@@ -203,6 +273,62 @@ mod tests {
             other => panic!("{other:?}"),
         }
         assert_eq!(ring.capacity(), 2);
+    }
+
+    #[test]
+    fn a_batch_fills_each_ring_and_oneshot_in_order_and_wakes_each_window_once() {
+        let (a, b) = (
+            Arc::new(CompletionRing::new(8)),
+            Arc::new(CompletionRing::new(8)),
+        );
+        let (wakes_a, wakes_b) = (
+            Arc::new(Counter(AtomicUsize::new(0))),
+            Arc::new(Counter(AtomicUsize::new(0))),
+        );
+        let (waker_a, waker_b) = (Waker::from(wakes_a.clone()), Waker::from(wakes_b.clone()));
+        let (mut cx_a, mut cx_b) = (Context::from_waker(&waker_a), Context::from_waker(&waker_b));
+        assert!(a.poll_take(2, &mut cx_a).is_pending());
+        assert!(b.poll_take(0, &mut cx_b).is_pending());
+        let (lone, mut lone_rx) = Completion::oneshot();
+        let replied = |n: u8| Ok(Delivery::Replied(vec![n].into()));
+        let mut batch = vec![
+            (Completion::slot(a.clone(), 0), replied(0)),
+            (Completion::slot(a.clone(), 1), replied(1)),
+            (Completion::slot(a.clone(), 2), replied(2)),
+            (lone, replied(9)),
+            (Completion::slot(a.clone(), 3), replied(3)),
+            (Completion::slot(b.clone(), 0), replied(10)),
+            (Completion::slot(b.clone(), 1), replied(11)),
+        ];
+        Completion::complete_all(&mut batch);
+        assert!(batch.is_empty());
+        assert_eq!(
+            wakes_a.0.load(Ordering::Relaxed),
+            1,
+            "a waited for ticket 2"
+        );
+        assert_eq!(
+            wakes_b.0.load(Ordering::Relaxed),
+            1,
+            "b waited for ticket 0"
+        );
+        assert_eq!(
+            lone_rx.try_recv().expect("the oneshot's outcome"),
+            replied(9)
+        );
+        let mut taker = a.taker();
+        for n in 0..4u8 {
+            assert_eq!(taker.take(u64::from(n)), Some(replied(n)), "ticket {n}");
+        }
+        assert_eq!(taker.take(4), None, "nothing came for ticket 4");
+        drop(taker);
+        assert_eq!(b.poll_take(1, &mut cx_b), Poll::Ready(replied(11)));
+        assert_eq!(b.poll_take(0, &mut cx_b), Poll::Ready(replied(10)));
+        // An outcome for a ticket that is not in its slot any more is never handed to another.
+        let mut batch = vec![(Completion::slot(a.clone(), 12), replied(12))];
+        Completion::complete_all(&mut batch);
+        assert_eq!(a.taker().take(4), None, "slot 4 holds ticket 12, not 4");
+        assert_eq!(a.taker().take(12), Some(replied(12)));
     }
 
     /// Wakes a parked thread.

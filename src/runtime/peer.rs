@@ -711,9 +711,7 @@ impl PeerDriver {
         if !self.completed.is_empty() {
             // The counts first, so a sender that sees its outcome also sees it counted.
             self.counts.publish(&self.ctx.recorder, &self.cells);
-            for (done, result) in self.completed.drain(..) {
-                done.complete(result);
-            }
+            Completion::complete_all(&mut self.completed);
         }
     }
 
