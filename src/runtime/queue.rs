@@ -1,9 +1,11 @@
 //! [`WakeQueue`]: how sends and answers reach a peer's driver in batches.
 //!
 //! Many producers (sending tasks, handlers answering) push; the one driver takes everything
-//! pushed so far in one swap. The driver is woken only when the queue goes from empty to
-//! non-empty, so a burst of a thousand answers costs one wake-up, not a thousand. The lock is
-//! held for a push or a swap, never across an `.await` (nothing here awaits).
+//! pushed so far in one swap. A push wakes the driver only when the driver last found the
+//! queue empty (it is waiting, or about to): a burst of a thousand answers costs one wake-up,
+//! not a thousand, and a push while the driver is busy costs none — the driver takes again
+//! until it finds the queue empty before it waits. The lock is held for a push or a swap,
+//! never across an `.await` (nothing here awaits).
 //!
 //! Bounded by its producers: sends hold in-flight room (the peer's budget), answers belong to
 //! deliveries inside the peer's dedupe window.
@@ -20,6 +22,8 @@ struct Inner<T> {
     items: Vec<T>,
     /// The driver's waker, from the last time it found the queue empty.
     waker: Option<Waker>,
+    /// The driver found the queue empty and has not taken since: the next push wakes it.
+    armed: bool,
     closed: bool,
 }
 
@@ -29,6 +33,7 @@ impl<T> Default for WakeQueue<T> {
             inner: Mutex::new(Inner {
                 items: Vec::new(),
                 waker: None,
+                armed: false,
                 closed: false,
             }),
         }
@@ -36,8 +41,8 @@ impl<T> Default for WakeQueue<T> {
 }
 
 impl<T> WakeQueue<T> {
-    /// Queues `item` for the driver, waking it if the queue was empty. Gives the item back
-    /// when the driver is gone.
+    /// Queues `item` for the driver, waking it if it found the queue empty the last time it
+    /// looked. Gives the item back when the driver is gone.
     pub(crate) fn push(&self, item: T) -> Result<(), T> {
         let wake = {
             let mut inner = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
@@ -45,7 +50,7 @@ impl<T> WakeQueue<T> {
                 return Err(item);
             }
             inner.items.push(item);
-            if inner.items.len() == 1 {
+            if std::mem::take(&mut inner.armed) {
                 inner.waker.clone()
             } else {
                 None
@@ -59,6 +64,9 @@ impl<T> WakeQueue<T> {
 
     /// Moves everything queued into `out` (which the caller drains and reuses); when nothing
     /// was queued, remembers `cx`'s waker for the next push.
+    ///
+    /// Pushes after a take that found something do not wake the driver: it must take again,
+    /// until a take finds the queue empty, before it waits.
     pub(crate) fn take_all(&self, out: &mut Vec<T>, cx: &mut Context<'_>) {
         let mut inner = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
         if inner.items.is_empty() {
@@ -69,8 +77,10 @@ impl<T> WakeQueue<T> {
             {
                 inner.waker = Some(cx.waker().clone());
             }
+            inner.armed = true;
             return;
         }
+        inner.armed = false;
         std::mem::swap(&mut inner.items, out);
     }
 
@@ -143,7 +153,70 @@ mod tests {
         q.take_all(&mut out, &mut cx);
         q.push(7).expect("open");
         assert_eq!(wakes.0.load(Ordering::Relaxed), 2);
-        assert_eq!(q.close(), vec![7]);
-        assert_eq!(q.push(8), Err(8), "closed");
+        // A driver that took something is busy: pushes meanwhile wake nobody, and its next
+        // take gets them; only a take that finds nothing arms the queue again.
+        q.take_all(&mut out, &mut cx);
+        assert_eq!(out, vec![7]);
+        out.clear();
+        q.push(8).expect("open");
+        q.push(9).expect("open");
+        assert_eq!(wakes.0.load(Ordering::Relaxed), 2, "the driver is busy");
+        q.take_all(&mut out, &mut cx);
+        assert_eq!(out, vec![8, 9]);
+        out.clear();
+        q.take_all(&mut out, &mut cx);
+        q.push(10).expect("open");
+        assert_eq!(wakes.0.load(Ordering::Relaxed), 3, "the driver waits again");
+        assert_eq!(q.close(), vec![10]);
+        assert_eq!(q.push(11), Err(11), "closed");
+    }
+
+    /// Wakes a parked thread.
+    struct Unpark(std::thread::Thread);
+
+    impl Wake for Unpark {
+        fn wake(self: Arc<Self>) {
+            self.0.unpark();
+        }
+    }
+
+    #[test]
+    fn a_driver_on_another_thread_that_takes_until_empty_gets_every_item_in_order() {
+        const ITEMS: u64 = 200_000;
+        let q = Arc::new(WakeQueue::default());
+        let producer = {
+            let q = q.clone();
+            std::thread::spawn(move || {
+                for n in 0..ITEMS {
+                    q.push(n).expect("open");
+                    // Now and then the driver runs dry and waits.
+                    if n % 5_000 == 0 {
+                        std::thread::sleep(std::time::Duration::from_millis(1));
+                    }
+                }
+            })
+        };
+        let waker = Waker::from(Arc::new(Unpark(std::thread::current())));
+        let mut cx = Context::from_waker(&waker);
+        let (mut out, mut next) = (Vec::new(), 0u64);
+        while next < ITEMS {
+            q.take_all(&mut out, &mut cx);
+            if out.is_empty() {
+                // Found empty, so armed: a lost wake-up would park here for good; the
+                // timeout turns it into a failure instead of a hang.
+                let parked = std::time::Instant::now();
+                std::thread::park_timeout(std::time::Duration::from_secs(5));
+                assert!(
+                    parked.elapsed() < std::time::Duration::from_secs(4),
+                    "item {next}: the driver was never woken"
+                );
+                continue;
+            }
+            for n in out.drain(..) {
+                assert_eq!(n, next, "in push order");
+                next += 1;
+            }
+        }
+        producer.join().expect("producer thread");
     }
 }
