@@ -638,11 +638,18 @@ pub fn encode_message(
 ) {
     let body = MESSAGE_FIXED_LEN.saturating_add(payload.len());
     out.reserve(HEADER_LEN.saturating_add(body));
-    put_header(out, FrameType::MESSAGE, body);
-    out.put_u64(id);
-    out.put_u64(dst);
-    out.put_u64(src);
-    out.put_u32(msg_type);
+    // The fixed part is assembled on the stack and copied in once: a message is mostly
+    // fixed part when it is small, and each `BytesMut` put checks and grows the buffer.
+    let mut fixed = [0u8; HEADER_LEN + MESSAGE_FIXED_LEN];
+    let mut at = fixed.as_mut_slice();
+    at.put_u32(u32::try_from(body).unwrap_or(u32::MAX));
+    at.put_u8(FrameType::MESSAGE.0);
+    at.put_u8(0);
+    at.put_u64(id);
+    at.put_u64(dst);
+    at.put_u64(src);
+    at.put_u32(msg_type);
+    out.put_slice(&fixed);
     out.put_slice(payload);
 }
 
