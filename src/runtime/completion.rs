@@ -231,30 +231,21 @@ impl Ring {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::atomic::{AtomicUsize, Ordering};
+    use crate::runtime::test_wakers::{Counter, unpark_current};
+    use std::sync::atomic::Ordering;
     use std::task::Poll;
-    use std::task::Wake;
-
-    struct Counter(AtomicUsize);
-
-    impl Wake for Counter {
-        fn wake(self: Arc<Self>) {
-            self.0.fetch_add(1, Ordering::Relaxed);
-        }
-    }
 
     #[test]
     fn outcomes_reach_their_ticket_only_and_the_waiter_is_woken_once_for_its_own() {
         let ring = Arc::new(CompletionRing::new(2));
-        let wakes = Arc::new(Counter(AtomicUsize::new(0)));
-        let waker = Waker::from(wakes.clone());
+        let (wakes, waker) = Counter::waker();
         let mut cx = Context::from_waker(&waker);
         assert!(ring.poll_take(0, &mut cx).is_pending());
         // Ticket 1 completes first: no wake (the window waits for 0), kept for later.
         Completion::slot(ring.clone(), 1).complete(Ok(Delivery::Accepted));
-        assert_eq!(wakes.0.load(Ordering::Relaxed), 0);
+        assert_eq!(wakes.count(), 0);
         Completion::slot(ring.clone(), 0).complete(Ok(Delivery::Replied("r".into())));
-        assert_eq!(wakes.0.load(Ordering::Relaxed), 1);
+        assert_eq!(wakes.count(), 1);
         assert_eq!(
             ring.poll_take(0, &mut cx),
             Poll::Ready(Ok(Delivery::Replied("r".into())))
@@ -281,11 +272,7 @@ mod tests {
             Arc::new(CompletionRing::new(8)),
             Arc::new(CompletionRing::new(8)),
         );
-        let (wakes_a, wakes_b) = (
-            Arc::new(Counter(AtomicUsize::new(0))),
-            Arc::new(Counter(AtomicUsize::new(0))),
-        );
-        let (waker_a, waker_b) = (Waker::from(wakes_a.clone()), Waker::from(wakes_b.clone()));
+        let ((wakes_a, waker_a), (wakes_b, waker_b)) = (Counter::waker(), Counter::waker());
         let (mut cx_a, mut cx_b) = (Context::from_waker(&waker_a), Context::from_waker(&waker_b));
         assert!(a.poll_take(2, &mut cx_a).is_pending());
         assert!(b.poll_take(0, &mut cx_b).is_pending());
@@ -302,16 +289,8 @@ mod tests {
         ];
         Completion::complete_all(&mut batch);
         assert!(batch.is_empty());
-        assert_eq!(
-            wakes_a.0.load(Ordering::Relaxed),
-            1,
-            "a waited for ticket 2"
-        );
-        assert_eq!(
-            wakes_b.0.load(Ordering::Relaxed),
-            1,
-            "b waited for ticket 0"
-        );
+        assert_eq!(wakes_a.count(), 1, "a waited for ticket 2");
+        assert_eq!(wakes_b.count(), 1, "b waited for ticket 0");
         assert_eq!(
             lone_rx.try_recv().expect("the oneshot's outcome"),
             replied(9)
@@ -329,15 +308,6 @@ mod tests {
         Completion::complete_all(&mut batch);
         assert_eq!(a.taker().take(4), None, "slot 4 holds ticket 12, not 4");
         assert_eq!(a.taker().take(12), Some(replied(12)));
-    }
-
-    /// Wakes a parked thread.
-    struct Unpark(std::thread::Thread);
-
-    impl Wake for Unpark {
-        fn wake(self: Arc<Self>) {
-            self.0.unpark();
-        }
     }
 
     #[test]
@@ -359,7 +329,7 @@ mod tests {
                 }
             })
         };
-        let waker = Waker::from(Arc::new(Unpark(std::thread::current())));
+        let waker = unpark_current();
         let mut cx = Context::from_waker(&waker);
         for ticket in 0..SENDS {
             let outcome = loop {

@@ -28,6 +28,8 @@ pub(crate) mod completion;
 pub(crate) mod ends;
 pub(crate) mod peer;
 pub(crate) mod queue;
+#[cfg(test)]
+mod test_wakers;
 
 use std::future::Future;
 use std::sync::Arc;

@@ -118,23 +118,13 @@ impl<T> WakeQueue<T> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::runtime::test_wakers::{Counter, unpark_current};
     use std::sync::Arc;
-    use std::sync::atomic::{AtomicUsize, Ordering};
-    use std::task::Wake;
-
-    struct Counter(AtomicUsize);
-
-    impl Wake for Counter {
-        fn wake(self: Arc<Self>) {
-            self.0.fetch_add(1, Ordering::Relaxed);
-        }
-    }
 
     #[test]
     fn a_burst_wakes_the_driver_once_and_is_taken_in_one_swap() {
         let q = WakeQueue::default();
-        let wakes = Arc::new(Counter(AtomicUsize::new(0)));
-        let waker = Waker::from(wakes.clone());
+        let (wakes, waker) = Counter::waker();
         let mut cx = Context::from_waker(&waker);
         let mut out = Vec::new();
         q.take_all(&mut out, &mut cx);
@@ -142,17 +132,13 @@ mod tests {
         for n in 0..1000 {
             q.push(n).expect("open");
         }
-        assert_eq!(
-            wakes.0.load(Ordering::Relaxed),
-            1,
-            "empty -> non-empty only"
-        );
+        assert_eq!(wakes.count(), 1, "empty -> non-empty only");
         q.take_all(&mut out, &mut cx);
         assert_eq!(out.len(), 1000);
         out.clear();
         q.take_all(&mut out, &mut cx);
         q.push(7).expect("open");
-        assert_eq!(wakes.0.load(Ordering::Relaxed), 2);
+        assert_eq!(wakes.count(), 2);
         // A driver that took something is busy: pushes meanwhile wake nobody, and its next
         // take gets them; only a take that finds nothing arms the queue again.
         q.take_all(&mut out, &mut cx);
@@ -160,24 +146,15 @@ mod tests {
         out.clear();
         q.push(8).expect("open");
         q.push(9).expect("open");
-        assert_eq!(wakes.0.load(Ordering::Relaxed), 2, "the driver is busy");
+        assert_eq!(wakes.count(), 2, "the driver is busy");
         q.take_all(&mut out, &mut cx);
         assert_eq!(out, vec![8, 9]);
         out.clear();
         q.take_all(&mut out, &mut cx);
         q.push(10).expect("open");
-        assert_eq!(wakes.0.load(Ordering::Relaxed), 3, "the driver waits again");
+        assert_eq!(wakes.count(), 3, "the driver waits again");
         assert_eq!(q.close(), vec![10]);
         assert_eq!(q.push(11), Err(11), "closed");
-    }
-
-    /// Wakes a parked thread.
-    struct Unpark(std::thread::Thread);
-
-    impl Wake for Unpark {
-        fn wake(self: Arc<Self>) {
-            self.0.unpark();
-        }
     }
 
     #[test]
@@ -196,7 +173,7 @@ mod tests {
                 }
             })
         };
-        let waker = Waker::from(Arc::new(Unpark(std::thread::current())));
+        let waker = unpark_current();
         let mut cx = Context::from_waker(&waker);
         let (mut out, mut next) = (Vec::new(), 0u64);
         while next < ITEMS {
