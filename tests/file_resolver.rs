@@ -327,3 +327,40 @@ async fn reload_now_applies_at_once_and_returns_what_is_wrong() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn a_resolver_has_one_poller_at_a_time_and_a_dropped_one_frees_it() {
+    within(async {
+        let routes = RoutesDir::new("");
+        let resolver = FileResolver::open(routes.path()).expect("open the routes file");
+        let first = resolver.watch(INTERVAL).expect("the first watch");
+        let e = resolver
+            .watch(INTERVAL * 2)
+            .expect_err("a second poller while the first lives");
+        assert_eq!(e.id(), ErrorId::InvalidConfig);
+        assert!(e.message().contains("watched already"), "{e}");
+        // A refused interval leaves the running poller alone, and the poller still applies.
+        assert!(resolver.watch(Duration::ZERO).is_err());
+        routes.publish("[[taberna]]\nid = 7\ncandidates = [{ addr = \"127.0.0.1:9\" }]\n");
+        let started = Instant::now();
+        while resolver.table().len() != 1 {
+            assert!(
+                started.elapsed() < SLACK,
+                "the first poller applies the file"
+            );
+            tokio::time::sleep(INTERVAL / 2).await;
+        }
+        drop(first);
+        let again = resolver
+            .watch(INTERVAL)
+            .expect("watched again once dropped");
+        routes.publish("");
+        let started = Instant::now();
+        while !resolver.table().is_empty() {
+            assert!(started.elapsed() < SLACK, "the new poller applies the file");
+            tokio::time::sleep(INTERVAL / 2).await;
+        }
+        drop(again);
+    })
+    .await;
+}

@@ -75,6 +75,7 @@ use std::hash::{DefaultHasher, Hash, Hasher};
 use std::io::Read;
 use std::ops::Range;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
@@ -417,8 +418,10 @@ pub struct FileResolver {
     feeds: ResolverFeeds,
     /// One permit: held by the blocking read in progress, so at most one is outstanding.
     reads: Arc<Semaphore>,
-    /// Cancelled when the resolver is dropped; ends its pollers.
+    /// Cancelled when the resolver is dropped; ends its poller.
     dropped: CancellationToken,
+    /// Set while a poller runs (its [`FileWatchHandle`] lives): one per resolver.
+    watching: Arc<AtomicBool>,
 }
 
 struct Loaded {
@@ -484,6 +487,7 @@ impl FileResolver {
             feeds: ResolverFeeds::new(),
             reads: Arc::new(Semaphore::new(1)),
             dropped: CancellationToken::new(),
+            watching: Arc::new(AtomicBool::new(false)),
         }))
     }
 
@@ -504,9 +508,11 @@ impl FileResolver {
 
     /// Starts polling the file every `interval` (10 ms to 1 h) and applying changed contents
     /// by the rules in the module docs. The poller runs until the [`FileWatchHandle`] is
-    /// dropped or the resolver is (it holds only a `Weak`). Start one per resolver: each
-    /// poller reports its failures. Fails with `InvalidConfig` for an interval out of range or
-    /// when called outside a tokio runtime.
+    /// dropped or the resolver is (it holds only a `Weak`). One poller per resolver: while a
+    /// handle lives, another `watch` fails with `InvalidConfig` (two pollers would read the
+    /// file twice as often and report each failure twice); drop the handle to change the
+    /// interval. Fails with `InvalidConfig` too for an interval out of range or when called
+    /// outside a tokio runtime.
     pub fn watch(self: &Arc<Self>, interval: Duration) -> Result<FileWatchHandle, Error> {
         if !(Self::MIN_INTERVAL..=Self::MAX_INTERVAL).contains(&interval) {
             return Err(Error::invalid_config(
@@ -524,6 +530,20 @@ impl FileResolver {
                 "watch must be called from inside a tokio runtime",
             )
         })?;
+        if self
+            .watching
+            .compare_exchange(false, true, Ordering::AcqRel, Ordering::Acquire)
+            .is_err()
+        {
+            return Err(Error::invalid_config(
+                "FileResolver::watch",
+                format!(
+                    "{} is watched already: drop its FileWatchHandle before watching it again",
+                    self.path.display()
+                ),
+            ));
+        }
+        let slot = WatchSlot(self.watching.clone());
         let poller = Poller {
             resolver: Arc::downgrade(self),
             path: self.path.clone(),
@@ -540,6 +560,7 @@ impl FileResolver {
                     () = poller.run() => {}
                 }
             })),
+            _slot: slot,
         })
     }
 
@@ -635,8 +656,20 @@ impl RouteResolver for FileResolver {
 /// A running poller, from [`FileResolver::watch`]. Dropping it stops the poller.
 #[derive(Debug)]
 pub struct FileWatchHandle {
-    /// Aborted when the handle is dropped.
+    /// Aborted when the handle is dropped (first: fields drop in order).
     task: AbortOnDropHandle<()>,
+    /// Lets the resolver be watched again once the poller is aborted.
+    _slot: WatchSlot,
+}
+
+/// Clears a resolver's "watched" flag when dropped.
+#[derive(Debug)]
+struct WatchSlot(Arc<AtomicBool>);
+
+impl Drop for WatchSlot {
+    fn drop(&mut self) {
+        self.0.store(false, Ordering::Release);
+    }
 }
 
 impl FileWatchHandle {
