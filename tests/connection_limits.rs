@@ -17,6 +17,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use vicus::a0_transport::{AuthenticatedStream, Transport};
 use vicus::a1_callis::frame::{self, Frame, Hello};
 use vicus::dev_certs::DevCa;
+use vicus::reporting::{Event, FeedItem};
 use vicus::{Domus, DomusConfig, ErrorId, MessageType, SendOptions, SimpleResolver, TabernaId};
 
 const APP: MessageType = match MessageType::app(3) {
@@ -305,6 +306,7 @@ async fn aged_pair(a_age: Option<Duration>, b_age: Option<Duration>) -> (Domus, 
 async fn t08_the_dialler_replaces_a_callis_past_max_callis_age_and_no_send_is_lost() {
     within(async {
         let (a, b, _) = aged_pair(Some(Duration::from_millis(300)), None).await;
+        let (mut a_events, mut b_events) = (a.reporting().events(), b.reporting().events());
         let (ok, failed) = steady_traffic(&a, Duration::from_millis(1600)).await;
         assert_eq!(failed, 0, "{ok} sends answered");
         let s = b.reporting().snapshot();
@@ -317,6 +319,33 @@ async fn t08_the_dialler_replaces_a_callis_past_max_callis_age_and_no_send_is_lo
             s.primary_calles.current, 1,
             "one callis at a time after each takeover"
         );
+        // A takeover is a callis down and up on both sides. On the side that switches (the
+        // dialler, here) it is never the peer's: the peer came up once and never went away.
+        // (The acceptor may see the old callis close before the new one reaches its driver,
+        // and then reports the peer down and up again.)
+        for (side, events) in [("a", &mut a_events), ("b", &mut b_events)] {
+            let mut seen = Vec::new();
+            while let Some(FeedItem::Item(e)) = events.try_recv() {
+                seen.push(e);
+            }
+            let count = |f: &dyn Fn(&Event) -> bool| seen.iter().filter(|e| f(e)).count();
+            assert!(
+                count(&|e| matches!(e, Event::CallisDown { .. })) >= 3,
+                "{side}: the replaced calles went down: {seen:?}"
+            );
+            if side == "a" {
+                assert_eq!(
+                    count(&|e| matches!(e, Event::PeerConnected { .. })),
+                    1,
+                    "{seen:?}"
+                );
+                assert_eq!(
+                    count(&|e| matches!(e, Event::PeerDisconnected { .. })),
+                    0,
+                    "{seen:?}"
+                );
+            }
+        }
         a.shutdown().await;
         b.shutdown().await;
     })

@@ -47,7 +47,12 @@ pub enum CallisKind {
 #[derive(Debug, Clone, PartialEq)]
 #[non_exhaustive]
 pub enum Event {
-    /// A session with a peer opened (its primary callis said HELLO).
+    /// A session with a peer opened (its primary callis said HELLO). A callis that replaces
+    /// the current one at once (the tie-break between two dialled at the same time, or a
+    /// replacement for `max_callis_age`) is a `CallisDown` and a `CallisUp` on the side that
+    /// switches, not a `PeerDisconnected` and `PeerConnected` (unless the peer restarted);
+    /// the other side may see the old callis close before the new one reaches it and then
+    /// reports the peer down and up.
     PeerConnected {
         /// The peer.
         peer: DomusId,

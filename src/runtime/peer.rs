@@ -214,6 +214,10 @@ pub(crate) struct PeerDriver {
     counting: Counting,
     /// The current callis said HELLO (and was counted as up).
     open_reported: bool,
+    /// `PeerConnected` was reported and no `PeerDisconnected` since. A callis replaced by a
+    /// newer one (the duplicate tie-break, `max_callis_age`) is a callis down and up, not
+    /// the peer's: messages never waited for a callis.
+    peer_up_reported: bool,
     /// `max_callis_age` for the current callis, and the alarm that follows it.
     age: CallisAge,
     age_timer: Alarm,
@@ -290,6 +294,7 @@ impl PeerDriver {
             counting,
             cells: links.cells,
             open_reported: false,
+            peer_up_reported: false,
             age: CallisAge::new(links.max_callis_age),
             age_timer: Alarm::new(),
             now: now(),
@@ -508,7 +513,7 @@ impl PeerDriver {
                 return;
             }
             tracing::debug!(peer = %self.peer_id, "switching to a newer callis");
-            self.drop_stream();
+            self.close_callis(false);
         }
         // A dial of ours still in progress is left to finish: the peer may already hold that
         // callis, and both ends must judge the same pair of calles by the same rule.
@@ -528,12 +533,21 @@ impl PeerDriver {
     }
 
     fn drop_stream(&mut self) {
+        self.close_callis(true);
+    }
+
+    /// Closes the current callis; `peer_down`: the peer is reported disconnected too (false
+    /// when a newer callis replaces it at once).
+    fn close_callis(&mut self, peer_down: bool) {
         if self.open_reported {
             self.open_reported = false;
             self.cells.connected.store(false, Ordering::Relaxed);
             self.ctx
                 .recorder
                 .callis(CallisKind::Primary, &self.peer_id, false);
+        }
+        if peer_down && self.peer_up_reported {
+            self.peer_up_reported = false;
             self.ctx.recorder.event(Report::PeerDisconnected {
                 peer: self.peer_id.clone(),
                 reason: self.close_reason.take(),
@@ -633,10 +647,13 @@ impl PeerDriver {
                         self.cells.connected.store(true, Ordering::Relaxed);
                         rec.callis(CallisKind::Primary, &self.peer_id, true);
                     }
-                    rec.event(Report::PeerConnected {
-                        peer: self.peer_id.clone(),
-                        restarted,
-                    });
+                    if !self.peer_up_reported || restarted {
+                        self.peer_up_reported = true;
+                        rec.event(Report::PeerConnected {
+                            peer: self.peer_id.clone(),
+                            restarted,
+                        });
+                    }
                     if restarted {
                         rec.event(Report::SessionRestarted {
                             peer: self.peer_id.clone(),
