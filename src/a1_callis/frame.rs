@@ -556,7 +556,7 @@ fn decode_body(t: FrameType, mut body: Bytes) -> Result<Frame, FrameError> {
     Ok(frame)
 }
 
-fn put_header(out: &mut BytesMut, t: FrameType, body_len: usize) {
+fn put_header(out: &mut impl BufMut, t: FrameType, body_len: usize) {
     // Callers never build a body over u32::MAX: payload sizes are checked against
     // `max_frame_len` (a u32) before a message is queued.
     let len = u32::try_from(body_len).unwrap_or(u32::MAX);
@@ -642,9 +642,7 @@ pub fn encode_message(
     // fixed part when it is small, and each `BytesMut` put checks and grows the buffer.
     let mut fixed = [0u8; HEADER_LEN + MESSAGE_FIXED_LEN];
     let mut at = fixed.as_mut_slice();
-    at.put_u32(u32::try_from(body).unwrap_or(u32::MAX));
-    at.put_u8(FrameType::MESSAGE.0);
-    at.put_u8(0);
+    put_header(&mut at, FrameType::MESSAGE, body);
     at.put_u64(id);
     at.put_u64(dst);
     at.put_u64(src);
