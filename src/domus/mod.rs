@@ -1467,6 +1467,8 @@ impl Shared {
                 msg_type,
                 header: &header,
                 deadline,
+                window,
+                chunk,
             };
             match self.open_blob_on(&peer, &peer_id, open).await? {
                 Some(sender) => return Ok(sender),
@@ -1491,10 +1493,10 @@ impl Shared {
             msg_type,
             header,
             deadline,
+            window,
+            chunk,
         }: BlobOpen<'_>,
     ) -> Result<Option<BlobSender>, Error> {
-        let window = self.config.load().blob_window;
-        let chunk = self.config.load().blob_chunk_len;
         let full = |what: &str| {
             Error::new(
                 ErrorId::BlobBufferFull,
@@ -2229,7 +2231,6 @@ async fn first_frame(
     }
 }
 
-/// Cancels a blob stream whose opening did not complete (failed, or its future was dropped).
 /// What a blob's opening message says, and until when it may be sent.
 struct BlobOpen<'a> {
     taberna: TabernaId,
@@ -2237,11 +2238,15 @@ struct BlobOpen<'a> {
     msg_type: MessageType,
     header: &'a Bytes,
     deadline: tokio::time::Instant,
+    /// The stream's window and chunk length (`blob_window`, `blob_chunk_len`).
+    window: usize,
+    chunk: usize,
 }
 
 /// How often a blob open looks its peer up again after finding the peer's drivers retired.
 const BLOB_OPEN_RETIRED_RETRIES: u32 = 3;
 
+/// Cancels a blob stream whose opening did not complete (failed, or its future was dropped).
 struct CancelOnDrop {
     tx: Option<mpsc::UnboundedSender<BlobCommand>>,
     stream: u64,
