@@ -40,3 +40,14 @@ impl Wake for Unpark {
         self.0.unpark();
     }
 }
+
+/// Parks this thread until a wake-up (from [`unpark_current`]'s waker) comes. A lost
+/// wake-up would park for good: past 4 s it fails the test with `what` instead of hanging.
+pub(crate) fn park_for_wake(what: impl std::fmt::Display) {
+    let parked = std::time::Instant::now();
+    std::thread::park_timeout(std::time::Duration::from_secs(5));
+    assert!(
+        parked.elapsed() < std::time::Duration::from_secs(4),
+        "{what}: never woken"
+    );
+}
