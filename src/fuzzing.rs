@@ -140,6 +140,8 @@ fn fuzz_config() -> SessionConfig {
         // reaches the flood close.
         max_frames_per_second: 256,
         max_refusals_per_second: 64,
+        // Small enough that a script reaches the refusal of a peer that does not read.
+        max_unsent_answer_bytes: 2048,
     }
 }
 

@@ -187,7 +187,16 @@
 //!   the send's deadline; `try_send` fails at once with `LocalQueueFull`.
 //! * A misbehaving peer is cut off, not served: frames per second
 //!   (`max_frames_per_second`), refusals per second (`max_refusals_per_second`), a frame that
-//!   trickles in (`frame_read_timeout`) and silence (`idle_timeout`) all close its callis.
+//!   trickles in (`frame_read_timeout`) and silence (`idle_timeout`) all close its callis, and
+//!   so does a peer that stops reading: writes that make no progress for `idle_timeout` drop
+//!   the callis (its unanswered messages replay on the next one). Whatever a peer announces is
+//!   bounded by this side's own limits (its window by `dedupe_window`), and every frame written
+//!   fits the limit the peer announced.
+//! * Answers a peer does not read are bounded: once `max_unsent_answer_bytes` (default 16 MiB)
+//!   of replies and refusals wait for it, its new messages are answered `TabernaBusy` (not
+//!   delivered) until it reads. The same message id twice on one callis is a protocol
+//!   violation (a sender repeats an id only to replay it on a later callis), so a peer cannot
+//!   make a domus answer one message many times.
 //! * [`Destination::window`] keeps many sends in flight from one task and hands back their
 //!   outcomes in order; underneath, `admit` returns a [`Receipt`] to await later: one task
 //!   can keep thousands of sends in
@@ -245,7 +254,7 @@
 //! | when | fields |
 //! |---|---|
 //! | **live** (next send, delivery or accepted callis) | `send_timeout`, `resolve_timeout`, `max_message_len` (the local check), `default_inbox_depth` (tabernas registered without their own depth), `hello_timeout` (telling inbound calles apart), `shutdown_timeout`, `max_unopened_calles_per_peer`, `max_unopened_calles`, `max_peers` (connection limits, T8), `max_retained_reply_bytes` |
-//! | **new peers** (first contacted after the change) | `max_in_flight_per_peer`, `max_in_flight_bytes_per_peer`, `dedupe_window`, `keepalive_interval`, `idle_timeout`, `frame_read_timeout`, `max_frames_per_second`, `max_refusals_per_second`, `max_callis_age`, and the frame limit derived from `max_message_len` |
+//! | **new peers** (first contacted after the change) | `max_in_flight_per_peer`, `max_in_flight_bytes_per_peer`, `dedupe_window`, `max_unsent_answer_bytes`, `keepalive_interval`, `idle_timeout`, `frame_read_timeout`, `max_frames_per_second`, `max_refusals_per_second`, `max_callis_age`, and the frame limit derived from `max_message_len` |
 //! | **fixed** at build (a change is refused) | `transport`, `reconnect_backoff_min`, `reconnect_backoff_max`, `blob_chunk_len`, `blob_window`, `max_blob_streams_per_peer`, `blob_idle_timeout`, `blob_inbound_budget`, `blob_outbound_budget`, `max_blob_cancels_per_second` |
 //!
 //! Every field's default and range are on [`DomusConfig`].

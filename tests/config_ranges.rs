@@ -94,6 +94,11 @@ fn domus_rows() -> Vec<Row<DomusConfig>> {
             Outside(|c| c.max_retained_reply_bytes = (1 << 34) + 1),
         ),
         row(
+            "max_unsent_answer_bytes",
+            Outside(|c| c.max_unsent_answer_bytes = 64 * 1024 - 1),
+            Outside(|c| c.max_unsent_answer_bytes = (1 << 32) + 1),
+        ),
+        row(
             "keepalive_interval",
             Outside(|c| c.keepalive_interval = 10 * MS - NS),
             Outside(|c| c.keepalive_interval = 10 * MIN + NS),

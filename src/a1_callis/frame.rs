@@ -23,6 +23,13 @@ pub const HEADER_LEN: usize = 6;
 /// Fixed part of a MESSAGE body: id, destination, source, message type.
 pub const MESSAGE_FIXED_LEN: usize = 8 + 8 + 8 + 4;
 
+/// The smallest frame limit a HELLO may announce: a MESSAGE with an empty payload, the
+/// largest of the frames vicus must always be able to write (a REPLY with an empty payload,
+/// a REJECT without its reason and an ACCEPTED of one id are smaller). Every other frame is
+/// cut to the limit the peer announced (T32): ACCEPTED carries fewer ids, a REJECT's reason
+/// is shortened, a reply too long becomes a rejection.
+pub const MIN_FRAME_LEN: u32 = MESSAGE_FIXED_LEN as u32;
+
 /// Longest reason text in CLOSE and REJECT frames, in bytes.
 pub const MAX_REASON_LEN: usize = 256;
 
@@ -46,7 +53,8 @@ const BLOB_HELLO_LEN: u32 = 2 + 8 + 4;
 /// Fixed part of a BLOB_DATA body: stream, offset.
 pub const BLOB_DATA_FIXED_LEN: usize = 8 + 8;
 /// Fixed part of a REJECT body: id, error, code, reason length.
-const REJECT_FIXED_LEN: usize = 8 + 4 + 4 + 2;
+/// The fixed part of a REJECT body (id, error, code, reason length).
+pub const REJECT_FIXED_LEN: usize = 8 + 4 + 4 + 2;
 
 /// A frame type: an open set of named constants.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -566,7 +574,7 @@ fn put_header(out: &mut impl BufMut, t: FrameType, body_len: usize) {
 }
 
 /// Cuts `s` to at most `max` bytes at a character boundary.
-fn capped(s: &str, max: usize) -> &str {
+pub(crate) fn capped(s: &str, max: usize) -> &str {
     if s.len() <= max {
         return s;
     }

@@ -1,11 +1,12 @@
 //! The link policy: the protocol rules about calles themselves rather than what they carry —
 //! how long to wait before dialling again after a failure, which of two calles between the same
-//! pair of domus survives, and when a callis is too old to keep.
+//! pair of domus survives, when a callis is too old to keep, and when a callis whose writes
+//! do not move (or whose close cannot get out) is given up.
 //!
 //! Pure, like the session: time comes in as `now` and randomness as a number passed in, so the
 //! rules are tested on a virtual clock in microseconds. The runtime's drivers keep one
-//! [`Backoff`] and one [`CallisAge`] per callis kind and ask [`keep_current`] when a second
-//! callis arrives. No IO, no clock, no tokio.
+//! [`Backoff`], one [`CallisAge`] and one [`WriteWatch`] per callis kind and ask
+//! [`keep_current`] when a second callis arrives. No IO, no clock, no tokio.
 
 use std::time::{Duration, Instant};
 
@@ -185,6 +186,107 @@ impl CallisAge {
     }
 }
 
+/// How long a decided close waits for writes that make no progress before the callis is
+/// dropped without its CLOSE (at most the callis's idle timeout): a peer that reads gets the
+/// CLOSE and everything before it; one that does not is cut off soon (T33).
+pub const CLOSE_LINGER: Duration = Duration::from_secs(1);
+
+/// What [`WriteWatch::check`] decided.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WriteVerdict {
+    /// Writes move, or nothing waits: keep going.
+    Fine,
+    /// An open callis's writes made no progress for the idle timeout: the peer stopped
+    /// reading. Close it (no CLOSE can reach the peer) and drop it now.
+    Stalled,
+    /// A closing callis could not write its CLOSE in time: drop it now.
+    Abandon,
+}
+
+/// Write progress on one callis (T33): a peer that stops reading must not keep a callis, its
+/// buffers and its unanswered work for ever, and a close must take effect in bounded time
+/// whatever is queued. The driver reports every write attempt; the watch says when to give
+/// up:
+/// - open: no progress for `idle` while bytes wait → [`WriteVerdict::Stalled`];
+/// - closing: no progress for [`CLOSE_LINGER`] (at most `idle`) while bytes wait, or closing
+///   for `idle` in all → [`WriteVerdict::Abandon`].
+///
+/// Invariant: `unwritten_since` is `Some` exactly while bytes wait, and is the instant of the
+/// last write that moved bytes (or of the first attempt that found them waiting).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct WriteWatch {
+    unwritten_since: Option<Instant>,
+    closing_since: Option<Instant>,
+}
+
+impl WriteWatch {
+    /// A watch for a new callis: nothing waits, no close decided.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// A write attempt at `now`: whether it moved bytes, and whether bytes still wait.
+    pub fn wrote(&mut self, now: Instant, progressed: bool, waiting: bool) {
+        self.unwritten_since = if !waiting {
+            None
+        } else if progressed {
+            Some(now)
+        } else {
+            Some(self.unwritten_since.unwrap_or(now))
+        };
+    }
+
+    /// A close was decided at `now` (a later call keeps the first instant).
+    pub fn closing(&mut self, now: Instant) {
+        self.closing_since.get_or_insert(now);
+    }
+
+    /// Whether a close was decided.
+    pub fn is_closing(&self) -> bool {
+        self.closing_since.is_some()
+    }
+
+    fn linger(idle: Duration) -> Duration {
+        CLOSE_LINGER.min(idle)
+    }
+
+    /// The verdict at `now` for a callis whose idle timeout is `idle`.
+    pub fn check(&self, now: Instant, idle: Duration) -> WriteVerdict {
+        let stalled = self
+            .unwritten_since
+            .map(|since| now.saturating_duration_since(since));
+        match self.closing_since {
+            None if stalled.is_some_and(|s| s >= idle) => WriteVerdict::Stalled,
+            None => WriteVerdict::Fine,
+            Some(since) => {
+                let lingered = now.saturating_duration_since(since) >= idle;
+                if lingered || stalled.is_some_and(|s| s >= Self::linger(idle)) {
+                    WriteVerdict::Abandon
+                } else {
+                    WriteVerdict::Fine
+                }
+            }
+        }
+    }
+
+    /// The next instant [`check`](Self::check) may change its verdict.
+    pub fn poll_timeout(&self, idle: Duration) -> Option<Instant> {
+        let stall_limit = if self.closing_since.is_some() {
+            Self::linger(idle)
+        } else {
+            idle
+        };
+        let stall = self
+            .unwritten_since
+            .and_then(|since| since.checked_add(stall_limit));
+        let close = self.closing_since.and_then(|since| since.checked_add(idle));
+        match (stall, close) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -331,5 +433,56 @@ mod tests {
             unlimited.on_timeout(t0 + Duration::from_secs(1 << 30), Dialler::Us),
             AgeAction::None
         );
+    }
+
+    #[test]
+    fn t33_a_write_watch_gives_up_on_writes_that_do_not_move() {
+        let t0 = Instant::now();
+        let idle = Duration::from_secs(2);
+        let mut w = WriteWatch::new();
+        // Nothing waits: never a verdict, no timer.
+        w.wrote(t0, false, false);
+        assert_eq!(w.check(t0 + 10 * idle, idle), WriteVerdict::Fine);
+        assert_eq!(w.poll_timeout(idle), None);
+        // Bytes wait and move now and then: each move restarts the clock.
+        w.wrote(t0, true, true);
+        w.wrote(t0 + 1500 * MS, true, true);
+        assert_eq!(w.check(t0 + 3000 * MS, idle), WriteVerdict::Fine);
+        assert_eq!(w.poll_timeout(idle), Some(t0 + 3500 * MS));
+        // Then they stop moving.
+        w.wrote(t0 + 3000 * MS, false, true);
+        assert_eq!(w.check(t0 + 3499 * MS, idle), WriteVerdict::Fine);
+        assert_eq!(w.check(t0 + 3500 * MS, idle), WriteVerdict::Stalled);
+    }
+
+    #[test]
+    fn t33_a_close_waits_for_moving_writes_at_most_idle_and_for_stuck_ones_at_most_the_linger() {
+        let t0 = Instant::now();
+        let idle = Duration::from_secs(5);
+        // Stuck: given up CLOSE_LINGER after the last move.
+        let mut w = WriteWatch::new();
+        w.wrote(t0, false, true);
+        w.closing(t0 + 200 * MS);
+        assert_eq!(w.poll_timeout(idle), Some(t0 + CLOSE_LINGER));
+        assert_eq!(w.check(t0 + CLOSE_LINGER - MS, idle), WriteVerdict::Fine);
+        assert_eq!(w.check(t0 + CLOSE_LINGER, idle), WriteVerdict::Abandon);
+        // Moving slowly: given up `idle` after the close was decided.
+        let mut w = WriteWatch::new();
+        w.closing(t0);
+        for step in 1..=10u32 {
+            w.wrote(t0 + step * 500 * MS, true, true);
+        }
+        assert_eq!(w.check(t0 + 4999 * MS, idle), WriteVerdict::Fine);
+        assert_eq!(w.check(t0 + idle, idle), WriteVerdict::Abandon);
+        // A short idle timeout shortens the linger too.
+        let mut w = WriteWatch::new();
+        w.wrote(t0, false, true);
+        w.closing(t0);
+        assert_eq!(w.check(t0 + 300 * MS, 300 * MS), WriteVerdict::Abandon);
+        // Nothing waiting at the close: nothing to give up before `idle`.
+        let mut w = WriteWatch::new();
+        w.closing(t0);
+        w.wrote(t0, true, false);
+        assert_eq!(w.check(t0 + 4 * CLOSE_LINGER, idle), WriteVerdict::Fine);
     }
 }

@@ -31,6 +31,7 @@ use std::time::{Duration, Instant};
 use bytes::{Bytes, BytesMut};
 
 use super::frame::{self, Frame, Hello, MessageFrame, PROTOCOL_VERSION, RejectFrame};
+use super::link::{WriteVerdict, WriteWatch};
 use super::rate::RateWindow;
 use super::reply_budget::ReplyBudget;
 use super::window::IdQueue;
@@ -70,6 +71,12 @@ pub struct SessionConfig {
     /// Deliveries per second this side may refuse on its own (unknown taberna, forbidden,
     /// wrong type) before the callis is closed as abusive.
     pub max_refusals_per_second: u32,
+    /// Answer bytes (replies, rejections, acceptances) that may wait to be written to the
+    /// peer: once this many wait, new deliveries from the peer are refused with `TabernaBusy`
+    /// (not delivered) until the peer reads (T31). The number of answers waiting needs no
+    /// limit of its own: a correct peer never has more than `window` unanswered messages, so
+    /// more answers owed than `window` is a protocol violation.
+    pub max_unsent_answer_bytes: usize,
 }
 
 impl Default for SessionConfig {
@@ -86,6 +93,7 @@ impl Default for SessionConfig {
             frame_read_timeout: Duration::from_secs(30),
             max_frames_per_second: 4_000_000,
             max_refusals_per_second: 10_000,
+            max_unsent_answer_bytes: 16 * 1024 * 1024,
         }
     }
 }
@@ -213,6 +221,15 @@ enum SlotState {
     ReplyLost,
 }
 
+/// One id the receiver has seen: how it was answered, and the last callis it arrived on (a
+/// correct sender writes an id at most once per callis: again only as a replay on a later
+/// one).
+#[derive(Debug, Clone)]
+struct Slot {
+    state: SlotState,
+    callis: u32,
+}
+
 /// The receiver's dedupe state: what it delivered from `base` on and how each was answered,
 /// so a replayed duplicate is answered again and never delivered twice.
 ///
@@ -224,7 +241,7 @@ enum SlotState {
 struct DedupeRing {
     base: u64,
     /// `None`: an id not seen (yet) inside the window.
-    slots: VecDeque<Option<SlotState>>,
+    slots: VecDeque<Option<Slot>>,
     window: u64,
     highest: u64,
     /// What the peer said it will never send again (DONE_BELOW); a MESSAGE below it is a
@@ -244,7 +261,10 @@ impl Drop for DedupeRing {
 
 enum Seen {
     New,
-    Duplicate,
+    /// Seen before on an earlier callis (a replay): now marked as seen on this one too.
+    Replayed,
+    /// Seen before on this very callis: a correct sender never does that.
+    DuplicateOnThisCallis,
     OutsideWindow,
     /// Below what the sender said it will never send again.
     BelowFloor,
@@ -280,10 +300,11 @@ impl DedupeRing {
 
     fn state_mut(&mut self, id: u64) -> Option<&mut SlotState> {
         let i = usize::try_from(id.checked_sub(self.base)?).ok()?;
-        self.slots.get_mut(i)?.as_mut()
+        self.slots.get_mut(i)?.as_mut().map(|slot| &mut slot.state)
     }
 
-    fn observe(&mut self, id: u64) -> Seen {
+    /// Records that `id` arrived on callis number `callis`.
+    fn observe(&mut self, id: u64, callis: u32) -> Seen {
         let window = self.window;
         if id == 0 || (self.highest >= window && id <= self.highest.saturating_sub(window)) {
             return Seen::OutsideWindow;
@@ -306,10 +327,17 @@ impl DedupeRing {
         let Some(slot) = self.slots.get_mut(i) else {
             return Seen::OutsideWindow;
         };
-        if slot.is_some() {
-            return Seen::Duplicate;
+        if let Some(seen) = slot {
+            if seen.callis == callis {
+                return Seen::DuplicateOnThisCallis;
+            }
+            seen.callis = callis;
+            return Seen::Replayed;
         }
-        *slot = Some(SlotState::Pending);
+        *slot = Some(Slot {
+            state: SlotState::Pending,
+            callis,
+        });
         self.highest = self.highest.max(id);
         Seen::New
     }
@@ -319,7 +347,11 @@ impl DedupeRing {
         while self.base < floor {
             match self.slots.pop_front() {
                 Some(slot) => {
-                    if let Some(SlotState::Answered(Answer::Replied(old))) = slot {
+                    if let Some(Slot {
+                        state: SlotState::Answered(Answer::Replied(old)),
+                        ..
+                    }) = slot
+                    {
                         self.give_back_reply_bytes(old.len());
                     }
                     self.base = self.base.saturating_add(1);
@@ -357,17 +389,69 @@ impl DedupeRing {
     fn pending(&self) -> Vec<u64> {
         (self.base..)
             .zip(self.slots.iter())
-            .filter(|(_, s)| matches!(s, Some(SlotState::Pending)))
+            .filter(|(_, s)| {
+                matches!(
+                    s,
+                    Some(Slot {
+                        state: SlotState::Pending,
+                        ..
+                    })
+                )
+            })
             .map(|(id, _)| id)
             .collect()
     }
 }
 
-/// The answers waiting to be written.
+/// The answers waiting to be written, and what they take on the wire.
+///
+/// Invariant: `bytes` is the sum of [`answer_wire_len`] over everything queued.
 #[derive(Debug, Default)]
 struct AnswerQueue {
     accepted: Vec<u64>,
     others: VecDeque<(u64, Answer)>,
+    bytes: usize,
+}
+
+impl AnswerQueue {
+    fn len(&self) -> usize {
+        self.accepted.len().saturating_add(self.others.len())
+    }
+
+    fn is_empty(&self) -> bool {
+        self.accepted.is_empty() && self.others.is_empty()
+    }
+
+    fn push(&mut self, id: u64, answer: Answer) {
+        self.bytes = self.bytes.saturating_add(answer_wire_len(&answer));
+        match answer {
+            Answer::Accepted => self.accepted.push(id),
+            other => self.others.push_back((id, other)),
+        }
+    }
+
+    fn pop_other(&mut self) -> Option<(u64, Answer)> {
+        let (id, answer) = self.others.pop_front()?;
+        self.bytes = self.bytes.saturating_sub(answer_wire_len(&answer));
+        Some((id, answer))
+    }
+
+    /// Forgets the first `n` accepted ids (written).
+    fn written_accepted(&mut self, n: usize) {
+        let n = n.min(self.accepted.len());
+        self.accepted.drain(..n);
+        self.bytes = self.bytes.saturating_sub(n.saturating_mul(8));
+    }
+}
+
+/// About what `answer` takes on the wire (an accepted id: its 8 bytes in a shared frame).
+fn answer_wire_len(answer: &Answer) -> usize {
+    match answer {
+        Answer::Accepted => 8,
+        Answer::Replied(payload) => (frame::HEADER_LEN + 8).saturating_add(payload.len()),
+        Answer::Rejected { reason, .. } => (frame::HEADER_LEN + frame::REJECT_FIXED_LEN)
+            .saturating_add(reason.len().min(frame::MAX_REASON_LEN)),
+    }
 }
 
 /// While A3 messages wait, one goes after this many A2 messages in a row (aging: A2 comes
@@ -401,6 +485,9 @@ pub struct SessionStats {
     pub frames_skipped: u64,
     /// Callis opened (HELLO exchanged).
     pub opened: u64,
+    /// New messages refused with `TabernaBusy` (not delivered) because
+    /// `max_unsent_answer_bytes` of answers waited for the peer to read them.
+    pub refused_unread_answers: u64,
 }
 
 /// The A1 session with one peer. See the module docs for the calling order.
@@ -434,6 +521,15 @@ pub struct Session {
     // Inbound.
     ring: DedupeRing,
     answers: AnswerQueue,
+    /// The number of the current callis (counts `connected` calls): a slot remembers the
+    /// callis its id last arrived on.
+    callis_seq: u32,
+    /// Write progress on the current callis (T33), as the driver reports it.
+    writes: WriteWatch,
+    /// The callis must be dropped now, without waiting for what is queued.
+    abandon: bool,
+    /// The latest `now` the driver passed in (a close decided without one dates from it).
+    last_now: Option<Instant>,
     read_buf: BytesMut,
     /// When the incomplete frame at the front of `read_buf` started arriving.
     partial_frame_since: Option<Instant>,
@@ -483,6 +579,10 @@ impl Session {
             a2_streak: 0,
             ring,
             answers: AnswerQueue::default(),
+            callis_seq: 0,
+            writes: WriteWatch::new(),
+            abandon: false,
+            last_now: None,
             read_buf: BytesMut::new(),
             partial_frame_since: None,
             frames_per_second: RateWindow::new(),
@@ -614,6 +714,9 @@ impl Session {
     /// A new callis to the peer is authenticated; `peer_cert_id` is the id its certificate
     /// names. Queues our HELLO.
     pub fn connected(&mut self, now: Instant, peer_cert_id: &str) {
+        self.callis_seq = self.callis_seq.wrapping_add(1);
+        self.reset_write_progress();
+        self.last_now = Some(now);
         self.read_buf.clear();
         self.partial_frame_since = None;
         self.answers = AnswerQueue::default();
@@ -633,6 +736,7 @@ impl Session {
 
     /// The current callis is gone. Everything unanswered is kept for the next one.
     pub fn disconnected(&mut self, _now: Instant) {
+        self.reset_write_progress();
         self.link = Link::Down;
         self.hello_pending = false;
         self.close_pending = None;
@@ -644,6 +748,18 @@ impl Session {
         self.ping_to_send = None;
         self.next_ping = None;
         self.requeue_all();
+    }
+
+    fn reset_write_progress(&mut self) {
+        self.writes = WriteWatch::new();
+        self.abandon = false;
+    }
+
+    /// The close just decided dates from the latest `now` the driver passed in.
+    fn mark_closing(&mut self) {
+        if let Some(now) = self.last_now {
+            self.writes.closing(now);
+        }
     }
 
     /// Rebuilds the transmit queues from everything retained, in id (= send) order.
@@ -931,11 +1047,24 @@ impl Session {
         }
     }
 
+    /// Queues an answer to be written. A correct peer never has more than `window` messages
+    /// unanswered (it never writes an id `window` or more past its oldest unanswered one),
+    /// so more answers owed than that is a violation (T31).
     fn queue_answer(&mut self, id: u64, answer: Answer) {
-        match answer {
-            Answer::Accepted => self.answers.accepted.push(id),
-            other => self.answers.others.push_back((id, other)),
+        if self.answers.len() >= self.config.window.max(1) as usize {
+            let window = self.config.window;
+            self.violation(&format_args!(
+                "more than {window} answers are owed to it: it ran past its window of {window} message ids without reading its answers"
+            ));
+            return;
         }
+        self.answers.push(id, answer);
+    }
+
+    /// Answer bytes waiting to be written to the peer (see
+    /// [`SessionConfig::max_unsent_answer_bytes`]).
+    pub fn unsent_answer_bytes(&self) -> usize {
+        self.answers.bytes
     }
 
     /// The buffer the driver reads socket bytes into before calling
@@ -946,6 +1075,7 @@ impl Session {
 
     /// Decodes and handles every complete frame in the receive buffer.
     pub fn handle_input(&mut self, now: Instant) {
+        self.last_now = Some(now);
         if matches!(self.link, Link::Down | Link::Closing) {
             self.read_buf.clear();
             return;
@@ -1004,6 +1134,7 @@ impl Session {
         }
         self.close_pending = Some((error.id().as_u32(), error.message().to_owned()));
         self.link = Link::Closing;
+        self.mark_closing();
         self.events.push_back(Event::Close(error));
     }
 
@@ -1113,6 +1244,7 @@ impl Session {
     fn peer_closed(&mut self, code: u32, reason: &str) {
         let id = ErrorId::try_from(code).unwrap_or(ErrorId::ConnectionLost);
         self.link = Link::Closing;
+        self.mark_closing();
         self.close_pending = None;
         if id == ErrorId::DomusClosed {
             // A peer that shuts down answers every message it delivered before its CLOSE
@@ -1158,8 +1290,16 @@ impl Session {
             ));
             return;
         }
-        if h.window == 0 || h.max_frame_len < frame::MESSAGE_FIXED_LEN as u32 {
-            self.violation(&"HELLO limits are zero");
+        if h.max_frame_len < frame::MIN_FRAME_LEN {
+            self.violation(&format_args!(
+                "its HELLO announces a frame limit of {} bytes, below the {} bytes of the smallest frame this side must be able to write (a MESSAGE with an empty payload)",
+                h.max_frame_len,
+                frame::MIN_FRAME_LEN
+            ));
+            return;
+        }
+        if h.window == 0 {
+            self.violation(&"its HELLO announces a window of 0 message ids");
             return;
         }
         let restarted = self.peer_epoch.is_some_and(|e| e != h.epoch);
@@ -1168,7 +1308,9 @@ impl Session {
         }
         self.peer_epoch = Some(h.epoch);
         self.peer_max_frame_len = h.max_frame_len;
-        self.peer_window = h.window;
+        // A larger window than our own would only grow our per-message state (T32): the
+        // span of ids in flight is ours to bound.
+        self.peer_window = h.window.min(self.config.window.max(1));
         self.link = Link::Open;
         self.next_ping = now.checked_add(self.config.keepalive_interval);
         // A first probe at once, so the RTT is known one round trip after the callis opens
@@ -1263,7 +1405,7 @@ impl Session {
             ));
             return;
         }
-        match self.ring.observe(m.id) {
+        match self.ring.observe(m.id, self.callis_seq) {
             Seen::OutsideWindow => {
                 let (highest, window) = (self.ring.highest, self.ring.window);
                 self.violation(&format_args!(
@@ -1278,7 +1420,13 @@ impl Session {
                     m.id
                 ));
             }
-            Seen::Duplicate => {
+            Seen::DuplicateOnThisCallis => {
+                self.violation(&format_args!(
+                    "message id {} arrived twice on one callis (a sender writes an id again only as a replay on a later callis)",
+                    m.id
+                ));
+            }
+            Seen::Replayed => {
                 self.stats.duplicates_suppressed =
                     self.stats.duplicates_suppressed.saturating_add(1);
                 let state = self.ring.state_mut(m.id).map(|s| s.clone());
@@ -1297,6 +1445,20 @@ impl Session {
                     Some(SlotState::Pending) | None => {}
                 }
             }
+            Seen::New if self.answers.bytes >= self.config.max_unsent_answer_bytes => {
+                // The peer does not read its answers: what it sends now is not delivered
+                // (and says so), so its answers stop growing (T31).
+                self.stats.refused_unread_answers =
+                    self.stats.refused_unread_answers.saturating_add(1);
+                let refusal = Answer::refusal(
+                    ErrorId::TabernaBusy,
+                    "not delivered: the receiving domus holds max_unsent_answer_bytes of answers the sender has not read yet",
+                );
+                if let Some(state) = self.ring.state_mut(m.id) {
+                    *state = SlotState::Answered(refusal.clone());
+                }
+                self.queue_answer(m.id, refusal);
+            }
             Seen::New => {
                 self.stats.messages_delivered = self.stats.messages_delivered.saturating_add(1);
                 let peer_epoch = self.peer_epoch.unwrap_or_default();
@@ -1308,8 +1470,54 @@ impl Session {
         }
     }
 
-    /// Handles everything due at `now`: send deadlines, HELLO deadline, keepalive, idle.
+    /// The driver's report after each write attempt on the current callis: whether bytes
+    /// moved, and whether bytes still wait to be written. Writes that make no progress for
+    /// `idle_timeout` close the callis at once (T33: the peer stopped reading; a CLOSE could
+    /// not reach it anyway), and a decided close waits at most [`CLOSE_LINGER`] for writes
+    /// that make no progress (see [`must_abandon`](Self::must_abandon) and
+    /// [`WriteWatch`]).
+    pub fn write_progress(&mut self, now: Instant, progressed: bool, waiting: bool) {
+        self.last_now = Some(now);
+        self.writes.wrote(now, progressed, waiting);
+        if self.link == Link::Closing {
+            self.writes.closing(now);
+        }
+    }
+
+    /// Whether the driver must drop the callis now, whatever is still queued for it: its
+    /// writes stopped making progress (T33), or its close could not be written in time.
+    /// Everything unanswered is replayed on the next callis, as after any cut.
+    pub fn must_abandon(&self) -> bool {
+        self.abandon
+    }
+
+    /// The write deadlines at `now`: a stalled writer closes and is abandoned; a close that
+    /// cannot get out in time is abandoned.
+    fn check_write_progress(&mut self, now: Instant) {
+        if self.link == Link::Down {
+            return;
+        }
+        match self.writes.check(now, self.config.idle_timeout) {
+            WriteVerdict::Fine => {}
+            WriteVerdict::Stalled => {
+                self.close(Error::new(
+                    ErrorId::ConnectionLost,
+                    format!(
+                        "the peer read nothing this side wrote for {:?} (idle_timeout); it is stalled or does not read",
+                        self.config.idle_timeout
+                    ),
+                ));
+                self.abandon = true;
+            }
+            WriteVerdict::Abandon => self.abandon = true,
+        }
+    }
+
+    /// Handles everything due at `now`: send deadlines, HELLO deadline, keepalive, idle,
+    /// write progress.
     pub fn handle_timeout(&mut self, now: Instant) {
+        self.last_now = Some(now);
+        self.check_write_progress(now);
         while let Some((deadline, id)) = self.earliest_deadline() {
             if deadline > now {
                 break;
@@ -1395,6 +1603,9 @@ impl Session {
             }
             _ => {}
         }
+        if !self.abandon && self.link != Link::Down {
+            consider(self.writes.poll_timeout(self.config.idle_timeout));
+        }
         next
     }
 
@@ -1411,11 +1622,13 @@ impl Session {
     /// Appends frames to `out` in priority order — control (HELLO, CLOSE, PONG, PING), then
     /// answers, then A2 messages, then A3 — until about `transmit_batch_bytes`. Returns
     /// whether anything was written.
-    pub fn poll_transmit(&mut self, _now: Instant, out: &mut BytesMut) -> bool {
+    pub fn poll_transmit(&mut self, now: Instant, out: &mut BytesMut) -> bool {
+        self.last_now = Some(now);
         let start = out.len();
         if self.link == Link::Down {
             return false;
         }
+        let limit = start.saturating_add(self.config.transmit_batch_bytes);
         if self.hello_pending {
             self.hello_pending = false;
             frame::encode_hello(
@@ -1429,11 +1642,15 @@ impl Session {
                 },
             );
         }
-        if let Some((code, reason)) = self.close_pending.take() {
+        if self.close_pending.is_some() {
             // Answers owed go out before the CLOSE: a shutdown answers every delivery still
             // waiting for its handler, and the peer must read them before it reads the CLOSE.
-            self.write_answers(out);
-            frame::encode_close(out, code, &reason);
+            self.write_answers(out, limit);
+            if self.answers.is_empty() {
+                if let Some((code, reason)) = self.close_pending.take() {
+                    frame::encode_close(out, code, &reason);
+                }
+            }
             return out.len() > start;
         }
         if self.link != Link::Open {
@@ -1455,36 +1672,50 @@ impl Session {
             frame::encode_done_below(out, floor);
             self.done_below_sent = floor;
         }
-        self.write_answers(out);
-        let limit = start.saturating_add(self.config.transmit_batch_bytes);
+        self.write_answers(out, limit);
         self.write_messages(out, limit);
         out.len() > start
     }
 }
 
 impl Session {
-    /// ACCEPTED ids (batched, one frame per up to 8192 ids), then REPLY and REJECT frames.
-    fn write_answers(&mut self, out: &mut BytesMut) {
-        for chunk in self.answers.accepted.chunks(8192) {
+    /// ACCEPTED ids (as many per frame as the peer's frame limit takes, at most 8192), then
+    /// REPLY and REJECT frames, until `out` reaches `limit` (at least one frame goes out).
+    /// Every frame fits the limit the peer announced (T32): a reply that would not is turned
+    /// into a rejection that says so, and rejection reasons are cut to fit.
+    fn write_answers(&mut self, out: &mut BytesMut, limit: usize) {
+        let frame_max = self.peer_max_frame_len as usize;
+        let ids_per_frame = (frame_max / 8).clamp(1, 8192);
+        let mut written = 0usize;
+        for chunk in self.answers.accepted.chunks(ids_per_frame) {
+            if out.len() >= limit && written > 0 {
+                break;
+            }
             frame::encode_accepted(out, chunk);
+            written = written.saturating_add(chunk.len());
         }
-        self.answers.accepted.clear();
-        while let Some((id, answer)) = self.answers.others.pop_front() {
+        self.answers.written_accepted(written);
+        let reason_room = frame_max
+            .saturating_sub(frame::REJECT_FIXED_LEN)
+            .min(frame::MAX_REASON_LEN);
+        while out.len() < limit {
+            let Some((id, answer)) = self.answers.pop_other() else {
+                break;
+            };
             match answer {
                 // A reply the peer would refuse as too long is turned into a rejection that
                 // says so, instead of a frame that closes the callis.
-                Answer::Replied(payload)
-                    if payload.len().saturating_add(8) > self.peer_max_frame_len as usize =>
-                {
+                Answer::Replied(payload) if payload.len().saturating_add(8) > frame_max => {
+                    let reason = format!(
+                        "the reply of {} bytes is larger than the sender accepts",
+                        payload.len()
+                    );
                     frame::encode_reject(
                         out,
                         id,
                         ErrorId::PayloadTooLarge.as_u32(),
                         0,
-                        &format!(
-                            "the reply of {} bytes is larger than the sender accepts",
-                            payload.len()
-                        ),
+                        frame::capped(&reason, reason_room),
                     );
                 }
                 Answer::Replied(payload) => frame::encode_reply(out, id, &payload),
@@ -1492,7 +1723,9 @@ impl Session {
                     error,
                     code,
                     reason,
-                } => frame::encode_reject(out, id, error, code, &reason),
+                } => {
+                    frame::encode_reject(out, id, error, code, frame::capped(&reason, reason_room))
+                }
                 Answer::Accepted => frame::encode_accepted(out, &[id]),
             }
         }
@@ -1560,3 +1793,7 @@ pub(crate) fn too_large_reply(len: usize, max: usize) -> Answer {
 #[cfg(test)]
 #[path = "pair_tests.rs"]
 mod pair_tests;
+
+#[cfg(test)]
+#[path = "untrusted_peer_tests.rs"]
+mod untrusted_peer_tests;

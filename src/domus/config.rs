@@ -19,7 +19,7 @@ use crate::error::Error;
 /// | when | fields |
 /// |---|---|
 /// | **live**: the next send, delivery or accepted callis | `send_timeout`, `resolve_timeout`, `max_message_len` (the local check; the frame limit a peer is told applies to new peers), `default_inbox_depth` (every taberna registered without its own depth), `hello_timeout` (telling inbound calles apart; sessions: new peers), `shutdown_timeout`, `max_unopened_calles_per_peer`, `max_unopened_calles`, `max_peers`, `max_retained_reply_bytes` (replies kept from then on), `peer_recheck_interval` (from the next check) |
-/// | **new peers**: peers first contacted after the change (and peers after a restart of this domus) | `max_in_flight_per_peer`, `max_in_flight_bytes_per_peer`, `dedupe_window`, `keepalive_interval`, `idle_timeout`, `frame_read_timeout`, `max_frames_per_second`, `max_refusals_per_second`, `max_callis_age`, `peer_retire_after` |
+/// | **new peers**: peers first contacted after the change (and peers after a restart of this domus) | `max_in_flight_per_peer`, `max_in_flight_bytes_per_peer`, `dedupe_window`, `max_unsent_answer_bytes`, `keepalive_interval`, `idle_timeout`, `frame_read_timeout`, `max_frames_per_second`, `max_refusals_per_second`, `max_callis_age`, `peer_retire_after` |
 /// | **fixed** at build: a change is refused with `InvalidConfig` naming the field | `transport` (use `Domus::reload_auth` and `Domus::set_trust_policy` for authentication), `reconnect_backoff_min`, `reconnect_backoff_max`, every `blob_*` field, `max_blob_streams_per_peer`, `max_blob_cancels_per_second` |
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
@@ -50,6 +50,14 @@ pub struct DomusConfig {
     /// does not fit is sent but not kept (a replayed request then gets `ReplyLost`). Default
     /// 32 MiB; 0 to 16 GiB.
     pub max_retained_reply_bytes: usize,
+    /// Answer bytes (replies and refusals) that may wait for one peer to read them: once
+    /// that many wait, new messages from the peer are refused with `TabernaBusy` (not
+    /// delivered, said so in the reason) until it reads again, so a peer that sends requests
+    /// and never reads cannot make this domus hold unbounded replies (T31). The most a peer
+    /// can be owed is this plus one reply, and at most `dedupe_window` answers (a peer owed
+    /// more ran past its window: a protocol violation). A peer that reads nothing at all is
+    /// cut off after `idle_timeout` (T33). Default 16 MiB; 64 KiB to 4 GiB.
+    pub max_unsent_answer_bytes: usize,
     /// How often an open callis is probed with a PING (RTT is measured from it). Default
     /// 5 s; 10 ms to 10 min.
     pub keepalive_interval: Duration,
@@ -154,6 +162,7 @@ impl Default for DomusConfig {
             max_in_flight_bytes_per_peer: 64 * 1024 * 1024,
             dedupe_window: 8192,
             max_retained_reply_bytes: 32 * 1024 * 1024,
+            max_unsent_answer_bytes: 16 * 1024 * 1024,
             keepalive_interval: Duration::from_secs(5),
             idle_timeout: Duration::from_secs(20),
             hello_timeout: Duration::from_secs(10),
@@ -238,6 +247,12 @@ impl DomusConfig {
             self.max_retained_reply_bytes as u64,
             0,
             1 << 34,
+        )?;
+        count(
+            "max_unsent_answer_bytes",
+            self.max_unsent_answer_bytes as u64,
+            64 * 1024,
+            1 << 32,
         )?;
         within(
             "keepalive_interval",
@@ -418,6 +433,7 @@ impl DomusConfig {
             idle_timeout: self.idle_timeout,
             hello_timeout: self.hello_timeout,
             max_retained_reply_bytes: self.max_retained_reply_bytes,
+            max_unsent_answer_bytes: self.max_unsent_answer_bytes,
             transmit_batch_bytes: 256 * 1024,
             frame_read_timeout: self.frame_read_timeout,
             max_frames_per_second: self.max_frames_per_second,

@@ -83,9 +83,7 @@ pub struct SendOptions {
     pub source: Option<TabernaId>,
 }
 
-/// Taberna ids from here up are reserved for vicus's own services (`vicus::services`); an
-/// application registering one is refused with `InvalidConfig`.
-pub const RESERVED_TABERNA_BASE: u64 = 0xFFFF_FFFF_FFFF_FF00;
+pub use crate::taberna::RESERVED_TABERNA_BASE;
 
 fn check_not_reserved(id: TabernaId) -> Result<(), Error> {
     if id.0 >= RESERVED_TABERNA_BASE {

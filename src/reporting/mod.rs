@@ -252,7 +252,8 @@ counters! {
     /// included).
     messages_received,
     /// Messages from peers that vicus refused before any handler saw them (unknown taberna,
-    /// allow-list, message type, full inbox, blob limits); by reason in `Snapshot::refused_by`.
+    /// allow-list, message type, full inbox, blob limits, a peer that does not read its
+    /// answers); by reason in `Snapshot::refused_by`.
     messages_refused,
     /// Sends answered `Accepted`.
     messages_accepted,

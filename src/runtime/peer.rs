@@ -243,6 +243,8 @@ pub(crate) struct PeerDriver {
     used: bool,
     /// Follows [`PeerDriver::retire_at`].
     retire_timer: Alarm,
+    /// The session's refusals of a peer that does not read its answers, as last reported.
+    unread_refusals_reported: u64,
 }
 
 impl PeerDriver {
@@ -307,6 +309,7 @@ impl PeerDriver {
             down_since: Some(now()),
             used: false,
             retire_timer: Alarm::new(),
+            unread_refusals_reported: 0,
         }
     }
 
@@ -944,8 +947,15 @@ impl PeerDriver {
         false
     }
 
-    /// Publishes this peer's live figures for `Reporting::snapshot`.
-    fn publish_cells(&self) {
+    /// Publishes this peer's live figures for `Reporting::snapshot`, and counts the
+    /// session's refusals of a peer that does not read its answers (T31) as refused
+    /// `TabernaBusy` deliveries.
+    fn publish_cells(&mut self) {
+        let refused = self.session.stats().refused_unread_answers;
+        for _ in self.unread_refusals_reported..refused {
+            self.ctx.recorder.refused(ErrorId::TabernaBusy);
+        }
+        self.unread_refusals_reported = refused;
         let c = &self.cells;
         c.in_flight
             .store(self.pending.len() as u64, Ordering::Relaxed);
@@ -1092,9 +1102,21 @@ impl Future for PeerDriver {
             if !written.alive {
                 this.drop_stream();
             }
+            if let Some(callis) = &this.callis {
+                // The session keeps the write deadline (T33).
+                let waiting = !callis.is_drained();
+                this.session
+                    .write_progress(this.now, written.progressed, waiting);
+            }
             this.dispatch_events();
-            // A close the session decided takes effect once its CLOSE frame is out.
-            if this.session.is_closing() && this.callis.as_ref().is_some_and(CallisIo::is_drained) {
+            // A close the session decided takes effect once its CLOSE frame is out, or at
+            // once when the peer reads nothing (whatever is still queued is dropped; what is
+            // unanswered is replayed on the next callis).
+            if this.callis.is_some()
+                && (this.session.must_abandon()
+                    || (this.session.is_closing()
+                        && this.callis.as_ref().is_some_and(CallisIo::is_drained)))
+            {
                 this.drop_stream();
                 progressed = true;
             }

@@ -36,6 +36,11 @@ const MAX_INBOX_DEPTH: usize = 1 << 20;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct TabernaId(pub u64);
 
+/// Taberna ids from here up are reserved for vicus's own services (`vicus::services`); an
+/// application registering one is refused with `InvalidConfig`, and an A2 (service) message
+/// type is delivered to these tabernas only.
+pub const RESERVED_TABERNA_BASE: u64 = 0xFFFF_FFFF_FFFF_FF00;
+
 impl fmt::Display for TabernaId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "taberna {}", self.0)
@@ -415,8 +420,12 @@ impl Inbound for Registry {
                     "no such taberna on the receiving domus",
                 );
             };
-            if let Some((error, reason)) = Self::check(entry, m.peer.id(), MessageType(m.msg_type))
-            {
+            if let Some((error, reason)) = Self::check(
+                entry,
+                TabernaId(m.dst),
+                m.peer.id(),
+                MessageType(m.msg_type),
+            ) {
                 return refused(error, reason);
             }
             if let Inbox::Inline(handler, calls) = &entry.inbox {
@@ -662,9 +671,19 @@ impl Registry {
     /// Why `entry` refuses a delivery from `peer` of `message_type`, if it does.
     fn check(
         entry: &Entry,
+        taberna: TabernaId,
         peer: &DomusId,
         message_type: MessageType,
     ) -> Option<(ErrorId, &'static str)> {
+        // A2 types are the mesh services' own, for their reserved tabernas only. Every send
+        // API refuses anything else, but a peer may write its own frames: the receiver is the
+        // boundary.
+        if message_type.class() == MessageClass::A2 && taberna.0 < RESERVED_TABERNA_BASE {
+            return Some((
+                ErrorId::InvalidMessageType,
+                "an A2 (service) message type is for vicus's own service tabernas only",
+            ));
+        }
         if entry
             .options
             .allowed_peers
@@ -724,7 +743,12 @@ impl Registry {
                     ErrorId::UnknownTaberna,
                     "no such taberna on the receiving domus",
                 )),
-                Some(entry) => match Self::check(entry, request.peer.id(), request.message_type) {
+                Some(entry) => match Self::check(
+                    entry,
+                    request.destination,
+                    request.peer.id(),
+                    request.message_type,
+                ) {
                     Some(refusal) => Some(refusal),
                     None => match &entry.inbox {
                         Inbox::Inline(_, _) if request.blob.is_some() => Some((

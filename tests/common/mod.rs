@@ -167,3 +167,97 @@ pub fn spawn_named_echo(t: vicus::Taberna, name: &'static str) {
 pub fn addr_of(d: &vicus::Domus) -> DomusAddr {
     d.local_addr().cloned().expect("the domus listens")
 }
+
+/// A hand-written peer over a real mutual-TLS callis: it says HELLO and then writes and
+/// reads raw frames as it likes, as a hostile (or broken) implementation with a valid
+/// certificate would.
+pub struct RawPeer {
+    pub io: AuthenticatedStream,
+    pub buf: bytes::BytesMut,
+}
+
+impl RawPeer {
+    /// Dials `to` as the identity of `transport` and writes a HELLO with `epoch`, `window`
+    /// and `max_frame_len`.
+    pub async fn connect(
+        transport: &Transport,
+        to: &vicus::Domus,
+        epoch: u64,
+        window: u32,
+        max_frame_len: u32,
+    ) -> RawPeer {
+        use vicus::a1_callis::frame::{self, Hello};
+        let mut io = transport
+            .dial(&addr_of(to), Some(to.identity()))
+            .await
+            .expect("dial");
+        let mut out = bytes::BytesMut::new();
+        frame::encode_hello(
+            &mut out,
+            &Hello {
+                version: frame::PROTOCOL_VERSION,
+                epoch,
+                max_frame_len,
+                window,
+                domus_id: transport.local_id().as_str().to_owned(),
+            },
+        );
+        io.write_all(&out).await.expect("write HELLO");
+        RawPeer {
+            io,
+            buf: bytes::BytesMut::new(),
+        }
+    }
+
+    /// Writes `bytes` (whole frames).
+    pub async fn write(&mut self, bytes: &[u8]) -> std::io::Result<()> {
+        self.io.write_all(bytes).await?;
+        self.io.flush().await
+    }
+
+    /// Reads frames until `pred` matches one; `None` when the callis ends or nothing comes
+    /// for 10 s.
+    pub async fn read_until(
+        &mut self,
+        mut pred: impl FnMut(&vicus::a1_callis::frame::Frame) -> bool,
+    ) -> Option<vicus::a1_callis::frame::Frame> {
+        loop {
+            while let Ok(Some(f)) = vicus::a1_callis::frame::decode(&mut self.buf, 1 << 27) {
+                if pred(&f) {
+                    return Some(f);
+                }
+            }
+            match tokio::time::timeout(Duration::from_secs(10), self.io.read_buf(&mut self.buf))
+                .await
+            {
+                Ok(Ok(n)) if n > 0 => {}
+                _ => return None,
+            }
+        }
+    }
+}
+
+/// This process's resident set size in bytes (Linux).
+pub fn rss_bytes() -> u64 {
+    let statm = std::fs::read_to_string("/proc/self/statm").expect("read /proc/self/statm");
+    let pages: u64 = statm
+        .split_whitespace()
+        .nth(1)
+        .and_then(|p| p.parse().ok())
+        .expect("statm's resident field");
+    pages * 4096
+}
+
+/// Waits (polling every 10 ms) until `cond` holds; false when `limit` passed first.
+pub async fn wait_until(limit: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
+        if cond() {
+            return true;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
