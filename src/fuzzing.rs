@@ -872,6 +872,9 @@ impl<'a> BlobHarness<'a> {
             max_streams,
             idle_timeout: idle,
             max_peer_cancels_per_second: cancel_budget,
+            // Never reached here (a script hands over far fewer frames): the frame budget is
+            // tested in blob_tests, where the clock and the counts are exact.
+            max_frames_per_second: u32::MAX,
         };
         let mut h = Self {
             script,

@@ -810,3 +810,153 @@ async fn t21_a_peer_writing_past_its_credit_loses_its_blob_callis_with_a_violati
     })
     .await;
 }
+
+/// Writes `chunk` (`frames` frames) again and again until a write fails or `max` frames went
+/// out; returns how many went out.
+async fn write_until_cut<W: tokio::io::AsyncWrite + Unpin>(
+    w: &mut W,
+    chunk: &[u8],
+    frames: u64,
+    max: u64,
+) -> u64 {
+    let mut sent = 0u64;
+    while sent < max && w.write_all(chunk).await.is_ok() {
+        sent += frames;
+    }
+    sent
+}
+
+#[tokio::test]
+async fn t16_a_skippable_frame_flood_on_the_blob_callis_is_closed_and_counted_once_per_callis() {
+    within(async {
+        let mut mesh = Mesh::new().expect("mesh");
+        // A budget a debug build on a busy 2-core machine surely decodes past within a
+        // second (skipped frames count double: 50,000 of them).
+        let mut config = fast();
+        config.max_frames_per_second = 100_000;
+        let b = mesh.domus_with("b", config).await.expect("domus");
+        let a = mesh.domus("a").await.expect("domus");
+        mesh.route(TabernaId(10), &b).expect("route");
+        mesh.route(TabernaId(11), &b).expect("route");
+        spawn_named_echo(b.taberna(TabernaId(10)).expect("taberna"), "b");
+        // A well-behaved peer keeps sending while the flooder floods.
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let round_trips = {
+            let (a, stop) = (a.clone(), stop.clone());
+            tokio::spawn(async move {
+                let opts = SendOptions::default().timeout(Duration::from_secs(10));
+                let mut n = 0u64;
+                while !stop.load(Ordering::Relaxed) {
+                    let answer = a
+                        .send(TabernaId(10), APP, Bytes::from_static(b"rt"), opts.clone())
+                        .await
+                        .expect("the well-behaved peer is answered");
+                    let vicus::Delivery::Replied(reply) = answer else {
+                        panic!("{answer:?}")
+                    };
+                    assert_eq!(reply.as_ref(), b"b:rt");
+                    n += 1;
+                }
+                n
+            })
+        };
+        let evil = transport(mesh.ca(), "evil");
+        let mut flood = BytesMut::new();
+        for _ in 0..10_000 {
+            Frame::Skipped(frame::FrameType(0x90)).encode(&mut flood);
+        }
+        let flood = flood.freeze();
+        // The budget belongs to the peer's blob streams, which outlive a callis: a second
+        // callis within the same second is over budget from its first frames.
+        for round in 1..=2u64 {
+            let seq = b.reporting().last_error_seq();
+            let before = b.reporting().snapshot().totals.protocol_violations;
+            let started = Instant::now();
+            let io = evil
+                .dial(&addr_of(&b), Some(b.identity()))
+                .await
+                .expect("dial");
+            let (mut rd, mut wr) = tokio::io::split(io);
+            let mut hello = BytesMut::new();
+            frame::encode_blob_hello(&mut hello, frame::PROTOCOL_VERSION, 77, 1 << 20);
+            wr.write_all(&hello).await.expect("BLOB_HELLO");
+            let writer = {
+                let flood = flood.clone();
+                tokio::spawn(
+                    async move { write_until_cut(&mut wr, &flood, 10_000, 200_000_000).await },
+                )
+            };
+            // The flooder is told why, then cut off.
+            let mut buf = BytesMut::new();
+            let close = tokio::time::timeout(Duration::from_secs(10), async {
+                loop {
+                    while let Ok(Some(f)) = frame::decode(&mut buf, 1 << 20) {
+                        if let Frame::Close { code, reason } = f {
+                            return Some((code, reason));
+                        }
+                    }
+                    match rd.read_buf(&mut buf).await {
+                        Ok(0) | Err(_) => return None,
+                        Ok(_) => {}
+                    }
+                }
+            })
+            .await
+            .expect("the blob callis is closed in time");
+            let took = started.elapsed();
+            let (code, reason) = close.expect("a CLOSE before the callis ends");
+            assert_eq!(code, ErrorId::ProtocolViolation.as_u32(), "{reason}");
+            assert!(reason.contains("calm down"), "{reason}");
+            let sent = tokio::time::timeout(Duration::from_secs(10), writer)
+                .await
+                .expect("the flooder's writes fail in time")
+                .expect("join");
+            assert!(sent < 200_000_000, "round {round}: cut after {sent} frames");
+            // Generous: the cut comes within about a second of budget, whatever the load.
+            assert!(
+                took < Duration::from_secs(5),
+                "round {round}: closed after {took:?}"
+            );
+            eprintln!("round {round}: closed after {took:?}, {sent} skipped frames written");
+            // Exactly one violation for the closed callis, and one entry on the error feed,
+            // however many frames it had buffered; still one a moment later.
+            let counted = || b.reporting().snapshot().totals.protocol_violations - before;
+            assert_eq!(counted(), 1, "round {round}");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            assert_eq!(counted(), 1, "round {round}, a moment later");
+            let feed = b.reporting().errors_since(seq, 64);
+            assert_eq!(
+                feed.missed, 0,
+                "round {round}: the error feed's ring was wiped"
+            );
+            let ours: Vec<_> = feed
+                .errors
+                .iter()
+                .filter(|e| e.error.id() == ErrorId::ProtocolViolation)
+                .collect();
+            assert_eq!(ours.len(), 1, "round {round}: {:?}", feed.errors);
+            assert!(
+                ours[0].error.message().contains(evil.local_id().as_str()),
+                "{:?}",
+                ours[0]
+            );
+        }
+        stop.store(true, Ordering::Relaxed);
+        let answered = round_trips.await.expect("join");
+        assert!(answered > 0, "the well-behaved peer was answered");
+        // Its blobs still flow too.
+        let t = b.taberna(TabernaId(11)).expect("taberna");
+        let (tx, mut rx) = tokio::join!(open(&a, 11), accept_blob(&t));
+        let payload = data(100_000, 9);
+        let sent = tokio::spawn(send_all(tx.expect("opened"), payload.clone()));
+        let mut got = Vec::new();
+        while let Some(piece) = futures_next(&mut rx).await {
+            got.extend_from_slice(&piece.expect("bytes"));
+        }
+        sent.await.expect("join").expect("finished");
+        assert!(got == payload, "the good peer's blob arrived intact");
+        a.shutdown().await;
+        b.shutdown().await;
+    })
+    .await;
+}

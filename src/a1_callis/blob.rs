@@ -20,10 +20,18 @@
 //! * **Memory.** A sending stream holds at most `window` bytes (queued plus unacknowledged);
 //!   a receiving stream at most `window` bytes not yet read.
 //! * **Fairness.** Streams take turns, one chunk each, in round-robin order.
+//! * **Flood budget (T16).** Every frame received counts against `max_frames_per_second`,
+//!   the same budget as the primary callis: BLOB_DATA that carries bytes costs 1, every
+//!   other frame (credits, ends, cancels, skipped frames, empty data) costs 2. Past it the
+//!   blob callis is closed ("calm down").
+//! * **One violation per callis.** The first [`BlobEvent::Violation`] decides the callis's
+//!   end: every later frame handed over before the callis is gone
+//!   ([`disconnected`](BlobStreams::disconnected)) is ignored, and the driver stops decoding,
+//!   so a buffer full of bad frames is one violation, not one per frame.
 //!
 //! No IO, no clock (time comes in as `now`), no tokio.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
@@ -77,6 +85,11 @@ pub struct BlobConfig {
     /// BLOB_CANCELs the peer may send in one second; one more is a violation (T17: open and
     /// cancel churn).
     pub max_peer_cancels_per_second: u32,
+    /// Frames accepted from the peer per second on the blob callis before it is closed as a
+    /// flood (T16). BLOB_DATA carrying bytes counts once; every other frame (credits, ends,
+    /// cancels, skipped frames, empty data) counts twice, like PING, PONG and skipped frames
+    /// on the primary callis. A domus sets it from its `max_frames_per_second`.
+    pub max_frames_per_second: u32,
 }
 
 impl Default for BlobConfig {
@@ -87,6 +100,7 @@ impl Default for BlobConfig {
             max_streams: 64,
             idle_timeout: Duration::from_secs(30),
             max_peer_cancels_per_second: 1000,
+            max_frames_per_second: 4_000_000,
         }
     }
 }
@@ -181,14 +195,58 @@ pub struct BlobStreams {
     peer_chunk: usize,
     /// Streams finished or cancelled lately, with the length of receiving streams that
     /// completed: late frames for them are ignored (a late BLOB_END answered), not violations.
-    recent: VecDeque<(u64, Option<u64>)>,
+    recent: RecentlyEnded,
     connected: bool,
+    /// A violation decided the current callis's end: later frames are not handled.
+    violated: bool,
     events: VecDeque<BlobEvent>,
     /// Cancels from the peer in the current second (T17).
     cancels_per_second: RateWindow,
+    /// Frames from the peer in the current second, weighted (T16).
+    frames_per_second: RateWindow,
 }
 
+/// Streams remembered as recently ended.
 const RECENT_CAP: usize = 1024;
+
+/// The last [`RECENT_CAP`] streams that ended, each with the length it completed with (for
+/// receiving streams that completed), looked up in O(1): a late frame naming one is checked
+/// once per frame, and a peer chooses how many it sends.
+///
+/// Invariants: `order` holds at most `RECENT_CAP` entries, oldest first; every key of
+/// `by_id` is in `order` with the same generation (so `by_id` is never larger than
+/// `order`). A stream that ends a second time (a peer reused its id) gets a new generation:
+/// its older entry in `order` then names a generation `by_id` no longer holds, and evicting
+/// it leaves the newer one alone.
+#[derive(Debug, Default)]
+struct RecentlyEnded {
+    /// Stream and generation, in the order they ended: the order they are forgotten in.
+    order: VecDeque<(u64, u64)>,
+    /// Stream → (completed length, generation).
+    by_id: HashMap<u64, (Option<u64>, u64)>,
+    next_generation: u64,
+}
+
+impl RecentlyEnded {
+    fn remember(&mut self, stream: u64, total: Option<u64>) {
+        if self.order.len() >= RECENT_CAP {
+            if let Some((old, generation)) = self.order.pop_front() {
+                if self.by_id.get(&old).is_some_and(|(_, g)| *g == generation) {
+                    self.by_id.remove(&old);
+                }
+            }
+        }
+        let generation = self.next_generation;
+        self.next_generation = self.next_generation.wrapping_add(1);
+        self.order.push_back((stream, generation));
+        self.by_id.insert(stream, (total, generation));
+    }
+
+    /// Whether `stream` ended lately, and the length it completed with.
+    fn get(&self, stream: u64) -> Option<Option<u64>> {
+        self.by_id.get(&stream).map(|(total, _)| *total)
+    }
+}
 /// BLOB_END answers for closed streams waiting to be written; more are dropped (the sender
 /// asks again after the next reconnect).
 const END_ACKS_CAP: usize = 1024;
@@ -204,10 +262,12 @@ impl BlobStreams {
             cancels: VecDeque::new(),
             end_acks: VecDeque::new(),
             peer_chunk: usize::MAX,
-            recent: VecDeque::new(),
+            recent: RecentlyEnded::default(),
             connected: false,
+            violated: false,
             events: VecDeque::new(),
             cancels_per_second: RateWindow::new(),
+            frames_per_second: RateWindow::new(),
         }
     }
 
@@ -437,19 +497,12 @@ impl BlobStreams {
     }
 
     fn remember(&mut self, stream: u64, total: Option<u64>) {
-        if self.recent.len() >= RECENT_CAP {
-            self.recent.pop_front();
-        }
-        self.recent.push_back((stream, total));
+        self.recent.remember(stream, total);
     }
 
     /// Whether `stream` ended lately, and the length it completed with (receiving streams).
     fn recent(&self, stream: u64) -> Option<Option<u64>> {
-        self.recent
-            .iter()
-            .rev()
-            .find(|(s, _)| *s == stream)
-            .map(|(_, total)| *total)
+        self.recent.get(stream)
     }
 
     /// The peer's BLOB_HELLO, the first frame of a new blob callis: `known_epoch` is the
@@ -488,9 +541,10 @@ impl BlobStreams {
 
     /// A blob callis is up: unacknowledged bytes (and an unanswered BLOB_END) go out again,
     /// and every receiving stream re-announces what it holds and allows, and its end when it
-    /// has every byte.
+    /// has every byte. A violation that closed the previous callis no longer stops frames.
     pub fn connected(&mut self) {
         self.connected = true;
+        self.violated = false;
         for out in self.outbound.values_mut() {
             while let Some((offset, chunk)) = out.unacked.pop_back() {
                 out.queued.push_front(chunk);
@@ -506,16 +560,34 @@ impl BlobStreams {
         }
     }
 
-    /// The blob callis is gone; streams wait for the next one.
+    /// The blob callis is gone (a violation on it with it); streams wait for the next one.
     pub fn disconnected(&mut self) {
         self.connected = false;
+        self.violated = false;
         self.peer_chunk = usize::MAX;
         self.cancels.clear();
         self.end_acks.clear();
     }
 
-    /// Handles one frame from the blob callis.
+    /// Whether a violation decided the current callis's end: the driver closes it and feeds
+    /// nothing more ([`handle_frame`](Self::handle_frame) would ignore it).
+    pub fn is_violated(&self) -> bool {
+        self.violated
+    }
+
+    /// Handles one frame from the blob callis. Ignored once [`is_violated`](Self::is_violated).
     pub fn handle_frame(&mut self, now: Instant, f: BlobFrame) {
+        if self.violated {
+            return;
+        }
+        // Only bytes are progress; everything else a peer could repeat for free.
+        let cost = match &f {
+            BlobFrame::Data { data, .. } if !data.is_empty() => 1,
+            _ => 2,
+        };
+        if !self.within_frame_budget(now, cost) {
+            return;
+        }
         match f {
             BlobFrame::Data {
                 stream,
@@ -562,13 +634,43 @@ impl BlobStreams {
         }
     }
 
+    /// A frame of a reserved, skippable type (T15) arrived on the blob callis: it carries
+    /// nothing, so it only counts (double) against the frame budget. Ignored once
+    /// [`is_violated`](Self::is_violated).
+    pub fn handle_skipped(&mut self, now: Instant) {
+        if !self.violated {
+            self.within_frame_budget(now, 2);
+        }
+    }
+
+    /// Counts a received frame against the per-second budget (T16); past it, the callis is
+    /// closed with a violation and false is returned.
+    fn within_frame_budget(&mut self, now: Instant, cost: u64) -> bool {
+        let budget = self.config.max_frames_per_second;
+        if self.frames_per_second.admit(now, cost, u64::from(budget)) {
+            return true;
+        }
+        self.violation(
+            None,
+            format!(
+                "more than {budget} frames in one second on the blob callis (max_frames_per_second); calm down"
+            ),
+        );
+        false
+    }
+
     /// Counts a cancel from the peer against the per-second budget.
     fn within_cancel_budget(&mut self, now: Instant) -> bool {
         let budget = u64::from(self.config.max_peer_cancels_per_second);
         self.cancels_per_second.admit(now, 1, budget)
     }
 
+    /// The first violation on a callis decides its end; the caller returns at once, and no
+    /// later frame is handled until the next callis.
     fn violation(&mut self, stream: Option<u64>, message: String) {
+        if std::mem::replace(&mut self.violated, true) {
+            return;
+        }
         self.events.push_back(BlobEvent::Violation {
             stream,
             error: Error::new(ErrorId::ProtocolViolation, message),

@@ -10,6 +10,9 @@ use crate::a1_callis::frame::{self, Frame};
 
 const CHUNK: usize = 1024;
 const WINDOW: u64 = 8 * 1024;
+/// Frames per second the peer may send (T16); far above what the transfers here send in one
+/// virtual second.
+const FRAME_BUDGET: u32 = 100_000;
 
 fn config() -> BlobConfig {
     BlobConfig {
@@ -18,6 +21,7 @@ fn config() -> BlobConfig {
         max_streams: 32,
         idle_timeout: Duration::from_secs(30),
         max_peer_cancels_per_second: 100,
+        max_frames_per_second: FRAME_BUDGET,
     }
 }
 
@@ -441,4 +445,148 @@ impl BlobStreams {
         }
         found
     }
+}
+
+/// Drains `s`'s events and returns the messages of its violations.
+fn violations(s: &mut BlobStreams) -> Vec<String> {
+    std::iter::from_fn(|| s.poll_event())
+        .filter_map(|e| match e {
+            BlobEvent::Violation { error, .. } => Some(error.message().to_owned()),
+            _ => None,
+        })
+        .collect()
+}
+
+/// A late credit for `stream`, as a receiver sends one after the stream ended.
+fn late_credit(stream: u64) -> BlobFrame {
+    BlobFrame::Credit {
+        stream,
+        received: 0,
+        limit: WINDOW,
+    }
+}
+
+#[test]
+fn t16_a_flood_of_skippable_frames_closes_the_blob_callis_at_the_budget_with_one_violation() {
+    let mut p = pair();
+    let skipped = |n: u32| {
+        let mut b = bytes::BytesMut::new();
+        for _ in 0..n {
+            Frame::Skipped(frame::FrameType(0x90)).encode(&mut b);
+        }
+        b
+    };
+    // Skipped frames carry nothing: they count double, so half the budget fits in a second.
+    p.in_flight = skipped(FRAME_BUDGET / 2);
+    p.deliver();
+    assert_eq!(p.b_violations(), 0, "{:?}", p.violation());
+    // One more crosses it; the rest of the flood (two budgets' worth, in the same buffer) is
+    // not handled and adds no second violation.
+    p.in_flight = skipped(1 + 2 * FRAME_BUDGET);
+    p.deliver();
+    assert_eq!(p.b_violations(), 1, "one violation per closed callis");
+    let v = p.violation().expect("closed");
+    assert!(
+        v.contains("calm down") && v.contains("max_frames_per_second"),
+        "{v}"
+    );
+    assert!(p.b.is_violated());
+    // The next callis, a second later: an honest transfer works, and skipped frames under the
+    // budget are no violation.
+    p.cut();
+    p.now += Duration::from_secs(1);
+    assert!(!p.b.is_violated());
+    p.open(1);
+    let payload = data(10 * CHUNK, 4);
+    assert!(p.transfer(1, &payload) == payload.to_vec());
+    p.in_flight = skipped(1000);
+    p.deliver();
+    assert_eq!(p.b_violations(), 1, "nothing new");
+}
+
+#[test]
+fn t16_a_flood_of_late_credits_for_an_ended_stream_closes_the_blob_callis_at_the_budget() {
+    let mut p = pair();
+    p.open(1);
+    let payload = data(3 * CHUNK, 6);
+    p.transfer(1, &payload);
+    assert!(p.a_events.contains(&BlobEvent::Finished(1)));
+    // A few late credits for a stream that just ended are normal: ignored.
+    p.now += Duration::from_secs(1);
+    for _ in 0..10 {
+        p.a.handle_frame(p.now, late_credit(1));
+    }
+    assert_eq!(violations(&mut p.a), Vec::<String>::new());
+    // A flood of them counts double against the frame budget and closes the callis once.
+    p.now += Duration::from_secs(1);
+    let mut handled = 0u32;
+    let mut found = Vec::new();
+    while found.is_empty() && handled < 3 * FRAME_BUDGET {
+        p.a.handle_frame(p.now, late_credit(1));
+        handled += 1;
+        found = violations(&mut p.a);
+    }
+    assert_eq!(
+        handled,
+        FRAME_BUDGET / 2 + 1,
+        "closed at the budget: {found:?}"
+    );
+    assert!(
+        found.first().is_some_and(|v| v.contains("calm down")),
+        "{found:?}"
+    );
+    for _ in 0..FRAME_BUDGET {
+        p.a.handle_frame(p.now, late_credit(1));
+    }
+    assert_eq!(violations(&mut p.a), Vec::<String>::new(), "one per callis");
+}
+
+#[test]
+fn a_blob_callis_closed_by_a_violation_reports_it_once_however_many_bad_frames_follow() {
+    let mut p = pair();
+    let unknown = |offset| BlobFrame::Data {
+        stream: 9,
+        offset,
+        data: Bytes::from_static(b"x"),
+    };
+    // A buffer of 2,000 bad frames, handed over one by one as the driver decodes them.
+    for i in 0..2000 {
+        p.b.handle_frame(p.now, unknown(i));
+    }
+    let found = violations(&mut p.b);
+    assert_eq!(found.len(), 1, "first: {:?}", found.first());
+    assert!(found[0].contains("unknown stream 9"), "{found:?}");
+    // The next callis starts clean, and its own violation is reported (once).
+    p.cut();
+    for i in 0..2000 {
+        p.b.handle_frame(p.now, unknown(i));
+    }
+    assert_eq!(violations(&mut p.b).len(), 1);
+}
+
+#[test]
+fn t16_the_recently_ended_set_is_bounded_and_keeps_the_newest_end_of_a_reused_id() {
+    let mut r = RecentlyEnded::default();
+    let reused = 1_000_000u64;
+    r.remember(reused, Some(1));
+    r.remember(reused, Some(2));
+    assert_eq!(r.get(reused), Some(Some(2)), "the newest end wins");
+    for id in 0..(RECENT_CAP as u64 - 2) {
+        r.remember(id, None);
+    }
+    assert_eq!(r.order.len(), RECENT_CAP);
+    // Evicting the reused id's older entry leaves its newer one.
+    r.remember(5_000_000, None);
+    assert_eq!(r.get(reused), Some(Some(2)));
+    r.remember(5_000_001, None);
+    assert_eq!(r.get(reused), None, "forgotten once its newest entry is");
+    assert_eq!(r.get(0), Some(None));
+    for id in 10_000_000..10_000_000 + 3 * RECENT_CAP as u64 {
+        r.remember(id, Some(id));
+    }
+    assert_eq!(r.order.len(), RECENT_CAP, "bounded");
+    assert_eq!(r.by_id.len(), RECENT_CAP, "bounded");
+    assert_eq!(r.get(0), None, "the oldest are forgotten");
+    let newest = 10_000_000 + 3 * RECENT_CAP as u64 - 1;
+    assert_eq!(r.get(newest), Some(Some(newest)));
 }

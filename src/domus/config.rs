@@ -69,9 +69,11 @@ pub struct DomusConfig {
     /// How long one frame may take to arrive once its first byte has (a peer trickling a
     /// frame is closed even though it is never idle). Default 30 s; 10 ms to 1 h.
     pub frame_read_timeout: Duration,
-    /// Frames one peer may send per second before its callis is closed as a flood (PING, PONG
-    /// and skipped frames count double). Default 4 000 000, far above what a legitimate peer
-    /// produces on this stack; 1 000 to 100 000 000.
+    /// Frames one peer may send per second on one callis before it is closed as a flood
+    /// (PING, PONG and skipped frames count double). The blob callis has the same budget of
+    /// its own: BLOB_DATA carrying bytes counts once, every other frame twice (with 64 KiB
+    /// chunks the default allows far more than any link carries). Default 4 000 000, far
+    /// above what a legitimate peer produces on this stack; 1 000 to 100 000 000.
     pub max_frames_per_second: u32,
     /// Deliveries per second from one peer that this domus may refuse on its own (unknown
     /// taberna, allow-list, message type) before it closes the peer's callis: error replies
@@ -420,6 +422,7 @@ impl DomusConfig {
             max_streams: self.max_blob_streams_per_peer.saturating_mul(2),
             idle_timeout: self.blob_idle_timeout,
             max_peer_cancels_per_second: self.max_blob_cancels_per_second,
+            max_frames_per_second: self.max_frames_per_second,
         }
     }
 

@@ -377,7 +377,6 @@ impl DomusBuilder {
                 transport: transport.clone(),
                 local_id: local_id.clone(),
                 local_epoch: epoch,
-                config: self.config.blob(),
                 reconnect_backoff_min: self.config.reconnect_backoff_min,
                 reconnect_backoff_max: self.config.reconnect_backoff_max,
                 recorder: recorder.clone(),
@@ -1981,6 +1980,7 @@ impl Shared {
             blob_rx,
             self.cancel.child_token(),
             BlobLinks {
+                config: self.config.load().blob(),
                 cells,
                 active: blob_active,
                 forget,

@@ -50,7 +50,6 @@ pub(crate) struct BlobContext {
     pub(crate) transport: Transport,
     pub(crate) local_id: DomusId,
     pub(crate) local_epoch: u64,
-    pub(crate) config: BlobConfig,
     pub(crate) reconnect_backoff_min: Duration,
     pub(crate) reconnect_backoff_max: Duration,
     pub(crate) recorder: Arc<Recorder>,
@@ -91,6 +90,8 @@ pub(crate) struct BlobDriver {
     peer_id: DomusId,
     ctx: Arc<BlobContext>,
     commands: mpsc::UnboundedReceiver<BlobCommand>,
+    /// This peer's blob limits.
+    config: BlobConfig,
     streams: BlobStreams,
     outs: HashMap<u64, OutEnd>,
     ins: HashMap<u64, InEnd>,
@@ -116,6 +117,9 @@ pub(crate) struct BlobDriver {
 
 /// What a blob driver shares with its peer's driver and its domus.
 pub(crate) struct BlobLinks {
+    /// This peer's blob limits, read from the domus's config when the peer was first
+    /// contacted (so `max_frames_per_second` applies to new peers, as on the primary callis).
+    pub(crate) config: BlobConfig,
     /// Where the blob callis's bytes are counted.
     pub(crate) cells: Arc<PeerCells>,
     /// Whether a callis or a stream is open (the peer driver reads it before retiring).
@@ -132,6 +136,7 @@ impl BlobDriver {
         commands: mpsc::UnboundedReceiver<BlobCommand>,
         cancel: CancellationToken,
         BlobLinks {
+            config,
             cells,
             active,
             forget,
@@ -154,7 +159,8 @@ impl BlobDriver {
         };
         Self {
             peer_id,
-            streams: BlobStreams::new(ctx.config.clone()),
+            streams: BlobStreams::new(config.clone()),
+            config,
             ctx,
             commands,
             outs: HashMap::new(),
@@ -416,7 +422,7 @@ impl BlobDriver {
             self.drop_link();
         }
         let mut wbuf = BytesMut::with_capacity(2 * TURN_BYTES);
-        let max_chunk = u32::try_from(self.ctx.config.chunk_len).unwrap_or(u32::MAX);
+        let max_chunk = u32::try_from(self.config.chunk_len).unwrap_or(u32::MAX);
         frame::encode_blob_hello(&mut wbuf, PROTOCOL_VERSION, self.ctx.local_epoch, max_chunk);
         self.dialer.end_wait();
         self.link = Some(Link {
@@ -436,18 +442,22 @@ impl BlobDriver {
     }
 
     /// Queues a CLOSE and stops using the callis; it is dropped once the CLOSE is written.
+    /// Only the first reason to close a callis is reported: one closed callis is one protocol
+    /// violation (and one entry on the error feed), however many bad frames it had buffered.
     fn close_link(&mut self, error: &Error) {
+        let Some(link) = self.link.as_mut().filter(|l| !l.closing) else {
+            self.streams.disconnected();
+            return;
+        };
         tracing::debug!(peer = %self.peer_id, error = %error, "closing blob callis");
         if error.id() == ErrorId::ProtocolViolation || error.id() == ErrorId::UnsupportedVersion {
             self.ctx.recorder.protocol_violation(&self.peer_id, error);
         }
-        if let Some(link) = self.link.as_mut() {
-            if !link.closing {
-                link.closing = true;
-                link.io
-                    .queue(|out| frame::encode_close(out, error.id().as_u32(), error.message()));
-            }
-        }
+        link.closing = true;
+        // What the peer sent after the reason to close is never handled.
+        link.recv.clear();
+        link.io
+            .queue(|out| frame::encode_close(out, error.id().as_u32(), error.message()));
         self.streams.disconnected();
     }
 
@@ -463,20 +473,28 @@ impl BlobDriver {
         }
     }
 
-    /// Decodes what the callis has read and hands it to the streams.
+    /// Decodes what the callis has read and hands it to the streams. Stops at the first
+    /// frame that decides to close the callis (the rest of the buffer is dropped, as the
+    /// primary callis drops what follows its CLOSE decision).
     fn handle_input(&mut self) {
         let max = u32::try_from(
-            self.ctx
-                .config
+            self.config
                 .chunk_len
                 .saturating_add(frame::BLOB_DATA_FIXED_LEN),
         )
         .unwrap_or(u32::MAX);
+        let now = now();
         loop {
             let Some(link) = self.link.as_mut() else {
                 return;
             };
             if link.closing {
+                link.recv.clear();
+                return;
+            }
+            if self.streams.is_violated() {
+                // The violation event is dispatched next and closes the callis.
+                link.recv.clear();
                 return;
             }
             let decoded = frame::decode(&mut link.recv, max);
@@ -526,13 +544,13 @@ impl BlobDriver {
                 continue;
             }
             match frame {
-                Frame::Blob(f) => self.streams.handle_frame(now(), f),
+                Frame::Blob(f) => self.streams.handle_frame(now, f),
                 Frame::Close { code, reason } => {
                     tracing::debug!(peer = %self.peer_id, code, reason = %crate::error::untrusted(&reason), "peer closed the blob callis");
                     self.drop_link();
                     return;
                 }
-                Frame::Skipped(_) => {}
+                Frame::Skipped(_) => self.streams.handle_skipped(now),
                 other => {
                     let e = Error::new(
                         ErrorId::ProtocolViolation,
@@ -629,7 +647,7 @@ impl BlobDriver {
             self.idle_timer = None;
             return false;
         }
-        let after = self.ctx.config.idle_timeout;
+        let after = self.config.idle_timeout;
         let timer = self
             .idle_timer
             .get_or_insert_with(|| Box::pin(tokio::time::sleep(after)));

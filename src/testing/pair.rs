@@ -294,12 +294,19 @@ impl BlobPair {
         self.a.poll_transmit(&mut self.in_flight, budget)
     }
 
-    /// Delivers what a wrote to b, and b's answers to a.
+    /// Delivers what a wrote to b (and any frame put in `in_flight` by hand: blob frames and
+    /// skippable ones, as the blob driver hands them over), and b's answers to a.
+    ///
+    /// # Panics
+    /// When `in_flight` holds a frame the blob callis does not carry.
     pub fn deliver(&mut self) {
         let mut buf = std::mem::take(&mut self.in_flight);
         while let Ok(Some(f)) = frame::decode(&mut buf, u32::MAX) {
-            let Frame::Blob(b) = f else { panic!("{f:?}") };
-            self.b.handle_frame(self.now, b);
+            match f {
+                Frame::Blob(b) => self.b.handle_frame(self.now, b),
+                Frame::Skipped(_) => self.b.handle_skipped(self.now),
+                other => panic!("{other:?} on the blob callis"),
+            }
         }
         let mut back = BytesMut::new();
         self.b.poll_transmit(&mut back, usize::MAX);
@@ -355,6 +362,14 @@ impl BlobPair {
             }
         }
         panic!("transfer of {} bytes never finished", payload.len());
+    }
+
+    /// How many protocol violations b reported.
+    pub fn b_violations(&self) -> usize {
+        self.b_events
+            .iter()
+            .filter(|e| matches!(e, BlobEvent::Violation { .. }))
+            .count()
     }
 
     /// The first protocol violation either side reported.
