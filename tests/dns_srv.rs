@@ -724,3 +724,137 @@ async fn six_domus_three_replicas_through_dns_srv_spread_fail_over_and_come_back
     })
     .await;
 }
+
+/// What DNS decides, and the strict form that narrows it: the template's `{host}` comes from
+/// the SRV target, so an answer naming another target steers sends to whichever domus the CA
+/// certified under that name (here `evil`, a real domus of the same CA). With
+/// `allow_identities` (and `strict`), a target whose templated identity is not on the list is
+/// refused: no send reaches it, alone it fails the lookup, beside allowed ones it is left out
+/// and reported.
+#[tokio::test]
+async fn an_srv_target_whose_templated_identity_is_not_allowed_is_refused() {
+    within(async {
+        let zone = Zone::start().await;
+        let mut mesh = Mesh::new().expect("mesh");
+        let t = TabernaId(9);
+        let port = |d: &Domus| match d.local_addr() {
+            Some(DomusAddr::Tcp(a)) => a.port(),
+            other => panic!("{other:?}"),
+        };
+        let billing = mesh.domus("billing-0").await.expect("billing-0");
+        let evil = mesh.domus("evil").await.expect("evil");
+        common::spawn_named_echo(billing.taberna(t).expect("taberna"), "billing-0");
+        common::spawn_named_echo(evil.taberna(t).expect("taberna"), "evil");
+        zone.host("billing-0", 1, &[loopback(1)]).await;
+        zone.host("evil", 1, &[loopback(1)]).await;
+        let name = srv_name("billing");
+        // A poisoned answer: the service's only target is `evil`.
+        zone.serve(&name, 1, &[("evil", port(&evil), 0, 1)]).await;
+        let opts = SendOptions::default().timeout(Duration::from_secs(5));
+        let client = |mesh: &mut Mesh, who: &str, resolver: DnsSrvResolver| {
+            mesh.builder(who)
+                .expect("builder")
+                .resolver(Arc::new(resolver))
+                .dial_only()
+                .build()
+        };
+
+        // The template alone: DNS chose the identity, and the send went to `evil`.
+        let trusting = client(
+            &mut mesh,
+            "trusting",
+            DnsSrvResolver::new(config(&zone).service(t, &name)).expect("resolver"),
+        )
+        .await
+        .expect("client");
+        let out = trusting
+            .send(t, APP, Bytes::from_static(b"1"), opts.clone())
+            .await
+            .expect("delivered");
+        assert_eq!(
+            out,
+            Delivery::Replied(Bytes::from_static(b"evil:1")),
+            "DNS steers a template-only resolver to any identity the template produces"
+        );
+
+        // Strict: only billing's replicas.
+        let strict_config = config(&zone)
+            .service(t, &name)
+            .allow_identities(&name, ["spiffe://vicus.dev/domus/billing-*"])
+            .strict();
+        let strict = client(
+            &mut mesh,
+            "strict",
+            DnsSrvResolver::new(strict_config).expect("resolver"),
+        )
+        .await
+        .expect("client");
+        let mut errors = strict.reporting().errors();
+        let e = strict
+            .send(t, APP, Bytes::from_static(b"2"), opts.clone())
+            .await
+            .expect_err("the only target is not allowed");
+        assert_eq!(e.id(), ErrorId::ResolverFailed, "{e}");
+        assert!(
+            e.message().contains("spiffe://vicus.dev/domus/evil") && e.message().contains("allow"),
+            "{e}"
+        );
+
+        // The answer lists billing-0 and evil: every send goes to billing-0, and evil's
+        // exclusion is reported.
+        zone.serve(
+            &name,
+            1,
+            &[
+                ("evil", port(&evil), 0, 1),
+                ("billing-0", port(&billing), 0, 1),
+            ],
+        )
+        .await;
+        let started = tokio::time::Instant::now();
+        loop {
+            match strict
+                .send(t, APP, Bytes::from_static(b"3"), opts.clone())
+                .await
+            {
+                Ok(out) => {
+                    assert_eq!(out, Delivery::Replied(Bytes::from_static(b"billing-0:3")));
+                    break;
+                }
+                // The failed first lookup is retried every retry_interval (100 ms).
+                Err(e) if e.id() == ErrorId::ResolverFailed => {}
+                Err(e) => panic!("{e}"),
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(4),
+                "billing-0 was not reached"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        for i in 0..20u8 {
+            let out = strict
+                .send(t, APP, Bytes::from(vec![b'a' + i]), opts.clone())
+                .await
+                .expect("delivered");
+            let mut expected = b"billing-0:".to_vec();
+            expected.push(b'a' + i);
+            assert_eq!(out, Delivery::Replied(Bytes::from(expected)), "send {i}");
+        }
+        let mut reported = Vec::new();
+        while let Ok(Some(vicus::reporting::FeedItem::Item(e))) =
+            tokio::time::timeout(Duration::from_millis(300), errors.recv()).await
+        {
+            reported.push(e.error.message().to_owned());
+        }
+        assert!(
+            reported
+                .iter()
+                .any(|m| m.contains("domus/evil") && m.contains("allow")),
+            "the refused target is reported: {reported:?}"
+        );
+        trusting.shutdown().await;
+        strict.shutdown().await;
+        mesh.shutdown().await;
+    })
+    .await;
+}
