@@ -418,7 +418,7 @@ async fn a_slow_or_dead_dns_server_keeps_the_last_good_answer_reports_once_and_b
             "{e}"
         );
         assert!(took < Duration::from_secs(2), "bounded: {took:?}");
-        // Still one report for the outage of `known` (another name may report its own).
+        // Still one report for the outage (the failed first lookup of `fresh` is part of it).
         let mut reports = Vec::new();
         while let Ok(Some(vicus::reporting::FeedItem::Item(e))) =
             tokio::time::timeout(Duration::from_millis(100), errors.recv()).await
@@ -854,6 +854,99 @@ async fn an_srv_target_whose_templated_identity_is_not_allowed_is_refused() {
         );
         trusting.shutdown().await;
         strict.shutdown().await;
+        mesh.shutdown().await;
+    })
+    .await;
+}
+
+/// The `ResolverFailed` entries of `errors` until it stays quiet for 300 ms.
+async fn resolver_failures(errors: &mut vicus::reporting::ErrorReceiver) -> Vec<String> {
+    let mut found = Vec::new();
+    while let Ok(Some(item)) = tokio::time::timeout(Duration::from_millis(300), errors.recv()).await
+    {
+        match item {
+            vicus::reporting::FeedItem::Item(e) if e.error.id() == ErrorId::ResolverFailed => {
+                found.push(e.error.message().to_owned());
+            }
+            vicus::reporting::FeedItem::Item(_) => {}
+            other => panic!("{other:?}"),
+        }
+    }
+    found
+}
+
+/// A DNS outage is one entry on the error feed however many SRV names it hits (here four,
+/// all refreshed while the server is too slow), and the next outage after every name
+/// answered again is one more.
+#[tokio::test]
+async fn a_dns_outage_is_reported_once_per_resolver_however_many_names_it_hits() {
+    within(async {
+        let zone = Zone::start().await;
+        let mut mesh = Mesh::new().expect("mesh");
+        zone.host("h", 1, &[loopback(1)]).await;
+        // A short query timeout: each failing lookup below ends within a few hundred ms.
+        let mut config = config(&zone).query_timeout(Duration::from_millis(100));
+        let tabernas: Vec<TabernaId> = (1..=4).map(TabernaId).collect();
+        for t in &tabernas {
+            let name = srv_name(&format!("svc{}", t.0));
+            zone.serve(&name, 1, &[("h", 7000, 0, 1)]).await;
+            config = config.service(*t, &name);
+        }
+        let resolver = Arc::new(DnsSrvResolver::new(config).expect("resolver"));
+        let client = mesh
+            .builder("client")
+            .expect("builder")
+            .resolver(resolver.clone())
+            .dial_only()
+            .build()
+            .await
+            .expect("client");
+        let mut errors = client.reporting().errors();
+        for t in &tabernas {
+            resolver.candidates(*t).await.expect("answered");
+        }
+
+        for outage in 1..=2 {
+            // Too slow for the query timeout: once the answers' TTL (1 s) is over, refreshes
+            // fail. Wait for the first report, then make sure every name's refresh failed
+            // (refresh_now waits for each lookup).
+            zone.set_delay(Duration::from_secs(3));
+            let first = tokio::time::timeout(Duration::from_secs(5), errors.recv())
+                .await
+                .expect("the outage is reported")
+                .expect("feed open");
+            let mut reports = match first {
+                vicus::reporting::FeedItem::Item(e) if e.error.id() == ErrorId::ResolverFailed => {
+                    vec![e.error.message().to_owned()]
+                }
+                other => panic!("{other:?}"),
+            };
+            resolver.refresh_now().await;
+            resolver.refresh_now().await;
+            reports.extend(resolver_failures(&mut errors).await);
+            println!(
+                "outage {outage}: {} report(s) for 4 failing names",
+                reports.len()
+            );
+            assert_eq!(reports.len(), 1, "outage {outage}: {reports:#?}");
+            assert!(
+                reports[0].contains("not reported until every name answers again"),
+                "{}",
+                reports[0]
+            );
+            for t in &tabernas {
+                resolver
+                    .candidates(*t)
+                    .await
+                    .expect("the last good answer stays");
+            }
+            // DNS answers again: every name, so the outage is over (nothing is reported).
+            zone.set_delay(Duration::ZERO);
+            resolver.refresh_now().await;
+            resolver.refresh_now().await;
+            assert_eq!(resolver_failures(&mut errors).await, Vec::<String>::new());
+        }
+        client.shutdown().await;
         mesh.shutdown().await;
     })
     .await;

@@ -15,9 +15,13 @@
 //!   A refresh that changes the answer signals [`RouteResolver::changes`], so running domus
 //!   re-read their routes at once: a DNS change reaches new sends within one TTL.
 //! * **DNS failures keep the last good answer**: a refresh that times out or fails (SERVFAIL,
-//!   refused, no server) keeps what was known, is reported once per outage on the error feed
-//!   of every domus using the resolver ([`ErrorId::ResolverFailed`]), and is retried every
-//!   [`DnsSrvConfig::retry_interval`]. A first lookup that fails fails the send with that error.
+//!   refused, no server) keeps what was known and is retried every
+//!   [`DnsSrvConfig::retry_interval`]. An outage is reported once per resolver on the error
+//!   feed of every domus using it ([`ErrorId::ResolverFailed`]), by its first failure, however
+//!   many names it hits: it lasts from a failure while every name answered until every name
+//!   answers again (so a name that keeps failing holds the outage open and hides later ones;
+//!   each name's failure is also logged at debug level). A first lookup that fails fails the
+//!   send with its own error.
 //! * **NXDOMAIN or no records is an answer**: the service does not exist (or has no ready
 //!   pods); sends to its tabernas fail with `UnknownTaberna` until DNS lists it again
 //!   (remembered for [`DnsSrvConfig::negative_ttl`]).
@@ -52,7 +56,8 @@
 //!
 //! This module must not block a send on DNS once a name has been answered, must not let an
 //! unbounded number of names or records grow its state (names come from the configuration;
-//! at most [`DnsSrvResolver::MAX_CANDIDATES`] candidates per name), and must not report the same outage twice.
+//! at most [`DnsSrvResolver::MAX_CANDIDATES`] candidates per name), and must not report the same
+//! outage twice.
 
 use std::collections::HashMap;
 use std::fmt;
@@ -408,7 +413,8 @@ struct Entry {
     due: Instant,
     /// A lookup is running; its result is published here.
     running: Option<watch::Receiver<bool>>,
-    /// The error of the outage under way, reported once.
+    /// Why the last lookup of this name failed, while it keeps failing (the outage it is part
+    /// of is reported once, see [`Inner::store`]).
     failing: Option<Error>,
     /// The last warning about targets left out, reported once until it changes.
     warned: Option<String>,
@@ -965,13 +971,18 @@ impl Inner {
     }
 
     /// Keeps a lookup's result: a new answer replaces the old one (and signals a change when it
-    /// differs); a failure keeps the old one, is reported once, and is retried soon.
+    /// differs); a failure keeps the old one and is retried soon. An outage — from a failure
+    /// while every name answered until every name answers again — is reported once, by its
+    /// first failure, whatever the number of names it hits (each name's failure is logged at
+    /// debug level and fails that name's first lookups with its own error).
     fn store(&self, index: usize, result: Result<Answer, Error>) {
         let now = Instant::now();
         let mut report = None;
         let mut changed = false;
+        let mut recovered = false;
         {
             let mut entries = self.entries.lock().unwrap_or_else(PoisonError::into_inner);
+            let outage = entries.iter().any(|e| e.failing.is_some());
             let Some(entry) = entries.get_mut(index) else {
                 return;
             };
@@ -993,11 +1004,11 @@ impl Inner {
                         slot.store(Some(Arc::new(known)));
                     }
                     entry.due = now + ttl;
-                    entry.failing = None;
+                    recovered = entry.failing.take().is_some();
                 }
                 Err(error) => {
                     entry.due = now + self.config.retry_interval;
-                    if entry.failing.is_none() {
+                    if !outage {
                         let kept = match self.known(index).as_deref() {
                             Some(Known::Found(c)) => {
                                 format!("; keeping the {} candidate(s) it gave before", c.len())
@@ -1007,11 +1018,20 @@ impl Inner {
                         };
                         report = Some(Error::new(
                             ErrorId::ResolverFailed,
-                            format!("{}{kept}", error.message()),
+                            format!(
+                                "{}{kept} (further DNS failures of this resolver are not \
+                                 reported until every name answers again)",
+                                error.message()
+                            ),
                         ));
+                    } else if entry.failing.is_none() {
+                        tracing::debug!(error = %error, "DNS SRV lookup failed during an outage already reported");
                     }
                     entry.failing = Some(error);
                 }
+            }
+            if recovered && !entries.iter().any(|e| e.failing.is_some()) {
+                tracing::info!("DNS answers every SRV name again; the outage is over");
             }
         }
         if let Some(error) = report {
