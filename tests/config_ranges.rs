@@ -203,6 +203,11 @@ fn domus_rows() -> Vec<Row<DomusConfig>> {
             Outside(|c| c.max_peers = 1_000_001),
         ),
         row(
+            "max_pinned_addresses",
+            Outside(|c| c.max_pinned_addresses = 0),
+            Outside(|c| c.max_pinned_addresses = 1_000_001),
+        ),
+        row(
             "max_callis_age",
             Outside(|c| c.max_callis_age = Some(100 * MS - NS)),
             Outside(|c| c.max_callis_age = Some(365 * 24 * 60 * MIN + NS)),

@@ -418,7 +418,7 @@ async fn a_slow_or_dead_dns_server_keeps_the_last_good_answer_reports_once_and_b
             "{e}"
         );
         assert!(took < Duration::from_secs(2), "bounded: {took:?}");
-        // Still one report for the outage of `known` (another name may report its own).
+        // Still one report for the outage (the failed first lookup of `fresh` is part of it).
         let mut reports = Vec::new();
         while let Ok(Some(vicus::reporting::FeedItem::Item(e))) =
             tokio::time::timeout(Duration::from_millis(100), errors.recv()).await
@@ -720,6 +720,233 @@ async fn six_domus_three_replicas_through_dns_srv_spread_fail_over_and_come_back
         for c in &clients {
             c.shutdown().await;
         }
+        mesh.shutdown().await;
+    })
+    .await;
+}
+
+/// What DNS decides, and the strict form that narrows it: the template's `{host}` comes from
+/// the SRV target, so an answer naming another target steers sends to whichever domus the CA
+/// certified under that name (here `evil`, a real domus of the same CA). With
+/// `allow_identities` (and `strict`), a target whose templated identity is not on the list is
+/// refused: no send reaches it, alone it fails the lookup, beside allowed ones it is left out
+/// and reported.
+#[tokio::test]
+async fn an_srv_target_whose_templated_identity_is_not_allowed_is_refused() {
+    within(async {
+        let zone = Zone::start().await;
+        let mut mesh = Mesh::new().expect("mesh");
+        let t = TabernaId(9);
+        let port = |d: &Domus| match d.local_addr() {
+            Some(DomusAddr::Tcp(a)) => a.port(),
+            other => panic!("{other:?}"),
+        };
+        let billing = mesh.domus("billing-0").await.expect("billing-0");
+        let evil = mesh.domus("evil").await.expect("evil");
+        common::spawn_named_echo(billing.taberna(t).expect("taberna"), "billing-0");
+        common::spawn_named_echo(evil.taberna(t).expect("taberna"), "evil");
+        zone.host("billing-0", 1, &[loopback(1)]).await;
+        zone.host("evil", 1, &[loopback(1)]).await;
+        let name = srv_name("billing");
+        // A poisoned answer: the service's only target is `evil`.
+        zone.serve(&name, 1, &[("evil", port(&evil), 0, 1)]).await;
+        let opts = SendOptions::default().timeout(Duration::from_secs(5));
+        let client = |mesh: &mut Mesh, who: &str, resolver: DnsSrvResolver| {
+            mesh.builder(who)
+                .expect("builder")
+                .resolver(Arc::new(resolver))
+                .dial_only()
+                .build()
+        };
+
+        // The template alone: DNS chose the identity, and the send went to `evil`.
+        let trusting = client(
+            &mut mesh,
+            "trusting",
+            DnsSrvResolver::new(config(&zone).service(t, &name)).expect("resolver"),
+        )
+        .await
+        .expect("client");
+        let out = trusting
+            .send(t, APP, Bytes::from_static(b"1"), opts.clone())
+            .await
+            .expect("delivered");
+        assert_eq!(
+            out,
+            Delivery::Replied(Bytes::from_static(b"evil:1")),
+            "DNS steers a template-only resolver to any identity the template produces"
+        );
+
+        // Strict: only billing's replicas.
+        let strict_config = config(&zone)
+            .service(t, &name)
+            .allow_identities(&name, ["spiffe://vicus.dev/domus/billing-*"])
+            .strict();
+        let strict = client(
+            &mut mesh,
+            "strict",
+            DnsSrvResolver::new(strict_config).expect("resolver"),
+        )
+        .await
+        .expect("client");
+        let mut errors = strict.reporting().errors();
+        let e = strict
+            .send(t, APP, Bytes::from_static(b"2"), opts.clone())
+            .await
+            .expect_err("the only target is not allowed");
+        assert_eq!(e.id(), ErrorId::ResolverFailed, "{e}");
+        assert!(
+            e.message().contains("spiffe://vicus.dev/domus/evil") && e.message().contains("allow"),
+            "{e}"
+        );
+
+        // The answer lists billing-0 and evil: every send goes to billing-0, and evil's
+        // exclusion is reported.
+        zone.serve(
+            &name,
+            1,
+            &[
+                ("evil", port(&evil), 0, 1),
+                ("billing-0", port(&billing), 0, 1),
+            ],
+        )
+        .await;
+        let started = tokio::time::Instant::now();
+        loop {
+            match strict
+                .send(t, APP, Bytes::from_static(b"3"), opts.clone())
+                .await
+            {
+                Ok(out) => {
+                    assert_eq!(out, Delivery::Replied(Bytes::from_static(b"billing-0:3")));
+                    break;
+                }
+                // The failed first lookup is retried every retry_interval (100 ms).
+                Err(e) if e.id() == ErrorId::ResolverFailed => {}
+                Err(e) => panic!("{e}"),
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(4),
+                "billing-0 was not reached"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        for i in 0..20u8 {
+            let out = strict
+                .send(t, APP, Bytes::from(vec![b'a' + i]), opts.clone())
+                .await
+                .expect("delivered");
+            let mut expected = b"billing-0:".to_vec();
+            expected.push(b'a' + i);
+            assert_eq!(out, Delivery::Replied(Bytes::from(expected)), "send {i}");
+        }
+        let mut reported = Vec::new();
+        while let Ok(Some(vicus::reporting::FeedItem::Item(e))) =
+            tokio::time::timeout(Duration::from_millis(300), errors.recv()).await
+        {
+            reported.push(e.error.message().to_owned());
+        }
+        assert!(
+            reported
+                .iter()
+                .any(|m| m.contains("domus/evil") && m.contains("allow")),
+            "the refused target is reported: {reported:?}"
+        );
+        trusting.shutdown().await;
+        strict.shutdown().await;
+        mesh.shutdown().await;
+    })
+    .await;
+}
+
+/// The `ResolverFailed` entries of `errors` until it stays quiet for 300 ms.
+async fn resolver_failures(errors: &mut vicus::reporting::ErrorReceiver) -> Vec<String> {
+    let mut found = Vec::new();
+    while let Ok(Some(item)) = tokio::time::timeout(Duration::from_millis(300), errors.recv()).await
+    {
+        match item {
+            vicus::reporting::FeedItem::Item(e) if e.error.id() == ErrorId::ResolverFailed => {
+                found.push(e.error.message().to_owned());
+            }
+            vicus::reporting::FeedItem::Item(_) => {}
+            other => panic!("{other:?}"),
+        }
+    }
+    found
+}
+
+/// A DNS outage is one entry on the error feed however many SRV names it hits (here four,
+/// all refreshed while the server is too slow), and the next outage after every name
+/// answered again is one more.
+#[tokio::test]
+async fn a_dns_outage_is_reported_once_per_resolver_however_many_names_it_hits() {
+    within(async {
+        let zone = Zone::start().await;
+        let mut mesh = Mesh::new().expect("mesh");
+        zone.host("h", 1, &[loopback(1)]).await;
+        // A short query timeout: each failing lookup below ends within a few hundred ms.
+        let mut config = config(&zone).query_timeout(Duration::from_millis(100));
+        let tabernas: Vec<TabernaId> = (1..=4).map(TabernaId).collect();
+        for t in &tabernas {
+            let name = srv_name(&format!("svc{}", t.0));
+            zone.serve(&name, 1, &[("h", 7000, 0, 1)]).await;
+            config = config.service(*t, &name);
+        }
+        let resolver = Arc::new(DnsSrvResolver::new(config).expect("resolver"));
+        let client = mesh
+            .builder("client")
+            .expect("builder")
+            .resolver(resolver.clone())
+            .dial_only()
+            .build()
+            .await
+            .expect("client");
+        let mut errors = client.reporting().errors();
+        for t in &tabernas {
+            resolver.candidates(*t).await.expect("answered");
+        }
+
+        for outage in 1..=2 {
+            // Too slow for the query timeout: once the answers' TTL (1 s) is over, refreshes
+            // fail. Wait for the first report, then make sure every name's refresh failed
+            // (refresh_now waits for each lookup).
+            zone.set_delay(Duration::from_secs(3));
+            let first = tokio::time::timeout(Duration::from_secs(5), errors.recv())
+                .await
+                .expect("the outage is reported")
+                .expect("feed open");
+            let mut reports = match first {
+                vicus::reporting::FeedItem::Item(e) if e.error.id() == ErrorId::ResolverFailed => {
+                    vec![e.error.message().to_owned()]
+                }
+                other => panic!("{other:?}"),
+            };
+            resolver.refresh_now().await;
+            resolver.refresh_now().await;
+            reports.extend(resolver_failures(&mut errors).await);
+            println!(
+                "outage {outage}: {} report(s) for 4 failing names",
+                reports.len()
+            );
+            assert_eq!(reports.len(), 1, "outage {outage}: {reports:#?}");
+            assert!(
+                reports[0].contains("not reported until every name answers again"),
+                "{}",
+                reports[0]
+            );
+            for t in &tabernas {
+                resolver
+                    .candidates(*t)
+                    .await
+                    .expect("the last good answer stays");
+            }
+            // DNS answers again: every name, so the outage is over (nothing is reported).
+            zone.set_delay(Duration::ZERO);
+            resolver.refresh_now().await;
+            resolver.refresh_now().await;
+            assert_eq!(resolver_failures(&mut errors).await, Vec::<String>::new());
+        }
+        client.shutdown().await;
         mesh.shutdown().await;
     })
     .await;

@@ -18,7 +18,7 @@ use crate::error::Error;
 ///
 /// | when | fields |
 /// |---|---|
-/// | **live**: the next send, delivery or accepted callis | `send_timeout`, `resolve_timeout`, `max_message_len` (the local check; the frame limit a peer is told applies to new peers), `default_inbox_depth` (every taberna registered without its own depth), `hello_timeout` (telling inbound calles apart; sessions: new peers), `shutdown_timeout`, `max_unopened_calles_per_peer`, `max_unopened_calles`, `max_peers`, `max_retained_reply_bytes` (replies kept from then on), `peer_recheck_interval` (from the next check) |
+/// | **live**: the next send, delivery or accepted callis | `send_timeout`, `resolve_timeout`, `max_message_len` (the local check; the frame limit a peer is told applies to new peers), `default_inbox_depth` (every taberna registered without its own depth), `hello_timeout` (telling inbound calles apart; sessions: new peers), `shutdown_timeout`, `max_unopened_calles_per_peer`, `max_unopened_calles`, `max_peers`, `max_pinned_addresses` (the next pin), `max_retained_reply_bytes` (replies kept from then on), `peer_recheck_interval` (from the next check) |
 /// | **new peers**: peers first contacted after the change (and peers after a restart of this domus) | `max_in_flight_per_peer`, `max_in_flight_bytes_per_peer`, `dedupe_window`, `max_unsent_answer_bytes`, `keepalive_interval`, `idle_timeout`, `frame_read_timeout`, `max_frames_per_second`, `max_refusals_per_second`, `max_callis_age`, `peer_retire_after` |
 /// | **fixed** at build: a change is refused with `InvalidConfig` naming the field | `transport` (use `Domus::reload_auth` and `Domus::set_trust_policy` for authentication), `reconnect_backoff_min`, `reconnect_backoff_max`, every `blob_*` field, `max_blob_streams_per_peer`, `max_blob_cancels_per_second` |
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -128,6 +128,14 @@ pub struct DomusConfig {
     /// calles (each identity holds at most one primary and one blob callis: a new one replaces
     /// the old), and the dials this domus makes are not limited. Default 4096; 1 to 1 000 000.
     pub max_peers: usize,
+    /// Addresses whose identity this domus remembers for routes that name none (a route
+    /// without `identity` accepts whichever identity the trust anchors certify there; the
+    /// first dial learns it and later sends reuse it). One more evicts the pin used longest
+    /// ago, which costs only a handshake at that address's next send; a pin unused for
+    /// `peer_retire_after` is forgotten, and one whose peer no longer answers there (another
+    /// identity did) is dropped at that dial. Bounded because a resolver can name any number of
+    /// addresses. Default 4096 (as `max_peers`); 1 to 1 000 000.
+    pub max_pinned_addresses: usize,
     /// The longest a primary callis is used. The side that dialled it dials a replacement
     /// once it is this old (the new callis takes over, unanswered messages are replayed on
     /// it, nothing is lost); the side that accepted it closes it at 1.25 times this age if
@@ -142,7 +150,8 @@ pub struct DomusConfig {
     /// the wait protects exactly-once: a peer may replay an answered message (whose answer
     /// it never got) until that send's deadline, at most 1 h (`SendOptions::timeout`), so a
     /// value below the longest send timeout your peers use can deliver such a message twice.
-    /// Default 1 h; 1 s to 7 days.
+    /// An address pin (`max_pinned_addresses`) unused this long is forgotten too (from the
+    /// next look-up on). Default 1 h; 1 s to 7 days.
     pub peer_retire_after: Duration,
     /// How often the certificate of every connected peer is verified again, as at a
     /// handshake: a callis whose peer's certificate expired since (or that the trust anchors
@@ -185,6 +194,7 @@ impl Default for DomusConfig {
             max_unopened_calles_per_peer: 4,
             max_unopened_calles: 256,
             max_peers: 4096,
+            max_pinned_addresses: 4096,
             max_callis_age: None,
             peer_retire_after: Duration::from_secs(3600),
             peer_recheck_interval: Some(Duration::from_secs(60)),
@@ -300,6 +310,12 @@ impl DomusConfig {
             65_536,
         )?;
         count("max_peers", self.max_peers as u64, 1, 1_000_000)?;
+        count(
+            "max_pinned_addresses",
+            self.max_pinned_addresses as u64,
+            1,
+            1_000_000,
+        )?;
         if let Some(age) = self.max_callis_age {
             within("max_callis_age", age, 100 * MS, 365 * 24 * 60 * MIN)?;
         }

@@ -15,9 +15,13 @@
 //!   A refresh that changes the answer signals [`RouteResolver::changes`], so running domus
 //!   re-read their routes at once: a DNS change reaches new sends within one TTL.
 //! * **DNS failures keep the last good answer**: a refresh that times out or fails (SERVFAIL,
-//!   refused, no server) keeps what was known, is reported once per outage on the error feed
-//!   of every domus using the resolver ([`ErrorId::ResolverFailed`]), and is retried every
-//!   [`DnsSrvConfig::retry_interval`]. A first lookup that fails fails the send with that error.
+//!   refused, no server) keeps what was known and is retried every
+//!   [`DnsSrvConfig::retry_interval`]. An outage is reported once per resolver on the error
+//!   feed of every domus using it ([`ErrorId::ResolverFailed`]), by its first failure, however
+//!   many names it hits: it lasts from a failure while every name answered until every name
+//!   answers again (so a name that keeps failing holds the outage open and hides later ones;
+//!   each name's failure is also logged at debug level). A first lookup that fails fails the
+//!   send with its own error.
 //! * **NXDOMAIN or no records is an answer**: the service does not exist (or has no ready
 //!   pods); sends to its tabernas fail with `UnknownTaberna` until DNS lists it again
 //!   (remembered for [`DnsSrvConfig::negative_ttl`]).
@@ -26,15 +30,34 @@
 //!   the traffic of a single-stack one. A target of `.` (RFC 2782: "not available here") is
 //!   skipped.
 //!
-//! Identity: DNS is not trusted for identity. Each candidate's expected identity comes from
-//! [`DnsSrvConfig::identity_template`] and is enforced at the handshake; without a template a
-//! candidate names no identity and the first identity seen at an address is pinned there
-//! (weaker: whoever answers first at that address is believed). Replicas must have distinct
-//! identities (a peer is its identity), e.g. `spiffe://prod.example/ns/{namespace}/pod/{host}`.
+//! Identity — what DNS decides, and what it cannot:
+//!
+//! * **The answer chooses the addresses and the names that fill the template.** Each
+//!   candidate's expected identity is rendered from [`DnsSrvConfig::identity_template`] and
+//!   enforced at the handshake: the certificate there must carry it, under the domus's trust
+//!   anchors and trust policy. But `{target}`, `{host}` and `{port}` come from the DNS answer;
+//!   only `{service}` and `{namespace}` come from the configured SRV name. So whoever controls
+//!   the answers (the DNS server, or anyone on the path to it: plain DNS is not authenticated)
+//!   can steer a send to any domus whose identity the template produces from *some* target
+//!   name — with `spiffe://prod.example/ns/{namespace}/pod/{host}`, any pod of that namespace
+//!   the CA certified, not only the Service's own. DNS can never make a send accept an
+//!   identity the template cannot produce, nor a certificate the trust anchors refuse.
+//! * **Strict setups** bind each SRV name to the identities its replicas may have with
+//!   [`DnsSrvConfig::allow_identities`] (e.g. `spiffe://prod.example/ns/prod/pod/billing-*`)
+//!   and set [`DnsSrvConfig::strict_identities`], which refuses a configuration in which a
+//!   name has no allow-list: DNS then only chooses *which* replica of that service a send
+//!   goes to. A target outside the list is left out (and reported); an answer with none
+//!   inside fails the lookup, and the last good answer stays.
+//! * **Without a template** candidates name no identity: whoever the trust anchors certify at
+//!   the address is believed, learned at the first dial and pinned there (see
+//!   [`Route::identity`]).
+//!
+//! Replicas must have distinct identities (a peer is its identity).
 //!
 //! This module must not block a send on DNS once a name has been answered, must not let an
 //! unbounded number of names or records grow its state (names come from the configuration;
-//! at most [`DnsSrvResolver::MAX_CANDIDATES`] candidates per name), and must not report the same outage twice.
+//! at most [`DnsSrvResolver::MAX_CANDIDATES`] candidates per name), and must not report the same
+//! outage twice.
 
 use std::collections::HashMap;
 use std::fmt;
@@ -80,7 +103,15 @@ pub struct DnsSrvConfig {
     /// `{service}` and `{namespace}` (from an SRV name of the Kubernetes form
     /// `_port._proto.service.namespace.svc.zone`; otherwise `{service}` is the label after
     /// `_proto` and `{namespace}` is empty) and `{port}`. `None`: candidates name no identity.
+    /// `{target}`, `{host}` and `{port}` come from the DNS answer, `{service}` and
+    /// `{namespace}` from this configuration: see the module docs for what that lets DNS
+    /// decide, and [`allow_identities`](Self::allow_identities) to narrow it.
     pub identity_template: Option<String>,
+    /// Refuse to build unless every SRV name has an allow-list
+    /// ([`allow_identities`](Self::allow_identities)) and an identity template is set, so no
+    /// name can route to an identity DNS chose freely. Default `false`; the setting for
+    /// strict setups (see the module docs).
+    pub strict_identities: bool,
     /// How long one DNS query may take (each name server is tried once more after it).
     pub query_timeout: Duration,
     /// The shortest time an answer is kept before it is asked again (a TTL of 0 counts as
@@ -94,6 +125,8 @@ pub struct DnsSrvConfig {
     /// meanwhile).
     pub retry_interval: Duration,
     services: Vec<(TabernaId, String)>,
+    /// SRV name → identity patterns its candidates must match.
+    allowed: Vec<(String, String)>,
 }
 
 impl Default for DnsSrvConfig {
@@ -109,12 +142,14 @@ impl DnsSrvConfig {
         Self {
             name_servers: Vec::new(),
             identity_template: None,
+            strict_identities: false,
             query_timeout: Duration::from_secs(2),
             min_ttl: Duration::from_secs(1),
             max_ttl: Duration::from_secs(300),
             negative_ttl: Duration::from_secs(5),
             retry_interval: Duration::from_secs(1),
             services: Vec::new(),
+            allowed: Vec::new(),
         }
     }
 
@@ -148,6 +183,33 @@ impl DnsSrvConfig {
     /// Sets [`identity_template`](Self::identity_template).
     pub fn identity_template(mut self, template: impl Into<String>) -> Self {
         self.identity_template = Some(template.into());
+        self
+    }
+
+    /// Allows only identities matching one of `patterns` for the candidates of `srv_name`
+    /// (named as in [`service`](Self::service); may be called again to add patterns). A
+    /// pattern is an identity, or a prefix ending in `*`, which matches one or more further
+    /// characters other than `/`: `spiffe://prod.example/ns/prod/pod/billing-*` admits
+    /// `…/pod/billing-0` but not `…/pod/frontend-0` nor `…/pod/billing-0/x`. A target whose
+    /// templated identity no pattern matches is left out of the answer (reported on the
+    /// error feed as `ResolverFailed`, like any unusable target); an answer with no allowed
+    /// target fails the lookup, which keeps the last good answer. Needs an
+    /// [`identity_template`](Self::identity_template).
+    pub fn allow_identities(
+        mut self,
+        srv_name: impl Into<String>,
+        patterns: impl IntoIterator<Item = impl Into<String>>,
+    ) -> Self {
+        let name = srv_name.into();
+        for pattern in patterns {
+            self.allowed.push((name.clone(), pattern.into()));
+        }
+        self
+    }
+
+    /// Sets [`strict_identities`](Self::strict_identities).
+    pub fn strict(mut self) -> Self {
+        self.strict_identities = true;
         self
     }
 
@@ -274,6 +336,48 @@ impl Template {
     }
 }
 
+/// One pattern of [`DnsSrvConfig::allow_identities`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Allowed {
+    /// This identity.
+    Exact(String),
+    /// This prefix and one or more characters other than `/`.
+    Prefix(String),
+}
+
+impl Allowed {
+    fn parse(pattern: &str) -> Result<Self, Error> {
+        let bad = |why: &str| {
+            invalid(format!(
+                "identity pattern \"{}\": {why}",
+                untrusted(pattern)
+            ))
+        };
+        let (allowed, example) = match pattern.strip_suffix('*') {
+            Some("") => return Err(bad("a pattern needs more than '*'")),
+            Some(prefix) => (Self::Prefix(prefix.to_owned()), format!("{prefix}x")),
+            None => (Self::Exact(pattern.to_owned()), pattern.to_owned()),
+        };
+        let text = match &allowed {
+            Self::Exact(t) | Self::Prefix(t) => t,
+        };
+        if text.contains('*') {
+            return Err(bad("'*' may only end a pattern"));
+        }
+        DomusId::new(&example).map_err(|e| bad(e.message()))?;
+        Ok(allowed)
+    }
+
+    fn allows(&self, id: &str) -> bool {
+        match self {
+            Self::Exact(e) => id == e,
+            Self::Prefix(p) => id
+                .strip_prefix(p.as_str())
+                .is_some_and(|rest| !rest.is_empty() && !rest.contains('/')),
+        }
+    }
+}
+
 /// `{service}` and `{namespace}` as read from an SRV name.
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct SrvParts {
@@ -309,7 +413,8 @@ struct Entry {
     due: Instant,
     /// A lookup is running; its result is published here.
     running: Option<watch::Receiver<bool>>,
-    /// The error of the outage under way, reported once.
+    /// Why the last lookup of this name failed, while it keeps failing (the outage it is part
+    /// of is reported once, see [`Inner::store`]).
     failing: Option<Error>,
     /// The last warning about targets left out, reported once until it changes.
     warned: Option<String>,
@@ -341,6 +446,8 @@ struct Inner {
     /// Taberna → index into `names`.
     services: HashMap<TabernaId, usize>,
     names: Vec<(Name, String)>,
+    /// Per name (as `names`): the identities its candidates may have; empty: any.
+    allowed: Vec<Vec<Allowed>>,
     entries: Mutex<Vec<Entry>>,
     notifier: RouteNotifier,
     feeds: ResolverFeeds,
@@ -363,10 +470,14 @@ struct Inner {
 /// use vicus::{DnsSrvConfig, DnsSrvResolver, Domus, MessageType, SendOptions, TabernaId};
 ///
 /// let billing = TabernaId(7);
+/// let name = "_vicus._tcp.billing.prod.svc.cluster.local";
 /// let resolver = DnsSrvResolver::new(
 ///     DnsSrvConfig::new()
-///         .service(billing, "_vicus._tcp.billing.prod.svc.cluster.local")
-///         .identity_template("spiffe://prod.example/ns/{namespace}/pod/{host}"),
+///         .service(billing, name)
+///         .identity_template("spiffe://prod.example/ns/{namespace}/pod/{host}")
+///         // DNS chooses among billing's pods only (see the module docs).
+///         .allow_identities(name, ["spiffe://prod.example/ns/prod/pod/billing-*"])
+///         .strict(),
 /// )?;
 /// let domus = Domus::builder(auth).resolver(Arc::new(resolver)).build().await?;
 /// let invoice = bytes::Bytes::from_static(b"invoice");
@@ -459,6 +570,42 @@ impl DnsSrvResolver {
                 )));
             }
         }
+        let mut allowed: Vec<Vec<Allowed>> = names.iter().map(|_| Vec::new()).collect();
+        for (text, pattern) in &config.allowed {
+            let name = absolute(text)?;
+            let Some(slot) = names
+                .iter()
+                .position(|(n, _)| *n == name)
+                .and_then(|i| allowed.get_mut(i))
+            else {
+                return Err(invalid(format!(
+                    "allow_identities names \"{}\", which no service or group routes to",
+                    untrusted(text)
+                )));
+            };
+            slot.push(Allowed::parse(pattern)?);
+        }
+        if template.is_none() && !config.allowed.is_empty() {
+            return Err(invalid(
+                "allow_identities needs an identity_template (without one, candidates name no \
+                 identity to check)"
+                    .to_owned(),
+            ));
+        }
+        if config.strict_identities {
+            if template.is_none() {
+                return Err(invalid(
+                    "strict_identities needs an identity_template".to_owned(),
+                ));
+            }
+            if let Some(i) = allowed.iter().position(Vec::is_empty) {
+                let name = names.get(i).map_or("", |(_, t)| t.as_str());
+                return Err(invalid(format!(
+                    "strict_identities: {name} has no allow_identities; give the identities \
+                     its replicas may have"
+                )));
+            }
+        }
         let mut opts = ResolverOpts::default();
         opts.timeout = config.query_timeout;
         opts.attempts = 1;
@@ -511,6 +658,7 @@ impl DnsSrvResolver {
                 dns,
                 services,
                 names,
+                allowed,
                 entries: Mutex::new(entries),
                 notifier: RouteNotifier::new(),
                 feeds: ResolverFeeds::new(),
@@ -740,10 +888,22 @@ impl Inner {
             ips.dedup();
             let target_text = target.to_utf8();
             let target_text = target_text.trim_end_matches('.');
+            let allowed = self.allowed.get(index).map_or(&[][..], Vec::as_slice);
             let identity = match &self.template {
                 Some(t) => {
                     let rendered = t.render(&srv_parts, target_text, srv.port);
                     match DomusId::new(&rendered) {
+                        Ok(id)
+                            if !allowed.is_empty()
+                                && !allowed.iter().any(|a| a.allows(id.as_str())) =>
+                        {
+                            target_errors.push(format!(
+                                "{target_text}: the identity template gives \"{}\", which \
+                                 allow_identities does not allow for {text}",
+                                untrusted(&rendered)
+                            ));
+                            continue;
+                        }
                         Ok(id) => Some(id),
                         Err(e) => {
                             target_errors.push(format!(
@@ -811,13 +971,18 @@ impl Inner {
     }
 
     /// Keeps a lookup's result: a new answer replaces the old one (and signals a change when it
-    /// differs); a failure keeps the old one, is reported once, and is retried soon.
+    /// differs); a failure keeps the old one and is retried soon. An outage — from a failure
+    /// while every name answered until every name answers again — is reported once, by its
+    /// first failure, whatever the number of names it hits (each name's failure is logged at
+    /// debug level and fails that name's first lookups with its own error).
     fn store(&self, index: usize, result: Result<Answer, Error>) {
         let now = Instant::now();
         let mut report = None;
         let mut changed = false;
+        let mut recovered = false;
         {
             let mut entries = self.entries.lock().unwrap_or_else(PoisonError::into_inner);
+            let outage = entries.iter().any(|e| e.failing.is_some());
             let Some(entry) = entries.get_mut(index) else {
                 return;
             };
@@ -839,11 +1004,11 @@ impl Inner {
                         slot.store(Some(Arc::new(known)));
                     }
                     entry.due = now + ttl;
-                    entry.failing = None;
+                    recovered = entry.failing.take().is_some();
                 }
                 Err(error) => {
                     entry.due = now + self.config.retry_interval;
-                    if entry.failing.is_none() {
+                    if !outage {
                         let kept = match self.known(index).as_deref() {
                             Some(Known::Found(c)) => {
                                 format!("; keeping the {} candidate(s) it gave before", c.len())
@@ -853,11 +1018,20 @@ impl Inner {
                         };
                         report = Some(Error::new(
                             ErrorId::ResolverFailed,
-                            format!("{}{kept}", error.message()),
+                            format!(
+                                "{}{kept} (further DNS failures of this resolver are not \
+                                 reported until every name answers again)",
+                                error.message()
+                            ),
                         ));
+                    } else if entry.failing.is_none() {
+                        tracing::debug!(error = %error, "DNS SRV lookup failed during an outage already reported");
                     }
                     entry.failing = Some(error);
                 }
+            }
+            if recovered && !entries.iter().any(|e| e.failing.is_some()) {
+                tracing::info!("DNS answers every SRV name again; the outage is over");
             }
         }
         if let Some(error) = report {
@@ -1037,6 +1211,35 @@ mod tests {
         );
     }
 
+    #[test]
+    fn identity_patterns_match_one_identity_or_one_final_path_segment() {
+        let prefix = Allowed::parse("spiffe://td/ns/prod/pod/billing-*").expect("parses");
+        assert!(prefix.allows("spiffe://td/ns/prod/pod/billing-0"));
+        assert!(prefix.allows("spiffe://td/ns/prod/pod/billing-abc"));
+        for refused in [
+            "spiffe://td/ns/prod/pod/billing-",
+            "spiffe://td/ns/prod/pod/billing-0/x",
+            "spiffe://td/ns/prod/pod/frontend-0",
+            "spiffe://td/ns/other/pod/billing-0",
+            "spiffe://td/ns/prod/pod/billing",
+        ] {
+            assert!(!prefix.allows(refused), "{refused}");
+        }
+        let exact = Allowed::parse("spiffe://td/ns/prod/pod/billing-0").expect("parses");
+        assert!(exact.allows("spiffe://td/ns/prod/pod/billing-0"));
+        assert!(!exact.allows("spiffe://td/ns/prod/pod/billing-00"));
+        for (pattern, says) in [
+            ("*", "more than '*'"),
+            ("spiffe://td/*/pod/x", "may only end"),
+            ("spiffe://td/ns/**", "may only end"),
+            ("not an identity", "not a valid domus id"),
+        ] {
+            let e = Allowed::parse(pattern).expect_err(pattern);
+            assert_eq!(e.id(), ErrorId::InvalidConfig);
+            assert!(e.message().contains(says), "{pattern}: {}", e.message());
+        }
+    }
+
     #[tokio::test]
     async fn a_lookup_task_that_dies_leaves_a_failure_not_a_name_running_for_ever() {
         let server: SocketAddr = "127.0.0.1:9".parse().expect("addr");
@@ -1078,6 +1281,32 @@ mod tests {
                 "max_ttl",
             ),
             (ok.clone().identity_template("{nope}"), "unknown variable"),
+            (
+                ok.clone()
+                    .identity_template("spiffe://td/{host}")
+                    .service(t, "_a._tcp.x")
+                    .allow_identities("_b._tcp.x", ["spiffe://td/a"]),
+                "no service or group routes to",
+            ),
+            (
+                ok.clone()
+                    .service(t, "_a._tcp.x")
+                    .allow_identities("_a._tcp.x.", ["spiffe://td/a"]),
+                "needs an identity_template",
+            ),
+            (
+                ok.clone().service(t, "_a._tcp.x").strict(),
+                "strict_identities needs an identity_template",
+            ),
+            (
+                ok.clone()
+                    .identity_template("spiffe://td/{host}")
+                    .service(t, "_a._tcp.x")
+                    .service(TabernaId(2), "_b._tcp.x")
+                    .allow_identities("_a._tcp.x", ["spiffe://td/a-*"])
+                    .strict(),
+                "_b._tcp.x has no allow_identities",
+            ),
         ];
         for (config, says) in cases {
             let e = DnsSrvResolver::new(config).expect_err(says);
@@ -1088,6 +1317,20 @@ mod tests {
             DnsSrvResolver::new(ok.group([TabernaId(1), TabernaId(2)], "_vicus._tcp.billing.test"))
                 .expect("builds");
         assert_eq!(r.inner.names.len(), 1, "a group shares one name");
+        let strict = DnsSrvResolver::new(
+            DnsSrvConfig::new()
+                .name_server(server)
+                .identity_template("spiffe://td/{host}")
+                .service(t, "_a._tcp.x")
+                .allow_identities("_a._tcp.x.", ["spiffe://td/a-*", "spiffe://td/b"])
+                .strict(),
+        )
+        .expect("every name has an allow-list");
+        assert_eq!(
+            strict.inner.allowed[0].len(),
+            2,
+            "a final dot names the same name"
+        );
         let unknown = r.candidates(TabernaId(3)).await.expect_err("unknown");
         assert_eq!(unknown.id(), ErrorId::UnknownTaberna);
     }

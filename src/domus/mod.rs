@@ -8,7 +8,7 @@
 //! the peer's driver; the returned [`Receipt`] resolves when the peer answers.
 //!
 //! Shared tables (peers, address→identity pins) are behind `std::sync::Mutex`es held for a
-//! lookup or an insert, never across an `.await`. Dropping the last [`Domus`] handle cancels
+//! lookup or an insert, never across an `.await`; each is bounded (pins: by `DomusConfig::max_pinned_addresses`). Dropping the last [`Domus`] handle cancels
 //! every task it spawned.
 
 mod config;
@@ -17,6 +17,7 @@ mod destination;
 mod dns_srv;
 #[cfg(feature = "file-resolver")]
 mod file_resolver;
+mod pins;
 mod resolver;
 
 use std::collections::HashMap;
@@ -399,7 +400,7 @@ impl DomusBuilder {
             registry,
             peers: Mutex::new(HashMap::new()),
             unopened: Mutex::new(Tally::default()),
-            pinned: Mutex::new(HashMap::new()),
+            pinned: Mutex::new(pins::Pins::default()),
             tasks: TaskTracker::new(),
             cancel: cancel.clone(),
             accept_stop: cancel.child_token(),
@@ -635,8 +636,9 @@ struct Shared {
     peers: Mutex<HashMap<DomusId, PeerHandle>>,
     /// Authenticated inbound calles waiting for their first frame, per identity (T8).
     unopened: Mutex<Tally<DomusId>>,
-    /// Identities learned for routes that named none.
-    pinned: Mutex<HashMap<DomusAddr, DomusId>>,
+    /// Identities learned for routes that named none: bounded by `max_pinned_addresses`,
+    /// aged by `peer_retire_after`, dropped when another identity answers there.
+    pinned: Mutex<pins::Pins>,
     tasks: TaskTracker,
     cancel: CancellationToken,
     accept_stop: CancellationToken,
@@ -706,6 +708,24 @@ impl Forget for Forgetter {
     fn attach_again(&self, stream: AuthenticatedStream, kind: FrameType, prefix: BytesMut) {
         if let Some(shared) = self.0.upgrade() {
             shared.attach_inbound(stream, kind, prefix);
+        }
+    }
+
+    fn not_at(&self, peer: &DomusId, addr: &DomusAddr) {
+        let Some(shared) = self.0.upgrade() else {
+            return;
+        };
+        let unpinned = shared
+            .pinned
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .unpin(addr, peer);
+        if unpinned {
+            tracing::debug!(%peer, %addr, "another identity answers at a pinned address; the next send there learns it");
+            // Destinations that resolved to the pinned peer resolve again before their next send.
+            shared
+                .route_generation
+                .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
         }
     }
 }
@@ -1113,6 +1133,18 @@ impl Domus {
     pub fn peer_count(&self) -> usize {
         self.shared
             .peers
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .len()
+    }
+
+    /// Address → identity pins held now (routes without an identity; at most
+    /// `DomusConfig::max_pinned_addresses`). A diagnostic for tests, not part of the stable
+    /// API.
+    #[doc(hidden)]
+    pub fn pinned_addresses(&self) -> usize {
+        self.shared
+            .pinned
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .len()
@@ -1863,19 +1895,21 @@ impl Shared {
     }
 
     /// Dials a route that names no identity, pins the identity it presents to that address,
-    /// and hands the callis to the peer's driver.
+    /// and hands the callis to the peer's driver; a pin there (see [`pins`]) answers
+    /// without a dial.
     async fn learn_identity(
         self: &Arc<Self>,
         addr: &DomusAddr,
         deadline: tokio::time::Instant,
     ) -> Result<DomusId, Error> {
+        let max_idle = self.config.load().peer_retire_after;
         if let Some(id) = self
             .pinned
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
-            .get(addr)
+            .get(addr, tokio::time::Instant::now(), max_idle)
         {
-            return Ok(id.clone());
+            return Ok(id);
         }
         let stream = tokio::time::timeout_at(deadline, self.transport.dial(addr, None))
             .await
@@ -1889,10 +1923,17 @@ impl Shared {
                 Error::new(ErrorId::PeerUnavailable, format!("{addr}: {}", e.message()))
             })?;
         let id = stream.peer().id().clone();
+        let config = self.config.load();
         self.pinned
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
-            .insert(addr.clone(), id.clone());
+            .pin(
+                addr.clone(),
+                id.clone(),
+                tokio::time::Instant::now(),
+                config.max_pinned_addresses,
+                config.peer_retire_after,
+            );
         let peer = self.peer(&id, Some(addr.clone()));
         let _ = peer
             .tx

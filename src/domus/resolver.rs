@@ -31,7 +31,12 @@ pub struct Route {
     /// The domus's address.
     pub addr: DomusAddr,
     /// The identity the domus at `addr` must present; `None` accepts whatever verified
-    /// identity answers (it is learned at the first dial and then pinned for that address).
+    /// identity answers there. That identity is learned at the first dial and pinned to the
+    /// address so later sends skip the handshake; a pin is forgotten when unused for
+    /// `DomusConfig::peer_retire_after`, evicted past `DomusConfig::max_pinned_addresses`,
+    /// and dropped when a dial there meets another identity (the send that met it fails with
+    /// `IdentityMismatch`; the next one learns the newcomer). Name the identity when a route
+    /// must reach one domus and no other.
     pub identity: Option<DomusId>,
 }
 

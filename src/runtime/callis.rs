@@ -307,6 +307,11 @@ impl Dialer {
         }
     }
 
+    /// The address dials go to (a running dial's too: a new address abandons it).
+    pub(crate) fn addr(&self) -> Option<&DomusAddr> {
+        self.addr.as_ref()
+    }
+
     /// A dial is running.
     pub(crate) fn is_dialling(&self) -> bool {
         self.dial.is_some()

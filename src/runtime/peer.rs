@@ -143,6 +143,10 @@ pub(crate) trait Forget: Send + Sync {
     /// and the bytes read to learn it) to the peer's next driver, so the peer that just
     /// connected is not cut off.
     fn attach_again(&self, stream: AuthenticatedStream, kind: FrameType, prefix: BytesMut);
+
+    /// A dial to `addr` expecting `peer` met another identity: an address→identity pin of
+    /// `peer` there is stale, and the next send on a route without an identity learns anew.
+    fn not_at(&self, peer: &DomusId, addr: &DomusAddr);
 }
 
 /// Whether a peer can be reached, as its driver last found out: read by sends that waited
@@ -604,6 +608,9 @@ impl PeerDriver {
         let rec = &self.ctx.recorder;
         if error.id() == ErrorId::IdentityMismatch {
             rec.inc(C::identity_mismatches);
+            if let Some(addr) = self.dialer.addr() {
+                self.retirement.forget.not_at(&self.peer_id, addr);
+            }
         }
         rec.event(Report::DialFailed {
             peer: self.peer_id.clone(),

@@ -66,7 +66,8 @@ const DRAIN: Duration = Duration::from_secs(6);
     On a terminal: Tab, ←/→ or 1-3 choose the node shown; q, Esc or Ctrl-C end the demo.\n\
     Elsewhere it prints one line per node each second. It exits 0 only if every link had answers.")]
 pub struct Args {
-    /// Stop after this long (3 or 3s, 500ms, 1m); without it, run until q, Esc or Ctrl-C.
+    /// Stop after this long (3 or 3s, 500ms, 1m; at most 365 days); without it, run until q,
+    /// Esc or Ctrl-C.
     #[arg(long, value_parser = parse_demo_duration)]
     duration: Option<Duration>,
     /// Messages per second on each of the six links: requests with replies and one-way sends,
@@ -75,7 +76,12 @@ pub struct Args {
     rate: u32,
 }
 
-/// A duration as `parse_duration` reads it, or a bare number of seconds (`--duration 3`).
+/// The longest `--duration`: far beyond any demo, and far below what the clock can add
+/// (a deadline past it overflowed the clock and panicked).
+const MAX_DEMO_DURATION: Duration = Duration::from_secs(365 * 24 * 3600);
+
+/// A duration as `parse_duration` reads it, or a bare number of seconds (`--duration 3`);
+/// more than [`MAX_DEMO_DURATION`] is refused.
 fn parse_demo_duration(s: &str) -> Result<Duration, String> {
     let d = match s.trim().parse::<u64>() {
         Ok(secs) => Duration::from_secs(secs),
@@ -83,6 +89,13 @@ fn parse_demo_duration(s: &str) -> Result<Duration, String> {
     };
     if d.is_zero() {
         return Err("the demo needs some time: give e.g. 3s".to_owned());
+    }
+    if d > MAX_DEMO_DURATION {
+        return Err(
+            "the demo runs for at most 365 days; leave --duration out to run until q, Esc or \
+             Ctrl-C"
+                .to_owned(),
+        );
     }
     Ok(d)
 }
@@ -424,7 +437,11 @@ async fn watch_nodes(
     let mut keys = if live { Some(Keys::start()) } else { None };
     let mut selected = 0usize;
     let mut rounds_seen = 0u64;
-    let deadline = args.duration.map(|d| tokio::time::Instant::now() + d);
+    // Checked: a deadline the clock cannot represent is no deadline (the parser already
+    // refuses such durations).
+    let deadline = args
+        .duration
+        .and_then(|d| tokio::time::Instant::now().checked_add(d));
     let until_deadline = async move {
         match deadline {
             Some(at) => tokio::time::sleep_until(at).await,
@@ -820,6 +837,21 @@ mod tests {
         assert_eq!(parse_demo_duration("500ms"), Ok(Duration::from_millis(500)));
         assert!(parse_demo_duration("0").is_err());
         assert!(parse_demo_duration("soon").is_err());
+        assert_eq!(
+            parse_demo_duration("365d").map_err(|e| e.contains("unit")),
+            Err(true),
+            "days are not a unit"
+        );
+        assert_eq!(parse_demo_duration("31536000"), Ok(MAX_DEMO_DURATION));
+        for too_long in [
+            "31536001",
+            "9300000000000000000",
+            "18446744073709551615",
+            "9999999h",
+        ] {
+            let e = parse_demo_duration(too_long).expect_err(too_long);
+            assert!(e.contains("at most 365 days"), "{too_long}: {e}");
+        }
     }
 
     #[test]

@@ -531,3 +531,35 @@ fn a_watched_node_reloads_certificates_issued_again_in_place() {
     let (code, _) = alpha.terminate();
     assert_eq!(code, Some(0));
 }
+
+/// `vicus demo --duration` beyond what the clock can add (about 9.2e18 s) panicked with
+/// "overflow when adding duration to instant" after starting its nodes; now any duration over
+/// the documented 365 days is a usage error at once (exit 2), naming the limit.
+#[test]
+fn a_demo_duration_past_the_limit_is_a_usage_error_not_a_panic() {
+    for duration in [
+        "9300000000000000000",
+        "18446744073709551615",
+        "9999999h",
+        "31536001s",
+    ] {
+        let started = Instant::now();
+        let ran = run(vicus().args(["demo", "--json", "--duration", duration]));
+        assert_eq!(
+            ran.code,
+            Some(2),
+            "--duration {duration}: stdout {}; stderr {}",
+            ran.stdout,
+            ran.stderr
+        );
+        assert!(
+            ran.stderr.contains("at most 365 days") && !ran.stderr.contains("panicked"),
+            "--duration {duration}: {}",
+            ran.stderr
+        );
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(10),
+            "refused before any node starts"
+        );
+    }
+}
