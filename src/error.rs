@@ -2,7 +2,15 @@
 //!
 //! Every failure a caller can see is an [`Error`]: a stable [`ErrorId`] to match on and a bounded,
 //! human-readable message that says what to fix. Ids `1..=26` keep the numbers aurelia 0.2 gives
-//! its errors of the same meaning, so its users can map theirs; vicus's own ids start at 100.
+//! its errors of the same meaning, so its users can map theirs; vicus's own ids are
+//! `ResolverFailed` (27, added after that range) and everything from 100 on.
+//!
+//! Reserved ids: vicus itself never produces `BlobCallisWithoutPrimary` (13),
+//! `BlobAckWindowExceeded` (14), `BlobStreamOutOfOrder` (16), `BlobStreamMissingChunk` (18),
+//! `AddressMismatch` (20), `SnapshotNotAvailable` (25) or `UnixPeerNotAllowed` (110); each
+//! variant's doc says what vicus reports instead. They keep their numbers (aurelia's, for
+//! 13–25) so that no number changes meaning, and a peer may still name one: in a REJECT or
+//! BLOB_CANCEL it reaches the caller as that id, in a CLOSE by name in the `ConnectionLost`.
 //!
 //! This module must not hold a peer-controlled string unbounded or unescaped: everything that
 //! comes from the wire or from a certificate goes through [`untrusted`] first.
@@ -26,7 +34,11 @@ macro_rules! error_ids {
         /// A stable numeric identifier for each kind of failure.
         ///
         /// The numbers never change meaning once released. `1..=26` are the numbers aurelia 0.2
-        /// uses for the same failures; vicus's own start at 100 (A0 transport: 100–149, A1 delivery: 150–199).
+        /// uses for the same failures; vicus's own are 27 (`ResolverFailed`) and from 100 on
+        /// (A0 transport: 100–149, A1 delivery: 150–199). Ids documented as *reserved* are
+        /// never produced by vicus itself (each says what vicus reports instead); a peer may
+        /// still name one in a REJECT or BLOB_CANCEL frame, and it reaches the caller as that
+        /// id.
         #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
         #[non_exhaustive]
         #[repr(u32)]
@@ -93,21 +105,32 @@ error_ids! {
     /// A send was written to the peer but not answered within its timeout: the outcome is
     /// unknown (it may or may not have been delivered).
     SendTimeout = 12,
-    /// A blob callis arrived without a primary callis.
+    /// Reserved (aurelia's number): a blob callis that arrives without a primary callis.
+    /// vicus does not produce it: a blob callis is authenticated on its own (mutual TLS) and
+    /// served by its peer's blob driver whether a primary callis is open or not; the epoch
+    /// in its BLOB_HELLO tells a restarted peer apart.
     BlobCallisWithoutPrimary = 13,
-    /// A peer sent blob data beyond its credit.
+    /// Reserved (aurelia's number): a peer sent blob data beyond its credit. vicus does not
+    /// produce it: such data is a `ProtocolViolation` (naming the credit) that closes the
+    /// blob callis.
     BlobAckWindowExceeded = 14,
     /// A blob stream id is unknown.
     BlobStreamNotFound = 15,
-    /// A blob chunk arrived out of order.
+    /// Reserved (aurelia's number): a blob chunk arrived out of order. vicus does not
+    /// produce it: blob data travels in order on one TLS stream; data that leaves a gap is a
+    /// `ProtocolViolation`, and data received already (resent after a reconnect) is dropped.
     BlobStreamOutOfOrder = 16,
     /// A blob stream was idle for too long.
     BlobStreamIdleTimeout = 17,
-    /// A blob chunk is missing.
+    /// Reserved (aurelia's number): a blob chunk is missing. vicus does not produce it (see
+    /// `BlobStreamOutOfOrder`): unacknowledged bytes are resent on the next blob callis, and
+    /// a stream whose data stops coming ends in `BlobStreamIdleTimeout`.
     BlobStreamMissingChunk = 18,
     /// The blob byte budget is exhausted.
     BlobBufferFull = 19,
-    /// A peer's address does not match what was expected.
+    /// Reserved (aurelia's number): a peer's address does not match what was expected. vicus
+    /// does not produce it: a peer is known by its certificate's identity, not its address
+    /// (a dial that reaches another identity ends in `IdentityMismatch`).
     AddressMismatch = 20,
     /// A taberna with this id is already registered.
     TabernaAlreadyRegistered = 21,
@@ -117,7 +140,9 @@ error_ids! {
     DomusClosed = 23,
     /// A receive did not complete within its timeout.
     ReceiveTimeout = 24,
-    /// A reporting snapshot is not available.
+    /// Reserved (aurelia's number): a reporting snapshot is not available. vicus does not
+    /// produce it: a domus's own snapshot is always available, and a node that does not run
+    /// the reporting service answers `UnknownTaberna` (see `services::reporting::fetch`).
     SnapshotNotAvailable = 25,
     /// The destination taberna is shutting down.
     TabernaShutdown = 26,
@@ -147,7 +172,10 @@ error_ids! {
     ConnectTimeout = 108,
     /// A connection was turned away before any TLS work (admission limits).
     AdmissionRefused = 109,
-    /// A Unix-socket peer's uid is not allowed.
+    /// Reserved: a Unix-socket peer's uid is not in `unix_allowed_uids`. vicus does not
+    /// produce it: such a connection is closed before any TLS work and counted in
+    /// `ListenerStats::refused_uid` (never returned by `Listener::accept`), and the dialer,
+    /// told nothing by design, sees `HandshakeFailed` ("closed the connection").
     UnixPeerNotAllowed = 110,
     /// Something already listens on the Unix-socket path.
     SocketPathInUse = 111,

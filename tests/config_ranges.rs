@@ -517,3 +517,58 @@ async fn out_of_range_send_and_taberna_options_are_refused_naming_their_field() 
     })
     .await;
 }
+
+/// The backticked names in the rows of a "when each field applies" table in `source` (rows
+/// starting with `| **live**`, `| **new peers**` or `| **fixed**`, inside `//!` or `///`
+/// comments).
+fn live_config_table_names(source: &str) -> Vec<String> {
+    let mut names = Vec::new();
+    for line in source.lines() {
+        let line = line
+            .trim_start()
+            .trim_start_matches("//!")
+            .trim_start_matches("///");
+        let row = line.trim_start();
+        if !["| **live**", "| **new peers**", "| **fixed**"]
+            .iter()
+            .any(|start| row.starts_with(start))
+        {
+            continue;
+        }
+        names.extend(row.split('`').skip(1).step_by(2).map(str::to_owned));
+    }
+    names
+}
+
+/// Both tables that say when a live change of each `DomusConfig` field applies (the crate
+/// docs' *Live configuration* and `DomusConfig`'s own) name every field, so none is left
+/// for a user to guess (a wildcard such as `blob_*` counts for every field it matches).
+#[test]
+fn the_live_configuration_tables_name_every_domus_config_field() {
+    let fields = debug_fields(&format!("{:#?}", DomusConfig::default()));
+    assert!(fields.len() >= 2, "could not read DomusConfig's fields");
+    for (doc, source) in [
+        ("the crate docs (src/lib.rs)", include_str!("../src/lib.rs")),
+        ("DomusConfig's docs", include_str!("../src/domus/config.rs")),
+    ] {
+        let named = live_config_table_names(source);
+        assert!(
+            !named.is_empty(),
+            "{doc}: no live-configuration table found"
+        );
+        let missing: Vec<&String> = fields
+            .iter()
+            .filter(|field| {
+                !named.iter().any(|n| {
+                    n == *field
+                        || n.strip_suffix('*')
+                            .is_some_and(|prefix| field.starts_with(prefix))
+                })
+            })
+            .collect();
+        assert!(
+            missing.is_empty(),
+            "{doc}: the live-configuration table does not say when {missing:?} apply"
+        );
+    }
+}

@@ -70,18 +70,6 @@ async fn round_trip(s: &mut TcpStream, msg: &[u8]) {
     assert_eq!(back, msg);
 }
 
-/// Polls `cond` until it holds or [`PROMPTLY`] passes.
-async fn eventually(mut cond: impl FnMut() -> bool) -> bool {
-    let deadline = Instant::now() + PROMPTLY;
-    while Instant::now() < deadline {
-        if cond() {
-            return true;
-        }
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-    cond()
-}
-
 #[tokio::test]
 async fn forwards_both_ways_and_counts_connections() {
     within(async {
@@ -97,7 +85,7 @@ async fn forwards_both_ways_and_counts_connections() {
         // A half-close is passed on: the echo server sees EOF and closes its side.
         a.shutdown().await.expect("half-close");
         assert!(closed_within(&mut a, PROMPTLY).await);
-        assert!(eventually(|| proxy.connections() == 1).await);
+        assert!(eventually(PROMPTLY, || proxy.connections() == 1).await);
     })
     .await;
 }
@@ -114,7 +102,7 @@ async fn cut_all_ends_reads_and_later_connections_work() {
         proxy.cut_all();
         assert!(closed_within(&mut a, PROMPTLY).await, "a still open");
         assert!(closed_within(&mut b, PROMPTLY).await, "b still open");
-        assert!(eventually(|| proxy.connections() == 0).await);
+        assert!(eventually(PROMPTLY, || proxy.connections() == 0).await);
 
         let mut c = connect(&proxy).await;
         round_trip(&mut c, b"after the cut").await;

@@ -101,6 +101,19 @@ fn resolver_failures(domus: &Domus) -> Vec<vicus::Error> {
         .collect()
 }
 
+/// Waits (at most [`SLACK`]) until `domus` has reported `n` `ResolverFailed` errors, then
+/// [`QUIET`] more, and returns them all: the caller checks there are still `n` (each problem
+/// reported once, not again at every poll).
+async fn resolver_failures_after(domus: &Domus, n: usize) -> Vec<vicus::Error> {
+    assert!(
+        eventually(SLACK, || resolver_failures(domus).len() >= n).await,
+        "{n} ResolverFailed errors expected within {SLACK:?}: {:?}",
+        resolver_failures(domus)
+    );
+    tokio::time::sleep(QUIET).await;
+    resolver_failures(domus)
+}
+
 /// b and c each serve [`TABERNA`] (answering with their names); a is routed by a routes file
 /// that starts out pointing at b.
 struct Setup {
@@ -176,8 +189,7 @@ async fn garbage_is_reported_once_the_old_routes_stay_and_a_fix_is_applied() {
         );
 
         s.routes.publish("[[taberna]\nthis is not toml\n");
-        tokio::time::sleep(QUIET).await;
-        let failures = resolver_failures(&s.a);
+        let failures = resolver_failures_after(&s.a, 1).await;
         assert_eq!(failures.len(), 1, "reported once: {failures:?}");
         let m = failures[0].message();
         assert!(m.contains(&*s.routes.path().to_string_lossy()), "{m}");
@@ -194,15 +206,13 @@ async fn garbage_is_reported_once_the_old_routes_stay_and_a_fix_is_applied() {
             "{}[[domus]]\nidentity = \"spiffe://vicus.dev/domus/b\"\naddr = \"nowhere\"\n",
             routes_to(&s.c)
         ));
-        tokio::time::sleep(QUIET).await;
-        let failures = resolver_failures(&s.a);
+        let failures = resolver_failures_after(&s.a, 2).await;
         assert_eq!(failures.len(), 2, "{failures:?}");
         assert!(failures[1].message().contains("line 6"), "{failures:?}");
 
         // The file disappears: one read error, and the routes stay.
         std::fs::remove_file(s.routes.path()).expect("remove the routes file");
-        tokio::time::sleep(QUIET).await;
-        let failures = resolver_failures(&s.a);
+        let failures = resolver_failures_after(&s.a, 3).await;
         assert_eq!(failures.len(), 3, "{failures:?}");
         assert!(
             failures[2].message().contains("cannot open"),

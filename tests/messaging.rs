@@ -191,7 +191,11 @@ async fn t25_full_inbox_answers_taberna_busy_at_once() {
             .expect("taberna");
         // Nobody reads: two fill the inbox, the third is refused at once.
         let [r1, r2]: [vicus::Receipt; 2] = admit_empty(&a, 2).await.try_into().expect("two");
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(
+            eventually(Duration::from_secs(10), || t.queued() == 2).await,
+            "the first two reach the inbox: {} queued",
+            t.queued()
+        );
         let started = tokio::time::Instant::now();
         let err = a
             .send(TabernaId(10), APP, Bytes::new(), send_opts(10_000))
@@ -1180,8 +1184,11 @@ async fn a_route_change_reaches_messages_already_waiting_for_the_peer() {
                     .expect("admitted"),
             );
         }
-        tokio::time::sleep(Duration::from_millis(300)).await;
-        assert!(old_path.total_accepted() >= 2, "a redialled the old path");
+        assert!(
+            eventually(Duration::from_secs(10), || old_path.total_accepted() >= 2).await,
+            "a redialled the old path: {} accepted there",
+            old_path.total_accepted()
+        );
         // The route moves to b's own address; no new send is made.
         let moved = tokio::time::Instant::now();
         mesh.route(TabernaId(10), &b).expect("route");
@@ -1967,17 +1974,28 @@ async fn t02_a_certificate_that_expires_under_an_open_callis_ends_its_use_by_max
             .expect("while valid");
         assert_eq!(out, Delivery::Replied(Bytes::from_static(b"echo:1")));
         // Past not_after, plus the ages at which the callis is replaced (1.5 s) and closed
-        // by the side that accepted it (1.25 times that).
-        tokio::time::sleep(Duration::from_secs(6)).await;
-        let err = a
-            .send(
-                TabernaId(10),
-                APP,
-                Bytes::from_static(b"2"),
-                send_opts(3_000),
-            )
-            .await
-            .expect_err("an expired peer is not used");
+        // by the side that accepted it (1.25 times that), sends stop being delivered: sent
+        // until the first one fails, which must say why.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        let err = loop {
+            let out = a
+                .send(
+                    TabernaId(10),
+                    APP,
+                    Bytes::from_static(b"2"),
+                    send_opts(3_000),
+                )
+                .await;
+            match out {
+                Ok(out) => assert_eq!(out, Delivery::Replied(Bytes::from_static(b"echo:2"))),
+                Err(err) => break err,
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "an expired peer is still used 20 s on"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
         assert!(!err.outcome_unknown(), "{err}");
         assert!(err.message().contains("expired"), "{err}");
     })
@@ -2140,7 +2158,22 @@ async fn sends_spread_over_replicas_by_priority_and_weight_and_skip_the_ones_tha
         // Priority 0 goes away: its replicas say so as they shut down, and sends move on.
         replicas[0].shutdown().await;
         replicas[1].shutdown().await;
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        let gone = [
+            replicas[0].identity().clone(),
+            replicas[1].identity().clone(),
+        ];
+        assert!(
+            eventually(Duration::from_secs(10), || {
+                a.reporting()
+                    .snapshot()
+                    .per_peer
+                    .iter()
+                    .all(|p| !gone.contains(&p.peer) || !p.connected)
+            })
+            .await,
+            "a saw the priority-0 replicas go: {:?}",
+            a.reporting().snapshot().per_peer
+        );
         for _ in 0..20 {
             let out = a
                 .send(
@@ -2195,9 +2228,20 @@ async fn sends_that_never_left_for_a_dead_replica_are_delivered_by_another() {
         // r1 crashes (no shutdown, no CLOSE: its callis just ends, its port refuses).
         let r1 = mesh.remove("r1").expect("r1");
         let r1_delivered = counts[0].clone();
+        let Some(DomusAddr::Tcp(r1_addr)) = r1.local_addr().cloned() else {
+            panic!("r1 listens on TCP");
+        };
         drop(replicas.remove(0));
         drop(r1);
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        // Its tasks have ended once its port refuses.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while tokio::net::TcpStream::connect(r1_addr).await.is_ok() {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "r1's port still accepts after it crashed"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
         let frozen = r1_delivered.load(Ordering::SeqCst);
         // Sends made now still choose r1 about half the time (nothing says it is down yet);
         // those are never written anywhere, and end up at r2 — well before their deadline.

@@ -33,18 +33,6 @@ fn spawn_counting(t: vicus::Taberna) -> Arc<AtomicU64> {
     count
 }
 
-/// Polls `cond` every 10 ms until it holds or `limit` passes.
-async fn eventually(limit: Duration, mut cond: impl FnMut() -> bool) -> bool {
-    let deadline = tokio::time::Instant::now() + limit;
-    while tokio::time::Instant::now() < deadline {
-        if cond() {
-            return true;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    cond()
-}
-
 #[tokio::test]
 async fn peers_that_come_send_and_shut_down_are_forgotten_and_leave_nothing_behind() {
     const CLIENTS: usize = 1_000;

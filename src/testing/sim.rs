@@ -9,6 +9,17 @@
 //! production code. [`SimNet`] holds what the hosts share: a development CA, one resolver,
 //! and the seed of vicus's own randomness (epochs, reconnect jitter).
 //!
+//! A partition (`turmoil::partition`) drops what is sent across it; turmoil's TCP does not
+//! retransmit it after `repair` as a kernel's would. So a callis that was open when a
+//! partition began is dead without either side being told, and is found dead only when
+//! `DomusConfig::idle_timeout` (default 20 s) passes without a byte from the peer: messages
+//! held behind it are delivered that long after the last bytes heard, not at the repair (a
+//! 2 s partition: 13–18 s after the repair with the defaults, under a second with
+//! `idle_timeout` 1 s and `keepalive_interval` 300 ms; `tests/sim.rs` checks both). A send
+//! that had no callis yet is dialled again as its backoff allows, and goes out soon after the
+//! repair (as in the example below). `turmoil::hold` / `release` delay bytes instead of
+//! dropping them.
+//!
 //! ```
 //! use std::time::Duration;
 //! use bytes::Bytes;
@@ -30,7 +41,8 @@
 //! let client = net.clone();
 //! sim.client("shop", async move {
 //!     let shop = client.domus("shop").await?;
-//!     // The billing host went dark for a while: the send waits and is delivered once it heals.
+//!     // The billing host went dark for a while: the send (no callis open yet) waits, and is
+//!     // delivered soon after the link heals, once a redial gets through.
 //!     turmoil::partition("shop", "billing");
 //!     let send = tokio::spawn(shop.send(TabernaId(1), KIND, Bytes::new(), SendOptions::default()));
 //!     tokio::time::sleep(Duration::from_secs(2)).await;

@@ -1,6 +1,7 @@
 //! Shared support for the loopback integration tests: a CA and identities minted per test,
-//! a deadline wrapper every async test runs under, and small socket helpers. The mesh and the
-//! fault proxy are the public ones from `vicus::testing` (feature `test-util`).
+//! a deadline wrapper every async test runs under, polling a condition under a deadline, the
+//! rule for a missing prerequisite ([`skip_or_fail`]), and small socket helpers. The mesh and
+//! the fault proxy are the public ones from `vicus::testing` (feature `test-util`).
 #![allow(dead_code, unreachable_pub, unused_imports)]
 
 use std::future::Future;
@@ -19,6 +20,38 @@ pub async fn within<F: Future>(fut: F) -> F::Output {
     tokio::time::timeout(TEST_DEADLINE, fut)
         .await
         .expect("test exceeded its deadline")
+}
+
+/// Polls `cond` every 10 ms until it holds or `limit` passes; whether it held. For a
+/// condition a test waits for: a fixed sleep before an assertion flakes on a loaded machine
+/// and wastes time on an idle one.
+pub async fn eventually(limit: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let deadline = tokio::time::Instant::now() + limit;
+    while tokio::time::Instant::now() < deadline {
+        if cond() {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    cond()
+}
+
+/// Whether this run is CI's: the `CI` variable set to `true` or `1` (`.ci/run` exports it).
+pub fn in_ci() -> bool {
+    std::env::var("CI").is_ok_and(|v| v == "1" || v.eq_ignore_ascii_case("true"))
+}
+
+/// A prerequisite of a test is missing (`what` says which, and what is not checked): under CI
+/// the test fails here, since a check CI skips is a check nobody runs; elsewhere one
+/// `SKIPPED: …` line goes to stderr (past the test harness's capture, so it shows in a plain
+/// `cargo test`) and the caller returns.
+pub fn skip_or_fail(what: &str) {
+    assert!(
+        !in_ci(),
+        "missing prerequisite under CI: {what} (.ci/run installs what the tests need)"
+    );
+    use std::io::Write as _;
+    let _ = writeln!(std::io::stderr(), "SKIPPED: {what}");
 }
 
 /// A fresh development CA for one test.

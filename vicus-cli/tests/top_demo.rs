@@ -10,7 +10,9 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{Node, TempDir, bin, make_certs, node_config, ok, one_line_error, run, vicus};
+use common::{
+    Node, TempDir, bin, make_certs, node_config, ok, one_line_error, run, skip_or_fail, vicus,
+};
 
 /// A development CA and certificates for `names` (trust domain vicus.dev), written by
 /// `vicus certs`.
@@ -266,14 +268,17 @@ struct Tmux {
 }
 
 impl Tmux {
-    /// Starts `command` in a detached 120×40 session, or `None` (with a note) without tmux.
+    /// Starts `command` in a detached 120×40 session, or `None` without tmux (which fails the
+    /// test under CI: see [`skip_or_fail`]).
     fn start(tag: &str, command: &str) -> Option<Self> {
         let found = std::process::Command::new("tmux")
             .arg("-V")
             .output()
             .is_ok_and(|o| o.status.success());
         if !found {
-            eprintln!("note: tmux is not installed; skipping the real-terminal check");
+            skip_or_fail(&format!(
+                "tmux is not installed: the real-terminal check `{tag}` did not run"
+            ));
             return None;
         }
         let tmux = Self {

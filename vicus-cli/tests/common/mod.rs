@@ -1,7 +1,7 @@
 //! Shared support for the `vicus` binary's integration tests: the binary under a timeout,
 //! temporary directories removed on drop, the "exit 1 with one line on stderr" check, a
-//! `vicus node` child process killed on drop, and certificates and node configs written with
-//! `vicus` itself.
+//! `vicus node` child process killed on drop, certificates and node configs written with
+//! `vicus` itself, and the rule for a missing prerequisite ([`skip_or_fail`]).
 #![allow(dead_code)]
 
 use std::io::{BufRead, BufReader, Read};
@@ -13,6 +13,20 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use assert_cmd::Command;
 use serde_json::Value;
+
+/// A prerequisite of a test is missing (`what` says which, and what is not checked): under CI
+/// (`CI` set to `true` or `1`, as `.ci/run` exports it) the test fails here, since a check CI
+/// skips is a check nobody runs; elsewhere one `SKIPPED: …` line goes to stderr (past the test
+/// harness's capture) and the caller returns. The library's tests/common has the same rule.
+pub fn skip_or_fail(what: &str) {
+    let in_ci = std::env::var("CI").is_ok_and(|v| v == "1" || v.eq_ignore_ascii_case("true"));
+    assert!(
+        !in_ci,
+        "missing prerequisite under CI: {what} (.ci/run installs what the tests need)"
+    );
+    use std::io::Write as _;
+    let _ = writeln!(std::io::stderr(), "SKIPPED: {what}");
+}
 
 /// The longest any one command may run.
 pub const COMMAND_TIMEOUT: Duration = Duration::from_secs(60);
