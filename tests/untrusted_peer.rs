@@ -100,7 +100,7 @@ async fn t31_thirty_thousand_duplicates_of_a_1_mib_answer_cost_little_and_close_
         });
         let during = round_trips(&good, &victim, 200).await;
         assert!(
-            wait_until(Duration::from_secs(10), || {
+            eventually(Duration::from_secs(10), || {
                 victim.reporting().snapshot().totals.protocol_violations > violations_before
             })
             .await,
@@ -142,7 +142,7 @@ async fn t33_a_peer_that_pings_and_never_reads_is_cut_off_and_its_messages_repla
         let evil_id = evil.local_id();
         let mut raw = RawPeer::connect(&evil, &victim, 77, 8192, 4 << 20).await;
         assert!(
-            wait_until(Duration::from_secs(5), || victim
+            eventually(Duration::from_secs(5), || victim
                 .reporting()
                 .connected_peers()
                 .contains(&evil_id))
@@ -179,7 +179,7 @@ async fn t33_a_peer_that_pings_and_never_reads_is_cut_off_and_its_messages_repla
             .collect();
         let closed = victim.reporting().snapshot().totals.primary_calles_closed;
         assert!(
-            wait_until(Duration::from_secs(10), || {
+            eventually(Duration::from_secs(10), || {
                 victim.reporting().snapshot().totals.primary_calles_closed > closed
             })
             .await,
@@ -368,6 +368,86 @@ async fn a2_message_types_to_an_application_taberna_are_refused_by_the_receiver(
             "{:?}",
             snap.refused_by
         );
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn t33_a_peer_that_never_reads_its_blob_callis_loses_it() {
+    use tokio::io::AsyncWriteExt;
+    within(async {
+        let mut mesh = Mesh::new().expect("mesh");
+        let mut config = fast();
+        config.blob_idle_timeout = Duration::from_secs(1);
+        let victim = mesh.domus_with("victim", config).await.expect("victim");
+        let evil = transport(mesh.ca(), "evil");
+        let evil_id = evil.local_id();
+        let mut primary = RawPeer::connect(&evil, &victim, 77, 8192, 4 << 20).await;
+        // The peer's blob callis: BLOB_HELLO, then it reads nothing more on it.
+        let mut blob = evil
+            .dial(&addr_of(&victim), Some(victim.identity()))
+            .await
+            .expect("dial");
+        let mut hello = BytesMut::new();
+        frame::encode_blob_hello(&mut hello, frame::PROTOCOL_VERSION, 77, 1 << 20);
+        blob.write_all(&hello).await.expect("BLOB_HELLO");
+        assert!(
+            eventually(Duration::from_secs(5), || {
+                victim.reporting().snapshot().blob_calles.current == 1
+            })
+            .await
+        );
+        // The victim streams a blob to the peer, which accepts it and grants plenty of credit.
+        mesh.resolver().insert(
+            TabernaId(5),
+            vicus::DomusAddr::tcp(([127, 0, 0, 1], 9)),
+            Some(evil_id.clone()),
+        );
+        let sender = {
+            let victim = victim.clone();
+            tokio::spawn(async move {
+                let mut tx = victim
+                    .send_blob(TabernaId(5), APP, Bytes::new(), SendOptions::default())
+                    .await?;
+                let chunk = vec![7u8; 1 << 20];
+                for _ in 0..64 {
+                    tx.write_all(&chunk)
+                        .await
+                        .map_err(|e| vicus::Error::new(ErrorId::Io, e.to_string()))?;
+                }
+                Ok::<_, vicus::Error>(())
+            })
+        };
+        let open = primary
+            .read_until(|f| matches!(f, Frame::Message(_)))
+            .await
+            .expect("the blob's opening message");
+        let Frame::Message(m) = open else {
+            unreachable!()
+        };
+        let stream = u64::from_be_bytes(m.payload[..8].try_into().expect("stream id"));
+        let mut out = BytesMut::new();
+        frame::encode_accepted(&mut out, &[m.id]);
+        primary.write(&out).await.expect("accept");
+        let mut credit = BytesMut::new();
+        frame::encode_blob_credit(&mut credit, stream, 0, 1 << 30);
+        blob.write_all(&credit).await.expect("credit");
+        let closed = victim.reporting().snapshot().totals.blob_calles_closed;
+        let start = Instant::now();
+        assert!(
+            eventually(Duration::from_secs(10), || {
+                victim.reporting().snapshot().totals.blob_calles_closed > closed
+            })
+            .await,
+            "the blob callis of a peer that reads nothing is dropped"
+        );
+        println!("T33 blob: dropped {:?} after the credit", start.elapsed());
+        // The stream itself fails (nothing moved for blob_idle_timeout), it does not hang.
+        let result = tokio::time::timeout(Duration::from_secs(10), sender)
+            .await
+            .expect("the sender ends")
+            .expect("task");
+        assert!(result.is_err(), "{result:?}");
     })
     .await;
 }

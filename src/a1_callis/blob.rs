@@ -45,6 +45,10 @@ use crate::error::{Error, ErrorId, untrusted};
 /// payload is the stream id (`u64`), the application's message type (`u32`), then the
 /// application's header bytes.
 pub(crate) const BLOB_OPEN_TYPE: u32 = 0x0001_0000;
+
+/// The smallest chunk either side may ask for: a BLOB_HELLO announcing less is a violation
+/// (T32), and `DomusConfig::blob_chunk_len` may not be set below it.
+pub const MIN_CHUNK_LEN: usize = 1024;
 /// Bytes before the application's header in a blob-opening payload.
 pub(crate) const BLOB_OPEN_PREFIX_LEN: usize = 12;
 
@@ -524,6 +528,15 @@ impl BlobStreams {
                 format!(
                     "blob callis speaks version {version}, we speak {}",
                     frame::PROTOCOL_VERSION
+                ),
+            ));
+        }
+        if (max_chunk as usize) < MIN_CHUNK_LEN {
+            // Tiny chunks would make this side write a frame header per few bytes (T32).
+            return Err(Error::new(
+                ErrorId::ProtocolViolation,
+                format!(
+                    "the peer's BLOB_HELLO announces chunks of {max_chunk} bytes, below the {MIN_CHUNK_LEN}-byte minimum"
                 ),
             ));
         }

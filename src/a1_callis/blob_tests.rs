@@ -590,3 +590,22 @@ fn t16_the_recently_ended_set_is_bounded_and_keeps_the_newest_end_of_a_reused_id
     let newest = 10_000_000 + 3 * RECENT_CAP as u64 - 1;
     assert_eq!(r.get(newest), Some(Some(newest)));
 }
+
+#[test]
+fn t32_a_blob_hello_announcing_tiny_chunks_is_refused() {
+    let mut s = BlobStreams::new(config());
+    let e = s
+        .accept_hello(frame::PROTOCOL_VERSION, 1, 16, None)
+        .expect_err("16-byte chunks");
+    assert_eq!(e.id(), ErrorId::ProtocolViolation);
+    assert!(e.message().contains("16 bytes"), "{e}");
+    // The smallest allowed size is taken; a huge one is cut to ours.
+    assert!(
+        s.accept_hello(frame::PROTOCOL_VERSION, 1, MIN_CHUNK_LEN as u32, None)
+            .is_ok()
+    );
+    assert!(
+        s.accept_hello(frame::PROTOCOL_VERSION, 1, u32::MAX, None)
+            .is_ok()
+    );
+}

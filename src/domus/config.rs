@@ -342,7 +342,12 @@ impl DomusConfig {
             1 << 20,
         )?;
         within("shutdown_timeout", self.shutdown_timeout, MS, 10 * MIN)?;
-        count("blob_chunk_len", self.blob_chunk_len as u64, 1024, 1 << 20)?;
+        count(
+            "blob_chunk_len",
+            self.blob_chunk_len as u64,
+            crate::a1_callis::blob::MIN_CHUNK_LEN as u64,
+            1 << 20,
+        )?;
         count(
             "blob_window",
             self.blob_window as u64,

@@ -41,7 +41,7 @@ use super::{domus_closed, yield_turn};
 use crate::a0_transport::{AuthenticatedStream, DomusAddr, DomusId, Transport};
 use crate::a1_callis::blob::{BlobConfig, BlobEvent, BlobStreams};
 use crate::a1_callis::frame::{self, BlobFrame, Frame, FrameType, PROTOCOL_VERSION};
-use crate::a1_callis::link::{Backoff, keep_current};
+use crate::a1_callis::link::{Backoff, WriteVerdict, WriteWatch, keep_current};
 use crate::error::{Error, ErrorId};
 use crate::reporting::{C, CallisKind, PeerCells, Recorder};
 
@@ -83,6 +83,9 @@ struct Link {
     open: bool,
     /// A CLOSE is queued: drop the callis once it is written.
     closing: bool,
+    /// Whether writes move (T33): a peer that reads nothing loses the callis, and a CLOSE
+    /// that cannot be written in time is given up.
+    writes: WriteWatch,
 }
 
 /// One peer's blob task. Poll it to completion (the domus spawns it on its task tracker).
@@ -102,6 +105,8 @@ pub(crate) struct BlobDriver {
     timer: Alarm,
     /// Runs while an open callis carries no stream; closes it when it fires.
     idle_timer: Option<Pin<Box<Sleep>>>,
+    /// Follows the callis's write deadline (its [`WriteWatch`]).
+    write_timer: Alarm,
     shutting_down: bool,
     cancelled: Pin<Box<WaitForCancellationFutureOwned>>,
     /// Where the blob callis's bytes are counted.
@@ -170,6 +175,7 @@ impl BlobDriver {
             peer_epoch: None,
             timer: Alarm::new(),
             idle_timer: None,
+            write_timer: Alarm::new(),
             shutting_down: false,
             cancelled: Box::pin(cancel.cancelled_owned()),
             counting,
@@ -430,6 +436,7 @@ impl BlobDriver {
             recv: prefix,
             open: false,
             closing: false,
+            writes: WriteWatch::new(),
         });
         // The peer's BLOB_HELLO (and maybe more) may already be here.
         self.handle_input();
@@ -637,6 +644,38 @@ impl BlobDriver {
         })
     }
 
+    /// Reports a write attempt to the callis's [`WriteWatch`] and acts on its verdict: a
+    /// callis whose writes made no progress for `blob_idle_timeout` (the peer reads nothing)
+    /// is dropped at once, its streams waiting for the next one; a CLOSE that cannot be
+    /// written in time is given up. True when it dropped the callis or its timer fired.
+    fn watch_writes(&mut self, cx: &mut Context<'_>, progressed: bool) -> bool {
+        let idle = self.config.idle_timeout;
+        let Some(link) = self.link.as_mut() else {
+            self.write_timer.poll(cx, None);
+            return false;
+        };
+        let now = now();
+        link.writes.wrote(now, progressed, !link.io.is_drained());
+        if link.closing {
+            link.writes.closing(now);
+        }
+        let verdict = link.writes.check(now, idle);
+        let fired = self.write_timer.poll(cx, link.writes.poll_timeout(idle));
+        match verdict {
+            WriteVerdict::Fine => fired,
+            WriteVerdict::Stalled => {
+                tracing::debug!(peer = %self.peer_id, "the peer read nothing on the blob callis for blob_idle_timeout; dropping it");
+                self.drop_link();
+                true
+            }
+            WriteVerdict::Abandon => {
+                tracing::debug!(peer = %self.peer_id, "the blob callis's CLOSE could not be written in time; dropping it");
+                self.take_link();
+                true
+            }
+        }
+    }
+
     /// Closes an open callis that has carried no stream for `blob_idle_timeout`.
     fn poll_idle(&mut self, cx: &mut Context<'_>) -> bool {
         let idle = self.link.as_ref().is_some_and(|l| l.open && !l.closing)
@@ -778,6 +817,7 @@ impl Future for BlobDriver {
             if !alive {
                 this.drop_link();
             }
+            progressed |= this.watch_writes(cx, p);
             this.dispatch_events();
             if let Some(link) = &this.link {
                 if link.closing && link.io.is_drained() {

@@ -280,17 +280,3 @@ pub fn rss_bytes() -> u64 {
         .expect("statm's resident field");
     pages * 4096
 }
-
-/// Waits (polling every 10 ms) until `cond` holds; false when `limit` passed first.
-pub async fn wait_until(limit: Duration, mut cond: impl FnMut() -> bool) -> bool {
-    let deadline = tokio::time::Instant::now() + limit;
-    loop {
-        if cond() {
-            return true;
-        }
-        if tokio::time::Instant::now() >= deadline {
-            return false;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-}
