@@ -152,7 +152,8 @@ fn fuzz_config() -> SessionConfig {
 /// byte with its arguments taken from the following bytes: raw chunks through
 /// `recv_buf` + `handle_input` (sizes from the data), well-formed frames (MESSAGE, answers,
 /// PING/PONG, HELLO, CLOSE, reserved), virtual time steps with `handle_timeout`, `send`,
-/// postponed answers, reconnects, `cancel` and `fail_all`. Every `Deliver` is answered
+/// postponed answers, reconnects, `cancel`, `fail_all` and write-progress reports (a callis
+/// the session gives up is dropped, as the driver does). Every `Deliver` is answered
 /// (Accepted, Replied or Rejected, now or later) and events and transmits are drained after
 /// every operation.
 ///
@@ -378,6 +379,14 @@ impl<'a> Harness<'a> {
             _ => {
                 let b = self.script.byte();
                 let now = self.now();
+                if b >= 250 {
+                    // The driver's report of a write attempt: moved or not, bytes waiting or
+                    // not (T33).
+                    let flags = self.script.byte();
+                    self.session
+                        .write_progress(now, flags & 1 == 1, flags & 2 == 2);
+                    return;
+                }
                 match b % 5 {
                     0 => {
                         let id = u64::from(self.script.byte() % 16);
@@ -566,6 +575,11 @@ impl<'a> Harness<'a> {
             self.on_event(event);
         }
         let now = self.now();
+        if self.session.must_abandon() {
+            // As the driver does: the callis is dropped at once, whatever is queued.
+            self.session.disconnected(now);
+            self.expect_hello = false;
+        }
         for _ in 0..MAX_TRANSMITS {
             let mut out = BytesMut::new();
             let wrote = self.session.poll_transmit(now, &mut out);
