@@ -422,12 +422,15 @@ impl AnswerQueue {
         self.accepted.is_empty() && self.others.is_empty()
     }
 
+    #[inline]
     fn push(&mut self, id: u64, answer: Answer) {
-        self.bytes = self.bytes.saturating_add(answer_wire_len(&answer));
-        match answer {
-            Answer::Accepted => self.accepted.push(id),
-            other => self.others.push_back((id, other)),
+        if let Answer::Accepted = answer {
+            self.bytes = self.bytes.saturating_add(8);
+            self.accepted.push(id);
+            return;
         }
+        self.bytes = self.bytes.saturating_add(answer_wire_len(&answer));
+        self.others.push_back((id, answer));
     }
 
     fn pop_other(&mut self) -> Option<(u64, Answer)> {
@@ -1050,6 +1053,7 @@ impl Session {
     /// Queues an answer to be written. A correct peer never has more than `window` messages
     /// unanswered (it never writes an id `window` or more past its oldest unanswered one),
     /// so more answers owed than that is a violation (T31).
+    #[inline]
     fn queue_answer(&mut self, id: u64, answer: Answer) {
         if self.answers.len() >= self.config.window.max(1) as usize {
             let window = self.config.window;

@@ -53,6 +53,7 @@ pub enum Delivery {
 
 /// What a send's answer means for its caller: the one mapping of answers to results, for
 /// remote and local tabernas alike. `context` names the destination in error messages.
+#[inline]
 pub(crate) fn answer_result(
     answer: Answer,
     context: impl std::fmt::Display,
