@@ -1077,9 +1077,11 @@ async fn a_peer_that_shuts_down_ends_every_waiting_send_at_once_with_a_documente
             shut - started,
             latest - shut
         );
+        // "At once", against the 10 s deadline: 100 ms was exceeded in 2 of 600 runs on a
+        // loaded 2-core machine (108 and 178 ms) although every send ended correctly.
         assert!(
-            latest - shut < Duration::from_millis(100),
-            "every send ends within 100 ms of the peer's shutdown ({:?})",
+            latest - shut < Duration::from_secs(1),
+            "every send ends within 1 s of the peer's shutdown, long before its deadline ({:?})",
             latest - shut
         );
         // The handler had the 500: the receiver answered them before it closed, so their
