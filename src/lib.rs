@@ -147,10 +147,16 @@
 //!   replayed there when that replica comes back, or ends at its deadline as `SendTimeout`.
 //!   Exactly-once therefore holds per replica, and no message is delivered by two replicas.
 //! * A peer that shuts down says so (CLOSE `DomusClosed`) after answering every request its
-//!   handlers still hold (with a `PeerShutDown` rejection); it reads nothing more. Its
-//!   senders' unanswered and waiting sends end at once with `PeerShutDown` (not delivered), and
-//!   later sends dial it once: while it cannot be reached they fail at once with `PeerShutDown`
-//!   carrying the dial error, and once it is back (a new run) they are sent as usual.
+//!   handlers still hold (with a `PeerShutDown` rejection); it reads nothing more. When its
+//!   senders read that CLOSE, their unanswered sends and those waiting for in-flight room end
+//!   at once with `PeerShutDown` (not delivered); a send handed over just as the CLOSE is
+//!   read counts as a later one. Later sends dial it once: when that dial fails they fail at
+//!   once with `PeerShutDown` carrying the dial error (as does every send until the reconnect
+//!   backoff lets the next dial go), and once it is back (a new run) they are sent as usual.
+//!   A dial that gets no answer (a port that takes the connection and never replies) keeps
+//!   them waiting for it, up to their deadline (`PeerUnavailable`), as for any peer that
+//!   cannot be reached. This holds after the peer was forgotten too: the domus remembers that
+//!   it shut down for `DomusConfig::peer_retire_after`, for up to 4,096 such peers.
 //! * **Forgetting a peer.** A domus forgets a peer it no longer talks to — its driver, its
 //!   session, its dedupe state — once no callis is open or being dialled and nothing is in
 //!   flight either way: at once when the peer shut down (its CLOSE said so) or has said

@@ -1081,9 +1081,11 @@ async fn a_peer_that_shuts_down_ends_every_waiting_send_at_once_with_a_documente
             shut - started,
             latest - shut
         );
+        // "At once", against the 10 s deadline: 100 ms was exceeded in 2 of 600 runs on a
+        // loaded 2-core machine (108 and 178 ms) although every send ended correctly.
         assert!(
-            latest - shut < Duration::from_millis(100),
-            "every send ends within 100 ms of the peer's shutdown ({:?})",
+            latest - shut < Duration::from_secs(1),
+            "every send ends within 1 s of the peer's shutdown, long before its deadline ({:?})",
             latest - shut
         );
         // The handler had the 500: the receiver answered them before it closed, so their
@@ -1096,6 +1098,79 @@ async fn a_peer_that_shuts_down_ends_every_waiting_send_at_once_with_a_documente
             ]
         );
         drop(held);
+    })
+    .await;
+}
+
+/// Issue 20 item 7 on real sockets: the round above (500 sends held by the peer's handler, 50
+/// waiting for room, then the peer shuts down) 100 times, each with a new peer, on a two-thread
+/// runtime, where a waiting send and the peer's driver run side by side. Before the fix the
+/// driver could read the answers that freed the room and the CLOSE, and retire (the peer shut
+/// down), while waiting sends had not taken that room yet: they then went to a new driver that
+/// did not know, which dialled, was refused, and kept them to their deadline (`PeerUnavailable
+/// … Connection refused`): in three runs before the fix, round 0, 0 and 2 failed so (traced:
+/// the driver retired 0.3–0.5 ms after reading the CLOSE, the first waiting send came 0.1 ms
+/// later). `tests/sim.rs` makes that interleaving happen in every round.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn waiting_sends_end_with_peer_shut_down_in_100_rounds_on_two_threads() {
+    const IN_FLIGHT: u32 = 500;
+    const WAITING: usize = 50;
+    within(async {
+        let mut mesh = mesh();
+        let mut config = DomusConfig::default();
+        config.max_in_flight_per_peer = IN_FLIGHT;
+        let a = mesh.domus_with("a", config).await.expect("domus");
+        let started = tokio::time::Instant::now();
+        let mut slowest = Duration::ZERO;
+        for round in 0..100 {
+            let b = mesh.domus(&format!("b{round}")).await.expect("domus");
+            mesh.route(TabernaId(10), &b).expect("route");
+            let t = b.taberna(TabernaId(10)).expect("taberna");
+            let (ended_tx, mut ended_rx) = tokio::sync::mpsc::unbounded_channel();
+            let send = |kind: &'static str| {
+                let send = a.send(TabernaId(10), APP, Bytes::new(), send_opts(10_000));
+                let ended = ended_tx.clone();
+                tokio::spawn(async move {
+                    let _ = ended.send((kind, send.await));
+                });
+            };
+            for _ in 0..IN_FLIGHT {
+                send("in flight");
+            }
+            let mut held = Vec::new();
+            while held.len() < IN_FLIGHT as usize {
+                held.push(t.recv().await.expect("delivered"));
+            }
+            for _ in 0..WAITING {
+                send("waiting");
+            }
+            drop(ended_tx);
+            // The waiting sends queue for room.
+            tokio::time::sleep(Duration::from_millis(5)).await;
+            let shut = tokio::time::Instant::now();
+            b.shutdown().await;
+            let mut ended = 0;
+            while let Some((kind, result)) = ended_rx.recv().await {
+                let e = result.expect_err("nothing can succeed");
+                assert!(
+                    e.id() == ErrorId::PeerShutDown && e.outcome_unknown() == (kind == "in flight"),
+                    "round {round}: a send {kind} ended {:?} after the shutdown with: {e}",
+                    shut.elapsed()
+                );
+                ended += 1;
+            }
+            assert_eq!(ended, IN_FLIGHT as usize + WAITING);
+            slowest = slowest.max(shut.elapsed());
+            drop(held);
+        }
+        println!(
+            "100 rounds in {:?}; the slowest ended {slowest:?} after its shutdown",
+            started.elapsed()
+        );
+        assert!(
+            slowest < Duration::from_secs(5),
+            "every round ends long before the sends' 10 s deadline ({slowest:?})"
+        );
     })
     .await;
 }

@@ -4,6 +4,9 @@
 //! every send ended (unless its own host crashed under it), every `Accepted` message was
 //! delivered exactly once, nothing was delivered twice, and once the last fault healed new
 //! sends succeed within the reconnect backoff. The same seed gives the same run.
+//!
+//! Also on turmoil, because it makes an interleaving deterministic that real sockets give only
+//! now and then: 100 rounds of a peer shutting down gracefully while sends wait for room.
 
 use std::cell::RefCell;
 use std::collections::{BTreeMap, BTreeSet};
@@ -319,4 +322,256 @@ fn a_message_held_by_a_partition_across_an_open_callis_waits_for_idle_timeout_af
         "{slow:?}"
     );
     assert!(fast <= Duration::from_secs(1), "{fast:?}");
+}
+
+/// What the host that shuts down tells the sender, in
+/// [`a_graceful_shutdown_ends_sends_waiting_for_room_at_once_100_rounds`].
+#[derive(Debug)]
+enum FromReceiver {
+    /// A new run is up and listening.
+    Up,
+    /// Its handler holds every in-flight send of the round.
+    Holding,
+}
+
+/// What the sender tells the host that shuts down.
+#[derive(Debug)]
+enum FromSender {
+    ShutDown,
+    NextRound,
+}
+
+/// How the port of a domus that shut down looks from outside, for the rest of a round.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Gone {
+    /// Nothing listens: a dial is refused at once (a process that exited).
+    Refuses,
+    /// Connections are taken and never answered: a dial hangs until its deadline (a port
+    /// behind a proxy, or a host still draining).
+    Silent,
+}
+
+/// How a send of one round ended: which kind it was, its outcome, and when (simulated time).
+type Ended = (&'static str, Result<Delivery, vicus::Error>, Duration);
+
+/// Issue 20 item 7, made deterministic. Every round, `a` fills its in-flight room to `b`
+/// (`b`'s handler holds all of it), more sends wait for room, and `b` shuts down gracefully.
+/// The held sends end with `b`'s `PeerShutDown` answer (outcome unknown) and the waiting ones
+/// at once with `PeerShutDown` (not delivered) — not at their deadline, and whether a dial to
+/// `b` would now be refused or hang. Where it is refused, a later send dials once and fails
+/// at once with `PeerShutDown` carrying the dial error. Then `b` comes back (same identity, a
+/// new run) and the next round's sends reach it as usual.
+///
+/// On turmoil, `b`'s answers and its CLOSE reach `a` in one segment: `a`'s driver reads the
+/// answers that free the room and the CLOSE in one turn and, its retire alarm for "now" firing
+/// at once on turmoil's clock, retires (the peer shut down) in that same turn, before any
+/// waiting send has run. Before the fix those sends then took the freed room, found the
+/// driver's queue closed and went to a new driver that had not seen the CLOSE: it dialled,
+/// was refused (or got no answer), and kept them to their deadline (`PeerUnavailable`). The
+/// interleaving that real sockets give only now and then happens in every round here: all 100
+/// rounds failed before the fix (the later sends too, for the same reason). Each half of the
+/// fix has its rounds: without the driver turning waiting sends away at the CLOSE the 50
+/// silent rounds fail (a new driver's dial hangs), and without the domus remembering across
+/// the retirement that the peer shut down the 50 refusing ones do (the later send).
+#[test]
+fn a_graceful_shutdown_ends_sends_waiting_for_room_at_once_100_rounds() {
+    const ROUNDS: usize = 100;
+    const IN_FLIGHT: u32 = 16;
+    const WAITING: usize = 8;
+    const SEND_TIMEOUT: Duration = Duration::from_secs(3);
+    /// "At once": far below the send timeout, far above a few simulated round trips.
+    const AT_ONCE: Duration = Duration::from_millis(500);
+    let gone = |round: usize| {
+        if round % 2 == 0 {
+            Gone::Refuses
+        } else {
+            Gone::Silent
+        }
+    };
+    let seed = 20;
+    let mut sim = turmoil::Builder::new()
+        .rng_seed(seed)
+        .simulation_duration(Duration::from_secs(3600))
+        .tick_duration(Duration::from_millis(1))
+        .min_message_latency(Duration::from_millis(1))
+        .max_message_latency(Duration::from_millis(5))
+        .build();
+    let net = SimNet::new(seed).expect("net");
+    let mut config = vicus::testing::Mesh::test_config();
+    config.max_in_flight_per_peer = IN_FLIGHT;
+    config.send_timeout = SEND_TIMEOUT;
+    net.set_config(config.clone());
+    let backoff_max = config.reconnect_backoff_max;
+    let (to_a, mut from_b) = tokio::sync::mpsc::unbounded_channel::<FromReceiver>();
+    let (to_b, mut from_a) = tokio::sync::mpsc::unbounded_channel::<FromSender>();
+
+    let b_net = net.clone();
+    sim.client("b", async move {
+        for round in 0..ROUNDS {
+            let b = vicus::Domus::builder(b_net.auth("b")?)
+                .resolver(b_net.resolver().clone())
+                .config(config.clone())
+                .dial_only()
+                .connector(std::sync::Arc::new(vicus::testing::sim::SimConnector))
+                .build()
+                .await?;
+            // Its own listener, to decide what a dial finds after the shutdown.
+            let listener =
+                turmoil::net::TcpListener::bind(("0.0.0.0", vicus::testing::sim::SIM_PORT)).await?;
+            let open = std::rc::Rc::new(std::cell::Cell::new(true));
+            let accept = tokio::task::spawn_local({
+                let b = b.downgrade();
+                let open = open.clone();
+                async move {
+                    let mut unanswered = Vec::new();
+                    while let Ok((stream, _)) = listener.accept().await {
+                        match b.upgrade() {
+                            Some(b) if open.get() => {
+                                let _ = b.accept_stream(stream);
+                            }
+                            _ => unanswered.push(stream),
+                        }
+                    }
+                }
+            });
+            let t = b.taberna(TabernaId(10))?;
+            b_net.route(TabernaId(10), "b");
+            to_a.send(FromReceiver::Up)?;
+            let mut held = Vec::new();
+            while held.len() < IN_FLIGHT as usize {
+                held.push(t.recv().await.ok_or("b's taberna closed")?);
+            }
+            to_a.send(FromReceiver::Holding)?;
+            match from_a.recv().await {
+                Some(FromSender::ShutDown) => {}
+                other => return Err(format!("expected ShutDown, got {other:?}").into()),
+            }
+            open.set(false);
+            b.shutdown().await;
+            if gone(round) == Gone::Refuses {
+                accept.abort();
+            }
+            drop(held);
+            match from_a.recv().await {
+                Some(FromSender::NextRound) => {}
+                other => return Err(format!("expected NextRound, got {other:?}").into()),
+            }
+            accept.abort();
+            let _ = accept.await;
+        }
+        Ok(())
+    });
+
+    let a_net = net.clone();
+    let failures = std::rc::Rc::new(RefCell::new(Vec::<String>::new()));
+    let failed = failures.clone();
+    sim.client("a", async move {
+        let a = a_net.domus("a").await?;
+        let options = SendOptions::default().timeout(SEND_TIMEOUT);
+        for round in 0..ROUNDS {
+            match from_b.recv().await {
+                Some(FromReceiver::Up) => {}
+                other => return Err(format!("round {round}: expected Up, got {other:?}").into()),
+            }
+            // After the last round's later send failed to dial, sends fail at once until the
+            // backoff lets the next dial go (as documented): wait that out.
+            tokio::time::sleep(backoff_max).await;
+            let (ended_tx, mut ended_rx) = tokio::sync::mpsc::unbounded_channel::<Ended>();
+            let spawn_send = |kind: &'static str| {
+                let send = a.send(TabernaId(10), KIND, Bytes::new(), options.clone());
+                let ended = ended_tx.clone();
+                tokio::task::spawn_local(async move {
+                    let out = send.await;
+                    let _ = ended.send((kind, out, turmoil::elapsed()));
+                });
+            };
+            for _ in 0..IN_FLIGHT {
+                spawn_send("in flight");
+            }
+            match from_b.recv().await {
+                Some(FromReceiver::Holding) => {}
+                other => {
+                    return Err(format!("round {round}: expected Holding, got {other:?}").into());
+                }
+            }
+            for _ in 0..WAITING {
+                spawn_send("waiting");
+            }
+            drop(ended_tx);
+            // Every waiting send is queued for room by now; nothing has ended.
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            if ended_rx.try_recv().is_ok() {
+                return Err(format!("round {round}: a send ended before the shutdown").into());
+            }
+            let shut_at = turmoil::elapsed();
+            to_b.send(FromSender::ShutDown)?;
+            let mut outcomes = BTreeMap::<(&str, String), usize>::new();
+            let mut last = Duration::ZERO;
+            while let Some((kind, out, at)) = ended_rx.recv().await {
+                let what = match &out {
+                    Ok(d) => format!("{d:?}"),
+                    // Only what a handler held may have been acted on.
+                    Err(e) if e.outcome_unknown() == (kind == "in flight") => {
+                        e.id().name().to_owned()
+                    }
+                    Err(e) => format!("{} (outcome unknown: {})", e.id().name(), e.outcome_unknown()),
+                };
+                *outcomes.entry((kind, what)).or_default() += 1;
+                last = last.max(at - shut_at);
+            }
+            let want = BTreeMap::from([
+                (("in flight", "PeerShutDown".to_owned()), IN_FLIGHT as usize),
+                (("waiting", "PeerShutDown".to_owned()), WAITING),
+            ]);
+            let mut wrong = Vec::new();
+            if outcomes != want || last >= AT_ONCE {
+                wrong.push(format!(
+                    "{outcomes:?}, the last {last:?} after the shutdown"
+                ));
+            }
+            // Once b is gone (its port refuses), a later send dials once and fails at once,
+            // saying why.
+            if gone(round) == Gone::Refuses {
+                let later_at = turmoil::elapsed();
+                let later = a.send(TabernaId(10), KIND, Bytes::new(), options.clone()).await;
+                let took = turmoil::elapsed() - later_at;
+                let fine = matches!(&later, Err(e) if e.id() == vicus::ErrorId::PeerShutDown
+                    && !e.outcome_unknown()
+                    && e.message().contains("cannot be reached"));
+                if !fine || took >= AT_ONCE {
+                    wrong.push(format!("a later send took {took:?}: {later:?}"));
+                }
+            }
+            if round >= ROUNDS - 2 {
+                println!(
+                    "round {round} ({:?}) at {:?} (simulated): {outcomes:?}, the last {last:?} after the shutdown",
+                    gone(round),
+                    turmoil::elapsed()
+                );
+            }
+            if !wrong.is_empty() {
+                failed
+                    .borrow_mut()
+                    .push(format!("round {round} ({:?}): {}", gone(round), wrong.join("; ")));
+            }
+            to_b.send(FromSender::NextRound)?;
+        }
+        a.shutdown().await;
+        Ok(())
+    });
+    let started = std::time::Instant::now();
+    sim.run().expect("the simulation");
+    println!("{ROUNDS} rounds in {:?}", started.elapsed());
+    let failures = failures.borrow();
+    let refused = failures.iter().filter(|f| f.contains("Refuses")).count();
+    assert!(
+        failures.is_empty(),
+        "{} of {ROUNDS} rounds failed ({refused} where b's port refused, {} where it was silent); the first of each: {:?}",
+        failures.len(),
+        failures.len() - refused,
+        [
+            failures.iter().find(|f| f.contains("Refuses")),
+            failures.iter().find(|f| f.contains("Silent")),
+        ]
+    );
 }

@@ -151,7 +151,9 @@ pub struct DomusConfig {
     /// it never got) until that send's deadline, at most 1 h (`SendOptions::timeout`), so a
     /// value below the longest send timeout your peers use can deliver such a message twice.
     /// An address pin (`max_pinned_addresses`) unused this long is forgotten too (from the
-    /// next look-up on). Default 1 h; 1 s to 7 days.
+    /// next look-up on), and a peer forgotten after it shut down is remembered as shut down
+    /// this long (sends to it keep failing at once while it cannot be reached). Default 1 h;
+    /// 1 s to 7 days.
     pub peer_retire_after: Duration,
     /// How often the certificate of every connected peer is verified again, as at a
     /// handshake: a callis whose peer's certificate expired since (or that the trust anchors

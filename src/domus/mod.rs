@@ -653,36 +653,63 @@ struct Shared {
     /// that ends when its peer is forgotten, so a peer that comes back after that never sees
     /// an id it saw before.
     id_floor: Arc<std::sync::atomic::AtomicU64>,
-    /// Peers forgotten while they could not be reached, and until when a choice among a
-    /// taberna's candidates avoids them (at most [`DOWN_REMEMBERED`]).
-    /// Keyed by identity, with the address the peer failed at: a candidate naming another
-    /// address (a replica that came back elsewhere) is not avoided.
-    down: Mutex<HashMap<DomusId, (tokio::time::Instant, Option<DomusAddr>)>>,
+    /// Peers forgotten while they could not be reached (at most [`DOWN_REMEMBERED`]), keyed
+    /// by identity: see [`Down`].
+    down: Mutex<HashMap<DomusId, Down>>,
 }
 
-/// How many unreachable, forgotten peers a domus remembers for routing around them.
+/// How many unreachable, forgotten peers a domus remembers.
 const DOWN_REMEMBERED: usize = 4096;
+
+/// What a domus remembers of a peer it forgot while the peer could not be reached, at the
+/// address it failed at: a candidate naming another address (a replica that came back
+/// elsewhere) is not avoided, and a driver dialling another address is not told.
+struct Down {
+    /// Until when a choice among a taberna's candidates avoids the peer.
+    avoid_until: tokio::time::Instant,
+    addr: Option<DomusAddr>,
+    /// The peer had shut down (its CLOSE said so) and no callis opened since: until when its
+    /// next driver is told so (`peer_retire_after`, as long as an idle peer that did not shut
+    /// down is remembered), so that sends to it dial once and fail at once with
+    /// `PeerShutDown` while it cannot be reached — as they would have with the driver that
+    /// retired. Taken by that driver.
+    shut_down_until: Option<tokio::time::Instant>,
+}
+
+impl Down {
+    /// When nothing of it is worth keeping any more.
+    fn expires(&self) -> tokio::time::Instant {
+        self.shut_down_until
+            .map_or(self.avoid_until, |t| t.max(self.avoid_until))
+    }
+}
 
 /// Forgets an idle peer for its driver (see [`crate::runtime::peer::Retirement`]).
 struct Forgetter(std::sync::Weak<Shared>);
 
 impl Forget for Forgetter {
-    fn forget(&self, peer: &DomusId, sends: &Arc<WakeQueue<SendCmd>>, unreachable: bool) -> bool {
+    fn forget(
+        &self,
+        peer: &DomusId,
+        sends: &Arc<WakeQueue<SendCmd>>,
+        unreachable: bool,
+        shut_down: bool,
+    ) -> bool {
         let Some(shared) = self.0.upgrade() else {
             return false;
         };
         let mut peers = shared.peers.lock().unwrap_or_else(PoisonError::into_inner);
-        if unreachable {
-            let at = peers.get(peer).and_then(|p| p.addr.clone());
-            shared.remember_down(peer, at);
-        }
         let ours = peers
             .get(peer)
             .is_some_and(|p| Arc::ptr_eq(&p.links.sends, sends));
         if !ours || !sends.close_if_empty() {
             return false;
         }
-        peers.remove(peer);
+        if let Some(forgotten) = peers.remove(peer) {
+            if unreachable {
+                shared.remember_down(peer, forgotten.addr, shut_down);
+            }
+        }
         drop(peers);
         shared.recorder.peer_removed(peer);
         // Destinations holding the old driver resolve again before their next send.
@@ -1756,18 +1783,46 @@ impl Shared {
         (!others.is_empty()).then_some(others)
     }
 
-    /// Remembers, for `reconnect_backoff_max`, that `peer` could not be reached at `addr` when
-    /// it was forgotten: candidate choice avoids it there meanwhile.
-    fn remember_down(&self, peer: &DomusId, addr: Option<DomusAddr>) {
+    /// Remembers that `peer` could not be reached at `addr` when it was forgotten: candidate
+    /// choice avoids it there for `reconnect_backoff_max`, and when it had `shut_down`, its
+    /// next driver there is told so for `peer_retire_after` (see [`Down`]). When the table is
+    /// full, what expires first makes room.
+    fn remember_down(&self, peer: &DomusId, addr: Option<DomusAddr>, shut_down: bool) {
         let now = tokio::time::Instant::now();
-        let until = now + self.config.load().reconnect_backoff_max;
+        let config = self.config.load();
+        let entry = Down {
+            avoid_until: now + config.reconnect_backoff_max,
+            // A driver with no address cannot dial: there is nothing to tell it.
+            shut_down_until: (shut_down && addr.is_some()).then(|| now + config.peer_retire_after),
+            addr,
+        };
         let mut down = self.down.lock().unwrap_or_else(PoisonError::into_inner);
-        if down.len() >= DOWN_REMEMBERED {
-            down.retain(|_, (at, _)| *at > now);
+        if down.len() >= DOWN_REMEMBERED && !down.contains_key(peer) {
+            down.retain(|_, d| d.expires() > now);
+            if down.len() >= DOWN_REMEMBERED {
+                let first = down
+                    .iter()
+                    .min_by_key(|(_, d)| d.expires())
+                    .map(|(id, _)| id.clone());
+                if let Some(first) = first {
+                    down.remove(&first);
+                }
+            }
         }
-        if down.len() < DOWN_REMEMBERED {
-            down.insert(peer.clone(), (until, addr));
-        }
+        down.insert(peer.clone(), entry);
+    }
+
+    /// Whether `peer` is remembered as shut down at `addr` (see [`Down`]); the memory goes to
+    /// the peer's new driver, which keeps it from then on (nothing is left to tell the next).
+    fn take_shut_down(&self, peer: &DomusId, addr: Option<&DomusAddr>) -> bool {
+        let mut down = self.down.lock().unwrap_or_else(PoisonError::into_inner);
+        let Some(d) = down.get_mut(peer) else {
+            return false;
+        };
+        let until = d.shut_down_until.take();
+        addr.is_some()
+            && d.addr.as_ref() == addr
+            && until.is_some_and(|t| t > tokio::time::Instant::now())
     }
 
     /// Whether a send may choose the candidate `id` at `addr`: its peer is not known to be
@@ -1787,7 +1842,7 @@ impl Shared {
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .get(id)
-            .is_none_or(|(until, at)| *until <= now || at.as_ref() != Some(addr))
+            .is_none_or(|d| d.avoid_until <= now || d.addr.as_ref() != Some(addr))
     }
 
     /// Chooses among a taberna's candidates: the lowest priority that has a candidate this
@@ -1989,6 +2044,7 @@ impl Shared {
             Arc::new(Semaphore::new(self.config.load().max_blob_streams_per_peer));
         let cells = self.recorder.peer_added(id);
         let reachability = Arc::new(Reachability::default());
+        let shut_down = self.take_shut_down(id, addr.as_ref());
         let blob_active = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let forget: Arc<dyn Forget> = Arc::new(Forgetter(Arc::downgrade(self)));
         let driver = PeerDriver::new(
@@ -2005,6 +2061,8 @@ impl Shared {
                 cells: cells.clone(),
                 max_callis_age: self.config.load().max_callis_age,
                 reachability: reachability.clone(),
+                budget: budget.clone(),
+                shut_down,
                 retirement: Retirement {
                     after: self.config.load().peer_retire_after,
                     forget: forget.clone(),
@@ -2054,7 +2112,8 @@ impl Shared {
 
 /// Takes one in-flight slot and `bytes` of the peer's budget: at once when they are free (no
 /// timer), else waiting in line until `deadline` (or failing at once when `wait` is `No`);
-/// either failure is `LocalQueueFull`: the message was never sent.
+/// either failure is `LocalQueueFull`. A wait the peer's driver turns away (the peer shut
+/// down) fails with its reason, `PeerShutDown`. The message was never sent in every case.
 async fn acquire(
     budget: &Arc<InFlightBudget>,
     bytes: u32,
@@ -2082,7 +2141,7 @@ async fn acquire(
                     "the in-flight room to {peer} did not free up before the send's deadline; the message was never sent"
                 ),
             )
-        })
+        })?
 }
 
 async fn accept_loop(shared: Arc<Shared>, listener: Listener, stop: CancellationToken) {

@@ -7,6 +7,10 @@
 //! large message is never starved by small ones behind it): while anyone waits, newcomers
 //! queue too, and each release wakes the front of the queue, which takes its room or keeps
 //! waiting. The queue's lock is held only to push, pop or wake, never across an `.await`.
+//!
+//! The peer's driver can turn away everyone waiting at once ([`InFlightBudget::refuse_waiting`]:
+//! the peer shut down, so no room they wait for will be of use); sends that start waiting
+//! afterwards wait as usual.
 
 use std::collections::VecDeque;
 use std::future::Future;
@@ -14,6 +18,8 @@ use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll, Waker};
+
+use crate::error::Error;
 
 /// Free slots in the high half, free bytes in the low half.
 const SLOT: u64 = 1 << 32;
@@ -31,6 +37,9 @@ pub(crate) struct InFlightBudget {
 struct Queue {
     next_ticket: u64,
     waiters: VecDeque<(u64, Option<Waker>)>,
+    /// The last [`InFlightBudget::refuse_waiting`]: every ticket below this one was turned
+    /// away (an earlier refusal's tickets get this one's reason if they were not polled since).
+    refused: Option<(u64, Error)>,
 }
 
 /// A send's share of the budget: one slot and its payload's bytes, given back on drop.
@@ -63,7 +72,8 @@ impl InFlightBudget {
         self.take_now(bytes)
     }
 
-    /// Waits (in arrival order) until one slot and `bytes` are free, and takes them. The
+    /// Waits (in arrival order) until one slot and `bytes` are free, and takes them; fails
+    /// with the refusal if [`refuse_waiting`](Self::refuse_waiting) turns it away first. The
     /// future may be dropped at any time (a deadline): it leaves the queue then.
     pub(crate) fn take(self: &Arc<Self>, bytes: u32) -> Take {
         Take {
@@ -71,6 +81,23 @@ impl InFlightBudget {
             bytes,
             ticket: None,
         }
+    }
+
+    /// Turns away every send waiting for room now: each ends at once with `why`. Sends that
+    /// start waiting after this call wait as usual.
+    pub(crate) fn refuse_waiting(&self, why: Error) {
+        let mut queue = self.queue.lock().unwrap_or_else(PoisonError::into_inner);
+        if queue.waiters.is_empty() {
+            return;
+        }
+        queue.refused = Some((queue.next_ticket, why));
+        let refused = queue.waiters.len();
+        for (_, waker) in queue.waiters.drain(..) {
+            if let Some(waker) = waker {
+                waker.wake();
+            }
+        }
+        self.waiting.fetch_sub(refused, Ordering::AcqRel);
     }
 
     fn take_now(self: &Arc<Self>, bytes: u32) -> Option<InFlight> {
@@ -121,15 +148,15 @@ pub(crate) struct Take {
 }
 
 impl Future for Take {
-    type Output = InFlight;
+    type Output = Result<InFlight, Error>;
 
-    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<InFlight> {
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = &mut *self;
         let budget = &this.budget;
         let Some(ticket) = this.ticket else {
             // First poll: take at once when nobody waits and it fits; else queue.
             if let Some(taken) = budget.try_take(this.bytes) {
-                return Poll::Ready(taken);
+                return Poll::Ready(Ok(taken));
             }
             let mut queue = budget.queue.lock().unwrap_or_else(PoisonError::into_inner);
             let ticket = queue.next_ticket;
@@ -143,6 +170,13 @@ impl Future for Take {
             return Poll::Pending;
         };
         let mut queue = budget.queue.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some((below, why)) = &queue.refused {
+            if ticket < *below {
+                // Turned away (and already out of the queue).
+                this.ticket = None;
+                return Poll::Ready(Err(why.clone()));
+            }
+        }
         let front = queue.waiters.front().map(|(t, _)| *t) == Some(ticket);
         if front {
             if let Some(taken) = budget.take_now(this.bytes) {
@@ -153,7 +187,7 @@ impl Future for Take {
                 if let Some((_, Some(next))) = queue.waiters.front() {
                     next.wake_by_ref();
                 }
-                return Poll::Ready(taken);
+                return Poll::Ready(Ok(taken));
             }
         }
         if let Some(entry) = queue.waiters.iter_mut().find(|(t, _)| *t == ticket) {
@@ -186,6 +220,7 @@ impl Drop for Take {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::error::ErrorId;
     use std::time::Duration;
 
     #[test]
@@ -226,13 +261,59 @@ mod tests {
         let large = tokio::time::timeout(Duration::from_secs(1), large)
             .await
             .expect("the large one first")
-            .expect("join");
+            .expect("join")
+            .expect("room");
         let small = tokio::time::timeout(Duration::from_secs(1), small)
             .await
             .expect("then the small one")
-            .expect("join");
+            .expect("join")
+            .expect("room");
         assert_eq!(b.waiting.load(Ordering::Acquire), 0);
         drop((large, small));
+        assert!(b.try_take(100).is_some(), "everything given back");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn refused_waiters_end_at_once_and_later_ones_wait_as_usual() {
+        let b = InFlightBudget::new(1, 100);
+        let held = b.try_take(0).expect("the only slot");
+        let waiters: Vec<_> = (0..3)
+            .map(|_| {
+                let b = b.clone();
+                tokio::spawn(async move { b.take(1).await })
+            })
+            .collect();
+        tokio::time::sleep(Duration::from_millis(1)).await;
+        assert_eq!(b.waiting.load(Ordering::Acquire), 3);
+        // The room comes back as the refusal happens (one turn of the peer's driver): the
+        // waiters are turned away all the same, the front one included.
+        drop(held);
+        b.refuse_waiting(Error::new(ErrorId::PeerShutDown, "the peer shut down"));
+        assert_eq!(b.waiting.load(Ordering::Acquire), 0);
+        for w in waiters {
+            let e = tokio::time::timeout(Duration::from_secs(1), w)
+                .await
+                .expect("ends at once")
+                .expect("join")
+                .map(drop)
+                .expect_err("turned away");
+            assert_eq!(e.id(), ErrorId::PeerShutDown);
+        }
+        // A send that waits after the refusal waits for room, and gets it.
+        let held = b.try_take(0).expect("the slot is free again");
+        let later = tokio::spawn({
+            let b = b.clone();
+            async move { b.take(1).await }
+        });
+        tokio::time::sleep(Duration::from_millis(1)).await;
+        assert!(!later.is_finished(), "it waits for room");
+        drop(held);
+        let taken = tokio::time::timeout(Duration::from_secs(1), later)
+            .await
+            .expect("room came back")
+            .expect("join")
+            .expect("not turned away");
+        drop(taken);
         assert!(b.try_take(100).is_some(), "everything given back");
     }
 }

@@ -21,7 +21,7 @@ use bytes::BytesMut;
 use tokio::sync::{Semaphore, mpsc};
 use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 
-use super::budget::InFlight;
+use super::budget::{InFlight, InFlightBudget};
 use super::callis::{
     Alarm, ByteCounters, CallisIo, Counting, Dialer, ReadSink, Step, dialler_of, now,
 };
@@ -102,6 +102,12 @@ pub(crate) struct PeerLinks {
     pub(crate) max_callis_age: Option<Duration>,
     /// Whether the peer can be reached, for sends waiting for room.
     pub(crate) reachability: Arc<Reachability>,
+    /// The peer's in-flight budget, whose waiting sends the driver turns away when the peer
+    /// shuts down.
+    pub(crate) budget: Arc<InFlightBudget>,
+    /// The peer's previous driver retired after the peer shut down, and no callis opened
+    /// since (the domus remembered it): this one starts out knowing (`peer_shut_down`).
+    pub(crate) shut_down: bool,
     /// How the driver asks to be forgotten, and when it may (see [`Retirement`]).
     pub(crate) retirement: Retirement,
 }
@@ -127,8 +133,17 @@ pub(crate) trait Forget: Send + Sync {
     /// Removes `peer` if `sends` is still its queue and nothing is queued in it, closing the
     /// queue under the same lock (a send that races this is handed to a new driver). False:
     /// the peer stays and the driver keeps running. `unreachable`: the peer shut down or its
-    /// last dial failed (the domus remembers that a while, to route around it).
-    fn forget(&self, peer: &DomusId, sends: &Arc<WakeQueue<SendCmd>>, unreachable: bool) -> bool;
+    /// last dial failed (the domus remembers that a while, to route around it);
+    /// `shut_down`: the peer shut down and no callis opened since (the domus tells the
+    /// peer's next driver, so a send that races this, or comes later, still fails at once
+    /// when the peer cannot be reached).
+    fn forget(
+        &self,
+        peer: &DomusId,
+        sends: &Arc<WakeQueue<SendCmd>>,
+        unreachable: bool,
+        shut_down: bool,
+    ) -> bool;
 
     /// Whether a send to `taberna` that `peer` cannot deliver has another replica to go to
     /// now (see [`Forget::redirect`]).
@@ -234,10 +249,12 @@ pub(crate) struct PeerDriver {
     /// it): `now` and the same instant as the recorder's microseconds.
     now: std::time::Instant,
     now_us: u64,
-    /// The peer said it shut down (CLOSE `DomusClosed`) and no callis has opened since: a
-    /// failed dial then fails what waits for it at once, with `PeerShutDown`.
+    /// The peer said it shut down (CLOSE `DomusClosed`), to this driver or to the one that
+    /// retired before it (`PeerLinks::shut_down`), and no callis has opened since: a failed
+    /// dial then fails what waits for it at once, with `PeerShutDown`.
     peer_shut_down: bool,
     reachability: Arc<Reachability>,
+    budget: Arc<InFlightBudget>,
     retirement: Retirement,
     /// Since when no callis has been open (`None` while one is).
     down_since: Option<std::time::Instant>,
@@ -276,7 +293,7 @@ impl PeerDriver {
                 bytes_out: C::primary_bytes_out,
             },
         };
-        Self {
+        let driver = Self {
             peer_id,
             ctx,
             commands,
@@ -307,14 +324,19 @@ impl PeerDriver {
             now_us: 0,
             counts: TurnCounts::default(),
             completed: Vec::new(),
-            peer_shut_down: false,
+            peer_shut_down: links.shut_down,
             reachability: links.reachability,
+            budget: links.budget,
             retirement: links.retirement,
             down_since: Some(now()),
             used: false,
             retire_timer: Alarm::new(),
             unread_refusals_reported: 0,
+        };
+        if driver.peer_shut_down {
+            driver.reachability.set(Some(driver.shut_down_error()));
         }
+        driver
     }
 
     /// When this peer may be forgotten, if nothing changes: `None` while anything is open,
@@ -372,11 +394,12 @@ impl PeerDriver {
     /// Asks the domus to forget this peer; true when it did (the driver then ends).
     fn retire(&mut self) -> bool {
         let unreachable = self.reachability.why_not().is_some();
-        if !self
-            .retirement
-            .forget
-            .forget(&self.peer_id, &self.sends, unreachable)
-        {
+        if !self.retirement.forget.forget(
+            &self.peer_id,
+            &self.sends,
+            unreachable,
+            self.peer_shut_down,
+        ) {
             return false;
         }
         self.retirement
@@ -726,10 +749,16 @@ impl PeerDriver {
                         // Sends from now on dial at once, and fail at once if that fails.
                         self.peer_shut_down = true;
                         self.dialer.connected();
-                        self.reachability.set(Some(Error::new(
+                        let not_sent = Error::new(
                             ErrorId::PeerShutDown,
                             format!("{} shut down; the message was not sent", self.peer_id),
-                        )));
+                        );
+                        self.reachability.set(Some(not_sent.clone()));
+                        // Sends waiting for in-flight room end now, not delivered. Left
+                        // waiting, they would take the room the answers read with this CLOSE
+                        // freed only after this turn, by when the driver may have retired:
+                        // then a new driver would have to dial the peer for them.
+                        self.budget.refuse_waiting(not_sent);
                     }
                     self.close_reason = Some(error);
                 }
