@@ -75,10 +75,10 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut accepted = 0u32;
     for i in 0..n {
         let payload = Bytes::copy_from_slice(&i.to_be_bytes());
-        if let Some(outcome) = window.send(ECHO, payload).await? {
-            if outcome? == Delivery::Accepted {
-                accepted += 1;
-            }
+        if let Some(outcome) = window.send(ECHO, payload).await?
+            && outcome? == Delivery::Accepted
+        {
+            accepted += 1;
         }
     }
     for outcome in window.drain().await {

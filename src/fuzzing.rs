@@ -63,15 +63,15 @@ fn decode_stream(input: &[u8], max_frame_len: u32) {
             }
             Ok(None) => {
                 assert_eq!(buf.len(), before, "Ok(None) consumed bytes");
-                if let Some(header) = buf.first_chunk::<4>() {
-                    if buf.len() >= HEADER_LEN {
-                        let body = u32::from_be_bytes(*header) as usize;
-                        assert!(
-                            buf.len() < HEADER_LEN.saturating_add(body),
-                            "Ok(None) with a complete {body}-byte frame in {} bytes",
-                            buf.len()
-                        );
-                    }
+                if let Some(header) = buf.first_chunk::<4>()
+                    && buf.len() >= HEADER_LEN
+                {
+                    let body = u32::from_be_bytes(*header) as usize;
+                    assert!(
+                        buf.len() < HEADER_LEN.saturating_add(body),
+                        "Ok(None) with a complete {body}-byte frame in {} bytes",
+                        buf.len()
+                    );
                 }
                 return;
             }
@@ -333,7 +333,7 @@ impl<'a> Harness<'a> {
             7 => {
                 let b = self.script.byte();
                 let mut buf = BytesMut::new();
-                if b % 2 == 0 {
+                if b.is_multiple_of(2) {
                     frame::encode_ping(&mut buf, u64::from(b / 2));
                 } else {
                     frame::encode_pong(&mut buf, u64::from(b / 2 % 8));
@@ -499,7 +499,7 @@ impl<'a> Harness<'a> {
         };
         let len = usize::from(self.script.u16() % 4200);
         let timeout = Duration::from_millis(u64::from(self.script.byte()) * 100);
-        let fits = b % 4 != 0
+        let fits = !b.is_multiple_of(4)
             && len <= self.session.max_payload_len()
             && self.session.in_flight() < fuzz_config().max_in_flight as usize;
         let result = self.session.send(Outgoing {
@@ -1026,7 +1026,7 @@ impl<'a> BlobHarness<'a> {
             20 => {
                 let b = self.script.byte();
                 self.cut();
-                if b % 2 == 0 {
+                if b.is_multiple_of(2) {
                     self.connect_from_script();
                 }
             }
@@ -1159,7 +1159,7 @@ impl<'a> BlobHarness<'a> {
     /// The application abandons a stream on one side.
     fn app_cancel(&mut self, side: Side, s: u64) {
         let b = self.script.byte();
-        let error = if b % 2 == 0 {
+        let error = if b.is_multiple_of(2) {
             ErrorId::BlobCancelled
         } else {
             ErrorId::BlobStreamNotFound
@@ -1228,10 +1228,8 @@ impl<'a> BlobHarness<'a> {
             i.taken,
             i.received
         );
-        if honest {
-            if let Some(at) = blob_mismatch(s, i.taken, &chunk) {
-                panic!("stream {s}: byte {at} taken differs from the byte written there");
-            }
+        if honest && let Some(at) = blob_mismatch(s, i.taken, &chunk) {
+            panic!("stream {s}: byte {at} taken differs from the byte written there");
         }
         i.taken = i.taken.saturating_add(len);
         if read {
@@ -1271,7 +1269,7 @@ impl<'a> BlobHarness<'a> {
             return;
         };
         let drained = i.total == Some(i.received) && i.taken == i.received;
-        if !drained && b % 4 != 0 {
+        if !drained && !b.is_multiple_of(4) {
             return;
         }
         if i.open {
@@ -1290,7 +1288,7 @@ impl<'a> BlobHarness<'a> {
     fn connect_from_script(&mut self) {
         let b = self.script.byte();
         let c = self.script.byte();
-        let for_a = if b % 4 == 0 {
+        let for_a = if b.is_multiple_of(4) {
             1 + usize::from(c) % self.chunk_b
         } else {
             self.chunk_b
@@ -1620,7 +1618,11 @@ impl<'a> BlobHarness<'a> {
     /// A hostile frame from the data, handed to either side.
     fn inject(&mut self) {
         let b = self.script.byte();
-        let to = if b % 2 == 0 { Side::A } else { Side::B };
+        let to = if b.is_multiple_of(2) {
+            Side::A
+        } else {
+            Side::B
+        };
         let stream = match self.script.byte() % 4 {
             0 => self.pick_out(),
             1 => self.pick_in(),

@@ -382,7 +382,7 @@ fn a_graceful_shutdown_ends_sends_waiting_for_room_at_once_100_rounds() {
     /// "At once": far below the send timeout, far above a few simulated round trips.
     const AT_ONCE: Duration = Duration::from_millis(500);
     let gone = |round: usize| {
-        if round % 2 == 0 {
+        if round.is_multiple_of(2) {
             Gone::Refuses
         } else {
             Gone::Silent

@@ -173,10 +173,10 @@ fn validate_authority(authority: &str) -> Result<(), &'static str> {
             "the authority may only contain a-z, 0-9, '.', '_' and '-' (no user-info, no upper case)",
         );
     }
-    if let Some(port) = port {
-        if port.is_empty() || port.len() > 5 || !port.bytes().all(|b| b.is_ascii_digit()) {
-            return Err("the authority's port must be 1 to 5 digits");
-        }
+    if let Some(port) = port
+        && (port.is_empty() || port.len() > 5 || !port.bytes().all(|b| b.is_ascii_digit()))
+    {
+        return Err("the authority's port must be 1 to 5 digits");
     }
     Ok(())
 }

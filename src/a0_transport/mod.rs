@@ -528,15 +528,15 @@ impl Listener {
                     let Ok(creds) = unix::peer_credentials(&s) else {
                         continue;
                     };
-                    if let Some(allowed) = &self.shared.config.unix_allowed_uids {
-                        if !allowed.contains(&creds.uid) {
-                            Counters::bump(&self.gate.counters.refused_uid);
-                            tracing::debug!(
-                                uid = creds.uid,
-                                "Unix peer uid not allowed; closed before TLS"
-                            );
-                            continue;
-                        }
+                    if let Some(allowed) = &self.shared.config.unix_allowed_uids
+                        && !allowed.contains(&creds.uid)
+                    {
+                        Counters::bump(&self.gate.counters.refused_uid);
+                        tracing::debug!(
+                            uid = creds.uid,
+                            "Unix peer uid not allowed; closed before TLS"
+                        );
+                        continue;
                     }
                     (Socket::Unix(s), Source::Uid(creds.uid), Some(creds), None)
                 }

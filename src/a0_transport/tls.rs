@@ -467,10 +467,10 @@ impl HelloWait<'_> {
                 }
             },
         };
-        if let Some(permit) = self.permit {
-            if !permit.hello_received() {
-                return Err(Self::evicted_error());
-            }
+        if let Some(permit) = self.permit
+            && !permit.hello_received()
+        {
+            return Err(Self::evicted_error());
         }
         Ok(start)
     }

@@ -233,12 +233,11 @@ struct RecentlyEnded {
 
 impl RecentlyEnded {
     fn remember(&mut self, stream: u64, total: Option<u64>) {
-        if self.order.len() >= RECENT_CAP {
-            if let Some((old, generation)) = self.order.pop_front() {
-                if self.by_id.get(&old).is_some_and(|(_, g)| *g == generation) {
-                    self.by_id.remove(&old);
-                }
-            }
+        if self.order.len() >= RECENT_CAP
+            && let Some((old, generation)) = self.order.pop_front()
+            && self.by_id.get(&old).is_some_and(|(_, g)| *g == generation)
+        {
+            self.by_id.remove(&old);
         }
         let generation = self.next_generation;
         self.next_generation = self.next_generation.wrapping_add(1);
@@ -941,24 +940,24 @@ impl BlobStreams {
             return false;
         };
         let credit = s.limit.saturating_sub(s.next_offset);
-        if credit > 0 {
-            if let Some(front) = s.queued.pop_front() {
-                let n = usize::try_from(credit)
-                    .unwrap_or(usize::MAX)
-                    .min(chunk_len)
-                    .min(front.len());
-                let chunk = front.slice(..n);
-                if n < front.len() {
-                    s.queued.push_front(front.slice(n..));
-                }
-                frame::encode_blob_data(out, stream, s.next_offset, &chunk);
-                s.queued_len = s.queued_len.saturating_sub(n as u64);
-                s.unacked_len = s.unacked_len.saturating_add(n as u64);
-                s.unacked.push_back((s.next_offset, chunk));
-                s.next_offset = s.next_offset.saturating_add(n as u64);
-                s.high = s.high.max(s.next_offset);
-                return true;
+        if credit > 0
+            && let Some(front) = s.queued.pop_front()
+        {
+            let n = usize::try_from(credit)
+                .unwrap_or(usize::MAX)
+                .min(chunk_len)
+                .min(front.len());
+            let chunk = front.slice(..n);
+            if n < front.len() {
+                s.queued.push_front(front.slice(n..));
             }
+            frame::encode_blob_data(out, stream, s.next_offset, &chunk);
+            s.queued_len = s.queued_len.saturating_sub(n as u64);
+            s.unacked_len = s.unacked_len.saturating_add(n as u64);
+            s.unacked.push_back((s.next_offset, chunk));
+            s.next_offset = s.next_offset.saturating_add(n as u64);
+            s.high = s.high.max(s.next_offset);
+            return true;
         }
         // Not before the receiver's first credit: its side may not exist yet.
         if s.finished && !s.end_sent && s.queued.is_empty() && s.credited {

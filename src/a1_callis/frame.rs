@@ -478,7 +478,7 @@ fn decode_body(t: FrameType, mut body: Bytes) -> Result<Frame, FrameError> {
             }));
         }
         FrameType::ACCEPTED => {
-            if body.is_empty() || body.len() % 8 != 0 {
+            if body.is_empty() || !body.len().is_multiple_of(8) {
                 return Err(malformed(t, "the body must be one or more 8-byte ids"));
             }
             return Ok(Frame::Accepted(AcceptedIds(body)));

@@ -1209,11 +1209,11 @@ impl Session {
                 self.pongs.push(nonce);
             }
             Frame::Pong(nonce) => {
-                if let Some((sent_nonce, sent_at)) = self.ping_outstanding {
-                    if sent_nonce == nonce {
-                        self.rtt = Some(now.saturating_duration_since(sent_at));
-                        self.ping_outstanding = None;
-                    }
+                if let Some((sent_nonce, sent_at)) = self.ping_outstanding
+                    && sent_nonce == nonce
+                {
+                    self.rtt = Some(now.saturating_duration_since(sent_at));
+                    self.ping_outstanding = None;
                 }
             }
             Frame::Close { code, reason } => self.peer_closed(code, &reason),
@@ -1537,20 +1537,19 @@ impl Session {
             let error = self.expiry_error(id);
             self.fail(id, error);
         }
-        if let Some(since) = self.partial_frame_since {
-            if matches!(self.link, Link::Open | Link::AwaitingHello { .. })
-                && now.saturating_duration_since(since) >= self.config.frame_read_timeout
-            {
-                self.partial_frame_since = None;
-                self.close(Error::new(
-                    ErrorId::ProtocolViolation,
-                    format!(
-                        "a frame took longer than {:?} to arrive (frame_read_timeout)",
-                        self.config.frame_read_timeout
-                    ),
-                ));
-                return;
-            }
+        if let Some(since) = self.partial_frame_since
+            && matches!(self.link, Link::Open | Link::AwaitingHello { .. })
+            && now.saturating_duration_since(since) >= self.config.frame_read_timeout
+        {
+            self.partial_frame_since = None;
+            self.close(Error::new(
+                ErrorId::ProtocolViolation,
+                format!(
+                    "a frame took longer than {:?} to arrive (frame_read_timeout)",
+                    self.config.frame_read_timeout
+                ),
+            ));
+            return;
         }
         match self.link {
             Link::AwaitingHello { deadline } if now >= deadline => {
@@ -1560,17 +1559,17 @@ impl Session {
                 ));
             }
             Link::Open => {
-                if let Some(last) = self.last_rx {
-                    if now.saturating_duration_since(last) >= self.config.idle_timeout {
-                        self.close(Error::new(
-                            ErrorId::ConnectionLost,
-                            format!(
-                                "nothing received for {:?} (idle_timeout); the peer is gone or stalled",
-                                self.config.idle_timeout
-                            ),
-                        ));
-                        return;
-                    }
+                if let Some(last) = self.last_rx
+                    && now.saturating_duration_since(last) >= self.config.idle_timeout
+                {
+                    self.close(Error::new(
+                        ErrorId::ConnectionLost,
+                        format!(
+                            "nothing received for {:?} (idle_timeout); the peer is gone or stalled",
+                            self.config.idle_timeout
+                        ),
+                    ));
+                    return;
                 }
                 let due = self.next_ping.is_some_and(|t| now >= t);
                 if due {
@@ -1650,10 +1649,10 @@ impl Session {
             // Answers owed go out before the CLOSE: a shutdown answers every delivery still
             // waiting for its handler, and the peer must read them before it reads the CLOSE.
             self.write_answers(out, limit);
-            if self.answers.is_empty() {
-                if let Some((code, reason)) = self.close_pending.take() {
-                    frame::encode_close(out, code, &reason);
-                }
+            if self.answers.is_empty()
+                && let Some((code, reason)) = self.close_pending.take()
+            {
+                frame::encode_close(out, code, &reason);
             }
             return out.len() > start;
         }

@@ -693,11 +693,11 @@ impl DnsSrvResolver {
             .refresher
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
-        if refresher.is_none() {
-            if let Ok(rt) = tokio::runtime::Handle::try_current() {
-                *refresher = Some(rt.spawn(refresh(Arc::downgrade(&self.inner))));
-                self.inner.refresher_started.store(true, Ordering::Release);
-            }
+        if refresher.is_none()
+            && let Ok(rt) = tokio::runtime::Handle::try_current()
+        {
+            *refresher = Some(rt.spawn(refresh(Arc::downgrade(&self.inner))));
+            self.inner.refresher_started.store(true, Ordering::Release);
         }
     }
 

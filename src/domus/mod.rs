@@ -705,10 +705,10 @@ impl Forget for Forgetter {
         if !ours || !sends.close_if_empty() {
             return false;
         }
-        if let Some(forgotten) = peers.remove(peer) {
-            if unreachable {
-                shared.remember_down(peer, forgotten.addr, shut_down);
-            }
+        if let Some(forgotten) = peers.remove(peer)
+            && unreachable
+        {
+            shared.remember_down(peer, forgotten.addr, shut_down);
         }
         drop(peers);
         shared.recorder.peer_removed(peer);
@@ -2010,18 +2010,20 @@ impl Shared {
         taberna: Option<TabernaId>,
     ) -> Arc<PeerRef> {
         let mut peers = self.peers.lock().unwrap_or_else(PoisonError::into_inner);
-        if let Some(p) = peers.get_mut(id) {
-            if !p.links.tx.is_closed() && !p.links.blob_tx.is_closed() {
-                if let Some(addr) = addr {
-                    p.set_addr(addr);
-                }
-                if let Some(t) = taberna {
-                    if p.routed.len() < ROUTED_MAX && !p.routed.contains(&t) {
-                        p.routed.insert(t);
-                    }
-                }
-                return p.links.clone();
+        if let Some(p) = peers.get_mut(id)
+            && !p.links.tx.is_closed()
+            && !p.links.blob_tx.is_closed()
+        {
+            if let Some(addr) = addr {
+                p.set_addr(addr);
             }
+            if let Some(t) = taberna
+                && p.routed.len() < ROUTED_MAX
+                && !p.routed.contains(&t)
+            {
+                p.routed.insert(t);
+            }
+            return p.links.clone();
         }
         // Every command is bounded elsewhere: sends by the in-flight semaphore, answers by the
         // peer's dedupe window, calles by the A0 admission gate.

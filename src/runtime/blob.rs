@@ -819,11 +819,12 @@ impl Future for BlobDriver {
             }
             progressed |= this.watch_writes(cx, p);
             this.dispatch_events();
-            if let Some(link) = &this.link {
-                if link.closing && link.io.is_drained() {
-                    this.take_link();
-                    progressed = true;
-                }
+            if let Some(link) = &this.link
+                && link.closing
+                && link.io.is_drained()
+            {
+                this.take_link();
+                progressed = true;
             }
             if this.shutting_down {
                 let idle = this

@@ -170,25 +170,23 @@ impl Future for Take {
             return Poll::Pending;
         };
         let mut queue = budget.queue.lock().unwrap_or_else(PoisonError::into_inner);
-        if let Some((below, why)) = &queue.refused {
-            if ticket < *below {
-                // Turned away (and already out of the queue).
-                this.ticket = None;
-                return Poll::Ready(Err(why.clone()));
-            }
+        if let Some((below, why)) = &queue.refused
+            && ticket < *below
+        {
+            // Turned away (and already out of the queue).
+            this.ticket = None;
+            return Poll::Ready(Err(why.clone()));
         }
         let front = queue.waiters.front().map(|(t, _)| *t) == Some(ticket);
-        if front {
-            if let Some(taken) = budget.take_now(this.bytes) {
-                queue.waiters.pop_front();
-                budget.waiting.fetch_sub(1, Ordering::AcqRel);
-                this.ticket = None;
-                // The next one may fit too.
-                if let Some((_, Some(next))) = queue.waiters.front() {
-                    next.wake_by_ref();
-                }
-                return Poll::Ready(Ok(taken));
+        if front && let Some(taken) = budget.take_now(this.bytes) {
+            queue.waiters.pop_front();
+            budget.waiting.fetch_sub(1, Ordering::AcqRel);
+            this.ticket = None;
+            // The next one may fit too.
+            if let Some((_, Some(next))) = queue.waiters.front() {
+                next.wake_by_ref();
             }
+            return Poll::Ready(Ok(taken));
         }
         if let Some(entry) = queue.waiters.iter_mut().find(|(t, _)| *t == ticket) {
             entry.1 = Some(cx.waker().clone());
@@ -209,10 +207,8 @@ impl Drop for Take {
             queue.waiters.remove(at);
             budget.waiting.fetch_sub(1, Ordering::AcqRel);
         }
-        if was_front {
-            if let Some((_, Some(next))) = queue.waiters.front() {
-                next.wake_by_ref();
-            }
+        if was_front && let Some((_, Some(next))) = queue.waiters.front() {
+            next.wake_by_ref();
         }
     }
 }

@@ -71,10 +71,10 @@ impl Completion {
                     let Some((mut next, outcome)) = items.next() else {
                         break;
                     };
-                    if let Some(To::Slot(_, ticket)) = next.0.take() {
-                        if let Some(waker) = inner.put(ticket, outcome) {
-                            wake = Some(waker);
-                        }
+                    if let Some(To::Slot(_, ticket)) = next.0.take()
+                        && let Some(waker) = inner.put(ticket, outcome)
+                    {
+                        wake = Some(waker);
                     }
                 }
                 wake

@@ -551,10 +551,10 @@ impl BlobReceiver {
                 }
                 Some(Piece::End(_reservation)) => {
                     self.state = RecvState::Ended;
-                    if let RecvBack::Local { eof, .. } = &mut self.back {
-                        if let Some(eof) = eof.take() {
-                            let _ = eof.send(());
-                        }
+                    if let RecvBack::Local { eof, .. } = &mut self.back
+                        && let Some(eof) = eof.take()
+                    {
+                        let _ = eof.send(());
                     }
                     return Poll::Ready(None);
                 }

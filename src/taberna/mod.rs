@@ -111,13 +111,13 @@ pub struct TabernaOptions {
 impl TabernaOptions {
     /// Checks every field; the error names the field (`TabernaOptions::inbox_depth`, …).
     pub fn validate(&self) -> Result<(), Error> {
-        if let Some(depth) = self.inbox_depth {
-            if depth == 0 || depth > MAX_INBOX_DEPTH {
-                return Err(Error::invalid_config(
-                    "TabernaOptions::inbox_depth",
-                    format!("{depth} is outside 1..={MAX_INBOX_DEPTH}"),
-                ));
-            }
+        if let Some(depth) = self.inbox_depth
+            && (depth == 0 || depth > MAX_INBOX_DEPTH)
+        {
+            return Err(Error::invalid_config(
+                "TabernaOptions::inbox_depth",
+                format!("{depth} is outside 1..={MAX_INBOX_DEPTH}"),
+            ));
         }
         if self.allowed_peers.as_ref().is_some_and(BTreeSet::is_empty) {
             return Err(Error::invalid_config(
@@ -125,17 +125,17 @@ impl TabernaOptions {
                 "an empty allow-list would refuse every sender; use None to allow any peer",
             ));
         }
-        if let Some(types) = &self.accepted_types {
-            if types.is_empty() {
-                return Err(Error::invalid_config(
-                    "TabernaOptions::accepted_types",
-                    format!(
-                        "{:#x}..={:#x} is empty and would refuse every message",
-                        types.start(),
-                        types.end()
-                    ),
-                ));
-            }
+        if let Some(types) = &self.accepted_types
+            && types.is_empty()
+        {
+            return Err(Error::invalid_config(
+                "TabernaOptions::accepted_types",
+                format!(
+                    "{:#x}..={:#x} is empty and would refuse every message",
+                    types.start(),
+                    types.end()
+                ),
+            ));
         }
         Ok(())
     }
@@ -629,7 +629,9 @@ impl Registry {
         calls: &AtomicUsize,
         request: InlineRequest<'_>,
     ) -> Answer {
-        let timed = calls.fetch_add(1, Ordering::Relaxed) % INLINE_SAMPLE == 0;
+        let timed = calls
+            .fetch_add(1, Ordering::Relaxed)
+            .is_multiple_of(INLINE_SAMPLE);
         let started = timed.then(std::time::Instant::now);
         let response =
             std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| handler.handle(request)));
@@ -903,10 +905,10 @@ impl Taberna {
 impl Drop for Taberna {
     fn drop(&mut self) {
         // The registry's sender plus this receiver: when this is the last receiver, unregister.
-        if self.inbox.receiver_count() == 1 {
-            if let Some(registry) = self.registry.upgrade() {
-                registry.unregister(self.id);
-            }
+        if self.inbox.receiver_count() == 1
+            && let Some(registry) = self.registry.upgrade()
+        {
+            registry.unregister(self.id);
         }
     }
 }
