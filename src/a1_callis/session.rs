@@ -1521,7 +1521,13 @@ impl Session {
     /// write progress.
     pub fn handle_timeout(&mut self, now: Instant) {
         self.last_now = Some(now);
+        self.handle_timers(now);
+        // Last: a close the timers just decided (idle, hello) is judged too, so a callis whose
+        // writes stalled long ago is given up now rather than at a deadline already past.
         self.check_write_progress(now);
+    }
+
+    fn handle_timers(&mut self, now: Instant) {
         while let Some((deadline, id)) = self.earliest_deadline() {
             if deadline > now {
                 break;
