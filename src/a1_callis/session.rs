@@ -1477,7 +1477,7 @@ impl Session {
     /// The driver's report after each write attempt on the current callis: whether bytes
     /// moved, and whether bytes still wait to be written. Writes that make no progress for
     /// `idle_timeout` close the callis at once (T33: the peer stopped reading; a CLOSE could
-    /// not reach it anyway), and a decided close waits at most [`CLOSE_LINGER`] for writes
+    /// not reach it anyway), and a decided close waits at most [`CLOSE_LINGER`](super::link::CLOSE_LINGER) for writes
     /// that make no progress (see [`must_abandon`](Self::must_abandon) and
     /// [`WriteWatch`]).
     pub fn write_progress(&mut self, now: Instant, progressed: bool, waiting: bool) {
