@@ -508,6 +508,17 @@ impl PeerDriver {
     /// failed since, why it still cannot be reached).
     fn shut_down_error(&self) -> Error {
         match &self.last_dial_error {
+            // A permanent refusal since (another identity answers at its address, our
+            // certificate is refused there) says more than the shutdown: the route itself is
+            // wrong now, and the caller must be able to tell (T11).
+            Some(dial) if is_permanent(dial.id()) => Error::new(
+                dial.id(),
+                format!(
+                    "{} shut down, and its address refuses it now ({}); the message was not sent",
+                    self.peer_id,
+                    dial.message()
+                ),
+            ),
             Some(dial) => Error::new(
                 ErrorId::PeerShutDown,
                 format!(
