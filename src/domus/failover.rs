@@ -1,0 +1,128 @@
+//! Failover: the memory of peers forgotten while they could not be reached (so a choice
+//! avoids them for a while), and moving a send that never went out to another replica of its
+//! taberna. A message that may have reached its peer never moves (no delivery by two
+//! replicas).
+
+use super::Shared;
+use super::resolver::{Candidate, Route};
+use super::routing::Lookup;
+use super::send::move_send;
+use crate::a0_transport::{DomusAddr, DomusId};
+use crate::runtime::peer::SendCmd;
+use crate::taberna::TabernaId;
+use std::sync::{Arc, PoisonError};
+
+/// How many unreachable, forgotten peers a domus remembers.
+pub(super) const DOWN_REMEMBERED: usize = 4096;
+
+/// What a domus remembers of a peer it forgot while the peer could not be reached, at the
+/// address it failed at: a candidate naming another address (a replica that came back
+/// elsewhere) is not avoided, and a driver dialling another address is not told.
+pub(super) struct Down {
+    /// Until when a choice among a taberna's candidates avoids the peer.
+    pub(super) avoid_until: tokio::time::Instant,
+    pub(super) addr: Option<DomusAddr>,
+    /// The peer had shut down (its CLOSE said so) and no callis opened since: until when its
+    /// next driver is told so (`peer_retire_after`, as long as an idle peer that did not shut
+    /// down is remembered), so that sends to it dial once and fail at once with
+    /// `PeerShutDown` while it cannot be reached — as they would have with the driver that
+    /// retired. Taken by that driver.
+    pub(super) shut_down_until: Option<tokio::time::Instant>,
+}
+
+impl Down {
+    /// When nothing of it is worth keeping any more.
+    pub(super) fn expires(&self) -> tokio::time::Instant {
+        self.shut_down_until
+            .map_or(self.avoid_until, |t| t.max(self.avoid_until))
+    }
+}
+
+impl Shared {
+    /// Another replica for a send `from` cannot deliver and never wrote anywhere (see
+    /// [`Forget::redirect`]): the taberna's candidates as the resolver gives them at once
+    /// (a resolver that must wait is not asked), without `from` and without any this domus
+    /// cannot reach now, chosen as a send chooses; the send takes room there afresh.
+    pub(super) fn redirect(self: &Arc<Self>, from: &DomusId, send: SendCmd) -> Result<(), SendCmd> {
+        let taberna = TabernaId(send.msg.dst);
+        let Some(others) = self.alternatives(from, taberna) else {
+            return Err(send);
+        };
+        let Ok(Route {
+            addr,
+            identity: Some(to),
+        }) = self.pick(taberna, &others)
+        else {
+            return Err(send);
+        };
+        move_send(&self.peer_routed(&to, Some(addr), Some(taberna)), send)
+    }
+
+    /// The candidates of `taberna` other than `from` that a send may move to now (see
+    /// [`Shared::redirect`]); `None` when there is none, or the resolver does not answer at
+    /// once.
+    pub(super) fn alternatives(
+        &self,
+        from: &DomusId,
+        taberna: TabernaId,
+    ) -> Option<Vec<Candidate>> {
+        if self.closed.load(std::sync::atomic::Ordering::Acquire) {
+            return None;
+        }
+        let Lookup::Ready(Ok(candidates)) = self.start_candidates(taberna) else {
+            return None;
+        };
+        let others: Vec<Candidate> = candidates
+            .iter()
+            .filter(|c| {
+                c.route.identity.as_ref().is_some_and(|id| {
+                    id != from && id != &self.local_id && self.may_choose(id, &c.route.addr)
+                })
+            })
+            .cloned()
+            .collect();
+        (!others.is_empty()).then_some(others)
+    }
+
+    /// Remembers that `peer` could not be reached at `addr` when it was forgotten: candidate
+    /// choice avoids it there for `reconnect_backoff_max`, and when it had `shut_down`, its
+    /// next driver there is told so for `peer_retire_after` (see [`Down`]). When the table is
+    /// full, what expires first makes room.
+    pub(super) fn remember_down(&self, peer: &DomusId, addr: Option<DomusAddr>, shut_down: bool) {
+        let now = tokio::time::Instant::now();
+        let config = self.config.load();
+        let entry = Down {
+            avoid_until: now + config.reconnect_backoff_max,
+            // A driver with no address cannot dial: there is nothing to tell it.
+            shut_down_until: (shut_down && addr.is_some()).then(|| now + config.peer_retire_after),
+            addr,
+        };
+        let mut down = self.down.lock().unwrap_or_else(PoisonError::into_inner);
+        if down.len() >= DOWN_REMEMBERED && !down.contains_key(peer) {
+            down.retain(|_, d| d.expires() > now);
+            if down.len() >= DOWN_REMEMBERED {
+                let first = down
+                    .iter()
+                    .min_by_key(|(_, d)| d.expires())
+                    .map(|(id, _)| id.clone());
+                if let Some(first) = first {
+                    down.remove(&first);
+                }
+            }
+        }
+        down.insert(peer.clone(), entry);
+    }
+
+    /// Whether `peer` is remembered as shut down at `addr` (see [`Down`]); the memory goes to
+    /// the peer's new driver, which keeps it from then on (nothing is left to tell the next).
+    pub(super) fn take_shut_down(&self, peer: &DomusId, addr: Option<&DomusAddr>) -> bool {
+        let mut down = self.down.lock().unwrap_or_else(PoisonError::into_inner);
+        let Some(d) = down.get_mut(peer) else {
+            return false;
+        };
+        let until = d.shut_down_until.take();
+        addr.is_some()
+            && d.addr.as_ref() == addr
+            && until.is_some_and(|t| t > tokio::time::Instant::now())
+    }
+}

@@ -1,0 +1,281 @@
+//! The inbound gate: the accept loop, the admission limits for authenticated calles (per
+//! identity, in total, connected peers; T8), reading a callis's first frame to tell a primary
+//! from a blob callis within `hello_timeout`, refusing with a CLOSE, and handing each callis to
+//! its peer's drivers. Every wait is bounded.
+
+use super::Shared;
+use crate::a0_transport::{AuthenticatedStream, DomusId, Listener};
+use crate::a1_callis::frame::{FrameType, HEADER_LEN};
+use crate::error::{Error, ErrorId};
+use crate::reporting::C;
+use crate::runtime::ends::BlobCommand;
+use crate::runtime::peer::PeerCommand;
+use bytes::BytesMut;
+use std::future::Future;
+use std::sync::{Arc, PoisonError};
+use std::time::Duration;
+use tokio::io::AsyncReadExt;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+pub(super) async fn accept_loop(shared: Arc<Shared>, listener: Listener, stop: CancellationToken) {
+    loop {
+        let incoming = tokio::select! {
+            () = stop.cancelled() => return,
+            r = listener.accept() => r,
+        };
+        let incoming = match incoming {
+            Ok(i) => i,
+            Err(e) => {
+                if let Some(suppressed) = shared
+                    .recorder
+                    .log_allowed(crate::reporting::LogKind::AcceptFailed)
+                {
+                    tracing::warn!(error = %e, suppressed, "accept failed; retrying shortly");
+                }
+                tokio::select! {
+                    () = stop.cancelled() => return,
+                    () = tokio::time::sleep(Duration::from_millis(50)) => continue,
+                }
+            }
+        };
+        shared.tasks.spawn(serve_inbound(
+            shared.clone(),
+            stop.clone(),
+            incoming.handshake(),
+        ));
+    }
+}
+
+/// Runs an inbound handshake, then the first steps every inbound callis takes before a driver
+/// owns it: the connection limits, its first frame (which tells a primary callis from a blob
+/// callis) within `hello_timeout`, and the hand-over to the peer's driver.
+pub(super) async fn serve_inbound(
+    shared: Arc<Shared>,
+    stop: CancellationToken,
+    handshake: impl Future<Output = Result<AuthenticatedStream, Error>>,
+) {
+    let result = tokio::select! {
+        () = stop.cancelled() => return,
+        r = handshake => r,
+    };
+    let stream = match result {
+        Ok(stream) => stream,
+        Err(e) => {
+            tracing::debug!(error = %e, "inbound handshake failed");
+            shared.recorder.handshake_failed(&e);
+            return;
+        }
+    };
+    let mut stream = stream;
+    let peer_id = stream.peer().id().clone();
+    let mut prefix = BytesMut::with_capacity(512);
+    let slot = match UnopenedSlot::take(&shared, &peer_id) {
+        Ok(slot) => slot,
+        Err(e) => return shared.refuse(stream, e, &prefix).await,
+    };
+    let hello_timeout = shared.config.load().hello_timeout;
+    let first = tokio::select! {
+        () = stop.cancelled() => return,
+        r = tokio::time::timeout(hello_timeout, first_frame(&mut stream, &mut prefix)) => r,
+    };
+    drop(slot);
+    match first {
+        Ok(Ok(kind)) => {
+            if let Err(e) = shared.check_peer_limit(&peer_id) {
+                return shared.refuse(stream, e, &prefix).await;
+            }
+            shared.attach_inbound(stream, kind, prefix);
+        }
+        Ok(Err(e)) if e.id() == ErrorId::ProtocolViolation => {
+            shared.refuse(stream, e, &prefix).await;
+        }
+        Ok(Err(e)) => {
+            shared
+                .recorder
+                .add(C::primary_bytes_in, prefix.len() as u64);
+            tracing::debug!(peer = %peer_id, error = %e, "inbound callis closed before its first frame");
+        }
+        Err(_) => {
+            let e = Error::new(
+                ErrorId::ProtocolViolation,
+                format!(
+                    "the callis sent no complete first frame within {hello_timeout:?} (hello_timeout)"
+                ),
+            );
+            shared.refuse(stream, e, &prefix).await;
+        }
+    }
+}
+
+/// One authenticated inbound callis counted in `Shared::unopened` until it is dropped.
+pub(super) struct UnopenedSlot {
+    pub(super) shared: Arc<Shared>,
+    pub(super) peer: DomusId,
+}
+
+impl UnopenedSlot {
+    /// Counts a callis from `peer`, or refuses it past `max_unopened_calles_per_peer` or
+    /// `max_unopened_calles`.
+    pub(super) fn take(shared: &Arc<Shared>, peer: &DomusId) -> Result<Self, Error> {
+        let config = shared.config.load();
+        let mut table = shared
+            .unopened
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let mine = table.count(peer);
+        if mine >= config.max_unopened_calles_per_peer {
+            return Err(Error::new(
+                ErrorId::AdmissionRefused,
+                format!(
+                    "{peer} already has {mine} calles waiting for their first frame (max_unopened_calles_per_peer)"
+                ),
+            ));
+        }
+        if table.total() >= config.max_unopened_calles {
+            return Err(Error::new(
+                ErrorId::AdmissionRefused,
+                format!(
+                    "{} calles are already waiting for their first frame (max_unopened_calles)",
+                    table.total()
+                ),
+            ));
+        }
+        table.add(peer);
+        Ok(Self {
+            shared: shared.clone(),
+            peer: peer.clone(),
+        })
+    }
+}
+
+impl Drop for UnopenedSlot {
+    fn drop(&mut self) {
+        self.shared
+            .unopened
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(&self.peer);
+    }
+}
+
+/// How long a refused callis may take to receive its CLOSE before it is dropped.
+pub(super) const REFUSAL_WRITE_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// The longest first frame read to tell a primary callis from a blob callis (a HELLO or a
+/// BLOB_HELLO is far shorter).
+pub(super) const FIRST_FRAME_MAX: usize = 4096;
+
+/// Reads an inbound callis up to the end of its first frame into `buf` (the whole first
+/// frame, perhaps more) and returns the frame's type. A first frame that is neither HELLO nor
+/// BLOB_HELLO, or longer than either can be, is a `ProtocolViolation`.
+pub(super) async fn first_frame(
+    stream: &mut AuthenticatedStream,
+    buf: &mut BytesMut,
+) -> Result<FrameType, Error> {
+    loop {
+        if let Some(header) = buf.get(..HEADER_LEN) {
+            let mut len = [0u8; 4];
+            len.copy_from_slice(header.get(..4).unwrap_or(&[0; 4]));
+            let len = u32::from_be_bytes(len) as usize;
+            let kind = FrameType(header.get(4).copied().unwrap_or(0));
+            if len > FIRST_FRAME_MAX || (kind != FrameType::HELLO && kind != FrameType::BLOB_HELLO)
+            {
+                return Err(Error::new(
+                    ErrorId::ProtocolViolation,
+                    format!("the first frame on a callis was {kind:?} of {len} bytes"),
+                ));
+            }
+            if buf.len() >= HEADER_LEN.saturating_add(len) {
+                return Ok(kind);
+            }
+        }
+        let n = stream
+            .read_buf(buf)
+            .await
+            .map_err(|e| Error::io("reading the first frame", &e))?;
+        if n == 0 {
+            return Err(Error::new(
+                ErrorId::ConnectionLost,
+                "the peer closed the callis before its first frame",
+            ));
+        }
+    }
+}
+
+impl Shared {
+    /// Refuses an inbound callis from an identity that is not connected when `max_peers`
+    /// primary calles are open already.
+    pub(super) fn check_peer_limit(&self, peer: &DomusId) -> Result<(), Error> {
+        let max = self.config.load().max_peers;
+        let (connected, open) = self.recorder.connection_census(peer);
+        if !connected && open >= max as u64 {
+            return Err(Error::new(
+                ErrorId::AdmissionRefused,
+                format!("{open} peers are connected already (max_peers); {peer} is refused"),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Writes a CLOSE carrying `error` (within [`REFUSAL_WRITE_TIMEOUT`]) and drops an
+    /// inbound callis that never reached a driver, after `read` was read from it. A refusal
+    /// by the connection limits counts in `calles_refused`, a bad first frame in
+    /// `protocol_violations`; either is published on the error feed (naming the peer) and
+    /// logged, rate-limited. The bytes read and the CLOSE written count like any callis's.
+    pub(super) async fn refuse(&self, mut stream: AuthenticatedStream, error: Error, read: &[u8]) {
+        let peer = stream.peer().id().clone();
+        self.recorder.add(C::primary_bytes_in, read.len() as u64);
+        if error.id() == ErrorId::ProtocolViolation {
+            self.recorder.protocol_violation(&peer, &error);
+        } else {
+            self.recorder.inc(C::calles_refused);
+            if let Some(suppressed) = self
+                .recorder
+                .log_allowed(crate::reporting::LogKind::CallisRefused)
+            {
+                tracing::warn!(%peer, error = %error, suppressed, "inbound callis refused");
+            }
+            self.recorder.error(error.clone());
+        }
+        let mut close = BytesMut::new();
+        crate::a1_callis::frame::encode_close(&mut close, error.id().as_u32(), error.message());
+        let written = tokio::time::timeout(REFUSAL_WRITE_TIMEOUT, async {
+            tokio::io::AsyncWriteExt::write_all(&mut stream, &close).await?;
+            tokio::io::AsyncWriteExt::shutdown(&mut stream).await
+        })
+        .await;
+        if matches!(written, Ok(Ok(()))) {
+            self.recorder.add(C::primary_bytes_out, close.len() as u64);
+        }
+    }
+
+    pub(super) fn attach_inbound(
+        self: &Arc<Self>,
+        stream: AuthenticatedStream,
+        kind: FrameType,
+        prefix: BytesMut,
+    ) {
+        if self.check_open().is_err() {
+            return;
+        }
+        let id = stream.peer().id().clone();
+        let peer = self.peer(&id, None);
+        // A driver that retired just now (its peer forgotten while idle) is replaced: the
+        // second lookup makes a new one.
+        if kind == FrameType::BLOB_HELLO {
+            let cmd = BlobCommand::Attach {
+                io: Box::new(stream),
+                prefix,
+            };
+            if let Err(mpsc::error::SendError(cmd)) = peer.blob_tx.send(cmd) {
+                let _ = self.peer(&id, None).blob_tx.send(cmd);
+            }
+        } else {
+            let cmd = PeerCommand::Attach(Box::new(stream), prefix);
+            if let Err(mpsc::error::SendError(cmd)) = peer.tx.send(cmd) {
+                let _ = self.peer(&id, None).tx.send(cmd);
+            }
+        }
+    }
+}

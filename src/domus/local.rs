@@ -1,0 +1,98 @@
+//! Sends to a taberna on this domus: the same checks and answers as a remote send, without
+//! the network. The answer is awaited by the caller's [`Receipt`](super::Receipt) within the
+//! send's timeout; no task is spawned per send.
+
+use super::Shared;
+use super::send::Receipt;
+use super::send::ReceiptKind;
+use crate::a1_callis::session::{Answer, too_large_reply};
+use crate::error::{Error, ErrorId};
+use crate::reporting::{C, Recorder};
+use crate::runtime::Delivery;
+use crate::runtime::answer_result;
+use crate::runtime::ends::BlobReceiver;
+use crate::runtime::peer::record_failure;
+use crate::taberna::{AnswerSink, MessageType, TabernaId, TabernaRequest};
+use bytes::Bytes;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+use tokio::sync::oneshot;
+
+/// A local send waiting for its taberna's answer.
+pub(super) struct LocalAnswer {
+    pub(super) answer: oneshot::Receiver<Answer>,
+    pub(super) deadline: Pin<Box<tokio::time::Sleep>>,
+    pub(super) timeout: Duration,
+    pub(super) context: String,
+    pub(super) max_reply: usize,
+    pub(super) recorder: Arc<Recorder>,
+}
+
+impl LocalAnswer {
+    pub(super) fn poll(&mut self, cx: &mut Context<'_>) -> Poll<Result<Delivery, Error>> {
+        let context = &self.context;
+        let result = match Pin::new(&mut self.answer).poll(cx) {
+            Poll::Ready(Ok(Answer::Replied(p))) if p.len() > self.max_reply => {
+                answer_result(too_large_reply(p.len(), self.max_reply), context)
+            }
+            Poll::Ready(Ok(answer)) => answer_result(answer, context),
+            Poll::Ready(Err(_)) => Err(Error::new(
+                ErrorId::RequestDropped,
+                format!("{context} dropped the request"),
+            )),
+            Poll::Pending => match self.deadline.as_mut().poll(cx) {
+                Poll::Ready(()) => Err(Error::new(
+                    ErrorId::SendTimeout,
+                    format!("{context} did not answer within {:?}", self.timeout),
+                )),
+                Poll::Pending => return Poll::Pending,
+            },
+        };
+        match &result {
+            Ok(Delivery::Accepted) => self.recorder.inc(C::messages_accepted),
+            Ok(Delivery::Replied(_)) => self.recorder.inc(C::messages_replied),
+            Err(e) => record_failure(&self.recorder, e),
+        }
+        Poll::Ready(result)
+    }
+}
+
+impl Shared {
+    pub(super) fn send_local(
+        self: &Arc<Self>,
+        taberna: TabernaId,
+        source: TabernaId,
+        msg_type: MessageType,
+        payload: Bytes,
+        timeout: Duration,
+        blob: Option<BlobReceiver>,
+    ) -> Receipt {
+        let (answer_tx, answer_rx) = oneshot::channel();
+        let mut request = TabernaRequest::new(
+            self.local_identity.clone(),
+            source,
+            taberna,
+            msg_type,
+            payload,
+            AnswerSink::Local(answer_tx),
+        );
+        if let Some(blob) = blob {
+            request = request.with_blob(blob);
+        }
+        self.recorder.inc(C::messages_sent);
+        self.registry.deliver(request);
+        Receipt {
+            inner: ReceiptKind::Local(Box::new(LocalAnswer {
+                answer: answer_rx,
+                deadline: Box::pin(tokio::time::sleep(timeout)),
+                timeout,
+                context: format!("local {taberna}"),
+                max_reply: self.config.load().max_message_len,
+                recorder: self.recorder.clone(),
+            })),
+        }
+    }
+}

@@ -1,0 +1,351 @@
+//! Routing: resolver calls (bounded by `resolve_timeout`, a panicking resolver caught),
+//! identities pinned for routes that name none, the choice among a taberna's replicas, and
+//! following the resolver's route changes. It never dials to choose: reachability comes from
+//! what the drivers last found.
+
+use super::Shared;
+use super::peers::PeerRef;
+use super::resolver::{Candidate, CandidatesFuture, Route, RouteChanges};
+use crate::a0_transport::{DomusAddr, DomusId};
+use crate::error::{Error, ErrorId};
+use crate::runtime::peer::PeerCommand;
+use crate::runtime::rand_u64;
+use crate::taberna::TabernaId;
+use bytes::BytesMut;
+use std::sync::{Arc, PoisonError};
+use std::task::{Context, Poll};
+use tokio_util::sync::CancellationToken;
+
+/// The most routes remembered per peer for [`follow_routes`]; past it, new tabernas are
+/// re-read by their next send only.
+pub(super) const ROUTED_MAX: usize = 4096;
+
+/// Re-reads every remembered route each time the resolver signals a change, and moves a peer
+/// whose route now names a new address there (its drivers abandon a dial to the old one).
+/// A route that no longer names the same peer is forgotten: what waits for the old peer stays
+/// with it (it may have been delivered there).
+pub(super) async fn follow_routes(
+    shared: Arc<Shared>,
+    mut changes: RouteChanges,
+    stop: CancellationToken,
+) {
+    loop {
+        let changed = tokio::select! {
+            () = stop.cancelled() => return,
+            changed = changes.changed() => changed,
+        };
+        if !changed {
+            return;
+        }
+        shared
+            .route_generation
+            .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        let routed: Vec<(TabernaId, DomusId)> = shared
+            .peers
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .iter()
+            .flat_map(|(id, p)| p.routed.iter().map(move |t| (*t, id.clone())))
+            .collect();
+        for (taberna, peer) in routed {
+            let deadline = tokio::time::Instant::now() + shared.config.load().resolve_timeout;
+            let candidates = tokio::select! {
+                () = stop.cancelled() => return,
+                candidates = shared.candidates(taberna, deadline) => candidates,
+            };
+            // Among replicas, the peer's own candidate (not the one a send would pick).
+            let own = candidates.map(|c| {
+                c.iter()
+                    .find(|c| c.route.identity.as_ref() == Some(&peer))
+                    .map(|c| c.route.addr.clone())
+            });
+            match own {
+                Ok(Some(addr)) => shared.readdress(&peer, addr),
+                // Resolvers can fail for a moment; the route is tried again next time.
+                Err(e) if e.id() != ErrorId::UnknownTaberna => {}
+                _ => {
+                    if let Some(p) = shared
+                        .peers
+                        .lock()
+                        .unwrap_or_else(PoisonError::into_inner)
+                        .get_mut(&peer)
+                    {
+                        p.routed.remove(&taberna);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// A resolver lookup after its first poll ([`Shared::start_candidates`]).
+pub(super) enum Lookup<'a> {
+    Ready(Result<Arc<[Candidate]>, Error>),
+    Pending(CandidatesFuture<'a>),
+}
+
+pub(super) fn resolver_panicked(taberna: TabernaId) -> Error {
+    Error::new(
+        ErrorId::PeerUnavailable,
+        format!("the route resolver panicked while resolving {taberna}"),
+    )
+}
+
+impl Shared {
+    /// Resolves `taberna` to a peer (learning its identity when the route names none) and
+    /// returns the peer's handles, telling its drivers of a new address; remembers the route
+    /// when it names the peer, so a later route change reaches the peer at once.
+    pub(super) async fn route_to_peer(
+        self: &Arc<Self>,
+        taberna: TabernaId,
+        deadline: tokio::time::Instant,
+    ) -> Result<(DomusId, Arc<PeerRef>), Error> {
+        let route = self.resolve(taberna, deadline).await?;
+        let named = route.identity.is_some();
+        let peer_id = match route.identity {
+            Some(id) => id,
+            // Rare and large (a whole dial): boxed, so every send future stays small.
+            None => Box::pin(self.learn_identity(&route.addr, deadline)).await?,
+        };
+        if peer_id == self.local_id {
+            return Err(Error::new(
+                ErrorId::UnknownTaberna,
+                format!("{taberna} routes to this domus, but no such taberna is registered"),
+            ));
+        }
+        let peer = self.peer_routed(&peer_id, Some(route.addr), named.then_some(taberna));
+        Ok((peer_id, peer))
+    }
+
+    /// The peer `id` itself (not a taberna's route), for [`Domus::destination_on`]: at the
+    /// address the resolver gives for it (bounded by `resolve_timeout` and `deadline`), else
+    /// as this domus already knows it.
+    pub(super) async fn peer_by_id(
+        self: &Arc<Self>,
+        id: &DomusId,
+        deadline: tokio::time::Instant,
+    ) -> Result<Arc<PeerRef>, Error> {
+        let limit = self.config.load().resolve_timeout;
+        let until = deadline.min(tokio::time::Instant::now() + limit);
+        // Application code, as in `resolve`: a panic becomes this send's error.
+        let panicked = || {
+            Error::new(
+                ErrorId::PeerUnavailable,
+                format!("the route resolver panicked while resolving the domus {id}"),
+            )
+        };
+        let resolver = &self.resolver;
+        let mut lookup =
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| resolver.resolve_domus(id)))
+                .map_err(|_| panicked())?;
+        let guarded = std::future::poll_fn(move |cx| {
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| lookup.as_mut().poll(cx)))
+                .unwrap_or_else(|_| Poll::Ready(Err(panicked())))
+        });
+        let addr = tokio::time::timeout_at(until, guarded)
+            .await
+            .map_err(|_| {
+                Error::new(
+                    ErrorId::PeerUnavailable,
+                    format!(
+                        "the resolver did not say where {id} is within {limit:?} (resolve_timeout)"
+                    ),
+                )
+            })??;
+        Ok(self.peer(id, addr))
+    }
+
+    /// Tells the drivers of `id` (if it has any) that its address is now `addr`.
+    pub(super) fn readdress(&self, id: &DomusId, addr: DomusAddr) {
+        let mut peers = self.peers.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(p) = peers.get_mut(id) {
+            p.set_addr(addr);
+        }
+    }
+
+    /// Asks the resolver, bounded by `resolve_timeout` (and the send's deadline). An in-memory
+    /// resolver answers on the first poll, which then costs no timer.
+    pub(super) async fn resolve(
+        &self,
+        taberna: TabernaId,
+        deadline: tokio::time::Instant,
+    ) -> Result<Route, Error> {
+        let candidates = self.candidates(taberna, deadline).await?;
+        self.pick(taberna, &candidates)
+    }
+
+    /// Whether a send may choose the candidate `id` at `addr`: its peer is not known to be
+    /// unreachable there (by its driver, or remembered after it was forgotten). A failure at
+    /// another address does not count: the candidate moved (a restarted replica).
+    pub(super) fn may_choose(&self, id: &DomusId, addr: &DomusAddr) -> bool {
+        if let Some(p) = self
+            .peers
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(id)
+        {
+            return p.addr.as_ref() != Some(addr) || p.links.reachability.why_not().is_none();
+        }
+        let now = tokio::time::Instant::now();
+        self.down
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(id)
+            .is_none_or(|d| d.avoid_until <= now || d.addr.as_ref() != Some(addr))
+    }
+
+    /// Chooses among a taberna's candidates: the lowest priority that has a candidate this
+    /// domus can reach now (a candidate whose peer's last dial failed is skipped while another
+    /// can be tried), then by weight.
+    pub(super) fn pick(
+        &self,
+        taberna: TabernaId,
+        candidates: &[Candidate],
+    ) -> Result<Route, Error> {
+        if let [only] = candidates {
+            return Ok(only.route.clone());
+        }
+        let reachable = |c: &Candidate| {
+            c.route
+                .identity
+                .as_ref()
+                .is_none_or(|id| self.may_choose(id, &c.route.addr))
+        };
+        let up: Vec<&Candidate> = candidates.iter().filter(|c| reachable(c)).collect();
+        let pool: Vec<&Candidate> = if up.is_empty() {
+            candidates.iter().collect()
+        } else {
+            up
+        };
+        let Some(best) = pool.iter().map(|c| c.priority).min() else {
+            return Err(Error::new(
+                ErrorId::UnknownTaberna,
+                format!("no route to {taberna}: the resolver listed no candidate"),
+            ));
+        };
+        let tier: Vec<&Candidate> = pool.into_iter().filter(|c| c.priority == best).collect();
+        let total: u64 = tier.iter().map(|c| u64::from(c.weight)).sum();
+        let chosen = if total == 0 {
+            tier.get(usize::try_from(rand_u64() % tier.len() as u64).unwrap_or(0))
+        } else {
+            let mut left = rand_u64() % total;
+            tier.iter().find(|c| {
+                let w = u64::from(c.weight);
+                if left < w {
+                    true
+                } else {
+                    left -= w;
+                    false
+                }
+            })
+        };
+        chosen.map(|c| c.route.clone()).ok_or_else(|| {
+            Error::new(
+                ErrorId::UnknownTaberna,
+                format!("no route to {taberna}: the resolver listed no candidate"),
+            )
+        })
+    }
+
+    /// Starts the resolver's lookup for `taberna` and polls it once: an in-memory resolver
+    /// answers there. The resolver is application code, so a panic in it becomes an error,
+    /// never a panic in the caller.
+    pub(super) fn start_candidates(&self, taberna: TabernaId) -> Lookup<'_> {
+        let resolver = &self.resolver;
+        let Ok(mut lookup) = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            resolver.candidates(taberna)
+        })) else {
+            return Lookup::Ready(Err(resolver_panicked(taberna)));
+        };
+        match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            lookup
+                .as_mut()
+                .poll(&mut Context::from_waker(std::task::Waker::noop()))
+        })) {
+            Err(_) => Lookup::Ready(Err(resolver_panicked(taberna))),
+            Ok(Poll::Ready(candidates)) => Lookup::Ready(candidates),
+            Ok(Poll::Pending) => Lookup::Pending(lookup),
+        }
+    }
+
+    /// Asks the resolver for `taberna`'s candidates, bounded by `resolve_timeout` (and the
+    /// send's deadline). An in-memory resolver answers on the first poll, which then costs no
+    /// timer.
+    pub(super) async fn candidates(
+        &self,
+        taberna: TabernaId,
+        deadline: tokio::time::Instant,
+    ) -> Result<Arc<[Candidate]>, Error> {
+        let mut lookup = match self.start_candidates(taberna) {
+            Lookup::Ready(candidates) => return candidates,
+            Lookup::Pending(lookup) => lookup,
+        };
+        let panicked = move || resolver_panicked(taberna);
+        let guarded = std::future::poll_fn(move |cx| {
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| lookup.as_mut().poll(cx)))
+                .unwrap_or_else(|_| Poll::Ready(Err(panicked())))
+        });
+        // A resolver that does not answer at once takes the slow, boxed path.
+        Box::pin(tokio::time::timeout_at(
+            deadline.min(tokio::time::Instant::now() + self.config.load().resolve_timeout),
+            guarded,
+        ))
+        .await
+        .map_err(|_| {
+            Error::new(
+                ErrorId::PeerUnavailable,
+                format!(
+                    "the resolver did not answer for {taberna} within {:?} (resolve_timeout)",
+                    self.config.load().resolve_timeout
+                ),
+            )
+        })?
+    }
+
+    /// Dials a route that names no identity, pins the identity it presents to that address,
+    /// and hands the callis to the peer's driver; a pin there (see [`pins`]) answers
+    /// without a dial.
+    pub(super) async fn learn_identity(
+        self: &Arc<Self>,
+        addr: &DomusAddr,
+        deadline: tokio::time::Instant,
+    ) -> Result<DomusId, Error> {
+        let max_idle = self.config.load().peer_retire_after;
+        if let Some(id) = self
+            .pinned
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(addr, tokio::time::Instant::now(), max_idle)
+        {
+            return Ok(id);
+        }
+        let stream = tokio::time::timeout_at(deadline, self.transport.dial(addr, None))
+            .await
+            .map_err(|_| {
+                Error::new(
+                    ErrorId::PeerUnavailable,
+                    format!("{addr} could not be reached before the deadline"),
+                )
+            })?
+            .map_err(|e| {
+                Error::new(ErrorId::PeerUnavailable, format!("{addr}: {}", e.message()))
+            })?;
+        let id = stream.peer().id().clone();
+        let config = self.config.load();
+        self.pinned
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .pin(
+                addr.clone(),
+                id.clone(),
+                tokio::time::Instant::now(),
+                config.max_pinned_addresses,
+                config.peer_retire_after,
+            );
+        let peer = self.peer(&id, Some(addr.clone()));
+        let _ = peer
+            .tx
+            .send(PeerCommand::Attach(Box::new(stream), BytesMut::new()));
+        Ok(id)
+    }
+}

@@ -1,0 +1,445 @@
+//! The send path every API shares: check a send (domus open, message type, size, timeout),
+//! take the peer's in-flight room (at once, or waiting in line until the send's deadline),
+//! and hand the message to the peer's driver; and the [`Receipt`] a caller awaits.
+//!
+//! It never blocks a thread and holds no lock across an `.await`: the only waits are for
+//! room (bounded by the send's deadline) and for the resolver (bounded by `resolve_timeout`).
+
+use super::Shared;
+use super::local::LocalAnswer;
+use super::peers::PeerRef;
+use crate::a0_transport::{DomusAddr, DomusId};
+use crate::a1_callis::session::{A3_MESSAGE_TYPE_BASE, Outgoing};
+use crate::error::{Error, ErrorId};
+use crate::reporting::{C, Event};
+use crate::runtime::Delivery;
+use crate::runtime::budget::{InFlight, InFlightBudget};
+use crate::runtime::completion::Completion;
+use crate::runtime::domus_closed;
+use crate::runtime::peer::{SendCmd, record_failure};
+use crate::taberna::RESERVED_TABERNA_BASE;
+use crate::taberna::{MessageClass, MessageType, TabernaId};
+use bytes::Bytes;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+use tokio::sync::oneshot;
+
+/// Per-send options.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct SendOptions {
+    /// How long to wait for the answer; default `DomusConfig::send_timeout`.
+    pub timeout: Option<Duration>,
+    /// The taberna the receiver sees as the source; default `TabernaId(0)`.
+    pub source: Option<TabernaId>,
+}
+
+/// The shortest timeout a send may ask for.
+pub(super) const MIN_SEND_TIMEOUT: Duration = Duration::from_millis(1);
+
+/// The longest timeout a send may ask for (as `DomusConfig::send_timeout`): a message is never
+/// replayed past it, which bounds how long a peer must remember what it delivered.
+pub(super) const MAX_SEND_TIMEOUT: Duration = Duration::from_secs(3600);
+
+impl SendOptions {
+    /// The send's timeout (this option's, else `default`) and its deadline from now; a
+    /// timeout outside 1 ms..=1 h is refused with `InvalidConfig` (a huge one would overflow
+    /// the clock).
+    pub(super) fn deadline(
+        &self,
+        default: Duration,
+    ) -> Result<(Duration, tokio::time::Instant), Error> {
+        let timeout = self.timeout.unwrap_or(default);
+        if !(MIN_SEND_TIMEOUT..=MAX_SEND_TIMEOUT).contains(&timeout) {
+            return Err(Error::invalid_config(
+                "SendOptions::timeout",
+                format!("{timeout:?} is outside {MIN_SEND_TIMEOUT:?}..={MAX_SEND_TIMEOUT:?}"),
+            ));
+        }
+        let now = tokio::time::Instant::now();
+        Ok((timeout, now.checked_add(timeout).unwrap_or(now)))
+    }
+
+    /// Sets the timeout (1 ms to 1 h; others are refused when the send starts).
+    pub fn timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = Some(timeout);
+        self
+    }
+
+    /// Sets the source taberna.
+    pub fn source(mut self, source: TabernaId) -> Self {
+        self.source = Some(source);
+        self
+    }
+}
+
+/// An admitted send: await it for the outcome. Holding many receipts is how one task keeps
+/// thousands of sends in flight.
+pub struct Receipt {
+    pub(super) inner: ReceiptKind,
+}
+
+pub(super) enum ReceiptKind {
+    /// The peer's driver completes it.
+    Remote(oneshot::Receiver<Result<Delivery, Error>>),
+    /// A taberna on this domus answers it, within the send's timeout (kept here: no task
+    /// waits for a local answer).
+    Local(Box<LocalAnswer>),
+}
+
+impl std::fmt::Debug for Receipt {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let kind = match &self.inner {
+            ReceiptKind::Remote(_) => "remote",
+            ReceiptKind::Local(_) => "local",
+        };
+        f.debug_struct("Receipt").field("to", &kind).finish()
+    }
+}
+
+impl Future for Receipt {
+    type Output = Result<Delivery, Error>;
+
+    /// A local send is counted (accepted, replied, failed) when its receipt resolves.
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        match &mut self.inner {
+            ReceiptKind::Remote(rx) => Pin::new(rx).poll(cx).map(|r| {
+                r.unwrap_or_else(|_| {
+                    Err(Error::new(
+                        ErrorId::DomusClosed,
+                        "the domus was shut down before the send finished",
+                    ))
+                })
+            }),
+            ReceiptKind::Local(local) => local.poll(cx),
+        }
+    }
+}
+
+/// Takes room for `send` at `peer` and hands it over there (it moves from a driver that
+/// cannot deliver it); gives it back, with its old room, when `peer` has no room or no
+/// driver.
+pub(super) fn move_send(peer: &PeerRef, send: SendCmd) -> Result<(), SendCmd> {
+    let Some(permit) = peer.budget.try_take(send.msg.size()) else {
+        return Err(send);
+    };
+    let SendCmd {
+        msg,
+        done,
+        permit: old,
+    } = send;
+    match peer.sends.push(SendCmd { msg, done, permit }) {
+        Ok(()) => Ok(()),
+        Err(SendCmd { msg, done, .. }) => Err(SendCmd {
+            msg,
+            done,
+            permit: old,
+        }),
+    }
+}
+
+/// What [`Shared::check_send`] found: when the send ends and where it comes from.
+pub(super) struct CheckedSend {
+    pub(super) timeout: Duration,
+    pub(super) deadline: tokio::time::Instant,
+    pub(super) source: TabernaId,
+}
+
+impl CheckedSend {
+    /// The message for the peer's session.
+    pub(super) fn outgoing(
+        &self,
+        taberna: TabernaId,
+        msg_type: MessageType,
+        payload: Bytes,
+    ) -> Outgoing {
+        Outgoing {
+            dst: taberna.0,
+            src: self.source.0,
+            msg_type: msg_type.0,
+            payload,
+            deadline: self.deadline.into_std(),
+        }
+    }
+}
+
+/// How admission waits for an in-flight slot.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(super) enum Wait {
+    UntilDeadline,
+    No,
+}
+
+/// Takes one in-flight slot and `bytes` of the peer's budget: at once when they are free (no
+/// timer), else waiting in line until `deadline` (or failing at once when `wait` is `No`);
+/// either failure is `LocalQueueFull`. A wait the peer's driver turns away (the peer shut
+/// down) fails with its reason, `PeerShutDown`. The message was never sent in every case.
+pub(super) async fn acquire(
+    budget: &Arc<InFlightBudget>,
+    bytes: u32,
+    wait: Wait,
+    deadline: tokio::time::Instant,
+    peer: &DomusId,
+) -> Result<InFlight, Error> {
+    if let Some(taken) = budget.try_take(bytes) {
+        return Ok(taken);
+    }
+    if wait == Wait::No {
+        return Err(Error::new(
+            ErrorId::LocalQueueFull,
+            format!(
+                "the in-flight room to {peer} is used up (max_in_flight_per_peer / max_in_flight_bytes_per_peer)"
+            ),
+        ));
+    }
+    tokio::time::timeout_at(deadline, budget.take(bytes))
+        .await
+        .map_err(|_| {
+            Error::new(
+                ErrorId::LocalQueueFull,
+                format!(
+                    "the in-flight room to {peer} did not free up before the send's deadline; the message was never sent"
+                ),
+            )
+        })?
+}
+
+impl Shared {
+    /// Every caller holds a handle that keeps the domus from being dropped (a [`Domus`] or a
+    /// [`Destination`]), so only `shutdown` can have closed it.
+    pub(super) fn check_open(&self) -> Result<(), Error> {
+        if self.closed.load(std::sync::atomic::Ordering::Acquire) {
+            return Err(Error::new(
+                ErrorId::DomusClosed,
+                format!("{} has been shut down", self.local_id),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Admits, then waits for the answer (one future, so the admission's state is not kept
+    /// beside the receipt's).
+    pub(super) async fn send_owned(
+        self: Arc<Self>,
+        taberna: TabernaId,
+        msg_type: MessageType,
+        payload: Bytes,
+        options: SendOptions,
+        wait: Wait,
+    ) -> Result<Delivery, Error> {
+        let receipt = self
+            .admit(taberna, msg_type, payload, options, wait)
+            .await?;
+        receipt.await
+    }
+
+    pub(super) async fn admit(
+        self: Arc<Self>,
+        taberna: TabernaId,
+        msg_type: MessageType,
+        payload: Bytes,
+        options: SendOptions,
+        wait: Wait,
+    ) -> Result<Receipt, Error> {
+        let checked = self.check_send(taberna, msg_type, &payload, &options)?;
+        if self.registry.contains(taberna) {
+            return Ok(self.send_local(
+                taberna,
+                checked.source,
+                msg_type,
+                payload,
+                checked.timeout,
+                None,
+            ));
+        }
+        let (peer_id, peer) = self.route_to_peer(taberna, checked.deadline).await?;
+        let msg = checked.outgoing(taberna, msg_type, payload);
+        match peer.budget.try_take(msg.size()) {
+            Some(permit) => self.hand_over(&peer, msg, permit),
+            None => {
+                // Waiting for room: only the wait is boxed, so the common send stays small
+                // and a waiting one costs one allocation of the wait's size.
+                let a3 = msg.msg_type >= A3_MESSAGE_TYPE_BASE;
+                let permit = Box::pin(self.wait_for_room(
+                    &peer,
+                    &peer_id,
+                    msg.size(),
+                    a3,
+                    wait,
+                    checked.deadline,
+                ))
+                .await?;
+                self.hand_over(&peer, msg, permit)
+            }
+        }
+    }
+
+    /// The checks every send makes before it goes anywhere: the domus is open, the type is an
+    /// application type, the payload fits `max_message_len`, the timeout is in range.
+    pub(super) fn check_send(
+        &self,
+        taberna: TabernaId,
+        msg_type: MessageType,
+        payload: &Bytes,
+        options: &SendOptions,
+    ) -> Result<CheckedSend, Error> {
+        self.check_open()?;
+        // A2 types are the mesh services' own: they go to the services' reserved tabernas only.
+        let service = msg_type.class() == MessageClass::A2 && taberna.0 >= RESERVED_TABERNA_BASE;
+        if msg_type.class() != MessageClass::A3 && !service {
+            return Err(Error::new(
+                ErrorId::InvalidMessageType,
+                format!(
+                    "message type {:#x} is not an application (A3) type; use MessageType::app(n)",
+                    msg_type.0
+                ),
+            ));
+        }
+        let config = self.config.load();
+        if payload.len() > config.max_message_len {
+            return Err(Error::new(
+                ErrorId::PayloadTooLarge,
+                format!(
+                    "payload of {} bytes exceeds max_message_len ({}); send large data as a blob",
+                    payload.len(),
+                    config.max_message_len
+                ),
+            ));
+        }
+        let (timeout, deadline) = options.deadline(config.send_timeout)?;
+        Ok(CheckedSend {
+            timeout,
+            deadline,
+            source: options.source.unwrap_or(TabernaId(0)),
+        })
+    }
+
+    /// Takes the peer's in-flight room for `msg` and hands it to the peer's driver. Room that
+    /// is free is taken without waiting and without an allocation; waiting for it is the slow,
+    /// boxed path.
+    pub(super) async fn admit_to_peer(
+        self: &Arc<Self>,
+        peer: &PeerRef,
+        peer_id: &DomusId,
+        msg: Outgoing,
+        wait: Wait,
+        deadline: tokio::time::Instant,
+    ) -> Result<Receipt, Error> {
+        let permit = self.room_for(peer, peer_id, &msg, wait, deadline).await?;
+        self.hand_over(peer, msg, permit)
+    }
+
+    /// Takes the peer's in-flight room for `msg`: at once when it is free, else by waiting
+    /// in line (see [`wait_for_room`](Self::wait_for_room)).
+    pub(super) async fn room_for(
+        &self,
+        peer: &PeerRef,
+        peer_id: &DomusId,
+        msg: &Outgoing,
+        wait: Wait,
+        deadline: tokio::time::Instant,
+    ) -> Result<InFlight, Error> {
+        let size = msg.size();
+        // Callers box this future (it is the slow path), so what it waits on is not boxed
+        // again: one allocation per waiting send.
+        match peer.budget.try_take(size) {
+            Some(permit) => Ok(permit),
+            None => {
+                let a3 = msg.msg_type >= A3_MESSAGE_TYPE_BASE;
+                self.wait_for_room(peer, peer_id, size, a3, wait, deadline)
+                    .await
+            }
+        }
+    }
+
+    /// Hands an admitted message (its room taken) to the peer's driver.
+    pub(super) fn hand_over(
+        self: &Arc<Self>,
+        peer: &PeerRef,
+        msg: Outgoing,
+        permit: InFlight,
+    ) -> Result<Receipt, Error> {
+        let (done, rx) = Completion::oneshot();
+        self.hand_over_to(peer, msg, permit, done)?;
+        Ok(Receipt {
+            inner: ReceiptKind::Remote(rx),
+        })
+    }
+
+    /// Hands an admitted message to the peer's driver, its outcome to go to `done`.
+    pub(super) fn hand_over_to(
+        self: &Arc<Self>,
+        peer: &PeerRef,
+        msg: Outgoing,
+        permit: InFlight,
+        done: Completion,
+    ) -> Result<(), Error> {
+        let Err(cmd) = peer.sends.push(SendCmd { msg, done, permit }) else {
+            return Ok(());
+        };
+        // The driver is gone while the domus runs: it retired (the peer was forgotten while
+        // idle) just as this send found it. A new driver takes the message, with room of its
+        // own.
+        if !self.closed.load(std::sync::atomic::Ordering::Acquire) {
+            let again = self.peer(
+                &peer.id,
+                peer.addr.load_full().map(|a| DomusAddr::clone(&a)),
+            );
+            if move_send(&again, cmd).is_ok() {
+                return Ok(());
+            }
+        }
+        let e = domus_closed();
+        record_failure(&self.recorder, &e);
+        Err(e)
+    }
+
+    /// Waits in line for `size` bytes and a slot of the peer's in-flight room until `deadline`
+    /// (or fails at once for `Wait::No`). A failure is an outbound queue overrun, counted and
+    /// published; a wait that reached the deadline says why when the peer is unreachable (the
+    /// send was never sent because of that, not because the peer was slow).
+    pub(super) async fn wait_for_room(
+        &self,
+        peer: &PeerRef,
+        peer_id: &DomusId,
+        size: u32,
+        a3: bool,
+        wait: Wait,
+        deadline: tokio::time::Instant,
+    ) -> Result<InFlight, Error> {
+        let taken = acquire(&peer.budget, size, wait, deadline, peer_id).await;
+        // Taking room is all this waits for: any of these means the queue was full.
+        if taken.as_ref().is_err_and(|e| {
+            matches!(
+                e.id(),
+                ErrorId::LocalQueueFull | ErrorId::PeerUnavailable | ErrorId::PeerShutDown
+            )
+        }) {
+            self.recorder.inc(if a3 {
+                C::queue_overruns_send_a3
+            } else {
+                C::queue_overruns_send_a2
+            });
+            self.recorder.event(Event::Backpressure {
+                peer: peer_id.clone(),
+            });
+        }
+        let taken = taken.map_err(|e| match (e.id(), peer.reachability.why_not()) {
+            (ErrorId::LocalQueueFull, Some(why)) if wait == Wait::UntilDeadline => Error::new(
+                why.id(),
+                format!(
+                    "waited for room until the send's deadline; the message was never sent: {}",
+                    why.message()
+                ),
+            ),
+            _ => e,
+        });
+        if let Err(e) = &taken {
+            record_failure(&self.recorder, e);
+        }
+        taken
+    }
+}
