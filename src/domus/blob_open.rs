@@ -8,10 +8,6 @@ use super::peers::PeerRef;
 use super::send::{Receipt, SendOptions};
 use super::send::{ReceiptKind, Wait};
 use crate::a0_transport::DomusId;
-use crate::a1_callis::blob::{
-    BLOB_OPEN_PREFIX_LEN, BLOB_OPEN_TYPE, encode_blob_open, stream_parity,
-};
-use crate::a1_callis::session::Outgoing;
 use crate::error::{Error, ErrorId};
 use crate::runtime::completion::Completion;
 use crate::runtime::domus_closed;
@@ -76,17 +72,14 @@ impl Shared {
                 ),
             ));
         }
-        let max_header = self
-            .config
-            .load()
-            .max_message_len
-            .saturating_sub(BLOB_OPEN_PREFIX_LEN);
+        let max_header = blob::max_blob_header(self.config.load().max_message_len);
         if header.len() > max_header {
             return Err(Error::new(
                 ErrorId::PayloadTooLarge,
                 format!(
-                    "a blob header of {} bytes exceeds {max_header} (max_message_len minus {BLOB_OPEN_PREFIX_LEN}); put it in the blob",
-                    header.len()
+                    "a blob header of {} bytes exceeds {max_header} (max_message_len minus {}); put it in the blob",
+                    header.len(),
+                    blob::BLOB_OPEN_OVERHEAD
                 ),
             ));
         }
@@ -164,9 +157,15 @@ impl Shared {
         let n = peer
             .next_stream
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let stream = n
-            .saturating_mul(2)
-            .saturating_add(stream_parity(&self.local_id, peer_id));
+        let (stream, msg) = blob::outbound_opening(
+            &self.local_id,
+            peer_id,
+            n,
+            (taberna.0, source.0),
+            msg_type.0,
+            header,
+            deadline.into_std(),
+        );
         let sender = blob::SenderShared::new(window);
         let opened = peer.blob_tx.send(BlobCommand::OpenOutbound {
             stream,
@@ -185,13 +184,6 @@ impl Shared {
         let mut guard = CancelOnDrop {
             tx: Some(peer.blob_tx.clone()),
             stream,
-        };
-        let msg = Outgoing {
-            dst: taberna.0,
-            src: source.0,
-            msg_type: BLOB_OPEN_TYPE,
-            payload: encode_blob_open(stream, msg_type.0, header),
-            deadline: deadline.into_std(),
         };
         let permit = self
             .room_for(peer, peer_id, &msg, Wait::UntilDeadline, deadline)

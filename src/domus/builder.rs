@@ -164,6 +164,8 @@ impl DomusBuilder {
                 transport: transport.clone(),
                 inbound: registry.clone(),
                 local_id: local_id.clone(),
+                local_epoch: epoch,
+                reply_budget: reply_budget.clone(),
                 reconnect_backoff_min: self.config.reconnect_backoff_min,
                 reconnect_backoff_max: self.config.reconnect_backoff_max,
                 blob_window: self.config.blob_window,

@@ -23,9 +23,9 @@ use tokio_util::sync::DropGuard;
 
 use super::{CheckedSend, Delivery, PeerRef, Receipt, ReceiptKind, SendOptions, Shared, Wait};
 use crate::a0_transport::DomusId;
-use crate::a1_callis::session::{A3_MESSAGE_TYPE_BASE, Outgoing};
 use crate::error::Error;
 use crate::runtime::completion::{Completion, CompletionRing};
+use crate::runtime::peer::Outgoing;
 use crate::taberna::{MessageType, TabernaId};
 
 /// The outcome of one send: how the receiver answered, or why it failed.
@@ -301,7 +301,7 @@ impl Destination {
         {
             // Only the wait is boxed (a waiting send costs that allocation and no more), and
             // the route is held by one reference count.
-            let a3 = msg.msg_type >= A3_MESSAGE_TYPE_BASE;
+            let a3 = MessageType(msg.msg_type).class() == crate::taberna::MessageClass::A3;
             let permit = Box::pin(self.shared.wait_for_room(
                 peer,
                 id,

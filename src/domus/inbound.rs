@@ -5,16 +5,16 @@
 
 use super::Shared;
 use crate::a0_transport::{AuthenticatedStream, DomusId, Listener};
-use crate::a1_callis::frame::{FrameType, HEADER_LEN};
 use crate::error::{Error, ErrorId};
 use crate::reporting::C;
+use crate::reporting::CallisKind;
+use crate::runtime::accept::{read_first_frame, refuse};
 use crate::runtime::ends::BlobCommand;
 use crate::runtime::peer::PeerCommand;
 use bytes::BytesMut;
 use std::future::Future;
 use std::sync::{Arc, PoisonError};
 use std::time::Duration;
-use tokio::io::AsyncReadExt;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
@@ -77,7 +77,7 @@ pub(super) async fn serve_inbound(
     let hello_timeout = shared.config.load().hello_timeout;
     let first = tokio::select! {
         () = stop.cancelled() => return,
-        r = tokio::time::timeout(hello_timeout, first_frame(&mut stream, &mut prefix)) => r,
+        r = tokio::time::timeout(hello_timeout, read_first_frame(&mut stream, &mut prefix)) => r,
     };
     drop(slot);
     match first {
@@ -159,50 +159,6 @@ impl Drop for UnopenedSlot {
     }
 }
 
-/// How long a refused callis may take to receive its CLOSE before it is dropped.
-pub(super) const REFUSAL_WRITE_TIMEOUT: Duration = Duration::from_secs(1);
-
-/// The longest first frame read to tell a primary callis from a blob callis (a HELLO or a
-/// BLOB_HELLO is far shorter).
-pub(super) const FIRST_FRAME_MAX: usize = 4096;
-
-/// Reads an inbound callis up to the end of its first frame into `buf` (the whole first
-/// frame, perhaps more) and returns the frame's type. A first frame that is neither HELLO nor
-/// BLOB_HELLO, or longer than either can be, is a `ProtocolViolation`.
-pub(super) async fn first_frame(
-    stream: &mut AuthenticatedStream,
-    buf: &mut BytesMut,
-) -> Result<FrameType, Error> {
-    loop {
-        if let Some(header) = buf.get(..HEADER_LEN) {
-            let mut len = [0u8; 4];
-            len.copy_from_slice(header.get(..4).unwrap_or(&[0; 4]));
-            let len = u32::from_be_bytes(len) as usize;
-            let kind = FrameType(header.get(4).copied().unwrap_or(0));
-            if len > FIRST_FRAME_MAX || (kind != FrameType::HELLO && kind != FrameType::BLOB_HELLO)
-            {
-                return Err(Error::new(
-                    ErrorId::ProtocolViolation,
-                    format!("the first frame on a callis was {kind:?} of {len} bytes"),
-                ));
-            }
-            if buf.len() >= HEADER_LEN.saturating_add(len) {
-                return Ok(kind);
-            }
-        }
-        let n = stream
-            .read_buf(buf)
-            .await
-            .map_err(|e| Error::io("reading the first frame", &e))?;
-        if n == 0 {
-            return Err(Error::new(
-                ErrorId::ConnectionLost,
-                "the peer closed the callis before its first frame",
-            ));
-        }
-    }
-}
-
 impl Shared {
     /// Refuses an inbound callis from an identity that is not connected when `max_peers`
     /// primary calles are open already.
@@ -218,7 +174,7 @@ impl Shared {
         Ok(())
     }
 
-    /// Writes a CLOSE carrying `error` (within [`REFUSAL_WRITE_TIMEOUT`]) and drops an
+    /// Writes a CLOSE carrying `error` (within the runtime's refusal timeout) and drops an
     /// inbound callis that never reached a driver, after `read` was read from it. A refusal
     /// by the connection limits counts in `calles_refused`, a bad first frame in
     /// `protocol_violations`; either is published on the error feed (naming the peer) and
@@ -238,22 +194,15 @@ impl Shared {
             }
             self.recorder.error(error.clone());
         }
-        let mut close = BytesMut::new();
-        crate::a1_callis::frame::encode_close(&mut close, error.id().as_u32(), error.message());
-        let written = tokio::time::timeout(REFUSAL_WRITE_TIMEOUT, async {
-            tokio::io::AsyncWriteExt::write_all(&mut stream, &close).await?;
-            tokio::io::AsyncWriteExt::shutdown(&mut stream).await
-        })
-        .await;
-        if matches!(written, Ok(Ok(()))) {
-            self.recorder.add(C::primary_bytes_out, close.len() as u64);
+        if let Some(written) = refuse(&mut stream, &error).await {
+            self.recorder.add(C::primary_bytes_out, written as u64);
         }
     }
 
     pub(super) fn attach_inbound(
         self: &Arc<Self>,
         stream: AuthenticatedStream,
-        kind: FrameType,
+        kind: CallisKind,
         prefix: BytesMut,
     ) {
         if self.check_open().is_err() {
@@ -263,7 +212,7 @@ impl Shared {
         let peer = self.peer(&id, None);
         // A driver that retired just now (its peer forgotten while idle) is replaced: the
         // second lookup makes a new one.
-        if kind == FrameType::BLOB_HELLO {
+        if kind == CallisKind::Blob {
             let cmd = BlobCommand::Attach {
                 io: Box::new(stream),
                 prefix,

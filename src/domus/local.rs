@@ -5,13 +5,12 @@
 use super::Shared;
 use super::send::Receipt;
 use super::send::ReceiptKind;
-use crate::a1_callis::session::{Answer, too_large_reply};
 use crate::error::{Error, ErrorId};
 use crate::reporting::{C, Recorder};
 use crate::runtime::Delivery;
-use crate::runtime::answer_result;
 use crate::runtime::ends::BlobReceiver;
 use crate::runtime::peer::record_failure;
+use crate::runtime::{Answer, local_answer_result};
 use crate::taberna::{AnswerSink, MessageType, TabernaId, TabernaRequest};
 use bytes::Bytes;
 use std::future::Future;
@@ -35,10 +34,7 @@ impl LocalAnswer {
     pub(super) fn poll(&mut self, cx: &mut Context<'_>) -> Poll<Result<Delivery, Error>> {
         let context = &self.context;
         let result = match Pin::new(&mut self.answer).poll(cx) {
-            Poll::Ready(Ok(Answer::Replied(p))) if p.len() > self.max_reply => {
-                answer_result(too_large_reply(p.len(), self.max_reply), context)
-            }
-            Poll::Ready(Ok(answer)) => answer_result(answer, context),
+            Poll::Ready(Ok(answer)) => local_answer_result(answer, self.max_reply, context),
             Poll::Ready(Err(_)) => Err(Error::new(
                 ErrorId::RequestDropped,
                 format!("{context} dropped the request"),

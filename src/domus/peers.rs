@@ -6,8 +6,7 @@
 use super::Shared;
 use super::routing::ROUTED_MAX;
 use crate::a0_transport::{AuthenticatedStream, DomusAddr, DomusId};
-use crate::a1_callis::frame::FrameType;
-use crate::a1_callis::session::Session;
+use crate::reporting::CallisKind;
 use crate::runtime::blob::{BlobDriver, BlobLinks};
 use crate::runtime::budget::InFlightBudget;
 use crate::runtime::ends::BlobCommand;
@@ -137,7 +136,7 @@ impl Forget for Forgetter {
         shared.redirect(peer, send)
     }
 
-    fn attach_again(&self, stream: AuthenticatedStream, kind: FrameType, prefix: BytesMut) {
+    fn attach_again(&self, stream: AuthenticatedStream, kind: CallisKind, prefix: BytesMut) {
         if let Some(shared) = self.0.upgrade() {
             shared.attach_inbound(stream, kind, prefix);
         }
@@ -200,13 +199,6 @@ impl Shared {
             self.config.load().max_in_flight_per_peer,
             u32::try_from(self.config.load().max_in_flight_bytes_per_peer).unwrap_or(u32::MAX),
         );
-        let session = Session::new(
-            self.config.load().session(),
-            self.local_id.as_str().to_owned(),
-            self.epoch,
-        )
-        .with_reply_budget(self.reply_budget.clone())
-        .with_first_id(self.id_floor.load(std::sync::atomic::Ordering::Acquire));
         // Blob commands are bounded by the streams' windows and the stream caps.
         let (blob_tx, blob_rx) = mpsc::unbounded_channel();
         let blob_in_streams =
@@ -220,7 +212,7 @@ impl Shared {
             id.clone(),
             addr.clone(),
             self.driver_ctx.clone(),
-            session,
+            self.config.load().session(),
             rx,
             self.cancel.child_token(),
             PeerLinks {

@@ -9,14 +9,13 @@ use super::Shared;
 use super::local::LocalAnswer;
 use super::peers::PeerRef;
 use crate::a0_transport::{DomusAddr, DomusId};
-use crate::a1_callis::session::{A3_MESSAGE_TYPE_BASE, Outgoing};
 use crate::error::{Error, ErrorId};
 use crate::reporting::{C, Event};
 use crate::runtime::Delivery;
 use crate::runtime::budget::{InFlight, InFlightBudget};
 use crate::runtime::completion::Completion;
 use crate::runtime::domus_closed;
-use crate::runtime::peer::{SendCmd, record_failure};
+use crate::runtime::peer::{Outgoing, SendCmd, record_failure};
 use crate::taberna::RESERVED_TABERNA_BASE;
 use crate::taberna::{MessageClass, MessageType, TabernaId};
 use bytes::Bytes;
@@ -262,7 +261,7 @@ impl Shared {
             None => {
                 // Waiting for room: only the wait is boxed, so the common send stays small
                 // and a waiting one costs one allocation of the wait's size.
-                let a3 = msg.msg_type >= A3_MESSAGE_TYPE_BASE;
+                let a3 = MessageType(msg.msg_type).class() == MessageClass::A3;
                 let permit = Box::pin(self.wait_for_room(
                     &peer,
                     &peer_id,
@@ -348,7 +347,7 @@ impl Shared {
         match peer.budget.try_take(size) {
             Some(permit) => Ok(permit),
             None => {
-                let a3 = msg.msg_type >= A3_MESSAGE_TYPE_BASE;
+                let a3 = MessageType(msg.msg_type).class() == MessageClass::A3;
                 self.wait_for_room(peer, peer_id, size, a3, wait, deadline)
                     .await
             }

@@ -40,7 +40,7 @@ use super::peer::Forget;
 use super::{domus_closed, yield_turn};
 use crate::a0_transport::{AuthenticatedStream, DomusAddr, DomusId, Transport};
 use crate::a1_callis::blob::{BlobConfig, BlobEvent, BlobStreams};
-use crate::a1_callis::frame::{self, BlobFrame, Frame, FrameType, PROTOCOL_VERSION};
+use crate::a1_callis::frame::{self, BlobFrame, Frame, PROTOCOL_VERSION};
 use crate::a1_callis::link::{Backoff, WriteVerdict, WriteWatch, keep_current};
 use crate::error::{Error, ErrorId};
 use crate::reporting::{C, CallisKind, PeerCells, Recorder};
@@ -339,7 +339,7 @@ impl BlobDriver {
                     self.commands.close();
                     while let Ok(cmd) = self.commands.try_recv() {
                         if let BlobCommand::Attach { io, prefix } = cmd {
-                            self.forget.attach_again(*io, FrameType::BLOB_HELLO, prefix);
+                            self.forget.attach_again(*io, CallisKind::Blob, prefix);
                         }
                     }
                 }

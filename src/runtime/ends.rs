@@ -24,7 +24,11 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
 use tokio_util::sync::PollSemaphore;
 
-use crate::a0_transport::{AuthenticatedStream, DomusAddr};
+use crate::a0_transport::{AuthenticatedStream, DomusAddr, DomusId};
+use crate::a1_callis::blob::{
+    BLOB_OPEN_PREFIX_LEN, BLOB_OPEN_TYPE, encode_blob_open, stream_parity,
+};
+use crate::a1_callis::session::Outgoing;
 use crate::error::{Error, ErrorId};
 
 /// What the rest of the domus asks of a peer's blob driver.
@@ -633,4 +637,39 @@ impl AsyncRead for BlobReceiver {
         bytes::Buf::advance(&mut this.current, n);
         Poll::Ready(Ok(()))
     }
+}
+
+/// The longest application header a blob's opening message carries when messages are limited
+/// to `max_message_len` (the opening message's own prefix takes the rest).
+pub(crate) fn max_blob_header(max_message_len: usize) -> usize {
+    max_message_len.saturating_sub(BLOB_OPEN_PREFIX_LEN)
+}
+
+/// The bytes a blob's opening message adds to its application header.
+pub(crate) const BLOB_OPEN_OVERHEAD: usize = BLOB_OPEN_PREFIX_LEN;
+
+/// A blob stream this side opens to `peer`: its id (the `n`th of this side's, with this side's
+/// parity, so the two sides never pick the same id) and the message that opens it on the
+/// primary callis, addressed to taberna `dst` from `src`, carrying the application's type
+/// and header.
+pub(crate) fn outbound_opening(
+    local: &DomusId,
+    peer: &DomusId,
+    n: u64,
+    (dst, src): (u64, u64),
+    app_type: u32,
+    header: &[u8],
+    deadline: std::time::Instant,
+) -> (u64, Outgoing) {
+    let stream = n
+        .saturating_mul(2)
+        .saturating_add(stream_parity(local, peer));
+    let msg = Outgoing {
+        dst,
+        src,
+        msg_type: BLOB_OPEN_TYPE,
+        payload: encode_blob_open(stream, app_type, header),
+        deadline,
+    };
+    (stream, msg)
 }

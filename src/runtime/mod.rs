@@ -2,7 +2,8 @@
 //! drives the pure [`Session`](crate::a1_callis::session::Session) ([`peer`]); one task per
 //! peer owns its blob callis and drives the pure
 //! [`BlobStreams`](crate::a1_callis::blob::BlobStreams) ([`blob`]); [`ends`] are the
-//! application's ends of blob streams.
+//! application's ends of blob streams; [`accept`] reads an inbound callis's first frame and
+//! writes the CLOSE that refuses one.
 //!
 //! The runtime sits above `a1_callis` and below `taberna` and `domus`: it names no type of
 //! theirs. What it hands up — a delivery from a peer, with the handle that answers it — goes
@@ -21,6 +22,7 @@
     )
 )]
 
+pub(crate) mod accept;
 pub(crate) mod blob;
 pub(crate) mod budget;
 pub(crate) mod callis;
@@ -38,7 +40,8 @@ use std::task::Context;
 use bytes::Bytes;
 
 use crate::a0_transport::PeerIdentity;
-use crate::a1_callis::session::Answer;
+pub(crate) use crate::a1_callis::session::Answer;
+use crate::a1_callis::session::too_large_reply;
 use crate::error::{Error, ErrorId, untrusted};
 use ends::BlobReceiver;
 
@@ -49,6 +52,22 @@ pub enum Delivery {
     Accepted,
     /// The receiving taberna answered with a payload.
     Replied(Bytes),
+}
+
+/// What a local taberna's answer means for its caller: as [`answer_result`], after holding a
+/// reply to `max_reply` bytes (the receiver's `max_message_len`, which a remote reply meets on
+/// the wire).
+pub(crate) fn local_answer_result(
+    answer: Answer,
+    max_reply: usize,
+    context: impl std::fmt::Display,
+) -> Result<Delivery, Error> {
+    match answer {
+        Answer::Replied(p) if p.len() > max_reply => {
+            answer_result(too_large_reply(p.len(), max_reply), context)
+        }
+        answer => answer_result(answer, context),
+    }
 }
 
 /// What a send's answer means for its caller: the one mapping of answers to results, for

@@ -34,9 +34,12 @@ use super::{
 };
 use crate::a0_transport::{AuthenticatedStream, DomusAddr, DomusId, PeerIdentity, Transport};
 use crate::a1_callis::blob::{BLOB_OPEN_TYPE, decode_blob_open, stream_parity};
-use crate::a1_callis::frame::FrameType;
 use crate::a1_callis::link::{AgeAction, Backoff, CallisAge, keep_current};
-use crate::a1_callis::session::{A3_MESSAGE_TYPE_BASE, Answer, Event, Outcome, Outgoing, Session};
+use crate::a1_callis::reply_budget::ReplyBudget;
+pub(crate) use crate::a1_callis::session::Outgoing;
+use crate::a1_callis::session::{
+    A3_MESSAGE_TYPE_BASE, Answer, Event, Outcome, Session, SessionConfig,
+};
 use crate::a1_callis::window::IdQueue;
 use crate::error::{Error, ErrorId};
 use crate::reporting::{C, CallisKind, Event as Report, PeerCells, Recorder, TurnCounts};
@@ -81,6 +84,10 @@ pub(crate) struct DriverContext {
     /// Where deliveries from peers go (the taberna registry).
     pub(crate) inbound: Arc<dyn Inbound>,
     pub(crate) local_id: DomusId,
+    /// This domus's run (its HELLO's epoch).
+    pub(crate) local_epoch: u64,
+    /// The reply bytes every session of the domus together may keep for replay.
+    pub(crate) reply_budget: Arc<ReplyBudget>,
     pub(crate) reconnect_backoff_min: Duration,
     pub(crate) reconnect_backoff_max: Duration,
     /// Bytes every receiving blob stream reserves, and the domus-wide budget they come from.
@@ -157,7 +164,7 @@ pub(crate) trait Forget: Send + Sync {
     /// Hands an inbound callis that reached a driver as it retired (its first frame's kind,
     /// and the bytes read to learn it) to the peer's next driver, so the peer that just
     /// connected is not cut off.
-    fn attach_again(&self, stream: AuthenticatedStream, kind: FrameType, prefix: BytesMut);
+    fn attach_again(&self, stream: AuthenticatedStream, kind: CallisKind, prefix: BytesMut);
 
     /// A dial to `addr` expecting `peer` met another identity: an address→identity pin of
     /// `peer` there is stale, and the next send on a route without an identity learns anew.
@@ -273,11 +280,20 @@ impl PeerDriver {
         peer_id: DomusId,
         addr: Option<DomusAddr>,
         ctx: Arc<DriverContext>,
-        session: Session,
+        session: SessionConfig,
         commands: mpsc::UnboundedReceiver<PeerCommand>,
         cancel: CancellationToken,
         links: PeerLinks,
     ) -> Self {
+        // Ids start above every id an earlier session with this peer used (it may still
+        // remember those).
+        let first_id = links
+            .retirement
+            .id_floor
+            .load(std::sync::atomic::Ordering::Acquire);
+        let session = Session::new(session, ctx.local_id.as_str().to_owned(), ctx.local_epoch)
+            .with_reply_budget(ctx.reply_budget.clone())
+            .with_first_id(first_id);
         let dialer = Dialer::new(
             peer_id.clone(),
             addr,
@@ -414,7 +430,7 @@ impl PeerDriver {
             if let PeerCommand::Attach(stream, prefix) = cmd {
                 self.retirement
                     .forget
-                    .attach_again(*stream, FrameType::HELLO, prefix);
+                    .attach_again(*stream, CallisKind::Primary, prefix);
             }
         }
         true
