@@ -188,17 +188,22 @@ async fn pins_stay_within_max_pinned_addresses_under_many_distinct_addresses() {
         }
         println!("{SERVERS} addresses twice: at most {most} pins held (bound {MAX})");
         assert_eq!(most, MAX, "the table fills up to its bound");
-        // Lowered while running: the next pin evicts down to the new bound.
+        // Lowered while running: the next pin (an address not pinned yet; sends to the
+        // twelve go through their cached routes) evicts down to the new bound.
+        let extra = mesh.domus("extra").await.expect("server");
+        spawn_named_echo(extra.taberna(TabernaId(99)).expect("taberna"), "extra");
+        mesh.resolver().insert(TabernaId(99), addr_of(&extra), None);
         client
             .config()
             .update(|c| c.max_pinned_addresses = 1)
             .expect("live");
         client
-            .send(TabernaId(100), APP, Bytes::from_static(b"!"), opts(5_000))
+            .send(TabernaId(99), APP, Bytes::from_static(b"!"), opts(5_000))
             .await
-            .expect("s0 answers");
+            .expect("the extra server answers");
         assert_eq!(client.pinned_addresses(), 1);
         client.shutdown().await;
+        extra.shutdown().await;
         mesh.shutdown().await;
     })
     .await;

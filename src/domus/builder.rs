@@ -207,6 +207,8 @@ impl DomusBuilder {
             routes_followed: route_changes.is_some(),
             id_floor: Arc::new(std::sync::atomic::AtomicU64::new(1)),
             down: Mutex::new(HashMap::new()),
+            send_routes: arc_swap::ArcSwap::from_pointee(HashMap::new()),
+            send_routes_writer: Mutex::new(()),
         });
         #[cfg(feature = "metrics")]
         {

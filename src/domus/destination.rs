@@ -1,14 +1,18 @@
 //! [`Destination`]: the handle a sender keeps for one taberna, and [`Window`], the pipelined
-//! sender built on it.
+//! sender built on it; and [`RouteCache`], the one send path every send API takes ("check,
+//! take room, hand over"): a destination's, a window's, and the domus's own
+//! ([`Domus::send`](super::Domus::send), which keeps one route cache per taberna).
 //!
-//! A destination resolves its route once — a local taberna, or a peer and its handles — and
+//! A route cache resolves its route once — a local taberna, or a peer and its handles — and
 //! keeps the answer until the resolver says routes changed (or a local taberna was registered
 //! or removed), so the sends through it skip the resolver, the peer table and their locks. A
-//! resolver that cannot signal changes is asked on every send, as [`Domus::send`] does.
+//! resolver that cannot signal changes is asked on every send. A destination also keeps its
+//! choice among a taberna's replicas; the domus's own caches keep a sole route only, so each
+//! of its sends picks a replica as the resolver's weights ask.
 //!
 //! This module decides nothing the send path does not: every check, limit and error is the
-//! one of [`Domus::send`](super::Domus::send). It holds no lock across an `.await` (it holds
-//! none at all: the cache is an `ArcSwap`).
+//! one of [`Shared::check_send`](super::Shared::check_send) and the admission in `send.rs`.
+//! It holds no lock across an `.await` (it holds none at all: the caches are `ArcSwap`s).
 
 use std::collections::VecDeque;
 use std::future::Future;
@@ -73,216 +77,60 @@ struct Resolved {
     target: Target,
 }
 
-/// A handle for sending to one taberna, from [`Domus::destination`](super::Domus::destination).
+/// The route of one taberna as last resolved, and the send path through it: shared by a
+/// [`Destination`]'s clones, and by the domus's own sends to a taberna
+/// ([`Shared::route_cache`]), so that [`Domus::send`](super::Domus::send) takes the same fast
+/// path.
 ///
-/// Cheap to clone (the clones share the cached route) and `Send + Sync`; it keeps the domus
-/// running, like a [`Domus`](super::Domus) clone. Its sends behave exactly like
-/// [`Domus::send`](super::Domus::send) and friends to the same taberna — same checks, answers
-/// and errors — without looking the route up each time.
-#[derive(Clone)]
-pub struct Destination {
-    shared: Arc<Shared>,
-    _guard: Arc<DropGuard>,
+/// Invariant: a cached resolution is used only while it is fresh (the resolver signals route
+/// changes, and neither the routes nor the local tabernas changed since it was made). A
+/// `sticky` cache keeps a choice among several replicas (a destination sticks to its pick);
+/// the domus's caches keep only a taberna's sole route, so its sends still pick a replica
+/// each, as the resolver's weights ask.
+pub(super) struct RouteCache {
     taberna: TabernaId,
     /// The domus the taberna must be on ([`Domus::destination_on`]); `None`: wherever the
     /// resolver routes the taberna.
     on: Option<DomusId>,
-    cache: Arc<ArcSwapOption<Resolved>>,
+    sticky: bool,
+    cache: ArcSwapOption<Resolved>,
 }
 
-impl std::fmt::Debug for Destination {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let target = match self.cache.load().as_deref().map(|r| &r.target) {
-            None => "unresolved".to_owned(),
-            Some(Target::Local) => "local".to_owned(),
-            Some(Target::Remote { id, .. }) => id.to_string(),
-        };
-        f.debug_struct("Destination")
-            .field("taberna", &self.taberna)
-            .field("target", &target)
-            .finish()
-    }
-}
-
-impl Destination {
-    pub(super) fn new(
-        shared: Arc<Shared>,
-        guard: Arc<DropGuard>,
-        taberna: TabernaId,
-        on: Option<DomusId>,
-    ) -> Self {
+impl RouteCache {
+    pub(super) fn new(taberna: TabernaId, on: Option<DomusId>, sticky: bool) -> Self {
         Self {
-            shared,
-            _guard: guard,
             taberna,
             on,
-            cache: Arc::new(ArcSwapOption::empty()),
+            sticky,
+            cache: ArcSwapOption::empty(),
         }
     }
 
-    /// The taberna this handle sends to.
-    pub fn taberna(&self) -> TabernaId {
-        self.taberna
-    }
-
-    /// The peer the route named when it was last resolved (`None` before the first send, or
-    /// when the taberna is local).
-    pub fn peer(&self) -> Option<DomusId> {
-        match self.cache.load().as_deref().map(|r| &r.target) {
-            Some(Target::Remote { id, .. }) => Some(id.clone()),
-            _ => None,
-        }
-    }
-
-    /// Forgets the cached route: the next send resolves it again.
-    pub fn refresh(&self) {
-        self.cache.store(None);
-    }
-
-    /// Sends a message with default options and waits for its answer.
-    pub fn send(
+    /// The send path through this route. The fast path — a fresh cached route to a peer
+    /// with room — is synchronous and takes no reference count: it reads the cache through a
+    /// guard and hands the message over, its outcome to the completion `done` makes. A fresh
+    /// route without room boxes only the wait for room; everything else (resolving, a local
+    /// taberna) is one boxed future and gives a receipt. So the send future stays small.
+    pub(super) async fn admit_with<R: From<Receipt>>(
         &self,
-        msg_type: MessageType,
-        payload: Bytes,
-    ) -> impl Future<Output = Outcome> + Send + 'static {
-        self.send_with(msg_type, payload, SendOptions::default())
-    }
-
-    /// Sends a message and waits for its answer.
-    pub fn send_with(
-        &self,
-        msg_type: MessageType,
-        payload: Bytes,
-        options: SendOptions,
-    ) -> impl Future<Output = Outcome> + Send + 'static {
-        self.clone()
-            .send_owned(msg_type, payload, options, Wait::UntilDeadline)
-    }
-
-    /// Like [`send_with`](Self::send_with), but fails at once with
-    /// [`ErrorId::LocalQueueFull`](crate::ErrorId::LocalQueueFull) when the peer has no free
-    /// in-flight room.
-    pub fn try_send(
-        &self,
-        msg_type: MessageType,
-        payload: Bytes,
-        options: SendOptions,
-    ) -> impl Future<Output = Outcome> + Send + 'static {
-        self.clone()
-            .send_owned(msg_type, payload, options, Wait::No)
-    }
-
-    /// Admits a send (checks, an in-flight slot) and returns its [`Receipt`] to await later.
-    pub fn admit(
-        &self,
-        msg_type: MessageType,
-        payload: Bytes,
-        options: SendOptions,
-    ) -> impl Future<Output = Result<Receipt, Error>> + Send + 'static {
-        self.clone()
-            .admit_owned(msg_type, payload, options, Wait::UntilDeadline)
-    }
-
-    /// A pipelined sender that keeps at most `limit` sends (1 to [`Window::MAX_LIMIT`]) in flight
-    /// through this destination and yields their outcomes in send order. Its sends allocate
-    /// nothing for their outcomes: the window holds one outcome slot per send it may keep
-    /// (about 64 bytes each), made with its first send.
-    pub fn window(&self, limit: usize) -> Window {
-        let limit = limit.clamp(1, Window::MAX_LIMIT);
-        Window {
-            destination: self.clone(),
-            limit,
-            outstanding: VecDeque::with_capacity(limit.min(4096)),
-            ring: None,
-            next_ticket: 0,
-        }
-    }
-
-    /// Admits, then waits for the answer (one future, so the admission's state is not kept
-    /// beside the receipt's).
-    async fn send_owned(
-        self,
-        msg_type: MessageType,
-        payload: Bytes,
-        options: SendOptions,
-        wait: Wait,
-    ) -> Outcome {
-        let receipt = self.admit_ref(msg_type, payload, options, wait).await?;
-        receipt.await
-    }
-
-    async fn admit_owned(
-        self,
-        msg_type: MessageType,
-        payload: Bytes,
-        options: SendOptions,
-        wait: Wait,
-    ) -> Result<Receipt, Error> {
-        self.admit_ref(msg_type, payload, options, wait).await
-    }
-
-    /// The send path through this destination. The fast path — a valid cached route to a
-    /// peer with room — is synchronous and takes no reference count: it reads the cache
-    /// through a guard and hands the message over. Everything else is one boxed future, so
-    /// the send future stays small.
-    // Plain functions returning `admit_with`'s future: an `async fn` wrapper would keep its
-    // own copy of the arguments beside the inner future's.
-    fn admit_ref(
-        &self,
-        msg_type: MessageType,
-        payload: Bytes,
-        options: SendOptions,
-        wait: Wait,
-    ) -> impl Future<Output = Result<Receipt, Error>> + Send + '_ {
-        self.admit_with(msg_type, payload, options, wait, receipt)
-    }
-
-    /// A window's send: its outcome goes to the window's ring (nothing allocated for it),
-    /// except on the slow path, which gives a receipt.
-    fn admit_into<'a>(
-        &'a self,
-        msg_type: MessageType,
-        payload: Bytes,
-        options: SendOptions,
-        ring: &'a Arc<CompletionRing>,
-        ticket: u64,
-    ) -> impl Future<Output = Result<InWindow, Error>> + Send + 'a {
-        self.admit_with(msg_type, payload, options, Wait::UntilDeadline, move || {
-            (
-                Completion::slot(ring.clone(), ticket),
-                InWindow::Slot(ticket),
-            )
-        })
-    }
-
-    /// The send path through this destination. The fast path — a valid cached route to a
-    /// peer with room — is synchronous and takes no reference count: it reads the cache
-    /// through a guard and hands the message over, its outcome to the completion `done`
-    /// makes. A valid route without room boxes only the wait for room; everything else
-    /// (resolving, a local taberna) is one boxed future and gives a receipt. So the send
-    /// future stays small.
-    async fn admit_with<R: From<Receipt>>(
-        &self,
+        shared: &Arc<Shared>,
         msg_type: MessageType,
         payload: Bytes,
         options: SendOptions,
         wait: Wait,
         done: impl FnOnce() -> (Completion, R),
     ) -> Result<R, Error> {
-        let checked = self
-            .shared
-            .check_send(self.taberna, msg_type, &payload, &options)?;
+        let checked = shared.check_send(self.taberna, msg_type, &payload, &options)?;
         let msg = checked.outgoing(self.taberna, msg_type, payload);
         let cached = self.cache.load();
-        let waits_for_room = match cached.as_deref().filter(|r| self.fresh(r)) {
+        let waits_for_room = match cached.as_deref().filter(|r| self.fresh(shared, r)) {
             Some(Resolved {
                 target: Target::Remote { peer, .. },
                 ..
             }) => {
                 if let Some(permit) = peer.budget.try_take(msg.size()) {
                     let (completion, out) = done();
-                    return self
-                        .shared
+                    return shared
                         .hand_over_to(peer, msg, permit, completion)
                         .map(|()| out);
                 }
@@ -301,36 +149,27 @@ impl Destination {
         {
             // Only the wait is boxed (a waiting send costs that allocation and no more), and
             // the route is held by one reference count.
-            let a3 = MessageType(msg.msg_type).class() == crate::taberna::MessageClass::A3;
-            let permit = Box::pin(self.shared.wait_for_room(
-                peer,
-                id,
-                msg.size(),
-                a3,
-                wait,
-                checked.deadline,
-            ))
-            .await?;
-            return self.shared.hand_over(peer, msg, permit).map(R::from);
+            let permit = Box::pin(shared.room_for(peer, id, &msg, wait, checked.deadline)).await?;
+            return shared.hand_over(peer, msg, permit).map(R::from);
         }
         drop(resolved);
-        Box::pin(self.admit_slow(checked, msg, wait))
+        Box::pin(self.admit_slow(shared, checked, msg, wait))
             .await
             .map(R::from)
     }
 
-    /// A send that missed the fast path: no valid cached route (resolve it), a local taberna,
+    /// A send that missed the fast path: no fresh cached route (resolve it), a local taberna,
     /// or no room at the peer now (wait for it).
     async fn admit_slow(
         &self,
+        shared: &Arc<Shared>,
         checked: CheckedSend,
         msg: Outgoing,
         wait: Wait,
     ) -> Result<Receipt, Error> {
-        let shared = &self.shared;
-        let resolved = match self.fresh_cached() {
+        let resolved = match self.fresh_cached(shared) {
             Some(resolved) => resolved,
-            None => self.resolve(checked.deadline).await?,
+            None => self.resolve(shared, checked.deadline).await?,
         };
         match &resolved.target {
             Target::Local => Ok(shared.send_local(
@@ -341,36 +180,38 @@ impl Destination {
                 checked.timeout,
                 None,
             )),
-            Target::Remote { id, peer } => match peer.budget.try_take(msg.size()) {
-                Some(permit) => shared.hand_over(peer, msg, permit),
-                None => {
-                    shared
-                        .admit_to_peer(peer, id, msg, wait, checked.deadline)
-                        .await
-                }
-            },
+            Target::Remote { id, peer } => {
+                let permit = shared
+                    .room_for(peer, id, &msg, wait, checked.deadline)
+                    .await?;
+                shared.hand_over(peer, msg, permit)
+            }
         }
     }
 
     /// The cached resolution (a reference count), while it still holds.
-    fn fresh_cached(&self) -> Option<Arc<Resolved>> {
-        self.cache.load_full().filter(|r| self.fresh(r))
+    fn fresh_cached(&self, shared: &Shared) -> Option<Arc<Resolved>> {
+        self.cache.load_full().filter(|r| self.fresh(shared, r))
     }
 
     /// Whether a cached resolution still holds.
-    fn fresh(&self, resolved: &Resolved) -> bool {
-        let shared = &self.shared;
+    fn fresh(&self, shared: &Shared, resolved: &Resolved) -> bool {
         shared.routes_followed
             && resolved.routes == shared.route_generation.load(Ordering::Acquire)
             && resolved.tabernas == shared.registry.generation()
     }
 
-    /// Resolves the route as a send through the domus does, and caches it.
-    async fn resolve(&self, deadline: tokio::time::Instant) -> Result<Arc<Resolved>, Error> {
-        let shared = &self.shared;
+    /// Resolves the route as a send through the domus does, and caches it (a choice among
+    /// several replicas only when `sticky`).
+    async fn resolve(
+        &self,
+        shared: &Arc<Shared>,
+        deadline: tokio::time::Instant,
+    ) -> Result<Arc<Resolved>, Error> {
         // Read before resolving: a change from here on leaves the cache stale, never wrong.
         let routes = shared.route_generation.load(Ordering::Acquire);
         let tabernas = shared.registry.generation();
+        let mut keep = true;
         let target = match &self.on {
             Some(id) if id == &shared.local_id => Target::Local,
             Some(id) => Target::Remote {
@@ -379,7 +220,8 @@ impl Destination {
             },
             None if shared.registry.contains(self.taberna) => Target::Local,
             None => {
-                let (id, peer) = shared.route_to_peer(self.taberna, deadline).await?;
+                let (id, peer, sole) = shared.route_to_peer_sole(self.taberna, deadline).await?;
+                keep = sole || self.sticky;
                 Target::Remote { id, peer }
             }
         };
@@ -388,9 +230,204 @@ impl Destination {
             tabernas,
             target,
         });
-        self.cache.store(Some(resolved.clone()));
+        if keep {
+            self.cache.store(Some(resolved.clone()));
+        }
         Ok(resolved)
     }
+
+    /// The peer the route named when it was last resolved.
+    fn peer(&self) -> Option<DomusId> {
+        match self.cache.load().as_deref().map(|r| &r.target) {
+            Some(Target::Remote { id, .. }) => Some(id.clone()),
+            _ => None,
+        }
+    }
+}
+
+/// A handle for sending to one taberna, from [`Domus::destination`](super::Domus::destination).
+///
+/// Cheap to clone (the clones share the cached route) and `Send + Sync`; it keeps the domus
+/// running, like a [`Domus`](super::Domus) clone. Its sends behave exactly like
+/// [`Domus::send`](super::Domus::send) and friends to the same taberna — same checks, answers
+/// and errors — and take the same path; a destination also keeps its choice among a
+/// taberna's replicas until routes change, where `Domus::send` picks one per send.
+#[derive(Clone)]
+pub struct Destination {
+    shared: Arc<Shared>,
+    _guard: Arc<DropGuard>,
+    route: Arc<RouteCache>,
+}
+
+impl std::fmt::Debug for Destination {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let target = match self.route.cache.load().as_deref().map(|r| &r.target) {
+            None => "unresolved".to_owned(),
+            Some(Target::Local) => "local".to_owned(),
+            Some(Target::Remote { id, .. }) => id.to_string(),
+        };
+        f.debug_struct("Destination")
+            .field("taberna", &self.route.taberna)
+            .field("target", &target)
+            .finish()
+    }
+}
+
+impl Destination {
+    pub(super) fn new(
+        shared: Arc<Shared>,
+        guard: Arc<DropGuard>,
+        taberna: TabernaId,
+        on: Option<DomusId>,
+    ) -> Self {
+        Self {
+            shared,
+            _guard: guard,
+            route: Arc::new(RouteCache::new(taberna, on, true)),
+        }
+    }
+
+    /// The taberna this handle sends to.
+    pub fn taberna(&self) -> TabernaId {
+        self.route.taberna
+    }
+
+    /// The peer the route named when it was last resolved (`None` before the first send, or
+    /// when the taberna is local).
+    pub fn peer(&self) -> Option<DomusId> {
+        self.route.peer()
+    }
+
+    /// Forgets the cached route: the next send resolves it again.
+    pub fn refresh(&self) {
+        self.route.cache.store(None);
+    }
+
+    /// Sends a message with default options and waits for its answer.
+    pub fn send(
+        &self,
+        msg_type: MessageType,
+        payload: Bytes,
+    ) -> impl Future<Output = Outcome> + Send + 'static {
+        self.send_with(msg_type, payload, SendOptions::default())
+    }
+
+    /// Sends a message and waits for its answer.
+    pub fn send_with(
+        &self,
+        msg_type: MessageType,
+        payload: Bytes,
+        options: SendOptions,
+    ) -> impl Future<Output = Outcome> + Send + 'static {
+        send_through(
+            self.shared.clone(),
+            self.route.clone(),
+            (msg_type, payload, options),
+            Wait::UntilDeadline,
+        )
+    }
+
+    /// Like [`send_with`](Self::send_with), but fails at once with
+    /// [`ErrorId::LocalQueueFull`](crate::ErrorId::LocalQueueFull) when the peer has no free
+    /// in-flight room.
+    pub fn try_send(
+        &self,
+        msg_type: MessageType,
+        payload: Bytes,
+        options: SendOptions,
+    ) -> impl Future<Output = Outcome> + Send + 'static {
+        send_through(
+            self.shared.clone(),
+            self.route.clone(),
+            (msg_type, payload, options),
+            Wait::No,
+        )
+    }
+
+    /// Admits a send (checks, an in-flight slot) and returns its [`Receipt`] to await later.
+    pub fn admit(
+        &self,
+        msg_type: MessageType,
+        payload: Bytes,
+        options: SendOptions,
+    ) -> impl Future<Output = Result<Receipt, Error>> + Send + 'static {
+        admit_through(
+            self.shared.clone(),
+            self.route.clone(),
+            (msg_type, payload, options),
+            Wait::UntilDeadline,
+        )
+    }
+
+    /// A pipelined sender that keeps at most `limit` sends (1 to [`Window::MAX_LIMIT`]) in flight
+    /// through this destination and yields their outcomes in send order. Its sends allocate
+    /// nothing for their outcomes: the window holds one outcome slot per send it may keep
+    /// (about 64 bytes each), made with its first send.
+    pub fn window(&self, limit: usize) -> Window {
+        let limit = limit.clamp(1, Window::MAX_LIMIT);
+        Window {
+            destination: self.clone(),
+            limit,
+            outstanding: VecDeque::with_capacity(limit.min(4096)),
+            ring: None,
+            next_ticket: 0,
+        }
+    }
+
+    /// A window's send: its outcome goes to the window's ring (nothing allocated for it),
+    /// except on the slow path, which gives a receipt.
+    fn admit_into<'a>(
+        &'a self,
+        msg_type: MessageType,
+        payload: Bytes,
+        options: SendOptions,
+        ring: &'a Arc<CompletionRing>,
+        ticket: u64,
+    ) -> impl Future<Output = Result<InWindow, Error>> + Send + 'a {
+        self.route.admit_with(
+            &self.shared,
+            msg_type,
+            payload,
+            options,
+            Wait::UntilDeadline,
+            move || {
+                (
+                    Completion::slot(ring.clone(), ticket),
+                    InWindow::Slot(ticket),
+                )
+            },
+        )
+    }
+}
+
+/// A message to send: its type, payload and options.
+pub(super) type Message = (MessageType, Bytes, SendOptions);
+
+/// Admits a send through `route`, then waits for the answer (one future, so the admission's
+/// state is not kept beside the receipt's). The one path of every send API that waits for
+/// its answer.
+pub(super) async fn send_through(
+    shared: Arc<Shared>,
+    route: Arc<RouteCache>,
+    (msg_type, payload, options): Message,
+    wait: Wait,
+) -> Outcome {
+    let receipt = route
+        .admit_with(&shared, msg_type, payload, options, wait, receipt)
+        .await?;
+    receipt.await
+}
+
+/// Admits a send through `route` and returns its receipt.
+pub(super) async fn admit_through(
+    shared: Arc<Shared>,
+    route: Arc<RouteCache>,
+    (msg_type, payload, options): Message,
+    wait: Wait,
+) -> Result<Receipt, Error> {
+    route
+        .admit_with(&shared, msg_type, payload, options, wait, receipt)
+        .await
 }
 
 /// A pipelined sender, from [`Destination::window`]: it keeps up to its limit of sends in

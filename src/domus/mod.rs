@@ -131,6 +131,10 @@ struct Shared {
     /// that ends when its peer is forgotten, so a peer that comes back after that never sees
     /// an id it saw before.
     id_floor: Arc<std::sync::atomic::AtomicU64>,
+    /// The routes this domus's own sends ([`Domus::send`] and friends) went through, per
+    /// taberna (at most [`routing::SEND_ROUTES_MAX`]): read without a lock, written on a miss.
+    send_routes: arc_swap::ArcSwap<HashMap<TabernaId, Arc<destination::RouteCache>>>,
+    send_routes_writer: Mutex<()>,
     /// Peers forgotten while they could not be reached (at most [`DOWN_REMEMBERED`]), keyed
     /// by identity: see [`Down`].
     down: Mutex<HashMap<DomusId, Down>>,
@@ -371,9 +375,13 @@ impl Domus {
         payload: Bytes,
         options: SendOptions,
     ) -> impl Future<Output = Result<Delivery, Error>> + Send + 'static {
-        self.shared
-            .clone()
-            .send_owned(taberna, msg_type, payload, options, Wait::UntilDeadline)
+        let route = self.shared.route_cache(taberna);
+        destination::send_through(
+            self.shared.clone(),
+            route,
+            (msg_type, payload, options),
+            Wait::UntilDeadline,
+        )
     }
 
     /// Like [`send`](Self::send), but fails at once with [`ErrorId::LocalQueueFull`] when the
@@ -385,9 +393,13 @@ impl Domus {
         payload: Bytes,
         options: SendOptions,
     ) -> impl Future<Output = Result<Delivery, Error>> + Send + 'static {
-        self.shared
-            .clone()
-            .send_owned(taberna, msg_type, payload, options, Wait::No)
+        let route = self.shared.route_cache(taberna);
+        destination::send_through(
+            self.shared.clone(),
+            route,
+            (msg_type, payload, options),
+            Wait::No,
+        )
     }
 
     /// Admits a send (checks, routing, an in-flight slot) and returns a [`Receipt`] to await
@@ -399,9 +411,13 @@ impl Domus {
         payload: Bytes,
         options: SendOptions,
     ) -> impl Future<Output = Result<Receipt, Error>> + Send + 'static {
-        self.shared
-            .clone()
-            .admit(taberna, msg_type, payload, options, Wait::UntilDeadline)
+        let route = self.shared.route_cache(taberna);
+        destination::admit_through(
+            self.shared.clone(),
+            route,
+            (msg_type, payload, options),
+            Wait::UntilDeadline,
+        )
     }
 
     /// Opens a blob stream to a taberna: sends `header` as the opening message (with
@@ -462,12 +478,16 @@ impl Domus {
         let encoded = codec.encode(message);
         let codec = codec.clone();
         let shared = self.shared.clone();
+        let route = shared.route_cache(taberna);
         async move {
             let payload = encoded?;
-            let delivery = shared
-                .admit(taberna, msg_type, payload, options, Wait::UntilDeadline)
-                .await?
-                .await?;
+            let delivery = destination::send_through(
+                shared,
+                route,
+                (msg_type, payload, options),
+                Wait::UntilDeadline,
+            )
+            .await?;
             match delivery {
                 Delivery::Accepted => Ok(None),
                 Delivery::Replied(bytes) => codec.decode(&bytes).map(Some),

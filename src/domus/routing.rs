@@ -4,6 +4,7 @@
 //! what the drivers last found.
 
 use super::Shared;
+use super::destination::RouteCache;
 use super::peers::PeerRef;
 use super::resolver::{Candidate, CandidatesFuture, Route, RouteChanges};
 use crate::a0_transport::{DomusAddr, DomusId};
@@ -91,7 +92,34 @@ pub(super) fn resolver_panicked(taberna: TabernaId) -> Error {
     )
 }
 
+/// The most tabernas whose routes the domus's own sends keep (past it, a send to a new
+/// taberna resolves its route each time, as a taberna with several replicas always does).
+pub(super) const SEND_ROUTES_MAX: usize = 1024;
+
 impl Shared {
+    /// The route cache the domus's own sends to `taberna` go through: found without a lock
+    /// (a snapshot read) on the steady path; made, and kept while there is room, on a miss.
+    pub(super) fn route_cache(&self, taberna: TabernaId) -> Arc<RouteCache> {
+        if let Some(route) = self.send_routes.load().get(&taberna) {
+            return route.clone();
+        }
+        let _writer = self
+            .send_routes_writer
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let current = self.send_routes.load_full();
+        if let Some(route) = current.get(&taberna) {
+            return route.clone();
+        }
+        let route = Arc::new(RouteCache::new(taberna, None, false));
+        if current.len() < SEND_ROUTES_MAX {
+            let mut routes = std::collections::HashMap::clone(&current);
+            routes.insert(taberna, route.clone());
+            self.send_routes.store(Arc::new(routes));
+        }
+        route
+    }
+
     /// Resolves `taberna` to a peer (learning its identity when the route names none) and
     /// returns the peer's handles, telling its drivers of a new address; remembers the route
     /// when it names the peer, so a later route change reaches the peer at once.
@@ -100,7 +128,21 @@ impl Shared {
         taberna: TabernaId,
         deadline: tokio::time::Instant,
     ) -> Result<(DomusId, Arc<PeerRef>), Error> {
-        let route = self.resolve(taberna, deadline).await?;
+        let (id, peer, _sole) = self.route_to_peer_sole(taberna, deadline).await?;
+        Ok((id, peer))
+    }
+
+    /// [`route_to_peer`](Self::route_to_peer), also saying whether the resolver listed one
+    /// candidate only (so the choice made now is the choice every send would make, and may
+    /// be kept until routes change).
+    pub(super) async fn route_to_peer_sole(
+        self: &Arc<Self>,
+        taberna: TabernaId,
+        deadline: tokio::time::Instant,
+    ) -> Result<(DomusId, Arc<PeerRef>, bool), Error> {
+        let candidates = self.candidates(taberna, deadline).await?;
+        let sole = candidates.len() == 1;
+        let route = self.pick(taberna, &candidates)?;
         let named = route.identity.is_some();
         let peer_id = match route.identity {
             Some(id) => id,
@@ -114,7 +156,7 @@ impl Shared {
             ));
         }
         let peer = self.peer_routed(&peer_id, Some(route.addr), named.then_some(taberna));
-        Ok((peer_id, peer))
+        Ok((peer_id, peer, sole))
     }
 
     /// The peer `id` itself (not a taberna's route), for [`Domus::destination_on`]: at the
@@ -161,17 +203,6 @@ impl Shared {
         if let Some(p) = peers.get_mut(id) {
             p.set_addr(addr);
         }
-    }
-
-    /// Asks the resolver, bounded by `resolve_timeout` (and the send's deadline). An in-memory
-    /// resolver answers on the first poll, which then costs no timer.
-    pub(super) async fn resolve(
-        &self,
-        taberna: TabernaId,
-        deadline: tokio::time::Instant,
-    ) -> Result<Route, Error> {
-        let candidates = self.candidates(taberna, deadline).await?;
-        self.pick(taberna, &candidates)
     }
 
     /// Whether a send may choose the candidate `id` at `addr`: its peer is not known to be

@@ -219,63 +219,6 @@ impl Shared {
         Ok(())
     }
 
-    /// Admits, then waits for the answer (one future, so the admission's state is not kept
-    /// beside the receipt's).
-    pub(super) async fn send_owned(
-        self: Arc<Self>,
-        taberna: TabernaId,
-        msg_type: MessageType,
-        payload: Bytes,
-        options: SendOptions,
-        wait: Wait,
-    ) -> Result<Delivery, Error> {
-        let receipt = self
-            .admit(taberna, msg_type, payload, options, wait)
-            .await?;
-        receipt.await
-    }
-
-    pub(super) async fn admit(
-        self: Arc<Self>,
-        taberna: TabernaId,
-        msg_type: MessageType,
-        payload: Bytes,
-        options: SendOptions,
-        wait: Wait,
-    ) -> Result<Receipt, Error> {
-        let checked = self.check_send(taberna, msg_type, &payload, &options)?;
-        if self.registry.contains(taberna) {
-            return Ok(self.send_local(
-                taberna,
-                checked.source,
-                msg_type,
-                payload,
-                checked.timeout,
-                None,
-            ));
-        }
-        let (peer_id, peer) = self.route_to_peer(taberna, checked.deadline).await?;
-        let msg = checked.outgoing(taberna, msg_type, payload);
-        match peer.budget.try_take(msg.size()) {
-            Some(permit) => self.hand_over(&peer, msg, permit),
-            None => {
-                // Waiting for room: only the wait is boxed, so the common send stays small
-                // and a waiting one costs one allocation of the wait's size.
-                let a3 = MessageType(msg.msg_type).class() == MessageClass::A3;
-                let permit = Box::pin(self.wait_for_room(
-                    &peer,
-                    &peer_id,
-                    msg.size(),
-                    a3,
-                    wait,
-                    checked.deadline,
-                ))
-                .await?;
-                self.hand_over(&peer, msg, permit)
-            }
-        }
-    }
-
     /// The checks every send makes before it goes anywhere: the domus is open, the type is an
     /// application type, the payload fits `max_message_len`, the timeout is in range.
     pub(super) fn check_send(
@@ -314,21 +257,6 @@ impl Shared {
             deadline,
             source: options.source.unwrap_or(TabernaId(0)),
         })
-    }
-
-    /// Takes the peer's in-flight room for `msg` and hands it to the peer's driver. Room that
-    /// is free is taken without waiting and without an allocation; waiting for it is the slow,
-    /// boxed path.
-    pub(super) async fn admit_to_peer(
-        self: &Arc<Self>,
-        peer: &PeerRef,
-        peer_id: &DomusId,
-        msg: Outgoing,
-        wait: Wait,
-        deadline: tokio::time::Instant,
-    ) -> Result<Receipt, Error> {
-        let permit = self.room_for(peer, peer_id, &msg, wait, deadline).await?;
-        self.hand_over(peer, msg, permit)
     }
 
     /// Takes the peer's in-flight room for `msg`: at once when it is free, else by waiting
