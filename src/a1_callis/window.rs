@@ -57,6 +57,7 @@ impl<T> IdQueue<T> {
     /// Inserts `value` for `id`, which must be greater than every id inserted before (ids
     /// skipped in between simply hold nothing). Returns false (and drops nothing) when `id`
     /// is not greater, or the gap would be absurd (over 2^20 ids).
+    #[inline]
     pub(crate) fn push(&mut self, id: u64, value: T) -> bool {
         if self.slots.is_empty() {
             self.base = id;
