@@ -196,7 +196,7 @@ impl DomusBuilder {
             config: arc_swap::ArcSwap::from_pointee(self.config),
             config_writer: Mutex::new(()),
             registry,
-            peers: Mutex::new(HashMap::new()),
+            peers: super::peers::PeerTable::new(),
             unopened: Mutex::new(Tally::default()),
             pinned: Mutex::new(super::pins::Pins::default()),
             tasks: TaskTracker::new(),
@@ -205,8 +205,6 @@ impl DomusBuilder {
             closed: std::sync::atomic::AtomicBool::new(false),
             route_generation: std::sync::atomic::AtomicU64::new(0),
             routes_followed: route_changes.is_some(),
-            id_floor: Arc::new(std::sync::atomic::AtomicU64::new(1)),
-            down: Mutex::new(HashMap::new()),
             send_routes: arc_swap::ArcSwap::from_pointee(HashMap::new()),
             send_routes_writer: Mutex::new(()),
         });

@@ -10,7 +10,7 @@ use super::send::move_send;
 use crate::a0_transport::{DomusAddr, DomusId};
 use crate::runtime::peer::SendCmd;
 use crate::taberna::TabernaId;
-use std::sync::{Arc, PoisonError};
+use std::sync::Arc;
 
 /// How many unreachable, forgotten peers a domus remembers.
 pub(super) const DOWN_REMEMBERED: usize = 4096;
@@ -31,6 +31,14 @@ pub(super) struct Down {
 }
 
 impl Down {
+    /// Whether the peer is remembered as shut down at `addr` at `now` (its next driver is
+    /// told so once: the entry is replaced by the live peer).
+    pub(super) fn shut_down_at(&self, addr: Option<&DomusAddr>, now: tokio::time::Instant) -> bool {
+        addr.is_some()
+            && self.addr.as_ref() == addr
+            && self.shut_down_until.is_some_and(|t| t > now)
+    }
+
     /// When nothing of it is worth keeping any more.
     pub(super) fn expires(&self) -> tokio::time::Instant {
         self.shut_down_until
@@ -84,45 +92,17 @@ impl Shared {
         (!others.is_empty()).then_some(others)
     }
 
-    /// Remembers that `peer` could not be reached at `addr` when it was forgotten: candidate
-    /// choice avoids it there for `reconnect_backoff_max`, and when it had `shut_down`, its
-    /// next driver there is told so for `peer_retire_after` (see [`Down`]). When the table is
-    /// full, what expires first makes room.
-    pub(super) fn remember_down(&self, peer: &DomusId, addr: Option<DomusAddr>, shut_down: bool) {
+    /// What to remember of a peer forgotten while it could not be reached at `addr` (see
+    /// [`Down`]): choice avoids it there for `reconnect_backoff_max`, and when it had
+    /// `shut_down`, its next driver there is told so for `peer_retire_after`.
+    pub(super) fn down_memory(&self, addr: Option<DomusAddr>, shut_down: bool) -> Down {
         let now = tokio::time::Instant::now();
         let config = self.config.load();
-        let entry = Down {
+        Down {
             avoid_until: now + config.reconnect_backoff_max,
             // A driver with no address cannot dial: there is nothing to tell it.
             shut_down_until: (shut_down && addr.is_some()).then(|| now + config.peer_retire_after),
             addr,
-        };
-        let mut down = self.down.lock().unwrap_or_else(PoisonError::into_inner);
-        if down.len() >= DOWN_REMEMBERED && !down.contains_key(peer) {
-            down.retain(|_, d| d.expires() > now);
-            if down.len() >= DOWN_REMEMBERED {
-                let first = down
-                    .iter()
-                    .min_by_key(|(_, d)| d.expires())
-                    .map(|(id, _)| id.clone());
-                if let Some(first) = first {
-                    down.remove(&first);
-                }
-            }
         }
-        down.insert(peer.clone(), entry);
-    }
-
-    /// Whether `peer` is remembered as shut down at `addr` (see [`Down`]); the memory goes to
-    /// the peer's new driver, which keeps it from then on (nothing is left to tell the next).
-    pub(super) fn take_shut_down(&self, peer: &DomusId, addr: Option<&DomusAddr>) -> bool {
-        let mut down = self.down.lock().unwrap_or_else(PoisonError::into_inner);
-        let Some(d) = down.get_mut(peer) else {
-            return false;
-        };
-        let until = d.shut_down_until.take();
-        addr.is_some()
-            && d.addr.as_ref() == addr
-            && until.is_some_and(|t| t > tokio::time::Instant::now())
     }
 }

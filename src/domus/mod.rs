@@ -45,11 +45,10 @@ pub use config::DomusConfig;
 pub use destination::{Destination, Outcome, Window};
 #[cfg(feature = "dns-srv")]
 pub use dns_srv::{DnsSrvConfig, DnsSrvResolver};
-use failover::Down;
 #[cfg(feature = "file-resolver")]
 pub use file_resolver::{FileResolver, FileWatchHandle, RouteTable, RoutesFile};
 use inbound::serve_inbound;
-use peers::{PeerHandle, PeerRef};
+use peers::{PeerRef, PeerTable};
 pub use resolver::{
     Candidate, CandidatesFuture, ResolveDomusFuture, ResolveFuture, ResolverFeed, ResolverFeeds,
     Route, RouteChanges, RouteNotifier, RouteResolver, SimpleResolver,
@@ -111,7 +110,8 @@ struct Shared {
     config: arc_swap::ArcSwap<DomusConfig>,
     config_writer: Mutex<()>,
     registry: Arc<Registry>,
-    peers: Mutex<HashMap<DomusId, PeerHandle>>,
+    /// Every peer, live or remembered (one table, one lock).
+    peers: PeerTable,
     /// Authenticated inbound calles waiting for their first frame, per identity (T8).
     unopened: Mutex<Tally<DomusId>>,
     /// Identities learned for routes that named none: bounded by `max_pinned_addresses`,
@@ -127,17 +127,10 @@ struct Shared {
     route_generation: std::sync::atomic::AtomicU64,
     /// Whether the resolver signals changes (so resolutions may be cached).
     routes_followed: bool,
-    /// The first message id a new session may use: raised past its ids by every session
-    /// that ends when its peer is forgotten, so a peer that comes back after that never sees
-    /// an id it saw before.
-    id_floor: Arc<std::sync::atomic::AtomicU64>,
     /// The routes this domus's own sends ([`Domus::send`] and friends) went through, per
     /// taberna (at most [`routing::SEND_ROUTES_MAX`]): read without a lock, written on a miss.
     send_routes: arc_swap::ArcSwap<HashMap<TabernaId, Arc<destination::RouteCache>>>,
     send_routes_writer: Mutex<()>,
-    /// Peers forgotten while they could not be reached (at most [`DOWN_REMEMBERED`]), keyed
-    /// by identity: see [`Down`].
-    down: Mutex<HashMap<DomusId, Down>>,
 }
 
 /// A running node. Cheap to clone; the domus stops when the last clone is dropped (or at
@@ -501,13 +494,7 @@ impl Domus {
     /// to re-establish a connection (after a network change, say) without rebuilding the
     /// domus. Fails with `PeerUnavailable` when this domus has no session with `peer`.
     pub fn disconnect(&self, peer: &DomusId) -> Result<(), Error> {
-        let links = self
-            .shared
-            .peers
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .get(peer)
-            .map(|p| p.links.clone());
+        let links = self.shared.peers.links(peer);
         let Some(links) = links else {
             return Err(Error::new(
                 ErrorId::PeerUnavailable,
@@ -530,11 +517,7 @@ impl Domus {
     /// The peers with a live session (a peer this domus forgot, see
     /// `DomusConfig::peer_retire_after`, no longer counts).
     pub fn peer_count(&self) -> usize {
-        self.shared
-            .peers
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .len()
+        self.shared.peers.live()
     }
 
     /// Address → identity pins held now (routes without an identity; at most
@@ -584,11 +567,7 @@ impl Domus {
         shared.cancel.cancel();
         shared.tasks.wait().await;
         shared.registry.close_all();
-        shared
-            .peers
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .clear();
+        shared.peers.clear();
         shared.recorder.peers_cleared();
         shared.recorder.event(Event::ShutdownCompleted);
     }

@@ -1,9 +1,11 @@
-//! The peer table: one entry per peer with its drivers' handles and budgets; making a peer's
-//! drivers on first contact, forgetting an idle peer for its driver, and re-verifying every
-//! connected peer's certificate. The table's lock is held for a lookup or an insert only,
-//! never across an `.await`.
+//! The peer table ([`PeerTable`]): one entry per peer, live with its drivers' handles and
+//! budgets or remembered after it was forgotten unreachable; making a peer's drivers on first
+//! contact, forgetting an idle peer for its driver, and re-verifying every connected peer's
+//! certificate. The table's lock is held for a lookup or an update only, never across an
+//! `.await`.
 
 use super::Shared;
+use super::failover::{DOWN_REMEMBERED, Down};
 use super::routing::ROUTED_MAX;
 use crate::a0_transport::{AuthenticatedStream, DomusAddr, DomusId};
 use crate::reporting::CallisKind;
@@ -16,7 +18,8 @@ use crate::runtime::peer::{
 use crate::runtime::queue::WakeQueue;
 use crate::taberna::TabernaId;
 use bytes::BytesMut;
-use std::sync::{Arc, PoisonError};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 use tokio::sync::{Semaphore, mpsc};
 use tokio_util::sync::CancellationToken;
@@ -64,6 +67,239 @@ impl PeerHandle {
     }
 }
 
+/// What the table holds for one peer: its live drivers, or what is remembered of it after it
+/// was forgotten while it could not be reached ([`Down`]).
+enum PeerEntry {
+    Live(PeerHandle),
+    Gone(Down),
+}
+
+/// The peer table: every peer this domus knows, by identity, in one map under one lock —
+/// the live ones with their drivers' handles, and the ones forgotten while unreachable with
+/// what choice and their next driver must know ([`Down`]).
+///
+/// Invariants: `gone` counts the `Gone` entries and never exceeds [`DOWN_REMEMBERED`] (what
+/// expires first makes room); a `Live` entry's queue is closed only by [`PeerTable::forget`],
+/// under the lock, so a send never finds a forgotten peer's queue open. The lock is held for
+/// a lookup or an update only (making a peer's drivers spawns them, it awaits nothing).
+pub(super) struct PeerTable {
+    entries: Mutex<Entries>,
+    /// The first message id a new session may use: raised past its ids by every session
+    /// that ends when its peer is forgotten, so a peer that comes back after that never sees
+    /// an id it saw before.
+    pub(super) id_floor: Arc<std::sync::atomic::AtomicU64>,
+}
+
+#[derive(Default)]
+struct Entries {
+    map: HashMap<DomusId, PeerEntry>,
+    gone: usize,
+}
+
+impl PeerTable {
+    pub(super) fn new() -> Self {
+        Self {
+            entries: Mutex::new(Entries::default()),
+            id_floor: Arc::new(std::sync::atomic::AtomicU64::new(1)),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Entries> {
+        self.entries.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The live peer `id`'s handles, if its drivers still run (a retired driver's are not).
+    fn live_mut<'a>(entries: &'a mut Entries, id: &DomusId) -> Option<&'a mut PeerHandle> {
+        match entries.map.get_mut(id) {
+            Some(PeerEntry::Live(p)) if !p.links.tx.is_closed() && !p.links.blob_tx.is_closed() => {
+                Some(p)
+            }
+            _ => None,
+        }
+    }
+
+    /// The live peer `id` (its address updated to `addr`, `taberna` remembered as routed to
+    /// it), or one `make` builds now, told whether the peer was remembered as shut down at
+    /// `addr` (see [`Down`]).
+    pub(super) fn get_or_make(
+        &self,
+        id: &DomusId,
+        addr: Option<DomusAddr>,
+        taberna: Option<TabernaId>,
+        make: impl FnOnce(bool) -> Arc<PeerRef>,
+    ) -> Arc<PeerRef> {
+        let mut entries = self.lock();
+        if let Some(p) = Self::live_mut(&mut entries, id) {
+            if let Some(addr) = addr {
+                p.set_addr(addr);
+            }
+            if let Some(t) = taberna
+                && p.routed.len() < ROUTED_MAX
+                && !p.routed.contains(&t)
+            {
+                p.routed.insert(t);
+            }
+            return p.links.clone();
+        }
+        let shut_down = match entries.map.get(id) {
+            Some(PeerEntry::Gone(d)) => d.shut_down_at(addr.as_ref(), tokio::time::Instant::now()),
+            _ => false,
+        };
+        let links = make(shut_down);
+        let old = entries.map.insert(
+            id.clone(),
+            PeerEntry::Live(PeerHandle {
+                links: links.clone(),
+                addr,
+                routed: taberna.into_iter().collect(),
+            }),
+        );
+        if matches!(old, Some(PeerEntry::Gone(_))) {
+            entries.gone = entries.gone.saturating_sub(1);
+        }
+        links
+    }
+
+    /// The live peer `id`'s handles.
+    pub(super) fn links(&self, id: &DomusId) -> Option<Arc<PeerRef>> {
+        match self.lock().map.get(id) {
+            Some(PeerEntry::Live(p)) => Some(p.links.clone()),
+            _ => None,
+        }
+    }
+
+    /// Every live peer's handles, taken under the lock (and used after it is released).
+    pub(super) fn all_links(&self) -> Vec<Arc<PeerRef>> {
+        self.lock()
+            .map
+            .values()
+            .filter_map(|e| match e {
+                PeerEntry::Live(p) => Some(p.links.clone()),
+                PeerEntry::Gone(_) => None,
+            })
+            .collect()
+    }
+
+    /// How many peers are live.
+    pub(super) fn live(&self) -> usize {
+        let entries = self.lock();
+        entries.map.len().saturating_sub(entries.gone)
+    }
+
+    /// Every (taberna, peer) pair a send's route named (for following route changes).
+    pub(super) fn routed(&self) -> Vec<(TabernaId, DomusId)> {
+        self.lock()
+            .map
+            .iter()
+            .flat_map(|(id, e)| {
+                let tabernas = match e {
+                    PeerEntry::Live(p) => p.routed.iter().copied().collect(),
+                    PeerEntry::Gone(_) => Vec::new(),
+                };
+                tabernas.into_iter().map(move |t| (t, id.clone()))
+            })
+            .collect()
+    }
+
+    /// Forgets that `taberna`'s route named `peer`.
+    pub(super) fn unroute(&self, peer: &DomusId, taberna: TabernaId) {
+        if let Some(PeerEntry::Live(p)) = self.lock().map.get_mut(peer) {
+            p.routed.remove(&taberna);
+        }
+    }
+
+    /// Tells the live peer `id`'s drivers that its address is now `addr`.
+    pub(super) fn readdress(&self, id: &DomusId, addr: DomusAddr) {
+        if let Some(PeerEntry::Live(p)) = self.lock().map.get_mut(id) {
+            p.set_addr(addr);
+        }
+    }
+
+    /// Whether a send may choose the candidate `id` at `addr` at `now`: its peer is not known
+    /// to be unreachable there (by its driver, or remembered after it was forgotten). A
+    /// failure at another address does not count: the candidate moved (a restarted replica).
+    pub(super) fn may_choose(
+        &self,
+        id: &DomusId,
+        addr: &DomusAddr,
+        now: tokio::time::Instant,
+    ) -> bool {
+        match self.lock().map.get(id) {
+            Some(PeerEntry::Live(p)) => {
+                p.addr.as_ref() != Some(addr) || p.links.reachability.why_not().is_none()
+            }
+            Some(PeerEntry::Gone(d)) => d.avoid_until <= now || d.addr.as_ref() != Some(addr),
+            None => true,
+        }
+    }
+
+    /// Forgets the live peer whose send queue is `sends`, when nothing is queued in it
+    /// (closing the queue under the lock, so a racing send goes to a new driver); `down` is
+    /// what to remember of it (a peer that could not be reached), `None` to remember nothing.
+    /// False: the peer stays.
+    pub(super) fn forget(
+        &self,
+        peer: &DomusId,
+        sends: &Arc<WakeQueue<SendCmd>>,
+        down: impl FnOnce(Option<DomusAddr>) -> Option<Down>,
+    ) -> bool {
+        let mut entries = self.lock();
+        let ours = matches!(
+            entries.map.get(peer),
+            Some(PeerEntry::Live(p)) if Arc::ptr_eq(&p.links.sends, sends)
+        );
+        if !ours || !sends.close_if_empty() {
+            return false;
+        }
+        let Some(PeerEntry::Live(forgotten)) = entries.map.remove(peer) else {
+            return true;
+        };
+        if let Some(down) = down(forgotten.addr) {
+            let now = tokio::time::Instant::now();
+            if entries.gone >= DOWN_REMEMBERED {
+                Self::make_room(&mut entries, now);
+            }
+            entries.map.insert(peer.clone(), PeerEntry::Gone(down));
+            entries.gone = entries.gone.saturating_add(1);
+        }
+        true
+    }
+
+    /// Drops what has expired of the forgotten peers; when they all still count, the one that
+    /// expires first.
+    fn make_room(entries: &mut Entries, now: tokio::time::Instant) {
+        let before = entries.map.len();
+        entries
+            .map
+            .retain(|_, e| !matches!(e, PeerEntry::Gone(d) if d.expires() <= now));
+        let dropped = before.saturating_sub(entries.map.len());
+        entries.gone = entries.gone.saturating_sub(dropped);
+        if entries.gone < DOWN_REMEMBERED {
+            return;
+        }
+        let first = entries
+            .map
+            .iter()
+            .filter_map(|(id, e)| match e {
+                PeerEntry::Gone(d) => Some((id, d.expires())),
+                PeerEntry::Live(_) => None,
+            })
+            .min_by_key(|(_, at)| *at)
+            .map(|(id, _)| id.clone());
+        if let Some(first) = first {
+            entries.map.remove(&first);
+            entries.gone = entries.gone.saturating_sub(1);
+        }
+    }
+
+    /// Forgets everything (the domus shut down).
+    pub(super) fn clear(&self) {
+        let mut entries = self.lock();
+        entries.map.clear();
+        entries.gone = 0;
+    }
+}
+
 /// Verifies the certificates of every connected peer again every `peer_recheck_interval`
 /// (see [`DomusConfig::peer_recheck_interval`]). Holds the domus weakly: it keeps nothing
 /// alive.
@@ -102,19 +338,10 @@ impl Forget for Forgetter {
         let Some(shared) = self.0.upgrade() else {
             return false;
         };
-        let mut peers = shared.peers.lock().unwrap_or_else(PoisonError::into_inner);
-        let ours = peers
-            .get(peer)
-            .is_some_and(|p| Arc::ptr_eq(&p.links.sends, sends));
-        if !ours || !sends.close_if_empty() {
+        let remembered = |addr| unreachable.then(|| shared.down_memory(addr, shut_down));
+        if !shared.peers.forget(peer, sends, remembered) {
             return false;
         }
-        if let Some(forgotten) = peers.remove(peer)
-            && unreachable
-        {
-            shared.remember_down(peer, forgotten.addr, shut_down);
-        }
-        drop(peers);
         shared.recorder.peer_removed(peer);
         // Destinations holding the old driver resolve again before their next send.
         shared
@@ -175,22 +402,20 @@ impl Shared {
         addr: Option<DomusAddr>,
         taberna: Option<TabernaId>,
     ) -> Arc<PeerRef> {
-        let mut peers = self.peers.lock().unwrap_or_else(PoisonError::into_inner);
-        if let Some(p) = peers.get_mut(id)
-            && !p.links.tx.is_closed()
-            && !p.links.blob_tx.is_closed()
-        {
-            if let Some(addr) = addr {
-                p.set_addr(addr);
-            }
-            if let Some(t) = taberna
-                && p.routed.len() < ROUTED_MAX
-                && !p.routed.contains(&t)
-            {
-                p.routed.insert(t);
-            }
-            return p.links.clone();
-        }
+        self.peers
+            .get_or_make(id, addr.clone(), taberna, |shut_down| {
+                self.start_peer(id, addr, shut_down)
+            })
+    }
+
+    /// Starts the drivers of peer `id` (at `addr`; `shut_down`: it is remembered as shut down
+    /// there) and returns their handles.
+    fn start_peer(
+        self: &Arc<Self>,
+        id: &DomusId,
+        addr: Option<DomusAddr>,
+        shut_down: bool,
+    ) -> Arc<PeerRef> {
         // Every command is bounded elsewhere: sends by the in-flight semaphore, answers by the
         // peer's dedupe window, calles by the A0 admission gate.
         let (tx, rx) = mpsc::unbounded_channel();
@@ -205,7 +430,6 @@ impl Shared {
             Arc::new(Semaphore::new(self.config.load().max_blob_streams_per_peer));
         let cells = self.recorder.peer_added(id);
         let reachability = Arc::new(Reachability::default());
-        let shut_down = self.take_shut_down(id, addr.as_ref());
         let blob_active = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let forget: Arc<dyn Forget> = Arc::new(Forgetter(Arc::downgrade(self)));
         let driver = PeerDriver::new(
@@ -227,7 +451,7 @@ impl Shared {
                 retirement: Retirement {
                     after: self.config.load().peer_retire_after,
                     forget: forget.clone(),
-                    id_floor: self.id_floor.clone(),
+                    id_floor: self.peers.id_floor.clone(),
                     blob_active: blob_active.clone(),
                 },
             },
@@ -246,7 +470,7 @@ impl Shared {
                 forget,
             },
         ));
-        let links = Arc::new(PeerRef {
+        Arc::new(PeerRef {
             id: id.clone(),
             addr: arc_swap::ArcSwapOption::new(addr.clone().map(Arc::new)),
             tx,
@@ -258,27 +482,12 @@ impl Shared {
             )),
             next_stream: Arc::new(std::sync::atomic::AtomicU64::new(1)),
             reachability,
-        });
-        peers.insert(
-            id.clone(),
-            PeerHandle {
-                links: links.clone(),
-                addr,
-                routed: taberna.into_iter().collect(),
-            },
-        );
-        links
+        })
     }
 
-    /// The handles of every known peer's drivers, taken under the peer table's lock (and
-    /// used after it is released).
+    /// The handles of every live peer's drivers.
     pub(super) fn peer_links(&self) -> Vec<Arc<PeerRef>> {
-        self.peers
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .values()
-            .map(|p| p.links.clone())
-            .collect()
+        self.peers.all_links()
     }
 
     /// Tells every peer's drivers to verify their calles' peer certificates again (each one

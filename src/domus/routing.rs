@@ -41,13 +41,7 @@ pub(super) async fn follow_routes(
         shared
             .route_generation
             .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
-        let routed: Vec<(TabernaId, DomusId)> = shared
-            .peers
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .iter()
-            .flat_map(|(id, p)| p.routed.iter().map(move |t| (*t, id.clone())))
-            .collect();
+        let routed = shared.peers.routed();
         for (taberna, peer) in routed {
             let deadline = tokio::time::Instant::now() + shared.config.load().resolve_timeout;
             let candidates = tokio::select! {
@@ -64,16 +58,7 @@ pub(super) async fn follow_routes(
                 Ok(Some(addr)) => shared.readdress(&peer, addr),
                 // Resolvers can fail for a moment; the route is tried again next time.
                 Err(e) if e.id() != ErrorId::UnknownTaberna => {}
-                _ => {
-                    if let Some(p) = shared
-                        .peers
-                        .lock()
-                        .unwrap_or_else(PoisonError::into_inner)
-                        .get_mut(&peer)
-                    {
-                        p.routed.remove(&taberna);
-                    }
-                }
+                _ => shared.peers.unroute(&peer, taberna),
             }
         }
     }
@@ -199,30 +184,13 @@ impl Shared {
 
     /// Tells the drivers of `id` (if it has any) that its address is now `addr`.
     pub(super) fn readdress(&self, id: &DomusId, addr: DomusAddr) {
-        let mut peers = self.peers.lock().unwrap_or_else(PoisonError::into_inner);
-        if let Some(p) = peers.get_mut(id) {
-            p.set_addr(addr);
-        }
+        self.peers.readdress(id, addr);
     }
 
-    /// Whether a send may choose the candidate `id` at `addr`: its peer is not known to be
-    /// unreachable there (by its driver, or remembered after it was forgotten). A failure at
-    /// another address does not count: the candidate moved (a restarted replica).
+    /// Whether a send may choose the candidate `id` at `addr` now (see
+    /// [`PeerTable::may_choose`](super::peers::PeerTable::may_choose)).
     pub(super) fn may_choose(&self, id: &DomusId, addr: &DomusAddr) -> bool {
-        if let Some(p) = self
-            .peers
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .get(id)
-        {
-            return p.addr.as_ref() != Some(addr) || p.links.reachability.why_not().is_none();
-        }
-        let now = tokio::time::Instant::now();
-        self.down
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .get(id)
-            .is_none_or(|d| d.avoid_until <= now || d.addr.as_ref() != Some(addr))
+        self.peers.may_choose(id, addr, tokio::time::Instant::now())
     }
 
     /// Chooses among a taberna's candidates: the lowest priority that has a candidate this
