@@ -12,6 +12,10 @@
 //! 13–25) so that no number changes meaning, and a peer may still name one: in a REJECT or
 //! BLOB_CANCEL it reaches the caller as that id, in a CLOSE by name in the `ConnectionLost`.
 //!
+//! How an id travels in a frame, what a number a peer sends becomes, and which ids count as
+//! what (a refusal, a permanent dial failure, an overrun, …) is written once, in
+//! [`crate::a1_callis::codes`]; this module is the catalogue of ids and the error type.
+//!
 //! This module must not hold a peer-controlled string unbounded or unescaped: everything that
 //! comes from the wire or from a certificate goes through [`untrusted`] first.
 

@@ -18,6 +18,7 @@ use bytes::{Bytes, BytesMut};
 
 use crate::ErrorId;
 use crate::a1_callis::blob::{BlobConfig, BlobEvent, BlobStreams};
+use crate::a1_callis::codes::WireCode;
 use crate::a1_callis::frame::{
     self, BlobFrame, Frame, FrameType, HEADER_LEN, Hello, PROTOCOL_VERSION,
 };
@@ -445,7 +446,7 @@ impl<'a> Harness<'a> {
                 frame::encode_accepted(&mut buf, &ids);
             }
             1 => frame::encode_reply(&mut buf, id, &[b; 5]),
-            _ => frame::encode_reject(&mut buf, id, u32::from(b), 7, "no"),
+            _ => frame::encode_reject(&mut buf, id, WireCode(u32::from(b)), 7, "no"),
         }
         self.feed(&buf);
     }
@@ -475,7 +476,7 @@ impl<'a> Harness<'a> {
             }
             2 => {
                 let mut buf = BytesMut::new();
-                frame::encode_close(&mut buf, u32::from(b / 4), "bye");
+                frame::encode_close(&mut buf, WireCode(u32::from(b / 4)), "bye");
                 self.feed(&buf);
             }
             _ => {
@@ -527,7 +528,7 @@ impl<'a> Harness<'a> {
             0 => Answer::Accepted,
             1 => Answer::Replied(Bytes::from(vec![b; usize::from(b % 64)])),
             _ => Answer::Rejected {
-                error: u32::from(b / 3),
+                error: WireCode(u32::from(b / 3)),
                 code: u32::from(b),
                 // Up to 510 bytes of two-byte characters: the wire cap cuts between them.
                 reason: "é".repeat(usize::from(self.script.byte())),
@@ -1652,7 +1653,7 @@ impl<'a> BlobHarness<'a> {
                 limit: self.hostile_u64(stream),
             },
             3 => {
-                let code = match self.script.byte() {
+                let code = WireCode(match self.script.byte() {
                     0 => u32::from_be_bytes([
                         self.script.byte(),
                         self.script.byte(),
@@ -1660,7 +1661,7 @@ impl<'a> BlobHarness<'a> {
                         self.script.byte(),
                     ]),
                     c => u32::from(c),
-                };
+                });
                 let len = usize::from(self.script.byte() % 16);
                 let reason = String::from_utf8_lossy(self.script.take(len)).into_owned();
                 BlobFrame::Cancel {

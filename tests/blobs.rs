@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 use bytes::{Buf, Bytes, BytesMut};
 use common::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use vicus::a1_callis::codes::WireCode;
 use vicus::a1_callis::frame::{self, BlobFrame, Frame, Hello};
 use vicus::{
     BlobReceiver, BlobSender, Domus, DomusAddr, DomusConfig, ErrorId, MessageType, SendOptions,
@@ -791,7 +792,7 @@ async fn t21_a_peer_writing_past_its_credit_loses_its_blob_callis_with_a_violati
         let Frame::Close { code, reason } = close else {
             unreachable!()
         };
-        assert_eq!(code, ErrorId::ProtocolViolation.as_u32());
+        assert_eq!(code, WireCode::of(ErrorId::ProtocolViolation));
         assert!(reason.contains("beyond its credit"), "{reason}");
         // The callis then ends; the application's stream fails with the violation and held
         // no more than its window.
@@ -905,7 +906,7 @@ async fn t16_a_skippable_frame_flood_on_the_blob_callis_is_closed_and_counted_on
             .expect("the blob callis is closed in time");
             let took = started.elapsed();
             let (code, reason) = close.expect("a CLOSE before the callis ends");
-            assert_eq!(code, ErrorId::ProtocolViolation.as_u32(), "{reason}");
+            assert_eq!(code, WireCode::of(ErrorId::ProtocolViolation), "{reason}");
             assert!(reason.contains("calm down"), "{reason}");
             let sent = tokio::time::timeout(Duration::from_secs(10), writer)
                 .await

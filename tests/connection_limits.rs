@@ -15,6 +15,7 @@ use bytes::{Bytes, BytesMut};
 use common::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use vicus::a0_transport::{AuthenticatedStream, Transport};
+use vicus::a1_callis::codes::WireCode;
 use vicus::a1_callis::frame::{self, Frame, Hello};
 use vicus::dev_certs::DevCa;
 use vicus::reporting::{Event, FeedItem};
@@ -103,7 +104,7 @@ async fn write_until_cut<W: tokio::io::AsyncWrite + Unpin>(
 }
 
 fn is_admission_refusal(heard: &Heard) -> bool {
-    matches!(heard, Heard::Frame(Frame::Close { code, .. }) if *code == ErrorId::AdmissionRefused.as_u32())
+    matches!(heard, Heard::Frame(Frame::Close { code, .. }) if *code == WireCode::of(ErrorId::AdmissionRefused))
 }
 
 #[tokio::test]
@@ -145,7 +146,7 @@ async fn t08_unopened_calles_past_the_per_identity_limit_are_refused_with_a_type
         let heard = listen_all(&mut calles, Duration::from_secs(4)).await;
         let timed_out = heard
             .iter()
-            .filter(|h| matches!(h, Heard::Frame(Frame::Close { code, .. }) if *code == ErrorId::ProtocolViolation.as_u32()))
+            .filter(|h| matches!(h, Heard::Frame(Frame::Close { code, .. }) if *code == WireCode::of(ErrorId::ProtocolViolation)))
             .count();
         let ended = heard.iter().filter(|h| matches!(h, Heard::Closed)).count();
         assert_eq!((timed_out, ended), (2, 1), "{heard:?}");
@@ -420,7 +421,7 @@ async fn t16_a_frame_flood_closes_the_flooder_and_a_parallel_peer_keeps_being_an
         })
         .await
         .expect("the flooder is closed in time");
-        assert_eq!(close, Some(ErrorId::ProtocolViolation.as_u32()));
+        assert_eq!(close, Some(WireCode::of(ErrorId::ProtocolViolation)));
         let sent = writer.await.expect("join");
         assert!(
             sent < 50_000_000,
@@ -514,7 +515,7 @@ async fn t18_a_peer_that_pings_without_ever_reading_is_cut_off() {
 }
 
 /// Reads frames until a CLOSE arrives (returning its code) or the callis ends or goes quiet.
-async fn close_code(io: &mut AuthenticatedStream, limit: Duration) -> Option<u32> {
+async fn close_code(io: &mut AuthenticatedStream, limit: Duration) -> Option<WireCode> {
     let mut buf = BytesMut::new();
     loop {
         match next_frame(io, &mut buf, limit).await {
@@ -563,7 +564,7 @@ async fn a_bad_first_frame_from_an_authenticated_peer_is_closed_counted_and_repo
             let code = close_code(&mut io, Duration::from_secs(3)).await;
             assert_eq!(
                 code,
-                Some(ErrorId::ProtocolViolation.as_u32()),
+                Some(WireCode::of(ErrorId::ProtocolViolation)),
                 "{case}: CLOSE ProtocolViolation expected"
             );
             let violations = b.reporting().snapshot().totals.protocol_violations;

@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 use common::*;
+use vicus::a1_callis::codes::WireCode;
 use vicus::a1_callis::frame::{self, Frame};
 use vicus::{Delivery, DomusConfig, ErrorId, MessageType, SendOptions, TabernaId};
 
@@ -348,7 +349,7 @@ async fn a2_message_types_to_an_application_taberna_are_refused_by_the_receiver(
                 .await
                 .expect("a rejection");
             let Frame::Reject(r) = f else { unreachable!() };
-            assert_eq!(r.error, ErrorId::InvalidMessageType.as_u32(), "{r:?}");
+            assert_eq!(r.error, WireCode::of(ErrorId::InvalidMessageType), "{r:?}");
         }
         // Only the application's message reaches the handler.
         let req = tokio::time::timeout(Duration::from_secs(5), t.recv())

@@ -36,6 +36,7 @@ use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 
+use super::codes::WireCode;
 use super::frame::{self, BlobFrame};
 use super::rate::RateWindow;
 use crate::a0_transport::DomusId;
@@ -192,7 +193,7 @@ pub struct BlobStreams {
     outbound: BTreeMap<u64, Outbound>,
     inbound: BTreeMap<u64, Inbound>,
     turn: VecDeque<u64>,
-    cancels: VecDeque<(u64, u32, String)>,
+    cancels: VecDeque<(u64, WireCode, String)>,
     /// BLOB_END answers owed for receiving streams already closed.
     end_acks: VecDeque<(u64, u64)>,
     /// The largest BLOB_DATA payload the peer accepts (from its BLOB_HELLO).
@@ -475,7 +476,7 @@ impl BlobStreams {
         if known {
             self.remember(stream, None);
             self.cancels
-                .push_back((stream, error.as_u32(), reason.to_owned()));
+                .push_back((stream, error.into(), reason.to_owned()));
         }
     }
 
@@ -630,7 +631,7 @@ impl BlobStreams {
                     | self.inbound.remove(&stream).is_some();
                 if known {
                     self.remember(stream, None);
-                    let id = ErrorId::try_from(code).unwrap_or(ErrorId::ConnectionLost);
+                    let id = code.closing_id();
                     self.events.push_back(BlobEvent::Cancelled {
                         stream,
                         error: Error::new(

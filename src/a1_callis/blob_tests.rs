@@ -408,7 +408,7 @@ fn t17_open_cancel_churn_past_the_budget_is_a_violation_and_frees_every_stream()
                 p.now,
                 BlobFrame::Cancel {
                     stream,
-                    code: ErrorId::BlobCancelled.as_u32(),
+                    code: WireCode::of(ErrorId::BlobCancelled),
                     reason: "changed my mind".into(),
                 },
             );
@@ -425,7 +425,7 @@ fn t17_open_cancel_churn_past_the_budget_is_a_violation_and_frees_every_stream()
             p.now,
             BlobFrame::Cancel {
                 stream,
-                code: ErrorId::BlobCancelled.as_u32(),
+                code: WireCode::of(ErrorId::BlobCancelled),
                 reason: String::new(),
             },
         );

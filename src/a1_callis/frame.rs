@@ -14,6 +14,8 @@ use std::fmt;
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 
+use super::codes::WireCode;
+
 /// The wire protocol version carried in [`Hello`].
 pub const PROTOCOL_VERSION: u16 = 1;
 
@@ -156,8 +158,8 @@ pub enum Frame {
     Pong(u64),
     /// CLOSE: a reason code (an [`ErrorId`](crate::ErrorId) number) and text.
     Close {
-        /// The reason code.
-        code: u32,
+        /// The reason code (decoded by [`WireCode::closing_id`]).
+        code: WireCode,
         /// Human-readable reason (at most [`MAX_REASON_LEN`] bytes).
         reason: String,
     },
@@ -224,8 +226,8 @@ pub enum BlobFrame {
     Cancel {
         /// The stream.
         stream: u64,
-        /// An [`ErrorId`](crate::ErrorId) number.
-        code: u32,
+        /// An [`ErrorId`](crate::ErrorId) number (decoded by [`WireCode::closing_id`]).
+        code: WireCode,
         /// Why (at most [`MAX_REASON_LEN`] bytes).
         reason: String,
     },
@@ -252,8 +254,8 @@ pub struct RejectFrame {
     /// The message id answered.
     pub id: u64,
     /// Why: an [`ErrorId`](crate::ErrorId) number (`RemoteTabernaRejected` for an application
-    /// reject, `UnknownTaberna`, `TabernaBusy`, …).
-    pub error: u32,
+    /// reject, `UnknownTaberna`, `TabernaBusy`, …; decoded by [`WireCode::rejection_id`]).
+    pub error: WireCode,
     /// The application's reject code (0 when the rejection is not the application's).
     pub code: u32,
     /// Human-readable reason (at most [`MAX_REASON_LEN`] bytes).
@@ -459,7 +461,7 @@ fn decode_body(t: FrameType, mut body: Bytes) -> Result<Frame, FrameError> {
         }
         FrameType::CLOSE => {
             need(&body, 4, t, "truncated CLOSE")?;
-            let code = body.get_u32();
+            let code = WireCode(body.get_u32());
             let reason = get_text(&mut body, t, MAX_REASON_LEN)?;
             Frame::Close { code, reason }
         }
@@ -491,7 +493,7 @@ fn decode_body(t: FrameType, mut body: Bytes) -> Result<Frame, FrameError> {
         FrameType::REJECT => {
             need(&body, REJECT_FIXED_LEN - 2, t, "truncated REJECT")?;
             let id = body.get_u64();
-            let error = body.get_u32();
+            let error = WireCode(body.get_u32());
             let code = body.get_u32();
             let reason = get_text(&mut body, t, MAX_REASON_LEN)?;
             Frame::Reject(RejectFrame {
@@ -534,7 +536,7 @@ fn decode_body(t: FrameType, mut body: Bytes) -> Result<Frame, FrameError> {
         FrameType::BLOB_CANCEL => {
             need(&body, BLOB_CANCEL_FIXED_LEN - 2, t, "truncated BLOB_CANCEL")?;
             let stream = body.get_u64();
-            let code = body.get_u32();
+            let code = WireCode(body.get_u32());
             let reason = get_text(&mut body, t, MAX_REASON_LEN)?;
             Frame::Blob(BlobFrame::Cancel {
                 stream,
@@ -624,14 +626,14 @@ pub fn encode_pong(out: &mut BytesMut, nonce: u64) {
 }
 
 /// Encodes a CLOSE; the reason is cut to [`MAX_REASON_LEN`] bytes.
-pub fn encode_close(out: &mut BytesMut, code: u32, reason: &str) {
+pub fn encode_close(out: &mut BytesMut, code: WireCode, reason: &str) {
     let reason = capped(reason, MAX_REASON_LEN);
     put_header(
         out,
         FrameType::CLOSE,
         CLOSE_FIXED_LEN.saturating_add(reason.len()),
     );
-    out.put_u32(code);
+    out.put_u32(code.0);
     put_text(out, reason);
 }
 
@@ -675,7 +677,7 @@ pub fn encode_reply(out: &mut BytesMut, id: u64, payload: &[u8]) {
 }
 
 /// Encodes a REJECT; the reason is cut to [`MAX_REASON_LEN`] bytes.
-pub fn encode_reject(out: &mut BytesMut, id: u64, error: u32, code: u32, reason: &str) {
+pub fn encode_reject(out: &mut BytesMut, id: u64, error: WireCode, code: u32, reason: &str) {
     let reason = capped(reason, MAX_REASON_LEN);
     put_header(
         out,
@@ -683,7 +685,7 @@ pub fn encode_reject(out: &mut BytesMut, id: u64, error: u32, code: u32, reason:
         REJECT_FIXED_LEN.saturating_add(reason.len()),
     );
     out.put_u64(id);
-    out.put_u32(error);
+    out.put_u32(error.0);
     out.put_u32(code);
     put_text(out, reason);
 }
@@ -722,7 +724,7 @@ pub fn encode_blob_credit(out: &mut BytesMut, stream: u64, received: u64, limit:
 }
 
 /// Encodes a BLOB_CANCEL frame; the reason is cut to [`MAX_REASON_LEN`] bytes.
-pub fn encode_blob_cancel(out: &mut BytesMut, stream: u64, code: u32, reason: &str) {
+pub fn encode_blob_cancel(out: &mut BytesMut, stream: u64, code: WireCode, reason: &str) {
     let reason = capped(reason, MAX_REASON_LEN);
     put_header(
         out,
@@ -730,7 +732,7 @@ pub fn encode_blob_cancel(out: &mut BytesMut, stream: u64, code: u32, reason: &s
         BLOB_CANCEL_FIXED_LEN.saturating_add(reason.len()),
     );
     out.put_u64(stream);
-    out.put_u32(code);
+    out.put_u32(code.0);
     put_text(out, reason);
 }
 
@@ -818,8 +820,10 @@ mod tests {
             any::<u64>().prop_map(Frame::Ping),
             any::<u64>().prop_map(Frame::DoneBelow),
             any::<u64>().prop_map(Frame::Pong),
-            (any::<u32>(), arb_text(MAX_REASON_LEN))
-                .prop_map(|(code, reason)| Frame::Close { code, reason }),
+            (any::<u32>(), arb_text(MAX_REASON_LEN)).prop_map(|(code, reason)| Frame::Close {
+                code: WireCode(code),
+                reason
+            }),
             (
                 any::<u64>(),
                 any::<u64>(),
@@ -851,7 +855,7 @@ mod tests {
             )
                 .prop_map(|(id, error, code, reason)| Frame::Reject(RejectFrame {
                     id,
-                    error,
+                    error: WireCode(error),
                     code,
                     reason
                 })),
@@ -1006,7 +1010,7 @@ mod tests {
     #[test]
     fn reasons_are_capped_at_a_char_boundary() {
         let mut buf = BytesMut::new();
-        encode_close(&mut buf, 7, &"é".repeat(400));
+        encode_close(&mut buf, WireCode(7), &"é".repeat(400));
         let Some(Frame::Close { reason, .. }) = decode(&mut buf, MAX).unwrap() else {
             panic!()
         };

@@ -85,7 +85,7 @@ fn replies_and_rejects_reach_the_sender() {
     let epoch = p.b.peer_epoch().expect("epoch");
     p.b.answer(epoch, r, Answer::Replied(Bytes::from_static(b"answer")));
     let reject = Answer::Rejected {
-        error: ErrorId::RemoteTabernaRejected.as_u32(),
+        error: WireCode::of(ErrorId::RemoteTabernaRejected),
         code: 42,
         reason: "no thanks".into(),
     };
@@ -206,7 +206,7 @@ fn t19_ids_far_outside_the_window_are_a_violation() {
     p.b.poll_transmit(p.now, &mut out);
     assert!(matches!(
         frame::decode(&mut out, u32::MAX),
-        Ok(Some(Frame::Close { code, .. })) if code == ErrorId::ProtocolViolation.as_u32()
+        Ok(Some(Frame::Close { code, .. })) if code == WireCode::of(ErrorId::ProtocolViolation)
     ));
     assert!(p.b.is_closing());
 }
@@ -488,7 +488,7 @@ fn a_reply_over_the_retention_budget_becomes_reply_lost_on_replay() {
     let (_, outcome) = p.finished().pop().expect("finished");
     assert!(matches!(
         outcome,
-        Outcome::Answered(Answer::Rejected { error, .. }) if error == ErrorId::ReplyLost.as_u32()
+        Outcome::Answered(Answer::Rejected { error, .. }) if error == WireCode::of(ErrorId::ReplyLost)
     ));
 }
 
@@ -531,7 +531,7 @@ fn receivers_sharing_a_reply_budget_keep_no_more_than_it_together_and_give_back_
     // sent, not kept, and its replay gets ReplyLost.
     assert!(matches!(
         reply_across_a_cut(&mut second, reply),
-        Outcome::Answered(Answer::Rejected { error, .. }) if error == ErrorId::ReplyLost.as_u32()
+        Outcome::Answered(Answer::Rejected { error, .. }) if error == WireCode::of(ErrorId::ReplyLost)
     ));
     assert_eq!(budget.used(), 15);
     // A receiver that goes away gives back what it kept.
@@ -722,7 +722,7 @@ fn a_reply_larger_than_the_sender_accepts_becomes_a_rejection() {
     let (_, outcome) = p.finished().pop().expect("finished");
     assert!(matches!(
         outcome,
-        Outcome::Answered(Answer::Rejected { error, .. }) if error == ErrorId::PayloadTooLarge.as_u32()
+        Outcome::Answered(Answer::Rejected { error, .. }) if error == WireCode::of(ErrorId::PayloadTooLarge)
     ));
     assert!(p.a.is_open());
 }
@@ -735,7 +735,7 @@ fn t24_a_peer_spamming_unknown_tabernas_is_closed_at_the_refusal_budget() {
     };
     let mut p = Pair::new(config);
     p.b_auto = Some(Answer::Rejected {
-        error: ErrorId::UnknownTaberna.as_u32(),
+        error: WireCode::of(ErrorId::UnknownTaberna),
         code: 0,
         reason: "no such taberna".into(),
     });
@@ -751,7 +751,7 @@ fn t24_a_peer_spamming_unknown_tabernas_is_closed_at_the_refusal_budget() {
         ..SessionConfig::default()
     });
     q.b_auto = Some(Answer::Rejected {
-        error: ErrorId::RemoteTabernaRejected.as_u32(),
+        error: WireCode::of(ErrorId::RemoteTabernaRejected),
         code: 1,
         reason: "no".into(),
     });
@@ -764,7 +764,7 @@ fn t24_a_peer_spamming_unknown_tabernas_is_closed_at_the_refusal_budget() {
     assert_eq!(q.finished().len(), 150);
 }
 
-fn rejected_with(o: &Outcome) -> Option<u32> {
+fn rejected_with(o: &Outcome) -> Option<WireCode> {
     match o {
         Outcome::Answered(Answer::Rejected { error, .. }) => Some(*error),
         _ => None,
@@ -793,7 +793,7 @@ fn a_reply_over_the_payload_limit_is_turned_into_a_rejection_on_both_ends() {
     );
     assert_eq!(
         outcome(over).as_ref().and_then(rejected_with),
-        Some(ErrorId::PayloadTooLarge.as_u32())
+        Some(WireCode::of(ErrorId::PayloadTooLarge))
     );
 
     // A peer that ignores the limit: a's own check refuses what b wrote anyway, and the
@@ -809,7 +809,7 @@ fn a_reply_over_the_payload_limit_is_turned_into_a_rejection_on_both_ends() {
     let got = finished.iter().find(|(i, _)| *i == late).map(|(_, o)| o);
     assert_eq!(
         got.and_then(rejected_with),
-        Some(ErrorId::PayloadTooLarge.as_u32())
+        Some(WireCode::of(ErrorId::PayloadTooLarge))
     );
     assert_eq!(closed_with(&p.a_events), None);
 }
@@ -833,7 +833,7 @@ fn a_shutdown_answers_every_held_delivery_before_its_close_and_the_rest_fail_as_
     assert_eq!(outcome(answered), Some(accepted()));
     assert_eq!(
         outcome(held).as_ref().and_then(rejected_with),
-        Some(ErrorId::PeerShutDown.as_u32()),
+        Some(WireCode::of(ErrorId::PeerShutDown)),
         "the held delivery is answered: its handler had it"
     );
     assert_eq!(

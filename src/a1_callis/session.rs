@@ -30,6 +30,7 @@ use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 
+use super::codes::WireCode;
 use super::frame::{self, Frame, Hello, MessageFrame, PROTOCOL_VERSION, RejectFrame};
 use super::link::{WriteVerdict, WriteWatch};
 use super::rate::RateWindow;
@@ -127,10 +128,10 @@ pub enum Answer {
     Accepted,
     /// Answered with a reply payload.
     Replied(Bytes),
-    /// Refused: an [`ErrorId`] number, the application's code and a reason.
+    /// Refused: an [`ErrorId`]'s wire code, the application's code and a reason.
     Rejected {
-        /// `ErrorId` number (`RemoteTabernaRejected` for an application reject).
-        error: u32,
+        /// The wire code ([`WireCode::APPLICATION_REJECT`] for an application reject).
+        error: WireCode,
         /// Application code (0 when the refusal is not the application's).
         code: u32,
         /// Reason text (capped on the wire).
@@ -139,12 +140,22 @@ pub enum Answer {
 }
 
 impl Answer {
-    /// A refusal decided by vicus rather than by the application (code 0).
-    pub(crate) fn refusal(error: ErrorId, reason: &str) -> Self {
+    /// A refusal decided by vicus rather than by the application (code 0): the one
+    /// constructor for them.
+    pub(crate) fn refusal(error: ErrorId, reason: impl Into<String>) -> Self {
         Answer::Rejected {
-            error: error.as_u32(),
+            error: error.into(),
             code: 0,
-            reason: reason.to_owned(),
+            reason: reason.into(),
+        }
+    }
+
+    /// The receiving application's rejection, with its code and reason.
+    pub(crate) fn application_reject(code: u32, reason: impl Into<String>) -> Self {
+        Answer::Rejected {
+            error: WireCode::APPLICATION_REJECT,
+            code,
+            reason: reason.into(),
         }
     }
 }
@@ -506,7 +517,7 @@ pub struct Session {
     peer_max_frame_len: u32,
     peer_window: u32,
     hello_pending: bool,
-    close_pending: Option<(u32, String)>,
+    close_pending: Option<(WireCode, String)>,
     // Outbound.
     next_id: u64,
     /// The floor last reported with DONE_BELOW on the current callis.
@@ -936,11 +947,10 @@ impl Session {
                 self.answer(
                     epoch,
                     id,
-                    Answer::Rejected {
-                        error: ErrorId::PeerShutDown.as_u32(),
-                        code: 0,
-                        reason: "the receiving domus shut down before a handler answered; the handler may have acted on the message".into(),
-                    },
+                    Answer::refusal(
+                        ErrorId::PeerShutDown,
+                        "the receiving domus shut down before a handler answered; the handler may have acted on the message",
+                    ),
                 );
             }
         }
@@ -1136,7 +1146,7 @@ impl Session {
         if matches!(self.link, Link::Down | Link::Closing) {
             return;
         }
-        self.close_pending = Some((error.id().as_u32(), error.message().to_owned()));
+        self.close_pending = Some((error.id().into(), error.message().to_owned()));
         self.link = Link::Closing;
         self.mark_closing();
         self.events.push_back(Event::Close(error));
@@ -1149,19 +1159,7 @@ impl Session {
         let Answer::Rejected { error, .. } = answer else {
             return true;
         };
-        let counted = [
-            ErrorId::UnknownTaberna,
-            ErrorId::Forbidden,
-            ErrorId::MessageTypeNotAccepted,
-            ErrorId::InvalidMessageType,
-            // Blob opens refused for the peer's own fault or over the stream cap (T23).
-            ErrorId::BlobBufferFull,
-            ErrorId::DecodeFailure,
-            ErrorId::ProtocolViolation,
-        ]
-        .iter()
-        .any(|e| e.as_u32() == *error);
-        if !counted {
+        if !error.is_counted_refusal() {
             return true;
         }
         let Some(now) = self.last_rx else {
@@ -1245,12 +1243,11 @@ impl Session {
         }
     }
 
-    fn peer_closed(&mut self, code: u32, reason: &str) {
-        let id = ErrorId::try_from(code).unwrap_or(ErrorId::ConnectionLost);
+    fn peer_closed(&mut self, code: WireCode, reason: &str) {
         self.link = Link::Closing;
         self.mark_closing();
         self.close_pending = None;
-        if id == ErrorId::DomusClosed {
+        if code == WireCode::DOMUS_CLOSED {
             // A peer that shuts down answers every message it delivered before its CLOSE
             // (see `shut_down`), and reads nothing after it: what is unanswered now was never
             // delivered, and will not be.
@@ -1269,7 +1266,7 @@ impl Session {
             ErrorId::ConnectionLost,
             format!(
                 "the peer closed the callis ({}): {}",
-                id.name(),
+                code.closing_id().name(),
                 untrusted(reason)
             ),
         )));
@@ -1438,12 +1435,10 @@ impl Session {
                     Some(SlotState::Answered(a)) => self.queue_answer(m.id, a),
                     Some(SlotState::ReplyLost) => self.queue_answer(
                         m.id,
-                        Answer::Rejected {
-                            error: ErrorId::ReplyLost.as_u32(),
-                            code: 0,
-                            reason: "the reply was produced but not retained across the reconnect"
-                                .into(),
-                        },
+                        Answer::refusal(
+                            ErrorId::ReplyLost,
+                            "the reply was produced but not retained across the reconnect",
+                        ),
                     ),
                     // Still with the handler: its answer will go out when it comes.
                     Some(SlotState::Pending) | None => {}
@@ -1722,7 +1717,7 @@ impl Session {
                     frame::encode_reject(
                         out,
                         id,
-                        ErrorId::PayloadTooLarge.as_u32(),
+                        ErrorId::PayloadTooLarge.into(),
                         0,
                         frame::capped(&reason, reason_room),
                     );
@@ -1790,13 +1785,10 @@ impl Session {
 
 /// The rejection that replaces a reply of `len` bytes over the `max`-byte payload limit.
 pub(crate) fn too_large_reply(len: usize, max: usize) -> Answer {
-    Answer::Rejected {
-        error: ErrorId::PayloadTooLarge.as_u32(),
-        code: 0,
-        reason: format!(
-            "the reply of {len} bytes exceeds the {max}-byte payload limit (max_message_len)"
-        ),
-    }
+    Answer::refusal(
+        ErrorId::PayloadTooLarge,
+        format!("the reply of {len} bytes exceeds the {max}-byte payload limit (max_message_len)"),
+    )
 }
 
 #[cfg(test)]

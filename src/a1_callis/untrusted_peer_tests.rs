@@ -153,7 +153,7 @@ fn t31_answer_bytes_owed_to_a_peer_that_does_not_read_are_bounded() {
         match p.outcome(id) {
             Some(Outcome::Answered(Answer::Replied(r))) if r.len() == 1 << 20 => replied += 1,
             Some(Outcome::Answered(Answer::Rejected { error, reason, .. }))
-                if error == ErrorId::TabernaBusy.as_u32() =>
+                if error == WireCode::of(ErrorId::TabernaBusy) =>
             {
                 assert!(reason.contains("max_unsent_answer_bytes"), "{reason}");
                 busy += 1;
@@ -243,7 +243,7 @@ fn t32_rejections_with_long_reasons_fit_the_smallest_frame_limit() {
     let mut p = Pair::new(config);
     p.connect();
     p.b_auto = Some(Answer::Rejected {
-        error: ErrorId::RemoteTabernaRejected.as_u32(),
+        error: WireCode::of(ErrorId::RemoteTabernaRejected),
         code: 9,
         reason: "é".repeat(150),
     });

@@ -339,12 +339,7 @@ impl Shared {
     ) -> Result<InFlight, Error> {
         let taken = acquire(&peer.budget, size, wait, deadline, peer_id).await;
         // Taking room is all this waits for: any of these means the queue was full.
-        if taken.as_ref().is_err_and(|e| {
-            matches!(
-                e.id(),
-                ErrorId::LocalQueueFull | ErrorId::PeerUnavailable | ErrorId::PeerShutDown
-            )
-        }) {
+        if taken.as_ref().is_err_and(|e| e.id().is_queue_overrun()) {
             self.recorder.inc(if a3 {
                 C::queue_overruns_send_a3
             } else {

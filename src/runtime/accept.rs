@@ -73,7 +73,7 @@ fn bad_first_frame(frame_type: FrameType, len: usize) -> Error {
 /// down, within [`REFUSAL_WRITE_TIMEOUT`]; the bytes written, when the CLOSE went out.
 pub(crate) async fn refuse(stream: &mut AuthenticatedStream, error: &Error) -> Option<usize> {
     let mut close = BytesMut::new();
-    encode_close(&mut close, error.id().as_u32(), error.message());
+    encode_close(&mut close, error.id().into(), error.message());
     let written = tokio::time::timeout(REFUSAL_WRITE_TIMEOUT, async {
         tokio::io::AsyncWriteExt::write_all(stream, &close).await?;
         tokio::io::AsyncWriteExt::shutdown(stream).await

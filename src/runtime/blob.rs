@@ -457,14 +457,14 @@ impl BlobDriver {
             return;
         };
         tracing::debug!(peer = %self.peer_id, error = %error, "closing blob callis");
-        if error.id() == ErrorId::ProtocolViolation || error.id() == ErrorId::UnsupportedVersion {
+        if error.id().is_protocol_violation() {
             self.ctx.recorder.protocol_violation(&self.peer_id, error);
         }
         link.closing = true;
         // What the peer sent after the reason to close is never handled.
         link.recv.clear();
         link.io
-            .queue(|out| frame::encode_close(out, error.id().as_u32(), error.message()));
+            .queue(|out| frame::encode_close(out, error.id().into(), error.message()));
         self.streams.disconnected();
     }
 
@@ -553,7 +553,7 @@ impl BlobDriver {
             match frame {
                 Frame::Blob(f) => self.streams.handle_frame(now, f),
                 Frame::Close { code, reason } => {
-                    tracing::debug!(peer = %self.peer_id, code, reason = %crate::error::untrusted(&reason), "peer closed the blob callis");
+                    tracing::debug!(peer = %self.peer_id, code = code.0, reason = %crate::error::untrusted(&reason), "peer closed the blob callis");
                     self.drop_link();
                     return;
                 }

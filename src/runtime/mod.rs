@@ -40,6 +40,7 @@ use std::task::Context;
 use bytes::Bytes;
 
 use crate::a0_transport::PeerIdentity;
+use crate::a1_callis::codes::WireCode;
 pub(crate) use crate::a1_callis::session::Answer;
 use crate::a1_callis::session::too_large_reply;
 use crate::error::{Error, ErrorId, untrusted};
@@ -86,22 +87,24 @@ pub(crate) fn answer_result(
             reason,
         } => (error, code, reason),
     };
-    match ErrorId::try_from(error) {
-        Ok(ErrorId::RemoteTabernaRejected) => Err(Error::rejected(code, &reason, context)),
+    match error {
+        WireCode::APPLICATION_REJECT => Err(Error::rejected(code, &reason, context)),
         // A handler held it when the receiving domus shut down.
-        Ok(ErrorId::PeerShutDown) => Err(Error::new(
+        WireCode::PEER_SHUT_DOWN => Err(Error::new(
             ErrorId::PeerShutDown,
             format!("{context}: {}", untrusted(&reason)),
         )
         .maybe_delivered()),
-        Ok(id) => Err(Error::new(id, format!("{context}: {}", untrusted(&reason)))),
-        Err(n) => Err(Error::new(
-            ErrorId::RemoteTabernaRejected,
-            format!(
-                "{context} refused the message with unknown error {n}: {}",
-                untrusted(&reason)
-            ),
-        )),
+        _ => match error.error_id() {
+            Some(id) => Err(Error::new(id, format!("{context}: {}", untrusted(&reason)))),
+            None => Err(Error::new(
+                error.rejection_id(),
+                format!(
+                    "{context} refused the message with unknown error {error}: {}",
+                    untrusted(&reason)
+                ),
+            )),
+        },
     }
 }
 

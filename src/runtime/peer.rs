@@ -527,7 +527,7 @@ impl PeerDriver {
             // A permanent refusal since (another identity answers at its address, our
             // certificate is refused there) says more than the shutdown: the route itself is
             // wrong now, and the caller must be able to tell (T11).
-            Some(dial) if is_permanent(dial.id()) => Error::new(
+            Some(dial) if dial.id().is_permanent_dial_failure() => Error::new(
                 dial.id(),
                 format!(
                     "{} shut down, and its address refuses it now ({}); the message was not sent",
@@ -653,7 +653,7 @@ impl PeerDriver {
     }
 
     fn dial_failed(&mut self, error: Error) {
-        let permanent = is_permanent(error.id());
+        let permanent = error.id().is_permanent_dial_failure();
         tracing::debug!(peer = %self.peer_id, error = %error, permanent, "dial failed");
         let rec = &self.ctx.recorder;
         if error.id() == ErrorId::IdentityMismatch {
@@ -675,7 +675,7 @@ impl PeerDriver {
             self.session.fail_unsent(e);
         } else {
             let unreachable = Error::new(
-                unreachable_id(error.id()),
+                error.id().unreachable_send_id(),
                 format!("{} could not be reached: {}", self.peer_id, error.message()),
             );
             self.reachability.set(Some(unreachable.clone()));
@@ -766,10 +766,7 @@ impl PeerDriver {
                 }
                 Event::Close(error) => {
                     tracing::debug!(peer = %self.peer_id, error = %error, "closing callis");
-                    if matches!(
-                        error.id(),
-                        ErrorId::ProtocolViolation | ErrorId::UnsupportedVersion
-                    ) {
+                    if error.id().is_protocol_violation() {
                         self.ctx.recorder.protocol_violation(&self.peer_id, &error);
                     }
                     if error.id() == ErrorId::PeerShutDown {
@@ -943,7 +940,7 @@ impl PeerDriver {
             Outcome::Failed(e) if e.id() == ErrorId::PeerUnavailable => {
                 match &self.last_dial_error {
                     Some(dial) => Err(Error::new(
-                        unreachable_id(dial.id()),
+                        dial.id().unreachable_send_id(),
                         format!(
                             "{} could not be reached before the send's deadline ({}); the message was never sent",
                             self.peer_id,
@@ -1051,29 +1048,6 @@ impl PeerDriver {
     }
 }
 
-/// A dial failure that will not change by itself (the wrong peer answered, a certificate was
-/// refused, the address is malformed): what waits for the peer fails at once.
-fn is_permanent(id: ErrorId) -> bool {
-    matches!(
-        id,
-        ErrorId::IdentityMismatch
-            | ErrorId::PeerCertificateRejected
-            | ErrorId::CertificateRefusedByPeer
-            | ErrorId::InvalidAddress
-    )
-}
-
-/// The id a send that could not reach its peer fails with after a dial failed with `dial`:
-/// a permanent refusal keeps its own id, so the caller can tell a misdirected route from a
-/// peer that is down (T11); anything else is `PeerUnavailable`.
-fn unreachable_id(dial: ErrorId) -> ErrorId {
-    if is_permanent(dial) {
-        dial
-    } else {
-        ErrorId::PeerUnavailable
-    }
-}
-
 /// Read bytes go into the session, which decodes and handles them after every read; reading
 /// stops for the turn once the session decided to close.
 struct SessionInput<'a>(&'a mut Session, std::time::Instant);
@@ -1089,21 +1063,12 @@ impl ReadSink for SessionInput<'_> {
     }
 }
 
-/// Counts a send that ended in an error.
+/// Counts a send that ended in an error: timed out, rejected by the receiving side (by id,
+/// see [`ErrorId::is_rejection`]) or failed.
 pub(crate) fn record_failure(rec: &Recorder, e: &Error) {
     match e.id() {
         ErrorId::SendTimeout => rec.inc(C::messages_timed_out),
-        id @ (ErrorId::RemoteTabernaRejected
-        | ErrorId::UnknownTaberna
-        | ErrorId::TabernaBusy
-        | ErrorId::Forbidden
-        | ErrorId::MessageTypeNotAccepted
-        | ErrorId::InvalidMessageType
-        | ErrorId::PayloadTooLarge
-        | ErrorId::BlobBufferFull
-        | ErrorId::RequestDropped
-        | ErrorId::TabernaShutdown
-        | ErrorId::DecodeFailure) => rec.rejected(id),
+        id if id.is_rejection() => rec.rejected(id),
         _ => rec.inc(C::messages_failed),
     }
 }

@@ -221,11 +221,7 @@ impl Responder {
 
     /// Rejects with an application code and reason.
     pub fn reject(mut self, code: u32, reason: &str) {
-        self.finish(Answer::Rejected {
-            error: ErrorId::RemoteTabernaRejected.as_u32(),
-            code,
-            reason: reason.to_owned(),
-        });
+        self.finish(Answer::application_reject(code, reason));
     }
 
     fn finish(&mut self, answer: Answer) {
@@ -237,7 +233,7 @@ impl Responder {
 
 impl Drop for Responder {
     fn drop(&mut self) {
-        self.finish(system_rejection(
+        self.finish(Answer::refusal(
             ErrorId::RequestDropped,
             "the handler dropped the request without answering",
         ));
@@ -399,11 +395,6 @@ impl TabernaRequest {
     }
 }
 
-/// A rejection decided by vicus rather than by the application.
-fn system_rejection(error: ErrorId, reason: &str) -> Answer {
-    Answer::refusal(error, reason)
-}
-
 impl Inbound for Registry {
     fn deliver(&self, m: InboundMessage) -> Delivered {
         // Inline tabernas and refusals are answered here, without a TabernaRequest or an
@@ -412,7 +403,7 @@ impl Inbound for Registry {
             let entries = self.entries.load();
             let refused = |error: ErrorId, reason: &str| {
                 self.recorder.refused(error);
-                Delivered::Answered(refusal_answer(error, reason))
+                Delivered::Answered(Answer::refusal(error, reason))
             };
             let Some(entry) = entries.get(&TabernaId(m.dst)) else {
                 return refused(
@@ -509,11 +500,6 @@ enum Inbox {
 
 /// One inline call in this many is timed.
 const INLINE_SAMPLE: usize = 64;
-
-/// What became of a delivery from a peer (see [`Inbound::deliver`]).
-fn refusal_answer(error: ErrorId, reason: &str) -> Answer {
-    system_rejection(error, reason)
-}
 
 /// The local tabernas of one domus. Reads (every send and delivery) load an immutable
 /// snapshot without a lock; registering or removing a taberna copies the table and publishes
@@ -652,11 +638,7 @@ impl Registry {
         match response {
             Ok(Response::Accept) => Answer::Accepted,
             Ok(Response::Reply(payload)) => Answer::Replied(payload),
-            Ok(Response::Reject { code, reason }) => Answer::Rejected {
-                error: ErrorId::RemoteTabernaRejected.as_u32(),
-                code,
-                reason,
-            },
+            Ok(Response::Reject { code, reason }) => Answer::application_reject(code, reason),
             Err(_) => {
                 if let Some(suppressed) = self.recorder.log_allowed(LogKind::InlineHandlerSlow) {
                     tracing::warn!(
@@ -665,7 +647,7 @@ impl Registry {
                         "an inline handler panicked; its message is answered RequestDropped"
                     );
                 }
-                system_rejection(ErrorId::RequestDropped, "the inline handler panicked")
+                Answer::refusal(ErrorId::RequestDropped, "the inline handler panicked")
             }
         }
     }
@@ -736,7 +718,7 @@ impl Registry {
             if remote {
                 self.recorder.refused(error);
             }
-            request.finish(system_rejection(error, reason));
+            request.finish(Answer::refusal(error, reason));
         };
         let refusal = {
             let entries = self.entries.load();
