@@ -499,3 +499,97 @@ impl Shared {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn id(n: usize) -> DomusId {
+        DomusId::spiffe("t", &format!("p{n}")).expect("id")
+    }
+
+    fn addr(port: u16) -> DomusAddr {
+        DomusAddr::tcp(([127, 0, 0, 1], port))
+    }
+
+    /// Handles of a peer whose drivers never run (their channels stay open while the
+    /// receivers live in `keep`).
+    fn links(peer: &DomusId, keep: &mut Vec<Box<dyn std::any::Any>>) -> Arc<PeerRef> {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let (blob_tx, blob_rx) = mpsc::unbounded_channel();
+        keep.push(Box::new(rx));
+        keep.push(Box::new(blob_rx));
+        Arc::new(PeerRef {
+            id: peer.clone(),
+            addr: arc_swap::ArcSwapOption::empty(),
+            tx,
+            sends: Arc::new(WakeQueue::default()),
+            budget: InFlightBudget::new(4, 1 << 20),
+            blob_tx,
+            blob_out_streams: Arc::new(Semaphore::new(1)),
+            next_stream: Arc::new(std::sync::atomic::AtomicU64::new(1)),
+            reachability: Arc::new(Reachability::default()),
+        })
+    }
+
+    fn gone(at: u16, until: tokio::time::Instant, shut_down: bool) -> Down {
+        Down {
+            avoid_until: until,
+            addr: Some(addr(at)),
+            shut_down_until: shut_down.then_some(until),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_peer_is_live_or_remembered_in_one_entry_and_the_memory_is_bounded() {
+        let table = PeerTable::new();
+        let mut keep = Vec::new();
+        let now = tokio::time::Instant::now();
+        let later = now + Duration::from_secs(60);
+        // A live peer, then forgotten while unreachable: remembered, not live.
+        let p = table.get_or_make(&id(0), Some(addr(1)), None, |shut| {
+            assert!(!shut, "nothing remembered yet");
+            links(&id(0), &mut keep)
+        });
+        assert_eq!(table.live(), 1);
+        assert!(table.forget(&id(0), &p.sends, |a| {
+            assert_eq!(a, Some(addr(1)));
+            Some(gone(1, later, true))
+        }));
+        assert_eq!(table.live(), 0);
+        assert!(table.links(&id(0)).is_none());
+        assert!(!table.may_choose(&id(0), &addr(1), now), "avoided there");
+        assert!(
+            table.may_choose(&id(0), &addr(2), now),
+            "not at another address"
+        );
+        assert!(
+            table.may_choose(&id(0), &addr(1), later),
+            "not after the memory ends"
+        );
+        // Its next driver at that address is told it shut down; at another address, not.
+        let mut told = None;
+        table.get_or_make(&id(0), Some(addr(1)), None, |shut| {
+            told = Some(shut);
+            links(&id(0), &mut keep)
+        });
+        assert_eq!(told, Some(true));
+        assert_eq!(table.live(), 1);
+        // A forget that is not ours (another queue) or with sends queued changes nothing.
+        let other = Arc::new(WakeQueue::default());
+        assert!(!table.forget(&id(0), &other, |_| None));
+        assert_eq!(table.live(), 1);
+        // Forgotten while reachable: nothing remembered.
+        let live = table.links(&id(0)).expect("live");
+        assert!(table.forget(&id(0), &live.sends, |_| None));
+        assert!(table.may_choose(&id(0), &addr(1), now));
+        // The memory of unreachable peers stays within its bound.
+        for n in 1..=DOWN_REMEMBERED + 100 {
+            let p = table.get_or_make(&id(n), Some(addr(1)), None, |_| links(&id(n), &mut keep));
+            assert!(table.forget(&id(n), &p.sends, |_| Some(gone(1, later, false))));
+        }
+        let entries = table.lock();
+        assert_eq!(entries.gone, DOWN_REMEMBERED);
+        assert_eq!(entries.map.len(), DOWN_REMEMBERED);
+    }
+}
