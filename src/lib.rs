@@ -362,6 +362,7 @@ mod error;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod reporting;
+pub mod resolve;
 mod runtime;
 pub mod services;
 pub mod taberna;
@@ -378,15 +379,18 @@ mod change_tracker;
 
 pub use a0_transport::{AuthConfig, DomusAddr, DomusId, PeerIdentity, TrustPolicy};
 pub use domus::{
-    BlobReceiver, BlobSender, Candidate, ConfigHandle, Delivery, Destination, Domus, DomusBuilder,
-    DomusConfig, MessageCodec, Outcome, RESERVED_TABERNA_BASE, Receipt, ResolverFeed,
-    ResolverFeeds, Route, RouteChanges, RouteNotifier, RouteResolver, SendOptions, SimpleResolver,
-    WeakDomus, Window,
+    BlobReceiver, BlobSender, ConfigHandle, Delivery, Destination, Domus, DomusBuilder,
+    DomusConfig, MessageCodec, Outcome, RESERVED_TABERNA_BASE, Receipt, SendOptions, WeakDomus,
+    Window,
 };
-#[cfg(feature = "dns-srv")]
-pub use domus::{DnsSrvConfig, DnsSrvResolver};
-#[cfg(feature = "file-resolver")]
-pub use domus::{FileResolver, FileWatchHandle, RouteTable, RoutesFile};
 pub use error::{ERROR_MESSAGE_MAX_LEN, Error, ErrorId, Rejection, Result};
 pub use reporting::Reporting;
+pub use resolve::{
+    Candidate, ResolverFeed, ResolverFeeds, Route, RouteChanges, RouteNotifier, RouteResolver,
+    SimpleResolver,
+};
+#[cfg(feature = "dns-srv")]
+pub use resolve::{DnsSrvConfig, DnsSrvResolver};
+#[cfg(feature = "file-resolver")]
+pub use resolve::{FileResolver, FileWatchHandle, RouteTable, RoutesFile};
 pub use taberna::{MessageType, Taberna, TabernaId, TabernaOptions, TabernaRequest};

@@ -761,7 +761,7 @@ struct BadResolver {
 }
 
 impl vicus::RouteResolver for BadResolver {
-    fn resolve(&self, _: TabernaId) -> vicus::domus::ResolveFuture<'_> {
+    fn resolve(&self, _: TabernaId) -> vicus::resolve::ResolveFuture<'_> {
         if self.panic {
             panic!("resolver bug");
         }

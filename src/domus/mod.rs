@@ -13,12 +13,7 @@
 
 mod config;
 mod destination;
-#[cfg(feature = "dns-srv")]
-mod dns_srv;
-#[cfg(feature = "file-resolver")]
-mod file_resolver;
 mod pins;
-mod resolver;
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -37,14 +32,6 @@ pub use crate::runtime::Delivery;
 pub use crate::runtime::ends::{BlobReceiver, BlobSender};
 pub use config::DomusConfig;
 pub use destination::{Destination, Outcome, Window};
-#[cfg(feature = "dns-srv")]
-pub use dns_srv::{DnsSrvConfig, DnsSrvResolver};
-#[cfg(feature = "file-resolver")]
-pub use file_resolver::{FileResolver, FileWatchHandle, RouteTable, RoutesFile};
-pub use resolver::{
-    Candidate, CandidatesFuture, ResolveDomusFuture, ResolveFuture, ResolverFeed, ResolverFeeds,
-    Route, RouteChanges, RouteNotifier, RouteResolver, SimpleResolver,
-};
 
 use crate::a0_transport::{
     AuthConfig, AuthenticatedStream, CallisStream, Connector, DomusAddr, DomusId, Listener,
@@ -58,6 +45,9 @@ use crate::a1_callis::reply_budget::ReplyBudget;
 use crate::a1_callis::session::{A3_MESSAGE_TYPE_BASE, Answer, Outgoing, Session, too_large_reply};
 use crate::error::{Error, ErrorId};
 use crate::reporting::{C, Event, Recorder, Reporting};
+use crate::resolve::{
+    Candidate, CandidatesFuture, ResolverFeed, Route, RouteChanges, RouteResolver, SimpleResolver,
+};
 use crate::runtime::blob::{BlobContext, BlobDriver, BlobLinks};
 use crate::runtime::budget::{InFlight, InFlightBudget};
 use crate::runtime::completion::Completion;

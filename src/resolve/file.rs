@@ -87,7 +87,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::AbortOnDropHandle;
 use toml::Spanned;
 
-use super::resolver::{
+use super::{
     Candidate, CandidatesFuture, ResolveDomusFuture, ResolveFuture, ResolverFeed, ResolverFeeds,
     Route, RouteChanges, RouteNotifier, RouteResolver,
 };
@@ -922,7 +922,7 @@ addr = "10.0.0.5:7000"
 
     #[test]
     fn the_example_in_the_module_docs_parses() {
-        let example: String = include_str!("file_resolver.rs")
+        let example: String = include_str!("file.rs")
             .lines()
             .skip_while(|l| *l != "//! ```toml")
             .skip(1)

@@ -77,7 +77,7 @@ use tokio::sync::{Notify, watch};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
-use super::resolver::{
+use super::{
     Candidate, CandidatesFuture, ResolveDomusFuture, ResolveFuture, ResolverFeed, ResolverFeeds,
     Route, RouteChanges, RouteNotifier, RouteResolver,
 };
