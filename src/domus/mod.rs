@@ -47,6 +47,7 @@ use crate::error::{Error, ErrorId};
 use crate::reporting::{C, Event, Recorder, Reporting};
 use crate::resolve::{
     Candidate, CandidatesFuture, ResolverFeed, Route, RouteChanges, RouteResolver, SimpleResolver,
+    choose,
 };
 use crate::runtime::blob::{BlobContext, BlobDriver, BlobLinks};
 use crate::runtime::budget::{InFlight, InFlightBudget};
@@ -1839,49 +1840,52 @@ impl Shared {
     /// domus can reach now (a candidate whose peer's last dial failed is skipped while another
     /// can be tried), then by weight.
     fn pick(&self, taberna: TabernaId, candidates: &[Candidate]) -> Result<Route, Error> {
-        if let [only] = candidates {
-            return Ok(only.route.clone());
-        }
-        let reachable = |c: &Candidate| {
-            c.route
-                .identity
-                .as_ref()
-                .is_none_or(|id| self.may_choose(id, &c.route.addr))
-        };
-        let up: Vec<&Candidate> = candidates.iter().filter(|c| reachable(c)).collect();
-        let pool: Vec<&Candidate> = if up.is_empty() {
-            candidates.iter().collect()
-        } else {
-            up
-        };
-        let Some(best) = pool.iter().map(|c| c.priority).min() else {
-            return Err(Error::new(
-                ErrorId::UnknownTaberna,
-                format!("no route to {taberna}: the resolver listed no candidate"),
-            ));
-        };
-        let tier: Vec<&Candidate> = pool.into_iter().filter(|c| c.priority == best).collect();
-        let total: u64 = tier.iter().map(|c| u64::from(c.weight)).sum();
-        let chosen = if total == 0 {
-            tier.get(usize::try_from(rand_u64() % tier.len() as u64).unwrap_or(0))
-        } else {
-            let mut left = rand_u64() % total;
-            tier.iter().find(|c| {
-                let w = u64::from(c.weight);
-                if left < w {
-                    true
-                } else {
-                    left -= w;
-                    false
-                }
-            })
-        };
-        chosen.map(|c| c.route.clone()).ok_or_else(|| {
+        let no_candidate = || {
             Error::new(
                 ErrorId::UnknownTaberna,
                 format!("no route to {taberna}: the resolver listed no candidate"),
             )
-        })
+        };
+        match candidates {
+            [] => return Err(no_candidate()),
+            [only] => return Ok(only.route.clone()),
+            _ => {}
+        }
+        // The reachability view, taken once (one look at the peer table, one at the memory of
+        // forgotten peers) for `choose`: the routes `may_choose` would refuse. A candidate
+        // without an identity is always reachable; reachability depends on the route only.
+        let mut unreachable: Vec<&Route> = Vec::new();
+        let mut forgotten: Vec<&Route> = Vec::new();
+        {
+            let peers = self.peers.lock().unwrap_or_else(PoisonError::into_inner);
+            for route in candidates.iter().map(|c| &c.route) {
+                let Some(id) = &route.identity else { continue };
+                match peers.get(id) {
+                    Some(p) if p.addr.as_ref() == Some(&route.addr) => {
+                        if p.links.reachability.why_not().is_some() {
+                            unreachable.push(route);
+                        }
+                    }
+                    Some(_) => {}
+                    None => forgotten.push(route),
+                }
+            }
+        }
+        if !forgotten.is_empty() {
+            let now = tokio::time::Instant::now();
+            let down = self.down.lock().unwrap_or_else(PoisonError::into_inner);
+            unreachable.extend(forgotten.into_iter().filter(|route| {
+                route
+                    .identity
+                    .as_ref()
+                    .and_then(|id| down.get(id))
+                    .is_some_and(|d| d.avoid_until > now && d.addr.as_ref() == Some(&route.addr))
+            }));
+        }
+        let reachable = |c: &Candidate| !unreachable.contains(&&c.route);
+        choose(candidates, reachable, rand_u64())
+            .map(|c| c.route.clone())
+            .ok_or_else(no_candidate)
     }
 
     /// Starts the resolver's lookup for `taberna` and polls it once: an in-memory resolver

@@ -3,7 +3,7 @@
 //! A domus asks its [`RouteResolver`] where a taberna lives; this module holds that trait,
 //! what it answers ([`Route`], [`Candidate`]), the resolvers vicus ships ([`SimpleResolver`]
 //! in memory, `DnsSrvResolver` with feature `dns-srv`, `FileResolver` with feature
-//! `file-resolver`).
+//! `file-resolver`) and the rule the domus chooses among replicas by ([`choose`]).
 //!
 //! The resolver is trusted for reachability only: identity always comes from the certificate,
 //! and a route's `identity`, when given, is enforced at the handshake. Resolvers must answer
@@ -78,10 +78,18 @@
 //! # Ok(()) }
 //! ```
 //!
+//! # Choosing a replica
+//!
+//! [`choose`] is the rule, as a pure function the domus calls with its view of which
+//! candidates it can reach and one random number: the lowest priority that has a reachable
+//! candidate, then by weight (see [`Candidate`] and [`choose`] for the edge cases).
+//!
 //! This module must not import the runtime or the domus: it names only the transport's
 //! address and identity types, the taberna id, the reporting's error feed and the error
-//! types. The domus calls it; it never calls the domus.
+//! types. The domus calls it; it never calls the domus. [`choose`] reads no clock and no
+//! randomness of its own.
 
+mod choice;
 #[cfg(feature = "dns-srv")]
 mod dns_srv;
 #[cfg(feature = "file-resolver")]
@@ -92,6 +100,7 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, PoisonError, Weak};
 
+pub use choice::choose;
 #[cfg(feature = "dns-srv")]
 pub use dns_srv::{DnsSrvConfig, DnsSrvResolver};
 #[cfg(feature = "file-resolver")]
@@ -127,8 +136,9 @@ pub type ResolveFuture<'a> = Pin<Box<dyn Future<Output = Result<Route, Error>> +
 /// ([`RouteResolver::candidates`]). Like a DNS SRV record: the lowest `priority` is used while
 /// any of its candidates can be reached, and among those a send picks one with probability
 /// proportional to `weight` (weight 0 is used only when no candidate of that priority has a
-/// weight). A candidate whose domus shut down or could not be dialled is skipped while
-/// another can be tried (and for `reconnect_backoff_max` after its peer was forgotten).
+/// weight) — the rule is [`choose`]. A candidate whose domus shut down or could not be
+/// dialled is skipped while another can be tried (and for `reconnect_backoff_max` after its
+/// peer was forgotten).
 /// [`crate::Domus::send`] chooses per send; a [`crate::Destination`] chooses when it resolves
 /// (first send, and after a route change) and keeps that choice.
 ///
