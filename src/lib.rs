@@ -111,8 +111,12 @@
 //! never received it (see [`Candidate`]) — never a message that may have been delivered.
 //! Whichever way it was addressed, the peer is the one its certificate proves. Routes can
 //! also come from a TOML file that is reloaded while the domus runs: `FileResolver`
-//! (feature `file-resolver`; the format is in its docs), applied once two polls read the
-//! same contents, its failures reported on the domus's error feed.
+//! (feature `file-resolver`; the format is in its module's docs), applied once two polls read
+//! the same contents, its failures reported on the domus's error feed; or from DNS SRV
+//! records: `DnsSrvResolver` (feature `dns-srv`). Module [`resolve`] holds the resolver
+//! layer: the trait and everything an implementation names, the resolvers above, and the
+//! replica choice as a pure function ([`resolve::choose`]); its docs say how to write a
+//! resolver and test it against the conformance suite.
 //!
 //! ## Delivery semantics
 //!

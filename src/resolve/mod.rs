@@ -91,9 +91,9 @@
 
 mod choice;
 #[cfg(feature = "dns-srv")]
-mod dns_srv;
+pub mod dns_srv;
 #[cfg(feature = "file-resolver")]
-mod file;
+pub mod file;
 mod simple;
 
 use std::future::Future;

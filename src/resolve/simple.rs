@@ -17,7 +17,7 @@ use crate::error::{Error, ErrorId};
 use crate::taberna::TabernaId;
 
 /// An in-memory routing table; insert and remove while the domus runs (each change reaches
-/// running domus at once, see the module docs).
+/// running domus at once, see the [module docs](super)).
 ///
 /// Lookups read an immutable snapshot (no lock: every send resolves, from many tasks at
 /// once); changes copy the table and publish the copy, one writer at a time.
