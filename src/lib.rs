@@ -111,8 +111,12 @@
 //! never received it (see [`Candidate`]) — never a message that may have been delivered.
 //! Whichever way it was addressed, the peer is the one its certificate proves. Routes can
 //! also come from a TOML file that is reloaded while the domus runs: `FileResolver`
-//! (feature `file-resolver`; the format is in its docs), applied once two polls read the
-//! same contents, its failures reported on the domus's error feed.
+//! (feature `file-resolver`; the format is in its module's docs), applied once two polls read
+//! the same contents, its failures reported on the domus's error feed; or from DNS SRV
+//! records: `DnsSrvResolver` (feature `dns-srv`). Module [`resolve`] holds the resolver
+//! layer: the trait and everything an implementation names, the resolvers above, and the
+//! replica choice as a pure function ([`resolve::choose`]); its docs say how to write a
+//! resolver and test it against the conformance suite.
 //!
 //! ## Delivery semantics
 //!
@@ -362,6 +366,7 @@ mod error;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod reporting;
+pub mod resolve;
 mod runtime;
 pub mod services;
 pub mod taberna;
@@ -378,15 +383,18 @@ mod change_tracker;
 
 pub use a0_transport::{AuthConfig, DomusAddr, DomusId, PeerIdentity, TrustPolicy};
 pub use domus::{
-    BlobReceiver, BlobSender, Candidate, ConfigHandle, Delivery, Destination, Domus, DomusBuilder,
-    DomusConfig, MessageCodec, Outcome, RESERVED_TABERNA_BASE, Receipt, ResolverFeed,
-    ResolverFeeds, Route, RouteChanges, RouteNotifier, RouteResolver, SendOptions, SimpleResolver,
-    WeakDomus, Window,
+    BlobReceiver, BlobSender, ConfigHandle, Delivery, Destination, Domus, DomusBuilder,
+    DomusConfig, MessageCodec, Outcome, RESERVED_TABERNA_BASE, Receipt, SendOptions, WeakDomus,
+    Window,
 };
-#[cfg(feature = "dns-srv")]
-pub use domus::{DnsSrvConfig, DnsSrvResolver};
-#[cfg(feature = "file-resolver")]
-pub use domus::{FileResolver, FileWatchHandle, RouteTable, RoutesFile};
 pub use error::{ERROR_MESSAGE_MAX_LEN, Error, ErrorId, Rejection, Result};
 pub use reporting::Reporting;
+pub use resolve::{
+    Candidate, ResolverFeed, ResolverFeeds, Route, RouteChanges, RouteNotifier, RouteResolver,
+    SimpleResolver,
+};
+#[cfg(feature = "dns-srv")]
+pub use resolve::{DnsSrvConfig, DnsSrvResolver};
+#[cfg(feature = "file-resolver")]
+pub use resolve::{FileResolver, FileWatchHandle, RouteTable, RoutesFile};
 pub use taberna::{MessageType, Taberna, TabernaId, TabernaOptions, TabernaRequest};

@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use common::*;
-use vicus::domus::{Candidate, RouteResolver};
+use vicus::resolve::{Candidate, RouteResolver};
 use vicus::testing::MESH_MESSAGE_TYPE;
 use vicus::testing::conformance::{ResolverUnderTest, check_resolver};
 use vicus::{Delivery, Domus, ErrorId, FileResolver, FileWatchHandle, SendOptions, TabernaId};

@@ -761,7 +761,7 @@ struct BadResolver {
 }
 
 impl vicus::RouteResolver for BadResolver {
-    fn resolve(&self, _: TabernaId) -> vicus::domus::ResolveFuture<'_> {
+    fn resolve(&self, _: TabernaId) -> vicus::resolve::ResolveFuture<'_> {
         if self.panic {
             panic!("resolver bug");
         }
@@ -2347,6 +2347,191 @@ async fn sends_that_never_left_for_a_dead_replica_are_delivered_by_another() {
             "nothing reached the dead"
         );
         assert_eq!(counts[1].load(Ordering::SeqCst), before[1] + 40);
+    })
+    .await;
+}
+
+/// The mesh's routes, answered on the second poll: the domus cannot read them at once, so a
+/// send that chose an unreachable replica is not handed to another (failover asks only a
+/// resolver that answers at once). What such a send chooses in the first place is all that
+/// keeps it from a replica that is down — the replica choice's reachability view.
+struct AnswersLater(Arc<vicus::SimpleResolver>);
+
+impl vicus::RouteResolver for AnswersLater {
+    fn resolve(&self, taberna: TabernaId) -> vicus::resolve::ResolveFuture<'_> {
+        Box::pin(async move {
+            tokio::task::yield_now().await;
+            self.0.resolve(taberna).await
+        })
+    }
+
+    fn candidates(&self, taberna: TabernaId) -> vicus::resolve::CandidatesFuture<'_> {
+        Box::pin(async move {
+            tokio::task::yield_now().await;
+            self.0.candidates(taberna).await
+        })
+    }
+
+    fn changes(&self) -> Option<vicus::RouteChanges> {
+        self.0.changes()
+    }
+}
+
+/// Issue 21 (the replica choice as a pure function fed a reachability view): a replica whose
+/// peer the domus still holds, with its last dial failed, is not chosen while another can be
+/// reached — even where failover could not rescue the send.
+#[tokio::test]
+async fn a_replica_whose_dial_failed_is_not_chosen_while_another_can_be_reached() {
+    use std::sync::atomic::Ordering;
+    use vicus::{Candidate, Route};
+    within(async {
+        let mut mesh = Mesh::new().expect("mesh");
+        let mut config = Mesh::test_config();
+        config.reconnect_backoff_max = Duration::from_secs(30);
+        let a = mesh
+            .builder("a")
+            .expect("a")
+            .resolver(Arc::new(AnswersLater(mesh.resolver().clone())))
+            .config(config)
+            .build()
+            .await
+            .expect("a");
+        let (replicas, counts) = replicas(&mut mesh, &["r2"], TabernaId(66)).await;
+        // "ghost" is listed at a port where nothing listens.
+        let ghost_addr = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+            DomusAddr::tcp(l.local_addr().expect("addr"))
+        };
+        let ghost = Candidate::new(Route {
+            addr: ghost_addr,
+            identity: Some("spiffe://vicus.dev/domus/ghost".parse().expect("id")),
+        });
+        let r2 = Candidate::new(Route {
+            addr: addr_of(&replicas[0]),
+            identity: Some(replicas[0].identity().clone()),
+        });
+        // A send while ghost is the only candidate waits for it: its peer stays in a's
+        // table, and its dial fails.
+        mesh.resolver()
+            .insert_candidates(TabernaId(66), vec![ghost.clone()]);
+        let waiting = tokio::spawn(a.send(
+            TabernaId(66),
+            APP,
+            Bytes::from_static(b"to the ghost"),
+            send_opts(25_000),
+        ));
+        assert!(
+            eventually(Duration::from_secs(10), || {
+                a.reporting().snapshot().totals.dial_failures > 0
+            })
+            .await,
+            "a's dial to the ghost failed"
+        );
+        // Now r2 serves it too, with the same priority and weight: every send goes there.
+        mesh.resolver()
+            .insert_candidates(TabernaId(66), vec![ghost, r2]);
+        for i in 0..40 {
+            let out = a
+                .send(
+                    TabernaId(66),
+                    APP,
+                    Bytes::from_static(b"x"),
+                    send_opts(3_000),
+                )
+                .await
+                .unwrap_or_else(|e| panic!("send {i} went to the ghost: {e}"));
+            assert_eq!(out, Delivery::Accepted);
+        }
+        assert_eq!(counts[0].load(Ordering::SeqCst), 40);
+        assert!(
+            !waiting.is_finished(),
+            "the ghost's send still waits for it"
+        );
+        waiting.abort();
+    })
+    .await;
+}
+
+/// Issue 21, the other half of the reachability view: a replica that shut down, whose peer
+/// the domus has forgotten, is remembered as down and not chosen (for
+/// `reconnect_backoff_max`) while another can be reached — even where failover could not
+/// rescue the send.
+#[tokio::test]
+async fn a_forgotten_replica_that_shut_down_is_not_chosen_while_another_can_be_reached() {
+    use std::sync::atomic::Ordering;
+    use vicus::{Candidate, Route};
+    within(async {
+        let mut mesh = Mesh::new().expect("mesh");
+        let mut config = Mesh::test_config();
+        config.reconnect_backoff_max = Duration::from_secs(30);
+        let a = mesh
+            .builder("a")
+            .expect("a")
+            .resolver(Arc::new(AnswersLater(mesh.resolver().clone())))
+            .config(config)
+            .build()
+            .await
+            .expect("a");
+        let (replicas, counts) = replicas(&mut mesh, &["r1", "r2"], TabernaId(67)).await;
+        let candidates = replicas
+            .iter()
+            .map(|r| {
+                Candidate::new(Route {
+                    addr: addr_of(r),
+                    identity: Some(r.identity().clone()),
+                })
+            })
+            .collect();
+        mesh.resolver().insert_candidates(TabernaId(67), candidates);
+        // a talks to r1 (and so will see its CLOSE).
+        for _ in 0..100 {
+            if counts[0].load(Ordering::SeqCst) > 0 {
+                break;
+            }
+            a.send(
+                TabernaId(67),
+                APP,
+                Bytes::from_static(b"warm"),
+                send_opts(5_000),
+            )
+            .await
+            .expect("warm up");
+        }
+        assert!(
+            counts[0].load(Ordering::SeqCst) > 0,
+            "r1 was chosen at least once"
+        );
+        let r1_delivered = counts[0].load(Ordering::SeqCst);
+        let r2_before = counts[1].load(Ordering::SeqCst);
+        replicas[0].shutdown().await;
+        // a forgets r1 (it shut down and nothing is in flight): r1 leaves a's peer report.
+        let r1 = replicas[0].identity().clone();
+        assert!(
+            eventually(Duration::from_secs(10), || {
+                a.reporting()
+                    .snapshot()
+                    .per_peer
+                    .iter()
+                    .all(|p| p.peer != r1)
+            })
+            .await,
+            "a forgot r1: {:?}",
+            a.reporting().snapshot().per_peer
+        );
+        for i in 0..40 {
+            let out = a
+                .send(
+                    TabernaId(67),
+                    APP,
+                    Bytes::from_static(b"y"),
+                    send_opts(3_000),
+                )
+                .await
+                .unwrap_or_else(|e| panic!("send {i} went to r1, which shut down: {e}"));
+            assert_eq!(out, Delivery::Accepted);
+        }
+        assert_eq!(counts[0].load(Ordering::SeqCst), r1_delivered);
+        assert_eq!(counts[1].load(Ordering::SeqCst), r2_before + 40);
     })
     .await;
 }

@@ -154,7 +154,7 @@ async fn the_conformance_suite_catches_a_hanging_and_a_stale_resolver() {
     use std::future::Future;
     use std::pin::Pin;
     use std::sync::Arc;
-    use vicus::domus::{Candidate, ResolveFuture, RouteResolver};
+    use vicus::resolve::{Candidate, ResolveFuture, RouteResolver};
     use vicus::testing::conformance::{ResolverUnderTest, check_resolver};
 
     /// Answers what was set first, forever; hangs for anything unknown.

@@ -5,13 +5,13 @@
 use super::config::DomusConfig;
 use super::inbound::accept_loop;
 use super::peers::recheck_peers;
-use super::resolver::{ResolverFeed, RouteResolver, SimpleResolver};
 use super::routing::follow_routes;
 use super::{Domus, Shared};
 use crate::a0_transport::{AuthConfig, Connector, DomusAddr, PeerIdentity, Tally, Transport};
 use crate::a1_callis::reply_budget::ReplyBudget;
 use crate::error::Error;
 use crate::reporting::Recorder;
+use crate::resolve::{ResolverFeed, RouteResolver, SimpleResolver};
 use crate::runtime::blob::BlobContext;
 use crate::runtime::peer::DriverContext;
 use crate::runtime::rand_u64;
@@ -205,6 +205,7 @@ impl DomusBuilder {
             closed: std::sync::atomic::AtomicBool::new(false),
             route_generation: std::sync::atomic::AtomicU64::new(0),
             routes_followed: route_changes.is_some(),
+            resolver_changes: route_changes.clone(),
             send_routes: arc_swap::ArcSwap::from_pointee(HashMap::new()),
             send_routes_writer: Mutex::new(()),
         });

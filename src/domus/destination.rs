@@ -73,6 +73,7 @@ fn receipt() -> (Completion, Receipt) {
 /// A resolution and the generations it is valid for.
 struct Resolved {
     routes: u64,
+    resolver: u64,
     tabernas: usize,
     target: Target,
 }
@@ -198,6 +199,7 @@ impl RouteCache {
     fn fresh(&self, shared: &Shared, resolved: &Resolved) -> bool {
         shared.routes_followed
             && resolved.routes == shared.route_generation.load(Ordering::Acquire)
+            && resolved.resolver == shared.resolver_generation()
             && resolved.tabernas == shared.registry.generation()
     }
 
@@ -210,6 +212,7 @@ impl RouteCache {
     ) -> Result<Arc<Resolved>, Error> {
         // Read before resolving: a change from here on leaves the cache stale, never wrong.
         let routes = shared.route_generation.load(Ordering::Acquire);
+        let resolver = shared.resolver_generation();
         let tabernas = shared.registry.generation();
         let mut keep = true;
         let target = match &self.on {
@@ -227,6 +230,7 @@ impl RouteCache {
         };
         let resolved = Arc::new(Resolved {
             routes,
+            resolver,
             tabernas,
             target,
         });

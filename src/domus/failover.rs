@@ -4,10 +4,10 @@
 //! replicas).
 
 use super::Shared;
-use super::resolver::{Candidate, Route};
 use super::routing::Lookup;
 use super::send::move_send;
 use crate::a0_transport::{DomusAddr, DomusId};
+use crate::resolve::{Candidate, Route};
 use crate::runtime::peer::SendCmd;
 use crate::taberna::TabernaId;
 use std::sync::Arc;
@@ -80,11 +80,14 @@ impl Shared {
         let Lookup::Ready(Ok(candidates)) = self.start_candidates(taberna) else {
             return None;
         };
+        let unreachable = self
+            .peers
+            .unreachable(&candidates, tokio::time::Instant::now());
         let others: Vec<Candidate> = candidates
             .iter()
             .filter(|c| {
                 c.route.identity.as_ref().is_some_and(|id| {
-                    id != from && id != &self.local_id && self.may_choose(id, &c.route.addr)
+                    id != from && id != &self.local_id && !unreachable.contains(&&c.route)
                 })
             })
             .cloned()

@@ -15,16 +15,11 @@ mod blob_open;
 mod builder;
 mod config;
 mod destination;
-#[cfg(feature = "dns-srv")]
-mod dns_srv;
 mod failover;
-#[cfg(feature = "file-resolver")]
-mod file_resolver;
 mod inbound;
 mod local;
 mod peers;
 mod pins;
-mod resolver;
 mod routing;
 mod send;
 
@@ -43,16 +38,8 @@ pub use builder::DomusBuilder;
 use builder::Listen;
 pub use config::DomusConfig;
 pub use destination::{Destination, Outcome, Window};
-#[cfg(feature = "dns-srv")]
-pub use dns_srv::{DnsSrvConfig, DnsSrvResolver};
-#[cfg(feature = "file-resolver")]
-pub use file_resolver::{FileResolver, FileWatchHandle, RouteTable, RoutesFile};
 use inbound::serve_inbound;
 use peers::{PeerRef, PeerTable};
-pub use resolver::{
-    Candidate, CandidatesFuture, ResolveDomusFuture, ResolveFuture, ResolverFeed, ResolverFeeds,
-    Route, RouteChanges, RouteNotifier, RouteResolver, SimpleResolver,
-};
 use send::{CheckedSend, ReceiptKind, Wait};
 pub use send::{Receipt, SendOptions};
 
@@ -62,6 +49,7 @@ use crate::a0_transport::{
 use crate::a1_callis::reply_budget::ReplyBudget;
 use crate::error::{Error, ErrorId};
 use crate::reporting::{Event, Recorder, Reporting};
+use crate::resolve::{RouteChanges, RouteResolver};
 use crate::runtime::blob::BlobContext;
 use crate::runtime::ends::BlobCommand;
 use crate::runtime::peer::{DriverContext, PeerCommand};
@@ -125,8 +113,11 @@ struct Shared {
     /// again when it differs from the one it resolved at. Stays `None`-like (never bumped, and
     /// destinations resolve on every send) when the resolver cannot signal changes.
     route_generation: std::sync::atomic::AtomicU64,
-    /// Whether the resolver signals changes (so resolutions may be cached).
+    /// Whether the resolver signals changes (so resolutions may be cached), and how many it
+    /// signalled (a cached resolution made before the last one is stale at once, before the
+    /// route follower has handled it).
     routes_followed: bool,
+    resolver_changes: Option<RouteChanges>,
     /// The routes this domus's own sends ([`Domus::send`] and friends) went through, per
     /// taberna (at most [`routing::SEND_ROUTES_MAX`]): read without a lock, written on a miss.
     send_routes: arc_swap::ArcSwap<HashMap<TabernaId, Arc<destination::RouteCache>>>,

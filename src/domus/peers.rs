@@ -9,6 +9,7 @@ use super::failover::{DOWN_REMEMBERED, Down};
 use super::routing::ROUTED_MAX;
 use crate::a0_transport::{AuthenticatedStream, DomusAddr, DomusId};
 use crate::reporting::CallisKind;
+use crate::resolve::{Candidate, Route};
 use crate::runtime::blob::{BlobDriver, BlobLinks};
 use crate::runtime::budget::InFlightBudget;
 use crate::runtime::ends::BlobCommand;
@@ -218,13 +219,33 @@ impl PeerTable {
     /// Whether a send may choose the candidate `id` at `addr` at `now`: its peer is not known
     /// to be unreachable there (by its driver, or remembered after it was forgotten). A
     /// failure at another address does not count: the candidate moved (a restarted replica).
-    pub(super) fn may_choose(
+    #[cfg(test)]
+    fn may_choose(&self, id: &DomusId, addr: &DomusAddr, now: tokio::time::Instant) -> bool {
+        Self::choosable(self.lock().map.get(id), addr, now)
+    }
+
+    /// The routes among `candidates` whose peer a send may not choose at `now` (see
+    /// [`may_choose`](Self::may_choose)), in one look at the table.
+    pub(super) fn unreachable<'a>(
         &self,
-        id: &DomusId,
-        addr: &DomusAddr,
+        candidates: &'a [Candidate],
         now: tokio::time::Instant,
-    ) -> bool {
-        match self.lock().map.get(id) {
+    ) -> Vec<&'a Route> {
+        let entries = self.lock();
+        candidates
+            .iter()
+            .map(|c| &c.route)
+            .filter(|route| {
+                route
+                    .identity
+                    .as_ref()
+                    .is_some_and(|id| !Self::choosable(entries.map.get(id), &route.addr, now))
+            })
+            .collect()
+    }
+
+    fn choosable(entry: Option<&PeerEntry>, addr: &DomusAddr, now: tokio::time::Instant) -> bool {
+        match entry {
             Some(PeerEntry::Live(p)) => {
                 p.addr.as_ref() != Some(addr) || p.links.reachability.why_not().is_none()
             }

@@ -6,9 +6,9 @@
 use super::Shared;
 use super::destination::RouteCache;
 use super::peers::PeerRef;
-use super::resolver::{Candidate, CandidatesFuture, Route, RouteChanges};
 use crate::a0_transport::{DomusAddr, DomusId};
 use crate::error::{Error, ErrorId};
+use crate::resolve::{Candidate, CandidatesFuture, Route, RouteChanges, choose};
 use crate::runtime::peer::PeerCommand;
 use crate::runtime::rand_u64;
 use crate::taberna::TabernaId;
@@ -82,6 +82,13 @@ pub(super) fn resolver_panicked(taberna: TabernaId) -> Error {
 pub(super) const SEND_ROUTES_MAX: usize = 1024;
 
 impl Shared {
+    /// The changes the resolver signalled so far (0 for one that signals none).
+    pub(super) fn resolver_generation(&self) -> u64 {
+        self.resolver_changes
+            .as_ref()
+            .map_or(0, RouteChanges::generation)
+    }
+
     /// The route cache the domus's own sends to `taberna` go through: found without a lock
     /// (a snapshot read) on the steady path; made, and kept while there is room, on a miss.
     pub(super) fn route_cache(&self, taberna: TabernaId) -> Arc<RouteCache> {
@@ -187,63 +194,33 @@ impl Shared {
         self.peers.readdress(id, addr);
     }
 
-    /// Whether a send may choose the candidate `id` at `addr` now (see
-    /// [`PeerTable::may_choose`](super::peers::PeerTable::may_choose)).
-    pub(super) fn may_choose(&self, id: &DomusId, addr: &DomusAddr) -> bool {
-        self.peers.may_choose(id, addr, tokio::time::Instant::now())
-    }
-
-    /// Chooses among a taberna's candidates: the lowest priority that has a candidate this
-    /// domus can reach now (a candidate whose peer's last dial failed is skipped while another
-    /// can be tried), then by weight.
+    /// Chooses among a taberna's candidates ([`choose`]): the lowest priority that has a
+    /// candidate this domus can reach now (a candidate whose peer's last dial failed, or that
+    /// was forgotten unreachable there, is skipped while another can be tried), then by
+    /// weight. The reachability view is taken in one look at the peer table.
     pub(super) fn pick(
         &self,
         taberna: TabernaId,
         candidates: &[Candidate],
     ) -> Result<Route, Error> {
-        if let [only] = candidates {
-            return Ok(only.route.clone());
-        }
-        let reachable = |c: &Candidate| {
-            c.route
-                .identity
-                .as_ref()
-                .is_none_or(|id| self.may_choose(id, &c.route.addr))
-        };
-        let up: Vec<&Candidate> = candidates.iter().filter(|c| reachable(c)).collect();
-        let pool: Vec<&Candidate> = if up.is_empty() {
-            candidates.iter().collect()
-        } else {
-            up
-        };
-        let Some(best) = pool.iter().map(|c| c.priority).min() else {
-            return Err(Error::new(
-                ErrorId::UnknownTaberna,
-                format!("no route to {taberna}: the resolver listed no candidate"),
-            ));
-        };
-        let tier: Vec<&Candidate> = pool.into_iter().filter(|c| c.priority == best).collect();
-        let total: u64 = tier.iter().map(|c| u64::from(c.weight)).sum();
-        let chosen = if total == 0 {
-            tier.get(usize::try_from(rand_u64() % tier.len() as u64).unwrap_or(0))
-        } else {
-            let mut left = rand_u64() % total;
-            tier.iter().find(|c| {
-                let w = u64::from(c.weight);
-                if left < w {
-                    true
-                } else {
-                    left -= w;
-                    false
-                }
-            })
-        };
-        chosen.map(|c| c.route.clone()).ok_or_else(|| {
+        let no_candidate = || {
             Error::new(
                 ErrorId::UnknownTaberna,
                 format!("no route to {taberna}: the resolver listed no candidate"),
             )
-        })
+        };
+        match candidates {
+            [] => return Err(no_candidate()),
+            [only] => return Ok(only.route.clone()),
+            _ => {}
+        }
+        let unreachable = self
+            .peers
+            .unreachable(candidates, tokio::time::Instant::now());
+        let reachable = |c: &Candidate| !unreachable.contains(&&c.route);
+        choose(candidates, reachable, rand_u64())
+            .map(|c| c.route.clone())
+            .ok_or_else(no_candidate)
     }
 
     /// Starts the resolver's lookup for `taberna` and polls it once: an in-memory resolver

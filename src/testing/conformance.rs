@@ -33,8 +33,8 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::domus::{Candidate, Route, RouteResolver};
 use crate::error::ErrorId;
+use crate::resolve::{Candidate, Route, RouteResolver};
 use crate::{DomusAddr, DomusId, TabernaId};
 
 /// A resolver under test, with the means to change what it knows (a DNS zone, a file, a

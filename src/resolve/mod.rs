@@ -1,5 +1,9 @@
-//! Routes: which domus serves a taberna. [`RouteResolver`] is the pluggable lookup;
-//! [`SimpleResolver`] is an in-memory table that can change while running.
+//! Routes: which domus serves a taberna — the resolver layer, below the domus.
+//!
+//! A domus asks its [`RouteResolver`] where a taberna lives; this module holds that trait,
+//! what it answers ([`Route`], [`Candidate`]), the resolvers vicus ships ([`SimpleResolver`]
+//! in memory, `DnsSrvResolver` with feature `dns-srv`, `FileResolver` with feature
+//! `file-resolver`) and the rule the domus chooses among replicas by ([`choose`]).
 //!
 //! The resolver is trusted for reachability only: identity always comes from the certificate,
 //! and a route's `identity`, when given, is enforced at the handshake. Resolvers must answer
@@ -12,18 +16,103 @@
 //! running to the old address is abandoned, so messages waiting for that peer are replayed
 //! on the new path without waiting for a new send or a handshake timeout. Only routes that
 //! name the peer's identity move a peer: a route without one may lead to another domus.
+//!
+//! # Writing a resolver
+//!
+//! Everything an implementation names is reachable from this module (the identity, address,
+//! taberna id and error types are re-exported here too):
+//!
+//! * [`RouteResolver::resolve`] (required): the one [`Route`] to a taberna, or an
+//!   [`ErrorId::UnknownTaberna`] error. A resolver that knows replicas implements
+//!   [`RouteResolver::candidates`] as well and lists them all; the domus chooses.
+//! * [`RouteResolver::resolve_domus`]: where a domus named by identity is reached (optional).
+//! * [`RouteResolver::changes`]: keep a [`RouteNotifier`], return its
+//!   [`subscribe`](RouteNotifier::subscribe), call [`notify`](RouteNotifier::notify) after a
+//!   change (optional; without it routes are re-read by the next send only).
+//! * [`RouteResolver::attach`]: a resolver whose source fails in the background keeps the
+//!   [`ResolverFeed`] of each domus in a [`ResolverFeeds`] and reports there (optional).
+//!
+//! The futures are boxed ([`ResolveFuture`], [`CandidatesFuture`], [`ResolveDomusFuture`]); an
+//! in-memory answer is `Box::pin(std::future::ready(..))`, which the domus reads on its first
+//! poll without a timer. The contract a domus relies on (exact candidates, unknown tabernas
+//! as `UnknownTaberna` never a hang, changes seen within a bound, no panic on odd ids, the
+//! same answer to concurrent lookups) is a test: `vicus::testing::conformance::check_resolver`
+//! (feature `test-util`) runs it against your resolver.
+//!
+//! ```
+//! use std::sync::Arc;
+//! use vicus::resolve::{
+//!     Candidate, CandidatesFuture, DomusAddr, Error, ErrorId, ResolveFuture, Route,
+//!     RouteResolver, TabernaId,
+//! };
+//!
+//! /// Two replicas of taberna 7; nothing else.
+//! struct Fixed(Arc<[Candidate]>);
+//!
+//! impl RouteResolver for Fixed {
+//!     fn resolve(&self, taberna: TabernaId) -> ResolveFuture<'_> {
+//!         let route = match (taberna, self.0.first()) {
+//!             (TabernaId(7), Some(first)) => Ok(first.route.clone()),
+//!             _ => Err(Error::new(ErrorId::UnknownTaberna, format!("no route to {taberna}"))),
+//!         };
+//!         Box::pin(std::future::ready(route))
+//!     }
+//!
+//!     fn candidates(&self, taberna: TabernaId) -> CandidatesFuture<'_> {
+//!         let candidates = match taberna {
+//!             TabernaId(7) => Ok(self.0.clone()),
+//!             _ => Err(Error::new(ErrorId::UnknownTaberna, format!("no route to {taberna}"))),
+//!         };
+//!         Box::pin(std::future::ready(candidates))
+//!     }
+//! }
+//!
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let replica = |port, priority| Candidate {
+//!     route: Route { addr: DomusAddr::tcp(([10, 0, 0, 5], port)), identity: None },
+//!     priority,
+//!     weight: 1,
+//! };
+//! let resolver = Fixed(Arc::from([replica(7000, 0), replica(7001, 1)]));
+//! # let _ = resolver;
+//! # Ok(()) }
+//! ```
+//!
+//! # Choosing a replica
+//!
+//! [`choose`] is the rule, as a pure function the domus calls with its view of which
+//! candidates it can reach and one random number: the lowest priority that has a reachable
+//! candidate, then by weight (see [`Candidate`] and [`choose`] for the edge cases).
+//!
+//! This module must not import the runtime or the domus: it names only the transport's
+//! address and identity types, the taberna id, the reporting's error feed and the error
+//! types. The domus calls it; it never calls the domus. [`choose`] reads no clock and no
+//! randomness of its own.
 
-use std::collections::HashMap;
+mod choice;
+#[cfg(feature = "dns-srv")]
+pub mod dns_srv;
+#[cfg(feature = "file-resolver")]
+pub mod file;
+mod simple;
+
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, PoisonError, Weak};
 
-use arc_swap::ArcSwap;
+pub use choice::choose;
+#[cfg(feature = "dns-srv")]
+pub use dns_srv::{DnsSrvConfig, DnsSrvResolver};
+#[cfg(feature = "file-resolver")]
+pub use file::{FileResolver, FileWatchHandle, RouteTable, RoutesFile};
+pub use simple::SimpleResolver;
 
-use crate::a0_transport::{DomusAddr, DomusId};
-use crate::error::{Error, ErrorId};
+// What the trait's signatures and `Route` name, so an implementation imports from one path.
+pub use crate::a0_transport::{DomusAddr, DomusId};
+pub use crate::error::{Error, ErrorId};
+pub use crate::taberna::TabernaId;
+
 use crate::reporting::Recorder;
-use crate::taberna::TabernaId;
 
 /// Where a taberna lives.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -47,8 +136,9 @@ pub type ResolveFuture<'a> = Pin<Box<dyn Future<Output = Result<Route, Error>> +
 /// ([`RouteResolver::candidates`]). Like a DNS SRV record: the lowest `priority` is used while
 /// any of its candidates can be reached, and among those a send picks one with probability
 /// proportional to `weight` (weight 0 is used only when no candidate of that priority has a
-/// weight). A candidate whose domus shut down or could not be dialled is skipped while
-/// another can be tried (and for `reconnect_backoff_max` after its peer was forgotten).
+/// weight) — the rule is [`choose`]. A candidate whose domus shut down or could not be
+/// dialled is skipped while another can be tried (and for `reconnect_backoff_max` after its
+/// peer was forgotten).
 /// [`crate::Domus::send`] chooses per send; a [`crate::Destination`] chooses when it resolves
 /// (first send, and after a route change) and keeps that choice.
 ///
@@ -211,12 +301,15 @@ impl ResolverFeeds {
 #[derive(Debug)]
 pub struct RouteNotifier {
     tx: tokio::sync::watch::Sender<u64>,
+    /// Changes signalled so far, readable without a lock by every receiver.
+    generation: std::sync::Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl Default for RouteNotifier {
     fn default() -> Self {
         Self {
             tx: tokio::sync::watch::Sender::new(0),
+            generation: std::sync::Arc::default(),
         }
     }
 }
@@ -229,6 +322,8 @@ impl RouteNotifier {
 
     /// Signals that routes changed.
     pub fn notify(&self) {
+        self.generation
+            .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
         self.tx
             .send_modify(|generation| *generation = generation.wrapping_add(1));
     }
@@ -237,6 +332,7 @@ impl RouteNotifier {
     pub fn subscribe(&self) -> RouteChanges {
         RouteChanges {
             rx: self.tx.subscribe(),
+            generation: self.generation.clone(),
         }
     }
 }
@@ -245,6 +341,7 @@ impl RouteNotifier {
 #[derive(Debug, Clone)]
 pub struct RouteChanges {
     rx: tokio::sync::watch::Receiver<u64>,
+    generation: std::sync::Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl RouteChanges {
@@ -252,111 +349,10 @@ impl RouteChanges {
     pub async fn changed(&mut self) -> bool {
         self.rx.changed().await.is_ok()
     }
-}
 
-/// An in-memory routing table; insert and remove while the domus runs (each change reaches
-/// running domus at once, see the module docs).
-///
-/// Lookups read an immutable snapshot (no lock: every send resolves, from many tasks at
-/// once); changes copy the table and publish the copy, one writer at a time.
-#[derive(Debug, Default)]
-pub struct SimpleResolver {
-    routes: ArcSwap<HashMap<TabernaId, Arc<[Candidate]>>>,
-    /// Addresses of domus by identity, for sends addressed to a domus.
-    domus: ArcSwap<HashMap<DomusId, DomusAddr>>,
-    writer: Mutex<()>,
-    notifier: RouteNotifier,
-}
-
-impl SimpleResolver {
-    /// An empty table.
-    pub fn new() -> Self {
-        Self::default()
-    }
-
-    /// Routes `taberna` to `addr`, expecting `identity` there when given (its only
-    /// candidate).
-    pub fn insert(&self, taberna: TabernaId, addr: DomusAddr, identity: Option<DomusId>) {
-        self.insert_candidates(taberna, vec![Candidate::new(Route { addr, identity })]);
-    }
-
-    /// Routes `taberna` to several replicas (see [`Candidate`]); an empty list removes the
-    /// route.
-    pub fn insert_candidates(&self, taberna: TabernaId, candidates: Vec<Candidate>) {
-        self.update(|routes| {
-            if candidates.is_empty() {
-                routes.remove(&taberna);
-            } else {
-                routes.insert(taberna, Arc::from(candidates));
-            }
-        });
-    }
-
-    /// Removes the route to `taberna` (its first candidate is returned).
-    pub fn remove(&self, taberna: TabernaId) -> Option<Route> {
-        self.update(|routes| routes.remove(&taberna))
-            .and_then(|c| c.first().map(|c| c.route.clone()))
-    }
-
-    /// Says where the domus `id` is reached (for [`crate::Domus::destination_on`]).
-    pub fn insert_domus(&self, id: DomusId, addr: DomusAddr) {
-        let _writer = self.writer.lock().unwrap_or_else(PoisonError::into_inner);
-        let mut domus = HashMap::clone(&self.domus.load());
-        domus.insert(id, addr);
-        self.domus.store(Arc::new(domus));
-        self.notifier.notify();
-    }
-
-    /// Forgets where the domus `id` is reached.
-    pub fn remove_domus(&self, id: &DomusId) -> Option<DomusAddr> {
-        let _writer = self.writer.lock().unwrap_or_else(PoisonError::into_inner);
-        let mut domus = HashMap::clone(&self.domus.load());
-        let removed = domus.remove(id);
-        self.domus.store(Arc::new(domus));
-        self.notifier.notify();
-        removed
-    }
-
-    fn update<R>(&self, change: impl FnOnce(&mut HashMap<TabernaId, Arc<[Candidate]>>) -> R) -> R {
-        let _writer = self.writer.lock().unwrap_or_else(PoisonError::into_inner);
-        let mut routes = HashMap::clone(&self.routes.load());
-        let result = change(&mut routes);
-        self.routes.store(Arc::new(routes));
-        self.notifier.notify();
-        result
-    }
-
-    fn lookup(&self, taberna: TabernaId) -> Result<Arc<[Candidate]>, Error> {
-        self.routes.load().get(&taberna).cloned().ok_or_else(|| {
-            Error::new(
-                ErrorId::UnknownTaberna,
-                format!("no route to {taberna}: it is not local and the resolver does not know it"),
-            )
-        })
-    }
-}
-
-impl RouteResolver for SimpleResolver {
-    fn resolve(&self, taberna: TabernaId) -> ResolveFuture<'_> {
-        let route = self.lookup(taberna).and_then(|c| {
-            c.first().map(|c| c.route.clone()).ok_or_else(|| {
-                Error::new(ErrorId::UnknownTaberna, format!("no route to {taberna}"))
-            })
-        });
-        Box::pin(async move { route })
-    }
-
-    fn candidates(&self, taberna: TabernaId) -> CandidatesFuture<'_> {
-        let candidates = self.lookup(taberna);
-        Box::pin(async move { candidates })
-    }
-
-    fn resolve_domus<'a>(&'a self, id: &'a DomusId) -> ResolveDomusFuture<'a> {
-        let addr = self.domus.load().get(id).cloned();
-        Box::pin(std::future::ready(Ok(addr)))
-    }
-
-    fn changes(&self) -> Option<RouteChanges> {
-        Some(self.notifier.subscribe())
+    /// How many changes were signalled so far: read without a lock or a wait, so a cached
+    /// route can be checked against it on every send (it moves as soon as `notify` returns).
+    pub fn generation(&self) -> u64 {
+        self.generation.load(std::sync::atomic::Ordering::Acquire)
     }
 }
