@@ -6,8 +6,8 @@
 use super::Shared;
 use crate::a0_transport::{AuthenticatedStream, DomusId, Listener};
 use crate::error::{Error, ErrorId};
-use crate::reporting::C;
 use crate::reporting::CallisKind;
+use crate::reporting::Counter;
 use crate::runtime::accept::{read_first_frame, refuse};
 use crate::runtime::ends::BlobCommand;
 use crate::runtime::peer::PeerCommand;
@@ -93,7 +93,7 @@ pub(super) async fn serve_inbound(
         Ok(Err(e)) => {
             shared
                 .recorder
-                .add(C::primary_bytes_in, prefix.len() as u64);
+                .add(Counter::primary_bytes_in, prefix.len() as u64);
             tracing::debug!(peer = %peer_id, error = %e, "inbound callis closed before its first frame");
         }
         Err(_) => {
@@ -181,11 +181,12 @@ impl Shared {
     /// logged, rate-limited. The bytes read and the CLOSE written count like any callis's.
     pub(super) async fn refuse(&self, mut stream: AuthenticatedStream, error: Error, read: &[u8]) {
         let peer = stream.peer().id().clone();
-        self.recorder.add(C::primary_bytes_in, read.len() as u64);
+        self.recorder
+            .add(Counter::primary_bytes_in, read.len() as u64);
         if error.id() == ErrorId::ProtocolViolation {
             self.recorder.protocol_violation(&peer, &error);
         } else {
-            self.recorder.inc(C::calles_refused);
+            self.recorder.inc(Counter::calles_refused);
             if let Some(suppressed) = self
                 .recorder
                 .log_allowed(crate::reporting::LogKind::CallisRefused)
@@ -195,7 +196,8 @@ impl Shared {
             self.recorder.error(error.clone());
         }
         if let Some(written) = refuse(&mut stream, &error).await {
-            self.recorder.add(C::primary_bytes_out, written as u64);
+            self.recorder
+                .add(Counter::primary_bytes_out, written as u64);
         }
     }
 

@@ -6,7 +6,7 @@ use super::Shared;
 use super::send::Receipt;
 use super::send::ReceiptKind;
 use crate::error::{Error, ErrorId};
-use crate::reporting::{C, Recorder};
+use crate::reporting::{Counter, Recorder};
 use crate::runtime::Delivery;
 use crate::runtime::ends::BlobReceiver;
 use crate::runtime::peer::record_failure;
@@ -48,8 +48,8 @@ impl LocalAnswer {
             },
         };
         match &result {
-            Ok(Delivery::Accepted) => self.recorder.inc(C::messages_accepted),
-            Ok(Delivery::Replied(_)) => self.recorder.inc(C::messages_replied),
+            Ok(Delivery::Accepted) => self.recorder.inc(Counter::messages_accepted),
+            Ok(Delivery::Replied(_)) => self.recorder.inc(Counter::messages_replied),
             Err(e) => record_failure(&self.recorder, e),
         }
         Poll::Ready(result)
@@ -78,7 +78,7 @@ impl Shared {
         if let Some(blob) = blob {
             request = request.with_blob(blob);
         }
-        self.recorder.inc(C::messages_sent);
+        self.recorder.inc(Counter::messages_sent);
         self.registry.deliver(request);
         Receipt {
             inner: ReceiptKind::Local(Box::new(LocalAnswer {

@@ -10,7 +10,7 @@ use super::local::LocalAnswer;
 use super::peers::PeerRef;
 use crate::a0_transport::{DomusAddr, DomusId};
 use crate::error::{Error, ErrorId};
-use crate::reporting::{C, Event};
+use crate::reporting::{Counter, Event};
 use crate::runtime::Delivery;
 use crate::runtime::budget::{InFlight, InFlightBudget};
 use crate::runtime::completion::Completion;
@@ -341,9 +341,9 @@ impl Shared {
         // Taking room is all this waits for: any of these means the queue was full.
         if taken.as_ref().is_err_and(|e| e.id().is_queue_overrun()) {
             self.recorder.inc(if a3 {
-                C::queue_overruns_send_a3
+                Counter::queue_overruns_send_a3
             } else {
-                C::queue_overruns_send_a2
+                Counter::queue_overruns_send_a2
             });
             self.recorder.event(Event::Backpressure {
                 peer: peer_id.clone(),

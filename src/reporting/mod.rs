@@ -41,7 +41,7 @@ pub use feeds::{
 };
 pub use recorder::{LOG_LINES_PER_WINDOW, LOG_WINDOW};
 pub(crate) use recorder::{LogKind, PeerCells, Recorder, TurnCounts};
-pub(crate) use snapshot::C;
+pub(crate) use snapshot::Counter;
 pub use snapshot::{Counters, Gauge, Latency, PeerReport, Snapshot};
 
 /// What a domus is doing: metrics, events and errors. From
@@ -210,7 +210,7 @@ mod tests {
         };
         let mut sum = 0;
         for round in 1..=5u64 {
-            r.add(C::messages_sent, round);
+            r.add(Counter::messages_sent, round);
             r.blob_stream(true);
             sum += rep.snapshot_and_reset().counters.messages_sent;
         }

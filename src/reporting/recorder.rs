@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::broadcast;
 
 use super::feeds::{CallisKind, Event, SequencedError};
-use super::snapshot::{C, CounterCells, Counters, Gauge, Latency, PeerReport, Snapshot};
+use super::snapshot::{Counter, CounterCells, Counters, Gauge, Latency, PeerReport, Snapshot};
 use super::{ERROR_RING_LEN, LATENCY_BUCKETS};
 use crate::a0_transport::DomusId;
 use crate::error::{Error, ErrorId};
@@ -210,12 +210,12 @@ impl Recorder {
     }
 
     /// Adds `n` to a counter.
-    pub(crate) fn add(&self, c: C, n: u64) {
+    pub(crate) fn add(&self, c: Counter, n: u64) {
         self.counters.cell(c).fetch_add(n, Ordering::Relaxed);
     }
 
     /// Adds one to a counter.
-    pub(crate) fn inc(&self, c: C) {
+    pub(crate) fn inc(&self, c: Counter) {
         self.add(c, 1);
     }
 
@@ -223,13 +223,13 @@ impl Recorder {
         let (gauge, opened, closed) = match kind {
             CallisKind::Primary => (
                 &self.primary_calles,
-                C::primary_calles_opened,
-                C::primary_calles_closed,
+                Counter::primary_calles_opened,
+                Counter::primary_calles_closed,
             ),
             CallisKind::Blob => (
                 &self.blob_calles,
-                C::blob_calles_opened,
-                C::blob_calles_closed,
+                Counter::blob_calles_opened,
+                Counter::blob_calles_closed,
             ),
         };
         if up {
@@ -312,7 +312,7 @@ impl Recorder {
     }
 
     pub(crate) fn rejected(&self, id: ErrorId) {
-        self.inc(C::messages_rejected);
+        self.inc(Counter::messages_rejected);
         *self
             .rejected_by
             .lock()
@@ -323,7 +323,7 @@ impl Recorder {
 
     /// A message from a peer refused before any handler saw it.
     pub(crate) fn refused(&self, id: ErrorId) {
-        self.inc(C::messages_refused);
+        self.inc(Counter::messages_refused);
         *self
             .refused_by
             .lock()
@@ -335,7 +335,7 @@ impl Recorder {
     /// A peer broke the protocol on a callis (which is being closed): counted, logged
     /// (rate-limited) and published on the error feed with the peer's identity.
     pub(crate) fn protocol_violation(&self, peer: &DomusId, error: &Error) {
-        self.inc(C::protocol_violations);
+        self.inc(Counter::protocol_violations);
         if let Some(suppressed) = self.log_allowed(LogKind::ProtocolViolation) {
             tracing::warn!(%peer, error = %error, suppressed, "protocol violation; callis closed");
         }
@@ -346,9 +346,9 @@ impl Recorder {
     }
 
     pub(crate) fn handshake_failed(&self, error: &Error) {
-        self.inc(C::handshake_failures);
+        self.inc(Counter::handshake_failures);
         if error.id() == ErrorId::IdentityMismatch {
-            self.inc(C::identity_mismatches);
+            self.inc(Counter::identity_mismatches);
         }
         *self
             .handshake_failures_by
@@ -653,10 +653,16 @@ impl TurnCounts {
                 .fetch_add(self.received, Ordering::Relaxed);
         }
         for (c, n) in [
-            (C::messages_sent, std::mem::take(&mut self.sent)),
-            (C::messages_received, std::mem::take(&mut self.received)),
-            (C::messages_accepted, std::mem::take(&mut self.accepted)),
-            (C::messages_replied, std::mem::take(&mut self.replied)),
+            (Counter::messages_sent, std::mem::take(&mut self.sent)),
+            (
+                Counter::messages_received,
+                std::mem::take(&mut self.received),
+            ),
+            (
+                Counter::messages_accepted,
+                std::mem::take(&mut self.accepted),
+            ),
+            (Counter::messages_replied, std::mem::take(&mut self.replied)),
         ] {
             if n > 0 {
                 rec.add(c, n);

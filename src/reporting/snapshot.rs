@@ -48,11 +48,11 @@ macro_rules! counters {
         /// A counter a producer increments.
         #[derive(Debug, Clone, Copy, PartialEq, Eq)]
         #[allow(non_camel_case_types)]
-        pub(crate) enum C { $( $name, )* }
+        pub(crate) enum Counter { $( $name, )* }
 
         impl CounterCells {
-            pub(super) fn cell(&self, c: C) -> &AtomicU64 {
-                match c { $( C::$name => &self.$name, )* }
+            pub(super) fn cell(&self, c: Counter) -> &AtomicU64 {
+                match c { $( Counter::$name => &self.$name, )* }
             }
         }
     };

@@ -44,7 +44,7 @@ use crate::a0_transport::{DomusAddr, DomusId, Transport};
 use crate::a1_callis::blob::{BlobConfig, BlobEvent, BlobStreams};
 use crate::a1_callis::link::{Backoff, WriteWatch};
 use crate::error::{Error, ErrorId};
-use crate::reporting::{C, CallisKind, PeerCells, Recorder};
+use crate::reporting::{CallisKind, Counter, PeerCells, Recorder};
 
 mod link;
 
@@ -161,8 +161,8 @@ impl BlobDriver {
             recorder: ctx.recorder.clone(),
             cells,
             counters: ByteCounters {
-                bytes_in: C::blob_bytes_in,
-                bytes_out: C::blob_bytes_out,
+                bytes_in: Counter::blob_bytes_in,
+                bytes_out: Counter::blob_bytes_out,
             },
         };
         Self {
@@ -197,15 +197,15 @@ impl BlobDriver {
     }
 
     fn stream_opened(&self) {
-        self.ctx.recorder.inc(C::blob_streams_opened);
+        self.ctx.recorder.inc(Counter::blob_streams_opened);
         self.ctx.recorder.blob_stream(true);
     }
 
     fn stream_ended(&self, completed: bool) {
         self.ctx.recorder.inc(if completed {
-            C::blob_streams_completed
+            Counter::blob_streams_completed
         } else {
-            C::blob_streams_cancelled
+            Counter::blob_streams_cancelled
         });
         self.ctx.recorder.blob_stream(false);
     }

@@ -37,7 +37,7 @@ pub(crate) use crate::a1_callis::session::Outgoing;
 use crate::a1_callis::session::{Session, SessionConfig};
 use crate::a1_callis::window::IdQueue;
 use crate::error::{Error, ErrorId};
-use crate::reporting::{C, PeerCells, Recorder, TurnCounts};
+use crate::reporting::{Counter, PeerCells, Recorder, TurnCounts};
 
 mod dispatch;
 mod lifecycle;
@@ -161,8 +161,8 @@ impl PeerDriver {
             recorder: ctx.recorder.clone(),
             cells: links.cells.clone(),
             counters: ByteCounters {
-                bytes_in: C::primary_bytes_in,
-                bytes_out: C::primary_bytes_out,
+                bytes_in: Counter::primary_bytes_in,
+                bytes_out: Counter::primary_bytes_out,
             },
         };
         let driver = Self {
@@ -402,9 +402,9 @@ impl ReadSink for SessionInput<'_> {
 /// see [`ErrorId::is_rejection`]) or failed.
 pub(crate) fn record_failure(rec: &Recorder, e: &Error) {
     match e.id() {
-        ErrorId::SendTimeout => rec.inc(C::messages_timed_out),
+        ErrorId::SendTimeout => rec.inc(Counter::messages_timed_out),
         id if id.is_rejection() => rec.rejected(id),
-        _ => rec.inc(C::messages_failed),
+        _ => rec.inc(Counter::messages_failed),
     }
 }
 

@@ -22,7 +22,7 @@ use super::{
 use crate::a0_transport::DomusId;
 use crate::a1_callis::session::Answer;
 use crate::error::{Error, ErrorId};
-use crate::reporting::{C, Event, LogKind, Recorder};
+use crate::reporting::{Counter, Event, LogKind, Recorder};
 use crate::runtime::{Delivered, Inbound, InboundMessage};
 
 impl Inbound for Registry {
@@ -254,7 +254,7 @@ impl Registry {
         if let Some(started) = started {
             let took = started.elapsed();
             if took > inline::SLOW_INLINE_CALL {
-                self.recorder.inc(C::inline_handlers_slow);
+                self.recorder.inc(Counter::inline_handlers_slow);
                 if let Some(suppressed) = self.recorder.log_allowed(LogKind::InlineHandlerSlow) {
                     tracing::warn!(
                         taberna = request.destination.0,
@@ -388,7 +388,7 @@ impl Registry {
                                 .inbox_depth
                                 .unwrap_or_else(|| self.default_depth.load(Ordering::Relaxed));
                             if inbox.len() >= depth {
-                                self.recorder.inc(C::queue_overruns_inbox);
+                                self.recorder.inc(Counter::queue_overruns_inbox);
                                 self.recorder.event(Event::QueueOverrun {
                                     taberna: request.destination.0,
                                 });

@@ -16,7 +16,7 @@ use super::{PeerCommand, PeerDriver, SendCmd};
 use crate::a0_transport::AuthenticatedStream;
 use crate::a1_callis::link::{AgeAction, keep_current};
 use crate::error::{Error, ErrorId};
-use crate::reporting::{C, CallisKind, Event as Report};
+use crate::reporting::{CallisKind, Counter, Event as Report};
 use crate::runtime::callis::{CallisIo, dialler_of};
 use crate::runtime::ends::BlobCommand;
 
@@ -267,7 +267,7 @@ impl PeerDriver {
         tracing::debug!(peer = %self.peer_id, error = %error, permanent, "dial failed");
         let rec = &self.ctx.recorder;
         if error.id() == ErrorId::IdentityMismatch {
-            rec.inc(C::identity_mismatches);
+            rec.inc(Counter::identity_mismatches);
             if let Some(addr) = self.dialer.addr() {
                 self.retirement.forget.not_at(&self.peer_id, addr);
             }
