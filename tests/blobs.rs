@@ -19,10 +19,7 @@ use vicus::{
     TabernaId, TabernaRequest,
 };
 
-const APP: MessageType = match MessageType::app(7) {
-    Some(t) => t,
-    None => panic!(),
-};
+const APP: MessageType = MessageType::app(7);
 
 /// Defaults with quick reconnects.
 fn fast() -> DomusConfig {

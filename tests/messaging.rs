@@ -11,10 +11,7 @@ use common::*;
 use vicus::DomusAddr;
 use vicus::{Delivery, Domus, DomusConfig, ErrorId, MessageType, SendOptions, TabernaId};
 
-const APP: MessageType = match MessageType::app(1) {
-    Some(t) => t,
-    None => panic!(),
-};
+const APP: MessageType = MessageType::app(1);
 
 /// A mesh whose domus keep the default configuration (these tests check the defaults'
 /// reconnect behaviour).
@@ -1370,7 +1367,7 @@ async fn calles_can_be_carried_by_an_in_memory_stream_instead_of_a_socket() {
     .await;
 }
 
-const PIPELINED: MessageType = MessageType::application(7);
+const PIPELINED: MessageType = MessageType::app(7);
 
 #[tokio::test]
 async fn a_destination_resolves_once_follows_route_changes_and_pipelines_through_a_window() {

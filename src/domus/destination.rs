@@ -447,7 +447,7 @@ pub(super) async fn admit_through(
 /// ```no_run
 /// # async fn run(domus: vicus::Domus) -> Result<(), vicus::Error> {
 /// # use bytes::Bytes;
-/// # const KIND: vicus::MessageType = vicus::MessageType::application(1);
+/// # const KIND: vicus::MessageType = vicus::MessageType::app(1);
 /// let mut window = domus.destination(vicus::TabernaId(2)).window(1024);
 /// for n in 0u32..100_000 {
 ///     // Full: the oldest send's outcome comes back before the next one goes out.

@@ -66,19 +66,27 @@ pub enum MessageClass {
 }
 
 impl MessageType {
-    /// The A3 type `0x0100_0000 + offset`; `None` when that would overflow.
-    pub const fn app(offset: u32) -> Option<Self> {
+    /// The A3 type `0x0100_0000 + offset`, for the first 65 536 application types: it cannot
+    /// overflow, so it needs no unwrapping and works in a `const`
+    /// (`const PING: MessageType = MessageType::app(1);`). [`try_app`](Self::try_app) takes
+    /// any `u32` offset.
+    pub const fn app(offset: u16) -> Self {
+        Self(A3_MESSAGE_TYPE_BASE | offset as u32)
+    }
+
+    /// The A3 type `0x0100_0000 + offset` for an offset of any size; `None` when that would
+    /// overflow a `u32`.
+    ///
+    /// ```
+    /// # use vicus::MessageType;
+    /// assert_eq!(MessageType::try_app(70_000), Some(MessageType(0x0101_1170)));
+    /// assert_eq!(MessageType::try_app(u32::MAX), None);
+    /// ```
+    pub const fn try_app(offset: u32) -> Option<Self> {
         match A3_MESSAGE_TYPE_BASE.checked_add(offset) {
             Some(t) => Some(Self(t)),
             None => None,
         }
-    }
-
-    /// The A3 type `0x0100_0000 + offset`, for the first 65 536 application types: it cannot
-    /// overflow, so it needs no unwrapping and works in a `const`
-    /// (`const PING: MessageType = MessageType::application(1);`).
-    pub const fn application(offset: u16) -> Self {
-        Self(A3_MESSAGE_TYPE_BASE | offset as u32)
     }
 
     /// This type's class.

@@ -58,7 +58,7 @@ use crate::{
 };
 
 /// The message type [`Mesh::send`] uses.
-pub const MESH_MESSAGE_TYPE: MessageType = MessageType::application(1);
+pub const MESH_MESSAGE_TYPE: MessageType = MessageType::app(1);
 
 /// A development CA, a shared resolver and named domus on loopback; see the module docs.
 pub struct Mesh {
