@@ -25,15 +25,14 @@ use arc_swap::ArcSwapOption;
 use bytes::Bytes;
 use tokio_util::sync::DropGuard;
 
-use super::{CheckedSend, Delivery, PeerRef, Receipt, ReceiptKind, SendOptions, Shared, Wait};
+use super::{
+    CheckedSend, Delivery, Outcome, PeerRef, Receipt, ReceiptKind, SendOptions, Shared, Wait,
+};
 use crate::a0_transport::DomusId;
 use crate::error::Error;
 use crate::runtime::completion::{Completion, CompletionRing};
 use crate::runtime::peer::Outgoing;
 use crate::taberna::{MessageType, TabernaId};
-
-/// The outcome of one send: how the receiver answered, or why it failed.
-pub type Outcome = Result<Delivery, Error>;
 
 /// Where a destination's sends go, as last resolved.
 enum Target {

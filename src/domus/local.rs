@@ -7,10 +7,10 @@ use super::send::Receipt;
 use super::send::ReceiptKind;
 use crate::error::{Error, ErrorId};
 use crate::reporting::{Counter, Recorder};
-use crate::runtime::Delivery;
 use crate::runtime::ends::BlobReceiver;
 use crate::runtime::peer::record_failure;
 use crate::runtime::{Answer, local_answer_result};
+use crate::runtime::{Delivery, Outcome};
 use crate::taberna::{AnswerSink, MessageType, TabernaId, TabernaRequest};
 use bytes::Bytes;
 use std::future::Future;
@@ -31,7 +31,7 @@ pub(super) struct LocalAnswer {
 }
 
 impl LocalAnswer {
-    pub(super) fn poll(&mut self, cx: &mut Context<'_>) -> Poll<Result<Delivery, Error>> {
+    pub(super) fn poll(&mut self, cx: &mut Context<'_>) -> Poll<Outcome> {
         let context = &self.context;
         let result = match Pin::new(&mut self.answer).poll(cx) {
             Poll::Ready(Ok(answer)) => local_answer_result(answer, self.max_reply, context),

@@ -32,12 +32,12 @@ use tokio::sync::Semaphore;
 use tokio_util::sync::{CancellationToken, DropGuard};
 use tokio_util::task::TaskTracker;
 
-pub use crate::runtime::Delivery;
 pub use crate::runtime::ends::{BlobReceiver, BlobSender};
+pub use crate::runtime::{Delivery, Outcome};
 pub use builder::DomusBuilder;
 use builder::Listen;
 pub use config::DomusConfig;
-pub use destination::{Destination, Outcome, Window};
+pub use destination::{Destination, Window};
 use inbound::serve_inbound;
 use peers::{PeerRef, PeerTable};
 use send::{CheckedSend, ReceiptKind, Wait};
@@ -358,7 +358,7 @@ impl Domus {
         msg_type: MessageType,
         payload: Bytes,
         options: SendOptions,
-    ) -> impl Future<Output = Result<Delivery, Error>> + Send + 'static {
+    ) -> impl Future<Output = Outcome> + Send + 'static {
         let route = self.shared.route_cache(taberna);
         destination::send_through(
             self.shared.clone(),
@@ -376,7 +376,7 @@ impl Domus {
         msg_type: MessageType,
         payload: Bytes,
         options: SendOptions,
-    ) -> impl Future<Output = Result<Delivery, Error>> + Send + 'static {
+    ) -> impl Future<Output = Outcome> + Send + 'static {
         let route = self.shared.route_cache(taberna);
         destination::send_through(
             self.shared.clone(),

@@ -11,7 +11,7 @@ use super::peers::PeerRef;
 use crate::a0_transport::{DomusAddr, DomusId};
 use crate::error::{Error, ErrorId};
 use crate::reporting::{Counter, Event};
-use crate::runtime::Delivery;
+use crate::runtime::Outcome;
 use crate::runtime::budget::{InFlight, InFlightBudget};
 use crate::runtime::completion::Completion;
 use crate::runtime::domus_closed;
@@ -83,7 +83,7 @@ pub struct Receipt {
 
 pub(super) enum ReceiptKind {
     /// The peer's driver completes it.
-    Remote(oneshot::Receiver<Result<Delivery, Error>>),
+    Remote(oneshot::Receiver<Outcome>),
     /// A taberna on this domus answers it, within the send's timeout (kept here: no task
     /// waits for a local answer).
     Local(Box<LocalAnswer>),
@@ -100,7 +100,7 @@ impl std::fmt::Debug for Receipt {
 }
 
 impl Future for Receipt {
-    type Output = Result<Delivery, Error>;
+    type Output = Outcome;
 
     /// A local send is counted (accepted, replied, failed) when its receipt resolves.
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {

@@ -16,11 +16,7 @@ use std::task::{Context, Waker};
 
 use tokio::sync::oneshot;
 
-use super::{Delivery, domus_closed};
-use crate::error::Error;
-
-/// A send's outcome.
-pub(crate) type Outcome = Result<Delivery, Error>;
+use super::{Outcome, domus_closed};
 
 /// Where one send's outcome goes. Fulfilled once; dropped unfulfilled, it reports
 /// `DomusClosed`.
@@ -229,6 +225,7 @@ impl Ring {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::runtime::Delivery;
     use crate::runtime::test_wakers::{Counter, park_for_wake, unpark_current};
     use std::sync::atomic::Ordering;
     use std::task::Poll;

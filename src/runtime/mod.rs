@@ -55,6 +55,9 @@ pub enum Delivery {
     Replied(Bytes),
 }
 
+/// The outcome of one send: how the receiver answered, or why it failed.
+pub type Outcome = Result<Delivery, Error>;
+
 /// What a local taberna's answer means for its caller: as [`answer_result`], after holding a
 /// reply to `max_reply` bytes (the receiver's `max_message_len`, which a remote reply meets on
 /// the wire).
@@ -62,7 +65,7 @@ pub(crate) fn local_answer_result(
     answer: Answer,
     max_reply: usize,
     context: impl std::fmt::Display,
-) -> Result<Delivery, Error> {
+) -> Outcome {
     match answer {
         Answer::Replied(p) if p.len() > max_reply => {
             answer_result(too_large_reply(p.len(), max_reply), context)
@@ -74,10 +77,7 @@ pub(crate) fn local_answer_result(
 /// What a send's answer means for its caller: the one mapping of answers to results, for
 /// remote and local tabernas alike. `context` names the destination in error messages.
 #[inline]
-pub(crate) fn answer_result(
-    answer: Answer,
-    context: impl std::fmt::Display,
-) -> Result<Delivery, Error> {
+pub(crate) fn answer_result(answer: Answer, context: impl std::fmt::Display) -> Outcome {
     let (error, code, reason) = match answer {
         Answer::Accepted => return Ok(Delivery::Accepted),
         Answer::Replied(payload) => return Ok(Delivery::Replied(payload)),

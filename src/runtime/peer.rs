@@ -30,7 +30,7 @@ use super::callis::{Alarm, ByteCounters, CallisIo, Counting, Dialer, ReadSink, S
 use super::completion::Completion;
 use super::ends::BlobCommand;
 use super::queue::WakeQueue;
-use super::{Delivery, domus_closed, yield_turn};
+use super::{Outcome, domus_closed, yield_turn};
 use crate::a0_transport::{DomusAddr, DomusId, PeerIdentity};
 use crate::a1_callis::link::{Backoff, CallisAge};
 pub(crate) use crate::a1_callis::session::Outgoing;
@@ -107,7 +107,7 @@ pub(crate) struct PeerDriver {
     /// handed back).
     counts: TurnCounts,
     /// Outcomes of this dispatch, handed to their senders after the counts are published.
-    completed: Vec<(Completion, Result<Delivery, Error>)>,
+    completed: Vec<(Completion, Outcome)>,
     /// The clock, read once per turn of the driver loop (every session call of the turn uses
     /// it): `now` and the same instant as the recorder's microseconds.
     now: std::time::Instant,

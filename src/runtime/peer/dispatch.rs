@@ -244,7 +244,7 @@ impl PeerDriver {
         }
     }
 
-    pub(super) fn outcome_to_result(&self, dst: u64, outcome: Outcome) -> Result<Delivery, Error> {
+    pub(super) fn outcome_to_result(&self, dst: u64, outcome: Outcome) -> crate::runtime::Outcome {
         match outcome {
             Outcome::Answered(answer) => {
                 answer_result(answer, format_args!("taberna {dst} on {}", self.peer_id))
