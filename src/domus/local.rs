@@ -79,7 +79,7 @@ impl Shared {
             request = request.with_blob(blob);
         }
         self.recorder.inc(Counter::messages_sent);
-        self.registry.deliver(request);
+        self.registry.offer(request);
         Receipt {
             inner: ReceiptKind::Local(Box::new(LocalAnswer {
                 answer: answer_rx,

@@ -42,7 +42,7 @@ impl Completion {
     /// Hands `outcome` to whoever waits (nothing happens when nobody does any more).
     pub(crate) fn complete(mut self, outcome: Outcome) {
         if let Some(to) = self.0.take() {
-            to.deliver(outcome);
+            to.fulfil(outcome);
         }
     }
 
@@ -56,7 +56,7 @@ impl Completion {
             let (ring, ticket) = match to {
                 To::Slot(ring, ticket) => (ring, ticket),
                 other => {
-                    other.deliver(outcome);
+                    other.fulfil(outcome);
                     continue;
                 }
             };
@@ -87,7 +87,7 @@ impl Completion {
 }
 
 impl To {
-    fn deliver(self, outcome: Outcome) {
+    fn fulfil(self, outcome: Outcome) {
         match self {
             To::Oneshot(tx) => {
                 let _ = tx.send(outcome);
@@ -100,7 +100,7 @@ impl To {
 impl Drop for Completion {
     fn drop(&mut self) {
         if let Some(to) = self.0.take() {
-            to.deliver(Err(domus_closed()));
+            to.fulfil(Err(domus_closed()));
         }
     }
 }

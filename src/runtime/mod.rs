@@ -129,12 +129,12 @@ pub(crate) struct InboundMessage {
 /// Where the runtime hands deliveries: implemented by the upper layer (the taberna
 /// registry). It must not block; a refusal is answered through [`InboundMessage::answer`].
 pub(crate) trait Inbound: Send + Sync + 'static {
-    /// Offers a delivery to its taberna.
-    fn deliver(&self, message: InboundMessage) -> Delivered;
+    /// Takes a delivery in: offers it to its taberna, or refuses it.
+    fn take_in(&self, message: InboundMessage) -> Intake;
 }
 
-/// What became of a delivery handed to [`Inbound::deliver`].
-pub(crate) enum Delivered {
+/// What became of a delivery handed to [`Inbound::take_in`].
+pub(crate) enum Intake {
     /// It waits in the taberna's inbox; its handler answers through its `AnswerTx`.
     Queued,
     /// It was refused and answered through its `AnswerTx` (and counted as refused).

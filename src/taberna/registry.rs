@@ -23,17 +23,17 @@ use crate::a0_transport::DomusId;
 use crate::a1_callis::session::Answer;
 use crate::error::{Error, ErrorId};
 use crate::reporting::{Counter, Event, LogKind, Recorder};
-use crate::runtime::{Delivered, Inbound, InboundMessage};
+use crate::runtime::{Inbound, InboundMessage, Intake};
 
 impl Inbound for Registry {
-    fn deliver(&self, m: InboundMessage) -> Delivered {
+    fn take_in(&self, m: InboundMessage) -> Intake {
         // Inline tabernas and refusals are answered here, without a TabernaRequest or an
         // answer hop: the driver writes the answer itself.
         {
             let entries = self.entries.load();
             let refused = |error: ErrorId, reason: &str| {
                 self.recorder.refused(error);
-                Delivered::Answered(Answer::refusal(error, reason))
+                Intake::Answered(Answer::refusal(error, reason))
             };
             let Some(entry) = entries.get(&TabernaId(m.dst)) else {
                 return refused(
@@ -63,11 +63,7 @@ impl Inbound for Registry {
                     message_type: MessageType(m.msg_type),
                     payload: &m.payload,
                 };
-                return Delivered::AnsweredByHandler(self.call_inline(
-                    handler.as_ref(),
-                    calls,
-                    view,
-                ));
+                return Intake::AnsweredByHandler(self.call_inline(handler.as_ref(), calls, view));
             }
         }
         let mut request = TabernaRequest::new(
@@ -79,10 +75,10 @@ impl Inbound for Registry {
             AnswerSink::Remote(m.answer),
         );
         request.blob = m.blob;
-        if Registry::deliver(self, request) {
-            Delivered::Queued
+        if self.offer(request) {
+            Intake::Queued
         } else {
-            Delivered::Refused
+            Intake::Refused
         }
     }
 }
@@ -121,7 +117,7 @@ struct Entry {
 /// Where an admitted delivery goes.
 enum Inbox {
     /// A queue workers take from. Unbounded as a channel; bounded by the depth check in
-    /// `deliver`, so the depth can follow the live `default_inbox_depth`.
+    /// `offer`, so the depth can follow the live `default_inbox_depth`.
     Queue(async_channel::Sender<TabernaRequest>),
     /// A handler called on the delivering driver, and its call count (one call in
     /// [`INLINE_SAMPLE`] is timed).
@@ -342,7 +338,7 @@ impl Registry {
     /// Offers a request to its taberna. On refusal the request is answered (rejected) here,
     /// and a request from a peer is counted as refused (by reason). Returns whether it reached
     /// the inbox (the caller counts a peer's as received).
-    pub(crate) fn deliver(&self, request: TabernaRequest) -> bool {
+    pub(crate) fn offer(&self, request: TabernaRequest) -> bool {
         let remote = request.is_remote();
         let refuse = |mut request: TabernaRequest, error: ErrorId, reason: &str| {
             if remote {

@@ -20,7 +20,7 @@ use crate::error::{Error, ErrorId};
 use crate::reporting::{CallisKind, Event as Report};
 use crate::runtime::completion::Completion;
 use crate::runtime::ends::{BlobCommand, BlobReceiver, Reservation};
-use crate::runtime::{AnswerTx, Delivered, Delivery, InboundMessage, answer_result};
+use crate::runtime::{AnswerTx, Delivery, InboundMessage, Intake, answer_result};
 
 impl PeerDriver {
     pub(super) fn dispatch_events(&mut self) {
@@ -66,11 +66,11 @@ impl PeerDriver {
                         continue;
                     };
                     if message.msg_type == BLOB_OPEN_TYPE {
-                        self.deliver_blob_open(peer, peer_epoch, message);
+                        self.take_in_blob_open(peer, peer_epoch, message);
                         continue;
                     }
                     let id = message.id;
-                    let delivered = self.ctx.inbound.deliver(InboundMessage {
+                    let intake = self.ctx.inbound.take_in(InboundMessage {
                         peer,
                         src: message.src,
                         dst: message.dst,
@@ -79,7 +79,7 @@ impl PeerDriver {
                         blob: None,
                         answer: self.answer_tx(peer_epoch, id),
                     });
-                    self.delivered(peer_epoch, id, delivered);
+                    self.after_intake(peer_epoch, id, intake);
                 }
                 Event::Finished { id, outcome } => {
                     if let Some(p) = self.pending.remove(id) {
@@ -133,8 +133,8 @@ impl PeerDriver {
     }
 
     /// A message that opens a blob stream: reserve the stream (or refuse it at once), open it
-    /// on the blob driver, then deliver the request with its receiver.
-    pub(super) fn deliver_blob_open(
+    /// on the blob driver, then hand the request in with its receiver.
+    pub(super) fn take_in_blob_open(
         &mut self,
         peer: Arc<PeerIdentity>,
         peer_epoch: u64,
@@ -210,7 +210,7 @@ impl PeerDriver {
             return;
         }
         let receiver = BlobReceiver::remote(app_rx, self.blob_tx.clone(), stream);
-        let delivered = self.ctx.inbound.deliver(InboundMessage {
+        let intake = self.ctx.inbound.take_in(InboundMessage {
             peer,
             src: message.src,
             dst: message.dst,
@@ -219,16 +219,16 @@ impl PeerDriver {
             blob: Some(receiver),
             answer: self.answer_tx(peer_epoch, id),
         });
-        self.delivered(peer_epoch, id, delivered);
+        self.after_intake(peer_epoch, id, intake);
     }
 
     /// Counts a delivery and writes an answer decided on the spot.
-    pub(super) fn delivered(&mut self, peer_epoch: u64, id: u64, delivered: Delivered) {
-        match delivered {
-            Delivered::Queued => self.counts.received(),
-            Delivered::Refused => {}
-            Delivered::Answered(answer) => self.session.answer(peer_epoch, id, answer),
-            Delivered::AnsweredByHandler(answer) => {
+    pub(super) fn after_intake(&mut self, peer_epoch: u64, id: u64, intake: Intake) {
+        match intake {
+            Intake::Queued => self.counts.received(),
+            Intake::Refused => {}
+            Intake::Answered(answer) => self.session.answer(peer_epoch, id, answer),
+            Intake::AnsweredByHandler(answer) => {
                 self.counts.received();
                 self.session.answer(peer_epoch, id, answer);
             }
