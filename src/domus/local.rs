@@ -11,7 +11,7 @@ use crate::runtime::ends::BlobReceiver;
 use crate::runtime::peer::record_failure;
 use crate::runtime::{Answer, local_answer_result};
 use crate::runtime::{Delivery, Outcome};
-use crate::taberna::{AnswerSink, MessageType, TabernaId, TabernaRequest};
+use crate::taberna::{AnswerTarget, MessageType, TabernaId, TabernaRequest};
 use bytes::Bytes;
 use std::future::Future;
 use std::pin::Pin;
@@ -73,7 +73,7 @@ impl Shared {
             taberna,
             msg_type,
             payload,
-            AnswerSink::Local(answer_tx),
+            AnswerTarget::Local(answer_tx),
         );
         if let Some(blob) = blob {
             request = request.with_blob(blob);

@@ -123,7 +123,7 @@ pub(crate) struct InboundMessage {
     /// The receiving end of the blob this message opens, if it opens one.
     pub(crate) blob: Option<BlobReceiver>,
     /// Answers it (exactly once).
-    pub(crate) answer: AnswerTx,
+    pub(crate) answer: AnswerToPeer,
 }
 
 /// Where the runtime hands deliveries: implemented by the upper layer (the taberna
@@ -135,9 +135,9 @@ pub(crate) trait Inbound: Send + Sync + 'static {
 
 /// What became of a delivery handed to [`Inbound::take_in`].
 pub(crate) enum Intake {
-    /// It waits in the taberna's inbox; its handler answers through its `AnswerTx`.
+    /// It waits in the taberna's inbox; its handler answers through its `AnswerToPeer`.
     Queued,
-    /// It was refused and answered through its `AnswerTx` (and counted as refused).
+    /// It was refused and answered through its `AnswerToPeer` (and counted as refused).
     Refused,
     /// It was refused here (counted as refused); the driver writes this answer itself.
     Answered(Answer),
@@ -147,17 +147,17 @@ pub(crate) enum Intake {
 
 /// The answering handle of a delivery from a peer: it carries the answer back to the peer's
 /// driver, which writes it on the callis.
-pub(crate) struct AnswerTx {
-    pub(crate) queue: Arc<queue::WakeQueue<peer::AnswerCmd>>,
+pub(crate) struct AnswerToPeer {
+    pub(crate) queue: Arc<queue::WakeQueue<peer::QueuedAnswer>>,
     pub(crate) epoch: u64,
     pub(crate) id: u64,
 }
 
-impl AnswerTx {
+impl AnswerToPeer {
     /// Sends the answer. A closed queue means the peer's driver is gone: there is no one
     /// left to tell.
     pub(crate) fn send(self, answer: Answer) {
-        let _ = self.queue.push(peer::AnswerCmd {
+        let _ = self.queue.push(peer::QueuedAnswer {
             epoch: self.epoch,
             id: self.id,
             answer,

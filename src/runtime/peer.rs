@@ -44,7 +44,7 @@ mod lifecycle;
 mod links;
 
 pub(crate) use links::{
-    AnswerCmd, DriverContext, Forget, PeerCommand, PeerLinks, Reachability, Retirement, SendCmd,
+    DriverContext, Forget, PeerCommand, PeerLinks, QueuedAnswer, Reachability, Retirement, SendCmd,
 };
 
 struct PendingSend {
@@ -73,8 +73,8 @@ pub(crate) struct PeerDriver {
     /// their batches are swapped into.
     sends: Arc<WakeQueue<SendCmd>>,
     send_buf: Vec<SendCmd>,
-    answers: Arc<WakeQueue<AnswerCmd>>,
-    answer_buf: Vec<AnswerCmd>,
+    answers: Arc<WakeQueue<QueuedAnswer>>,
+    answer_buf: Vec<QueuedAnswer>,
     session: Session,
     pending: IdQueue<PendingSend>,
     /// The current callis, once authenticated.
@@ -284,7 +284,7 @@ impl PeerDriver {
         self.answers.take_all(&mut answers, cx);
         if !answers.is_empty() {
             progressed = true;
-            for AnswerCmd { epoch, id, answer } in answers.drain(..) {
+            for QueuedAnswer { epoch, id, answer } in answers.drain(..) {
                 self.session.answer(epoch, id, answer);
             }
         }

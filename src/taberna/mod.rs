@@ -25,10 +25,10 @@ mod inline;
 mod registry;
 mod request;
 
-pub use inline::{InlineHandler, InlineRequest, InlineTaberna, Response, SLOW_INLINE_CALL};
+pub use inline::{InlineAnswer, InlineHandler, InlineRequest, InlineTaberna, SLOW_INLINE_CALL};
 pub(crate) use registry::Registry;
-pub(crate) use request::AnswerSink;
-pub use request::{RequestParts, Responder, TabernaRequest};
+pub(crate) use request::AnswerTarget;
+pub use request::{AnswerHandle, RequestParts, TabernaRequest};
 
 /// The deepest inbox a taberna may have.
 const MAX_INBOX_DEPTH: usize = 1 << 20;

@@ -13,8 +13,8 @@ use std::sync::{Arc, Mutex, PoisonError};
 
 use arc_swap::ArcSwap;
 
-use super::inline::{self, InlineHandler, InlineRequest, InlineTaberna, Response};
-use super::request::AnswerSink;
+use super::inline::{self, InlineAnswer, InlineHandler, InlineRequest, InlineTaberna};
+use super::request::AnswerTarget;
 use super::{
     MessageClass, MessageType, RESERVED_TABERNA_BASE, Taberna, TabernaId, TabernaOptions,
     TabernaRequest,
@@ -72,7 +72,7 @@ impl Inbound for Registry {
             TabernaId(m.dst),
             MessageType(m.msg_type),
             m.payload,
-            AnswerSink::Remote(m.answer),
+            AnswerTarget::Remote(m.answer),
         );
         request.blob = m.blob;
         if self.offer(request) {
@@ -245,7 +245,7 @@ impl Registry {
             .fetch_add(1, Ordering::Relaxed)
             .is_multiple_of(INLINE_SAMPLE);
         let started = timed.then(std::time::Instant::now);
-        let response =
+        let answer =
             std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| handler.handle(request)));
         if let Some(started) = started {
             let took = started.elapsed();
@@ -261,10 +261,10 @@ impl Registry {
                 }
             }
         }
-        match response {
-            Ok(Response::Accept) => Answer::Accepted,
-            Ok(Response::Reply(payload)) => Answer::Replied(payload),
-            Ok(Response::Reject { code, reason }) => Answer::application_reject(code, reason),
+        match answer {
+            Ok(InlineAnswer::Accept) => Answer::Accepted,
+            Ok(InlineAnswer::Reply(payload)) => Answer::Replied(payload),
+            Ok(InlineAnswer::Reject { code, reason }) => Answer::application_reject(code, reason),
             Err(_) => {
                 if let Some(suppressed) = self.recorder.log_allowed(LogKind::InlineHandlerSlow) {
                     tracing::warn!(

@@ -1,4 +1,4 @@
-//! A delivery waiting for its answer: [`TabernaRequest`], its answering half [`Responder`]
+//! A delivery waiting for its answer: [`TabernaRequest`], its answering half [`AnswerHandle`]
 //! (from [`TabernaRequest::into_parts`], with [`RequestParts`]), and where the answer goes —
 //! back through the peer's driver, or to a local sender.
 //!
@@ -16,23 +16,23 @@ use super::{MessageType, TabernaId};
 use crate::a0_transport::PeerIdentity;
 use crate::a1_callis::session::Answer;
 use crate::error::ErrorId;
-use crate::runtime::AnswerTx;
+use crate::runtime::AnswerToPeer;
 use crate::runtime::ends::BlobReceiver;
 
 /// Where an answer goes.
-pub(crate) enum AnswerSink {
+pub(crate) enum AnswerTarget {
     /// Back to a remote sender, through its peer's driver.
-    Remote(AnswerTx),
+    Remote(AnswerToPeer),
     /// Back to a local sender.
     Local(oneshot::Sender<Answer>),
 }
 
-impl AnswerSink {
+impl AnswerTarget {
     fn send(self, answer: Answer) {
         match self {
-            AnswerSink::Remote(tx) => tx.send(answer),
+            AnswerTarget::Remote(peer) => peer.send(answer),
             // A closed channel means the sender is gone; there is no one left to tell.
-            AnswerSink::Local(tx) => {
+            AnswerTarget::Local(tx) => {
                 let _ = tx.send(answer);
             }
         }
@@ -51,24 +51,24 @@ pub struct TabernaRequest {
     pub(super) message_type: MessageType,
     pub(super) payload: Bytes,
     pub(super) blob: Option<BlobReceiver>,
-    responder: Responder,
+    answer_handle: AnswerHandle,
 }
 
 /// The answering half of a [`TabernaRequest`], from [`TabernaRequest::into_parts`]: answer
 /// exactly once; dropping it unanswered rejects with [`ErrorId::RequestDropped`].
-pub struct Responder {
-    sink: Option<AnswerSink>,
+pub struct AnswerHandle {
+    target: Option<AnswerTarget>,
 }
 
-impl fmt::Debug for Responder {
+impl fmt::Debug for AnswerHandle {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Responder")
-            .field("answered", &self.sink.is_none())
+        f.debug_struct("AnswerHandle")
+            .field("answered", &self.target.is_none())
             .finish()
     }
 }
 
-impl Responder {
+impl AnswerHandle {
     /// Accepts the request.
     pub fn accept(mut self) {
         self.finish(Answer::Accepted);
@@ -85,13 +85,13 @@ impl Responder {
     }
 
     fn finish(&mut self, answer: Answer) {
-        if let Some(sink) = self.sink.take() {
-            sink.send(answer);
+        if let Some(target) = self.target.take() {
+            target.send(answer);
         }
     }
 }
 
-impl Drop for Responder {
+impl Drop for AnswerHandle {
     fn drop(&mut self) {
         self.finish(Answer::refusal(
             ErrorId::RequestDropped,
@@ -140,7 +140,7 @@ impl TabernaRequest {
         destination: TabernaId,
         message_type: MessageType,
         payload: Bytes,
-        sink: AnswerSink,
+        target: AnswerTarget,
     ) -> Self {
         Self {
             peer,
@@ -149,7 +149,9 @@ impl TabernaRequest {
             message_type,
             payload,
             blob: None,
-            responder: Responder { sink: Some(sink) },
+            answer_handle: AnswerHandle {
+                target: Some(target),
+            },
         }
     }
 
@@ -176,7 +178,7 @@ impl TabernaRequest {
 
     /// Splits the request into what it carried and the half that answers it, so the answer
     /// can be given from elsewhere (another task, after async work).
-    pub fn into_parts(self) -> (RequestParts, Responder) {
+    pub fn into_parts(self) -> (RequestParts, AnswerHandle) {
         let TabernaRequest {
             peer,
             source,
@@ -184,7 +186,7 @@ impl TabernaRequest {
             message_type,
             payload,
             blob,
-            responder,
+            answer_handle,
         } = self;
         (
             RequestParts {
@@ -195,7 +197,7 @@ impl TabernaRequest {
                 payload,
                 blob,
             },
-            responder,
+            answer_handle,
         )
     }
 
@@ -231,26 +233,26 @@ impl TabernaRequest {
 
     /// Accepts it: the sender's `send` returns `Delivery::Accepted`.
     pub fn accept(self) {
-        self.responder.accept();
+        self.answer_handle.accept();
     }
 
     /// Answers it with a payload: the sender's `send` returns `Delivery::Replied`.
     pub fn reply(self, payload: Bytes) {
-        self.responder.reply(payload);
+        self.answer_handle.reply(payload);
     }
 
     /// Rejects it with an application code and reason (at most 256 bytes go on the wire):
     /// the sender's `send` fails with [`ErrorId::RemoteTabernaRejected`] carrying both.
     pub fn reject(self, code: u32, reason: &str) {
-        self.responder.reject(code, reason);
+        self.answer_handle.reject(code, reason);
     }
 
     pub(super) fn finish(&mut self, answer: Answer) {
-        self.responder.finish(answer);
+        self.answer_handle.finish(answer);
     }
 
     /// Whether it came from a peer (rather than from this domus).
     pub(super) fn is_remote(&self) -> bool {
-        matches!(self.responder.sink, Some(AnswerSink::Remote(_)))
+        matches!(self.answer_handle.target, Some(AnswerTarget::Remote(_)))
     }
 }

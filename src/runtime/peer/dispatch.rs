@@ -20,7 +20,7 @@ use crate::error::{Error, ErrorId};
 use crate::reporting::{CallisKind, Event as Report};
 use crate::runtime::completion::Completion;
 use crate::runtime::ends::{BlobCommand, BlobReceiver, Reservation};
-use crate::runtime::{AnswerTx, Delivery, InboundMessage, Intake, answer_result};
+use crate::runtime::{AnswerToPeer, Delivery, InboundMessage, Intake, answer_result};
 
 impl PeerDriver {
     pub(super) fn dispatch_events(&mut self) {
@@ -77,7 +77,7 @@ impl PeerDriver {
                         msg_type: message.msg_type,
                         payload: message.payload,
                         blob: None,
-                        answer: self.answer_tx(peer_epoch, id),
+                        answer: self.answer_to_peer(peer_epoch, id),
                     });
                     self.after_intake(peer_epoch, id, intake);
                 }
@@ -217,7 +217,7 @@ impl PeerDriver {
             msg_type: app_type,
             payload: header,
             blob: Some(receiver),
-            answer: self.answer_tx(peer_epoch, id),
+            answer: self.answer_to_peer(peer_epoch, id),
         });
         self.after_intake(peer_epoch, id, intake);
     }
@@ -236,8 +236,8 @@ impl PeerDriver {
     }
 
     /// The handle that answers delivery `id` of the peer's run `epoch`.
-    pub(super) fn answer_tx(&self, epoch: u64, id: u64) -> AnswerTx {
-        AnswerTx {
+    pub(super) fn answer_to_peer(&self, epoch: u64, id: u64) -> AnswerToPeer {
+        AnswerToPeer {
             queue: self.answers.clone(),
             epoch,
             id,

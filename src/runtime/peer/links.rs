@@ -1,5 +1,5 @@
 //! What a peer's driver and the rest of the domus share: the commands and queues that reach
-//! the driver ([`SendCmd`], [`AnswerCmd`], [`PeerCommand`]), what the driver is given when it
+//! the driver ([`SendCmd`], [`QueuedAnswer`], [`PeerCommand`]), what the driver is given when it
 //! starts ([`DriverContext`], [`PeerLinks`]), how it asks to be forgotten and hands back what
 //! it cannot deliver ([`Retirement`], the [`Forget`] trait the domus implements), and the
 //! reachability it publishes ([`Reachability`]).
@@ -35,7 +35,7 @@ pub(crate) struct SendCmd {
 
 /// An answer of a local taberna to delivery `id` of the peer's run `epoch`, through the
 /// peer's answer queue.
-pub(crate) struct AnswerCmd {
+pub(crate) struct QueuedAnswer {
     pub(crate) epoch: u64,
     pub(crate) id: u64,
     pub(crate) answer: Answer,
