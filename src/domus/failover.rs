@@ -48,9 +48,10 @@ impl Down {
 
 impl Shared {
     /// Another replica for a send `from` cannot deliver and never wrote anywhere (see
-    /// [`Forget::redirect`]): the taberna's candidates as the resolver gives them at once
-    /// (a resolver that must wait is not asked), without `from` and without any this domus
-    /// cannot reach now, chosen as a send chooses; the send takes room there afresh.
+    /// [`DriverHost::redirect`](crate::runtime::peer::DriverHost::redirect)): the taberna's
+    /// candidates as the resolver gives them at once (a resolver that must wait is not asked),
+    /// without `from` and without any this domus cannot reach now, chosen as a send chooses;
+    /// the send takes room there afresh.
     pub(super) fn redirect(self: &Arc<Self>, from: &DomusId, send: SendCmd) -> Result<(), SendCmd> {
         let taberna = TabernaId(send.msg.dst);
         let Some(others) = self.alternatives(from, taberna) else {

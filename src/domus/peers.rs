@@ -14,7 +14,7 @@ use crate::runtime::blob::{BlobDriver, BlobLinks};
 use crate::runtime::budget::InFlightBudget;
 use crate::runtime::ends::BlobCommand;
 use crate::runtime::peer::{
-    Forget, PeerCommand, PeerDriver, PeerLinks, Reachability, Retirement, SendCmd,
+    DriverHost, PeerCommand, PeerDriver, PeerLinks, Reachability, Retirement, SendCmd,
 };
 use crate::runtime::queue::WakeQueue;
 use crate::taberna::TabernaId;
@@ -345,10 +345,11 @@ pub(super) async fn recheck_peers(shared: std::sync::Weak<Shared>, stop: Cancell
     }
 }
 
-/// Forgets an idle peer for its driver (see [`crate::runtime::peer::Retirement`]).
-pub(super) struct Forgetter(pub(super) std::sync::Weak<Shared>);
+/// The domus as its peers' drivers see it ([`DriverHost`]): held weakly, so a driver does not
+/// keep its domus alive.
+pub(super) struct DomusHost(pub(super) std::sync::Weak<Shared>);
 
-impl Forget for Forgetter {
+impl DriverHost for DomusHost {
     fn forget(
         &self,
         peer: &DomusId,
@@ -452,7 +453,7 @@ impl Shared {
         let cells = self.recorder.peer_added(id);
         let reachability = Arc::new(Reachability::default());
         let blob_active = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let forget: Arc<dyn Forget> = Arc::new(Forgetter(Arc::downgrade(self)));
+        let host: Arc<dyn DriverHost> = Arc::new(DomusHost(Arc::downgrade(self)));
         let driver = PeerDriver::new(
             id.clone(),
             addr.clone(),
@@ -471,7 +472,7 @@ impl Shared {
                 shut_down,
                 retirement: Retirement {
                     after: self.config.load().peer_retire_after,
-                    forget: forget.clone(),
+                    host: host.clone(),
                     id_floor: self.peers.id_floor.clone(),
                     blob_active: blob_active.clone(),
                 },
@@ -488,7 +489,7 @@ impl Shared {
                 config: self.config.load().blob(),
                 cells,
                 active: blob_active,
-                forget,
+                host,
             },
         ));
         Arc::new(PeerRef {

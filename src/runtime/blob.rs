@@ -38,7 +38,7 @@ use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 
 use super::callis::{Alarm, ByteCounters, CallisIo, Counting, Dialer, now};
 use super::ends::{BlobCommand, Piece, Reservation, SenderShared};
-use super::peer::Forget;
+use super::peer::DriverHost;
 use super::{domus_closed, yield_turn};
 use crate::a0_transport::{DomusAddr, DomusId, Transport};
 use crate::a1_callis::blob::{BlobConfig, BlobEvent, BlobStreams};
@@ -120,7 +120,7 @@ pub(crate) struct BlobDriver {
     /// The peer was forgotten while this driver was idle: stop.
     retired: bool,
     /// Where a callis that arrives as this driver retires goes instead.
-    forget: Arc<dyn Forget>,
+    host: Arc<dyn DriverHost>,
 }
 
 /// What a blob driver shares with its peer's driver and its domus.
@@ -133,7 +133,7 @@ pub(crate) struct BlobLinks {
     /// Whether a callis or a stream is open (the peer driver reads it before retiring).
     pub(crate) active: Arc<std::sync::atomic::AtomicBool>,
     /// Where a callis that arrives as the driver retires goes instead.
-    pub(crate) forget: Arc<dyn Forget>,
+    pub(crate) host: Arc<dyn DriverHost>,
 }
 
 impl BlobDriver {
@@ -147,7 +147,7 @@ impl BlobDriver {
             config,
             cells,
             active,
-            forget,
+            host,
         }: BlobLinks,
     ) -> Self {
         let dialer = Dialer::new(
@@ -184,7 +184,7 @@ impl BlobDriver {
             counting,
             active,
             retired: false,
-            forget,
+            host,
         }
     }
 
@@ -331,7 +331,7 @@ impl BlobDriver {
                     self.commands.close();
                     while let Ok(cmd) = self.commands.try_recv() {
                         if let BlobCommand::Attach { io, prefix } = cmd {
-                            self.forget.attach_again(*io, CallisKind::Blob, prefix);
+                            self.host.attach_again(*io, CallisKind::Blob, prefix);
                         }
                     }
                 }

@@ -44,7 +44,8 @@ mod lifecycle;
 mod links;
 
 pub(crate) use links::{
-    DriverContext, Forget, PeerCommand, PeerLinks, QueuedAnswer, Reachability, Retirement, SendCmd,
+    DriverContext, DriverHost, PeerCommand, PeerLinks, QueuedAnswer, Reachability, Retirement,
+    SendCmd,
 };
 
 struct PendingSend {

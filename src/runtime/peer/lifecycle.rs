@@ -48,13 +48,13 @@ impl PeerDriver {
     /// per taberna); everything else stays as it was. A send the other replica turns down
     /// after all (no room there) comes back here, with its deadline, under a new id.
     pub(super) fn redirect_unsent(&mut self) {
-        let table = &self.retirement.forget;
+        let host = &self.retirement.host;
         let peer = &self.peer_id;
         let mut asked = std::collections::HashMap::new();
         let unsent = self.session.take_unsent(|dst| {
             *asked
                 .entry(dst)
-                .or_insert_with(|| table.can_redirect(peer, dst))
+                .or_insert_with(|| host.can_redirect(peer, dst))
         });
         for (id, msg) in unsent {
             let Some(p) = self.pending.remove(id) else {
@@ -65,7 +65,7 @@ impl PeerDriver {
                 done: p.done,
                 permit: p._permit,
             };
-            if let Err(cmd) = self.retirement.forget.redirect(&self.peer_id, cmd) {
+            if let Err(cmd) = self.retirement.host.redirect(&self.peer_id, cmd) {
                 self.handle_send(cmd);
             } else {
                 tracing::debug!(peer = %self.peer_id, "unsent message handed to another replica");
@@ -76,7 +76,7 @@ impl PeerDriver {
     /// Asks the domus to forget this peer; true when it did (the driver then ends).
     pub(super) fn retire(&mut self) -> bool {
         let unreachable = self.reachability.why_not().is_some();
-        if !self.retirement.forget.forget(
+        if !self.retirement.host.forget(
             &self.peer_id,
             &self.sends,
             unreachable,
@@ -95,7 +95,7 @@ impl PeerDriver {
         while let Ok(cmd) = self.commands.try_recv() {
             if let PeerCommand::Attach(stream, prefix) = cmd {
                 self.retirement
-                    .forget
+                    .host
                     .attach_again(*stream, CallisKind::Primary, prefix);
             }
         }
@@ -269,7 +269,7 @@ impl PeerDriver {
         if error.id() == ErrorId::IdentityMismatch {
             rec.inc(Counter::identity_mismatches);
             if let Some(addr) = self.dialer.addr() {
-                self.retirement.forget.not_at(&self.peer_id, addr);
+                self.retirement.host.not_at(&self.peer_id, addr);
             }
         }
         rec.event(Report::DialFailed {

@@ -1,7 +1,7 @@
 //! What a peer's driver and the rest of the domus share: the commands and queues that reach
 //! the driver ([`SendCmd`], [`QueuedAnswer`], [`PeerCommand`]), what the driver is given when it
 //! starts ([`DriverContext`], [`PeerLinks`]), how it asks to be forgotten and hands back what
-//! it cannot deliver ([`Retirement`], the [`Forget`] trait the domus implements), and the
+//! it cannot deliver ([`Retirement`], the [`DriverHost`] trait the domus implements), and the
 //! reachability it publishes ([`Reachability`]).
 //!
 //! Types only, and the trait through which the driver reaches up: the domus's own types are
@@ -102,13 +102,14 @@ pub(crate) struct PeerLinks {
 
 /// When and how an idle peer is forgotten (`DomusConfig::peer_retire_after`): once no
 /// callis is open or dialling, nothing is in flight either way and the blob side is idle, the
-/// driver asks `forget` to remove the peer — at once when the peer shut down or said it waits
-/// for nothing, else `after` the last callis closed (and `after` its start for a driver no
-/// send or callis reached: it was made for one on its way). The peer's session then ends; a later
-/// contact makes a new one whose ids start at `id_floor`, above every id this one used.
+/// driver asks its `host` to forget the peer — at once when the peer shut down or said it
+/// waits for nothing, else `after` the last callis closed (and `after` its start for a driver
+/// no send or callis reached: it was made for one on its way). The peer's session then ends; a
+/// later contact makes a new one whose ids start at `id_floor`, above every id this one used.
 pub(crate) struct Retirement {
     pub(crate) after: Duration,
-    pub(crate) forget: Arc<dyn Forget>,
+    /// The domus that runs the driver: what the driver asks of it.
+    pub(crate) host: Arc<dyn DriverHost>,
     /// The lowest id a new session may use (every session that ended raised it past its
     /// own ids).
     pub(crate) id_floor: Arc<std::sync::atomic::AtomicU64>,
@@ -116,8 +117,11 @@ pub(crate) struct Retirement {
     pub(crate) blob_active: Arc<std::sync::atomic::AtomicBool>,
 }
 
-/// The domus's side of forgetting a peer.
-pub(crate) trait Forget: Send + Sync {
+/// What a peer's drivers ask of the domus that runs them: to forget the peer when it retires,
+/// to hand a send it cannot deliver to another replica, to pass a callis that arrived as it
+/// retired to the next driver, and to drop an address pin another identity answered at.
+/// Implemented by the domus (the runtime names no domus type).
+pub(crate) trait DriverHost: Send + Sync {
     /// Removes `peer` if `sends` is still its queue and nothing is queued in it, closing the
     /// queue under the same lock (a send that races this is handed to a new driver). False:
     /// the peer stays and the driver keeps running. `unreachable`: the peer shut down or its
@@ -134,7 +138,7 @@ pub(crate) trait Forget: Send + Sync {
     ) -> bool;
 
     /// Whether a send to `taberna` that `peer` cannot deliver has another replica to go to
-    /// now (see [`Forget::redirect`]).
+    /// now (see [`DriverHost::redirect`]).
     fn can_redirect(&self, peer: &DomusId, taberna: u64) -> bool;
 
     /// Hands a send `peer` could not deliver — it never went out on any callis, and the
