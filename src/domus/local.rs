@@ -2,7 +2,7 @@
 //! the network. The answer is awaited by the caller's [`Receipt`](super::Receipt) within the
 //! send's timeout; no task is spawned per send.
 
-use super::Shared;
+use super::DomusInner;
 use super::send::Receipt;
 use super::send::ReceiptKind;
 use crate::error::{Error, ErrorId};
@@ -56,7 +56,7 @@ impl LocalAnswer {
     }
 }
 
-impl Shared {
+impl DomusInner {
     pub(super) fn send_local(
         self: &Arc<Self>,
         taberna: TabernaId,
@@ -81,7 +81,7 @@ impl Shared {
         self.recorder.inc(Counter::messages_sent);
         self.registry.offer(request);
         Receipt {
-            inner: ReceiptKind::Local(Box::new(LocalAnswer {
+            kind: ReceiptKind::Local(Box::new(LocalAnswer {
                 answer: answer_rx,
                 deadline: Box::pin(tokio::time::sleep(timeout)),
                 timeout,

@@ -5,7 +5,7 @@
 //! It never blocks a thread and holds no lock across an `.await`: the only waits are for
 //! room (bounded by the send's deadline) and for the resolver (bounded by `resolve_timeout`).
 
-use super::Shared;
+use super::DomusInner;
 use super::local::LocalAnswer;
 use super::peers::PeerRef;
 use crate::a0_transport::{DomusAddr, DomusId};
@@ -78,7 +78,7 @@ impl SendOptions {
 /// An admitted send: await it for the outcome. Holding many receipts is how one task keeps
 /// thousands of sends in flight.
 pub struct Receipt {
-    pub(super) inner: ReceiptKind,
+    pub(super) kind: ReceiptKind,
 }
 
 pub(super) enum ReceiptKind {
@@ -91,7 +91,7 @@ pub(super) enum ReceiptKind {
 
 impl std::fmt::Debug for Receipt {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let kind = match &self.inner {
+        let kind = match &self.kind {
             ReceiptKind::Remote(_) => "remote",
             ReceiptKind::Local(_) => "local",
         };
@@ -104,7 +104,7 @@ impl Future for Receipt {
 
     /// A local send is counted (accepted, replied, failed) when its receipt resolves.
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        match &mut self.inner {
+        match &mut self.kind {
             ReceiptKind::Remote(rx) => Pin::new(rx).poll(cx).map(|r| {
                 r.unwrap_or_else(|_| {
                     Err(Error::new(
@@ -140,7 +140,7 @@ pub(super) fn move_send(peer: &PeerRef, send: SendCmd) -> Result<(), SendCmd> {
     }
 }
 
-/// What [`Shared::check_send`] found: when the send ends and where it comes from.
+/// What [`DomusInner::check_send`] found: when the send ends and where it comes from.
 pub(super) struct CheckedSend {
     pub(super) timeout: Duration,
     pub(super) deadline: tokio::time::Instant,
@@ -206,7 +206,7 @@ pub(super) async fn acquire(
         })?
 }
 
-impl Shared {
+impl DomusInner {
     /// Every caller holds a handle that keeps the domus from being dropped (a [`Domus`] or a
     /// [`Destination`]), so only `shutdown` can have closed it.
     pub(super) fn check_open(&self) -> Result<(), Error> {
@@ -292,7 +292,7 @@ impl Shared {
         let (done, rx) = Completion::oneshot();
         self.hand_over_to(peer, msg, permit, done)?;
         Ok(Receipt {
-            inner: ReceiptKind::Remote(rx),
+            kind: ReceiptKind::Remote(rx),
         })
     }
 
