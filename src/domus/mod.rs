@@ -81,7 +81,7 @@ pub trait MessageCodec: Send + Sync + 'static {
 }
 
 /// The state of one domus behind every handle on it ([`Domus`], [`WeakDomus`],
-/// [`ConfigHandle`], destinations, windows, its drivers' [`DriverHost`](peers::DomusHost)):
+/// [`ConfigHandle`], destinations, windows, and its drivers' [`DomusHost`](peers::DomusHost)):
 /// its transport, configuration, peers, routes, tabernas and tasks.
 struct DomusInner {
     transport: Transport,
