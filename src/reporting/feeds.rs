@@ -21,7 +21,7 @@ pub enum CallisKind {
     Blob,
 }
 
-/// Something that happened, from [`Reporting::events`].
+/// Something that happened, from [`Reporting::events`](super::Reporting::events).
 #[derive(Debug, Clone, PartialEq)]
 #[non_exhaustive]
 pub enum Event {
@@ -99,7 +99,7 @@ pub enum FeedItem<T> {
     Missed(u64),
 }
 
-/// A subscription to the event feed (from [`Reporting::events`]).
+/// A subscription to the event feed (from [`Reporting::events`](super::Reporting::events)).
 #[derive(Debug)]
 pub struct EventReceiver {
     pub(super) rx: broadcast::Receiver<Event>,
@@ -134,7 +134,7 @@ pub struct SequencedError {
     pub error: Error,
 }
 
-/// The result of [`Reporting::errors_since`].
+/// The result of [`Reporting::errors_since`](super::Reporting::errors_since).
 #[derive(Debug, Clone, PartialEq, Default)]
 pub struct ErrorsSince {
     /// Errors after the given sequence number, oldest first.
@@ -143,7 +143,7 @@ pub struct ErrorsSince {
     pub missed: u64,
 }
 
-/// A subscription to the error feed (from [`Reporting::errors`]).
+/// A subscription to the error feed (from [`Reporting::errors`](super::Reporting::errors)).
 #[derive(Debug)]
 pub struct ErrorReceiver {
     pub(super) rx: broadcast::Receiver<SequencedError>,

@@ -1,7 +1,7 @@
 //! The [`Recorder`] that producers write into — counters, gauges, the latency buckets,
-//! per-peer cells, the error ring and the feeds — and read back as a
-//! [`Snapshot`](super::Snapshot); the log budgets per kind of warning a peer can trigger
-//! (T30); and [`TurnCounts`], the counts a driver keeps during a turn and publishes once.
+//! per-peer cells, the error ring and the feeds — and read back as a [`Snapshot`]; the log
+//! budgets per kind of warning a peer can trigger (T30); and [`TurnCounts`], the counts a
+//! driver keeps during a turn and publishes once.
 //!
 //! Producers touch only atomics and non-blocking channels here: it must never block, never
 //! allocate per message, and hold its few locks for a copy only (never across an `.await`).
@@ -120,9 +120,10 @@ pub(crate) struct PeerCells {
     pub(crate) identity: arc_swap::ArcSwapOption<crate::a0_transport::PeerIdentity>,
 }
 
-/// The shared recorder behind [`Reporting`].
+/// The shared recorder behind [`Reporting`](super::Reporting).
 pub(crate) struct Recorder {
-    /// The domus's id, as a label for exported metrics and for [`Reporting::identity`].
+    /// The domus's id, as a label for exported metrics and for
+    /// [`Reporting::identity`](super::Reporting::identity).
     pub(super) domus: String,
     started: Instant,
     counters: CounterCells,

@@ -15,8 +15,9 @@ use crate::error::ErrorId;
 
 macro_rules! counters {
     ($( $(#[$doc:meta])* $name:ident, )*) => {
-        /// Counters, as deltas since the last [`Reporting::snapshot_and_reset`] (or since the
-        /// domus started).
+        /// Counters, as deltas since the last
+        /// [`Reporting::snapshot_and_reset`](super::Reporting::snapshot_and_reset) (or since
+        /// the domus started).
         #[derive(Debug, Clone, Default, PartialEq, Eq)]
         #[non_exhaustive]
         pub struct Counters {
@@ -182,7 +183,7 @@ pub struct PeerReport {
     pub identity: Option<crate::a0_transport::PeerIdentity>,
 }
 
-/// A metrics snapshot (see [`Reporting::snapshot`]).
+/// A metrics snapshot (see [`Reporting::snapshot`](super::Reporting::snapshot)).
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct Snapshot {

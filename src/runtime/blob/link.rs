@@ -1,8 +1,8 @@
 //! The blob driver's callis: adopting one (the duplicate tie-break, our BLOB_HELLO first),
 //! dialling when a stream has bytes to send, decoding what it reads into the streams (the
-//! peer's BLOB_HELLO first, then blob frames only), reading and writing at most
-//! [`TURN_BYTES`](super::TURN_BYTES) a turn, watching that writes move (T33), closing it with
-//! a reason, and closing it when it carried no stream for `blob_idle_timeout`.
+//! peer's BLOB_HELLO first, then blob frames only), reading and writing at most [`TURN_BYTES`]
+//! a turn, watching that writes move (T33), closing it with a reason, and closing it when it
+//! carried no stream for `blob_idle_timeout`.
 //!
 //! Methods of [`BlobDriver`] only, called from its turn in the parent module: nothing here
 //! awaits or blocks, and a frame the peer sent after the reason to close is never handled.
