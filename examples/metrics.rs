@@ -13,10 +13,7 @@ use vicus::dev_certs::DevCa;
 use vicus::{Domus, MessageType, SendOptions, SimpleResolver, TabernaId};
 
 const T: TabernaId = TabernaId(1);
-const KIND: MessageType = match MessageType::app(1) {
-    Some(t) => t,
-    None => panic!("A3 offset out of range"),
-};
+const KIND: MessageType = MessageType::app(1);
 
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {

@@ -15,7 +15,7 @@ use vicus::{Delivery, Domus, MessageType, SendOptions, SimpleResolver, TabernaId
 
 const GREETER: TabernaId = TabernaId(1);
 const STORE: TabernaId = TabernaId(2);
-const ECHO: MessageType = MessageType::application(1);
+const ECHO: MessageType = MessageType::app(1);
 
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {

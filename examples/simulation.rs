@@ -26,7 +26,7 @@ use bytes::Bytes;
 use vicus::testing::sim::SimNet;
 use vicus::{Delivery, MessageType, SendOptions, TabernaId};
 
-const RESERVE: MessageType = MessageType::application(1);
+const RESERVE: MessageType = MessageType::app(1);
 const WAREHOUSE: TabernaId = TabernaId(1);
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {

@@ -39,7 +39,7 @@
 //!
 //! // Taberna 2 lives on beta; the route pins beta's identity.
 //! routes.insert(TabernaId(2), "10.0.0.2:7000".parse()?, Some("spiffe://vicus.dev/domus/beta".parse()?));
-//! let kind = MessageType::app(1).expect("A3 type");
+//! let kind = MessageType::app(1);
 //! match domus.send(TabernaId(2), kind, Bytes::from_static(b"hi"), SendOptions::default()).await? {
 //!     Delivery::Accepted => println!("accepted"),
 //!     Delivery::Replied(answer) => println!("replied {answer:?}"),

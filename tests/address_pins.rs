@@ -13,7 +13,7 @@ use bytes::Bytes;
 use common::{Mesh, addr_of, spawn_named_echo, within};
 use vicus::{Delivery, Domus, DomusAddr, ErrorId, MessageType, SendOptions, TabernaId};
 
-const APP: MessageType = MessageType::application(1);
+const APP: MessageType = MessageType::app(1);
 
 fn opts(ms: u64) -> SendOptions {
     SendOptions::default().timeout(Duration::from_millis(ms))

@@ -19,10 +19,7 @@ use vicus::{
     TabernaId, TabernaRequest,
 };
 
-const APP: MessageType = match MessageType::app(7) {
-    Some(t) => t,
-    None => panic!(),
-};
+const APP: MessageType = MessageType::app(7);
 
 /// Defaults with quick reconnects.
 fn fast() -> DomusConfig {
@@ -642,11 +639,11 @@ async fn a_request_split_into_parts_keeps_its_blob_and_answers_from_another_task
         let worker = tokio::spawn(async move {
             let req: TabernaRequest = t.recv().await.expect("request");
             assert!(req.has_blob());
-            let (parts, responder) = req.into_parts();
+            let (parts, answer_handle) = req.into_parts();
             let mut rx = parts.blob.expect("into_parts carries the blob");
             assert_eq!(parts.payload.as_ref(), b"header");
             // Answered from another task, after the split.
-            tokio::spawn(async move { responder.accept() })
+            tokio::spawn(async move { answer_handle.accept() })
                 .await
                 .expect("join");
             let mut got = Vec::new();

@@ -479,7 +479,7 @@ async fn out_of_range_send_and_taberna_options_are_refused_naming_their_field() 
         let mut ca = ca();
         let (auth, _) = ca.domus_auth("opts").expect("mint");
         let domus = Domus::builder(auth).build().await.expect("domus");
-        let app = MessageType::app(1).expect("A3");
+        let app = MessageType::app(1);
         let _inbox = domus.taberna(TabernaId(1)).expect("taberna");
         for (field, which, edit) in edits(send_rows()) {
             let mut options = SendOptions::default();

@@ -21,10 +21,7 @@ use vicus::dev_certs::DevCa;
 use vicus::reporting::{Event, FeedItem};
 use vicus::{Domus, DomusConfig, ErrorId, MessageType, SendOptions, SimpleResolver, TabernaId};
 
-const APP: MessageType = match MessageType::app(3) {
-    Some(t) => t,
-    None => panic!(),
-};
+const APP: MessageType = MessageType::app(3);
 
 async fn domus(
     ca: &mut DevCa,

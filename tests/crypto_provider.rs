@@ -118,7 +118,7 @@ async fn a_handshake_a_message_and_a_blob_go_through_on_the_provider_the_rule_pi
             rx.read_to_end(&mut got).await.expect("read the blob");
             (who, got)
         });
-        let kind = MessageType::app(7).expect("an application type");
+        let kind = MessageType::app(7);
         let mut tx = client
             .send_blob(
                 TabernaId(2),

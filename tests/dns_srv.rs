@@ -32,10 +32,7 @@ use vicus::{
     RouteResolver, SendOptions, TabernaId,
 };
 
-const APP: MessageType = match MessageType::app(1) {
-    Some(t) => t,
-    None => panic!(),
-};
+const APP: MessageType = MessageType::app(1);
 const ORIGIN: &str = "vicus.test.";
 const TEMPLATE: &str = "spiffe://vicus.dev/domus/{host}";
 

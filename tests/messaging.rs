@@ -11,10 +11,7 @@ use common::*;
 use vicus::DomusAddr;
 use vicus::{Delivery, Domus, DomusConfig, ErrorId, MessageType, SendOptions, TabernaId};
 
-const APP: MessageType = match MessageType::app(1) {
-    Some(t) => t,
-    None => panic!(),
-};
+const APP: MessageType = MessageType::app(1);
 
 /// A mesh whose domus keep the default configuration (these tests check the defaults'
 /// reconnect behaviour).
@@ -738,10 +735,10 @@ async fn typed_layer_parts_stream_and_receive_timeout() {
             let next =
                 std::future::poll_fn(|cx| futures_core::Stream::poll_next(Pin::new(&mut t), cx));
             let request = next.await.expect("a request");
-            let (parts, responder) = request.into_parts();
+            let (parts, answer_handle) = request.into_parts();
             let n = u64::from_be_bytes(parts.payload.as_ref().try_into().expect("8 bytes"));
             tokio::spawn(async move {
-                responder.reply(Bytes::copy_from_slice(&(n + 1).to_be_bytes()));
+                answer_handle.reply(Bytes::copy_from_slice(&(n + 1).to_be_bytes()));
             });
             parts.peer.id().clone()
         });
@@ -1370,7 +1367,7 @@ async fn calles_can_be_carried_by_an_in_memory_stream_instead_of_a_socket() {
     .await;
 }
 
-const PIPELINED: MessageType = MessageType::application(7);
+const PIPELINED: MessageType = MessageType::app(7);
 
 #[tokio::test]
 async fn a_destination_resolves_once_follows_route_changes_and_pipelines_through_a_window() {
@@ -1598,7 +1595,7 @@ async fn send_futures_stay_small() {
 
 #[tokio::test]
 async fn an_inline_taberna_answers_on_the_driver_with_the_same_semantics() {
-    use vicus::taberna::Response;
+    use vicus::taberna::InlineAnswer;
     within(async {
         let mut mesh = mesh();
         let a = mesh.domus("a").await.expect("domus");
@@ -1614,17 +1611,17 @@ async fn an_inline_taberna_answers_on_the_driver_with_the_same_semantics() {
                 move |req: vicus::taberna::InlineRequest<'_>| {
                     log.lock().expect("lock").push(req.peer().id().clone());
                     match req.payload().as_ref() {
-                        b"accept" => Response::Accept,
-                        b"reject" => Response::Reject {
+                        b"accept" => InlineAnswer::Accept,
+                        b"reject" => InlineAnswer::Reject {
                             code: 9,
                             reason: "no".into(),
                         },
                         b"panic" => panic!("a handler bug"),
                         b"slow" => {
                             std::thread::sleep(Duration::from_millis(3));
-                            Response::Accept
+                            InlineAnswer::Accept
                         }
-                        other => Response::Reply(Bytes::copy_from_slice(other)),
+                        other => InlineAnswer::Reply(Bytes::copy_from_slice(other)),
                     }
                 },
             )
@@ -1689,7 +1686,7 @@ async fn an_inline_taberna_answers_on_the_driver_with_the_same_semantics() {
             .taberna_inline(
                 TabernaId(11),
                 vicus::TabernaOptions::default().allowed_peers([id("someone-else")]),
-                |_: vicus::taberna::InlineRequest<'_>| Response::Accept,
+                |_: vicus::taberna::InlineRequest<'_>| InlineAnswer::Accept,
             )
             .expect("inline taberna");
         let e = a

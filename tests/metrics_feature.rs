@@ -34,7 +34,7 @@ async fn exported_counters_and_gauges_match_the_snapshot_with_stable_names() {
                 }
             }
         });
-        let app = MessageType::app(1).expect("type");
+        let app = MessageType::app(1);
         for _ in 0..5 {
             a.send(
                 TabernaId(1),

@@ -20,7 +20,7 @@ use vicus::{
     SimpleResolver, TabernaId,
 };
 
-const KIND: MessageType = MessageType::application(9);
+const KIND: MessageType = MessageType::app(9);
 const PORT: u16 = 7100;
 
 /// Runs `ip` with `args`; Err with its stderr when it fails.

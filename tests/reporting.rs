@@ -11,10 +11,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use vicus::reporting::{CallisKind, Event, FeedItem};
 use vicus::{Delivery, Domus, ErrorId, MessageType, SendOptions, TabernaId, TabernaOptions};
 
-const APP: MessageType = match MessageType::app(3) {
-    Some(t) => t,
-    None => panic!(),
-};
+const APP: MessageType = MessageType::app(3);
 
 fn opts() -> SendOptions {
     SendOptions::default().timeout(Duration::from_secs(10))

@@ -32,7 +32,7 @@ async fn an_allowed_peer_reads_the_report_and_others_are_refused() {
         for _ in 0..3 {
             ops.send(
                 TabernaId(3),
-                MessageType::application(1),
+                MessageType::app(1),
                 Bytes::new(),
                 opts.clone(),
             )

@@ -17,7 +17,7 @@ use bytes::Bytes;
 use vicus::testing::sim::{Chaos, SimNet};
 use vicus::{Delivery, MessageType, SendOptions, TabernaId};
 
-const KIND: MessageType = MessageType::application(5);
+const KIND: MessageType = MessageType::app(5);
 const HOSTS: [&str; 5] = ["d0", "d1", "d2", "d3", "d4"];
 /// Faults happen until then; then every link heals.
 const CHAOS: Duration = Duration::from_secs(120);

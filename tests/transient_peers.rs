@@ -14,7 +14,7 @@ use common::*;
 use tokio::io::AsyncReadExt;
 use vicus::{Delivery, Domus, DomusConfig, MessageType, SendOptions, TabernaId};
 
-const APP: MessageType = MessageType::application(13);
+const APP: MessageType = MessageType::app(13);
 
 fn opts() -> SendOptions {
     SendOptions::default().timeout(Duration::from_secs(10))

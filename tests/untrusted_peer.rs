@@ -15,10 +15,7 @@ use vicus::a1_callis::codes::WireCode;
 use vicus::a1_callis::frame::{self, Frame};
 use vicus::{Delivery, DomusConfig, ErrorId, MessageType, SendOptions, TabernaId};
 
-const APP: MessageType = match MessageType::app(7) {
-    Some(t) => t,
-    None => panic!(),
-};
+const APP: MessageType = MessageType::app(7);
 
 /// Quick redials; the rest default.
 fn fast() -> DomusConfig {

@@ -5,8 +5,9 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 
+use super::recently_ended::{RECENT_CAP, RecentlyEnded};
 use super::*;
-use crate::a1_callis::frame::{self, Frame};
+use crate::a1_callis::frame::{self, BlobFrame, Frame};
 
 const CHUNK: usize = 1024;
 const WINDOW: u64 = 8 * 1024;

@@ -3,7 +3,7 @@
 //! stream is handed to the peer's blob driver; a driver that retired as the open started is
 //! looked up again (a bounded number of times).
 
-use super::Shared;
+use super::DomusInner;
 use super::peers::PeerRef;
 use super::send::{Receipt, SendOptions};
 use super::send::{ReceiptKind, Wait};
@@ -52,7 +52,7 @@ impl Drop for CancelOnDrop {
     }
 }
 
-impl Shared {
+impl DomusInner {
     /// Opens a blob stream: checks, routing, the stream's reservation, then the opening
     /// message; returns the sender once the receiving handler accepted it.
     pub(super) async fn send_blob(
@@ -197,7 +197,7 @@ impl Shared {
             return Ok(None);
         }
         Receipt {
-            inner: ReceiptKind::Remote(rx),
+            kind: ReceiptKind::Remote(rx),
         }
         .await?;
         guard.tx = None;

@@ -6,7 +6,7 @@ use super::config::DomusConfig;
 use super::inbound::accept_loop;
 use super::peers::recheck_peers;
 use super::routing::follow_routes;
-use super::{Domus, Shared};
+use super::{Domus, DomusInner};
 use crate::a0_transport::{AuthConfig, Connector, DomusAddr, PeerIdentity, Tally, Transport};
 use crate::a1_callis::reply_budget::ReplyBudget;
 use crate::error::Error;
@@ -159,7 +159,7 @@ impl DomusBuilder {
             .unwrap_or_else(|| Arc::new(SimpleResolver::new()));
         let route_changes = resolver.changes();
         resolver.attach(ResolverFeed::new(&recorder));
-        let shared = Arc::new(Shared {
+        let inner = Arc::new(DomusInner {
             driver_ctx: Arc::new(DriverContext {
                 transport: transport.clone(),
                 inbound: registry.clone(),
@@ -212,10 +212,10 @@ impl DomusBuilder {
         #[cfg(feature = "metrics")]
         {
             let reporting = crate::reporting::Reporting {
-                recorder: shared.recorder.clone(),
+                recorder: inner.recorder.clone(),
             };
-            let stop = shared.accept_stop.clone();
-            shared.tasks.spawn(async move {
+            let stop = inner.accept_stop.clone();
+            inner.tasks.spawn(async move {
                 let mut tick = tokio::time::interval(crate::reporting::EXPORT_INTERVAL);
                 tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
                 loop {
@@ -229,26 +229,26 @@ impl DomusBuilder {
                 }
             });
         }
-        shared.tasks.spawn(recheck_peers(
-            Arc::downgrade(&shared),
-            shared.accept_stop.clone(),
+        inner.tasks.spawn(recheck_peers(
+            Arc::downgrade(&inner),
+            inner.accept_stop.clone(),
         ));
         if let Some(changes) = route_changes {
-            shared.tasks.spawn(follow_routes(
-                shared.clone(),
+            inner.tasks.spawn(follow_routes(
+                inner.clone(),
                 changes,
-                shared.accept_stop.clone(),
+                inner.accept_stop.clone(),
             ));
         }
         if let Some(listener) = listener {
-            shared.tasks.spawn(accept_loop(
-                shared.clone(),
+            inner.tasks.spawn(accept_loop(
+                inner.clone(),
                 listener,
-                shared.accept_stop.clone(),
+                inner.accept_stop.clone(),
             ));
         }
         Ok(Domus {
-            shared,
+            inner,
             _guard: Arc::new(cancel.drop_guard()),
         })
     }

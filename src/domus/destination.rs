@@ -11,7 +11,7 @@
 //! of its sends picks a replica as the resolver's weights ask.
 //!
 //! This module decides nothing the send path does not: every check, limit and error is the
-//! one of [`Shared::check_send`](super::Shared::check_send) and the admission in `send.rs`.
+//! one of [`DomusInner::check_send`](super::DomusInner::check_send) and the admission in `send.rs`.
 //! It holds no lock across an `.await` (it holds none at all: the caches are `ArcSwap`s).
 
 use std::collections::VecDeque;
@@ -25,15 +25,14 @@ use arc_swap::ArcSwapOption;
 use bytes::Bytes;
 use tokio_util::sync::DropGuard;
 
-use super::{CheckedSend, Delivery, PeerRef, Receipt, ReceiptKind, SendOptions, Shared, Wait};
+use super::{
+    CheckedSend, Delivery, DomusInner, Outcome, PeerRef, Receipt, ReceiptKind, SendOptions, Wait,
+};
 use crate::a0_transport::DomusId;
 use crate::error::Error;
 use crate::runtime::completion::{Completion, CompletionRing};
 use crate::runtime::peer::Outgoing;
 use crate::taberna::{MessageType, TabernaId};
-
-/// The outcome of one send: how the receiver answered, or why it failed.
-pub type Outcome = Result<Delivery, Error>;
 
 /// Where a destination's sends go, as last resolved.
 enum Target {
@@ -65,7 +64,7 @@ fn receipt() -> (Completion, Receipt) {
     (
         done,
         Receipt {
-            inner: ReceiptKind::Remote(rx),
+            kind: ReceiptKind::Remote(rx),
         },
     )
 }
@@ -80,7 +79,7 @@ struct Resolved {
 
 /// The route of one taberna as last resolved, and the send path through it: shared by a
 /// [`Destination`]'s clones, and by the domus's own sends to a taberna
-/// ([`Shared::route_cache`]), so that [`Domus::send`](super::Domus::send) takes the same fast
+/// ([`DomusInner::route_cache`]), so that [`Domus::send`](super::Domus::send) takes the same fast
 /// path.
 ///
 /// Invariant: a cached resolution is used only while it is fresh (the resolver signals route
@@ -114,24 +113,24 @@ impl RouteCache {
     /// taberna) is one boxed future and gives a receipt. So the send future stays small.
     pub(super) async fn admit_with<R: From<Receipt>>(
         &self,
-        shared: &Arc<Shared>,
+        inner: &Arc<DomusInner>,
         msg_type: MessageType,
         payload: Bytes,
         options: SendOptions,
         wait: Wait,
         done: impl FnOnce() -> (Completion, R),
     ) -> Result<R, Error> {
-        let checked = shared.check_send(self.taberna, msg_type, &payload, &options)?;
+        let checked = inner.check_send(self.taberna, msg_type, &payload, &options)?;
         let msg = checked.outgoing(self.taberna, msg_type, payload);
         let cached = self.cache.load();
-        let waits_for_room = match cached.as_deref().filter(|r| self.fresh(shared, r)) {
+        let waits_for_room = match cached.as_deref().filter(|r| self.fresh(inner, r)) {
             Some(Resolved {
                 target: Target::Remote { peer, .. },
                 ..
             }) => {
                 if let Some(permit) = peer.budget.try_take(msg.size()) {
                     let (completion, out) = done();
-                    return shared
+                    return inner
                         .hand_over_to(peer, msg, permit, completion)
                         .map(|()| out);
                 }
@@ -150,11 +149,11 @@ impl RouteCache {
         {
             // Only the wait is boxed (a waiting send costs that allocation and no more), and
             // the route is held by one reference count.
-            let permit = Box::pin(shared.room_for(peer, id, &msg, wait, checked.deadline)).await?;
-            return shared.hand_over(peer, msg, permit).map(R::from);
+            let permit = Box::pin(inner.room_for(peer, id, &msg, wait, checked.deadline)).await?;
+            return inner.hand_over(peer, msg, permit).map(R::from);
         }
         drop(resolved);
-        Box::pin(self.admit_slow(shared, checked, msg, wait))
+        Box::pin(self.admit_slow(inner, checked, msg, wait))
             .await
             .map(R::from)
     }
@@ -163,17 +162,17 @@ impl RouteCache {
     /// or no room at the peer now (wait for it).
     async fn admit_slow(
         &self,
-        shared: &Arc<Shared>,
+        inner: &Arc<DomusInner>,
         checked: CheckedSend,
         msg: Outgoing,
         wait: Wait,
     ) -> Result<Receipt, Error> {
-        let resolved = match self.fresh_cached(shared) {
+        let resolved = match self.fresh_cached(inner) {
             Some(resolved) => resolved,
-            None => self.resolve(shared, checked.deadline).await?,
+            None => self.resolve(inner, checked.deadline).await?,
         };
         match &resolved.target {
-            Target::Local => Ok(shared.send_local(
+            Target::Local => Ok(inner.send_local(
                 self.taberna,
                 checked.source,
                 MessageType(msg.msg_type),
@@ -182,48 +181,48 @@ impl RouteCache {
                 None,
             )),
             Target::Remote { id, peer } => {
-                let permit = shared
+                let permit = inner
                     .room_for(peer, id, &msg, wait, checked.deadline)
                     .await?;
-                shared.hand_over(peer, msg, permit)
+                inner.hand_over(peer, msg, permit)
             }
         }
     }
 
     /// The cached resolution (a reference count), while it still holds.
-    fn fresh_cached(&self, shared: &Shared) -> Option<Arc<Resolved>> {
-        self.cache.load_full().filter(|r| self.fresh(shared, r))
+    fn fresh_cached(&self, inner: &DomusInner) -> Option<Arc<Resolved>> {
+        self.cache.load_full().filter(|r| self.fresh(inner, r))
     }
 
     /// Whether a cached resolution still holds.
-    fn fresh(&self, shared: &Shared, resolved: &Resolved) -> bool {
-        shared.routes_followed
-            && resolved.routes == shared.route_generation.load(Ordering::Acquire)
-            && resolved.resolver == shared.resolver_generation()
-            && resolved.tabernas == shared.registry.generation()
+    fn fresh(&self, inner: &DomusInner, resolved: &Resolved) -> bool {
+        inner.routes_followed
+            && resolved.routes == inner.route_generation.load(Ordering::Acquire)
+            && resolved.resolver == inner.resolver_generation()
+            && resolved.tabernas == inner.registry.generation()
     }
 
     /// Resolves the route as a send through the domus does, and caches it (a choice among
     /// several replicas only when `sticky`).
     async fn resolve(
         &self,
-        shared: &Arc<Shared>,
+        inner: &Arc<DomusInner>,
         deadline: tokio::time::Instant,
     ) -> Result<Arc<Resolved>, Error> {
         // Read before resolving: a change from here on leaves the cache stale, never wrong.
-        let routes = shared.route_generation.load(Ordering::Acquire);
-        let resolver = shared.resolver_generation();
-        let tabernas = shared.registry.generation();
+        let routes = inner.route_generation.load(Ordering::Acquire);
+        let resolver = inner.resolver_generation();
+        let tabernas = inner.registry.generation();
         let mut keep = true;
         let target = match &self.on {
-            Some(id) if id == &shared.local_id => Target::Local,
+            Some(id) if id == &inner.local_id => Target::Local,
             Some(id) => Target::Remote {
                 id: id.clone(),
-                peer: Box::pin(shared.peer_by_id(id, deadline)).await?,
+                peer: Box::pin(inner.peer_by_id(id, deadline)).await?,
             },
-            None if shared.registry.contains(self.taberna) => Target::Local,
+            None if inner.registry.contains(self.taberna) => Target::Local,
             None => {
-                let (id, peer, sole) = shared.route_to_peer_sole(self.taberna, deadline).await?;
+                let (id, peer, sole) = inner.route_to_peer_sole(self.taberna, deadline).await?;
                 keep = sole || self.sticky;
                 Target::Remote { id, peer }
             }
@@ -258,7 +257,7 @@ impl RouteCache {
 /// taberna's replicas until routes change, where `Domus::send` picks one per send.
 #[derive(Clone)]
 pub struct Destination {
-    shared: Arc<Shared>,
+    inner: Arc<DomusInner>,
     _guard: Arc<DropGuard>,
     route: Arc<RouteCache>,
 }
@@ -279,13 +278,13 @@ impl std::fmt::Debug for Destination {
 
 impl Destination {
     pub(super) fn new(
-        shared: Arc<Shared>,
+        inner: Arc<DomusInner>,
         guard: Arc<DropGuard>,
         taberna: TabernaId,
         on: Option<DomusId>,
     ) -> Self {
         Self {
-            shared,
+            inner,
             _guard: guard,
             route: Arc::new(RouteCache::new(taberna, on, true)),
         }
@@ -324,7 +323,7 @@ impl Destination {
         options: SendOptions,
     ) -> impl Future<Output = Outcome> + Send + 'static {
         send_through(
-            self.shared.clone(),
+            self.inner.clone(),
             self.route.clone(),
             (msg_type, payload, options),
             Wait::UntilDeadline,
@@ -341,7 +340,7 @@ impl Destination {
         options: SendOptions,
     ) -> impl Future<Output = Outcome> + Send + 'static {
         send_through(
-            self.shared.clone(),
+            self.inner.clone(),
             self.route.clone(),
             (msg_type, payload, options),
             Wait::No,
@@ -356,7 +355,7 @@ impl Destination {
         options: SendOptions,
     ) -> impl Future<Output = Result<Receipt, Error>> + Send + 'static {
         admit_through(
-            self.shared.clone(),
+            self.inner.clone(),
             self.route.clone(),
             (msg_type, payload, options),
             Wait::UntilDeadline,
@@ -389,7 +388,7 @@ impl Destination {
         ticket: u64,
     ) -> impl Future<Output = Result<InWindow, Error>> + Send + 'a {
         self.route.admit_with(
-            &self.shared,
+            &self.inner,
             msg_type,
             payload,
             options,
@@ -411,26 +410,26 @@ pub(super) type Message = (MessageType, Bytes, SendOptions);
 /// state is not kept beside the receipt's). The one path of every send API that waits for
 /// its answer.
 pub(super) async fn send_through(
-    shared: Arc<Shared>,
+    inner: Arc<DomusInner>,
     route: Arc<RouteCache>,
     (msg_type, payload, options): Message,
     wait: Wait,
 ) -> Outcome {
     let receipt = route
-        .admit_with(&shared, msg_type, payload, options, wait, receipt)
+        .admit_with(&inner, msg_type, payload, options, wait, receipt)
         .await?;
     receipt.await
 }
 
 /// Admits a send through `route` and returns its receipt.
 pub(super) async fn admit_through(
-    shared: Arc<Shared>,
+    inner: Arc<DomusInner>,
     route: Arc<RouteCache>,
     (msg_type, payload, options): Message,
     wait: Wait,
 ) -> Result<Receipt, Error> {
     route
-        .admit_with(&shared, msg_type, payload, options, wait, receipt)
+        .admit_with(&inner, msg_type, payload, options, wait, receipt)
         .await
 }
 
@@ -447,7 +446,7 @@ pub(super) async fn admit_through(
 /// ```no_run
 /// # async fn run(domus: vicus::Domus) -> Result<(), vicus::Error> {
 /// # use bytes::Bytes;
-/// # const KIND: vicus::MessageType = vicus::MessageType::application(1);
+/// # const KIND: vicus::MessageType = vicus::MessageType::app(1);
 /// let mut window = domus.destination(vicus::TabernaId(2)).window(1024);
 /// for n in 0u32..100_000 {
 ///     // Full: the oldest send's outcome comes back before the next one goes out.

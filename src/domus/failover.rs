@@ -3,7 +3,7 @@
 //! taberna. A message that may have reached its peer never moves (no delivery by two
 //! replicas).
 
-use super::Shared;
+use super::DomusInner;
 use super::routing::Lookup;
 use super::send::move_send;
 use crate::a0_transport::{DomusAddr, DomusId};
@@ -46,11 +46,12 @@ impl Down {
     }
 }
 
-impl Shared {
+impl DomusInner {
     /// Another replica for a send `from` cannot deliver and never wrote anywhere (see
-    /// [`Forget::redirect`]): the taberna's candidates as the resolver gives them at once
-    /// (a resolver that must wait is not asked), without `from` and without any this domus
-    /// cannot reach now, chosen as a send chooses; the send takes room there afresh.
+    /// [`DriverHost::redirect`](crate::runtime::peer::DriverHost::redirect)): the taberna's
+    /// candidates as the resolver gives them at once (a resolver that must wait is not asked),
+    /// without `from` and without any this domus cannot reach now, chosen as a send chooses;
+    /// the send takes room there afresh.
     pub(super) fn redirect(self: &Arc<Self>, from: &DomusId, send: SendCmd) -> Result<(), SendCmd> {
         let taberna = TabernaId(send.msg.dst);
         let Some(others) = self.alternatives(from, taberna) else {
@@ -67,7 +68,7 @@ impl Shared {
     }
 
     /// The candidates of `taberna` other than `from` that a send may move to now (see
-    /// [`Shared::redirect`]); `None` when there is none, or the resolver does not answer at
+    /// [`DomusInner::redirect`]); `None` when there is none, or the resolver does not answer at
     /// once.
     pub(super) fn alternatives(
         &self,

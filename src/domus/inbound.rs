@@ -3,11 +3,11 @@
 //! from a blob callis within `hello_timeout`, refusing with a CLOSE, and handing each callis to
 //! its peer's drivers. Every wait is bounded.
 
-use super::Shared;
+use super::DomusInner;
 use crate::a0_transport::{AuthenticatedStream, DomusId, Listener};
 use crate::error::{Error, ErrorId};
-use crate::reporting::C;
 use crate::reporting::CallisKind;
+use crate::reporting::Counter;
 use crate::runtime::accept::{read_first_frame, refuse};
 use crate::runtime::ends::BlobCommand;
 use crate::runtime::peer::PeerCommand;
@@ -18,7 +18,11 @@ use std::time::Duration;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-pub(super) async fn accept_loop(shared: Arc<Shared>, listener: Listener, stop: CancellationToken) {
+pub(super) async fn accept_loop(
+    inner: Arc<DomusInner>,
+    listener: Listener,
+    stop: CancellationToken,
+) {
     loop {
         let incoming = tokio::select! {
             () = stop.cancelled() => return,
@@ -27,7 +31,7 @@ pub(super) async fn accept_loop(shared: Arc<Shared>, listener: Listener, stop: C
         let incoming = match incoming {
             Ok(i) => i,
             Err(e) => {
-                if let Some(suppressed) = shared
+                if let Some(suppressed) = inner
                     .recorder
                     .log_allowed(crate::reporting::LogKind::AcceptFailed)
                 {
@@ -39,8 +43,8 @@ pub(super) async fn accept_loop(shared: Arc<Shared>, listener: Listener, stop: C
                 }
             }
         };
-        shared.tasks.spawn(serve_inbound(
-            shared.clone(),
+        inner.tasks.spawn(serve_inbound(
+            inner.clone(),
             stop.clone(),
             incoming.handshake(),
         ));
@@ -51,7 +55,7 @@ pub(super) async fn accept_loop(shared: Arc<Shared>, listener: Listener, stop: C
 /// owns it: the connection limits, its first frame (which tells a primary callis from a blob
 /// callis) within `hello_timeout`, and the hand-over to the peer's driver.
 pub(super) async fn serve_inbound(
-    shared: Arc<Shared>,
+    inner: Arc<DomusInner>,
     stop: CancellationToken,
     handshake: impl Future<Output = Result<AuthenticatedStream, Error>>,
 ) {
@@ -63,18 +67,18 @@ pub(super) async fn serve_inbound(
         Ok(stream) => stream,
         Err(e) => {
             tracing::debug!(error = %e, "inbound handshake failed");
-            shared.recorder.handshake_failed(&e);
+            inner.recorder.handshake_failed(&e);
             return;
         }
     };
     let mut stream = stream;
     let peer_id = stream.peer().id().clone();
     let mut prefix = BytesMut::with_capacity(512);
-    let slot = match UnopenedSlot::take(&shared, &peer_id) {
+    let slot = match UnopenedSlot::take(&inner, &peer_id) {
         Ok(slot) => slot,
-        Err(e) => return shared.refuse(stream, e, &prefix).await,
+        Err(e) => return inner.refuse(stream, e, &prefix).await,
     };
-    let hello_timeout = shared.config.load().hello_timeout;
+    let hello_timeout = inner.config.load().hello_timeout;
     let first = tokio::select! {
         () = stop.cancelled() => return,
         r = tokio::time::timeout(hello_timeout, read_first_frame(&mut stream, &mut prefix)) => r,
@@ -82,18 +86,18 @@ pub(super) async fn serve_inbound(
     drop(slot);
     match first {
         Ok(Ok(kind)) => {
-            if let Err(e) = shared.check_peer_limit(&peer_id) {
-                return shared.refuse(stream, e, &prefix).await;
+            if let Err(e) = inner.check_peer_limit(&peer_id) {
+                return inner.refuse(stream, e, &prefix).await;
             }
-            shared.attach_inbound(stream, kind, prefix);
+            inner.attach_inbound(stream, kind, prefix);
         }
         Ok(Err(e)) if e.id() == ErrorId::ProtocolViolation => {
-            shared.refuse(stream, e, &prefix).await;
+            inner.refuse(stream, e, &prefix).await;
         }
         Ok(Err(e)) => {
-            shared
+            inner
                 .recorder
-                .add(C::primary_bytes_in, prefix.len() as u64);
+                .add(Counter::primary_bytes_in, prefix.len() as u64);
             tracing::debug!(peer = %peer_id, error = %e, "inbound callis closed before its first frame");
         }
         Err(_) => {
@@ -103,23 +107,23 @@ pub(super) async fn serve_inbound(
                     "the callis sent no complete first frame within {hello_timeout:?} (hello_timeout)"
                 ),
             );
-            shared.refuse(stream, e, &prefix).await;
+            inner.refuse(stream, e, &prefix).await;
         }
     }
 }
 
-/// One authenticated inbound callis counted in `Shared::unopened` until it is dropped.
+/// One authenticated inbound callis counted in `DomusInner::unopened` until it is dropped.
 pub(super) struct UnopenedSlot {
-    pub(super) shared: Arc<Shared>,
+    pub(super) inner: Arc<DomusInner>,
     pub(super) peer: DomusId,
 }
 
 impl UnopenedSlot {
     /// Counts a callis from `peer`, or refuses it past `max_unopened_calles_per_peer` or
     /// `max_unopened_calles`.
-    pub(super) fn take(shared: &Arc<Shared>, peer: &DomusId) -> Result<Self, Error> {
-        let config = shared.config.load();
-        let mut table = shared
+    pub(super) fn take(inner: &Arc<DomusInner>, peer: &DomusId) -> Result<Self, Error> {
+        let config = inner.config.load();
+        let mut table = inner
             .unopened
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
@@ -143,7 +147,7 @@ impl UnopenedSlot {
         }
         table.add(peer);
         Ok(Self {
-            shared: shared.clone(),
+            inner: inner.clone(),
             peer: peer.clone(),
         })
     }
@@ -151,7 +155,7 @@ impl UnopenedSlot {
 
 impl Drop for UnopenedSlot {
     fn drop(&mut self) {
-        self.shared
+        self.inner
             .unopened
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
@@ -159,7 +163,7 @@ impl Drop for UnopenedSlot {
     }
 }
 
-impl Shared {
+impl DomusInner {
     /// Refuses an inbound callis from an identity that is not connected when `max_peers`
     /// primary calles are open already.
     pub(super) fn check_peer_limit(&self, peer: &DomusId) -> Result<(), Error> {
@@ -181,11 +185,12 @@ impl Shared {
     /// logged, rate-limited. The bytes read and the CLOSE written count like any callis's.
     pub(super) async fn refuse(&self, mut stream: AuthenticatedStream, error: Error, read: &[u8]) {
         let peer = stream.peer().id().clone();
-        self.recorder.add(C::primary_bytes_in, read.len() as u64);
+        self.recorder
+            .add(Counter::primary_bytes_in, read.len() as u64);
         if error.id() == ErrorId::ProtocolViolation {
             self.recorder.protocol_violation(&peer, &error);
         } else {
-            self.recorder.inc(C::calles_refused);
+            self.recorder.inc(Counter::calles_refused);
             if let Some(suppressed) = self
                 .recorder
                 .log_allowed(crate::reporting::LogKind::CallisRefused)
@@ -195,7 +200,8 @@ impl Shared {
             self.recorder.error(error.clone());
         }
         if let Some(written) = refuse(&mut stream, &error).await {
-            self.recorder.add(C::primary_bytes_out, written as u64);
+            self.recorder
+                .add(Counter::primary_bytes_out, written as u64);
         }
     }
 

@@ -2,16 +2,16 @@
 //! the network. The answer is awaited by the caller's [`Receipt`](super::Receipt) within the
 //! send's timeout; no task is spawned per send.
 
-use super::Shared;
+use super::DomusInner;
 use super::send::Receipt;
 use super::send::ReceiptKind;
 use crate::error::{Error, ErrorId};
-use crate::reporting::{C, Recorder};
-use crate::runtime::Delivery;
+use crate::reporting::{Counter, Recorder};
 use crate::runtime::ends::BlobReceiver;
 use crate::runtime::peer::record_failure;
 use crate::runtime::{Answer, local_answer_result};
-use crate::taberna::{AnswerSink, MessageType, TabernaId, TabernaRequest};
+use crate::runtime::{Delivery, Outcome};
+use crate::taberna::{AnswerTarget, MessageType, TabernaId, TabernaRequest};
 use bytes::Bytes;
 use std::future::Future;
 use std::pin::Pin;
@@ -31,7 +31,7 @@ pub(super) struct LocalAnswer {
 }
 
 impl LocalAnswer {
-    pub(super) fn poll(&mut self, cx: &mut Context<'_>) -> Poll<Result<Delivery, Error>> {
+    pub(super) fn poll(&mut self, cx: &mut Context<'_>) -> Poll<Outcome> {
         let context = &self.context;
         let result = match Pin::new(&mut self.answer).poll(cx) {
             Poll::Ready(Ok(answer)) => local_answer_result(answer, self.max_reply, context),
@@ -48,15 +48,15 @@ impl LocalAnswer {
             },
         };
         match &result {
-            Ok(Delivery::Accepted) => self.recorder.inc(C::messages_accepted),
-            Ok(Delivery::Replied(_)) => self.recorder.inc(C::messages_replied),
+            Ok(Delivery::Accepted) => self.recorder.inc(Counter::messages_accepted),
+            Ok(Delivery::Replied(_)) => self.recorder.inc(Counter::messages_replied),
             Err(e) => record_failure(&self.recorder, e),
         }
         Poll::Ready(result)
     }
 }
 
-impl Shared {
+impl DomusInner {
     pub(super) fn send_local(
         self: &Arc<Self>,
         taberna: TabernaId,
@@ -73,15 +73,15 @@ impl Shared {
             taberna,
             msg_type,
             payload,
-            AnswerSink::Local(answer_tx),
+            AnswerTarget::Local(answer_tx),
         );
         if let Some(blob) = blob {
             request = request.with_blob(blob);
         }
-        self.recorder.inc(C::messages_sent);
-        self.registry.deliver(request);
+        self.recorder.inc(Counter::messages_sent);
+        self.registry.offer(request);
         Receipt {
-            inner: ReceiptKind::Local(Box::new(LocalAnswer {
+            kind: ReceiptKind::Local(Box::new(LocalAnswer {
                 answer: answer_rx,
                 deadline: Box::pin(tokio::time::sleep(timeout)),
                 timeout,

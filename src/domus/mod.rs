@@ -32,12 +32,12 @@ use tokio::sync::Semaphore;
 use tokio_util::sync::{CancellationToken, DropGuard};
 use tokio_util::task::TaskTracker;
 
-pub use crate::runtime::Delivery;
 pub use crate::runtime::ends::{BlobReceiver, BlobSender};
+pub use crate::runtime::{Delivery, Outcome};
 pub use builder::DomusBuilder;
 use builder::Listen;
 pub use config::DomusConfig;
-pub use destination::{Destination, Outcome, Window};
+pub use destination::{Destination, Window};
 use inbound::serve_inbound;
 use peers::{PeerRef, PeerTable};
 use send::{CheckedSend, ReceiptKind, Wait};
@@ -80,7 +80,10 @@ pub trait MessageCodec: Send + Sync + 'static {
     fn decode(&self, bytes: &Bytes) -> Result<Self::Message, Error>;
 }
 
-struct Shared {
+/// The state of one domus behind every handle on it ([`Domus`], [`WeakDomus`],
+/// [`ConfigHandle`], destinations, windows, and its drivers' [`DomusHost`](peers::DomusHost)):
+/// its transport, configuration, peers, routes, tabernas and tasks.
+struct DomusInner {
     transport: Transport,
     driver_ctx: Arc<DriverContext>,
     blob_ctx: Arc<BlobContext>,
@@ -128,15 +131,15 @@ struct Shared {
 /// [`Domus::shutdown`]).
 #[derive(Clone)]
 pub struct Domus {
-    shared: Arc<Shared>,
+    inner: Arc<DomusInner>,
     _guard: Arc<DropGuard>,
 }
 
 impl std::fmt::Debug for Domus {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Domus")
-            .field("id", &self.shared.local_id)
-            .field("addr", &self.shared.local_addr)
+            .field("id", &self.inner.local_id)
+            .field("addr", &self.inner.local_addr)
             .finish_non_exhaustive()
     }
 }
@@ -146,7 +149,7 @@ impl std::fmt::Debug for Domus {
 /// it.
 #[derive(Clone)]
 pub struct WeakDomus {
-    shared: std::sync::Weak<Shared>,
+    inner: std::sync::Weak<DomusInner>,
     guard: std::sync::Weak<DropGuard>,
 }
 
@@ -155,7 +158,7 @@ impl WeakDomus {
     pub fn upgrade(&self) -> Option<Domus> {
         Some(Domus {
             _guard: self.guard.upgrade()?,
-            shared: self.shared.upgrade()?,
+            inner: self.inner.upgrade()?,
         })
     }
 }
@@ -171,13 +174,13 @@ impl std::fmt::Debug for WeakDomus {
 /// The live configuration of a domus, from [`Domus::config`].
 #[derive(Clone)]
 pub struct ConfigHandle {
-    shared: Arc<Shared>,
+    inner: Arc<DomusInner>,
 }
 
 impl std::fmt::Debug for ConfigHandle {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_tuple("ConfigHandle")
-            .field(&self.shared.config.load())
+            .field(&self.inner.config.load())
             .finish()
     }
 }
@@ -185,7 +188,7 @@ impl std::fmt::Debug for ConfigHandle {
 impl ConfigHandle {
     /// The configuration in force now.
     pub fn snapshot(&self) -> DomusConfig {
-        DomusConfig::clone(&self.shared.config.load())
+        DomusConfig::clone(&self.inner.config.load())
     }
 
     /// Changes the configuration: `change` edits a copy, which is validated like the
@@ -193,23 +196,23 @@ impl ConfigHandle {
     /// configuration in one step and an [`Event::ConfigReloaded`] is published. On error
     /// nothing changes. Returns the configuration now in force.
     pub fn update(&self, change: impl FnOnce(&mut DomusConfig)) -> Result<DomusConfig, Error> {
-        let shared = &self.shared;
-        let _writer = shared
+        let inner = &self.inner;
+        let _writer = inner
             .config_writer
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
-        let current = shared.config.load_full();
+        let current = inner.config.load_full();
         let mut next = DomusConfig::clone(&current);
         change(&mut next);
         let checked = next.validate().and_then(|()| next.check_fixed(&current));
         if let Err(e) = checked {
-            shared.recorder.error(e.clone());
+            inner.recorder.error(e.clone());
             return Err(e);
         }
-        shared.registry.set_default_depth(next.default_inbox_depth);
-        shared.reply_budget.set_cap(next.max_retained_reply_bytes);
-        shared.config.store(Arc::new(next.clone()));
-        shared.recorder.event(Event::ConfigReloaded);
+        inner.registry.set_default_depth(next.default_inbox_depth);
+        inner.reply_budget.set_cap(next.max_retained_reply_bytes);
+        inner.config.store(Arc::new(next.clone()));
+        inner.recorder.event(Event::ConfigReloaded);
         Ok(next)
     }
 }
@@ -230,30 +233,30 @@ impl Domus {
     /// The address the domus listens on (with the real port when bound to port 0); `None`
     /// for a [dial-only](DomusBuilder::dial_only) domus.
     pub fn local_addr(&self) -> Option<&DomusAddr> {
-        self.shared.local_addr.as_ref()
+        self.inner.local_addr.as_ref()
     }
 
     /// This domus's identity.
     pub fn identity(&self) -> &DomusId {
-        &self.shared.local_id
+        &self.inner.local_id
     }
 
     /// The TLS crypto provider this domus runs on: `"aws-lc-rs"`, `"ring"` or `"custom"` (see
     /// the crate docs, *Identity and security model*, for how it is chosen).
     pub fn crypto_provider(&self) -> &'static str {
-        self.shared.recorder.crypto_provider()
+        self.inner.recorder.crypto_provider()
     }
 
     /// This run's epoch (random; peers use it to detect a restart).
     pub fn epoch(&self) -> u64 {
-        self.shared.epoch
+        self.inner.epoch
     }
 
     /// The live configuration: [`ConfigHandle::snapshot`] reads it, [`ConfigHandle::update`]
     /// changes it (see [`DomusConfig`] for which fields apply when).
     pub fn config(&self) -> ConfigHandle {
         ConfigHandle {
-            shared: self.shared.clone(),
+            inner: self.inner.clone(),
         }
     }
 
@@ -263,16 +266,16 @@ impl Domus {
     /// accepts (a revoked certificate, an anchor removed): they are closed at once. On failure nothing changes and the error is also
     /// published on the error feed; on success an [`Event::AuthReloaded`] is.
     pub fn reload_auth(&self, auth: AuthConfig) -> Result<(), Error> {
-        match self.shared.transport.reload_auth(auth) {
+        match self.inner.transport.reload_auth(auth) {
             Ok(()) => {
-                self.shared.recorder.event(Event::AuthReloaded);
+                self.inner.recorder.event(Event::AuthReloaded);
                 // Live calles are verified again: a peer the new CRLs revoke (or the new
                 // anchors no longer cover) loses its calles now, not at its next handshake.
-                self.shared.recheck_all();
+                self.inner.recheck_all();
                 Ok(())
             }
             Err(e) => {
-                self.shared.recorder.error(e.clone());
+                self.inner.recorder.error(e.clone());
                 Err(e)
             }
         }
@@ -284,12 +287,12 @@ impl Domus {
     /// counterpart of [`DomusBuilder::connector`] on the dialling side. Returns at once; the
     /// work runs on the domus's tasks (and ends with it).
     pub fn accept_stream(&self, io: impl CallisStream) -> Result<(), Error> {
-        let shared = &self.shared;
-        shared.check_open()?;
-        let transport = shared.transport.clone();
-        shared.tasks.spawn(serve_inbound(
-            shared.clone(),
-            shared.accept_stop.clone(),
+        let inner = &self.inner;
+        inner.check_open()?;
+        let transport = inner.transport.clone();
+        inner.tasks.spawn(serve_inbound(
+            inner.clone(),
+            inner.accept_stop.clone(),
             async move { transport.accept_over(io).await },
         ));
         Ok(())
@@ -298,7 +301,7 @@ impl Domus {
     /// Replaces the trust policy (which verified peer ids are accepted) for every future
     /// handshake; established calles are not touched.
     pub fn set_trust_policy(&self, policy: crate::TrustPolicy) {
-        self.shared.transport.set_trust_policy(policy);
+        self.inner.transport.set_trust_policy(policy);
     }
 
     /// The A0 transport. Not part of the stable API (its shape follows the transport's
@@ -306,7 +309,7 @@ impl Domus {
     /// [`set_trust_policy`](Self::set_trust_policy).
     #[doc(hidden)]
     pub fn transport(&self) -> &Transport {
-        &self.shared.transport
+        &self.inner.transport
     }
 
     /// Registers a taberna with default options.
@@ -326,9 +329,9 @@ impl Domus {
         handler: impl crate::taberna::InlineHandler,
     ) -> Result<crate::taberna::InlineTaberna, Error> {
         check_not_reserved(id)?;
-        self.shared.check_open()?;
+        self.inner.check_open()?;
         options.validate()?;
-        self.shared
+        self.inner
             .registry
             .register_inline(id, options, Arc::new(handler))
     }
@@ -346,9 +349,9 @@ impl Domus {
         id: TabernaId,
         options: TabernaOptions,
     ) -> Result<Taberna, Error> {
-        self.shared.check_open()?;
+        self.inner.check_open()?;
         options.validate()?;
-        self.shared.registry.register(id, options)
+        self.inner.registry.register(id, options)
     }
 
     /// Sends a message and waits for its answer. The future holds no borrow of the domus.
@@ -358,10 +361,10 @@ impl Domus {
         msg_type: MessageType,
         payload: Bytes,
         options: SendOptions,
-    ) -> impl Future<Output = Result<Delivery, Error>> + Send + 'static {
-        let route = self.shared.route_cache(taberna);
+    ) -> impl Future<Output = Outcome> + Send + 'static {
+        let route = self.inner.route_cache(taberna);
         destination::send_through(
-            self.shared.clone(),
+            self.inner.clone(),
             route,
             (msg_type, payload, options),
             Wait::UntilDeadline,
@@ -376,10 +379,10 @@ impl Domus {
         msg_type: MessageType,
         payload: Bytes,
         options: SendOptions,
-    ) -> impl Future<Output = Result<Delivery, Error>> + Send + 'static {
-        let route = self.shared.route_cache(taberna);
+    ) -> impl Future<Output = Outcome> + Send + 'static {
+        let route = self.inner.route_cache(taberna);
         destination::send_through(
-            self.shared.clone(),
+            self.inner.clone(),
             route,
             (msg_type, payload, options),
             Wait::No,
@@ -395,9 +398,9 @@ impl Domus {
         payload: Bytes,
         options: SendOptions,
     ) -> impl Future<Output = Result<Receipt, Error>> + Send + 'static {
-        let route = self.shared.route_cache(taberna);
+        let route = self.inner.route_cache(taberna);
         destination::admit_through(
-            self.shared.clone(),
+            self.inner.clone(),
             route,
             (msg_type, payload, options),
             Wait::UntilDeadline,
@@ -420,8 +423,8 @@ impl Domus {
         header: Bytes,
         options: SendOptions,
     ) -> impl Future<Output = Result<BlobSender, Error>> + Send + 'static {
-        let shared = self.shared.clone();
-        async move { shared.send_blob(taberna, msg_type, header, options).await }
+        let inner = self.inner.clone();
+        async move { inner.send_blob(taberna, msg_type, header, options).await }
     }
 
     /// A handle for sending to `taberna`: it resolves the route once and keeps the answer
@@ -429,7 +432,7 @@ impl Domus {
     /// send), so a send through it skips the route lookup. Cheap to clone; it keeps the domus
     /// running like a [`Domus`] clone. [`Destination::window`] pipelines many sends.
     pub fn destination(&self, taberna: TabernaId) -> Destination {
-        Destination::new(self.shared.clone(), self._guard.clone(), taberna, None)
+        Destination::new(self.inner.clone(), self._guard.clone(), taberna, None)
     }
 
     /// A [`Destination`] for `taberna` on the domus `peer` specifically, whatever the
@@ -441,7 +444,7 @@ impl Domus {
     /// may be this domus itself (the send is then local).
     pub fn destination_on(&self, peer: &DomusId, taberna: TabernaId) -> Destination {
         Destination::new(
-            self.shared.clone(),
+            self.inner.clone(),
             self._guard.clone(),
             taberna,
             Some(peer.clone()),
@@ -461,12 +464,12 @@ impl Domus {
     ) -> impl Future<Output = Result<Option<C::Message>, Error>> + Send + 'static {
         let encoded = codec.encode(message);
         let codec = codec.clone();
-        let shared = self.shared.clone();
-        let route = shared.route_cache(taberna);
+        let inner = self.inner.clone();
+        let route = inner.route_cache(taberna);
         async move {
             let payload = encoded?;
             let delivery = destination::send_through(
-                shared,
+                inner,
                 route,
                 (msg_type, payload, options),
                 Wait::UntilDeadline,
@@ -485,7 +488,7 @@ impl Domus {
     /// to re-establish a connection (after a network change, say) without rebuilding the
     /// domus. Fails with `PeerUnavailable` when this domus has no session with `peer`.
     pub fn disconnect(&self, peer: &DomusId) -> Result<(), Error> {
-        let links = self.shared.peers.links(peer);
+        let links = self.inner.peers.links(peer);
         let Some(links) = links else {
             return Err(Error::new(
                 ErrorId::PeerUnavailable,
@@ -500,7 +503,7 @@ impl Domus {
     /// A handle that does not keep this domus running (see [`WeakDomus`]).
     pub fn downgrade(&self) -> WeakDomus {
         WeakDomus {
-            shared: Arc::downgrade(&self.shared),
+            inner: Arc::downgrade(&self.inner),
             guard: Arc::downgrade(&self._guard),
         }
     }
@@ -508,7 +511,7 @@ impl Domus {
     /// The peers with a live session (a peer this domus forgot, see
     /// `DomusConfig::peer_retire_after`, no longer counts).
     pub fn peer_count(&self) -> usize {
-        self.shared.peers.live()
+        self.inner.peers.live()
     }
 
     /// Address → identity pins held now (routes without an identity; at most
@@ -516,7 +519,7 @@ impl Domus {
     /// API.
     #[doc(hidden)]
     pub fn pinned_addresses(&self) -> usize {
-        self.shared
+        self.inner
             .pinned
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
@@ -527,46 +530,46 @@ impl Domus {
     /// drivers). A diagnostic for tests, not part of the stable API.
     #[doc(hidden)]
     pub fn task_count(&self) -> usize {
-        self.shared.tasks.len()
+        self.inner.tasks.len()
     }
 
     /// Graceful shutdown: stop accepting, refuse new sends, let every peer driver write what
     /// it has and close its callis, fail what is unanswered with `DomusClosed`, and close the
     /// tabernas. Bounded by `shutdown_timeout`; after that everything is cancelled.
     pub async fn shutdown(&self) {
-        let shared = &self.shared;
-        shared.recorder.event(Event::ShutdownStarted);
-        shared
+        let inner = &self.inner;
+        inner.recorder.event(Event::ShutdownStarted);
+        inner
             .closed
             .store(true, std::sync::atomic::Ordering::Release);
-        let peers = shared.peer_links();
+        let peers = inner.peer_links();
         // The accept loop stops first (peers told of the shutdown find no listener when they
         // dial again); drivers answer what their handlers hold, write their CLOSE and end,
         // within the bound.
-        shared.accept_stop.cancel();
+        inner.accept_stop.cancel();
         for p in peers {
             let _ = p.tx.send(PeerCommand::Shutdown);
             let _ = p.blob_tx.send(BlobCommand::Shutdown);
         }
-        shared.tasks.close();
-        if tokio::time::timeout(shared.config.load().shutdown_timeout, shared.tasks.wait())
+        inner.tasks.close();
+        if tokio::time::timeout(inner.config.load().shutdown_timeout, inner.tasks.wait())
             .await
             .is_err()
         {
-            tracing::warn!(id = %shared.local_id, "shutdown timed out; cancelling remaining tasks");
+            tracing::warn!(id = %inner.local_id, "shutdown timed out; cancelling remaining tasks");
         }
-        shared.cancel.cancel();
-        shared.tasks.wait().await;
-        shared.registry.close_all();
-        shared.peers.clear();
-        shared.recorder.peers_cleared();
-        shared.recorder.event(Event::ShutdownCompleted);
+        inner.cancel.cancel();
+        inner.tasks.wait().await;
+        inner.registry.close_all();
+        inner.peers.clear();
+        inner.recorder.peers_cleared();
+        inner.recorder.event(Event::ShutdownCompleted);
     }
 
     /// Metrics, events and errors of this domus.
     pub fn reporting(&self) -> Reporting {
         Reporting {
-            recorder: self.shared.recorder.clone(),
+            recorder: self.inner.recorder.clone(),
         }
     }
 }

@@ -4,7 +4,7 @@
 //! certificate. The table's lock is held for a lookup or an update only, never across an
 //! `.await`.
 
-use super::Shared;
+use super::DomusInner;
 use super::failover::{DOWN_REMEMBERED, Down};
 use super::routing::ROUTED_MAX;
 use crate::a0_transport::{AuthenticatedStream, DomusAddr, DomusId};
@@ -14,7 +14,7 @@ use crate::runtime::blob::{BlobDriver, BlobLinks};
 use crate::runtime::budget::InFlightBudget;
 use crate::runtime::ends::BlobCommand;
 use crate::runtime::peer::{
-    Forget, PeerCommand, PeerDriver, PeerLinks, Reachability, Retirement, SendCmd,
+    DriverHost, PeerCommand, PeerDriver, PeerLinks, Reachability, Retirement, SendCmd,
 };
 use crate::runtime::queue::WakeQueue;
 use crate::taberna::TabernaId;
@@ -324,11 +324,11 @@ impl PeerTable {
 /// Verifies the certificates of every connected peer again every `peer_recheck_interval`
 /// (see [`DomusConfig::peer_recheck_interval`]). Holds the domus weakly: it keeps nothing
 /// alive.
-pub(super) async fn recheck_peers(shared: std::sync::Weak<Shared>, stop: CancellationToken) {
+pub(super) async fn recheck_peers(inner: std::sync::Weak<DomusInner>, stop: CancellationToken) {
     /// How often a domus with rechecks turned off looks whether they were turned on.
     const OFF_POLL: Duration = Duration::from_secs(1);
     loop {
-        let every = match shared.upgrade() {
+        let every = match inner.upgrade() {
             Some(s) => s.config.load().peer_recheck_interval,
             None => return,
         };
@@ -336,19 +336,20 @@ pub(super) async fn recheck_peers(shared: std::sync::Weak<Shared>, stop: Cancell
             () = stop.cancelled() => return,
             () = tokio::time::sleep(every.unwrap_or(OFF_POLL)) => {}
         }
-        let Some(shared) = shared.upgrade() else {
+        let Some(inner) = inner.upgrade() else {
             return;
         };
-        if every.is_some() && shared.config.load().peer_recheck_interval.is_some() {
-            shared.recheck_all();
+        if every.is_some() && inner.config.load().peer_recheck_interval.is_some() {
+            inner.recheck_all();
         }
     }
 }
 
-/// Forgets an idle peer for its driver (see [`crate::runtime::peer::Retirement`]).
-pub(super) struct Forgetter(pub(super) std::sync::Weak<Shared>);
+/// The domus as its peers' drivers see it ([`DriverHost`]): held weakly, so a driver does not
+/// keep its domus alive.
+pub(super) struct DomusHost(pub(super) std::sync::Weak<DomusInner>);
 
-impl Forget for Forgetter {
+impl DriverHost for DomusHost {
     fn forget(
         &self,
         peer: &DomusId,
@@ -356,16 +357,16 @@ impl Forget for Forgetter {
         unreachable: bool,
         shut_down: bool,
     ) -> bool {
-        let Some(shared) = self.0.upgrade() else {
+        let Some(inner) = self.0.upgrade() else {
             return false;
         };
-        let remembered = |addr| unreachable.then(|| shared.down_memory(addr, shut_down));
-        if !shared.peers.forget(peer, sends, remembered) {
+        let remembered = |addr| unreachable.then(|| inner.down_memory(addr, shut_down));
+        if !inner.peers.forget(peer, sends, remembered) {
             return false;
         }
-        shared.recorder.peer_removed(peer);
+        inner.recorder.peer_removed(peer);
         // Destinations holding the old driver resolve again before their next send.
-        shared
+        inner
             .route_generation
             .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
         true
@@ -374,27 +375,27 @@ impl Forget for Forgetter {
     fn can_redirect(&self, peer: &DomusId, taberna: u64) -> bool {
         self.0
             .upgrade()
-            .is_some_and(|shared| shared.alternatives(peer, TabernaId(taberna)).is_some())
+            .is_some_and(|inner| inner.alternatives(peer, TabernaId(taberna)).is_some())
     }
 
     fn redirect(&self, peer: &DomusId, send: SendCmd) -> Result<(), SendCmd> {
-        let Some(shared) = self.0.upgrade() else {
+        let Some(inner) = self.0.upgrade() else {
             return Err(send);
         };
-        shared.redirect(peer, send)
+        inner.redirect(peer, send)
     }
 
     fn attach_again(&self, stream: AuthenticatedStream, kind: CallisKind, prefix: BytesMut) {
-        if let Some(shared) = self.0.upgrade() {
-            shared.attach_inbound(stream, kind, prefix);
+        if let Some(inner) = self.0.upgrade() {
+            inner.attach_inbound(stream, kind, prefix);
         }
     }
 
     fn not_at(&self, peer: &DomusId, addr: &DomusAddr) {
-        let Some(shared) = self.0.upgrade() else {
+        let Some(inner) = self.0.upgrade() else {
             return;
         };
-        let unpinned = shared
+        let unpinned = inner
             .pinned
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
@@ -402,14 +403,14 @@ impl Forget for Forgetter {
         if unpinned {
             tracing::debug!(%peer, %addr, "another identity answers at a pinned address; the next send there learns it");
             // Destinations that resolved to the pinned peer resolve again before their next send.
-            shared
+            inner
                 .route_generation
                 .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
         }
     }
 }
 
-impl Shared {
+impl DomusInner {
     /// The driver for `id`, started on first use.
     pub(super) fn peer(self: &Arc<Self>, id: &DomusId, addr: Option<DomusAddr>) -> Arc<PeerRef> {
         self.peer_routed(id, addr, None)
@@ -452,7 +453,7 @@ impl Shared {
         let cells = self.recorder.peer_added(id);
         let reachability = Arc::new(Reachability::default());
         let blob_active = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let forget: Arc<dyn Forget> = Arc::new(Forgetter(Arc::downgrade(self)));
+        let host: Arc<dyn DriverHost> = Arc::new(DomusHost(Arc::downgrade(self)));
         let driver = PeerDriver::new(
             id.clone(),
             addr.clone(),
@@ -471,7 +472,7 @@ impl Shared {
                 shut_down,
                 retirement: Retirement {
                     after: self.config.load().peer_retire_after,
-                    forget: forget.clone(),
+                    host: host.clone(),
                     id_floor: self.peers.id_floor.clone(),
                     blob_active: blob_active.clone(),
                 },
@@ -488,7 +489,7 @@ impl Shared {
                 config: self.config.load().blob(),
                 cells,
                 active: blob_active,
-                forget,
+                host,
             },
         ));
         Arc::new(PeerRef {

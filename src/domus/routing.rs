@@ -3,7 +3,7 @@
 //! following the resolver's route changes. It never dials to choose: reachability comes from
 //! what the drivers last found.
 
-use super::Shared;
+use super::DomusInner;
 use super::destination::RouteCache;
 use super::peers::PeerRef;
 use crate::a0_transport::{DomusAddr, DomusId};
@@ -26,7 +26,7 @@ pub(super) const ROUTED_MAX: usize = 4096;
 /// A route that no longer names the same peer is forgotten: what waits for the old peer stays
 /// with it (it may have been delivered there).
 pub(super) async fn follow_routes(
-    shared: Arc<Shared>,
+    inner: Arc<DomusInner>,
     mut changes: RouteChanges,
     stop: CancellationToken,
 ) {
@@ -38,15 +38,15 @@ pub(super) async fn follow_routes(
         if !changed {
             return;
         }
-        shared
+        inner
             .route_generation
             .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
-        let routed = shared.peers.routed();
+        let routed = inner.peers.routed();
         for (taberna, peer) in routed {
-            let deadline = tokio::time::Instant::now() + shared.config.load().resolve_timeout;
+            let deadline = tokio::time::Instant::now() + inner.config.load().resolve_timeout;
             let candidates = tokio::select! {
                 () = stop.cancelled() => return,
-                candidates = shared.candidates(taberna, deadline) => candidates,
+                candidates = inner.candidates(taberna, deadline) => candidates,
             };
             // Among replicas, the peer's own candidate (not the one a send would pick).
             let own = candidates.map(|c| {
@@ -55,16 +55,16 @@ pub(super) async fn follow_routes(
                     .map(|c| c.route.addr.clone())
             });
             match own {
-                Ok(Some(addr)) => shared.readdress(&peer, addr),
+                Ok(Some(addr)) => inner.readdress(&peer, addr),
                 // Resolvers can fail for a moment; the route is tried again next time.
                 Err(e) if e.id() != ErrorId::UnknownTaberna => {}
-                _ => shared.peers.unroute(&peer, taberna),
+                _ => inner.peers.unroute(&peer, taberna),
             }
         }
     }
 }
 
-/// A resolver lookup after its first poll ([`Shared::start_candidates`]).
+/// A resolver lookup after its first poll ([`DomusInner::start_candidates`]).
 pub(super) enum Lookup<'a> {
     Ready(Result<Arc<[Candidate]>, Error>),
     Pending(CandidatesFuture<'a>),
@@ -81,7 +81,7 @@ pub(super) fn resolver_panicked(taberna: TabernaId) -> Error {
 /// taberna resolves its route each time, as a taberna with several replicas always does).
 pub(super) const SEND_ROUTES_MAX: usize = 1024;
 
-impl Shared {
+impl DomusInner {
     /// The changes the resolver signalled so far (0 for one that signals none).
     pub(super) fn resolver_generation(&self) -> u64 {
         self.resolver_changes

@@ -5,13 +5,13 @@
 //! It never blocks a thread and holds no lock across an `.await`: the only waits are for
 //! room (bounded by the send's deadline) and for the resolver (bounded by `resolve_timeout`).
 
-use super::Shared;
+use super::DomusInner;
 use super::local::LocalAnswer;
 use super::peers::PeerRef;
 use crate::a0_transport::{DomusAddr, DomusId};
 use crate::error::{Error, ErrorId};
-use crate::reporting::{C, Event};
-use crate::runtime::Delivery;
+use crate::reporting::{Counter, Event};
+use crate::runtime::Outcome;
 use crate::runtime::budget::{InFlight, InFlightBudget};
 use crate::runtime::completion::Completion;
 use crate::runtime::domus_closed;
@@ -78,12 +78,12 @@ impl SendOptions {
 /// An admitted send: await it for the outcome. Holding many receipts is how one task keeps
 /// thousands of sends in flight.
 pub struct Receipt {
-    pub(super) inner: ReceiptKind,
+    pub(super) kind: ReceiptKind,
 }
 
 pub(super) enum ReceiptKind {
     /// The peer's driver completes it.
-    Remote(oneshot::Receiver<Result<Delivery, Error>>),
+    Remote(oneshot::Receiver<Outcome>),
     /// A taberna on this domus answers it, within the send's timeout (kept here: no task
     /// waits for a local answer).
     Local(Box<LocalAnswer>),
@@ -91,7 +91,7 @@ pub(super) enum ReceiptKind {
 
 impl std::fmt::Debug for Receipt {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let kind = match &self.inner {
+        let kind = match &self.kind {
             ReceiptKind::Remote(_) => "remote",
             ReceiptKind::Local(_) => "local",
         };
@@ -100,11 +100,11 @@ impl std::fmt::Debug for Receipt {
 }
 
 impl Future for Receipt {
-    type Output = Result<Delivery, Error>;
+    type Output = Outcome;
 
     /// A local send is counted (accepted, replied, failed) when its receipt resolves.
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        match &mut self.inner {
+        match &mut self.kind {
             ReceiptKind::Remote(rx) => Pin::new(rx).poll(cx).map(|r| {
                 r.unwrap_or_else(|_| {
                     Err(Error::new(
@@ -140,7 +140,7 @@ pub(super) fn move_send(peer: &PeerRef, send: SendCmd) -> Result<(), SendCmd> {
     }
 }
 
-/// What [`Shared::check_send`] found: when the send ends and where it comes from.
+/// What [`DomusInner::check_send`] found: when the send ends and where it comes from.
 pub(super) struct CheckedSend {
     pub(super) timeout: Duration,
     pub(super) deadline: tokio::time::Instant,
@@ -206,7 +206,7 @@ pub(super) async fn acquire(
         })?
 }
 
-impl Shared {
+impl DomusInner {
     /// Every caller holds a handle that keeps the domus from being dropped (a [`Domus`] or a
     /// [`Destination`]), so only `shutdown` can have closed it.
     pub(super) fn check_open(&self) -> Result<(), Error> {
@@ -292,7 +292,7 @@ impl Shared {
         let (done, rx) = Completion::oneshot();
         self.hand_over_to(peer, msg, permit, done)?;
         Ok(Receipt {
-            inner: ReceiptKind::Remote(rx),
+            kind: ReceiptKind::Remote(rx),
         })
     }
 
@@ -341,9 +341,9 @@ impl Shared {
         // Taking room is all this waits for: any of these means the queue was full.
         if taken.as_ref().is_err_and(|e| e.id().is_queue_overrun()) {
             self.recorder.inc(if a3 {
-                C::queue_overruns_send_a3
+                Counter::queue_overruns_send_a3
             } else {
-                C::queue_overruns_send_a2
+                Counter::queue_overruns_send_a2
             });
             self.recorder.event(Event::Backpressure {
                 peer: peer_id.clone(),

@@ -19,6 +19,10 @@
 //! kept forever, and blob calles pick up rotated certificates.
 //!
 //! It holds no lock, and every wait it makes is a socket, a channel or a timer.
+//!
+//! This file holds the driver's state, the commands from the application's ends, the
+//! streams' events and the turn; `link.rs` its callis (attach, dial, decode, read, write,
+//! close, idle).
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -32,18 +36,17 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::time::Sleep;
 use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 
-use super::callis::{
-    Alarm, ByteCounters, CallisIo, Counting, Dialer, ReadSink, Step, dialler_of, now,
-};
+use super::callis::{Alarm, ByteCounters, CallisIo, Counting, Dialer, now};
 use super::ends::{BlobCommand, Piece, Reservation, SenderShared};
-use super::peer::Forget;
+use super::peer::DriverHost;
 use super::{domus_closed, yield_turn};
-use crate::a0_transport::{AuthenticatedStream, DomusAddr, DomusId, Transport};
+use crate::a0_transport::{DomusAddr, DomusId, Transport};
 use crate::a1_callis::blob::{BlobConfig, BlobEvent, BlobStreams};
-use crate::a1_callis::frame::{self, BlobFrame, Frame, PROTOCOL_VERSION};
-use crate::a1_callis::link::{Backoff, WriteVerdict, WriteWatch, keep_current};
+use crate::a1_callis::link::{Backoff, WriteWatch};
 use crate::error::{Error, ErrorId};
-use crate::reporting::{C, CallisKind, PeerCells, Recorder};
+use crate::reporting::{CallisKind, Counter, PeerCells, Recorder};
+
+mod link;
 
 /// What a blob driver needs from its domus.
 pub(crate) struct BlobContext {
@@ -117,7 +120,7 @@ pub(crate) struct BlobDriver {
     /// The peer was forgotten while this driver was idle: stop.
     retired: bool,
     /// Where a callis that arrives as this driver retires goes instead.
-    forget: Arc<dyn Forget>,
+    host: Arc<dyn DriverHost>,
 }
 
 /// What a blob driver shares with its peer's driver and its domus.
@@ -130,7 +133,7 @@ pub(crate) struct BlobLinks {
     /// Whether a callis or a stream is open (the peer driver reads it before retiring).
     pub(crate) active: Arc<std::sync::atomic::AtomicBool>,
     /// Where a callis that arrives as the driver retires goes instead.
-    pub(crate) forget: Arc<dyn Forget>,
+    pub(crate) host: Arc<dyn DriverHost>,
 }
 
 impl BlobDriver {
@@ -144,7 +147,7 @@ impl BlobDriver {
             config,
             cells,
             active,
-            forget,
+            host,
         }: BlobLinks,
     ) -> Self {
         let dialer = Dialer::new(
@@ -158,8 +161,8 @@ impl BlobDriver {
             recorder: ctx.recorder.clone(),
             cells,
             counters: ByteCounters {
-                bytes_in: C::blob_bytes_in,
-                bytes_out: C::blob_bytes_out,
+                bytes_in: Counter::blob_bytes_in,
+                bytes_out: Counter::blob_bytes_out,
             },
         };
         Self {
@@ -181,7 +184,7 @@ impl BlobDriver {
             counting,
             active,
             retired: false,
-            forget,
+            host,
         }
     }
 
@@ -194,28 +197,17 @@ impl BlobDriver {
     }
 
     fn stream_opened(&self) {
-        self.ctx.recorder.inc(C::blob_streams_opened);
+        self.ctx.recorder.inc(Counter::blob_streams_opened);
         self.ctx.recorder.blob_stream(true);
     }
 
     fn stream_ended(&self, completed: bool) {
         self.ctx.recorder.inc(if completed {
-            C::blob_streams_completed
+            Counter::blob_streams_completed
         } else {
-            C::blob_streams_cancelled
+            Counter::blob_streams_cancelled
         });
         self.ctx.recorder.blob_stream(false);
-    }
-
-    /// Forgets the callis (reporting it down if it had opened).
-    fn take_link(&mut self) -> Option<Link> {
-        let link = self.link.take();
-        if link.as_ref().is_some_and(|l| l.open) {
-            self.ctx
-                .recorder
-                .callis(CallisKind::Blob, &self.peer_id, false);
-        }
-        link
     }
 
     fn handle_command(&mut self, cmd: BlobCommand) {
@@ -339,7 +331,7 @@ impl BlobDriver {
                     self.commands.close();
                     while let Ok(cmd) = self.commands.try_recv() {
                         if let BlobCommand::Attach { io, prefix } = cmd {
-                            self.forget.attach_again(*io, CallisKind::Blob, prefix);
+                            self.host.attach_again(*io, CallisKind::Blob, prefix);
                         }
                     }
                 }
@@ -408,168 +400,6 @@ impl BlobDriver {
         }
     }
 
-    /// Adopts a new blob callis (same tie-break as the primary: when both sides dialled at
-    /// once, the one dialled by the smaller id survives).
-    fn attach(&mut self, io: AuthenticatedStream, prefix: BytesMut) {
-        // The bytes the accept path read to tell the callis's kind were read from it.
-        self.counting.read(prefix.len());
-        if self.shutting_down {
-            return;
-        }
-        if let Some(current) = &self.link {
-            if keep_current(
-                &self.ctx.local_id,
-                &self.peer_id,
-                current.io.dialler(),
-                dialler_of(&io),
-            ) {
-                return;
-            }
-            self.drop_link();
-        }
-        let mut wbuf = BytesMut::with_capacity(2 * TURN_BYTES);
-        let max_chunk = u32::try_from(self.config.chunk_len).unwrap_or(u32::MAX);
-        frame::encode_blob_hello(&mut wbuf, PROTOCOL_VERSION, self.ctx.local_epoch, max_chunk);
-        self.dialer.end_wait();
-        self.link = Some(Link {
-            io: CallisIo::new(io, wbuf, self.counting.clone()),
-            recv: prefix,
-            open: false,
-            closing: false,
-            writes: WriteWatch::new(),
-        });
-        // The peer's BLOB_HELLO (and maybe more) may already be here.
-        self.handle_input();
-    }
-
-    fn drop_link(&mut self) {
-        if self.take_link().is_some() {
-            self.streams.disconnected();
-        }
-    }
-
-    /// Queues a CLOSE and stops using the callis; it is dropped once the CLOSE is written.
-    /// Only the first reason to close a callis is reported: one closed callis is one protocol
-    /// violation (and one entry on the error feed), however many bad frames it had buffered.
-    fn close_link(&mut self, error: &Error) {
-        let Some(link) = self.link.as_mut().filter(|l| !l.closing) else {
-            self.streams.disconnected();
-            return;
-        };
-        tracing::debug!(peer = %self.peer_id, error = %error, "closing blob callis");
-        if error.id().is_protocol_violation() {
-            self.ctx.recorder.protocol_violation(&self.peer_id, error);
-        }
-        link.closing = true;
-        // What the peer sent after the reason to close is never handled.
-        link.recv.clear();
-        link.io
-            .queue(|out| frame::encode_close(out, error.id().into(), error.message()));
-        self.streams.disconnected();
-    }
-
-    /// Dials when a stream has bytes to send, no callis is up, and the peer's run is known.
-    fn maybe_dial(&mut self) {
-        if !self.shutting_down
-            && self.link.is_none()
-            && self.dialer.is_idle()
-            && self.peer_epoch.is_some()
-            && self.streams.has_outbound()
-        {
-            self.dialer.start();
-        }
-    }
-
-    /// Decodes what the callis has read and hands it to the streams. Stops at the first
-    /// frame that decides to close the callis (the rest of the buffer is dropped, as the
-    /// primary callis drops what follows its CLOSE decision).
-    fn handle_input(&mut self) {
-        let max = u32::try_from(
-            self.config
-                .chunk_len
-                .saturating_add(frame::BLOB_DATA_FIXED_LEN),
-        )
-        .unwrap_or(u32::MAX);
-        let now = now();
-        loop {
-            let Some(link) = self.link.as_mut() else {
-                return;
-            };
-            if link.closing {
-                link.recv.clear();
-                return;
-            }
-            if self.streams.is_violated() {
-                // The violation event is dispatched next and closes the callis.
-                link.recv.clear();
-                return;
-            }
-            let decoded = frame::decode(&mut link.recv, max);
-            let frame = match decoded {
-                Ok(Some(f)) => f,
-                Ok(None) => return,
-                Err(e) => {
-                    let e = Error::new(
-                        ErrorId::ProtocolViolation,
-                        format!("corrupt blob callis: {e}"),
-                    );
-                    self.close_link(&e);
-                    return;
-                }
-            };
-            if !link.open {
-                let Frame::Blob(BlobFrame::Hello {
-                    version,
-                    epoch,
-                    max_chunk,
-                }) = frame
-                else {
-                    let e = Error::new(
-                        ErrorId::ProtocolViolation,
-                        format!("the first frame on a blob callis was {frame:?}, not BLOB_HELLO"),
-                    );
-                    self.close_link(&e);
-                    return;
-                };
-                match self
-                    .streams
-                    .accept_hello(version, epoch, max_chunk, self.peer_epoch)
-                {
-                    Ok(_restarted) => {
-                        link.open = true;
-                        self.ctx
-                            .recorder
-                            .callis(CallisKind::Blob, &self.peer_id, true);
-                        self.peer_epoch = Some(epoch);
-                        self.dialer.connected();
-                    }
-                    Err(e) => {
-                        self.close_link(&e);
-                        return;
-                    }
-                }
-                continue;
-            }
-            match frame {
-                Frame::Blob(f) => self.streams.handle_frame(now, f),
-                Frame::Close { code, reason } => {
-                    tracing::debug!(peer = %self.peer_id, code = code.0, reason = %crate::error::untrusted(&reason), "peer closed the blob callis");
-                    self.drop_link();
-                    return;
-                }
-                Frame::Skipped(_) => self.streams.handle_skipped(now),
-                other => {
-                    let e = Error::new(
-                        ErrorId::ProtocolViolation,
-                        format!("{:?} on the blob callis", frame_name(&other)),
-                    );
-                    self.close_link(&e);
-                    return;
-                }
-            }
-        }
-    }
-
     fn dispatch_events(&mut self) {
         while let Some(event) = self.streams.poll_event() {
             match event {
@@ -619,88 +449,6 @@ impl BlobDriver {
         }
     }
 
-    /// Reads at most [`TURN_BYTES`] from the callis.
-    fn poll_read(&mut self, cx: &mut Context<'_>) -> Step {
-        let Some(link) = self.link.as_mut() else {
-            return Step::IDLE;
-        };
-        link.io.poll_read(
-            cx,
-            &mut LinkInput(&mut link.recv),
-            TURN_BYTES,
-            (16 * 1024, READ_RESERVE),
-        )
-    }
-
-    /// Writes at most [`TURN_BYTES`] of what the streams have ready.
-    fn poll_write(&mut self, cx: &mut Context<'_>) -> Step {
-        let Some(link) = self.link.as_mut() else {
-            return Step::IDLE;
-        };
-        let (closing, open) = (link.closing, link.open);
-        let streams = &mut self.streams;
-        link.io.poll_write(cx, TURN_BYTES, |out| {
-            !closing && open && streams.poll_transmit(out, TURN_BYTES)
-        })
-    }
-
-    /// Reports a write attempt to the callis's [`WriteWatch`] and acts on its verdict: a
-    /// callis whose writes made no progress for `blob_idle_timeout` (the peer reads nothing)
-    /// is dropped at once, its streams waiting for the next one; a CLOSE that cannot be
-    /// written in time is given up. True when it dropped the callis or its timer fired.
-    fn watch_writes(&mut self, cx: &mut Context<'_>, progressed: bool) -> bool {
-        let idle = self.config.idle_timeout;
-        let Some(link) = self.link.as_mut() else {
-            self.write_timer.poll(cx, None);
-            return false;
-        };
-        let now = now();
-        link.writes.wrote(now, progressed, !link.io.is_drained());
-        if link.closing {
-            link.writes.closing(now);
-        }
-        let verdict = link.writes.check(now, idle);
-        let fired = self.write_timer.poll(cx, link.writes.poll_timeout(idle));
-        match verdict {
-            WriteVerdict::Fine => fired,
-            WriteVerdict::Stalled => {
-                tracing::debug!(peer = %self.peer_id, "the peer read nothing on the blob callis for blob_idle_timeout; dropping it");
-                self.drop_link();
-                true
-            }
-            WriteVerdict::Abandon => {
-                tracing::debug!(peer = %self.peer_id, "the blob callis's CLOSE could not be written in time; dropping it");
-                self.take_link();
-                true
-            }
-        }
-    }
-
-    /// Closes an open callis that has carried no stream for `blob_idle_timeout`.
-    fn poll_idle(&mut self, cx: &mut Context<'_>) -> bool {
-        let idle = self.link.as_ref().is_some_and(|l| l.open && !l.closing)
-            && self.streams.open_streams() == 0
-            && self.outs.is_empty()
-            && self.ins.is_empty();
-        if !idle {
-            self.idle_timer = None;
-            return false;
-        }
-        let after = self.config.idle_timeout;
-        let timer = self
-            .idle_timer
-            .get_or_insert_with(|| Box::pin(tokio::time::sleep(after)));
-        if timer.as_mut().poll(cx).is_pending() {
-            return false;
-        }
-        self.idle_timer = None;
-        self.close_link(&Error::new(
-            ErrorId::ConnectionLost,
-            "the blob callis carried no stream for blob_idle_timeout",
-        ));
-        true
-    }
-
     fn poll_timer(&mut self, cx: &mut Context<'_>) -> bool {
         if self.timer.poll(cx, self.streams.poll_timeout()) {
             self.streams.handle_timeout(now());
@@ -732,35 +480,6 @@ impl BlobDriver {
         for stream in ids {
             self.fail_end(stream, domus_closed());
         }
-    }
-}
-
-/// Read bytes wait in the callis's receive buffer; the driver decodes them after the turn's
-/// reads (commands queued meanwhile come first).
-struct LinkInput<'a>(&'a mut BytesMut);
-
-impl ReadSink for LinkInput<'_> {
-    fn buf(&mut self) -> &mut BytesMut {
-        self.0
-    }
-
-    fn after_read(&mut self) -> bool {
-        true
-    }
-}
-
-fn frame_name(f: &Frame) -> &'static str {
-    match f {
-        Frame::Hello(_) => "HELLO",
-        Frame::Ping(_) => "PING",
-        Frame::Pong(_) => "PONG",
-        Frame::Close { .. } => "CLOSE",
-        Frame::Message(_) => "MESSAGE",
-        Frame::Accepted(_) => "ACCEPTED",
-        Frame::Reply { .. } => "REPLY",
-        Frame::Reject(_) => "REJECT",
-        Frame::Blob(_) => "a blob frame",
-        _ => "an unexpected frame",
     }
 }
 

@@ -21,13 +21,13 @@ use tokio::time::{Instant, Sleep};
 use crate::a0_transport::{AuthenticatedStream, DomusAddr, DomusId, Transport};
 use crate::a1_callis::link::{Backoff, Dialler};
 use crate::error::Error;
-use crate::reporting::{C, PeerCells, Recorder};
+use crate::reporting::{Counter, PeerCells, Recorder};
 
 /// Which counters a callis's bytes go to.
 #[derive(Clone, Copy)]
 pub(crate) struct ByteCounters {
-    pub(crate) bytes_in: C,
-    pub(crate) bytes_out: C,
+    pub(crate) bytes_in: Counter,
+    pub(crate) bytes_out: Counter,
 }
 
 /// Where a callis's bytes are counted: the domus totals and the peer's own figures.
@@ -334,7 +334,7 @@ impl Dialer {
         };
         let transport = self.transport.clone();
         let expected = self.peer.clone();
-        self.recorder.inc(C::dial_attempts);
+        self.recorder.inc(Counter::dial_attempts);
         self.dial = Some(Box::pin(async move {
             transport.dial(&addr, Some(&expected)).await
         }));
@@ -403,7 +403,7 @@ impl Dialer {
         };
         self.dial = None;
         if result.is_err() {
-            self.recorder.inc(C::dial_failures);
+            self.recorder.inc(Counter::dial_failures);
             let now = Instant::now();
             let until = self.backoff.failed(now.into_std(), super::rand_u64());
             let mut wake = Box::pin(tokio::time::sleep_until(Instant::from_std(until)));

@@ -16,11 +16,7 @@ use std::task::{Context, Waker};
 
 use tokio::sync::oneshot;
 
-use super::{Delivery, domus_closed};
-use crate::error::Error;
-
-/// A send's outcome.
-pub(crate) type Outcome = Result<Delivery, Error>;
+use super::{Outcome, domus_closed};
 
 /// Where one send's outcome goes. Fulfilled once; dropped unfulfilled, it reports
 /// `DomusClosed`.
@@ -46,7 +42,7 @@ impl Completion {
     /// Hands `outcome` to whoever waits (nothing happens when nobody does any more).
     pub(crate) fn complete(mut self, outcome: Outcome) {
         if let Some(to) = self.0.take() {
-            to.deliver(outcome);
+            to.fulfil(outcome);
         }
     }
 
@@ -60,7 +56,7 @@ impl Completion {
             let (ring, ticket) = match to {
                 To::Slot(ring, ticket) => (ring, ticket),
                 other => {
-                    other.deliver(outcome);
+                    other.fulfil(outcome);
                     continue;
                 }
             };
@@ -91,7 +87,7 @@ impl Completion {
 }
 
 impl To {
-    fn deliver(self, outcome: Outcome) {
+    fn fulfil(self, outcome: Outcome) {
         match self {
             To::Oneshot(tx) => {
                 let _ = tx.send(outcome);
@@ -104,7 +100,7 @@ impl To {
 impl Drop for Completion {
     fn drop(&mut self) {
         if let Some(to) = self.0.take() {
-            to.deliver(Err(domus_closed()));
+            to.fulfil(Err(domus_closed()));
         }
     }
 }
@@ -229,6 +225,7 @@ impl Ring {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::runtime::Delivery;
     use crate::runtime::test_wakers::{Counter, park_for_wake, unpark_current};
     use std::sync::atomic::Ordering;
     use std::task::Poll;

@@ -55,6 +55,9 @@ pub enum Delivery {
     Replied(Bytes),
 }
 
+/// The outcome of one send: how the receiver answered, or why it failed.
+pub type Outcome = Result<Delivery, Error>;
+
 /// What a local taberna's answer means for its caller: as [`answer_result`], after holding a
 /// reply to `max_reply` bytes (the receiver's `max_message_len`, which a remote reply meets on
 /// the wire).
@@ -62,7 +65,7 @@ pub(crate) fn local_answer_result(
     answer: Answer,
     max_reply: usize,
     context: impl std::fmt::Display,
-) -> Result<Delivery, Error> {
+) -> Outcome {
     match answer {
         Answer::Replied(p) if p.len() > max_reply => {
             answer_result(too_large_reply(p.len(), max_reply), context)
@@ -74,10 +77,7 @@ pub(crate) fn local_answer_result(
 /// What a send's answer means for its caller: the one mapping of answers to results, for
 /// remote and local tabernas alike. `context` names the destination in error messages.
 #[inline]
-pub(crate) fn answer_result(
-    answer: Answer,
-    context: impl std::fmt::Display,
-) -> Result<Delivery, Error> {
+pub(crate) fn answer_result(answer: Answer, context: impl std::fmt::Display) -> Outcome {
     let (error, code, reason) = match answer {
         Answer::Accepted => return Ok(Delivery::Accepted),
         Answer::Replied(payload) => return Ok(Delivery::Replied(payload)),
@@ -123,21 +123,21 @@ pub(crate) struct InboundMessage {
     /// The receiving end of the blob this message opens, if it opens one.
     pub(crate) blob: Option<BlobReceiver>,
     /// Answers it (exactly once).
-    pub(crate) answer: AnswerTx,
+    pub(crate) answer: AnswerToPeer,
 }
 
 /// Where the runtime hands deliveries: implemented by the upper layer (the taberna
 /// registry). It must not block; a refusal is answered through [`InboundMessage::answer`].
 pub(crate) trait Inbound: Send + Sync + 'static {
-    /// Offers a delivery to its taberna.
-    fn deliver(&self, message: InboundMessage) -> Delivered;
+    /// Takes a delivery in: offers it to its taberna, or refuses it.
+    fn take_in(&self, message: InboundMessage) -> Intake;
 }
 
-/// What became of a delivery handed to [`Inbound::deliver`].
-pub(crate) enum Delivered {
-    /// It waits in the taberna's inbox; its handler answers through its `AnswerTx`.
+/// What became of a delivery handed to [`Inbound::take_in`].
+pub(crate) enum Intake {
+    /// It waits in the taberna's inbox; its handler answers through its `AnswerToPeer`.
     Queued,
-    /// It was refused and answered through its `AnswerTx` (and counted as refused).
+    /// It was refused and answered through its `AnswerToPeer` (and counted as refused).
     Refused,
     /// It was refused here (counted as refused); the driver writes this answer itself.
     Answered(Answer),
@@ -147,17 +147,17 @@ pub(crate) enum Delivered {
 
 /// The answering handle of a delivery from a peer: it carries the answer back to the peer's
 /// driver, which writes it on the callis.
-pub(crate) struct AnswerTx {
-    pub(crate) queue: Arc<queue::WakeQueue<peer::AnswerCmd>>,
+pub(crate) struct AnswerToPeer {
+    pub(crate) queue: Arc<queue::WakeQueue<peer::QueuedAnswer>>,
     pub(crate) epoch: u64,
     pub(crate) id: u64,
 }
 
-impl AnswerTx {
+impl AnswerToPeer {
     /// Sends the answer. A closed queue means the peer's driver is gone: there is no one
     /// left to tell.
     pub(crate) fn send(self, answer: Answer) {
-        let _ = self.queue.push(peer::AnswerCmd {
+        let _ = self.queue.push(peer::QueuedAnswer {
             epoch: self.epoch,
             id: self.id,
             answer,

@@ -9,6 +9,10 @@
 //!
 //! It holds no lock across an `.await` (it holds no lock at all), and every wait it makes is
 //! a socket, a channel or a timer the session scheduled.
+//!
+//! This file holds the driver's state and its turn (queues, commands, reading, writing,
+//! timers); `links.rs` the types it shares with the domus, `lifecycle.rs` its callis's life
+//! (attach, dial, age, close, shutdown, retirement), `dispatch.rs` the session's events.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -22,174 +26,27 @@ use tokio::sync::{Semaphore, mpsc};
 use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 
 use super::budget::{InFlight, InFlightBudget};
-use super::callis::{
-    Alarm, ByteCounters, CallisIo, Counting, Dialer, ReadSink, Step, dialler_of, now,
-};
+use super::callis::{Alarm, ByteCounters, CallisIo, Counting, Dialer, ReadSink, Step, now};
 use super::completion::Completion;
 use super::ends::BlobCommand;
-use super::ends::{BlobReceiver, Reservation};
 use super::queue::WakeQueue;
-use super::{
-    AnswerTx, Delivered, Delivery, Inbound, InboundMessage, answer_result, domus_closed, yield_turn,
-};
-use crate::a0_transport::{AuthenticatedStream, DomusAddr, DomusId, PeerIdentity, Transport};
-use crate::a1_callis::blob::{BLOB_OPEN_TYPE, decode_blob_open, stream_parity};
-use crate::a1_callis::link::{AgeAction, Backoff, CallisAge, keep_current};
-use crate::a1_callis::reply_budget::ReplyBudget;
+use super::{Outcome, domus_closed, yield_turn};
+use crate::a0_transport::{DomusAddr, DomusId, PeerIdentity};
+use crate::a1_callis::link::{Backoff, CallisAge};
 pub(crate) use crate::a1_callis::session::Outgoing;
-use crate::a1_callis::session::{
-    A3_MESSAGE_TYPE_BASE, Answer, Event, Outcome, Session, SessionConfig,
-};
+use crate::a1_callis::session::{Session, SessionConfig};
 use crate::a1_callis::window::IdQueue;
 use crate::error::{Error, ErrorId};
-use crate::reporting::{C, CallisKind, Event as Report, PeerCells, Recorder, TurnCounts};
+use crate::reporting::{Counter, PeerCells, Recorder, TurnCounts};
 
-/// A message to deliver, from the send path through the peer's send queue; `done` gets the
-/// outcome; `permit` is its share of the peer's in-flight budget, returned when it finishes.
-pub(crate) struct SendCmd {
-    pub(crate) msg: Outgoing,
-    pub(crate) done: Completion,
-    pub(crate) permit: InFlight,
-}
+mod dispatch;
+mod lifecycle;
+mod links;
 
-/// An answer of a local taberna to delivery `id` of the peer's run `epoch`, through the
-/// peer's answer queue.
-pub(crate) struct AnswerCmd {
-    pub(crate) epoch: u64,
-    pub(crate) id: u64,
-    pub(crate) answer: Answer,
-}
-
-/// What the rest of the domus asks of a peer's driver, besides sends and answers (which come
-/// in batches through their own queues).
-pub(crate) enum PeerCommand {
-    /// A freshly authenticated callis with this peer, and any bytes already read from it
-    /// (its first frame, read to tell a primary callis from a blob callis).
-    Attach(Box<AuthenticatedStream>, BytesMut),
-    /// Learn (or change) the address to dial.
-    SetAddr(DomusAddr),
-    /// Close the current callis (the application asked): what is unanswered stays and is
-    /// replayed on the next one, dialled when something waits for it.
-    Disconnect,
-    /// The authentication material changed: verify the peer of the current callis again and
-    /// close it if the peer would be refused now (a revoked certificate, say).
-    Recheck,
-    /// Finish pending writes, close the callis, fail what is left, and stop.
-    Shutdown,
-}
-
-/// What a driver needs from its domus.
-pub(crate) struct DriverContext {
-    pub(crate) transport: Transport,
-    /// Where deliveries from peers go (the taberna registry).
-    pub(crate) inbound: Arc<dyn Inbound>,
-    pub(crate) local_id: DomusId,
-    /// This domus's run (its HELLO's epoch).
-    pub(crate) local_epoch: u64,
-    /// The reply bytes every session of the domus together may keep for replay.
-    pub(crate) reply_budget: Arc<ReplyBudget>,
-    pub(crate) reconnect_backoff_min: Duration,
-    pub(crate) reconnect_backoff_max: Duration,
-    /// Bytes every receiving blob stream reserves, and the domus-wide budget they come from.
-    pub(crate) blob_window: usize,
-    pub(crate) blob_in_budget: Arc<Semaphore>,
-    pub(crate) recorder: Arc<Recorder>,
-}
-
-/// What a peer driver shares with the rest of its peer: the blob driver's commands, the
-/// receiving-stream slots, and the live figures reporting reads.
-pub(crate) struct PeerLinks {
-    /// Sends for this peer, queued by the send path.
-    pub(crate) sends: Arc<WakeQueue<SendCmd>>,
-    pub(crate) blob_tx: mpsc::UnboundedSender<BlobCommand>,
-    /// Receiving streams open with this peer (one permit each).
-    pub(crate) blob_in_streams: Arc<Semaphore>,
-    pub(crate) cells: Arc<PeerCells>,
-    /// `DomusConfig::max_callis_age` when the peer was created.
-    pub(crate) max_callis_age: Option<Duration>,
-    /// Whether the peer can be reached, for sends waiting for room.
-    pub(crate) reachability: Arc<Reachability>,
-    /// The peer's in-flight budget, whose waiting sends the driver turns away when the peer
-    /// shuts down.
-    pub(crate) budget: Arc<InFlightBudget>,
-    /// The peer's previous driver retired after the peer shut down, and no callis opened
-    /// since (the domus remembered it): this one starts out knowing (`peer_shut_down`).
-    pub(crate) shut_down: bool,
-    /// How the driver asks to be forgotten, and when it may (see [`Retirement`]).
-    pub(crate) retirement: Retirement,
-}
-
-/// When and how an idle peer is forgotten (`DomusConfig::peer_retire_after`): once no
-/// callis is open or dialling, nothing is in flight either way and the blob side is idle, the
-/// driver asks `forget` to remove the peer — at once when the peer shut down or said it waits
-/// for nothing, else `after` the last callis closed (and `after` its start for a driver no
-/// send or callis reached: it was made for one on its way). The peer's session then ends; a later
-/// contact makes a new one whose ids start at `id_floor`, above every id this one used.
-pub(crate) struct Retirement {
-    pub(crate) after: Duration,
-    pub(crate) forget: Arc<dyn Forget>,
-    /// The lowest id a new session may use (every session that ended raised it past its
-    /// own ids).
-    pub(crate) id_floor: Arc<std::sync::atomic::AtomicU64>,
-    /// Whether the peer's blob driver has a callis or a stream (it keeps this up to date).
-    pub(crate) blob_active: Arc<std::sync::atomic::AtomicBool>,
-}
-
-/// The domus's side of forgetting a peer.
-pub(crate) trait Forget: Send + Sync {
-    /// Removes `peer` if `sends` is still its queue and nothing is queued in it, closing the
-    /// queue under the same lock (a send that races this is handed to a new driver). False:
-    /// the peer stays and the driver keeps running. `unreachable`: the peer shut down or its
-    /// last dial failed (the domus remembers that a while, to route around it);
-    /// `shut_down`: the peer shut down and no callis opened since (the domus tells the
-    /// peer's next driver, so a send that races this, or comes later, still fails at once
-    /// when the peer cannot be reached).
-    fn forget(
-        &self,
-        peer: &DomusId,
-        sends: &Arc<WakeQueue<SendCmd>>,
-        unreachable: bool,
-        shut_down: bool,
-    ) -> bool;
-
-    /// Whether a send to `taberna` that `peer` cannot deliver has another replica to go to
-    /// now (see [`Forget::redirect`]).
-    fn can_redirect(&self, peer: &DomusId, taberna: u64) -> bool;
-
-    /// Hands a send `peer` could not deliver — it never went out on any callis, and the
-    /// peer cannot be reached — to another replica serving its taberna, if the route lists
-    /// one this domus can reach now; gives the send back otherwise.
-    fn redirect(&self, peer: &DomusId, send: SendCmd) -> Result<(), SendCmd>;
-
-    /// Hands an inbound callis that reached a driver as it retired (its first frame's kind,
-    /// and the bytes read to learn it) to the peer's next driver, so the peer that just
-    /// connected is not cut off.
-    fn attach_again(&self, stream: AuthenticatedStream, kind: CallisKind, prefix: BytesMut);
-
-    /// A dial to `addr` expecting `peer` met another identity: an address→identity pin of
-    /// `peer` there is stale, and the next send on a route without an identity learns anew.
-    fn not_at(&self, peer: &DomusId, addr: &DomusAddr);
-}
-
-/// Whether a peer can be reached, as its driver last found out: read by sends that waited
-/// for room in the peer's in-flight budget until their deadline, so they can say why they
-/// were never sent. Written by the driver only (when a dial fails, the peer shuts down, or a
-/// callis opens).
-#[derive(Default)]
-pub(crate) struct Reachability {
-    why_not: arc_swap::ArcSwapOption<Error>,
-}
-
-impl Reachability {
-    /// Why the peer cannot be reached now, if it cannot.
-    pub(crate) fn why_not(&self) -> Option<Error> {
-        self.why_not.load_full().map(|e| Error::clone(&e))
-    }
-
-    fn set(&self, why_not: Option<Error>) {
-        self.why_not.store(why_not.map(Arc::new));
-    }
-}
+pub(crate) use links::{
+    DriverContext, DriverHost, PeerCommand, PeerLinks, QueuedAnswer, Reachability, Retirement,
+    SendCmd,
+};
 
 struct PendingSend {
     done: Completion,
@@ -217,8 +74,8 @@ pub(crate) struct PeerDriver {
     /// their batches are swapped into.
     sends: Arc<WakeQueue<SendCmd>>,
     send_buf: Vec<SendCmd>,
-    answers: Arc<WakeQueue<AnswerCmd>>,
-    answer_buf: Vec<AnswerCmd>,
+    answers: Arc<WakeQueue<QueuedAnswer>>,
+    answer_buf: Vec<QueuedAnswer>,
     session: Session,
     pending: IdQueue<PendingSend>,
     /// The current callis, once authenticated.
@@ -251,7 +108,7 @@ pub(crate) struct PeerDriver {
     /// handed back).
     counts: TurnCounts,
     /// Outcomes of this dispatch, handed to their senders after the counts are published.
-    completed: Vec<(Completion, Result<Delivery, Error>)>,
+    completed: Vec<(Completion, Outcome)>,
     /// The clock, read once per turn of the driver loop (every session call of the turn uses
     /// it): `now` and the same instant as the recorder's microseconds.
     now: std::time::Instant,
@@ -305,8 +162,8 @@ impl PeerDriver {
             recorder: ctx.recorder.clone(),
             cells: links.cells.clone(),
             counters: ByteCounters {
-                bytes_in: C::primary_bytes_in,
-                bytes_out: C::primary_bytes_out,
+                bytes_in: Counter::primary_bytes_in,
+                bytes_out: Counter::primary_bytes_out,
             },
         };
         let driver = Self {
@@ -353,87 +210,6 @@ impl PeerDriver {
             driver.reachability.set(Some(driver.shut_down_error()));
         }
         driver
-    }
-
-    /// When this peer may be forgotten, if nothing changes: `None` while anything is open,
-    /// dialling or in flight either way (see [`Retirement`]).
-    fn retire_at(&self) -> Option<std::time::Instant> {
-        let down_since = self.down_since?;
-        let idle = !self.shutting_down
-            && self.callis.is_none()
-            && self.dialer.is_idle()
-            && self.pending.is_empty()
-            && self.completed.is_empty()
-            && self.session.is_quiescent()
-            && self.sends.is_empty()
-            && self.answers.is_empty()
-            && !self.retirement.blob_active.load(Ordering::Acquire);
-        if !idle {
-            return None;
-        }
-        if self.used && (self.peer_shut_down || self.session.peer_waits_for_nothing()) {
-            return Some(down_since);
-        }
-        down_since.checked_add(self.retirement.after)
-    }
-
-    /// The peer cannot be reached: what it cannot have received (never written on any
-    /// callis) goes to another replica of its taberna when the route lists one (asked once
-    /// per taberna); everything else stays as it was. A send the other replica turns down
-    /// after all (no room there) comes back here, with its deadline, under a new id.
-    fn redirect_unsent(&mut self) {
-        let table = &self.retirement.forget;
-        let peer = &self.peer_id;
-        let mut asked = std::collections::HashMap::new();
-        let unsent = self.session.take_unsent(|dst| {
-            *asked
-                .entry(dst)
-                .or_insert_with(|| table.can_redirect(peer, dst))
-        });
-        for (id, msg) in unsent {
-            let Some(p) = self.pending.remove(id) else {
-                continue;
-            };
-            let cmd = SendCmd {
-                msg,
-                done: p.done,
-                permit: p._permit,
-            };
-            if let Err(cmd) = self.retirement.forget.redirect(&self.peer_id, cmd) {
-                self.handle_send(cmd);
-            } else {
-                tracing::debug!(peer = %self.peer_id, "unsent message handed to another replica");
-            }
-        }
-    }
-
-    /// Asks the domus to forget this peer; true when it did (the driver then ends).
-    fn retire(&mut self) -> bool {
-        let unreachable = self.reachability.why_not().is_some();
-        if !self.retirement.forget.forget(
-            &self.peer_id,
-            &self.sends,
-            unreachable,
-            self.peer_shut_down,
-        ) {
-            return false;
-        }
-        self.retirement
-            .id_floor
-            .fetch_max(self.session.next_id(), Ordering::AcqRel);
-        tracing::debug!(peer = %self.peer_id, "idle peer forgotten");
-        let _ = self.blob_tx.send(BlobCommand::Retire);
-        self.commands.close();
-        // A callis the domus handed over just before the peer was forgotten goes to the new
-        // driver; the other commands concern this driver only.
-        while let Ok(cmd) = self.commands.try_recv() {
-            if let PeerCommand::Attach(stream, prefix) = cmd {
-                self.retirement
-                    .forget
-                    .attach_again(*stream, CallisKind::Primary, prefix);
-            }
-        }
-        true
     }
 
     /// Takes a message into the session (or fails it at once when it cannot be sent).
@@ -493,420 +269,6 @@ impl PeerDriver {
         }
     }
 
-    fn recheck(&mut self) {
-        let Some(callis) = &self.callis else {
-            return;
-        };
-        if let Err(e) = callis.stream().recheck(&self.ctx.transport) {
-            let e = Error::new(
-                e.id(),
-                format!("{} is no longer trusted: {}", self.peer_id, e.message()),
-            );
-            tracing::debug!(peer = %self.peer_id, error = %e, "closing a callis whose peer is no longer trusted");
-            self.ctx.recorder.error(e.clone());
-            self.session.close(e);
-        }
-    }
-
-    fn begin_shutdown(&mut self) {
-        if self.shutting_down {
-            return;
-        }
-        self.shutting_down = true;
-        self.dialer.stop();
-        if self.callis.is_some() {
-            // Deliveries the handlers still hold are answered before the CLOSE goes out.
-            self.session.shut_down();
-        }
-    }
-
-    /// The error of a send that cannot go out because the peer shut down (and, when a dial
-    /// failed since, why it still cannot be reached).
-    fn shut_down_error(&self) -> Error {
-        match &self.last_dial_error {
-            // A permanent refusal since (another identity answers at its address, our
-            // certificate is refused there) says more than the shutdown: the route itself is
-            // wrong now, and the caller must be able to tell (T11).
-            Some(dial) if dial.id().is_permanent_dial_failure() => Error::new(
-                dial.id(),
-                format!(
-                    "{} shut down, and its address refuses it now ({}); the message was not sent",
-                    self.peer_id,
-                    dial.message()
-                ),
-            ),
-            Some(dial) => Error::new(
-                ErrorId::PeerShutDown,
-                format!(
-                    "{} shut down and cannot be reached ({}); the message was not sent",
-                    self.peer_id,
-                    dial.message()
-                ),
-            ),
-            None => Error::new(
-                ErrorId::PeerShutDown,
-                format!("{} shut down; the message was not sent", self.peer_id),
-            ),
-        }
-    }
-
-    /// Adopts a new callis, or keeps the current one. When both sides dialled at once, the
-    /// callis dialled by the smaller id survives (both ends apply the same rule); a new callis
-    /// dialled by the same side as the current one replaces it (the old one is likely dead).
-    fn attach(&mut self, new: AuthenticatedStream, prefix: BytesMut) {
-        // The bytes the accept path read to tell the callis's kind were read from it.
-        self.counting.read(prefix.len());
-        if self.shutting_down {
-            return;
-        }
-        if let Some(current) = &self.callis {
-            if keep_current(
-                &self.ctx.local_id,
-                &self.peer_id,
-                current.dialler(),
-                dialler_of(&new),
-            ) {
-                tracing::debug!(peer = %self.peer_id, "duplicate callis closed; keeping the one dialled by the smaller id");
-                return;
-            }
-            tracing::debug!(peer = %self.peer_id, "switching to a newer callis");
-            self.close_callis(false);
-        }
-        // A dial of ours still in progress is left to finish: the peer may already hold that
-        // callis, and both ends must judge the same pair of calles by the same rule.
-        self.dialer.end_wait();
-        let identity = Arc::new(new.peer().clone());
-        self.cells.identity.store(Some(identity.clone()));
-        self.peer_identity = Some(identity);
-        self.session.connected(self.now, self.peer_id.as_str());
-        // The write buffer grows with what is written (and is given back when idle).
-        self.callis = Some(CallisIo::new(new, BytesMut::new(), self.counting.clone()));
-        self.down_since = None;
-        self.age.opened(self.now);
-        if !prefix.is_empty() {
-            self.session.recv_buf().extend_from_slice(&prefix);
-            self.session.handle_input(self.now);
-        }
-    }
-
-    fn drop_stream(&mut self) {
-        self.close_callis(true);
-    }
-
-    /// Closes the current callis; `peer_down`: the peer is reported disconnected too (false
-    /// when a newer callis replaces it at once).
-    fn close_callis(&mut self, peer_down: bool) {
-        if self.open_reported {
-            self.open_reported = false;
-            self.cells.connected.store(false, Ordering::Relaxed);
-            self.ctx
-                .recorder
-                .callis(CallisKind::Primary, &self.peer_id, false);
-        }
-        if peer_down && self.peer_up_reported {
-            self.peer_up_reported = false;
-            self.ctx.recorder.event(Report::PeerDisconnected {
-                peer: self.peer_id.clone(),
-                reason: self.close_reason.take(),
-            });
-        }
-        self.callis = None;
-        self.down_since = Some(self.now);
-        self.age.closed();
-        self.session.disconnected(self.now);
-    }
-
-    /// The current callis reached `max_callis_age` (or a quarter of it more): see
-    /// [`CallisAge`]. A callis we dialled gets a replacement dial, which takes over when it
-    /// attaches; either side closes it a quarter of the age later if it is still in use.
-    fn on_age_timer(&mut self) {
-        let Some(callis) = &self.callis else {
-            return;
-        };
-        match self.age.on_timeout(self.now, callis.dialler()) {
-            AgeAction::DialReplacement => {
-                if !self.dialer.is_dialling() && !self.shutting_down {
-                    tracing::debug!(peer = %self.peer_id, "callis reached max_callis_age; dialling its replacement");
-                    self.dialer.start();
-                }
-            }
-            AgeAction::Close => {
-                tracing::debug!(peer = %self.peer_id, "closing a callis past max_callis_age");
-                self.session.close(Error::new(
-                    ErrorId::ConnectionLost,
-                    "the callis reached max_callis_age; a new one replaces it",
-                ));
-            }
-            AgeAction::Wait | AgeAction::None => {}
-        }
-    }
-
-    /// Dials when messages wait and nothing else is under way.
-    fn maybe_dial(&mut self) {
-        if !self.shutting_down
-            && self.callis.is_none()
-            && self.dialer.is_idle()
-            && self.session.in_flight() > 0
-        {
-            self.dialer.start();
-        }
-    }
-
-    fn dial_failed(&mut self, error: Error) {
-        let permanent = error.id().is_permanent_dial_failure();
-        tracing::debug!(peer = %self.peer_id, error = %error, permanent, "dial failed");
-        let rec = &self.ctx.recorder;
-        if error.id() == ErrorId::IdentityMismatch {
-            rec.inc(C::identity_mismatches);
-            if let Some(addr) = self.dialer.addr() {
-                self.retirement.forget.not_at(&self.peer_id, addr);
-            }
-        }
-        rec.event(Report::DialFailed {
-            peer: self.peer_id.clone(),
-            error: error.clone(),
-        });
-        rec.error(error.clone());
-        self.last_dial_error = Some(error.clone());
-        self.redirect_unsent();
-        if self.peer_shut_down {
-            let e = self.shut_down_error();
-            self.reachability.set(Some(e.clone()));
-            self.session.fail_unsent(e);
-        } else {
-            let unreachable = Error::new(
-                error.id().unreachable_send_id(),
-                format!("{} could not be reached: {}", self.peer_id, error.message()),
-            );
-            self.reachability.set(Some(unreachable.clone()));
-            if permanent {
-                // What the peer may have received stays until its deadline.
-                self.session.fail_unsent(unreachable);
-            }
-        }
-    }
-
-    fn dispatch_events(&mut self) {
-        while let Some(event) = self.session.poll_event() {
-            match event {
-                Event::Connected {
-                    peer_epoch,
-                    restarted,
-                } => {
-                    self.dialer.connected();
-                    self.last_dial_error = None;
-                    self.peer_shut_down = false;
-                    self.reachability.set(None);
-                    let _ = self.blob_tx.send(BlobCommand::PeerEpoch {
-                        epoch: peer_epoch,
-                        restarted,
-                    });
-                    let rec = &self.ctx.recorder;
-                    if !self.open_reported {
-                        self.open_reported = true;
-                        self.cells.connected.store(true, Ordering::Relaxed);
-                        rec.callis(CallisKind::Primary, &self.peer_id, true);
-                    }
-                    if !self.peer_up_reported || restarted {
-                        self.peer_up_reported = true;
-                        rec.event(Report::PeerConnected {
-                            peer: self.peer_id.clone(),
-                            restarted,
-                        });
-                    }
-                    if restarted {
-                        rec.event(Report::SessionRestarted {
-                            peer: self.peer_id.clone(),
-                        });
-                    }
-                    tracing::debug!(peer = %self.peer_id, peer_epoch, restarted, "callis open");
-                }
-                Event::Deliver {
-                    peer_epoch,
-                    message,
-                } => {
-                    let Some(peer) = self.peer_identity.clone() else {
-                        continue;
-                    };
-                    if message.msg_type == BLOB_OPEN_TYPE {
-                        self.deliver_blob_open(peer, peer_epoch, message);
-                        continue;
-                    }
-                    let id = message.id;
-                    let delivered = self.ctx.inbound.deliver(InboundMessage {
-                        peer,
-                        src: message.src,
-                        dst: message.dst,
-                        msg_type: message.msg_type,
-                        payload: message.payload,
-                        blob: None,
-                        answer: self.answer_tx(peer_epoch, id),
-                    });
-                    self.delivered(peer_epoch, id, delivered);
-                }
-                Event::Finished { id, outcome } => {
-                    if let Some(p) = self.pending.remove(id) {
-                        let answered_after = matches!(outcome, Outcome::Answered(_))
-                            .then(|| self.now_us.saturating_sub(p.started_us));
-                        let result = self.outcome_to_result(p.dst, outcome);
-                        match &result {
-                            Ok(d) => self.counts.answered(
-                                matches!(d, Delivery::Accepted),
-                                answered_after.unwrap_or(0),
-                            ),
-                            Err(e) => {
-                                if let Some(us) = answered_after {
-                                    self.ctx.recorder.latency(Duration::from_micros(us));
-                                }
-                                record_failure(&self.ctx.recorder, e);
-                            }
-                        }
-                        self.completed.push((p.done, result));
-                    }
-                }
-                Event::Close(error) => {
-                    tracing::debug!(peer = %self.peer_id, error = %error, "closing callis");
-                    if error.id().is_protocol_violation() {
-                        self.ctx.recorder.protocol_violation(&self.peer_id, &error);
-                    }
-                    if error.id() == ErrorId::PeerShutDown {
-                        // Sends from now on dial at once, and fail at once if that fails.
-                        self.peer_shut_down = true;
-                        self.dialer.connected();
-                        let not_sent = Error::new(
-                            ErrorId::PeerShutDown,
-                            format!("{} shut down; the message was not sent", self.peer_id),
-                        );
-                        self.reachability.set(Some(not_sent.clone()));
-                        // Sends waiting for in-flight room end now, not delivered. Left
-                        // waiting, they would take the room the answers read with this CLOSE
-                        // freed only after this turn, by when the driver may have retired:
-                        // then a new driver would have to dial the peer for them.
-                        self.budget.refuse_waiting(not_sent);
-                    }
-                    self.close_reason = Some(error);
-                }
-            }
-        }
-        if !self.completed.is_empty() {
-            // The counts first, so a sender that sees its outcome also sees it counted.
-            self.counts.publish(&self.ctx.recorder, &self.cells);
-            Completion::complete_all(&mut self.completed);
-        }
-    }
-
-    /// A message that opens a blob stream: reserve the stream (or refuse it at once), open it
-    /// on the blob driver, then deliver the request with its receiver.
-    fn deliver_blob_open(
-        &mut self,
-        peer: Arc<PeerIdentity>,
-        peer_epoch: u64,
-        message: crate::a1_callis::frame::MessageFrame,
-    ) {
-        let id = message.id;
-        let recorder = self.ctx.recorder.clone();
-        let refuse = |session: &mut Session, error: ErrorId, reason: &str| {
-            recorder.refused(error);
-            session.answer(peer_epoch, id, Answer::refusal(error, reason));
-        };
-        let Some((stream, app_type, header)) = decode_blob_open(&message.payload) else {
-            refuse(
-                &mut self.session,
-                ErrorId::DecodeFailure,
-                "a blob-opening message is shorter than its 12-byte prefix",
-            );
-            return;
-        };
-        if stream & 1 != stream_parity(&self.peer_id, &self.ctx.local_id) {
-            refuse(
-                &mut self.session,
-                ErrorId::ProtocolViolation,
-                "the blob stream id has the other side's parity",
-            );
-            return;
-        }
-        if app_type < A3_MESSAGE_TYPE_BASE {
-            refuse(
-                &mut self.session,
-                ErrorId::InvalidMessageType,
-                "a blob's message type must be an application (A3) type",
-            );
-            return;
-        }
-        let Ok(slot) = self.blob_in_streams.clone().try_acquire_owned() else {
-            refuse(
-                &mut self.session,
-                ErrorId::BlobBufferFull,
-                "too many blob streams are open with this peer (max_blob_streams_per_peer)",
-            );
-            return;
-        };
-        let window = u32::try_from(self.ctx.blob_window).unwrap_or(u32::MAX);
-        let Ok(bytes) = self
-            .ctx
-            .blob_in_budget
-            .clone()
-            .try_acquire_many_owned(window)
-        else {
-            refuse(
-                &mut self.session,
-                ErrorId::BlobBufferFull,
-                "the receiving domus's blob budget is used up (blob_inbound_budget)",
-            );
-            return;
-        };
-        let (app_tx, app_rx) = mpsc::unbounded_channel();
-        let opened = self.blob_tx.send(BlobCommand::OpenInbound {
-            stream,
-            app: app_tx,
-            reservation: Reservation {
-                _stream: Some(slot),
-                _bytes: Some(bytes),
-            },
-        });
-        if opened.is_err() {
-            refuse(
-                &mut self.session,
-                ErrorId::DomusClosed,
-                "the receiving domus is shutting down",
-            );
-            return;
-        }
-        let receiver = BlobReceiver::remote(app_rx, self.blob_tx.clone(), stream);
-        let delivered = self.ctx.inbound.deliver(InboundMessage {
-            peer,
-            src: message.src,
-            dst: message.dst,
-            msg_type: app_type,
-            payload: header,
-            blob: Some(receiver),
-            answer: self.answer_tx(peer_epoch, id),
-        });
-        self.delivered(peer_epoch, id, delivered);
-    }
-
-    /// Counts a delivery and writes an answer decided on the spot.
-    fn delivered(&mut self, peer_epoch: u64, id: u64, delivered: Delivered) {
-        match delivered {
-            Delivered::Queued => self.counts.received(),
-            Delivered::Refused => {}
-            Delivered::Answered(answer) => self.session.answer(peer_epoch, id, answer),
-            Delivered::AnsweredByHandler(answer) => {
-                self.counts.received();
-                self.session.answer(peer_epoch, id, answer);
-            }
-        }
-    }
-
-    /// The handle that answers delivery `id` of the peer's run `epoch`.
-    fn answer_tx(&self, epoch: u64, id: u64) -> AnswerTx {
-        AnswerTx {
-            queue: self.answers.clone(),
-            epoch,
-            id,
-        }
-    }
-
     /// Takes every queued send and answer (one swap each); true when there were any.
     fn poll_queues(&mut self, cx: &mut Context<'_>) -> bool {
         let mut progressed = false;
@@ -923,38 +285,12 @@ impl PeerDriver {
         self.answers.take_all(&mut answers, cx);
         if !answers.is_empty() {
             progressed = true;
-            for AnswerCmd { epoch, id, answer } in answers.drain(..) {
+            for QueuedAnswer { epoch, id, answer } in answers.drain(..) {
                 self.session.answer(epoch, id, answer);
             }
         }
         self.answer_buf = answers;
         progressed
-    }
-
-    fn outcome_to_result(&self, dst: u64, outcome: Outcome) -> Result<Delivery, Error> {
-        match outcome {
-            Outcome::Answered(answer) => {
-                answer_result(answer, format_args!("taberna {dst} on {}", self.peer_id))
-            }
-            // Never sent because no callis opened: say why, when a dial said so.
-            Outcome::Failed(e) if e.id() == ErrorId::PeerUnavailable => {
-                match &self.last_dial_error {
-                    Some(dial) => Err(Error::new(
-                        dial.id().unreachable_send_id(),
-                        format!(
-                            "{} could not be reached before the send's deadline ({}); the message was never sent",
-                            self.peer_id,
-                            dial.message()
-                        ),
-                    )),
-                    None => Err(Error::new(
-                        ErrorId::PeerUnavailable,
-                        format!("{}: {}", self.peer_id, e.message()),
-                    )),
-                }
-            }
-            Outcome::Failed(e) => Err(e),
-        }
     }
 
     /// Gives back buffer and queue room that is empty now, at most once per
@@ -1067,9 +403,9 @@ impl ReadSink for SessionInput<'_> {
 /// see [`ErrorId::is_rejection`]) or failed.
 pub(crate) fn record_failure(rec: &Recorder, e: &Error) {
     match e.id() {
-        ErrorId::SendTimeout => rec.inc(C::messages_timed_out),
+        ErrorId::SendTimeout => rec.inc(Counter::messages_timed_out),
         id if id.is_rejection() => rec.rejected(id),
-        _ => rec.inc(C::messages_failed),
+        _ => rec.inc(Counter::messages_failed),
     }
 }
 

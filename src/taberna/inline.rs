@@ -61,7 +61,7 @@ impl<'a> InlineRequest<'a> {
 /// How an inline handler answers.
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
-pub enum Response {
+pub enum InlineAnswer {
     /// The sender's send returns `Delivery::Accepted`.
     Accept,
     /// The sender's send returns `Delivery::Replied` with this payload.
@@ -76,17 +76,17 @@ pub enum Response {
 }
 
 /// A handler of an inline taberna (see the module docs): any
-/// `Fn(InlineRequest<'_>) -> Response + Send + Sync`.
+/// `Fn(InlineRequest<'_>) -> InlineAnswer + Send + Sync`.
 pub trait InlineHandler: Send + Sync + 'static {
     /// Answers one message. Must not block.
-    fn handle(&self, request: InlineRequest<'_>) -> Response;
+    fn handle(&self, request: InlineRequest<'_>) -> InlineAnswer;
 }
 
 impl<F> InlineHandler for F
 where
-    F: Fn(InlineRequest<'_>) -> Response + Send + Sync + 'static,
+    F: Fn(InlineRequest<'_>) -> InlineAnswer + Send + Sync + 'static,
 {
-    fn handle(&self, request: InlineRequest<'_>) -> Response {
+    fn handle(&self, request: InlineRequest<'_>) -> InlineAnswer {
         self(request)
     }
 }

@@ -53,12 +53,12 @@ pub use pair::{BlobPair, SessionPair};
 use crate::dev_certs::DevCa;
 use crate::domus::DomusBuilder;
 use crate::{
-    AuthConfig, Delivery, Domus, DomusAddr, DomusConfig, Error, MessageType, SendOptions,
+    AuthConfig, Domus, DomusAddr, DomusConfig, Error, MessageType, Outcome, SendOptions,
     SimpleResolver, Taberna, TabernaId,
 };
 
 /// The message type [`Mesh::send`] uses.
-pub const MESH_MESSAGE_TYPE: MessageType = MessageType::application(1);
+pub const MESH_MESSAGE_TYPE: MessageType = MessageType::app(1);
 
 /// A development CA, a shared resolver and named domus on loopback; see the module docs.
 pub struct Mesh {
@@ -228,12 +228,7 @@ impl Mesh {
 
     /// Sends `payload` from the domus named `from` to `taberna` (type
     /// [`MESH_MESSAGE_TYPE`], default options) and waits for its answer.
-    pub async fn send(
-        &self,
-        from: &str,
-        taberna: TabernaId,
-        payload: Bytes,
-    ) -> Result<Delivery, Error> {
+    pub async fn send(&self, from: &str, taberna: TabernaId, payload: Bytes) -> Outcome {
         let domus = self.get(from)?;
         domus
             .send(taberna, MESH_MESSAGE_TYPE, payload, SendOptions::default())

@@ -26,7 +26,7 @@
 //! use vicus::testing::sim::SimNet;
 //! use vicus::{Delivery, MessageType, SendOptions, TabernaId};
 //!
-//! const KIND: MessageType = MessageType::application(1);
+//! const KIND: MessageType = MessageType::app(1);
 //!
 //! let mut sim = turmoil::Builder::new().rng_seed(7).build();
 //! let net = SimNet::new(7).expect("net");

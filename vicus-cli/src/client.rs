@@ -17,7 +17,7 @@ use crate::output::CliError;
 
 /// The message type `vicus send`, `vicus ping` and `vicus bench` send: the first application
 /// type. A `vicus node` taberna accepts every type.
-pub const MESSAGE_TYPE: MessageType = MessageType::application(1);
+pub const MESSAGE_TYPE: MessageType = MessageType::app(1);
 
 /// Who a client command is: a directory written by `vicus certs` and a name in it, or three
 /// explicit PEM files.

@@ -790,7 +790,7 @@ fn handle(
                 request.reject(500, "forward has no target");
                 return;
             };
-            let (parts, responder) = request.into_parts();
+            let (parts, answer_handle) = request.into_parts();
             let send = domus.send(
                 to,
                 parts.message_type,
@@ -799,9 +799,11 @@ fn handle(
             );
             work.spawn(async move {
                 match send.await {
-                    Ok(Delivery::Accepted) => responder.accept(),
-                    Ok(Delivery::Replied(reply)) => responder.reply(reply),
-                    Err(e) => responder.reject(e.id().as_u32(), &format!("forward to {to}: {e}")),
+                    Ok(Delivery::Accepted) => answer_handle.accept(),
+                    Ok(Delivery::Replied(reply)) => answer_handle.reply(reply),
+                    Err(e) => {
+                        answer_handle.reject(e.id().as_u32(), &format!("forward to {to}: {e}"))
+                    }
                 }
             });
         }

@@ -179,7 +179,7 @@ struct Inner {
 /// let domus = Domus::builder(auth).resolver(Arc::new(resolver)).build().await?;
 /// let invoice = bytes::Bytes::from_static(b"invoice");
 /// domus
-///     .send(billing, MessageType::application(1), invoice, SendOptions::default())
+///     .send(billing, MessageType::app(1), invoice, SendOptions::default())
 ///     .await?;
 /// # Ok(()) }
 /// ```

@@ -1,0 +1,258 @@
+//! A delivery waiting for its answer: [`TabernaRequest`], its answering half [`AnswerHandle`]
+//! (from [`TabernaRequest::into_parts`], with [`RequestParts`]), and where the answer goes —
+//! back through the peer's driver, or to a local sender.
+//!
+//! Every request is answered exactly once: answering consumes it, and dropping it unanswered
+//! rejects it with `RequestDropped`. Nothing here blocks or awaits: an answer is queued to the
+//! peer's driver or sent on a oneshot channel.
+
+use std::fmt;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use tokio::sync::oneshot;
+
+use super::{MessageType, TabernaId};
+use crate::a0_transport::PeerIdentity;
+use crate::a1_callis::session::Answer;
+use crate::error::ErrorId;
+use crate::runtime::AnswerToPeer;
+use crate::runtime::ends::BlobReceiver;
+
+/// Where an answer goes.
+pub(crate) enum AnswerTarget {
+    /// Back to a remote sender, through its peer's driver.
+    Remote(AnswerToPeer),
+    /// Back to a local sender.
+    Local(oneshot::Sender<Answer>),
+}
+
+impl AnswerTarget {
+    fn send(self, answer: Answer) {
+        match self {
+            AnswerTarget::Remote(peer) => peer.send(answer),
+            // A closed channel means the sender is gone; there is no one left to tell.
+            AnswerTarget::Local(tx) => {
+                let _ = tx.send(answer);
+            }
+        }
+    }
+}
+
+/// One delivery to a taberna, waiting for its answer.
+///
+/// End it with exactly one of [`accept`](Self::accept), [`reply`](Self::reply) or
+/// [`reject`](Self::reject). Dropping it unanswered rejects it with
+/// [`ErrorId::RequestDropped`].
+pub struct TabernaRequest {
+    pub(super) peer: Arc<PeerIdentity>,
+    pub(super) source: TabernaId,
+    pub(super) destination: TabernaId,
+    pub(super) message_type: MessageType,
+    pub(super) payload: Bytes,
+    pub(super) blob: Option<BlobReceiver>,
+    answer_handle: AnswerHandle,
+}
+
+/// The answering half of a [`TabernaRequest`], from [`TabernaRequest::into_parts`]: answer
+/// exactly once; dropping it unanswered rejects with [`ErrorId::RequestDropped`].
+pub struct AnswerHandle {
+    target: Option<AnswerTarget>,
+}
+
+impl fmt::Debug for AnswerHandle {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("AnswerHandle")
+            .field("answered", &self.target.is_none())
+            .finish()
+    }
+}
+
+impl AnswerHandle {
+    /// Accepts the request.
+    pub fn accept(mut self) {
+        self.finish(Answer::Accepted);
+    }
+
+    /// Answers with a payload.
+    pub fn reply(mut self, payload: Bytes) {
+        self.finish(Answer::Replied(payload));
+    }
+
+    /// Rejects with an application code and reason.
+    pub fn reject(mut self, code: u32, reason: &str) {
+        self.finish(Answer::application_reject(code, reason));
+    }
+
+    fn finish(&mut self, answer: Answer) {
+        if let Some(target) = self.target.take() {
+            target.send(answer);
+        }
+    }
+}
+
+impl Drop for AnswerHandle {
+    fn drop(&mut self) {
+        self.finish(Answer::refusal(
+            ErrorId::RequestDropped,
+            "the handler dropped the request without answering",
+        ));
+    }
+}
+
+/// What a request carried, from [`TabernaRequest::into_parts`]. Not `Clone`: it may own the
+/// receiving end of a blob.
+#[derive(Debug)]
+#[non_exhaustive]
+pub struct RequestParts {
+    /// Who sent it.
+    pub peer: Arc<PeerIdentity>,
+    /// The sender's source taberna.
+    pub source: TabernaId,
+    /// The taberna it was sent to.
+    pub destination: TabernaId,
+    /// Its message type.
+    pub message_type: MessageType,
+    /// Its payload.
+    pub payload: Bytes,
+    /// Its blob, unless [`TabernaRequest::blob`] took it already. Dropping it cancels the
+    /// stream, as dropping any [`BlobReceiver`] does.
+    pub blob: Option<BlobReceiver>,
+}
+
+impl fmt::Debug for TabernaRequest {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("TabernaRequest")
+            .field("peer", &self.peer.id())
+            .field("source", &self.source)
+            .field("destination", &self.destination)
+            .field("message_type", &self.message_type)
+            .field("payload_len", &self.payload.len())
+            .field("blob", &self.blob.is_some())
+            .finish()
+    }
+}
+
+impl TabernaRequest {
+    pub(crate) fn new(
+        peer: Arc<PeerIdentity>,
+        source: TabernaId,
+        destination: TabernaId,
+        message_type: MessageType,
+        payload: Bytes,
+        target: AnswerTarget,
+    ) -> Self {
+        Self {
+            peer,
+            source,
+            destination,
+            message_type,
+            payload,
+            blob: None,
+            answer_handle: AnswerHandle {
+                target: Some(target),
+            },
+        }
+    }
+
+    /// Attaches the receiving end of the blob stream this request opens.
+    pub(crate) fn with_blob(mut self, blob: BlobReceiver) -> Self {
+        self.blob = Some(blob);
+        self
+    }
+
+    /// The blob this request carries (sent with [`Domus::send_blob`](crate::Domus::send_blob)),
+    /// taken out: `None` when the request carries none or it was taken already. Take it before
+    /// answering; bytes start to flow once the request is accepted (or replied to). Rejecting
+    /// the request, or dropping the receiver before its end, cancels the stream.
+    /// [`into_parts`](Self::into_parts) carries a blob not taken yet in
+    /// [`RequestParts::blob`].
+    pub fn blob(&mut self) -> Option<BlobReceiver> {
+        self.blob.take()
+    }
+
+    /// Whether the request carries a blob not yet taken.
+    pub fn has_blob(&self) -> bool {
+        self.blob.is_some()
+    }
+
+    /// Splits the request into what it carried and the half that answers it, so the answer
+    /// can be given from elsewhere (another task, after async work).
+    pub fn into_parts(self) -> (RequestParts, AnswerHandle) {
+        let TabernaRequest {
+            peer,
+            source,
+            destination,
+            message_type,
+            payload,
+            blob,
+            answer_handle,
+        } = self;
+        (
+            RequestParts {
+                peer,
+                source,
+                destination,
+                message_type,
+                payload,
+                blob,
+            },
+            answer_handle,
+        )
+    }
+
+    /// Who sent it (verified from the peer's certificate).
+    pub fn peer(&self) -> &PeerIdentity {
+        &self.peer
+    }
+
+    /// The taberna on the sender's side it came from.
+    pub fn source(&self) -> TabernaId {
+        self.source
+    }
+
+    /// The taberna it was sent to.
+    pub fn destination(&self) -> TabernaId {
+        self.destination
+    }
+
+    /// Its message type.
+    pub fn message_type(&self) -> MessageType {
+        self.message_type
+    }
+
+    /// Its payload (zero-copy).
+    pub fn payload(&self) -> &Bytes {
+        &self.payload
+    }
+
+    /// Takes the payload out (leaving the request answerable).
+    pub fn take_payload(&mut self) -> Bytes {
+        std::mem::take(&mut self.payload)
+    }
+
+    /// Accepts it: the sender's `send` returns `Delivery::Accepted`.
+    pub fn accept(self) {
+        self.answer_handle.accept();
+    }
+
+    /// Answers it with a payload: the sender's `send` returns `Delivery::Replied`.
+    pub fn reply(self, payload: Bytes) {
+        self.answer_handle.reply(payload);
+    }
+
+    /// Rejects it with an application code and reason (at most 256 bytes go on the wire):
+    /// the sender's `send` fails with [`ErrorId::RemoteTabernaRejected`] carrying both.
+    pub fn reject(self, code: u32, reason: &str) {
+        self.answer_handle.reject(code, reason);
+    }
+
+    pub(super) fn finish(&mut self, answer: Answer) {
+        self.answer_handle.finish(answer);
+    }
+
+    /// Whether it came from a peer (rather than from this domus).
+    pub(super) fn is_remote(&self) -> bool {
+        matches!(self.answer_handle.target, Some(AnswerTarget::Remote(_)))
+    }
+}
