@@ -5,8 +5,8 @@
 
 use super::DomusInner;
 use super::peers::PeerRef;
-use super::send::{Receipt, SendOptions};
-use super::send::{ReceiptKind, Wait};
+use super::receipt::{Receipt, ReceiptKind};
+use super::send::{SendOptions, Wait};
 use crate::a0_transport::DomusId;
 use crate::error::{Error, ErrorId};
 use crate::runtime::completion::Completion;

@@ -4,6 +4,7 @@
 //! replicas).
 
 use super::DomusInner;
+use super::peers::Down;
 use super::routing::Lookup;
 use super::send::move_send;
 use crate::a0_transport::{DomusAddr, DomusId};
@@ -11,40 +12,6 @@ use crate::resolve::{Candidate, Route};
 use crate::runtime::peer::SendCmd;
 use crate::taberna::TabernaId;
 use std::sync::Arc;
-
-/// How many unreachable, forgotten peers a domus remembers.
-pub(super) const DOWN_REMEMBERED: usize = 4096;
-
-/// What a domus remembers of a peer it forgot while the peer could not be reached, at the
-/// address it failed at: a candidate naming another address (a replica that came back
-/// elsewhere) is not avoided, and a driver dialling another address is not told.
-pub(super) struct Down {
-    /// Until when a choice among a taberna's candidates avoids the peer.
-    pub(super) avoid_until: tokio::time::Instant,
-    pub(super) addr: Option<DomusAddr>,
-    /// The peer had shut down (its CLOSE said so) and no callis opened since: until when its
-    /// next driver is told so (`peer_retire_after`, as long as an idle peer that did not shut
-    /// down is remembered), so that sends to it dial once and fail at once with
-    /// `PeerShutDown` while it cannot be reached — as they would have with the driver that
-    /// retired. Taken by that driver.
-    pub(super) shut_down_until: Option<tokio::time::Instant>,
-}
-
-impl Down {
-    /// Whether the peer is remembered as shut down at `addr` at `now` (its next driver is
-    /// told so once: the entry is replaced by the live peer).
-    pub(super) fn shut_down_at(&self, addr: Option<&DomusAddr>, now: tokio::time::Instant) -> bool {
-        addr.is_some()
-            && self.addr.as_ref() == addr
-            && self.shut_down_until.is_some_and(|t| t > now)
-    }
-
-    /// When nothing of it is worth keeping any more.
-    pub(super) fn expires(&self) -> tokio::time::Instant {
-        self.shut_down_until
-            .map_or(self.avoid_until, |t| t.max(self.avoid_until))
-    }
-}
 
 impl DomusInner {
     /// Another replica for a send `from` cannot deliver and never wrote anywhere (see

@@ -20,6 +20,7 @@ mod inbound;
 mod local;
 mod peers;
 mod pins;
+mod receipt;
 mod routing;
 mod send;
 
@@ -40,8 +41,10 @@ pub use config::DomusConfig;
 pub use destination::{Destination, Window};
 use inbound::serve_inbound;
 use peers::{PeerRef, PeerTable};
-use send::{CheckedSend, ReceiptKind, Wait};
-pub use send::{Receipt, SendOptions};
+pub use receipt::Receipt;
+use receipt::ReceiptKind;
+pub use send::SendOptions;
+use send::{CheckedSend, Wait};
 
 use crate::a0_transport::{
     AuthConfig, CallisStream, DomusAddr, DomusId, PeerIdentity, Tally, Transport,

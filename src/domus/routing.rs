@@ -17,10 +17,6 @@ use std::sync::{Arc, PoisonError};
 use std::task::{Context, Poll};
 use tokio_util::sync::CancellationToken;
 
-/// The most routes remembered per peer for [`follow_routes`]; past it, new tabernas are
-/// re-read by their next send only.
-pub(super) const ROUTED_MAX: usize = 4096;
-
 /// Re-reads every remembered route each time the resolver signals a change, and moves a peer
 /// whose route now names a new address there (its drivers abandon a dial to the old one).
 /// A route that no longer names the same peer is forgotten: what waits for the old peer stays

@@ -6,12 +6,11 @@
 //! room (bounded by the send's deadline) and for the resolver (bounded by `resolve_timeout`).
 
 use super::DomusInner;
-use super::local::LocalAnswer;
 use super::peers::PeerRef;
+use super::receipt::{Receipt, ReceiptKind};
 use crate::a0_transport::{DomusAddr, DomusId};
 use crate::error::{Error, ErrorId};
 use crate::reporting::{Counter, Event};
-use crate::runtime::Outcome;
 use crate::runtime::budget::{InFlight, InFlightBudget};
 use crate::runtime::completion::Completion;
 use crate::runtime::domus_closed;
@@ -19,12 +18,8 @@ use crate::runtime::peer::{Outgoing, SendCmd, record_failure};
 use crate::taberna::RESERVED_TABERNA_BASE;
 use crate::taberna::{MessageClass, MessageType, TabernaId};
 use bytes::Bytes;
-use std::future::Future;
-use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
 use std::time::Duration;
-use tokio::sync::oneshot;
 
 /// Per-send options.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -72,49 +67,6 @@ impl SendOptions {
     pub fn source(mut self, source: TabernaId) -> Self {
         self.source = Some(source);
         self
-    }
-}
-
-/// An admitted send: await it for the outcome. Holding many receipts is how one task keeps
-/// thousands of sends in flight.
-pub struct Receipt {
-    pub(super) kind: ReceiptKind,
-}
-
-pub(super) enum ReceiptKind {
-    /// The peer's driver completes it.
-    Remote(oneshot::Receiver<Outcome>),
-    /// A taberna on this domus answers it, within the send's timeout (kept here: no task
-    /// waits for a local answer).
-    Local(Box<LocalAnswer>),
-}
-
-impl std::fmt::Debug for Receipt {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let kind = match &self.kind {
-            ReceiptKind::Remote(_) => "remote",
-            ReceiptKind::Local(_) => "local",
-        };
-        f.debug_struct("Receipt").field("to", &kind).finish()
-    }
-}
-
-impl Future for Receipt {
-    type Output = Outcome;
-
-    /// A local send is counted (accepted, replied, failed) when its receipt resolves.
-    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        match &mut self.kind {
-            ReceiptKind::Remote(rx) => Pin::new(rx).poll(cx).map(|r| {
-                r.unwrap_or_else(|_| {
-                    Err(Error::new(
-                        ErrorId::DomusClosed,
-                        "the domus was shut down before the send finished",
-                    ))
-                })
-            }),
-            ReceiptKind::Local(local) => local.poll(cx),
-        }
     }
 }
 
