@@ -7,7 +7,7 @@ use super::inbound::accept_loop;
 use super::peers::recheck_peers;
 use super::routing::follow_routes;
 use super::{Domus, DomusInner};
-use crate::a0_transport::{AuthConfig, Connector, DomusAddr, PeerIdentity, Tally, Transport};
+use crate::a0_transport::{AuthConfig, Connector, DomusAddr, PeerIdentity, Transport};
 use crate::a1_callis::reply_budget::ReplyBudget;
 use crate::error::Error;
 use crate::reporting::Recorder;
@@ -16,7 +16,6 @@ use crate::runtime::blob::BlobContext;
 use crate::runtime::peer::DriverContext;
 use crate::runtime::rand_u64;
 use crate::taberna::Registry;
-use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
@@ -192,22 +191,16 @@ impl DomusBuilder {
             local_id,
             local_addr,
             epoch,
-            resolver,
             config: arc_swap::ArcSwap::from_pointee(self.config),
             config_writer: Mutex::new(()),
             registry,
             peers: super::peers::PeerTable::new(),
-            unopened: Mutex::new(Tally::default()),
-            pinned: Mutex::new(super::pins::Pins::default()),
+            routing: super::routing::Routing::new(resolver, route_changes.clone()),
+            gate: super::inbound::InboundGate::default(),
             tasks: TaskTracker::new(),
             cancel: cancel.clone(),
             accept_stop: cancel.child_token(),
             closed: std::sync::atomic::AtomicBool::new(false),
-            route_generation: std::sync::atomic::AtomicU64::new(0),
-            routes_followed: route_changes.is_some(),
-            resolver_changes: route_changes.clone(),
-            send_routes: arc_swap::ArcSwap::from_pointee(HashMap::new()),
-            send_routes_writer: Mutex::new(()),
         });
         #[cfg(feature = "metrics")]
         {

@@ -18,7 +18,6 @@ use std::collections::VecDeque;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 use std::task::{Context, Poll, ready};
 
 use arc_swap::ArcSwapOption;
@@ -196,9 +195,9 @@ impl RouteCache {
 
     /// Whether a cached resolution still holds.
     fn fresh(&self, inner: &DomusInner, resolved: &Resolved) -> bool {
-        inner.routes_followed
-            && resolved.routes == inner.route_generation.load(Ordering::Acquire)
-            && resolved.resolver == inner.resolver_generation()
+        inner.routing.followed
+            && resolved.routes == inner.routing.current()
+            && resolved.resolver == inner.routing.resolver_generation()
             && resolved.tabernas == inner.registry.generation()
     }
 
@@ -210,8 +209,8 @@ impl RouteCache {
         deadline: tokio::time::Instant,
     ) -> Result<Arc<Resolved>, Error> {
         // Read before resolving: a change from here on leaves the cache stale, never wrong.
-        let routes = inner.route_generation.load(Ordering::Acquire);
-        let resolver = inner.resolver_generation();
+        let routes = inner.routing.current();
+        let resolver = inner.routing.resolver_generation();
         let tabernas = inner.registry.generation();
         let mut keep = true;
         let target = match &self.on {

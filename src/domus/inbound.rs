@@ -4,7 +4,7 @@
 //! its peer's drivers. Every wait is bounded.
 
 use super::DomusInner;
-use crate::a0_transport::{AuthenticatedStream, DomusId, Listener};
+use crate::a0_transport::{AuthenticatedStream, DomusId, Listener, Tally};
 use crate::error::{Error, ErrorId};
 use crate::reporting::CallisKind;
 use crate::reporting::Counter;
@@ -13,10 +13,17 @@ use crate::runtime::ends::BlobCommand;
 use crate::runtime::peer::PeerCommand;
 use bytes::BytesMut;
 use std::future::Future;
-use std::sync::{Arc, PoisonError};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
+
+/// The inbound gate's own state: authenticated calles waiting for their first frame, per
+/// identity (T8). Held for a count or an update only.
+#[derive(Default)]
+pub(super) struct InboundGate {
+    pub(super) unopened: Mutex<Tally<DomusId>>,
+}
 
 pub(super) async fn accept_loop(
     inner: Arc<DomusInner>,
@@ -124,6 +131,7 @@ impl UnopenedSlot {
     pub(super) fn take(inner: &Arc<DomusInner>, peer: &DomusId) -> Result<Self, Error> {
         let config = inner.config.load();
         let mut table = inner
+            .gate
             .unopened
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
@@ -156,6 +164,7 @@ impl UnopenedSlot {
 impl Drop for UnopenedSlot {
     fn drop(&mut self) {
         self.inner
+            .gate
             .unopened
             .lock()
             .unwrap_or_else(PoisonError::into_inner)

@@ -24,7 +24,6 @@ mod receipt;
 mod routing;
 mod send;
 
-use std::collections::HashMap;
 use std::future::Future;
 use std::sync::{Arc, Mutex, PoisonError};
 
@@ -46,13 +45,10 @@ use receipt::ReceiptKind;
 pub use send::SendOptions;
 use send::{CheckedSend, Wait};
 
-use crate::a0_transport::{
-    AuthConfig, CallisStream, DomusAddr, DomusId, PeerIdentity, Tally, Transport,
-};
+use crate::a0_transport::{AuthConfig, CallisStream, DomusAddr, DomusId, PeerIdentity, Transport};
 use crate::a1_callis::reply_budget::ReplyBudget;
 use crate::error::{Error, ErrorId};
 use crate::reporting::{Event, Recorder, Reporting};
-use crate::resolve::{RouteChanges, RouteResolver};
 use crate::runtime::blob::BlobContext;
 use crate::runtime::ends::BlobCommand;
 use crate::runtime::peer::{DriverContext, PeerCommand};
@@ -99,35 +95,20 @@ struct DomusInner {
     /// `None` for a dial-only domus.
     local_addr: Option<DomusAddr>,
     epoch: u64,
-    resolver: Arc<dyn RouteResolver>,
     /// The configuration in force; swapped whole by `ConfigHandle::update`.
     config: arc_swap::ArcSwap<DomusConfig>,
     config_writer: Mutex<()>,
     registry: Arc<Registry>,
     /// Every peer, live or remembered (one table, one lock).
     peers: PeerTable,
-    /// Authenticated inbound calles waiting for their first frame, per identity (T8).
-    unopened: Mutex<Tally<DomusId>>,
-    /// Identities learned for routes that named none: bounded by `max_pinned_addresses`,
-    /// aged by `peer_retire_after`, dropped when another identity answers there.
-    pinned: Mutex<pins::Pins>,
+    /// Where sends go: the resolver, pinned identities, route caches and their generations.
+    routing: routing::Routing,
+    /// The admission state of inbound calles.
+    gate: inbound::InboundGate,
     tasks: TaskTracker,
     cancel: CancellationToken,
     accept_stop: CancellationToken,
     closed: std::sync::atomic::AtomicBool,
-    /// Bumped each time the resolver signals that routes changed: a [`Destination`] resolves
-    /// again when it differs from the one it resolved at. Stays `None`-like (never bumped, and
-    /// destinations resolve on every send) when the resolver cannot signal changes.
-    route_generation: std::sync::atomic::AtomicU64,
-    /// Whether the resolver signals changes (so resolutions may be cached), and how many it
-    /// signalled (a cached resolution made before the last one is stale at once, before the
-    /// route follower has handled it).
-    routes_followed: bool,
-    resolver_changes: Option<RouteChanges>,
-    /// The routes this domus's own sends ([`Domus::send`] and friends) went through, per
-    /// taberna (at most [`routing::SEND_ROUTES_MAX`]): read without a lock, written on a miss.
-    send_routes: arc_swap::ArcSwap<HashMap<TabernaId, Arc<destination::RouteCache>>>,
-    send_routes_writer: Mutex<()>,
 }
 
 /// A running node. Cheap to clone; the domus stops when the last clone is dropped (or at
@@ -365,7 +346,7 @@ impl Domus {
         payload: Bytes,
         options: SendOptions,
     ) -> impl Future<Output = Outcome> + Send + 'static {
-        let route = self.inner.route_cache(taberna);
+        let route = self.inner.routing.route_cache(taberna);
         destination::send_through(
             self.inner.clone(),
             route,
@@ -383,7 +364,7 @@ impl Domus {
         payload: Bytes,
         options: SendOptions,
     ) -> impl Future<Output = Outcome> + Send + 'static {
-        let route = self.inner.route_cache(taberna);
+        let route = self.inner.routing.route_cache(taberna);
         destination::send_through(
             self.inner.clone(),
             route,
@@ -401,7 +382,7 @@ impl Domus {
         payload: Bytes,
         options: SendOptions,
     ) -> impl Future<Output = Result<Receipt, Error>> + Send + 'static {
-        let route = self.inner.route_cache(taberna);
+        let route = self.inner.routing.route_cache(taberna);
         destination::admit_through(
             self.inner.clone(),
             route,
@@ -440,7 +421,7 @@ impl Domus {
 
     /// A [`Destination`] for `taberna` on the domus `peer` specifically, whatever the
     /// resolver routes that taberna to (or when it routes it nowhere): the peer is reached at
-    /// the address the resolver gives for it ([`RouteResolver::resolve_domus`]), else over
+    /// the address the resolver gives for it ([`RouteResolver::resolve_domus`](crate::resolve::RouteResolver::resolve_domus)), else over
     /// a callis it already has with this domus — so a server can send to a dial-only client
     /// that contacted it — or at an address learned for it earlier. With no address and no
     /// callis, sends wait for one until their deadline, then fail as not delivered. `peer`
@@ -468,7 +449,7 @@ impl Domus {
         let encoded = codec.encode(message);
         let codec = codec.clone();
         let inner = self.inner.clone();
-        let route = inner.route_cache(taberna);
+        let route = inner.routing.route_cache(taberna);
         async move {
             let payload = encoded?;
             let delivery = destination::send_through(
@@ -523,6 +504,7 @@ impl Domus {
     #[doc(hidden)]
     pub fn pinned_addresses(&self) -> usize {
         self.inner
+            .routing
             .pinned
             .lock()
             .unwrap_or_else(PoisonError::into_inner)

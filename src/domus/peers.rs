@@ -402,9 +402,7 @@ impl DriverHost for DomusHost {
         }
         inner.recorder.peer_removed(peer);
         // Destinations holding the old driver resolve again before their next send.
-        inner
-            .route_generation
-            .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        inner.routing.bump();
         true
     }
 
@@ -432,6 +430,7 @@ impl DriverHost for DomusHost {
             return;
         };
         let unpinned = inner
+            .routing
             .pinned
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
@@ -439,9 +438,7 @@ impl DriverHost for DomusHost {
         if unpinned {
             tracing::debug!(%peer, %addr, "another identity answers at a pinned address; the next send there learns it");
             // Destinations that resolved to the pinned peer resolve again before their next send.
-            inner
-                .route_generation
-                .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+            inner.routing.bump();
         }
     }
 }

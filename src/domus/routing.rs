@@ -6,14 +6,16 @@
 use super::DomusInner;
 use super::destination::RouteCache;
 use super::peers::PeerRef;
+use super::pins::Pins;
 use crate::a0_transport::{DomusAddr, DomusId};
 use crate::error::{Error, ErrorId};
-use crate::resolve::{Candidate, CandidatesFuture, Route, RouteChanges, choose};
+use crate::resolve::{Candidate, CandidatesFuture, Route, RouteChanges, RouteResolver, choose};
 use crate::runtime::peer::PeerCommand;
 use crate::runtime::rand_u64;
 use crate::taberna::TabernaId;
 use bytes::BytesMut;
-use std::sync::{Arc, PoisonError};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll};
 use tokio_util::sync::CancellationToken;
 
@@ -34,9 +36,7 @@ pub(super) async fn follow_routes(
         if !changed {
             return;
         }
-        inner
-            .route_generation
-            .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        inner.routing.bump();
         let routed = inner.peers.routed();
         for (taberna, peer) in routed {
             let deadline = tokio::time::Instant::now() + inner.config.load().resolve_timeout;
@@ -73,16 +73,59 @@ pub(super) fn resolver_panicked(taberna: TabernaId) -> Error {
     )
 }
 
-/// The most tabernas whose routes the domus's own sends keep (past it, a send to a new
-/// taberna resolves its route each time, as a taberna with several replicas always does).
-pub(super) const SEND_ROUTES_MAX: usize = 1024;
+/// The routing owner: the resolver, the identities pinned for routes that named none, the
+/// route caches of the domus's own sends, and the generations a cached route is checked
+/// against. Each piece has its own lock or none (snapshots and atomics); none is held across
+/// an `.await`.
+pub(super) struct Routing {
+    pub(super) resolver: Arc<dyn RouteResolver>,
+    /// Identities learned for routes that named none: bounded by `max_pinned_addresses`,
+    /// aged by `peer_retire_after`, dropped when another identity answers there.
+    pub(super) pinned: Mutex<Pins>,
+    /// Bumped each time the resolver signals that routes changed (and when a peer is
+    /// forgotten or unpinned): a cached route resolves again when it differs from the one it
+    /// was resolved at. Never bumped, and routes resolved on every send, when the resolver
+    /// cannot signal changes.
+    pub(super) generation: std::sync::atomic::AtomicU64,
+    /// Whether the resolver signals changes (so resolutions may be cached), and how many it
+    /// signalled (a cached resolution made before the last one is stale at once, before the
+    /// route follower has handled it).
+    pub(super) followed: bool,
+    changes: Option<RouteChanges>,
+    /// The routes this domus's own sends ([`Domus::send`](super::Domus::send) and friends)
+    /// went through, per taberna (at most [`SEND_ROUTES_MAX`]): read without a lock, written
+    /// on a miss.
+    send_routes: arc_swap::ArcSwap<HashMap<TabernaId, Arc<RouteCache>>>,
+    send_routes_writer: Mutex<()>,
+}
 
-impl DomusInner {
+impl Routing {
+    pub(super) fn new(resolver: Arc<dyn RouteResolver>, changes: Option<RouteChanges>) -> Self {
+        Self {
+            resolver,
+            pinned: Mutex::new(Pins::default()),
+            generation: std::sync::atomic::AtomicU64::new(0),
+            followed: changes.is_some(),
+            changes,
+            send_routes: arc_swap::ArcSwap::from_pointee(HashMap::new()),
+            send_routes_writer: Mutex::new(()),
+        }
+    }
+
     /// The changes the resolver signalled so far (0 for one that signals none).
     pub(super) fn resolver_generation(&self) -> u64 {
-        self.resolver_changes
-            .as_ref()
-            .map_or(0, RouteChanges::generation)
+        self.changes.as_ref().map_or(0, RouteChanges::generation)
+    }
+
+    /// Routes changed (or a peer they named went away): cached routes resolve again.
+    pub(super) fn bump(&self) {
+        self.generation
+            .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+    }
+
+    /// The current generation (see [`bump`](Self::bump)).
+    pub(super) fn current(&self) -> u64 {
+        self.generation.load(std::sync::atomic::Ordering::Acquire)
     }
 
     /// The route cache the domus's own sends to `taberna` go through: found without a lock
@@ -101,13 +144,19 @@ impl DomusInner {
         }
         let route = Arc::new(RouteCache::new(taberna, None, false));
         if current.len() < SEND_ROUTES_MAX {
-            let mut routes = std::collections::HashMap::clone(&current);
+            let mut routes = HashMap::clone(&current);
             routes.insert(taberna, route.clone());
             self.send_routes.store(Arc::new(routes));
         }
         route
     }
+}
 
+/// The most tabernas whose routes the domus's own sends keep (past it, a send to a new
+/// taberna resolves its route each time, as a taberna with several replicas always does).
+pub(super) const SEND_ROUTES_MAX: usize = 1024;
+
+impl DomusInner {
     /// Resolves `taberna` to a peer (learning its identity when the route names none) and
     /// returns the peer's handles, telling its drivers of a new address; remembers the route
     /// when it names the peer, so a later route change reaches the peer at once.
@@ -164,7 +213,7 @@ impl DomusInner {
                 format!("the route resolver panicked while resolving the domus {id}"),
             )
         };
-        let resolver = &self.resolver;
+        let resolver = &self.routing.resolver;
         let mut lookup =
             std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| resolver.resolve_domus(id)))
                 .map_err(|_| panicked())?;
@@ -223,7 +272,7 @@ impl DomusInner {
     /// answers there. The resolver is application code, so a panic in it becomes an error,
     /// never a panic in the caller.
     pub(super) fn start_candidates(&self, taberna: TabernaId) -> Lookup<'_> {
-        let resolver = &self.resolver;
+        let resolver = &self.routing.resolver;
         let Ok(mut lookup) = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
             resolver.candidates(taberna)
         })) else {
@@ -284,6 +333,7 @@ impl DomusInner {
     ) -> Result<DomusId, Error> {
         let max_idle = self.config.load().peer_retire_after;
         if let Some(id) = self
+            .routing
             .pinned
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
@@ -304,7 +354,8 @@ impl DomusInner {
             })?;
         let id = stream.peer().id().clone();
         let config = self.config.load();
-        self.pinned
+        self.routing
+            .pinned
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .pin(
