@@ -1,6 +1,7 @@
 //! **A1: the callis.** One authenticated connection per peer carries HELLO, keepalive,
 //! messages and their answers, framed by a pure codec ([`frame`]) and driven by a sans-IO
-//! session state machine ([`session`]). Blob streams have their own sans-IO state machine
+//! session state machine ([`session`]; its transmit schedule and its deadline index are small
+//! pure structs of their own, `schedule` and `deadlines`). Blob streams have their own sans-IO state machine
 //! ([`blob`]: credit-based flow control, fair chunking, resend after reconnect), driven on a
 //! second callis per peer by the runtime's blob driver. The link policy ([`link`]: reconnect
 //! backoff, the one-callis tie-break, the callis age limit) is pure too.
@@ -20,9 +21,11 @@
 )]
 
 pub mod blob;
+pub(crate) mod deadlines;
 pub mod frame;
 pub mod link;
 pub mod rate;
 pub mod reply_budget;
+pub(crate) mod schedule;
 pub mod session;
 pub(crate) mod window;
