@@ -186,8 +186,14 @@ impl SessionPair {
             return false;
         }
         self.now += self.latency;
-        let passed = carry(from, buf, self.wire_limit, wire, self.filter.as_mut());
-        reader.recv_buf().extend_from_slice(&passed);
+        carry(
+            from,
+            buf,
+            self.wire_limit,
+            wire,
+            self.filter.as_mut(),
+            reader.recv_buf(),
+        );
         reader.handle_input(self.now);
         true
     }
@@ -307,37 +313,50 @@ impl SessionPair {
 }
 
 /// What `from` wrote in one `poll_transmit`: checks that it is whole frames within `limit`,
-/// records each on `wire`, and returns the bytes of those `filter` lets through.
+/// records each on `wire`, and appends to `to` (the receiver's buffer) the bytes of those
+/// `filter` lets through.
 ///
 /// # Panics
 /// When the bytes do not decode, or end in a partial frame.
 fn carry(
     from: Side,
-    bytes: BytesMut,
+    mut bytes: BytesMut,
     limit: u32,
     wire: &mut Vec<Frame>,
-    mut filter: Option<&mut Filter>,
-) -> BytesMut {
+    filter: Option<&mut Filter>,
+    to: &mut BytesMut,
+) {
+    let Some(filter) = filter else {
+        // Everything passes: the bytes go over as they are, then are decoded in place.
+        to.extend_from_slice(&bytes);
+        decode_frames(from, &mut bytes, limit, |f, _| wire.push(f));
+        return;
+    };
     let mut rest = BytesMut::from(&bytes[..]);
-    let mut passed = BytesMut::new();
     let mut at = 0;
-    while !rest.is_empty() {
-        let before = rest.len();
-        let f = match frame::decode(&mut rest, limit) {
+    decode_frames(from, &mut rest, limit, |f, len| {
+        if filter(from, &f) == Verdict::Pass {
+            to.extend_from_slice(bytes.get(at..at + len).unwrap_or_default());
+        }
+        at += len;
+        wire.push(f);
+    });
+}
+
+/// Decodes every frame of `bytes`, handing each to `each` with its length on the wire.
+///
+/// # Panics
+/// When the bytes do not decode, or end in a partial frame.
+fn decode_frames(from: Side, bytes: &mut BytesMut, limit: u32, mut each: impl FnMut(Frame, usize)) {
+    while !bytes.is_empty() {
+        let before = bytes.len();
+        let f = match frame::decode(bytes, limit) {
             Ok(Some(f)) => f,
             Ok(None) => panic!("{from:?}: poll_transmit ended in a partial frame ({before} bytes)"),
             Err(e) => panic!("{from:?} wrote a frame that does not decode (limit {limit}): {e}"),
         };
-        let len = before - rest.len();
-        if let Some(filter) = filter.as_mut()
-            && filter(from, &f) == Verdict::Pass
-        {
-            passed.extend_from_slice(bytes.get(at..at + len).unwrap_or_default());
-        }
-        at += len;
-        wire.push(f);
+        each(f, before - bytes.len());
     }
-    if filter.is_some() { passed } else { bytes }
 }
 
 /// Decodes `bytes` (whole frames) onto `wire`.
