@@ -360,8 +360,9 @@ pub mod a0_transport;
 pub mod a1_callis;
 pub mod domus;
 mod error;
-// The fuzz harness: compiled for the fuzz targets (cargo-fuzz sets `--cfg fuzzing`) and for
-// this crate's own tests (which replay the corpus), never into a user's build.
+// The fuzz harness: compiled for the fuzz targets (cargo-fuzz sets `--cfg fuzzing`; they
+// build with feature `test-util`, whose pair harness it drives) and for this crate's own
+// tests (which replay the corpus), never into a user's build.
 #[cfg(any(fuzzing, test))]
 #[doc(hidden)]
 pub mod fuzzing;

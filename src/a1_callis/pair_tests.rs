@@ -10,9 +10,7 @@ use bytes::{Bytes, BytesMut};
 use super::*;
 use crate::a1_callis::frame::{self, Frame, FrameType};
 use crate::a1_callis::reply_budget::ReplyBudget;
-use crate::testing::pair::{frame_types, record};
-
-use crate::testing::pair::{A, B};
+use crate::testing::pair::{A, B, Side, Verdict, frame_types, record};
 const APP: u32 = A3_MESSAGE_TYPE_BASE + 1;
 const SERVICE: u32 = 0x0001_0000;
 
@@ -160,6 +158,39 @@ fn t26_replay_after_a_cut_keeps_order_deadlines_and_exactly_once() {
 }
 
 #[test]
+fn a_message_frame_lost_alone_is_replayed_on_the_next_callis_and_nothing_is_delivered_twice() {
+    let mut p = Pair::new(SessionConfig::default());
+    p.connect();
+    p.b_auto = Some(Answer::Accepted);
+    let ids: Vec<u64> = (0..3)
+        .map(|_| p.send(APP, b"m", Duration::from_secs(5)))
+        .collect();
+    // The callis loses the second MESSAGE frame and nothing else (the frames around it go
+    // in the same write).
+    let lost = ids[1];
+    p.filter = Some(Box::new(move |from, f| match f {
+        Frame::Message(m) if from == Side::A && m.id == lost => Verdict::Drop,
+        _ => Verdict::Pass,
+    }));
+    p.pump();
+    assert_eq!(p.delivered_ids(), vec![ids[0], ids[2]]);
+    assert_eq!(
+        p.finished(),
+        vec![(ids[0], accepted()), (ids[2], accepted())]
+    );
+    assert_eq!(p.a.in_flight(), 1, "the lost one is retained");
+    // Nothing tells a it was lost until the callis is replaced: then it goes again, once.
+    p.filter = None;
+    p.cut();
+    p.connect();
+    p.pump();
+    assert_eq!(p.delivered_ids(), vec![ids[0], ids[2], lost]);
+    assert_eq!(p.outcome(lost), Some(accepted()));
+    assert_eq!(p.a.in_flight(), 0);
+    assert!(p.a.is_open() && p.b.is_open());
+}
+
+#[test]
 fn t19_a_duplicate_id_is_answered_again_on_a_later_callis_never_delivered_twice() {
     let mut p = Pair::new(SessionConfig::default());
     p.connect();
@@ -196,8 +227,7 @@ fn t19_ids_far_outside_the_window_are_a_violation() {
     let mut buf = BytesMut::new();
     frame::encode_message(&mut buf, 100, 7, 3, APP, b"x");
     frame::encode_message(&mut buf, 50, 7, 3, APP, b"x");
-    p.b.recv_buf().extend_from_slice(&buf);
-    p.b.handle_input(p.now);
+    p.inject_to_b(&buf);
     p.drain_events();
     assert_eq!(closed_with(&p.b_events), Some(ErrorId::ProtocolViolation));
     assert_eq!(p.delivered_ids(), vec![100]);
@@ -551,8 +581,7 @@ fn t15_skippable_frames_are_counted_not_fatal() {
     p.connect();
     let mut buf = BytesMut::new();
     Frame::Skipped(FrameType(0x90)).encode(&mut buf);
-    p.b.recv_buf().extend_from_slice(&buf);
-    p.b.handle_input(p.now);
+    p.inject_to_b(&buf);
     p.drain_events();
     assert_eq!(closed_with(&p.b_events), None);
     assert_eq!(p.b.stats().frames_skipped, 1);
@@ -594,8 +623,7 @@ fn t14_a_frame_trickled_byte_by_byte_is_closed_at_frame_read_timeout() {
     frame::encode_message(&mut frame_bytes, 1, 7, 3, APP, &[0u8; 100]);
     // One byte every 5 s: never idle for 20 s, but the frame takes minutes.
     for byte in frame_bytes.iter().take(8) {
-        p.b.recv_buf().extend_from_slice(&[*byte]);
-        p.b.handle_input(p.now);
+        p.inject_to_b(&[*byte]);
         p.advance(Duration::from_secs(5));
     }
     assert_eq!(closed_with(&p.b_events), Some(ErrorId::ProtocolViolation));
@@ -614,8 +642,7 @@ fn continuous_traffic_never_trips_the_frame_read_timeout() {
     }
     let chunks: Vec<Vec<u8>> = stream.chunks(37).map(<[u8]>::to_vec).collect();
     for chunk in chunks {
-        p.b.recv_buf().extend_from_slice(&chunk);
-        p.b.handle_input(p.now);
+        p.inject_to_b(&chunk);
         p.now += Duration::from_millis(600);
         p.b.handle_timeout(p.now);
         p.drain_events();
@@ -637,8 +664,7 @@ fn t16_a_frame_flood_is_closed_at_the_budget() {
     for _ in 0..6_000 {
         Frame::Skipped(FrameType(0x90)).encode(&mut flood);
     }
-    p.b.recv_buf().extend_from_slice(&flood);
-    p.b.handle_input(p.now);
+    p.inject_to_b(&flood);
     p.drain_events();
     assert_eq!(closed_with(&p.b_events), Some(ErrorId::ProtocolViolation));
     assert!(p.b.stats().frames_skipped <= 5_000);
@@ -669,8 +695,7 @@ fn t18_a_ping_flood_never_reading_owes_at_most_eight_pongs() {
         frame::encode_ping(&mut flood, nonce);
     }
     // The flooder never reads: b handles all of it before writing anything.
-    p.b.recv_buf().extend_from_slice(&flood);
-    p.b.handle_input(p.now);
+    p.inject_to_b(&flood);
     let mut out = BytesMut::new();
     p.b.poll_transmit(p.now, &mut out);
     let mut wire = Vec::new();
@@ -802,8 +827,7 @@ fn a_reply_over_the_payload_limit_is_turned_into_a_rejection_on_both_ends() {
     p.pump();
     let mut wire = BytesMut::new();
     frame::encode_reply(&mut wire, late, &[0u8; 1001]);
-    p.a.recv_buf().extend_from_slice(&wire);
-    p.a.handle_input(p.now);
+    p.inject_to_a(&wire);
     p.drain_events();
     let finished = p.finished();
     let got = finished.iter().find(|(i, _)| *i == late).map(|(_, o)| o);
@@ -899,8 +923,7 @@ fn the_receivers_dedupe_state_follows_what_is_in_flight_and_empties_for_a_quiet_
     // A peer that sends an id it said it was done with breaks the protocol.
     let mut again = BytesMut::new();
     frame::encode_message(&mut again, 5, 7, 3, APP, b"again");
-    p.b.recv_buf().extend_from_slice(&again);
-    p.b.handle_input(p.now);
+    p.inject_to_b(&again);
     p.drain_events();
     assert_eq!(closed_with(&p.b_events), Some(ErrorId::ProtocolViolation));
 }

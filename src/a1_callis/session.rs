@@ -1,5 +1,6 @@
 //! The sans-IO A1 session with one peer: HELLO, keepalive, message ids, retention and replay,
-//! deduplication, answers, and transmit scheduling.
+//! deduplication, answers, and transmit scheduling (which message goes next is the rule of
+//! `a1_callis::schedule`, which send expires next the index of `a1_callis::deadlines`).
 //!
 //! A `Session` lives as long as the peer relationship, across any number of calles: when a
 //! callis drops, every unanswered message is kept and replayed in its original order on the
@@ -24,17 +25,20 @@
 //! delivered twice. The sender never uses an id `window` or more past its oldest unanswered
 //! one, which is what makes the ring safe.
 
-use std::collections::{BTreeSet, VecDeque};
+use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 
 use super::codes::WireCode;
+use super::deadlines::Deadlines;
 use super::frame::{self, Frame, Hello, MessageFrame, PROTOCOL_VERSION, RejectFrame};
 use super::link::{WriteVerdict, WriteWatch};
 use super::rate::RateWindow;
 use super::reply_budget::ReplyBudget;
+pub use super::schedule::A3_AGING;
+use super::schedule::{Class, Schedule};
 use super::window::IdQueue;
 use crate::error::{Error, ErrorId, untrusted};
 
@@ -468,10 +472,6 @@ fn answer_wire_len(answer: &Answer) -> usize {
     }
 }
 
-/// While A3 messages wait, one goes after this many A2 messages in a row (aging: A2 comes
-/// first, A3 is never starved).
-pub const A3_AGING: u32 = 16;
-
 /// A reply at most this long is kept in the dedupe state as a copy of its own.
 const SMALL_REPLY: usize = 4096;
 
@@ -523,15 +523,10 @@ pub struct Session {
     /// The floor last reported with DONE_BELOW on the current callis.
     done_below_sent: u64,
     retained: IdQueue<Retained>,
-    /// Deadlines in send order while they do not decrease (the usual case: one timeout for
-    /// all sends); entries of finished messages are dropped lazily from the front.
-    deadlines: VecDeque<(Instant, u64)>,
-    /// Deadlines earlier than one already queued (a shorter per-send timeout).
-    late_deadlines: BTreeSet<(Instant, u64)>,
-    queue_a2: VecDeque<u64>,
-    queue_a3: VecDeque<u64>,
-    /// A2 messages written in a row while an A3 message waited (see [`A3_AGING`]).
-    a2_streak: u32,
+    /// The deadline of every retained message, earliest first.
+    deadlines: Deadlines,
+    /// Retained messages waiting to be written on the current callis, in the order they go.
+    schedule: Schedule,
     // Inbound.
     ring: DedupeRing,
     answers: AnswerQueue,
@@ -586,11 +581,8 @@ impl Session {
             next_id: 1,
             done_below_sent: 1,
             retained: IdQueue::default(),
-            deadlines: VecDeque::new(),
-            late_deadlines: BTreeSet::new(),
-            queue_a2: VecDeque::new(),
-            queue_a3: VecDeque::new(),
-            a2_streak: 0,
+            deadlines: Deadlines::default(),
+            schedule: Schedule::default(),
             ring,
             answers: AnswerQueue::default(),
             callis_seq: 0,
@@ -635,9 +627,8 @@ impl Session {
         if self.read_buf.is_empty() && self.read_buf.capacity() > 0 {
             self.read_buf = BytesMut::new();
         }
-        shrink_deque(&mut self.queue_a2);
-        shrink_deque(&mut self.queue_a3);
-        shrink_deque(&mut self.deadlines);
+        self.schedule.shrink_if_empty();
+        self.deadlines.shrink_if_empty();
         shrink_deque(&mut self.answers.others);
         shrink_deque(&mut self.ring.slots);
         if self.answers.accepted.is_empty() && self.answers.accepted.capacity() > IDLE_KEEP {
@@ -668,8 +659,7 @@ impl Session {
     /// replay something is [`Session::peer_waits_for_nothing`], or time.)
     pub fn is_quiescent(&self) -> bool {
         self.retained.is_empty()
-            && self.queue_a2.is_empty()
-            && self.queue_a3.is_empty()
+            && self.schedule.is_empty()
             && self.answers.accepted.is_empty()
             && self.answers.others.is_empty()
             && self.events.is_empty()
@@ -700,7 +690,7 @@ impl Session {
 
     /// Messages queued but not yet written.
     pub fn queued(&self) -> usize {
-        self.queue_a2.len().saturating_add(self.queue_a3.len())
+        self.schedule.len()
     }
 
     /// Counters.
@@ -778,18 +768,13 @@ impl Session {
 
     /// Rebuilds the transmit queues from everything retained, in id (= send) order.
     fn requeue_all(&mut self) {
-        self.queue_a2.clear();
-        self.queue_a3.clear();
+        self.schedule.clear();
         for (id, r) in self.retained.iter_mut() {
             if r.transmitted {
                 self.stats.messages_replayed = self.stats.messages_replayed.saturating_add(1);
             }
             r.transmitted = false;
-            if r.msg_type < A3_MESSAGE_TYPE_BASE {
-                self.queue_a2.push_back(id);
-            } else {
-                self.queue_a3.push_back(id);
-            }
+            self.schedule.push(id, class_of(r.msg_type));
         }
     }
 
@@ -832,20 +817,8 @@ impl Session {
             ));
         }
         self.next_id = id.saturating_add(1);
-        if msg.msg_type < A3_MESSAGE_TYPE_BASE {
-            self.queue_a2.push_back(id);
-        } else {
-            self.queue_a3.push_back(id);
-        }
-        if self
-            .deadlines
-            .back()
-            .is_none_or(|(last, _)| *last <= msg.deadline)
-        {
-            self.deadlines.push_back((msg.deadline, id));
-        } else {
-            self.late_deadlines.insert((msg.deadline, id));
-        }
+        self.schedule.push(id, class_of(msg.msg_type));
+        self.deadlines.insert(msg.deadline, id);
         self.retained.push(
             id,
             Retained {
@@ -929,8 +902,8 @@ impl Session {
             }
         }
         if !taken.is_empty() {
-            self.queue_a2.retain(|id| self.retained.get(*id).is_some());
-            self.queue_a3.retain(|id| self.retained.get(*id).is_some());
+            let retained = &self.retained;
+            self.schedule.retain(|id| retained.get(id).is_some());
         }
         taken
     }
@@ -983,8 +956,7 @@ impl Session {
         for (id, written) in ids {
             self.fail(id, error_for(written));
         }
-        self.queue_a2.clear();
-        self.queue_a3.clear();
+        self.schedule.clear();
     }
 
     /// Gives up on a send (its caller went away). Nothing is reported for it.
@@ -994,27 +966,13 @@ impl Session {
         }
     }
 
-    /// Drops the deadline of a message that finished.
+    /// Drops the deadline of a message that finished (removed from `retained` already).
+    #[inline]
     fn forget_deadline(&mut self, deadline: Instant, id: u64) {
-        if !self.late_deadlines.is_empty() {
-            self.late_deadlines.remove(&(deadline, id));
-        }
-        while let Some(&(at, front)) = self.deadlines.front() {
-            if self.retained.get(front).is_some_and(|r| r.deadline == at) {
-                break;
-            }
-            self.deadlines.pop_front();
-        }
-    }
-
-    /// The earliest deadline of a retained message.
-    fn earliest_deadline(&self) -> Option<(Instant, u64)> {
-        let in_order = self.deadlines.front().copied();
-        let late = self.late_deadlines.first().copied();
-        match (in_order, late) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        }
+        let retained = &self.retained;
+        self.deadlines.forget(deadline, id, |at, id| {
+            retained.get(id).is_some_and(|r| r.deadline == at)
+        });
     }
 
     /// Answers a message delivered with `peer_epoch`. Answers for an older epoch (the peer
@@ -1523,18 +1481,14 @@ impl Session {
     }
 
     fn handle_timers(&mut self, now: Instant) {
-        while let Some((deadline, id)) = self.earliest_deadline() {
-            if deadline > now {
+        loop {
+            let retained = &self.retained;
+            let due = self.deadlines.pop_due(now, |at, id| {
+                retained.get(id).is_some_and(|r| r.deadline == at)
+            });
+            let Some(id) = due else {
                 break;
-            }
-            if self.retained.get(id).is_none_or(|r| r.deadline != deadline) {
-                // A stale entry (finished behind the front): drop it and look again.
-                self.late_deadlines.remove(&(deadline, id));
-                if self.deadlines.front() == Some(&(deadline, id)) {
-                    self.deadlines.pop_front();
-                }
-                continue;
-            }
+            };
             let error = self.expiry_error(id);
             self.fail(id, error);
         }
@@ -1584,7 +1538,7 @@ impl Session {
 
     /// The next instant [`handle_timeout`](Self::handle_timeout) has work.
     pub fn poll_timeout(&self) -> Option<Instant> {
-        let mut next = self.earliest_deadline().map(|(t, _)| t);
+        let mut next = self.deadlines.earliest().map(|(t, _)| t);
         let mut consider = |t: Option<Instant>| {
             if let Some(t) = t {
                 next = Some(next.map_or(t, |n| n.min(t)));
@@ -1739,33 +1693,13 @@ impl Session {
     /// unanswered one.
     fn write_messages(&mut self, out: &mut BytesMut, limit: usize) {
         let Some(oldest) = self.retained.first_id() else {
-            self.queue_a2.clear();
-            self.queue_a3.clear();
+            self.schedule.clear();
             return;
         };
         let span_end = oldest.saturating_add(u64::from(self.peer_window));
         while out.len() < limit {
-            let a2_ready = self.queue_a2.front().is_some_and(|&id| id < span_end);
-            let a3_ready = self.queue_a3.front().is_some_and(|&id| id < span_end);
-            // A2 first, but an A3 message that waits goes after every `A3_AGING` A2 ones: a
-            // flood of A2 delays A3, never starves it (T20).
-            let from_a2 = match (a2_ready, a3_ready) {
-                (true, true) => self.a2_streak < A3_AGING,
-                (true, false) => true,
-                (false, true) => false,
-                (false, false) => return,
-            };
-            self.a2_streak = if from_a2 && a3_ready {
-                self.a2_streak.saturating_add(1)
-            } else {
-                0
-            };
-            let queue = if from_a2 {
-                &mut self.queue_a2
-            } else {
-                &mut self.queue_a3
-            };
-            let Some(id) = queue.pop_front() else {
+            // A2 first, A3 aged in (T20); nothing at or past the peer's window.
+            let Some(id) = self.schedule.next_below(span_end) else {
                 return;
             };
             // Ids finished or cancelled since they were queued are skipped.
@@ -1780,6 +1714,16 @@ impl Session {
             r.ever_transmitted = true;
             self.stats.messages_sent = self.stats.messages_sent.saturating_add(1);
         }
+    }
+}
+
+/// The priority class a message of `msg_type` is written in.
+#[inline]
+fn class_of(msg_type: u32) -> Class {
+    if msg_type < A3_MESSAGE_TYPE_BASE {
+        Class::A2
+    } else {
+        Class::A3
     }
 }
 

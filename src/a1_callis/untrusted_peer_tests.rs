@@ -1,7 +1,8 @@
 //! The session against a peer that holds a valid certificate and breaks the rules on purpose
 //! (T31 answer amplification, T32 limits a peer announces, T33 a peer that stops reading),
 //! in memory on the pair harness's virtual clock. Each test drives the hostile side by hand:
-//! frames written straight into the victim's receive buffer, reads withheld.
+//! frames injected straight into the victim's receive buffer (`inject_to_a`/`inject_to_b`),
+//! reads withheld.
 
 use std::time::Duration;
 
@@ -50,8 +51,7 @@ fn t31_duplicates_of_an_answered_id_on_one_callis_close_it_and_bring_back_nothin
     for _ in 0..64 {
         frame::encode_message(&mut dups, id, 7, 3, APP, b"echo me");
     }
-    p.b.recv_buf().extend_from_slice(&dups);
-    p.b.handle_input(p.now);
+    p.inject_to_b(&dups);
     p.drain_events();
     let out = transmit_all(&mut p.b, p.now);
     assert!(
@@ -112,8 +112,7 @@ fn t31_answers_owed_to_a_peer_that_runs_past_the_window_close_its_callis() {
         for id in first..first + 10 {
             frame::encode_message(&mut ten, id, 7, 3, APP, b"x");
         }
-        p.b.recv_buf().extend_from_slice(&ten);
-        p.b.handle_input(p.now);
+        p.inject_to_b(&ten);
         p.drain_events();
     }
     assert!(p.delivered_ids().len() <= 80, "{}", p.delivered_ids().len());
@@ -189,8 +188,7 @@ fn t31_one_fill_writes_a_bounded_number_of_answer_bytes() {
     );
     // The rest follows in later fills, in order, and nothing is lost.
     p.stall_b_to_a = false;
-    p.a.recv_buf().extend_from_slice(&out);
-    p.a.handle_input(p.now);
+    p.inject_to_a(&out);
     p.pump();
     assert_eq!(p.finished().len(), 40);
 }
@@ -350,8 +348,7 @@ fn t33_writes_that_make_no_progress_for_idle_timeout_abandon_the_callis() {
         p.now += Duration::from_millis(100);
         let mut ping = BytesMut::new();
         frame::encode_ping(&mut ping, 1);
-        p.a.recv_buf().extend_from_slice(&ping);
-        p.a.handle_input(p.now);
+        p.inject_to_a(&ping);
         p.a.write_progress(p.now, false, true);
         if p.a.poll_timeout().is_some_and(|t| t <= p.now) {
             p.a.handle_timeout(p.now);

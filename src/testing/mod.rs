@@ -9,7 +9,9 @@
 //!   refuse or cut after N bytes, while the test runs.
 //! - [`conformance::check_resolver`]: the contract a [`crate::RouteResolver`] must keep, as a
 //!   test its author runs (see [`conformance::ResolverUnderTest`]).
-//! - [`SessionPair`] / [`BlobPair`]: the sans-IO state machines back to back on a virtual clock.
+//! - [`SessionPair`] / [`BlobPair`]: the sans-IO state machines back to back on a virtual
+//!   clock, with injection, a frame filter and checks on every transfer; vicus's protocol
+//!   unit tests and its fuzz targets drive these same pairs.
 //!
 //! ```
 //! # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), vicus::Error> {
