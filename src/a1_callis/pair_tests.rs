@@ -1,6 +1,9 @@
 //! Two sessions back to back in memory on a virtual clock: the `Pair` harness and the
 //! protocol tests that run on it (replay, dedupe, keepalive, priority, batching, epochs).
 //! Everything here takes microseconds and cannot flake: no sockets, no real time.
+//!
+//! Over 800 lines on purpose: one test per protocol rule, each a few dozen lines of one
+//! scenario, sharing the small helpers at the top; splitting it would only scatter them.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -16,14 +19,14 @@ const SERVICE: u32 = 0x0001_0000;
 
 type Pair = crate::testing::SessionPair;
 
-fn accepted() -> Outcome {
-    Outcome::Answered(Answer::Accepted)
+fn accepted() -> SendEnd {
+    SendEnd::Answered(Answer::Accepted)
 }
 
-fn failed_with(o: &Outcome) -> Option<ErrorId> {
+fn failed_with(o: &SendEnd) -> Option<ErrorId> {
     match o {
-        Outcome::Failed(e) => Some(e.id()),
-        Outcome::Answered(_) => None,
+        SendEnd::Failed(e) => Some(e.id()),
+        SendEnd::Answered(_) => None,
     }
 }
 
@@ -92,9 +95,9 @@ fn replies_and_rejects_reach_the_sender() {
     let finished = p.finished();
     assert!(finished.contains(&(
         r,
-        Outcome::Answered(Answer::Replied(Bytes::from_static(b"answer")))
+        SendEnd::Answered(Answer::Replied(Bytes::from_static(b"answer")))
     )));
-    assert!(finished.contains(&(j, Outcome::Answered(reject))));
+    assert!(finished.contains(&(j, SendEnd::Answered(reject))));
 }
 
 #[test]
@@ -518,7 +521,7 @@ fn a_reply_over_the_retention_budget_becomes_reply_lost_on_replay() {
     let (_, outcome) = p.finished().pop().expect("finished");
     assert!(matches!(
         outcome,
-        Outcome::Answered(Answer::Rejected { error, .. }) if error == WireCode::of(ErrorId::ReplyLost)
+        SendEnd::Answered(Answer::Rejected { error, .. }) if error == WireCode::of(ErrorId::ReplyLost)
     ));
 }
 
@@ -531,7 +534,7 @@ fn pair_sharing(budget: &Arc<ReplyBudget>) -> Pair {
 
 /// Sends one request, answers it with `reply` while the answer cannot reach the sender,
 /// reconnects, and returns the outcome the replay got.
-fn reply_across_a_cut(p: &mut Pair, reply: &'static [u8]) -> Outcome {
+fn reply_across_a_cut(p: &mut Pair, reply: &'static [u8]) -> SendEnd {
     p.connect();
     let id = p.send(APP, b"q", Duration::from_secs(5));
     p.pump();
@@ -553,7 +556,7 @@ fn receivers_sharing_a_reply_budget_keep_no_more_than_it_together_and_give_back_
     let reply = b"fifteen bytes!!";
     assert_eq!(
         reply_across_a_cut(&mut first, reply),
-        Outcome::Answered(Answer::Replied(Bytes::from_static(reply)))
+        SendEnd::Answered(Answer::Replied(Bytes::from_static(reply)))
     );
     // The first receiver still keeps its reply (no DONE_BELOW yet): 15 of the 20 bytes.
     assert_eq!(budget.used(), 15);
@@ -561,7 +564,7 @@ fn receivers_sharing_a_reply_budget_keep_no_more_than_it_together_and_give_back_
     // sent, not kept, and its replay gets ReplyLost.
     assert!(matches!(
         reply_across_a_cut(&mut second, reply),
-        Outcome::Answered(Answer::Rejected { error, .. }) if error == WireCode::of(ErrorId::ReplyLost)
+        SendEnd::Answered(Answer::Rejected { error, .. }) if error == WireCode::of(ErrorId::ReplyLost)
     ));
     assert_eq!(budget.used(), 15);
     // A receiver that goes away gives back what it kept.
@@ -570,7 +573,7 @@ fn receivers_sharing_a_reply_budget_keep_no_more_than_it_together_and_give_back_
     let mut third = pair_sharing(&budget);
     assert_eq!(
         reply_across_a_cut(&mut third, reply),
-        Outcome::Answered(Answer::Replied(Bytes::from_static(reply)))
+        SendEnd::Answered(Answer::Replied(Bytes::from_static(reply)))
     );
     assert_eq!(budget.used(), 15);
 }
@@ -747,7 +750,7 @@ fn a_reply_larger_than_the_sender_accepts_becomes_a_rejection() {
     let (_, outcome) = p.finished().pop().expect("finished");
     assert!(matches!(
         outcome,
-        Outcome::Answered(Answer::Rejected { error, .. }) if error == WireCode::of(ErrorId::PayloadTooLarge)
+        SendEnd::Answered(Answer::Rejected { error, .. }) if error == WireCode::of(ErrorId::PayloadTooLarge)
     ));
     assert!(p.a.is_open());
 }
@@ -789,9 +792,9 @@ fn t24_a_peer_spamming_unknown_tabernas_is_closed_at_the_refusal_budget() {
     assert_eq!(q.finished().len(), 150);
 }
 
-fn rejected_with(o: &Outcome) -> Option<WireCode> {
+fn rejected_with(o: &SendEnd) -> Option<WireCode> {
     match o {
-        Outcome::Answered(Answer::Rejected { error, .. }) => Some(*error),
+        SendEnd::Answered(Answer::Rejected { error, .. }) => Some(*error),
         _ => None,
     }
 }
@@ -814,7 +817,7 @@ fn a_reply_over_the_payload_limit_is_turned_into_a_rejection_on_both_ends() {
     p.pump();
     let outcome = |id| p.outcome(id);
     assert!(
-        matches!(outcome(fits), Some(Outcome::Answered(Answer::Replied(r))) if r.len() == 1000)
+        matches!(outcome(fits), Some(SendEnd::Answered(Answer::Replied(r))) if r.len() == 1000)
     );
     assert_eq!(
         outcome(over).as_ref().and_then(rejected_with),

@@ -24,6 +24,10 @@
 //! (ring of `window` slots) with its answer, so a replayed duplicate is answered again and never
 //! delivered twice. The sender never uses an id `window` or more past its oldest unanswered
 //! one, which is what makes the ring safe.
+//!
+//! This file is over 800 lines on purpose: it holds the session's types and every call a
+//! driver makes, the session's contract, in one place; the work behind the calls lives in
+//! `session/` (receive, transmit, timers, the dedupe ring, the answer queue).
 
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -176,7 +180,7 @@ impl Answer {
 
 /// How one of our sends ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Outcome {
+pub enum SendEnd {
     /// The peer answered.
     Answered(Answer),
     /// It failed locally (timeout, peer restarted, session closed).
@@ -195,7 +199,7 @@ pub enum Event {
         restarted: bool,
     },
     /// A new message for a local taberna; answer it with [`Session::answer`] using this epoch.
-    Deliver {
+    Arrived {
         /// The peer epoch the id belongs to.
         peer_epoch: u64,
         /// The message.
@@ -206,7 +210,7 @@ pub enum Event {
         /// The id [`Session::send`] returned.
         id: u64,
         /// How it ended.
-        outcome: Outcome,
+        outcome: SendEnd,
     },
     /// The callis must be closed (protocol violation, idle, the peer closed it, hello
     /// timeout). Unanswered work stays retained for the next callis.
@@ -826,7 +830,7 @@ impl Session {
             self.forget_deadline(r.deadline, id);
             self.events.push_back(Event::Finished {
                 id,
-                outcome: Outcome::Failed(error),
+                outcome: SendEnd::Failed(error),
             });
         }
     }

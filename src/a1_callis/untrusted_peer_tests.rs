@@ -44,7 +44,7 @@ fn t31_duplicates_of_an_answered_id_on_one_callis_close_it_and_bring_back_nothin
     p.b.answer(epoch, id, Answer::Replied(Bytes::from(vec![7u8; 1 << 20])));
     p.pump();
     assert!(
-        matches!(p.outcome(id), Some(Outcome::Answered(Answer::Replied(r))) if r.len() == 1 << 20)
+        matches!(p.outcome(id), Some(SendEnd::Answered(Answer::Replied(r))) if r.len() == 1 << 20)
     );
     // The hostile peer read its 1 MiB answer, then writes the same id 64 times at once.
     let mut dups = BytesMut::new();
@@ -83,7 +83,7 @@ fn t31_a_replay_on_the_next_callis_is_answered_once_more_and_no_more() {
     p.pump();
     assert_eq!(
         p.outcome(id),
-        Some(Outcome::Answered(Answer::Replied("r".into())))
+        Some(SendEnd::Answered(Answer::Replied("r".into())))
     );
     let replies = p
         .b_wire
@@ -150,8 +150,8 @@ fn t31_answer_bytes_owed_to_a_peer_that_does_not_read_are_bounded() {
     let (mut replied, mut busy) = (0, 0);
     for id in ids {
         match p.outcome(id) {
-            Some(Outcome::Answered(Answer::Replied(r))) if r.len() == 1 << 20 => replied += 1,
-            Some(Outcome::Answered(Answer::Rejected { error, reason, .. }))
+            Some(SendEnd::Answered(Answer::Replied(r))) if r.len() == 1 << 20 => replied += 1,
+            Some(SendEnd::Answered(Answer::Rejected { error, reason, .. }))
                 if error == WireCode::of(ErrorId::TabernaBusy) =>
             {
                 assert!(reason.contains("max_unsent_answer_bytes"), "{reason}");
@@ -217,7 +217,7 @@ fn t32_every_frame_fits_the_limit_the_peer_announced_at_1000_and_at_the_minimum(
         );
         assert!(closed_with(&p.b_events).is_none());
         for id in &ids {
-            assert_eq!(p.outcome(*id), Some(Outcome::Answered(Answer::Accepted)));
+            assert_eq!(p.outcome(*id), Some(SendEnd::Answered(Answer::Accepted)));
         }
         let mut delivered = p.delivered_ids();
         delivered.sort_unstable();
@@ -256,7 +256,7 @@ fn t32_rejections_with_long_reasons_fit_the_smallest_frame_limit() {
     );
     for id in ids {
         match p.outcome(id) {
-            Some(Outcome::Answered(Answer::Rejected { code, reason, .. })) => {
+            Some(SendEnd::Answered(Answer::Rejected { code, reason, .. })) => {
                 assert_eq!(code, 9);
                 assert!(reason.len() <= frame::MESSAGE_FIXED_LEN - 18, "{reason}");
                 assert!(reason.chars().all(|c| c == 'é'), "cut at a character");
@@ -374,7 +374,7 @@ fn t33_writes_that_make_no_progress_for_idle_timeout_abandon_the_callis() {
     p.b_auto = Some(Answer::Accepted);
     p.connect();
     p.pump();
-    assert_eq!(p.outcome(id), Some(Outcome::Answered(Answer::Accepted)));
+    assert_eq!(p.outcome(id), Some(SendEnd::Answered(Answer::Accepted)));
     assert_eq!(p.delivered_ids(), vec![id]);
 }
 

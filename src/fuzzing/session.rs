@@ -396,7 +396,7 @@ impl<'a> Harness<'a> {
                     self.delivered.clear();
                 }
             }
-            Event::Deliver {
+            Event::Arrived {
                 peer_epoch,
                 message,
             } => {

@@ -280,7 +280,7 @@ impl Session {
             self.forget_deadline(r.deadline, id);
             self.events.push_back(Event::Finished {
                 id,
-                outcome: Outcome::Answered(answer),
+                outcome: SendEnd::Answered(answer),
             });
         }
     }
@@ -348,7 +348,7 @@ impl Session {
             Seen::New => {
                 self.stats.messages_delivered = self.stats.messages_delivered.saturating_add(1);
                 let peer_epoch = self.peer_epoch.unwrap_or_default();
-                self.events.push_back(Event::Deliver {
+                self.events.push_back(Event::Arrived {
                     peer_epoch,
                     message: m,
                 });

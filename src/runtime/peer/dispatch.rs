@@ -15,7 +15,7 @@ use tokio::sync::mpsc;
 use super::{PeerDriver, record_failure};
 use crate::a0_transport::PeerIdentity;
 use crate::a1_callis::blob::{BLOB_OPEN_TYPE, decode_blob_open, stream_parity};
-use crate::a1_callis::session::{A3_MESSAGE_TYPE_BASE, Answer, Event, Outcome, Session};
+use crate::a1_callis::session::{A3_MESSAGE_TYPE_BASE, Answer, Event, SendEnd, Session};
 use crate::error::{Error, ErrorId};
 use crate::reporting::{CallisKind, Event as Report};
 use crate::runtime::completion::Completion;
@@ -58,7 +58,7 @@ impl PeerDriver {
                     }
                     tracing::debug!(peer = %self.peer_id, peer_epoch, restarted, "callis open");
                 }
-                Event::Deliver {
+                Event::Arrived {
                     peer_epoch,
                     message,
                 } => {
@@ -83,7 +83,7 @@ impl PeerDriver {
                 }
                 Event::Finished { id, outcome } => {
                     if let Some(p) = self.pending.remove(id) {
-                        let answered_after = matches!(outcome, Outcome::Answered(_))
+                        let answered_after = matches!(outcome, SendEnd::Answered(_))
                             .then(|| self.now_us.saturating_sub(p.started_us));
                         let result = self.outcome_to_result(p.dst, outcome);
                         match &result {
@@ -244,13 +244,13 @@ impl PeerDriver {
         }
     }
 
-    pub(super) fn outcome_to_result(&self, dst: u64, outcome: Outcome) -> crate::runtime::Outcome {
+    pub(super) fn outcome_to_result(&self, dst: u64, outcome: SendEnd) -> crate::runtime::Outcome {
         match outcome {
-            Outcome::Answered(answer) => {
+            SendEnd::Answered(answer) => {
                 answer_result(answer, format_args!("taberna {dst} on {}", self.peer_id))
             }
             // Never sent because no callis opened: say why, when a dial said so.
-            Outcome::Failed(e) if e.id() == ErrorId::PeerUnavailable => {
+            SendEnd::Failed(e) if e.id() == ErrorId::PeerUnavailable => {
                 match &self.last_dial_error {
                     Some(dial) => Err(Error::new(
                         dial.id().unreachable_send_id(),
@@ -266,7 +266,7 @@ impl PeerDriver {
                     )),
                 }
             }
-            Outcome::Failed(e) => Err(e),
+            SendEnd::Failed(e) => Err(e),
         }
     }
 }

@@ -6,7 +6,7 @@ use bytes::{Bytes, BytesMut};
 
 use super::Side;
 use crate::a1_callis::frame::{self, Frame, FrameType};
-use crate::a1_callis::session::{Answer, Event, Outcome, Outgoing, Session, SessionConfig};
+use crate::a1_callis::session::{Answer, Event, Outgoing, SendEnd, Session, SessionConfig};
 
 /// The identity of [`SessionPair::a`].
 pub const A: &str = "spiffe://t/domus/a";
@@ -136,7 +136,7 @@ impl SessionPair {
         while let Some(e) = self.b.poll_event() {
             if let (
                 Some(answer),
-                Event::Deliver {
+                Event::Arrived {
                     peer_epoch,
                     message,
                 },
@@ -268,14 +268,14 @@ impl SessionPair {
         self.b_events
             .iter()
             .filter_map(|e| match e {
-                Event::Deliver { message, .. } => Some(message.id),
+                Event::Arrived { message, .. } => Some(message.id),
                 _ => None,
             })
             .collect()
     }
 
     /// How send `id` ended, if it did.
-    pub fn outcome(&self, id: u64) -> Option<Outcome> {
+    pub fn outcome(&self, id: u64) -> Option<SendEnd> {
         self.finished()
             .into_iter()
             .find(|(i, _)| *i == id)
@@ -283,7 +283,7 @@ impl SessionPair {
     }
 
     /// Every send of a's that ended, in the order they ended.
-    pub fn finished(&self) -> Vec<(u64, Outcome)> {
+    pub fn finished(&self) -> Vec<(u64, SendEnd)> {
         self.a_events
             .iter()
             .filter_map(|e| match e {
@@ -299,7 +299,7 @@ impl SessionPair {
             .b_events
             .iter()
             .filter_map(|e| match e {
-                Event::Deliver {
+                Event::Arrived {
                     peer_epoch,
                     message,
                 } => Some((*peer_epoch, message.id)),
