@@ -193,17 +193,15 @@ async fn t33_a_peer_that_pings_and_never_reads_is_cut_off_and_its_messages_repla
         let mut seen = std::collections::BTreeSet::new();
         let mut ids = std::collections::BTreeSet::new();
         while seen.len() < 512 {
-            let f = raw
-                .read_until(|f| matches!(f, Frame::Message(_)))
-                .await
-                .expect("the replayed messages");
-            let Frame::Message(m) = f else { unreachable!() };
-            let n = u32::from_be_bytes(m.payload[..4].try_into().expect("4 bytes"));
-            assert!(seen.insert(n), "message {n} delivered twice");
-            assert!(ids.insert(m.id), "id {} twice", m.id);
-            let mut out = BytesMut::new();
-            frame::encode_accepted(&mut out, &[m.id]);
-            raw.write(&out).await.expect("answer");
+            let batch = raw.read_messages().await.expect("the replayed messages");
+            for m in batch {
+                let n = u32::from_be_bytes(m.payload[..4].try_into().expect("4 bytes"));
+                assert!(seen.insert(n), "message {n} delivered twice");
+                assert!(ids.insert(m.id), "id {} twice", m.id);
+                let mut out = BytesMut::new();
+                frame::encode_accepted(&mut out, &[m.id]);
+                raw.write(&out).await.expect("answer");
+            }
         }
         for send in sends {
             let outcome = send.await.expect("task");
@@ -416,13 +414,11 @@ async fn t33_a_peer_that_never_reads_its_blob_callis_loses_it() {
                 Ok::<_, vicus::Error>(())
             })
         };
-        let open = primary
-            .read_until(|f| matches!(f, Frame::Message(_)))
+        let m = primary
+            .read_messages()
             .await
+            .and_then(|batch| batch.into_iter().next())
             .expect("the blob's opening message");
-        let Frame::Message(m) = open else {
-            unreachable!()
-        };
         let stream = u64::from_be_bytes(m.payload[..8].try_into().expect("stream id"));
         let mut out = BytesMut::new();
         frame::encode_accepted(&mut out, &[m.id]);

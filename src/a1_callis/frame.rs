@@ -16,8 +16,9 @@ use bytes::{Buf, BufMut, Bytes, BytesMut};
 
 use super::codes::WireCode;
 
-/// The wire protocol version carried in [`Hello`].
-pub const PROTOCOL_VERSION: u16 = 1;
+/// The wire protocol version carried in [`Hello`]. Version 2 added MESSAGE_BATCH and wrote
+/// ACCEPTED as runs of ids.
+pub const PROTOCOL_VERSION: u16 = 2;
 
 /// Length of the frame header: body length `u32`, type `u8`, flags `u8`.
 pub const HEADER_LEN: usize = 6;
@@ -31,6 +32,9 @@ pub const MESSAGE_FIXED_LEN: usize = 8 + 8 + 8 + 4;
 /// cut to the limit the peer announced (T32): ACCEPTED carries fewer ids, a REJECT's reason
 /// is shortened, a reply too long becomes a rejection.
 pub const MIN_FRAME_LEN: u32 = MESSAGE_FIXED_LEN as u32;
+
+/// One run in an ACCEPTED body: the first id (`u64`) and how many more follow it (`u32`).
+pub const ACCEPTED_RUN_LEN: usize = 8 + 4;
 
 /// Longest reason text in CLOSE and REJECT frames, in bytes.
 pub const MAX_REASON_LEN: usize = 256;
@@ -73,12 +77,15 @@ impl FrameType {
     pub const CLOSE: Self = Self(0x04);
     /// An application or service message to a taberna.
     pub const MESSAGE: Self = Self(0x10);
-    /// Batched acceptance of messages by id.
+    /// Batched acceptance of messages: runs of consecutive ids.
     pub const ACCEPTED: Self = Self(0x11);
     /// A reply (with payload) to one message.
     pub const REPLY: Self = Self(0x12);
     /// A rejection of one message, with error id, application code and reason.
     pub const REJECT: Self = Self(0x13);
+    /// Messages with consecutive ids to one taberna, from one taberna, of one type, under
+    /// one header: each a length and a payload.
+    pub const MESSAGE_BATCH: Self = Self(0x14);
     /// Blob callis: bytes of a blob stream at an offset.
     pub const BLOB_DATA: Self = Self(0x20);
     /// Blob callis: the sender has written everything; the total length.
@@ -110,6 +117,7 @@ impl FrameType {
             Self::ACCEPTED => "ACCEPTED",
             Self::REPLY => "REPLY",
             Self::REJECT => "REJECT",
+            Self::MESSAGE_BATCH => "MESSAGE_BATCH",
             Self::BLOB_DATA => "BLOB_DATA",
             Self::BLOB_END => "BLOB_END",
             Self::BLOB_CREDIT => "BLOB_CREDIT",
@@ -165,6 +173,9 @@ pub enum Frame {
     },
     /// MESSAGE.
     Message(MessageFrame),
+    /// MESSAGE_BATCH: messages with consecutive ids that share their destination, source
+    /// and type.
+    MessageBatch(MessageBatch),
     /// ACCEPTED: the ids of accepted messages.
     Accepted(AcceptedIds),
     /// REPLY.
@@ -262,14 +273,18 @@ pub struct RejectFrame {
     pub reason: String,
 }
 
-/// The ids of an ACCEPTED frame, kept as the raw body and read lazily.
+/// The ids of an ACCEPTED frame: runs of consecutive ids, kept as the raw body and read
+/// lazily.
+///
+/// Invariant (checked by the decoder): the body is one or more [`ACCEPTED_RUN_LEN`]-byte runs,
+/// and no run goes past `u64::MAX`.
 #[derive(Clone, PartialEq, Eq)]
 pub struct AcceptedIds(Bytes);
 
 impl AcceptedIds {
-    /// How many ids.
+    /// How many runs.
     pub fn len(&self) -> usize {
-        self.0.len() / 8
+        self.0.len() / ACCEPTED_RUN_LEN
     }
 
     /// Whether there are none (never true for a decoded frame).
@@ -277,19 +292,264 @@ impl AcceptedIds {
         self.0.is_empty()
     }
 
-    /// The ids, in the order they were written.
-    pub fn iter(&self) -> impl Iterator<Item = u64> + '_ {
-        self.0.chunks_exact(8).map(|c| {
-            let mut b = [0u8; 8];
-            b.copy_from_slice(c);
-            u64::from_be_bytes(b)
+    /// The runs `(first, last)` (both included), in the order they were written.
+    pub fn runs(&self) -> impl Iterator<Item = (u64, u64)> + '_ {
+        self.0.chunks_exact(ACCEPTED_RUN_LEN).map(|mut c| {
+            let first = c.get_u64();
+            let more = u64::from(c.get_u32());
+            (first, first.saturating_add(more))
         })
+    }
+
+    /// Every id, in the order they were written (a run may name billions: for tests and
+    /// tools; the session walks [`runs`](Self::runs)).
+    pub fn iter(&self) -> impl Iterator<Item = u64> + '_ {
+        self.runs().flat_map(|(first, last)| first..=last)
     }
 }
 
 impl fmt::Debug for AcceptedIds {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_list().entries(self.iter()).finish()
+        f.debug_list()
+            .entries(self.runs().map(|(a, b)| a..=b))
+            .finish()
+    }
+}
+
+/// A MESSAGE_BATCH frame: messages `first_id`, `first_id + 1`, … to one taberna, from one
+/// taberna, of one type. The entries are kept as the raw body and read lazily; each payload
+/// is a slice of the frame (no copy).
+///
+/// Invariant (checked by the decoder): `entries` is `count` (at least one) well-formed
+/// entries — a minimal LEB128 length and that many bytes — and the last id does not pass
+/// `u64::MAX`.
+#[derive(Clone, PartialEq, Eq)]
+pub struct MessageBatch {
+    /// The id of the first message; the others follow one by one.
+    pub first_id: u64,
+    /// The destination taberna of every message.
+    pub dst: u64,
+    /// The source taberna of every message.
+    pub src: u64,
+    /// The message type of every message.
+    pub msg_type: u32,
+    count: u32,
+    entries: Bytes,
+}
+
+impl MessageBatch {
+    /// How many messages.
+    pub fn len(&self) -> usize {
+        self.count as usize
+    }
+
+    /// Whether there are none (never true for a decoded frame).
+    pub fn is_empty(&self) -> bool {
+        self.count == 0
+    }
+
+    /// The id of the last message.
+    pub fn last_id(&self) -> u64 {
+        self.first_id
+            .saturating_add(u64::from(self.count.saturating_sub(1)))
+    }
+
+    /// The messages, in id order.
+    pub fn iter(&self) -> BatchIter {
+        BatchIter {
+            rest: self.entries.clone(),
+            next_id: self.first_id,
+            dst: self.dst,
+            src: self.src,
+            msg_type: self.msg_type,
+        }
+    }
+
+    /// Reads and checks the entries after the fixed part; how many there are.
+    fn count_entries(entries: &[u8]) -> Result<u32, &'static str> {
+        let mut rest = entries;
+        let mut count = 0u32;
+        while !rest.is_empty() {
+            let (len, used) =
+                get_varint(rest).ok_or("a message length is not a minimal LEB128 u32")?;
+            rest = rest.get(used..).unwrap_or_default();
+            rest = rest
+                .get(len as usize..)
+                .ok_or("a message is longer than the rest of the batch")?;
+            count = count.saturating_add(1);
+        }
+        if count == 0 {
+            return Err("a batch holds at least one message");
+        }
+        Ok(count)
+    }
+}
+
+impl fmt::Debug for MessageBatch {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("MessageBatch")
+            .field("ids", &(self.first_id..=self.last_id()))
+            .field("dst", &self.dst)
+            .field("src", &self.src)
+            .field("msg_type", &self.msg_type)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The messages of a [`MessageBatch`], from [`MessageBatch::iter`].
+#[derive(Debug)]
+pub struct BatchIter {
+    rest: Bytes,
+    next_id: u64,
+    dst: u64,
+    src: u64,
+    msg_type: u32,
+}
+
+impl Iterator for BatchIter {
+    type Item = MessageFrame;
+
+    fn next(&mut self) -> Option<MessageFrame> {
+        let (len, used) = get_varint(&self.rest)?;
+        self.rest.advance(used);
+        if self.rest.len() < len as usize {
+            return None;
+        }
+        let payload = self.rest.split_to(len as usize);
+        let id = self.next_id;
+        self.next_id = id.saturating_add(1);
+        Some(MessageFrame {
+            id,
+            dst: self.dst,
+            src: self.src,
+            msg_type: self.msg_type,
+            payload,
+        })
+    }
+}
+
+/// Reads a minimal LEB128 `u32` (at most 5 bytes) from the front of `b`: the value and the
+/// bytes it took. `None` when it is truncated, longer than it needs to be, or over `u32`.
+fn get_varint(b: &[u8]) -> Option<(u32, usize)> {
+    let mut value = 0u64;
+    for (used, (byte, shift)) in (1usize..).zip(b.iter().take(5).zip([0u32, 7, 14, 21, 28])) {
+        value |= u64::from(byte & 0x7F) << shift;
+        if byte & 0x80 == 0 {
+            if used > 1 && *byte == 0 {
+                return None;
+            }
+            return u32::try_from(value).ok().map(|v| (v, used));
+        }
+    }
+    None
+}
+
+/// Writes `v` as a minimal LEB128.
+fn put_varint(out: &mut impl BufMut, mut v: u32) {
+    while v >= 0x80 {
+        out.put_u8((v as u8 & 0x7F) | 0x80);
+        v >>= 7;
+    }
+    out.put_u8(v as u8);
+}
+
+/// The bytes `v` takes as a LEB128.
+const fn varint_len(v: u32) -> usize {
+    match v {
+        0..=0x7F => 1,
+        0x80..=0x3FFF => 2,
+        0x4000..=0x1F_FFFF => 3,
+        0x20_0000..=0xFFF_FFFF => 4,
+        _ => 5,
+    }
+}
+
+/// What one message adds to a MESSAGE_BATCH body: its length and its payload.
+pub fn batch_entry_len(payload_len: usize) -> usize {
+    varint_len(u32::try_from(payload_len).unwrap_or(u32::MAX)).saturating_add(payload_len)
+}
+
+/// A MESSAGE_BATCH being written at the end of a buffer: started with its first message,
+/// grown one message at a time while [`fits`](Self::fits), and closed with
+/// [`finish`](Self::finish), which writes the body length into the header.
+#[derive(Debug)]
+pub struct BatchWriter {
+    /// Where the frame's header starts in the buffer.
+    start: usize,
+    next_id: u64,
+    dst: u64,
+    src: u64,
+    msg_type: u32,
+    body_len: usize,
+}
+
+impl BatchWriter {
+    /// Starts a batch at the end of `out` with message `id`.
+    pub fn start(
+        out: &mut BytesMut,
+        id: u64,
+        dst: u64,
+        src: u64,
+        msg_type: u32,
+        payload: &[u8],
+    ) -> Self {
+        let start = out.len();
+        let body_len = MESSAGE_FIXED_LEN.saturating_add(batch_entry_len(payload.len()));
+        out.reserve(HEADER_LEN.saturating_add(body_len));
+        let mut fixed = [0u8; HEADER_LEN + MESSAGE_FIXED_LEN];
+        let mut at = fixed.as_mut_slice();
+        put_header(&mut at, FrameType::MESSAGE_BATCH, body_len);
+        at.put_u64(id);
+        at.put_u64(dst);
+        at.put_u64(src);
+        at.put_u32(msg_type);
+        out.put_slice(&fixed);
+        put_varint(out, u32::try_from(payload.len()).unwrap_or(u32::MAX));
+        out.put_slice(payload);
+        Self {
+            start,
+            next_id: id.saturating_add(1),
+            dst,
+            src,
+            msg_type,
+            body_len,
+        }
+    }
+
+    /// Whether message `id` may join this batch: the next id, the same destination, source
+    /// and type, and the body stays within `max_frame_len`.
+    pub fn fits(
+        &self,
+        id: u64,
+        dst: u64,
+        src: u64,
+        msg_type: u32,
+        payload_len: usize,
+        max_frame_len: u32,
+    ) -> bool {
+        id == self.next_id
+            && dst == self.dst
+            && src == self.src
+            && msg_type == self.msg_type
+            && self.body_len.saturating_add(batch_entry_len(payload_len)) <= max_frame_len as usize
+    }
+
+    /// Appends the next message (one that [`fits`](Self::fits)).
+    pub fn push(&mut self, out: &mut BytesMut, payload: &[u8]) {
+        put_varint(out, u32::try_from(payload.len()).unwrap_or(u32::MAX));
+        out.put_slice(payload);
+        self.body_len = self.body_len.saturating_add(batch_entry_len(payload.len()));
+        self.next_id = self.next_id.saturating_add(1);
+    }
+
+    /// Writes the body length into the header.
+    pub fn finish(self, out: &mut BytesMut) {
+        let len = u32::try_from(self.body_len)
+            .unwrap_or(u32::MAX)
+            .to_be_bytes();
+        if let Some(at) = out.get_mut(self.start..self.start.saturating_add(4)) {
+            at.copy_from_slice(&len);
+        }
     }
 }
 
@@ -479,9 +739,43 @@ fn decode_body(t: FrameType, mut body: Bytes) -> Result<Frame, FrameError> {
                 payload: body,
             }));
         }
+        FrameType::MESSAGE_BATCH => {
+            need(
+                &body,
+                MESSAGE_FIXED_LEN,
+                t,
+                "truncated MESSAGE_BATCH header",
+            )?;
+            let first_id = body.get_u64();
+            let dst = body.get_u64();
+            let src = body.get_u64();
+            let msg_type = body.get_u32();
+            let count = MessageBatch::count_entries(&body).map_err(|what| malformed(t, what))?;
+            if first_id
+                .checked_add(u64::from(count.saturating_sub(1)))
+                .is_none()
+            {
+                return Err(malformed(t, "the batch's ids pass 2^64 - 1"));
+            }
+            return Ok(Frame::MessageBatch(MessageBatch {
+                first_id,
+                dst,
+                src,
+                msg_type,
+                count,
+                entries: body,
+            }));
+        }
         FrameType::ACCEPTED => {
-            if body.is_empty() || !body.len().is_multiple_of(8) {
-                return Err(malformed(t, "the body must be one or more 8-byte ids"));
+            if body.is_empty() || !body.len().is_multiple_of(ACCEPTED_RUN_LEN) {
+                return Err(malformed(t, "the body must be one or more 12-byte runs"));
+            }
+            let overflows = body.chunks_exact(ACCEPTED_RUN_LEN).any(|mut c| {
+                let first = c.get_u64();
+                first.checked_add(u64::from(c.get_u32())).is_none()
+            });
+            if overflows {
+                return Err(malformed(t, "a run passes id 2^64 - 1"));
             }
             return Ok(Frame::Accepted(AcceptedIds(body)));
         }
@@ -661,12 +955,64 @@ pub fn encode_message(
     out.put_slice(payload);
 }
 
-/// Encodes an ACCEPTED frame for `ids` (which must not be empty).
+/// Encodes an ACCEPTED frame for `ids` (which must not be empty), consecutive ids as one run.
 pub fn encode_accepted(out: &mut BytesMut, ids: &[u64]) {
-    put_header(out, FrameType::ACCEPTED, ids.len().saturating_mul(8));
+    encode_accepted_upto(out, ids, usize::MAX);
+}
+
+/// Encodes one ACCEPTED frame for the front of `ids`, at most `max_runs` runs (at least
+/// one): each run is a stretch of consecutive increasing ids. Returns how many ids it took;
+/// nothing is written when `ids` is empty.
+pub fn encode_accepted_upto(out: &mut BytesMut, ids: &[u64], max_runs: usize) -> usize {
+    // Walk once to find where the frame ends, then write it.
+    let max_runs = max_runs.max(1);
+    let (mut runs, mut taken, mut in_run) = (0usize, 0usize, 0u64);
+    let mut prev: Option<u64> = None;
     for id in ids {
-        out.put_u64(*id);
+        if continues_run(prev, *id, in_run) {
+            in_run = in_run.saturating_add(1);
+        } else {
+            if runs == max_runs {
+                break;
+            }
+            runs = runs.saturating_add(1);
+            in_run = 1;
+        }
+        prev = Some(*id);
+        taken = taken.saturating_add(1);
     }
+    if taken == 0 {
+        return 0;
+    }
+    put_header(
+        out,
+        FrameType::ACCEPTED,
+        runs.saturating_mul(ACCEPTED_RUN_LEN),
+    );
+    let mut rest = ids.get(..taken).unwrap_or_default();
+    while let Some(first) = rest.first() {
+        let mut len = 1u64;
+        let mut prev = *first;
+        for id in rest.iter().skip(1) {
+            if !continues_run(Some(prev), *id, len) {
+                break;
+            }
+            len = len.saturating_add(1);
+            prev = *id;
+        }
+        out.put_u64(*first);
+        out.put_u32(u32::try_from(len.saturating_sub(1)).unwrap_or(u32::MAX));
+        rest = rest
+            .get(usize::try_from(len).unwrap_or(usize::MAX)..)
+            .unwrap_or_default();
+    }
+    taken
+}
+
+/// Whether `id` extends a run that ends with `prev` and holds `in_run` ids (a run holds at
+/// most 2^32).
+fn continues_run(prev: Option<u64>, id: u64, in_run: u64) -> bool {
+    prev.is_some_and(|p| p.checked_add(1) == Some(id)) && in_run < (1u64 << 32)
 }
 
 /// Encodes a REPLY.
@@ -737,6 +1083,28 @@ pub fn encode_blob_cancel(out: &mut BytesMut, stream: u64, code: WireCode, reaso
 }
 
 impl Frame {
+    /// This frame's type on the wire.
+    pub fn frame_type(&self) -> FrameType {
+        match self {
+            Frame::Hello(_) => FrameType::HELLO,
+            Frame::Ping(_) => FrameType::PING,
+            Frame::Pong(_) => FrameType::PONG,
+            Frame::Close { .. } => FrameType::CLOSE,
+            Frame::Message(_) => FrameType::MESSAGE,
+            Frame::MessageBatch(_) => FrameType::MESSAGE_BATCH,
+            Frame::Accepted(_) => FrameType::ACCEPTED,
+            Frame::Reply { .. } => FrameType::REPLY,
+            Frame::Reject(_) => FrameType::REJECT,
+            Frame::Blob(BlobFrame::Hello { .. }) => FrameType::BLOB_HELLO,
+            Frame::Blob(BlobFrame::Data { .. }) => FrameType::BLOB_DATA,
+            Frame::Blob(BlobFrame::End { .. }) => FrameType::BLOB_END,
+            Frame::Blob(BlobFrame::Credit { .. }) => FrameType::BLOB_CREDIT,
+            Frame::Blob(BlobFrame::Cancel { .. }) => FrameType::BLOB_CANCEL,
+            Frame::DoneBelow(_) => FrameType::DONE_BELOW,
+            Frame::Skipped(t) => *t,
+        }
+    }
+
     /// Encodes this frame (for tests and tools; the session uses the `encode_*` functions).
     pub fn encode(&self, out: &mut BytesMut) {
         match self {
@@ -745,6 +1113,18 @@ impl Frame {
             Frame::Pong(n) => encode_pong(out, *n),
             Frame::Close { code, reason } => encode_close(out, *code, reason),
             Frame::Message(m) => encode_message(out, m.id, m.dst, m.src, m.msg_type, &m.payload),
+            Frame::MessageBatch(b) => {
+                put_header(
+                    out,
+                    FrameType::MESSAGE_BATCH,
+                    MESSAGE_FIXED_LEN.saturating_add(b.entries.len()),
+                );
+                out.put_u64(b.first_id);
+                out.put_u64(b.dst);
+                out.put_u64(b.src);
+                out.put_u32(b.msg_type);
+                out.put_slice(&b.entries);
+            }
             Frame::Accepted(ids) => {
                 put_header(out, FrameType::ACCEPTED, ids.0.len());
                 out.put_slice(&ids.0);

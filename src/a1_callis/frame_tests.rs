@@ -68,6 +68,24 @@ fn arb_frame() -> impl Strategy<Value = Frame> {
             b.advance(HEADER_LEN);
             Frame::Accepted(AcceptedIds(b.freeze()))
         }),
+        (
+            0u64..u64::MAX - 64,
+            any::<u64>(),
+            any::<u64>(),
+            any::<u32>(),
+            proptest::collection::vec(proptest::collection::vec(any::<u8>(), 0..200), 1..20)
+        )
+            .prop_map(|(first, dst, src, msg_type, payloads)| {
+                let mut b = BytesMut::new();
+                let mut w = BatchWriter::start(&mut b, first, dst, src, msg_type, &payloads[0]);
+                for p in &payloads[1..] {
+                    w.push(&mut b, p);
+                }
+                w.finish(&mut b);
+                decode(&mut b, u32::MAX)
+                    .expect("a written batch decodes")
+                    .expect("whole")
+            }),
         (any::<u64>(), bytes()).prop_map(|(id, payload)| Frame::Reply { id, payload }),
         (
             any::<u64>(),
@@ -177,10 +195,10 @@ fn t13_nested_lengths_must_match_the_outer_length() {
         decode(&mut bad, MAX),
         Err(FrameError::Malformed { .. })
     ));
-    // An ACCEPTED body that is not a whole number of ids.
+    // An ACCEPTED body that is not a whole number of runs.
     let mut buf = BytesMut::new();
-    put_header(&mut buf, FrameType::ACCEPTED, 12);
-    buf.put_slice(&[0; 12]);
+    put_header(&mut buf, FrameType::ACCEPTED, 8);
+    buf.put_slice(&[0; 8]);
     assert!(matches!(
         decode(&mut buf, MAX),
         Err(FrameError::Malformed { .. })
@@ -237,4 +255,151 @@ fn reasons_are_capped_at_a_char_boundary() {
         panic!()
     };
     assert!(reason.len() <= MAX_REASON_LEN && reason.chars().all(|c| c == 'é'));
+}
+
+proptest! {
+    #[test]
+    fn a_batch_carries_its_messages_with_consecutive_ids(
+        first in 1u64..1 << 40,
+        payloads in proptest::collection::vec(proptest::collection::vec(any::<u8>(), 0..20_000), 1..12),
+    ) {
+        let mut b = BytesMut::new();
+        let mut w = BatchWriter::start(&mut b, first, 7, 3, 0x0100_0001, &payloads[0]);
+        for p in &payloads[1..] {
+            prop_assert!(!w.fits(first + 1 + (payloads.len() as u64), 7, 3, 0x0100_0001, 0, u32::MAX));
+            w.push(&mut b, p);
+        }
+        w.finish(&mut b);
+        let Some(Frame::MessageBatch(batch)) = decode(&mut b, u32::MAX).unwrap() else {
+            panic!("not a batch")
+        };
+        prop_assert_eq!(batch.len(), payloads.len());
+        prop_assert_eq!(batch.last_id(), first + payloads.len() as u64 - 1);
+        for (k, (m, p)) in batch.iter().zip(&payloads).enumerate() {
+            prop_assert_eq!(m.id, first + k as u64);
+            prop_assert_eq!((m.dst, m.src, m.msg_type), (7, 3, 0x0100_0001));
+            prop_assert_eq!(&m.payload[..], &p[..]);
+        }
+    }
+
+    #[test]
+    fn accepted_runs_name_exactly_the_ids_given(
+        ids in proptest::collection::vec(1u64..200, 1..300),
+        max_runs in 1usize..20,
+    ) {
+        let mut rest = &ids[..];
+        let mut named = Vec::new();
+        while !rest.is_empty() {
+            let mut b = BytesMut::new();
+            let took = encode_accepted_upto(&mut b, rest, max_runs);
+            prop_assert!(took >= 1);
+            let Some(Frame::Accepted(acc)) = decode(&mut b, u32::MAX).unwrap() else {
+                panic!("not ACCEPTED")
+            };
+            prop_assert!(acc.len() <= max_runs);
+            named.extend(acc.iter());
+            rest = &rest[took..];
+        }
+        prop_assert_eq!(named, ids);
+    }
+}
+
+#[test]
+fn a_consecutive_run_of_ids_is_one_twelve_byte_run() {
+    let mut b = BytesMut::new();
+    encode_accepted(&mut b, &(5..=1004).collect::<Vec<u64>>());
+    assert_eq!(b.len(), HEADER_LEN + ACCEPTED_RUN_LEN);
+    let Some(Frame::Accepted(acc)) = decode(&mut b, MAX).unwrap() else {
+        panic!()
+    };
+    assert_eq!(acc.runs().collect::<Vec<_>>(), vec![(5, 1004)]);
+}
+
+#[test]
+fn malformed_batches_and_runs_are_refused() {
+    let batch = |entries: &[u8], first: u64| {
+        let mut b = BytesMut::new();
+        put_header(
+            &mut b,
+            FrameType::MESSAGE_BATCH,
+            MESSAGE_FIXED_LEN + entries.len(),
+        );
+        b.put_u64(first);
+        b.put_u64(7);
+        b.put_u64(3);
+        b.put_u32(0x0100_0001);
+        b.put_slice(entries);
+        decode(&mut b, MAX)
+    };
+    let refused = |r: Result<Option<Frame>, FrameError>, why: &str| match r {
+        Err(FrameError::Malformed { what, .. }) => assert!(what.contains(why), "{what}"),
+        other => panic!("{why}: {other:?}"),
+    };
+    refused(batch(&[], 1), "at least one");
+    refused(batch(&[3, b'a', b'b'], 1), "longer than the rest");
+    // 1 written in two bytes: not minimal, so it would not re-encode to itself.
+    refused(batch(&[0x81, 0x00, b'a'], 1), "minimal");
+    refused(batch(&[0x80], 1), "minimal");
+    // Over u32.
+    refused(batch(&[0xFF, 0xFF, 0xFF, 0xFF, 0x7F], 1), "minimal");
+    refused(batch(&[0, 0], u64::MAX), "2^64");
+    assert!(matches!(
+        batch(&[0], u64::MAX),
+        Ok(Some(Frame::MessageBatch(_)))
+    ));
+    assert!(
+        batch(&[0x80, 0x01], 1).is_err(),
+        "128 bytes promised, none there"
+    );
+    let mut b = BytesMut::new();
+    put_header(&mut b, FrameType::ACCEPTED, ACCEPTED_RUN_LEN);
+    b.put_u64(u64::MAX - 1);
+    b.put_u32(2);
+    refused(decode(&mut b, MAX), "2^64");
+}
+
+#[test]
+fn batch_payloads_are_zero_copy_slices() {
+    let mut buf = BytesMut::new();
+    let mut w = BatchWriter::start(&mut buf, 1, 2, 3, 4, &[9; 64]);
+    w.push(&mut buf, &[8; 300]);
+    w.finish(&mut buf);
+    let base = buf.as_ptr() as usize;
+    let Some(Frame::MessageBatch(b)) = decode(&mut buf, MAX).unwrap() else {
+        panic!()
+    };
+    let at: Vec<usize> = b
+        .iter()
+        .map(|m| m.payload.as_ptr() as usize - base)
+        .collect();
+    assert_eq!(
+        at,
+        vec![
+            HEADER_LEN + MESSAGE_FIXED_LEN + 1,
+            HEADER_LEN + MESSAGE_FIXED_LEN + 1 + 64 + 2
+        ]
+    );
+}
+
+#[test]
+fn the_batch_and_runs_in_docs_wire_protocol_are_byte_exact() {
+    let mut b = BytesMut::new();
+    let mut w = BatchWriter::start(&mut b, 41, 2, 1, 0x0100_0001, b"hi");
+    w.push(&mut b, &[0; 200]);
+    w.finish(&mut b);
+    let mut expected = vec![0, 0, 0, 0xe9, 0x14, 0];
+    expected.extend([0, 0, 0, 0, 0, 0, 0, 0x29]);
+    expected.extend([0, 0, 0, 0, 0, 0, 0, 2]);
+    expected.extend([0, 0, 0, 0, 0, 0, 0, 1]);
+    expected.extend([1, 0, 0, 1]);
+    expected.extend([2, b'h', b'i']);
+    expected.extend([0xc8, 0x01]);
+    expected.extend([0; 200]);
+    assert_eq!(&b[..], &expected[..]);
+    let mut a = BytesMut::new();
+    encode_accepted(&mut a, &[41, 42, 50]);
+    let mut expected = vec![0, 0, 0, 0x18, 0x11, 0];
+    expected.extend([0, 0, 0, 0, 0, 0, 0, 0x29, 0, 0, 0, 1]);
+    expected.extend([0, 0, 0, 0, 0, 0, 0, 0x32, 0, 0, 0, 0]);
+    assert_eq!(&a[..], &expected[..]);
 }

@@ -13,7 +13,7 @@ use bytes::{Bytes, BytesMut};
 use super::*;
 use crate::a1_callis::frame::{self, Frame, FrameType};
 use crate::a1_callis::reply_budget::ReplyBudget;
-use crate::testing::pair::{A, B, Side, Verdict, frame_types, record};
+use crate::testing::pair::{A, B, Side, Verdict, frame_types, message_ids, record};
 const APP: u32 = A3_MESSAGE_TYPE_BASE + 1;
 const SERVICE: u32 = 0x0001_0000;
 
@@ -122,15 +122,7 @@ fn t26_replay_after_a_cut_keeps_order_deadlines_and_exactly_once() {
     p.connect();
     // a replays all ten in their original order; b suppresses the duplicates and re-sends
     // the five answers it had.
-    let replayed: Vec<u64> = p
-        .a_wire
-        .iter()
-        .filter_map(|f| match f {
-            Frame::Message(m) => Some(m.id),
-            _ => None,
-        })
-        .collect();
-    assert_eq!(replayed, ids);
+    assert_eq!(message_ids(&p.a_wire), ids);
     assert_eq!(p.delivered_ids(), ids, "nothing delivered twice");
     assert_eq!(p.b.stats().duplicates_suppressed, 10);
     assert_eq!(p.finished().len(), 5);
@@ -165,14 +157,24 @@ fn a_message_frame_lost_alone_is_replayed_on_the_next_callis_and_nothing_is_deli
     let mut p = Pair::new(SessionConfig::default());
     p.connect();
     p.b_auto = Some(Answer::Accepted);
+    // To three tabernas, so three frames (a batch is one destination's).
     let ids: Vec<u64> = (0..3)
-        .map(|_| p.send(APP, b"m", Duration::from_secs(5)))
+        .map(|dst| {
+            p.a.send(Outgoing {
+                dst,
+                src: 3,
+                msg_type: APP,
+                payload: Bytes::from_static(b"m"),
+                deadline: p.now + Duration::from_secs(5),
+            })
+            .expect("send")
+        })
         .collect();
-    // The callis loses the second MESSAGE frame and nothing else (the frames around it go
-    // in the same write).
+    // The callis loses the second frame and nothing else (the frames around it go in the
+    // same write).
     let lost = ids[1];
     p.filter = Some(Box::new(move |from, f| match f {
-        Frame::Message(m) if from == Side::A && m.id == lost => Verdict::Drop,
+        Frame::MessageBatch(b) if from == Side::A && b.first_id == lost => Verdict::Drop,
         _ => Verdict::Pass,
     }));
     p.pump();
@@ -355,12 +357,8 @@ fn t20_control_and_answers_go_before_a2_before_a3() {
     record(&mut wire, &out);
     assert_eq!(
         frame_types(&wire),
-        vec![
-            FrameType::ACCEPTED,
-            FrameType::MESSAGE,
-            FrameType::MESSAGE,
-            FrameType::MESSAGE
-        ]
+        vec![FrameType::ACCEPTED, FrameType::MESSAGE_BATCH],
+        "b's three messages to one taberna go as one batch"
     );
 }
 
@@ -447,7 +445,7 @@ fn a_hello_that_lies_about_identity_or_version_closes() {
     p.pump();
     assert_eq!(closed_with(&p.a_events), Some(ErrorId::ProtocolViolation));
 
-    let mut s = Session::new(SessionConfig::default(), A.into(), 1);
+    let mut s: Session = Session::new(SessionConfig::default(), A.into(), 1);
     s.connected(Instant::now(), B);
     let mut buf = BytesMut::new();
     frame::encode_hello(

@@ -187,9 +187,10 @@ pub enum SendEnd {
     Failed(Error),
 }
 
-/// What the session tells its driver.
+/// What the session tells its driver. `T` is the token each send carried (see
+/// [`Session`]).
 #[derive(Debug, Clone, PartialEq)]
-pub enum Event {
+pub enum Event<T = ()> {
     /// HELLO exchanged; the callis is open. `restarted` when the peer's epoch changed since
     /// the previous callis.
     Connected {
@@ -211,6 +212,8 @@ pub enum Event {
         id: u64,
         /// How it ended.
         outcome: SendEnd,
+        /// The token the send was given to [`Session::send_with_token`].
+        token: T,
     },
     /// The callis must be closed (protocol violation, idle, the peer closed it, hello
     /// timeout). Unanswered work stays retained for the next callis.
@@ -218,7 +221,9 @@ pub enum Event {
 }
 
 #[derive(Debug)]
-struct Retained {
+struct Retained<T> {
+    /// The sender's token, handed back with the outcome.
+    token: T,
     dst: u64,
     src: u64,
     msg_type: u32,
@@ -274,8 +279,13 @@ pub struct SessionStats {
 }
 
 /// The A1 session with one peer. See the module docs for the calling order.
+///
+/// `T` is what the driver needs back when one of its sends ends (the waiting sender's
+/// completion, in the runtime): plain data the session stores with the message and returns in
+/// [`Event::Finished`], never looks into. The session is the one table of messages in flight;
+/// no table above it is keyed by the same ids.
 #[derive(Debug)]
-pub struct Session {
+pub struct Session<T = ()> {
     config: SessionConfig,
     local_id: String,
     local_epoch: u64,
@@ -291,7 +301,7 @@ pub struct Session {
     next_id: u64,
     /// The floor last reported with DONE_BELOW on the current callis.
     done_below_sent: u64,
-    retained: IdQueue<Retained>,
+    retained: IdQueue<Retained<T>>,
     /// The deadline of every retained message, earliest first.
     deadlines: Deadlines,
     /// Retained messages waiting to be written on the current callis, in the order they go.
@@ -323,11 +333,11 @@ pub struct Session {
     pings_sent: u64,
     pongs: Vec<u64>,
     rtt: Option<Duration>,
-    events: VecDeque<Event>,
+    events: VecDeque<Event<T>>,
     stats: SessionStats,
 }
 
-impl Session {
+impl<T> Session<T> {
     /// A session for a domus named `local_id` running with epoch `local_epoch`.
     ///
     /// The session keeps replies for replay within a budget of its own of
@@ -547,9 +557,21 @@ impl Session {
         }
     }
 
-    /// Queues a message; returns its id. Fails at once when the payload is too large or
-    /// `max_in_flight` messages are already retained.
-    pub fn send(&mut self, msg: Outgoing) -> Result<u64, Error> {
+    /// Queues a message with the token to hand back when it ends; returns its id. Fails at
+    /// once (giving the token back) when the payload is too large or `max_in_flight` messages
+    /// are already retained.
+    pub fn send_with_token(&mut self, msg: Outgoing, token: T) -> Result<u64, (Error, T)> {
+        match self.admit(&msg) {
+            Ok(id) => {
+                self.retain(id, msg, token);
+                Ok(id)
+            }
+            Err(e) => Err((e, token)),
+        }
+    }
+
+    /// The id `msg` gets, or why it cannot be sent.
+    fn admit(&self, msg: &Outgoing) -> Result<u64, Error> {
         if msg.msg_type <= A1_MESSAGE_TYPE_MAX {
             return Err(Error::new(
                 ErrorId::InvalidMessageType,
@@ -585,12 +607,18 @@ impl Session {
                 "this session used up its 2^64 message ids; restart the domus for a new epoch",
             ));
         }
+        Ok(id)
+    }
+
+    /// Retains `msg` under `id` (from [`admit`](Self::admit)) and schedules it.
+    fn retain(&mut self, id: u64, msg: Outgoing, token: T) {
         self.next_id = id.saturating_add(1);
         self.schedule.push(id, class_of(msg.msg_type));
         self.deadlines.insert(msg.deadline, id);
         self.retained.push(
             id,
             Retained {
+                token,
                 dst: msg.dst,
                 src: msg.src,
                 msg_type: msg.msg_type,
@@ -600,7 +628,6 @@ impl Session {
                 ever_transmitted: false,
             },
         );
-        Ok(id)
     }
 
     /// Why message `id` failed at its deadline. Only a message the peer could have received
@@ -647,7 +674,7 @@ impl Session {
     /// current epoch) whose destination taberna `wanted` accepts, with the id it had here, so
     /// it can be sent another way (to another replica); no outcome is reported for them.
     /// What the peer may have, and what `wanted` declines, stays as it was.
-    pub fn take_unsent(&mut self, mut wanted: impl FnMut(u64) -> bool) -> Vec<(u64, Outgoing)> {
+    pub fn take_unsent(&mut self, mut wanted: impl FnMut(u64) -> bool) -> Vec<(u64, Outgoing, T)> {
         let ids: Vec<u64> = self
             .retained
             .iter()
@@ -667,6 +694,7 @@ impl Session {
                         payload: r.payload,
                         deadline: r.deadline,
                     },
+                    r.token,
                 ));
             }
         }
@@ -728,11 +756,20 @@ impl Session {
         self.schedule.clear();
     }
 
-    /// Gives up on a send (its caller went away). Nothing is reported for it.
-    pub fn cancel(&mut self, id: u64) {
-        if let Some(r) = self.retained.remove(id) {
-            self.forget_deadline(r.deadline, id);
-        }
+    /// Gives up on a send (its caller went away): nothing is reported for it, and its token
+    /// is handed back.
+    pub fn cancel(&mut self, id: u64) -> Option<T> {
+        let r = self.retained.remove(id)?;
+        self.forget_deadline(r.deadline, id);
+        Some(r.token)
+    }
+
+    /// The token of the oldest message retained.
+    pub fn oldest_token(&self) -> Option<&T> {
+        self.retained
+            .first_id()
+            .and_then(|id| self.retained.get(id))
+            .map(|r| &r.token)
     }
 
     /// Drops the deadline of a message that finished (removed from `retained` already).
@@ -831,18 +868,27 @@ impl Session {
             self.events.push_back(Event::Finished {
                 id,
                 outcome: SendEnd::Failed(error),
+                token: r.token,
             });
         }
     }
 
     /// The next event, if any.
-    pub fn poll_event(&mut self) -> Option<Event> {
+    pub fn poll_event(&mut self) -> Option<Event<T>> {
         self.events.pop_front()
     }
 
     /// Whether the driver should close the socket once the pending bytes are written.
     pub fn is_closing(&self) -> bool {
         self.link == Link::Closing
+    }
+}
+
+impl Session<()> {
+    /// Queues a message that needs no token; returns its id. Fails at once when the
+    /// payload is too large or `max_in_flight` messages are already retained.
+    pub fn send(&mut self, msg: Outgoing) -> Result<u64, Error> {
+        self.send_with_token(msg, ()).map_err(|(e, ())| e)
     }
 }
 
@@ -861,3 +907,7 @@ mod pair_tests;
 #[cfg(test)]
 #[path = "untrusted_peer_tests.rs"]
 mod untrusted_peer_tests;
+
+#[cfg(test)]
+#[path = "batch_tests.rs"]
+mod batch_tests;

@@ -1,6 +1,6 @@
 //! [`IdQueue`]: values keyed by message ids that are handed out in increasing order and
-//! removed in any order — the shape of every in-flight table in A1 (messages retained by the
-//! session, senders waiting in the driver).
+//! removed in any order — the shape of the session's one in-flight table (each message with
+//! its sender's token).
 //!
 //! Invariants: `slots[i]` holds the value for id `base + i`; the front slot is always occupied
 //! (empty front slots are trimmed at once), so the oldest id is `base` and lookups are O(1).
@@ -127,16 +127,6 @@ impl<T> IdQueue<T> {
             .zip(0u64..)
             .filter_map(move |(slot, i)| slot.as_mut().map(|v| (base.wrapping_add(i), v)))
     }
-
-    /// Removes everything, returning the values oldest first.
-    pub(crate) fn drain(&mut self) -> impl Iterator<Item = (u64, T)> {
-        let base = self.base;
-        self.len = 0;
-        std::mem::take(&mut self.slots)
-            .into_iter()
-            .zip(0u64..)
-            .filter_map(move |(slot, i)| slot.map(|v| (base.wrapping_add(i), v)))
-    }
 }
 
 #[cfg(test)]
@@ -163,9 +153,12 @@ mod tests {
         assert_eq!(q.get(20), Some(&40));
         assert_eq!(q.get(17), None);
         assert_eq!(
-            q.drain().map(|(id, _)| id).collect::<Vec<_>>(),
+            q.iter().map(|(id, _)| id).collect::<Vec<_>>(),
             vec![13, 14, 20]
         );
+        for id in [13, 14, 20] {
+            q.remove(id);
+        }
         assert!(q.is_empty() && q.first_id().is_none());
         assert!(q.push(3, 6), "an empty queue restarts at any id");
     }

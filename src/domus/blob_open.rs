@@ -185,6 +185,7 @@ impl DomusInner {
             tx: Some(peer.blob_tx.clone()),
             stream,
         };
+        let msg = crate::runtime::peer::QueuedSend::from(msg);
         let permit = self
             .room_for(peer, peer_id, &msg, Wait::UntilDeadline, deadline)
             .await?;

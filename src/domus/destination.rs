@@ -30,7 +30,7 @@ use super::{
 use crate::a0_transport::DomusId;
 use crate::error::Error;
 use crate::runtime::completion::{Completion, CompletionRing};
-use crate::runtime::peer::Outgoing;
+use crate::runtime::peer::{Deadline, QueuedSend};
 use crate::taberna::{MessageType, TabernaId};
 
 /// Where a destination's sends go, as last resolved.
@@ -120,7 +120,7 @@ impl RouteCache {
         done: impl FnOnce() -> (Completion, R),
     ) -> Result<R, Error> {
         let checked = inner.check_send(self.taberna, msg_type, &payload, &options)?;
-        let msg = checked.outgoing(self.taberna, msg_type, payload);
+        let mut msg = checked.outgoing(self.taberna, msg_type, payload);
         let cached = self.cache.load();
         let waits_for_room = match cached.as_deref().filter(|r| self.fresh(inner, r)) {
             Some(Resolved {
@@ -147,8 +147,11 @@ impl RouteCache {
         ) = (waits_for_room, resolved.as_deref())
         {
             // Only the wait is boxed (a waiting send costs that allocation and no more), and
-            // the route is held by one reference count.
-            let permit = Box::pin(inner.room_for(peer, id, &msg, wait, checked.deadline)).await?;
+            // the route is held by one reference count. The wait counts against the send's
+            // deadline, which it keeps.
+            let deadline = checked.deadline();
+            msg.deadline = Deadline::At(deadline.into_std());
+            let permit = Box::pin(inner.room_for(peer, id, &msg, wait, deadline)).await?;
             return inner.hand_over(peer, msg, permit).map(R::from);
         }
         drop(resolved);
@@ -163,12 +166,15 @@ impl RouteCache {
         &self,
         inner: &Arc<DomusInner>,
         checked: CheckedSend,
-        msg: Outgoing,
+        mut msg: QueuedSend,
         wait: Wait,
     ) -> Result<Receipt, Error> {
+        // Resolving and waiting count against the send's deadline, which it keeps.
+        let deadline = checked.deadline();
+        msg.deadline = Deadline::At(deadline.into_std());
         let resolved = match self.fresh_cached(inner) {
             Some(resolved) => resolved,
-            None => self.resolve(inner, checked.deadline).await?,
+            None => self.resolve(inner, deadline).await?,
         };
         match &resolved.target {
             Target::Local => Ok(inner.send_local(
@@ -180,9 +186,7 @@ impl RouteCache {
                 None,
             )),
             Target::Remote { id, peer } => {
-                let permit = inner
-                    .room_for(peer, id, &msg, wait, checked.deadline)
-                    .await?;
+                let permit = inner.room_for(peer, id, &msg, wait, deadline).await?;
                 inner.hand_over(peer, msg, permit)
             }
         }

@@ -14,7 +14,7 @@ use crate::reporting::{Counter, Event};
 use crate::runtime::budget::{InFlight, InFlightBudget};
 use crate::runtime::completion::Completion;
 use crate::runtime::domus_closed;
-use crate::runtime::peer::{Outgoing, SendCmd, record_failure};
+use crate::runtime::peer::{Deadline, QueuedSend, SendCmd, record_failure};
 use crate::taberna::RESERVED_TABERNA_BASE;
 use crate::taberna::{MessageClass, MessageType, TabernaId};
 use bytes::Bytes;
@@ -46,6 +46,14 @@ impl SendOptions {
         &self,
         default: Duration,
     ) -> Result<(Duration, tokio::time::Instant), Error> {
+        let timeout = self.checked_timeout(default)?;
+        let now = tokio::time::Instant::now();
+        Ok((timeout, now.checked_add(timeout).unwrap_or(now)))
+    }
+
+    /// The send's timeout: this option's, else `default`; outside 1 ms..=1 h it is refused
+    /// with `InvalidConfig`.
+    fn checked_timeout(&self, default: Duration) -> Result<Duration, Error> {
         let timeout = self.timeout.unwrap_or(default);
         if !(MIN_SEND_TIMEOUT..=MAX_SEND_TIMEOUT).contains(&timeout) {
             return Err(Error::invalid_config(
@@ -53,8 +61,7 @@ impl SendOptions {
                 format!("{timeout:?} is outside {MIN_SEND_TIMEOUT:?}..={MAX_SEND_TIMEOUT:?}"),
             ));
         }
-        let now = tokio::time::Instant::now();
-        Ok((timeout, now.checked_add(timeout).unwrap_or(now)))
+        Ok(timeout)
     }
 
     /// Sets the timeout (1 ms to 1 h; others are refused when the send starts).
@@ -92,28 +99,36 @@ pub(super) fn move_send(peer: &PeerRef, send: SendCmd) -> Result<(), SendCmd> {
     }
 }
 
-/// What [`DomusInner::check_send`] found: when the send ends and where it comes from.
+/// What [`DomusInner::check_send`] found: how long the send may take and where it comes
+/// from. No clock was read: a send that goes straight to its driver is given its deadline
+/// there; one that must wait first takes [`deadline`](Self::deadline) when it starts to.
 pub(super) struct CheckedSend {
     pub(super) timeout: Duration,
-    pub(super) deadline: tokio::time::Instant,
     pub(super) source: TabernaId,
 }
 
 impl CheckedSend {
-    /// The message for the peer's session.
+    /// The message for the peer's driver, which stamps its deadline.
     pub(super) fn outgoing(
         &self,
         taberna: TabernaId,
         msg_type: MessageType,
         payload: Bytes,
-    ) -> Outgoing {
-        Outgoing {
+    ) -> QueuedSend {
+        QueuedSend {
             dst: taberna.0,
             src: self.source.0,
             msg_type: msg_type.0,
             payload,
-            deadline: self.deadline.into_std(),
+            deadline: Deadline::After(self.timeout),
         }
+    }
+
+    /// The send's deadline, from now: for a send that must wait (for a route, for room)
+    /// before it reaches its driver, which then keeps it (the wait counts).
+    pub(super) fn deadline(&self) -> tokio::time::Instant {
+        let now = tokio::time::Instant::now();
+        now.checked_add(self.timeout).unwrap_or(now)
     }
 }
 
@@ -203,10 +218,9 @@ impl DomusInner {
                 ),
             ));
         }
-        let (timeout, deadline) = options.deadline(config.send_timeout)?;
+        let timeout = options.checked_timeout(config.send_timeout)?;
         Ok(CheckedSend {
             timeout,
-            deadline,
             source: options.source.unwrap_or(TabernaId(0)),
         })
     }
@@ -217,7 +231,7 @@ impl DomusInner {
         &self,
         peer: &PeerRef,
         peer_id: &DomusId,
-        msg: &Outgoing,
+        msg: &QueuedSend,
         wait: Wait,
         deadline: tokio::time::Instant,
     ) -> Result<InFlight, Error> {
@@ -238,7 +252,7 @@ impl DomusInner {
     pub(super) fn hand_over(
         self: &Arc<Self>,
         peer: &PeerRef,
-        msg: Outgoing,
+        msg: QueuedSend,
         permit: InFlight,
     ) -> Result<Receipt, Error> {
         let (done, rx) = Completion::oneshot();
@@ -252,7 +266,7 @@ impl DomusInner {
     pub(super) fn hand_over_to(
         self: &Arc<Self>,
         peer: &PeerRef,
-        msg: Outgoing,
+        msg: QueuedSend,
         permit: InFlight,
         done: Completion,
     ) -> Result<(), Error> {

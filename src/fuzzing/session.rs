@@ -7,11 +7,11 @@
 use std::collections::{BTreeSet, HashSet, VecDeque};
 use std::time::Duration;
 
-use bytes::{Bytes, BytesMut};
+use bytes::{BufMut, Bytes, BytesMut};
 
 use super::Script;
 use crate::a1_callis::codes::WireCode;
-use crate::a1_callis::frame::{self, Frame, FrameType, Hello, PROTOCOL_VERSION};
+use crate::a1_callis::frame::{self, Frame, FrameType, Hello, MessageFrame, PROTOCOL_VERSION};
 use crate::a1_callis::session::{A3_MESSAGE_TYPE_BASE, Answer, Event, Outgoing, SessionConfig};
 use crate::testing::pair::{A, B, SessionPair};
 
@@ -270,7 +270,8 @@ impl<'a> Harness<'a> {
         }
     }
 
-    /// A well-formed MESSAGE from the peer with small ids, some of them invalid.
+    /// A well-formed MESSAGE, or MESSAGE_BATCH of up to four, from the peer with small ids,
+    /// some of them invalid.
     fn feed_message(&mut self) {
         let id = u64::from(self.script.byte() % 48);
         let b = self.script.byte();
@@ -280,9 +281,21 @@ impl<'a> Harness<'a> {
             _ => A3_MESSAGE_TYPE_BASE | u32::from(b),
         };
         let len = usize::from(self.script.byte() % 64);
+        let batch = self.script.byte() % 8;
         let payload = self.script.take(len);
         let mut buf = BytesMut::new();
-        frame::encode_message(&mut buf, id, u64::from(b / 4), 3, msg_type, payload);
+        if batch < 4 {
+            frame::encode_message(&mut buf, id, u64::from(b / 4), 3, msg_type, payload);
+        } else {
+            let payload = payload.to_vec();
+            let mut w =
+                frame::BatchWriter::start(&mut buf, id, u64::from(b / 4), 3, msg_type, &payload);
+            for k in 1..batch - 3 {
+                let more = self.script.take(usize::from(k) * 3);
+                w.push(&mut buf, more);
+            }
+            w.finish(&mut buf);
+        }
         self.feed(&buf);
     }
 
@@ -292,14 +305,23 @@ impl<'a> Harness<'a> {
         let span = self.last_sent.saturating_add(2);
         let id = u64::from(self.script.byte()) % span;
         let mut buf = BytesMut::new();
-        match b % 3 {
+        match b % 4 {
             0 => {
                 let more = u64::from(b / 3 % 3);
                 let ids: Vec<u64> = (0..=more).map(|k| id.saturating_add(k) % span).collect();
                 frame::encode_accepted(&mut buf, &ids);
             }
             1 => frame::encode_reply(&mut buf, id, &[b; 5]),
-            _ => frame::encode_reject(&mut buf, id, WireCode(u32::from(b)), 7, "no"),
+            2 => frame::encode_reject(&mut buf, id, WireCode(u32::from(b)), 7, "no"),
+            _ => {
+                // One run, as long as a peer likes (up to 2^32 ids).
+                let more = u32::from(self.script.byte()) << (b / 4 % 4 * 8);
+                buf.put_u32(frame::ACCEPTED_RUN_LEN as u32);
+                buf.put_u8(FrameType::ACCEPTED.0);
+                buf.put_u8(0);
+                buf.put_u64(id);
+                buf.put_u32(more);
+            }
         }
         self.feed(&buf);
     }
@@ -461,18 +483,12 @@ impl<'a> Harness<'a> {
         }
         match f {
             Frame::Hello(h) => panic!("a HELLO not right after connected: {h:?}"),
-            Frame::Message(m) => {
-                assert!(
-                    self.outstanding.contains(&m.id),
-                    "MESSAGE {} is not retained",
-                    m.id
-                );
-                assert!(
-                    m.payload.len() <= max_payload,
-                    "MESSAGE {} carries {} payload bytes, but the peer accepts at most {max_payload}",
-                    m.id,
-                    m.payload.len()
-                );
+            Frame::Message(m) => self.check_message(&m, max_payload),
+            Frame::MessageBatch(batch) => {
+                assert!(!batch.is_empty(), "an empty batch");
+                for m in batch.iter() {
+                    self.check_message(&m, max_payload);
+                }
             }
             Frame::Accepted(ids) => {
                 for id in ids.iter() {
@@ -490,6 +506,20 @@ impl<'a> Harness<'a> {
             Frame::Blob(b) => panic!("the primary session wrote a blob frame {b:?}"),
             Frame::Ping(_) | Frame::Pong(_) | Frame::Close { .. } => {}
         }
+    }
+
+    fn check_message(&self, m: &MessageFrame, max_payload: usize) {
+        assert!(
+            self.outstanding.contains(&m.id),
+            "MESSAGE {} is not retained",
+            m.id
+        );
+        assert!(
+            m.payload.len() <= max_payload,
+            "MESSAGE {} carries {} payload bytes, but the peer accepts at most {max_payload}",
+            m.id,
+            m.payload.len()
+        );
     }
 
     fn check_answered(&self, id: u64) {

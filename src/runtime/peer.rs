@@ -35,7 +35,6 @@ use crate::a0_transport::{DomusAddr, DomusId, PeerIdentity};
 use crate::a1_callis::link::{Backoff, CallisAge};
 pub(crate) use crate::a1_callis::session::Outgoing;
 use crate::a1_callis::session::{Session, SessionConfig};
-use crate::a1_callis::window::IdQueue;
 use crate::error::{Error, ErrorId};
 use crate::reporting::{Counter, PeerCells, Recorder, TurnCounts};
 
@@ -44,11 +43,13 @@ mod lifecycle;
 mod links;
 
 pub(crate) use links::{
-    DriverContext, DriverHost, PeerCommand, PeerLinks, QueuedAnswer, Reachability, Retirement,
-    SendCmd,
+    Deadline, DriverContext, DriverHost, PeerCommand, PeerLinks, QueuedAnswer, QueuedSend,
+    Reachability, Retirement, SendCmd,
 };
 
-struct PendingSend {
+/// What the session keeps with each of our sends, handed back when it ends: the session is
+/// the one table of messages in flight.
+pub(crate) struct PendingSend {
     done: Completion,
     _permit: InFlight,
     dst: u64,
@@ -76,8 +77,7 @@ pub(crate) struct PeerDriver {
     send_buf: Vec<SendCmd>,
     answers: Arc<WakeQueue<QueuedAnswer>>,
     answer_buf: Vec<QueuedAnswer>,
-    session: Session,
-    pending: IdQueue<PendingSend>,
+    session: Session<PendingSend>,
     /// The current callis, once authenticated.
     callis: Option<CallisIo>,
     peer_identity: Option<Arc<PeerIdentity>>,
@@ -175,7 +175,6 @@ impl PeerDriver {
             answers: Arc::new(WakeQueue::default()),
             answer_buf: Vec::new(),
             session,
-            pending: IdQueue::default(),
             callis: None,
             peer_identity: None,
             dialer,
@@ -225,22 +224,15 @@ impl PeerDriver {
             done.complete(Err(self.shut_down_error()));
             return;
         }
-        let dst = msg.dst;
-        match self.session.send(msg) {
-            Ok(id) => {
-                self.counts.sent();
-                // Session ids only grow, so this cannot be refused.
-                self.pending.push(
-                    id,
-                    PendingSend {
-                        done,
-                        _permit: permit,
-                        dst,
-                        started_us: self.now_us,
-                    },
-                );
-            }
-            Err(e) => done.complete(Err(e)),
+        let pending = PendingSend {
+            done,
+            _permit: permit,
+            dst: msg.dst,
+            started_us: self.now_us,
+        };
+        match self.session.send_with_token(msg.stamp(self.now), pending) {
+            Ok(_) => self.counts.sent(),
+            Err((e, pending)) => pending.done.complete(Err(e)),
         }
     }
 
@@ -354,18 +346,14 @@ impl PeerDriver {
         self.unread_refusals_reported = refused;
         let c = &self.cells;
         c.in_flight
-            .store(self.pending.len() as u64, Ordering::Relaxed);
+            .store(self.session.in_flight() as u64, Ordering::Relaxed);
         c.queue_depth
             .store(self.session.queued() as u64, Ordering::Relaxed);
         let rtt = self.session.rtt().map_or(0, |d| {
             u64::try_from(d.as_micros()).unwrap_or(u64::MAX).max(1)
         });
         c.rtt_us.store(rtt, Ordering::Relaxed);
-        let oldest = self
-            .pending
-            .first_id()
-            .and_then(|id| self.pending.get(id))
-            .map_or(0, |p| p.started_us);
+        let oldest = self.session.oldest_token().map_or(0, |p| p.started_us);
         c.oldest_pending_at_us.store(oldest, Ordering::Relaxed);
     }
 
@@ -378,15 +366,12 @@ impl PeerDriver {
         drop(self.answers.close());
         self.session.fail_all(domus_closed());
         self.dispatch_events();
-        for (_, p) in self.pending.drain() {
-            p.done.complete(Err(domus_closed()));
-        }
     }
 }
 
 /// Read bytes go into the session, which decodes and handles them after every read; reading
 /// stops for the turn once the session decided to close.
-struct SessionInput<'a>(&'a mut Session, std::time::Instant);
+struct SessionInput<'a>(&'a mut Session<PendingSend>, std::time::Instant);
 
 impl ReadSink for SessionInput<'_> {
     fn buf(&mut self) -> &mut BytesMut {

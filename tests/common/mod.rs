@@ -250,6 +250,20 @@ impl RawPeer {
 
     /// Reads frames until `pred` matches one; `None` when the callis ends or nothing comes
     /// for 10 s.
+    /// The messages of the next MESSAGE or MESSAGE_BATCH frame (other frames are skipped).
+    #[allow(dead_code)]
+    pub async fn read_messages(&mut self) -> Option<Vec<vicus::a1_callis::frame::MessageFrame>> {
+        use vicus::a1_callis::frame::Frame;
+        match self
+            .read_until(|f| matches!(f, Frame::Message(_) | Frame::MessageBatch(_)))
+            .await?
+        {
+            Frame::Message(m) => Some(vec![m]),
+            Frame::MessageBatch(batch) => Some(batch.iter().collect()),
+            _ => None,
+        }
+    }
+
     pub async fn read_until(
         &mut self,
         mut pred: impl FnMut(&vicus::a1_callis::frame::Frame) -> bool,

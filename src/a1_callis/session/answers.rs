@@ -25,7 +25,7 @@ impl AnswerQueue {
     #[inline]
     pub(super) fn push(&mut self, id: u64, answer: Answer) {
         if let Answer::Accepted = answer {
-            self.bytes = self.bytes.saturating_add(8);
+            self.bytes = self.bytes.saturating_add(frame::ACCEPTED_RUN_LEN);
             self.accepted.push(id);
             return;
         }
@@ -43,14 +43,17 @@ impl AnswerQueue {
     pub(super) fn written_accepted(&mut self, n: usize) {
         let n = n.min(self.accepted.len());
         self.accepted.drain(..n);
-        self.bytes = self.bytes.saturating_sub(n.saturating_mul(8));
+        self.bytes = self
+            .bytes
+            .saturating_sub(n.saturating_mul(frame::ACCEPTED_RUN_LEN));
     }
 }
 
-/// About what `answer` takes on the wire (an accepted id: its 8 bytes in a shared frame).
+/// At most what `answer` takes on the wire (an accepted id: a run of its own, 12 bytes, in a
+/// shared frame; consecutive ids share a run).
 pub(super) fn answer_wire_len(answer: &Answer) -> usize {
     match answer {
-        Answer::Accepted => 8,
+        Answer::Accepted => frame::ACCEPTED_RUN_LEN,
         Answer::Replied(payload) => (frame::HEADER_LEN + 8).saturating_add(payload.len()),
         Answer::Rejected { reason, .. } => (frame::HEADER_LEN + frame::REJECT_FIXED_LEN)
             .saturating_add(reason.len().min(frame::MAX_REASON_LEN)),

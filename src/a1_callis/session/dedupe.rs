@@ -113,7 +113,10 @@ impl DedupeRing {
         let Ok(i) = usize::try_from(id.saturating_sub(self.base)) else {
             return Seen::OutsideWindow;
         };
-        if i >= self.slots.len() {
+        // Ids mostly come one after another: one more slot at the back.
+        if i == self.slots.len() {
+            self.slots.push_back(None);
+        } else if i > self.slots.len() {
             self.slots.resize(i.saturating_add(1), None);
         }
         let Some(slot) = self.slots.get_mut(i) else {

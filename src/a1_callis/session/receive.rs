@@ -4,7 +4,7 @@
 
 use super::*;
 
-impl Session {
+impl<T> Session<T> {
     /// Decodes and handles every complete frame in the receive buffer.
     pub fn handle_input(&mut self, now: Instant) {
         self.last_now = Some(now);
@@ -71,6 +71,8 @@ impl Session {
     pub(super) fn within_frame_budget(&mut self, now: Instant, f: &Frame) -> bool {
         let cost: u64 = match f {
             Frame::Ping(_) | Frame::Pong(_) | Frame::Skipped(_) => 2,
+            // A batch costs what its messages would cost one frame each.
+            Frame::MessageBatch(batch) => batch.len() as u64,
             _ => 1,
         };
         let budget = u64::from(self.config.max_frames_per_second);
@@ -113,9 +115,20 @@ impl Session {
             }
             Frame::Close { code, reason } => self.peer_closed(code, &reason),
             Frame::Message(m) => self.handle_message(m),
+            Frame::MessageBatch(batch) => {
+                for m in batch.iter() {
+                    if self.link != Link::Open {
+                        break;
+                    }
+                    self.handle_message(m);
+                }
+            }
             Frame::Accepted(ids) => {
-                for id in ids.iter() {
-                    self.finish_from_peer(id, Answer::Accepted);
+                for (first, last) in ids.runs() {
+                    if self.link != Link::Open {
+                        break;
+                    }
+                    self.accepted_run(first, last);
                 }
             }
             Frame::Reply { id, payload } => self.finish_from_peer(id, Answer::Replied(payload)),
@@ -261,6 +274,30 @@ impl Session {
         self.ring.reset();
     }
 
+    /// The peer accepted ids `first..=last`. Only the ids this side still holds are walked,
+    /// so a run that names billions costs what is in flight, not what it names.
+    pub(super) fn accepted_run(&mut self, first: u64, last: u64) {
+        if last >= self.next_id || first == 0 {
+            self.violation(&format_args!(
+                "an acceptance of messages {first}..={last}, past the last one sent"
+            ));
+            return;
+        }
+        let Some(oldest) = self.retained.first_id() else {
+            return;
+        };
+        for id in first.max(oldest)..=last {
+            if let Some(r) = self.retained.remove(id) {
+                self.forget_deadline(r.deadline, id);
+                self.events.push_back(Event::Finished {
+                    id,
+                    outcome: SendEnd::Answered(Answer::Accepted),
+                    token: r.token,
+                });
+            }
+        }
+    }
+
     pub(super) fn finish_from_peer(&mut self, id: u64, answer: Answer) {
         if id >= self.next_id || id == 0 {
             self.violation(&format_args!(
@@ -281,6 +318,7 @@ impl Session {
             self.events.push_back(Event::Finished {
                 id,
                 outcome: SendEnd::Answered(answer),
+                token: r.token,
             });
         }
     }

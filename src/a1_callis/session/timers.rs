@@ -4,7 +4,7 @@
 
 use super::*;
 
-impl Session {
+impl<T> Session<T> {
     /// The driver's report after each write attempt on the current callis: whether bytes
     /// moved, and whether bytes still wait to be written. Writes that make no progress for
     /// `idle_timeout` close the callis at once (T33: the peer stopped reading; a CLOSE could

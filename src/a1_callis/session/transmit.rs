@@ -1,10 +1,11 @@
 //! The session's sending side: what one `poll_transmit` writes, in priority order — control,
-//! answers (bounded per fill, cut to the peer's frame limit), then messages by the schedule
-//! and within the peer's window. Pure: it only appends bytes to the buffer it is given.
+//! answers (bounded per fill, cut to the peer's frame limit; acceptances as runs of ids),
+//! then messages by the schedule and within the peer's window, consecutive ones to the same
+//! taberna in one MESSAGE_BATCH. Pure: it only appends bytes to the buffer it is given.
 
 use super::*;
 
-impl Session {
+impl<T> Session<T> {
     /// Appends frames to `out` in priority order — control (HELLO, CLOSE, PONG, PING), then
     /// answers, then A2 messages, then A3 — until about `transmit_batch_bytes`. Returns
     /// whether anything was written.
@@ -63,20 +64,22 @@ impl Session {
         out.len() > start
     }
 
-    /// ACCEPTED ids (as many per frame as the peer's frame limit takes, at most 8192), then
+    /// ACCEPTED runs (as many per frame as the peer's frame limit takes, at most 8192), then
     /// REPLY and REJECT frames, until `out` reaches `limit` (at least one frame goes out).
     /// Every frame fits the limit the peer announced (T32): a reply that would not is turned
     /// into a rejection that says so, and rejection reasons are cut to fit.
     pub(super) fn write_answers(&mut self, out: &mut BytesMut, limit: usize) {
         let frame_max = self.peer_max_frame_len as usize;
-        let ids_per_frame = (frame_max / 8).clamp(1, 8192);
+        let runs_per_frame = (frame_max / frame::ACCEPTED_RUN_LEN).clamp(1, 8192);
         let mut written = 0usize;
-        for chunk in self.answers.accepted.chunks(ids_per_frame) {
+        while let Some(rest) = self.answers.accepted.get(written..)
+            && !rest.is_empty()
+        {
             if out.len() >= limit && written > 0 {
                 break;
             }
-            frame::encode_accepted(out, chunk);
-            written = written.saturating_add(chunk.len());
+            written =
+                written.saturating_add(frame::encode_accepted_upto(out, rest, runs_per_frame));
         }
         self.answers.written_accepted(written);
         let reason_room = frame_max
@@ -115,18 +118,22 @@ impl Session {
         }
     }
 
-    /// MESSAGE frames, A2 before A3, never an id `peer_window` or more past the oldest
-    /// unanswered one.
+    /// MESSAGE_BATCH frames (a message that cannot join the batch before it starts a new
+    /// one), A2 before A3, never an id `peer_window` or more past the oldest unanswered one.
+    /// Every frame fits the peer's frame limit: a message alone in a batch that would not fit
+    /// goes as a MESSAGE, which does (its payload was checked against that limit).
     pub(super) fn write_messages(&mut self, out: &mut BytesMut, limit: usize) {
         let Some(oldest) = self.retained.first_id() else {
             self.schedule.clear();
             return;
         };
         let span_end = oldest.saturating_add(u64::from(self.peer_window));
+        let frame_max = self.peer_max_frame_len;
+        let mut batch: Option<frame::BatchWriter> = None;
         while out.len() < limit {
             // A2 first, A3 aged in (T20); nothing at or past the peer's window.
             let Some(id) = self.schedule.next_below(span_end) else {
-                return;
+                break;
             };
             // Ids finished or cancelled since they were queued are skipped.
             let Some(r) = self.retained.get_mut(id) else {
@@ -135,10 +142,32 @@ impl Session {
             if r.transmitted {
                 continue;
             }
-            frame::encode_message(out, id, r.dst, r.src, r.msg_type, &r.payload);
+            let len = r.payload.len();
+            match &mut batch {
+                Some(b) if b.fits(id, r.dst, r.src, r.msg_type, len, frame_max) => {
+                    b.push(out, &r.payload);
+                }
+                _ => {
+                    if let Some(done) = batch.take() {
+                        done.finish(out);
+                    }
+                    let alone =
+                        frame::MESSAGE_FIXED_LEN.saturating_add(frame::batch_entry_len(len));
+                    if alone <= frame_max as usize {
+                        batch = Some(frame::BatchWriter::start(
+                            out, id, r.dst, r.src, r.msg_type, &r.payload,
+                        ));
+                    } else {
+                        frame::encode_message(out, id, r.dst, r.src, r.msg_type, &r.payload);
+                    }
+                }
+            }
             r.transmitted = true;
             r.ever_transmitted = true;
             self.stats.messages_sent = self.stats.messages_sent.saturating_add(1);
+        }
+        if let Some(done) = batch {
+            done.finish(out);
         }
     }
 }

@@ -298,6 +298,7 @@ fn frame_name(f: &Frame) -> &'static str {
         Frame::Pong(_) => "PONG",
         Frame::Close { .. } => "CLOSE",
         Frame::Message(_) => "MESSAGE",
+        Frame::MessageBatch(_) => "MESSAGE_BATCH",
         Frame::Accepted(_) => "ACCEPTED",
         Frame::Reply { .. } => "REPLY",
         Frame::Reject(_) => "REJECT",

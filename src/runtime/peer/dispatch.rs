@@ -81,25 +81,24 @@ impl PeerDriver {
                     });
                     self.after_intake(peer_epoch, id, intake);
                 }
-                Event::Finished { id, outcome } => {
-                    if let Some(p) = self.pending.remove(id) {
-                        let answered_after = matches!(outcome, SendEnd::Answered(_))
-                            .then(|| self.now_us.saturating_sub(p.started_us));
-                        let result = self.outcome_to_result(p.dst, outcome);
-                        match &result {
-                            Ok(d) => self.counts.answered(
-                                matches!(d, Delivery::Accepted),
-                                answered_after.unwrap_or(0),
-                            ),
-                            Err(e) => {
-                                if let Some(us) = answered_after {
-                                    self.ctx.recorder.latency(Duration::from_micros(us));
-                                }
-                                record_failure(&self.ctx.recorder, e);
+                Event::Finished {
+                    outcome, token: p, ..
+                } => {
+                    let answered_after = matches!(outcome, SendEnd::Answered(_))
+                        .then(|| self.now_us.saturating_sub(p.started_us));
+                    let result = self.outcome_to_result(p.dst, outcome);
+                    match &result {
+                        Ok(d) => self
+                            .counts
+                            .answered(matches!(d, Delivery::Accepted), answered_after.unwrap_or(0)),
+                        Err(e) => {
+                            if let Some(us) = answered_after {
+                                self.ctx.recorder.latency(Duration::from_micros(us));
                             }
+                            record_failure(&self.ctx.recorder, e);
                         }
-                        self.completed.push((p.done, result));
                     }
+                    self.completed.push((p.done, result));
                 }
                 Event::Close(error) => {
                     tracing::debug!(peer = %self.peer_id, error = %error, "closing callis");
@@ -142,7 +141,7 @@ impl PeerDriver {
     ) {
         let id = message.id;
         let recorder = self.ctx.recorder.clone();
-        let refuse = |session: &mut Session, error: ErrorId, reason: &str| {
+        let refuse = |session: &mut Session<super::PendingSend>, error: ErrorId, reason: &str| {
             recorder.refused(error);
             session.answer(peer_epoch, id, Answer::refusal(error, reason));
         };

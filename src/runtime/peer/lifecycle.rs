@@ -28,7 +28,6 @@ impl PeerDriver {
         let idle = !self.shutting_down
             && self.callis.is_none()
             && self.dialer.is_idle()
-            && self.pending.is_empty()
             && self.completed.is_empty()
             && self.session.is_quiescent()
             && self.sends.is_empty()
@@ -56,12 +55,9 @@ impl PeerDriver {
                 .entry(dst)
                 .or_insert_with(|| host.can_redirect(peer, dst))
         });
-        for (id, msg) in unsent {
-            let Some(p) = self.pending.remove(id) else {
-                continue;
-            };
+        for (_, msg, p) in unsent {
             let cmd = SendCmd {
-                msg,
+                msg: msg.into(),
                 done: p.done,
                 permit: p._permit,
             };

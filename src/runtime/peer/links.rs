@@ -25,10 +25,66 @@ use crate::runtime::completion::Completion;
 use crate::runtime::ends::BlobCommand;
 use crate::runtime::queue::WakeQueue;
 
+/// When a queued message's send gives up.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Deadline {
+    /// This long after the driver takes the message: the sending task reads no clock, the
+    /// driver stamps everything it takes in one turn with the instant of that turn.
+    After(Duration),
+    /// At this instant: a send that already waited (for room, for a route), or one moved
+    /// from another driver, keeps the deadline it had.
+    At(std::time::Instant),
+}
+
+/// A message on its way to a driver: a session [`Outgoing`] whose deadline the driver
+/// stamps when it takes it.
+#[derive(Debug, Clone)]
+pub(crate) struct QueuedSend {
+    pub(crate) dst: u64,
+    pub(crate) src: u64,
+    pub(crate) msg_type: u32,
+    pub(crate) payload: bytes::Bytes,
+    pub(crate) deadline: Deadline,
+}
+
+impl QueuedSend {
+    /// The payload's size as the in-flight budget counts it.
+    pub(crate) fn size(&self) -> u32 {
+        u32::try_from(self.payload.len()).unwrap_or(u32::MAX)
+    }
+
+    /// The message for the session, its deadline stamped from `now` (the driver's turn).
+    pub(crate) fn stamp(self, now: std::time::Instant) -> Outgoing {
+        let deadline = match self.deadline {
+            Deadline::After(timeout) => now.checked_add(timeout).unwrap_or(now),
+            Deadline::At(at) => at,
+        };
+        Outgoing {
+            dst: self.dst,
+            src: self.src,
+            msg_type: self.msg_type,
+            payload: self.payload,
+            deadline,
+        }
+    }
+}
+
+impl From<Outgoing> for QueuedSend {
+    fn from(m: Outgoing) -> Self {
+        Self {
+            dst: m.dst,
+            src: m.src,
+            msg_type: m.msg_type,
+            payload: m.payload,
+            deadline: Deadline::At(m.deadline),
+        }
+    }
+}
+
 /// A message to deliver, from the send path through the peer's send queue; `done` gets the
 /// outcome; `permit` is its share of the peer's in-flight budget, returned when it finishes.
 pub(crate) struct SendCmd {
-    pub(crate) msg: Outgoing,
+    pub(crate) msg: QueuedSend,
     pub(crate) done: Completion,
     pub(crate) permit: InFlight,
 }

@@ -26,7 +26,7 @@ mod blob;
 mod session;
 
 pub use blob::{BlobPair, WireFrame};
-pub use session::{A, B, Filter, SessionPair, Verdict, frame_types, record};
+pub use session::{A, B, Filter, SessionPair, Verdict, frame_types, message_ids, record};
 
 /// One side of a pair.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -287,7 +287,7 @@ impl SessionPair {
         self.a_events
             .iter()
             .filter_map(|e| match e {
-                Event::Finished { id, outcome } => Some((*id, outcome.clone())),
+                Event::Finished { id, outcome, .. } => Some((*id, outcome.clone())),
                 _ => None,
             })
             .collect()
@@ -367,23 +367,20 @@ pub fn record(wire: &mut Vec<Frame>, bytes: &[u8]) {
     }
 }
 
-/// The type of each frame.
-pub fn frame_types(wire: &[Frame]) -> Vec<FrameType> {
+/// The id of every message on `wire`, MESSAGE and MESSAGE_BATCH alike, in wire order.
+pub fn message_ids(wire: &[Frame]) -> Vec<u64> {
     wire.iter()
-        .map(|f| match f {
-            Frame::Hello(_) => FrameType::HELLO,
-            Frame::Ping(_) => FrameType::PING,
-            Frame::Pong(_) => FrameType::PONG,
-            Frame::Close { .. } => FrameType::CLOSE,
-            Frame::Message(_) => FrameType::MESSAGE,
-            Frame::Accepted(_) => FrameType::ACCEPTED,
-            Frame::Reply { .. } => FrameType::REPLY,
-            Frame::Reject(_) => FrameType::REJECT,
-            Frame::Skipped(t) => *t,
-            Frame::Blob(_) => FrameType::BLOB_DATA,
-            Frame::DoneBelow(_) => FrameType::DONE_BELOW,
+        .flat_map(|f| match f {
+            Frame::Message(m) => vec![m.id],
+            Frame::MessageBatch(b) => b.iter().map(|m| m.id).collect(),
+            _ => Vec::new(),
         })
         .collect()
+}
+
+/// The type of each frame.
+pub fn frame_types(wire: &[Frame]) -> Vec<FrameType> {
+    wire.iter().map(Frame::frame_type).collect()
 }
 
 #[cfg(test)]
