@@ -357,11 +357,37 @@ impl MessageBatch {
     /// The messages, in id order.
     pub fn iter(&self) -> BatchIter {
         BatchIter {
+            taken: 0,
             rest: self.entries.clone(),
             next_id: self.first_id,
             dst: self.dst,
             src: self.src,
             msg_type: self.msg_type,
+        }
+    }
+
+    /// How many bytes each entry takes (its length and its payload), in id order: the
+    /// offsets [`run`](Self::run) takes, without touching the payloads.
+    pub fn entry_sizes(&self) -> impl Iterator<Item = usize> + '_ {
+        let mut rest: &[u8] = &self.entries;
+        std::iter::from_fn(move || {
+            let (len, used) = get_varint(rest)?;
+            let size = used.saturating_add(len as usize);
+            rest = rest.get(size..)?;
+            Some(size)
+        })
+    }
+
+    /// The `count` messages from `first_id` on, whose entries are the bytes `from..to` of
+    /// this batch's (offsets from [`BatchIter::offset`]): a run of it, sharing its bytes.
+    pub fn run(&self, first_id: u64, count: u32, from: usize, to: usize) -> MessageBatch {
+        MessageBatch {
+            first_id,
+            dst: self.dst,
+            src: self.src,
+            msg_type: self.msg_type,
+            count,
+            entries: self.entries.slice(from.min(to)..to.min(self.entries.len())),
         }
     }
 
@@ -399,6 +425,8 @@ impl fmt::Debug for MessageBatch {
 /// The messages of a [`MessageBatch`], from [`MessageBatch::iter`].
 #[derive(Debug)]
 pub struct BatchIter {
+    /// Entry bytes read so far.
+    taken: usize,
     rest: Bytes,
     next_id: u64,
     dst: u64,
@@ -416,6 +444,7 @@ impl Iterator for BatchIter {
             return None;
         }
         let payload = self.rest.split_to(len as usize);
+        self.taken = self.taken.saturating_add(used).saturating_add(len as usize);
         let id = self.next_id;
         self.next_id = id.saturating_add(1);
         Some(MessageFrame {
@@ -425,6 +454,13 @@ impl Iterator for BatchIter {
             msg_type: self.msg_type,
             payload,
         })
+    }
+}
+
+impl BatchIter {
+    /// How many entry bytes the messages returned so far took.
+    pub fn offset(&self) -> usize {
+        self.taken
     }
 }
 

@@ -206,6 +206,15 @@ pub enum Event<T = ()> {
         /// The message.
         message: MessageFrame,
     },
+    /// New messages with consecutive ids, all for one local taberna, from one taberna, of one
+    /// type (a run of a MESSAGE_BATCH the dedupe window let through): deliver them in one go,
+    /// then answer each with [`Session::answer`] using this epoch.
+    ArrivedRun {
+        /// The peer epoch the ids belong to.
+        peer_epoch: u64,
+        /// The messages.
+        run: frame::MessageBatch,
+    },
     /// One of our sends ended.
     Finished {
         /// The id [`Session::send`] returned.
@@ -218,6 +227,24 @@ pub enum Event<T = ()> {
     /// The callis must be closed (protocol violation, idle, the peer closed it, hello
     /// timeout). Unanswered work stays retained for the next callis.
     Close(Error),
+}
+
+impl<T> Event<T> {
+    /// The deliveries this event reports, as (peer epoch, id): one for
+    /// [`Arrived`](Event::Arrived), each of a run for [`ArrivedRun`](Event::ArrivedRun), none
+    /// for the others.
+    pub fn arrivals(&self) -> Vec<(u64, u64)> {
+        match self {
+            Event::Arrived {
+                peer_epoch,
+                message,
+            } => vec![(*peer_epoch, message.id)],
+            Event::ArrivedRun { peer_epoch, run } => (run.first_id..=run.last_id())
+                .map(|id| (*peer_epoch, id))
+                .collect(),
+            _ => Vec::new(),
+        }
+    }
 }
 
 #[derive(Debug)]

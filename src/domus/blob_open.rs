@@ -14,7 +14,7 @@ use crate::runtime::domus_closed;
 use crate::runtime::ends as blob;
 use crate::runtime::ends::BlobCommand;
 use crate::runtime::ends::{BlobReceiver, BlobSender};
-use crate::runtime::peer::SendCmd;
+use crate::runtime::peer::{Handover, SendCmd};
 use crate::taberna::{MessageClass, MessageType, TabernaId};
 use bytes::Bytes;
 use std::sync::Arc;
@@ -194,7 +194,11 @@ impl DomusInner {
         // this peer driver, after the OpenOutbound above: so when the message is taken, the
         // stream is too.
         let (done, rx) = Completion::oneshot();
-        if peer.sends.push(SendCmd { msg, done, permit }).is_err() {
+        if peer
+            .sends
+            .push(Handover::One(SendCmd { msg, done, permit }))
+            .is_err()
+        {
             return Ok(None);
         }
         Receipt {

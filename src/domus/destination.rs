@@ -29,8 +29,8 @@ use super::{
 };
 use crate::a0_transport::DomusId;
 use crate::error::Error;
-use crate::runtime::completion::{Completion, CompletionRing};
-use crate::runtime::peer::{Deadline, QueuedSend};
+use crate::runtime::completion::{Completion, CompletionRing, SingleSlot};
+use crate::runtime::peer::{Deadline, QueuedSend, SendBatch};
 use crate::taberna::{MessageType, TabernaId};
 
 /// Where a destination's sends go, as last resolved.
@@ -57,13 +57,14 @@ impl From<Receipt> for InWindow {
     }
 }
 
-/// A completion read through a [`Receipt`].
+/// A completion read through a [`Receipt`] (a pooled slot: nothing allocated on the steady
+/// path).
 fn receipt() -> (Completion, Receipt) {
-    let (done, rx) = Completion::oneshot();
+    let (done, slot) = SingleSlot::new();
     (
         done,
         Receipt {
-            kind: ReceiptKind::Remote(rx),
+            kind: ReceiptKind::Slot(slot),
         },
     )
 }
@@ -158,6 +159,53 @@ impl RouteCache {
         Box::pin(self.admit_slow(inner, checked, msg, wait))
             .await
             .map(R::from)
+    }
+
+    /// A window's batch on the fast path: every payload checked, then — when the route is a
+    /// fresh cached peer with room for all of them — the whole batch handed over at once (one
+    /// check of the route, one take of the room, one push, the outcomes to consecutive
+    /// tickets of `ring` from `first_ticket`). `Ok(false)`: nothing was sent, send them one by
+    /// one (no fresh route to a peer, no room for them all, the driver gone).
+    pub(super) fn admit_batch_now(
+        &self,
+        inner: &Arc<DomusInner>,
+        msg_type: MessageType,
+        payloads: &[Bytes],
+        options: &SendOptions,
+        (ring, first_ticket): (&Arc<CompletionRing>, u64),
+    ) -> Result<bool, Error> {
+        // The largest payload stands for all: every other check is the same for each.
+        let Some(largest) = payloads.iter().max_by_key(|p| p.len()) else {
+            return Ok(true);
+        };
+        let checked = inner.check_send(self.taberna, msg_type, largest, options)?;
+        let cached = self.cache.load();
+        let Some(Resolved {
+            target: Target::Remote { peer, .. },
+            ..
+        }) = cached.as_deref().filter(|r| self.fresh(inner, r))
+        else {
+            return Ok(false);
+        };
+        let slots = u32::try_from(payloads.len()).unwrap_or(u32::MAX);
+        let bytes = payloads.iter().fold(0u32, |sum, p| {
+            sum.saturating_add(u32::try_from(p.len()).unwrap_or(u32::MAX))
+        });
+        let Some(permit) = peer.budget.try_take_many(slots, bytes) else {
+            return Ok(false);
+        };
+        let msgs = payloads
+            .iter()
+            .map(|p| checked.outgoing(self.taberna, msg_type, p.clone()))
+            .collect();
+        let batch = SendBatch {
+            msgs,
+            ring: ring.clone(),
+            first_ticket,
+            permit,
+        };
+        // Given back (with its room) when the driver is gone: sent one by one then.
+        Ok(inner.hand_over_batch(peer, batch).is_ok())
     }
 
     /// A send that missed the fast path: no fresh cached route (resolve it), a local taberna,
@@ -513,6 +561,83 @@ impl Window {
         self.next_ticket = ticket.wrapping_add(1);
         self.outstanding.push_back(entry);
         Ok(oldest)
+    }
+
+    /// Sends every payload of `payloads` as a message of `msg_type` with `options`, in order —
+    /// the fast way to send a burst one already holds: while the route is a cached peer with
+    /// room, each stretch that fits the window goes to the peer's driver as one batch (one
+    /// check, one take of in-flight room, one hand-over), where [`send_with`](Self::send_with)
+    /// does that once per message. When the window fills, it waits for the oldest sends and
+    /// pushes their outcomes onto `outcomes`, in send order, as [`send`](Self::send) returns
+    /// them. Returns how many messages it sent (all of them, when `Ok`).
+    ///
+    /// An `Err` is the error of the first message not admitted (the same errors as
+    /// [`send_with`](Self::send_with)); the messages before it are in the window (its
+    /// [`len`](Self::len) grew by that many), none after it was sent. A payload over the
+    /// limit fails the stretch it is in before anything of it is sent.
+    pub async fn send_many<I>(
+        &mut self,
+        msg_type: MessageType,
+        payloads: I,
+        options: SendOptions,
+        outcomes: &mut Vec<Outcome>,
+    ) -> Result<usize, Error>
+    where
+        I: IntoIterator<Item = Bytes>,
+    {
+        let mut payloads = payloads.into_iter().peekable();
+        let mut stretch = Vec::new();
+        let mut sent = 0usize;
+        while payloads.peek().is_some() {
+            if self.outstanding.len() >= self.limit {
+                // Full: the oldest outcome, then every one that came with it (answers come in
+                // runs), so the next stretch is as long as what came back.
+                if let Some(outcome) = self.next().await {
+                    outcomes.push(outcome);
+                }
+                let mut cx = Context::from_waker(std::task::Waker::noop());
+                while let Poll::Ready(Some(outcome)) = self.poll_next(&mut cx) {
+                    outcomes.push(outcome);
+                }
+                continue;
+            }
+            let room = self.limit.saturating_sub(self.outstanding.len());
+            stretch.clear();
+            stretch.extend(payloads.by_ref().take(room));
+            let limit = self.limit;
+            let ring = self
+                .ring
+                .get_or_insert_with(|| Arc::new(CompletionRing::new(limit)))
+                .clone();
+            let first = self.next_ticket;
+            let batched = self.destination.route.admit_batch_now(
+                &self.destination.inner,
+                msg_type,
+                &stretch,
+                &options,
+                (&ring, first),
+            )?;
+            if batched {
+                for ticket in (first..).take(stretch.len()) {
+                    self.outstanding.push_back(InWindow::Slot(ticket));
+                }
+                self.next_ticket = first.wrapping_add(stretch.len() as u64);
+                sent = sent.saturating_add(stretch.len());
+                continue;
+            }
+            // One by one: the window has room for each.
+            for payload in stretch.drain(..) {
+                let ticket = self.next_ticket;
+                let entry = self
+                    .destination
+                    .admit_into(msg_type, payload, options.clone(), &ring, ticket)
+                    .await?;
+                self.next_ticket = ticket.wrapping_add(1);
+                self.outstanding.push_back(entry);
+                sent = sent.saturating_add(1);
+            }
+        }
+        Ok(sent)
     }
 
     /// The outcome of the oldest send still in the window; `None` when it is empty. Dropping

@@ -12,7 +12,7 @@ use crate::runtime::blob::{BlobDriver, BlobLinks};
 use crate::runtime::budget::InFlightBudget;
 use crate::runtime::ends::BlobCommand;
 use crate::runtime::peer::{
-    DriverHost, PeerCommand, PeerDriver, PeerLinks, Reachability, Retirement, SendCmd,
+    DriverHost, Handover, PeerCommand, PeerDriver, PeerLinks, Reachability, Retirement, SendCmd,
 };
 use crate::runtime::queue::WakeQueue;
 use crate::taberna::TabernaId;
@@ -31,7 +31,7 @@ pub(super) struct PeerRef {
     pub(super) addr: arc_swap::ArcSwapOption<DomusAddr>,
     pub(super) tx: mpsc::UnboundedSender<PeerCommand>,
     /// Sends for the peer's driver, taken in batches.
-    pub(super) sends: Arc<WakeQueue<SendCmd>>,
+    pub(super) sends: Arc<WakeQueue<Handover>>,
     /// The peer's in-flight budget: messages and payload bytes, one count.
     pub(super) budget: Arc<InFlightBudget>,
     pub(super) blob_tx: mpsc::UnboundedSender<BlobCommand>,
@@ -297,7 +297,7 @@ impl PeerTable {
     pub(super) fn forget(
         &self,
         peer: &DomusId,
-        sends: &Arc<WakeQueue<SendCmd>>,
+        sends: &Arc<WakeQueue<Handover>>,
         down: impl FnOnce(Option<DomusAddr>) -> Option<Down>,
     ) -> bool {
         let mut entries = self.lock();
@@ -389,7 +389,7 @@ impl DriverHost for DomusHost {
     fn forget(
         &self,
         peer: &DomusId,
-        sends: &Arc<WakeQueue<SendCmd>>,
+        sends: &Arc<WakeQueue<Handover>>,
         unreachable: bool,
         shut_down: bool,
     ) -> bool {

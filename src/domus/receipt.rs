@@ -5,6 +5,7 @@
 
 use crate::error::{Error, ErrorId};
 use crate::reporting::{Counter, Recorder};
+use crate::runtime::completion::SingleSlot;
 use crate::runtime::peer::record_failure;
 use crate::runtime::{Answer, Delivery, Outcome, local_answer_result};
 use std::future::Future;
@@ -23,6 +24,8 @@ pub struct Receipt {
 pub(super) enum ReceiptKind {
     /// The peer's driver completes it.
     Remote(oneshot::Receiver<Outcome>),
+    /// The peer's driver completes it, through a pooled slot (the steady path).
+    Slot(SingleSlot),
     /// A taberna on this domus answers it, within the send's timeout (kept here: no task
     /// waits for a local answer).
     Local(Box<LocalAnswer>),
@@ -31,7 +34,7 @@ pub(super) enum ReceiptKind {
 impl std::fmt::Debug for Receipt {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let kind = match &self.kind {
-            ReceiptKind::Remote(_) => "remote",
+            ReceiptKind::Remote(_) | ReceiptKind::Slot(_) => "remote",
             ReceiptKind::Local(_) => "local",
         };
         f.debug_struct("Receipt").field("to", &kind).finish()
@@ -52,6 +55,7 @@ impl Future for Receipt {
                     ))
                 })
             }),
+            ReceiptKind::Slot(slot) => slot.poll(cx),
             ReceiptKind::Local(local) => local.poll(cx),
         }
     }

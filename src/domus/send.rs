@@ -12,9 +12,9 @@ use crate::a0_transport::{DomusAddr, DomusId};
 use crate::error::{Error, ErrorId};
 use crate::reporting::{Counter, Event};
 use crate::runtime::budget::{InFlight, InFlightBudget};
-use crate::runtime::completion::Completion;
+use crate::runtime::completion::{Completion, SingleSlot};
 use crate::runtime::domus_closed;
-use crate::runtime::peer::{Deadline, QueuedSend, SendCmd, record_failure};
+use crate::runtime::peer::{Deadline, Handover, QueuedSend, SendBatch, SendCmd, record_failure};
 use crate::taberna::RESERVED_TABERNA_BASE;
 use crate::taberna::{MessageClass, MessageType, TabernaId};
 use bytes::Bytes;
@@ -89,13 +89,18 @@ pub(super) fn move_send(peer: &PeerRef, send: SendCmd) -> Result<(), SendCmd> {
         done,
         permit: old,
     } = send;
-    match peer.sends.push(SendCmd { msg, done, permit }) {
+    match peer
+        .sends
+        .push(Handover::One(SendCmd { msg, done, permit }))
+    {
         Ok(()) => Ok(()),
-        Err(SendCmd { msg, done, .. }) => Err(SendCmd {
+        Err(Handover::One(SendCmd { msg, done, .. })) => Err(SendCmd {
             msg,
             done,
             permit: old,
         }),
+        // Never: a batch was not pushed.
+        Err(Handover::Batch(_)) => Ok(()),
     }
 }
 
@@ -255,11 +260,27 @@ impl DomusInner {
         msg: QueuedSend,
         permit: InFlight,
     ) -> Result<Receipt, Error> {
-        let (done, rx) = Completion::oneshot();
+        let (done, slot) = SingleSlot::new();
         self.hand_over_to(peer, msg, permit, done)?;
         Ok(Receipt {
-            kind: ReceiptKind::Remote(rx),
+            kind: ReceiptKind::Slot(slot),
         })
+    }
+
+    /// Hands a batch of admitted messages to the peer's driver in one push; gives it back
+    /// when the driver is gone (the caller sends them one by one instead, which finds or
+    /// makes the peer's next driver).
+    pub(super) fn hand_over_batch(
+        &self,
+        peer: &PeerRef,
+        batch: SendBatch,
+    ) -> Result<(), SendBatch> {
+        match peer.sends.push(Handover::Batch(batch)) {
+            Ok(()) => Ok(()),
+            Err(Handover::Batch(batch)) => Err(batch),
+            // Never: one send was not pushed.
+            Err(Handover::One(_)) => Ok(()),
+        }
     }
 
     /// Hands an admitted message to the peer's driver, its outcome to go to `done`.
@@ -270,7 +291,10 @@ impl DomusInner {
         permit: InFlight,
         done: Completion,
     ) -> Result<(), Error> {
-        let Err(cmd) = peer.sends.push(SendCmd { msg, done, permit }) else {
+        let Err(Handover::One(cmd)) = peer
+            .sends
+            .push(Handover::One(SendCmd { msg, done, permit }))
+        else {
             return Ok(());
         };
         // The driver is gone while the domus runs: it retired (the peer was forgotten while

@@ -418,21 +418,25 @@ impl<'a> Harness<'a> {
                     self.delivered.clear();
                 }
             }
-            Event::Arrived {
-                peer_epoch,
-                message,
-            } => {
-                let id = message.id;
-                assert!(
-                    self.delivered.insert(id),
-                    "message {id} delivered twice in peer epoch {peer_epoch}"
-                );
-                self.ever_delivered.insert(id);
-                if self.script.byte() % 4 == 3 && self.deferred.len() < MAX_DEFERRED {
-                    self.deferred.push_back((peer_epoch, id));
-                } else {
-                    let answer = self.answer_from_script();
-                    self.pair.a.answer(peer_epoch, id, answer);
+            e @ (Event::Arrived { .. } | Event::ArrivedRun { .. }) => {
+                if let Event::ArrivedRun { run, .. } = &e {
+                    assert!(!run.is_empty(), "an empty run");
+                    let ids: Vec<u64> = run.iter().map(|m| m.id).collect();
+                    let expected: Vec<u64> = (run.first_id..=run.last_id()).collect();
+                    assert_eq!(ids, expected, "a run's messages are its ids");
+                }
+                for (peer_epoch, id) in e.arrivals() {
+                    assert!(
+                        self.delivered.insert(id),
+                        "message {id} delivered twice in peer epoch {peer_epoch}"
+                    );
+                    self.ever_delivered.insert(id);
+                    if self.script.byte() % 4 == 3 && self.deferred.len() < MAX_DEFERRED {
+                        self.deferred.push_back((peer_epoch, id));
+                    } else {
+                        let answer = self.answer_from_script();
+                        self.pair.a.answer(peer_epoch, id, answer);
+                    }
                 }
             }
             Event::Finished { id, .. } => {

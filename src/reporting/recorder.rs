@@ -15,7 +15,9 @@ use std::time::{Duration, Instant};
 use tokio::sync::broadcast;
 
 use super::feeds::{CallisKind, Event, SequencedError};
-use super::snapshot::{Counter, CounterCells, Counters, Gauge, Latency, PeerReport, Snapshot};
+use super::snapshot::{
+    Counter, CounterCells, Counters, Gauge, Latency, PaddedCell, PeerReport, Snapshot,
+};
 use super::{ERROR_RING_LEN, LATENCY_BUCKETS};
 use crate::a0_transport::DomusId;
 use crate::error::{Error, ErrorId};
@@ -135,7 +137,8 @@ pub(crate) struct Recorder {
     rejected_by: Mutex<BTreeMap<ErrorId, u64>>,
     refused_by: Mutex<BTreeMap<ErrorId, u64>>,
     handshake_failures_by: Mutex<BTreeMap<ErrorId, u64>>,
-    latency: [AtomicU64; LATENCY_BUCKETS],
+    /// Padded like the counters: drivers add to the same buckets at the end of their turns.
+    latency: [PaddedCell; LATENCY_BUCKETS],
     per_peer: Mutex<HashMap<DomusId, Arc<PeerCells>>>,
     /// The domus's listener, once bound.
     listener: std::sync::OnceLock<crate::a0_transport::StatsHandle>,
@@ -195,7 +198,7 @@ impl Recorder {
             rejected_by: Mutex::new(BTreeMap::new()),
             refused_by: Mutex::new(BTreeMap::new()),
             handshake_failures_by: Mutex::new(BTreeMap::new()),
-            latency: std::array::from_fn(|_| AtomicU64::new(0)),
+            latency: std::array::from_fn(|_| PaddedCell::default()),
             per_peer: Mutex::new(HashMap::new()),
             listener: std::sync::OnceLock::new(),
             crypto_provider: std::sync::OnceLock::new(),
@@ -369,7 +372,7 @@ impl Recorder {
     /// Adds `n` answers to latency bucket `bucket` (see [`latency_bucket`]).
     pub(crate) fn add_latency(&self, bucket: usize, n: u64) {
         if let Some(cell) = self.latency.get(bucket) {
-            cell.fetch_add(n, Ordering::Relaxed);
+            cell.0.fetch_add(n, Ordering::Relaxed);
         }
     }
 
@@ -428,7 +431,7 @@ impl Recorder {
         let buckets: Vec<u64> = self
             .latency
             .iter()
-            .map(|b| b.load(Ordering::Relaxed))
+            .map(|b| b.0.load(Ordering::Relaxed))
             .collect();
         let rejected_total = self
             .rejected_by
@@ -527,7 +530,7 @@ impl Recorder {
         latency_of(
             self.latency
                 .iter()
-                .map(|b| b.load(Ordering::Relaxed))
+                .map(|b| b.0.load(Ordering::Relaxed))
                 .collect(),
         )
     }

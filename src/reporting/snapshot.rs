@@ -13,6 +13,11 @@ use std::time::Duration;
 use crate::a0_transport::DomusId;
 use crate::error::ErrorId;
 
+/// An atomic counter alone on its cache line (128 bytes: x86 fetches lines in pairs).
+#[derive(Default)]
+#[repr(align(128))]
+pub(super) struct PaddedCell(pub(super) AtomicU64);
+
 macro_rules! counters {
     ($( $(#[$doc:meta])* $name:ident, )*) => {
         /// Counters, as deltas since the last
@@ -24,14 +29,17 @@ macro_rules! counters {
             $( $(#[$doc])* pub $name: u64, )*
         }
 
+        /// One cell per counter, each on a cache line of its own: the drivers of different
+        /// peers, on different cores, add to them at the end of their turns, and cells that
+        /// shared a line would make each add wait for the line to move between cores.
         #[derive(Default)]
         pub(super) struct CounterCells {
-            $( $name: AtomicU64, )*
+            $( $name: PaddedCell, )*
         }
 
         impl CounterCells {
             pub(super) fn load(&self) -> Counters {
-                Counters { $( $name: self.$name.load(Ordering::Relaxed), )* }
+                Counters { $( $name: self.$name.0.load(Ordering::Relaxed), )* }
             }
         }
 
@@ -53,7 +61,7 @@ macro_rules! counters {
 
         impl CounterCells {
             pub(super) fn cell(&self, c: Counter) -> &AtomicU64 {
-                match c { $( Counter::$name => &self.$name, )* }
+                match c { $( Counter::$name => &self.$name.0, )* }
             }
         }
     };

@@ -42,15 +42,63 @@ struct Queue {
     refused: Option<(u64, Error)>,
 }
 
-/// A send's share of the budget: one slot and its payload's bytes, given back on drop.
+/// Sends' share of the budget — a slot each and their payloads' bytes — given back on
+/// drop. Usually one send's; a batch takes one for all its sends, and the driver
+/// [splits](InFlight::split) it into each send's, and [merges](InFlight::merge) the shares
+/// of sends that ended in one turn, to give them back in one step.
 pub(crate) struct InFlight {
     budget: Arc<InFlightBudget>,
+    slots: u32,
     bytes: u32,
+}
+
+impl InFlight {
+    /// Takes one slot and `bytes` out of this share (a batch's) as a share of its own: one
+    /// send of the batch. What this share does not hold is not taken.
+    pub(crate) fn split(&mut self, bytes: u32) -> InFlight {
+        let slots = self.slots.min(1);
+        let bytes = bytes.min(self.bytes);
+        self.slots = self.slots.saturating_sub(slots);
+        self.bytes = self.bytes.saturating_sub(bytes);
+        InFlight {
+            budget: self.budget.clone(),
+            slots,
+            bytes,
+        }
+    }
+
+    /// Adds `other` (a share of the same budget) to this one: both are given back together.
+    /// A share of another budget is given back at once.
+    pub(crate) fn merge(&mut self, mut other: InFlight) {
+        if !Arc::ptr_eq(&self.budget, &other.budget) {
+            return;
+        }
+        self.slots = self.slots.saturating_add(std::mem::take(&mut other.slots));
+        self.bytes = self.bytes.saturating_add(std::mem::take(&mut other.bytes));
+    }
+
+    /// An empty share of `budget`, to merge others into.
+    pub(crate) fn none(budget: &Arc<InFlightBudget>) -> InFlight {
+        InFlight {
+            budget: budget.clone(),
+            slots: 0,
+            bytes: 0,
+        }
+    }
+
+    /// Gives back what this share holds now (it holds nothing after).
+    pub(crate) fn release_now(&mut self) {
+        let (slots, bytes) = (
+            std::mem::take(&mut self.slots),
+            std::mem::take(&mut self.bytes),
+        );
+        self.budget.release(slots, bytes);
+    }
 }
 
 impl Drop for InFlight {
     fn drop(&mut self) {
-        self.budget.release(u64::from(self.bytes));
+        self.release_now();
     }
 }
 
@@ -66,10 +114,16 @@ impl InFlightBudget {
 
     /// Takes one slot and `bytes` if they are free and nobody is queued for room.
     pub(crate) fn try_take(self: &Arc<Self>, bytes: u32) -> Option<InFlight> {
+        self.try_take_many(1, bytes)
+    }
+
+    /// Takes `slots` slots and `bytes` in one step (a batch of sends) if they are all free
+    /// and nobody is queued for room.
+    pub(crate) fn try_take_many(self: &Arc<Self>, slots: u32, bytes: u32) -> Option<InFlight> {
         if self.waiting.load(Ordering::Acquire) > 0 {
             return None;
         }
-        self.take_now(bytes)
+        self.take_now_many(slots, bytes)
     }
 
     /// Waits (in arrival order) until one slot and `bytes` are free, and takes them; fails
@@ -101,10 +155,14 @@ impl InFlightBudget {
     }
 
     fn take_now(self: &Arc<Self>, bytes: u32) -> Option<InFlight> {
-        let need = SLOT | u64::from(bytes);
+        self.take_now_many(1, bytes)
+    }
+
+    fn take_now_many(self: &Arc<Self>, slots: u32, bytes: u32) -> Option<InFlight> {
+        let need = (u64::from(slots) << 32) | u64::from(bytes);
         let mut current = self.free.load(Ordering::Acquire);
         loop {
-            if current >> 32 == 0 || (current & BYTES) < u64::from(bytes) {
+            if current >> 32 < u64::from(slots) || (current & BYTES) < u64::from(bytes) {
                 return None;
             }
             match self.free.compare_exchange_weak(
@@ -116,6 +174,7 @@ impl InFlightBudget {
                 Ok(_) => {
                     return Some(InFlight {
                         budget: self.clone(),
+                        slots,
                         bytes,
                     });
                 }
@@ -124,8 +183,14 @@ impl InFlightBudget {
         }
     }
 
-    fn release(&self, bytes: u64) {
-        self.free.fetch_add(SLOT | bytes, Ordering::AcqRel);
+    fn release(&self, slots: u32, bytes: u32) {
+        if slots == 0 && bytes == 0 {
+            return;
+        }
+        self.free.fetch_add(
+            (u64::from(slots) << 32) | u64::from(bytes),
+            Ordering::AcqRel,
+        );
         if self.waiting.load(Ordering::Acquire) > 0 {
             self.wake_front();
         }
@@ -229,6 +294,37 @@ mod tests {
         drop(one);
         assert!(b.try_take(60).is_some(), "given back");
         drop(two);
+    }
+
+    #[test]
+    fn a_batch_takes_its_room_in_one_step_and_its_sends_give_it_back_together() {
+        let b = InFlightBudget::new(8, 1000);
+        assert!(b.try_take_many(9, 0).is_none(), "more slots than there are");
+        assert!(
+            b.try_take_many(2, 1001).is_none(),
+            "more bytes than there are"
+        );
+        let mut batch = b.try_take_many(5, 500).expect("fits");
+        assert!(b.try_take_many(4, 0).is_none(), "three slots left");
+        let sends: Vec<InFlight> = (0..5).map(|_| batch.split(100)).collect();
+        assert!(sends.iter().all(|s| s.slots == 1 && s.bytes == 100));
+        assert_eq!((batch.slots, batch.bytes), (0, 0), "all handed out");
+        drop(batch);
+        assert!(
+            b.try_take_many(4, 0).is_none(),
+            "an empty batch gives back nothing"
+        );
+        // The driver merges what ended in a turn and gives it back once.
+        let mut ended = InFlight::none(&b);
+        for s in sends {
+            ended.merge(s);
+        }
+        assert!(
+            b.try_take_many(4, 0).is_none(),
+            "merged, not given back yet"
+        );
+        drop(ended);
+        assert!(b.try_take_many(8, 1000).is_some(), "everything given back");
     }
 
     #[tokio::test(start_paused = true)]

@@ -105,6 +105,66 @@ impl Drop for Completion {
     }
 }
 
+/// The completion of one send that its caller awaits by itself (a receipt's): a ring of one
+/// slot, taken from a small pool of this thread's and given back to it when the receipt is
+/// dropped, so a steady stream of sends allocates nothing for their outcomes. Given back
+/// only when nothing else holds it (the driver dropped its completion): then no outcome of
+/// an earlier send can reach it.
+pub(crate) struct SingleSlot(Option<Arc<CompletionRing>>);
+
+/// Rings of one slot a thread keeps for reuse.
+const SINGLE_POOL: usize = 256;
+
+thread_local! {
+    static SINGLES: std::cell::RefCell<Vec<Arc<CompletionRing>>> =
+        const { std::cell::RefCell::new(Vec::new()) };
+}
+
+impl SingleSlot {
+    /// A slot and the completion that fills it.
+    pub(crate) fn new() -> (Completion, SingleSlot) {
+        let ring = SINGLES
+            .with(|pool| pool.borrow_mut().pop())
+            .unwrap_or_else(|| Arc::new(CompletionRing::new(1)));
+        (Completion::slot(ring.clone(), 0), SingleSlot(Some(ring)))
+    }
+
+    /// The outcome when it has come; otherwise `cx` is woken when it does.
+    pub(crate) fn poll(&self, cx: &mut Context<'_>) -> std::task::Poll<Outcome> {
+        let Some(ring) = &self.0 else {
+            return std::task::Poll::Ready(Err(domus_closed()));
+        };
+        let mut taker = ring.taker();
+        match taker.take(0) {
+            Some(outcome) => std::task::Poll::Ready(outcome),
+            None => {
+                taker.wait_for(0, cx);
+                std::task::Poll::Pending
+            }
+        }
+    }
+}
+
+impl Drop for SingleSlot {
+    fn drop(&mut self) {
+        let Some(mut ring) = self.0.take() else {
+            return;
+        };
+        // Only this handle holds it: clear it and keep it for the thread's next send.
+        if let Some(only) = Arc::get_mut(&mut ring) {
+            let inner = only.inner.get_mut().unwrap_or_else(PoisonError::into_inner);
+            inner.waiting = None;
+            inner.slots.iter_mut().for_each(|s| *s = None);
+            SINGLES.with(|pool| {
+                let mut pool = pool.borrow_mut();
+                if pool.len() < SINGLE_POOL {
+                    pool.push(ring);
+                }
+            });
+        }
+    }
+}
+
 /// The outcome slots of one window, one per send it may have in flight.
 pub(crate) struct CompletionRing {
     inner: Mutex<Ring>,
@@ -259,6 +319,37 @@ mod tests {
             other => panic!("{other:?}"),
         }
         assert_eq!(ring.capacity(), 2);
+    }
+
+    #[test]
+    fn a_single_slot_is_reused_by_the_thread_only_once_nothing_else_holds_it() {
+        let (wakes, waker) = Counter::waker();
+        let mut cx = Context::from_waker(&waker);
+        let (done, slot) = SingleSlot::new();
+        let first = slot.0.clone().expect("ring");
+        assert!(slot.poll(&mut cx).is_pending());
+        done.complete(Ok(Delivery::Accepted));
+        assert_eq!(wakes.count(), 1);
+        assert_eq!(slot.poll(&mut cx), Poll::Ready(Ok(Delivery::Accepted)));
+        drop(first);
+        drop(slot);
+        // The next send on this thread takes the same ring, cleared.
+        let (done, slot) = SingleSlot::new();
+        let again = slot.0.clone().expect("ring");
+        assert!(
+            slot.poll(&mut cx).is_pending(),
+            "no outcome of the last send"
+        );
+        // A receipt dropped while the driver still holds its completion is not reused: the
+        // late outcome lands in a ring nobody will take from the pool.
+        drop(slot);
+        let (_other_done, other) = SingleSlot::new();
+        assert!(
+            !Arc::ptr_eq(other.0.as_ref().expect("ring"), &again),
+            "a ring the driver still holds is not handed out again"
+        );
+        done.complete(Ok(Delivery::Replied("late".into())));
+        assert!(other.poll(&mut cx).is_pending());
     }
 
     #[test]

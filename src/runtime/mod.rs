@@ -131,6 +131,21 @@ pub(crate) struct InboundMessage {
 pub(crate) trait Inbound: Send + Sync + 'static {
     /// Takes a delivery in: offers it to its taberna, or refuses it.
     fn take_in(&self, message: InboundMessage) -> Intake;
+
+    /// Takes a run of deliveries to one taberna in (its taberna looked up and checked once),
+    /// and tells `intake` what became of each, by id, in order.
+    fn take_in_run(&self, run: InboundRun<'_>, intake: &mut dyn FnMut(u64, Intake));
+}
+
+/// Messages for one taberna from one peer, with consecutive ids (a run of a MESSAGE_BATCH the
+/// session let through), lent to [`Inbound::take_in_run`].
+pub(crate) struct InboundRun<'a> {
+    /// Who sent them (from the verified certificate).
+    pub(crate) peer: &'a Arc<PeerIdentity>,
+    /// The messages (none opens a blob).
+    pub(crate) run: &'a crate::a1_callis::frame::MessageBatch,
+    /// The handle that answers message `id`, for a taberna whose handler answers later.
+    pub(crate) answer: &'a dyn Fn(u64) -> AnswerToPeer,
 }
 
 /// What became of a delivery handed to [`Inbound::take_in`].
@@ -154,6 +169,15 @@ pub(crate) struct AnswerToPeer {
 }
 
 impl AnswerToPeer {
+    /// The answer as its driver takes it.
+    pub(crate) fn queued(self, answer: Answer) -> peer::QueuedAnswer {
+        peer::QueuedAnswer {
+            epoch: self.epoch,
+            id: self.id,
+            answer,
+        }
+    }
+
     /// Sends the answer. A closed queue means the peer's driver is gone: there is no one
     /// left to tell.
     pub(crate) fn send(self, answer: Answer) {

@@ -43,8 +43,8 @@ mod lifecycle;
 mod links;
 
 pub(crate) use links::{
-    Deadline, DriverContext, DriverHost, PeerCommand, PeerLinks, QueuedAnswer, QueuedSend,
-    Reachability, Retirement, SendCmd,
+    Deadline, DriverContext, DriverHost, Handover, PeerCommand, PeerLinks, QueuedAnswer,
+    QueuedSend, Reachability, Retirement, SendBatch, SendCmd,
 };
 
 /// What the session keeps with each of our sends, handed back when it ends: the session is
@@ -73,8 +73,8 @@ pub(crate) struct PeerDriver {
     commands: mpsc::UnboundedReceiver<PeerCommand>,
     /// Sends queued by the send path, and answers queued by local tabernas, with the buffers
     /// their batches are swapped into.
-    sends: Arc<WakeQueue<SendCmd>>,
-    send_buf: Vec<SendCmd>,
+    sends: Arc<WakeQueue<Handover>>,
+    send_buf: Vec<Handover>,
     answers: Arc<WakeQueue<QueuedAnswer>>,
     answer_buf: Vec<QueuedAnswer>,
     session: Session<PendingSend>,
@@ -109,6 +109,9 @@ pub(crate) struct PeerDriver {
     counts: TurnCounts,
     /// Outcomes of this dispatch, handed to their senders after the counts are published.
     completed: Vec<(Completion, Outcome)>,
+    /// The in-flight room of the sends that ended in this dispatch, given back in one step
+    /// before their outcomes are handed out.
+    released: InFlight,
     /// The clock, read once per turn of the driver loop (every session call of the turn uses
     /// it): `now` and the same instant as the recorder's microseconds.
     now: std::time::Instant,
@@ -196,6 +199,7 @@ impl PeerDriver {
             now_us: 0,
             counts: TurnCounts::default(),
             completed: Vec::new(),
+            released: InFlight::none(&links.budget),
             peer_shut_down: links.shut_down,
             reachability: links.reachability,
             budget: links.budget,
@@ -236,6 +240,22 @@ impl PeerDriver {
         }
     }
 
+    /// Takes a window's batch into the session: each send gets its share of the batch's
+    /// room and its ticket in the batch's ring.
+    fn handle_batch(&mut self, batch: SendBatch) {
+        let SendBatch {
+            msgs,
+            ring,
+            first_ticket,
+            mut permit,
+        } = batch;
+        for (ticket, msg) in (first_ticket..).zip(msgs) {
+            let permit = permit.split(msg.size());
+            let done = Completion::slot(ring.clone(), ticket);
+            self.handle_send(SendCmd { msg, done, permit });
+        }
+    }
+
     fn handle_command(&mut self, cmd: PeerCommand) {
         self.used = true;
         match cmd {
@@ -268,8 +288,11 @@ impl PeerDriver {
         self.sends.take_all(&mut sends, cx);
         if !sends.is_empty() {
             progressed = true;
-            for cmd in sends.drain(..) {
-                self.handle_send(cmd);
+            for handed in sends.drain(..) {
+                match handed {
+                    Handover::One(cmd) => self.handle_send(cmd),
+                    Handover::Batch(batch) => self.handle_batch(batch),
+                }
             }
         }
         self.send_buf = sends;
@@ -360,8 +383,20 @@ impl PeerDriver {
     fn finish(&mut self) {
         // Nothing more comes in: queued sends fail (their senders see the domus closed),
         // queued answers have no callis left to go to.
-        for cmd in self.sends.close() {
-            cmd.done.complete(Err(domus_closed()));
+        for handed in self.sends.close() {
+            match handed {
+                Handover::One(cmd) => cmd.done.complete(Err(domus_closed())),
+                Handover::Batch(SendBatch {
+                    msgs,
+                    ring,
+                    first_ticket,
+                    ..
+                }) => {
+                    for (ticket, _) in (first_ticket..).zip(msgs) {
+                        Completion::slot(ring.clone(), ticket).complete(Err(domus_closed()));
+                    }
+                }
+            }
         }
         drop(self.answers.close());
         self.session.fail_all(domus_closed());

@@ -62,6 +62,34 @@ impl<T> WakeQueue<T> {
         Ok(())
     }
 
+    /// Queues every item of `items` (which is left empty) under one lock, waking the driver
+    /// at most once. Gives them back (still in `items`) when the driver is gone.
+    pub(crate) fn push_many(&self, items: &mut Vec<T>) -> Result<(), ()> {
+        if items.is_empty() {
+            return Ok(());
+        }
+        let wake = {
+            let mut inner = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
+            if inner.closed {
+                return Err(());
+            }
+            if inner.items.is_empty() {
+                std::mem::swap(&mut inner.items, items);
+            } else {
+                inner.items.append(items);
+            }
+            if std::mem::take(&mut inner.armed) {
+                inner.waker.clone()
+            } else {
+                None
+            }
+        };
+        if let Some(waker) = wake {
+            waker.wake();
+        }
+        Ok(())
+    }
+
     /// Moves everything queued into `out` (which the caller drains and reuses); when nothing
     /// was queued, remembers `cx`'s waker for the next push.
     ///
@@ -155,6 +183,31 @@ mod tests {
         assert_eq!(wakes.count(), 3, "the driver waits again");
         assert_eq!(q.close(), vec![10]);
         assert_eq!(q.push(11), Err(11), "closed");
+    }
+
+    #[test]
+    fn a_batch_pushed_at_once_wakes_the_driver_once_and_keeps_its_order() {
+        let q = WakeQueue::default();
+        let (wakes, waker) = Counter::waker();
+        let mut cx = Context::from_waker(&waker);
+        let mut out = Vec::new();
+        q.take_all(&mut out, &mut cx);
+        q.push(0).expect("open");
+        let mut batch: Vec<u32> = (1..100).collect();
+        q.push_many(&mut batch).expect("open");
+        assert!(batch.is_empty());
+        assert_eq!(wakes.count(), 1, "one wake for the push and the batch");
+        q.take_all(&mut out, &mut cx);
+        assert_eq!(out, (0..100).collect::<Vec<_>>());
+        out.clear();
+        q.take_all(&mut out, &mut cx);
+        let mut batch = vec![7, 8];
+        q.push_many(&mut batch).expect("open");
+        assert_eq!(wakes.count(), 2);
+        drop(q.close());
+        let mut batch = vec![9];
+        assert!(q.push_many(&mut batch).is_err());
+        assert_eq!(batch, vec![9], "given back");
     }
 
     #[test]

@@ -28,7 +28,7 @@ mod request;
 pub use inline::{InlineAnswer, InlineHandler, InlineRequest, InlineTaberna, SLOW_INLINE_CALL};
 pub(crate) use registry::Registry;
 pub(crate) use request::AnswerTarget;
-pub use request::{AnswerHandle, RequestParts, TabernaRequest};
+pub use request::{AnswerBatch, AnswerHandle, RequestParts, TabernaRequest};
 
 /// The deepest inbox a taberna may have.
 const MAX_INBOX_DEPTH: usize = 1 << 20;

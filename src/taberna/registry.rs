@@ -23,7 +23,7 @@ use crate::a0_transport::DomusId;
 use crate::a1_callis::session::Answer;
 use crate::error::{Error, ErrorId};
 use crate::reporting::{Counter, Event, LogKind, Recorder};
-use crate::runtime::{Inbound, InboundMessage, Intake};
+use crate::runtime::{Inbound, InboundMessage, InboundRun, Intake};
 
 impl Inbound for Registry {
     fn take_in(&self, m: InboundMessage) -> Intake {
@@ -79,6 +79,78 @@ impl Inbound for Registry {
             Intake::Queued
         } else {
             Intake::Refused
+        }
+    }
+
+    fn take_in_run(&self, run: InboundRun<'_>, intake: &mut dyn FnMut(u64, Intake)) {
+        self.deliver_run(run, intake);
+    }
+}
+
+impl Registry {
+    /// [`Inbound::take_in_run`]: the run's taberna is looked up and checked once.
+    fn deliver_run(&self, run: InboundRun<'_>, intake: &mut dyn FnMut(u64, Intake)) {
+        let batch = run.run;
+        let dst = TabernaId(batch.dst);
+        let msg_type = MessageType(batch.msg_type);
+        let entries = self.entries.load();
+        let entry = entries.get(&dst);
+        let refusal = match entry {
+            None => Some((
+                ErrorId::UnknownTaberna,
+                "no such taberna on the receiving domus",
+            )),
+            Some(entry) => Self::check(entry, dst, run.peer.id(), msg_type),
+        };
+        let (Some(entry), None) = (entry, refusal) else {
+            let (error, reason) = refusal.unwrap_or((
+                ErrorId::UnknownTaberna,
+                "no such taberna on the receiving domus",
+            ));
+            for m in batch.iter() {
+                self.recorder.refused(error);
+                intake(m.id, Intake::Answered(Answer::refusal(error, reason)));
+            }
+            return;
+        };
+        match &entry.inbox {
+            Inbox::Inline(handler, calls) => {
+                let n = batch.len();
+                let first = calls.fetch_add(n, Ordering::Relaxed);
+                for (k, m) in batch.iter().enumerate() {
+                    let view = InlineRequest {
+                        peer: run.peer,
+                        source: TabernaId(batch.src),
+                        destination: dst,
+                        message_type: msg_type,
+                        payload: &m.payload,
+                    };
+                    let timed = first.wrapping_add(k).is_multiple_of(INLINE_SAMPLE);
+                    let answer = self.call_inline_timed(handler.as_ref(), timed, view);
+                    intake(m.id, Intake::AnsweredByHandler(answer));
+                }
+            }
+            Inbox::Queue(inbox) => {
+                for m in batch.iter() {
+                    let request = TabernaRequest::new(
+                        run.peer.clone(),
+                        TabernaId(batch.src),
+                        dst,
+                        msg_type,
+                        m.payload,
+                        AnswerTarget::Remote((run.answer)(m.id)),
+                    );
+                    let queued = self.enqueue(entry, inbox, request);
+                    intake(
+                        m.id,
+                        if queued {
+                            Intake::Queued
+                        } else {
+                            Intake::Refused
+                        },
+                    );
+                }
+            }
         }
     }
 }
@@ -244,6 +316,16 @@ impl Registry {
         let timed = calls
             .fetch_add(1, Ordering::Relaxed)
             .is_multiple_of(INLINE_SAMPLE);
+        self.call_inline_timed(handler, timed, request)
+    }
+
+    /// Runs an inline handler on one delivery, timing the call when `timed`.
+    fn call_inline_timed(
+        &self,
+        handler: &dyn InlineHandler,
+        timed: bool,
+        request: InlineRequest<'_>,
+    ) -> Answer {
         let started = timed.then(std::time::Instant::now);
         let answer =
             std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| handler.handle(request)));
@@ -274,6 +356,46 @@ impl Registry {
                     );
                 }
                 Answer::refusal(ErrorId::RequestDropped, "the inline handler panicked")
+            }
+        }
+    }
+
+    /// Puts an admitted request in `entry`'s inbox `inbox` if its depth allows; else refuses
+    /// it (`TabernaBusy`, or `TabernaShutdown` when the taberna is going away).
+    fn enqueue(
+        &self,
+        entry: &Entry,
+        inbox: &async_channel::Sender<TabernaRequest>,
+        request: TabernaRequest,
+    ) -> bool {
+        let remote = request.is_remote();
+        let refuse = |mut request: TabernaRequest, error: ErrorId, reason: &str| {
+            if remote {
+                self.recorder.refused(error);
+            }
+            request.finish(Answer::refusal(error, reason));
+        };
+        let depth = entry
+            .options
+            .inbox_depth
+            .unwrap_or_else(|| self.default_depth.load(Ordering::Relaxed));
+        if inbox.len() >= depth {
+            self.recorder.inc(Counter::queue_overruns_inbox);
+            self.recorder.event(Event::QueueOverrun {
+                taberna: request.destination.0,
+            });
+            refuse(request, ErrorId::TabernaBusy, "the taberna's inbox is full");
+            return false;
+        }
+        match inbox.try_send(request) {
+            Ok(()) => true,
+            Err(async_channel::TrySendError::Full(r)) => {
+                refuse(r, ErrorId::TabernaBusy, "the taberna's inbox is full");
+                false
+            }
+            Err(async_channel::TrySendError::Closed(r)) => {
+                refuse(r, ErrorId::TabernaShutdown, "the taberna is shutting down");
+                false
             }
         }
     }
@@ -378,39 +500,7 @@ impl Registry {
                             request.finish(answer);
                             return true;
                         }
-                        Inbox::Queue(inbox) => {
-                            let depth = entry
-                                .options
-                                .inbox_depth
-                                .unwrap_or_else(|| self.default_depth.load(Ordering::Relaxed));
-                            if inbox.len() >= depth {
-                                self.recorder.inc(Counter::queue_overruns_inbox);
-                                self.recorder.event(Event::QueueOverrun {
-                                    taberna: request.destination.0,
-                                });
-                                refuse(
-                                    request,
-                                    ErrorId::TabernaBusy,
-                                    "the taberna's inbox is full",
-                                );
-                                return false;
-                            }
-                            match inbox.try_send(request) {
-                                Ok(()) => return true,
-                                Err(async_channel::TrySendError::Full(r)) => {
-                                    refuse(r, ErrorId::TabernaBusy, "the taberna's inbox is full");
-                                    return false;
-                                }
-                                Err(async_channel::TrySendError::Closed(r)) => {
-                                    refuse(
-                                        r,
-                                        ErrorId::TabernaShutdown,
-                                        "the taberna is shutting down",
-                                    );
-                                    return false;
-                                }
-                            }
-                        }
+                        Inbox::Queue(inbox) => return self.enqueue(entry, inbox, request),
                     },
                 },
             }

@@ -251,8 +251,119 @@ impl TabernaRequest {
         self.answer_handle.finish(answer);
     }
 
+    /// Where its answer goes, taken out: the request is then answered by whoever holds it
+    /// (dropping the request no longer rejects it).
+    pub(super) fn take_target(&mut self) -> Option<AnswerTarget> {
+        self.answer_handle.target.take()
+    }
+
     /// Whether it came from a peer (rather than from this domus).
     pub(super) fn is_remote(&self) -> bool {
         matches!(self.answer_handle.target, Some(AnswerTarget::Remote(_)))
+    }
+}
+
+/// Answers for many requests, handed back together: the answers for one peer go to its
+/// driver in one push (one lock, at most one wake-up) when the batch is
+/// [flushed](Self::flush) or dropped, instead of one push each. Answers for local senders go
+/// at once. For a worker that takes its requests with
+/// [`Taberna::recv_many`](crate::Taberna::recv_many):
+///
+/// ```no_run
+/// # async fn run(taberna: vicus::Taberna) {
+/// let mut requests = Vec::new();
+/// let mut answers = vicus::taberna::AnswerBatch::new();
+/// while taberna.recv_many(&mut requests, 256).await > 0 {
+///     for request in requests.drain(..) {
+///         answers.accept(request);
+///     }
+///     answers.flush();
+/// }
+/// # }
+/// ```
+///
+/// Every request put in the batch is answered exactly once, when the batch is flushed or
+/// dropped; the answers to one peer keep their order.
+#[derive(Default)]
+pub struct AnswerBatch {
+    remote: Vec<crate::runtime::AnswerToPeer>,
+    answers: Vec<Answer>,
+}
+
+impl fmt::Debug for AnswerBatch {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("AnswerBatch")
+            .field("waiting", &self.remote.len())
+            .finish()
+    }
+}
+
+impl AnswerBatch {
+    /// An empty batch.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Accepts `request` (at the next flush).
+    pub fn accept(&mut self, request: TabernaRequest) {
+        self.add(request, Answer::Accepted);
+    }
+
+    /// Answers `request` with a payload (at the next flush).
+    pub fn reply(&mut self, request: TabernaRequest, payload: Bytes) {
+        self.add(request, Answer::Replied(payload));
+    }
+
+    /// Rejects `request` with an application code and reason (at the next flush).
+    pub fn reject(&mut self, request: TabernaRequest, code: u32, reason: &str) {
+        self.add(request, Answer::application_reject(code, reason));
+    }
+
+    /// Answers waiting for the next flush.
+    pub fn len(&self) -> usize {
+        self.remote.len()
+    }
+
+    /// Whether no answer waits.
+    pub fn is_empty(&self) -> bool {
+        self.remote.is_empty()
+    }
+
+    fn add(&mut self, mut request: TabernaRequest, answer: Answer) {
+        match request.take_target() {
+            Some(AnswerTarget::Remote(to)) => {
+                self.remote.push(to);
+                self.answers.push(answer);
+            }
+            Some(local) => local.send(answer),
+            None => {}
+        }
+    }
+
+    /// Hands every waiting answer to its peer's driver: one push per run of answers to the
+    /// same peer.
+    pub fn flush(&mut self) {
+        let mut run = Vec::new();
+        let mut targets = self.remote.drain(..).zip(self.answers.drain(..)).peekable();
+        while let Some((to, answer)) = targets.next() {
+            let queue = to.queue.clone();
+            run.push(to.queued(answer));
+            while let Some((next, _)) = targets.peek()
+                && Arc::ptr_eq(&next.queue, &queue)
+            {
+                if let Some((next, answer)) = targets.next() {
+                    run.push(next.queued(answer));
+                }
+            }
+            // A closed queue: the peer's driver is gone, no one is left to tell.
+            let _ = queue.push_many(&mut run);
+            run.clear();
+        }
+    }
+}
+
+impl Drop for AnswerBatch {
+    fn drop(&mut self) {
+        self.flush();
     }
 }

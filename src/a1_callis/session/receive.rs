@@ -115,14 +115,7 @@ impl<T> Session<T> {
             }
             Frame::Close { code, reason } => self.peer_closed(code, &reason),
             Frame::Message(m) => self.handle_message(m),
-            Frame::MessageBatch(batch) => {
-                for m in batch.iter() {
-                    if self.link != Link::Open {
-                        break;
-                    }
-                    self.handle_message(m);
-                }
-            }
+            Frame::MessageBatch(batch) => self.handle_batch(&batch),
             Frame::Accepted(ids) => {
                 for (first, last) in ids.runs() {
                     if self.link != Link::Open {
@@ -324,42 +317,91 @@ impl<T> Session<T> {
     }
 
     pub(super) fn handle_message(&mut self, m: MessageFrame) {
-        if m.msg_type <= A1_MESSAGE_TYPE_MAX {
-            self.violation(&format_args!(
-                "message type {:#x} is reserved for A1",
-                m.msg_type
-            ));
-            return;
+        if self.admit_message(m.id, m.msg_type) {
+            let peer_epoch = self.peer_epoch.unwrap_or_default();
+            self.events.push_back(Event::Arrived {
+                peer_epoch,
+                message: m,
+            });
         }
-        match self.ring.observe(m.id, self.callis_seq) {
+    }
+
+    /// Each message of a batch through the dedupe window, as a MESSAGE would go; the new
+    /// ones leave in runs (consecutive new ids, one event each), so the driver delivers a run
+    /// to its taberna in one go.
+    pub(super) fn handle_batch(&mut self, batch: &frame::MessageBatch) {
+        let peer_epoch = self.peer_epoch.unwrap_or_default();
+        // The open run: its first id, its length and where its entries start. Only lengths
+        // are read here; the payloads are cut when the run is delivered.
+        let mut run: Option<(u64, u32, usize)> = None;
+        let mut before = 0usize;
+        for (id, size) in (batch.first_id..).zip(batch.entry_sizes()) {
+            if self.link != Link::Open {
+                break;
+            }
+            let new = self.admit_message(id, batch.msg_type);
+            match (&mut run, new) {
+                (Some((_, count, _)), true) => *count = count.saturating_add(1),
+                (None, true) => run = Some((id, 1, before)),
+                (Some(_), false) => {
+                    if let Some((first, count, from)) = run.take() {
+                        self.events.push_back(Event::ArrivedRun {
+                            peer_epoch,
+                            run: batch.run(first, count, from, before),
+                        });
+                    }
+                }
+                (None, false) => {}
+            }
+            before = before.saturating_add(size);
+        }
+        if let Some((first, count, from)) = run {
+            // The whole batch, mostly: no new bytes to cut.
+            let run = if count as usize == batch.len() {
+                batch.clone()
+            } else {
+                batch.run(first, count, from, before)
+            };
+            self.events.push_back(Event::ArrivedRun { peer_epoch, run });
+        }
+    }
+
+    /// Message `id` of `msg_type` through the dedupe window: true when it is new and must be
+    /// delivered (the caller reports it); a duplicate is answered again or waits for its
+    /// handler, and anything the protocol forbids closes the callis.
+    fn admit_message(&mut self, id: u64, msg_type: u32) -> bool {
+        if msg_type <= A1_MESSAGE_TYPE_MAX {
+            self.violation(&format_args!(
+                "message type {msg_type:#x} is reserved for A1"
+            ));
+            return false;
+        }
+        match self.ring.observe(id, self.callis_seq) {
             Seen::OutsideWindow => {
                 let (highest, window) = (self.ring.highest, self.ring.window);
                 self.violation(&format_args!(
-                    "message id {} is outside the dedupe window (highest {highest}, window {window})",
-                    m.id
+                    "message id {id} is outside the dedupe window (highest {highest}, window {window})"
                 ));
             }
             Seen::BelowFloor => {
                 let floor = self.ring.seen_floor;
                 self.violation(&format_args!(
-                    "message id {} after DONE_BELOW {floor} said no id below it would come again",
-                    m.id
+                    "message id {id} after DONE_BELOW {floor} said no id below it would come again"
                 ));
             }
             Seen::DuplicateOnThisCallis => {
                 self.violation(&format_args!(
-                    "message id {} arrived twice on one callis (a sender writes an id again only as a replay on a later callis)",
-                    m.id
+                    "message id {id} arrived twice on one callis (a sender writes an id again only as a replay on a later callis)"
                 ));
             }
             Seen::Replayed => {
                 self.stats.duplicates_suppressed =
                     self.stats.duplicates_suppressed.saturating_add(1);
-                let state = self.ring.state_mut(m.id).map(|s| s.clone());
+                let state = self.ring.state_mut(id).map(|s| s.clone());
                 match state {
-                    Some(SlotState::Answered(a)) => self.queue_answer(m.id, a),
+                    Some(SlotState::Answered(a)) => self.queue_answer(id, a),
                     Some(SlotState::ReplyLost) => self.queue_answer(
-                        m.id,
+                        id,
                         Answer::refusal(
                             ErrorId::ReplyLost,
                             "the reply was produced but not retained across the reconnect",
@@ -378,19 +420,16 @@ impl<T> Session<T> {
                     ErrorId::TabernaBusy,
                     "not delivered: the receiving domus holds max_unsent_answer_bytes of answers the sender has not read yet",
                 );
-                if let Some(state) = self.ring.state_mut(m.id) {
+                if let Some(state) = self.ring.state_mut(id) {
                     *state = SlotState::Answered(refusal.clone());
                 }
-                self.queue_answer(m.id, refusal);
+                self.queue_answer(id, refusal);
             }
             Seen::New => {
                 self.stats.messages_delivered = self.stats.messages_delivered.saturating_add(1);
-                let peer_epoch = self.peer_epoch.unwrap_or_default();
-                self.events.push_back(Event::Arrived {
-                    peer_epoch,
-                    message: m,
-                });
+                return true;
             }
         }
+        false
     }
 }

@@ -20,7 +20,7 @@ use crate::error::{Error, ErrorId};
 use crate::reporting::{CallisKind, Event as Report};
 use crate::runtime::completion::Completion;
 use crate::runtime::ends::{BlobCommand, BlobReceiver, Reservation};
-use crate::runtime::{AnswerToPeer, Delivery, InboundMessage, Intake, answer_result};
+use crate::runtime::{AnswerToPeer, Delivery, InboundMessage, InboundRun, Intake, answer_result};
 
 impl PeerDriver {
     pub(super) fn dispatch_events(&mut self) {
@@ -81,6 +81,18 @@ impl PeerDriver {
                     });
                     self.after_intake(peer_epoch, id, intake);
                 }
+                Event::ArrivedRun { peer_epoch, run } => {
+                    let Some(peer) = self.peer_identity.clone() else {
+                        continue;
+                    };
+                    if run.msg_type == BLOB_OPEN_TYPE {
+                        for message in run.iter() {
+                            self.take_in_blob_open(peer.clone(), peer_epoch, message);
+                        }
+                        continue;
+                    }
+                    self.take_in_run(&peer, peer_epoch, &run);
+                }
                 Event::Finished {
                     outcome, token: p, ..
                 } => {
@@ -99,6 +111,7 @@ impl PeerDriver {
                         }
                     }
                     self.completed.push((p.done, result));
+                    self.released.merge(p._permit);
                 }
                 Event::Close(error) => {
                     tracing::debug!(peer = %self.peer_id, error = %error, "closing callis");
@@ -124,6 +137,8 @@ impl PeerDriver {
                 }
             }
         }
+        // The room first: a sender that sees its outcome finds the room it freed.
+        self.released.release_now();
         if !self.completed.is_empty() {
             // The counts first, so a sender that sees its outcome also sees it counted.
             self.counts.publish(&self.ctx.recorder, &self.cells);
@@ -219,6 +234,31 @@ impl PeerDriver {
             answer: self.answer_to_peer(peer_epoch, id),
         });
         self.after_intake(peer_epoch, id, intake);
+    }
+
+    /// A run of messages to one taberna: delivered in one go, each answer decided on the
+    /// spot written at once.
+    fn take_in_run(
+        &mut self,
+        peer: &Arc<PeerIdentity>,
+        peer_epoch: u64,
+        run: &crate::a1_callis::frame::MessageBatch,
+    ) {
+        let answers = self.answers.clone();
+        let answer = move |id| AnswerToPeer {
+            queue: answers.clone(),
+            epoch: peer_epoch,
+            id,
+        };
+        let inbound = self.ctx.inbound.clone();
+        inbound.take_in_run(
+            InboundRun {
+                peer,
+                run,
+                answer: &answer,
+            },
+            &mut |id, intake| self.after_intake(peer_epoch, id, intake),
+        );
     }
 
     /// Counts a delivery and writes an answer decided on the spot.

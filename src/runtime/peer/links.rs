@@ -21,7 +21,7 @@ use crate::error::Error;
 use crate::reporting::{CallisKind, PeerCells, Recorder};
 use crate::runtime::Inbound;
 use crate::runtime::budget::{InFlight, InFlightBudget};
-use crate::runtime::completion::Completion;
+use crate::runtime::completion::{Completion, CompletionRing};
 use crate::runtime::ends::BlobCommand;
 use crate::runtime::queue::WakeQueue;
 
@@ -89,6 +89,24 @@ pub(crate) struct SendCmd {
     pub(crate) permit: InFlight,
 }
 
+/// Sends handed over together (a window's batch): one share of the in-flight budget for all
+/// of them and one completion ring, the sends' outcomes going to consecutive tickets from
+/// `first_ticket`. The driver splits it into its sends.
+pub(crate) struct SendBatch {
+    pub(crate) msgs: Vec<QueuedSend>,
+    pub(crate) ring: Arc<CompletionRing>,
+    pub(crate) first_ticket: u64,
+    pub(crate) permit: InFlight,
+}
+
+/// What the send path hands a driver through its send queue: one send, or a batch.
+pub(crate) enum Handover {
+    /// One send.
+    One(SendCmd),
+    /// Many sends through one window.
+    Batch(SendBatch),
+}
+
 /// An answer of a local taberna to delivery `id` of the peer's run `epoch`, through the
 /// peer's answer queue.
 pub(crate) struct QueuedAnswer {
@@ -137,7 +155,7 @@ pub(crate) struct DriverContext {
 /// receiving-stream slots, and the live figures reporting reads.
 pub(crate) struct PeerLinks {
     /// Sends for this peer, queued by the send path.
-    pub(crate) sends: Arc<WakeQueue<SendCmd>>,
+    pub(crate) sends: Arc<WakeQueue<Handover>>,
     pub(crate) blob_tx: mpsc::UnboundedSender<BlobCommand>,
     /// Receiving streams open with this peer (one permit each).
     pub(crate) blob_in_streams: Arc<Semaphore>,
@@ -188,7 +206,7 @@ pub(crate) trait DriverHost: Send + Sync {
     fn forget(
         &self,
         peer: &DomusId,
-        sends: &Arc<WakeQueue<SendCmd>>,
+        sends: &Arc<WakeQueue<Handover>>,
         unreachable: bool,
         shut_down: bool,
     ) -> bool;

@@ -134,15 +134,10 @@ impl SessionPair {
             self.a_events.push(e);
         }
         while let Some(e) = self.b.poll_event() {
-            if let (
-                Some(answer),
-                Event::Arrived {
-                    peer_epoch,
-                    message,
-                },
-            ) = (&self.b_auto, &e)
-            {
-                self.b.answer(*peer_epoch, message.id, answer.clone());
+            if let Some(answer) = &self.b_auto {
+                for (peer_epoch, id) in e.arrivals() {
+                    self.b.answer(peer_epoch, id, answer.clone());
+                }
             }
             self.b_events.push(e);
         }
@@ -267,10 +262,8 @@ impl SessionPair {
     pub fn delivered_ids(&self) -> Vec<u64> {
         self.b_events
             .iter()
-            .filter_map(|e| match e {
-                Event::Arrived { message, .. } => Some(message.id),
-                _ => None,
-            })
+            .flat_map(Event::arrivals)
+            .map(|(_, id)| id)
             .collect()
     }
 
@@ -295,17 +288,7 @@ impl SessionPair {
 
     /// b answers every delivery it has seen with `answer`.
     pub fn answer_all(&mut self, answer: Answer) {
-        let pending: Vec<(u64, u64)> = self
-            .b_events
-            .iter()
-            .filter_map(|e| match e {
-                Event::Arrived {
-                    peer_epoch,
-                    message,
-                } => Some((*peer_epoch, message.id)),
-                _ => None,
-            })
-            .collect();
+        let pending: Vec<(u64, u64)> = self.b_events.iter().flat_map(Event::arrivals).collect();
         for (epoch, id) in pending {
             self.b.answer(epoch, id, answer.clone());
         }
