@@ -181,6 +181,17 @@
 //!   yields their outcomes in order; [`Taberna::recv_many`] drains a burst per wake-up; and
 //!   [`Domus::taberna_inline`] runs a cheap, non-blocking handler on the driver itself (no
 //!   queue, no task switch; a slow one is counted in `inline_handlers_slow`).
+//! * Batches: consecutive messages to one taberna travel as one MESSAGE_BATCH frame (one
+//!   header, ids implicit) and are acknowledged as runs of ids, whatever API sent them; the
+//!   receiver lets a batch through its dedupe window and hands each run of new messages to
+//!   its taberna with one lookup. A burst one already holds goes fastest through
+//!   [`Window::send_many`] (one check, one take of in-flight room and one hand-over per
+//!   stretch that fits the window), and a worker that takes requests with
+//!   [`Taberna::recv_many`] answers them in one push per peer with
+//!   [`taberna::AnswerBatch`]. A taberna whose worker is slow or blocked holds up no other:
+//!   its bounded inbox fills and what more arrives for it is refused `TabernaBusy`, while
+//!   its peer's driver keeps delivering to the others (an inline handler, which runs on the
+//!   driver, must not block).
 //! * Routes are read by every send. A resolver that signals changes
 //!   ([`RouteResolver::changes`]; [`SimpleResolver`] does on every insert and remove) makes
 //!   the domus re-read at once the routes it has used: a peer whose route names it at a new

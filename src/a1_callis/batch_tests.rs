@@ -237,3 +237,47 @@ fn batches_follow_the_destination_and_type_and_never_reorder() {
     record(&mut wire, &buf);
     assert_eq!(message_ids(&wire), ids, "re-encoded, the same messages");
 }
+
+#[test]
+fn an_acceptance_run_is_walked_over_what_is_held_only_and_a_run_past_the_last_id_closes() {
+    use bytes::BufMut;
+    let run = |first: u64, more: u32| {
+        let mut b = BytesMut::new();
+        b.put_u32(frame::ACCEPTED_RUN_LEN as u32);
+        b.put_u8(FrameType::ACCEPTED.0);
+        b.put_u8(0);
+        b.put_u64(first);
+        b.put_u32(more);
+        b
+    };
+    let mut p = Pair::new(SessionConfig::default());
+    let base = 1u64 << 40;
+    p.a = Session::new(SessionConfig::default(), crate::testing::pair::A.into(), 1)
+        .with_first_id(base);
+    p.connect();
+    let ids = send_n(&mut p, 3, b"held");
+    p.pump();
+    // 2^32 ids, all below what a holds: nothing to walk, nothing finishes.
+    p.inject_to_a(&run(1, u32::MAX));
+    p.drain_events();
+    assert!(p.finished().is_empty());
+    assert_eq!(p.a.in_flight(), 3);
+    // A run that starts far below and ends on the middle one finishes the first two.
+    p.inject_to_a(&run(base - 1_000_000, 1_000_001));
+    p.drain_events();
+    assert_eq!(
+        p.finished(),
+        vec![(ids[0], accepted()), (ids[1], accepted())]
+    );
+    // A run past the last id sent is a violation.
+    p.inject_to_a(&run(ids[2], 1));
+    p.drain_events();
+    assert!(
+        p.a_events.iter().any(|e| matches!(
+            e,
+            Event::Close(err) if err.id() == crate::ErrorId::ProtocolViolation
+        )),
+        "{:?}",
+        p.a_events
+    );
+}
