@@ -645,7 +645,8 @@ impl Window {
                 (&ring, first),
             )?;
             if batched {
-                for ticket in (first..).take(stretch.len()) {
+                for k in 0..stretch.len() as u64 {
+                    let ticket = first.wrapping_add(k);
                     self.outstanding.push_back(InWindow::Slot(ticket));
                 }
                 self.next_ticket = first.wrapping_add(stretch.len() as u64);

@@ -249,7 +249,8 @@ impl PeerDriver {
             first_ticket,
             mut permit,
         } = batch;
-        for (ticket, msg) in (first_ticket..).zip(msgs) {
+        let tickets = (0u64..).map(|k| first_ticket.wrapping_add(k));
+        for (ticket, msg) in tickets.zip(msgs) {
             let permit = permit.split(msg.size());
             let done = Completion::slot(ring.clone(), ticket);
             self.handle_send(SendCmd { msg, done, permit });
@@ -392,7 +393,8 @@ impl PeerDriver {
                     first_ticket,
                     ..
                 }) => {
-                    for (ticket, _) in (first_ticket..).zip(msgs) {
+                    let tickets = (0u64..).map(|k| first_ticket.wrapping_add(k));
+                    for (ticket, _) in tickets.zip(msgs) {
                         Completion::slot(ring.clone(), ticket).complete(Err(domus_closed()));
                     }
                 }

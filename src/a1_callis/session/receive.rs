@@ -335,7 +335,9 @@ impl<T> Session<T> {
         // are read here; the payloads are cut when the run is delivered.
         let mut run: Option<(u64, u32, usize)> = None;
         let mut before = 0usize;
-        for (id, size) in (batch.first_id..).zip(batch.entry_sizes()) {
+        // The ids as an inclusive range: a batch may end on id 2^64 - 1 (found by fuzzing:
+        // an open range overflows computing the id after it).
+        for (size, id) in batch.entry_sizes().zip(batch.first_id..=batch.last_id()) {
             if self.link != Link::Open {
                 break;
             }
