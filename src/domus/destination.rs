@@ -69,21 +69,8 @@ fn receipt() -> (Completion, Receipt) {
     )
 }
 
-impl std::fmt::Debug for Resolved {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let target = match &self.target {
-            Target::Local => "local".to_owned(),
-            Target::Remote { id, .. } => id.to_string(),
-        };
-        f.debug_struct("Resolved")
-            .field("target", &target)
-            .field("routes", &self.routes)
-            .finish_non_exhaustive()
-    }
-}
-
 /// A resolution and the generations it is valid for.
-pub(super) struct Resolved {
+struct Resolved {
     routes: u64,
     resolver: u64,
     tabernas: usize,
@@ -119,11 +106,11 @@ impl RouteCache {
         }
     }
 
-    /// The send path through this route. The fast path — a fresh route to a peer with room
-    /// — is synchronous ([`admit_now`](Self::admit_now)) and hands the message over, its
-    /// outcome to the completion `done` makes; only what is left (waiting for room,
-    /// resolving, a local taberna) is one boxed future ([`admit_rest`](Self::admit_rest)),
-    /// which gives a receipt. So the send future stays small.
+    /// The send path through this route. The fast path — a fresh cached route to a peer
+    /// with room — is synchronous and takes no reference count: it reads the cache through a
+    /// guard and hands the message over, its outcome to the completion `done` makes. A fresh
+    /// route without room boxes only the wait for room; everything else (resolving, a local
+    /// taberna) is one boxed future and gives a receipt. So the send future stays small.
     pub(super) async fn admit_with<R: From<Receipt>>(
         &self,
         inner: &Arc<DomusInner>,
@@ -133,85 +120,45 @@ impl RouteCache {
         wait: Wait,
         done: impl FnOnce() -> (Completion, R),
     ) -> Result<R, Error> {
-        match self.admit_now(inner, (msg_type, payload, options), None, done)? {
-            Ok(out) => Ok(out),
-            Err((checked, msg)) => Box::pin(self.admit_rest(inner, checked, msg, wait))
-                .await
-                .map(R::from),
-        }
-    }
-
-    /// The synchronous part of a send: the checks, then — when the route is fresh and names
-    /// a peer with room — the hand-over. `Ok(Err(..))`: checked, not sent; the caller goes on
-    /// with [`admit_rest`](Self::admit_rest). A sender that keeps its own copy of the route
-    /// (`held`: a window's) reads neither the cache nor a reference count while the copy is
-    /// fresh.
-    pub(super) fn admit_now<R>(
-        &self,
-        inner: &Arc<DomusInner>,
-        (msg_type, payload, options): Message,
-        held: Option<&mut Option<Arc<Resolved>>>,
-        done: impl FnOnce() -> (Completion, R),
-    ) -> Result<Result<R, (CheckedSend, QueuedSend)>, Error> {
         let checked = inner.check_send(self.taberna, msg_type, &payload, &options)?;
-        let msg = checked.outgoing(self.taberna, msg_type, payload);
-        let guard;
-        let resolved = match held {
-            Some(held) => {
-                if !held.as_deref().is_some_and(|r| self.fresh(inner, r)) {
-                    *held = self.fresh_cached(inner);
+        let mut msg = checked.outgoing(self.taberna, msg_type, payload);
+        let cached = self.cache.load();
+        let waits_for_room = match cached.as_deref().filter(|r| self.fresh(inner, r)) {
+            Some(Resolved {
+                target: Target::Remote { peer, .. },
+                ..
+            }) => {
+                if let Some(permit) = peer.budget.try_take(msg.size()) {
+                    let (completion, out) = done();
+                    return inner
+                        .hand_over_to(peer, msg, permit, completion)
+                        .map(|()| out);
                 }
-                held.as_deref()
+                true
             }
-            None => {
-                guard = self.cache.load();
-                guard.as_deref().filter(|r| self.fresh(inner, r))
-            }
+            _ => false,
         };
-        if let Some(Resolved {
-            target: Target::Remote { peer, .. },
-            ..
-        }) = resolved
-            && let Some(permit) = peer.budget.try_take(msg.size())
+        let resolved = arc_swap::Guard::into_inner(cached);
+        if let (
+            true,
+            Some(Resolved {
+                target: Target::Remote { id, peer },
+                ..
+            }),
+        ) = (waits_for_room, resolved.as_deref())
         {
-            let (completion, out) = done();
-            return inner
-                .hand_over_to(peer, msg, permit, completion)
-                .map(|()| Ok(out));
+            // Only the wait is boxed (a waiting send costs that allocation and no more), and
+            // the route is held by one reference count. The wait counts against the send's
+            // deadline, which it keeps.
+            let deadline = checked.deadline();
+            msg.deadline = Deadline::At(deadline.into_std());
+            let permit = Box::pin(inner.room_for(peer, id, &msg, wait, deadline)).await?;
+            return inner.hand_over(peer, msg, permit).map(R::from);
         }
-        Ok(Err((checked, msg)))
-    }
-
-    /// What is left of a send [`admit_now`](Self::admit_now) could not finish: wait for room
-    /// at a fresh route's peer, or resolve the route (or send to a local taberna). The wait
-    /// and the resolving count against the send's deadline, which it keeps.
-    pub(super) async fn admit_rest(
-        &self,
-        inner: &Arc<DomusInner>,
-        checked: CheckedSend,
-        mut msg: QueuedSend,
-        wait: Wait,
-    ) -> Result<Receipt, Error> {
-        let deadline = checked.deadline();
-        msg.deadline = Deadline::At(deadline.into_std());
-        let resolved = match self.fresh_cached(inner) {
-            Some(resolved) => resolved,
-            None => self.resolve(inner, deadline).await?,
-        };
-        match &resolved.target {
-            Target::Local => Ok(inner.send_local(
-                self.taberna,
-                checked.source,
-                MessageType(msg.msg_type),
-                msg.payload,
-                checked.timeout,
-                None,
-            )),
-            Target::Remote { id, peer } => {
-                let permit = inner.room_for(peer, id, &msg, wait, deadline).await?;
-                inner.hand_over(peer, msg, permit)
-            }
-        }
+        drop(resolved);
+        Box::pin(self.admit_slow(inner, checked, msg, wait))
+            .await
+            .map(R::from)
     }
 
     /// A window's batch on the fast path: every payload checked, then — when the route is a
@@ -259,6 +206,38 @@ impl RouteCache {
         };
         // Given back (with its room) when the driver is gone: sent one by one then.
         Ok(inner.hand_over_batch(peer, batch).is_ok())
+    }
+
+    /// A send that missed the fast path: no fresh cached route (resolve it), a local taberna,
+    /// or no room at the peer now (wait for it).
+    async fn admit_slow(
+        &self,
+        inner: &Arc<DomusInner>,
+        checked: CheckedSend,
+        mut msg: QueuedSend,
+        wait: Wait,
+    ) -> Result<Receipt, Error> {
+        // Resolving and waiting count against the send's deadline, which it keeps.
+        let deadline = checked.deadline();
+        msg.deadline = Deadline::At(deadline.into_std());
+        let resolved = match self.fresh_cached(inner) {
+            Some(resolved) => resolved,
+            None => self.resolve(inner, deadline).await?,
+        };
+        match &resolved.target {
+            Target::Local => Ok(inner.send_local(
+                self.taberna,
+                checked.source,
+                MessageType(msg.msg_type),
+                msg.payload,
+                checked.timeout,
+                None,
+            )),
+            Target::Remote { id, peer } => {
+                let permit = inner.room_for(peer, id, &msg, wait, deadline).await?;
+                inner.hand_over(peer, msg, permit)
+            }
+        }
     }
 
     /// The cached resolution (a reference count), while it still holds.
@@ -446,36 +425,32 @@ impl Destination {
             outstanding: VecDeque::with_capacity(limit.min(4096)),
             ring: None,
             next_ticket: 0,
-            route: None,
         }
     }
 
     /// A window's send: its outcome goes to the window's ring (nothing allocated for it),
-    /// except off the fast path, which gives a receipt (one boxed future).
-    async fn admit_into(
-        &self,
-        msg: Message,
-        ring: &Arc<CompletionRing>,
+    /// except on the slow path, which gives a receipt.
+    fn admit_into<'a>(
+        &'a self,
+        msg_type: MessageType,
+        payload: Bytes,
+        options: SendOptions,
+        ring: &'a Arc<CompletionRing>,
         ticket: u64,
-        held: &mut Option<Arc<Resolved>>,
-    ) -> Result<InWindow, Error> {
-        let slot = || {
-            (
-                Completion::slot(ring.clone(), ticket),
-                InWindow::Slot(ticket),
-            )
-        };
-        match self.route.admit_now(&self.inner, msg, Some(held), slot)? {
-            Ok(entry) => Ok(entry),
-            Err((checked, msg)) => {
-                Box::pin(
-                    self.route
-                        .admit_rest(&self.inner, checked, msg, Wait::UntilDeadline),
+    ) -> impl Future<Output = Result<InWindow, Error>> + Send + 'a {
+        self.route.admit_with(
+            &self.inner,
+            msg_type,
+            payload,
+            options,
+            Wait::UntilDeadline,
+            move || {
+                (
+                    Completion::slot(ring.clone(), ticket),
+                    InWindow::Slot(ticket),
                 )
-                .await
-                .map(InWindow::Receipt)
-            }
-        }
+            },
+        )
     }
 }
 
@@ -544,8 +519,6 @@ pub struct Window {
     /// send the window may hold; made on the first such send).
     ring: Option<Arc<CompletionRing>>,
     next_ticket: u64,
-    /// The window's own copy of its destination's route, used while it is fresh.
-    route: Option<Arc<Resolved>>,
 }
 
 impl Window {
@@ -583,7 +556,7 @@ impl Window {
         let ticket = self.next_ticket;
         let entry = self
             .destination
-            .admit_into((msg_type, payload, options), ring, ticket, &mut self.route)
+            .admit_into(msg_type, payload, options, ring, ticket)
             .await?;
         self.next_ticket = ticket.wrapping_add(1);
         self.outstanding.push_back(entry);
@@ -658,12 +631,7 @@ impl Window {
                 let ticket = self.next_ticket;
                 let entry = self
                     .destination
-                    .admit_into(
-                        (msg_type, payload, options.clone()),
-                        &ring,
-                        ticket,
-                        &mut self.route,
-                    )
+                    .admit_into(msg_type, payload, options.clone(), &ring, ticket)
                     .await?;
                 self.next_ticket = ticket.wrapping_add(1);
                 self.outstanding.push_back(entry);
