@@ -16,7 +16,7 @@ use tokio::sync::broadcast;
 
 use super::feeds::{CallisKind, Event, SequencedError};
 use super::snapshot::{
-    Counter, CounterCells, Counters, Gauge, Latency, PaddedCell, PeerReport, Snapshot,
+    Counter, CounterCells, Counters, Gauge, Latency, Lines, PeerReport, Snapshot,
 };
 use super::{ERROR_RING_LEN, LATENCY_BUCKETS};
 use crate::a0_transport::DomusId;
@@ -137,8 +137,9 @@ pub(crate) struct Recorder {
     rejected_by: Mutex<BTreeMap<ErrorId, u64>>,
     refused_by: Mutex<BTreeMap<ErrorId, u64>>,
     handshake_failures_by: Mutex<BTreeMap<ErrorId, u64>>,
-    /// Padded like the counters: drivers add to the same buckets at the end of their turns.
-    latency: [PaddedCell; LATENCY_BUCKETS],
+    /// On lines of their own, like the counters: drivers add to them at the end of their
+    /// turns.
+    latency: Lines<[AtomicU64; LATENCY_BUCKETS]>,
     per_peer: Mutex<HashMap<DomusId, Arc<PeerCells>>>,
     /// The domus's listener, once bound.
     listener: std::sync::OnceLock<crate::a0_transport::StatsHandle>,
@@ -198,7 +199,7 @@ impl Recorder {
             rejected_by: Mutex::new(BTreeMap::new()),
             refused_by: Mutex::new(BTreeMap::new()),
             handshake_failures_by: Mutex::new(BTreeMap::new()),
-            latency: std::array::from_fn(|_| PaddedCell::default()),
+            latency: Lines(std::array::from_fn(|_| AtomicU64::new(0))),
             per_peer: Mutex::new(HashMap::new()),
             listener: std::sync::OnceLock::new(),
             crypto_provider: std::sync::OnceLock::new(),
@@ -371,8 +372,8 @@ impl Recorder {
 
     /// Adds `n` answers to latency bucket `bucket` (see [`latency_bucket`]).
     pub(crate) fn add_latency(&self, bucket: usize, n: u64) {
-        if let Some(cell) = self.latency.get(bucket) {
-            cell.0.fetch_add(n, Ordering::Relaxed);
+        if let Some(cell) = self.latency.0.get(bucket) {
+            cell.fetch_add(n, Ordering::Relaxed);
         }
     }
 
@@ -430,8 +431,9 @@ impl Recorder {
         let totals = self.counters.load();
         let buckets: Vec<u64> = self
             .latency
+            .0
             .iter()
-            .map(|b| b.0.load(Ordering::Relaxed))
+            .map(|b| b.load(Ordering::Relaxed))
             .collect();
         let rejected_total = self
             .rejected_by
@@ -529,8 +531,9 @@ impl Recorder {
     pub(super) fn latency_totals(&self) -> Latency {
         latency_of(
             self.latency
+                .0
                 .iter()
-                .map(|b| b.0.load(Ordering::Relaxed))
+                .map(|b| b.load(Ordering::Relaxed))
                 .collect(),
         )
     }

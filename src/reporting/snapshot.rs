@@ -13,10 +13,13 @@ use std::time::Duration;
 use crate::a0_transport::DomusId;
 use crate::error::ErrorId;
 
-/// An atomic counter alone on its cache line (128 bytes: x86 fetches lines in pairs).
+/// Atomic cells that start on a cache line of their own and share it with nothing else of
+/// the recorder's (128 bytes: x86 fetches lines in pairs). The cells inside stay contiguous:
+/// every driver adds to the same ones at the end of its turns (true sharing, once per turn),
+/// and padding each would cost kilobytes per domus for nothing.
 #[derive(Default)]
 #[repr(align(128))]
-pub(super) struct PaddedCell(pub(super) AtomicU64);
+pub(super) struct Lines<T>(pub(super) T);
 
 macro_rules! counters {
     ($( $(#[$doc:meta])* $name:ident, )*) => {
@@ -29,17 +32,19 @@ macro_rules! counters {
             $( $(#[$doc])* pub $name: u64, )*
         }
 
-        /// One cell per counter, each on a cache line of its own: the drivers of different
-        /// peers, on different cores, add to them at the end of their turns, and cells that
-        /// shared a line would make each add wait for the line to move between cores.
+        /// One cell per counter, the block on cache lines of its own (see [`Lines`]):
+        /// nothing the recorder reads on every call shares a line with them.
         #[derive(Default)]
-        pub(super) struct CounterCells {
-            $( $name: PaddedCell, )*
+        pub(super) struct CounterCells(Lines<CounterBlock>);
+
+        #[derive(Default)]
+        pub(super) struct CounterBlock {
+            $( $name: AtomicU64, )*
         }
 
         impl CounterCells {
             pub(super) fn load(&self) -> Counters {
-                Counters { $( $name: self.$name.0.load(Ordering::Relaxed), )* }
+                Counters { $( $name: self.0.0.$name.load(Ordering::Relaxed), )* }
             }
         }
 
@@ -61,7 +66,7 @@ macro_rules! counters {
 
         impl CounterCells {
             pub(super) fn cell(&self, c: Counter) -> &AtomicU64 {
-                match c { $( Counter::$name => &self.$name.0, )* }
+                match c { $( Counter::$name => &self.0.0.$name, )* }
             }
         }
     };

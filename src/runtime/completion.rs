@@ -25,6 +25,7 @@ pub(crate) struct Completion(Option<To>);
 enum To {
     Oneshot(oneshot::Sender<Outcome>),
     Slot(Arc<CompletionRing>, u64),
+    Single(Arc<Single>),
 }
 
 impl Completion {
@@ -93,6 +94,16 @@ impl To {
                 let _ = tx.send(outcome);
             }
             To::Slot(ring, ticket) => ring.complete(ticket, outcome),
+            To::Single(single) => {
+                let waker = {
+                    let mut state = single.lock();
+                    state.outcome = Some(outcome);
+                    state.waker.take()
+                };
+                if let Some(waker) = waker {
+                    waker.wake();
+                }
+            }
         }
     }
 }
@@ -105,60 +116,87 @@ impl Drop for Completion {
     }
 }
 
-/// The completion of one send that its caller awaits by itself (a receipt's): a ring of one
-/// slot, taken from a small pool of this thread's and given back to it when the receipt is
-/// dropped, so a steady stream of sends allocates nothing for their outcomes. Given back
-/// only when nothing else holds it (the driver dropped its completion): then no outcome of
-/// an earlier send can reach it.
-pub(crate) struct SingleSlot(Option<Arc<CompletionRing>>);
+/// The completion of one send that its caller awaits by itself (a receipt's): one
+/// allocation holding the outcome and the waiter's waker, taken from a small pool of this
+/// thread's and given back to it when the receipt is dropped, so a steady stream of sends
+/// allocates nothing for their outcomes. Given back only when nothing else holds it (the
+/// driver dropped its completion): then no outcome of an earlier send can reach it.
+pub(crate) struct SingleSlot(Option<Arc<Single>>);
 
-/// Rings of one slot a thread keeps for reuse.
+/// What a [`SingleSlot`] and its completion share.
+pub(crate) struct Single {
+    state: Mutex<SingleState>,
+}
+
+#[derive(Default)]
+struct SingleState {
+    outcome: Option<Outcome>,
+    waker: Option<Waker>,
+}
+
+impl Single {
+    fn lock(&self) -> MutexGuard<'_, SingleState> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+/// Slots a thread keeps for reuse.
 const SINGLE_POOL: usize = 256;
 
 thread_local! {
-    static SINGLES: std::cell::RefCell<Vec<Arc<CompletionRing>>> =
+    static SINGLES: std::cell::RefCell<Vec<Arc<Single>>> =
         const { std::cell::RefCell::new(Vec::new()) };
 }
 
 impl SingleSlot {
     /// A slot and the completion that fills it.
     pub(crate) fn new() -> (Completion, SingleSlot) {
-        let ring = SINGLES
+        let single = SINGLES
             .with(|pool| pool.borrow_mut().pop())
-            .unwrap_or_else(|| Arc::new(CompletionRing::new(1)));
-        (Completion::slot(ring.clone(), 0), SingleSlot(Some(ring)))
+            .unwrap_or_else(|| {
+                Arc::new(Single {
+                    state: Mutex::new(SingleState::default()),
+                })
+            });
+        (
+            Completion(Some(To::Single(single.clone()))),
+            SingleSlot(Some(single)),
+        )
     }
 
     /// The outcome when it has come; otherwise `cx` is woken when it does.
     pub(crate) fn poll(&self, cx: &mut Context<'_>) -> std::task::Poll<Outcome> {
-        let Some(ring) = &self.0 else {
+        let Some(single) = &self.0 else {
             return std::task::Poll::Ready(Err(domus_closed()));
         };
-        let mut taker = ring.taker();
-        match taker.take(0) {
-            Some(outcome) => std::task::Poll::Ready(outcome),
-            None => {
-                taker.wait_for(0, cx);
-                std::task::Poll::Pending
-            }
+        let mut state = single.lock();
+        if let Some(outcome) = state.outcome.take() {
+            return std::task::Poll::Ready(outcome);
         }
+        if !state
+            .waker
+            .as_ref()
+            .is_some_and(|w| w.will_wake(cx.waker()))
+        {
+            state.waker = Some(cx.waker().clone());
+        }
+        std::task::Poll::Pending
     }
 }
 
 impl Drop for SingleSlot {
     fn drop(&mut self) {
-        let Some(mut ring) = self.0.take() else {
+        let Some(mut single) = self.0.take() else {
             return;
         };
         // Only this handle holds it: clear it and keep it for the thread's next send.
-        if let Some(only) = Arc::get_mut(&mut ring) {
-            let inner = only.inner.get_mut().unwrap_or_else(PoisonError::into_inner);
-            inner.waiting = None;
-            inner.slots.iter_mut().for_each(|s| *s = None);
+        if let Some(only) = Arc::get_mut(&mut single) {
+            let state = only.state.get_mut().unwrap_or_else(PoisonError::into_inner);
+            *state = SingleState::default();
             SINGLES.with(|pool| {
                 let mut pool = pool.borrow_mut();
                 if pool.len() < SINGLE_POOL {
-                    pool.push(ring);
+                    pool.push(single);
                 }
             });
         }
@@ -326,7 +364,7 @@ mod tests {
         let (wakes, waker) = Counter::waker();
         let mut cx = Context::from_waker(&waker);
         let (done, slot) = SingleSlot::new();
-        let first = slot.0.clone().expect("ring");
+        let first = slot.0.clone().expect("slot");
         assert!(slot.poll(&mut cx).is_pending());
         done.complete(Ok(Delivery::Accepted));
         assert_eq!(wakes.count(), 1);
@@ -335,7 +373,7 @@ mod tests {
         drop(slot);
         // The next send on this thread takes the same ring, cleared.
         let (done, slot) = SingleSlot::new();
-        let again = slot.0.clone().expect("ring");
+        let again = slot.0.clone().expect("slot");
         assert!(
             slot.poll(&mut cx).is_pending(),
             "no outcome of the last send"
@@ -345,7 +383,7 @@ mod tests {
         drop(slot);
         let (_other_done, other) = SingleSlot::new();
         assert!(
-            !Arc::ptr_eq(other.0.as_ref().expect("ring"), &again),
+            !Arc::ptr_eq(other.0.as_ref().expect("slot"), &again),
             "a ring the driver still holds is not handed out again"
         );
         done.complete(Ok(Delivery::Replied("late".into())));
