@@ -190,6 +190,7 @@ pub enum SendEnd {
 /// What the session tells its driver. `T` is the token each send carried (see
 /// [`Session`]).
 #[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
 pub enum Event<T = ()> {
     /// HELLO exchanged; the callis is open. `restarted` when the peer's epoch changed since
     /// the previous callis.
