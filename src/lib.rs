@@ -198,8 +198,10 @@
 //!   address is dialled there, abandoning a dial to the old one, and the messages waiting for
 //!   it are replayed on the new callis. A route that names no identity never moves a peer
 //!   (its address may lead to another domus); an open callis is kept (it works).
-//! * The typed layer ([`MessageCodec`], [`Domus::send_typed`]) encodes and decodes around the
-//!   byte API.
+//! * The typed layer ([`MessageCodec`], [`Domus::send_typed`], [`Taberna::recv_typed`])
+//!   encodes and decodes around the byte API: a request that does not decode is refused with
+//!   `DecodeFailure` before a handler sees it. With feature `serde`, `vicus::codec::Cbor<T>`
+//!   and `vicus::codec::Json<T>` are ready codecs for any serde type.
 //!
 //! ## Flow control
 //!
@@ -383,6 +385,8 @@ mod runtime;
 pub mod services;
 pub mod taberna;
 
+#[cfg(feature = "serde")]
+pub mod codec;
 #[cfg(feature = "dev-certs")]
 pub mod dev_certs;
 #[cfg(feature = "test-util")]
@@ -409,4 +413,4 @@ pub use resolve::{
 pub use resolve::{DnsSrvConfig, DnsSrvResolver};
 #[cfg(feature = "file-resolver")]
 pub use resolve::{FileResolver, FileWatchHandle, RouteTable, RoutesFile};
-pub use taberna::{MessageType, Taberna, TabernaId, TabernaOptions, TabernaRequest};
+pub use taberna::{MessageType, Taberna, TabernaId, TabernaOptions, TabernaRequest, TypedRequest};

@@ -69,15 +69,7 @@ fn check_not_reserved(id: TabernaId) -> Result<(), Error> {
     Ok(())
 }
 
-/// Encodes and decodes application messages for the typed layer ([`Domus::send_typed`]).
-pub trait MessageCodec: Send + Sync + 'static {
-    /// The message type.
-    type Message: Send + 'static;
-    /// Encodes a message.
-    fn encode(&self, message: &Self::Message) -> Result<Bytes, Error>;
-    /// Decodes a message.
-    fn decode(&self, bytes: &Bytes) -> Result<Self::Message, Error>;
-}
+pub use crate::taberna::MessageCodec;
 
 /// The state of one domus behind every handle on it ([`Domus`], [`WeakDomus`],
 /// [`ConfigHandle`], destinations, windows, and its drivers' [`DomusHost`](peers::DomusHost)):

@@ -18,7 +18,9 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use crate::a0_transport::DomusId;
-use crate::a1_callis::session::{A1_MESSAGE_TYPE_MAX, A3_MESSAGE_TYPE_BASE};
+use bytes::Bytes;
+
+use crate::a1_callis::session::{A1_MESSAGE_TYPE_MAX, A3_MESSAGE_TYPE_BASE, Answer};
 use crate::error::{Error, ErrorId};
 
 mod inline;
@@ -198,7 +200,56 @@ impl fmt::Debug for Taberna {
     }
 }
 
+/// Encodes and decodes application messages for the typed layer:
+/// [`Domus::send_typed`](crate::Domus::send_typed) on the sending side, [`Taberna::recv_typed`] and
+/// [`TypedRequest::reply_typed`] on the receiving side. Ready ones for serde types:
+/// `vicus::codec::{Cbor, Json}` (feature `serde`).
+pub trait MessageCodec: Send + Sync + 'static {
+    /// The message type.
+    type Message: Send + 'static;
+    /// Encodes a message.
+    fn encode(&self, message: &Self::Message) -> Result<Bytes, Error>;
+    /// Decodes a message.
+    fn decode(&self, bytes: &Bytes) -> Result<Self::Message, Error>;
+}
+
+/// A request whose payload a codec decoded, from [`Taberna::recv_typed`]: the message, and
+/// the request itself to answer (with its sender, its payload and any blob).
+#[derive(Debug)]
+#[non_exhaustive]
+pub struct TypedRequest<M> {
+    /// The decoded payload.
+    pub message: M,
+    /// The request, to answer exactly once.
+    pub request: TabernaRequest,
+}
+
+impl<M> TypedRequest<M> {
+    /// Answers with `reply` encoded by `codec`. A reply that does not encode is not sent:
+    /// the error comes back here, and the request, dropped unanswered, is rejected with
+    /// `RequestDropped`.
+    pub fn reply_typed<C: MessageCodec>(self, codec: &C, reply: &C::Message) -> Result<(), Error> {
+        let bytes = codec.encode(reply)?;
+        self.request.reply(bytes);
+        Ok(())
+    }
+}
+
 impl Taberna {
+    /// The next request whose payload `codec` decodes, with its message; `None` once the
+    /// domus shut down. A request that does not decode is refused at once with
+    /// [`ErrorId::DecodeFailure`] (the sender's send fails with that id, the reason saying
+    /// what did not decode) and never handed out.
+    pub async fn recv_typed<C: MessageCodec>(&self, codec: &C) -> Option<TypedRequest<C::Message>> {
+        loop {
+            let mut request = self.recv().await?;
+            match codec.decode(request.payload()) {
+                Ok(message) => return Some(TypedRequest { message, request }),
+                Err(e) => request.finish(Answer::refusal(ErrorId::DecodeFailure, e.message())),
+            }
+        }
+    }
+
     /// Its id.
     pub fn id(&self) -> TabernaId {
         self.id
