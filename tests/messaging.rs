@@ -2060,6 +2060,10 @@ async fn t02_a_certificate_that_expires_under_an_open_callis_ends_its_use_by_max
                 .await;
             match out {
                 Ok(out) => assert_eq!(out, Delivery::Replied(Bytes::from_static(b"echo:2"))),
+                // Written on the old callis as it closed: its outcome is honestly unknown
+                // (it ends at its deadline, as any send in flight through a close with no
+                // callis after it). The sends after it are the ones that must fail at once.
+                Err(err) if err.id() == ErrorId::SendTimeout && err.outcome_unknown() => {}
                 Err(err) => break err,
             }
             assert!(
