@@ -297,6 +297,15 @@
 //! exporter; it logs through `tracing` (warnings a peer can trigger are rate-limited per kind
 //! and say how many were suppressed).
 //!
+//! * "Why" events: the decisions users ask about are `tracing` events at debug level with
+//!   target `vicus::why` and a `why` field naming the decision — `refused` (deliveries refused
+//!   before a handler saw them: `taberna`, `peer`, `error` such as `Forbidden` or
+//!   `UnknownTaberna`, `reason`, `messages`), `queue_overrun` (a taberna's inbox full:
+//!   `taberna`, `peer`, `depth`), `replica_chosen` (one of several replicas picked: `taberna`,
+//!   `chosen`, `at`, `candidates`, `skipped_unreachable`), `failover` (a message its peer
+//!   never received moved to another replica: `taberna`, `from`, `to`) and `route_change`
+//!   (the resolver signalled new routes). Turn them on with a filter such as
+//!   `vicus::why=debug`.
 //! * `snapshot()` / `snapshot_and_reset()`: counters as deltas since the last reset (and
 //!   totals), gauges with their peak since the last reset, send-to-answer latency (p50, p90,
 //!   p99 from power-of-two buckets), rejections of our sends (`rejected_by`), messages from

@@ -31,7 +31,18 @@ impl DomusInner {
         else {
             return Err(send);
         };
-        move_send(&self.peer_routed(&to, Some(addr), Some(taberna)), send)
+        let moved = move_send(&self.peer_routed(&to, Some(addr), Some(taberna)), send);
+        if moved.is_ok() {
+            tracing::debug!(
+                target: "vicus::why",
+                why = "failover",
+                taberna = taberna.0,
+                from = %from,
+                to = %to,
+                "a message its peer never received went to another replica"
+            );
+        }
+        moved
     }
 
     /// The candidates of `taberna` other than `from` that a send may move to now (see

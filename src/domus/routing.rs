@@ -37,6 +37,11 @@ pub(super) async fn follow_routes(
             return;
         }
         inner.routing.bump();
+        tracing::debug!(
+            target: "vicus::why",
+            why = "route_change",
+            "the resolver signalled a route change: cached routes are resolved again"
+        );
         let routed = inner.peers.routed();
         for (taberna, peer) in routed {
             let deadline = tokio::time::Instant::now() + inner.config.load().resolve_timeout;
@@ -263,9 +268,20 @@ impl DomusInner {
             .peers
             .unreachable(candidates, tokio::time::Instant::now());
         let reachable = |c: &Candidate| !unreachable.contains(&&c.route);
-        choose(candidates, reachable, rand_u64())
+        let chosen = choose(candidates, reachable, rand_u64())
             .map(|c| c.route.clone())
-            .ok_or_else(no_candidate)
+            .ok_or_else(no_candidate)?;
+        tracing::debug!(
+            target: "vicus::why",
+            why = "replica_chosen",
+            taberna = taberna.0,
+            chosen = ?chosen.identity,
+            at = %chosen.addr,
+            candidates = candidates.len(),
+            skipped_unreachable = unreachable.len(),
+            "one of the taberna's replicas was chosen by weight among those reachable"
+        );
+        Ok(chosen)
     }
 
     /// Starts the resolver's lookup for `taberna` and polls it once: an in-memory resolver

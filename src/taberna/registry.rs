@@ -33,6 +33,7 @@ impl Inbound for Registry {
             let entries = self.entries.load();
             let refused = |error: ErrorId, reason: &str| {
                 self.recorder.refused(error);
+                why_refused(TabernaId(m.dst), m.peer.id(), error, reason, 1);
                 Intake::Answered(Answer::refusal(error, reason))
             };
             let Some(entry) = entries.get(&TabernaId(m.dst)) else {
@@ -107,6 +108,7 @@ impl Registry {
                 ErrorId::UnknownTaberna,
                 "no such taberna on the receiving domus",
             ));
+            why_refused(dst, run.peer.id(), error, reason, batch.len());
             for m in batch.iter() {
                 self.recorder.refused(error);
                 intake(m.id, Intake::Answered(Answer::refusal(error, reason)));
@@ -153,6 +155,21 @@ impl Registry {
             }
         }
     }
+}
+
+/// The "why" event of deliveries refused before any handler saw them (target `vicus::why`,
+/// debug level): which taberna, which peer, the error and the reason, and how many messages.
+fn why_refused(taberna: TabernaId, peer: &DomusId, error: ErrorId, reason: &str, messages: usize) {
+    tracing::debug!(
+        target: "vicus::why",
+        why = "refused",
+        taberna = taberna.0,
+        peer = %peer,
+        error = error.name(),
+        reason,
+        messages,
+        "deliveries refused before any handler saw them"
+    );
 }
 
 /// The table of local tabernas. Its keys are this domus's own registrations (a peer only
@@ -373,6 +390,7 @@ impl Registry {
             if remote {
                 self.recorder.refused(error);
             }
+            why_refused(request.destination, request.peer.id(), error, reason, 1);
             request.finish(Answer::refusal(error, reason));
         };
         let depth = entry
@@ -381,6 +399,14 @@ impl Registry {
             .unwrap_or_else(|| self.default_depth.load(Ordering::Relaxed));
         if inbox.len() >= depth {
             self.recorder.inc(Counter::queue_overruns_inbox);
+            tracing::debug!(
+                target: "vicus::why",
+                why = "queue_overrun",
+                taberna = request.destination.0,
+                peer = %request.peer.id(),
+                depth,
+                "the taberna's inbox is full: the delivery is refused TabernaBusy"
+            );
             self.recorder.event(Event::QueueOverrun {
                 taberna: request.destination.0,
             });
@@ -466,6 +492,7 @@ impl Registry {
             if remote {
                 self.recorder.refused(error);
             }
+            why_refused(request.destination, request.peer.id(), error, reason, 1);
             request.finish(Answer::refusal(error, reason));
         };
         let refusal = {
