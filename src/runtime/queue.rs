@@ -10,7 +10,7 @@
 //! Bounded by its producers: sends hold in-flight room (the peer's budget), answers belong to
 //! deliveries inside the peer's dedupe window.
 
-use std::sync::{Mutex, PoisonError};
+use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::task::{Context, Waker};
 
 /// See the module docs.
@@ -44,21 +44,11 @@ impl<T> WakeQueue<T> {
     /// Queues `item` for the driver, waking it if it found the queue empty the last time it
     /// looked. Gives the item back when the driver is gone.
     pub(crate) fn push(&self, item: T) -> Result<(), T> {
-        let wake = {
-            let mut inner = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
-            if inner.closed {
-                return Err(item);
-            }
-            inner.items.push(item);
-            if std::mem::take(&mut inner.armed) {
-                inner.waker.clone()
-            } else {
-                None
-            }
+        let Some(mut inner) = self.open() else {
+            return Err(item);
         };
-        if let Some(waker) = wake {
-            waker.wake();
-        }
+        inner.items.push(item);
+        Self::wake_if_armed(inner);
         Ok(())
     }
 
@@ -68,26 +58,36 @@ impl<T> WakeQueue<T> {
         if items.is_empty() {
             return Ok(());
         }
-        let wake = {
-            let mut inner = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
-            if inner.closed {
-                return Err(());
-            }
-            if inner.items.is_empty() {
-                std::mem::swap(&mut inner.items, items);
-            } else {
-                inner.items.append(items);
-            }
-            if std::mem::take(&mut inner.armed) {
-                inner.waker.clone()
-            } else {
-                None
-            }
+        let Some(mut inner) = self.open() else {
+            return Err(());
         };
+        if inner.items.is_empty() {
+            std::mem::swap(&mut inner.items, items);
+        } else {
+            inner.items.append(items);
+        }
+        Self::wake_if_armed(inner);
+        Ok(())
+    }
+
+    /// The queue, locked, unless the driver is gone.
+    fn open(&self) -> Option<MutexGuard<'_, Inner<T>>> {
+        let inner = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
+        (!inner.closed).then_some(inner)
+    }
+
+    /// After a push: wakes the driver (outside the lock) when it found the queue empty the
+    /// last time it looked.
+    fn wake_if_armed(mut inner: MutexGuard<'_, Inner<T>>) {
+        let wake = if std::mem::take(&mut inner.armed) {
+            inner.waker.clone()
+        } else {
+            None
+        };
+        drop(inner);
         if let Some(waker) = wake {
             waker.wake();
         }
-        Ok(())
     }
 
     /// Moves everything queued into `out` (which the caller drains and reuses); when nothing
