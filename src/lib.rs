@@ -398,6 +398,8 @@ pub mod taberna;
 pub mod codec;
 #[cfg(feature = "dev-certs")]
 pub mod dev_certs;
+#[cfg(feature = "http-gateway")]
+pub mod gateway;
 #[cfg(feature = "test-util")]
 pub mod testing;
 #[cfg(feature = "watch")]
