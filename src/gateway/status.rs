@@ -284,6 +284,34 @@ mod tests {
         assert_eq!(row(ErrorId::PeerUnavailable), 502);
     }
 
+    /// The table in the module docs of `gateway` is the code's: every id is in exactly one
+    /// row, the row of its status.
+    #[test]
+    fn the_documented_table_is_this_map() {
+        let docs = include_str!("mod.rs");
+        let mut seen = std::collections::HashMap::new();
+        for line in docs.lines().filter_map(|l| l.strip_prefix("//! | ")) {
+            let mut cells = line.split(" | ");
+            let Some(status) = cells.next().and_then(|c| c.get(..3)?.parse::<u16>().ok()) else {
+                continue;
+            };
+            let ids = cells.next().unwrap_or_default();
+            for &id in ErrorId::ALL {
+                if ids.contains(&format!("`{}`", id.name())) {
+                    assert!(seen.insert(id, status).is_none(), "{id} is in two rows");
+                }
+            }
+        }
+        for &id in ErrorId::ALL {
+            let documented = seen.get(&id).copied();
+            assert_eq!(documented, Some(status_of(id).0.as_u16()), "{id}'s row");
+            let retry_row = docs.lines().any(|l| {
+                l.starts_with("//! | 503 + `Retry-After") && l.contains(&format!("`{}`", id.name()))
+            });
+            assert_eq!(retry_row, status_of(id).1, "{id}'s Retry-After");
+        }
+    }
+
     #[test]
     fn bodies_carry_the_id_and_say_when_the_outcome_is_unknown() {
         let e = Error::new(ErrorId::SendTimeout, "internal detail: 10.0.0.7:7000");
