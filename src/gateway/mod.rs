@@ -219,7 +219,9 @@ impl GatewayConfig {
         self
     }
 
-    fn validate(&self) -> Result<(), Error> {
+    /// Checks every field against its range (what [`Gateway::new`] does); `InvalidConfig`
+    /// naming the field.
+    pub fn validate(&self) -> Result<(), Error> {
         let bad = |field: &str, problem: String| {
             Err(Error::new(
                 ErrorId::InvalidConfig,
