@@ -1125,6 +1125,7 @@ mod tests {
         assert_eq!(raw.taberna.len(), 4);
         assert_eq!(raw.route.len(), 1);
         assert!(raw.tls.get_ref().watch);
+        assert!(raw.http.is_some());
     }
 
     #[test]
