@@ -229,6 +229,23 @@ async fn every_status_a_send_can_reach() {
             unreachable.1
         );
 
+        // Every error is JSON, the router's own too.
+        let wrong_method = client()
+            .get(format!("http://{addr}/tabernas/1"))
+            .send()
+            .await
+            .expect("get");
+        assert_eq!(wrong_method.status().as_u16(), 405);
+        let no_route = client()
+            .get(format!("http://{addr}/nowhere"))
+            .send()
+            .await
+            .expect("get");
+        assert_eq!(no_route.status().as_u16(), 404);
+        let body: serde_json::Value =
+            serde_json::from_slice(&no_route.bytes().await.expect("body")).unwrap_or_default();
+        assert_eq!(body["error"], "NotFound");
+
         // /healthz is open and says ok.
         let health = client()
             .get(format!("http://{addr}/healthz"))
@@ -627,6 +644,27 @@ async fn a_body_that_never_finishes_is_cut_at_the_deadline_and_nothing_leaks() {
             end.is_err(),
             "the taberna's reader must see the cancel, not an end"
         );
+    })
+    .await;
+}
+
+/// `serve` bounds what comes before the gateway sees a request: a client that sends half a
+/// request head, or nothing at all, is disconnected after `header_read_timeout`.
+#[tokio::test]
+async fn a_request_head_that_never_finishes_is_cut_by_serve() {
+    within(async {
+        let (_mesh, gw) = mesh().await;
+        let mut config = GatewayConfig::default();
+        config.header_read_timeout = Duration::from_millis(300);
+        let (gateway, addr) = serve(&gw, config).await;
+        let mut half = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        half.write_all(b"POST /tabernas/1 HTTP/1.1\r\nHost: x\r\n")
+            .await
+            .expect("write");
+        let mut silent = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        assert!(closed_within(&mut half, Duration::from_secs(5)).await);
+        assert!(closed_within(&mut silent, Duration::from_secs(5)).await);
+        assert_eq!(gateway.in_flight(), 0);
     })
     .await;
 }

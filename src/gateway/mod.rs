@@ -58,7 +58,8 @@
 //! | 400 | `InvalidMessageType`, `DecodeFailure` | `BadRequest` (taberna id not a number, `Vicus-Blob` not base64, body broken off) |
 //! | 401 | | `Unauthorized` (+ `WWW-Authenticate: Bearer`) |
 //! | 403 | `Forbidden` | |
-//! | 404 | `UnknownTaberna` | `NotFound` |
+//! | 404 | `UnknownTaberna` | `NotFound` (no such route; `/metrics` without a renderer) |
+//! | 405 | | `MethodNotAllowed` |
 //! | 408 | | `RequestTimeout` (body not complete within `request_timeout`; `Connection: close`) |
 //! | 413 | `PayloadTooLarge` (also a body over `max_message_len` / `max_blob_len`) | |
 //! | 415 | `MessageTypeNotAccepted` | |
@@ -130,6 +131,9 @@ pub const MESSAGE_TYPE_HEADER: &str = "vicus-message-type";
 pub const BLOB_HEADER: &str = "vicus-blob";
 /// The response header of a `202` that names the detached send on the event feed.
 pub const REQUEST_ID_HEADER: &str = "vicus-request-id";
+
+/// The most a message body's buffer reserves before bytes arrive.
+const INITIAL_BODY_CAPACITY: usize = 64 << 10;
 
 /// Renders the metrics text served at `GET /metrics` (e.g. a Prometheus recorder's
 /// `PrometheusHandle::render`).
@@ -311,6 +315,8 @@ impl Gateway {
             .route("/tabernas/{id}", post(post_taberna))
             .route("/healthz", get(healthz))
             .route("/metrics", get(metrics))
+            .fallback(not_found)
+            .method_not_allowed_fallback(method_not_allowed)
             .layer(DefaultBodyLimit::disable())
             .with_state(self.shared.clone())
     }
@@ -348,6 +354,17 @@ fn authorized(shared: &Shared, headers: &HeaderMap) -> bool {
         headers
             .get(header::AUTHORIZATION)
             .map(HeaderValue::as_bytes),
+    )
+}
+
+async fn not_found() -> Response {
+    refusal(GatewayRefusal::NotFound, "no such route")
+}
+
+async fn method_not_allowed() -> Response {
+    refusal(
+        GatewayRefusal::MethodNotAllowed,
+        "use POST for /tabernas/{id}, GET for /healthz and /metrics",
     )
 }
 
@@ -598,10 +615,13 @@ async fn send_message(shared: &Shared, head: Head, body: Body, deadline: Instant
         // sends the body at all.
         return too_large("body (max_message_len)", limit_u64);
     }
+    // A declared length never drives allocation (T13): a client that announces 1 MiB and
+    // trickles bytes holds only what it sent.
     let mut payload = BytesMut::with_capacity(
         head.content_length
             .map_or(0, |n| usize::try_from(n).unwrap_or(limit))
-            .min(limit),
+            .min(limit)
+            .min(INITIAL_BODY_CAPACITY),
     );
     let mut stream = body.into_data_stream();
     loop {

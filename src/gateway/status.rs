@@ -113,6 +113,8 @@ pub enum GatewayRefusal {
     Unauthorized,
     /// 404: no such route (also `GET /metrics` when no renderer is configured).
     NotFound,
+    /// 405: the route exists, not with this method.
+    MethodNotAllowed,
     /// 408: the request body did not arrive within `request_timeout` (a blob's body: no
     /// byte for `request_timeout`). Nothing was delivered (a blob begun is cancelled).
     RequestTimeout,
@@ -130,6 +132,7 @@ impl GatewayRefusal {
             Self::BadRequest => "BadRequest",
             Self::Unauthorized => "Unauthorized",
             Self::NotFound => "NotFound",
+            Self::MethodNotAllowed => "MethodNotAllowed",
             Self::RequestTimeout => "RequestTimeout",
             Self::GatewayBusy => "GatewayBusy",
             Self::GatewayTimeout => "GatewayTimeout",
@@ -142,6 +145,7 @@ impl GatewayRefusal {
             Self::BadRequest => (StatusCode::BAD_REQUEST, false),
             Self::Unauthorized => (StatusCode::UNAUTHORIZED, false),
             Self::NotFound => (StatusCode::NOT_FOUND, false),
+            Self::MethodNotAllowed => (StatusCode::METHOD_NOT_ALLOWED, false),
             Self::RequestTimeout => (StatusCode::REQUEST_TIMEOUT, false),
             Self::GatewayBusy => (StatusCode::SERVICE_UNAVAILABLE, true),
             Self::GatewayTimeout => (StatusCode::GATEWAY_TIMEOUT, false),
