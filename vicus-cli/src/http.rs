@@ -27,8 +27,8 @@ pub const DEFAULT_HTTP_BIND: &str = "127.0.0.1:7080";
 /// The longest token file read.
 const MAX_TOKEN_FILE_LEN: u64 = 64 << 10;
 
-/// `[http]` as written.
-#[derive(Debug, Deserialize)]
+/// `[http]` as written (`Debug` leaves the tokens out).
+#[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawHttp {
     bind: Option<Spanned<String>>,
@@ -38,6 +38,25 @@ pub struct RawHttp {
     request_timeout: Option<Spanned<String>>,
     #[serde(default)]
     detailed_errors: bool,
+}
+
+impl std::fmt::Debug for RawHttp {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RawHttp")
+            .field("bind", &self.bind)
+            .field(
+                "tokens",
+                &self
+                    .tokens
+                    .as_ref()
+                    .map(|t| format!("[{} redacted]", t.get_ref().len())),
+            )
+            .field("token_file", &self.token_file)
+            .field("max_concurrent", &self.max_concurrent)
+            .field("request_timeout", &self.request_timeout)
+            .field("detailed_errors", &self.detailed_errors)
+            .finish()
+    }
 }
 
 /// `[http]` checked.

@@ -1129,6 +1129,21 @@ mod tests {
     }
 
     #[test]
+    fn http_tokens_are_never_in_the_configs_debug() {
+        let text = "bind = \"127.0.0.1:0\"\n[tls]\nca = \"a\"\ncert = \"b\"\nkey = \"c\"\n\
+                    [http]\ntokens = [\"canary-token-0123456789\"]\n";
+        let raw: RawConfig = toml::from_str(text).expect("parses");
+        assert!(!format!("{raw:?}").contains("canary"), "{raw:?}");
+        let http = crate::http::check(
+            raw.http.expect("[http]").into_inner(),
+            &|_, m| CliError::new(m),
+            &|v| PathBuf::from(v),
+        )
+        .expect("checked");
+        assert!(!format!("{http:?}").contains("canary"), "{http:?}");
+    }
+
+    #[test]
     fn heads_escape_what_a_terminal_would_interpret() {
         assert_eq!(
             head(b"hi \x1b[31m\"x\"\n"),
