@@ -380,9 +380,10 @@
 //! * Bounded: bodies by `max_message_len` (a `Content-Length` over it is refused before the
 //!   body is read) and `max_blob_len`, requests at once by `max_concurrent` (503 +
 //!   `Retry-After` past it), each request by `request_timeout` (408 for a body that does not
-//!   arrive; the send's timeout is capped by what is left). Access: optional bearer tokens,
-//!   compared in constant time and never printed. No TLS on the HTTP side: keep it on
-//!   loopback or behind a TLS-terminating proxy.
+//!   arrive; the send's timeout is capped by what is left). Access: bearer tokens, compared
+//!   in constant time and never printed, or HTTPS with client certificates of the mesh
+//!   (`gateway::serve_tls`: TLS 1.3, the domus's own verifier, a [`TrustPolicy`] on the
+//!   client's identity).
 //! * `GET /healthz` (no token needed) and `GET /metrics` (the text of a renderer you give,
 //!   e.g. a Prometheus recorder's; with feature `metrics` the domus's figures are exported
 //!   right before each render).

@@ -806,3 +806,118 @@ async fn metrics_text_parses_back_to_the_snapshot() {
     })
     .await;
 }
+
+/// HTTPS with client certificates of the mesh (`serve_tls`, `Access::MutualTls`), called with
+/// curl: a client whose identity the policy allows gets its reply; no certificate, an identity
+/// not on the list, or a certificate of another CA get no HTTP at all (the handshake fails);
+/// the same gateway mounted without TLS answers 401, and `serve` refuses it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mutual_tls_admits_only_the_allowed_mesh_identities() {
+    use vicus::TrustPolicy;
+    use vicus::dev_certs::{DevCa, LeafSpec};
+    use vicus::gateway::{GatewayTls, serve_tls};
+    if std::process::Command::new("curl")
+        .arg("--version")
+        .output()
+        .is_err()
+    {
+        skip_or_fail("curl is not installed: the gateway's mutual TLS is not checked");
+        return;
+    }
+    within(async {
+        let (mut mesh, gw) = mesh().await;
+        let ca = mesh.ca();
+        // The gateway's certificate names 127.0.0.1 too, for curl's host name check.
+        let mut spec = LeafSpec::domus("gw-https");
+        spec.dns_names = vec!["127.0.0.1".to_owned()];
+        let server = ca.leaf_with(&spec).expect("server leaf");
+        let server_auth = ca.auth_config(&server).expect("auth");
+        let client = ca.leaf("http-client").expect("client leaf");
+        let stranger = ca.leaf("stranger").expect("stranger leaf");
+        let mut other_ca = DevCa::new("another CA").expect("CA");
+        let foreign = other_ca.leaf("http-client").expect("foreign leaf");
+        let dir = tempdir();
+        let write = |name: &str, text: &str| {
+            let path = dir.join(name);
+            std::fs::write(&path, text).expect("write");
+            path.display().to_string()
+        };
+        let ca_pem = write("ca.pem", mesh.ca().cert_pem());
+        let pems = |name: &str, leaf: &vicus::dev_certs::DevLeaf| {
+            (
+                write(&format!("{name}.pem"), leaf.cert_pem()),
+                write(&format!("{name}.key"), leaf.key_pem()),
+            )
+        };
+        let client_files = pems("client", &client);
+        let stranger_files = pems("stranger", &stranger);
+        let foreign_files = pems("foreign", &foreign);
+
+        let allowed = DomusId::spiffe("vicus.dev", "http-client").expect("id");
+        let tls =
+            GatewayTls::mutual(&server_auth, TrustPolicy::allow_list([allowed])).expect("tls");
+        let gateway =
+            Gateway::new(&gw, GatewayConfig::default().access(Access::MutualTls)).expect("gateway");
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let g = gateway.clone();
+        tokio::spawn(async move {
+            serve_tls(listener, g, tls, std::future::pending())
+                .await
+                .expect("serve_tls");
+        });
+
+        let curl = |cert: Option<(String, String)>| {
+            let ca_pem = ca_pem.clone();
+            tokio::task::spawn_blocking(move || {
+                let mut cmd = std::process::Command::new("curl");
+                cmd.args([
+                    "-sS",
+                    "--max-time",
+                    "20",
+                    "-w",
+                    "\n%{http_code}",
+                    "--cacert",
+                ])
+                .arg(&ca_pem);
+                if let Some((cert, key)) = cert {
+                    cmd.arg("--cert").arg(cert).arg("--key").arg(key);
+                }
+                cmd.args(["--data-binary", "over https"])
+                    .arg(format!("https://{addr}/tabernas/1?type=app:1"));
+                let out = cmd.output().expect("curl");
+                String::from_utf8_lossy(&out.stdout).into_owned()
+            })
+        };
+        let ok = curl(Some(client_files)).await.expect("join");
+        assert_eq!(ok, "over https\n200", "the allowed identity");
+        for (who, cert) in [
+            ("no certificate", None),
+            ("an identity not on the list", Some(stranger_files)),
+            ("another CA", Some(foreign_files)),
+        ] {
+            let out = curl(cert).await.expect("join");
+            assert!(out.ends_with("000"), "{who}: {out}");
+        }
+
+        // The same gateway without the handshake: 401 (the router mounted in axum's own
+        // server), and serve refuses it.
+        let plain = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let plain_addr = plain.local_addr().expect("addr");
+        let router = gateway.router();
+        tokio::spawn(async move {
+            let _ = axum::serve(plain, router).await;
+        });
+        let unauthorized = post(plain_addr, 1, b"x", &[]).await;
+        assert_eq!(unauthorized.0, 401);
+        let refused = vicus::gateway::serve(
+            TcpListener::bind("127.0.0.1:0").await.expect("bind"),
+            gateway,
+            std::future::pending(),
+        )
+        .await
+        .expect_err("refused");
+        assert_eq!(refused.id(), ErrorId::InvalidConfig);
+    })
+    .await;
+}

@@ -1,5 +1,5 @@
-//! Who may use the gateway: [`Access`] (open, or bearer tokens) and the constant-time check of
-//! an `Authorization` header.
+//! Who may use the gateway: [`Access`] (open, bearer tokens, or client certificates verified by
+//! [`serve_tls`](super::serve_tls)) and the constant-time check of an `Authorization` header.
 //!
 //! Pure: no IO. Tokens are held in wiped buffers, never printed (`Debug` shows how many there
 //! are, not what they are) and never logged; a presented token is compared with every
@@ -12,6 +12,7 @@ use std::fmt;
 use subtle::ConstantTimeEq;
 use zeroize::Zeroizing;
 
+use crate::a0_transport::DomusId;
 use crate::error::{Error, ErrorId};
 
 /// The shortest bearer token accepted in a configuration, in bytes (16 random bytes as hex or
@@ -34,13 +35,26 @@ pub enum Access {
     Open,
     /// `Authorization: Bearer <token>` with one of these tokens.
     Bearer(BearerTokens),
+    /// A client certificate verified in the TLS handshake of
+    /// [`serve_tls`](super::serve_tls) (whose [`GatewayTls`](super::GatewayTls) says which
+    /// identities may connect). A request that did not come through such a handshake (the
+    /// router mounted elsewhere, or [`serve`](super::serve), which refuses this access) is
+    /// 401.
+    MutualTls,
 }
+
+/// The identity of the client certificate verified on a request's connection, put in the
+/// request's extensions by [`serve_tls`](super::serve_tls) (a handler nested beside the
+/// gateway's routes can read it too).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VerifiedClient(pub DomusId);
 
 impl fmt::Debug for Access {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Self::Open => f.write_str("Open"),
             Self::Bearer(t) => f.debug_tuple("Bearer").field(t).finish(),
+            Self::MutualTls => f.write_str("MutualTls"),
         }
     }
 }
@@ -117,10 +131,16 @@ impl BearerTokens {
 }
 
 impl Access {
-    /// Whether a request with this `Authorization` header value (if any) may pass.
-    pub(super) fn allows(&self, authorization: Option<&[u8]>) -> bool {
+    /// Whether a request with this `Authorization` header value (if any), on a connection
+    /// whose client certificate was verified as `verified` (if any), may pass.
+    pub(super) fn allows(
+        &self,
+        authorization: Option<&[u8]>,
+        verified: Option<&VerifiedClient>,
+    ) -> bool {
         match self {
             Self::Open => true,
+            Self::MutualTls => verified.is_some(),
             Self::Bearer(tokens) => {
                 let Some(value) = authorization else {
                     return false;
@@ -151,16 +171,19 @@ mod tests {
         let tokens =
             BearerTokens::new(["0123456789abcdef-one", "0123456789abcdef-two"]).expect("tokens");
         let access = Access::Bearer(tokens);
-        assert!(access.allows(Some(b"Bearer 0123456789abcdef-two")));
-        assert!(access.allows(Some(b"bearer 0123456789abcdef-one")));
-        assert!(!access.allows(Some(b"Bearer 0123456789abcdef-on")));
-        assert!(!access.allows(Some(b"Bearer 0123456789abcdef-one ")));
-        assert!(!access.allows(Some(b"Basic 0123456789abcdef-one")));
-        assert!(!access.allows(Some(b"Bearer")));
-        assert!(!access.allows(None));
+        assert!(access.allows(Some(b"Bearer 0123456789abcdef-two"), None));
+        assert!(access.allows(Some(b"bearer 0123456789abcdef-one"), None));
+        assert!(!access.allows(Some(b"Bearer 0123456789abcdef-on"), None));
+        assert!(!access.allows(Some(b"Bearer 0123456789abcdef-one "), None));
+        assert!(!access.allows(Some(b"Basic 0123456789abcdef-one"), None));
+        assert!(!access.allows(Some(b"Bearer"), None));
+        assert!(!access.allows(None, None));
         let shown = format!("{access:?}");
         assert!(!shown.contains("abcdef"), "{shown}");
-        assert!(Access::Open.allows(None));
+        assert!(Access::Open.allows(None, None));
+        assert!(!Access::MutualTls.allows(Some(b"Bearer 0123456789abcdef-one"), None));
+        let client = VerifiedClient(DomusId::spiffe("vicus.dev", "c").expect("id"));
+        assert!(Access::MutualTls.allows(None, Some(&client)));
     }
 
     #[test]

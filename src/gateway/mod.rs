@@ -1,8 +1,9 @@
 //! The HTTP gateway (feature `http-gateway`): a domus's tabernas reachable with plain HTTP.
 //!
 //! [`Gateway::router`] gives an [`axum::Router`] to mount in your own server, and [`serve`]
-//! runs it on a listener with the limits a server facing untrusted clients needs (`vicus node`
-//! serves it from its `[http]` table). Routes:
+//! (plain HTTP) or [`serve_tls`] (HTTPS with client certificates) runs it on a listener with
+//! the limits a server facing untrusted clients needs (`vicus node` serves it from its `[http]`
+//! table). Routes:
 //!
 //! | route | what |
 //! |---|---|
@@ -83,8 +84,13 @@
 //!   what is left of it (so it ends as `SendTimeout`, 504, with the outcome unknown).
 //! * [`Access::Bearer`] requires `Authorization: Bearer <token>` on `/tabernas/…` and
 //!   `/metrics` (tokens compared in constant time, never printed). [`serve`] refuses an open
-//!   gateway on an address that is not loopback. TLS on the HTTP side (and mTLS) is not built
-//!   in: put the gateway behind a TLS-terminating proxy, or keep it on loopback.
+//!   gateway on an address that is not loopback.
+//! * HTTPS with client certificates: [`serve_tls`] with [`GatewayTls::mutual`] runs TLS 1.3
+//!   with the domus's own material and verifier — every client presents a certificate of the
+//!   mesh's CA (CRLs honoured) whose identity a [`TrustPolicy`](crate::TrustPolicy) accepts,
+//!   or gets no HTTP at all — and hands each request its [`VerifiedClient`];
+//!   [`Access::MutualTls`] makes that the access rule (a request that came another way is
+//!   401). The server's leaf needs a DNS or IP SAN for HTTP clients' host name check.
 //! * [`serve`] also bounds what axum leaves to the server: the time to read a request's
 //!   headers (`header_read_timeout`) and the number of open connections (`max_connections`).
 //!
@@ -115,8 +121,8 @@ use futures_core::Stream;
 use tokio::sync::Semaphore;
 use tokio::time::Instant;
 
-pub use auth::{Access, BearerTokens, MAX_TOKEN_LEN, MIN_TOKEN_LEN};
-pub use serve::serve;
+pub use auth::{Access, BearerTokens, MAX_TOKEN_LEN, MIN_TOKEN_LEN, VerifiedClient};
+pub use serve::{GatewayTls, serve, serve_tls};
 use status::ErrorResponse;
 pub use status::{GatewayRefusal, RETRY_AFTER_SECS, status_of};
 
@@ -349,11 +355,12 @@ fn refusal(r: GatewayRefusal, message: &str) -> Response {
     ErrorResponse::refusal(r, message).into_response()
 }
 
-fn authorized(shared: &Shared, headers: &HeaderMap) -> bool {
+fn authorized(shared: &Shared, req: &Request) -> bool {
     shared.config.access.allows(
-        headers
+        req.headers()
             .get(header::AUTHORIZATION)
             .map(HeaderValue::as_bytes),
+        req.extensions().get::<VerifiedClient>(),
     )
 }
 
@@ -385,8 +392,8 @@ async fn healthz(State(shared): State<SharedRef>) -> Response {
         .into_response()
 }
 
-async fn metrics(State(shared): State<SharedRef>, headers: HeaderMap) -> Response {
-    if !authorized(&shared, &headers) {
+async fn metrics(State(shared): State<SharedRef>, req: Request) -> Response {
+    if !authorized(&shared, &req) {
         return refusal(
             GatewayRefusal::Unauthorized,
             "a valid bearer token is required",
@@ -522,7 +529,7 @@ async fn post_taberna(
     Path(id): Path<String>,
     req: Request,
 ) -> Response {
-    if !authorized(&shared, req.headers()) {
+    if !authorized(&shared, &req) {
         return refusal(
             GatewayRefusal::Unauthorized,
             "a valid bearer token is required",
