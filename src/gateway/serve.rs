@@ -79,6 +79,19 @@ pub async fn serve(
             "Access::MutualTls needs the TLS handshake of serve_tls; serve has none",
         ));
     }
+    check_exposure(local, &config)?;
+    let service = TowerToHyperService::new(gateway.router());
+    let header_read_timeout = config.header_read_timeout;
+    accept_loop(listener, &config, shutdown, move |stream| {
+        let service = service.clone();
+        async move { serve_connection(stream, service, header_read_timeout).await }
+    })
+    .await
+}
+
+/// The loopback rule of [`serve`]: an open gateway only on a loopback address, unless
+/// `dangerous_open_on_any_address`.
+fn check_exposure(local: std::net::SocketAddr, config: &GatewayConfig) -> Result<(), Error> {
     if config.access.is_open() && !local.ip().is_loopback() && !config.dangerous_open_on_any_address
     {
         return Err(Error::new(
@@ -90,13 +103,7 @@ pub async fn serve(
             ),
         ));
     }
-    let service = TowerToHyperService::new(gateway.router());
-    let header_read_timeout = config.header_read_timeout;
-    accept_loop(listener, &config, shutdown, move |stream| {
-        let service = service.clone();
-        async move { serve_connection(stream, service, header_read_timeout).await }
-    })
-    .await
+    Ok(())
 }
 
 /// Serves `gateway` on `listener` over TLS ([`GatewayTls`]: every client presents a verified
@@ -209,4 +216,35 @@ fn is_per_connection(e: &std::io::Error) -> bool {
         e.kind(),
         K::ConnectionAborted | K::ConnectionReset | K::ConnectionRefused | K::Interrupted
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::gateway::BearerTokens;
+
+    /// T35: open only on loopback; tokens (or the explicit dangerous flag) for anything else.
+    /// Checked on addresses alone, so no test listens beyond loopback.
+    #[test]
+    fn an_open_gateway_stays_on_loopback() {
+        let open = GatewayConfig::default();
+        for local in ["127.0.0.1:7080", "[::1]:7080", "127.3.4.5:1"] {
+            assert!(
+                check_exposure(local.parse().expect("addr"), &open).is_ok(),
+                "{local}"
+            );
+        }
+        for local in ["0.0.0.0:7080", "[::]:7080", "10.0.0.7:80"] {
+            let e = check_exposure(local.parse().expect("addr"), &open).expect_err(local);
+            assert_eq!(e.id(), ErrorId::InvalidConfig);
+        }
+        let tokens = BearerTokens::new(["0123456789abcdef"]).expect("tokens");
+        let guarded = GatewayConfig::default().access(Access::Bearer(tokens));
+        assert!(check_exposure("0.0.0.0:7080".parse().expect("addr"), &guarded).is_ok());
+        let dangerous = GatewayConfig {
+            dangerous_open_on_any_address: true,
+            ..GatewayConfig::default()
+        };
+        assert!(check_exposure("0.0.0.0:7080".parse().expect("addr"), &dangerous).is_ok());
+    }
 }

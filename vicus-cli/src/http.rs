@@ -16,8 +16,8 @@ use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 use toml::Spanned;
-use vicus::Domus;
-use vicus::gateway::{Access, BearerTokens, Gateway, GatewayConfig};
+use vicus::gateway::{Access, BearerTokens, Gateway, GatewayConfig, GatewayTls};
+use vicus::{AuthConfig, Domus, DomusId, TrustPolicy};
 
 use crate::client::parse_duration;
 use crate::output::CliError;
@@ -38,6 +38,7 @@ pub struct RawHttp {
     request_timeout: Option<Spanned<String>>,
     #[serde(default)]
     detailed_errors: bool,
+    client_identities: Option<Spanned<Vec<Spanned<String>>>>,
 }
 
 impl std::fmt::Debug for RawHttp {
@@ -55,6 +56,7 @@ impl std::fmt::Debug for RawHttp {
             .field("max_concurrent", &self.max_concurrent)
             .field("request_timeout", &self.request_timeout)
             .field("detailed_errors", &self.detailed_errors)
+            .field("client_identities", &self.client_identities)
             .finish()
     }
 }
@@ -64,6 +66,8 @@ impl std::fmt::Debug for RawHttp {
 pub struct Http {
     pub bind: SocketAddr,
     pub config: GatewayConfig,
+    /// HTTPS with client certificates: the identities that may connect.
+    pub client_identities: Option<Vec<DomusId>>,
 }
 
 /// Checks `[http]`; `at(span, message)` makes an error naming the config's line, `path`
@@ -121,13 +125,39 @@ pub fn check(
             .map_err(|e| at(&span, format!("[http] tokens: {}", e.message())))?;
         config.access = Access::Bearer(tokens);
     }
+    let client_identities = match &raw.client_identities {
+        None => None,
+        Some(list) => {
+            let mut ids = Vec::new();
+            for id in list.get_ref() {
+                ids.push(DomusId::new(id.get_ref()).map_err(|e| {
+                    at(
+                        &id.span(),
+                        format!("[http] client_identities: {}", e.message()),
+                    )
+                })?);
+            }
+            if ids.is_empty() {
+                return Err(at(
+                    &list.span(),
+                    "[http] client_identities is empty: name the identities that may connect, \
+                     or remove the key"
+                        .to_owned(),
+                ));
+            }
+            if config.access.is_open() {
+                config.access = Access::MutualTls;
+            }
+            Some(ids)
+        }
+    };
     if config.access.is_open() && !bind.ip().is_loopback() {
         let span = raw.bind.as_ref().map(Spanned::span).unwrap_or_default();
         return Err(at(
             &span,
             format!(
                 "[http] bind = \"{bind}\" is not a loopback address: anyone who reaches it could \
-                 send as this node; add tokens or token_file"
+                 send as this node; add tokens, token_file or client_identities"
             ),
         ));
     }
@@ -148,7 +178,11 @@ pub fn check(
             .unwrap_or_default();
         at(&span, format!("[http]: {}", e.message()))
     })?;
-    Ok(Http { bind, config })
+    Ok(Http {
+        bind,
+        config,
+        client_identities,
+    })
 }
 
 /// Reads a token file: one token a line (blank lines and `#` comments skipped). Warned about
@@ -171,6 +205,8 @@ fn read_token_file(path: &std::path::Path) -> Result<String, String> {
 /// The gateway running: its address, and how to stop it.
 pub struct Running {
     pub addr: SocketAddr,
+    /// Served over HTTPS with client certificates.
+    pub https: bool,
     stop: Option<oneshot::Sender<()>>,
     task: JoinHandle<Result<(), vicus::Error>>,
 }
@@ -186,8 +222,21 @@ impl Running {
     }
 }
 
-/// Binds `http.bind`, installs the Prometheus recorder for `/metrics`, and serves the gateway.
-pub async fn start(domus: &Domus, http: Http) -> Result<Running, CliError> {
+/// Binds `http.bind`, installs the Prometheus recorder for `/metrics`, and serves the gateway
+/// (over HTTPS with the node's own certificate, key and CA when `client_identities` is set;
+/// `auth` is that material, read again from the node's [tls] files).
+pub async fn start(
+    domus: &Domus,
+    http: Http,
+    auth: impl FnOnce() -> Result<AuthConfig, CliError>,
+) -> Result<Running, CliError> {
+    let tls = match &http.client_identities {
+        Some(ids) => Some(
+            GatewayTls::mutual(&auth()?, TrustPolicy::allow_list(ids.iter().cloned()))
+                .map_err(|e| CliError::new(format!("[http] client_identities: {e}")))?,
+        ),
+        None => None,
+    };
     let listener = TcpListener::bind(http.bind)
         .await
         .map_err(|e| CliError::new(format!("[http] bind {}: {e}", http.bind)))?;
@@ -205,11 +254,17 @@ pub async fn start(domus: &Domus, http: Http) -> Result<Running, CliError> {
         .metrics_renderer(Arc::new(move || handle.render()));
     let gateway = Gateway::new(domus, config).map_err(|e| CliError::new(format!("[http]: {e}")))?;
     let (stop, stopped) = oneshot::channel::<()>();
-    let task = tokio::spawn(vicus::gateway::serve(listener, gateway, async move {
+    let stopped = async move {
         let _ = stopped.await;
-    }));
+    };
+    let https = tls.is_some();
+    let task = match tls {
+        Some(tls) => tokio::spawn(vicus::gateway::serve_tls(listener, gateway, tls, stopped)),
+        None => tokio::spawn(vicus::gateway::serve(listener, gateway, stopped)),
+    };
     Ok(Running {
         addr,
+        https,
         stop: Some(stop),
         task,
     })

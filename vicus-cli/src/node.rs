@@ -100,6 +100,10 @@ the first [table]; any key not listed here is an error):
   # max_concurrent = 1024          # requests at once; more: 503 + Retry-After
   # request_timeout = "30s"        # the body must arrive within it; caps the send's timeout
   # detailed_errors = false        # true: vicus's own messages (peers, addresses) in errors
+  # client_identities = ["spiffe://vicus.dev/domus/client"]
+                                   # HTTPS instead, with the [tls] files: clients present a
+                                   # certificate of the CA naming one of these identities
+                                   # (issue this node's with --host 127.0.0.1 for curl)
 
 Blobs sent to echo, sink or log are read to their end and counted (log prints them); forward
 refuses blobs. The routes file has the format of vicus::FileResolver ([[taberna]] id and
@@ -655,14 +659,26 @@ pub async fn run(args: NodeArgs, out: Output) -> Result<(), CliError> {
     };
 
     let http = match config.http.take() {
-        Some(http) => Some(
-            crate::http::start(&domus, http)
-                .await
-                .map_err(|e| CliError::new(format!("{cfg}: {e}")))?,
-        ),
+        Some(http) => {
+            let tls = &config.tls;
+            let auth = || {
+                AuthConfig::from_pem_files(&tls.ca, &tls.cert, &tls.key)
+                    .map_err(|e| CliError::new(format!("[tls]: {e}")))
+            };
+            Some(
+                crate::http::start(&domus, http, auth)
+                    .await
+                    .map_err(|e| CliError::new(format!("{cfg}: {e}")))?,
+            )
+        }
         None => None,
     };
     let http_addr = http.as_ref().map(|h| h.addr.to_string());
+    let http_scheme = if http.as_ref().is_some_and(|h| h.https) {
+        "https"
+    } else {
+        "http"
+    };
 
     let addr = domus
         .local_addr()
@@ -698,7 +714,7 @@ pub async fn run(args: NodeArgs, out: Output) -> Result<(), CliError> {
             },
             http_addr
                 .as_ref()
-                .map(|a| format!("; HTTP gateway on http://{a}"))
+                .map(|a| format!("; HTTP gateway on {http_scheme}://{a}"))
                 .unwrap_or_default(),
         ),
         &json!({
@@ -714,6 +730,7 @@ pub async fn run(args: NodeArgs, out: Output) -> Result<(), CliError> {
             "watch": config.tls.watch.is_some(),
             "reporting": config.reporting_allow.is_some(),
             "http": http_addr,
+            "https": http_addr.is_some() && http_scheme == "https",
         }),
     );
 
@@ -1141,6 +1158,38 @@ mod tests {
         )
         .expect("checked");
         assert!(!format!("{http:?}").contains("canary"), "{http:?}");
+    }
+
+    #[test]
+    fn an_http_bind_beyond_loopback_is_accepted_only_with_access_control() {
+        let check = |http: &str| {
+            let text = format!(
+                "bind = \"127.0.0.1:0\"\n[tls]\nca = \"a\"\ncert = \"b\"\nkey = \"c\"\n[http]\n{http}"
+            );
+            let raw: RawConfig = toml::from_str(&text).expect("parses");
+            crate::http::check(
+                raw.http.expect("[http]").into_inner(),
+                &|_, m| CliError::new(m),
+                &|v| PathBuf::from(v),
+            )
+            .map(|h| (h.config.access.is_open(), h.client_identities.is_some()))
+            .map_err(|e| e.to_string())
+        };
+        assert!(check("bind = \"0.0.0.0:7080\"\n").is_err());
+        assert!(check("bind = \"[::]:7080\"\n").is_err());
+        assert_eq!(check("bind = \"127.0.0.1:7080\"\n"), Ok((true, false)));
+        assert_eq!(check(""), Ok((true, false)));
+        assert_eq!(
+            check("bind = \"0.0.0.0:7080\"\ntokens = [\"0123456789abcdef0123\"]\n"),
+            Ok((false, false))
+        );
+        assert_eq!(
+            check(
+                "bind = \"0.0.0.0:7080\"\nclient_identities = [\"spiffe://vicus.dev/domus/c\"]\n"
+            ),
+            Ok((false, true))
+        );
+        assert!(check("client_identities = []\n").is_err());
     }
 
     #[test]

@@ -184,6 +184,66 @@ fn a_node_serves_the_http_gateway_to_curl() {
     assert_eq!(tally["blob_bytes"], 1 << 20, "{tally}");
 }
 
+/// `[http] client_identities`: HTTPS with the node's own certificate (issued with `--host
+/// 127.0.0.1`) and CA; curl with the allowed client's certificate gets its reply, curl without
+/// a certificate or with another identity's gets no HTTP at all. (That client certificates
+/// make a bind beyond loopback acceptable is checked on the config alone, in node.rs: tests
+/// listen on loopback only.)
+#[test]
+fn a_node_serves_https_to_the_client_identities_it_names() {
+    if !curl_installed() {
+        skip_or_fail("curl is not installed: vicus node's HTTPS gateway is not checked");
+        return;
+    }
+    let dir = TempDir::new("https");
+    let certs = make_certs(&dir, "vicus.dev", &["client", "stranger"]);
+    common::ok(
+        vicus()
+            .args(["certs", "issue", "alpha", "--host", "127.0.0.1", "--dir"])
+            .arg(&certs),
+    );
+    let config = node_config(
+        &dir,
+        "alpha.toml",
+        "alpha",
+        &[(7, "echo")],
+        "\n[http]\nbind = \"127.0.0.1:0\"\nclient_identities = [\"spiffe://vicus.dev/domus/client\"]\n",
+    );
+    let node = Node::start(&config);
+    assert_eq!(node.started["https"], true, "{}", node.started);
+    let port = node.started["http"]
+        .as_str()
+        .and_then(|a| a.rsplit(':').next())
+        .expect("the HTTP address")
+        .to_owned();
+    let url = format!("https://127.0.0.1:{port}/tabernas/7?type=app:1");
+    let file = |name: &str| certs.join(name).display().to_string();
+    let ca = file("ca.pem");
+    let https = |who: Option<&str>| {
+        let mut args = vec!["--cacert".to_owned(), ca.clone()];
+        if let Some(who) = who {
+            args.extend([
+                "--cert".to_owned(),
+                file(&format!("{who}.pem")),
+                "--key".to_owned(),
+                file(&format!("{who}.key")),
+            ]);
+        }
+        args.extend(["--data-binary".to_owned(), "salve".to_owned(), url.clone()]);
+        let out = std::process::Command::new("curl")
+            .args(["-sS", "--max-time", "20", "-w", "\n%{http_code}"])
+            .args(&args)
+            .output()
+            .expect("run curl");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    assert_eq!(https(Some("client")), "salve\n200");
+    assert!(https(None).ends_with("000"));
+    assert!(https(Some("stranger")).ends_with("000"));
+    let (code, _) = node.terminate();
+    assert_eq!(code, Some(0));
+}
+
 #[test]
 fn an_http_bind_beyond_loopback_needs_tokens_and_unknown_keys_are_refused() {
     let dir = TempDir::new("http-config");
