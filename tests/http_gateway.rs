@@ -348,6 +348,27 @@ async fn respond_async_is_202_and_the_outcome_reaches_the_event_feed() {
     .await;
 }
 
+/// Once the domus shuts down, `/healthz` says so (503) and a send is 503 `DomusClosed`
+/// (no `Retry-After`: this domus will not come back).
+#[tokio::test]
+async fn a_closed_domus_is_503_on_healthz_and_on_sends() {
+    within(async {
+        let (_mesh, gw) = mesh().await;
+        let (_g, addr) = serve(&gw, GatewayConfig::default()).await;
+        gw.shutdown().await;
+        let health = client()
+            .get(format!("http://{addr}/healthz"))
+            .send()
+            .await
+            .expect("healthz");
+        assert_eq!(health.status().as_u16(), 503);
+        let closed = post(addr, 1, b"x", &[]).await;
+        assert_error(&closed, 503, ErrorId::DomusClosed);
+        assert!(!closed.2.contains_key("retry-after"));
+    })
+    .await;
+}
+
 /// The test data: byte `i` of the stream.
 fn pattern(i: u64) -> u8 {
     (i.wrapping_mul(2_654_435_761) >> 13) as u8

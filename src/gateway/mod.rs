@@ -396,7 +396,7 @@ async fn metrics(State(shared): State<SharedRef>, req: Request) -> Response {
     if !authorized(&shared, &req) {
         return refusal(
             GatewayRefusal::Unauthorized,
-            "a valid bearer token is required",
+            "credentials are required: a valid bearer token, or a verified client certificate",
         );
     }
     let Some(render) = &shared.config.metrics else {
@@ -532,7 +532,7 @@ async fn post_taberna(
     if !authorized(&shared, &req) {
         return refusal(
             GatewayRefusal::Unauthorized,
-            "a valid bearer token is required",
+            "credentials are required: a valid bearer token, or a verified client certificate",
         )
         .closing_if_body(&req);
     }
