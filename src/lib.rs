@@ -407,6 +407,7 @@ pub mod watch;
 mod change_tracker;
 
 pub use a0_transport::{AuthConfig, DomusAddr, DomusId, PeerIdentity, TrustPolicy};
+pub use a1_callis::headers::{Headers, TraceContext};
 pub use domus::{
     BlobReceiver, BlobSender, ConfigHandle, Delivery, Destination, Domus, DomusBuilder,
     DomusConfig, MessageCodec, Outcome, RESERVED_TABERNA_BASE, Receipt, SendOptions, WeakDomus,

@@ -229,7 +229,7 @@ impl RouteCache {
                 self.taberna,
                 checked.source,
                 MessageType(msg.msg_type),
-                msg.payload,
+                (msg.payload, msg.headers),
                 checked.timeout,
                 None,
             )),

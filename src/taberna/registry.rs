@@ -63,6 +63,7 @@ impl Inbound for Registry {
                     destination: TabernaId(m.dst),
                     message_type: MessageType(m.msg_type),
                     payload: &m.payload,
+                    headers: &m.headers,
                 };
                 return Intake::AnsweredByHandler(self.call_inline(handler.as_ref(), calls, view));
             }
@@ -76,6 +77,7 @@ impl Inbound for Registry {
             AnswerTarget::Remote(m.answer),
         );
         request.blob = m.blob;
+        request.headers = m.headers;
         if self.offer(request) {
             Intake::Queued
         } else {
@@ -126,6 +128,7 @@ impl Registry {
                         destination: dst,
                         message_type: msg_type,
                         payload: &m.payload,
+                        headers: &m.headers,
                     };
                     let timed = first.wrapping_add(k).is_multiple_of(INLINE_SAMPLE);
                     let answer = self.call_inline_timed(handler.as_ref(), timed, view);
@@ -521,6 +524,7 @@ impl Registry {
                                 destination: request.destination,
                                 message_type: request.message_type,
                                 payload: &request.payload,
+                                headers: &request.headers,
                             };
                             let answer = self.call_inline(handler.as_ref(), calls, view);
                             let mut request = request;

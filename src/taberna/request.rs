@@ -14,6 +14,7 @@ use tokio::sync::oneshot;
 
 use super::{MessageType, TabernaId};
 use crate::a0_transport::PeerIdentity;
+use crate::a1_callis::headers::{Headers, TraceContext};
 use crate::a1_callis::session::Answer;
 use crate::error::ErrorId;
 use crate::runtime::AnswerToPeer;
@@ -50,6 +51,7 @@ pub struct TabernaRequest {
     pub(super) destination: TabernaId,
     pub(super) message_type: MessageType,
     pub(super) payload: Bytes,
+    pub(super) headers: Headers,
     pub(super) blob: Option<BlobReceiver>,
     answer_handle: AnswerHandle,
 }
@@ -115,6 +117,8 @@ pub struct RequestParts {
     pub message_type: MessageType,
     /// Its payload.
     pub payload: Bytes,
+    /// Its headers.
+    pub headers: Headers,
     /// Its blob, unless [`TabernaRequest::blob`] took it already. Dropping it cancels the
     /// stream, as dropping any [`BlobReceiver`] does.
     pub blob: Option<BlobReceiver>,
@@ -128,6 +132,7 @@ impl fmt::Debug for TabernaRequest {
             .field("destination", &self.destination)
             .field("message_type", &self.message_type)
             .field("payload_len", &self.payload.len())
+            .field("headers", &self.headers)
             .field("blob", &self.blob.is_some())
             .finish()
     }
@@ -148,11 +153,18 @@ impl TabernaRequest {
             destination,
             message_type,
             payload,
+            headers: Headers::new(),
             blob: None,
             answer_handle: AnswerHandle {
                 target: Some(target),
             },
         }
+    }
+
+    /// Attaches the headers the message carried.
+    pub(crate) fn with_headers(mut self, headers: Headers) -> Self {
+        self.headers = headers;
+        self
     }
 
     /// Attaches the receiving end of the blob stream this request opens.
@@ -185,6 +197,7 @@ impl TabernaRequest {
             destination,
             message_type,
             payload,
+            headers,
             blob,
             answer_handle,
         } = self;
@@ -195,6 +208,7 @@ impl TabernaRequest {
                 destination,
                 message_type,
                 payload,
+                headers,
                 blob,
             },
             answer_handle,
@@ -224,6 +238,18 @@ impl TabernaRequest {
     /// Its payload (zero-copy).
     pub fn payload(&self) -> &Bytes {
         &self.payload
+    }
+
+    /// The headers the sender attached ([`SendOptions::headers`](crate::SendOptions::headers)).
+    pub fn headers(&self) -> &Headers {
+        &self.headers
+    }
+
+    /// The sender's W3C trace context, when the message carried one (the `traceparent`
+    /// header): for a handler that propagates traces by hand. With the `otel` feature the
+    /// request's delivery span already continues it.
+    pub fn trace_context(&self) -> Option<TraceContext> {
+        self.headers.trace_context()
     }
 
     /// Takes the payload out (leaving the request answerable).
