@@ -405,6 +405,9 @@ pub mod watch;
 // The "two polls agree, report once" rule of the file pollers (watch, file-resolver).
 #[cfg(any(feature = "watch", feature = "file-resolver"))]
 mod change_tracker;
+mod observe;
+#[cfg(feature = "otel")]
+pub mod otel;
 
 pub use a0_transport::{AuthConfig, DomusAddr, DomusId, PeerIdentity, TrustPolicy};
 pub use a1_callis::headers::{Headers, TraceContext};

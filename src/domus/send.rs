@@ -163,7 +163,8 @@ pub(super) fn checked_headers(
     options: &SendOptions,
     payload_len: usize,
 ) -> Result<Headers, Error> {
-    let headers = options.headers.clone();
+    let mut headers = options.headers.clone();
+    crate::observe::attach_current_trace(&mut headers);
     if headers.is_empty() {
         return Ok(headers);
     }

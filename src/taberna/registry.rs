@@ -77,7 +77,7 @@ impl Inbound for Registry {
             AnswerTarget::Remote(m.answer),
         );
         request.blob = m.blob;
-        request.headers = m.headers;
+        let request = request.with_headers(m.headers);
         if self.offer(request) {
             Intake::Queued
         } else {
@@ -144,7 +144,8 @@ impl Registry {
                         msg_type,
                         m.payload,
                         AnswerTarget::Remote((run.answer)(m.id)),
-                    );
+                    )
+                    .with_headers(m.headers);
                     let queued = self.enqueue(entry, inbox, request);
                     intake(
                         m.id,
@@ -347,8 +348,15 @@ impl Registry {
         request: InlineRequest<'_>,
     ) -> Answer {
         let started = timed.then(std::time::Instant::now);
-        let answer =
-            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| handler.handle(request)));
+        let span = crate::observe::delivery_span(
+            request.destination.0,
+            request.message_type.0,
+            request.peer.id(),
+            request.headers,
+        );
+        let answer = span.in_scope(|| {
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| handler.handle(request)))
+        });
         if let Some(started) = started {
             let took = started.elapsed();
             if took > inline::SLOW_INLINE_CALL {

@@ -60,6 +60,9 @@ pub struct TabernaRequest {
 /// exactly once; dropping it unanswered rejects with [`ErrorId::RequestDropped`].
 pub struct AnswerHandle {
     target: Option<AnswerTarget>,
+    /// The delivery's `vicus.deliver` span: it ends when the request is answered (or
+    /// dropped), with the answer recorded.
+    span: tracing::Span,
 }
 
 impl fmt::Debug for AnswerHandle {
@@ -88,8 +91,25 @@ impl AnswerHandle {
 
     fn finish(&mut self, answer: Answer) {
         if let Some(target) = self.target.take() {
+            if !self.span.is_disabled() {
+                self.span.record("answer", answer_name(&answer));
+            }
             target.send(answer);
         }
+    }
+
+    /// The delivery's span (see [`TabernaRequest::span`]).
+    pub fn span(&self) -> &tracing::Span {
+        &self.span
+    }
+}
+
+/// An answer's name in a delivery span: `accepted`, `replied`, or the refusal's error.
+fn answer_name(answer: &Answer) -> &'static str {
+    match answer {
+        Answer::Accepted => "accepted",
+        Answer::Replied(_) => "replied",
+        Answer::Rejected { error, .. } => error.error_id().map_or("rejected", ErrorId::name),
     }
 }
 
@@ -157,12 +177,20 @@ impl TabernaRequest {
             blob: None,
             answer_handle: AnswerHandle {
                 target: Some(target),
+                span: tracing::Span::none(),
             },
         }
     }
 
-    /// Attaches the headers the message carried.
+    /// Attaches the headers the message carried and opens its delivery span (which continues
+    /// the trace the headers carry, with the `otel` feature). Every request gets here once.
     pub(crate) fn with_headers(mut self, headers: Headers) -> Self {
+        self.answer_handle.span = crate::observe::delivery_span(
+            self.destination.0,
+            self.message_type.0,
+            self.peer.id(),
+            &headers,
+        );
         self.headers = headers;
         self
     }
@@ -250,6 +278,15 @@ impl TabernaRequest {
     /// request's delivery span already continues it.
     pub fn trace_context(&self) -> Option<TraceContext> {
         self.headers.trace_context()
+    }
+
+    /// The delivery's `vicus.deliver` span (debug level: taberna, message type, peer, and the
+    /// answer when it is given), from the request's arrival to its answer. A handler that
+    /// works asynchronously runs its work in it — `work.instrument(request.span().clone())`
+    /// — so its own spans and events belong to the delivery (and, with the `otel` feature,
+    /// to the sender's trace). Disabled when no subscriber wants it.
+    pub fn span(&self) -> &tracing::Span {
+        &self.answer_handle.span
     }
 
     /// Takes the payload out (leaving the request answerable).
