@@ -210,6 +210,13 @@ error_ids! {
     /// never delivered, unless the peer's own rejection carries it: then a handler had the
     /// message when the peer shut down and the outcome is unknown (see *Delivery semantics*).
     PeerShutDown = 157,
+    /// A message's headers are over a limit: more than the receiver's (or this domus's)
+    /// `max_headers` entries or `max_headers_len` bytes, or past the 65,534 bytes the wire
+    /// allows. The receiver refuses such a message before any handler sees it.
+    HeadersTooLarge = 158,
+    /// A header is not valid: a key outside `a-z 0-9 - _ .` or over 64 bytes, a value over
+    /// 65,535 bytes, or a `traceparent` that is not a W3C trace context.
+    InvalidHeader = 159,
 }
 
 impl fmt::Display for ErrorId {

@@ -439,8 +439,12 @@ pub mod watch;
 // The "two polls agree, report once" rule of the file pollers (watch, file-resolver).
 #[cfg(any(feature = "watch", feature = "file-resolver"))]
 mod change_tracker;
+mod observe;
+#[cfg(feature = "otel")]
+pub mod otel;
 
 pub use a0_transport::{AuthConfig, DomusAddr, DomusId, PeerIdentity, TrustPolicy};
+pub use a1_callis::headers::{Headers, TraceContext};
 pub use domus::{
     BlobReceiver, BlobSender, ConfigHandle, Delivery, Destination, Domus, DomusBuilder,
     DomusConfig, MessageCodec, Outcome, RESERVED_TABERNA_BASE, Receipt, SendOptions, WeakDomus,

@@ -39,6 +39,7 @@ use std::time::Duration;
 use arc_swap::ArcSwap;
 use rustls::crypto::CryptoProvider;
 use tokio::net::{TcpListener, UnixListener};
+use tracing::Instrument;
 
 pub use admission::ListenerStats;
 pub use identity::{
@@ -391,7 +392,30 @@ impl Transport {
     /// Connects to `addr` and runs the mutual handshake. When `expected` is given, the peer
     /// must present exactly that id or the handshake is aborted with
     /// [`ErrorId::IdentityMismatch`].
+    ///
+    /// Runs in a `vicus.handshake` span (debug level; `direction = "dial"`, the address, and
+    /// the peer once authenticated).
     pub async fn dial(
+        &self,
+        addr: &DomusAddr,
+        expected: Option<&DomusId>,
+    ) -> Result<AuthenticatedStream, Error> {
+        let span = tracing::debug_span!(
+            "vicus.handshake",
+            domus = %self.shared.material.load().local_id,
+            direction = "dial",
+            addr = %addr,
+            peer = tracing::field::Empty,
+        );
+        let result = self
+            .dial_in_span(addr, expected)
+            .instrument(span.clone())
+            .await;
+        record_handshake(&span, &result);
+        result
+    }
+
+    async fn dial_in_span(
         &self,
         addr: &DomusAddr,
         expected: Option<&DomusId>,
@@ -443,6 +467,18 @@ impl Transport {
             )
             .await
             .map_err(|e| Error::new(e.id(), format!("dialling {addr}: {}", e.message())))
+    }
+}
+
+/// Records a handshake's end in its span: the authenticated peer, or the error.
+fn record_handshake(span: &tracing::Span, result: &Result<AuthenticatedStream, Error>) {
+    match result {
+        Ok(stream) => {
+            span.record("peer", tracing::field::display(stream.peer().id()));
+        }
+        Err(e) => {
+            span.in_scope(|| tracing::debug!(error = %e, "handshake failed"));
+        }
     }
 }
 
@@ -601,7 +637,23 @@ impl Incoming {
 
     /// Runs the mutual handshake with the material current at this moment, within the
     /// deadline that started at accept.
+    ///
+    /// Runs in a `vicus.handshake` span (debug level; `direction = "accept"`, the remote
+    /// address, and the peer once authenticated).
     pub async fn handshake(self) -> Result<AuthenticatedStream, Error> {
+        let span = tracing::debug_span!(
+            "vicus.handshake",
+            domus = %self.shared.material.load().local_id,
+            direction = "accept",
+            remote = ?self.remote,
+            peer = tracing::field::Empty,
+        );
+        let result = self.handshake_in_span().instrument(span.clone()).await;
+        record_handshake(&span, &result);
+        result
+    }
+
+    async fn handshake_in_span(self) -> Result<AuthenticatedStream, Error> {
         let Incoming {
             socket,
             unix_creds,

@@ -161,6 +161,7 @@ fn a_batch_never_passes_the_frame_limit_the_peer_announced() {
         let ids: Vec<u64> = (0..300)
             .map(|_| {
                 p.a.send(Outgoing {
+                    headers: Default::default(),
                     dst: 7,
                     src: 3,
                     msg_type: APP,
@@ -208,6 +209,7 @@ fn batches_follow_the_destination_and_type_and_never_reorder() {
         for _ in 0..n {
             ids.push(
                 p.a.send(Outgoing {
+                    headers: Default::default(),
                     dst,
                     src: 3,
                     msg_type: APP,

@@ -101,6 +101,7 @@ impl WireCode {
                     | ErrorId::BlobBufferFull
                     | ErrorId::DecodeFailure
                     | ErrorId::ProtocolViolation
+                    | ErrorId::HeadersTooLarge
             )
         )
     }
@@ -172,6 +173,7 @@ impl ErrorId {
                 | ErrorId::RequestDropped
                 | ErrorId::TabernaShutdown
                 | ErrorId::DecodeFailure
+                | ErrorId::HeadersTooLarge
         )
     }
 
@@ -305,6 +307,8 @@ mod tests {
             (ErrorId::RequestDropped,           false, false, true,  false, false),
             (ErrorId::BlobCancelled,            false, false, false, false, false),
             (ErrorId::PeerShutDown,             false, false, false, true,  false),
+            (ErrorId::HeadersTooLarge,          true,  false, true,  false, false),
+            (ErrorId::InvalidHeader,            false, false, false, false, false),
         ];
         let listed: Vec<ErrorId> = table.iter().map(|row| row.0).collect();
         assert_eq!(listed, ErrorId::ALL, "one row per id, in numeric order");

@@ -21,10 +21,15 @@ use std::fmt;
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 
 use super::codes::WireCode;
+use super::headers::Headers;
 
 /// The wire protocol version carried in [`Hello`]. Version 2 added MESSAGE_BATCH and wrote
-/// ACCEPTED as runs of ids.
-pub const PROTOCOL_VERSION: u16 = 2;
+/// ACCEPTED as runs of ids; version 3 the headers extension of MESSAGE ([`FLAG_EXTENDED`]).
+pub const PROTOCOL_VERSION: u16 = 3;
+
+/// The one flag defined so far, on MESSAGE only: the body carries a headers extension
+/// ([`Headers`]) between its fixed part and its payload.
+pub const FLAG_EXTENDED: u8 = 0x01;
 
 /// Length of the frame header: body length `u32`, type `u8`, flags `u8`.
 pub const HEADER_LEN: usize = 6;
@@ -261,6 +266,8 @@ pub struct MessageFrame {
     pub src: u64,
     /// The message type.
     pub msg_type: u32,
+    /// The headers (empty when the frame has no extension).
+    pub headers: Headers,
     /// The payload.
     pub payload: Bytes,
 }
@@ -458,6 +465,7 @@ impl Iterator for BatchIter {
             dst: self.dst,
             src: self.src,
             msg_type: self.msg_type,
+            headers: Headers::new(),
             payload,
         })
     }
@@ -661,7 +669,7 @@ pub fn decode(buf: &mut BytesMut, max_frame_len: u32) -> Result<Option<Frame>, F
     }
     buf.advance(HEADER_LEN);
     let body = buf.split_to(len as usize).freeze();
-    decode_body(frame_type, body).map(Some)
+    decode_body(frame_type, flags, body).map(Some)
 }
 
 /// Validates a header before its body is read.
@@ -674,8 +682,14 @@ fn check_header(
     if frame_type.name().is_none() && !frame_type.is_skippable() {
         return Err(FrameError::UnknownType(frame_type));
     }
-    // No known type defines a flag yet; unknown skippable types may carry any.
-    if flags != 0 && (frame_type.name().is_some() || !frame_type.is_skippable()) {
+    // MESSAGE defines FLAG_EXTENDED; no other known type defines a flag; unknown skippable
+    // types may carry any.
+    let defined = if frame_type == FrameType::MESSAGE {
+        FLAG_EXTENDED
+    } else {
+        0
+    };
+    if flags & !defined != 0 && (frame_type.name().is_some() || !frame_type.is_skippable()) {
         return Err(FrameError::BadFlags { frame_type, flags });
     }
     let max = match frame_type {
@@ -730,7 +744,7 @@ fn get_text(body: &mut Bytes, t: FrameType, max: usize) -> Result<String, FrameE
     String::from_utf8(raw.to_vec()).map_err(|_| malformed(t, "text is not UTF-8"))
 }
 
-fn decode_body(t: FrameType, mut body: Bytes) -> Result<Frame, FrameError> {
+fn decode_body(t: FrameType, flags: u8, mut body: Bytes) -> Result<Frame, FrameError> {
     let frame = match t {
         FrameType::HELLO => {
             need(&body, HELLO_FIXED_LEN - 2, t, "truncated HELLO")?;
@@ -768,11 +782,17 @@ fn decode_body(t: FrameType, mut body: Bytes) -> Result<Frame, FrameError> {
             let dst = body.get_u64();
             let src = body.get_u64();
             let msg_type = body.get_u32();
+            let headers = if flags & FLAG_EXTENDED != 0 {
+                Headers::take(&mut body).map_err(|what| malformed(t, what))?
+            } else {
+                Headers::new()
+            };
             return Ok(Frame::Message(MessageFrame {
                 id,
                 dst,
                 src,
                 msg_type,
+                headers,
                 payload: body,
             }));
         }
@@ -968,7 +988,7 @@ pub fn encode_close(out: &mut BytesMut, code: WireCode, reason: &str) {
     put_text(out, reason);
 }
 
-/// Encodes a MESSAGE.
+/// Encodes a MESSAGE without headers.
 pub fn encode_message(
     out: &mut BytesMut,
     id: u64,
@@ -977,8 +997,34 @@ pub fn encode_message(
     msg_type: u32,
     payload: &[u8],
 ) {
-    let body = MESSAGE_FIXED_LEN.saturating_add(payload.len());
+    encode_message_with_headers(out, id, dst, src, msg_type, &Headers::new(), payload);
+}
+
+/// Encodes a MESSAGE, with the headers extension (and [`FLAG_EXTENDED`]) when `headers` is
+/// not empty.
+pub fn encode_message_with_headers(
+    out: &mut BytesMut,
+    id: u64,
+    dst: u64,
+    src: u64,
+    msg_type: u32,
+    headers: &Headers,
+    payload: &[u8],
+) {
+    let body = MESSAGE_FIXED_LEN
+        .saturating_add(headers.wire_len())
+        .saturating_add(payload.len());
     put_message_head(out, FrameType::MESSAGE, body, (id, dst, src, msg_type));
+    if !headers.is_empty() {
+        // The flags byte is the last byte of the frame header just written.
+        let flags_at = out
+            .len()
+            .saturating_sub(MESSAGE_FIXED_LEN.saturating_add(1));
+        if let Some(flags) = out.get_mut(flags_at) {
+            *flags = FLAG_EXTENDED;
+        }
+        headers.put(out);
+    }
     out.put_slice(payload);
 }
 
@@ -1166,7 +1212,9 @@ impl Frame {
             Frame::Ping(n) => encode_ping(out, *n),
             Frame::Pong(n) => encode_pong(out, *n),
             Frame::Close { code, reason } => encode_close(out, *code, reason),
-            Frame::Message(m) => encode_message(out, m.id, m.dst, m.src, m.msg_type, &m.payload),
+            Frame::Message(m) => encode_message_with_headers(
+                out, m.id, m.dst, m.src, m.msg_type, &m.headers, &m.payload,
+            ),
             Frame::MessageBatch(b) => {
                 put_message_head(
                     out,

@@ -20,6 +20,16 @@ fn arb_text(max: usize) -> impl Strategy<Value = String> {
     proptest::collection::vec(any::<char>(), 0..max / 4).prop_map(|c| c.into_iter().collect())
 }
 
+/// Headers for a generated MESSAGE: none for most ids, some for others.
+fn message_headers(id: u64) -> crate::a1_callis::headers::Headers {
+    let mut h = crate::a1_callis::headers::Headers::new();
+    for i in 0..(id % 4) {
+        h.insert(&format!("k-{i}"), vec![i as u8; (id % 50) as usize])
+            .unwrap();
+    }
+    h
+}
+
 fn arb_frame() -> impl Strategy<Value = Frame> {
     let bytes = || proptest::collection::vec(any::<u8>(), 0..300).prop_map(Bytes::from);
     prop_oneof![
@@ -59,6 +69,7 @@ fn arb_frame() -> impl Strategy<Value = Frame> {
                     dst,
                     src,
                     msg_type,
+                    headers: message_headers(id),
                     payload
                 })
             ),
@@ -223,10 +234,11 @@ fn t15_every_type_id_has_a_defined_outcome() {
                     assert!(ft.name().is_none() && !ft.is_skippable())
                 }
                 Err(FrameError::BadFlags { .. }) => assert!(flags != 0 && ft.name().is_some()),
-                // Known types with an empty body are malformed.
-                Err(FrameError::Malformed { .. }) => {
-                    assert!(flags == 0 && ft.name().is_some())
-                }
+                // Known types with an empty body are malformed (MESSAGE may be extended).
+                Err(FrameError::Malformed { .. }) => assert!(
+                    ft.name().is_some()
+                        && (flags == 0 || (ft == FrameType::MESSAGE && flags == FLAG_EXTENDED))
+                ),
                 other => panic!("type {t:#04x} flags {flags:#04x}: {other:?}"),
             }
         }
@@ -402,4 +414,82 @@ fn the_batch_and_runs_in_docs_wire_protocol_are_byte_exact() {
     expected.extend([0, 0, 0, 0, 0, 0, 0, 0x29, 0, 0, 0, 1]);
     expected.extend([0, 0, 0, 0, 0, 0, 0, 0x32, 0, 0, 0, 0]);
     assert_eq!(&a[..], &expected[..]);
+}
+
+#[test]
+fn a_message_without_headers_has_no_extension_and_flags_zero() {
+    let mut buf = BytesMut::new();
+    encode_message(&mut buf, 1, 2, 3, 0x0100_0000, b"hi");
+    assert_eq!(buf.len(), HEADER_LEN + MESSAGE_FIXED_LEN + 2);
+    assert_eq!(buf[5], 0, "flags");
+}
+
+/// The MESSAGE with headers in docs/wire-protocol.md, byte for byte.
+#[test]
+fn the_message_with_headers_in_docs_wire_protocol_is_byte_exact() {
+    use crate::a1_callis::headers::Headers;
+    let headers = Headers::new().with("tenant", "acme").unwrap();
+    let mut buf = BytesMut::new();
+    encode_message_with_headers(&mut buf, 7, 2, 1, 0x0100_0001, &headers, b"hi");
+    let expected: Vec<u8> = [
+        &[0x00, 0x00, 0x00, 0x2e, 0x10, 0x01][..], // header: 46 bytes, MESSAGE, EXTENDED
+        &[0, 0, 0, 0, 0, 0, 0, 7],                 // id 7
+        &[0, 0, 0, 0, 0, 0, 0, 2],                 // dst 2
+        &[0, 0, 0, 0, 0, 0, 0, 1],                 // src 1
+        &[0x01, 0x00, 0x00, 0x01],                 // msg_type
+        &[0x00, 0x0e],                             // block: 14 bytes
+        &[0x01],                                   // version 1
+        &[0x06, b't', b'e', b'n', b'a', b'n', b't'], // key "tenant"
+        &[0x00, 0x04, b'a', b'c', b'm', b'e'],     // value "acme"
+        b"hi",                                     // payload
+    ]
+    .concat();
+    assert_eq!(&buf[..], &expected[..]);
+    let Some(Frame::Message(m)) = decode(&mut buf, MAX).unwrap() else {
+        panic!()
+    };
+    assert_eq!(m.headers, headers);
+    assert_eq!(&m.payload[..], b"hi");
+}
+
+#[test]
+fn malformed_extensions_are_refused_and_other_frames_take_no_flag() {
+    use crate::a1_callis::headers::Headers;
+    let headers = Headers::new().with("a", "b").unwrap();
+    let mut good = BytesMut::new();
+    encode_message_with_headers(&mut good, 1, 2, 3, 0x0100_0000, &headers, b"p");
+    // The block's length pointing past the body.
+    let mut bad = good.clone();
+    bad[HEADER_LEN + MESSAGE_FIXED_LEN + 1] = 0xff;
+    assert!(matches!(
+        decode(&mut bad, MAX),
+        Err(FrameError::Malformed { .. })
+    ));
+    // The flag without a block.
+    let mut bare = BytesMut::new();
+    encode_message(&mut bare, 1, 2, 3, 0x0100_0000, b"");
+    bare[5] = FLAG_EXTENDED;
+    assert!(matches!(
+        decode(&mut bare, MAX),
+        Err(FrameError::Malformed { .. })
+    ));
+    // A key outside the alphabet.
+    let mut upper = good.clone();
+    upper[HEADER_LEN + MESSAGE_FIXED_LEN + 4] = b'A';
+    assert!(matches!(
+        decode(&mut upper, MAX),
+        Err(FrameError::Malformed { .. })
+    ));
+    // MESSAGE_BATCH and REPLY define no flag.
+    for t in [FrameType::MESSAGE_BATCH, FrameType::REPLY] {
+        let mut buf = BytesMut::new();
+        buf.put_u32(8);
+        buf.put_u8(t.0);
+        buf.put_u8(FLAG_EXTENDED);
+        buf.put_u64(1);
+        assert!(matches!(
+            decode(&mut buf, MAX),
+            Err(FrameError::BadFlags { .. })
+        ));
+    }
 }

@@ -26,6 +26,7 @@ pub mod blob;
 pub mod codes;
 pub(crate) mod deadlines;
 pub mod frame;
+pub mod headers;
 pub mod link;
 pub mod rate;
 pub mod reply_budget;

@@ -161,6 +161,7 @@ fn a_message_frame_lost_alone_is_replayed_on_the_next_callis_and_nothing_is_deli
     let ids: Vec<u64> = (0..3)
         .map(|dst| {
             p.a.send(Outgoing {
+                headers: Default::default(),
                 dst,
                 src: 3,
                 msg_type: APP,
@@ -260,6 +261,7 @@ fn t19_ids_near_2_pow_32_and_the_end_of_the_id_space() {
     assert_eq!(p.finished().len(), 10);
     let mut s = Session::new(SessionConfig::default(), A.into(), 1).with_first_id(u64::MAX - 2);
     let msg = || Outgoing {
+        headers: Default::default(),
         dst: 1,
         src: 1,
         msg_type: APP,
@@ -342,6 +344,7 @@ fn t20_control_and_answers_go_before_a2_before_a3() {
     // b owes answers and has its own messages queued: answers go first.
     for _ in 0..3 {
         p.b.send(Outgoing {
+            headers: Default::default(),
             dst: 1,
             src: 1,
             msg_type: APP,
@@ -474,6 +477,7 @@ fn local_refusals_are_immediate_and_typed() {
     };
     let mut s = Session::new(config, A.into(), 1);
     let msg = |len: usize, msg_type: u32| Outgoing {
+        headers: Default::default(),
         dst: 1,
         src: 1,
         msg_type,

@@ -38,6 +38,8 @@ use bytes::{Bytes, BytesMut};
 use super::codes::WireCode;
 use super::deadlines::Deadlines;
 use super::frame::{self, Frame, Hello, MessageFrame, PROTOCOL_VERSION, RejectFrame};
+use super::headers::HEADERS_VERSION;
+pub use super::headers::{Headers, TraceContext};
 use super::link::{WriteVerdict, WriteWatch};
 use super::rate::RateWindow;
 use super::reply_budget::ReplyBudget;
@@ -96,6 +98,11 @@ pub struct SessionConfig {
     /// limit of its own: a correct peer never has more than `window` unanswered messages, so
     /// more answers owed than `window` is a protocol violation.
     pub max_unsent_answer_bytes: usize,
+    /// The most headers one message may carry, either way: a send with more fails with
+    /// `HeadersTooLarge`, and a message from the peer with more is refused with it.
+    pub max_headers: u16,
+    /// The most bytes one message's headers may take ([`Headers::encoded_len`]), either way.
+    pub max_headers_len: usize,
 }
 
 impl Default for SessionConfig {
@@ -113,6 +120,8 @@ impl Default for SessionConfig {
             max_frames_per_second: 4_000_000,
             max_refusals_per_second: 10_000,
             max_unsent_answer_bytes: 16 * 1024 * 1024,
+            max_headers: 16,
+            max_headers_len: 4096,
         }
     }
 }
@@ -126,6 +135,8 @@ pub struct Outgoing {
     pub src: u64,
     /// Message type (A2 or A3).
     pub msg_type: u32,
+    /// Headers (empty for most messages: then they cost nothing, on the wire or here).
+    pub headers: Headers,
     /// Payload.
     pub payload: Bytes,
     /// When the send gives up with `SendTimeout`.
@@ -255,6 +266,7 @@ struct Retained<T> {
     dst: u64,
     src: u64,
     msg_type: u32,
+    headers: Headers,
     payload: Bytes,
     deadline: Instant,
     /// Written on the current callis (cleared when it drops, so the message is replayed).
@@ -598,6 +610,21 @@ impl<T> Session<T> {
         }
     }
 
+    /// Headers within this side's limits (`whose` names the side in the error).
+    pub(crate) fn check_headers(&self, headers: &Headers, whose: &str) -> Result<(), Error> {
+        let (count, len) = (headers.len(), headers.encoded_len());
+        let (max_count, max_len) = (self.config.max_headers, self.config.max_headers_len);
+        if count > usize::from(max_count) || len > max_len {
+            return Err(Error::new(
+                ErrorId::HeadersTooLarge,
+                format!(
+                    "{count} headers of {len} bytes are over {whose} limits ({max_count} headers, {max_len} bytes: max_headers, max_headers_len)"
+                ),
+            ));
+        }
+        Ok(())
+    }
+
     /// The id `msg` gets, or why it cannot be sent.
     fn admit(&self, msg: &Outgoing) -> Result<u64, Error> {
         if msg.msg_type <= A1_MESSAGE_TYPE_MAX {
@@ -618,6 +645,20 @@ impl<T> Session<T> {
                     msg.payload.len()
                 ),
             ));
+        }
+        if !msg.headers.is_empty() {
+            self.check_headers(&msg.headers, "this domus's")?;
+            let total = msg.payload.len().saturating_add(msg.headers.wire_len());
+            if total > max {
+                return Err(Error::new(
+                    ErrorId::PayloadTooLarge,
+                    format!(
+                        "payload of {} bytes and headers of {} exceed the {max}-byte limit for one message (headers count toward max_message_len)",
+                        msg.payload.len(),
+                        msg.headers.wire_len()
+                    ),
+                ));
+            }
         }
         if self.retained.len() >= self.config.max_in_flight as usize {
             return Err(Error::new(
@@ -650,6 +691,7 @@ impl<T> Session<T> {
                 dst: msg.dst,
                 src: msg.src,
                 msg_type: msg.msg_type,
+                headers: msg.headers,
                 payload: msg.payload,
                 deadline: msg.deadline,
                 transmitted: false,
@@ -719,6 +761,7 @@ impl<T> Session<T> {
                         dst: r.dst,
                         src: r.src,
                         msg_type: r.msg_type,
+                        headers: r.headers,
                         payload: r.payload,
                         deadline: r.deadline,
                     },

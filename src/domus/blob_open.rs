@@ -26,6 +26,7 @@ pub(super) struct BlobOpen<'a> {
     pub(super) source: TabernaId,
     pub(super) msg_type: MessageType,
     pub(super) header: &'a Bytes,
+    pub(super) headers: crate::a1_callis::headers::Headers,
     pub(super) deadline: tokio::time::Instant,
     /// The stream's window and chunk length (`blob_window`, `blob_chunk_len`).
     pub(super) window: usize,
@@ -84,6 +85,11 @@ impl DomusInner {
             ));
         }
         let (timeout, deadline) = options.deadline(self.config.load().send_timeout)?;
+        let headers = super::send::checked_headers(
+            &self.config.load(),
+            &options,
+            header.len().saturating_add(blob::BLOB_OPEN_OVERHEAD),
+        )?;
         let source = options.source.unwrap_or(TabernaId(0));
         let window = self.config.load().blob_window;
         let chunk = self.config.load().blob_chunk_len;
@@ -92,8 +98,15 @@ impl DomusInner {
             let (eof_tx, eof_rx) = oneshot::channel();
             let sender = blob::SenderShared::new(window);
             let receiver = BlobReceiver::local(piece_rx, sender.clone(), eof_tx);
-            self.send_local(taberna, source, msg_type, header, timeout, Some(receiver))
-                .await?;
+            self.send_local(
+                taberna,
+                source,
+                msg_type,
+                (header, headers),
+                timeout,
+                Some(receiver),
+            )
+            .await?;
             return Ok(BlobSender::local(sender, piece_tx, eof_rx, chunk));
         }
         // The stream and its opening message must reach one incarnation of the peer's
@@ -107,6 +120,7 @@ impl DomusInner {
                 source,
                 msg_type,
                 header: &header,
+                headers: headers.clone(),
                 deadline,
                 window,
                 chunk,
@@ -133,6 +147,7 @@ impl DomusInner {
             source,
             msg_type,
             header,
+            headers,
             deadline,
             window,
             chunk,
@@ -163,7 +178,7 @@ impl DomusInner {
             n,
             (taberna.0, source.0),
             msg_type.0,
-            header,
+            (header, headers),
             deadline.into_std(),
         );
         let sender = blob::SenderShared::new(window);

@@ -19,7 +19,7 @@ use crate::error::Error;
 /// | when | fields |
 /// |---|---|
 /// | **live**: the next send, delivery or accepted callis | `send_timeout`, `resolve_timeout`, `max_message_len` (the local check; the frame limit a peer is told applies to new peers), `default_inbox_depth` (every taberna registered without its own depth), `hello_timeout` (telling inbound calles apart; sessions: new peers), `shutdown_timeout`, `max_unopened_calles_per_peer`, `max_unopened_calles`, `max_peers`, `max_pinned_addresses` (the next pin), `max_retained_reply_bytes` (replies kept from then on), `peer_recheck_interval` (from the next check) |
-/// | **new peers**: peers first contacted after the change (and peers after a restart of this domus) | `max_in_flight_per_peer`, `max_in_flight_bytes_per_peer`, `dedupe_window`, `max_unsent_answer_bytes`, `keepalive_interval`, `idle_timeout`, `frame_read_timeout`, `max_frames_per_second`, `max_refusals_per_second`, `max_callis_age`, `peer_retire_after` |
+/// | **new peers**: peers first contacted after the change (and peers after a restart of this domus) | `max_in_flight_per_peer`, `max_in_flight_bytes_per_peer`, `dedupe_window`, `max_unsent_answer_bytes`, `max_headers`, `max_headers_len`, `keepalive_interval`, `idle_timeout`, `frame_read_timeout`, `max_frames_per_second`, `max_refusals_per_second`, `max_callis_age`, `peer_retire_after` |
 /// | **fixed** at build: a change is refused with `InvalidConfig` naming the field | `transport` (use `Domus::reload_auth` and `Domus::set_trust_policy` for authentication), `reconnect_backoff_min`, `reconnect_backoff_max`, every `blob_*` field, `max_blob_streams_per_peer`, `max_blob_cancels_per_second` |
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
@@ -58,6 +58,15 @@ pub struct DomusConfig {
     /// more ran past its window: a protocol violation). A peer that reads nothing at all is
     /// cut off after `idle_timeout` (T33). Default 16 MiB; 64 KiB to 4 GiB.
     pub max_unsent_answer_bytes: usize,
+    /// The most headers one message may carry ([`Headers`](crate::Headers)), either way: a
+    /// send with more fails at once with `HeadersTooLarge`, and a message from a peer with
+    /// more is refused with it before any handler sees it. Default 16; 0 (no headers at all)
+    /// to 1,024.
+    pub max_headers: u16,
+    /// The most bytes one message's headers may take (keys, values and 3 bytes each), either
+    /// way, as `max_headers`. Headers also count toward `max_message_len`. Default 4 KiB; 0
+    /// to 65,534.
+    pub max_headers_len: usize,
     /// How often an open callis is probed with a PING (RTT is measured from it). Default
     /// 5 s; 10 ms to 10 min.
     pub keepalive_interval: Duration,
@@ -176,6 +185,8 @@ impl Default for DomusConfig {
             dedupe_window: 8192,
             max_retained_reply_bytes: 32 * 1024 * 1024,
             max_unsent_answer_bytes: 16 * 1024 * 1024,
+            max_headers: 16,
+            max_headers_len: 4096,
             keepalive_interval: Duration::from_secs(5),
             idle_timeout: Duration::from_secs(20),
             hello_timeout: Duration::from_secs(10),
@@ -267,6 +278,13 @@ impl DomusConfig {
             self.max_unsent_answer_bytes as u64,
             64 * 1024,
             1 << 32,
+        )?;
+        count("max_headers", u64::from(self.max_headers), 0, 1024)?;
+        count(
+            "max_headers_len",
+            self.max_headers_len as u64,
+            0,
+            crate::a1_callis::headers::MAX_HEADERS_LEN as u64,
         )?;
         within(
             "keepalive_interval",
@@ -464,6 +482,8 @@ impl DomusConfig {
             frame_read_timeout: self.frame_read_timeout,
             max_frames_per_second: self.max_frames_per_second,
             max_refusals_per_second: self.max_refusals_per_second,
+            max_headers: self.max_headers,
+            max_headers_len: self.max_headers_len,
         }
     }
 }

@@ -23,6 +23,7 @@ use std::task::{Context, Poll, ready};
 use arc_swap::ArcSwapOption;
 use bytes::Bytes;
 use tokio_util::sync::DropGuard;
+use tracing::Instrument;
 
 use super::{
     CheckedSend, Delivery, DomusInner, Outcome, PeerRef, Receipt, ReceiptKind, SendOptions, Wait,
@@ -229,7 +230,7 @@ impl RouteCache {
                 self.taberna,
                 checked.source,
                 MessageType(msg.msg_type),
-                msg.payload,
+                (msg.payload, msg.headers),
                 checked.timeout,
                 None,
             )),
@@ -460,16 +461,52 @@ pub(super) type Message = (MessageType, Bytes, SendOptions);
 /// Admits a send through `route`, then waits for the answer (one future, so the admission's
 /// state is not kept beside the receipt's). The one path of every send API that waits for
 /// its answer.
+///
+/// The send runs in a `vicus.send` span (debug level) from call to outcome, with the domus,
+/// the taberna, the message type and the outcome; the message carries the span's trace
+/// context (feature `otel`), so the delivery continues the send.
 pub(super) async fn send_through(
     inner: Arc<DomusInner>,
     route: Arc<RouteCache>,
     (msg_type, payload, options): Message,
     wait: Wait,
 ) -> Outcome {
+    let span = tracing::debug_span!(
+        "vicus.send",
+        domus = %inner.local_id,
+        taberna = route.taberna.0,
+        msg_type = msg_type.0,
+        outcome = tracing::field::Empty,
+    );
+    if span.is_disabled() {
+        return send_unobserved(&inner, &route, (msg_type, payload, options), wait).await;
+    }
+    let outcome = send_unobserved(&inner, &route, (msg_type, payload, options), wait)
+        .instrument(span.clone())
+        .await;
+    span.record("outcome", outcome_name(&outcome));
+    outcome
+}
+
+async fn send_unobserved(
+    inner: &Arc<DomusInner>,
+    route: &RouteCache,
+    (msg_type, payload, options): Message,
+    wait: Wait,
+) -> Outcome {
     let receipt = route
-        .admit_with(&inner, msg_type, payload, options, wait, receipt)
+        .admit_with(inner, msg_type, payload, options, wait, receipt)
         .await?;
     receipt.await
+}
+
+/// How a send ended, for its span: `accepted`, `replied`, or the error's name.
+pub(super) fn outcome_name(outcome: &Outcome) -> &'static str {
+    match outcome {
+        Ok(Delivery::Accepted) => "accepted",
+        Ok(Delivery::Replied(_)) => "replied",
+        Err(e) => e.id().name(),
+    }
 }
 
 /// Admits a send through `route` and returns its receipt.

@@ -18,7 +18,7 @@ impl DomusInner {
         taberna: TabernaId,
         source: TabernaId,
         msg_type: MessageType,
-        payload: Bytes,
+        (payload, headers): (Bytes, crate::a1_callis::headers::Headers),
         timeout: Duration,
         blob: Option<BlobReceiver>,
     ) -> Receipt {
@@ -30,7 +30,8 @@ impl DomusInner {
             msg_type,
             payload,
             AnswerTarget::Local(answer_tx),
-        );
+        )
+        .with_headers(headers);
         if let Some(blob) = blob {
             request = request.with_blob(blob);
         }

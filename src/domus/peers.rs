@@ -22,6 +22,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 use tokio::sync::{Semaphore, mpsc};
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
 /// The handles of one peer's two drivers (messages, blobs) and its budgets.
 pub(super) struct PeerRef {
@@ -511,20 +512,28 @@ impl DomusInner {
                 },
             },
         );
-        self.tasks.spawn(driver);
-        self.tasks.spawn(BlobDriver::new(
-            id.clone(),
-            addr.clone(),
-            self.blob_ctx.clone(),
-            blob_rx,
-            self.cancel.child_token(),
-            BlobLinks {
-                config: self.config.load().blob(),
-                cells,
-                active: blob_active,
-                host,
-            },
-        ));
+        // Everything a peer's drivers log (calles up and down, refusals, failovers) is inside
+        // their span; a delivery's span is a child of it.
+        // A root span: a peer outlives the send that first reached it.
+        let span =
+            tracing::debug_span!(parent: None, "vicus.peer", domus = %self.local_id, peer = %id);
+        self.tasks.spawn(driver.instrument(span.clone()));
+        self.tasks.spawn(
+            BlobDriver::new(
+                id.clone(),
+                addr.clone(),
+                self.blob_ctx.clone(),
+                blob_rx,
+                self.cancel.child_token(),
+                BlobLinks {
+                    config: self.config.load().blob(),
+                    cells,
+                    active: blob_active,
+                    host,
+                },
+            )
+            .instrument(span),
+        );
         Arc::new(PeerRef {
             id: id.clone(),
             addr: arc_swap::ArcSwapOption::new(addr.clone().map(Arc::new)),

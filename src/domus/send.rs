@@ -9,6 +9,7 @@ use super::DomusInner;
 use super::peers::PeerRef;
 use super::receipt::{Receipt, ReceiptKind};
 use crate::a0_transport::{DomusAddr, DomusId};
+use crate::a1_callis::headers::Headers;
 use crate::error::{Error, ErrorId};
 use crate::reporting::{Counter, Event};
 use crate::runtime::budget::{InFlight, InFlightBudget};
@@ -29,6 +30,10 @@ pub struct SendOptions {
     pub timeout: Option<Duration>,
     /// The taberna the receiver sees as the source; default `TabernaId(0)`.
     pub source: Option<TabernaId>,
+    /// Headers the message carries ([`Headers`]; none by default). Within this domus's
+    /// `max_headers` and `max_headers_len`, and the receiver's (it refuses more with
+    /// `HeadersTooLarge`); they count toward `max_message_len`.
+    pub headers: Headers,
 }
 
 /// The shortest timeout a send may ask for.
@@ -75,11 +80,20 @@ impl SendOptions {
         self.source = Some(source);
         self
     }
+
+    /// Sets the headers.
+    pub fn headers(mut self, headers: Headers) -> Self {
+        self.headers = headers;
+        self
+    }
 }
 
 /// Takes room for `send` at `peer` and hands it over there (it moves from a driver that
 /// cannot deliver it); gives it back, with its old room, when `peer` has no room or no
 /// driver.
+// The send comes back whole to be tried elsewhere; boxing it would cost an allocation
+// on every hand-over for a path (no room, no driver) that is rare.
+#[allow(clippy::result_large_err)]
 pub(super) fn move_send(peer: &PeerRef, send: SendCmd) -> Result<(), SendCmd> {
     let Some(permit) = peer.budget.try_take(send.msg.size()) else {
         return Err(send);
@@ -110,6 +124,9 @@ pub(super) fn move_send(peer: &PeerRef, send: SendCmd) -> Result<(), SendCmd> {
 pub(super) struct CheckedSend {
     pub(super) timeout: Duration,
     pub(super) source: TabernaId,
+    /// The send's headers (checked against this domus's limits), with the trace context
+    /// of the span the send was made in when the `otel` feature finds one.
+    pub(super) headers: Headers,
 }
 
 impl CheckedSend {
@@ -124,6 +141,7 @@ impl CheckedSend {
             dst: taberna.0,
             src: self.source.0,
             msg_type: msg_type.0,
+            headers: self.headers.clone(),
             payload,
             deadline: Deadline::After(self.timeout),
         }
@@ -135,6 +153,42 @@ impl CheckedSend {
         let now = tokio::time::Instant::now();
         now.checked_add(self.timeout).unwrap_or(now)
     }
+}
+
+/// The headers a send carries: its options' (within this domus's `max_headers` and
+/// `max_headers_len`, and with a `payload_len`-byte payload within `max_message_len`), with
+/// the trace context of the span the send is made in when the `otel` feature finds one.
+pub(super) fn checked_headers(
+    config: &super::DomusConfig,
+    options: &SendOptions,
+    payload_len: usize,
+) -> Result<Headers, Error> {
+    let mut headers = options.headers.clone();
+    crate::observe::attach_current_trace(&mut headers);
+    if headers.is_empty() {
+        return Ok(headers);
+    }
+    let (count, len) = (headers.len(), headers.encoded_len());
+    if count > usize::from(config.max_headers) || len > config.max_headers_len {
+        return Err(Error::new(
+            ErrorId::HeadersTooLarge,
+            format!(
+                "{count} headers of {len} bytes are over this domus's limits ({} headers, {} bytes: max_headers, max_headers_len)",
+                config.max_headers, config.max_headers_len
+            ),
+        ));
+    }
+    if payload_len.saturating_add(headers.wire_len()) > config.max_message_len {
+        return Err(Error::new(
+            ErrorId::PayloadTooLarge,
+            format!(
+                "payload of {payload_len} bytes and headers of {} exceed max_message_len ({}); headers count toward it",
+                headers.wire_len(),
+                config.max_message_len
+            ),
+        ));
+    }
+    Ok(headers)
 }
 
 /// How admission waits for an in-flight slot.
@@ -224,9 +278,11 @@ impl DomusInner {
             ));
         }
         let timeout = options.checked_timeout(config.send_timeout)?;
+        let headers = checked_headers(&config, options, payload.len())?;
         Ok(CheckedSend {
             timeout,
             source: options.source.unwrap_or(TabernaId(0)),
+            headers,
         })
     }
 

@@ -12,6 +12,7 @@ use bytes::{BufMut, Bytes, BytesMut};
 use super::Script;
 use crate::a1_callis::codes::WireCode;
 use crate::a1_callis::frame::{self, Frame, FrameType, Hello, MessageFrame, PROTOCOL_VERSION};
+use crate::a1_callis::headers::Headers;
 use crate::a1_callis::session::{A3_MESSAGE_TYPE_BASE, Answer, Event, Outgoing, SessionConfig};
 use crate::testing::pair::{A, B, SessionPair};
 
@@ -59,6 +60,9 @@ fn fuzz_config() -> SessionConfig {
         max_refusals_per_second: 64,
         // Small enough that a script reaches the refusal of a peer that does not read.
         max_unsent_answer_bytes: 2048,
+        // Small enough that a script reaches both refusals (too many, too long).
+        max_headers: 2,
+        max_headers_len: 32,
     }
 }
 
@@ -375,10 +379,26 @@ impl<'a> Harness<'a> {
         };
         let len = usize::from(self.script.u16() % 4200);
         let timeout = Duration::from_millis(u64::from(self.script.byte()) * 100);
+        // Headers on some sends: none, or up to 3 (over the limit of 2) of growing values.
+        let h = self.script.byte();
+        let mut headers = Headers::new();
+        if !h.is_multiple_of(3) {
+            for i in 0..usize::from(h % 4) {
+                let value = vec![h; (usize::from(h) * (i + 1)) % 24];
+                headers
+                    .insert(["k0", "k1", "k2"][i % 3], value)
+                    .expect("a valid header");
+            }
+        }
+        let config = fuzz_config();
         let fits = !b.is_multiple_of(4)
             && len <= self.pair.a.max_payload_len()
-            && self.pair.a.in_flight() < fuzz_config().max_in_flight as usize;
+            && headers.len() <= usize::from(config.max_headers)
+            && headers.encoded_len() <= config.max_headers_len
+            && len + headers.wire_len() <= self.pair.a.max_payload_len()
+            && self.pair.a.in_flight() < config.max_in_flight as usize;
         let result = self.pair.a.send(Outgoing {
+            headers,
             dst: 7,
             src: u64::from(b),
             msg_type,

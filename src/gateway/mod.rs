@@ -56,7 +56,7 @@
 //!
 //! | status | vicus `ErrorId`s | gateway refusals |
 //! |---|---|---|
-//! | 400 | `InvalidMessageType`, `DecodeFailure` | `BadRequest` (taberna id not a number, `Vicus-Blob` not base64, body broken off) |
+//! | 400 | `InvalidMessageType`, `DecodeFailure`, `InvalidHeader` | `BadRequest` (taberna id not a number, `Vicus-Blob` not base64, body broken off) |
 //! | 401 | | `Unauthorized` (+ `WWW-Authenticate: Bearer`) |
 //! | 403 | `Forbidden` | |
 //! | 404 | `UnknownTaberna` | `NotFound` (no such route; `/metrics` without a renderer) |
@@ -65,6 +65,7 @@
 //! | 413 | `PayloadTooLarge` (also a body over `max_message_len` / `max_blob_len`) | |
 //! | 415 | `MessageTypeNotAccepted` | |
 //! | 422 | `RemoteTabernaRejected` | |
+//! | 431 | `HeadersTooLarge` (message headers come from HTTP headers) | |
 //! | 500 | `EncodeFailure`, `TabernaAlreadyRegistered`, `InvalidConfig`, `InvalidAuthMaterial`, `InvalidDomusId`, `SocketPathInUse`, `SocketPathOccupied` (never from a send) | |
 //! | 502 | `PeerUnavailable`, `ConnectionLost`, `PeerRestarted`, `ProtocolViolation`, `UnsupportedVersion`, `BlobCallisWithoutPrimary`, `BlobAckWindowExceeded`, `BlobStreamNotFound`, `BlobStreamOutOfOrder`, `BlobStreamMissingChunk`, `AddressMismatch`, `ResolverFailed`, `PeerCertificateRejected`, `CertificateRefusedByPeer`, `IdentityMismatch`, `HandshakeFailed`, `ConnectFailed`, `UnixPeerNotAllowed`, `InvalidAddress`, `Io`, `ReplyLost`, `RequestDropped`, `BlobCancelled` | |
 //! | 503 + `Retry-After: 1` | `TabernaBusy`, `LocalQueueFull`, `BlobBufferFull`, `TabernaShutdown`, `AdmissionRefused`, `PeerShutDown` | `GatewayBusy` |

@@ -31,7 +31,11 @@ pub const fn status_of(id: ErrorId) -> (StatusCode, bool) {
         E::UnknownTaberna => (StatusCode::NOT_FOUND, false),
         E::Forbidden => (StatusCode::FORBIDDEN, false),
         E::PayloadTooLarge => (StatusCode::PAYLOAD_TOO_LARGE, false),
-        E::InvalidMessageType | E::DecodeFailure => (StatusCode::BAD_REQUEST, false),
+        E::InvalidMessageType | E::DecodeFailure | E::InvalidHeader => {
+            (StatusCode::BAD_REQUEST, false)
+        }
+        // Message headers come from the request's HTTP headers (a documented prefix).
+        E::HeadersTooLarge => (StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE, false),
         E::MessageTypeNotAccepted => (StatusCode::UNSUPPORTED_MEDIA_TYPE, false),
         E::RemoteTabernaRejected => (StatusCode::UNPROCESSABLE_ENTITY, false),
         E::TabernaBusy
@@ -90,6 +94,8 @@ fn public_text(id: ErrorId) -> &'static str {
         E::InvalidMessageType => "the message type is missing or not an application type",
         E::DecodeFailure => "the taberna could not decode the payload",
         E::MessageTypeNotAccepted => "the taberna does not accept this message type",
+        E::HeadersTooLarge => "the message headers are over a limit",
+        E::InvalidHeader => "a message header is not valid",
         E::RemoteTabernaRejected => "the taberna rejected the message",
         E::SendTimeout => "no answer before the deadline: the outcome is unknown",
         _ => match status_of(id).0 {
@@ -252,7 +258,7 @@ mod tests {
     /// a 4xx (the client must not think it was refused).
     #[test]
     fn every_error_id_has_one_documented_status() {
-        let allowed = [400, 403, 404, 413, 415, 422, 500, 502, 503, 504];
+        let allowed = [400, 403, 404, 413, 415, 422, 431, 500, 502, 503, 504];
         for &id in ErrorId::ALL {
             let (status, retry) = status_of(id);
             assert!(

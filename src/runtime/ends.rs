@@ -658,7 +658,7 @@ pub(crate) fn outbound_opening(
     n: u64,
     (dst, src): (u64, u64),
     app_type: u32,
-    header: &[u8],
+    (header, headers): (&[u8], crate::a1_callis::headers::Headers),
     deadline: std::time::Instant,
 ) -> (u64, Outgoing) {
     let stream = n
@@ -668,6 +668,7 @@ pub(crate) fn outbound_opening(
         dst,
         src,
         msg_type: BLOB_OPEN_TYPE,
+        headers,
         payload: encode_blob_open(stream, app_type, header),
         deadline,
     };

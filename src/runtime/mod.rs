@@ -120,6 +120,8 @@ pub(crate) struct InboundMessage {
     pub(crate) msg_type: u32,
     /// The payload (for a blob, the application's header).
     pub(crate) payload: Bytes,
+    /// Its headers (empty for most).
+    pub(crate) headers: crate::a1_callis::headers::Headers,
     /// The receiving end of the blob this message opens, if it opens one.
     pub(crate) blob: Option<BlobReceiver>,
     /// Answers it (exactly once).

@@ -29,9 +29,15 @@ pub struct InlineRequest<'a> {
     pub(crate) destination: TabernaId,
     pub(crate) message_type: MessageType,
     pub(crate) payload: &'a Bytes,
+    pub(crate) headers: &'a crate::a1_callis::headers::Headers,
 }
 
 impl<'a> InlineRequest<'a> {
+    /// The headers the sender attached.
+    pub fn headers(&self) -> &'a crate::a1_callis::headers::Headers {
+        self.headers
+    }
+
     /// Who sent it (verified from the peer's certificate).
     pub fn peer(&self) -> &'a PeerIdentity {
         self.peer

@@ -63,6 +63,7 @@ impl Inbound for Registry {
                     destination: TabernaId(m.dst),
                     message_type: MessageType(m.msg_type),
                     payload: &m.payload,
+                    headers: &m.headers,
                 };
                 return Intake::AnsweredByHandler(self.call_inline(handler.as_ref(), calls, view));
             }
@@ -76,6 +77,7 @@ impl Inbound for Registry {
             AnswerTarget::Remote(m.answer),
         );
         request.blob = m.blob;
+        let request = request.with_headers(m.headers);
         if self.offer(request) {
             Intake::Queued
         } else {
@@ -126,6 +128,7 @@ impl Registry {
                         destination: dst,
                         message_type: msg_type,
                         payload: &m.payload,
+                        headers: &m.headers,
                     };
                     let timed = first.wrapping_add(k).is_multiple_of(INLINE_SAMPLE);
                     let answer = self.call_inline_timed(handler.as_ref(), timed, view);
@@ -141,7 +144,8 @@ impl Registry {
                         msg_type,
                         m.payload,
                         AnswerTarget::Remote((run.answer)(m.id)),
-                    );
+                    )
+                    .with_headers(m.headers);
                     let queued = self.enqueue(entry, inbox, request);
                     intake(
                         m.id,
@@ -344,8 +348,15 @@ impl Registry {
         request: InlineRequest<'_>,
     ) -> Answer {
         let started = timed.then(std::time::Instant::now);
-        let answer =
-            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| handler.handle(request)));
+        let span = crate::observe::delivery_span(
+            request.destination.0,
+            request.message_type.0,
+            request.peer.id(),
+            request.headers,
+        );
+        let answer = span.in_scope(|| {
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| handler.handle(request)))
+        });
         if let Some(started) = started {
             let took = started.elapsed();
             if took > inline::SLOW_INLINE_CALL {
@@ -521,6 +532,7 @@ impl Registry {
                                 destination: request.destination,
                                 message_type: request.message_type,
                                 payload: &request.payload,
+                                headers: &request.headers,
                             };
                             let answer = self.call_inline(handler.as_ref(), calls, view);
                             let mut request = request;

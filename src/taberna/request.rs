@@ -14,6 +14,7 @@ use tokio::sync::oneshot;
 
 use super::{MessageType, TabernaId};
 use crate::a0_transport::PeerIdentity;
+use crate::a1_callis::headers::{Headers, TraceContext};
 use crate::a1_callis::session::Answer;
 use crate::error::ErrorId;
 use crate::runtime::AnswerToPeer;
@@ -50,6 +51,7 @@ pub struct TabernaRequest {
     pub(super) destination: TabernaId,
     pub(super) message_type: MessageType,
     pub(super) payload: Bytes,
+    pub(super) headers: Headers,
     pub(super) blob: Option<BlobReceiver>,
     answer_handle: AnswerHandle,
 }
@@ -58,6 +60,9 @@ pub struct TabernaRequest {
 /// exactly once; dropping it unanswered rejects with [`ErrorId::RequestDropped`].
 pub struct AnswerHandle {
     target: Option<AnswerTarget>,
+    /// The delivery's `vicus.deliver` span: it ends when the request is answered (or
+    /// dropped), with the answer recorded.
+    span: tracing::Span,
 }
 
 impl fmt::Debug for AnswerHandle {
@@ -86,8 +91,25 @@ impl AnswerHandle {
 
     fn finish(&mut self, answer: Answer) {
         if let Some(target) = self.target.take() {
+            if !self.span.is_disabled() {
+                self.span.record("answer", answer_name(&answer));
+            }
             target.send(answer);
         }
+    }
+
+    /// The delivery's span (see [`TabernaRequest::span`]).
+    pub fn span(&self) -> &tracing::Span {
+        &self.span
+    }
+}
+
+/// An answer's name in a delivery span: `accepted`, `replied`, or the refusal's error.
+fn answer_name(answer: &Answer) -> &'static str {
+    match answer {
+        Answer::Accepted => "accepted",
+        Answer::Replied(_) => "replied",
+        Answer::Rejected { error, .. } => error.error_id().map_or("rejected", ErrorId::name),
     }
 }
 
@@ -115,6 +137,8 @@ pub struct RequestParts {
     pub message_type: MessageType,
     /// Its payload.
     pub payload: Bytes,
+    /// Its headers.
+    pub headers: Headers,
     /// Its blob, unless [`TabernaRequest::blob`] took it already. Dropping it cancels the
     /// stream, as dropping any [`BlobReceiver`] does.
     pub blob: Option<BlobReceiver>,
@@ -128,6 +152,7 @@ impl fmt::Debug for TabernaRequest {
             .field("destination", &self.destination)
             .field("message_type", &self.message_type)
             .field("payload_len", &self.payload.len())
+            .field("headers", &self.headers)
             .field("blob", &self.blob.is_some())
             .finish()
     }
@@ -148,11 +173,26 @@ impl TabernaRequest {
             destination,
             message_type,
             payload,
+            headers: Headers::new(),
             blob: None,
             answer_handle: AnswerHandle {
                 target: Some(target),
+                span: tracing::Span::none(),
             },
         }
+    }
+
+    /// Attaches the headers the message carried and opens its delivery span (which continues
+    /// the trace the headers carry, with the `otel` feature). Every request gets here once.
+    pub(crate) fn with_headers(mut self, headers: Headers) -> Self {
+        self.answer_handle.span = crate::observe::delivery_span(
+            self.destination.0,
+            self.message_type.0,
+            self.peer.id(),
+            &headers,
+        );
+        self.headers = headers;
+        self
     }
 
     /// Attaches the receiving end of the blob stream this request opens.
@@ -185,6 +225,7 @@ impl TabernaRequest {
             destination,
             message_type,
             payload,
+            headers,
             blob,
             answer_handle,
         } = self;
@@ -195,6 +236,7 @@ impl TabernaRequest {
                 destination,
                 message_type,
                 payload,
+                headers,
                 blob,
             },
             answer_handle,
@@ -224,6 +266,27 @@ impl TabernaRequest {
     /// Its payload (zero-copy).
     pub fn payload(&self) -> &Bytes {
         &self.payload
+    }
+
+    /// The headers the sender attached ([`SendOptions::headers`](crate::SendOptions::headers)).
+    pub fn headers(&self) -> &Headers {
+        &self.headers
+    }
+
+    /// The sender's W3C trace context, when the message carried one (the `traceparent`
+    /// header): for a handler that propagates traces by hand. With the `otel` feature the
+    /// request's delivery span already continues it.
+    pub fn trace_context(&self) -> Option<TraceContext> {
+        self.headers.trace_context()
+    }
+
+    /// The delivery's `vicus.deliver` span (debug level: taberna, message type, peer, and the
+    /// answer when it is given), from the request's arrival to its answer. A handler that
+    /// works asynchronously runs its work in it — `work.instrument(request.span().clone())`
+    /// — so its own spans and events belong to the delivery (and, with the `otel` feature,
+    /// to the sender's trace). Disabled when no subscriber wants it.
+    pub fn span(&self) -> &tracing::Span {
+        &self.answer_handle.span
     }
 
     /// Takes the payload out (leaving the request answerable).

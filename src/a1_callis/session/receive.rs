@@ -319,11 +319,36 @@ impl<T> Session<T> {
     pub(super) fn handle_message(&mut self, m: MessageFrame) {
         if self.admit_message(m.id, m.msg_type) {
             let peer_epoch = self.peer_epoch.unwrap_or_default();
+            if let Err(refusal) = self.headers_refusal(&m.headers) {
+                // Refused before any handler sees it, as any answer: remembered for a replay
+                // and counted against max_refusals_per_second.
+                self.stats.messages_delivered = self.stats.messages_delivered.saturating_sub(1);
+                self.answer(peer_epoch, m.id, refusal);
+                return;
+            }
             self.events.push_back(Event::Arrived {
                 peer_epoch,
                 message: m,
             });
         }
+    }
+
+    /// Why a message's headers are refused: an extension version this side does not know, or
+    /// more than its limits.
+    fn headers_refusal(&self, headers: &Headers) -> Result<(), Answer> {
+        if headers.is_empty() {
+            return Ok(());
+        }
+        if let Some(version) = headers.version().filter(|v| *v != HEADERS_VERSION) {
+            return Err(Answer::refusal(
+                ErrorId::UnsupportedVersion,
+                format!(
+                    "the message's headers are extension version {version}; this domus reads version {HEADERS_VERSION}"
+                ),
+            ));
+        }
+        self.check_headers(headers, "the receiver's")
+            .map_err(|e| Answer::refusal(ErrorId::HeadersTooLarge, e.message()))
     }
 
     /// Each message of a batch through the dedupe window, as a MESSAGE would go; the new

@@ -144,6 +144,15 @@ impl<T> Session<T> {
             }
             let len = r.payload.len();
             match &mut batch {
+                // A message with headers goes as a MESSAGE of its own (a batch carries none).
+                _ if !r.headers.is_empty() => {
+                    if let Some(done) = batch.take() {
+                        done.finish(out);
+                    }
+                    frame::encode_message_with_headers(
+                        out, id, r.dst, r.src, r.msg_type, &r.headers, &r.payload,
+                    );
+                }
                 Some(b) if b.fits(id, r.dst, r.src, r.msg_type, len, frame_max) => {
                     b.push(out, &r.payload);
                 }
@@ -158,7 +167,9 @@ impl<T> Session<T> {
                             out, id, r.dst, r.src, r.msg_type, &r.payload,
                         ));
                     } else {
-                        frame::encode_message(out, id, r.dst, r.src, r.msg_type, &r.payload);
+                        frame::encode_message_with_headers(
+                            out, id, r.dst, r.src, r.msg_type, &r.headers, &r.payload,
+                        );
                     }
                 }
             }

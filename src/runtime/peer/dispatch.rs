@@ -76,6 +76,7 @@ impl PeerDriver {
                         dst: message.dst,
                         msg_type: message.msg_type,
                         payload: message.payload,
+                        headers: message.headers,
                         blob: None,
                         answer: self.answer_to_peer(peer_epoch, id),
                     });
@@ -230,6 +231,7 @@ impl PeerDriver {
             dst: message.dst,
             msg_type: app_type,
             payload: header,
+            headers: message.headers,
             blob: Some(receiver),
             answer: self.answer_to_peer(peer_epoch, id),
         });

@@ -43,6 +43,7 @@ pub(crate) struct QueuedSend {
     pub(crate) dst: u64,
     pub(crate) src: u64,
     pub(crate) msg_type: u32,
+    pub(crate) headers: crate::a1_callis::headers::Headers,
     pub(crate) payload: bytes::Bytes,
     pub(crate) deadline: Deadline,
 }
@@ -63,6 +64,7 @@ impl QueuedSend {
             dst: self.dst,
             src: self.src,
             msg_type: self.msg_type,
+            headers: self.headers,
             payload: self.payload,
             deadline,
         }
@@ -75,6 +77,7 @@ impl From<Outgoing> for QueuedSend {
             dst: m.dst,
             src: m.src,
             msg_type: m.msg_type,
+            headers: m.headers,
             payload: m.payload,
             deadline: Deadline::At(m.deadline),
         }
@@ -218,6 +221,9 @@ pub(crate) trait DriverHost: Send + Sync {
     /// Hands a send `peer` could not deliver — it never went out on any callis, and the
     /// peer cannot be reached — to another replica serving its taberna, if the route lists
     /// one this domus can reach now; gives the send back otherwise.
+    // The send comes back whole to be tried elsewhere; boxing it would cost an allocation
+    // on every hand-over for a path (no room, no driver) that is rare.
+    #[allow(clippy::result_large_err)]
     fn redirect(&self, peer: &DomusId, send: SendCmd) -> Result<(), SendCmd>;
 
     /// Hands an inbound callis that reached a driver as it retired (its first frame's kind,

@@ -104,6 +104,7 @@ impl SessionPair {
     pub fn send(&mut self, msg_type: u32, payload: &'static [u8], timeout: Duration) -> u64 {
         self.a
             .send(Outgoing {
+                headers: Default::default(),
                 dst: 7,
                 src: 3,
                 msg_type,
