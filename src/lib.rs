@@ -297,6 +297,26 @@
 //! exporter; it logs through `tracing` (warnings a peer can trigger are rate-limited per kind
 //! and say how many were suppressed).
 //!
+//! * Spans (`tracing`, debug level; nothing is built or recorded when no subscriber wants
+//!   them): `vicus.send` from a [`Domus::send`] (or `try_send`, `send_typed`,
+//!   [`Destination::send`]) to its outcome (`domus`, `taberna`, `msg_type`, `outcome`:
+//!   `accepted`, `replied` or the error's name); `vicus.deliver` from a delivery's arrival to
+//!   its answer (`taberna`, `msg_type`, `peer`, `answer`) — [`TabernaRequest::span`] hands it
+//!   to an asynchronous handler (`work.instrument(request.span().clone())`), an inline
+//!   handler runs inside it; `vicus.peer` around each peer's drivers (`domus`, `peer`: the
+//!   calles going up and down, refusals and the "why" events below are inside it);
+//!   `vicus.handshake` around each TLS handshake (`direction`, the address, the authenticated
+//!   `peer` or the error).
+//! * Message headers: [`SendOptions::headers`] attaches a few key/value pairs to a message
+//!   ([`Headers`]: correlation ids, a tenant, a content type), [`TabernaRequest::headers`]
+//!   reads them; bounded by `max_headers` and `max_headers_len` on both sides
+//!   ([`ErrorId::HeadersTooLarge`] when over), zero bytes on the wire when absent
+//!   (`docs/wire-protocol.md`). The W3C trace context is one of them (`traceparent`, a
+//!   [`TraceContext`]; [`TabernaRequest::trace_context`] for a handler that propagates by
+//!   hand). With the feature `otel` (OpenTelemetry through `tracing-opentelemetry`) a message
+//!   carries the context of the span it is sent in and its `vicus.deliver` span continues
+//!   it — one trace across every domus a request crosses, replays included; see the `otel`
+//!   module and `examples/otel_three_domus.rs`.
 //! * "Why" events: the decisions users ask about are `tracing` events at debug level with
 //!   target `vicus::why` and a `why` field naming the decision — `refused` (deliveries refused
 //!   before a handler saw them: `taberna`, `peer`, `error` such as `Forbidden` or

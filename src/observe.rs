@@ -13,6 +13,7 @@ use crate::a1_callis::headers::TRACEPARENT;
 
 /// The span of one delivery, from its arrival to its answer: a child of the peer's driver
 /// span, and — with `otel`, when the message carried a trace context — of the sender's span.
+#[inline]
 pub(crate) fn delivery_span(
     taberna: u64,
     msg_type: u32,
@@ -32,6 +33,7 @@ pub(crate) fn delivery_span(
 
 /// Makes `span` continue the trace `headers` carry (feature `otel`; otherwise nothing).
 #[cfg_attr(not(feature = "otel"), allow(unused_variables))]
+#[inline]
 pub(crate) fn continue_trace(span: &tracing::Span, headers: &Headers) {
     #[cfg(feature = "otel")]
     if !span.is_disabled()

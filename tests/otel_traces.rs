@@ -105,14 +105,18 @@ async fn a_request_across_three_domus_is_one_trace_with_correct_parents() {
         let middle = tokio::spawn(async move {
             let request = tb.recv().await.expect("a request");
             let span = request.span().clone();
-            let asked = b2
-                .send(
-                    TabernaId(2),
-                    T,
-                    Bytes::from_static(b"ask c"),
-                    SendOptions::default(),
-                )
-                .instrument(span)
+            // Called inside the delivery span (a send's span, like #[instrument]'s, is made
+            // when it is called).
+            let asked = span
+                .in_scope(|| {
+                    b2.send(
+                        TabernaId(2),
+                        T,
+                        Bytes::from_static(b"ask c"),
+                        SendOptions::default(),
+                    )
+                })
+                .instrument(span.clone())
                 .await
                 .expect("c answered");
             assert!(matches!(asked, vicus::Delivery::Accepted));
@@ -126,14 +130,15 @@ async fn a_request_across_three_domus_is_one_trace_with_correct_parents() {
         });
         let root = tracing::info_span!("client-request");
         let root_trace = {
-            let delivery = a
-                .send(
-                    TabernaId(1),
-                    T,
-                    Bytes::from_static(b"start"),
-                    SendOptions::default(),
-                )
-                .instrument(root.clone())
+            let delivery = root
+                .in_scope(|| {
+                    a.send(
+                        TabernaId(1),
+                        T,
+                        Bytes::from_static(b"start"),
+                        SendOptions::default(),
+                    )
+                })
                 .await
                 .expect("answered");
             assert!(matches!(delivery, vicus::Delivery::Replied(_)));
@@ -217,15 +222,14 @@ async fn a_replayed_delivery_belongs_to_the_trace_of_its_send() {
         // replays it on the next callis.
         proxy.set_blackhole(true);
         let root = tracing::info_span!("replayed-request");
-        let send = tokio::spawn(
+        let send = tokio::spawn(root.in_scope(|| {
             a.send(
                 TabernaId(1),
                 T,
                 Bytes::from_static(b"lost once"),
                 SendOptions::default().timeout(Duration::from_secs(20)),
             )
-            .instrument(root.clone()),
-        );
+        }));
         tokio::time::sleep(Duration::from_millis(200)).await;
         assert!(tb.try_recv().is_none(), "the blackhole let it through");
         proxy.cut_all();
@@ -271,15 +275,14 @@ async fn a_traceparent_set_by_hand_wins_over_the_span() {
         let mine = TraceContext::new([0x42; 16], [0x24; 8], 1).expect("valid");
         let mut headers = Headers::new();
         headers.set_trace_context(mine).expect("valid");
-        let send = tokio::spawn(
+        let send = tokio::spawn(tracing::info_span!("some-span").in_scope(|| {
             a.send(
                 TabernaId(1),
                 T,
                 Bytes::from_static(b"x"),
                 SendOptions::default().headers(headers),
             )
-            .instrument(tracing::info_span!("some-span")),
-        );
+        }));
         let request = tb.recv().await.expect("a request");
         assert_eq!(request.trace_context(), Some(mine));
         request.accept();

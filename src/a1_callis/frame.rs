@@ -581,6 +581,7 @@ impl BatchWriter {
     }
 
     /// Appends the next message (one that [`fits`](Self::fits)).
+    #[inline]
     pub fn push(&mut self, out: &mut BytesMut, payload: &[u8]) {
         put_entry(out, payload);
         self.body_len = self.body_len.saturating_add(batch_entry_len(payload.len()));
@@ -1050,6 +1051,7 @@ fn put_message_head(
 }
 
 /// Writes one MESSAGE_BATCH entry: the payload's length and the payload.
+#[inline]
 fn put_entry(out: &mut BytesMut, payload: &[u8]) {
     put_varint(out, u32::try_from(payload.len()).unwrap_or(u32::MAX));
     out.put_slice(payload);

@@ -231,6 +231,8 @@ pub enum Event<T = ()> {
     Finished {
         /// The id [`Session::send`] returned.
         id: u64,
+        /// The taberna it was sent to (so the token need not keep it).
+        dst: u64,
         /// How it ended.
         outcome: SendEnd,
         /// The token the send was given to [`Session::send_with_token`].
@@ -938,6 +940,7 @@ impl<T> Session<T> {
             self.forget_deadline(r.deadline, id);
             self.events.push_back(Event::Finished {
                 id,
+                dst: r.dst,
                 outcome: SendEnd::Failed(error),
                 token: r.token,
             });

@@ -22,6 +22,7 @@ use std::task::{Context, Poll, ready};
 
 use arc_swap::ArcSwapOption;
 use bytes::Bytes;
+use tokio_util::either::Either;
 use tokio_util::sync::DropGuard;
 use tracing::Instrument;
 
@@ -117,12 +118,13 @@ impl RouteCache {
         inner: &Arc<DomusInner>,
         msg_type: MessageType,
         payload: Bytes,
-        options: SendOptions,
+        // Borrowed: the caller's future holds the options once, this one a reference.
+        options: &SendOptions,
         wait: Wait,
         done: impl FnOnce() -> (Completion, R),
     ) -> Result<R, Error> {
-        let checked = inner.check_send(self.taberna, msg_type, &payload, &options)?;
-        let mut msg = checked.outgoing(self.taberna, msg_type, payload);
+        let (checked, headers) = inner.check_send(self.taberna, msg_type, &payload, options)?;
+        let mut msg = checked.outgoing(self.taberna, msg_type, (payload, headers));
         let cached = self.cache.load();
         let waits_for_room = match cached.as_deref().filter(|r| self.fresh(inner, r)) {
             Some(Resolved {
@@ -179,7 +181,7 @@ impl RouteCache {
         let Some(largest) = payloads.iter().max_by_key(|p| p.len()) else {
             return Ok(true);
         };
-        let checked = inner.check_send(self.taberna, msg_type, largest, options)?;
+        let (checked, headers) = inner.check_send(self.taberna, msg_type, largest, options)?;
         let cached = self.cache.load();
         let Some(Resolved {
             target: Target::Remote { peer, .. },
@@ -197,7 +199,7 @@ impl RouteCache {
         };
         let msgs = payloads
             .iter()
-            .map(|p| checked.outgoing(self.taberna, msg_type, p.clone()))
+            .map(|p| checked.outgoing(self.taberna, msg_type, (p.clone(), headers.clone())))
             .collect();
         let batch = SendBatch {
             msgs,
@@ -435,7 +437,7 @@ impl Destination {
         &'a self,
         msg_type: MessageType,
         payload: Bytes,
-        options: SendOptions,
+        options: &'a SendOptions,
         ring: &'a Arc<CompletionRing>,
         ticket: u64,
     ) -> impl Future<Output = Result<InWindow, Error>> + Send + 'a {
@@ -463,14 +465,15 @@ pub(super) type Message = (MessageType, Bytes, SendOptions);
 /// its answer.
 ///
 /// The send runs in a `vicus.send` span (debug level) from call to outcome, with the domus,
-/// the taberna, the message type and the outcome; the message carries the span's trace
-/// context (feature `otel`), so the delivery continues the send.
-pub(super) async fn send_through(
+/// the taberna, the message type and the outcome; like `#[instrument]`, the span is made
+/// when the send is called (its parent is the span current then); the message carries its
+/// trace context (feature `otel`), so the delivery continues the send.
+pub(super) fn send_through(
     inner: Arc<DomusInner>,
     route: Arc<RouteCache>,
     (msg_type, payload, options): Message,
     wait: Wait,
-) -> Outcome {
+) -> impl Future<Output = Outcome> + Send + 'static {
     let span = tracing::debug_span!(
         "vicus.send",
         domus = %inner.local_id,
@@ -478,24 +481,27 @@ pub(super) async fn send_through(
         msg_type = msg_type.0,
         outcome = tracing::field::Empty,
     );
+    let send = send_unobserved(inner, route, (msg_type, payload, options), wait);
     if span.is_disabled() {
-        return send_unobserved(&inner, &route, (msg_type, payload, options), wait).await;
+        return Either::Left(send);
     }
-    let outcome = send_unobserved(&inner, &route, (msg_type, payload, options), wait)
-        .instrument(span.clone())
-        .await;
-    span.record("outcome", outcome_name(&outcome));
-    outcome
+    // Boxed: the observed path's state (its span twice) is paid for only when someone
+    // listens; the send future itself stays as small as it was without spans.
+    Either::Right(Box::pin(async move {
+        let outcome = send.instrument(span.clone()).await;
+        span.record("outcome", outcome_name(&outcome));
+        outcome
+    }))
 }
 
 async fn send_unobserved(
-    inner: &Arc<DomusInner>,
-    route: &RouteCache,
+    inner: Arc<DomusInner>,
+    route: Arc<RouteCache>,
     (msg_type, payload, options): Message,
     wait: Wait,
 ) -> Outcome {
     let receipt = route
-        .admit_with(inner, msg_type, payload, options, wait, receipt)
+        .admit_with(&inner, msg_type, payload, &options, wait, receipt)
         .await?;
     receipt.await
 }
@@ -517,7 +523,7 @@ pub(super) async fn admit_through(
     wait: Wait,
 ) -> Result<Receipt, Error> {
     route
-        .admit_with(&inner, msg_type, payload, options, wait, receipt)
+        .admit_with(&inner, msg_type, payload, &options, wait, receipt)
         .await
 }
 
@@ -593,7 +599,7 @@ impl Window {
         let ticket = self.next_ticket;
         let entry = self
             .destination
-            .admit_into(msg_type, payload, options, ring, ticket)
+            .admit_into(msg_type, payload, &options, ring, ticket)
             .await?;
         self.next_ticket = ticket.wrapping_add(1);
         self.outstanding.push_back(entry);
@@ -668,7 +674,7 @@ impl Window {
                 let ticket = self.next_ticket;
                 let entry = self
                     .destination
-                    .admit_into(msg_type, payload, options.clone(), &ring, ticket)
+                    .admit_into(msg_type, payload, &options, &ring, ticket)
                     .await?;
                 self.next_ticket = ticket.wrapping_add(1);
                 self.outstanding.push_back(entry);

@@ -19,9 +19,6 @@ impl DomusInner {
     /// candidates as the resolver gives them at once (a resolver that must wait is not asked),
     /// without `from` and without any this domus cannot reach now, chosen as a send chooses;
     /// the send takes room there afresh.
-    // The send comes back whole to be tried elsewhere; boxing it would cost an allocation
-    // on every hand-over for a path (no room, no driver) that is rare.
-    #[allow(clippy::result_large_err)]
     pub(super) fn redirect(self: &Arc<Self>, from: &DomusId, send: SendCmd) -> Result<(), SendCmd> {
         let taberna = TabernaId(send.msg.dst);
         let Some(others) = self.alternatives(from, taberna) else {

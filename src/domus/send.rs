@@ -91,9 +91,6 @@ impl SendOptions {
 /// Takes room for `send` at `peer` and hands it over there (it moves from a driver that
 /// cannot deliver it); gives it back, with its old room, when `peer` has no room or no
 /// driver.
-// The send comes back whole to be tried elsewhere; boxing it would cost an allocation
-// on every hand-over for a path (no room, no driver) that is rare.
-#[allow(clippy::result_large_err)]
 pub(super) fn move_send(peer: &PeerRef, send: SendCmd) -> Result<(), SendCmd> {
     let Some(permit) = peer.budget.try_take(send.msg.size()) else {
         return Err(send);
@@ -124,26 +121,25 @@ pub(super) fn move_send(peer: &PeerRef, send: SendCmd) -> Result<(), SendCmd> {
 pub(super) struct CheckedSend {
     pub(super) timeout: Duration,
     pub(super) source: TabernaId,
-    /// The send's headers (checked against this domus's limits), with the trace context
-    /// of the span the send was made in when the `otel` feature finds one.
-    pub(super) headers: Headers,
 }
 
 impl CheckedSend {
     /// The message for the peer's driver, which stamps its deadline.
+    #[inline]
     pub(super) fn outgoing(
         &self,
         taberna: TabernaId,
         msg_type: MessageType,
-        payload: Bytes,
+        (payload, headers): (Bytes, Headers),
     ) -> QueuedSend {
         QueuedSend {
             dst: taberna.0,
             src: self.source.0,
             msg_type: msg_type.0,
-            headers: self.headers.clone(),
+            headers,
             payload,
-            deadline: Deadline::After(self.timeout),
+            // A timeout is at most an hour (MAX_SEND_TIMEOUT): its nanoseconds fit a u64.
+            deadline: Deadline::After(u64::try_from(self.timeout.as_nanos()).unwrap_or(u64::MAX)),
         }
     }
 
@@ -253,7 +249,7 @@ impl DomusInner {
         msg_type: MessageType,
         payload: &Bytes,
         options: &SendOptions,
-    ) -> Result<CheckedSend, Error> {
+    ) -> Result<(CheckedSend, Headers), Error> {
         self.check_open()?;
         // A2 types are the mesh services' own: they go to the services' reserved tabernas only.
         let service = msg_type.class() == MessageClass::A2 && taberna.0 >= RESERVED_TABERNA_BASE;
@@ -278,12 +274,19 @@ impl DomusInner {
             ));
         }
         let timeout = options.checked_timeout(config.send_timeout)?;
-        let headers = checked_headers(&config, options, payload.len())?;
-        Ok(CheckedSend {
-            timeout,
-            source: options.source.unwrap_or(TabernaId(0)),
+        // Most sends carry no headers (and, without the otel feature, gain none): no call.
+        let headers = if options.headers.is_empty() && !cfg!(feature = "otel") {
+            Headers::new()
+        } else {
+            checked_headers(&config, options, payload.len())?
+        };
+        Ok((
+            CheckedSend {
+                timeout,
+                source: options.source.unwrap_or(TabernaId(0)),
+            },
             headers,
-        })
+        ))
     }
 
     /// Takes the peer's in-flight room for `msg`: at once when it is free, else by waiting

@@ -52,7 +52,6 @@ pub(crate) use links::{
 pub(crate) struct PendingSend {
     done: Completion,
     _permit: InFlight,
-    dst: u64,
     /// When it was handed to the driver (`Recorder::now_us`), for latency and pending age.
     started_us: u64,
 }
@@ -231,7 +230,6 @@ impl PeerDriver {
         let pending = PendingSend {
             done,
             _permit: permit,
-            dst: msg.dst,
             started_us: self.now_us,
         };
         match self.session.send_with_token(msg.stamp(self.now), pending) {

@@ -354,9 +354,13 @@ impl Registry {
             request.peer.id(),
             request.headers,
         );
-        let answer = span.in_scope(|| {
-            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| handler.handle(request)))
-        });
+        let call =
+            || std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| handler.handle(request)));
+        let answer = if span.is_disabled() {
+            call()
+        } else {
+            span.in_scope(call)
+        };
         if let Some(started) = started {
             let took = started.elapsed();
             if took > inline::SLOW_INLINE_CALL {

@@ -284,6 +284,7 @@ impl<T> Session<T> {
                 self.forget_deadline(r.deadline, id);
                 self.events.push_back(Event::Finished {
                     id,
+                    dst: r.dst,
                     outcome: SendEnd::Answered(Answer::Accepted),
                     token: r.token,
                 });
@@ -310,6 +311,7 @@ impl<T> Session<T> {
             self.forget_deadline(r.deadline, id);
             self.events.push_back(Event::Finished {
                 id,
+                dst: r.dst,
                 outcome: SendEnd::Answered(answer),
                 token: r.token,
             });

@@ -95,11 +95,14 @@ impl PeerDriver {
                     self.take_in_run(&peer, peer_epoch, &run);
                 }
                 Event::Finished {
-                    outcome, token: p, ..
+                    dst,
+                    outcome,
+                    token: p,
+                    ..
                 } => {
                     let answered_after = matches!(outcome, SendEnd::Answered(_))
                         .then(|| self.now_us.saturating_sub(p.started_us));
-                    let result = self.outcome_to_result(p.dst, outcome);
+                    let result = self.outcome_to_result(dst, outcome);
                     match &result {
                         Ok(d) => self
                             .counts
