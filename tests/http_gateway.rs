@@ -5,6 +5,9 @@
 //! that never finishes its body, bearer tokens, HTTPS with client certificates, and the
 //! Prometheus text of `/metrics` compared with the domus's snapshot. T35. Every listener is on
 //! loopback (the rule for other addresses is a unit test in `gateway/serve.rs`).
+//!
+//! One file past 800 lines: the tests share the mesh of tabernas, the server and the client
+//! helpers at its top, and each test is one row of the list.
 #![cfg(feature = "http-gateway")]
 
 mod common;
