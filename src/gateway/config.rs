@@ -19,7 +19,10 @@ pub struct GatewayConfig {
     /// Who may call `/tabernas/…` and `/metrics`. Default [`Access::Open`] (refused by
     /// [`serve`](super::serve) on a non-loopback address).
     pub access: Access,
-    /// Requests handled at once; more are refused 503 `GatewayBusy`. Default 1024, 1..=65536.
+    /// Requests handled at once; more are refused 503 `GatewayBusy`. Default 256, 1..=65536.
+    /// A message body is buffered whole (a send needs its payload), so the bodies in memory
+    /// are bounded by `max_concurrent` × the domus's `max_message_len` (256 MiB by default);
+    /// blobs are streamed and hold at most a chunk each.
     pub max_concurrent: usize,
     /// Detached (`Prefer: respond-async`) sends waiting for their outcome; more are refused 503
     /// `GatewayBusy`. Default 4096, 1..=1,048,576.
@@ -68,7 +71,7 @@ impl Default for GatewayConfig {
     fn default() -> Self {
         Self {
             access: Access::Open,
-            max_concurrent: 1024,
+            max_concurrent: 256,
             max_pending_async: 4096,
             request_timeout: Duration::from_secs(30),
             max_blob_len: 1 << 30,

@@ -78,8 +78,9 @@
 //!
 //! ## Bounds and access
 //!
-//! * At most `max_concurrent` requests are handled at once (default 1024); past that, 503
-//!   `GatewayBusy` with `Retry-After` at once, without reading the body.
+//! * At most `max_concurrent` requests are handled at once (default 256); past that, 503
+//!   `GatewayBusy` with `Retry-After` at once, without reading the body. Message bodies in
+//!   memory are thus bounded by `max_concurrent` × `max_message_len`; blobs hold a chunk.
 //! * Each request has a deadline, `request_timeout` (default 30 s): the body must arrive
 //!   within it (else 408), and the send's own timeout is the domus's `send_timeout` capped by
 //!   what is left of it (so it ends as `SendTimeout`, 504, with the outcome unknown).

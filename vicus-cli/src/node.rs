@@ -97,7 +97,7 @@ the first [table]; any key not listed here is an error):
   bind = "127.0.0.1:7080"          # the default; any other than loopback needs tokens
   token_file = "http-tokens"       # one bearer token a line (16+ visible ASCII characters);
                                    # or tokens = ["…"]; none: no token needed (loopback only)
-  # max_concurrent = 1024          # requests at once; more: 503 + Retry-After
+  # max_concurrent = 256           # requests at once; more: 503 + Retry-After
   # request_timeout = "30s"        # the body must arrive within it; caps the send's timeout
   # detailed_errors = false        # true: vicus's own messages (peers, addresses) in errors
   # client_identities = ["spiffe://vicus.dev/domus/client"]
