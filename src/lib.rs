@@ -309,7 +309,8 @@
 //!   `peer` or the error).
 //! * Message headers: [`SendOptions::headers`] attaches a few key/value pairs to a message
 //!   ([`Headers`]: correlation ids, a tenant, a content type), [`TabernaRequest::headers`]
-//!   reads them; bounded by `max_headers` and `max_headers_len` on both sides
+//!   reads them, and a handler's [`TabernaRequest::reply_with_headers`] sends some back
+//!   ([`Reply::headers`]); bounded by `max_headers` and `max_headers_len` on both sides
 //!   ([`ErrorId::HeadersTooLarge`] when over), zero bytes on the wire when absent
 //!   (`docs/wire-protocol.md`). The W3C trace context is one of them (`traceparent`, a
 //!   [`TraceContext`]; [`TabernaRequest::trace_context`] for a handler that propagates by
@@ -433,8 +434,8 @@ pub use a0_transport::{AuthConfig, DomusAddr, DomusId, PeerIdentity, TrustPolicy
 pub use a1_callis::headers::{Headers, TraceContext};
 pub use domus::{
     BlobReceiver, BlobSender, ConfigHandle, Delivery, Destination, Domus, DomusBuilder,
-    DomusConfig, MessageCodec, Outcome, RESERVED_TABERNA_BASE, Receipt, SendOptions, WeakDomus,
-    Window,
+    DomusConfig, MessageCodec, Outcome, RESERVED_TABERNA_BASE, Receipt, Reply, SendOptions,
+    WeakDomus, Window,
 };
 pub use error::{ERROR_MESSAGE_MAX_LEN, Error, ErrorId, Rejection, Result};
 pub use reporting::Reporting;
