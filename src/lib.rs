@@ -277,7 +277,7 @@
 //! | when | fields |
 //! |---|---|
 //! | **live** (next send, delivery or accepted callis) | `send_timeout`, `resolve_timeout`, `max_message_len` (the local check), `default_inbox_depth` (tabernas registered without their own depth), `hello_timeout` (telling inbound calles apart), `shutdown_timeout`, `max_unopened_calles_per_peer`, `max_unopened_calles`, `max_peers` (connection limits, T8), `max_pinned_addresses`, `max_retained_reply_bytes`, `peer_recheck_interval` (from the next check) |
-//! | **new peers** (first contacted after the change) | `max_in_flight_per_peer`, `max_in_flight_bytes_per_peer`, `dedupe_window`, `max_unsent_answer_bytes`, `keepalive_interval`, `idle_timeout`, `frame_read_timeout`, `max_frames_per_second`, `max_refusals_per_second`, `max_callis_age`, `peer_retire_after`, and the frame limit derived from `max_message_len` |
+//! | **new peers** (first contacted after the change) | `max_in_flight_per_peer`, `max_in_flight_bytes_per_peer`, `dedupe_window`, `max_unsent_answer_bytes`, `max_headers` and `max_headers_len` (what this domus takes from a peer; its own sends are checked against the current value), `keepalive_interval`, `idle_timeout`, `frame_read_timeout`, `max_frames_per_second`, `max_refusals_per_second`, `max_callis_age`, `peer_retire_after`, and the frame limit derived from `max_message_len` |
 //! | **fixed** at build (a change is refused) | `transport`, `reconnect_backoff_min`, `reconnect_backoff_max`, `blob_chunk_len`, `blob_window`, `max_blob_streams_per_peer`, `blob_idle_timeout`, `blob_inbound_budget`, `blob_outbound_budget`, `max_blob_cancels_per_second` |
 //!
 //! Every field's default and range are on [`DomusConfig`].
@@ -309,7 +309,8 @@
 //!   `peer` or the error).
 //! * Message headers: [`SendOptions::headers`] attaches a few key/value pairs to a message
 //!   ([`Headers`]: correlation ids, a tenant, a content type), [`TabernaRequest::headers`]
-//!   reads them; bounded by `max_headers` and `max_headers_len` on both sides
+//!   reads them, and a handler's [`TabernaRequest::reply_with_headers`] sends some back
+//!   ([`Reply::headers`]); bounded by `max_headers` and `max_headers_len` on both sides
 //!   ([`ErrorId::HeadersTooLarge`] when over), zero bytes on the wire when absent
 //!   (`docs/wire-protocol.md`). The W3C trace context is one of them (`traceparent`, a
 //!   [`TraceContext`]; [`TabernaRequest::trace_context`] for a handler that propagates by
@@ -467,8 +468,8 @@ pub use a0_transport::{AuthConfig, DomusAddr, DomusId, PeerIdentity, TrustPolicy
 pub use a1_callis::headers::{Headers, TraceContext};
 pub use domus::{
     BlobReceiver, BlobSender, ConfigHandle, Delivery, Destination, Domus, DomusBuilder,
-    DomusConfig, MessageCodec, Outcome, RESERVED_TABERNA_BASE, Receipt, SendOptions, WeakDomus,
-    Window,
+    DomusConfig, MessageCodec, Outcome, RESERVED_TABERNA_BASE, Receipt, Reply, SendOptions,
+    WeakDomus, Window,
 };
 pub use error::{ERROR_MESSAGE_MAX_LEN, Error, ErrorId, Rejection, Result};
 pub use reporting::Reporting;

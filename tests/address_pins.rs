@@ -59,7 +59,7 @@ async fn t11_an_address_reused_by_another_identity_is_served_again_after_the_mis
             .send(t, APP, Bytes::from_static(b"1"), opts(5_000))
             .await
             .expect("x answers");
-        assert_eq!(out, Delivery::Replied(Bytes::from_static(b"x:1")));
+        assert_eq!(out, Delivery::Replied(Bytes::from_static(b"x:1").into()));
         assert_eq!(client.pinned_addresses(), 1);
 
         // x stops; y, another identity from the same CA, takes its address.
@@ -118,7 +118,7 @@ async fn t11_an_address_reused_by_another_identity_is_served_again_after_the_mis
                 .send(t, APP, Bytes::from_static(b"3"), opts(5_000))
                 .await
                 .expect("y answers");
-            assert_eq!(out, Delivery::Replied(Bytes::from_static(b"y:3")));
+            assert_eq!(out, Delivery::Replied(Bytes::from_static(b"y:3").into()));
         }
 
         // A route that names x at that address never moves to y: refused at the handshake.
@@ -134,7 +134,7 @@ async fn t11_an_address_reused_by_another_identity_is_served_again_after_the_mis
             .send(t, APP, Bytes::from_static(b"5"), opts(5_000))
             .await
             .expect("y answers");
-        assert_eq!(out, Delivery::Replied(Bytes::from_static(b"y:5")));
+        assert_eq!(out, Delivery::Replied(Bytes::from_static(b"y:5").into()));
         client.shutdown().await;
         y.shutdown().await;
         mesh.shutdown().await;
@@ -175,7 +175,7 @@ async fn pins_stay_within_max_pinned_addresses_under_many_distinct_addresses() {
                     .unwrap_or_else(|e| panic!("round {round}, s{i}: {e}"));
                 assert_eq!(
                     out,
-                    Delivery::Replied(Bytes::from(format!("s{i}:?"))),
+                    Delivery::Replied(Bytes::from(format!("s{i}:?")).into()),
                     "each address reaches its own domus, evicted or not"
                 );
                 most = most.max(client.pinned_addresses());

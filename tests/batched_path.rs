@@ -153,7 +153,7 @@ async fn pipelined_sends_arrive_in_order_through_batches_to_a_worker_that_takes_
         let mut check = |outcome: vicus::Outcome| {
             assert_eq!(
                 outcome.expect("replied"),
-                Delivery::Replied(Bytes::copy_from_slice(&expect.to_be_bytes()))
+                Delivery::Replied(Bytes::copy_from_slice(&expect.to_be_bytes()).into())
             );
             expect += 1;
         };
@@ -220,7 +220,7 @@ async fn an_answer_batch_answers_local_and_remote_senders_once_even_when_dropped
         );
         assert_eq!(
             local.await.expect("task").expect("replied"),
-            Delivery::Replied(Bytes::from_static(b"local"))
+            Delivery::Replied(Bytes::from_static(b"local").into())
         );
         let err = rejected.await.expect("task").expect_err("rejected");
         assert_eq!(err.id(), ErrorId::RemoteTabernaRejected);
@@ -259,7 +259,7 @@ async fn send_many_hands_bursts_over_in_batches_and_keeps_send_order_and_errors(
         for (n, outcome) in (0u32..).zip(outcomes.drain(..)) {
             assert_eq!(
                 outcome.expect("replied"),
-                Delivery::Replied(Bytes::copy_from_slice(&n.to_be_bytes())),
+                Delivery::Replied(Bytes::copy_from_slice(&n.to_be_bytes()).into()),
                 "outcome {n} in send order"
             );
         }

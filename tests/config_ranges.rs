@@ -99,6 +99,16 @@ fn domus_rows() -> Vec<Row<DomusConfig>> {
             Outside(|c| c.max_unsent_answer_bytes = (1 << 32) + 1),
         ),
         row(
+            "max_headers",
+            Open("0 (no headers) is allowed and a u16 has nothing below it"),
+            Outside(|c| c.max_headers = 1025),
+        ),
+        row(
+            "max_headers_len",
+            Open("0 (no headers) is allowed and a usize has nothing below it"),
+            Outside(|c| c.max_headers_len = 65_535),
+        ),
+        row(
             "keepalive_interval",
             Outside(|c| c.keepalive_interval = 10 * MS - NS),
             Outside(|c| c.keepalive_interval = 10 * MIN + NS),
@@ -293,6 +303,13 @@ fn send_rows() -> Vec<Row<SendOptions>> {
             "source",
             Open("any taberna id may be the source"),
             Open("any taberna id may be the source"),
+        ),
+        row(
+            "headers",
+            Open("none is fine"),
+            Open(
+                "bounded by DomusConfig::max_headers and max_headers_len, refused with HeadersTooLarge (tests/headers.rs)",
+            ),
         ),
     ]
 }

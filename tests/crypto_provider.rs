@@ -101,7 +101,7 @@ async fn a_handshake_a_message_and_a_blob_go_through_on_the_provider_the_rule_pi
             .expect("send");
         assert_eq!(
             answer,
-            Delivery::Replied(Bytes::from_static(b"server:hello"))
+            Delivery::Replied(Bytes::from_static(b"server:hello").into())
         );
 
         let blobs = mesh.taberna("server", TabernaId(2)).expect("taberna");

@@ -770,7 +770,7 @@ async fn an_srv_target_whose_templated_identity_is_not_allowed_is_refused() {
             .expect("delivered");
         assert_eq!(
             out,
-            Delivery::Replied(Bytes::from_static(b"evil:1")),
+            Delivery::Replied(Bytes::from_static(b"evil:1").into()),
             "DNS steers a template-only resolver to any identity the template produces"
         );
 
@@ -815,7 +815,10 @@ async fn an_srv_target_whose_templated_identity_is_not_allowed_is_refused() {
                 .await
             {
                 Ok(out) => {
-                    assert_eq!(out, Delivery::Replied(Bytes::from_static(b"billing-0:3")));
+                    assert_eq!(
+                        out,
+                        Delivery::Replied(Bytes::from_static(b"billing-0:3").into())
+                    );
                     break;
                 }
                 // The failed first lookup is retried every retry_interval (100 ms).
@@ -835,7 +838,11 @@ async fn an_srv_target_whose_templated_identity_is_not_allowed_is_refused() {
                 .expect("delivered");
             let mut expected = b"billing-0:".to_vec();
             expected.push(b'a' + i);
-            assert_eq!(out, Delivery::Replied(Bytes::from(expected)), "send {i}");
+            assert_eq!(
+                out,
+                Delivery::Replied(Bytes::from(expected).into()),
+                "send {i}"
+            );
         }
         let mut reported = Vec::new();
         while let Ok(Some(vicus::reporting::FeedItem::Item(e))) =

@@ -75,7 +75,7 @@ async fn send(from: &Domus, payload: &'static [u8]) -> Result<Delivery, vicus::E
 /// Sends until one is answered by `name` (or `bound` passes); how long that took.
 async fn until_answered_by(from: &Domus, name: &str, bound: Duration) -> Duration {
     let start = Instant::now();
-    let want = Delivery::Replied(Bytes::from(format!("{name}:x")));
+    let want = Delivery::Replied(Bytes::from(format!("{name}:x")).into());
     loop {
         let got = send(from, b"x").await;
         if got.as_ref().ok() == Some(&want) {
@@ -159,7 +159,7 @@ async fn a_rewrite_of_the_routes_file_moves_new_sends_to_another_domus() {
         let s = setup().await;
         assert_eq!(
             send(&s.a, b"x").await.expect("a reaches b"),
-            Delivery::Replied(Bytes::from_static(b"b:x"))
+            Delivery::Replied(Bytes::from_static(b"b:x").into())
         );
 
         s.routes.publish(&routes_to(&s.c));
@@ -169,7 +169,7 @@ async fn a_rewrite_of_the_routes_file_moves_new_sends_to_another_domus() {
         for _ in 0..5 {
             assert_eq!(
                 send(&s.a, b"x").await.expect("a reaches c"),
-                Delivery::Replied(Bytes::from_static(b"c:x"))
+                Delivery::Replied(Bytes::from_static(b"c:x").into())
             );
         }
         assert!(resolver_failures(&s.a).is_empty());
@@ -185,7 +185,7 @@ async fn garbage_is_reported_once_the_old_routes_stay_and_a_fix_is_applied() {
         let s = setup().await;
         assert_eq!(
             send(&s.a, b"x").await.expect("a reaches b"),
-            Delivery::Replied(Bytes::from_static(b"b:x"))
+            Delivery::Replied(Bytes::from_static(b"b:x").into())
         );
 
         s.routes.publish("[[taberna]\nthis is not toml\n");
@@ -198,7 +198,7 @@ async fn garbage_is_reported_once_the_old_routes_stay_and_a_fix_is_applied() {
         // The routes read before still deliver.
         assert_eq!(
             send(&s.a, b"x").await.expect("a still reaches b"),
-            Delivery::Replied(Bytes::from_static(b"b:x"))
+            Delivery::Replied(Bytes::from_static(b"b:x").into())
         );
 
         // A stable file with a bad value: reported once too, naming its line.
@@ -220,7 +220,7 @@ async fn garbage_is_reported_once_the_old_routes_stay_and_a_fix_is_applied() {
         );
         assert_eq!(
             send(&s.a, b"x").await.expect("a still reaches b"),
-            Delivery::Replied(Bytes::from_static(b"b:x"))
+            Delivery::Replied(Bytes::from_static(b"b:x").into())
         );
 
         // Fixed: applied, and nothing more is reported.

@@ -257,3 +257,85 @@ fn invalid_headers_are_refused_when_built() {
     );
     assert!(h.is_empty());
 }
+
+#[tokio::test]
+async fn replies_carry_headers_back_from_remote_and_local_tabernas() {
+    within(async {
+        let mut mesh = mesh();
+        let a = mesh.domus("a").await.expect("domus");
+        let b = mesh.domus("b").await.expect("domus");
+        mesh.route(TabernaId(1), &b).expect("route");
+        mesh.route(TabernaId(2), &a).expect("route");
+        let remote = b.taberna(TabernaId(1)).expect("taberna");
+        let local = a.taberna(TabernaId(2)).expect("taberna");
+        for (taberna, inbox) in [(TabernaId(1), &remote), (TabernaId(2), &local)] {
+            let send = tokio::spawn(a.send(
+                taberna,
+                T,
+                Bytes::from_static(b"question"),
+                SendOptions::default(),
+            ));
+            let request = inbox.recv().await.expect("a request");
+            let back = Headers::new()
+                .with("content-type", "text/plain")
+                .expect("valid")
+                .with("x-served-by", "b")
+                .expect("valid");
+            request.reply_with_headers(Bytes::from_static(b"answer"), &back);
+            let delivery = send.await.expect("join").expect("replied");
+            let vicus::Delivery::Replied(reply) = delivery else {
+                panic!("{delivery:?}");
+            };
+            assert_eq!(reply, Bytes::from_static(b"answer"));
+            assert_eq!(reply.headers().get_str("content-type"), Some("text/plain"));
+            assert_eq!(reply.headers().get_str("x-served-by"), Some("b"));
+            // A reply without headers has none.
+            let send = tokio::spawn(a.send(
+                taberna,
+                T,
+                Bytes::from_static(b"again"),
+                SendOptions::default(),
+            ));
+            inbox
+                .recv()
+                .await
+                .expect("a request")
+                .reply(Bytes::from_static(b"plain"));
+            let delivery = send.await.expect("join").expect("replied");
+            let vicus::Delivery::Replied(reply) = delivery else {
+                panic!("{delivery:?}");
+            };
+            assert!(reply.headers().is_empty());
+            assert_eq!(reply, Bytes::from_static(b"plain"));
+        }
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn reply_headers_over_the_senders_limits_fail_the_send_with_headers_too_large() {
+    within(async {
+        let mut mesh = mesh();
+        let mut strict = DomusConfig::default();
+        strict.max_headers = 1;
+        let a = mesh.domus_with("a", strict).await.expect("domus");
+        let b = mesh.domus("b").await.expect("domus");
+        mesh.route(TabernaId(1), &b).expect("route");
+        let inbox = b.taberna(TabernaId(1)).expect("taberna");
+        let send = tokio::spawn(a.send(
+            TabernaId(1),
+            T,
+            Bytes::from_static(b"q"),
+            SendOptions::default(),
+        ));
+        inbox
+            .recv()
+            .await
+            .expect("a request")
+            .reply_with_headers(Bytes::from_static(b"a"), &some_headers(3));
+        let e = send.await.expect("join").expect_err("refused");
+        assert_eq!(e.id(), ErrorId::HeadersTooLarge, "{e}");
+        assert!(e.message().contains("reply"), "{e}");
+    })
+    .await;
+}

@@ -68,7 +68,7 @@ async fn reply_round_trip_and_sender_identity_visible() {
             )
             .await
             .expect("send");
-        assert_eq!(out, Delivery::Replied(Bytes::from_static(b"pong")));
+        assert_eq!(out, Delivery::Replied(Bytes::from_static(b"pong").into()));
         let (who, source) = seen.await.expect("join");
         assert_eq!(&who, a.identity());
         assert_eq!(source, TabernaId(3));
@@ -243,7 +243,7 @@ async fn a_peer_not_on_the_allow_list_is_refused_before_the_handler() {
             )
             .await
             .expect("allowed peer");
-        assert_eq!(ok, Delivery::Replied(Bytes::from_static(b"echo:hi")));
+        assert_eq!(ok, Delivery::Replied(Bytes::from_static(b"echo:hi").into()));
     })
     .await;
 }
@@ -389,7 +389,7 @@ async fn local_short_circuit_has_the_same_semantics() {
             )
             .await
             .expect("local");
-        assert_eq!(out, Delivery::Replied(Bytes::from_static(b"echo:x")));
+        assert_eq!(out, Delivery::Replied(Bytes::from_static(b"echo:x").into()));
         let r = a.taberna(TabernaId(6)).expect("taberna");
         let rejecter = tokio::spawn(async move {
             let req = r.recv().await.expect("request");
@@ -552,7 +552,10 @@ async fn a_restarted_peer_fails_retained_sends_with_peer_restarted_and_new_sends
             )
             .await
             .expect("new sends work");
-        assert_eq!(out, Delivery::Replied(Bytes::from_static(b"echo:again")));
+        assert_eq!(
+            out,
+            Delivery::Replied(Bytes::from_static(b"echo:again").into())
+        );
     })
     .await;
 }
@@ -815,7 +818,7 @@ async fn t11_a_route_without_identity_learns_and_pins_it() {
                 )
                 .await
                 .expect("send");
-            assert_eq!(out, Delivery::Replied(Bytes::from_static(b"echo:?")));
+            assert_eq!(out, Delivery::Replied(Bytes::from_static(b"echo:?").into()));
         }
         assert_eq!(a.peer_count(), 1, "one peer, learned once");
         // A route that names the wrong identity is refused at the handshake.
@@ -928,7 +931,7 @@ async fn messaging_over_a_unix_socket_shows_the_peer_process() {
             .send(TabernaId(10), APP, Bytes::new(), send_opts(5_000))
             .await
             .expect("send over the Unix socket");
-        assert_eq!(out, Delivery::Replied(Bytes::from_static(b"local")));
+        assert_eq!(out, Delivery::Replied(Bytes::from_static(b"local").into()));
         let creds = seen.await.expect("join").expect("Unix credentials");
         assert_eq!(creds.pid, Some(std::process::id() as i32));
     })
@@ -1344,7 +1347,10 @@ async fn calles_can_be_carried_by_an_in_memory_stream_instead_of_a_socket() {
             )
             .await
             .expect("a to b over the pipe");
-        assert_eq!(out, Delivery::Replied(Bytes::from_static(b"echo:hi")));
+        assert_eq!(
+            out,
+            Delivery::Replied(Bytes::from_static(b"echo:hi").into())
+        );
         let out = b
             .send(
                 TabernaId(20),
@@ -1354,7 +1360,10 @@ async fn calles_can_be_carried_by_an_in_memory_stream_instead_of_a_socket() {
             )
             .await
             .expect("b to a over the pipe");
-        assert_eq!(out, Delivery::Replied(Bytes::from_static(b"echo:yo")));
+        assert_eq!(
+            out,
+            Delivery::Replied(Bytes::from_static(b"echo:yo").into())
+        );
         // Nothing went through either listener: every callis is a pipe.
         for d in [a, b] {
             assert_eq!(d.reporting().snapshot().listener.admitted, 0);
@@ -1398,7 +1407,7 @@ async fn a_destination_resolves_once_follows_route_changes_and_pipelines_through
             .expect("through the destination");
         assert_eq!(
             out,
-            Delivery::Replied(Bytes::from(b.identity().to_string()))
+            Delivery::Replied(Bytes::from(b.identity().to_string()).into())
         );
         assert_eq!(dest.peer().as_ref(), Some(b.identity()));
         // The route moves to c: the destination follows it without being told.
@@ -1406,7 +1415,7 @@ async fn a_destination_resolves_once_follows_route_changes_and_pipelines_through
         let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
         loop {
             let out = dest.send(PIPELINED, Bytes::new()).await.expect("send");
-            if out == Delivery::Replied(Bytes::from(c.identity().to_string())) {
+            if out == Delivery::Replied(Bytes::from(c.identity().to_string()).into()) {
                 break;
             }
             assert!(
@@ -1441,7 +1450,7 @@ async fn a_destination_resolves_once_follows_route_changes_and_pipelines_through
         let here = a.destination(TabernaId(30));
         assert_eq!(
             here.send(PIPELINED, Bytes::from_static(b"x")).await,
-            Ok(Delivery::Replied(Bytes::from_static(b"echo:x")))
+            Ok(Delivery::Replied(Bytes::from_static(b"echo:x").into()))
         );
         assert_eq!(here.peer(), None);
         // Its errors are the domus's: an unknown taberna, a non-application type.
@@ -1547,7 +1556,7 @@ async fn disconnect_closes_the_calles_keeps_what_is_unanswered_and_the_next_call
         spawn_echo(t);
         assert_eq!(
             dest.send(PIPELINED, Bytes::from_static(b"again")).await,
-            Ok(Delivery::Replied(Bytes::from_static(b"echo:again")))
+            Ok(Delivery::Replied(Bytes::from_static(b"echo:again").into()))
         );
         assert_eq!(a.reporting().snapshot().totals.primary_calles_opened, 2);
         assert_eq!(
@@ -1633,7 +1642,7 @@ async fn an_inline_taberna_answers_on_the_driver_with_the_same_semantics() {
         );
         assert_eq!(
             to.send(PIPELINED, Bytes::from_static(b"ping")).await,
-            Ok(Delivery::Replied(Bytes::from_static(b"ping")))
+            Ok(Delivery::Replied(Bytes::from_static(b"ping").into()))
         );
         let e = to
             .send(PIPELINED, Bytes::from_static(b"reject"))
@@ -1679,7 +1688,7 @@ async fn an_inline_taberna_answers_on_the_driver_with_the_same_semantics() {
                 send_opts(5_000)
             )
             .await,
-            Ok(Delivery::Replied(Bytes::from_static(b"me")))
+            Ok(Delivery::Replied(Bytes::from_static(b"me").into()))
         );
         // The usual options apply, and dropping it unregisters the taberna.
         let _fenced = b
@@ -1723,7 +1732,7 @@ async fn a_dial_only_domus_binds_nothing_yet_sends_streams_blobs_and_is_reached_
         let dest = client.destination(TabernaId(10));
         assert_eq!(
             dest.send(APP, Bytes::from_static(b"hi")).await,
-            Ok(Delivery::Replied(Bytes::from_static(b"echo:hi")))
+            Ok(Delivery::Replied(Bytes::from_static(b"echo:hi").into()))
         );
 
         // A blob goes out on a second callis the client dials too.
@@ -1770,7 +1779,7 @@ async fn a_dial_only_domus_binds_nothing_yet_sends_streams_blobs_and_is_reached_
                 send_opts(5_000)
             )
             .await,
-            Ok(Delivery::Replied(Bytes::from_static(b"echo:push")))
+            Ok(Delivery::Replied(Bytes::from_static(b"echo:push").into()))
         );
         let totals = client.reporting().snapshot();
         assert_eq!(totals.listener.admitted, 0, "{:?}", totals.listener);
@@ -1879,7 +1888,7 @@ async fn a_window_yields_in_send_order_when_answers_come_out_of_order_and_loses_
         for n in 0u8..8 {
             assert_eq!(
                 window.next().await,
-                Some(Ok(Delivery::Replied(Bytes::from(vec![n])))),
+                Some(Ok(Delivery::Replied(Bytes::from(vec![n]).into()))),
                 "outcome {n} in send order"
             );
         }
@@ -2044,7 +2053,7 @@ async fn t02_a_certificate_that_expires_under_an_open_callis_ends_its_use_by_max
             )
             .await
             .expect("while valid");
-        assert_eq!(out, Delivery::Replied(Bytes::from_static(b"echo:1")));
+        assert_eq!(out, Delivery::Replied(Bytes::from_static(b"echo:1").into()));
         // Past not_after, plus the ages at which the callis is replaced (1.5 s) and closed
         // by the side that accepted it (1.25 times that), sends stop being delivered: sent
         // until the first one fails, which must say why.
@@ -2059,7 +2068,7 @@ async fn t02_a_certificate_that_expires_under_an_open_callis_ends_its_use_by_max
                 )
                 .await;
             match out {
-                Ok(out) => assert_eq!(out, Delivery::Replied(Bytes::from_static(b"echo:2"))),
+                Ok(out) => assert_eq!(out, Delivery::Replied(Bytes::from_static(b"echo:2").into())),
                 // Written on the old callis as it closed: its outcome is honestly unknown
                 // (it ends at its deadline, as any send in flight through a close with no
                 // callis after it). The sends after it are the ones that must fail at once.
@@ -2110,7 +2119,7 @@ async fn destination_on_reaches_a_named_domus_without_a_taberna_route() {
                 )
                 .await
                 .expect("client -> server"),
-            Delivery::Replied(Bytes::from_static(b"echo:hi"))
+            Delivery::Replied(Bytes::from_static(b"echo:hi").into())
         );
         // Back to the client over its own callis.
         let back = server.destination_on(client.identity(), TabernaId(50));
@@ -2118,7 +2127,7 @@ async fn destination_on_reaches_a_named_domus_without_a_taberna_route() {
             back.send(APP, Bytes::from_static(b"push"))
                 .await
                 .expect("server -> dial-only client"),
-            Delivery::Replied(Bytes::from_static(b"echo:push"))
+            Delivery::Replied(Bytes::from_static(b"echo:push").into())
         );
         // A domus known to the resolver by identity only.
         mesh.resolver()
@@ -2129,7 +2138,7 @@ async fn destination_on_reaches_a_named_domus_without_a_taberna_route() {
                 .send(APP, Bytes::from_static(b"c"))
                 .await
                 .expect("server -> c by identity"),
-            Delivery::Replied(Bytes::from_static(b"echo:c"))
+            Delivery::Replied(Bytes::from_static(b"echo:c").into())
         );
         // This domus itself: local.
         assert_eq!(
@@ -2138,7 +2147,7 @@ async fn destination_on_reaches_a_named_domus_without_a_taberna_route() {
                 .send(APP, Bytes::from_static(b"me"))
                 .await
                 .expect("local"),
-            Delivery::Replied(Bytes::from_static(b"echo:me"))
+            Delivery::Replied(Bytes::from_static(b"echo:me").into())
         );
         // Nobody knows where "ghost" is and it never called: not delivered, at the deadline.
         let err = server

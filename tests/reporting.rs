@@ -474,7 +474,7 @@ async fn t04_a_crl_reload_closes_a_revoked_peers_calles_and_refuses_its_next_han
             a.send(TabernaId(10), APP, Bytes::from_static(b"r"), opts())
                 .await
                 .expect("before"),
-            Delivery::Replied(Bytes::from_static(b"ok"))
+            Delivery::Replied(Bytes::from_static(b"ok").into())
         );
         let crl = mesh
             .ca()
@@ -588,7 +588,7 @@ async fn t02_a_peer_whose_certificate_expires_under_an_open_callis_is_cut_off() 
             a.send(TabernaId(10), APP, Bytes::from_static(b"r"), opts())
                 .await
                 .expect("while valid"),
-            Delivery::Replied(Bytes::from_static(b"ok"))
+            Delivery::Replied(Bytes::from_static(b"ok").into())
         );
         assert!(b.reporting().connected_peers().contains(a.identity()));
         // The callis stays open past the certificate's end only until b's next check.

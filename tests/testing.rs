@@ -28,7 +28,11 @@ async fn a_mesh_in_one_line_routes_and_sends_by_name_and_follows_a_restart() {
                 .send(from, TabernaId(to), Bytes::from_static(b"x"))
                 .await
                 .expect("send");
-            assert_eq!(out, Delivery::Replied(Bytes::from(want)), "{from} -> {to}");
+            assert_eq!(
+                out,
+                Delivery::Replied(Bytes::from(want).into()),
+                "{from} -> {to}"
+            );
         }
         // The receiver sees the sender's identity as the mesh minted it.
         let seen = mesh.taberna("a", TabernaId(3)).expect("taberna");
@@ -58,7 +62,7 @@ async fn a_mesh_in_one_line_routes_and_sends_by_name_and_follows_a_restart() {
                 .expect("the retry reaches the new run"),
             other => other.expect("send after restart"),
         };
-        assert_eq!(out, Delivery::Replied(Bytes::from_static(b"b2:y")));
+        assert_eq!(out, Delivery::Replied(Bytes::from_static(b"b2:y").into()));
         assert_eq!(mesh.get("b").expect("b").epoch(), b.epoch());
         mesh.shutdown().await;
     })
@@ -119,7 +123,7 @@ async fn a_route_through_the_fault_proxy_carries_sends_and_a_cut_is_survived() {
             .send("a", TabernaId(9), Bytes::from_static(b"1"))
             .await
             .expect("through the proxy");
-        assert_eq!(out, Delivery::Replied(Bytes::from_static(b"b:1")));
+        assert_eq!(out, Delivery::Replied(Bytes::from_static(b"b:1").into()));
         assert!(
             proxy.connections() >= 1,
             "the callis goes through the proxy"
@@ -129,7 +133,7 @@ async fn a_route_through_the_fault_proxy_carries_sends_and_a_cut_is_survived() {
             .send("a", TabernaId(9), Bytes::from_static(b"2"))
             .await
             .expect("after the cut");
-        assert_eq!(out, Delivery::Replied(Bytes::from_static(b"b:2")));
+        assert_eq!(out, Delivery::Replied(Bytes::from_static(b"b:2").into()));
         assert!(proxy.total_accepted() >= 2, "the cut callis was redialled");
     })
     .await;

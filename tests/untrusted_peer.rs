@@ -46,7 +46,10 @@ async fn round_trips(from: &vicus::Domus, to: &vicus::Domus, n: usize) -> Vec<Du
             .send(APP, Bytes::from_static(b"ping"))
             .await
             .expect("a good peer's request is answered");
-        assert_eq!(answer, Delivery::Replied(Bytes::from_static(b"ping")));
+        assert_eq!(
+            answer,
+            Delivery::Replied(Bytes::from_static(b"ping").into())
+        );
         times.push(start.elapsed());
     }
     times

@@ -27,7 +27,7 @@ use super::headers::Headers;
 /// ACCEPTED as runs of ids; version 3 the headers extension of MESSAGE ([`FLAG_EXTENDED`]).
 pub const PROTOCOL_VERSION: u16 = 3;
 
-/// The one flag defined so far, on MESSAGE only: the body carries a headers extension
+/// The one flag defined so far, on MESSAGE and REPLY: the body carries a headers extension
 /// ([`Headers`]) between its fixed part and its payload.
 pub const FLAG_EXTENDED: u8 = 0x01;
 
@@ -193,7 +193,10 @@ pub enum Frame {
     Reply {
         /// The message id answered.
         id: u64,
-        /// The reply payload.
+        /// With [`FLAG_EXTENDED`]: `payload` starts with a headers block (checked when the
+        /// frame was decoded; [`Headers`]), the reply's payload after it.
+        extended: bool,
+        /// The reply payload (after its headers block when `extended`).
         payload: Bytes,
     },
     /// REJECT.
@@ -683,9 +686,9 @@ fn check_header(
     if frame_type.name().is_none() && !frame_type.is_skippable() {
         return Err(FrameError::UnknownType(frame_type));
     }
-    // MESSAGE defines FLAG_EXTENDED; no other known type defines a flag; unknown skippable
+    // MESSAGE and REPLY define FLAG_EXTENDED; no other known type defines a flag; unknown skippable
     // types may carry any.
-    let defined = if frame_type == FrameType::MESSAGE {
+    let defined = if frame_type == FrameType::MESSAGE || frame_type == FrameType::REPLY {
         FLAG_EXTENDED
     } else {
         0
@@ -840,7 +843,17 @@ fn decode_body(t: FrameType, flags: u8, mut body: Bytes) -> Result<Frame, FrameE
         FrameType::REPLY => {
             need(&body, 8, t, "truncated REPLY")?;
             let id = body.get_u64();
-            return Ok(Frame::Reply { id, payload: body });
+            let extended = flags & FLAG_EXTENDED != 0;
+            if extended {
+                // Checked here, kept whole: the block travels with the payload to the sender's
+                // outcome, which splits it.
+                Headers::take(&mut body.clone()).map_err(|what| malformed(t, what))?;
+            }
+            return Ok(Frame::Reply {
+                id,
+                extended,
+                payload: body,
+            });
         }
         FrameType::REJECT => {
             need(&body, REJECT_FIXED_LEN - 2, t, "truncated REJECT")?;
@@ -1124,6 +1137,22 @@ pub fn encode_reply(out: &mut BytesMut, id: u64, payload: &[u8]) {
     out.put_slice(payload);
 }
 
+/// Encodes a REPLY with [`FLAG_EXTENDED`]: `block_and_payload` is a headers block
+/// ([`Headers`]' wire form) followed by the payload.
+pub fn encode_reply_extended(out: &mut BytesMut, id: u64, block_and_payload: &[u8]) {
+    put_header(
+        out,
+        FrameType::REPLY,
+        block_and_payload.len().saturating_add(8),
+    );
+    let flags_at = out.len().saturating_sub(1);
+    if let Some(flags) = out.get_mut(flags_at) {
+        *flags = FLAG_EXTENDED;
+    }
+    out.put_u64(id);
+    out.put_slice(block_and_payload);
+}
+
 /// Encodes a REJECT; the reason is cut to [`MAX_REASON_LEN`] bytes.
 pub fn encode_reject(out: &mut BytesMut, id: u64, error: WireCode, code: u32, reason: &str) {
     let reason = capped(reason, MAX_REASON_LEN);
@@ -1230,7 +1259,16 @@ impl Frame {
                 put_header(out, FrameType::ACCEPTED, ids.0.len());
                 out.put_slice(&ids.0);
             }
-            Frame::Reply { id, payload } => encode_reply(out, *id, payload),
+            Frame::Reply {
+                id,
+                extended: false,
+                payload,
+            } => encode_reply(out, *id, payload),
+            Frame::Reply {
+                id,
+                extended: true,
+                payload,
+            } => encode_reply_extended(out, *id, payload),
             Frame::Reject(r) => encode_reject(out, r.id, r.error, r.code, &r.reason),
             Frame::Blob(BlobFrame::Data {
                 stream,

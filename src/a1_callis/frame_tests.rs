@@ -97,7 +97,22 @@ fn arb_frame() -> impl Strategy<Value = Frame> {
                     .expect("a written batch decodes")
                     .expect("whole")
             }),
-        (any::<u64>(), bytes()).prop_map(|(id, payload)| Frame::Reply { id, payload }),
+        (any::<u64>(), bytes()).prop_map(|(id, payload)| Frame::Reply {
+            id,
+            extended: false,
+            payload
+        }),
+        (any::<u64>(), bytes()).prop_map(|(id, payload)| {
+            // A headers block, then the payload.
+            let mut raw = BytesMut::new();
+            message_headers(id | 1).put(&mut raw);
+            raw.extend_from_slice(&payload);
+            Frame::Reply {
+                id,
+                extended: true,
+                payload: raw.freeze(),
+            }
+        }),
         (
             any::<u64>(),
             any::<u32>(),
@@ -234,10 +249,13 @@ fn t15_every_type_id_has_a_defined_outcome() {
                     assert!(ft.name().is_none() && !ft.is_skippable())
                 }
                 Err(FrameError::BadFlags { .. }) => assert!(flags != 0 && ft.name().is_some()),
-                // Known types with an empty body are malformed (MESSAGE may be extended).
+                // Known types with an empty body are malformed (MESSAGE and REPLY may be
+                // extended).
                 Err(FrameError::Malformed { .. }) => assert!(
                     ft.name().is_some()
-                        && (flags == 0 || (ft == FrameType::MESSAGE && flags == FLAG_EXTENDED))
+                        && (flags == 0
+                            || ((ft == FrameType::MESSAGE || ft == FrameType::REPLY)
+                                && flags == FLAG_EXTENDED))
                 ),
                 other => panic!("type {t:#04x} flags {flags:#04x}: {other:?}"),
             }
@@ -480,8 +498,15 @@ fn malformed_extensions_are_refused_and_other_frames_take_no_flag() {
         decode(&mut upper, MAX),
         Err(FrameError::Malformed { .. })
     ));
-    // MESSAGE_BATCH and REPLY define no flag.
-    for t in [FrameType::MESSAGE_BATCH, FrameType::REPLY] {
+    // A REPLY whose block is malformed.
+    let mut reply = BytesMut::new();
+    encode_reply_extended(&mut reply, 1, &[0, 9, 1, 1, b'a']);
+    assert!(matches!(
+        decode(&mut reply, MAX),
+        Err(FrameError::Malformed { .. })
+    ));
+    // MESSAGE_BATCH and ACCEPTED define no flag.
+    for t in [FrameType::MESSAGE_BATCH, FrameType::ACCEPTED] {
         let mut buf = BytesMut::new();
         buf.put_u32(8);
         buf.put_u8(t.0);

@@ -157,6 +157,10 @@ pub enum Answer {
     Accepted,
     /// Answered with a reply payload.
     Replied(Bytes),
+    /// Answered with a reply that carries headers: a headers block ([`Headers`]' wire form)
+    /// followed by the payload, as the REPLY frame carries them (one buffer: an answer takes
+    /// no more room for the headers only some replies have).
+    RepliedWithHeaders(Bytes),
     /// Refused: an [`ErrorId`]'s wire code, the application's code and a reason.
     Rejected {
         /// The wire code ([`WireCode::APPLICATION_REJECT`] for an application reject).
@@ -169,6 +173,38 @@ pub enum Answer {
 }
 
 impl Answer {
+    /// A reply with `headers` (a plain reply when they are empty). With headers, the payload
+    /// is copied behind the headers block.
+    pub fn reply_with_headers(payload: Bytes, headers: &Headers) -> Self {
+        if headers.is_empty() {
+            return Answer::Replied(payload);
+        }
+        let mut raw = BytesMut::with_capacity(headers.wire_len().saturating_add(payload.len()));
+        headers.put(&mut raw);
+        raw.extend_from_slice(&payload);
+        Answer::RepliedWithHeaders(raw.freeze())
+    }
+
+    /// The reply's bytes on the wire after the id (its headers block, if any, and its
+    /// payload); `None` for an acceptance or a rejection.
+    pub fn reply_bytes(&self) -> Option<&Bytes> {
+        match self {
+            Answer::Replied(p) | Answer::RepliedWithHeaders(p) => Some(p),
+            _ => None,
+        }
+    }
+
+    /// A reply with headers split into its headers and its payload (zero-copy). `None` for
+    /// any other answer, or a block that does not read back (never one this side checked).
+    pub fn split_reply(&self) -> Option<(Headers, Bytes)> {
+        let Answer::RepliedWithHeaders(raw) = self else {
+            return None;
+        };
+        let mut payload = raw.clone();
+        let headers = Headers::take(&mut payload).ok()?;
+        Some((headers, payload))
+    }
+
     /// A refusal decided by vicus rather than by the application (code 0): the one
     /// constructor for them.
     pub(crate) fn refusal(error: ErrorId, reason: impl Into<String>) -> Self {
@@ -861,11 +897,11 @@ impl<T> Session<T> {
             return;
         }
         // A reply is a message too: it is held to the smaller of both sides' payload limits.
-        let answer = match answer {
-            Answer::Replied(p) if p.len() > self.max_payload_len() => {
+        let answer = match answer.reply_bytes() {
+            Some(p) if p.len() > self.max_payload_len() => {
                 too_large_reply(p.len(), self.max_payload_len())
             }
-            other => other,
+            _ => answer,
         };
         if !self.within_refusal_budget(&answer) {
             let budget = self.config.max_refusals_per_second;
@@ -881,11 +917,18 @@ impl<T> Session<T> {
             return;
         }
         let kept = match &answer {
-            Answer::Replied(p) if !self.ring.take_reply_bytes(p.len()) => SlotState::ReplyLost,
+            Answer::Replied(p) | Answer::RepliedWithHeaders(p)
+                if !self.ring.take_reply_bytes(p.len()) =>
+            {
+                SlotState::ReplyLost
+            }
             // A small reply is kept as a copy of its own: it must not pin the (much larger)
             // buffer its bytes were cut from (a request's read buffer, say).
             Answer::Replied(p) if p.len() <= SMALL_REPLY => {
                 SlotState::Answered(Answer::Replied(Bytes::copy_from_slice(p)))
+            }
+            Answer::RepliedWithHeaders(p) if p.len() <= SMALL_REPLY => {
+                SlotState::Answered(Answer::RepliedWithHeaders(Bytes::copy_from_slice(p)))
             }
             _ => SlotState::Answered(answer.clone()),
         };

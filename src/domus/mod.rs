@@ -33,7 +33,7 @@ use tokio_util::sync::{CancellationToken, DropGuard};
 use tokio_util::task::TaskTracker;
 
 pub use crate::runtime::ends::{BlobReceiver, BlobSender};
-pub use crate::runtime::{Delivery, Outcome};
+pub use crate::runtime::{Delivery, Outcome, Reply};
 pub use builder::DomusBuilder;
 use builder::Listen;
 pub use config::DomusConfig;

@@ -419,9 +419,22 @@ impl<'a> Harness<'a> {
     /// An answer whose kind and contents the script chooses.
     fn answer_from_script(&mut self) -> Answer {
         let b = self.script.byte();
-        match b % 3 {
+        match b % 4 {
             0 => Answer::Accepted,
             1 => Answer::Replied(Bytes::from(vec![b; usize::from(b % 64)])),
+            // A reply with headers, some past the sender's limits (2 headers, 32 bytes).
+            3 => {
+                let mut headers = Headers::new();
+                for i in 0..usize::from(b % 5) {
+                    headers
+                        .insert(
+                            ["r0", "r1", "r2", "r3"][i % 4],
+                            vec![b; usize::from(b % 20)],
+                        )
+                        .expect("a valid header");
+                }
+                Answer::reply_with_headers(Bytes::from(vec![b; usize::from(b % 64)]), &headers)
+            }
             _ => Answer::Rejected {
                 error: WireCode(u32::from(b / 3)),
                 code: u32::from(b),

@@ -389,6 +389,17 @@ fn to_send(head: &Head, timeout: Duration) -> (TabernaId, MessageType, SendOptio
     )
 }
 
+/// The response a reply becomes: 200 with its payload (the one place reply headers will be
+/// mapped onto HTTP headers).
+fn from_reply(reply: crate::Reply) -> Response {
+    (
+        StatusCode::OK,
+        [(header::CONTENT_TYPE, "application/octet-stream")],
+        reply.into_payload(),
+    )
+        .into_response()
+}
+
 /// What is left of a request's deadline, at least 1 ms (a send's shortest timeout).
 fn remaining(deadline: Instant) -> Duration {
     deadline
@@ -524,12 +535,7 @@ async fn send_message(shared: &Shared, head: Head, body: Body, deadline: Instant
     // The send ends by its own timeout (capped by the deadline); the outer bound is a
     // backstop with a margin for the answer to come back.
     match tokio::time::timeout_at(deadline + Duration::from_secs(1), send).await {
-        Ok(Ok(Delivery::Replied(reply))) => (
-            StatusCode::OK,
-            [(header::CONTENT_TYPE, "application/octet-stream")],
-            reply,
-        )
-            .into_response(),
+        Ok(Ok(Delivery::Replied(reply))) => from_reply(reply),
         Ok(Ok(Delivery::Accepted)) => StatusCode::NO_CONTENT.into_response(),
         Ok(Err(e)) => vicus_error(shared, &e),
         Err(_) => refusal(

@@ -41,6 +41,7 @@ use bytes::Bytes;
 
 use crate::a0_transport::PeerIdentity;
 use crate::a1_callis::codes::WireCode;
+use crate::a1_callis::headers::Headers;
 pub(crate) use crate::a1_callis::session::Answer;
 use crate::a1_callis::session::too_large_reply;
 use crate::error::{Error, ErrorId, untrusted};
@@ -51,8 +52,138 @@ use ends::BlobReceiver;
 pub enum Delivery {
     /// The receiving taberna accepted it.
     Accepted,
-    /// The receiving taberna answered with a payload.
-    Replied(Bytes),
+    /// The receiving taberna answered with a payload (and perhaps headers).
+    Replied(Reply),
+}
+
+/// A reply: its payload and the headers the replying handler attached
+/// ([`TabernaRequest::reply_with_headers`](crate::TabernaRequest::reply_with_headers); none
+/// for most). Derefs to its payload, and compares equal to bytes equal to the payload (its
+/// headers aside), so code that only wants the payload reads it as a `Bytes`.
+#[derive(Clone, Default, PartialEq, Eq)]
+pub struct Reply {
+    payload: Bytes,
+    headers: Headers,
+}
+
+impl Reply {
+    /// A reply without headers.
+    pub fn new(payload: Bytes) -> Self {
+        Self {
+            payload,
+            headers: Headers::new(),
+        }
+    }
+
+    /// A reply with headers.
+    pub fn with_headers(payload: Bytes, headers: Headers) -> Self {
+        Self { payload, headers }
+    }
+
+    /// The payload.
+    pub fn payload(&self) -> &Bytes {
+        &self.payload
+    }
+
+    /// The headers (empty when the handler attached none).
+    pub fn headers(&self) -> &Headers {
+        &self.headers
+    }
+
+    /// The payload, by value.
+    pub fn into_payload(self) -> Bytes {
+        self.payload
+    }
+
+    /// The payload and the headers.
+    pub fn into_parts(self) -> (Bytes, Headers) {
+        (self.payload, self.headers)
+    }
+}
+
+impl std::ops::Deref for Reply {
+    type Target = Bytes;
+
+    fn deref(&self) -> &Bytes {
+        &self.payload
+    }
+}
+
+impl AsRef<[u8]> for Reply {
+    fn as_ref(&self) -> &[u8] {
+        &self.payload
+    }
+}
+
+impl From<Bytes> for Reply {
+    fn from(payload: Bytes) -> Self {
+        Self::new(payload)
+    }
+}
+
+impl From<Vec<u8>> for Reply {
+    fn from(payload: Vec<u8>) -> Self {
+        Self::new(payload.into())
+    }
+}
+
+impl From<&'static str> for Reply {
+    fn from(payload: &'static str) -> Self {
+        Self::new(payload.into())
+    }
+}
+
+impl From<&'static [u8]> for Reply {
+    fn from(payload: &'static [u8]) -> Self {
+        Self::new(payload.into())
+    }
+}
+
+impl From<Reply> for Bytes {
+    fn from(reply: Reply) -> Self {
+        reply.payload
+    }
+}
+
+impl PartialEq<Bytes> for Reply {
+    fn eq(&self, other: &Bytes) -> bool {
+        self.payload == *other
+    }
+}
+
+impl PartialEq<[u8]> for Reply {
+    fn eq(&self, other: &[u8]) -> bool {
+        self.payload == other
+    }
+}
+
+impl PartialEq<&[u8]> for Reply {
+    fn eq(&self, other: &&[u8]) -> bool {
+        self.payload == *other
+    }
+}
+
+impl<const N: usize> PartialEq<&[u8; N]> for Reply {
+    fn eq(&self, other: &&[u8; N]) -> bool {
+        self.payload == other[..]
+    }
+}
+
+impl PartialEq<Vec<u8>> for Reply {
+    fn eq(&self, other: &Vec<u8>) -> bool {
+        self.payload == other[..]
+    }
+}
+
+impl std::fmt::Debug for Reply {
+    /// The payload as `Bytes` shows it, and the headers when there are any.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.headers.is_empty() {
+            std::fmt::Debug::fmt(&self.payload, f)
+        } else {
+            write!(f, "{:?} with headers {:?}", self.payload, self.headers)
+        }
+    }
 }
 
 /// The outcome of one send: how the receiver answered, or why it failed.
@@ -66,11 +197,11 @@ pub(crate) fn local_answer_result(
     max_reply: usize,
     context: impl std::fmt::Display,
 ) -> Outcome {
-    match answer {
-        Answer::Replied(p) if p.len() > max_reply => {
+    match answer.reply_bytes() {
+        Some(p) if p.len() > max_reply => {
             answer_result(too_large_reply(p.len(), max_reply), context)
         }
-        answer => answer_result(answer, context),
+        _ => answer_result(answer, context),
     }
 }
 
@@ -80,7 +211,15 @@ pub(crate) fn local_answer_result(
 pub(crate) fn answer_result(answer: Answer, context: impl std::fmt::Display) -> Outcome {
     let (error, code, reason) = match answer {
         Answer::Accepted => return Ok(Delivery::Accepted),
-        Answer::Replied(payload) => return Ok(Delivery::Replied(payload)),
+        Answer::Replied(payload) => return Ok(Delivery::Replied(Reply::new(payload))),
+        Answer::RepliedWithHeaders(raw) => {
+            let mut payload = raw;
+            // Checked when the frame (or the local answer) was made; a block that did not
+            // read back would have no headers to give.
+            let headers =
+                crate::a1_callis::headers::Headers::take(&mut payload).unwrap_or_default();
+            return Ok(Delivery::Replied(Reply::with_headers(payload, headers)));
+        }
         Answer::Rejected {
             error,
             code,

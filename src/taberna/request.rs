@@ -84,6 +84,11 @@ impl AnswerHandle {
         self.finish(Answer::Replied(payload));
     }
 
+    /// Answers with a payload and headers (see [`TabernaRequest::reply_with_headers`]).
+    pub fn reply_with_headers(mut self, payload: Bytes, headers: &Headers) {
+        self.finish(Answer::reply_with_headers(payload, headers));
+    }
+
     /// Rejects with an application code and reason.
     pub fn reject(mut self, code: u32, reason: &str) {
         self.finish(Answer::application_reject(code, reason));
@@ -108,7 +113,7 @@ impl AnswerHandle {
 fn answer_name(answer: &Answer) -> &'static str {
     match answer {
         Answer::Accepted => "accepted",
-        Answer::Replied(_) => "replied",
+        Answer::Replied(_) | Answer::RepliedWithHeaders(_) => "replied",
         Answer::Rejected { error, .. } => error.error_id().map_or("rejected", ErrorId::name),
     }
 }
@@ -302,6 +307,15 @@ impl TabernaRequest {
     /// Answers it with a payload: the sender's `send` returns `Delivery::Replied`.
     pub fn reply(self, payload: Bytes) {
         self.answer_handle.reply(payload);
+    }
+
+    /// Answers it with a payload and headers: the sender's `send` returns
+    /// `Delivery::Replied(reply)` and [`Reply::headers`](crate::Reply::headers) holds them.
+    /// With headers, the payload is copied behind them (a reply without is not). The
+    /// headers count toward the reply's size limit, and the sender holds them to its
+    /// `max_headers` and `max_headers_len` (over: its send fails with `HeadersTooLarge`).
+    pub fn reply_with_headers(self, payload: Bytes, headers: &Headers) {
+        self.answer_handle.reply_with_headers(payload, headers);
     }
 
     /// Rejects it with an application code and reason (at most 256 bytes go on the wire):

@@ -27,7 +27,7 @@
 //!     }
 //! });
 //! let answer = mesh.send("client", TabernaId(7), Bytes::from_static(b"invoice 42")).await?;
-//! assert_eq!(answer, Delivery::Replied(Bytes::from_static(b"paid")));
+//! assert_eq!(answer, Delivery::Replied(Bytes::from_static(b"paid").into()));
 //! mesh.shutdown().await;
 //! # Ok(()) }
 //! ```

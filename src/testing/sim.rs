@@ -47,7 +47,7 @@
 //!     let send = tokio::spawn(shop.send(TabernaId(1), KIND, Bytes::new(), SendOptions::default()));
 //!     tokio::time::sleep(Duration::from_secs(2)).await;
 //!     turmoil::repair("shop", "billing");
-//!     assert_eq!(send.await??, Delivery::Replied(Bytes::from_static(b"paid")));
+//!     assert_eq!(send.await??, Delivery::Replied(Bytes::from_static(b"paid").into()));
 //!     Ok(())
 //! });
 //! sim.run().expect("the simulation");

@@ -854,17 +854,21 @@ fn handle(
                 request.reject(500, "forward has no target");
                 return;
             };
+            // The request's headers go on, the reply's come back.
             let (parts, answer_handle) = request.into_parts();
             let send = domus.send(
                 to,
                 parts.message_type,
                 parts.payload,
-                SendOptions::default(),
+                SendOptions::default().headers(parts.headers),
             );
             work.spawn(async move {
                 match send.await {
                     Ok(Delivery::Accepted) => answer_handle.accept(),
-                    Ok(Delivery::Replied(reply)) => answer_handle.reply(reply),
+                    Ok(Delivery::Replied(reply)) => {
+                        let (payload, headers) = reply.into_parts();
+                        answer_handle.reply_with_headers(payload, &headers);
+                    }
                     Err(e) => {
                         answer_handle.reject(e.id().as_u32(), &format!("forward to {to}: {e}"))
                     }

@@ -54,7 +54,9 @@ impl AnswerQueue {
 pub(super) fn answer_wire_len(answer: &Answer) -> usize {
     match answer {
         Answer::Accepted => frame::ACCEPTED_RUN_LEN,
-        Answer::Replied(payload) => (frame::HEADER_LEN + 8).saturating_add(payload.len()),
+        Answer::Replied(payload) | Answer::RepliedWithHeaders(payload) => {
+            (frame::HEADER_LEN + 8).saturating_add(payload.len())
+        }
         Answer::Rejected { reason, .. } => (frame::HEADER_LEN + frame::REJECT_FIXED_LEN)
             .saturating_add(reason.len().min(frame::MAX_REASON_LEN)),
     }

@@ -143,7 +143,8 @@ impl DedupeRing {
             match self.slots.pop_front() {
                 Some(slot) => {
                     if let Some(Slot {
-                        state: SlotState::Answered(Answer::Replied(old)),
+                        state:
+                            SlotState::Answered(Answer::Replied(old) | Answer::RepliedWithHeaders(old)),
                         ..
                     }) = slot
                     {

@@ -124,7 +124,16 @@ impl<T> Session<T> {
                     self.accepted_run(first, last);
                 }
             }
-            Frame::Reply { id, payload } => self.finish_from_peer(id, Answer::Replied(payload)),
+            Frame::Reply {
+                id,
+                extended: false,
+                payload,
+            } => self.finish_from_peer(id, Answer::Replied(payload)),
+            Frame::Reply {
+                id,
+                extended: true,
+                payload,
+            } => self.finish_from_peer(id, Answer::RepliedWithHeaders(payload)),
             Frame::Reject(RejectFrame {
                 id,
                 error,
@@ -301,9 +310,19 @@ impl<T> Session<T> {
         }
         // This side's own limit, whatever the peer applied.
         let max = self.own_max_payload_len();
-        let answer = match answer {
-            Answer::Replied(p) if p.len() > max => too_large_reply(p.len(), max),
-            other => other,
+        let answer = match answer.reply_bytes() {
+            Some(p) if p.len() > max => too_large_reply(p.len(), max),
+            // A reply's headers are held to this side's limits, as a message's are.
+            _ => match answer.split_reply() {
+                Some((headers, _)) => match self.check_headers(&headers, "this domus's") {
+                    Ok(()) => answer,
+                    Err(e) => Answer::refusal(
+                        ErrorId::HeadersTooLarge,
+                        format!("the reply's headers: {}", e.message()),
+                    ),
+                },
+                None => answer,
+            },
         };
         // Answers to messages we no longer hold (timed out, or answered twice after a
         // replay) are ignored.

@@ -92,7 +92,9 @@ impl<T> Session<T> {
             match answer {
                 // A reply the peer would refuse as too long is turned into a rejection that
                 // says so, instead of a frame that closes the callis.
-                Answer::Replied(payload) if payload.len().saturating_add(8) > frame_max => {
+                Answer::Replied(payload) | Answer::RepliedWithHeaders(payload)
+                    if payload.len().saturating_add(8) > frame_max =>
+                {
                     let reason = format!(
                         "the reply of {} bytes is larger than the sender accepts",
                         payload.len()
@@ -106,6 +108,7 @@ impl<T> Session<T> {
                     );
                 }
                 Answer::Replied(payload) => frame::encode_reply(out, id, &payload),
+                Answer::RepliedWithHeaders(raw) => frame::encode_reply_extended(out, id, &raw),
                 Answer::Rejected {
                     error,
                     code,
