@@ -377,6 +377,38 @@
 //!   and is off until started. `vicus top ADDR` (the `vicus` command, `vicus-cli/`) draws it
 //!   live.
 //!
+//! ## HTTP gateway
+//!
+//! Feature `http-gateway` adds `vicus::gateway`: an [axum](https://docs.rs/axum) `Router` in
+//! front of a domus, to mount in your own server (`Gateway::router`) or to run with
+//! `gateway::serve`, which adds a header-read deadline and a connection cap and refuses an
+//! open gateway on an address that is not loopback. `vicus node` serves it from its `[http]`
+//! table.
+//!
+//! * `POST /tabernas/{id}` sends the body to taberna `id`; the message type is the header
+//!   `Vicus-Message-Type` or `?type=` (decimal, `0x…` or `app:N`). **InOut** by default: 200
+//!   with the reply as the body, 204 when accepted without one. **InOnly** with
+//!   `Prefer: respond-async`: 202 with a request id once vicus admitted the message; the
+//!   outcome goes to the event feed (`reporting::Event::DetachedSendEnded`).
+//! * The same route with `Vicus-Blob: <base64 opening message>` streams the body into
+//!   [`Domus::send_blob`] chunk by chunk as it arrives (never buffered whole; the blob's window
+//!   paces the HTTP client); 204 once the taberna holds every byte.
+//! * Every [`ErrorId`] maps to exactly one status, with a JSON body
+//!   `{"error", "id", "message", "outcome_unknown"}`: e.g. `UnknownTaberna` 404, `Forbidden`
+//!   403, `PayloadTooLarge` 413, `TabernaBusy` and `LocalQueueFull` 503 with `Retry-After`,
+//!   `SendTimeout` 504 (`"outcome_unknown": true`), `PeerUnavailable` 502 — the whole table is
+//!   in the module's docs, and a unit test holds the docs to the code.
+//! * Bounded: bodies by `max_message_len` (a `Content-Length` over it is refused before the
+//!   body is read) and `max_blob_len`, requests at once by `max_concurrent` (503 +
+//!   `Retry-After` past it), each request by `request_timeout` (408 for a body that does not
+//!   arrive; the send's timeout is capped by what is left). Access: bearer tokens, compared
+//!   in constant time and never printed, or HTTPS with client certificates of the mesh
+//!   (`gateway::serve_tls`: TLS 1.3, the domus's own verifier, a [`TrustPolicy`] on the
+//!   client's identity).
+//! * `GET /healthz` (no token needed) and `GET /metrics` (the text of a renderer you give,
+//!   e.g. a Prometheus recorder's; with feature `metrics` the domus's figures are exported
+//!   right before each render).
+//!
 //! ## Testing an application
 //!
 //! Feature `test-util` adds the module `vicus::testing`: a `Mesh` (a development CA, a shared
@@ -419,6 +451,8 @@ pub mod taberna;
 pub mod codec;
 #[cfg(feature = "dev-certs")]
 pub mod dev_certs;
+#[cfg(feature = "http-gateway")]
+pub mod gateway;
 #[cfg(feature = "test-util")]
 pub mod testing;
 #[cfg(feature = "watch")]

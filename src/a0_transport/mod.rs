@@ -49,6 +49,8 @@ pub use material::AuthConfig;
 pub use stream::{AuthenticatedStream, CallisStream, ConnectFuture, Connector, DomusAddr};
 pub(crate) use tls::BOTH_PROVIDERS_COMPILED;
 pub use tls::{ALPN_PROTOCOL, DEFAULT_CRYPTO_PROVIDER, default_crypto_provider};
+#[cfg(feature = "http-gateway")]
+pub(crate) use tls::{identity_of_leaf, mutual_tls_server_config};
 
 pub(crate) use admission::Tally;
 use admission::{AdmissionPermit, Counters, Gate, Source};

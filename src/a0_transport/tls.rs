@@ -204,6 +204,44 @@ pub(crate) fn sha256_of(provider: &CryptoProvider) -> Result<&'static dyn Hash, 
         })
 }
 
+/// A server config for TLS beside the mesh (the HTTP gateway's HTTPS, feature
+/// `http-gateway`): the certificate and key of `auth`, TLS 1.3 only, no session resumption,
+/// ALPN `alpn`, and client certificates **mandatory**, verified by the very verifier a domus
+/// runs on a dialer (the CA bundle and CRLs of `auth`, `clientAuth`, exactly one URI SAN that
+/// `policy` accepts).
+#[cfg(feature = "http-gateway")]
+pub(crate) fn mutual_tls_server_config(
+    auth: &AuthConfig,
+    policy: TrustPolicy,
+    provider: Arc<CryptoProvider>,
+    alpn: Vec<Vec<u8>>,
+) -> Result<ServerConfig, Error> {
+    tls13_only(&provider)?;
+    let material = LoadedMaterial::load(auth, &provider)?;
+    material.verify_own_chain()?;
+    let verifier = Arc::new(PeerVerifier::new(
+        material.store.clone(),
+        Arc::new(policy),
+        None,
+    ));
+    let mut config = ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|e| Error::invalid_config("crypto provider", e.to_string()))?
+        .with_client_cert_verifier(verifier)
+        .with_cert_resolver(Arc::new(SingleCertAndKey::from(material.certified.clone())));
+    config.alpn_protocols = alpn;
+    config.session_storage = Arc::new(NoServerSessionStorage {});
+    config.send_tls13_tickets = 0;
+    Ok(config)
+}
+
+/// The identity a verified peer's leaf names (its one URI SAN), if it parses.
+#[cfg(feature = "http-gateway")]
+pub(crate) fn identity_of_leaf(leaf: &rustls::pki_types::CertificateDer<'_>) -> Option<DomusId> {
+    let cert = webpki::EndEntityCert::try_from(leaf).ok()?;
+    domus_id_of(&cert).ok()
+}
+
 fn tls13_only(provider: &Arc<CryptoProvider>) -> Result<(), Error> {
     ServerConfig::builder_with_provider(provider.clone())
         .with_protocol_versions(&[&rustls::version::TLS13])

@@ -484,6 +484,12 @@ impl Domus {
         }
     }
 
+    /// Whether [`shutdown`](Self::shutdown) has begun: every send from then on fails with
+    /// [`ErrorId::DomusClosed`] (what a health check reports).
+    pub fn is_closed(&self) -> bool {
+        self.inner.closed.load(std::sync::atomic::Ordering::Acquire)
+    }
+
     /// The peers with a live session (a peer this domus forgot, see
     /// `DomusConfig::peer_retire_after`, no longer counts).
     pub fn peer_count(&self) -> usize {

@@ -88,6 +88,17 @@ pub enum Event {
     ShutdownStarted,
     /// `shutdown()` finished.
     ShutdownCompleted,
+    /// A send whose caller did not wait for its outcome ended: an HTTP gateway request with
+    /// `Prefer: respond-async`, answered `202 Accepted` with this `request_id` once vicus
+    /// admitted the message (feature `http-gateway`).
+    DetachedSendEnded {
+        /// The id the gateway's 202 response gave (`Vicus-Request-Id`).
+        request_id: u64,
+        /// The destination taberna.
+        taberna: u64,
+        /// `Ok(true)` replied (the reply is dropped), `Ok(false)` accepted, or the error.
+        outcome: Result<bool, Error>,
+    },
 }
 
 /// An item of a feed: the next item, or how many the subscriber missed by falling behind.

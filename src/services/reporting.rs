@@ -352,6 +352,19 @@ fn describe(event: &Event) -> (&'static str, Option<String>, String) {
         ),
         Event::ShutdownStarted => ("ShutdownStarted", None, "shutdown started".to_owned()),
         Event::ShutdownCompleted => ("ShutdownCompleted", None, "shutdown completed".to_owned()),
+        Event::DetachedSendEnded {
+            request_id,
+            taberna,
+            outcome,
+        } => (
+            "DetachedSendEnded",
+            None,
+            match outcome {
+                Ok(true) => format!("detached send #{request_id} to taberna {taberna}: replied"),
+                Ok(false) => format!("detached send #{request_id} to taberna {taberna}: accepted"),
+                Err(e) => format!("detached send #{request_id} to taberna {taberna}: {e}"),
+            },
+        ),
     }
 }
 

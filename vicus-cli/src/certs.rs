@@ -65,7 +65,9 @@ being trusted by nodes that load the new ca.pem, so issue them again.")]
   vicus node --config node.toml   # with [tls] cert = \"certs/alpha.pem\", key = \"certs/alpha.key\"
 
 NAME becomes the identity spiffe://<trust domain>/domus/NAME: 1 to 63 lower-case letters,
-digits and '-', not starting or ending with '-' (and not \"ca\").")]
+digits and '-', not starting or ending with '-' (and not \"ca\"). --host adds a DNS name or
+IP address for HTTPS clients (a node's [http] gateway with client_identities):
+  vicus certs issue alpha --dir ./certs --host 127.0.0.1 --host alpha.internal")]
     Issue {
         /// The node's name (a DNS-label-like name, e.g. alpha or billing-1).
         name: String,
@@ -78,6 +80,10 @@ digits and '-', not starting or ending with '-' (and not \"ca\").")]
         /// Replace an existing certificate and key for NAME.
         #[arg(long)]
         force: bool,
+        /// A DNS name or IP address to add (repeatable), for HTTPS clients' host name check;
+        /// vicus itself names the node by its URI only.
+        #[arg(long, value_name = "HOST")]
+        host: Vec<String>,
     },
 }
 
@@ -94,7 +100,8 @@ pub fn run(args: CertsArgs, out: Output) -> Result<(), CliError> {
             dir,
             days,
             force,
-        } => issue(&dir, &name, days, force, out),
+            host,
+        } => issue(&dir, &name, days, force, &host, out),
     }
 }
 
@@ -145,8 +152,27 @@ fn init(dir: &Path, trust_domain: &str, force: bool, out: Output) -> Result<(), 
     Ok(())
 }
 
-fn issue(dir: &Path, name: &str, days: u64, force: bool, out: Output) -> Result<(), CliError> {
+fn issue(
+    dir: &Path,
+    name: &str,
+    days: u64,
+    force: bool,
+    hosts: &[String],
+    out: Output,
+) -> Result<(), CliError> {
     check_name(name)?;
+    for host in hosts {
+        let dns_like = !host.is_empty()
+            && host.len() <= 253
+            && host.split('.').all(|l| {
+                !l.is_empty() && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+            });
+        if host.parse::<std::net::IpAddr>().is_err() && !dns_like {
+            return Err(CliError::new(format!(
+                "--host {host:?}: give a DNS name (e.g. alpha.internal) or an IP address"
+            )));
+        }
+    }
     if !(1..=MAX_LEAF_DAYS).contains(&days) {
         return Err(CliError::new(format!(
             "--days {days}: give 1 to {MAX_LEAF_DAYS} (the CA itself is valid for a year)"
@@ -167,6 +193,7 @@ fn issue(dir: &Path, name: &str, days: u64, force: bool, out: Output) -> Result<
     let key = dir.join(format!("{name}.key"));
     refuse_existing(&[&cert, &key], force, "replace them")?;
     let mut spec = LeafSpec::uri(id.as_str());
+    spec.dns_names = hosts.to_vec();
     let not_after = SystemTime::now() + Duration::from_secs(days * 86_400);
     spec.not_after = not_after;
     let leaf = ca
@@ -188,6 +215,7 @@ fn issue(dir: &Path, name: &str, days: u64, force: bool, out: Output) -> Result<
             "ca": shown(&dir.join("ca.pem")),
             "valid_days": days,
             "not_after": until.to_string(),
+            "hosts": hosts,
         }),
     );
     Ok(())

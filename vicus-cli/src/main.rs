@@ -11,6 +11,7 @@ mod bench;
 mod certs;
 mod client;
 mod demo;
+mod http;
 mod node;
 mod output;
 mod ping;

@@ -93,10 +93,30 @@ the first [table]; any key not listed here is an error):
   [reporting]                      # optional: serve reports to these identities (vicus top)
   allow = ["spiffe://vicus.dev/domus/ops"]
 
+  [http]                           # optional: the HTTP gateway (vicus::gateway)
+  bind = "127.0.0.1:7080"          # the default; any other than loopback needs tokens
+  token_file = "http-tokens"       # one bearer token a line (16+ visible ASCII characters);
+                                   # or tokens = ["…"]; none: no token needed (loopback only)
+  # max_concurrent = 256           # requests at once; more: 503 + Retry-After
+  # request_timeout = "30s"        # the body must arrive within it; caps the send's timeout
+  # detailed_errors = false        # true: vicus's own messages (peers, addresses) in errors
+  # client_identities = ["spiffe://vicus.dev/domus/client"]
+                                   # HTTPS instead, with the [tls] files: clients present a
+                                   # certificate of the CA naming one of these identities
+                                   # (issue this node's with --host 127.0.0.1 for curl)
+
 Blobs sent to echo, sink or log are read to their end and counted (log prints them); forward
 refuses blobs. The routes file has the format of vicus::FileResolver ([[taberna]] id and
 candidates = [{ addr, identity, priority, weight }]). Use at most one of [[route]],
 routes_file and [dns].
+
+HTTP: POST /tabernas/{id} sends the body to taberna id (message type in the
+Vicus-Message-Type header or ?type=, e.g. app:1) and answers 200 with the reply, 204 when
+accepted, or the error's status with JSON; Prefer: respond-async answers 202 at once and the
+outcome is printed as an event; a Vicus-Blob: <base64 header> header streams the body as a
+blob. GET /healthz, GET /metrics (Prometheus text). E.g.
+  curl -H 'Authorization: Bearer …' -H 'Vicus-Message-Type: app:1' \
+       --data-binary 'hello' http://127.0.0.1:7080/tabernas/7
 
 Output: one line when the node is up ("… listening on ADDR"), then a line per event and error
 of the domus; with --json one JSON object per line ({"event":"started","identity":…,"addr":…}
@@ -116,6 +136,7 @@ struct RawConfig {
     routes_file: Option<Spanned<String>>,
     dns: Option<Spanned<RawDns>>,
     reporting: Option<Spanned<RawReporting>>,
+    http: Option<Spanned<crate::http::RawHttp>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -201,6 +222,7 @@ struct NodeConfig {
     tabernas: Vec<TabernaSpec>,
     routes: Routes,
     reporting_allow: Option<Vec<DomusId>>,
+    http: Option<crate::http::Http>,
 }
 
 #[derive(Debug)]
@@ -474,12 +496,22 @@ fn check(src: &Source<'_>, raw: RawConfig) -> Result<NodeConfig, CliError> {
         }
     };
 
+    let http = match raw.http {
+        None => None,
+        Some(http) => Some(crate::http::check(
+            http.into_inner(),
+            &|span, message| src.at(span, message),
+            &|value| src.path(value),
+        )?),
+    };
+
     Ok(NodeConfig {
         bind,
         tls,
         tabernas,
         routes,
         reporting_allow,
+        http,
     })
 }
 
@@ -530,7 +562,7 @@ pub async fn run(args: NodeArgs, out: Output) -> Result<(), CliError> {
     let mut sigint = signal(SignalKind::interrupt())
         .map_err(|e| CliError::new(format!("cannot handle Ctrl-C: {e}")))?;
 
-    let config = load(&args.config)?;
+    let mut config = load(&args.config)?;
     let cfg = args.config.display().to_string();
     let auth = AuthConfig::from_pem_files(&config.tls.ca, &config.tls.cert, &config.tls.key)
         .map_err(|e| CliError::new(format!("{cfg}: [tls]: {e}")))?;
@@ -626,6 +658,28 @@ pub async fn run(args: NodeArgs, out: Output) -> Result<(), CliError> {
         None => None,
     };
 
+    let http = match config.http.take() {
+        Some(http) => {
+            let tls = &config.tls;
+            let auth = || {
+                AuthConfig::from_pem_files(&tls.ca, &tls.cert, &tls.key)
+                    .map_err(|e| CliError::new(format!("[tls]: {e}")))
+            };
+            Some(
+                crate::http::start(&domus, http, auth)
+                    .await
+                    .map_err(|e| CliError::new(format!("{cfg}: {e}")))?,
+            )
+        }
+        None => None,
+    };
+    let http_addr = http.as_ref().map(|h| h.addr.to_string());
+    let http_scheme = if http.as_ref().is_some_and(|h| h.https) {
+        "https"
+    } else {
+        "http"
+    };
+
     let addr = domus
         .local_addr()
         .map(ToString::to_string)
@@ -640,7 +694,7 @@ pub async fn run(args: NodeArgs, out: Output) -> Result<(), CliError> {
         .collect();
     out.result(
         &format!(
-            "vicus node {} listening on {addr} (tabernas: {}; {}{}{})",
+            "vicus node {} listening on {addr} (tabernas: {}; {}{}{}{})",
             out.bold(domus.identity().as_str()),
             if taberna_list.is_empty() {
                 "none".to_owned()
@@ -658,6 +712,10 @@ pub async fn run(args: NodeArgs, out: Output) -> Result<(), CliError> {
             } else {
                 ""
             },
+            http_addr
+                .as_ref()
+                .map(|a| format!("; HTTP gateway on {http_scheme}://{a}"))
+                .unwrap_or_default(),
         ),
         &json!({
             "event": "started",
@@ -671,6 +729,8 @@ pub async fn run(args: NodeArgs, out: Output) -> Result<(), CliError> {
             "routes": config.routes.describe(),
             "watch": config.tls.watch.is_some(),
             "reporting": config.reporting_allow.is_some(),
+            "http": http_addr,
+            "https": http_addr.is_some() && http_scheme == "https",
         }),
     );
 
@@ -686,6 +746,10 @@ pub async fn run(args: NodeArgs, out: Output) -> Result<(), CliError> {
         &format!("stopping ({why}): finishing what is in flight"),
         &json!({ "event": "stopping", "signal": why }),
     );
+    // No new HTTP requests; those in progress end with the connections (their sends go on).
+    if let Some(http) = http {
+        http.stop().await;
+    }
     let bound = domus.config().snapshot().shutdown_timeout + SHUTDOWN_GRACE;
     let shutdown = tokio::time::timeout(bound, domus.shutdown());
     tokio::pin!(shutdown);
@@ -959,6 +1023,28 @@ fn print_event(out: Output, item: FeedItem<Event>) {
             "shutdown completed".to_owned(),
             json!({ "event": "shutdown_completed" }),
         ),
+        Event::DetachedSendEnded {
+            request_id,
+            taberna,
+            outcome,
+        } => (
+            match outcome {
+                Ok(true) => format!("http request #{request_id} to taberna {taberna}: replied"),
+                Ok(false) => format!("http request #{request_id} to taberna {taberna}: accepted"),
+                Err(e) => format!("http request #{request_id} to taberna {taberna}: {e}"),
+            },
+            json!({
+                "event": "detached_send_ended",
+                "request_id": request_id,
+                "taberna": taberna,
+                "outcome": match outcome {
+                    Ok(true) => "replied",
+                    Ok(false) => "accepted",
+                    Err(_) => "failed",
+                },
+                "error": outcome.as_ref().err().map(|e| e.id().name()),
+            }),
+        ),
         other => (
             format!("{other:?}"),
             json!({ "event": "other", "debug": format!("{other:?}") }),
@@ -1060,6 +1146,54 @@ mod tests {
         assert_eq!(raw.taberna.len(), 4);
         assert_eq!(raw.route.len(), 1);
         assert!(raw.tls.get_ref().watch);
+        assert!(raw.http.is_some());
+    }
+
+    #[test]
+    fn http_tokens_are_never_in_the_configs_debug() {
+        let text = "bind = \"127.0.0.1:0\"\n[tls]\nca = \"a\"\ncert = \"b\"\nkey = \"c\"\n\
+                    [http]\ntokens = [\"canary-token-0123456789\"]\n";
+        let raw: RawConfig = toml::from_str(text).expect("parses");
+        assert!(!format!("{raw:?}").contains("canary"), "{raw:?}");
+        let http = crate::http::check(
+            raw.http.expect("[http]").into_inner(),
+            &|_, m| CliError::new(m),
+            &|v| PathBuf::from(v),
+        )
+        .expect("checked");
+        assert!(!format!("{http:?}").contains("canary"), "{http:?}");
+    }
+
+    #[test]
+    fn an_http_bind_beyond_loopback_is_accepted_only_with_access_control() {
+        let check = |http: &str| {
+            let text = format!(
+                "bind = \"127.0.0.1:0\"\n[tls]\nca = \"a\"\ncert = \"b\"\nkey = \"c\"\n[http]\n{http}"
+            );
+            let raw: RawConfig = toml::from_str(&text).expect("parses");
+            crate::http::check(
+                raw.http.expect("[http]").into_inner(),
+                &|_, m| CliError::new(m),
+                &|v| PathBuf::from(v),
+            )
+            .map(|h| (h.config.access.is_open(), h.client_identities.is_some()))
+            .map_err(|e| e.to_string())
+        };
+        assert!(check("bind = \"0.0.0.0:7080\"\n").is_err());
+        assert!(check("bind = \"[::]:7080\"\n").is_err());
+        assert_eq!(check("bind = \"127.0.0.1:7080\"\n"), Ok((true, false)));
+        assert_eq!(check(""), Ok((true, false)));
+        assert_eq!(
+            check("bind = \"0.0.0.0:7080\"\ntokens = [\"0123456789abcdef0123\"]\n"),
+            Ok((false, false))
+        );
+        assert_eq!(
+            check(
+                "bind = \"0.0.0.0:7080\"\nclient_identities = [\"spiffe://vicus.dev/domus/c\"]\n"
+            ),
+            Ok((false, true))
+        );
+        assert!(check("client_identities = []\n").is_err());
     }
 
     #[test]

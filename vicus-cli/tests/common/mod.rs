@@ -138,6 +138,8 @@ pub struct Node {
     child: Child,
     pub addr: String,
     pub identity: String,
+    /// The first line it printed (`{"event":"started",…}`).
+    pub started: Value,
     pub lines: mpsc::Receiver<String>,
     /// What it wrote to stderr so far (read on a thread, so it never blocks on a full pipe).
     stderr: Arc<Mutex<String>>,
@@ -177,6 +179,7 @@ impl Node {
             child,
             addr: String::new(),
             identity: String::new(),
+            started: Value::Null,
             lines,
             stderr,
         };
@@ -194,6 +197,7 @@ impl Node {
         assert_eq!(started["event"], "started", "{first}");
         node.addr = started["addr"].as_str().expect("addr").to_owned();
         node.identity = started["identity"].as_str().expect("identity").to_owned();
+        node.started = started;
         node
     }
 
