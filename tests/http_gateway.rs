@@ -81,7 +81,7 @@ fn assert_error(
     assert_eq!(got.1["id"], id.as_u32(), "{:?}", got.1);
 }
 
-/// Taberna 1 echoes, 2 accepts, 3 rejects (code 7), 4 refuses the gateway's domus
+/// Taberna 1 echoes (payload and headers), 2 accepts, 3 rejects (code 7), 4 refuses the gateway's domus
 /// (allow-list), 5 accepts only type app:9, 6 never answers and holds one request at most;
 /// all on domus `b`, reached over loopback mTLS from the gateway's domus `gw`.
 async fn mesh() -> (Mesh, Domus) {
@@ -89,9 +89,11 @@ async fn mesh() -> (Mesh, Domus) {
     let b = mesh.get("b").expect("b");
     let echo = mesh.taberna("b", TabernaId(1)).expect("t1");
     tokio::spawn(async move {
+        // Echoes the payload, and the message headers as the reply's.
         while let Some(mut r) = echo.recv().await {
             let payload = r.take_payload();
-            r.reply(payload);
+            let headers = r.headers().clone();
+            r.reply_with_headers(payload, &headers);
         }
     });
     let sink = mesh.taberna("b", TabernaId(2)).expect("t2");
@@ -920,6 +922,69 @@ async fn mutual_tls_admits_only_the_allowed_mesh_identities() {
         .await
         .expect_err("refused");
         assert_eq!(refused.id(), ErrorId::InvalidConfig);
+    })
+    .await;
+}
+
+/// Message headers map to HTTP headers with the `Vicus-Header-` prefix both ways, through
+/// reqwest and curl; a W3C `traceparent` becomes the message's trace context; a key vicus
+/// does not allow is 400 `InvalidHeader`, more headers than the domus takes 431.
+#[tokio::test]
+async fn message_headers_map_to_http_headers_both_ways() {
+    within(async {
+        let (_mesh, gw) = mesh().await;
+        let (_g, addr) = serve(&gw, GatewayConfig::default()).await;
+        let traceparent = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
+        let got = post(
+            addr,
+            1,
+            b"with headers",
+            &[
+                ("Vicus-Header-Tenant", "acme"),
+                ("Vicus-Header-X-Request-Id", "r-1"),
+                ("Traceparent", traceparent),
+                ("X-Other", "not a message header"),
+            ],
+        )
+        .await;
+        assert_eq!(got.0, 200, "{:?}", got.1);
+        let h = &got.2;
+        assert_eq!(h["vicus-header-tenant"], "acme");
+        assert_eq!(h["vicus-header-x-request-id"], "r-1");
+        assert_eq!(h["traceparent"], traceparent);
+        assert!(h.get("vicus-header-x-other").is_none());
+
+        // A key vicus does not allow (an HTTP header name may hold '!'), and too many.
+        let bad = post(addr, 1, b"x", &[("Vicus-Header-Bang!", "v")]).await;
+        assert_error(&bad, 400, ErrorId::InvalidHeader);
+        let names: Vec<String> = (0..17).map(|i| format!("Vicus-Header-K{i}")).collect();
+        let many: Vec<(&str, &str)> = names.iter().map(|n| (n.as_str(), "v")).collect();
+        let over = post(addr, 1, b"x", &many).await;
+        assert_error(&over, 431, ErrorId::HeadersTooLarge);
+
+        // curl, both ways.
+        if std::process::Command::new("curl")
+            .arg("--version")
+            .output()
+            .is_err()
+        {
+            skip_or_fail("curl is not installed: headers are not checked with curl");
+            return;
+        }
+        let out = tokio::task::spawn_blocking(move || {
+            std::process::Command::new("curl")
+                .args(["-sS", "--max-time", "20", "-D", "-"])
+                .args(["-H", "Vicus-Message-Type: app:1"])
+                .args(["-H", "Vicus-Header-Tenant: from-curl"])
+                .args(["--data-binary", "hi"])
+                .arg(format!("http://{addr}/tabernas/1"))
+                .output()
+                .expect("curl")
+        })
+        .await
+        .expect("join");
+        let text = String::from_utf8_lossy(&out.stdout).to_lowercase();
+        assert!(text.contains("vicus-header-tenant: from-curl"), "{text}");
     })
     .await;
 }

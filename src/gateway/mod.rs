@@ -28,8 +28,15 @@
 //!   to the domus's event feed as [`Event::DetachedSendEnded`](crate::reporting::Event) with
 //!   that id (`vicus node` prints it). At most `max_pending_async` such sends wait for their
 //!   outcome at once (each ends by its send timeout); past that, 503 `GatewayBusy`.
-//! * Message **headers** are not mapped yet: the whole request → send mapping is the one
-//!   function `to_send`, where HTTP headers with a prefix will become vicus message headers.
+//! * Message **headers** map to HTTP headers with the prefix `Vicus-Header-`, both ways: a
+//!   request's `Vicus-Header-Tenant: acme` is the message header `tenant: acme` (repeated
+//!   HTTP headers repeat; a key outside vicus's `a-z 0-9 - _ .` is 400 `InvalidHeader`; more
+//!   than the domus's `max_headers` / `max_headers_len` is 431 `HeadersTooLarge`), and a
+//!   reply's header `x` comes back as `vicus-header-x` (a value that cannot be an HTTP header
+//!   value — a control byte — is left out, and `vicus-headers-omitted: N` says how many
+//!   were). A valid W3C `traceparent` request header becomes the message's trace context (an
+//!   invalid one is ignored), so the delivery continues the caller's trace; a reply's trace
+//!   context comes back as `traceparent`.
 //!
 //! ## A blob: the same route with `Vicus-Blob`
 //!
@@ -130,6 +137,7 @@ pub use serve::{GatewayTls, serve, serve_tls};
 use status::ErrorResponse;
 pub use status::{GatewayRefusal, RETRY_AFTER_SECS, status_of};
 
+use crate::a1_callis::headers::{Headers, TRACEPARENT, TraceContext};
 use crate::domus::{Delivery, Domus, SendOptions};
 use crate::error::{Error, ErrorId};
 use crate::reporting::Event;
@@ -139,6 +147,15 @@ use crate::taberna::{MessageType, TabernaId};
 pub const MESSAGE_TYPE_HEADER: &str = "vicus-message-type";
 /// The header that makes a request a blob; its value is the blob's opening message, base64.
 pub const BLOB_HEADER: &str = "vicus-blob";
+
+/// The prefix of HTTP headers that are vicus message headers, both ways: a request's
+/// `Vicus-Header-Tenant: acme` is the message header `tenant: acme`, and a reply's header
+/// `tenant` comes back as `vicus-header-tenant`.
+pub const MESSAGE_HEADER_PREFIX: &str = "vicus-header-";
+
+/// The response header that counts reply headers left out because their value cannot be an
+/// HTTP header value (a control byte, say).
+pub const HEADERS_OMITTED_HEADER: &str = "vicus-headers-omitted";
 /// The response header of a `202` that names the detached send on the event feed.
 pub const REQUEST_ID_HEADER: &str = "vicus-request-id";
 
@@ -295,6 +312,30 @@ struct Head {
     blob: Option<Bytes>,
     respond_async: bool,
     content_length: Option<u64>,
+    /// The message headers: the prefixed HTTP headers and the W3C `traceparent`.
+    headers: Headers,
+}
+
+/// The message headers a request carries: every `Vicus-Header-<key>` (in order; a repeated
+/// one repeats) and a valid W3C `traceparent` (an invalid one is ignored, as W3C trace
+/// context says). A key vicus does not allow, or more than 65,534 bytes, is refused with
+/// `InvalidHeader` / `HeadersTooLarge`; the domus's `max_headers` and `max_headers_len` apply
+/// when the message is sent.
+fn message_headers(http: &HeaderMap) -> Result<Headers, Error> {
+    let mut headers = Headers::new();
+    for (name, value) in http {
+        if let Some(key) = name.as_str().strip_prefix(MESSAGE_HEADER_PREFIX) {
+            headers.insert(key, value.as_bytes())?;
+        }
+    }
+    if let Some(context) = http
+        .get(TRACEPARENT)
+        .and_then(|v| v.to_str().ok())
+        .and_then(TraceContext::parse_traceparent)
+    {
+        headers.set_trace_context(context)?;
+    }
+    Ok(headers)
 }
 
 /// Parses a message type: decimal, `0x` hex, or `app:N`.
@@ -370,34 +411,65 @@ fn parse_head(id: &str, req: &Request) -> Result<Head, Response> {
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
+    let message_headers =
+        message_headers(headers).map_err(|e| ErrorResponse::vicus(&e, true).into_response())?;
     Ok(Head {
         taberna,
         msg_type,
         blob,
         respond_async: prefers_async(headers),
         content_length,
+        headers: message_headers,
     })
 }
 
-/// The send a request becomes: the one place an HTTP request is mapped onto vicus (message
-/// headers from prefixed HTTP headers will be added here).
+/// The send a request becomes: the one place an HTTP request is mapped onto vicus.
 fn to_send(head: &Head, timeout: Duration) -> (TabernaId, MessageType, SendOptions) {
     (
         head.taberna,
         head.msg_type,
-        SendOptions::default().timeout(timeout),
+        SendOptions::default()
+            .timeout(timeout)
+            .headers(head.headers.clone()),
     )
 }
 
-/// The response a reply becomes: 200 with its payload (the one place reply headers will be
-/// mapped onto HTTP headers).
+/// The response a reply becomes: 200 with its payload, its headers as `vicus-header-<key>`
+/// (a `traceparent` as the W3C `traceparent` header) — the one place a reply is mapped onto
+/// HTTP. A value that cannot be an HTTP header value is left out, and
+/// `vicus-headers-omitted` says how many were.
 fn from_reply(reply: crate::Reply) -> Response {
-    (
+    let (payload, headers) = reply.into_parts();
+    let mut response = (
         StatusCode::OK,
         [(header::CONTENT_TYPE, "application/octet-stream")],
-        reply.into_payload(),
+        payload,
     )
-        .into_response()
+        .into_response();
+    let mut omitted = 0usize;
+    let out = response.headers_mut();
+    for (key, value) in headers.iter() {
+        if key == TRACEPARENT {
+            if let Some(context) = TraceContext::from_bytes(value)
+                && let Ok(v) = HeaderValue::from_str(&context.to_traceparent())
+            {
+                out.append(TRACEPARENT, v);
+            }
+            continue;
+        }
+        let name =
+            axum::http::HeaderName::from_bytes(format!("{MESSAGE_HEADER_PREFIX}{key}").as_bytes());
+        match (name, HeaderValue::from_bytes(value)) {
+            (Ok(name), Ok(value)) => {
+                out.append(name, value);
+            }
+            _ => omitted = omitted.saturating_add(1),
+        }
+    }
+    if omitted > 0 {
+        out.insert(HEADERS_OMITTED_HEADER, HeaderValue::from(omitted));
+    }
+    response
 }
 
 /// What is left of a request's deadline, at least 1 ms (a send's shortest timeout).
