@@ -560,6 +560,12 @@ impl<T> Session<T> {
         self.peer_epoch
     }
 
+    /// The longest frame body the peer accepts, as its HELLO said (this side's own limit
+    /// until a HELLO arrives): every frame this side writes stays within it.
+    pub fn peer_max_frame_len(&self) -> u32 {
+        self.peer_max_frame_len
+    }
+
     /// The longest payload in one message (or reply) either way: the smaller of what the peer
     /// accepts and what this side accepts.
     pub fn max_payload_len(&self) -> usize {
