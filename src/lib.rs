@@ -306,7 +306,9 @@
 //!   handler runs inside it; `vicus.peer` around each peer's drivers (`domus`, `peer`: the
 //!   calles going up and down, refusals and the "why" events below are inside it);
 //!   `vicus.handshake` around each TLS handshake (`direction`, the address, the authenticated
-//!   `peer` or the error).
+//!   `peer` or the error); `vicus.blob_open` around [`Domus::send_blob`]'s opening
+//!   (`taberna`, `msg_type`, `outcome`) — the receiving handler's `vicus.deliver` span covers
+//!   the blob's request.
 //! * Message headers: [`SendOptions::headers`] attaches a few key/value pairs to a message
 //!   ([`Headers`]: correlation ids, a tenant, a content type), [`TabernaRequest::headers`]
 //!   reads them, and a handler's [`TabernaRequest::reply_with_headers`] sends some back

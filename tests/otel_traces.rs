@@ -290,3 +290,57 @@ async fn a_traceparent_set_by_hand_wins_over_the_span() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn a_blob_opening_continues_the_trace_it_was_opened_in() {
+    let p = pipeline();
+    within(async {
+        let mut mesh = mesh();
+        let a = mesh.domus("a").await.expect("domus");
+        let b = mesh.domus("b").await.expect("domus");
+        let tb = b.taberna(TabernaId(1)).expect("taberna");
+        mesh.route(TabernaId(1), &b).expect("route");
+        let root = tracing::info_span!("upload");
+        let opening = root.in_scope(|| {
+            a.send_blob(
+                TabernaId(1),
+                T,
+                Bytes::from_static(b"name"),
+                SendOptions::default(),
+            )
+        });
+        let receiving = async {
+            let mut request = tb.recv().await.expect("the blob's request");
+            assert!(request.trace_context().is_some());
+            let mut blob = request.blob().expect("a blob");
+            request.accept();
+            let mut got = Vec::new();
+            tokio::io::AsyncReadExt::read_to_end(&mut blob, &mut got)
+                .await
+                .expect("read");
+            got
+        };
+        let sending = async {
+            let mut sender = opening.await.expect("opened");
+            sender
+                .write_bytes(Bytes::from_static(b"blob bytes"))
+                .await
+                .expect("write");
+            sender.finish().await.expect("finish");
+        };
+        let (got, ()) = tokio::join!(receiving, sending);
+        assert_eq!(got, b"blob bytes");
+        let root_trace = vicus::otel::context_of(&root).expect("a context");
+        drop(root);
+        let spans = finished(&p);
+        let trace = TraceId::from_bytes(root_trace.trace_id);
+        let open = named(&spans, "vicus.blob_open");
+        assert_eq!(open.len(), 1);
+        assert_eq!(open[0].span_context.trace_id(), trace);
+        let delivered = named(&spans, "vicus.deliver");
+        assert_eq!(delivered.len(), 1);
+        assert_eq!(delivered[0].span_context.trace_id(), trace);
+        assert_eq!(delivered[0].parent_span_id, open[0].span_context.span_id());
+    })
+    .await;
+}

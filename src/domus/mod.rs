@@ -26,6 +26,7 @@ mod send;
 
 use std::future::Future;
 use std::sync::{Arc, Mutex, PoisonError};
+use tracing::Instrument;
 
 use bytes::Bytes;
 use tokio::sync::Semaphore;
@@ -400,7 +401,31 @@ impl Domus {
         options: SendOptions,
     ) -> impl Future<Output = Result<BlobSender, Error>> + Send + 'static {
         let inner = self.inner.clone();
-        async move { inner.send_blob(taberna, msg_type, header, options).await }
+        // The opening runs in a `vicus.blob_open` span (debug level), made at the call like a
+        // send's; its opening message carries the span's trace context (feature `otel`).
+        let span = tracing::debug_span!(
+            "vicus.blob_open",
+            domus = %inner.local_id,
+            taberna = taberna.0,
+            msg_type = msg_type.0,
+            outcome = tracing::field::Empty,
+        );
+        async move {
+            let opened = inner
+                .send_blob(taberna, msg_type, header, options)
+                .instrument(span.clone())
+                .await;
+            if !span.is_disabled() {
+                span.record(
+                    "outcome",
+                    match &opened {
+                        Ok(_) => "opened",
+                        Err(e) => e.id().name(),
+                    },
+                );
+            }
+            opened
+        }
     }
 
     /// A handle for sending to `taberna`: it resolves the route once and keeps the answer
