@@ -232,11 +232,12 @@ impl<T> Session<T> {
         self.stats.opened = self.stats.opened.saturating_add(1);
         // The peer may accept less than when these messages were queued (it restarted with
         // other limits): what no longer fits fails here instead of killing every callis.
+        // Headers count: they travel in the same frame (found by fuzzing).
         let max = self.max_payload_len();
         let too_large: Vec<u64> = self
             .retained
             .iter()
-            .filter(|(_, r)| r.payload.len() > max)
+            .filter(|(_, r)| r.payload.len().saturating_add(r.headers.wire_len()) > max)
             .map(|(id, _)| id)
             .collect();
         for id in too_large {
@@ -244,7 +245,9 @@ impl<T> Session<T> {
                 id,
                 Error::new(
                     ErrorId::PayloadTooLarge,
-                    format!("the peer now accepts at most {max} payload bytes per message"),
+                    format!(
+                        "the peer now accepts at most {max} bytes of payload and headers per message"
+                    ),
                 ),
             );
         }
