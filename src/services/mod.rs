@@ -9,3 +9,4 @@
 
 #[cfg(feature = "reporting-service")]
 pub mod reporting;
+pub mod topics;

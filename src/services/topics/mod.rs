@@ -1,0 +1,19 @@
+//! Topics (publish/subscribe) — the pure core, the first step of the service
+//! (`../shared/DESIGN.md` §11): topic names and patterns ([`Topic`], [`TopicPattern`]: dot-
+//! separated segments, `*` one segment, `>` the rest, matched at the publisher) and the
+//! publisher's table of subscriptions ([`Membership`]: leases renewed by the subscriber's
+//! announcements, ended at once by an unsubscribe, bounded per subscriber and in total).
+//!
+//! Not built yet: the A2 service that announces subscriptions to the domus that may publish,
+//! the fan-out of a publish as one acknowledged message per subscriber with its report, the
+//! per-topic ACL, and the `Domus::subscribe` / `Domus::publish` API. Until then nothing in a
+//! domus uses this module; its types may still change.
+//!
+//! Pure code: no sockets, clock or tokio (every call takes `now`). It must not decide who may
+//! publish or subscribe (the service checks identities before it calls in).
+
+mod membership;
+mod name;
+
+pub use membership::{Membership, MembershipLimits, Refused};
+pub use name::{MAX_SEGMENTS, MAX_TOPIC_LEN, Topic, TopicError, TopicPattern};

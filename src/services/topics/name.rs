@@ -1,0 +1,243 @@
+//! Topic names and subscription patterns, and how a pattern matches a name.
+//!
+//! A topic is a UTF-8 name of dot-separated segments (`orders.eu.created`); a pattern is a
+//! topic whose segments may also be `*` (exactly one segment) or, as its last segment, `>`
+//! (one or more segments: the rest). `orders.*.created` matches `orders.eu.created`;
+//! `orders.>` matches `orders.eu` and `orders.eu.created` but not `orders`. Matching happens
+//! at the publisher.
+//!
+//! Pure: parsing checks every byte against the bounds below, so a name a peer sends is
+//! refused before anything is kept. It must not allocate more than the name itself.
+
+use std::fmt;
+
+/// The longest topic name or pattern, in bytes.
+pub const MAX_TOPIC_LEN: usize = 256;
+
+/// The most segments a topic name or pattern has.
+pub const MAX_SEGMENTS: usize = 32;
+
+/// Why a topic name or pattern is refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum TopicError {
+    /// Empty, or longer than [`MAX_TOPIC_LEN`] bytes.
+    Length,
+    /// More than [`MAX_SEGMENTS`] segments.
+    TooManySegments,
+    /// An empty segment (a leading, trailing or doubled `.`).
+    EmptySegment,
+    /// A whitespace or control character.
+    BadCharacter,
+    /// A wildcard in a topic name, a wildcard inside a segment (`a*`), or `>` before the
+    /// last segment.
+    Wildcard,
+}
+
+impl fmt::Display for TopicError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            TopicError::Length => "a topic is 1 to 256 bytes",
+            TopicError::TooManySegments => "a topic has at most 32 segments",
+            TopicError::EmptySegment => "a topic's segments are not empty",
+            TopicError::BadCharacter => "a topic holds no whitespace or control characters",
+            TopicError::Wildcard => {
+                "wildcards are whole segments of a pattern: `*` anywhere, `>` last; a topic has none"
+            }
+        })
+    }
+}
+
+impl std::error::Error for TopicError {}
+
+/// A topic name: what a publish is addressed to.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Topic(String);
+
+/// A subscription pattern: a topic name whose segments may be `*` or (last) `>`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct TopicPattern(String);
+
+/// Checks what names and patterns share; returns the segments.
+fn segments(text: &str) -> Result<std::str::Split<'_, char>, TopicError> {
+    if text.is_empty() || text.len() > MAX_TOPIC_LEN {
+        return Err(TopicError::Length);
+    }
+    if text.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        return Err(TopicError::BadCharacter);
+    }
+    if text.split('.').count() > MAX_SEGMENTS {
+        return Err(TopicError::TooManySegments);
+    }
+    if text.split('.').any(str::is_empty) {
+        return Err(TopicError::EmptySegment);
+    }
+    Ok(text.split('.'))
+}
+
+impl Topic {
+    /// A topic name, checked: no wildcards.
+    pub fn new(name: impl Into<String>) -> Result<Self, TopicError> {
+        let name = name.into();
+        if segments(&name)?.any(|s| s.contains(['*', '>'])) {
+            return Err(TopicError::Wildcard);
+        }
+        Ok(Self(name))
+    }
+
+    /// The name.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl TopicPattern {
+    /// A pattern, checked: `*` only as a whole segment, `>` only as the whole last one.
+    pub fn new(pattern: impl Into<String>) -> Result<Self, TopicError> {
+        let pattern = pattern.into();
+        let mut parts = segments(&pattern)?.peekable();
+        while let Some(segment) = parts.next() {
+            let last = parts.peek().is_none();
+            let ok = match segment {
+                "*" => true,
+                ">" => last,
+                s => !s.contains(['*', '>']),
+            };
+            if !ok {
+                return Err(TopicError::Wildcard);
+            }
+        }
+        Ok(Self(pattern))
+    }
+
+    /// The pattern.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// Whether the pattern has no wildcard (it names one topic).
+    pub fn is_exact(&self) -> bool {
+        !self.0.split('.').any(|s| s == "*" || s == ">")
+    }
+
+    /// Whether `topic` matches: segment by segment, `*` any one segment, `>` one or more.
+    pub fn matches(&self, topic: &Topic) -> bool {
+        let mut names = topic.0.split('.');
+        for segment in self.0.split('.') {
+            match segment {
+                // One or more segments left: the rest matches.
+                ">" => return names.next().is_some(),
+                "*" => {
+                    if names.next().is_none() {
+                        return false;
+                    }
+                }
+                s => {
+                    if names.next() != Some(s) {
+                        return false;
+                    }
+                }
+            }
+        }
+        names.next().is_none()
+    }
+}
+
+impl From<Topic> for TopicPattern {
+    /// A topic name is a pattern that matches itself only.
+    fn from(topic: Topic) -> Self {
+        Self(topic.0)
+    }
+}
+
+impl fmt::Display for Topic {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl fmt::Display for TopicPattern {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn t(s: &str) -> Topic {
+        Topic::new(s).unwrap()
+    }
+
+    fn p(s: &str) -> TopicPattern {
+        TopicPattern::new(s).unwrap()
+    }
+
+    #[test]
+    fn names_are_checked() {
+        for good in ["a", "orders.eu.created", "ünïcode.✓", "a-b_c.d:e"] {
+            assert!(Topic::new(good).is_ok(), "{good}");
+        }
+        let cases = [
+            ("", TopicError::Length),
+            (&*"a".repeat(257), TopicError::Length),
+            ("a..b", TopicError::EmptySegment),
+            (".a", TopicError::EmptySegment),
+            ("a.", TopicError::EmptySegment),
+            ("a b", TopicError::BadCharacter),
+            ("a\u{0}", TopicError::BadCharacter),
+            ("a.*", TopicError::Wildcard),
+            ("a.>", TopicError::Wildcard),
+            ("a*b", TopicError::Wildcard),
+        ];
+        for (name, error) in cases {
+            assert_eq!(Topic::new(name), Err(error), "{name:?}");
+        }
+        let deep = vec!["s"; 33].join(".");
+        assert_eq!(Topic::new(deep), Err(TopicError::TooManySegments));
+    }
+
+    #[test]
+    fn patterns_take_wildcards_as_whole_segments_only() {
+        for good in ["a.*", "*", ">", "a.>", "*.b.>", "a.b"] {
+            assert!(TopicPattern::new(good).is_ok(), "{good}");
+        }
+        for bad in ["a.>.b", "a*", "a.b>", ">.a", "*>"] {
+            assert_eq!(TopicPattern::new(bad), Err(TopicError::Wildcard), "{bad}");
+        }
+        assert!(p("a.b").is_exact());
+        assert!(!p("a.*").is_exact());
+    }
+
+    #[test]
+    fn matching_follows_the_segments() {
+        let cases = [
+            ("orders.*.created", "orders.eu.created", true),
+            ("orders.*.created", "orders.eu.deleted", false),
+            ("orders.*.created", "orders.created", false),
+            ("orders.*", "orders.eu.created", false),
+            ("orders.>", "orders.eu", true),
+            ("orders.>", "orders.eu.created", true),
+            ("orders.>", "orders", false),
+            (">", "anything.at.all", true),
+            ("*", "one", true),
+            ("*", "one.two", false),
+            ("a.b", "a.b", true),
+            ("a.b", "a.b.c", false),
+            ("a.b.c", "a.b", false),
+            ("*.b.>", "x.b.y.z", true),
+            ("*.b.>", "x.c.y", false),
+        ];
+        for (pattern, topic, expected) in cases {
+            assert_eq!(
+                p(pattern).matches(&t(topic)),
+                expected,
+                "{pattern} vs {topic}"
+            );
+        }
+        // A topic as a pattern matches itself only.
+        let exact: TopicPattern = t("a.b").into();
+        assert!(exact.matches(&t("a.b")) && !exact.matches(&t("a.c")));
+    }
+}
