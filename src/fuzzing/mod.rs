@@ -148,6 +148,46 @@ impl<'a> Script<'a> {
     }
 }
 
+/// Arbitrary bytes as each body of the topic service (`services::topics::wire`): the first
+/// byte picks the message type. Whatever decodes must encode back to the same bytes (one
+/// encoding per value), and every name in it must be a valid topic or pattern.
+pub fn topic_messages(data: &[u8]) {
+    use crate::services::topics::wire::{
+        Announcement, Grants, PUBLISH_TYPE, Publication, SUBSCRIBE_TYPE,
+    };
+    use crate::services::topics::{Topic, TopicPattern};
+    let Some((&pick, rest)) = data.split_first() else {
+        return;
+    };
+    let body = bytes::Bytes::copy_from_slice(rest);
+    let msg_type = SUBSCRIBE_TYPE.saturating_add(u32::from(pick % 4));
+    if let Ok(a) = Announcement::decode(msg_type, body.clone()) {
+        assert_eq!(a.msg_type(), msg_type);
+        assert_eq!(a.encode(), body, "an announcement has one encoding");
+        let patterns = match &a {
+            Announcement::Subscribe { patterns, .. } | Announcement::Unsubscribe { patterns } => {
+                patterns
+            }
+        };
+        for p in patterns {
+            assert!(TopicPattern::new(p.as_str()).is_ok());
+        }
+    }
+    if let Ok(g) = Grants::decode(body.clone()) {
+        assert_eq!(g.encode(), body, "grants have one encoding");
+    }
+    if msg_type == PUBLISH_TYPE
+        && let Ok(p) = Publication::decode(body.clone())
+    {
+        assert!(Topic::new(p.topic.as_str()).is_ok());
+        assert_eq!(
+            Publication::encode(&p.topic, p.msg_type, &p.payload),
+            body,
+            "a publication has one encoding"
+        );
+    }
+}
+
 /// Arbitrary text as a routes file (feature `file-resolver`): parsing never panics, and a file
 /// that parses keeps the parser's promises — within the bounds, no taberna without a candidate
 /// or listed twice, and the table built from it answers for exactly the tabernas listed.
@@ -251,6 +291,12 @@ mod replay {
     fn routes_file_corpus_and_regressions() {
         let n = replay("routes_file", super::routes_file);
         assert!(n > 0, "no routes_file inputs under fuzz/");
+    }
+
+    #[test]
+    fn topic_messages_corpus_and_regressions() {
+        let n = replay("topic_messages", super::topic_messages);
+        assert!(n > 0, "no topic_messages inputs under fuzz/");
     }
 
     #[test]

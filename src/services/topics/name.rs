@@ -115,9 +115,35 @@ impl TopicPattern {
         &self.0
     }
 
+    /// `>`: every topic.
+    pub fn everything() -> Self {
+        Self(">".to_owned())
+    }
+
     /// Whether the pattern has no wildcard (it names one topic).
     pub fn is_exact(&self) -> bool {
         !self.0.split('.').any(|s| s == "*" || s == ">")
+    }
+
+    /// Whether every topic `other` matches, this pattern matches too (so a rule on this
+    /// pattern may grant a subscription to `other`): segment by segment, `>` covers one or
+    /// more segments of anything (`>` included), `*` covers one segment that is a name or
+    /// `*`, a name covers only itself.
+    pub fn covers(&self, other: &TopicPattern) -> bool {
+        let mut theirs = other.0.split('.');
+        for segment in self.0.split('.') {
+            let Some(their) = theirs.next() else {
+                return false;
+            };
+            match segment {
+                ">" => return true,
+                "*" if their == ">" => return false,
+                "*" => {}
+                s if s != their => return false,
+                _ => {}
+            }
+        }
+        theirs.next().is_none()
     }
 
     /// Whether `topic` matches: segment by segment, `*` any one segment, `>` one or more.
@@ -234,6 +260,28 @@ mod tests {
                 p(pattern).matches(&t(topic)),
                 expected,
                 "{pattern} vs {topic}"
+            );
+        }
+        // Covering: what a rule's pattern grants.
+        let covers = [
+            ("a.>", "a.b", true),
+            ("a.>", "a.*.c", true),
+            ("a.>", "a.>", true),
+            ("a.>", "a", false),
+            ("a.*", "a.b", true),
+            ("a.*", "a.*", true),
+            ("a.*", "a.>", false),
+            ("a.*", "a.b.c", false),
+            ("a.b", "a.*", false),
+            ("a.b", "a.b", true),
+            (">", "*", true),
+            ("*", ">", false),
+        ];
+        for (rule, wanted, expected) in covers {
+            assert_eq!(
+                p(rule).covers(&p(wanted)),
+                expected,
+                "{rule} covers {wanted}"
             );
         }
         // A topic as a pattern matches itself only.
