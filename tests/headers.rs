@@ -339,3 +339,44 @@ async fn reply_headers_over_the_senders_limits_fail_the_send_with_headers_too_la
     })
     .await;
 }
+
+#[tokio::test]
+async fn a_batch_of_answers_carries_reply_headers() {
+    within(async {
+        let mut mesh = mesh();
+        let a = mesh.domus("a").await.expect("domus");
+        let b = mesh.domus("b").await.expect("domus");
+        mesh.route(TabernaId(1), &b).expect("route");
+        let inbox = b.taberna(TabernaId(1)).expect("taberna");
+        let sends: Vec<_> = (0..3u8)
+            .map(|i| {
+                tokio::spawn(a.send(
+                    TabernaId(1),
+                    T,
+                    Bytes::from(vec![i]),
+                    SendOptions::default(),
+                ))
+            })
+            .collect();
+        let mut got = Vec::new();
+        while got.len() < 3 {
+            inbox.recv_many(&mut got, 3).await;
+        }
+        let mut answers = vicus::taberna::AnswerBatch::new();
+        for request in got {
+            let n = request.payload()[0];
+            let headers = Headers::new().with("n", [n]).expect("valid");
+            answers.reply_with_headers(request, Bytes::from_static(b"ok"), &headers);
+        }
+        answers.flush();
+        for send in sends {
+            let vicus::Delivery::Replied(reply) = send.await.expect("join").expect("replied")
+            else {
+                panic!("not a reply");
+            };
+            assert_eq!(reply, Bytes::from_static(b"ok"));
+            assert_eq!(reply.headers().len(), 1);
+        }
+    })
+    .await;
+}

@@ -391,6 +391,17 @@ impl AnswerBatch {
         self.add(request, Answer::Replied(payload));
     }
 
+    /// Answers `request` with a payload and headers (at the next flush; see
+    /// [`TabernaRequest::reply_with_headers`]).
+    pub fn reply_with_headers(
+        &mut self,
+        request: TabernaRequest,
+        payload: Bytes,
+        headers: &Headers,
+    ) {
+        self.add(request, Answer::reply_with_headers(payload, headers));
+    }
+
     /// Rejects `request` with an application code and reason (at the next flush).
     pub fn reject(&mut self, request: TabernaRequest, code: u32, reason: &str) {
         self.add(request, Answer::application_reject(code, reason));
