@@ -14,16 +14,10 @@ use vicus::{Delivery, DomusConfig, ErrorId, MessageType, TabernaId, TabernaOptio
 
 const APP: MessageType = MessageType::app(1);
 
-fn mesh() -> Mesh {
-    let mut mesh = Mesh::new().expect("mesh");
-    mesh.set_config(DomusConfig::default());
-    mesh
-}
-
 #[tokio::test]
 async fn a_blocked_taberna_does_not_stall_another_on_the_same_callis() {
     within(async {
-        let mut mesh = mesh();
+        let mut mesh = default_mesh();
         let a = mesh.domus("a").await.expect("domus");
         let b = mesh.domus("b").await.expect("domus");
         mesh.route(TabernaId(1), &b).expect("route");
@@ -120,7 +114,7 @@ async fn a_blocked_taberna_does_not_stall_another_on_the_same_callis() {
 async fn pipelined_sends_arrive_in_order_through_batches_to_a_worker_that_takes_them_many_at_once()
 {
     within(async {
-        let mut mesh = mesh();
+        let mut mesh = default_mesh();
         let a = mesh.domus("a").await.expect("domus");
         let b = mesh.domus("b").await.expect("domus");
         mesh.route(TabernaId(7), &b).expect("route");
@@ -180,7 +174,7 @@ async fn pipelined_sends_arrive_in_order_through_batches_to_a_worker_that_takes_
 #[tokio::test]
 async fn an_answer_batch_answers_local_and_remote_senders_once_even_when_dropped() {
     within(async {
-        let mut mesh = mesh();
+        let mut mesh = default_mesh();
         let a = mesh.domus("a").await.expect("domus");
         let b = mesh.domus("b").await.expect("domus");
         mesh.route(TabernaId(9), &b).expect("route");
@@ -231,7 +225,7 @@ async fn an_answer_batch_answers_local_and_remote_senders_once_even_when_dropped
 #[tokio::test]
 async fn send_many_hands_bursts_over_in_batches_and_keeps_send_order_and_errors() {
     within(async {
-        let mut mesh = mesh();
+        let mut mesh = default_mesh();
         let a = mesh.domus("a").await.expect("domus");
         let b = mesh.domus("b").await.expect("domus");
         mesh.route(TabernaId(5), &b).expect("route");

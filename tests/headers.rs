@@ -14,12 +14,6 @@ use vicus::{DomusConfig, ErrorId, Headers, MessageType, SendOptions, TabernaId};
 
 const T: MessageType = MessageType::app(1);
 
-fn mesh() -> Mesh {
-    let mut mesh = Mesh::new().expect("mesh");
-    mesh.set_config(DomusConfig::default());
-    mesh
-}
-
 fn some_headers(n: u32) -> Headers {
     Headers::new()
         .with("tenant", "acme")
@@ -35,7 +29,7 @@ fn some_headers(n: u32) -> Headers {
 #[tokio::test]
 async fn headers_reach_remote_and_local_tabernas_and_blob_openings() {
     within(async {
-        let mut mesh = mesh();
+        let mut mesh = default_mesh();
         let a = mesh.domus("a").await.expect("domus");
         let b = mesh.domus("b").await.expect("domus");
         mesh.route(TabernaId(1), &b).expect("route");
@@ -96,7 +90,7 @@ async fn headers_reach_remote_and_local_tabernas_and_blob_openings() {
 #[tokio::test]
 async fn messages_with_and_without_headers_pipelined_together_all_arrive_intact() {
     within(async {
-        let mut mesh = mesh();
+        let mut mesh = default_mesh();
         let a = mesh.domus("a").await.expect("domus");
         let b = mesh.domus("b").await.expect("domus");
         mesh.route(TabernaId(1), &b).expect("route");
@@ -151,7 +145,7 @@ async fn messages_with_and_without_headers_pipelined_together_all_arrive_intact(
 #[tokio::test]
 async fn over_limit_headers_are_refused_by_sender_and_receiver_with_headers_too_large() {
     within(async {
-        let mut mesh = mesh();
+        let mut mesh = default_mesh();
         let a = mesh.domus("a").await.expect("domus");
         let mut strict = DomusConfig::default();
         strict.max_headers = 2;
@@ -219,7 +213,7 @@ async fn over_limit_headers_are_refused_by_sender_and_receiver_with_headers_too_
 #[tokio::test]
 async fn headers_count_toward_max_message_len() {
     within(async {
-        let mut mesh = mesh();
+        let mut mesh = default_mesh();
         let mut config = DomusConfig::default();
         config.max_message_len = 1024;
         let a = mesh.domus_with("a", config.clone()).await.expect("domus");
@@ -261,7 +255,7 @@ fn invalid_headers_are_refused_when_built() {
 #[tokio::test]
 async fn replies_carry_headers_back_from_remote_and_local_tabernas() {
     within(async {
-        let mut mesh = mesh();
+        let mut mesh = default_mesh();
         let a = mesh.domus("a").await.expect("domus");
         let b = mesh.domus("b").await.expect("domus");
         mesh.route(TabernaId(1), &b).expect("route");
@@ -315,7 +309,7 @@ async fn replies_carry_headers_back_from_remote_and_local_tabernas() {
 #[tokio::test]
 async fn reply_headers_over_the_senders_limits_fail_the_send_with_headers_too_large() {
     within(async {
-        let mut mesh = mesh();
+        let mut mesh = default_mesh();
         let mut strict = DomusConfig::default();
         strict.max_headers = 1;
         let a = mesh.domus_with("a", strict).await.expect("domus");
@@ -343,7 +337,7 @@ async fn reply_headers_over_the_senders_limits_fail_the_send_with_headers_too_la
 #[tokio::test]
 async fn a_batch_of_answers_carries_reply_headers() {
     within(async {
-        let mut mesh = mesh();
+        let mut mesh = default_mesh();
         let a = mesh.domus("a").await.expect("domus");
         let b = mesh.domus("b").await.expect("domus");
         mesh.route(TabernaId(1), &b).expect("route");

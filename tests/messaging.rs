@@ -13,13 +13,8 @@ use vicus::{Delivery, Domus, DomusConfig, ErrorId, MessageType, SendOptions, Tab
 
 const APP: MessageType = MessageType::app(1);
 
-/// A mesh whose domus keep the default configuration (these tests check the defaults'
-/// reconnect behaviour).
-fn mesh() -> Mesh {
-    let mut mesh = Mesh::new().expect("mesh");
-    mesh.set_config(DomusConfig::default());
-    mesh
-}
+// Every test's mesh keeps the default configuration (`default_mesh`: these tests check the
+// defaults' reconnect behaviour).
 
 /// A worker that answers every request: payload "echo:<payload>" as a reply.
 fn spawn_echo(t: vicus::Taberna) -> tokio::task::JoinHandle<()> {
@@ -47,7 +42,7 @@ fn send_opts(timeout_ms: u64) -> SendOptions {
 #[tokio::test]
 async fn reply_round_trip_and_sender_identity_visible() {
     within(async {
-        let mut mesh = mesh();
+        let mut mesh = default_mesh();
         let a = mesh.domus("a").await.expect("domus");
         let b = mesh.domus("b").await.expect("domus");
         mesh.route(TabernaId(10), &b).expect("route");
@@ -79,7 +74,7 @@ async fn reply_round_trip_and_sender_identity_visible() {
 #[tokio::test]
 async fn ten_thousand_pipelined_sends_all_accepted_exactly_once() {
     within(async {
-        let mut mesh = mesh();
+        let mut mesh = default_mesh();
         let a = mesh.domus("a").await.expect("domus");
         let b = mesh.domus("b").await.expect("domus");
         mesh.route(TabernaId(10), &b).expect("route");
@@ -123,7 +118,7 @@ async fn ten_thousand_pipelined_sends_all_accepted_exactly_once() {
 #[tokio::test]
 async fn reject_code_and_reason_reach_the_sender() {
     within(async {
-        let mut mesh = mesh();
+        let mut mesh = default_mesh();
         let a = mesh.domus("a").await.expect("domus");
         let b = mesh.domus("b").await.expect("domus");
         mesh.route(TabernaId(10), &b).expect("route");
@@ -147,7 +142,7 @@ async fn reject_code_and_reason_reach_the_sender() {
 #[tokio::test]
 async fn t24_unknown_tabernas_get_typed_errors_and_nothing_leaks() {
     within(async {
-        let mut mesh = mesh();
+        let mut mesh = default_mesh();
         let a = mesh.domus("a").await.expect("domus");
         let b = mesh.domus("b").await.expect("domus");
         for id in [0, u64::MAX, 77] {
@@ -176,7 +171,7 @@ async fn t24_unknown_tabernas_get_typed_errors_and_nothing_leaks() {
 #[tokio::test]
 async fn t25_full_inbox_answers_taberna_busy_at_once() {
     within(async {
-        let mut mesh = mesh();
+        let mut mesh = default_mesh();
         let a = mesh.domus("a").await.expect("domus");
         let b = mesh.domus("b").await.expect("domus");
         mesh.route(TabernaId(10), &b).expect("route");
@@ -216,7 +211,7 @@ async fn t25_full_inbox_answers_taberna_busy_at_once() {
 #[tokio::test]
 async fn a_peer_not_on_the_allow_list_is_refused_before_the_handler() {
     within(async {
-        let mut mesh = mesh();
+        let mut mesh = default_mesh();
         let a = mesh.domus("a").await.expect("domus");
         let c = mesh.domus("c").await.expect("domus");
         let b = mesh.domus("b").await.expect("domus");
@@ -251,7 +246,7 @@ async fn a_peer_not_on_the_allow_list_is_refused_before_the_handler() {
 #[tokio::test]
 async fn a_handler_that_never_answers_ends_in_send_timeout() {
     within(async {
-        let mut mesh = mesh();
+        let mut mesh = default_mesh();
         let a = mesh.domus("a").await.expect("domus");
         let b = mesh.domus("b").await.expect("domus");
         mesh.route(TabernaId(10), &b).expect("route");
@@ -280,7 +275,7 @@ async fn a_handler_that_never_answers_ends_in_send_timeout() {
 #[tokio::test]
 async fn oversized_payloads_and_non_application_types_are_refused_locally() {
     within(async {
-        let mut mesh = mesh();
+        let mut mesh = default_mesh();
         let mut config = DomusConfig::default();
         config.max_message_len = 1000;
         let a = mesh.domus_with("a", config).await.expect("domus");
@@ -316,7 +311,7 @@ async fn oversized_payloads_and_non_application_types_are_refused_locally() {
 #[tokio::test]
 async fn send_timeouts_outside_their_range_are_refused_not_a_panic() {
     within(async {
-        let mut mesh = mesh();
+        let mut mesh = default_mesh();
         let a = mesh.domus("a").await.expect("domus");
         let b = mesh.domus("b").await.expect("domus");
         mesh.route(TabernaId(10), &b).expect("route");
@@ -345,7 +340,7 @@ async fn send_timeouts_outside_their_range_are_refused_not_a_panic() {
 #[tokio::test]
 async fn try_send_fails_fast_when_the_peer_has_no_free_slot() {
     within(async {
-        let mut mesh = mesh();
+        let mut mesh = default_mesh();
         let mut config = DomusConfig::default();
         config.max_in_flight_per_peer = 2;
         let a = mesh.domus_with("a", config).await.expect("domus");
@@ -376,7 +371,7 @@ async fn try_send_fails_fast_when_the_peer_has_no_free_slot() {
 #[tokio::test]
 async fn local_short_circuit_has_the_same_semantics() {
     within(async {
-        let mut mesh = mesh();
+        let mut mesh = default_mesh();
         let a = mesh.domus("a").await.expect("domus");
         let t = a.taberna(TabernaId(5)).expect("taberna");
         spawn_echo(t);
@@ -425,7 +420,7 @@ async fn local_short_circuit_has_the_same_semantics() {
 #[tokio::test]
 async fn t26_a_connection_cut_mid_burst_loses_nothing_and_hangs_nothing() {
     within(async {
-        let mut mesh = mesh();
+        let mut mesh = default_mesh();
         let a = mesh.domus_with("a", fast_backoff()).await.expect("domus");
         let b = mesh.domus("b").await.expect("domus");
         let proxy = mesh
@@ -496,7 +491,7 @@ async fn t26_a_connection_cut_mid_burst_loses_nothing_and_hangs_nothing() {
 #[tokio::test]
 async fn a_restarted_peer_fails_retained_sends_with_peer_restarted_and_new_sends_work() {
     within(async {
-        let mut mesh = mesh();
+        let mut mesh = default_mesh();
         let mut config = DomusConfig::default();
         config.reconnect_backoff_min = Duration::from_millis(10);
         config.reconnect_backoff_max = Duration::from_millis(100);
@@ -576,7 +571,7 @@ async fn admit_empty(a: &Domus, n: usize) -> Vec<vicus::Receipt> {
 #[tokio::test]
 async fn two_domus_dialling_each_other_at_once_end_with_one_callis() {
     within(async {
-        let mut mesh = mesh();
+        let mut mesh = default_mesh();
         let a = mesh.domus("a").await.expect("domus");
         let b = mesh.domus("b").await.expect("domus");
         let DomusAddr::Tcp(a_addr) = addr_of(&a) else {
@@ -643,7 +638,7 @@ async fn two_domus_dialling_each_other_at_once_end_with_one_callis() {
 #[tokio::test]
 async fn shutdown_finishes_within_its_bound_and_refuses_new_work() {
     within(async {
-        let mut mesh = mesh();
+        let mut mesh = default_mesh();
         let a = mesh.domus("a").await.expect("domus");
         let b = mesh.domus("b").await.expect("domus");
         mesh.route(TabernaId(10), &b).expect("route");
@@ -678,7 +673,7 @@ async fn dropping_a_domus_leaves_no_task_running() {
         let metrics = tokio::runtime::Handle::current().metrics();
         let baseline = metrics.num_alive_tasks();
         {
-            let mut mesh = mesh();
+            let mut mesh = default_mesh();
             let a = mesh.domus("a").await.expect("domus");
             let b = mesh.domus("b").await.expect("domus");
             mesh.route(TabernaId(10), &b).expect("route");
@@ -722,7 +717,7 @@ impl vicus::MessageCodec for U64Codec {
 #[tokio::test]
 async fn typed_layer_parts_stream_and_receive_timeout() {
     within(async {
-        let mut mesh = mesh();
+        let mut mesh = default_mesh();
         let a = mesh.domus("a").await.expect("domus");
         let b = mesh.domus("b").await.expect("domus");
         mesh.route(TabernaId(10), &b).expect("route");
@@ -803,7 +798,7 @@ async fn t11_a_hanging_or_panicking_resolver_gives_an_error_not_a_hang() {
 #[tokio::test]
 async fn t11_a_route_without_identity_learns_and_pins_it() {
     within(async {
-        let mut mesh = mesh();
+        let mut mesh = default_mesh();
         let a = mesh.domus("a").await.expect("domus");
         let b = mesh.domus("b").await.expect("domus");
         mesh.resolver().insert(TabernaId(10), addr_of(&b), None);
@@ -838,7 +833,7 @@ async fn t11_a_route_without_identity_learns_and_pins_it() {
 #[tokio::test]
 async fn t25_the_per_peer_byte_budget_bounds_what_a_slow_peer_pins() {
     within(async {
-        let mut mesh = mesh();
+        let mut mesh = default_mesh();
         let mut config = DomusConfig::default();
         config.max_message_len = 600;
         config.max_in_flight_bytes_per_peer = 1000;
@@ -910,7 +905,7 @@ async fn t25_the_per_peer_byte_budget_bounds_what_a_slow_peer_pins() {
 async fn messaging_over_a_unix_socket_shows_the_peer_process() {
     within(async {
         let dir = tempdir();
-        let mut mesh = mesh();
+        let mut mesh = default_mesh();
         let a = mesh.domus("a").await.expect("domus");
         let (auth, _) = mesh.ca().domus_auth("b").expect("mint");
         let b = Domus::builder(auth)
@@ -968,7 +963,7 @@ async fn reply_of(a: &Domus, taberna: u64, n: u32) -> Result<usize, ErrorId> {
 #[tokio::test]
 async fn replies_are_held_to_max_message_len_on_both_ends_and_locally() {
     within(async {
-        let mut mesh = mesh();
+        let mut mesh = default_mesh();
         let mut small = DomusConfig::default();
         small.max_message_len = 1000;
         // The sender's limit: a reply larger than the sender accepts is refused.
@@ -1005,7 +1000,7 @@ async fn replies_are_held_to_max_message_len_on_both_ends_and_locally() {
 #[tokio::test]
 async fn a_peer_that_shuts_down_ends_every_waiting_send_at_once_with_a_documented_error() {
     within(async {
-        let mut mesh = mesh();
+        let mut mesh = default_mesh();
         let mut config = DomusConfig::default();
         config.max_in_flight_per_peer = 500;
         let a = mesh.domus_with("a", config).await.expect("domus");
@@ -1116,7 +1111,7 @@ async fn waiting_sends_end_with_peer_shut_down_in_100_rounds_on_two_threads() {
     const IN_FLIGHT: u32 = 500;
     const WAITING: usize = 50;
     within(async {
-        let mut mesh = mesh();
+        let mut mesh = default_mesh();
         let mut config = DomusConfig::default();
         config.max_in_flight_per_peer = IN_FLIGHT;
         let a = mesh.domus_with("a", config).await.expect("domus");
@@ -1178,7 +1173,7 @@ async fn waiting_sends_end_with_peer_shut_down_in_100_rounds_on_two_threads() {
 #[tokio::test]
 async fn a_send_to_an_unreachable_peer_says_so_whichever_queue_it_waited_in() {
     within(async {
-        let mut mesh = mesh();
+        let mut mesh = default_mesh();
         let mut config = fast_backoff();
         config.max_in_flight_per_peer = 2;
         let a = mesh.domus_with("a", config).await.expect("domus");
@@ -1231,7 +1226,7 @@ async fn a_send_to_an_unreachable_peer_says_so_whichever_queue_it_waited_in() {
 #[tokio::test]
 async fn a_route_change_reaches_messages_already_waiting_for_the_peer() {
     within(async {
-        let mut mesh = mesh();
+        let mut mesh = default_mesh();
         let a = mesh.domus_with("a", fast_backoff()).await.expect("domus");
         let b = mesh.domus("b").await.expect("domus");
         let old_path = mesh
@@ -1308,7 +1303,7 @@ impl vicus::a0_transport::Connector for DuplexNet {
 #[tokio::test]
 async fn calles_can_be_carried_by_an_in_memory_stream_instead_of_a_socket() {
     within(async {
-        let mut mesh = mesh();
+        let mut mesh = default_mesh();
         let net = Arc::new(DuplexNet::default());
         let mut domus = Vec::new();
         for name in ["a", "b"] {
@@ -1381,7 +1376,7 @@ const PIPELINED: MessageType = MessageType::app(7);
 #[tokio::test]
 async fn a_destination_resolves_once_follows_route_changes_and_pipelines_through_a_window() {
     within(async {
-        let mut mesh = mesh();
+        let mut mesh = default_mesh();
         let a = mesh.domus_with("a", fast_backoff()).await.expect("domus");
         let b = mesh.domus("b").await.expect("domus");
         let c = mesh.domus("c").await.expect("domus");
@@ -1474,7 +1469,7 @@ async fn a_destination_resolves_once_follows_route_changes_and_pipelines_through
 #[tokio::test]
 async fn recv_many_takes_a_burst_in_one_wake_up_and_ends_at_shutdown() {
     within(async {
-        let mut mesh = mesh();
+        let mut mesh = default_mesh();
         let a = mesh.domus("a").await.expect("domus");
         let b = mesh.domus("b").await.expect("domus");
         mesh.route(TabernaId(10), &b).expect("route");
@@ -1513,7 +1508,7 @@ async fn recv_many_takes_a_burst_in_one_wake_up_and_ends_at_shutdown() {
 #[tokio::test]
 async fn disconnect_closes_the_calles_keeps_what_is_unanswered_and_the_next_callis_delivers_it() {
     within(async {
-        let mut mesh = mesh();
+        let mut mesh = default_mesh();
         let a = mesh.domus_with("a", fast_backoff()).await.expect("domus");
         let b = mesh.domus("b").await.expect("domus");
         mesh.route(TabernaId(10), &b).expect("route");
@@ -1570,7 +1565,7 @@ async fn disconnect_closes_the_calles_keeps_what_is_unanswered_and_the_next_call
 #[tokio::test]
 async fn send_futures_stay_small() {
     within(async {
-        let mut mesh = mesh();
+        let mut mesh = default_mesh();
         let a = mesh.domus("a").await.expect("domus");
         let d = a.destination(TabernaId(1));
         let sizes = [
@@ -1606,7 +1601,7 @@ async fn send_futures_stay_small() {
 async fn an_inline_taberna_answers_on_the_driver_with_the_same_semantics() {
     use vicus::taberna::InlineAnswer;
     within(async {
-        let mut mesh = mesh();
+        let mut mesh = default_mesh();
         let a = mesh.domus("a").await.expect("domus");
         let b = mesh.domus("b").await.expect("domus");
         mesh.route(TabernaId(10), &b).expect("route");
@@ -1714,7 +1709,7 @@ async fn an_inline_taberna_answers_on_the_driver_with_the_same_semantics() {
 async fn a_dial_only_domus_binds_nothing_yet_sends_streams_blobs_and_is_reached_over_its_own_callis()
  {
     within(async {
-        let mut mesh = mesh();
+        let mut mesh = default_mesh();
         let b = mesh.domus("b").await.expect("domus");
         let (auth, _) = mesh.ca().domus_auth("client").expect("mint");
         let client = Domus::builder(auth)
@@ -1791,7 +1786,7 @@ async fn a_dial_only_domus_binds_nothing_yet_sends_streams_blobs_and_is_reached_
 #[tokio::test]
 async fn replies_kept_for_replay_share_one_domus_wide_budget_and_are_freed_once_seen() {
     within(async {
-        let mut mesh = mesh();
+        let mut mesh = default_mesh();
         let mut config = DomusConfig::default();
         config.max_retained_reply_bytes = 1 << 20;
         let b = mesh.domus_with("b", config).await.expect("domus");
@@ -1854,7 +1849,7 @@ async fn replies_kept_for_replay_share_one_domus_wide_budget_and_are_freed_once_
 async fn a_window_yields_in_send_order_when_answers_come_out_of_order_and_loses_nothing_to_a_dropped_wait()
  {
     within(async {
-        let mut mesh = mesh();
+        let mut mesh = default_mesh();
         let a = mesh.domus("a").await.expect("domus");
         let b = mesh.domus("b").await.expect("domus");
         mesh.route(TabernaId(10), &b).expect("route");
@@ -2025,7 +2020,7 @@ async fn a_half_open_callis_is_found_by_idle_timeout_on_both_sides_and_its_messa
 #[tokio::test]
 async fn t02_a_certificate_that_expires_under_an_open_callis_ends_its_use_by_max_callis_age() {
     within(async {
-        let mut mesh = mesh();
+        let mut mesh = default_mesh();
         let mut config = Mesh::test_config();
         config.max_callis_age = Some(Duration::from_millis(1500));
         mesh.set_config(config.clone());

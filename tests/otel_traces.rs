@@ -19,7 +19,7 @@ use opentelemetry::trace::{SpanId, TraceId, TracerProvider as _};
 use opentelemetry_sdk::trace::{InMemorySpanExporter, SdkTracerProvider, SpanData};
 use tracing::Instrument;
 use tracing_subscriber::layer::SubscriberExt;
-use vicus::{DomusConfig, Headers, MessageType, SendOptions, TabernaId, TraceContext};
+use vicus::{Headers, MessageType, SendOptions, TabernaId, TraceContext};
 
 const T: MessageType = MessageType::app(1);
 
@@ -81,17 +81,11 @@ fn one<'a>(spans: &'a [SpanData], name: &str, attr: (&str, i64)) -> &'a SpanData
     found[0]
 }
 
-fn mesh() -> Mesh {
-    let mut mesh = Mesh::new().expect("mesh");
-    mesh.set_config(DomusConfig::default());
-    mesh
-}
-
 #[tokio::test]
 async fn a_request_across_three_domus_is_one_trace_with_correct_parents() {
     let p = pipeline();
     within(async {
-        let mut mesh = mesh();
+        let mut mesh = default_mesh();
         let a = mesh.domus("a").await.expect("domus");
         let b = mesh.domus("b").await.expect("domus");
         let c = mesh.domus("c").await.expect("domus");
@@ -200,7 +194,7 @@ async fn a_request_across_three_domus_is_one_trace_with_correct_parents() {
 async fn a_replayed_delivery_belongs_to_the_trace_of_its_send() {
     let p = pipeline();
     within(async {
-        let mut mesh = mesh();
+        let mut mesh = default_mesh();
         let a = mesh.domus("a").await.expect("domus");
         let b = mesh.domus("b").await.expect("domus");
         let tb = b.taberna(TabernaId(1)).expect("taberna");
@@ -267,7 +261,7 @@ async fn a_replayed_delivery_belongs_to_the_trace_of_its_send() {
 async fn a_traceparent_set_by_hand_wins_over_the_span() {
     let _p = pipeline();
     within(async {
-        let mut mesh = mesh();
+        let mut mesh = default_mesh();
         let a = mesh.domus("a").await.expect("domus");
         let b = mesh.domus("b").await.expect("domus");
         let tb = b.taberna(TabernaId(1)).expect("taberna");
@@ -295,7 +289,7 @@ async fn a_traceparent_set_by_hand_wins_over_the_span() {
 async fn a_blob_opening_continues_the_trace_it_was_opened_in() {
     let p = pipeline();
     within(async {
-        let mut mesh = mesh();
+        let mut mesh = default_mesh();
         let a = mesh.domus("a").await.expect("domus");
         let b = mesh.domus("b").await.expect("domus");
         let tb = b.taberna(TabernaId(1)).expect("taberna");

@@ -11,7 +11,7 @@ use bytes::Bytes;
 use common::*;
 use serde::{Deserialize, Serialize};
 use vicus::codec::{Cbor, Json};
-use vicus::{DomusConfig, ErrorId, MessageCodec, MessageType, SendOptions, TabernaId};
+use vicus::{ErrorId, MessageCodec, MessageType, SendOptions, TabernaId};
 
 const ORDER: MessageType = MessageType::app(7);
 
@@ -60,12 +60,6 @@ fn order(id: u64) -> Order {
     }
 }
 
-fn mesh() -> Mesh {
-    let mut mesh = Mesh::new().expect("mesh");
-    mesh.set_config(DomusConfig::default());
-    mesh
-}
-
 /// A worker that answers every order it can decode with a receipt, counting what it saw.
 fn spawn_cashier<C, R>(t: vicus::Taberna, codec: C, reply: R) -> tokio::task::JoinHandle<Vec<u64>>
 where
@@ -93,7 +87,7 @@ where
 #[tokio::test]
 async fn nested_types_round_trip_as_requests_and_replies_in_cbor_and_json() {
     within(async {
-        let mut mesh = mesh();
+        let mut mesh = default_mesh();
         let a = mesh.domus("a").await.expect("domus");
         let b = mesh.domus("b").await.expect("domus");
         mesh.route(TabernaId(1), &b).expect("route");
@@ -191,7 +185,7 @@ async fn nested_types_round_trip_as_requests_and_replies_in_cbor_and_json() {
 async fn a_payload_that_does_not_decode_is_refused_with_decode_failure_and_never_reaches_the_handler()
  {
     within(async {
-        let mut mesh = mesh();
+        let mut mesh = default_mesh();
         let a = mesh.domus("a").await.expect("domus");
         let b = mesh.domus("b").await.expect("domus");
         mesh.route(TabernaId(1), &b).expect("route");

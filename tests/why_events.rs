@@ -13,7 +13,7 @@ use tracing::field::{Field, Visit};
 use tracing::span::{Attributes, Id, Record};
 use tracing::subscriber::Interest;
 use tracing::{Event, Metadata, Subscriber};
-use vicus::{DomusConfig, ErrorId, MessageType, SendOptions, TabernaId, TabernaOptions};
+use vicus::{ErrorId, MessageType, SendOptions, TabernaId, TabernaOptions};
 
 const APP: MessageType = MessageType::app(1);
 
@@ -75,12 +75,6 @@ impl Capture {
     }
 }
 
-fn mesh() -> Mesh {
-    let mut mesh = Mesh::new().expect("mesh");
-    mesh.set_config(DomusConfig::default());
-    mesh
-}
-
 // One thread (the default test runtime): every task of the mesh runs where the subscriber
 // is the default.
 #[tokio::test]
@@ -88,7 +82,7 @@ async fn refusals_overruns_and_replica_choices_are_why_events() {
     let capture = Capture::default();
     let _guard = tracing::subscriber::set_default(capture.clone());
     within(async {
-        let mut mesh = mesh();
+        let mut mesh = default_mesh();
         let a = mesh.domus("a").await.expect("domus");
         let b = mesh.domus("b").await.expect("domus");
         let c = mesh.domus("c").await.expect("domus");

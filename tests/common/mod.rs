@@ -294,3 +294,11 @@ pub fn rss_bytes() -> u64 {
         .expect("statm's resident field");
     pages * 4096
 }
+
+/// A mesh whose domus run with `DomusConfig::default()` (the production defaults, not the
+/// short timers of `Mesh::test_config`).
+pub fn default_mesh() -> Mesh {
+    let mut mesh = Mesh::new().expect("mesh");
+    mesh.set_config(vicus::DomusConfig::default());
+    mesh
+}
