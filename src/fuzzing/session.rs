@@ -14,6 +14,7 @@ use crate::a1_callis::codes::WireCode;
 use crate::a1_callis::frame::{self, Frame, FrameType, Hello, MessageFrame, PROTOCOL_VERSION};
 use crate::a1_callis::headers::Headers;
 use crate::a1_callis::session::{A3_MESSAGE_TYPE_BASE, Answer, Event, Outgoing, SessionConfig};
+use crate::error::ErrorId;
 use crate::testing::pair::{A, B, SessionPair};
 
 /// The session under test: the pair's a.
@@ -537,6 +538,23 @@ impl<'a> Harness<'a> {
                 }
             }
             Frame::Reply { id, .. } => self.check_answered(id),
+            // The session itself refuses a message it will not deliver (headers over the
+            // limits or of an unknown version, answers the peer does not read): such a REJECT
+            // answers an id never delivered, and only those reasons may (found by fuzzing:
+            // raw bytes that form a MESSAGE with a headers block).
+            Frame::Reject(r) if !self.ever_delivered.contains(&r.id) => {
+                let why = r.error.rejection_id();
+                assert!(
+                    matches!(
+                        why,
+                        ErrorId::HeadersTooLarge
+                            | ErrorId::UnsupportedVersion
+                            | ErrorId::TabernaBusy
+                    ),
+                    "a REJECT ({why}) for message {}, which was never delivered",
+                    r.id
+                );
+            }
             Frame::Reject(r) => self.check_answered(r.id),
             Frame::DoneBelow(floor) => assert!(
                 self.outstanding.iter().all(|id| *id >= floor),
