@@ -217,6 +217,16 @@ error_ids! {
     /// A header is not valid: a key outside `a-z 0-9 - _ .` or over 64 bytes, a value over
     /// 65,535 bytes, or a `traceparent` that is not a W3C trace context.
     InvalidHeader = 159,
+    /// A subscriber fell behind: its copy of a publish waited longer than the topic's
+    /// slow-subscriber policy allows, or found its lane or inbox full. The copy was not
+    /// delivered; the other subscribers are not held back.
+    SubscriberTooSlow = 160,
+    /// A copy of a publish reached a subscriber that no longer holds a matching
+    /// subscription (it ended while the copy was on its way). Nothing was delivered.
+    NotSubscribed = 161,
+    /// A topic or topic pattern is not valid (empty or over-long segments, a wildcard in a
+    /// topic, `>` not last, more than the allowed length or segments).
+    InvalidTopic = 162,
 }
 
 impl fmt::Display for ErrorId {

@@ -309,6 +309,9 @@ mod tests {
             (ErrorId::PeerShutDown,             false, false, false, true,  false),
             (ErrorId::HeadersTooLarge,          true,  false, true,  false, false),
             (ErrorId::InvalidHeader,            false, false, false, false, false),
+            (ErrorId::SubscriberTooSlow,        false, false, false, false, false),
+            (ErrorId::NotSubscribed,            false, false, false, false, false),
+            (ErrorId::InvalidTopic,             false, false, false, false, false),
         ];
         let listed: Vec<ErrorId> = table.iter().map(|row| row.0).collect();
         assert_eq!(listed, ErrorId::ALL, "one row per id, in numeric order");

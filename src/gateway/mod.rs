@@ -63,7 +63,7 @@
 //!
 //! | status | vicus `ErrorId`s | gateway refusals |
 //! |---|---|---|
-//! | 400 | `InvalidMessageType`, `DecodeFailure`, `InvalidHeader` | `BadRequest` (taberna id not a number, `Vicus-Blob` not base64, body broken off) |
+//! | 400 | `InvalidMessageType`, `DecodeFailure`, `InvalidHeader`, `InvalidTopic` | `BadRequest` (taberna id not a number, `Vicus-Blob` not base64, body broken off) |
 //! | 401 | | `Unauthorized` (+ `WWW-Authenticate: Bearer`) |
 //! | 403 | `Forbidden` | |
 //! | 404 | `UnknownTaberna` | `NotFound` (no such route; `/metrics` without a renderer) |
@@ -74,8 +74,8 @@
 //! | 422 | `RemoteTabernaRejected` | |
 //! | 431 | `HeadersTooLarge` (message headers come from HTTP headers) | |
 //! | 500 | `EncodeFailure`, `TabernaAlreadyRegistered`, `InvalidConfig`, `InvalidAuthMaterial`, `InvalidDomusId`, `SocketPathInUse`, `SocketPathOccupied` (never from a send) | |
-//! | 502 | `PeerUnavailable`, `ConnectionLost`, `PeerRestarted`, `ProtocolViolation`, `UnsupportedVersion`, `BlobCallisWithoutPrimary`, `BlobAckWindowExceeded`, `BlobStreamNotFound`, `BlobStreamOutOfOrder`, `BlobStreamMissingChunk`, `AddressMismatch`, `ResolverFailed`, `PeerCertificateRejected`, `CertificateRefusedByPeer`, `IdentityMismatch`, `HandshakeFailed`, `ConnectFailed`, `UnixPeerNotAllowed`, `InvalidAddress`, `Io`, `ReplyLost`, `RequestDropped`, `BlobCancelled` | |
-//! | 503 + `Retry-After: 1` | `TabernaBusy`, `LocalQueueFull`, `BlobBufferFull`, `TabernaShutdown`, `AdmissionRefused`, `PeerShutDown` | `GatewayBusy` |
+//! | 502 | `PeerUnavailable`, `ConnectionLost`, `PeerRestarted`, `ProtocolViolation`, `UnsupportedVersion`, `BlobCallisWithoutPrimary`, `BlobAckWindowExceeded`, `BlobStreamNotFound`, `BlobStreamOutOfOrder`, `BlobStreamMissingChunk`, `AddressMismatch`, `ResolverFailed`, `PeerCertificateRejected`, `CertificateRefusedByPeer`, `IdentityMismatch`, `HandshakeFailed`, `ConnectFailed`, `UnixPeerNotAllowed`, `InvalidAddress`, `Io`, `ReplyLost`, `RequestDropped`, `BlobCancelled`, `NotSubscribed` | |
+//! | 503 + `Retry-After: 1` | `TabernaBusy`, `LocalQueueFull`, `BlobBufferFull`, `TabernaShutdown`, `AdmissionRefused`, `PeerShutDown`, `SubscriberTooSlow` | `GatewayBusy` |
 //! | 503 | `DomusClosed`, `SnapshotNotAvailable` | |
 //! | 504 | `SendTimeout`, `ReceiveTimeout`, `BlobStreamIdleTimeout`, `HandshakeTimeout`, `ConnectTimeout` | `GatewayTimeout` |
 //!

@@ -31,7 +31,7 @@ pub const fn status_of(id: ErrorId) -> (StatusCode, bool) {
         E::UnknownTaberna => (StatusCode::NOT_FOUND, false),
         E::Forbidden => (StatusCode::FORBIDDEN, false),
         E::PayloadTooLarge => (StatusCode::PAYLOAD_TOO_LARGE, false),
-        E::InvalidMessageType | E::DecodeFailure | E::InvalidHeader => {
+        E::InvalidMessageType | E::DecodeFailure | E::InvalidHeader | E::InvalidTopic => {
             (StatusCode::BAD_REQUEST, false)
         }
         // Message headers come from the request's HTTP headers (a documented prefix).
@@ -43,7 +43,8 @@ pub const fn status_of(id: ErrorId) -> (StatusCode, bool) {
         | E::BlobBufferFull
         | E::TabernaShutdown
         | E::AdmissionRefused
-        | E::PeerShutDown => (StatusCode::SERVICE_UNAVAILABLE, RETRY),
+        | E::PeerShutDown
+        | E::SubscriberTooSlow => (StatusCode::SERVICE_UNAVAILABLE, RETRY),
         E::DomusClosed | E::SnapshotNotAvailable => (StatusCode::SERVICE_UNAVAILABLE, false),
         E::SendTimeout
         | E::ReceiveTimeout
@@ -72,7 +73,8 @@ pub const fn status_of(id: ErrorId) -> (StatusCode, bool) {
         | E::Io
         | E::ReplyLost
         | E::RequestDropped
-        | E::BlobCancelled => (StatusCode::BAD_GATEWAY, false),
+        | E::BlobCancelled
+        | E::NotSubscribed => (StatusCode::BAD_GATEWAY, false),
         E::EncodeFailure
         | E::TabernaAlreadyRegistered
         | E::InvalidConfig

@@ -76,7 +76,18 @@ impl<S: Clone + Ord> Membership<S> {
         subscriber: &S,
         pattern: TopicPattern,
     ) -> Result<Instant, Refused> {
-        let until = now.checked_add(self.limits.lease).unwrap_or(now);
+        self.subscribe_for(now, subscriber, pattern, self.limits.lease)
+    }
+
+    /// As [`subscribe`](Self::subscribe), for `lease` (at most the table's lease).
+    pub fn subscribe_for(
+        &mut self,
+        now: Instant,
+        subscriber: &S,
+        pattern: TopicPattern,
+        lease: Duration,
+    ) -> Result<Instant, Refused> {
+        let until = now.checked_add(lease.min(self.limits.lease)).unwrap_or(now);
         if let Some(old) = self
             .by_subscriber
             .get_mut(subscriber)
@@ -173,6 +184,19 @@ impl<S: Clone + Ord> Membership<S> {
                     .any(|(pattern, until)| *until > now && pattern.matches(topic))
             })
             .map(|(subscriber, _)| subscriber.clone())
+            .collect()
+    }
+
+    /// The longest lease the table gives.
+    pub fn lease(&self) -> Duration {
+        self.limits.lease
+    }
+
+    /// Every subscription held: subscriber and pattern.
+    pub fn entries(&self) -> Vec<(S, TopicPattern)> {
+        self.by_subscriber
+            .iter()
+            .flat_map(|(s, patterns)| patterns.keys().map(move |p| (s.clone(), p.clone())))
             .collect()
     }
 

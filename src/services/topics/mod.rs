@@ -17,8 +17,14 @@
 mod membership;
 mod name;
 mod policy;
+mod service;
 pub mod wire;
 
 pub use membership::{Membership, MembershipLimits, Refused};
 pub use name::{MAX_SEGMENTS, MAX_TOPIC_LEN, Topic, TopicError, TopicPattern};
 pub use policy::{Action, Rule, TopicPolicy, Who};
+pub use service::{
+    CopyOutcome, Grant, MAX_APPLICATION_REJECT_CODE, MAX_LOCAL_SUBSCRIPTIONS, PublishReport,
+    PublishWindow, Publisher, SERVICE_REJECT_CODES, SlowSubscriber, Subscription, TOPICS_TABERNA,
+    TopicMessage, Topics, TopicsConfig, TopicsStats,
+};
