@@ -379,6 +379,18 @@
 //!   and is off until started. `vicus top ADDR` (the `vicus` command, `vicus-cli/`) draws it
 //!   live.
 //!
+//! ## Topics (publish/subscribe)
+//!
+//! [`services::topics`] adds publish/subscribe without a broker: `Topics::start(&domus,
+//! TopicsConfig::default())` on each domus that takes part, then `topics.subscribe("orders.*")`
+//! (a bounded inbox of copies, each answered like a taberna request, with the publisher's
+//! verified identity) and `topics.publish("orders.eu", msg_type, payload)` (one acknowledged
+//! copy per subscriber known at that moment, and a `PublishReport` with each subscriber's
+//! outcome). Every copy rides the session like any message — exactly once, replayed across
+//! cuts — and a slow subscriber never holds the others back. The module documents the
+//! consistency model (effect point, order per publisher, leases) and `docs/wire-protocol.md`
+//! the service's messages.
+//!
 //! ## HTTP gateway
 //!
 //! Feature `http-gateway` adds `vicus::gateway`: an [axum](https://docs.rs/axum) `Router` in

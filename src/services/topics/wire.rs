@@ -320,6 +320,9 @@ mod tests {
         assert_eq!(&back.payload[..], b"hi");
         // Zero-copy: the payload is the tail of the body.
         assert_eq!(back.payload.as_ptr(), body[body.len() - 2..].as_ptr());
+        // The example of docs/wire-protocol.md.
+        let body = Publication::encode(&Topic::new("a.b").unwrap(), 0x0100_0001, b"hi");
+        assert_eq!(&body[..], &[0, 3, b'a', b'.', b'b', 1, 0, 0, 1, b'h', b'i']);
     }
 
     #[test]
