@@ -185,12 +185,11 @@ fn run_seed(seed: u64) {
             );
         }
     }
-    for me in 0..HOSTS.len() {
+    for (me, host) in HOSTS.iter().enumerate() {
         assert_eq!(
             l.probes.get(&me),
             Some(&4),
-            "seed {seed}: the probe of {} reached {:?} hosts",
-            HOSTS[me],
+            "seed {seed}: the probe of {host} reached {:?} hosts",
             l.probes.get(&me)
         );
     }
