@@ -489,7 +489,7 @@ pub use error::{ERROR_MESSAGE_MAX_LEN, Error, ErrorId, Rejection, Result};
 pub use reporting::Reporting;
 pub use resolve::{
     Candidate, ResolverFeed, ResolverFeeds, Route, RouteChanges, RouteNotifier, RouteResolver,
-    SimpleResolver,
+    SimpleResolver, TopicPublishers,
 };
 #[cfg(feature = "dns-srv")]
 pub use resolve::{DnsSrvConfig, DnsSrvResolver};

@@ -509,3 +509,33 @@ async fn the_topic_policy_refuses_both_ways() {
     })
     .await;
 }
+
+/// A subscriber with no session and no configured publisher finds the publisher through the
+/// resolver's topic entries (`RouteResolver::topic_publishers`), for patterns that overlap.
+#[tokio::test]
+async fn the_resolver_names_the_publishers_of_a_topic() {
+    within(async {
+        let mut mesh = default_mesh();
+        let nodes = build(&mut mesh, &["news", "reader"]).await;
+        mesh.resolver()
+            .insert_topic_publishers("news.>", vec![nodes[0].identity().clone()]);
+        let publisher = Topics::start(&nodes[0], TopicsConfig::default()).expect("start");
+        let reader = Topics::start(&nodes[1], TopicsConfig::default()).expect("start");
+        assert_eq!(nodes[1].peer_count(), 0, "no session yet");
+        let unrelated = reader.subscribe("sports.*").await.expect("subscribe");
+        assert!(
+            !unrelated.granted_by(nodes[0].identity()),
+            "not listed for sports"
+        );
+        let mut sub = reader.subscribe("news.*.today").await.expect("subscribe");
+        assert!(sub.granted_by(nodes[0].identity()), "{:?}", sub.grants());
+        let report = publisher.publish("news.eu.today", TICK, Bytes::from_static(b"n"));
+        sub.recv_timeout(Duration::from_secs(5))
+            .await
+            .expect("copy")
+            .accept();
+        assert_eq!(report.await.expect("publish").delivered(), 1);
+        mesh.shutdown().await;
+    })
+    .await;
+}

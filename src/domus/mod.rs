@@ -428,6 +428,12 @@ impl Domus {
         }
     }
 
+    /// The route resolver this domus was built with (for services that ask it more than
+    /// routes, e.g. the topic service's [`RouteResolver::topic_publishers`](crate::RouteResolver::topic_publishers)).
+    pub fn resolver(&self) -> Arc<dyn crate::RouteResolver> {
+        self.inner.routing.resolver.clone()
+    }
+
     /// A handle for sending to `taberna`: it resolves the route once and keeps the answer
     /// until the resolver says routes changed (a resolver that cannot say so is asked on every
     /// send), so a send through it skips the route lookup. Cheap to clone; it keeps the domus

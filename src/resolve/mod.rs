@@ -178,6 +178,24 @@ pub type CandidatesFuture<'a> =
 pub type ResolveDomusFuture<'a> =
     Pin<Box<dyn Future<Output = Result<Option<DomusAddr>, Error>> + Send + 'a>>;
 
+/// Domus that publish to topics a pattern names, as a resolver lists them
+/// ([`RouteResolver::topic_publishers`]): the topic service announces a subscription to the
+/// publishers of every entry whose pattern can match a topic the subscription's pattern
+/// matches (besides the peers it has a session with). The publishers are reached at the
+/// addresses [`RouteResolver::resolve_domus`] gives.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TopicPublishers {
+    /// A topic pattern (`orders.>`, `metrics.*.cpu`, an exact topic); one that is not a
+    /// valid pattern is ignored by the topic service.
+    pub pattern: String,
+    /// The domus that may publish to it.
+    pub publishers: Vec<DomusId>,
+}
+
+/// The future [`RouteResolver::topic_publishers`] returns.
+pub type TopicPublishersFuture<'a> =
+    Pin<Box<dyn Future<Output = Result<Arc<[TopicPublishers]>, Error>> + Send + 'a>>;
+
 /// Looks up the route to a taberna.
 pub trait RouteResolver: Send + Sync + 'static {
     /// The route to `taberna`, or an [`ErrorId::UnknownTaberna`] error.
@@ -199,6 +217,14 @@ pub trait RouteResolver: Send + Sync + 'static {
     fn resolve_domus<'a>(&'a self, id: &'a DomusId) -> ResolveDomusFuture<'a> {
         let _ = id;
         Box::pin(std::future::ready(Ok(None)))
+    }
+
+    /// Which domus publish to which topics, for the topic service
+    /// ([`crate::services::topics`]) to announce subscriptions to them. Default: none (the
+    /// service then announces to the peers it has a session with and those its config
+    /// names).
+    fn topic_publishers(&self) -> TopicPublishersFuture<'_> {
+        Box::pin(std::future::ready(Ok(Arc::from([]))))
     }
 
     /// A signal that fires whenever the answers of [`resolve`](Self::resolve) may have

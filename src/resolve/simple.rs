@@ -10,7 +10,7 @@ use arc_swap::ArcSwap;
 
 use super::{
     Candidate, CandidatesFuture, ResolveDomusFuture, ResolveFuture, Route, RouteChanges,
-    RouteNotifier, RouteResolver,
+    RouteNotifier, RouteResolver, TopicPublishers, TopicPublishersFuture,
 };
 use crate::a0_transport::{DomusAddr, DomusId};
 use crate::error::{Error, ErrorId};
@@ -26,6 +26,8 @@ pub struct SimpleResolver {
     routes: ArcSwap<HashMap<TabernaId, Arc<[Candidate]>>>,
     /// Addresses of domus by identity, for sends addressed to a domus.
     domus: ArcSwap<HashMap<DomusId, DomusAddr>>,
+    /// Who publishes to which topics (for the topic service).
+    topics: ArcSwap<Vec<TopicPublishers>>,
     writer: Mutex<()>,
     notifier: RouteNotifier,
 }
@@ -66,6 +68,22 @@ impl SimpleResolver {
         let mut domus = HashMap::clone(&self.domus.load());
         domus.insert(id, addr);
         self.domus.store(Arc::new(domus));
+        self.notifier.notify();
+    }
+
+    /// Lists `publishers` as the domus that publish to topics `pattern` matches (replacing
+    /// what was listed for that pattern; an empty list removes it).
+    pub fn insert_topic_publishers(&self, pattern: &str, publishers: Vec<DomusId>) {
+        let _writer = self.writer.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut topics = Vec::clone(&self.topics.load());
+        topics.retain(|t| t.pattern != pattern);
+        if !publishers.is_empty() {
+            topics.push(TopicPublishers {
+                pattern: pattern.to_owned(),
+                publishers,
+            });
+        }
+        self.topics.store(Arc::new(topics));
         self.notifier.notify();
     }
 
@@ -111,6 +129,11 @@ impl RouteResolver for SimpleResolver {
     fn candidates(&self, taberna: TabernaId) -> CandidatesFuture<'_> {
         let candidates = self.lookup(taberna);
         Box::pin(async move { candidates })
+    }
+
+    fn topic_publishers(&self) -> TopicPublishersFuture<'_> {
+        let topics: Arc<[TopicPublishers]> = Arc::from(self.topics.load().as_slice());
+        Box::pin(std::future::ready(Ok(topics)))
     }
 
     fn resolve_domus<'a>(&'a self, id: &'a DomusId) -> ResolveDomusFuture<'a> {

@@ -20,6 +20,11 @@
 //! [[domus]]
 //! identity = "spiffe://prod/domus/billing-0"
 //! addr = "10.0.0.5:7000"
+//!
+//! # Who publishes to which topics: the topic service announces subscriptions to them.
+//! [[topic]]
+//! pattern = "billing.>"
+//! publishers = ["spiffe://prod/domus/billing-0"]
 //! ```
 //!
 //! * `[[taberna]]`: `id` and `candidates` (at least one, at most
@@ -32,7 +37,11 @@
 //!   twice for a taberna.
 //! * `[[domus]]`: `identity` and `addr`, each identity once; at most
 //!   [`RoutesFile::MAX_DOMUS`] tables.
-//! * Both kinds are optional (an empty file routes nothing); any other key is an error, so a
+//! * `[[topic]]`: `pattern` (a topic pattern, 1 to 256 bytes, each once) and `publishers`
+//!   (1 to [`RoutesFile::MAX_TOPIC_PUBLISHERS`] identities, reached at their `[[domus]]`
+//!   addresses); at most [`RoutesFile::MAX_TOPICS`] tables
+//!   ([`RouteResolver::topic_publishers`]).
+//! * Every kind is optional (an empty file routes nothing); any other key is an error, so a
 //!   misspelt `weigth` is refused instead of silently ignored. The file is at most
 //!   [`FileResolver::MAX_FILE_LEN`] bytes of UTF-8.
 //!
@@ -88,7 +97,7 @@ pub use routes::{RouteTable, RoutesFile};
 
 use super::{
     Candidate, CandidatesFuture, ResolveDomusFuture, ResolveFuture, ResolverFeed, ResolverFeeds,
-    RouteChanges, RouteNotifier, RouteResolver,
+    RouteChanges, RouteNotifier, RouteResolver, TopicPublishersFuture,
 };
 use crate::a0_transport::DomusId;
 use crate::change_tracker::{ChangeTracker, Step};
@@ -339,6 +348,11 @@ impl RouteResolver for FileResolver {
 
     fn candidates(&self, taberna: TabernaId) -> CandidatesFuture<'_> {
         Box::pin(std::future::ready(self.lookup(taberna)))
+    }
+
+    fn topic_publishers(&self) -> TopicPublishersFuture<'_> {
+        let topics = self.loaded.load().table.topic_publishers().clone();
+        Box::pin(std::future::ready(Ok(topics)))
     }
 
     fn resolve_domus<'a>(&'a self, id: &'a DomusId) -> ResolveDomusFuture<'a> {

@@ -17,7 +17,7 @@ use toml::Spanned;
 
 use crate::a0_transport::{DomusAddr, DomusId};
 use crate::error::{Error, ErrorId, untrusted};
-use crate::resolve::{Candidate, Route};
+use crate::resolve::{Candidate, Route, TopicPublishers};
 use crate::taberna::TabernaId;
 
 /// A parsed routes file (the format is in the [module docs](super)): what
@@ -32,6 +32,8 @@ pub struct RoutesFile {
     pub tabernas: Vec<(TabernaId, Vec<Candidate>)>,
     /// Each `[[domus]]` table: the identity and where it is reached.
     pub domus: Vec<(DomusId, DomusAddr)>,
+    /// Each `[[topic]]` table: a topic pattern and the domus that publish to it.
+    pub topics: Vec<TopicPublishers>,
 }
 
 /// The lookup table built from a [`RoutesFile`] ([`RoutesFile::table`]): what a
@@ -42,6 +44,7 @@ pub struct RoutesFile {
 pub struct RouteTable {
     tabernas: HashMap<TabernaId, Arc<[Candidate]>>,
     domus: HashMap<DomusId, DomusAddr>,
+    topics: Arc<[TopicPublishers]>,
 }
 
 impl RouteTable {
@@ -53,6 +56,11 @@ impl RouteTable {
     /// Where the domus `id` is reached, when the table says.
     pub fn domus_addr(&self, id: &DomusId) -> Option<&DomusAddr> {
         self.domus.get(id)
+    }
+
+    /// Who publishes to which topics (the `[[topic]]` tables).
+    pub fn topic_publishers(&self) -> &Arc<[TopicPublishers]> {
+        &self.topics
     }
 
     /// How many tabernas the table routes.
@@ -75,6 +83,7 @@ impl From<RoutesFile> for RouteTable {
                 .map(|(id, candidates)| (id, Arc::from(candidates)))
                 .collect(),
             domus: file.domus.into_iter().collect(),
+            topics: Arc::from(file.topics),
         }
     }
 }
@@ -87,6 +96,15 @@ struct RawFile {
     taberna: Vec<RawTaberna>,
     #[serde(default)]
     domus: Vec<RawDomus>,
+    #[serde(default)]
+    topic: Vec<RawTopic>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTopic {
+    pattern: Spanned<String>,
+    publishers: Spanned<Vec<Spanned<String>>>,
 }
 
 #[derive(Deserialize)]
@@ -126,6 +144,12 @@ impl RoutesFile {
     pub const MAX_CANDIDATES: usize = 64;
     /// The most `[[domus]]` tables a file may have.
     pub const MAX_DOMUS: usize = 65_536;
+    /// The most `[[topic]]` tables a file may have.
+    pub const MAX_TOPICS: usize = 4096;
+    /// The most publishers one `[[topic]]` table may list.
+    pub const MAX_TOPIC_PUBLISHERS: usize = 256;
+    /// The longest topic pattern (as the topic service's).
+    pub const MAX_TOPIC_PATTERN_LEN: usize = 256;
 
     /// Parses and checks routes in the format of the [module docs](super). Pure: no IO. Errors are
     /// `InvalidConfig`, with the line (when known) and what to fix.
@@ -265,7 +289,62 @@ impl RoutesFile {
             let addr = parse_addr(text, &table.addr, &format!("domus {identity}"))?;
             domus.push((identity, addr));
         }
-        Ok(Self { tabernas, domus })
+        if raw.topic.len() > Self::MAX_TOPICS {
+            return Err(invalid(format!(
+                "{} [[topic]] tables; at most {} are allowed",
+                raw.topic.len(),
+                Self::MAX_TOPICS
+            )));
+        }
+        let mut topics: Vec<TopicPublishers> = Vec::with_capacity(raw.topic.len());
+        for table in raw.topic {
+            let pattern = table.pattern.get_ref();
+            if pattern.is_empty() || pattern.len() > Self::MAX_TOPIC_PATTERN_LEN {
+                return Err(at(
+                    text,
+                    Some(table.pattern.span()),
+                    format!(
+                        "topic pattern: 1 to {} bytes, e.g. \"orders.>\"",
+                        Self::MAX_TOPIC_PATTERN_LEN
+                    ),
+                ));
+            }
+            if topics.iter().any(|t| &t.pattern == pattern) {
+                return Err(at(
+                    text,
+                    Some(table.pattern.span()),
+                    format!("topic pattern {pattern:?} is listed twice; keep one [[topic]] table"),
+                ));
+            }
+            let span = table.publishers.span();
+            let raw_publishers = table.publishers.into_inner();
+            if raw_publishers.is_empty() || raw_publishers.len() > Self::MAX_TOPIC_PUBLISHERS {
+                return Err(at(
+                    text,
+                    Some(span),
+                    format!(
+                        "topic {pattern:?}: list 1 to {} publishers (identities)",
+                        Self::MAX_TOPIC_PUBLISHERS
+                    ),
+                ));
+            }
+            let mut publishers = Vec::with_capacity(raw_publishers.len());
+            for raw in &raw_publishers {
+                let id = parse_identity(text, raw, &format!("topic {pattern:?}"))?;
+                if !publishers.contains(&id) {
+                    publishers.push(id);
+                }
+            }
+            topics.push(TopicPublishers {
+                pattern: pattern.clone(),
+                publishers,
+            });
+        }
+        Ok(Self {
+            tabernas,
+            domus,
+            topics,
+        })
     }
 
     /// The lookup table for these routes (what a resolver answers from).
@@ -331,6 +410,39 @@ mod tests {
 
     fn id(s: &str) -> DomusId {
         DomusId::new(s).expect("valid id")
+    }
+
+    #[test]
+    fn topic_tables_list_publishers_and_are_bounded() {
+        let routes = RoutesFile::parse(
+            r#"
+[[topic]]
+pattern = "billing.>"
+publishers = ["spiffe://prod/domus/billing-0", "spiffe://prod/domus/billing-0", "spiffe://prod/domus/billing-1"]
+"#,
+        )
+        .expect("parses");
+        assert_eq!(routes.topics.len(), 1);
+        assert_eq!(routes.topics[0].pattern, "billing.>");
+        assert_eq!(
+            routes.topics[0].publishers,
+            vec![
+                id("spiffe://prod/domus/billing-0"),
+                id("spiffe://prod/domus/billing-1")
+            ],
+            "repeats collapse"
+        );
+        assert_eq!(routes.table().topic_publishers().len(), 1);
+        let e = parse_err("[[topic]]\npattern = \"a\"\npublishers = []\n");
+        assert!(e.contains("1 to 256 publishers"), "{e}");
+        let e = parse_err("[[topic]]\npattern = \"\"\npublishers = [\"spiffe://a/b\"]\n");
+        assert!(e.contains("topic pattern"), "{e}");
+        let e = parse_err(
+            "[[topic]]\npattern = \"a\"\npublishers = [\"spiffe://a/b\"]\n[[topic]]\npattern = \"a\"\npublishers = [\"spiffe://a/b\"]\n",
+        );
+        assert!(e.contains("listed twice"), "{e}");
+        let e = parse_err("[[topic]]\npattern = \"a\"\npublishers = [\"not an id\"]\n");
+        assert!(e.contains("identity"), "{e}");
     }
 
     #[test]

@@ -146,6 +146,27 @@ impl TopicPattern {
         theirs.next().is_none()
     }
 
+    /// Whether some topic matches both this pattern and `other` (so a publisher of one may
+    /// publish what a subscriber of the other wants): segment by segment, `>` on either side
+    /// meets anything with at least one segment left, `*` meets any segment, names must be
+    /// equal.
+    pub fn overlaps(&self, other: &TopicPattern) -> bool {
+        let ours: Vec<&str> = self.0.split('.').collect();
+        let theirs: Vec<&str> = other.0.split('.').collect();
+        let (mut i, mut j) = (0, 0);
+        loop {
+            match (ours.get(i), theirs.get(j)) {
+                (None, None) => return true,
+                (Some(&">"), Some(_)) | (Some(_), Some(&">")) => return true,
+                (Some(a), Some(b)) if *a == "*" || *b == "*" || a == b => {
+                    i += 1;
+                    j += 1;
+                }
+                _ => return false,
+            }
+        }
+    }
+
     /// Whether `topic` matches: segment by segment, `*` any one segment, `>` one or more.
     pub fn matches(&self, topic: &Topic) -> bool {
         let mut names = topic.0.split('.');
@@ -287,5 +308,55 @@ mod tests {
         // A topic as a pattern matches itself only.
         let exact: TopicPattern = t("a.b").into();
         assert!(exact.matches(&t("a.b")) && !exact.matches(&t("a.c")));
+    }
+
+    #[test]
+    fn overlapping_patterns_share_a_topic() {
+        for (a, b) in [
+            ("orders.>", "orders.eu.*"),
+            ("orders.*.new", "*.eu.*"),
+            (">", "a"),
+            ("a.b", "a.b"),
+            ("a.*", "*.b"),
+            ("a.>", "a.b.c.d"),
+        ] {
+            assert!(p(a).overlaps(&p(b)), "{a} {b}");
+            assert!(p(b).overlaps(&p(a)), "{b} {a}");
+        }
+        for (a, b) in [
+            ("orders.>", "orders"),
+            ("a.b", "a.c"),
+            ("a.*", "a.b.c"),
+            ("a.*.c", "a.b.d"),
+            ("*", "a.b"),
+        ] {
+            assert!(!p(a).overlaps(&p(b)), "{a} {b}");
+            assert!(!p(b).overlaps(&p(a)), "{b} {a}");
+        }
+    }
+
+    proptest::proptest! {
+        /// `overlaps` is exactly "some topic matches both", over a small alphabet where
+        /// every candidate topic up to four segments is tried.
+        #[test]
+        fn overlaps_means_a_common_topic(
+            a in proptest::collection::vec(proptest::sample::select(vec!["x", "y", "*", ">"]), 1..4),
+            b in proptest::collection::vec(proptest::sample::select(vec!["x", "y", "*", ">"]), 1..4),
+        ) {
+            let valid = |v: &Vec<&str>| !v[..v.len() - 1].contains(&">");
+            proptest::prop_assume!(valid(&a) && valid(&b));
+            let (a, b) = (p(&a.join(".")), p(&b.join(".")));
+            let mut topics = Vec::new();
+            for n in 1..=4u32 {
+                for code in 0..3u32.pow(n) {
+                    let segs: Vec<&str> = (0..n)
+                        .map(|i| ["x", "y", "z"][(code / 3u32.pow(i) % 3) as usize])
+                        .collect();
+                    topics.push(t(&segs.join(".")));
+                }
+            }
+            let common = topics.iter().any(|t| a.matches(t) && b.matches(t));
+            proptest::prop_assert_eq!(a.overlaps(&b), common, "{} {}", a, b);
+        }
     }
 }

@@ -838,7 +838,7 @@ impl Topics {
             grants: Vec::new(),
             service: self.inner.clone(),
         };
-        let targets = targets(shared);
+        let targets = targets(shared, std::slice::from_ref(&pattern)).await;
         let mut grants = announce(shared, &targets, std::slice::from_ref(&pattern)).await;
         grants.sort_by(|a, b| a.0.cmp(&b.0));
         subscription.grants = grants
@@ -1112,17 +1112,39 @@ async fn run_lane(
     }
 }
 
-/// Who this domus announces its subscriptions to: itself, the peers with a session, and the
-/// configured publishers.
-fn targets(shared: &Shared) -> BTreeSet<DomusId> {
+/// The most domus one announcement goes to.
+const MAX_TARGETS: usize = 4096;
+
+/// Who this domus announces `patterns` to: itself, the peers with a session, the configured
+/// publishers, and the publishers the resolver lists for a pattern that overlaps one of them
+/// (asked within the announce deadline; a resolver that fails or is late adds none).
+async fn targets(shared: &Shared, patterns: &[TopicPattern]) -> BTreeSet<DomusId> {
     let mut targets: BTreeSet<DomusId> = shared
         .domus
         .reporting()
         .connected_peers()
         .into_iter()
         .collect();
-    targets.extend(lock(&shared.config).publishers.iter().cloned());
+    let deadline = {
+        let config = lock(&shared.config);
+        targets.extend(config.publishers.iter().cloned());
+        config.announce_timeout
+    };
+    let resolver = shared.domus.resolver();
+    if let Ok(Ok(listed)) = tokio::time::timeout(deadline, resolver.topic_publishers()).await {
+        for entry in listed.iter() {
+            let Ok(pattern) = TopicPattern::new(entry.pattern.as_str()) else {
+                continue;
+            };
+            if patterns.iter().any(|p| p.overlaps(&pattern)) {
+                targets.extend(entry.publishers.iter().cloned());
+            }
+        }
+    }
     targets.insert(shared.me.clone());
+    while targets.len() > MAX_TARGETS {
+        targets.pop_last();
+    }
     targets
 }
 
@@ -1203,20 +1225,21 @@ async fn withdraw(shared: &Arc<Shared>, patterns: Vec<TopicPattern>) {
         }
     }
     let deadline = lock(&shared.config).announce_timeout;
+    let targets = targets(shared, &patterns).await;
     let mut set = JoinSet::new();
     for chunk in patterns.chunks(MAX_PATTERNS) {
         let body = Announcement::Unsubscribe {
             patterns: chunk.to_vec(),
         }
         .encode();
-        for target in targets(shared) {
-            if target == shared.me {
+        for target in &targets {
+            if *target == shared.me {
                 continue;
             }
             set.spawn(
                 shared
                     .domus
-                    .destination_on(&target, TOPICS_TABERNA)
+                    .destination_on(target, TOPICS_TABERNA)
                     .send_with(
                         MessageType(UNSUBSCRIBE_TYPE),
                         body.clone(),
@@ -1290,9 +1313,11 @@ async fn serve(shared: Arc<Shared>, taberna: Taberna, mut events: crate::reporti
                 let held = lock(&shared.local).patterns();
                 if !held.is_empty() && background.len() < 64 {
                     let shared = shared.clone();
-                    let targets = targets(&shared);
                     let patterns: Vec<TopicPattern> = held.into_iter().collect();
-                    background.spawn(async move { announce(&shared, &targets, &patterns).await; });
+                    background.spawn(async move {
+                        let targets = targets(&shared, &patterns).await;
+                        announce(&shared, &targets, &patterns).await;
+                    });
                 }
             }
             event = events.recv(), if events_open => match event {
