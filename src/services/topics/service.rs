@@ -861,6 +861,40 @@ impl Topics {
         Ok(subscription)
     }
 
+    /// Meets `peer`: opens a session with it (at the address the resolver gives for it) and
+    /// sends a hello (a SUBSCRIBE of no patterns), so that it announces its subscriptions to
+    /// this domus at once — for a publisher that has no session with its subscribers yet (a
+    /// client that dials a node, then publishes). Returns when the peer answered, within the
+    /// announce deadline; its announcements follow (see [`Topics::stats`]).
+    pub async fn meet(&self, peer: &DomusId) -> Result<(), Error> {
+        let shared = &self.inner.shared;
+        let (lease, deadline) = {
+            let config = lock(&shared.config);
+            (config.lease, config.announce_timeout)
+        };
+        let hello = Announcement::Subscribe {
+            lease,
+            patterns: Vec::new(),
+        }
+        .encode();
+        let answer = shared
+            .domus
+            .destination_on(peer, TOPICS_TABERNA)
+            .send_with(
+                MessageType(SUBSCRIBE_TYPE),
+                hello,
+                SendOptions::default().timeout(deadline),
+            )
+            .await?;
+        match answer {
+            Delivery::Replied(_) => Ok(()),
+            Delivery::Accepted => Err(Error::new(
+                ErrorId::DecodeFailure,
+                "the peer accepted the hello without grants",
+            )),
+        }
+    }
+
     /// A [`Publisher`] for `topic` (an exact topic: no wildcards).
     pub fn publisher(&self, topic: &str) -> Result<Publisher, Error> {
         let topic =
@@ -1293,7 +1327,14 @@ async fn serve(shared: Arc<Shared>, taberna: Taberna, mut events: crate::reporti
         tokio::select! {
             request = taberna.recv() => {
                 let Some(request) = request else { return };
-                handle(&shared, request);
+                if let Some(peer) = handle(&shared, request) {
+                    let held: Vec<TopicPattern> = lock(&shared.local).patterns().into_iter().collect();
+                    if !held.is_empty() && background.len() < 64 {
+                        let shared = shared.clone();
+                        let targets = BTreeSet::from([peer]);
+                        background.spawn(async move { announce(&shared, &targets, &held).await; });
+                    }
+                }
             }
             () = shared.changed.notified() => {
                 let gone: Vec<TopicPattern> = {
@@ -1355,16 +1396,21 @@ fn expire(shared: &Shared) {
     });
 }
 
-/// One request to the service's taberna.
-fn handle(shared: &Arc<Shared>, request: TabernaRequest) {
+/// One request to the service's taberna; the peer to announce this domus's subscriptions to
+/// when it sent a hello.
+fn handle(shared: &Arc<Shared>, request: TabernaRequest) -> Option<DomusId> {
     let msg_type = request.message_type().0;
     let peer = request.peer().id().clone();
     match msg_type {
         SUBSCRIBE_TYPE | UNSUBSCRIBE_TYPE => {
             match Announcement::decode(msg_type, request.payload().clone()) {
                 Ok(Announcement::Subscribe { lease, patterns }) => {
+                    let hello = patterns.is_empty();
                     let grants = hold(shared, &peer, lease, &patterns);
                     request.reply(grants.encode());
+                    if hello && peer != shared.me {
+                        return Some(peer);
+                    }
                 }
                 Ok(Announcement::Unsubscribe { patterns }) => {
                     let mut membership = lock(&shared.membership);
@@ -1380,6 +1426,7 @@ fn handle(shared: &Arc<Shared>, request: TabernaRequest) {
         PUBLISH_TYPE => deliver(shared, request),
         _ => request.reject(REJECT_MALFORMED, "not a topic service message"),
     }
+    None
 }
 
 /// Hands a copy to the oldest local subscription that matches its topic.

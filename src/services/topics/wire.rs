@@ -126,12 +126,13 @@ fn put_patterns(out: &mut BytesMut, patterns: &[TopicPattern]) {
     }
 }
 
-fn take_patterns(body: &mut Bytes) -> Result<Vec<TopicPattern>, WireError> {
+/// Reads `count u16` and that many patterns; `count` from `min` to [`MAX_PATTERNS`].
+fn take_patterns(body: &mut Bytes, min: usize) -> Result<Vec<TopicPattern>, WireError> {
     if body.remaining() < 2 {
         return Err(WireError::Length);
     }
     let count = usize::from(body.get_u16());
-    if count == 0 || count > MAX_PATTERNS {
+    if count < min || count > MAX_PATTERNS {
         return Err(WireError::Count);
     }
     // Each pattern takes at least 3 bytes: a count past what the body can hold is refused
@@ -197,11 +198,13 @@ impl Announcement {
         match msg_type {
             SUBSCRIBE_TYPE => {
                 let lease = take_lease(&mut body)?;
-                let patterns = take_patterns(&mut body)?;
+                // No patterns: a hello (the publisher answers empty grants and announces its
+                // own subscriptions back).
+                let patterns = take_patterns(&mut body, 0)?;
                 finish(&body, Announcement::Subscribe { lease, patterns })
             }
             UNSUBSCRIBE_TYPE => {
-                let patterns = take_patterns(&mut body)?;
+                let patterns = take_patterns(&mut body, 1)?;
                 finish(&body, Announcement::Unsubscribe { patterns })
             }
             _ => Err(WireError::Type),
@@ -228,7 +231,7 @@ impl Grants {
             return Err(WireError::Length);
         }
         let count = usize::from(body.get_u16());
-        if count == 0 || count > MAX_PATTERNS {
+        if count > MAX_PATTERNS {
             return Err(WireError::Count);
         }
         if body.remaining() != count {
@@ -320,6 +323,21 @@ mod tests {
         assert_eq!(&back.payload[..], b"hi");
         // Zero-copy: the payload is the tail of the body.
         assert_eq!(back.payload.as_ptr(), body[body.len() - 2..].as_ptr());
+        // A SUBSCRIBE of no patterns is a hello; its grants are empty.
+        let hello = Announcement::Subscribe {
+            lease: Duration::from_secs(1),
+            patterns: Vec::new(),
+        };
+        assert_eq!(&hello.encode()[..], &[0, 0, 0x03, 0xe8, 0, 0]);
+        assert_eq!(
+            Announcement::decode(SUBSCRIBE_TYPE, hello.encode()),
+            Ok(hello)
+        );
+        let none = Grants {
+            lease: Duration::from_secs(1),
+            verdicts: Vec::new(),
+        };
+        assert_eq!(Grants::decode(none.encode()), Ok(none));
         // The example of docs/wire-protocol.md.
         let body = Publication::encode(&Topic::new("a.b").unwrap(), 0x0100_0001, b"hi");
         assert_eq!(&body[..], &[0, 3, b'a', b'.', b'b', 1, 0, 0, 1, b'h', b'i']);
@@ -334,7 +352,7 @@ mod tests {
                 &[0, 0, 0, 0, 0, 1, 0, 1, b'a'],
                 WireError::Lease,
             ),
-            (SUBSCRIBE_TYPE, &[0, 0, 0, 1, 0, 0], WireError::Count),
+            (UNSUBSCRIBE_TYPE, &[0, 0], WireError::Count),
             (SUBSCRIBE_TYPE, &[0, 0, 0, 1, 0xff, 0xff], WireError::Count),
             (
                 SUBSCRIBE_TYPE,
