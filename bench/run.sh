@@ -7,8 +7,8 @@
 #
 # Knobs (all optional; see README.md for the full list):
 #   MB_IMPLS="raw aurelia tonic vicus"      which implementations
-#   MB_WORKLOADS="w1_64 w1_1k w2 w3 w4 w5 w6 m1 m2"  which workloads (w6: raw, tonic, vicus;
-#                                           m1/m2: whichever impls provide them, the rest skip)
+#   MB_WORKLOADS="w1_64 w1_1k w2 w3 w4 w5 w6 w7 m1 m2"  which workloads (w6, w7: raw, tonic,
+#                                           vicus; m1/m2: whichever impls provide them, the rest skip)
 #   MB_ALLOC_IMPLS="raw tonic vicus"        impls whose allocations per message are counted (the
 #                                           `alloc` workload, in binaries built with dhat as the
 #                                           allocator, in $CARGO_TARGET_DIR-dhat; "" = none)
@@ -17,13 +17,14 @@
 #   MB_SVG_DIR=../docs/perf                 where the charts go ("" = no charts)
 #   MB_MAX_SECS=20      cap per timed phase (0 = run the full requested sizes)
 #   MB_TIMEOUT_S=150    per-workload timeout inside the process
-#   MB_W1_MSGS, MB_W2_ITERS, MB_W3_BYTES, MB_W4_CONNS, MB_W5_CLIENTS, MB_W5_MSGS, ...
+#   MB_W1_MSGS, MB_W2_ITERS, MB_W3_BYTES, MB_W4_CONNS, MB_W5_CLIENTS, MB_W5_MSGS,
+#   MB_W7_SUBSCRIBERS, MB_W7_PUBLISHES, ...
 set -uo pipefail
 
 cd "$(dirname "$0")"
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-/tmp/meshbench-target}"
 IMPLS="${MB_IMPLS:-raw aurelia tonic vicus}"
-WORKLOADS="${MB_WORKLOADS:-w1_64 w1_1k w2 w3 w4 w5 w6 m1 m2}"
+WORKLOADS="${MB_WORKLOADS:-w1_64 w1_1k w2 w3 w4 w5 w6 w7 m1 m2}"
 ALLOC_IMPLS="${MB_ALLOC_IMPLS-raw tonic vicus}"
 SOAK="${MB_SOAK:-0}"
 OUT="${MB_RESULTS:-results/latest.jsonl}"

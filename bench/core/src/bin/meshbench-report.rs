@@ -235,6 +235,13 @@ const CHARTS: &[Chart] = &[
             ("loaded p99", "p99_us"),
         ],
     },
+    Chart {
+        workload: "w7",
+        title: "W7 fan-out, 1 publisher to 16 subscribers, 64 B, each copy acknowledged (raw: not)",
+        unit: "publishes/s",
+        higher_is_better: true,
+        series: &[("publishes/s", "publishes_per_s")],
+    },
 ];
 
 /// The colour of each implementation's bars (stable across charts).
@@ -583,6 +590,43 @@ fn main() {
         );
     }
 
+    if res.keys().any(|(_, w)| w == "w7") {
+        let mut rows = Vec::new();
+        for i in &impl_order {
+            if !res.contains_key(&(i.clone(), "w7".to_string())) {
+                continue;
+            }
+            rows.push(vec![
+                i.clone(),
+                cell(i, "w7", &|o| {
+                    num(o, "subscribers").map(|v| format!("{v:.0}"))
+                }),
+                cell(i, "w7", &|o| num(o, "publishes_per_s").map(human)),
+                cell(i, "w7", &|o| num(o, "copies_per_s").map(human)),
+                cell(i, "w7", &|o| {
+                    num(o, "cpu_us_per_publish").map(|v| format!("{v:.1}"))
+                }),
+                cell(i, "w7", &|o| num(o, "cpu_s").map(|v| format!("{v:.2}"))),
+                cell(i, "w7", &|o| {
+                    num(o, "peak_rss_kib").map(|k| format!("{:.1}", k / 1024.0))
+                }),
+            ]);
+        }
+        print_table(
+            "W7: fan-out, one publisher to N subscribers, every copy acknowledged by its subscriber (raw: counted per batch)",
+            &[
+                "impl",
+                "subscribers",
+                "publishes/s",
+                "copies/s",
+                "CPU us/publish",
+                "cpu_s",
+                "peak RSS MiB",
+            ],
+            &rows,
+        );
+    }
+
     let wl = ["w1_64", "w1_1k", "w2", "w3", "w4", "w5"];
     let mut rows = Vec::new();
     for i in &impl_order {
@@ -715,6 +759,9 @@ fn main() {
             ("W5 msg/s", "w5", "msgs_per_s", true),
             ("W5 peak RSS", "w5", "peak_rss_kib", false),
             ("W6 loaded p99", "w6", "p99_us", false),
+            ("W7 publishes/s", "w7", "publishes_per_s", true),
+            ("W7 CPU/publish", "w7", "cpu_us_per_publish", false),
+            ("W7 peak RSS", "w7", "peak_rss_kib", false),
             ("M1 KiB/idle peer", "m1", "kib_per_idle_peer", false),
             ("allocs/msg W1", "alloc", "w1_allocs_per_msg", false),
             ("allocs/rt W2", "alloc", "w2_allocs_per_rt", false),
@@ -759,6 +806,7 @@ fn main() {
         } else {
             if flag(o, "capped") {
                 let done = num(o, "msgs")
+                    .or(num(o, "publishes"))
                     .or(num(o, "iters"))
                     .or(num(o, "bytes"))
                     .or(num(o, "conns"))
