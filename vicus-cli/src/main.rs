@@ -13,10 +13,12 @@ mod client;
 mod demo;
 mod http;
 mod node;
+mod node_topics;
 mod output;
 mod ping;
 mod send;
 mod top;
+mod topics;
 
 use clap::{Parser, Subcommand};
 
@@ -43,6 +45,11 @@ enum Command {
     Node(node::NodeArgs),
     /// Send one message, or a file as a blob, to a taberna and print the outcome.
     Send(send::SendArgs),
+    /// Publish a message to a topic: reaches the subscribers a node announces to this client
+    /// (its [topics] subscriptions), with each one's outcome.
+    Pub(topics::PubArgs),
+    /// Subscribe to a topic pattern at a node and print each copy it publishes.
+    Sub(topics::SubArgs),
     /// Round-trip times to a taberna, with min, p50, p99 and max at the end.
     Ping(ping::PingArgs),
     /// Load a node: pipelined one-way sends and request/reply round trips, with the figures
@@ -67,6 +74,8 @@ fn main() -> std::process::ExitCode {
         Command::Bench(args) => client::block_on(bench::run(args, out)),
         Command::Top(args) => client::block_on(top::run(args, out)),
         Command::Demo(args) => client::block_on(demo::run(args, out)),
+        Command::Pub(args) => client::block_on(topics::run_pub(args, out)),
+        Command::Sub(args) => client::block_on(topics::run_sub(args, out)),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -93,6 +93,18 @@ the first [table]; any key not listed here is an error):
   [reporting]                      # optional: serve reports to these identities (vicus top)
   allow = ["spiffe://vicus.dev/domus/ops"]
 
+  [topics]                         # optional: publish/subscribe (vicus::services::topics)
+  publishers = []                  # also announce subscriptions to these identities
+  # lease = "30s"                  # subscriptions are renewed every third of it
+  subscribe = [{ pattern = "orders.>", behaviour = "log" }]   # log, sink or echo
+  # rules = [{ action = "publish", topics = ">", who = "*" }] # who: "*", an identity, or a
+                                   # prefix ending in *; default: any authenticated peer may
+                                   # publish and subscribe to anything
+  [[taberna]]
+  id = 12
+  behaviour = "publish"            # publish each message to `topic`; reply with a summary
+  topic = "orders.new"             # ({"topic","recipients","delivered"}); needs [topics]
+
   [http]                           # optional: the HTTP gateway (vicus::gateway)
   bind = "127.0.0.1:7080"          # the default; any other than loopback needs tokens
   token_file = "http-tokens"       # one bearer token a line (16+ visible ASCII characters);
@@ -137,6 +149,7 @@ struct RawConfig {
     dns: Option<Spanned<RawDns>>,
     reporting: Option<Spanned<RawReporting>>,
     http: Option<Spanned<crate::http::RawHttp>>,
+    topics: Option<Spanned<crate::node_topics::RawTopics>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -157,6 +170,7 @@ struct RawTaberna {
     #[serde(alias = "behavior")]
     behaviour: Behaviour,
     to: Option<u64>,
+    topic: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -201,6 +215,9 @@ enum Behaviour {
     Log,
     /// Sends the request on to another taberna and relays its answer.
     Forward,
+    /// Publishes the request to a topic (needs `[topics]`) and replies with how many
+    /// subscribers took it.
+    Publish,
 }
 
 impl Behaviour {
@@ -210,6 +227,7 @@ impl Behaviour {
             Self::Sink => "sink",
             Self::Log => "log",
             Self::Forward => "forward",
+            Self::Publish => "publish",
         }
     }
 }
@@ -223,6 +241,9 @@ struct NodeConfig {
     routes: Routes,
     reporting_allow: Option<Vec<DomusId>>,
     http: Option<crate::http::Http>,
+    topics: Option<crate::node_topics::TopicsSpec>,
+    /// The topics of `publish` tabernas (each spec's `topic` indexes this).
+    publish_topics: Vec<String>,
 }
 
 #[derive(Debug)]
@@ -240,6 +261,8 @@ struct TabernaSpec {
     behaviour: Behaviour,
     /// For `forward`: where to.
     to: Option<TabernaId>,
+    /// For `publish`: the topic, as an index into `NodeConfig::publish_topics`.
+    topic: Option<usize>,
 }
 
 #[derive(Debug)]
@@ -356,6 +379,7 @@ fn check(src: &Source<'_>, raw: RawConfig) -> Result<NodeConfig, CliError> {
     };
 
     let mut tabernas: Vec<TabernaSpec> = Vec::with_capacity(raw.taberna.len());
+    let mut publish_topics: Vec<String> = Vec::new();
     for t in &raw.taberna {
         let span = t.span();
         let t = t.get_ref();
@@ -397,10 +421,48 @@ fn check(src: &Source<'_>, raw: RawConfig) -> Result<NodeConfig, CliError> {
             }
             (_, None) => None,
         };
+        let topic = match (t.behaviour, &t.topic) {
+            (Behaviour::Publish, Some(topic)) => {
+                if raw.topics.is_none() {
+                    return Err(src.at(
+                        &span,
+                        format!(
+                            "[[taberna]] id = {}: behaviour \"publish\" needs a [topics] table",
+                            t.id
+                        ),
+                    ));
+                }
+                vicus::services::topics::Topic::new(topic.get_ref().as_str())
+                    .map_err(|e| src.at(&topic.span(), format!("[[taberna]] topic: {e}")))?;
+                publish_topics.push(topic.get_ref().clone());
+                Some(publish_topics.len() - 1)
+            }
+            (Behaviour::Publish, None) => {
+                return Err(src.at(
+                    &span,
+                    format!(
+                        "[[taberna]] id = {}: behaviour \"publish\" needs `topic = \"a.b\"`",
+                        t.id
+                    ),
+                ));
+            }
+            (other, Some(topic)) => {
+                return Err(src.at(
+                    &topic.span(),
+                    format!(
+                        "[[taberna]] id = {}: `topic` is only for behaviour \"publish\", not \"{}\"",
+                        t.id,
+                        other.name()
+                    ),
+                ));
+            }
+            (_, None) => None,
+        };
         tabernas.push(TabernaSpec {
             id: TabernaId(t.id),
             behaviour: t.behaviour,
             to,
+            topic,
         });
     }
 
@@ -505,6 +567,12 @@ fn check(src: &Source<'_>, raw: RawConfig) -> Result<NodeConfig, CliError> {
         )?),
     };
 
+    let topics = match raw.topics {
+        Some(table) => Some(crate::node_topics::check(table, &|span, message| {
+            src.at(span, message)
+        })?),
+        None => None,
+    };
     Ok(NodeConfig {
         bind,
         tls,
@@ -512,6 +580,8 @@ fn check(src: &Source<'_>, raw: RawConfig) -> Result<NodeConfig, CliError> {
         routes,
         reporting_allow,
         http,
+        topics,
+        publish_topics,
     })
 }
 
@@ -615,8 +685,26 @@ pub async fn run(args: NodeArgs, out: Output) -> Result<(), CliError> {
     let mut errors = reporting.errors();
 
     let mut handlers = JoinSet::new();
+    let topics = match config.topics.take() {
+        Some(spec) => {
+            let described = spec.describe();
+            let topics = crate::node_topics::start(&domus, spec, out, &mut handlers)
+                .await
+                .map_err(|e| CliError::new(format!("{cfg}: [topics]: {e}")))?;
+            Some((topics, described))
+        }
+        None => None,
+    };
     let mut tallies = Vec::new();
     for spec in &config.tabernas {
+        let publisher = match (spec.topic, &topics) {
+            (Some(i), Some((topics, _))) => Some(
+                topics
+                    .publisher(&config.publish_topics[i])
+                    .map_err(|e| CliError::new(format!("{cfg}: [[taberna]] topic: {e}")))?,
+            ),
+            _ => None,
+        };
         let taberna = domus
             .taberna(spec.id)
             .map_err(|e| CliError::new(format!("{cfg}: [[taberna]] id = {}: {e}", spec.id.0)))?;
@@ -634,7 +722,15 @@ pub async fn run(args: NodeArgs, out: Output) -> Result<(), CliError> {
                 while work.len() >= MAX_WORK_PER_TABERNA {
                     let _ = work.join_next().await;
                 }
-                handle(&domus, spec, &tally, request, out, &mut work);
+                handle(
+                    &domus,
+                    spec,
+                    publisher.as_ref(),
+                    &tally,
+                    request,
+                    out,
+                    &mut work,
+                );
             }
             while work.join_next().await.is_some() {}
         });
@@ -687,14 +783,16 @@ pub async fn run(args: NodeArgs, out: Output) -> Result<(), CliError> {
     let taberna_list: Vec<String> = config
         .tabernas
         .iter()
-        .map(|t| match t.to {
-            Some(to) => format!("{} forward to {}", t.id.0, to.0),
-            None => format!("{} {}", t.id.0, t.behaviour.name()),
+        .map(|t| match (t.to, t.topic) {
+            (Some(to), _) => format!("{} forward to {}", t.id.0, to.0),
+            (_, Some(i)) => format!("{} publish to {}", t.id.0, config.publish_topics[i]),
+            _ => format!("{} {}", t.id.0, t.behaviour.name()),
         })
         .collect();
+    let topic_subscriptions = topics.as_ref().map(|(_, described)| described.clone());
     out.result(
         &format!(
-            "vicus node {} listening on {addr} (tabernas: {}; {}{}{}{})",
+            "vicus node {} listening on {addr} (tabernas: {}; {}{}{}{}{})",
             out.bold(domus.identity().as_str()),
             if taberna_list.is_empty() {
                 "none".to_owned()
@@ -716,6 +814,17 @@ pub async fn run(args: NodeArgs, out: Output) -> Result<(), CliError> {
                 .as_ref()
                 .map(|a| format!("; HTTP gateway on {http_scheme}://{a}"))
                 .unwrap_or_default(),
+            topic_subscriptions
+                .as_ref()
+                .map(|s| format!(
+                    "; topics on, subscribed: {}",
+                    if s.is_empty() {
+                        "none".to_owned()
+                    } else {
+                        s.join(", ")
+                    }
+                ))
+                .unwrap_or_default(),
         ),
         &json!({
             "event": "started",
@@ -725,7 +834,9 @@ pub async fn run(args: NodeArgs, out: Output) -> Result<(), CliError> {
                 "id": t.id.0,
                 "behaviour": t.behaviour.name(),
                 "to": t.to.map(|to| to.0),
+                "topic": t.topic.map(|i| config.publish_topics[i].clone()),
             })).collect::<Vec<_>>(),
+            "topics": topic_subscriptions,
             "routes": config.routes.describe(),
             "watch": config.tls.watch.is_some(),
             "reporting": config.reporting_allow.is_some(),
@@ -788,6 +899,7 @@ pub async fn run(args: NodeArgs, out: Output) -> Result<(), CliError> {
 fn handle(
     domus: &Domus,
     spec: TabernaSpec,
+    publisher: Option<&vicus::services::topics::Publisher>,
     tally: &Arc<Tally>,
     mut request: TabernaRequest,
     out: Output,
@@ -802,6 +914,10 @@ fn handle(
                 400,
                 "this taberna forwards messages, not blobs: send the blob to the taberna it forwards to",
             );
+            return;
+        }
+        if spec.behaviour == Behaviour::Publish {
+            request.reject(400, "this taberna publishes messages to a topic, not blobs");
             return;
         }
         if spec.behaviour == Behaviour::Log {
@@ -875,6 +991,28 @@ fn handle(
                 }
             });
         }
+        Behaviour::Publish => {
+            let Some(publisher) = publisher else {
+                request.reject(500, "publish has no topic service");
+                return;
+            };
+            let (parts, answer_handle) = request.into_parts();
+            let report =
+                publisher.publish_with_headers(parts.message_type, parts.payload, parts.headers);
+            work.spawn(async move {
+                match report.await {
+                    Ok(report) => {
+                        let summary = json!({
+                            "topic": report.topic().as_str(),
+                            "recipients": report.recipients(),
+                            "delivered": report.delivered(),
+                        });
+                        answer_handle.reply(bytes::Bytes::from(summary.to_string()));
+                    }
+                    Err(e) => answer_handle.reject(e.id().as_u32(), &format!("publish: {e}")),
+                }
+            });
+        }
     }
 }
 
@@ -923,7 +1061,7 @@ async fn read_blob(
 
 /// The first bytes of a payload, quoted, printable ASCII as is and the rest escaped (a peer
 /// must not be able to write terminal escapes to our output).
-fn head(payload: &[u8]) -> String {
+pub(crate) fn head(payload: &[u8]) -> String {
     let mut shown = String::from("\"");
     for &b in payload.iter().take(LOG_HEAD_LEN) {
         match b {

@@ -1320,7 +1320,8 @@ async fn serve(shared: Arc<Shared>, taberna: Taberna, mut events: crate::reporti
         let lease = lock(&shared.config).lease;
         (lease / 3).max(Duration::from_millis(10))
     };
-    let mut renew = tokio::time::interval(renew_every);
+    // The first renewal one period from now: subscribe() announced already.
+    let mut renew = tokio::time::interval_at(Instant::now() + renew_every, renew_every);
     renew.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut events_open = true;
     loop {
