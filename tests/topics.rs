@@ -539,3 +539,88 @@ async fn the_resolver_names_the_publishers_of_a_topic() {
     })
     .await;
 }
+
+/// The topic service's figures are in the domus's snapshot and in the reporting service's
+/// report (what `vicus top` draws), and leave the snapshot when the service stops.
+#[tokio::test]
+async fn the_snapshot_and_the_reporting_service_show_topics() {
+    use vicus::services::reporting::{self, REPORTING_TABERNA, ReportRequest};
+    within(async {
+        let mut mesh = default_mesh();
+        let nodes = build(&mut mesh, &["hub", "sub", "ops"]).await;
+        assert!(nodes[0].reporting().snapshot().topics.is_none());
+        let hub = Topics::start(&nodes[0], TopicsConfig::default()).expect("start");
+        let sub = Topics::start(&nodes[1], config_with_publishers(&[&nodes[0]])).expect("start");
+        let _a = sub.subscribe("a.>").await.expect("subscribe");
+        let _b = sub.subscribe("b.c").await.expect("subscribe");
+        let _own = hub.subscribe("a.>").await.expect("subscribe");
+        let figures = nodes[0].reporting().snapshot().topics.expect("figures");
+        assert_eq!(figures.subscriptions, 3);
+        assert_eq!(figures.subscribers, 2);
+        assert_eq!(figures.local_subscriptions, 1);
+        assert_eq!(
+            figures.patterns,
+            vec![("a.>".to_owned(), 2), ("b.c".to_owned(), 1)]
+        );
+        let _service = reporting::serve(&nodes[0], [nodes[2].identity().clone()]).expect("serve");
+        mesh.route(REPORTING_TABERNA, &nodes[0]).expect("route");
+        let report = reporting::fetch(&nodes[2], ReportRequest::default(), Duration::from_secs(5))
+            .await
+            .expect("report");
+        let topics = report.topics.expect("topics in the report");
+        assert_eq!((topics.subscriptions, topics.subscribers), (3, 2));
+        assert_eq!(topics.patterns[0], ("a.>".to_owned(), 2));
+        drop(_own);
+        drop(hub);
+        assert!(nodes[0].reporting().snapshot().topics.is_none());
+        mesh.shutdown().await;
+    })
+    .await;
+}
+
+/// A peer that runs no topic service is announced to once (it answers `UnknownTaberna`)
+/// and then skipped until it connects anew, so renewals do not keep failing against it.
+#[tokio::test]
+async fn a_peer_without_the_service_is_not_announced_to_again() {
+    within(async {
+        let mut mesh = default_mesh();
+        let nodes = build(&mut mesh, &["topical", "plain"]).await;
+        let plain_taberna = nodes[1].taberna(vicus::TabernaId(5)).expect("taberna");
+        mesh.route(vicus::TabernaId(5), &nodes[1]).expect("route");
+        let send = tokio::spawn(nodes[0].send(
+            vicus::TabernaId(5),
+            TICK,
+            Bytes::new(),
+            vicus::SendOptions::default(),
+        ));
+        plain_taberna
+            .recv_timeout(Duration::from_secs(5))
+            .await
+            .expect("request")
+            .accept();
+        send.await
+            .expect("task")
+            .expect("a session with the plain peer");
+        let topics = Topics::start(&nodes[0], TopicsConfig::default()).expect("start");
+        let first = topics.subscribe("x").await.expect("subscribe");
+        match first
+            .grants()
+            .iter()
+            .find(|(p, _)| p == nodes[1].identity())
+        {
+            Some((_, Grant::Failed(e))) => assert_eq!(e.id(), ErrorId::UnknownTaberna),
+            other => panic!("{other:?}"),
+        }
+        let second = topics.subscribe("y").await.expect("subscribe");
+        assert!(
+            second
+                .grants()
+                .iter()
+                .all(|(p, _)| p != nodes[1].identity()),
+            "{:?}",
+            second.grants()
+        );
+        mesh.shutdown().await;
+    })
+    .await;
+}

@@ -42,7 +42,7 @@ pub use feeds::{
 pub use recorder::{LOG_LINES_PER_WINDOW, LOG_WINDOW};
 pub(crate) use recorder::{LogKind, PeerCells, Recorder, TurnCounts};
 pub(crate) use snapshot::Counter;
-pub use snapshot::{Counters, Gauge, Latency, PeerReport, Snapshot};
+pub use snapshot::{Counters, Gauge, Latency, PeerReport, Snapshot, TopicsFigures};
 
 /// What a domus is doing: metrics, events and errors. From
 /// [`Domus::reporting`](crate::Domus::reporting); cheap to clone.
@@ -62,6 +62,11 @@ impl Reporting {
     /// latency restart from here.
     pub fn snapshot_and_reset(&self) -> Snapshot {
         self.recorder.snapshot(true)
+    }
+
+    /// Sets (or clears) where the topic service's figures are read for snapshots.
+    pub(crate) fn set_topics(&self, source: Option<recorder::TopicsSource>) {
+        self.recorder.set_topics(source);
     }
 
     /// Subscribes to the event feed (events from now on).

@@ -123,6 +123,10 @@ pub(crate) struct PeerCells {
 }
 
 /// The shared recorder behind [`Reporting`](super::Reporting).
+/// Reads the topic service's figures; `None` once the service is gone.
+pub(crate) type TopicsSource =
+    Box<dyn Fn() -> Option<super::snapshot::TopicsFigures> + Send + Sync>;
+
 pub(crate) struct Recorder {
     /// The domus's id, as a label for exported metrics and for
     /// [`Reporting::identity`](super::Reporting::identity).
@@ -147,6 +151,8 @@ pub(crate) struct Recorder {
     crypto_provider: std::sync::OnceLock<&'static str>,
     /// Reads the reply bytes the domus keeps (its reply budget), once the domus has one.
     retained_replies: std::sync::OnceLock<Box<dyn Fn() -> u64 + Send + Sync>>,
+    /// Reads the topic service's figures while it runs (it sets and clears this).
+    topics: Mutex<Option<TopicsSource>>,
     /// The feeds, made on the first subscription (each holds `EVENT_BUFFER_LEN` slots; a
     /// domus nobody listens to need not pay for them).
     pub(super) events: std::sync::OnceLock<broadcast::Sender<Event>>,
@@ -204,6 +210,7 @@ impl Recorder {
             listener: std::sync::OnceLock::new(),
             crypto_provider: std::sync::OnceLock::new(),
             retained_replies: std::sync::OnceLock::new(),
+            topics: Mutex::new(None),
             events: std::sync::OnceLock::new(),
             errors: std::sync::OnceLock::new(),
             ring: Mutex::new(ErrorRing {
@@ -287,6 +294,16 @@ impl Recorder {
     }
 
     /// Lets snapshots read the reply bytes the domus keeps.
+    /// Sets (or with `None` clears) where the topic service's figures are read.
+    pub(crate) fn set_topics(&self, source: Option<TopicsSource>) {
+        *self.topics.lock().unwrap_or_else(PoisonError::into_inner) = source;
+    }
+
+    fn topics_figures(&self) -> Option<super::snapshot::TopicsFigures> {
+        let guard = self.topics.lock().unwrap_or_else(PoisonError::into_inner);
+        guard.as_ref().and_then(|read| read())
+    }
+
     pub(crate) fn set_retained_replies(&self, read: Box<dyn Fn() -> u64 + Send + Sync>) {
         let _ = self.retained_replies.set(read);
     }
@@ -450,6 +467,7 @@ impl Recorder {
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .clone();
+        let topics = self.topics_figures();
         let mut base = self.base.lock().unwrap_or_else(PoisonError::into_inner);
         let counters = totals.minus(&base.counters);
         let interval = base.at.elapsed();
@@ -481,6 +499,7 @@ impl Recorder {
             retained_reply_bytes: self.retained_replies.get().map_or(0, |read| read()),
             interval,
             crypto_provider: self.crypto_provider(),
+            topics,
         };
         if reset {
             *base = Base {

@@ -237,4 +237,29 @@ pub struct Snapshot {
     /// The TLS crypto provider this domus runs on: `"aws-lc-rs"`, `"ring"`, or `"custom"`
     /// (one passed to `DomusBuilder::crypto_provider`).
     pub crypto_provider: &'static str,
+    /// The topic service's figures now, while it runs on this domus
+    /// ([`crate::services::topics`]).
+    pub topics: Option<TopicsFigures>,
+}
+
+/// What the topic service holds, as a [`Snapshot`] carries it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct TopicsFigures {
+    /// As a publisher: subscriptions held for other domus (and this one).
+    pub subscriptions: u64,
+    /// As a publisher: distinct subscribers among them.
+    pub subscribers: u64,
+    /// As a publisher: subscribers with a lane (copies sent recently).
+    pub lanes: u64,
+    /// As a subscriber: this domus's own subscriptions.
+    pub local_subscriptions: u64,
+    /// As a publisher: each pattern held and how many subscribers hold it, most held first
+    /// (at most [`TopicsFigures::MAX_PATTERNS`]).
+    pub patterns: Vec<(String, u64)>,
+}
+
+impl TopicsFigures {
+    /// The most patterns a snapshot lists.
+    pub const MAX_PATTERNS: usize = 64;
 }

@@ -88,6 +88,25 @@ pub struct RemoteReport {
     pub errors: Vec<ErrorReport>,
     /// Errors the domus's ring no longer held.
     pub errors_missed: u64,
+    /// The topic service's figures, when it runs on the domus (absent from reports of
+    /// domus before it).
+    #[serde(default)]
+    pub topics: Option<TopicsReport>,
+}
+
+/// The topic service's figures in a [`RemoteReport`].
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TopicsReport {
+    /// Subscriptions the domus holds as a publisher.
+    pub subscriptions: u64,
+    /// Distinct subscribers among them.
+    pub subscribers: u64,
+    /// Subscribers with a lane (copies sent recently).
+    pub lanes: u64,
+    /// The domus's own subscriptions.
+    pub local_subscriptions: u64,
+    /// Patterns held and how many subscribers hold each, most held first (at most 64).
+    pub patterns: Vec<(String, u64)>,
 }
 
 /// Latency figures of a [`RemoteReport`].
@@ -417,6 +436,13 @@ fn build(
             u64::try_from(snapshot.listener.pending_handshakes).unwrap_or(u64::MAX),
         ),
     ]);
+    let topics = snapshot.topics.as_ref().map(|t| TopicsReport {
+        subscriptions: t.subscriptions,
+        subscribers: t.subscribers,
+        lanes: t.lanes,
+        local_subscriptions: t.local_subscriptions,
+        patterns: t.patterns.clone(),
+    });
     let (events, events_missed) = ring.after(asked.events_after);
     let since = reporting.errors_since(asked.errors_after, MAX_ERRORS);
     RemoteReport {
@@ -450,6 +476,7 @@ fn build(
             })
             .collect(),
         errors_missed: since.missed,
+        topics,
     }
 }
 

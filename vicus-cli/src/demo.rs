@@ -7,6 +7,8 @@
 //! reads any blob to its end); one shared [`SimpleResolver`] routes them all. Each link sends
 //! `--rate` messages a second, alternately a request to the echo and a one-way send to the
 //! sink, and a 64 KiB blob every two seconds, at most [`MAX_IN_FLIGHT`] unanswered at once.
+//! Each node also runs the topic service, subscribes to `demo.>` and publishes
+//! `demo.<name>.tick` once a second: every tick reaches all three (its own node too).
 //!
 //! On a terminal the view is `vicus top`'s screen for the node chosen (Tab, ←/→, 1–3) under
 //! a table of all three; elsewhere it prints one line a second per node. At the end (the
@@ -31,6 +33,7 @@ use tokio::sync::watch;
 use tokio::task::JoinSet;
 use vicus::dev_certs::{DEV_TRUST_DOMAIN, DevCa};
 use vicus::services::reporting::{self, REPORTING_TABERNA, RemoteReport, ReportingService};
+use vicus::services::topics::{Publisher, Subscription, Topics, TopicsConfig};
 use vicus::{Delivery, Domus, DomusAddr, DomusId, SendOptions, SimpleResolver, Taberna, TabernaId};
 
 use crate::client::{MESSAGE_TYPE, client_domus, parse_duration};
@@ -232,6 +235,37 @@ pub async fn run(args: Args, out: Output) -> Result<(), CliError> {
     ));
 
     let (stop_tx, stop_rx) = watch::channel(false);
+    // A topic: every node subscribes to demo.> and publishes demo.<name>.tick once a second.
+    for n in &nodes {
+        routes.insert_domus(n.domus.identity().clone(), n.addr.clone());
+    }
+    let topic_tally = std::sync::Arc::new(TopicTally::default());
+    let mut topic_services = Vec::new();
+    for n in &nodes {
+        let mut config = TopicsConfig::default();
+        for other in nodes.iter().filter(|o| o.name != n.name) {
+            config = config.publisher(other.domus.identity().clone());
+        }
+        topic_services.push(Topics::start(&n.domus, config)?);
+    }
+    // Publishers stop with the traffic; subscribers once the publishers' last copies are
+    // answered.
+    let (receivers_stop, receivers_stop_rx) = watch::channel(false);
+    let mut publishers = JoinSet::new();
+    let mut receivers = JoinSet::new();
+    for (n, topics) in nodes.iter().zip(&topic_services) {
+        let sub = topics.subscribe("demo.>").await?;
+        receivers.spawn(receive_topic(
+            sub,
+            topic_tally.clone(),
+            receivers_stop_rx.clone(),
+        ));
+        publishers.spawn(publish_ticks(
+            topics.publisher(&format!("demo.{}.tick", n.name))?,
+            topic_tally.clone(),
+            stop_rx.clone(),
+        ));
+    }
     let mut links = JoinSet::new();
     for from in &nodes {
         for to in nodes.iter().filter(|n| n.name != from.name) {
@@ -259,6 +293,10 @@ pub async fn run(args: Args, out: Output) -> Result<(), CliError> {
 
     // The end: traffic stops first, then the figures are read, then everything shuts down.
     let _ = stop_tx.send(true);
+    while publishers.join_next().await.is_some() {}
+    let _ = receivers_stop.send(true);
+    while receivers.join_next().await.is_some() {}
+    drop(topic_services);
     let mut stats = Vec::new();
     while let Some(done) = links.join_next().await {
         match done {
@@ -268,7 +306,8 @@ pub async fn run(args: Args, out: Output) -> Result<(), CliError> {
     }
     stats.sort_by_key(|s| (position(s.from), position(s.to)));
     let elapsed = started.elapsed();
-    let summary = summarize(&nodes, &stats, elapsed, args.rate);
+    let mut summary = summarize(&nodes, &stats, elapsed, args.rate);
+    summary.topics = topic_tally.summary();
     for viewer in &viewers {
         viewer.shutdown().await;
     }
@@ -703,6 +742,91 @@ struct Summary {
     nodes: Vec<NodeSummary>,
     links: Vec<LinkStats>,
     total: Totals,
+    topics: TopicSummary,
+}
+
+/// The demo topic's figures.
+#[derive(Debug, Default, Clone, Copy, Serialize)]
+struct TopicSummary {
+    /// Publishes made (one a second per node).
+    publishes: u64,
+    /// Copies the publishers' reports listed.
+    copies: u64,
+    /// Copies the reports said were delivered.
+    delivered: u64,
+    /// Copies the subscriptions received.
+    received: u64,
+}
+
+/// Counts of the demo topic, shared by its tasks.
+#[derive(Debug, Default)]
+struct TopicTally {
+    publishes: std::sync::atomic::AtomicU64,
+    copies: std::sync::atomic::AtomicU64,
+    delivered: std::sync::atomic::AtomicU64,
+    received: std::sync::atomic::AtomicU64,
+}
+
+impl TopicTally {
+    fn summary(&self) -> TopicSummary {
+        use std::sync::atomic::Ordering::Relaxed;
+        TopicSummary {
+            publishes: self.publishes.load(Relaxed),
+            copies: self.copies.load(Relaxed),
+            delivered: self.delivered.load(Relaxed),
+            received: self.received.load(Relaxed),
+        }
+    }
+}
+
+/// Accepts every copy of the demo topic until the demo stops.
+async fn receive_topic(
+    mut sub: Subscription,
+    tally: std::sync::Arc<TopicTally>,
+    mut stop: watch::Receiver<bool>,
+) {
+    loop {
+        tokio::select! {
+            copy = sub.recv() => match copy {
+                Some(copy) => {
+                    tally.received.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    copy.accept();
+                }
+                None => return,
+            },
+            _ = stop.changed() => break,
+        }
+    }
+    sub.unsubscribe().await;
+}
+
+/// Publishes a tick a second until the demo stops.
+async fn publish_ticks(
+    publisher: Publisher,
+    tally: std::sync::Arc<TopicTally>,
+    mut stop: watch::Receiver<bool>,
+) {
+    use std::sync::atomic::Ordering::Relaxed;
+    let mut every = tokio::time::interval(Duration::from_secs(1));
+    let mut n = 0u64;
+    loop {
+        tokio::select! {
+            _ = every.tick() => {}
+            _ = stop.changed() => return,
+        }
+        n += 1;
+        // Bounded by the copies' deadline; the demo waits for the last report.
+        let report = publisher
+            .publish(MESSAGE_TYPE, Bytes::from(format!("tick {n}")))
+            .await;
+        tally.publishes.fetch_add(1, Relaxed);
+        if let Ok(report) = report {
+            tally.copies.fetch_add(report.recipients() as u64, Relaxed);
+            tally
+                .delivered
+                .fetch_add(report.delivered() as u64, Relaxed);
+        }
+    }
 }
 
 #[derive(Debug, Serialize)]
@@ -760,6 +884,7 @@ fn summarize(nodes: &[Node], links: &[LinkStats], elapsed: Duration, rate: u32) 
         nodes,
         links: links.to_vec(),
         total,
+        topics: TopicSummary::default(),
     }
 }
 
@@ -799,6 +924,10 @@ fn summary_text(s: &Summary, out: Output) -> String {
         s.total.messages_received,
         s.total.answers,
         s.total.failed
+    ));
+    lines.push(format!(
+        "topic demo.>: {} publishes, {} of {} copies delivered, {} received",
+        s.topics.publishes, s.topics.delivered, s.topics.copies, s.topics.received
     ));
     lines.push(format!(
         "links (answered/sent): {}",

@@ -234,6 +234,8 @@ pub struct View {
     pub errors_missed: u64,
     /// A problem with the last refresh (shown in the header), e.g. the node is unreachable.
     pub status: Option<String>,
+    /// The topic service's figures, when it runs on the node.
+    pub topics: Option<vicus::services::reporting::TopicsReport>,
 }
 
 impl View {
@@ -314,6 +316,7 @@ impl View {
             errors: current.errors.clone(),
             errors_missed: current.errors_missed,
             status: None,
+            topics: current.topics.clone(),
         }
     }
 
@@ -491,8 +494,14 @@ fn opt<T>(v: Option<T>, f: impl FnOnce(T) -> String) -> String {
 /// The header's gauge line: peers, calles, blob streams.
 fn gauge_line(view: &View) -> String {
     let g = |name: &str| view.gauges.get(name).copied().unwrap_or(0);
+    let topics = view.topics.as_ref().map_or_else(String::new, |t| {
+        format!(
+            " · topics: {} subscriptions from {} subscribers, {} own",
+            t.subscriptions, t.subscribers, t.local_subscriptions
+        )
+    });
     format!(
-        "peers {} · primary calles {} · blob calles {} · blob streams {} · pending handshakes {} · retained replies {}",
+        "peers {} · primary calles {} · blob calles {} · blob streams {} · pending handshakes {} · retained replies {}{topics}",
         g("peers"),
         g("primary_calles"),
         g("blob_calles"),
@@ -500,6 +509,20 @@ fn gauge_line(view: &View) -> String {
         g("pending_handshakes"),
         fmt_bytes(g("retained_reply_bytes") as f64),
     )
+}
+
+/// The topic patterns held and their subscribers (text mode), when the node runs topics.
+fn topics_line(view: &View) -> Option<String> {
+    let t = view.topics.as_ref()?;
+    if t.patterns.is_empty() {
+        return Some("topics: no subscriptions held".to_owned());
+    }
+    let list: Vec<String> = t
+        .patterns
+        .iter()
+        .map(|(p, n)| format!("{p} ({n})"))
+        .collect();
+    Some(format!("topics: {}", list.join(", ")))
 }
 
 fn latency_line(view: &View) -> String {
@@ -625,6 +648,9 @@ pub fn text(view: &View) -> String {
         line(format!("status: {status}"));
     }
     line(gauge_line(view));
+    if let Some(topics) = topics_line(view) {
+        line(topics);
+    }
     line(latency_line(view));
     line(String::new());
     line(format!("Traffic  {:>10}  {:>12}", "per second", "total"));

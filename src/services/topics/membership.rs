@@ -210,6 +210,11 @@ impl<S: Clone + Ord> Membership<S> {
         self.len == 0
     }
 
+    /// How many distinct subscribers hold a subscription.
+    pub fn subscriber_count(&self) -> usize {
+        self.by_subscriber.len()
+    }
+
     /// How many patterns `subscriber` holds.
     pub fn held_by(&self, subscriber: &S) -> usize {
         self.by_subscriber.get(subscriber).map_or(0, BTreeMap::len)

@@ -274,6 +274,35 @@ struct Running {
     _task: AbortOnDropHandle<()>,
 }
 
+impl Drop for Running {
+    fn drop(&mut self) {
+        // Snapshots stop listing the service (its task stops right after this).
+        self.shared.domus.reporting().set_topics(None);
+    }
+}
+
+/// The service's figures for the domus's snapshot.
+fn figures(shared: &Shared) -> crate::reporting::TopicsFigures {
+    let membership = lock(&shared.membership);
+    let mut patterns: Vec<(String, u64)> = membership
+        .patterns()
+        .into_iter()
+        .map(|(p, n)| (p.as_str().to_owned(), n as u64))
+        .collect();
+    let mut figures = crate::reporting::TopicsFigures {
+        subscriptions: membership.len() as u64,
+        subscribers: membership.subscriber_count() as u64,
+        ..Default::default()
+    };
+    drop(membership);
+    patterns.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+    patterns.truncate(crate::reporting::TopicsFigures::MAX_PATTERNS);
+    figures.patterns = patterns;
+    figures.lanes = lock(&shared.lanes).len() as u64;
+    figures.local_subscriptions = lock(&shared.local).subs.len() as u64;
+    figures
+}
+
 /// The service's state, shared by the handles, the task and the lanes. Each table has one
 /// lock, held for a few map operations and never across an `.await`.
 struct Shared {
@@ -288,6 +317,10 @@ struct Shared {
     local: Mutex<Local>,
     /// Wakes the task when a local subscription ended.
     changed: Notify,
+    /// Peers with a session that answered an announcement `UnknownTaberna` (they run no
+    /// topic service): not announced to again until they connect anew. At most
+    /// [`MAX_TARGETS`].
+    no_service: Mutex<BTreeSet<DomusId>>,
 }
 
 impl std::fmt::Debug for Shared {
@@ -787,7 +820,12 @@ impl Topics {
             lanes: Mutex::new(HashMap::new()),
             local: Mutex::new(Local::default()),
             changed: Notify::new(),
+            no_service: Mutex::new(BTreeSet::new()),
         });
+        let weak = Arc::downgrade(&shared);
+        domus.reporting().set_topics(Some(Box::new(move || {
+            weak.upgrade().map(|shared| figures(&shared))
+        })));
         let task = rt.spawn(serve(shared.clone(), taberna, events));
         Ok(Topics {
             inner: Arc::new(Running {
@@ -1159,6 +1197,10 @@ async fn targets(shared: &Shared, patterns: &[TopicPattern]) -> BTreeSet<DomusId
         .connected_peers()
         .into_iter()
         .collect();
+    {
+        let no_service = lock(&shared.no_service);
+        targets.retain(|peer| !no_service.contains(peer));
+    }
     let deadline = {
         let config = lock(&shared.config);
         targets.extend(config.publishers.iter().cloned());
@@ -1241,6 +1283,15 @@ async fn announce(
     }
     while let Some(done) = set.join_next().await {
         if let Ok(answer) = done {
+            if let (peer, Err(e)) = &answer
+                && e.id() == ErrorId::UnknownTaberna
+            {
+                let mut no_service = lock(&shared.no_service);
+                if no_service.len() >= MAX_TARGETS {
+                    no_service.clear();
+                }
+                no_service.insert(peer.clone());
+            }
             answers.push(answer);
         }
     }
@@ -1364,6 +1415,8 @@ async fn serve(shared: Arc<Shared>, taberna: Taberna, mut events: crate::reporti
             }
             event = events.recv(), if events_open => match event {
                 Some(FeedItem::Item(Event::PeerConnected { peer, restarted })) => {
+                    // It may run the topic service now.
+                    lock(&shared.no_service).remove(&peer);
                     if restarted {
                         // A new run of the subscriber holds none of the old run's
                         // subscriptions; it announces its own.
