@@ -955,3 +955,59 @@ async fn a_dns_outage_is_reported_once_per_resolver_however_many_names_it_hits()
     })
     .await;
 }
+
+/// DNS SRV names the publishers of a topic (`DnsSrvConfig::topic`): a subscriber with no
+/// session and no configured publisher finds the publisher through DNS, is granted by it,
+/// and gets its publishes.
+#[tokio::test]
+async fn dns_srv_names_the_publishers_of_a_topic() {
+    use vicus::services::topics::{Topics, TopicsConfig};
+    within(async {
+        let zone = Zone::start().await;
+        let mut mesh = Mesh::new().expect("mesh");
+        let news = mesh.domus("news-0").await.expect("news-0");
+        let port = match news.local_addr() {
+            Some(DomusAddr::Tcp(a)) => a.port(),
+            other => panic!("{other:?}"),
+        };
+        zone.host("news-0", 1, &[loopback(1)]).await;
+        let name = srv_name("news");
+        zone.serve(&name, 1, &[("news-0", port, 0, 1)]).await;
+        let resolver = DnsSrvResolver::new(config(&zone).topic("news.>", &name)).expect("resolver");
+        let listed = resolver.topic_publishers().await.expect("listed");
+        assert_eq!(listed.len(), 1);
+        assert_eq!(listed[0].pattern, "news.>");
+        assert_eq!(listed[0].publishers, vec![news.identity().clone()]);
+        let reader = mesh
+            .builder("reader")
+            .expect("builder")
+            .resolver(Arc::new(resolver))
+            .dial_only()
+            .build()
+            .await
+            .expect("reader");
+        let publisher = Topics::start(&news, TopicsConfig::default()).expect("start");
+        let topics = Topics::start(&reader, TopicsConfig::default()).expect("start");
+        let mut sub = topics.subscribe("news.*").await.expect("subscribe");
+        assert!(sub.granted_by(news.identity()), "{:?}", sub.grants());
+        let report = publisher.publish("news.today", APP, Bytes::from_static(b"headline"));
+        let copy = sub
+            .recv_timeout(Duration::from_secs(5))
+            .await
+            .expect("copy");
+        assert_eq!(&copy.payload()[..], b"headline");
+        copy.accept();
+        assert_eq!(report.await.expect("publish").delivered(), 1);
+        // A topic entry without an identity template is refused: publishers are identities.
+        let e = DnsSrvResolver::new(
+            DnsSrvConfig::new()
+                .name_server(zone.addr)
+                .topic("news.>", &name),
+        )
+        .expect_err("no template");
+        assert_eq!(e.id(), ErrorId::InvalidConfig);
+        reader.shutdown().await;
+        mesh.shutdown().await;
+    })
+    .await;
+}

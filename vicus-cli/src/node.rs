@@ -89,6 +89,8 @@ the first [table]; any key not listed here is an error):
   # name_servers = ["10.96.0.10:53"]          # optional: default the system's resolv.conf
   # identity_template = "spiffe://acme.test/domus/{host}"
   # services = [{ taberna = 20, srv = "_vicus._tcp.beta.default.svc.cluster.local" }]
+  # topics = [{ pattern = "orders.>", srv = "_vicus._tcp.orders.default.svc.cluster.local" }]
+                                   # the publishers of a topic (needs identity_template)
 
   [reporting]                      # optional: serve reports to these identities (vicus top)
   allow = ["spiffe://vicus.dev/domus/ops"]
@@ -119,8 +121,9 @@ the first [table]; any key not listed here is an error):
 
 Blobs sent to echo, sink or log are read to their end and counted (log prints them); forward
 refuses blobs. The routes file has the format of vicus::FileResolver ([[taberna]] id and
-candidates = [{ addr, identity, priority, weight }]). Use at most one of [[route]],
-routes_file and [dns].
+candidates = [{ addr, identity, priority, weight }]; [[domus]] identity and addr; [[topic]]
+pattern and publishers = [identities], whom [topics] announces subscriptions to). Use at
+most one of [[route]], routes_file and [dns].
 
 HTTP: POST /tabernas/{id} sends the body to taberna id (message type in the
 Vicus-Message-Type header or ?type=, e.g. app:1) and answers 200 with the reply, 204 when
@@ -188,6 +191,15 @@ struct RawDns {
     name_servers: Vec<Spanned<String>>,
     identity_template: Option<String>,
     services: Vec<RawDnsService>,
+    #[serde(default)]
+    topics: Vec<RawDnsTopic>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawDnsTopic {
+    pattern: String,
+    srv: String,
 }
 
 #[derive(Debug, Deserialize)]
@@ -504,6 +516,9 @@ fn check(src: &Source<'_>, raw: RawConfig) -> Result<NodeConfig, CliError> {
         }
         for service in dns.services {
             config = config.service(TabernaId(service.taberna), service.srv);
+        }
+        for topic in dns.topics {
+            config = config.topic(topic.pattern, topic.srv);
         }
         Routes::Dns(config)
     } else if raw.route.is_empty() {

@@ -53,6 +53,8 @@ pub struct DnsSrvConfig {
     /// meanwhile).
     pub retry_interval: Duration,
     services: Vec<(TabernaId, String)>,
+    /// Topic pattern → the SRV name listing its publishers.
+    topics: Vec<(String, String)>,
     /// SRV name → identity patterns its candidates must match.
     allowed: Vec<(String, String)>,
 }
@@ -77,8 +79,19 @@ impl DnsSrvConfig {
             negative_ttl: Duration::from_secs(5),
             retry_interval: Duration::from_secs(1),
             services: Vec::new(),
+            topics: Vec::new(),
             allowed: Vec::new(),
         }
+    }
+
+    /// Lists the domus under the SRV name `srv_name` as the publishers of topics `pattern`
+    /// matches ([`RouteResolver::topic_publishers`](crate::RouteResolver::topic_publishers)):
+    /// their identities are the template's for each target, so this needs an
+    /// [`identity_template`](Self::identity_template). The name is looked up and refreshed
+    /// like a service's.
+    pub fn topic(mut self, pattern: impl Into<String>, srv_name: impl Into<String>) -> Self {
+        self.topics.push((pattern.into(), srv_name.into()));
+        self
     }
 
     /// Asks `server` (may be called more than once) instead of the system's servers.
@@ -335,6 +348,8 @@ pub(super) struct Checked {
     pub(super) services: HashMap<TabernaId, usize>,
     /// Per name (as `names`): the identities its candidates may have; empty: any.
     pub(super) allowed: Vec<Vec<Allowed>>,
+    /// Topic pattern → index into `names` (its publishers).
+    pub(super) topics: Vec<(String, usize)>,
 }
 
 impl DnsSrvConfig {
@@ -390,6 +405,34 @@ impl DnsSrvConfig {
                 )));
             }
         }
+        let mut topics = Vec::with_capacity(self.topics.len());
+        for (pattern, text) in &self.topics {
+            if pattern.is_empty() || pattern.len() > 256 {
+                return Err(invalid(format!(
+                    "topic pattern \"{}\" must be 1 to 256 bytes",
+                    untrusted(pattern)
+                )));
+            }
+            let name = absolute(text)?;
+            let index = match names.iter().position(|(n, _)| *n == name) {
+                Some(i) => i,
+                None => {
+                    if names.len() >= MAX_NAMES {
+                        return Err(invalid(format!(
+                            "more than {MAX_NAMES} SRV names in one DnsSrvResolver"
+                        )));
+                    }
+                    names.push((name, text.trim_end_matches('.').to_owned()));
+                    names.len().saturating_sub(1)
+                }
+            };
+            topics.push((pattern.clone(), index));
+        }
+        if template.is_none() && !topics.is_empty() {
+            return Err(invalid(
+                "topic needs an identity_template (publishers are named by identity)".to_owned(),
+            ));
+        }
         let mut allowed: Vec<Vec<Allowed>> = names.iter().map(|_| Vec::new()).collect();
         for (text, pattern) in &self.allowed {
             let name = absolute(text)?;
@@ -431,6 +474,7 @@ impl DnsSrvConfig {
             names,
             services,
             allowed,
+            topics,
         })
     }
 }

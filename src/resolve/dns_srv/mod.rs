@@ -83,7 +83,7 @@ use config::{Allowed, Checked, Template, invalid};
 
 use super::{
     Candidate, CandidatesFuture, ResolveDomusFuture, ResolveFuture, ResolverFeed, ResolverFeeds,
-    RouteChanges, RouteNotifier, RouteResolver,
+    RouteChanges, RouteNotifier, RouteResolver, TopicPublishers, TopicPublishersFuture,
 };
 use crate::a0_transport::DomusId;
 use crate::error::{Error, ErrorId};
@@ -141,6 +141,8 @@ struct Inner {
     dns: TokioResolver,
     /// Taberna → index into `names`.
     services: HashMap<TabernaId, usize>,
+    /// Topic pattern → index into `names` (its publishers).
+    topics: Vec<(String, usize)>,
     names: Vec<(Name, String)>,
     /// Per name (as `names`): the identities its candidates may have; empty: any.
     allowed: Vec<Vec<Allowed>>,
@@ -224,6 +226,7 @@ impl DnsSrvResolver {
             names,
             services,
             allowed,
+            topics,
         } = config.check()?;
         let mut opts = ResolverOpts::default();
         opts.timeout = config.query_timeout;
@@ -276,6 +279,7 @@ impl DnsSrvResolver {
                 template,
                 dns,
                 services,
+                topics,
                 names,
                 allowed,
                 entries: Mutex::new(entries),
@@ -548,6 +552,59 @@ impl RouteResolver for DnsSrvResolver {
 
     fn candidates(&self, taberna: TabernaId) -> CandidatesFuture<'_> {
         self.lookup(taberna)
+    }
+
+    /// The publishers of each topic pattern the configuration names
+    /// ([`DnsSrvConfig::topic`]): the identities of its SRV name's candidates, looked up like
+    /// a service's (the first call waits for DNS, bounded by the query timeout; later ones
+    /// read the cached answer). A name DNS does not answer lists no publisher.
+    fn topic_publishers(&self) -> TopicPublishersFuture<'_> {
+        if self.inner.topics.is_empty() {
+            return Box::pin(std::future::ready(Ok(Arc::from([]))));
+        }
+        self.ensure_refresher();
+        let inner = self.inner.clone();
+        Box::pin(async move {
+            let mut listed = Vec::with_capacity(inner.topics.len());
+            for (pattern, index) in &inner.topics {
+                if inner.known(*index).is_none() {
+                    let running = {
+                        let entries = inner.entries.lock().unwrap_or_else(PoisonError::into_inner);
+                        match entries.get(*index) {
+                            Some(e) => match (&e.running, &e.failing) {
+                                (Some(running), _) => Some(Some(running.clone())),
+                                (None, Some(_)) if e.due > Instant::now() => None,
+                                (None, _) => Some(None),
+                            },
+                            None => None,
+                        }
+                    };
+                    if let Some(running) = running
+                        && let Some(mut done) =
+                            running.or_else(|| Inner::start_lookup(&inner, *index))
+                    {
+                        let _ = done.wait_for(|d| *d).await;
+                    }
+                }
+                if let Some(Known::Found(candidates)) = inner.known(*index).as_deref() {
+                    let mut publishers: Vec<DomusId> = Vec::new();
+                    for c in candidates.iter() {
+                        if let Some(id) = &c.route.identity
+                            && !publishers.contains(id)
+                        {
+                            publishers.push(id.clone());
+                        }
+                    }
+                    if !publishers.is_empty() {
+                        listed.push(TopicPublishers {
+                            pattern: pattern.clone(),
+                            publishers,
+                        });
+                    }
+                }
+            }
+            Ok(Arc::from(listed))
+        })
     }
 
     /// The address of a domus some SRV answer listed under that identity (with an identity
