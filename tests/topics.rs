@@ -624,3 +624,61 @@ async fn a_peer_without_the_service_is_not_announced_to_again() {
     })
     .await;
 }
+
+/// With `SlowSubscriber::DropSubscriber`, a subscriber that falls behind loses its
+/// subscriptions at that publisher (until it renews them), and the publisher stops sending
+/// to it at once.
+#[tokio::test]
+async fn drop_subscriber_policy_drops_a_subscriber_that_falls_behind() {
+    within(async {
+        let mut mesh = default_mesh();
+        let nodes = build(&mut mesh, &["pub", "stuck"]).await;
+        let config = TopicsConfig::default()
+            .window(1, 1)
+            .slow(
+                TopicPattern::new("strict.>").expect("pattern"),
+                SlowSubscriber::DropSubscriber {
+                    after: Duration::from_millis(100),
+                },
+            )
+            .copy_timeout(Duration::from_secs(2));
+        let publisher = Topics::start(&nodes[0], config).expect("start");
+        let stuck = Topics::start(&nodes[1], config_with_publishers(&[&nodes[0]])).expect("start");
+        // It never reads: its first copy stays unanswered (the window), the second waits in
+        // the lane, the third finds the lane full.
+        let sub = stuck.subscribe("strict.>").await.expect("subscribe");
+        let p = publisher.publisher("strict.x").expect("topic");
+        let first = p.publish(TICK, Bytes::new());
+        assert!(eventually(Duration::from_secs(5), || sub.queued() == 1).await);
+        let second = p.publish(TICK, Bytes::new());
+        let third = p.publish(TICK, Bytes::new()).await.expect("publish");
+        assert_eq!(
+            third
+                .outcome(nodes[1].identity())
+                .and_then(CopyOutcome::error)
+                .map(vicus::Error::id),
+            Some(ErrorId::SubscriberTooSlow)
+        );
+        assert_eq!(publisher.stats().subscriptions, 0, "dropped");
+        let after = publisher
+            .publish("strict.x", TICK, Bytes::new())
+            .await
+            .expect("publish");
+        assert_eq!(after.recipients(), 0);
+        // The copies already on their way end too (the first at its deadline, unanswered).
+        let second = second.await.expect("publish");
+        assert!(
+            second
+                .outcome(nodes[1].identity())
+                .is_some_and(|o| !o.is_delivered())
+        );
+        let first = first.await.expect("publish");
+        assert!(
+            first
+                .outcome(nodes[1].identity())
+                .is_some_and(|o| !o.is_delivered())
+        );
+        mesh.shutdown().await;
+    })
+    .await;
+}
