@@ -59,29 +59,65 @@ pub struct Topic(String);
 pub struct TopicPattern(String);
 
 /// Checks what names and patterns share; returns the segments.
-fn segments(text: &str) -> Result<std::str::Split<'_, char>, TopicError> {
-    if text.is_empty() || text.len() > MAX_TOPIC_LEN {
+/// Checks a name in one pass over its bytes: length, characters, segment count, empty
+/// segments, and wildcards (none in a topic; in a pattern `*` as a whole segment, `>` as the
+/// whole last one). Names arrive in every copy of a publish: this is on the delivery path.
+fn scan(text: &str, pattern: bool) -> Result<(), TopicError> {
+    let bytes = text.as_bytes();
+    if bytes.is_empty() || bytes.len() > MAX_TOPIC_LEN {
         return Err(TopicError::Length);
     }
-    if text.chars().any(|c| c.is_whitespace() || c.is_control()) {
+    if !text.is_ascii() && text.chars().any(|c| c.is_whitespace() || c.is_control()) {
         return Err(TopicError::BadCharacter);
     }
-    if text.split('.').count() > MAX_SEGMENTS {
-        return Err(TopicError::TooManySegments);
+    let mut segments = 1usize;
+    let mut start = 0usize;
+    // The first wildcard error, reported after the structural checks (as before).
+    let mut wildcard = false;
+    for (i, &b) in bytes.iter().enumerate() {
+        match b {
+            b'.' => {
+                if i == start {
+                    return Err(TopicError::EmptySegment);
+                }
+                let segment = &bytes[start..i];
+                if segment.contains(&b'>')
+                    || (segment.contains(&b'*') && (!pattern || segment != b"*"))
+                {
+                    wildcard = true;
+                }
+                segments += 1;
+                start = i + 1;
+            }
+            b if b.is_ascii_whitespace() || b.is_ascii_control() => {
+                return Err(TopicError::BadCharacter);
+            }
+            _ => {}
+        }
     }
-    if text.split('.').any(str::is_empty) {
+    if start == bytes.len() {
         return Err(TopicError::EmptySegment);
     }
-    Ok(text.split('.'))
+    if segments > MAX_SEGMENTS {
+        return Err(TopicError::TooManySegments);
+    }
+    let last = &bytes[start..];
+    let last_ok = if pattern {
+        last == b"*" || last == b">" || !last.iter().any(|b| *b == b'*' || *b == b'>')
+    } else {
+        !last.iter().any(|b| *b == b'*' || *b == b'>')
+    };
+    if wildcard || !last_ok {
+        return Err(TopicError::Wildcard);
+    }
+    Ok(())
 }
 
 impl Topic {
     /// A topic name, checked: no wildcards.
     pub fn new(name: impl Into<String>) -> Result<Self, TopicError> {
         let name = name.into();
-        if segments(&name)?.any(|s| s.contains(['*', '>'])) {
-            return Err(TopicError::Wildcard);
-        }
+        scan(&name, false)?;
         Ok(Self(name))
     }
 
@@ -95,18 +131,7 @@ impl TopicPattern {
     /// A pattern, checked: `*` only as a whole segment, `>` only as the whole last one.
     pub fn new(pattern: impl Into<String>) -> Result<Self, TopicError> {
         let pattern = pattern.into();
-        let mut parts = segments(&pattern)?.peekable();
-        while let Some(segment) = parts.next() {
-            let last = parts.peek().is_none();
-            let ok = match segment {
-                "*" => true,
-                ">" => last,
-                s => !s.contains(['*', '>']),
-            };
-            if !ok {
-                return Err(TopicError::Wildcard);
-            }
-        }
+        scan(&pattern, true)?;
         Ok(Self(pattern))
     }
 
@@ -169,6 +194,20 @@ impl TopicPattern {
 
     /// Whether `topic` matches: segment by segment, `*` any one segment, `>` one or more.
     pub fn matches(&self, topic: &Topic) -> bool {
+        let (pattern, name) = (self.0.as_bytes(), topic.0.as_bytes());
+        // The common shapes without splitting: everything, an exact topic, `prefix.>`.
+        if pattern == b">" {
+            return true;
+        }
+        let wild = |b: &u8| *b == b'*' || *b == b'>';
+        match pattern.iter().position(wild) {
+            None => return pattern == name,
+            Some(at) if at + 1 == pattern.len() && pattern[at] == b'>' => {
+                // `prefix.>`: the topic starts with `prefix.` and has something after it.
+                return name.len() > at && name.starts_with(&pattern[..at]);
+            }
+            Some(_) => {}
+        }
         let mut names = topic.0.split('.');
         for segment in self.0.split('.') {
             match segment {
@@ -335,7 +374,44 @@ mod tests {
         }
     }
 
+    /// The plain segment-by-segment matcher `matches` must agree with (its fast paths
+    /// included).
+    fn reference_matches(pattern: &str, topic: &str) -> bool {
+        let mut names = topic.split('.');
+        for segment in pattern.split('.') {
+            match segment {
+                ">" => return names.next().is_some(),
+                "*" => {
+                    if names.next().is_none() {
+                        return false;
+                    }
+                }
+                s => {
+                    if names.next() != Some(s) {
+                        return false;
+                    }
+                }
+            }
+        }
+        names.next().is_none()
+    }
+
     proptest::proptest! {
+        #[test]
+        fn matches_agrees_with_the_segment_by_segment_rule(
+            a in proptest::collection::vec(proptest::sample::select(vec!["x", "xy", "y", "*", ">"]), 1..5),
+            t in proptest::collection::vec(proptest::sample::select(vec!["x", "xy", "y", "x.y"]), 1..5),
+        ) {
+            let valid = |v: &Vec<&str>| !v[..v.len() - 1].contains(&">");
+            proptest::prop_assume!(valid(&a));
+            let (pattern, topic) = (a.join("."), t.join("."));
+            proptest::prop_assert_eq!(
+                p(&pattern).matches(&self::t(&topic)),
+                reference_matches(&pattern, &topic),
+                "{} {}", pattern, topic
+            );
+        }
+
         /// `overlaps` is exactly "some topic matches both", over a small alphabet where
         /// every candidate topic up to four segments is tried.
         #[test]
