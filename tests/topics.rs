@@ -682,3 +682,95 @@ async fn drop_subscriber_policy_drops_a_subscriber_that_falls_behind() {
     })
     .await;
 }
+
+/// T36: peers that flood a publisher with subscriptions (hundreds of announcements of 256
+/// patterns each, wildcards included) are held to the table's bounds — per subscriber and
+/// in total — and told so in their grants; a malformed announcement is refused with the
+/// service's code; nothing else changes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn t36_subscription_floods_are_held_to_the_table_bounds() {
+    use vicus::services::topics::wire::{Announcement, Grants, SUBSCRIBE_TYPE};
+    within(async {
+        let mut mesh = default_mesh();
+        let nodes = build(&mut mesh, &["victim", "a1", "a2", "a3", "a4", "a5"]).await;
+        let victim = Topics::start(&nodes[0], TopicsConfig::default().table_limits(256, 1024))
+            .expect("start");
+        let mut granted_total = 0usize;
+        let mut refused_total = 0usize;
+        for (k, attacker) in nodes[1..].iter().enumerate() {
+            let mut window = attacker
+                .destination_on(nodes[0].identity(), vicus::services::topics::TOPICS_TABERNA)
+                .window(32);
+            let mut answers = Vec::new();
+            for round in 0..40u32 {
+                let patterns = (0..256u32)
+                    .map(|i| {
+                        let text = if i % 2 == 0 {
+                            format!("flood.{k}.{round}.{i}")
+                        } else {
+                            format!("flood.*.{round}.{i}.>")
+                        };
+                        TopicPattern::new(text).expect("pattern")
+                    })
+                    .collect();
+                let body = Announcement::Subscribe {
+                    lease: Duration::from_secs(3600),
+                    patterns,
+                }
+                .encode();
+                if let Some(outcome) = window
+                    .send(MessageType(SUBSCRIBE_TYPE), body)
+                    .await
+                    .expect("admitted")
+                {
+                    answers.push(outcome);
+                }
+            }
+            answers.extend(window.drain().await);
+            let mut granted = 0;
+            for answer in answers {
+                let reply = match answer.expect("answered") {
+                    vicus::Delivery::Replied(reply) => reply,
+                    other => panic!("{other:?}"),
+                };
+                let grants = Grants::decode(reply.into_payload()).expect("grants");
+                granted += grants
+                    .verdicts
+                    .iter()
+                    .filter(|v| **v == vicus::services::topics::Verdict::Granted)
+                    .count();
+                refused_total += grants
+                    .verdicts
+                    .iter()
+                    .filter(|v| **v != vicus::services::topics::Verdict::Granted)
+                    .count();
+            }
+            assert!(granted <= 256, "attacker {k}: {granted} granted");
+            granted_total += granted;
+        }
+        assert_eq!(
+            granted_total, 1024,
+            "four attackers fill the table, the fifth gets none"
+        );
+        assert_eq!(refused_total, 5 * 40 * 256 - 1024);
+        let stats = victim.stats();
+        assert_eq!(stats.subscriptions, 1024);
+        // A malformed announcement: refused with the service's code, before the table.
+        let e = nodes[1]
+            .destination_on(nodes[0].identity(), vicus::services::topics::TOPICS_TABERNA)
+            .send(
+                MessageType(SUBSCRIBE_TYPE),
+                Bytes::from_static(&[0, 0, 0, 1, 0xff]),
+            )
+            .await
+            .expect_err("malformed");
+        assert_eq!(e.id(), ErrorId::RemoteTabernaRejected, "{e}");
+        assert_eq!(
+            e.rejection().map(|r| r.code),
+            Some(vicus::services::topics::SERVICE_REJECT_CODES + 1)
+        );
+        assert_eq!(victim.stats().subscriptions, 1024);
+        mesh.shutdown().await;
+    })
+    .await;
+}
