@@ -1296,10 +1296,11 @@ mod tests {
     fn the_example_config_parses() {
         let text = include_str!("../examples/node.toml");
         let raw: RawConfig = toml::from_str(text).expect("examples/node.toml");
-        assert_eq!(raw.taberna.len(), 4);
+        assert_eq!(raw.taberna.len(), 5);
         assert_eq!(raw.route.len(), 1);
         assert!(raw.tls.get_ref().watch);
         assert!(raw.http.is_some());
+        assert!(raw.topics.is_some());
     }
 
     #[test]
