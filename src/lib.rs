@@ -368,7 +368,8 @@
 //!   facade (`vicus_<counter>_total`, `vicus_<gauge>`, `vicus_<gauge>_peak`, `vicus_peer_*`
 //!   with a `peer` label, `vicus_rejected_total`, `vicus_refused_total` and
 //!   `vicus_handshake_failures_by_reason_total` with a `reason` label,
-//!   `vicus_send_latency_seconds` with a `quantile` label; all with a `domus` label), every
+//!   `vicus_send_latency_seconds` with a `quantile` label, `vicus_topic_*` while the topic
+//!   service runs; all with a `domus` label), every
 //!   second and on demand (`Reporting::export_to_metrics`); `cargo run --example metrics
 //!   --features metrics` prints them as Prometheus text.
 //! * Feature `reporting-service` serves all of this to other domus over vicus itself:

@@ -49,9 +49,18 @@ async fn exported_counters_and_gauges_match_the_snapshot_with_stable_names() {
             .send(TabernaId(1), app, Bytes::new(), SendOptions::default())
             .await
             .expect_err("rejected");
+        // The topic service's figures are exported too (started after the sends: its
+        // announcement to b, which runs no topic service, would count as a send).
+        let mut config = vicus::services::topics::TopicsConfig::default();
+        config.announce_timeout = std::time::Duration::from_secs(5);
+        let topics = vicus::services::topics::Topics::start(&b, config).expect("topics");
+        let _subscription = topics.subscribe("metrics.>").await.expect("subscribe");
         let recorder = PrometheusBuilder::new().build_recorder();
         let handle = recorder.handle();
-        metrics::with_local_recorder(&recorder, || a.reporting().export_to_metrics());
+        metrics::with_local_recorder(&recorder, || {
+            a.reporting().export_to_metrics();
+            b.reporting().export_to_metrics();
+        });
         let text = handle.render();
         let id = a.identity().to_string();
         let line = |name: &str| {
@@ -67,11 +76,29 @@ async fn exported_counters_and_gauges_match_the_snapshot_with_stable_names() {
         assert_eq!(line("vicus_messages_accepted_total{"), "5");
         assert_eq!(line("vicus_messages_rejected_total{"), "1");
         assert_eq!(line("vicus_primary_calles{"), "1");
+
         assert!(
             text.lines().any(|l| l.starts_with("vicus_rejected_total{")
                 && l.contains("reason=\"RemoteTabernaRejected\"")
                 && l.ends_with(" 1")),
             "{text}"
+        );
+        let b_id = b.identity().to_string();
+        for name in [
+            "vicus_topic_subscriptions{",
+            "vicus_topic_local_subscriptions{",
+        ] {
+            assert!(
+                text.lines()
+                    .any(|l| l.starts_with(name) && l.contains(&b_id) && l.ends_with(" 1")),
+                "{name} of b in:\n{text}"
+            );
+        }
+        assert!(
+            !text
+                .lines()
+                .any(|l| l.starts_with("vicus_topic_") && l.contains(&format!("domus=\"{id}\""))),
+            "a runs no topic service"
         );
         assert!(
             text.lines().any(|l| l.starts_with("vicus_peer_in_flight{")

@@ -101,5 +101,18 @@ impl Reporting {
             metrics::counter!("vicus_peer_bytes_in_total", &labels).absolute(p.bytes_in);
             metrics::counter!("vicus_peer_bytes_out_total", &labels).absolute(p.bytes_out);
         }
+        // The topic service's figures while it runs (not per pattern: a label per pattern
+        // would let subscribers choose the series' cardinality).
+        if let Some(t) = &s.topics {
+            for (name, value) in [
+                ("subscriptions", t.subscriptions),
+                ("subscribers", t.subscribers),
+                ("lanes", t.lanes),
+                ("local_subscriptions", t.local_subscriptions),
+            ] {
+                metrics::gauge!(format!("vicus_topic_{name}"), "domus" => domus.clone())
+                    .set(value as f64);
+            }
+        }
     }
 }
