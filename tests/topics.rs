@@ -774,3 +774,37 @@ async fn t36_subscription_floods_are_held_to_the_table_bounds() {
     })
     .await;
 }
+
+/// A copy in flight when its subscriber leaves is still reported with its real outcome: the
+/// publisher drops the subscriber's lane, but the lane finishes what it holds.
+#[tokio::test]
+async fn a_copy_in_flight_when_the_subscriber_leaves_keeps_its_real_outcome() {
+    within(async {
+        let mut mesh = default_mesh();
+        let nodes = build(&mut mesh, &["pub", "leaver"]).await;
+        let lease = Duration::from_millis(600);
+        let publisher =
+            Topics::start(&nodes[0], TopicsConfig::default().lease(lease)).expect("start");
+        let leaver = Topics::start(&nodes[1], config_with_publishers(&[&nodes[0]]).lease(lease))
+            .expect("start");
+        let mut sub = leaver.subscribe("bye.*").await.expect("subscribe");
+        let report = tokio::spawn(publisher.publish("bye.now", TICK, Bytes::new()));
+        let held = sub
+            .recv_timeout(Duration::from_secs(5))
+            .await
+            .expect("copy");
+        sub.unsubscribe().await;
+        assert_eq!(publisher.stats().subscriptions, 0);
+        // Past a renewal period of the publisher: the lane of a subscriber with nothing
+        // held is dropped.
+        assert!(eventually(Duration::from_secs(5), || publisher.stats().lanes == 0).await);
+        held.reply(Bytes::from_static(b"late but here"));
+        let report = report.await.expect("task").expect("publish");
+        match report.outcome(nodes[1].identity()) {
+            Some(CopyOutcome::Replied(r)) => assert_eq!(&r[..], b"late but here"),
+            other => panic!("{other:?}"),
+        }
+        mesh.shutdown().await;
+    })
+    .await;
+}

@@ -350,10 +350,13 @@ impl Local {
 }
 
 /// A publisher's lane to one subscriber: copies wait here (at most `lane_depth`) and its task
-/// sends them in order, keeping at most `window` unanswered.
+/// sends them in order, keeping at most `window` unanswered. The task is not aborted when the
+/// lane is dropped (the subscriber left, restarted, or the service stopped): it sends what is
+/// queued and reports every copy in flight with its real outcome, each bounded by its
+/// deadline, then ends — an aborted lane would report copies the subscriber may have as
+/// never delivered.
 struct Lane {
     tx: mpsc::Sender<Copy>,
-    _task: AbortOnDropHandle<()>,
 }
 
 /// One subscriber's copy of a publish, on its way.
@@ -1124,18 +1127,16 @@ fn open_lane(
 ) -> Lane {
     let (tx, rx) = mpsc::channel(depth);
     let destination = shared.domus.destination_on(&subscriber, TOPICS_TABERNA);
-    let task = tokio::spawn(run_lane(
+    // Detached on purpose (see `Lane`): it ends once its queue is closed and drained.
+    drop(tokio::spawn(run_lane(
         Arc::downgrade(shared),
         subscriber,
         destination,
         rx,
         window,
         timeout,
-    ));
-    Lane {
-        tx,
-        _task: AbortOnDropHandle::new(task),
-    }
+    )));
+    Lane { tx }
 }
 
 /// Sends one subscriber's copies in order, at most `window` unanswered; ends when its queue
@@ -1499,16 +1500,14 @@ async fn serve(shared: Arc<Shared>, taberna: Taberna, mut events: crate::reporti
     }
 }
 
-/// Ends leases that ran out, and the lanes of subscribers with nothing held and nothing
-/// queued.
+/// Ends leases that ran out, and the lanes of subscribers with nothing held (a lane's task
+/// still finishes what it holds).
 fn expire(shared: &Shared) {
     let now = Instant::now().into_std();
     let mut membership = lock(&shared.membership);
     membership.expire(now);
     let mut lanes = lock(&shared.lanes);
-    lanes.retain(|subscriber, lane| {
-        membership.held_by(subscriber) > 0 || lane.tx.capacity() < lane.tx.max_capacity()
-    });
+    lanes.retain(|subscriber, _| membership.held_by(subscriber) > 0);
 }
 
 /// One request to the service's taberna; the peer to announce this domus's subscriptions to
