@@ -1441,12 +1441,7 @@ async fn serve(shared: Arc<Shared>, taberna: Taberna, mut events: crate::reporti
                 }
                 for request in batch.drain(..) {
                     if let Some(peer) = handle(&shared, request) {
-                        let held: Vec<TopicPattern> = lock(&shared.local).patterns().into_iter().collect();
-                        if !held.is_empty() && background.len() < 64 {
-                            let shared = shared.clone();
-                            let targets = BTreeSet::from([peer]);
-                            background.spawn(async move { announce(&shared, &targets, &held).await; });
-                        }
+                        announce_held_to(&shared, peer, &mut background);
                     }
                 }
             }
@@ -1459,14 +1454,14 @@ async fn serve(shared: Arc<Shared>, taberna: Taberna, mut events: crate::reporti
                     gone
                 };
                 let shared = shared.clone();
-                if !gone.is_empty() && background.len() < 64 {
+                if !gone.is_empty() && background.len() < MAX_BACKGROUND {
                     background.spawn(async move { withdraw(&shared, gone).await });
                 }
             }
             _ = renew.tick() => {
                 expire(&shared);
                 let held = lock(&shared.local).patterns();
-                if !held.is_empty() && background.len() < 64 {
+                if !held.is_empty() && background.len() < MAX_BACKGROUND {
                     let shared = shared.clone();
                     let patterns: Vec<TopicPattern> = held.into_iter().collect();
                     background.spawn(async move {
@@ -1485,18 +1480,30 @@ async fn serve(shared: Arc<Shared>, taberna: Taberna, mut events: crate::reporti
                         lock(&shared.membership).remove_subscriber(&peer);
                         lock(&shared.lanes).remove(&peer);
                     }
-                    let held: Vec<TopicPattern> = lock(&shared.local).patterns().into_iter().collect();
-                    if !held.is_empty() && background.len() < 64 {
-                        let shared = shared.clone();
-                        let targets = BTreeSet::from([peer]);
-                        background.spawn(async move { announce(&shared, &targets, &held).await; });
-                    }
+                    announce_held_to(&shared, peer, &mut background);
                 }
                 Some(_) => {}
                 None => events_open = false,
             },
             Some(_) = background.join_next(), if !background.is_empty() => {}
         }
+    }
+}
+
+/// The most announcements and withdrawals the service's task runs at once (more wait for
+/// the next renewal).
+const MAX_BACKGROUND: usize = 64;
+
+/// Announces this domus's subscriptions to `peer` (it connected, or sent a hello), on the
+/// task's bounded set of background sends.
+fn announce_held_to(shared: &Arc<Shared>, peer: DomusId, background: &mut JoinSet<()>) {
+    let held: Vec<TopicPattern> = lock(&shared.local).patterns().into_iter().collect();
+    if !held.is_empty() && background.len() < MAX_BACKGROUND {
+        let shared = shared.clone();
+        let targets = BTreeSet::from([peer]);
+        background.spawn(async move {
+            announce(&shared, &targets, &held).await;
+        });
     }
 }
 
