@@ -339,6 +339,22 @@ impl SrvParts {
     }
 }
 
+/// The index of the SRV name `text` in `names`, added (absolute, each once) if new; at most
+/// [`MAX_NAMES`] names.
+fn name_index(names: &mut Vec<(Name, String)>, text: &str) -> Result<usize, Error> {
+    let name = absolute(text)?;
+    if let Some(i) = names.iter().position(|(n, _)| *n == name) {
+        return Ok(i);
+    }
+    if names.len() >= MAX_NAMES {
+        return Err(invalid(format!(
+            "more than {MAX_NAMES} SRV names in one DnsSrvResolver"
+        )));
+    }
+    names.push((name, text.trim_end_matches('.').to_owned()));
+    Ok(names.len().saturating_sub(1))
+}
+
 /// A configuration that passed [`DnsSrvConfig::check`]: what a resolver is built from.
 pub(super) struct Checked {
     pub(super) template: Option<Template>,
@@ -386,19 +402,7 @@ impl DnsSrvConfig {
         let mut names: Vec<(Name, String)> = Vec::new();
         let mut services = HashMap::new();
         for (taberna, text) in &self.services {
-            let name = absolute(text)?;
-            let index = match names.iter().position(|(n, _)| *n == name) {
-                Some(i) => i,
-                None => {
-                    if names.len() >= MAX_NAMES {
-                        return Err(invalid(format!(
-                            "more than {MAX_NAMES} SRV names in one DnsSrvResolver"
-                        )));
-                    }
-                    names.push((name, text.trim_end_matches('.').to_owned()));
-                    names.len().saturating_sub(1)
-                }
-            };
+            let index = name_index(&mut names, text)?;
             if services.insert(*taberna, index).is_some() {
                 return Err(invalid(format!(
                     "{taberna} is given two SRV names; a taberna is routed by one"
@@ -413,20 +417,7 @@ impl DnsSrvConfig {
                     untrusted(pattern)
                 )));
             }
-            let name = absolute(text)?;
-            let index = match names.iter().position(|(n, _)| *n == name) {
-                Some(i) => i,
-                None => {
-                    if names.len() >= MAX_NAMES {
-                        return Err(invalid(format!(
-                            "more than {MAX_NAMES} SRV names in one DnsSrvResolver"
-                        )));
-                    }
-                    names.push((name, text.trim_end_matches('.').to_owned()));
-                    names.len().saturating_sub(1)
-                }
-            };
-            topics.push((pattern.clone(), index));
+            topics.push((pattern.clone(), name_index(&mut names, text)?));
         }
         if template.is_none() && !topics.is_empty() {
             return Err(invalid(
