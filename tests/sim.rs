@@ -8,6 +8,8 @@
 //! Also on turmoil, because it makes an interleaving deterministic that real sockets give only
 //! now and then: 100 rounds of a peer shutting down gracefully while sends wait for room.
 
+mod common;
+
 use std::cell::RefCell;
 use std::collections::{BTreeMap, BTreeSet};
 use std::rc::Rc;
@@ -219,34 +221,15 @@ fn run_seed(seed: u64) -> Vec<String> {
     trace
 }
 
-/// How many seeds each of the two chaos tests runs (`VICUS_SIM_SEEDS` overrides; the two
-/// together run twice that many, on both cores).
-fn seeds_per_test() -> u64 {
-    std::env::var("VICUS_SIM_SEEDS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(100)
-}
-
-fn run_seeds(seeds: impl Iterator<Item = u64>) {
-    let started = std::time::Instant::now();
-    let mut n = 0;
-    for seed in seeds {
-        run_seed(seed);
-        n += 1;
-    }
-    println!("{n} seeds in {:?}", started.elapsed());
-}
-
 #[test]
 fn chaos_every_send_ends_and_accepted_means_delivered_exactly_once_seeds_1_to_100() {
-    run_seeds(1..=seeds_per_test());
+    common::run_sim_seeds(1..=common::sim_seeds_per_test(), run_seed);
 }
 
 #[test]
 fn chaos_every_send_ends_and_accepted_means_delivered_exactly_once_another_100_seeds() {
-    let n = seeds_per_test();
-    run_seeds(1_000_001..=1_000_000 + n);
+    let n = common::sim_seeds_per_test();
+    common::run_sim_seeds(1_000_001..=1_000_000 + n, run_seed);
 }
 
 #[test]

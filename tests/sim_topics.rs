@@ -6,6 +6,8 @@
 //! publish from every host reaches every host. (30 s of faults per seed: 200 seeds in
 //! about 20 s of CI.)
 
+mod common;
+
 use std::cell::RefCell;
 use std::collections::{BTreeMap, BTreeSet};
 use std::rc::Rc;
@@ -202,30 +204,13 @@ fn run_seed(seed: u64) {
     );
 }
 
-fn seeds_per_test() -> u64 {
-    std::env::var("VICUS_SIM_SEEDS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(100)
-}
-
-fn run_seeds(seeds: impl Iterator<Item = u64>) {
-    let started = std::time::Instant::now();
-    let mut n = 0;
-    for seed in seeds {
-        run_seed(seed);
-        n += 1;
-    }
-    println!("{n} seeds in {:?}", started.elapsed());
-}
-
 #[test]
 fn topics_under_chaos_every_reported_copy_delivered_exactly_once_seeds_1_to_100() {
-    run_seeds(1..=seeds_per_test());
+    common::run_sim_seeds(1..=common::sim_seeds_per_test(), run_seed);
 }
 
 #[test]
 fn topics_under_chaos_another_100_seeds() {
-    let n = seeds_per_test();
-    run_seeds(2_000_001..=2_000_000 + n);
+    let n = common::sim_seeds_per_test();
+    common::run_sim_seeds(2_000_001..=2_000_000 + n, run_seed);
 }

@@ -302,3 +302,24 @@ pub fn default_mesh() -> Mesh {
     mesh.set_config(vicus::DomusConfig::default());
     mesh
 }
+
+/// How many seeds each simulated chaos test runs: `VICUS_SIM_SEEDS`, else 100 (a file's two
+/// chaos tests together run twice that many, on both cores).
+pub fn sim_seeds_per_test() -> u64 {
+    std::env::var("VICUS_SIM_SEEDS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(100)
+}
+
+/// Runs `run_seed` for every seed of `seeds` in turn (each panics on a failed check) and
+/// prints how many ran and how long they took.
+pub fn run_sim_seeds<R>(seeds: impl Iterator<Item = u64>, mut run_seed: impl FnMut(u64) -> R) {
+    let started = std::time::Instant::now();
+    let mut n = 0;
+    for seed in seeds {
+        run_seed(seed);
+        n += 1;
+    }
+    println!("{n} seeds in {:?}", started.elapsed());
+}
